@@ -1,0 +1,21 @@
+"""bireal_core: Bi-Real Net in plain PyTorch (binarizers, layers, models, checkpoints, cost).
+
+Imports nothing from the pipeline; everything here runs on a CPU.
+"""
+from . import models  # noqa: F401  (registers every model family)
+from .binarizers import (ApproxSign, Clip, IdentitySign, LeakyClip, MagnitudeAwareSign, SteSign,
+                         channel_scale, sign)
+from .checkpoint import CheckpointError, load_checkpoint, read_header, save_checkpoint
+from .cost import PAPER_TABLE, CostSummary, summary
+from .layers import BinaryConv2d
+from .models import ConvSpec, set_binary_weights
+from .registry import create_model, list_models, register_model
+from .twin import InitReport, create_twin, init_from_twin
+
+__all__ = [
+    "ApproxSign", "BinaryConv2d", "CheckpointError", "Clip", "ConvSpec", "CostSummary",
+    "IdentitySign", "InitReport", "LeakyClip", "MagnitudeAwareSign", "PAPER_TABLE", "SteSign",
+    "channel_scale", "create_model", "create_twin", "init_from_twin", "list_models",
+    "load_checkpoint", "read_header", "register_model", "save_checkpoint", "set_binary_weights",
+    "sign", "summary",
+]

@@ -1,0 +1,80 @@
+"""The checkpoint format every stage reads and writes.
+
+One ``.safetensors`` file (no pickle): the model's state dict as tensors, and in the safetensors
+metadata under the key ``bireal`` a JSON header::
+
+    {"format": "bireal-checkpoint", "version": 1,
+     "model": {"name": "bireal18", "kwargs": {"num_classes": 10, "stem": "small", ...}},
+     "stage": "binarize", "config": {...resolved stage config...}, "metrics": {...}}
+
+``load_checkpoint`` rebuilds the exact model from the header through the model registry.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+from .registry import create_model
+
+FORMAT = "bireal-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable bireal checkpoint (the message names the file)."""
+
+
+def save_checkpoint(path: str | os.PathLike, model: nn.Module, stage: str = "",
+                    config: dict[str, Any] | None = None,
+                    metrics: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` with its header; written to a temporary name, then renamed (atomic)."""
+    spec = getattr(model, "model_spec", None)
+    if spec is None:
+        raise ValueError("model has no model_spec: build it with bireal_core.create_model")
+    header = {"format": FORMAT, "version": VERSION, "model": spec, "stage": stage,
+              "config": config or {}, "metrics": metrics or {}}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(state, str(tmp), metadata={"bireal": json.dumps(header, sort_keys=True)})
+    os.replace(tmp, path)
+    return path
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a checkpoint, without loading its tensors."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a safetensors file ({e})") from e
+    if "bireal" not in meta:
+        raise CheckpointError(f"{path}: safetensors file without a bireal header")
+    header = json.loads(meta["bireal"])
+    if header.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
+    if header.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path}: version {header['version']} is newer than this code ({VERSION})")
+    return header
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
+                    ) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model recorded in the header and load its weights: (model, header)."""
+    header = read_header(path)
+    spec = header["model"]
+    model = create_model(spec["name"], **spec["kwargs"])
+    state = load_file(str(path), device=str(device))
+    model.load_state_dict(state, strict=True)
+    return model.to(device), header

@@ -1,0 +1,34 @@
+"""One registry for every model family; ``create_model`` records how each model was built.
+
+The recorded ``model_spec`` (registry name + constructor arguments) is what checkpoints and
+packed artifacts store, so a later stage can rebuild the exact model.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Decorator: register ``fn`` under its ``__name__``; a second model of that name is refused."""
+    name = fn.__name__
+    if name in _MODELS:
+        raise ValueError(f"model {name!r} is already registered")
+    _MODELS[name] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def create_model(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
+    """Build registered model ``name``; the model remembers ``model_spec`` = {name, kwargs}."""
+    if name not in _MODELS:
+        raise KeyError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+    model = _MODELS[name](num_classes=num_classes, **kwargs)
+    model.model_spec = {"name": name, "kwargs": {"num_classes": num_classes, **kwargs}}
+    return model

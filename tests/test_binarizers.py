@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from bireal_core import ApproxSign, IdentitySign, MagnitudeAwareSign, SteSign, channel_scale, sign
+from bireal_core.binarizers import Clip, LeakyClip
+
+# Exact zeros, both sides of +-1, and values inside and outside the unit interval.
+X = torch.tensor([-2.0, -1.0, -0.99, -0.5, 0.0, 0.0, 0.25, 0.5, 0.99, 1.0, 1.01, 3.0])
+
+
+def grad_of(module, x):
+    x = x.clone().requires_grad_(True)
+    upstream = torch.linspace(0.5, 2.0, x.numel()).reshape(x.shape)
+    out = module(x)
+    out.backward(upstream)
+    return out.detach(), x.grad, upstream
+
+
+def test_sign_is_plus_one_at_zero():
+    assert sign(torch.tensor([0.0, -0.0])).tolist() == [1.0, 1.0]
+    assert sign(X).tolist() == [-1, -1, -1, -1, 1, 1, 1, 1, 1, 1, 1, 1]
+
+
+@pytest.mark.parametrize("module", [ApproxSign(), SteSign(), IdentitySign()])
+def test_activation_forward_is_sign(module):
+    out, _, _ = grad_of(module, X)
+    assert torch.equal(out, sign(X))
+
+
+def test_approx_sign_gradient_matches_formula():
+    _, g, up = grad_of(ApproxSign(), X)
+    # dF/dx = 2 + 2x on [-1, 0), 2 - 2x on [0, 1), 0 elsewhere
+    expected = []
+    for x in X.tolist():
+        expected.append(2 + 2 * x if -1 <= x < 0 else 2 - 2 * x if 0 <= x < 1 else 0.0)
+    torch.testing.assert_close(g, up * torch.tensor(expected))
+    assert g[X == 0].div(up[X == 0]).tolist() == [2.0, 2.0]   # peak at exact zero
+    assert g[X.abs() == 1].tolist() == [0.0, 0.0]
+
+
+def test_ste_gradient_is_clipped_identity():
+    _, g, up = grad_of(SteSign(), X)
+    torch.testing.assert_close(g, up * (X.abs() <= 1).float())
+    assert g[X.abs() == 1].tolist() == up[X.abs() == 1].tolist()   # |x| = 1 still passes
+
+
+def test_identity_gradient_passes_everything():
+    _, g, up = grad_of(IdentitySign(), X)
+    torch.testing.assert_close(g, up)
+
+
+W = torch.tensor([[-2.0, -1.0, -0.5, 0.0], [0.0, 0.5, 1.0, 1.5], [0.1, -0.1, 0.2, -0.2]]).reshape(3, 4, 1, 1)
+
+
+def test_channel_scale_is_mean_abs_per_output_channel():
+    torch.testing.assert_close(channel_scale(W).flatten(), torch.tensor([0.875, 0.75, 0.15]))
+
+
+def test_magnitude_aware_paper_gradient():
+    out, g, up = grad_of(MagnitudeAwareSign("paper"), W)
+    alpha = channel_scale(W)
+    torch.testing.assert_close(out, alpha * sign(W))
+    torch.testing.assert_close(g, up * alpha * (W.abs() < 1).float())
+    assert (g[W.abs() == 1] == 0).all()     # the paper's indicator is strict
+
+
+def test_magnitude_aware_official_gradient():
+    out, g, up = grad_of(MagnitudeAwareSign("official"), W)
+    torch.testing.assert_close(out, channel_scale(W) * sign(W))
+    torch.testing.assert_close(g, up * (W.abs() <= 1).float())   # alpha detached, |W| <= 1
+
+
+def test_plain_weight_binarizer_has_no_scale():
+    out, g, up = grad_of(MagnitudeAwareSign("plain"), W)
+    assert torch.equal(out, sign(W))
+    torch.testing.assert_close(g, up * (W.abs() <= 1).float())
+
+
+def test_unknown_weight_gradient_rejected():
+    with pytest.raises(ValueError, match="weight gradient"):
+        MagnitudeAwareSign("fancy")
+
+
+def test_twin_activations():
+    torch.testing.assert_close(LeakyClip()(X), torch.where(X < -1, 0.1 * X - 0.9, torch.where(X > 1, 0.1 * X + 0.9, X)))
+    assert LeakyClip()(torch.tensor([-1.0, 1.0])).tolist() == [-1.0, 1.0]   # continuous at the kinks
+    torch.testing.assert_close(Clip()(X), X.clamp(-1, 1))

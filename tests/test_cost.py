@@ -1,0 +1,55 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+import bireal_core as bc
+from pipeline.cli import main
+
+
+@pytest.mark.parametrize("arch", sorted(bc.PAPER_TABLE))
+def test_paper_table_within_one_percent(arch):
+    result = bc.summary(bc.create_model(arch))
+    paper = bc.PAPER_TABLE[arch]
+    assert result.ops == pytest.approx(paper["ops"], rel=0.01)
+    assert result.memory_mbit == pytest.approx(paper["memory_mbit"], rel=0.01)
+
+
+def test_bireal18_breakdown_matches_independent_recount():
+    r = bc.summary(bc.create_model("bireal18"))
+    assert r.binary_macs == pytest.approx(1.676e9, rel=1e-3)
+    stem = sum(l.macs for l in r.layers if l.name.startswith("stem"))
+    downsample = sum(l.macs for l in r.layers if "downsample" in l.name)
+    assert stem == pytest.approx(1.18e8, rel=1e-2)
+    assert downsample == pytest.approx(1.93e7, rel=1e-2)
+    assert sum(1 for l in r.layers if l.kind == "binary") == 16
+    assert r.params == 11_689_512     # same parameter count as ResNet-18
+
+
+def test_float_and_twin_have_no_binary_macs():
+    twin = bc.create_twin("bireal18")
+    r = bc.summary(twin)
+    assert r.binary_macs == 0 and r.binary_params == 0
+
+
+def test_cli_json(capsys):
+    assert main(["cost", "--arch", "bireal34", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert {"ops", "memory_mbit", "binary_macs", "real_macs", "params"} <= d.keys()
+    assert d["ops"] == pytest.approx(1.93e8, rel=0.01)
+
+
+def test_cli_table_and_bad_arch(capsys):
+    assert main(["cost", "--arch", "bireal18"]) == 0
+    out = capsys.readouterr().out
+    assert "33.51" in out and "1.64e+08" in out
+    assert main(["cost", "--arch", "nonet"]) == 2
+    assert "nonet" in capsys.readouterr().err
+
+
+def test_entry_point_installed():
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "cost", "--arch", "bireal18",
+                          "--stem", "small", "--width", "0.5", "--num-classes", "10", "--json"],
+                         check=True, capture_output=True, text=True).stdout
+    assert json.loads(out)["input_size"] == 32

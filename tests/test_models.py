@@ -1,0 +1,108 @@
+"""Registry-driven model tests: every registered model, both stems."""
+import pytest
+import torch
+
+import bireal_core as bc
+from bireal_core import BinaryConv2d
+from bireal_core.registry import register_model
+
+FLOAT = {"resnet18", "resnet34"}
+BIREAL = [n for n in bc.list_models() if n not in FLOAT]
+STEM_INPUT = {"imagenet": (224, 1000), "small": (32, 10)}
+
+
+def build(name, stem, **kwargs):
+    size, classes = STEM_INPUT[stem]
+    width = 1.0 if name in FLOAT else 0.25
+    return bc.create_model(name, num_classes=classes, stem=stem, width=width, **kwargs), size, classes
+
+
+def test_registry_lists_every_family():
+    assert set(bc.list_models()) == {"bireal18", "bireal34", "bireal50", "bireal101", "bireal152",
+                                     "resnet18", "resnet34"}
+
+
+def test_duplicate_registration_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        @register_model
+        def bireal18(**kwargs):  # noqa: F811
+            return None
+
+
+def test_unknown_model_named_in_error():
+    with pytest.raises(KeyError, match="bireal19"):
+        bc.create_model("bireal19")
+
+
+@pytest.mark.parametrize("stem", ["imagenet", "small"])
+@pytest.mark.parametrize("name", bc.list_models())
+def test_forward_backward(name, stem):
+    model, size, classes = build(name, stem)
+    x = torch.randn(2, 3, size, size)
+    logits = model(x)
+    assert logits.shape == (2, classes)
+    assert torch.isfinite(logits).all()
+    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"parameters without a (finite) gradient: {missing}"
+    dead = [n for n, p in model.named_parameters() if n.endswith("conv.weight") and p.grad.abs().sum() == 0]
+    assert not dead, f"binary convs whose estimator passed no gradient: {dead}"
+
+
+@pytest.mark.parametrize("name", BIREAL)
+def test_binary_layer_counts(name):
+    model, _, _ = build(name, "small")
+    binary = [m for m in model.modules() if isinstance(m, BinaryConv2d) and m.is_binary]
+    blocks = len(model.blocks)
+    per_block = 1 if name in ("bireal18", "bireal34") else 3
+    first_real = 0 if per_block == 1 else 1   # bottleneck: stage 1's first 1x1 stays real
+    assert len(binary) == blocks * per_block - first_real
+
+
+@pytest.mark.parametrize("name", BIREAL)
+def test_twin_initializes_every_tensor(name):
+    twin = bc.create_twin(name, activation="clip", num_classes=10, stem="small", width=0.25)
+    for m in twin.modules():
+        if isinstance(m, BinaryConv2d):
+            assert m.weight_binarizer is None and not m.is_binary
+    model = bc.create_model(name, num_classes=10, stem="small", width=0.25)
+    report = bc.init_from_twin(model, twin.state_dict())
+    assert report.complete, str(report)
+    assert len(report.copied) == len(model.state_dict())
+    for k, v in twin.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
+def test_init_from_twin_reports_what_does_not_map():
+    twin = bc.create_twin("bireal18", num_classes=10, stem="small", width=0.25)
+    model = bc.create_model("bireal18", num_classes=7, stem="small", width=0.25)
+    state = twin.state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["blocks.0.bn.bias"]
+    report = bc.init_from_twin(model, state)
+    assert report.unexpected == ["extra.weight"]
+    assert report.missing == ["blocks.0.bn.bias"]
+    assert [m.split()[0] for m in report.mismatched] == ["fc.weight", "fc.bias"]
+
+
+def test_twin_rejects_sign_activation():
+    with pytest.raises(ValueError, match="twin activation"):
+        bc.create_twin("bireal18", activation="approx_sign")
+
+
+def test_two_step_switch():
+    model = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25, binary_weights=False)
+    convs = [m for m in model.modules() if isinstance(m, BinaryConv2d)]
+    assert all(not m.is_binary and m.input_binarizer.binary for m in convs)   # step 1: activations only
+    assert bc.set_binary_weights(model, True, "official") == len(convs)
+    assert all(m.is_binary and m.weight_binarizer.gradient == "official" for m in convs)
+    assert model.model_spec["kwargs"]["binary_weights"] is True
+
+
+def test_bad_option_rejected():
+    with pytest.raises(ValueError, match="activation"):
+        bc.create_model("bireal18", activation="tanh")
+    with pytest.raises(ValueError, match="stem"):
+        bc.create_model("bireal18", stem="huge")
+    with pytest.raises(ValueError, match="width"):
+        bc.create_model("resnet18", width=0.5)

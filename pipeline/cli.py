@@ -33,6 +33,32 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cuda_ext.packed import artifact_size, export_checkpoint
+
+    names = args.class_names.split(",") if args.class_names else None
+    path = export_checkpoint(args.checkpoint, args.out, class_names=names)
+    size = artifact_size(path)
+    print(f"wrote {path}: {size['bytes']:,} bytes = {size['mbit']:.2f} Mbit "
+          f"(tensors {size['payload_mbit']:.2f} Mbit)")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from cuda_ext.predict import format_predictions, predict_files
+
+    results = predict_files(args.artifact, args.images, topk=args.topk)
+    print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from cuda_ext.benchmarks import run
+
+    run(args.what, args.device, json_path=args.json, threads=args.threads)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bireal", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -49,6 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="cost table + a forward/backward pass of every model")
     demo.set_defaults(func=_cmd_demo)
+
+    export = sub.add_parser("export", help="checkpoint -> packed 1-bit artifact (safetensors + JSON header)")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--out", required=True)
+    export.add_argument("--class-names", default=None, help="comma-separated; default: the checkpoint's")
+    export.set_defaults(func=_cmd_export)
+
+    predict = sub.add_parser("predict", help="classify image files with a packed artifact")
+    predict.add_argument("--artifact", required=True)
+    predict.add_argument("images", nargs="+", metavar="IMAGE")
+    predict.add_argument("--topk", type=int, default=1)
+    predict.add_argument("--json", action="store_true")
+    predict.set_defaults(func=_cmd_predict)
+
+    bench = sub.add_parser("bench", help="benchmark tables: kernels or the packed model vs float")
+    bench.add_argument("what", choices=("kernels", "model"))
+    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    bench.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 
@@ -57,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (KeyError, ValueError, FileNotFoundError) as e:
+    except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"bireal {args.command}: error: {e}", file=sys.stderr)
         return 2
 

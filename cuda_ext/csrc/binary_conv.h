@@ -1,0 +1,49 @@
+// Shared declarations of the bireal binary-conv ops (format: docs/packed_format.md).
+//
+// Packed activations: int64 tensor (N, H, W, Cw), Cw = ceil(C / 64). Bit j (LSB = 0) of word k holds
+// the sign of channel 64k + j: 1 = +1 (x >= 0, so sign(0) = +1), 0 = -1. Tail bits past C are 0.
+// Packed weights: int64 tensor (O, KH, KW, Cw), same bit order.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace bireal {
+
+constexpr int64_t kWordBits = 64;
+
+inline int64_t words_for(int64_t channels) { return (channels + kWordBits - 1) / kWordBits; }
+
+// Mask of the valid bits of word k when the packed tensor holds `channels` channels.
+inline uint64_t valid_bits(int64_t k, int64_t channels) {
+  const int64_t rem = channels - k * kWordBits;
+  return rem >= kWordBits ? ~uint64_t(0) : ((uint64_t(1) << rem) - 1);
+}
+
+// CPU code paths, chosen at run time from what the CPU supports (or forced for testing).
+std::vector<std::string> cpu_paths();
+std::string cpu_path();
+void set_cpu_path(const std::string& name);
+
+at::Tensor pack_signs_cpu(const at::Tensor& x);
+at::Tensor binary_conv2d_cpu(const at::Tensor& packed_x, const at::Tensor& packed_w,
+                             int64_t in_channels, int64_t stride, int64_t padding, double pad_value,
+                             const std::optional<at::Tensor>& scale,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& residual);
+
+// Shape and argument checks shared by the CPU and CUDA implementations.
+struct ConvGeometry {
+  int64_t N, H, W, Cw, O, KH, KW, Ho, Wo;
+};
+ConvGeometry check_conv_args(const at::Tensor& packed_x, const at::Tensor& packed_w,
+                             int64_t in_channels, int64_t stride, int64_t padding, double pad_value,
+                             const std::optional<at::Tensor>& scale,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& residual);
+
+}  // namespace bireal

@@ -1,0 +1,523 @@
+// CPU implementation of the bireal ops: AVX-512 VPOPCNTDQ, AVX2 and portable code paths chosen
+// at run time, multithreaded with at::parallel_for.
+//
+// binary_conv2d, direct (no im2col): the packed input is copied once into a border-padded buffer
+// whose border words encode pad_value (+1: all valid bits set; -1 and 0: all clear), so every
+// output pixel runs the same branch-free tap loop. For +-1 vectors of K valid bits,
+//     dot = K - 2 * popcount(x XOR w)
+// and tail bits past C are 0 in both operands, so they never count. Zero padding (pad_value 0)
+// is then corrected exactly: a border tap filled with -1 contributed -S[o, tap], where
+// S = sum of the +-1 weights at that tap, so border pixels add back +S for each such tap.
+#include "binary_conv.h"
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+
+namespace bireal {
+namespace {
+
+enum class Path : int { Portable = 0, Avx2 = 1, Avx512 = 2 };
+constexpr int kOutBlock = 16;  // output channels per micro-kernel call
+
+const char* path_name(Path p) {
+  switch (p) {
+    case Path::Avx512: return "avx512";
+    case Path::Avx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+bool supported(Path p) {
+  switch (p) {
+    case Path::Avx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq");
+    case Path::Avx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+    default: return true;
+  }
+}
+
+Path best_path() {
+  for (Path p : {Path::Avx512, Path::Avx2}) {
+    if (supported(p)) return p;
+  }
+  return Path::Portable;
+}
+
+std::atomic<int> g_path{-1};  // -1 = not chosen yet
+
+Path active_path() {
+  int p = g_path.load();
+  if (p < 0) {
+    p = static_cast<int>(best_path());
+    g_path.store(p);
+  }
+  return static_cast<Path>(p);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Micro-kernels: acc[p * 16 + j] = sum over taps (kh, kw) and words cw of
+//   popcount(x[p] at tap, word cw  XOR  w[j] at tap, word cw)
+// for P consecutive output pixels of one row and one block of 16 output channels.
+// x points at the top-left tap of pixel 0; pixel p starts pix_step words later; a tap row is
+// row_step words below the previous. w is the blocked weight layout [KH][KW][Cw][16].
+struct Tile {
+  const uint64_t* x;
+  int64_t pix_step, row_step;
+  const uint64_t* w;
+  int64_t KH, KW, Cw;
+};
+
+void micro_portable(const Tile& t, int P, int64_t* acc) {
+  std::fill(acc, acc + P * kOutBlock, 0);
+  for (int64_t kh = 0; kh < t.KH; ++kh)
+    for (int64_t kw = 0; kw < t.KW; ++kw) {
+      const uint64_t* xt = t.x + kh * t.row_step + kw * t.Cw;
+      const uint64_t* wt = t.w + (kh * t.KW + kw) * t.Cw * kOutBlock;
+      for (int p = 0; p < P; ++p)
+        for (int64_t c = 0; c < t.Cw; ++c) {
+          const uint64_t xv = xt[p * t.pix_step + c];
+          for (int j = 0; j < kOutBlock; ++j)
+            acc[p * kOutBlock + j] += __builtin_popcountll(xv ^ wt[c * kOutBlock + j]);
+        }
+    }
+}
+
+// AVX2 has no vector popcount: count nibbles with a shuffle table (Mula's method), then sum the
+// bytes of each 64-bit lane with SAD against zero.
+__attribute__((target("avx2"))) inline __m256i popcnt64_avx2(__m256i v) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  const __m256i lo = _mm256_and_si256(v, low);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+  const __m256i bytes = _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
+  return _mm256_sad_epu8(bytes, _mm256_setzero_si256());
+}
+
+template <int P>
+__attribute__((target("avx2"))) void micro_avx2_p(const Tile& t, int64_t* acc) {
+  __m256i a[P][4];
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < 4; ++q) a[p][q] = _mm256_setzero_si256();
+  for (int64_t kh = 0; kh < t.KH; ++kh)
+    for (int64_t kw = 0; kw < t.KW; ++kw) {
+      const uint64_t* xt = t.x + kh * t.row_step + kw * t.Cw;
+      const uint64_t* wt = t.w + (kh * t.KW + kw) * t.Cw * kOutBlock;
+      for (int64_t c = 0; c < t.Cw; ++c) {
+        __m256i w[4];
+        for (int q = 0; q < 4; ++q)
+          w[q] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + c * kOutBlock + 4 * q));
+        for (int p = 0; p < P; ++p) {
+          const __m256i xv = _mm256_set1_epi64x(static_cast<int64_t>(xt[p * t.pix_step + c]));
+          for (int q = 0; q < 4; ++q)
+            a[p][q] = _mm256_add_epi64(a[p][q], popcnt64_avx2(_mm256_xor_si256(xv, w[q])));
+        }
+      }
+    }
+  for (int p = 0; p < P; ++p)
+    for (int q = 0; q < 4; ++q)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + p * kOutBlock + 4 * q), a[p][q]);
+}
+
+constexpr int kMaxPixels = 8;  // pixels per micro-kernel call (16 zmm accumulators on AVX-512)
+
+void micro_avx2(const Tile& t, int P, int64_t* acc) {
+  // 2 pixels x 4 ymm accumulators per call keeps the working set in registers.
+  for (int p = 0; p < P; p += 2) {
+    Tile s = t;
+    s.x = t.x + p * t.pix_step;
+    if (P - p >= 2) micro_avx2_p<2>(s, acc + p * kOutBlock);
+    else micro_avx2_p<1>(s, acc + p * kOutBlock);
+  }
+}
+
+template <int P>
+__attribute__((target("avx512f,avx512vpopcntdq"))) void micro_avx512_p(const Tile& t, int64_t* acc) {
+  __m512i a0[P], a1[P];
+  for (int p = 0; p < P; ++p) a0[p] = a1[p] = _mm512_setzero_si512();
+  for (int64_t kh = 0; kh < t.KH; ++kh)
+    for (int64_t kw = 0; kw < t.KW; ++kw) {
+      const uint64_t* xt = t.x + kh * t.row_step + kw * t.Cw;
+      const uint64_t* wt = t.w + (kh * t.KW + kw) * t.Cw * kOutBlock;
+      for (int64_t c = 0; c < t.Cw; ++c) {
+        const __m512i w0 = _mm512_loadu_si512(wt + c * kOutBlock);
+        const __m512i w1 = _mm512_loadu_si512(wt + c * kOutBlock + 8);
+        for (int p = 0; p < P; ++p) {
+          const __m512i xv = _mm512_set1_epi64(static_cast<int64_t>(xt[p * t.pix_step + c]));
+          a0[p] = _mm512_add_epi64(a0[p], _mm512_popcnt_epi64(_mm512_xor_si512(xv, w0)));
+          a1[p] = _mm512_add_epi64(a1[p], _mm512_popcnt_epi64(_mm512_xor_si512(xv, w1)));
+        }
+      }
+    }
+  for (int p = 0; p < P; ++p) {
+    _mm512_storeu_si512(acc + p * kOutBlock, a0[p]);
+    _mm512_storeu_si512(acc + p * kOutBlock + 8, a1[p]);
+  }
+}
+
+void micro_avx512(const Tile& t, int P, int64_t* acc) {
+  switch (P) {
+    case 8: return micro_avx512_p<8>(t, acc);
+    case 7: return micro_avx512_p<7>(t, acc);
+    case 6: return micro_avx512_p<6>(t, acc);
+    case 5: return micro_avx512_p<5>(t, acc);
+    case 4: return micro_avx512_p<4>(t, acc);
+    case 3: return micro_avx512_p<3>(t, acc);
+    case 2: return micro_avx512_p<2>(t, acc);
+    default: return micro_avx512_p<1>(t, acc);
+  }
+}
+
+using MicroKernel = void (*)(const Tile&, int, int64_t*);
+
+MicroKernel micro_kernel(Path p) {
+  switch (p) {
+    case Path::Avx512: return micro_avx512;
+    case Path::Avx2: return micro_avx2;
+    default: return micro_portable;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue for one pixel and one block of 16 output channels, branch-free so that it vectorizes:
+//   dot = K - 2 * acc + corr;  out = dot * scale + bias + residual
+// Absent terms are passed as 1 / 0 vectors, which leave every value unchanged (x * 1 = x, x + 0 = x),
+// so the rounding sequence equals the reference's mul, add, add.
+struct Epilogue {
+  const int64_t* acc;
+  const int32_t* corr;
+  const float *scale, *bias, *residual;
+  float* out;
+  int64_t K;
+};
+
+inline __attribute__((always_inline)) void finish_block(const Epilogue& e) {
+  for (int j = 0; j < kOutBlock; ++j) {
+    float v = static_cast<float>(e.K - 2 * e.acc[j] + e.corr[j]);
+    v = v * e.scale[j];
+    v = v + e.bias[j];
+    e.out[j] = v + e.residual[j];
+  }
+}
+
+void finish_portable(const Epilogue& e) { finish_block(e); }
+__attribute__((target("avx2"))) void finish_avx2(const Epilogue& e) { finish_block(e); }
+__attribute__((target("avx512f,avx512dq"))) void finish_avx512(const Epilogue& e) { finish_block(e); }
+
+using FinishFn = void (*)(const Epilogue&);
+
+FinishFn finisher(Path p) {
+  switch (p) {
+    case Path::Avx512: return finish_avx512;
+    case Path::Avx2: return finish_avx2;
+    default: return finish_portable;
+  }
+}
+
+// Zero-padding correction per border class. The taps of output row oh that fall inside the image
+// are kh in [first, last); a row class is one distinct (first, last) pair (3 classes for a 3x3
+// conv with padding 1: top, middle, bottom). corr[row class][col class][o] = sum of S[o][tap]
+// over the taps outside the image, 0 for interior pixels.
+struct BorderClasses {
+  std::vector<int32_t> row_class, col_class;
+  std::vector<std::pair<int64_t, int64_t>> rows, cols;
+};
+
+void classify(int64_t out_size, int64_t in_size, int64_t k, int64_t stride, int64_t padding,
+              std::vector<int32_t>& cls, std::vector<std::pair<int64_t, int64_t>>& ranges) {
+  cls.resize(out_size);
+  for (int64_t i = 0; i < out_size; ++i) {
+    const int64_t start = i * stride - padding;
+    const std::pair<int64_t, int64_t> r{std::max<int64_t>(0, -start), std::min<int64_t>(k, in_size - start)};
+    auto it = std::find(ranges.begin(), ranges.end(), r);
+    cls[i] = static_cast<int32_t>(it - ranges.begin());
+    if (it == ranges.end()) ranges.push_back(r);
+  }
+}
+
+std::vector<int32_t> border_corrections(const BorderClasses& b, const std::vector<int32_t>& tap_sums,
+                                        int64_t O, int64_t O_pad, int64_t KH, int64_t KW) {
+  std::vector<int32_t> corr(b.rows.size() * b.cols.size() * O_pad, 0);
+  for (size_t r = 0; r < b.rows.size(); ++r)
+    for (size_t c = 0; c < b.cols.size(); ++c) {
+      int32_t* dst = corr.data() + (r * b.cols.size() + c) * O_pad;
+      for (int64_t kh = 0; kh < KH; ++kh)
+        for (int64_t kw = 0; kw < KW; ++kw) {
+          const bool inside = kh >= b.rows[r].first && kh < b.rows[r].second &&
+                              kw >= b.cols[c].first && kw < b.cols[c].second;
+          if (inside) continue;
+          const int32_t* src = tap_sums.data() + (kh * KW + kw) * O;
+          for (int64_t o = 0; o < O; ++o) dst[o] += src[o];
+        }
+    }
+  return corr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packing: one pixel's C contiguous channels (NHWC) -> Cw words.
+
+template <typename T>
+void pack_pixel_portable(const T* x, int64_t C, uint64_t* out) {
+  for (int64_t k = 0; k * kWordBits < C; ++k) {
+    uint64_t word = 0;
+    const int64_t n = std::min<int64_t>(kWordBits, C - k * kWordBits);
+    for (int64_t j = 0; j < n; ++j)
+      word |= uint64_t(static_cast<float>(x[k * kWordBits + j]) >= 0.0f) << j;
+    out[k] = word;
+  }
+}
+
+__attribute__((target("avx512f"))) void pack_pixel_avx512(const float* x, int64_t C, uint64_t* out) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t k = 0; k * kWordBits < C; ++k) {
+    uint64_t word = 0;
+    for (int q = 0; q < 4; ++q) {
+      const int64_t base = k * kWordBits + q * 16;
+      const int64_t n = std::min<int64_t>(16, C - base);
+      if (n <= 0) break;
+      const __mmask16 m = n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(m, x + base);
+      word |= uint64_t(_mm512_mask_cmp_ps_mask(m, v, zero, _CMP_GE_OQ)) << (q * 16);
+    }
+    out[k] = word;
+  }
+}
+
+__attribute__((target("avx2"))) void pack_pixel_avx2(const float* x, int64_t C, uint64_t* out) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t k = 0; k * kWordBits < C; ++k) {
+    uint64_t word = 0;
+    int64_t j = 0;
+    const int64_t n = std::min<int64_t>(kWordBits, C - k * kWordBits);
+    for (; j + 8 <= n; j += 8) {
+      const __m256 v = _mm256_loadu_ps(x + k * kWordBits + j);
+      word |= uint64_t(_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GE_OQ))) << j;
+    }
+    for (; j < n; ++j) word |= uint64_t(x[k * kWordBits + j] >= 0.0f) << j;
+    out[k] = word;
+  }
+}
+
+// float32 has vector paths; other dtypes (half, bfloat16, double) use the portable loop.
+template <typename T>
+void pack_pixel(Path, const T* x, int64_t C, uint64_t* out) { pack_pixel_portable(x, C, out); }
+
+void pack_pixel(Path path, const float* x, int64_t C, uint64_t* out) {
+  if (path == Path::Avx512) return pack_pixel_avx512(x, C, out);
+  if (path == Path::Avx2) return pack_pixel_avx2(x, C, out);
+  pack_pixel_portable(x, C, out);
+}
+
+// Weights (O, KH, KW, Cw) -> blocked [O/16][KH][KW][Cw][16], zero-filled past O.
+std::vector<uint64_t> block_weights(const uint64_t* w, int64_t O, int64_t taps, int64_t Cw) {
+  const int64_t blocks = (O + kOutBlock - 1) / kOutBlock;
+  std::vector<uint64_t> out(blocks * taps * Cw * kOutBlock);
+  // Written in destination order, one output block per task (large layers: ~300 KB of words).
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      uint64_t* dst = out.data() + b * taps * Cw * kOutBlock;
+      for (int64_t tc = 0; tc < taps * Cw; ++tc)
+        for (int64_t j = 0; j < kOutBlock; ++j) {
+          const int64_t o = b * kOutBlock + j;
+          dst[tc * kOutBlock + j] = o < O ? w[o * taps * Cw + tc] : 0;
+        }
+    }
+  });
+  return out;
+}
+
+// S[tap][o] = sum of the +-1 weights of output channel o at that tap = 2 * popcount - C.
+inline __attribute__((always_inline)) void tap_sums_body(const uint64_t* w, int64_t groups, int64_t Cw,
+                                                         int64_t C, int32_t* s) {
+  for (int64_t g = 0; g < groups; ++g) {
+    int64_t ones = 0;
+    for (int64_t c = 0; c < Cw; ++c) ones += __builtin_popcountll(w[g * Cw + c]);
+    s[g] = static_cast<int32_t>(2 * ones - C);
+  }
+}
+void tap_sums_portable(const uint64_t* w, int64_t g, int64_t Cw, int64_t C, int32_t* s) {
+  tap_sums_body(w, g, Cw, C, s);
+}
+__attribute__((target("popcnt"))) void tap_sums_popcnt(const uint64_t* w, int64_t g, int64_t Cw,
+                                                       int64_t C, int32_t* s) {
+  tap_sums_body(w, g, Cw, C, s);  // one POPCNT instruction per word instead of a libgcc call
+}
+
+std::vector<int32_t> tap_weight_sums(Path path, const uint64_t* w, int64_t O, int64_t taps,
+                                     int64_t Cw, int64_t C) {
+  std::vector<int32_t> s(O * taps), by_tap(taps * O);
+  (path == Path::Portable ? tap_sums_portable : tap_sums_popcnt)(w, O * taps, Cw, C, s.data());
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t t = 0; t < taps; ++t) by_tap[t * O + o] = s[o * taps + t];
+  return by_tap;  // [tap][O]: contiguous over O for the correction sums
+}
+
+}  // namespace
+
+std::vector<std::string> cpu_paths() {
+  std::vector<std::string> out;
+  for (Path p : {Path::Avx512, Path::Avx2, Path::Portable})
+    if (supported(p)) out.emplace_back(path_name(p));
+  return out;
+}
+
+std::string cpu_path() { return path_name(active_path()); }
+
+void set_cpu_path(const std::string& name) {
+  if (name == "auto") {
+    g_path.store(static_cast<int>(best_path()));
+    return;
+  }
+  for (Path p : {Path::Avx512, Path::Avx2, Path::Portable}) {
+    if (name == path_name(p)) {
+      TORCH_CHECK(supported(p), "set_cpu_path: this CPU cannot run the '", name, "' path");
+      g_path.store(static_cast<int>(p));
+      return;
+    }
+  }
+  TORCH_CHECK(false, "set_cpu_path: unknown path '", name, "' (auto, avx512, avx2, portable)");
+}
+
+at::Tensor pack_signs_cpu(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "pack_signs: x must be (N, C, H, W), got ", x.dim(), " dims");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "pack_signs: x must be floating point, got ",
+              x.scalar_type());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Cw = words_for(C);
+  TORCH_CHECK(C > 0, "pack_signs: x has no channels");
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);  // NHWC in memory
+  at::Tensor out = at::empty({N, H, W, Cw}, x.options().dtype(at::kLong));
+  auto* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  const Path path = active_path();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pack_signs", [&] {
+    const scalar_t* src = xc.data_ptr<scalar_t>();
+    at::parallel_for(0, N * H * W, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) pack_pixel(path, src + i * C, C, dst + i * Cw);
+    });
+  });
+  return out;
+}
+
+at::Tensor binary_conv2d_cpu(const at::Tensor& packed_x, const at::Tensor& packed_w,
+                             int64_t in_channels, int64_t stride, int64_t padding, double pad_value,
+                             const std::optional<at::Tensor>& scale,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& residual) {
+  const ConvGeometry g = check_conv_args(packed_x, packed_w, in_channels, stride, padding,
+                                         pad_value, scale, bias, residual);
+  TORCH_CHECK(packed_x.device().is_cpu(), "binary_conv2d_cpu: tensors must be on the CPU");
+  const int64_t C = in_channels, Cw = g.Cw, taps = g.KH * g.KW;
+  const int64_t Hp = g.H + 2 * padding, Wp = g.W + 2 * padding;
+
+  // Border-padded copy of the input: (N, Hp, Wp, Cw); border words encode pad_value.
+  const at::Tensor xs = packed_x.contiguous();
+  const auto* x_src = reinterpret_cast<const uint64_t*>(xs.data_ptr<int64_t>());
+  std::vector<uint64_t> xpad;
+  const uint64_t* xp = x_src;
+  if (padding > 0) {
+    std::vector<uint64_t> border(Cw);
+    for (int64_t k = 0; k < Cw; ++k) border[k] = pad_value == 1.0 ? valid_bits(k, C) : 0;
+    xpad.resize(g.N * Hp * Wp * Cw);
+    at::parallel_for(0, g.N * Hp, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = r / Hp, h = r % Hp - padding;
+        uint64_t* row = xpad.data() + r * Wp * Cw;
+        for (int64_t w = 0; w < Wp; ++w) {
+          const int64_t wi = w - padding;
+          const bool inside = h >= 0 && h < g.H && wi >= 0 && wi < g.W;
+          const uint64_t* src = inside ? x_src + ((n * g.H + h) * g.W + wi) * Cw : border.data();
+          std::memcpy(row + w * Cw, src, Cw * sizeof(uint64_t));
+        }
+      }
+    });
+    xp = xpad.data();
+  }
+
+  const at::Tensor ws = packed_w.contiguous();
+  const auto* w_src = reinterpret_cast<const uint64_t*>(ws.data_ptr<int64_t>());
+  const std::vector<uint64_t> wblk = block_weights(w_src, g.O, taps, Cw);
+  const Path path = active_path();
+  const int64_t out_blocks = (g.O + kOutBlock - 1) / kOutBlock, O_pad = out_blocks * kOutBlock;
+
+  // Border correction table (zero padding only); a single all-zero class otherwise.
+  BorderClasses bc;
+  std::vector<int32_t> corr(O_pad, 0);
+  if (pad_value == 0.0 && padding > 0) {
+    classify(g.Ho, g.H, g.KH, stride, padding, bc.row_class, bc.rows);
+    classify(g.Wo, g.W, g.KW, stride, padding, bc.col_class, bc.cols);
+    corr = border_corrections(bc, tap_weight_sums(path, w_src, g.O, taps, Cw, C), g.O, O_pad, g.KH, g.KW);
+  } else {
+    bc.row_class.assign(g.Ho, 0);
+    bc.col_class.assign(g.Wo, 0);
+    bc.cols.resize(1);
+  }
+  const int64_t col_classes = static_cast<int64_t>(bc.cols.size());
+
+  // Absent epilogue terms become 1 / 0 vectors (padded to whole blocks of 16 channels).
+  std::vector<float> scale_v(O_pad, 1.0f), bias_v(O_pad, 0.0f), zeros(kOutBlock, 0.0f);
+  if (scale.has_value()) std::memcpy(scale_v.data(), scale->contiguous().data_ptr<float>(), g.O * sizeof(float));
+  if (bias.has_value()) std::memcpy(bias_v.data(), bias->contiguous().data_ptr<float>(), g.O * sizeof(float));
+  at::Tensor res_c;
+  const float* res_p = nullptr;
+  if (residual.has_value()) {
+    res_c = residual->contiguous(at::MemoryFormat::ChannelsLast);  // (N, Ho, Wo, O) in memory
+    res_p = res_c.data_ptr<float>();
+  }
+
+  at::Tensor out = at::empty({g.N, g.Ho, g.Wo, g.O}, packed_x.options().dtype(at::kFloat));
+  float* out_p = out.data_ptr<float>();
+  const MicroKernel micro = micro_kernel(path);
+  const FinishFn finish = finisher(path);
+  const int64_t K = taps * C;
+
+  // One task = one output row of one image for one block of 16 output channels.
+  at::parallel_for(0, g.N * g.Ho * out_blocks, 1, [&](int64_t begin, int64_t end) {
+    int64_t acc[kMaxPixels * kOutBlock];
+    float res_tail[kOutBlock], out_tail[kOutBlock];
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t ob = task % out_blocks, row = task / out_blocks;
+      const int64_t n = row / g.Ho, oh = row % g.Ho;
+      const int64_t o0 = ob * kOutBlock, o_count = std::min<int64_t>(kOutBlock, g.O - o0);
+      const bool full = o_count == kOutBlock;
+      Tile t{nullptr, stride * Cw, Wp * Cw, wblk.data() + ob * taps * Cw * kOutBlock, g.KH, g.KW, Cw};
+      const int32_t* corr_row = corr.data() + bc.row_class[oh] * col_classes * O_pad + o0;
+      for (int64_t ow0 = 0; ow0 < g.Wo; ow0 += kMaxPixels) {
+        const int P = static_cast<int>(std::min<int64_t>(kMaxPixels, g.Wo - ow0));
+        t.x = xp + ((n * Hp + oh * stride) * Wp + ow0 * stride) * Cw;
+        micro(t, P, acc);
+        for (int p = 0; p < P; ++p) {
+          const int64_t pix = (n * g.Ho + oh) * g.Wo + ow0 + p;
+          Epilogue e{acc + p * kOutBlock, corr_row + bc.col_class[ow0 + p] * O_pad,
+                     scale_v.data() + o0, bias_v.data() + o0, zeros.data(),
+                     out_p + pix * g.O + o0, K};
+          if (res_p) {
+            e.residual = res_p + pix * g.O + o0;
+            if (!full) {  // copy the tail so the 16-wide epilogue never reads past the tensor
+              std::memcpy(res_tail, e.residual, o_count * sizeof(float));
+              e.residual = res_tail;
+            }
+          }
+          if (full) {
+            finish(e);
+          } else {
+            e.out = out_tail;
+            finish(e);
+            std::memcpy(out_p + pix * g.O + o0, out_tail, o_count * sizeof(float));
+          }
+        }
+      }
+    }
+  });
+  return out.permute({0, 3, 1, 2});  // (N, O, Ho, Wo), channels_last memory
+}
+
+}  // namespace bireal
+
+TORCH_LIBRARY_IMPL(bireal, CPU, m) {
+  m.impl("pack_signs", &bireal::pack_signs_cpu);
+  m.impl("binary_conv2d", &bireal::binary_conv2d_cpu);
+}

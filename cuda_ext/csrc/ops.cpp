@@ -1,0 +1,68 @@
+// Op schemas (defined once; CPU and CUDA implementations register separately) and the Python
+// module with the CPU-path helpers.
+#include "binary_conv.h"
+
+namespace bireal {
+
+ConvGeometry check_conv_args(const at::Tensor& packed_x, const at::Tensor& packed_w,
+                             int64_t in_channels, int64_t stride, int64_t padding, double pad_value,
+                             const std::optional<at::Tensor>& scale,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& residual) {
+  TORCH_CHECK(packed_x.dtype() == at::kLong && packed_x.dim() == 4,
+              "binary_conv2d: packed_x must be an int64 tensor (N, H, W, C/64), got ",
+              packed_x.dtype(), " with ", packed_x.dim(), " dims");
+  TORCH_CHECK(packed_w.dtype() == at::kLong && packed_w.dim() == 4,
+              "binary_conv2d: packed_w must be an int64 tensor (O, KH, KW, C/64), got ",
+              packed_w.dtype(), " with ", packed_w.dim(), " dims");
+  TORCH_CHECK(packed_x.device() == packed_w.device(), "binary_conv2d: packed_x on ",
+              packed_x.device(), " but packed_w on ", packed_w.device());
+  ConvGeometry g{packed_x.size(0), packed_x.size(1), packed_x.size(2), packed_x.size(3),
+                 packed_w.size(0), packed_w.size(1), packed_w.size(2), 0, 0};
+  TORCH_CHECK(in_channels > 0 && words_for(in_channels) == g.Cw,
+              "binary_conv2d: in_channels=", in_channels, " needs ", words_for(in_channels),
+              " words per pixel, packed_x has ", g.Cw);
+  TORCH_CHECK(packed_w.size(3) == g.Cw, "binary_conv2d: packed_w has ", packed_w.size(3),
+              " words per tap, packed_x has ", g.Cw);
+  TORCH_CHECK(stride >= 1 && padding >= 0, "binary_conv2d: stride must be >= 1 and padding >= 0");
+  TORCH_CHECK(pad_value == 0.0 || pad_value == 1.0 || pad_value == -1.0,
+              "binary_conv2d: pad_value must be 0, 1 or -1, got ", pad_value);
+  g.Ho = (g.H + 2 * padding - g.KH) / stride + 1;
+  g.Wo = (g.W + 2 * padding - g.KW) / stride + 1;
+  TORCH_CHECK(g.Ho > 0 && g.Wo > 0, "binary_conv2d: empty output for input ", g.H, "x", g.W);
+  for (const auto* t : {&scale, &bias}) {
+    if (t->has_value()) {
+      TORCH_CHECK((*t)->dtype() == at::kFloat && (*t)->dim() == 1 && (*t)->size(0) == g.O,
+                  "binary_conv2d: scale and bias must be float32 vectors of length O=", g.O);
+      TORCH_CHECK((*t)->device() == packed_x.device(), "binary_conv2d: scale/bias on another device");
+    }
+  }
+  if (residual.has_value()) {
+    const auto& r = *residual;
+    TORCH_CHECK(r.dtype() == at::kFloat && r.dim() == 4 && r.size(0) == g.N && r.size(1) == g.O &&
+                    r.size(2) == g.Ho && r.size(3) == g.Wo,
+                "binary_conv2d: residual must be float32 (N, O, Ho, Wo) = (", g.N, ", ", g.O, ", ",
+                g.Ho, ", ", g.Wo, "), got ", r.sizes());
+    TORCH_CHECK(r.device() == packed_x.device(), "binary_conv2d: residual on another device");
+  }
+  return g;
+}
+
+}  // namespace bireal
+
+TORCH_LIBRARY(bireal, m) {
+  // x (N, C, H, W) real -> (N, H, W, ceil(C/64)) int64 sign bits, channels packed LSB first.
+  m.def("pack_signs(Tensor x) -> Tensor");
+  // out (N, O, Ho, Wo) float32 in channels_last memory:
+  //   dot = sum over taps and channels of (+-1 input) * (+-1 weight), border = pad_value
+  //   out = dot * scale[o] + bias[o] + residual      (each term optional)
+  m.def(
+      "binary_conv2d(Tensor packed_x, Tensor packed_w, int in_channels, int stride, int padding, "
+      "float pad_value, Tensor? scale, Tensor? bias, Tensor? residual) -> Tensor");
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cpu_paths", &bireal::cpu_paths, "CPU code paths this CPU can run, fastest first");
+  m.def("cpu_path", &bireal::cpu_path, "the CPU code path in use");
+  m.def("set_cpu_path", &bireal::set_cpu_path, "force a CPU code path ('auto' restores the fastest)");
+}

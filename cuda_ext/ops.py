@@ -1,0 +1,71 @@
+"""Python face of the bireal ops: the loaded extension, fake kernels, and friendly wrappers.
+
+Schemas live in csrc/ops.cpp (``TORCH_LIBRARY(bireal, ...)``); CPU and CUDA implementations
+register there. The fake kernels here let ``torch.compile`` and ``opcheck`` trace the ops.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+
+from .reference import words_for
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.bireal.*)
+except ImportError as e:  # pragma: no cover - only on a broken install
+    raise ImportError(
+        f"cuda_ext._C is not built ({e}). Run `make install` (or `pip install --no-build-isolation "
+        f"-e .`) with torch {torch.__version__} in this environment; the extension must be built "
+        f"against the torch it runs with.") from e
+
+
+def cpu_paths() -> list[str]:
+    """CPU code paths this CPU can run, fastest first (e.g. ['avx512', 'avx2', 'portable'])."""
+    return list(_C.cpu_paths())
+
+
+def cpu_path() -> str:
+    return _C.cpu_path()
+
+
+@contextlib.contextmanager
+def forced_cpu_path(name: str) -> Iterator[None]:
+    """Run the enclosed ops on CPU code path ``name`` (tests use it to cover every path)."""
+    previous = _C.cpu_path()
+    _C.set_cpu_path(name)
+    try:
+        yield
+    finally:
+        _C.set_cpu_path(previous)
+
+
+@torch.library.register_fake("bireal::pack_signs")
+def _pack_signs_fake(x: torch.Tensor) -> torch.Tensor:
+    n, c, h, w = x.shape
+    return x.new_empty((n, h, w, words_for(c)), dtype=torch.int64)
+
+
+@torch.library.register_fake("bireal::binary_conv2d")
+def _binary_conv2d_fake(packed_x, packed_w, in_channels, stride, padding, pad_value,
+                        scale=None, bias=None, residual=None):
+    n, h, w, _ = packed_x.shape
+    o, kh, kw, _ = packed_w.shape
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+    out = packed_x.new_empty((n, ho, wo, o), dtype=torch.float32)
+    return out.permute(0, 3, 1, 2)
+
+
+def pack_signs(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) real -> (N, H, W, ceil(C/64)) int64 sign bits (1 = +1, sign(0) = +1)."""
+    return torch.ops.bireal.pack_signs(x)
+
+
+def binary_conv2d(packed_x: torch.Tensor, packed_w: torch.Tensor, in_channels: int, stride: int = 1,
+                  padding: int = 1, pad_value: float = 0.0, scale: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """1-bit convolution of packed operands, with the fused epilogue
+    ``out = dot * scale + bias + residual``: (N, O, Ho, Wo) float32, channels_last memory."""
+    return torch.ops.bireal.binary_conv2d(packed_x, packed_w, in_channels, stride, padding,
+                                          float(pad_value), scale, bias, residual)

@@ -1,0 +1,312 @@
+"""The packed (really 1-bit) Bi-Real model: export from a checkpoint, load, run.
+
+Artifact = one ``.safetensors`` file (no pickle), format ``bireal-packed`` version 1:
+- every binary conv as sign bits, int64 (O, KH, KW, ceil(C/64)) (docs/packed_format.md), with
+  alpha and its BatchNorm folded into a per-output-channel ``scale`` and ``bias``:
+      BN(alpha * dot) = dot * (alpha * g) + (beta - mean * g),   g = gamma / sqrt(var + eps)
+- the real layers kept in float32, each real conv with its BatchNorm folded into weight and bias:
+  the stem, the downsampling shortcuts, the bottleneck's real 1x1s, the FC head;
+- a JSON header in the safetensors metadata: format, version, arch and constructor arguments,
+  class names, input geometry and normalisation, the sign / bit / padding conventions, and the
+  sha256 of the tensors, checked on load.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+from torch import nn
+
+import bireal_core as bc
+from bireal_core.models.bireal import BiRealBlock
+from bireal_core.models.bireal_bottleneck import BiRealBottleneck
+
+from . import ops
+from .reference import binary_conv2d_ref, pack_signs_ref
+
+FORMAT = "bireal-packed"
+VERSION = 1
+CONVENTIONS = {
+    "sign_of_zero": "+1",
+    "word_bits": 64,
+    "bit_order": "bit j (LSB = 0) of word k holds channel 64k + j; 1 = +1, 0 = -1; tail bits 0",
+    "activation_layout": "NHWC words (N, H, W, ceil(C/64))",
+    "weight_layout": "(O, KH, KW, ceil(C/64))",
+    "epilogue": "out = dot * scale + bias + residual",
+}
+
+
+class ArtifactError(ValueError):
+    """A file that is not a valid packed artifact (the message names the file and the problem)."""
+
+
+# ----------------------------------------------------------------------------- folding
+
+def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BN as y = x * g + b: (g, b), each (C,)."""
+    g = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    return g, bn.bias.detach() - bn.running_mean * g
+
+
+def fold_real_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> dict[str, torch.Tensor]:
+    w = conv.weight.detach()
+    if bn is None:
+        return {"weight": w.clone(), "bias": torch.zeros(w.shape[0])}
+    g, b = bn_affine(bn)
+    return {"weight": w * g.view(-1, 1, 1, 1), "bias": b}
+
+
+def fold_binary_conv(conv: bc.BinaryConv2d, bn: nn.BatchNorm2d) -> dict[str, torch.Tensor]:
+    if not conv.is_binary:
+        raise ValueError("only convs with binary input and weights can be packed; "
+                         "train (or finetune) with binary_weights=True before export")
+    w = conv.weight.detach()
+    alpha = conv.weight_binarizer.scale(w).flatten()        # (O,); 1 for the 'plain' binarizer
+    g, b = bn_affine(bn)
+    return {"packed": ops.pack_signs(w), "scale": alpha * g, "bias": b}
+
+
+# ----------------------------------------------------------------------------- modules
+
+class PackedBinaryConv(nn.Module):
+    """sign -> pack -> 1-bit conv -> (* scale + bias + residual), one fused kernel call."""
+
+    def __init__(self, conv: bc.BinaryConv2d):
+        super().__init__()
+        self.in_channels, self.stride, self.padding = conv.in_channels, conv.stride[0], conv.padding[0]
+        self.pad_value = conv.pad_value
+        o, c, kh, kw = conv.weight.shape
+        self.register_buffer("packed", torch.zeros(o, kh, kw, (c + 63) // 64, dtype=torch.int64))
+        self.register_buffer("scale", torch.ones(o))
+        self.register_buffer("bias", torch.zeros(o))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        pack, conv = (pack_signs_ref, binary_conv2d_ref) if _USE_REFERENCE else (ops.pack_signs, ops.binary_conv2d)
+        return conv(pack(x), self.packed, self.in_channels, self.stride, self.padding, self.pad_value,
+                    self.scale, self.bias, residual)
+
+
+_USE_REFERENCE = False
+
+
+@contextlib.contextmanager
+def reference_ops() -> Iterator[None]:
+    """Run PackedBiReal through the pure-torch reference ops (the exactness check's other side)."""
+    global _USE_REFERENCE
+    previous, _USE_REFERENCE = _USE_REFERENCE, True
+    try:
+        yield
+    finally:
+        _USE_REFERENCE = previous
+
+
+def real_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """A float conv with bias, the shape of ``conv``, to receive a folded conv + BN."""
+    return nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                     conv.padding, bias=True)
+
+
+def packed_shortcut(downsample: nn.Sequential | None) -> nn.Sequential | None:
+    if downsample is None:
+        return None
+    pool, conv, _bn = downsample
+    return nn.Sequential(pool, real_conv(conv))
+
+
+class PackedBasicBlock(nn.Module):
+    def __init__(self, block: BiRealBlock):
+        super().__init__()
+        self.conv = PackedBinaryConv(block.conv)
+        self.downsample = packed_shortcut(block.downsample)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return self.conv(x, residual=shortcut)
+
+
+class PackedBottleneck(nn.Module):
+    def __init__(self, block: BiRealBottleneck):
+        super().__init__()
+        self.first = block.first
+        self.conv1 = real_conv(block.conv1) if block.first else PackedBinaryConv(block.conv1)
+        self.mid_adapt = block.mid_adapt and nn.Conv2d(block.mid_adapt.in_channels,
+                                                       block.mid_adapt.out_channels, 1, bias=True)
+        self.conv2 = PackedBinaryConv(block.conv2)
+        self.mid_pool = block.mid_pool
+        self.conv3 = PackedBinaryConv(block.conv3)
+        self.downsample = packed_shortcut(block.downsample)
+
+    def forward(self, mid_prev: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.first:
+            m1 = self.conv1(bc.LeakyClip()(x))
+        else:
+            adapted = mid_prev if self.mid_adapt is None else self.mid_adapt(mid_prev)
+            m1 = self.conv1(x, residual=adapted)
+        m2 = self.conv2(m1, residual=m1 if self.mid_pool is None else self.mid_pool(m1))
+        shortcut = x if self.downsample is None else self.downsample(x)
+        return m2, self.conv3(m2, residual=shortcut)
+
+
+class PackedBiReal(nn.Module):
+    """Inference-only Bi-Real net running every binary conv through the bireal ops.
+
+    Built with the topology of ``bireal_core`` model ``spec`` (constructed on the meta device, so
+    no float weights are ever allocated), then filled from an artifact's tensors."""
+
+    def __init__(self, spec: dict[str, Any]):
+        super().__init__()
+        with torch.device("meta"):
+            ref = bc.create_model(spec["name"], **spec["kwargs"])
+        stem_conv, _stem_bn, *rest = ref.stem
+        self.stem = nn.Sequential(real_conv(stem_conv), *rest)   # maxpool kept for the ImageNet stem
+        self.bottleneck = isinstance(ref.blocks[0], BiRealBottleneck)
+        wrap = PackedBottleneck if self.bottleneck else PackedBasicBlock
+        self.blocks = nn.ModuleList(wrap(b) for b in ref.blocks)
+        self.fc = nn.Linear(ref.fc.in_features, ref.fc.out_features)
+        self.to_empty(device="cpu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # channels_last throughout: the kernels read and write NHWC, and oneDNN's conv and
+        # max-pool are several times faster on NHWC than on NCHW here.
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        mid = x
+        for block in self.blocks:
+            if self.bottleneck:
+                mid, x = block(mid, x)
+            else:
+                x = block(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+# ----------------------------------------------------------------------------- export / load
+
+def packed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The artifact's tensors, named as the state dict of ``PackedBiReal`` expects them."""
+    out: dict[str, torch.Tensor] = {}
+
+    def put(prefix: str, tensors: dict[str, torch.Tensor]):
+        out.update({f"{prefix}.{k}": v.contiguous().cpu() for k, v in tensors.items()})
+
+    put("stem.0", fold_real_conv(model.stem[0], model.stem[1]))
+    for i, block in enumerate(model.blocks):
+        p = f"blocks.{i}"
+        if isinstance(block, BiRealBottleneck):
+            put(f"{p}.conv1", fold_real_conv(block.conv1, block.bn1) if block.first
+                else fold_binary_conv(block.conv1, block.bn1))
+            put(f"{p}.conv2", fold_binary_conv(block.conv2, block.bn2))
+            put(f"{p}.conv3", fold_binary_conv(block.conv3, block.bn3))
+            if block.mid_adapt is not None:
+                put(f"{p}.mid_adapt", fold_real_conv(block.mid_adapt, None))
+        else:
+            put(f"{p}.conv", fold_binary_conv(block.conv, block.bn))
+        if block.downsample is not None:
+            put(f"{p}.downsample.1", fold_real_conv(block.downsample[1], block.downsample[2]))
+    put("fc", {"weight": model.fc.weight.detach(), "bias": model.fc.bias.detach()})
+    return out
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def export_model(model: nn.Module, out_path: str | os.PathLike, class_names: list[str] | None = None,
+                 input_config: dict | None = None, source: dict | None = None) -> Path:
+    """Write the packed artifact of a ``bireal_core`` Bi-Real model (eval-mode BN statistics)."""
+    spec = model.model_spec
+    if not spec["name"].startswith("bireal"):
+        raise ValueError(f"only Bi-Real models can be packed, got {spec['name']!r}")
+    num_classes = spec["kwargs"].get("num_classes", 1000)
+    class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a {num_classes}-way model")
+    tensors = packed_tensors(model.eval())
+    header = {"format": FORMAT, "version": VERSION, "model": spec, "class_names": class_names,
+              "input": input_config or bc.default_input_config(spec["kwargs"].get("stem", "imagenet")),
+              "conventions": {**CONVENTIONS, "pad_value": next(
+                  m.pad_value for m in model.modules() if isinstance(m, bc.BinaryConv2d))},
+              "source": source or {}, "sha256": tensors_sha256(tensors)}
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"bireal_packed": json.dumps(header, sort_keys=True)})
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out_path: str | os.PathLike,
+                      class_names: list[str] | None = None) -> Path:
+    """``bireal export``: a ``bireal_core`` checkpoint -> packed artifact."""
+    model, header = bc.load_checkpoint(checkpoint)
+    config = header.get("config", {})
+    return export_model(model, out_path, class_names or config.get("class_names"),
+                        config.get("input"), {"checkpoint": str(checkpoint), "stage": header.get("stage"),
+                                              "metrics": header.get("metrics", {})})
+
+
+def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and header of an artifact, verified (format, version, sha256)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: artifact not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ArtifactError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+    if "bireal_packed" not in meta:
+        raise ArtifactError(f"{path}: no bireal_packed header: not a packed bireal artifact")
+    header = json.loads(meta["bireal_packed"])
+    if header.get("format") != FORMAT or header.get("version", 0) > VERSION:
+        raise ArtifactError(f"{path}: format {header.get('format')!r} version {header.get('version')}; "
+                            f"this code reads {FORMAT!r} up to version {VERSION}")
+    if tensors_sha256(tensors) != header.get("sha256"):
+        raise ArtifactError(f"{path}: sha256 of the tensors does not match the header: "
+                            f"the file was modified or corrupted")
+    return tensors, header
+
+
+def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[PackedBiReal, dict]:
+    tensors, header = read_artifact(path)
+    model = PackedBiReal(header["model"])
+    model.load_state_dict(tensors, strict=True)
+    return model.eval().to(device), header
+
+
+def artifact_size(path: str | os.PathLike) -> dict[str, float]:
+    """File size, and the paper's memory measure of what the file stores (1-bit weights as bits)."""
+    tensors, _ = read_artifact(path)
+    bits = sum(t.numel() * (64 if t.dtype == torch.int64 else 32) for t in tensors.values())
+    return {"bytes": Path(path).stat().st_size, "mbit": Path(path).stat().st_size * 8 / 1e6,
+            "payload_mbit": bits / 1e6}
+
+
+def compare_with_float(model: nn.Module, packed: PackedBiReal, images: torch.Tensor,
+                       batch_size: int = 256) -> dict[str, float]:
+    """Top-1 agreement and max logit difference of the packed model vs the training graph (eval).
+
+    Folding alpha and BN changes float rounding, so a pre-sign value within rounding distance of 0
+    can flip a bit downstream; ``disagreements`` counts the images whose top-1 class changed."""
+    model.eval()
+    diffs, agree = [], 0
+    with torch.inference_mode():
+        for chunk in images.split(batch_size):
+            a, b = model(chunk), packed(chunk)
+            diffs.append((a - b).abs().max())
+            agree += int((a.argmax(1) == b.argmax(1)).sum())
+    n = images.shape[0]
+    return {"images": n, "top1_agreement": agree / n, "disagreements": n - agree,
+            "max_logit_diff": float(torch.stack(diffs).max())}

@@ -1,0 +1,112 @@
+"""The bireal ops against their pure-torch reference, on every CPU code path this CPU can run."""
+import itertools
+
+import pytest
+import torch
+
+from bireal_core import BinaryConv2d, IdentitySign, MagnitudeAwareSign
+from cuda_ext import ops
+from cuda_ext.reference import binary_conv2d_ref, pack_signs_ref, pack_weight_ref, unpack_signs_ref
+
+PATHS = ops.cpu_paths()
+CASES = list(itertools.product([3, 31, 33, 64, 100], [1, 2], [1, 3], [0.0, 1.0, -1.0], [1, 3]))
+
+
+def test_best_path_first_and_portable_always_there():
+    assert PATHS[-1] == "portable"
+    assert ops.cpu_path() == PATHS[0]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("channels", [1, 3, 31, 64, 65, 100, 130])
+def test_pack_signs_matches_reference(path, dtype, channels):
+    x = torch.randn(2, channels, 5, 3).to(dtype)
+    x[0, :, 0, 0] = 0.0          # sign(0) = +1
+    x[1, :, 1, 1] = -0.0
+    with ops.forced_cpu_path(path):
+        packed = ops.pack_signs(x)
+    assert torch.equal(packed, pack_signs_ref(x))
+    assert torch.equal(unpack_signs_ref(packed, channels), torch.where(x >= 0, 1.0, -1.0).float())
+
+
+def test_pack_signs_accepts_channels_last_and_strided():
+    x = torch.randn(2, 70, 6, 6)
+    assert torch.equal(ops.pack_signs(x.contiguous(memory_format=torch.channels_last)), pack_signs_ref(x))
+    assert torch.equal(ops.pack_signs(x[:, :, ::2, 1:]), pack_signs_ref(x[:, :, ::2, 1:]))
+
+
+def test_worked_example_golden():
+    """The example of docs/packed_format.md, bit for bit."""
+    signs = -torch.ones(1, 70, 1, 1)
+    for c in (0, 2, 63, 64, 69):
+        signs[0, c] = 1.0
+    signs[0, 1] = 0.0            # exact zero packs as +1
+    packed = ops.pack_signs(signs)
+    assert packed.shape == (1, 1, 1, 2)
+    word0, word1 = (int(v) & (2**64 - 1) for v in packed.flatten())
+    assert word0 == 0x8000000000000007   # channels 0, 1, 2 and 63
+    assert word1 == 0x0000000000000021   # channels 64 and 69; bits 6..63 (past C = 70) are 0
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("channels,stride,kernel,pad_value,batch", CASES)
+def test_binary_conv_matches_reference(path, channels, stride, kernel, pad_value, batch):
+    x = torch.randn(batch, channels, 9, 7)
+    w = torch.randn(37, channels, kernel, kernel)
+    px, pw = pack_signs_ref(x), pack_weight_ref(w)
+    args = (px, pw, channels, stride, kernel // 2, pad_value)
+    with ops.forced_cpu_path(path):
+        out = ops.binary_conv2d(*args)
+        ref = binary_conv2d_ref(*args)
+        assert torch.equal(out, ref)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        scale, bias = torch.randn(37), torch.randn(37)
+        residual = torch.randn_like(ref)
+        fused = ops.binary_conv2d(*args, scale, bias, residual)
+        assert torch.equal(fused, binary_conv2d_ref(*args, scale, bias, residual))
+
+
+@pytest.mark.parametrize("pad_value", [0.0, 1.0, -1.0])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_identical_to_float_simulation(pad_value, stride):
+    """The kernel reproduces BinaryConv2d (the training graph's float simulation) bit for bit."""
+    conv = BinaryConv2d(45, 19, 3, stride=stride, padding=1, bias=False, input_binarizer=IdentitySign(),
+                        weight_binarizer=MagnitudeAwareSign("plain"), pad_value=pad_value)
+    x = torch.randn(3, 45, 11, 10)
+    x[:, :, 2, 2] = 0.0
+    with torch.no_grad():
+        expected = conv(x)
+    out = ops.binary_conv2d(ops.pack_signs(x), ops.pack_signs(conv.weight.detach()), 45, stride, 1, pad_value)
+    assert torch.equal(out, expected)
+
+
+def test_tiny_images_all_border():
+    x, w = torch.randn(2, 33, 1, 2), torch.randn(5, 33, 3, 3)
+    for pad_value in (0.0, 1.0, -1.0):
+        args = (pack_signs_ref(x), pack_weight_ref(w), 33, 1, 1, pad_value)
+        assert torch.equal(ops.binary_conv2d(*args), binary_conv2d_ref(*args))
+
+
+def test_opcheck():
+    x = torch.randn(2, 33, 6, 5)
+    px, pw = ops.pack_signs(x), pack_weight_ref(torch.randn(7, 33, 3, 3))
+    torch.library.opcheck(torch.ops.bireal.pack_signs.default, (x,))
+    torch.library.opcheck(torch.ops.bireal.binary_conv2d.default, (px, pw, 33, 1, 1, 0.0, None, None, None))
+    scale, bias, res = torch.randn(7), torch.randn(7), torch.randn(2, 7, 3, 3)
+    torch.library.opcheck(torch.ops.bireal.binary_conv2d.default, (px, pw, 33, 2, 1, -1.0, scale, bias, res))
+
+
+def test_bad_arguments_named():
+    px, pw = ops.pack_signs(torch.randn(1, 64, 4, 4)), pack_weight_ref(torch.randn(3, 64, 3, 3))
+    with pytest.raises(RuntimeError, match="in_channels=65"):
+        ops.binary_conv2d(px, pw, 65)
+    with pytest.raises(RuntimeError, match="pad_value"):
+        ops.binary_conv2d(px, pw, 64, pad_value=0.5)
+    with pytest.raises(RuntimeError, match="packed_x must be an int64"):
+        ops.binary_conv2d(px.float(), pw, 64)
+    with pytest.raises(RuntimeError, match="residual"):
+        ops.binary_conv2d(px, pw, 64, residual=torch.zeros(1, 3, 5, 5))
+    with pytest.raises(RuntimeError, match="unknown path"):
+        with ops.forced_cpu_path("sse9"):
+            pass

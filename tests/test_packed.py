@@ -1,0 +1,137 @@
+"""Export -> load -> run of the packed model; exactness against both references."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bireal_core as bc
+from cuda_ext.packed import (ArtifactError, PackedBiReal, artifact_size, compare_with_float,
+                             export_checkpoint, export_model, load_packed, read_artifact, reference_ops)
+
+
+def digits_images() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits as normalised 3x32x32 images: a real test set that ships offline."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).div(16).unsqueeze(1)
+    x = F.interpolate(x, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    return (x - 0.5) / 0.25, torch.tensor(d.target)
+
+
+@pytest.fixture(scope="module")
+def fitted_bireal18():
+    """A Bi-Real-18 (width 0.25) fitted for a few hundred steps on digits, so that logit margins
+    are those of a trained net. (A short fit for the test, not the pipeline's training loop.)"""
+    torch.manual_seed(0)
+    x, y = digits_images()
+    model = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    model.train()
+    for step in range(150):
+        idx = torch.randint(0, len(x), (64,))
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), x, y
+
+
+def randomized(name: str, **kwargs):
+    """Random weights with BN statistics moved off their defaults."""
+    model = bc.create_model(name, num_classes=10, stem="small", width=0.25, **kwargs).train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 32, 32))
+    return model.eval()
+
+
+@pytest.mark.parametrize("name,kwargs", [("bireal18", {}), ("bireal34", {"pad_value": -1.0}),
+                                         ("bireal50", {"weight_gradient": "plain"}),
+                                         ("bireal18", {"pad_value": 1.0, "weight_gradient": "official"})])
+def test_packed_equals_reference_of_folded_computation(tmp_path, name, kwargs):
+    packed, _ = load_packed(export_model(randomized(name, **kwargs), tmp_path / "m.safetensors"))
+    x = torch.randn(5, 3, 32, 32)
+    with torch.inference_mode():
+        ours = packed(x)
+        with reference_ops():
+            ref = packed(x)
+    assert torch.equal(ours, ref)
+
+
+def test_agreement_with_training_graph(fitted_bireal18, tmp_path):
+    model, x, y = fitted_bireal18
+    packed, _ = load_packed(export_model(model, tmp_path / "m.safetensors"))
+    report = compare_with_float(model, packed, x)
+    print(f"\npacked vs float on {report['images']} digits: top-1 agreement "
+          f"{report['top1_agreement']:.4%}, {report['disagreements']} flips, max |logit diff| "
+          f"{report['max_logit_diff']:.2e}")
+    with torch.inference_mode():
+        accuracy = (model(x).argmax(1) == y).float().mean().item()
+    assert accuracy > 0.5                    # the fit is a real classifier, with real margins
+    assert report["top1_agreement"] >= 0.999
+
+
+def test_checkpoint_export_load_logits(fitted_bireal18, tmp_path):
+    model, x, _ = fitted_bireal18
+    ckpt = bc.save_checkpoint(tmp_path / "c.safetensors", model, stage="finetune",
+                              config={"class_names": [f"digit{i}" for i in range(10)]})
+    art = export_checkpoint(ckpt, tmp_path / "a.safetensors")
+    packed, header = load_packed(art)
+    assert header["class_names"][3] == "digit3"
+    assert header["conventions"]["sign_of_zero"] == "+1" and header["conventions"]["pad_value"] == 0.0
+    assert header["input"]["size"] == 32 and header["source"]["stage"] == "finetune"
+    again, _ = load_packed(art)
+    with torch.inference_mode():
+        assert torch.equal(packed(x[:64]), again(x[:64]))
+
+
+def test_compile_fullgraph(tmp_path):
+    packed, _ = load_packed(export_model(randomized("bireal18"), tmp_path / "m.safetensors"))
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(packed, fullgraph=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(x), packed(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bireal18_imagenet_artifact_size(tmp_path):
+    path = export_model(bc.create_model("bireal18").eval(), tmp_path / "b18.safetensors")
+    size = artifact_size(path)
+    print(f"\npacked Bi-Real-18 (1000 classes): {size['bytes']:,} bytes = {size['mbit']:.2f} Mbit")
+    assert size["mbit"] == pytest.approx(33.6, rel=0.03)
+    packed, _ = load_packed(path)
+    with torch.inference_mode():
+        assert packed(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
+def test_corrupt_artifacts_rejected(tmp_path):
+    path = export_model(randomized("bireal18"), tmp_path / "m.safetensors")
+    raw = bytearray(path.read_bytes())
+    tampered = tmp_path / "tampered.safetensors"
+    raw[-5] ^= 0xFF                                   # one flipped byte in the tensor data
+    tampered.write_bytes(bytes(raw))
+    with pytest.raises(ArtifactError, match="sha256"):
+        load_packed(tampered)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[: len(raw) // 2])
+    with pytest.raises(ArtifactError, match="truncated.safetensors"):
+        read_artifact(truncated)
+    with pytest.raises(ArtifactError, match="not found"):
+        read_artifact(tmp_path / "absent.safetensors")
+    ckpt = bc.save_checkpoint(tmp_path / "ckpt.safetensors", randomized("bireal18"))
+    with pytest.raises(ArtifactError, match="not a packed bireal artifact"):
+        read_artifact(ckpt)
+
+
+def test_only_binary_models_export(tmp_path):
+    with pytest.raises(ValueError, match="only Bi-Real"):
+        export_model(bc.create_model("resnet18", num_classes=10), tmp_path / "x.safetensors")
+    twin = bc.create_twin("bireal18", num_classes=10, stem="small", width=0.25)
+    with pytest.raises(ValueError, match="binary_weights=True"):
+        export_model(twin, tmp_path / "x.safetensors")
+
+
+def test_packed_model_built_without_float_weights():
+    spec = {"name": "bireal18", "kwargs": {"num_classes": 10, "stem": "small", "width": 0.25}}
+    packed = PackedBiReal(spec)
+    assert not any(p.dtype == torch.float32 and p.dim() == 4 and p.shape[-1] == 3 and "conv" in n
+                   for n, p in packed.named_buffers())   # binary 3x3s are int64 bits only

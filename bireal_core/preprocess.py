@@ -13,11 +13,14 @@ SMALL_STD = (0.2470, 0.2435, 0.2616)
 
 
 def default_input_config(stem: str) -> dict:
-    """{"size": crop side, "resize": eval resize of the shorter side, "mean", "std"}."""
+    """{"size": crop side, "resize": eval resize of the shorter side, "mean", "std",
+    "augment": the training recipe, "imagenet" or "small"}."""
     if stem == "imagenet":
-        return {"size": 224, "resize": 256, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}
+        return {"size": 224, "resize": 256, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                "augment": "imagenet"}
     if stem == "small":
-        return {"size": 32, "resize": 32, "mean": list(SMALL_MEAN), "std": list(SMALL_STD)}
+        return {"size": 32, "resize": 32, "mean": list(SMALL_MEAN), "std": list(SMALL_STD),
+                "augment": "small"}
     raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
 
 
@@ -32,3 +35,42 @@ def eval_transform(input_config: dict):
         T.ToTensor(),
         T.Normalize(input_config["mean"], input_config["std"]),
     ])
+
+
+# PCA lighting noise of the official ImageNet recipe (AlexNet-style), eigen-decomposition of the
+# ImageNet RGB covariance.
+_EIGVAL = (0.2175, 0.0188, 0.0045)
+_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
+
+
+class Lighting:
+    """Adds alpha-weighted principal components of ImageNet's colour covariance to a (3, H, W) tensor."""
+
+    def __init__(self, std: float = 0.1):
+        self.std = std
+
+    def __call__(self, img):
+        import torch
+
+        if self.std == 0:
+            return img
+        alpha = torch.randn(3) * self.std
+        rgb = (torch.tensor(_EIGVEC) * alpha * torch.tensor(_EIGVAL)).sum(dim=1)
+        return img + rgb.view(3, 1, 1)
+
+
+def train_transform(input_config: dict, pca_lighting: bool = False):
+    """The training augmentation for a model's input config.
+
+    ImageNet-sized inputs: RandomResizedCrop(size, scale 0.08-1) + flip (+ PCA lighting), the official
+    recipe. 32x32-class inputs: pad-4 random crop + flip (the standard CIFAR recipe)."""
+    from torchvision import transforms as T
+
+    size = input_config["size"]
+    if input_config.get("augment", "imagenet" if size > 64 else "small") == "small":
+        crop = [T.RandomCrop(size, padding=4, padding_mode="reflect")]
+    else:
+        crop = [T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True)]
+    post = [Lighting(0.1)] if pca_lighting else []
+    return T.Compose([*crop, T.RandomHorizontalFlip(), T.ToTensor(), *post,
+                      T.Normalize(input_config["mean"], input_config["std"])])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .env import apply_offline_defaults
 
@@ -33,6 +34,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .stages import format_history, parse_overrides, run_train_stage
+
+    result = run_train_stage(args.stage, args.params, parse_overrides(args.set), use_ray=not args.no_ray,
+                             metrics_out=args.metrics)
+    print(format_history(result["history"]))
+    print(f"checkpoint: {result['checkpoint']}  (mlflow run {result['mlflow_run_id']})")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from cuda_ext.packed import artifact_size, export_checkpoint
 
@@ -53,9 +64,38 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "data":
+        from .data_bench import run as run_data
+
+        rows = run_data(args.cifar, args.imagenet_like)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        return 0
     from cuda_ext.benchmarks import run
 
     run(args.what, args.device, json_path=args.json, threads=args.threads)
+    return 0
+
+
+def _cmd_shard(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from .config import load_section
+    from .shard import ShardParams, shard_dataset, summarize, verify_shards
+
+    if args.verify:
+        problems = verify_shards(args.verify)
+        for p in problems:
+            print(f"FAIL {p}")
+        print(f"{args.verify}: {'OK, every shard matches the manifest' if not problems else f'{len(problems)} problems'}")
+        return 1 if problems else 0
+    if not args.source or not args.out:
+        raise ValueError("--source and --out are required (or --verify DIR)")
+    overrides = {f.name: getattr(args, f.name) for f in fields(ShardParams)}
+    params = load_section(ShardParams, "shard", args.params, overrides)
+    manifest = shard_dataset(args.source, args.out, params, kind=args.kind, overwrite=args.overwrite)
+    print(summarize(manifest))
+    print(f"manifest: {args.out.rstrip('/')}/manifest.json ({manifest.get('elapsed_seconds', 0):.1f} s)")
     return 0
 
 
@@ -76,6 +116,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="cost table + a forward/backward pass of every model")
     demo.set_defaults(func=_cmd_demo)
 
+    shard = sub.add_parser("shard", help="images -> WebDataset shards + manifest (or --verify DIR)")
+    shard.add_argument("--source", help="image-folder tree, folder with the ILSVRC2012 tars, or 'demo'")
+    shard.add_argument("--out", help="output folder or fsspec URL")
+    shard.add_argument("--kind", default="auto", choices=("auto", "folder", "ilsvrc", "demo"))
+    shard.add_argument("--verify", metavar="DIR", help="check every shard of DIR against its manifest")
+    shard.add_argument("--overwrite", action="store_true", help="replace shards made with other settings")
+    shard.add_argument("--resize", type=int, help="shorter side (0 keeps the size)")
+    shard.add_argument("--jpeg-quality", dest="jpeg_quality", type=int)
+    shard.add_argument("--samples-per-shard", dest="samples_per_shard", type=int)
+    shard.add_argument("--max-shard-bytes", dest="max_shard_bytes", type=int)
+    shard.add_argument("--gzip", action=argparse.BooleanOptionalAction, default=None)
+    shard.add_argument("--seed", type=int)
+    shard.add_argument("--processes", type=int)
+    shard.add_argument("--params", default=None, help="params file (default: params.yaml)")
+    shard.set_defaults(func=_cmd_shard)
+
+    train = sub.add_parser("train", help="one training stage as a Ray Train job (pretrain|binarize|finetune)")
+    train.add_argument("--stage", required=True, choices=("pretrain", "binarize", "finetune"))
+    train.add_argument("--params", default=None, help="params file (default: params.yaml)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a train setting")
+    train.add_argument("--no-ray", action="store_true", help="run the loop in this process")
+    train.add_argument("--metrics", default=None, help="write the final metrics as JSON here")
+    train.set_defaults(func=_cmd_train)
+
     export = sub.add_parser("export", help="checkpoint -> packed 1-bit artifact (safetensors + JSON header)")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--out", required=True)
@@ -90,10 +154,13 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=_cmd_predict)
 
     bench = sub.add_parser("bench", help="benchmark tables: kernels or the packed model vs float")
-    bench.add_argument("what", choices=("kernels", "model"))
+    bench.add_argument("what", choices=("kernels", "model", "data"))
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
     bench.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     bench.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+    bench.add_argument("--cifar", default=None, help="data: an image-folder tree to shard and load")
+    bench.add_argument("--imagenet-like", dest="imagenet_like", type=int, default=2000,
+                       help="data: size of the generated ImageNet-size tree (0 skips it)")
     bench.set_defaults(func=_cmd_bench)
     return parser
 

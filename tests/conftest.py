@@ -10,3 +10,25 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def demo_shards(tmp_path_factory):
+    """The embedded demo set, sharded once per session (15 train shards of <= 100 images)."""
+    from pipeline.shard import ShardParams, shard_dataset
+
+    out = tmp_path_factory.mktemp("demo_shards")
+    shard_dataset("demo", str(out), ShardParams(samples_per_shard=100, processes=2), progress_bar=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the whole session (short temp dir: AF_UNIX path limit)."""
+    import ray
+
+    from pipeline.ray_train import RayConfig, ensure_ray
+
+    ensure_ray(RayConfig(temp_dir="/tmp/bireal-ray-test"))
+    yield ray
+    ray.shutdown()

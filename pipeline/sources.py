@@ -1,0 +1,245 @@
+"""Where images come from: an image-folder tree, the raw ILSVRC2012 tars, or the embedded demo set.
+
+Each scanner returns a ``Source``: the class list and, per split, the samples in a canonical
+(sorted) order, each with a reference its bytes can be read from without extracting anything,
+plus a cheap fingerprint (names, sizes, mtimes; never the image bytes).
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+EVAL_SPLITS = ("val", "test")
+ILSVRC_TRAIN_TAR = "ILSVRC2012_img_train.tar"
+ILSVRC_VAL_TAR = "ILSVRC2012_img_val.tar"
+
+
+class SourceError(ValueError):
+    """Missing, empty or malformed input (the message names the path)."""
+
+
+@dataclass(frozen=True)
+class Ref:
+    """Where a sample's bytes are: a file, or ``size`` bytes at ``offset`` inside a tar."""
+
+    path: str
+    offset: int = -1
+    size: int = -1
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            if self.offset < 0:
+                return f.read()
+            f.seek(self.offset)
+            return f.read(self.size)
+
+    def describe(self, name: str = "") -> str:
+        return self.path if self.offset < 0 else f"{self.path}:{name or self.offset}"
+
+
+@dataclass(frozen=True)
+class Sample:
+    label: int
+    ref: Ref
+    name: str          # the file's name in the source, for the manifest and error messages
+
+
+@dataclass
+class Source:
+    kind: str
+    path: str
+    classes: list[dict]                            # [{"index", "wnid", "name"}]
+    splits: dict[str, list[Sample]] = field(default_factory=dict)
+    fingerprint: str = ""
+
+
+def _fingerprint(entries) -> str:
+    h = hashlib.sha256()
+    for e in entries:
+        h.update(repr(e).encode())
+    return h.hexdigest()
+
+
+def _stat_entry(path: Path, root: Path) -> tuple:
+    st = path.stat()
+    return (str(path.relative_to(root)), st.st_size, st.st_mtime_ns)
+
+
+# ---------------------------------------------------------------------------- image folder
+
+def scan_image_folder(root: str | os.PathLike) -> Source:
+    """``root/train/<class>/*`` plus ``root/val/<class>/*`` or ``root/test/<class>/*``."""
+    root = Path(root)
+    if not (root / "train").is_dir():
+        raise SourceError(f"{root}: no train/ folder (expected train/<class>/* and val/ or test/)")
+    class_names = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    if not class_names:
+        raise SourceError(f"{root / 'train'}: no class folders")
+    index = {c: i for i, c in enumerate(class_names)}
+    source = Source("folder", str(root), [{"index": i, "wnid": c, "name": c} for i, c in enumerate(class_names)])
+    stats = []
+    for split in ("train", *EVAL_SPLITS):
+        split_dir = root / split
+        if not split_dir.is_dir():
+            continue
+        samples = []
+        for class_dir in sorted(d for d in split_dir.iterdir() if d.is_dir()):
+            if class_dir.name not in index:
+                raise SourceError(f"{class_dir}: class {class_dir.name!r} is not in train/")
+            for f in sorted(class_dir.iterdir()):
+                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
+                    samples.append(Sample(index[class_dir.name], Ref(str(f)), f"{split}/{class_dir.name}/{f.name}"))
+                    stats.append(_stat_entry(f, root))
+        source.splits[split] = samples
+    if not source.splits.get("train"):
+        raise SourceError(f"{root / 'train'}: no images found")
+    source.fingerprint = _fingerprint(stats)
+    return source
+
+
+# ---------------------------------------------------------------------------- ILSVRC2012 tars
+
+def _find(root: Path, pattern: str) -> Path | None:
+    hits = sorted(root.rglob(pattern))
+    return hits[0] if hits else None
+
+
+def read_devkit_synsets(meta_mat: Path) -> dict[int, tuple[str, str]]:
+    """ILSVRC2012_ID -> (WNID, words) for the 1000 leaf classes of the devkit's meta.mat."""
+    from scipy.io import loadmat
+
+    synsets = loadmat(str(meta_mat), squeeze_me=True)["synsets"]
+    out = {}
+    for s in synsets:
+        ident, wnid, words = int(s["ILSVRC2012_ID"]), str(s["WNID"]), str(s["words"])
+        if int(s["num_children"]) == 0:
+            out[ident] = (wnid, words)
+    return out
+
+
+def _val_labels(root: Path, n_images: int) -> tuple[dict[str, str], dict[str, str]]:
+    """val image stem -> WNID, and WNID -> class name where the devkit gives one."""
+    loc = _find(root, "LOC_val_solution.csv")
+    gt = _find(root, "ILSVRC2012_validation_ground_truth.txt")
+    meta = _find(root, "meta.mat")
+    names: dict[str, str] = {}
+    if meta is not None:
+        names = {w: words for w, words in read_devkit_synsets(meta).values()}
+    if loc is not None:
+        with open(loc, newline="") as f:
+            rows = list(csv.DictReader(f))
+        return {r["ImageId"]: r["PredictionString"].split()[0] for r in rows}, names
+    if gt is not None:
+        if meta is None:
+            raise SourceError(f"{gt}: the devkit's meta.mat is needed to map ILSVRC2012_IDs to WNIDs")
+        synsets = read_devkit_synsets(meta)
+        ids = [int(line) for line in gt.read_text().split()]
+        return {f"ILSVRC2012_val_{i + 1:08d}": synsets[ident][0] for i, ident in enumerate(ids)}, names
+    raise SourceError(f"{root}: validation labels not found (LOC_val_solution.csv, or "
+                      f"ILSVRC2012_validation_ground_truth.txt with the devkit's meta.mat)")
+
+
+def scan_ilsvrc(root: str | os.PathLike) -> Source:
+    """The raw distribution: the train tar (a tar of per-class tars named by WNID) and the flat
+    val tar, indexed in place: each image becomes (tar, byte offset, size), nothing is extracted."""
+    root = Path(root)
+    train_tar, val_tar = _find(root, ILSVRC_TRAIN_TAR), _find(root, ILSVRC_VAL_TAR)
+    if train_tar is None:
+        raise SourceError(f"{root}: {ILSVRC_TRAIN_TAR} not found")
+    train: list[tuple[str, str, int, int]] = []        # (wnid, name, offset, size)
+    with tarfile.open(train_tar, "r:") as outer:
+        for member in outer:
+            if not (member.isfile() and member.name.endswith(".tar")):
+                continue
+            wnid = Path(member.name).stem
+            with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
+                for m in inner:
+                    if m.isfile():
+                        train.append((wnid, m.name, member.offset_data + m.offset_data, m.size))
+    if not train:
+        raise SourceError(f"{train_tar}: no images in its per-class tars")
+    wnids = sorted({t[0] for t in train})
+    index = {w: i for i, w in enumerate(wnids)}
+    val = []
+    if val_tar is not None:
+        with tarfile.open(val_tar, "r:") as tar:
+            val = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
+    labels, names = _val_labels(root, len(val)) if val else ({}, {})
+    source = Source("ilsvrc", str(root),
+                    [{"index": i, "wnid": w, "name": names.get(w, w)} for i, w in enumerate(wnids)])
+    source.splits["train"] = [Sample(index[w], Ref(str(train_tar), off, size), f"{w}/{name}")
+                              for w, name, off, size in sorted(train)]
+    if val:
+        samples = []
+        for name, off, size in sorted(val):
+            stem = Path(name).stem
+            if stem not in labels:
+                raise SourceError(f"{val_tar}: no label for {name}")
+            if labels[stem] not in index:
+                raise SourceError(f"{val_tar}: {name} is labelled {labels[stem]}, a class not in the train tar")
+            samples.append(Sample(index[labels[stem]], Ref(str(val_tar), off, size), name))
+        source.splits["val"] = samples
+    files = [p for p in (train_tar, val_tar) if p is not None]
+    files += [p for p in (_find(root, "LOC_val_solution.csv"), _find(root, "meta.mat"),
+                          _find(root, "ILSVRC2012_validation_ground_truth.txt")) if p is not None]
+    source.fingerprint = _fingerprint(_stat_entry(p, root) for p in files)
+    return source
+
+
+# ---------------------------------------------------------------------------- demo data
+
+DEMO_VERSION = "sklearn-digits-32px-v1"
+
+
+def render_demo_digits(out: str | os.PathLike) -> Path:
+    """scikit-learn's 1,797 handwritten digits (8x8) as 32x32 RGB JPEGs in class folders:
+    every 5th image goes to test/, the rest to train/. Idempotent (a marker file records it)."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    out = Path(out)
+    marker = out / ".rendered"
+    if marker.is_file() and marker.read_text() == DEMO_VERSION:
+        return out
+    digits = load_digits()
+    palette = np.array([[255, 250, 240], [20, 40, 120]], dtype=np.float32)   # ink on paper, in colour
+    for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+        t = (img / 16.0)[..., None]                                          # (8, 8, 1) ink density
+        rgb = (palette[0] * (1 - t) + palette[1] * t).astype(np.uint8)
+        split = "test" if i % 5 == 0 else "train"
+        path = out / split / str(label) / f"{i:04d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).resize((32, 32), Image.Resampling.BICUBIC).save(path, quality=95)
+    marker.write_text(DEMO_VERSION)
+    return out
+
+
+def scan_source(path: str, kind: str = "auto", demo_dir: str | os.PathLike | None = None) -> Source:
+    """Auto-detect (or take ``kind``: folder | ilsvrc | demo) and scan a source."""
+    if kind == "demo" or (kind == "auto" and path == "demo"):
+        from .env import project_root
+
+        folder = render_demo_digits(demo_dir or project_root() / "data" / "demo_digits")
+        source = scan_image_folder(folder)
+        source.kind, source.path = "demo", "demo"
+        source.fingerprint = _fingerprint([DEMO_VERSION])   # content is fixed; mtimes are not
+        return source
+    root = Path(path)
+    if not root.exists():
+        raise SourceError(f"{root}: source not found")
+    if kind == "folder" or (kind == "auto" and (root / "train").is_dir()):
+        return scan_image_folder(root)
+    if kind == "ilsvrc" or (kind == "auto" and _find(root, ILSVRC_TRAIN_TAR) is not None):
+        return scan_ilsvrc(root)
+    if kind != "auto":
+        raise SourceError(f"unknown source kind {kind!r} (auto, folder, ilsvrc, demo)")
+    raise SourceError(f"{root}: neither an image folder (train/<class>/*) nor the ILSVRC2012 tars "
+                      f"({ILSVRC_TRAIN_TAR}); is it empty?")
+
+

@@ -1,0 +1,390 @@
+"""The three training stages of Bi-Real Net: one ``train_loop`` built from plain functions.
+
+``train_loop(config, runtime)`` runs in one process (tests, GPU checks) or on every Ray Train worker
+(``pipeline/ray_train.py``); the only distributed lines go through ``runtime`` (rank, world size,
+report + checkpoint, restore) and are marked ``# [dist]``.
+
+A stage is a list of *segments* run in order, each with its own optimizer and schedule:
+- pretrain: the real-valued twin, one segment per activation phase (relu -> leaky_clip -> clip);
+  each phase's final weights are saved as ``pretrain-<phase>.safetensors`` (binarize and tune start
+  from the relu or the clip one);
+- binarize: the Bi-Real net initialised from a pretrain checkpoint (or from scratch); with
+  ``two_step``, a first segment binarizes activations only, a second adds the weights;
+- finetune: weights constrained to +-1 (so alpha = 1), binary convs frozen, BatchNorm retrained to
+  absorb the old alpha. Its checkpoint is what ``bireal export`` packs.
+"""
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import bireal_core as bc
+
+STAGES = ("pretrain", "binarize", "finetune")
+INITS = ("scratch", "relu", "clip")
+
+
+@dataclass
+class TrainConfig:
+    """One stage's settings: ``train`` section of params.yaml <- the stage's section <- CLI."""
+
+    stage: str = "binarize"
+    # model
+    arch: str = "bireal18"
+    stem: str = "small"
+    width: float = 0.25
+    pad_value: float = 0.0
+    # data
+    shards: str = "data/shards"          # shard folder or URL (manifest.json inside)
+    out: str = "checkpoints"             # stage checkpoints are written here
+    batch_size: int = 64
+    loader_workers: int = 1              # DataLoader workers per training worker
+    shuffle_buffer: int = 500
+    pca_lighting: bool = False
+    max_steps_per_epoch: int = 0         # 0: the whole epoch; >0: smoke runs
+    # optimisation
+    epochs: int = 1
+    optimizer: str = "adam"              # adam: official recipe (linear decay to 0); sgd: paper's
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0            # real parameters only; binary weights always get 0
+    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # sgd: x0.1 at these fractions
+    label_smoothing: float = 0.1
+    seed: int = 0
+    # pretrain
+    phases: list[str] = field(default_factory=lambda: ["relu", "leaky_clip", "clip"])
+    phase_epochs: list[int] = field(default_factory=lambda: [1, 1, 1])
+    # binarize
+    init: str = "clip"                   # scratch | relu | clip (which pretrain checkpoint)
+    activation: str = "approx_sign"      # approx_sign | ste_sign | identity_sign
+    weight_gradient: str = "paper"       # paper | official | plain
+    two_step: bool = False
+    step1_epochs: int = 1
+    # finetune
+    finetune_fc: bool = False            # also retrain the FC head (BN alone absorbs alpha)
+
+    def __post_init__(self):
+        checks = {"stage": (self.stage, STAGES), "init": (self.init, INITS),
+                  "optimizer": (self.optimizer, ("adam", "sgd"))}
+        for key, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"{key}={value!r}, expected one of {allowed}")
+        if len(self.phases) != len(self.phase_epochs):
+            raise ValueError(f"phases ({len(self.phases)}) and phase_epochs ({len(self.phase_epochs)}) differ in length")
+        if self.batch_size < 1 or self.epochs < 0 or self.lr <= 0:
+            raise ValueError("batch_size must be >= 1, epochs >= 0 and lr > 0")
+
+    def model_kwargs(self) -> dict:
+        return {"stem": self.stem, "width": self.width, "pad_value": self.pad_value}
+
+
+# ---------------------------------------------------------------------------- runtime
+
+class Runtime:
+    """What the loop needs from its environment. This one: a single process, no Ray."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self):
+        self.reports: list[dict] = []
+        self._last_checkpoint: Path | None = None
+
+    def report(self, metrics: dict, checkpoint_dir: Path) -> None:
+        self.reports.append(metrics)
+        self._last_checkpoint = checkpoint_dir
+
+    def restore_dir(self) -> Path | None:
+        return None
+
+    def device(self) -> torch.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ---------------------------------------------------------------------------- pieces
+
+def count_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return int((top == labels[:, None]).any(dim=1).sum())
+
+
+def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
+                    lr_at: Callable[[int], float], first_step: int, device: torch.device,
+                    label_smoothing: float = 0.0, max_steps: int = 0, amp: bool = False) -> dict:
+    """One pass over ``batches``; the learning rate is set per step from ``lr_at(global step)``."""
+    model.train()
+    loss_sum, correct, seen, step = 0.0, 0, 0, first_step
+    start = time.perf_counter()
+    for i, (images, labels) in enumerate(batches):
+        if max_steps and i >= max_steps:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            logits = model(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(labels)
+        correct += count_correct(logits, labels, 1)
+        seen += len(labels)
+        step += 1
+    seconds = time.perf_counter() - start
+    return {"train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),
+            "train_images": seen, "img_s": seen / max(seconds, 1e-9), "steps": step - first_step}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device, world_size: int = 1) -> dict:
+    """Loss, top-1 and top-5 over this rank's batches, summed over ranks when distributed."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)   # loss sum, top-1, top-5, count
+    for images, labels in batches:
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images).float()
+        totals += torch.tensor([float(F.cross_entropy(logits, labels, reduction="sum")),
+                                count_correct(logits, labels, 1), count_correct(logits, labels, 5),
+                                len(labels)], dtype=torch.float64)
+    if world_size > 1:                                            # [dist]
+        torch.distributed.all_reduce(totals)
+    n = max(float(totals[3]), 1.0)
+    return {"val_loss": float(totals[0]) / n, "val_top1": float(totals[1]) / n,
+            "val_top5": float(totals[2]) / n, "val_images": int(totals[3])}
+
+
+def binary_conv_weights(model: nn.Module) -> list[torch.Tensor]:
+    return [m.weight for m in model.modules() if isinstance(m, bc.BinaryConv2d) and m.is_binary]
+
+
+def weight_signs(model: nn.Module) -> list[torch.Tensor]:
+    return [w.detach().ge(0) for w in binary_conv_weights(model)]
+
+
+def flip_ratio(before: list[torch.Tensor], model: nn.Module) -> float:
+    """Fraction of binary weights whose sign changed during the epoch (0 when none are binary)."""
+    after = weight_signs(model)
+    total = sum(b.numel() for b in before)
+    if not total or len(after) != len(before):
+        return 0.0
+    return sum(int((a != b).sum()) for a, b in zip(after, before)) / total
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Binary conv weights get no weight decay (the paper and the official recipe: wd 0 on them)."""
+    binary = {id(w) for m in model.modules() if isinstance(m, bc.BinaryConv2d) for w in [m.weight]}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if id(p) in binary], "weight_decay": 0.0},
+              {"params": [p for p in params if id(p) not in binary], "weight_decay": config.weight_decay}]
+    groups = [g for g in groups if g["params"]]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+    return torch.optim.Adam(groups, lr=config.lr)
+
+
+def lr_schedule(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    """adam: linear decay to 0 over the segment (official); sgd: x0.1 at each milestone (paper)."""
+    if config.optimizer == "adam":
+        return lambda step: config.lr * max(0.0, 1.0 - step / max(total_steps, 1))
+    bounds = [m * total_steps for m in config.lr_milestones]
+    return lambda step: config.lr * 0.1 ** sum(step >= b for b in bounds)
+
+
+# ---------------------------------------------------------------------------- stages as segments
+
+@dataclass
+class Segment:
+    name: str
+    epochs: int
+    prepare: Callable[[nn.Module | None], nn.Module]   # previous segment's model -> this one's
+    save_as: str | None = None                         # extra checkpoint at the segment's end
+
+
+def stage_checkpoint(config: TrainConfig, name: str) -> Path:
+    return Path(config.out) / f"{name}.safetensors"
+
+
+def _twin_phase(config: TrainConfig, activation: str, num_classes: int):
+    def prepare(previous: nn.Module | None) -> nn.Module:
+        model = bc.create_twin(config.arch, activation=activation, num_classes=num_classes,
+                               **config.model_kwargs())
+        if previous is not None:
+            report = bc.init_from_twin(model, previous.state_dict())
+            assert report.complete, str(report)
+        return model
+    return prepare
+
+
+def _binarize_init(config: TrainConfig, num_classes: int):
+    def prepare(previous: nn.Module | None) -> nn.Module:
+        model = bc.create_model(config.arch, num_classes=num_classes, activation=config.activation,
+                                weight_gradient=config.weight_gradient,
+                                binary_weights=not config.two_step, **config.model_kwargs())
+        if config.init != "scratch":
+            path = stage_checkpoint(config, f"pretrain-{config.init}")
+            twin, _ = bc.load_checkpoint(path)
+            report = bc.init_from_twin(model, twin.state_dict())
+            if not report.complete:
+                raise ValueError(f"{path}: does not fit {config.arch}: {report}")
+        return model
+    return prepare
+
+
+def _binarize_weights(config: TrainConfig):
+    def prepare(previous: nn.Module) -> nn.Module:
+        bc.set_binary_weights(previous, True, config.weight_gradient)
+        return previous
+    return prepare
+
+
+def constrain_for_finetune(model: nn.Module, finetune_fc: bool = False) -> nn.Module:
+    """W <- sign(W) in every binary conv (so alpha = mean|W| = 1), freeze everything but BatchNorm
+    (and optionally the FC head); BN then learns the scale alpha used to provide."""
+    with torch.no_grad():
+        for w in binary_conv_weights(model):
+            w.copy_(bc.sign(w))
+    for name, p in model.named_parameters():
+        p.requires_grad = False
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            for p in m.parameters():
+                p.requires_grad = True
+    if finetune_fc:
+        for p in model.fc.parameters():
+            p.requires_grad = True
+    return model
+
+
+def _finetune_init(config: TrainConfig):
+    def prepare(previous: nn.Module | None) -> nn.Module:
+        model, _ = bc.load_checkpoint(stage_checkpoint(config, "binarize"))
+        return constrain_for_finetune(model, config.finetune_fc)
+    return prepare
+
+
+def segments(config: TrainConfig, num_classes: int) -> list[Segment]:
+    if config.stage == "pretrain":
+        return [Segment(f"pretrain-{a}", e, _twin_phase(config, a, num_classes), f"pretrain-{a}")
+                for a, e in zip(config.phases, config.phase_epochs) if e > 0]
+    if config.stage == "binarize":
+        init = _binarize_init(config, num_classes)
+        if not config.two_step:
+            return [Segment("binarize", config.epochs, init)]
+        return [Segment("binarize-step1-activations", config.step1_epochs, init),
+                Segment("binarize-step2-weights", config.epochs, _binarize_weights(config))]
+    return [Segment("finetune", config.epochs, _finetune_init(config))]
+
+
+# ---------------------------------------------------------------------------- train state (resume)
+
+def save_train_state(directory: Path, model: nn.Module, optimizer, segment: int, epoch: int,
+                     history: list[dict], config: TrainConfig, extra: dict) -> None:
+    """Model as a bireal checkpoint + optimizer/RNG/progress in a weights-only torch file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    bc.save_checkpoint(directory / "model.safetensors", model, stage=config.stage, config=asdict(config),
+                       metrics=history[-1] if history else {})
+    torch.save({"optimizer": optimizer.state_dict(), "segment": segment, "epoch": epoch,
+                "history": history, "torch_rng": torch.get_rng_state(),
+                "python_rng": list(random.getstate()[1]), "extra": extra}, directory / "train_state.pt")
+
+
+def load_train_state(directory: Path) -> tuple[nn.Module, dict]:
+    model, _ = bc.load_checkpoint(directory / "model.safetensors")
+    state = torch.load(directory / "train_state.pt", weights_only=True)   # no arbitrary pickle
+    return model, state
+
+
+# ---------------------------------------------------------------------------- the loop
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def train_loop(config: TrainConfig, runtime: Runtime | None = None,
+               on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Run one stage; returns {"checkpoint", "history", "final"}. ``on_epoch`` (rank 0) logs."""
+    from .data import eval_split_name, make_loader, read_manifest
+
+    runtime = runtime or Runtime()
+    device = runtime.device()
+    torch.manual_seed(config.seed + runtime.rank)
+    manifest = read_manifest(config.shards)
+    num_classes = len(manifest["classes"])
+    input_config = bc.default_input_config(config.stem)
+    eval_split = eval_split_name(manifest)
+    plan_segments = segments(config, num_classes)
+
+    start_segment, start_epoch, history, model, opt_state, restarts = 0, 0, [], None, None, 0
+    restore = runtime.restore_dir()                                     # [dist] resume
+    if restore is not None:
+        model, state = load_train_state(restore)
+        start_segment, start_epoch, history = state["segment"], state["epoch"] + 1, state["history"]
+        opt_state = state["optimizer"]
+        torch.set_rng_state(state["torch_rng"])
+        restarts = int(state["extra"].get("restarts", 0)) + 1
+        if start_epoch >= plan_segments[start_segment].epochs:          # that segment had finished
+            done = plan_segments[start_segment]
+            if runtime.rank == 0 and done.save_as:
+                bc.save_checkpoint(stage_checkpoint(config, done.save_as), model, stage=config.stage,
+                                   config=asdict(config), metrics=history[-1] if history else {})
+            start_segment, start_epoch, opt_state = start_segment + 1, 0, None
+    global_epoch = sum(s.epochs for s in plan_segments[:start_segment]) + start_epoch
+
+    for si in range(start_segment, len(plan_segments)):
+        seg = plan_segments[si]
+        if not (restore is not None and si == start_segment and opt_state is not None):
+            model = seg.prepare(model)
+        model = model.to(device)
+        train_model = model
+        if runtime.world_size > 1:                                      # [dist]
+            train_model = nn.parallel.DistributedDataParallel(model)
+        optimizer = make_optimizer(model, config)
+        if opt_state is not None and si == start_segment:
+            optimizer.load_state_dict(opt_state)
+        first_epoch = start_epoch if si == start_segment else 0
+        for epoch in range(first_epoch, seg.epochs):
+            train_batches, plan = make_loader(config.shards, "train", input_config, config.batch_size,
+                                              train=True, rank=runtime.rank, world_size=runtime.world_size,
+                                              workers=config.loader_workers, epoch=global_epoch, seed=config.seed,
+                                              shuffle_buffer=config.shuffle_buffer,
+                                              pca_lighting=config.pca_lighting, manifest=manifest)
+            steps = min(plan.steps, config.max_steps_per_epoch or plan.steps)
+            lr_at = lr_schedule(config, steps * seg.epochs)
+            before = weight_signs(model)
+            metrics = train_one_epoch(train_model, train_batches, optimizer, lr_at, epoch * steps, device,
+                                      config.label_smoothing, steps, amp=device.type == "cuda")
+            val_batches, _ = make_loader(config.shards, eval_split, input_config, config.batch_size,
+                                         train=False, rank=runtime.rank, world_size=runtime.world_size,
+                                         workers=config.loader_workers, manifest=manifest)
+            metrics.update(evaluate(model, val_batches, device, runtime.world_size))
+            metrics.update({"epoch": global_epoch, "segment": seg.name, "lr": lr_at(epoch * steps),
+                            "flip_ratio": flip_ratio(before, model), "left_out": plan.left_out,
+                            "restarts": restarts})
+            history.append(metrics)
+            ckpt_dir = Path(config.out) / ".train_state" / f"{config.stage}-epoch{global_epoch:03d}"
+            if runtime.rank == 0:
+                save_train_state(ckpt_dir, model, optimizer, si, epoch, history, config, {"restarts": restarts})
+            runtime.report(metrics, ckpt_dir)                           # [dist] report + checkpoint
+            if runtime.rank == 0 and on_epoch is not None:
+                on_epoch(metrics)
+            global_epoch += 1
+        if runtime.rank == 0 and seg.save_as:
+            bc.save_checkpoint(stage_checkpoint(config, seg.save_as), model, stage=config.stage,
+                               config=asdict(config), metrics=history[-1] if history else {})
+        opt_state = None
+    final = stage_checkpoint(config, config.stage)
+    if runtime.rank == 0:
+        bc.save_checkpoint(final, model, stage=config.stage,
+                           config={**asdict(config), "class_names": [c["name"] for c in manifest["classes"]],
+                                   "input": input_config},
+                           metrics=history[-1] if history else {})
+    return {"checkpoint": str(final), "history": history, "final": history[-1] if history else {}}

@@ -1,0 +1,215 @@
+"""`bireal shard` on every input format and bad file, interruption, verify, and the loaders."""
+import io
+import json
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import bireal_core as bc
+from imagegen import COLORS, WNIDS, add_bad_files, ilsvrc_tars, image_folder, many_images
+from pipeline.data import make_loader, plan_epoch, read_manifest, split_shards
+from pipeline.shard import ShardError, ShardParams, shard_dataset, verify_shards
+from pipeline.sources import SourceError
+
+FAST = dict(processes=1, samples_per_shard=4)
+
+
+def read_samples(out: Path, manifest: dict, split: str) -> list[dict]:
+    samples = []
+    for rec in manifest["splits"][split]["shards"]:
+        with tarfile.open(out / rec["name"], "r:*") as tar:
+            files = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+        for name in sorted(n for n in files if n.endswith(".jpg")):
+            key = name[:-4]
+            im = Image.open(io.BytesIO(files[name]))
+            samples.append({"key": key, "image": im, "cls": int(files[key + ".cls"]),
+                            "wnid": files[key + ".wnid"].decode()})
+    return samples
+
+
+def color_class(im: Image.Image) -> int:
+    mean = np.asarray(im.convert("RGB"), dtype=np.float32).reshape(-1, 3).mean(0)
+    return int(np.argmin([np.abs(mean - np.array(c)).sum() for c in COLORS]))
+
+
+def test_image_folder_with_every_bad_file_kind(tmp_path):
+    src = image_folder(tmp_path / "src", per_class=(5, 2), classes=3)
+    expected = add_bad_files(src / "train" / "class1", label=1)
+    m = shard_dataset(str(src), str(tmp_path / "out"), ShardParams(**FAST), progress_bar=False)
+    quarantined = {Path(q["path"]).name: q["reason"] for q in m["quarantine"]}
+    converted = {Path(c["path"]).name: c["note"] for c in m["converted"]}
+    assert set(quarantined) == {n for n, v in expected.items() if v == "quarantine"}
+    assert set(converted) == {n for n, v in expected.items() if v == "converted"}
+    assert quarantined["empty.jpg"] == "zero-byte file"
+    assert "undecodable" in quarantined["truncated.jpg"]
+    assert "CMYK to RGB" in converted["cmyk.jpg"] and "16-bit" in converted["sixteen.png"]
+    assert "PNG data" in converted["disguised.JPEG"]
+    # nothing dropped silently: every file is either in a shard or in the quarantine list
+    assert m["splits"]["train"]["count"] + len(quarantined) == 3 * 5 + len(expected)
+    assert m["splits"]["train"]["per_class"] == {"class0": 5, "class1": 5 + 5, "class2": 5}
+    assert m["splits"]["val"]["count"] == 6
+    samples = read_samples(tmp_path / "out", m, "train")
+    assert all(s["image"].mode == "RGB" and s["image"].format == "JPEG" for s in samples)
+    assert all(color_class(s["image"]) == s["cls"] for s in samples if s["image"].size == (48, 40))
+    assert verify_shards(str(tmp_path / "out")) == []
+
+
+@pytest.mark.parametrize("labels", ["loc", "devkit"])
+def test_raw_ilsvrc_tars_streamed_in_place(tmp_path, labels):
+    truth = ilsvrc_tars(tmp_path / "ilsvrc", labels=labels)
+    out = tmp_path / "out"
+    m = shard_dataset(str(tmp_path / "ilsvrc"), str(out), ShardParams(**FAST), progress_bar=False)
+    assert m["source"]["kind"] == "ilsvrc"
+    assert [c["wnid"] for c in m["classes"]] == WNIDS
+    if labels == "devkit":
+        assert m["classes"][2]["name"] == f"fish {WNIDS[2][-3:]}"
+    assert m["splits"]["train"]["count"] == 4 * 5 and m["splits"]["val"]["count"] == len(truth)
+    assert set(m["splits"]["val"]["per_class"].values()) == {2}
+    for split in ("train", "val"):
+        for s in read_samples(out, m, split):
+            assert min(s["image"].size) == 256          # ImageNet resize of the shorter side
+            assert color_class(s["image"]) == s["cls"]  # the label matches the pixels
+            assert s["wnid"] == WNIDS[s["cls"]]
+
+
+def test_demo_source_and_gzip(tmp_path):
+    m = shard_dataset("demo", str(tmp_path / "out"), ShardParams(samples_per_shard=500, gzip=True, processes=2),
+                      progress_bar=False)
+    assert m["source"]["kind"] == "demo" and len(m["classes"]) == 10
+    assert m["splits"]["train"]["count"] == 1437 and m["splits"]["test"]["count"] == 360
+    assert all(r["name"].endswith(".tar.gz") for r in m["splits"]["train"]["shards"])
+    assert verify_shards(str(tmp_path / "out")) == []
+
+
+def test_killed_run_resumes_byte_identical(tmp_path):
+    src = many_images(tmp_path / "src", 600)
+    args = ["--source", str(src), "--resize", "64", "--samples-per-shard", "20", "--processes", "1"]
+    reference = tmp_path / "reference"
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "shard", *args, "--out", str(reference)],
+                   check=True, capture_output=True)
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "shard", *args, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = out / ".shard-progress.json"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if progress.exists():
+            try:
+                if len(json.loads(progress.read_text())["splits"]["train"]["shards"]) >= 3:
+                    break
+            except (json.JSONDecodeError, KeyError):
+                pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "manifest.json").exists(), "the run finished before it could be killed"
+    kept = sorted(p.name for p in out.glob("train-*.tar"))
+    assert 3 <= len(kept) < 30
+    mtimes = {name: (out / name).stat().st_mtime_ns for name in kept}
+    subprocess.run([sys.executable, "-m", "pipeline.cli", "shard", *args, "--out", str(out)],
+                   check=True, capture_output=True)
+    for name in kept[:3]:                     # complete shards were kept, not rewritten
+        assert (out / name).stat().st_mtime_ns == mtimes[name]
+    ref_files = sorted(p.name for p in reference.iterdir())
+    assert sorted(p.name for p in out.iterdir()) == ref_files
+    for name in ref_files:
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_verify_detects_tampering(tmp_path):
+    src = image_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    m = shard_dataset(str(src), str(out), ShardParams(**FAST), progress_bar=False)
+    victim = out / m["splits"]["train"]["shards"][0]["name"]
+    data = bytearray(victim.read_bytes())
+    data[700] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    (out / m["splits"]["val"]["shards"][0]["name"]).unlink()
+    problems = verify_shards(str(out))
+    assert any("sha256" in p for p in problems) and any("missing" in p for p in problems)
+
+
+def test_bad_inputs_named(tmp_path):
+    with pytest.raises(SourceError, match="nowhere"):
+        shard_dataset(str(tmp_path / "nowhere"), str(tmp_path / "out"), progress_bar=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="empty"):
+        shard_dataset(str(tmp_path / "empty"), str(tmp_path / "out"), progress_bar=False)
+    (tmp_path / "noimg" / "train" / "a").mkdir(parents=True)
+    with pytest.raises(SourceError, match="no images"):
+        shard_dataset(str(tmp_path / "noimg"), str(tmp_path / "out"), progress_bar=False)
+    src = image_folder(tmp_path / "src")
+    shard_dataset(str(src), str(tmp_path / "out"), ShardParams(**FAST), progress_bar=False)
+    before = sorted((p.name, p.read_bytes()) for p in (tmp_path / "out").iterdir())
+    with pytest.raises(ShardError, match="other parameters"):
+        shard_dataset(str(src), str(tmp_path / "out"), ShardParams(processes=1, samples_per_shard=3),
+                      progress_bar=False)
+    assert sorted((p.name, p.read_bytes()) for p in (tmp_path / "out").iterdir()) == before
+
+
+# ---------------------------------------------------------------------------- loaders
+
+def collect(location, split, train, rank, world, workers, epoch=0, batch=16):
+    it, plan = make_loader(location, split, bc.default_input_config("small"), batch, train=train,
+                           rank=rank, world_size=world, workers=workers, epoch=epoch, with_keys=True)
+    keys, batches = [], 0
+    for images, labels, k in it:
+        assert images.shape[1:] == (3, 32, 32) and len(labels) == len(k)
+        keys += list(k)
+        batches += 1
+    return keys, batches, plan
+
+
+def test_eval_sees_each_sample_exactly_once_2x2(demo_shards):
+    loc = str(demo_shards)
+    keys = []
+    for rank in range(2):
+        k, _, _ = collect(loc, "test", False, rank, 2, 2)
+        keys += k
+    assert len(keys) == len(set(keys)) == read_manifest(loc)["splits"]["test"]["count"]
+
+
+def test_train_equal_steps_at_most_once_and_reshuffled_2x2(demo_shards):
+    loc = str(demo_shards)
+    per_epoch = []
+    for epoch in (0, 1):
+        keys, steps = [], []
+        for rank in range(2):
+            k, b, plan = collect(loc, "train", True, rank, 2, 2, epoch=epoch)
+            keys += k
+            steps.append(b)
+        assert steps[0] == steps[1] == plan.steps > 0          # every rank runs the same steps
+        assert len(keys) == len(set(keys))                     # at most once per epoch
+        assert plan.left_out == 1437 - len(keys)               # the remainder is counted
+        per_epoch.append(keys)
+    assert per_epoch[0] != per_epoch[1]                        # reshuffled each epoch
+
+
+def test_plan_never_starves_a_rank():
+    shards = [(f"s{i}", n) for i, n in enumerate([100, 100, 7])]
+    plan = plan_epoch(shards, world_size=2, workers=2, batch_size=16, train=True)
+    assert plan.steps == 6       # the best rank could do more; all run the poorest rank's count
+    assert plan.left_out == 207 - 6 * 16 * 2
+    assert plan_epoch(shards, 4, 2, 16, train=True).steps == 0   # more readers than shards: 0, no hang
+
+
+def test_imagenet_path_loader_and_url(tmp_path):
+    ilsvrc_tars(tmp_path / "ilsvrc", train_per_class=4)
+    out = tmp_path / "shards"
+    shard_dataset(str(tmp_path / "ilsvrc"), f"file://{out}", ShardParams(**FAST), progress_bar=False)
+    config = bc.default_input_config("imagenet")
+    loader, plan = make_loader(f"file://{out}", "train", config, 4, train=True, workers=1)
+    images, labels = next(loader)
+    assert images.shape == (4, 3, 224, 224) and labels.dtype.is_floating_point is False
+    val, _ = make_loader(str(out), "val", config, 8, train=False, workers=1)
+    total = sum(len(y) for _, y in val)
+    assert total == 8
+    assert [u for u, _ in split_shards(read_manifest(str(out)), str(out), "val")]

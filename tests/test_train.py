@@ -1,0 +1,139 @@
+"""The training stages: the plain loop, DDP equivalence, the ImageNet path (no Ray here)."""
+import os
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import bireal_core as bc
+from pipeline.train import TrainConfig, constrain_for_finetune, train_loop
+
+
+def smoke_config(shards, out, **kw) -> TrainConfig:
+    base = dict(shards=str(shards), out=str(out), arch="bireal18", stem="small", width=0.25,
+                batch_size=32, loader_workers=1, lr=3e-3, phase_epochs=[2, 1, 1], epochs=3)
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def three_stages(demo_shards, tmp_path_factory):
+    """pretrain -> binarize -> finetune on the demo digits, in one process (no Ray)."""
+    out = tmp_path_factory.mktemp("stages")
+    results = {}
+    for stage in ("pretrain", "binarize", "finetune"):
+        cfg = smoke_config(demo_shards, out, stage=stage, **({"epochs": 1, "lr": 1e-3} if stage == "finetune" else {}))
+        results[stage] = train_loop(cfg)
+    return out, results
+
+
+def test_pretrain_phases_and_checkpoints(three_stages):
+    out, results = three_stages
+    segments = [h["segment"] for h in results["pretrain"]["history"]]
+    assert segments == ["pretrain-relu", "pretrain-relu", "pretrain-leaky_clip", "pretrain-clip"]
+    for phase in ("relu", "leaky_clip", "clip"):
+        model, header = bc.load_checkpoint(out / f"pretrain-{phase}.safetensors")
+        assert header["model"]["kwargs"]["activation"] == phase
+        assert not any(m.is_binary for m in model.modules() if isinstance(m, bc.BinaryConv2d))
+    assert [h["epoch"] for h in results["pretrain"]["history"]] == [0, 1, 2, 3]
+
+
+def test_binarize_learns_above_chance(three_stages):
+    out, results = three_stages
+    history = results["binarize"]["history"]
+    print("\n" + "\n".join(f"binarize epoch {h['epoch']}: val_top1 {h['val_top1']:.3f} flip {h['flip_ratio']:.4f}"
+                           for h in history))
+    assert history[-1]["val_top1"] > 0.5          # 10 classes: chance is 0.1
+    assert all(0 < h["flip_ratio"] < 0.5 for h in history)
+    assert history[0]["val_images"] == 360         # the whole test split, once
+    model, _ = bc.load_checkpoint(out / "binarize.safetensors")
+    assert all(m.is_binary for m in model.modules() if isinstance(m, bc.BinaryConv2d))
+
+
+def test_finetune_constrains_weights_and_keeps_accuracy(three_stages):
+    out, results = three_stages
+    model, header = bc.load_checkpoint(out / "finetune.safetensors")
+    for m in model.modules():
+        if isinstance(m, bc.BinaryConv2d):
+            assert torch.equal(m.weight.abs(), torch.ones_like(m.weight))   # +-1, alpha = 1
+    assert header["config"]["class_names"][:3] == ["0", "1", "2"]
+    assert results["finetune"]["final"]["val_top1"] > 0.5
+    assert results["finetune"]["history"][0]["flip_ratio"] == 0.0         # convs frozen
+
+
+def test_finetune_freezes_all_but_batchnorm():
+    model = constrain_for_finetune(bc.create_model("bireal18", num_classes=10, stem="small", width=0.25))
+    bn = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(id(p) in bn for p in trainable)
+
+
+def test_two_step_and_init_options(demo_shards, tmp_path, three_stages):
+    out, _ = three_stages
+    cfg = smoke_config(demo_shards, out, stage="binarize", two_step=True, step1_epochs=1, epochs=1,
+                       init="relu", weight_gradient="official", max_steps_per_epoch=3)
+    cfg = replace(cfg, out=str(out))
+    result = train_loop(cfg)
+    assert [h["segment"] for h in result["history"]] == ["binarize-step1-activations", "binarize-step2-weights"]
+    assert result["history"][0]["flip_ratio"] == 0.0          # step 1: no binary weights yet
+
+
+def test_bad_config_rejected():
+    with pytest.raises(ValueError, match="init"):
+        TrainConfig(init="imagenet")
+    with pytest.raises(ValueError, match="phase_epochs"):
+        TrainConfig(phases=["relu"], phase_epochs=[1, 2])
+
+
+def test_imagenet_path_all_stages(tmp_path):
+    """ImageNet stem, 224 crops, 1000-way head, on 1,000 tiny generated classes."""
+    from imagegen import colored_image
+    from pipeline.shard import ShardParams, shard_dataset
+
+    src = tmp_path / "src"
+    for c in range(1000):
+        for split, n in (("train", 1), ("val", 1 if c < 8 else 0)):
+            if n:
+                d = src / split / f"n{c:08d}"
+                d.mkdir(parents=True, exist_ok=True)
+                colored_image(c % 4, (36, 30), seed=c).save(d / "a.jpg")
+    shards = tmp_path / "shards"
+    shard_dataset(str(src), str(shards), ShardParams(samples_per_shard=250, processes=2), progress_bar=False)
+    out = tmp_path / "ckpt"
+    for stage in ("pretrain", "binarize", "finetune"):
+        cfg = TrainConfig(stage=stage, shards=str(shards), out=str(out), stem="imagenet", width=0.125,
+                          batch_size=4, loader_workers=1, max_steps_per_epoch=2, phase_epochs=[1, 0, 1],
+                          epochs=1)
+        result = train_loop(cfg)
+        assert result["final"]["val_images"] == 8
+    model, header = bc.load_checkpoint(out / "finetune.safetensors")
+    assert header["config"]["input"]["size"] == 224 and model.fc.out_features == 1000
+    assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+
+
+# ---------------------------------------------------------------------------- DDP equivalence
+
+def _ddp_worker(rank, world, init_file, inputs, labels, result_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25).eval()   # BN eval
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    share = len(inputs) // world
+    x, y = inputs[rank * share:(rank + 1) * share], labels[rank * share:(rank + 1) * share]
+    torch.nn.functional.cross_entropy(ddp(x), y).backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters()}, result_file)
+    dist.destroy_process_group()
+
+
+def test_ddp_two_workers_match_one_on_same_global_batch(tmp_path):
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    torch.manual_seed(0)
+    single = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25).eval()
+    torch.nn.functional.cross_entropy(single(x), y).backward()
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), x, y, str(tmp_path / "g.pt")), nprocs=2)
+    grads = torch.load(tmp_path / "g.pt", weights_only=True)
+    for name, p in single.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -118,8 +118,10 @@ def count_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
 
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
                     lr_at: Callable[[int], float], first_step: int, device: torch.device,
-                    label_smoothing: float = 0.0, max_steps: int = 0, amp: bool = False) -> dict:
-    """One pass over ``batches``; the learning rate is set per step from ``lr_at(global step)``."""
+                    label_smoothing: float = 0.0, max_steps: int = 0, amp: bool = False,
+                    world_size: int = 1) -> dict:
+    """One pass over ``batches``; the learning rate is set per step from ``lr_at(global step)``.
+    Loss, accuracy and images/s are totals over all ranks."""
     model.train()
     loss_sum, correct, seen, step = 0.0, 0, 0, first_step
     start = time.perf_counter()
@@ -140,6 +142,10 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         seen += len(labels)
         step += 1
     seconds = time.perf_counter() - start
+    totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
+    if world_size > 1:                                            # [dist]
+        torch.distributed.all_reduce(totals)
+    loss_sum, correct, seen = float(totals[0]), float(totals[1]), int(totals[2])
     return {"train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),
             "train_images": seen, "img_s": seen / max(seconds, 1e-9), "steps": step - first_step}
 
@@ -361,7 +367,8 @@ def train_loop(config: TrainConfig, runtime: Runtime | None = None,
             lr_at = lr_schedule(config, steps * seg.epochs)
             before = weight_signs(model)
             metrics = train_one_epoch(train_model, train_batches, optimizer, lr_at, epoch * steps, device,
-                                      config.label_smoothing, steps, amp=device.type == "cuda")
+                                      config.label_smoothing, steps, amp=device.type == "cuda",
+                                      world_size=runtime.world_size)
             val_batches, _ = make_loader(config.shards, eval_split, input_config, config.batch_size,
                                          train=False, rank=runtime.rank, world_size=runtime.world_size,
                                          workers=config.loader_workers, manifest=manifest)

@@ -24,8 +24,16 @@ $(STAMP): $(SOURCES)
 	@touch $(STAMP)
 	@echo "[install] done: $(VENV)"
 
+# The main job on the embedded demo data: the whole pipeline through DVC (shard, the three Ray
+# Train stages, export to a packed 1-bit artifact, evaluation), then where to look.
 demo: install
-	$(VENV)/bin/bireal demo
+	@$(VENV)/bin/bireal cost --arch bireal18
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc metrics show
+	@echo
+	@echo "metrics:    dvc metrics show   (metrics/*.json), confusion matrix in plots/confusion.csv"
+	@echo "artifact:   artifacts/model.safetensors   (bireal predict --artifact artifacts/model.safetensors IMAGE...)"
+	@echo "tracking:   .venv/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1"
 
 test: install
 	$(VENV)/bin/pytest -q

@@ -44,6 +44,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_artifact, write_outputs
+
+    result = evaluate_artifact(args.artifact, args.shards, args.checkpoint)
+    if args.metrics:
+        write_outputs(result, args.metrics, args.confusion)
+    line = f"{args.artifact} on {result['split']}: top-1 {result['top1']:.4f} over {result['images']} images"
+    if "float_agreement" in result:
+        line += (f"; top-1 agreement with the training graph {result['float_agreement']:.4%} "
+                 f"({result['float_disagreements']} flips)")
+    print(line)
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from cuda_ext.packed import artifact_size, export_checkpoint
 
@@ -99,6 +113,14 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     return 0
 
 
+PARAMS_COMMANDS = ("shard", "train", "check-params")
+
+
+def _cmd_check_params(args: argparse.Namespace) -> int:
+    print(f"{args.params or 'params.yaml'}: OK")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bireal", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -112,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--layers", action="store_true", help="also list every conv/FC layer")
     cost.add_argument("--json", action="store_true", help="print the same figures as JSON")
     cost.set_defaults(func=_cmd_cost)
+
+    check = sub.add_parser("check-params", help="validate params.yaml (every section, key and type)")
+    check.add_argument("--params", default=None)
+    check.set_defaults(func=_cmd_check_params)
 
     demo = sub.add_parser("demo", help="cost table + a forward/backward pass of every model")
     demo.set_defaults(func=_cmd_demo)
@@ -146,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--class-names", default=None, help="comma-separated; default: the checkpoint's")
     export.set_defaults(func=_cmd_export)
 
+    evaluate = sub.add_parser("evaluate", help="accuracy of a packed artifact on the evaluation split")
+    evaluate.add_argument("--artifact", required=True)
+    evaluate.add_argument("--shards", required=True, help="shard folder or URL")
+    evaluate.add_argument("--checkpoint", default=None, help="also report agreement with this checkpoint")
+    evaluate.add_argument("--metrics", default=None, help="write metrics JSON here")
+    evaluate.add_argument("--confusion", default=None, help="write the confusion matrix as CSV here")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
     predict = sub.add_parser("predict", help="classify image files with a packed artifact")
     predict.add_argument("--artifact", required=True)
     predict.add_argument("images", nargs="+", metavar="IMAGE")
@@ -169,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     apply_offline_defaults()
     args = build_parser().parse_args(argv)
     try:
+        if args.command in PARAMS_COMMANDS:       # a bad params.yaml fails before any work starts
+            from .config import validate_params
+
+            validate_params(getattr(args, "params", None))
         return args.func(args)
     except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"bireal {args.command}: error: {e}", file=sys.stderr)

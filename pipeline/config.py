@@ -95,3 +95,31 @@ def load_section(cls: type[T], section: str, params_path: str | os.PathLike | No
     values = dict(read_params(path).get(section) or {})
     values.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return build(cls, values, f"{path.name}:{section}")
+
+
+def validate_params(params_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Check every section of params.yaml (unknown sections and keys, wrong types, bad values)
+    before any stage runs; -> the resolved settings. Raises ConfigError naming file and key."""
+    from dataclasses import asdict
+
+    from .ray_train import RayConfig
+    from .shard import ShardParams
+    from .stages import resolve_train_config
+    from .tracking import MlflowConfig
+    from .train import STAGES
+
+    path = Path(params_path) if params_path else default_params_path()
+    params = read_params(path)
+    sections = {"data": DataConfig, "shard": ShardParams, "ray": RayConfig, "mlflow": MlflowConfig}
+    known = set(sections) | {"train", *STAGES}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ConfigError(f"{path.name}:{unknown[0]}: unknown section (known: {', '.join(sorted(known))})")
+    resolved = {name: asdict(load_section(cls, name, path)) for name, cls in sections.items()}
+    resolved.update({stage: asdict(resolve_train_config(stage, str(path))) for stage in STAGES})
+    return resolved
+
+
+@dataclasses.dataclass
+class DataConfig:
+    source: str = "demo"     # image-folder tree, folder with the ILSVRC2012 tars, or "demo"

@@ -31,6 +31,7 @@ def resolve_train_config(stage: str, params_path: str | None = None,
         raise ConfigError(f"unknown stage {stage!r} (one of {', '.join(STAGES)})")
     path = Path(params_path) if params_path else default_params_path()
     params = read_params(path)
+    build(TrainConfig, dict(params.get("train") or {}), f"{path.name}:train")   # errors name train.KEY
     values = {**(params.get("train") or {}), **(params.get(stage) or {}), **(overrides or {}), "stage": stage}
     return build(TrainConfig, values, f"{path.name}:{stage}")
 

@@ -1,0 +1,56 @@
+"""``bireal evaluate``: the packed artifact on the evaluation split: accuracy, per-class accuracy,
+confusion matrix, and agreement with the training-graph checkpoint it was exported from."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def evaluate_artifact(artifact: str, shards: str, checkpoint: str | None = None, batch_size: int = 128,
+                      workers: int = 1) -> dict:
+    import bireal_core as bc
+    from cuda_ext.packed import load_packed
+
+    from .data import eval_split_name, make_loader, read_manifest
+
+    packed, header = load_packed(artifact)
+    float_model = bc.load_checkpoint(checkpoint)[0].eval() if checkpoint else None
+    manifest = read_manifest(shards)
+    split = eval_split_name(manifest)
+    n = len(manifest["classes"])
+    confusion = torch.zeros(n, n, dtype=torch.int64)
+    agree = seen = 0
+    batches, _ = make_loader(shards, split, header["input"], batch_size, train=False, workers=workers,
+                             manifest=manifest)
+    with torch.inference_mode():
+        for images, labels in batches:
+            pred = packed(images).argmax(1)
+            confusion += torch.bincount(labels * n + pred, minlength=n * n).view(n, n)
+            if float_model is not None:
+                agree += int((float_model(images).argmax(1) == pred).sum())
+            seen += len(labels)
+    correct = confusion.diag()
+    per_class = (correct.float() / confusion.sum(1).clamp(min=1)).tolist()
+    names = [c["name"] for c in manifest["classes"]]
+    result = {"split": split, "images": seen, "top1": float(correct.sum()) / max(seen, 1),
+              "per_class_top1": dict(zip(names, per_class)), "confusion": confusion.tolist(),
+              "class_names": names}
+    if float_model is not None:
+        result["float_agreement"] = agree / max(seen, 1)
+        result["float_disagreements"] = seen - agree
+    return result
+
+
+def write_outputs(result: dict, metrics_path: str, confusion_csv: str | None = None) -> None:
+    metrics = {k: result[k] for k in ("split", "images", "top1") if k in result}
+    metrics.update({k: result[k] for k in ("float_agreement", "float_disagreements") if k in result})
+    Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
+    Path(metrics_path).write_text(json.dumps(metrics, indent=2))
+    if confusion_csv:
+        names, rows = result["class_names"], ["actual,predicted,count"]
+        for i, row in enumerate(result["confusion"]):
+            rows += [f"{names[i]},{names[j]},{c}" for j, c in enumerate(row) if c]
+        Path(confusion_csv).parent.mkdir(parents=True, exist_ok=True)
+        Path(confusion_csv).write_text("\n".join(rows) + "\n")

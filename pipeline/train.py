@@ -252,12 +252,25 @@ def _binarize_weights(config: TrainConfig):
     return prepare
 
 
+def absorb_alpha_into_bn(conv: bc.BinaryConv2d, bn: nn.BatchNorm2d) -> None:
+    """Set W <- sign(W) (alpha becomes 1) and rescale BN so its eval output is unchanged:
+    BN(alpha z) = gamma (alpha z - mu) / sqrt(var + eps) + beta
+                = gamma' (z - mu / alpha) / sqrt(var / alpha^2 + eps) + beta,
+    with gamma' = gamma * sqrt(var / alpha^2 + eps) * alpha / sqrt(var + eps)."""
+    alpha = conv.weight_binarizer.scale(conv.weight.detach()).flatten()          # (C_out,)
+    conv.weight.copy_(bc.sign(conv.weight))
+    var = bn.running_var.clone()
+    bn.running_mean.div_(alpha)
+    bn.running_var.div_(alpha ** 2)
+    bn.weight.mul_(torch.sqrt(bn.running_var + bn.eps) * alpha / torch.sqrt(var + bn.eps))
+
+
 def constrain_for_finetune(model: nn.Module, finetune_fc: bool = False) -> nn.Module:
-    """W <- sign(W) in every binary conv (so alpha = mean|W| = 1), freeze everything but BatchNorm
-    (and optionally the FC head); BN then learns the scale alpha used to provide."""
+    """Weights to +-1 (alpha = 1) with BN rescaled to absorb alpha exactly, then everything but
+    BatchNorm (and optionally the FC head) frozen: BN is retrained on the +-1 network."""
     with torch.no_grad():
-        for w in binary_conv_weights(model):
-            w.copy_(bc.sign(w))
+        for _, conv, bn in bc.binary_conv_bn_pairs(model):
+            absorb_alpha_into_bn(conv, bn)
     for name, p in model.named_parameters():
         p.requires_grad = False
     for m in model.modules():

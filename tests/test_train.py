@@ -137,3 +137,16 @@ def test_ddp_two_workers_match_one_on_same_global_batch(tmp_path):
     grads = torch.load(tmp_path / "g.pt", weights_only=True)
     for name, p in single.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name", ["bireal18", "bireal50"])
+def test_alpha_absorbed_exactly_before_bn_retraining(name):
+    model = bc.create_model(name, num_classes=10, stem="small", width=0.25).train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(8, 3, 32, 32))
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        before = model.eval()(x)
+        after = constrain_for_finetune(model).eval()(x)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)

@@ -99,3 +99,15 @@ class BiRealBase(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.run_blocks(self.stem(x)))
+
+
+def binary_conv_bn_pairs(model: nn.Module) -> list[tuple[str, BinaryConv2d, nn.BatchNorm2d]]:
+    """(name, conv, the BatchNorm right after it) for every binary conv of a Bi-Real net: the pairs
+    whose alpha folds into BN (export) or is absorbed by BN (finetune)."""
+    pairs = []
+    for name, block in model.named_modules():
+        for conv_attr, bn_attr in (("conv", "bn"), ("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")):
+            conv, bn = getattr(block, conv_attr, None), getattr(block, bn_attr, None)
+            if isinstance(conv, BinaryConv2d) and conv.is_binary and isinstance(bn, nn.BatchNorm2d):
+                pairs.append((f"{name}.{conv_attr}", conv, bn))
+    return pairs

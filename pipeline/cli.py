@@ -58,6 +58,38 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_register(args: argparse.Namespace) -> int:
+    from cuda_ext.packed import read_artifact
+
+    from .config import load_section
+    from .data import eval_split_name, iter_shard, read_manifest, split_shards
+    from .registry import RegistryConfig, register_artifact, write_registry_summary
+    from .tracking import MlflowConfig, pipeline_run_id, resolve
+
+    evaluation = json.loads(Path(args.evaluation).read_text())
+    example = Path(args.artifact).with_name("example.jpg")
+    manifest = read_manifest(args.shards)
+    url = split_shards(manifest, args.shards, eval_split_name(manifest))[0][0]
+    example.write_bytes(next(iter_shard(url))["jpg"])          # a real input for the signature
+    registry = load_section(RegistryConfig, "registry", args.params,
+                            {"model_name": args.name} if args.name else None)
+    header = read_artifact(args.artifact)[1]
+    cost = None
+    if header.get("source", {}).get("checkpoint"):
+        import bireal_core as bc
+
+        cost = bc.summary(bc.load_checkpoint(header["source"]["checkpoint"])[0]).as_dict()
+    result = register_artifact(args.artifact, evaluation, str(example),
+                               resolve(load_section(MlflowConfig, "mlflow", args.params)), registry,
+                               pipeline_run_id(args.params), cost)
+    if args.out:
+        write_registry_summary(result, args.out)
+    state = "already registered as" if result["duplicate"] else "registered"
+    print(f"{state} {result['name']} version {result['version']}"
+          f"{' (champion)' if result['champion'] else ' (candidate; champion kept)'}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from cuda_ext.packed import artifact_size, export_checkpoint
 
@@ -113,7 +145,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     return 0
 
 
-PARAMS_COMMANDS = ("shard", "train", "check-params")
+PARAMS_COMMANDS = ("shard", "train", "check-params", "register")
 
 
 def _cmd_check_params(args: argparse.Namespace) -> int:
@@ -179,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--metrics", default=None, help="write metrics JSON here")
     evaluate.add_argument("--confusion", default=None, help="write the confusion matrix as CSV here")
     evaluate.set_defaults(func=_cmd_evaluate)
+
+    register = sub.add_parser("register", help="log the packed artifact as an MLflow pyfunc and register it")
+    register.add_argument("--artifact", required=True)
+    register.add_argument("--evaluation", required=True, help="metrics JSON of bireal evaluate (top1)")
+    register.add_argument("--shards", required=True, help="shards to take an example input from")
+    register.add_argument("--name", default=None, help="registered model name (default: registry.model_name)")
+    register.add_argument("--params", default=None)
+    register.add_argument("--out", default=None, help="write the registration summary JSON here")
+    register.set_defaults(func=_cmd_register)
 
     predict = sub.add_parser("predict", help="classify image files with a packed artifact")
     predict.add_argument("--artifact", required=True)

@@ -103,6 +103,7 @@ def validate_params(params_path: str | os.PathLike | None = None) -> dict[str, A
     from dataclasses import asdict
 
     from .ray_train import RayConfig
+    from .registry import RegistryConfig
     from .shard import ShardParams
     from .stages import resolve_train_config
     from .tracking import MlflowConfig
@@ -110,7 +111,8 @@ def validate_params(params_path: str | os.PathLike | None = None) -> dict[str, A
 
     path = Path(params_path) if params_path else default_params_path()
     params = read_params(path)
-    sections = {"data": DataConfig, "shard": ShardParams, "ray": RayConfig, "mlflow": MlflowConfig}
+    sections = {"data": DataConfig, "shard": ShardParams, "ray": RayConfig, "mlflow": MlflowConfig,
+                "registry": RegistryConfig}
     known = set(sections) | {"train", *STAGES}
     unknown = sorted(set(params) - known)
     if unknown:

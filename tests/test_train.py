@@ -150,3 +150,33 @@ def test_alpha_absorbed_exactly_before_bn_retraining(name):
         before = model.eval()(x)
         after = constrain_for_finetune(model).eval()(x)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_imagenet_params_file_drives_every_stage(tmp_path):
+    """The shipped ImageNet params file validates, and its stages run on tiny 224-px data."""
+    from pathlib import Path
+
+    import yaml
+
+    from imagegen import ilsvrc_tars
+    from pipeline.config import validate_params
+    from pipeline.shard import ShardParams, shard_dataset
+    from pipeline.stages import resolve_train_config
+
+    shipped = Path(__file__).resolve().parents[1] / "pipeline" / "configs" / "imagenet_bireal18.yaml"
+    resolved = validate_params(shipped)
+    assert resolved["binarize"]["stem"] == "imagenet" and resolved["binarize"]["width"] == 1.0
+    ilsvrc_tars(tmp_path / "ilsvrc", train_per_class=3, val_per_class=1)
+    params = yaml.safe_load(shipped.read_text())
+    shard_dataset(str(tmp_path / "ilsvrc"), str(tmp_path / "shards"),
+                  ShardParams(**{**params["shard"], "processes": 1, "samples_per_shard": 4}), progress_bar=False)
+    smoke = {"shards": str(tmp_path / "shards"), "out": str(tmp_path / "ckpt"), "width": 0.125,
+             "batch_size": 2, "loader_workers": 1, "shuffle_buffer": 4, "max_steps_per_epoch": 1,
+             "phase_epochs": [1, 0, 1], "epochs": 1}
+    for stage in ("pretrain", "binarize", "finetune"):
+        config = resolve_train_config(stage, str(shipped), smoke)
+        assert config.stem == "imagenet" and config.pca_lighting
+        result = train_loop(config)
+        assert result["final"]["val_images"] == 4
+    model, header = bc.load_checkpoint(tmp_path / "ckpt" / "finetune.safetensors")
+    assert header["config"]["input"]["size"] == 224

@@ -90,6 +90,27 @@ def _cmd_register(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from .config import load_section
+    from .stages import resolve_train_config
+    from .tracking import MlflowConfig, pipeline_run_id, resolve
+    from .tune import TuneSettings, format_table, run_tune, write_outputs
+
+    settings = load_section(TuneSettings, "tune", args.params)
+    if not settings.enabled:
+        Path(settings.out).mkdir(parents=True, exist_ok=True)
+        Path(settings.out, "best.json").write_text(json.dumps({"config": None, "note": "tune.enabled is false"}))
+        print(f"tuning disabled: wrote an empty pick to {settings.out}/best.json")
+        return 0
+    base = resolve_train_config("binarize", args.params, {"tuned_config": ""})
+    summary = run_tune(settings, base, resolve(load_section(MlflowConfig, "mlflow", args.params)),
+                       pipeline_run_id(args.params))
+    files = write_outputs(summary, settings.out)
+    print(format_table(summary))
+    print(f"best config: {files['best']}  ({len(summary['trials'])} trials, {summary['path']})")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from cuda_ext.packed import artifact_size, export_checkpoint
 
@@ -145,7 +166,7 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     return 0
 
 
-PARAMS_COMMANDS = ("shard", "train", "check-params", "register")
+PARAMS_COMMANDS = ("shard", "train", "check-params", "register", "tune")
 
 
 def _cmd_check_params(args: argparse.Namespace) -> int:
@@ -197,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-ray", action="store_true", help="run the loop in this process")
     train.add_argument("--metrics", default=None, help="write the final metrics as JSON here")
     train.set_defaults(func=_cmd_train)
+
+    tune_p = sub.add_parser("tune", help="Ray Tune search over estimator, gradient, init, two-step, lr, recipe")
+    tune_p.add_argument("--params", default=None)
+    tune_p.set_defaults(func=_cmd_tune)
 
     export = sub.add_parser("export", help="checkpoint -> packed 1-bit artifact (safetensors + JSON header)")
     export.add_argument("--checkpoint", required=True)

@@ -108,11 +108,12 @@ def validate_params(params_path: str | os.PathLike | None = None) -> dict[str, A
     from .stages import resolve_train_config
     from .tracking import MlflowConfig
     from .train import STAGES
+    from .tune import TuneSettings
 
     path = Path(params_path) if params_path else default_params_path()
     params = read_params(path)
     sections = {"data": DataConfig, "shard": ShardParams, "ray": RayConfig, "mlflow": MlflowConfig,
-                "registry": RegistryConfig}
+                "registry": RegistryConfig, "tune": TuneSettings}
     known = set(sections) | {"train", *STAGES}
     unknown = sorted(set(params) - known)
     if unknown:

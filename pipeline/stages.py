@@ -33,6 +33,10 @@ def resolve_train_config(stage: str, params_path: str | None = None,
     params = read_params(path)
     build(TrainConfig, dict(params.get("train") or {}), f"{path.name}:train")   # errors name train.KEY
     values = {**(params.get("train") or {}), **(params.get(stage) or {}), **(overrides or {}), "stage": stage}
+    tuned = values.get("tuned_config")
+    if tuned and Path(tuned).is_file():          # the tune stage's pick overrides its own keys
+        best = json.loads(Path(tuned).read_text())["config"] or {}   # null: tuning was disabled
+        values.update({k: v for k, v in best.items() if k not in (overrides or {})})
     return build(TrainConfig, values, f"{path.name}:{stage}")
 
 

@@ -69,6 +69,8 @@ class TrainConfig:
     weight_gradient: str = "paper"       # paper | official | plain
     two_step: bool = False
     step1_epochs: int = 1
+    init_from: str = ""                  # folder of the pretrain checkpoints (default: out)
+    tuned_config: str = ""               # a `bireal tune` best-config JSON whose keys override these
     # finetune
     finetune_fc: bool = False            # also retrain the FC head (BN alone absorbs alpha)
 
@@ -236,7 +238,7 @@ def _binarize_init(config: TrainConfig, num_classes: int):
                                 weight_gradient=config.weight_gradient,
                                 binary_weights=not config.two_step, **config.model_kwargs())
         if config.init != "scratch":
-            path = stage_checkpoint(config, f"pretrain-{config.init}")
+            path = Path(config.init_from or config.out) / f"pretrain-{config.init}.safetensors"
             twin, _ = bc.load_checkpoint(path)
             report = bc.init_from_twin(model, twin.state_dict())
             if not report.complete:
@@ -393,9 +395,9 @@ def train_loop(config: TrainConfig, runtime: Runtime | None = None,
             ckpt_dir = Path(config.out) / ".train_state" / f"{config.stage}-epoch{global_epoch:03d}"
             if runtime.rank == 0:
                 save_train_state(ckpt_dir, model, optimizer, si, epoch, history, config, {"restarts": restarts})
-            runtime.report(metrics, ckpt_dir)                           # [dist] report + checkpoint
-            if runtime.rank == 0 and on_epoch is not None:
+            if runtime.rank == 0 and on_epoch is not None:   # before report: Tune may stop the trial there
                 on_epoch(metrics)
+            runtime.report(metrics, ckpt_dir)                           # [dist] report + checkpoint
             global_epoch += 1
         if runtime.rank == 0 and seg.save_as:
             bc.save_checkpoint(stage_checkpoint(config, seg.save_as), model, stage=config.stage,

@@ -78,8 +78,8 @@ def _kill_a_worker_mid_epoch(storage: Path, done: threading.Event, killed: list)
     """After the first epoch's checkpoint is in Ray's storage, SIGKILL one training worker."""
     deadline = time.time() + 120
     while time.time() < deadline and not done.is_set():
-        if list(storage.glob("*/checkpoint_*")):
-            time.sleep(0.5)                       # into the next epoch
+        if list(storage.glob("*/checkpoint_*")):  # epoch 0 persisted; epochs take ~5 s
+            time.sleep(1.5)   # let the controller register that checkpoint; kill mid epoch 1
             for p in psutil.process_iter(["pid", "cmdline"]):
                 if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
                     p.kill()
@@ -89,7 +89,7 @@ def _kill_a_worker_mid_epoch(storage: Path, done: threading.Event, killed: list)
 
 
 def test_resume_after_killed_worker(ray_local, demo_shards, tmp_path):
-    params = write_params(tmp_path, demo_shards, max_steps_per_epoch=12, init="scratch")
+    params = write_params(tmp_path, demo_shards, max_steps_per_epoch=20, init="scratch")
     done, killed = threading.Event(), []
     watcher = threading.Thread(target=_kill_a_worker_mid_epoch, args=(tmp_path / "ray_results", done, killed))
     watcher.start()

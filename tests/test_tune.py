@@ -1,0 +1,107 @@
+"""`bireal tune`: a tiny search (4 trials, 1 epoch, demo data), MLflow child runs, the best
+config consumed by binarize, and an interrupted search resumed with Tuner.restore."""
+import json
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+
+import mlflow
+import pytest
+
+import bireal_core as bc
+from pipeline.stages import resolve_train_config
+from pipeline.tracking import MlflowConfig, resolve
+from pipeline.train import TrainConfig, train_loop
+from pipeline.tune import TuneSettings, run_tune, write_outputs
+
+
+@pytest.fixture(scope="module")
+def pretrained(demo_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tune_pretrain")
+    train_loop(TrainConfig(stage="pretrain", shards=str(demo_shards), out=str(out), width=0.25, batch_size=32,
+                           phase_epochs=[1, 0, 1], max_steps_per_epoch=8))
+    return out
+
+
+def settings(tmp, **kw):
+    base = dict(activations=["approx_sign", "ste_sign"], inits=["scratch", "clip"], epochs=1,
+                max_steps_per_epoch=4, storage_path=str(tmp / "ray_results"), out=str(tmp / "tune"),
+                max_concurrent=2, asha=True)
+    return TuneSettings(**{**base, **kw})
+
+
+def mlflow_cfg(tmp):
+    return resolve(MlflowConfig(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", experiment="tune-test",
+                                artifact_location=str(tmp / "mlartifacts")))
+
+
+def children(tmp, summary_path=None):
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("tune-test")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("bireal.stage") == "tune"]
+    kids = [r for r in runs if r.data.tags.get("bireal.stage") == "tune-trial"]
+    return client, parents, kids
+
+
+def test_tiny_search_logs_children_and_writes_best(ray_local, demo_shards, pretrained, tmp_path):
+    base = TrainConfig(shards=str(demo_shards), out=str(pretrained), width=0.25, batch_size=32)
+    summary = run_tune(settings(tmp_path), base, mlflow_cfg(tmp_path), group="g")
+    assert summary["finished"] and len(summary["trials"]) == 4
+    assert len(summary["table"]) == 4 and summary["table"][0]["mean"] >= summary["table"][-1]["mean"]
+    claims = {c["claim"] for c in summary["rankings"]}
+    assert {"clip-init > scratch", "ApproxSign > STE"} <= claims
+    files = write_outputs(summary, str(tmp_path / "tune"))
+    best = json.loads(open(files["best"]).read())["config"]
+    assert set(best) == {"activation", "weight_gradient", "init", "two_step", "optimizer", "lr"}
+    assert (tmp_path / "tune" / "ablation.png").stat().st_size > 1000
+
+    client, parents, kids = children(tmp_path)
+    assert len(parents) == 1 and len(kids) == 4
+    assert all(k.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for k in kids)
+    assert all(k.info.status == "FINISHED" for k in kids), [k.info.status for k in kids]
+    for k in kids:                                          # each trial's curve and config
+        assert [m.step for m in client.get_metric_history(k.info.run_id, "val_top1")] == [0]
+        assert k.data.params["activation"] in ("approx_sign", "ste_sign")
+
+    # the final binarize stage consumes the pick through tuned_config
+    params = tmp_path / "params.yaml"
+    params.write_text(f"binarize:\n  tuned_config: {files['best']}\n")
+    config = resolve_train_config("binarize", str(params))
+    assert (config.activation, config.init) == (best["activation"], best["init"])
+
+
+def test_interrupted_search_resumes(ray_local, demo_shards, pretrained, tmp_path):
+    """A search whose driver gets SIGINT after two trials is continued, not restarted."""
+    base = TrainConfig(shards=str(demo_shards), out=str(pretrained), width=0.25, batch_size=32)
+    s = settings(tmp_path, max_concurrent=1, asha=False, max_steps_per_epoch=10)
+    script = tmp_path / "search.py"
+    script.write_text(
+        "import sys\n"
+        "from pipeline.env import apply_offline_defaults; apply_offline_defaults()\n"
+        "from pipeline.ray_train import RayConfig, ensure_ray\n"
+        "ensure_ray(RayConfig(temp_dir='/tmp/bireal-ray-sub'))\n"   # short: AF_UNIX path limit
+        "from pipeline.train import TrainConfig\n"
+        "from pipeline.tune import TuneSettings, run_tune\n"
+        "from pipeline.tracking import MlflowConfig, resolve\n"
+        f"run_tune(TuneSettings(**{asdict(s)!r}), TrainConfig(**{asdict(base)!r}),\n"
+        f"         resolve(MlflowConfig(**{asdict(mlflow_cfg(tmp_path))!r})), 'g')\n")
+    log = open(tmp_path / "search.log", "w")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((tmp_path / "ray_results").glob("*/_trial_*/checkpoint_*"))) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)                 # how a user stops a Tune driver
+    proc.wait(timeout=120)
+    interrupted = {p.parent.name for p in (tmp_path / "ray_results").glob("*/_trial_*/checkpoint_*")}
+    assert 2 <= len(interrupted) < 4, (tmp_path / "search.log").read_text()[-3000:]
+
+    resumed = run_tune(s, base, mlflow_cfg(tmp_path), group="g")
+    assert resumed["finished"] and len(resumed["trials"]) == 4, resumed["trials"]
+    _, parents, kids = children(tmp_path)
+    assert len(parents) == 1 and len(kids) == 4                            # no trial started twice
+    assert all(k.info.status == "FINISHED" for k in kids), [k.info.status for k in kids]

@@ -40,28 +40,38 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, stage: str = "",
         raise ValueError("model has no model_spec: build it with bireal_core.create_model")
     header = {"format": FORMAT, "version": VERSION, "model": spec, "stage": stage,
               "config": config or {}, "metrics": metrics or {}}
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    return write_safetensors(path, state, "bireal", header)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: dict, key: str, header: dict) -> Path:
+    """Tensors + a JSON header under metadata ``key``; written to NAME.tmp, then renamed (atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata={"bireal": json.dumps(header, sort_keys=True)})
+    save_file(tensors, str(tmp), metadata={key: json.dumps(header, sort_keys=True)})
     os.replace(tmp, path)
     return path
 
 
-def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of a checkpoint, without loading its tensors."""
+def read_safetensors_header(path: str | os.PathLike, key: str, error: type[Exception], what: str) -> dict:
+    """The JSON header under metadata ``key``; ``error`` (naming the file) when it can't be read."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
+        raise error(f"{path}: {what} not found")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a safetensors file ({e})") from e
-    if "bireal" not in meta:
-        raise CheckpointError(f"{path}: safetensors file without a bireal header")
-    header = json.loads(meta["bireal"])
+        raise error(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+    if key not in meta:
+        raise error(f"{path}: no {key} header: not a {what}")
+    return json.loads(meta[key])
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of a checkpoint, without loading its tensors."""
+    header = read_safetensors_header(path, "bireal", CheckpointError, "bireal checkpoint")
     if header.get("format") != FORMAT:
         raise CheckpointError(f"{path}: format {header.get('format')!r}, expected {FORMAT!r}")
     if header.get("version", 0) > VERSION:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,10 +21,11 @@ from typing import Any, Iterator
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 import bireal_core as bc
+from bireal_core.checkpoint import read_safetensors_header, write_safetensors
 from bireal_core.models.bireal import BiRealBlock
 from bireal_core.models.bireal_bottleneck import BiRealBottleneck
 
@@ -238,12 +238,7 @@ def export_model(model: nn.Module, out_path: str | os.PathLike, class_names: lis
               "conventions": {**CONVENTIONS, "pad_value": next(
                   m.pad_value for m in model.modules() if isinstance(m, bc.BinaryConv2d))},
               "source": source or {}, "sha256": tensors_sha256(tensors)}
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"bireal_packed": json.dumps(header, sort_keys=True)})
-    os.replace(tmp, out_path)
-    return out_path
+    return write_safetensors(out_path, tensors, "bireal_packed", header)
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out_path: str | os.PathLike,
@@ -258,18 +253,11 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_path: str | os.PathLike
 
 def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and header of an artifact, verified (format, version, sha256)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{path}: artifact not found")
+    header = read_safetensors_header(path, "bireal_packed", ArtifactError, "packed bireal artifact")
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
-    if "bireal_packed" not in meta:
-        raise ArtifactError(f"{path}: no bireal_packed header: not a packed bireal artifact")
-    header = json.loads(meta["bireal_packed"])
     if header.get("format") != FORMAT or header.get("version", 0) > VERSION:
         raise ArtifactError(f"{path}: format {header.get('format')!r} version {header.get('version')}; "
                             f"this code reads {FORMAT!r} up to version {VERSION}")

@@ -63,8 +63,8 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
     from .config import load_section
     from .data import eval_split_name, iter_shard, read_manifest, split_shards
-    from .registry import RegistryConfig, register_artifact, write_registry_summary
-    from .tracking import MlflowConfig, pipeline_run_id, resolve
+    from .registry import register_artifact, write_registry_summary
+    from .tracking import MlflowConfig, RegistryConfig, pipeline_run_id, resolve
 
     evaluation = json.loads(Path(args.evaluation).read_text())
     example = Path(args.artifact).with_name("example.jpg")

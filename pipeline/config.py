@@ -103,10 +103,9 @@ def validate_params(params_path: str | os.PathLike | None = None) -> dict[str, A
     from dataclasses import asdict
 
     from .ray_train import RayConfig
-    from .registry import RegistryConfig
     from .shard import ShardParams
     from .stages import resolve_train_config
-    from .tracking import MlflowConfig
+    from .tracking import MlflowConfig, RegistryConfig
     from .train import STAGES
     from .tune import TuneSettings
 

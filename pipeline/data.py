@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import fsspec
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from bireal_core.preprocess import eval_transform, train_transform

@@ -11,7 +11,6 @@ Without a Prefect server the flow runs directly (Prefect starts a temporary API)
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, task

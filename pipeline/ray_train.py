@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 
-from .env import project_root
 from .train import Runtime, TrainConfig, train_loop
 
 

@@ -10,23 +10,18 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow.pyfunc
 
 from .pyfunc_model import BirealPackedModel
+from .tracking import RegistryConfig
 
 # Logged as code ("models from code"), not as a pickled object.
 PYFUNC_CODE = str(Path(__file__).with_name("pyfunc_model.py"))
 
 SHA_TAG = "bireal.artifact_sha256"
 ACCURACY_TAG = "bireal.eval_top1"
-
-
-@dataclass
-class RegistryConfig:
-    model_name: str = "bireal-demo"     # registered model name
 
 
 def register_artifact(artifact: str, evaluation: dict, example_image: str, cfg, registry: RegistryConfig,

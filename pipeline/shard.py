@@ -23,11 +23,11 @@ import random
 import tarfile
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import fsspec
 
-from .sources import Ref, Sample, Source, SourceError, scan_source
+from .sources import Ref, Sample, Source, scan_source
 
 MANIFEST = "manifest.json"
 PROGRESS = ".shard-progress.json"

@@ -26,6 +26,13 @@ class MlflowConfig:
     artifact_location: str = ""     # default: <project>/mlartifacts (absolute)
 
 
+@dataclass
+class RegistryConfig:
+    """The ``registry`` section: where ``bireal register`` puts the packed model."""
+
+    model_name: str = "bireal-demo"
+
+
 def resolve(cfg: MlflowConfig) -> MlflowConfig:
     """Absolute URIs, so Ray workers and Tune trials in other working directories share them."""
     root = project_root()

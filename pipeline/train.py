@@ -15,13 +15,11 @@ A stage is a list of *segments* run in order, each with its own optimizer and sc
 """
 from __future__ import annotations
 
-import math
-import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F

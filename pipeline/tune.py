@@ -14,13 +14,10 @@ spread over seeds, ranked) with the paper's ablation rankings checked, and a bar
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 

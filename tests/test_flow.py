@@ -1,5 +1,4 @@
 """The Prefect flow under Prefect's test harness: runs the stage functions, caches, summarizes."""
-import os
 
 import mlflow
 import pytest

@@ -1,5 +1,4 @@
 """The training stages: the plain loop, DDP equivalence, the ImageNet path (no Ray here)."""
-import os
 from dataclasses import replace
 
 import pytest

@@ -10,7 +10,6 @@ from dataclasses import asdict
 import mlflow
 import pytest
 
-import bireal_core as bc
 from pipeline.stages import resolve_train_config
 from pipeline.tracking import MlflowConfig, resolve
 from pipeline.train import TrainConfig, train_loop

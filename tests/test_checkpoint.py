@@ -56,5 +56,5 @@ def test_bad_files_rejected_with_path(tmp_path):
     from safetensors.torch import save_file
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, str(plain))
-    with pytest.raises(bc.CheckpointError, match="without a bireal header"):
+    with pytest.raises(bc.CheckpointError, match="no bireal header: not a bireal checkpoint"):
         bc.load_checkpoint(plain)

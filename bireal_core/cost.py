@@ -43,6 +43,7 @@ class CostSummary:
     layers: list[LayerCost] = field(default_factory=list)
     binary_params: int = 0
     real_params: int = 0
+    paper_setting: bool = False   # ImageNet stem, width 1, 1000 classes, 224 px: the table's setting
 
     @property
     def binary_macs(self) -> int:
@@ -83,7 +84,7 @@ class CostSummary:
             lines += [f"{l.name:<34}{l.kind:>7}{l.shape:>16}{l.macs:>14,}{l.params:>11,}"
                       for l in self.layers]
             lines.append("")
-        paper = PAPER_TABLE.get(self.arch, {})
+        paper = PAPER_TABLE.get(self.arch, {}) if self.paper_setting else {}
         rows = [("binary MACs", f"{self.binary_macs:.4g}", ""),
                 ("real MACs", f"{self.real_macs:.4g}", ""),
                 ("OPs (binary/64 + real)", f"{self.ops:.4g}", paper.get("ops", "")),
@@ -104,7 +105,10 @@ def summary(model: nn.Module, input_size: int | None = None, arch: str | None = 
     spec = getattr(model, "model_spec", {"name": type(model).__name__, "kwargs": {}})
     if input_size is None:
         input_size = 32 if spec["kwargs"].get("stem") == "small" else 224
-    result = CostSummary(arch=arch or spec["name"], input_size=input_size)
+    kw = spec["kwargs"]
+    result = CostSummary(arch=arch or spec["name"], input_size=input_size,
+                         paper_setting=(kw.get("stem", "imagenet") == "imagenet" and kw.get("width", 1.0) == 1.0
+                                        and kw.get("num_classes", 1000) == 1000 and input_size == 224))
 
     def hook(name):
         def record(module, inputs, output):

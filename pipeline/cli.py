@@ -16,8 +16,7 @@ from .env import apply_offline_defaults
 def _cmd_cost(args: argparse.Namespace) -> int:
     import bireal_core as bc
 
-    kwargs = {"stem": args.stem, "width": args.width} if args.width != 1.0 else {"stem": args.stem}
-    model = bc.create_model(args.arch, num_classes=args.num_classes, **kwargs)
+    model = bc.create_model(args.arch, num_classes=args.num_classes, stem=args.stem, width=args.width)
     result = bc.summary(model, input_size=args.input_size)
     if args.json:
         print(json.dumps(result.as_dict(layers=args.layers), indent=2))

@@ -15,7 +15,6 @@ A stage is a list of *segments* run in order, each with its own optimizer and sc
 """
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -312,8 +311,8 @@ def save_train_state(directory: Path, model: nn.Module, optimizer, segment: int,
     bc.save_checkpoint(directory / "model.safetensors", model, stage=config.stage, config=asdict(config),
                        metrics=history[-1] if history else {})
     torch.save({"optimizer": optimizer.state_dict(), "segment": segment, "epoch": epoch,
-                "history": history, "torch_rng": torch.get_rng_state(),
-                "python_rng": list(random.getstate()[1]), "extra": extra}, directory / "train_state.pt")
+                "history": history, "torch_rng": torch.get_rng_state(), "extra": extra},
+               directory / "train_state.pt")
 
 
 def load_train_state(directory: Path) -> tuple[nn.Module, dict]:
@@ -324,8 +323,13 @@ def load_train_state(directory: Path) -> tuple[nn.Module, dict]:
 
 # ---------------------------------------------------------------------------- the loop
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
+def prune_train_states(out: str, stage: str, keep: int = 2) -> None:
+    """Keep the newest ``keep`` per-epoch train states of a stage (Ray keeps its own copies)."""
+    import shutil
+
+    states = sorted((Path(out) / ".train_state").glob(f"{stage}-epoch*"))
+    for old in states[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def train_loop(config: TrainConfig, runtime: Runtime | None = None,
@@ -396,6 +400,8 @@ def train_loop(config: TrainConfig, runtime: Runtime | None = None,
             if runtime.rank == 0 and on_epoch is not None:   # before report: Tune may stop the trial there
                 on_epoch(metrics)
             runtime.report(metrics, ckpt_dir)                           # [dist] report + checkpoint
+            if runtime.rank == 0:
+                prune_train_states(config.out, config.stage)
             global_epoch += 1
         if runtime.rank == 0 and seg.save_as:
             bc.save_checkpoint(stage_checkpoint(config, seg.save_as), model, stage=config.stage,

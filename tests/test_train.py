@@ -48,6 +48,8 @@ def test_binarize_learns_above_chance(three_stages):
     assert history[0]["val_images"] == 360         # the whole test split, once
     model, _ = bc.load_checkpoint(out / "binarize.safetensors")
     assert all(m.is_binary for m in model.modules() if isinstance(m, bc.BinaryConv2d))
+    kept = sorted(p.name for p in (out / ".train_state").glob("binarize-epoch*"))
+    assert kept == ["binarize-epoch001", "binarize-epoch002"]     # older train states pruned
 
 
 def test_finetune_constrains_weights_and_keeps_accuracy(three_stages):

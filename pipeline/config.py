@@ -22,9 +22,8 @@ class ConfigError(ValueError):
 
 
 def default_params_path() -> Path:
-    from .env import project_root
-
-    return Path(os.environ.get("BIREAL_PARAMS", project_root() / "params.yaml"))
+    """$BIREAL_PARAMS, else params.yaml in the current directory (where `dvc repro` runs stages)."""
+    return Path(os.environ.get("BIREAL_PARAMS", Path.cwd() / "params.yaml"))
 
 
 def read_params(path: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -223,9 +223,7 @@ def render_demo_digits(out: str | os.PathLike) -> Path:
 def scan_source(path: str, kind: str = "auto", demo_dir: str | os.PathLike | None = None) -> Source:
     """Auto-detect (or take ``kind``: folder | ilsvrc | demo) and scan a source."""
     if kind == "demo" or (kind == "auto" and path == "demo"):
-        from .env import project_root
-
-        folder = render_demo_digits(demo_dir or project_root() / "data" / "demo_digits")
+        folder = render_demo_digits(demo_dir or Path.cwd() / "data" / "demo_digits")
         source = scan_image_folder(folder)
         source.kind, source.path = "demo", "demo"
         source.fingerprint = _fingerprint([DEMO_VERSION])   # content is fixed; mtimes are not

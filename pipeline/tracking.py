@@ -13,17 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .env import project_root
-
 PIPELINE_TAG = "bireal.pipeline_run"
 NON_METRIC_KEYS = {"segment"}
 
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str = ""          # default: sqlite:///<project>/mlflow.db (absolute)
+    tracking_uri: str = ""          # default: sqlite:///<current dir>/mlflow.db (made absolute)
     experiment: str = "bireal"
-    artifact_location: str = ""     # default: <project>/mlartifacts (absolute)
+    artifact_location: str = ""     # default: <current dir>/mlartifacts (made absolute)
 
 
 @dataclass
@@ -35,7 +33,7 @@ class RegistryConfig:
 
 def resolve(cfg: MlflowConfig) -> MlflowConfig:
     """Absolute URIs, so Ray workers and Tune trials in other working directories share them."""
-    root = project_root()
+    root = Path.cwd()          # the project the stages run in (dvc repro, make demo: the checkout)
     uri = cfg.tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
@@ -63,7 +61,9 @@ def pipeline_run_id(params_path: str | os.PathLike | None) -> str:
     """Groups the stage runs of one pipeline run: $BIREAL_PIPELINE_RUN, else a hash of params.yaml."""
     if os.environ.get("BIREAL_PIPELINE_RUN"):
         return os.environ["BIREAL_PIPELINE_RUN"]
-    p = Path(params_path) if params_path else project_root() / "params.yaml"
+    from .config import default_params_path
+
+    p = Path(params_path) if params_path else default_params_path()
     digest = hashlib.sha256(p.read_bytes()).hexdigest()[:12] if p.is_file() else "no-params"
     return f"params-{digest}"
 

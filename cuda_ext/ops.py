@@ -1,7 +1,8 @@
 """Python face of the bireal ops: the loaded extension, fake kernels, and friendly wrappers.
 
-Schemas live in csrc/ops.cpp (``TORCH_LIBRARY(bireal, ...)``); CPU and CUDA implementations
-register there. The fake kernels here let ``torch.compile`` and ``opcheck`` trace the ops.
+Schemas live in csrc/ops.cpp (``TORCH_LIBRARY(bireal, ...)``); the CPU (csrc/binary_conv_cpu.cpp)
+and CUDA (csrc/binary_conv_cuda.cu) implementations register separately. The fake kernels here let
+``torch.compile`` and ``opcheck`` trace the ops.
 """
 from __future__ import annotations
 
@@ -41,6 +42,26 @@ def forced_cpu_path(name: str) -> Iterator[None]:
         _C.set_cpu_path(previous)
 
 
+def cuda_built() -> bool:
+    """Whether this build of the extension has the CUDA kernels (torch with CUDA + nvcc at build)."""
+    return bool(_C.cuda_built())
+
+
+def cuda_paths() -> list[str]:
+    """CUDA code paths: 'bmma' (1-bit tensor cores, the default) and 'simt' (CUDA-core cross-check)."""
+    return list(_C.cuda_paths())
+
+
+@contextlib.contextmanager
+def forced_cuda_path(name: str) -> Iterator[None]:
+    previous = _C.cuda_path()
+    _C.set_cuda_path(name)
+    try:
+        yield
+    finally:
+        _C.set_cuda_path(previous)
+
+
 @torch.library.register_fake("bireal::pack_signs")
 def _pack_signs_fake(x: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
@@ -57,6 +78,14 @@ def _binary_conv2d_fake(packed_x, packed_w, in_channels, stride, padding, pad_va
     return out.permute(0, 3, 1, 2)
 
 
+@torch.library.register_fake("bireal::binary_block")
+def _binary_block_fake(packed_x, packed_w, in_channels, stride, padding, pad_value,
+                       scale=None, bias=None, residual=None):
+    out = _binary_conv2d_fake(packed_x, packed_w, in_channels, stride, padding, pad_value)
+    n, o, ho, wo = out.shape
+    return out, packed_x.new_empty((n, ho, wo, words_for(o)), dtype=torch.int64)
+
+
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) real -> (N, H, W, ceil(C/64)) int64 sign bits (1 = +1, sign(0) = +1)."""
     return torch.ops.bireal.pack_signs(x)
@@ -69,3 +98,13 @@ def binary_conv2d(packed_x: torch.Tensor, packed_w: torch.Tensor, in_channels: i
     ``out = dot * scale + bias + residual``: (N, O, Ho, Wo) float32, channels_last memory."""
     return torch.ops.bireal.binary_conv2d(packed_x, packed_w, in_channels, stride, padding,
                                           float(pad_value), scale, bias, residual)
+
+
+def binary_block(packed_x: torch.Tensor, packed_w: torch.Tensor, in_channels: int, stride: int = 1,
+                 padding: int = 1, pad_value: float = 0.0, scale: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused Bi-Real block: ``binary_conv2d`` and the packed signs of its output, for the next
+    block's conv: ``(out, pack_signs(out))``. On CUDA one kernel writes both."""
+    return torch.ops.bireal.binary_block(packed_x, packed_w, in_channels, stride, padding,
+                                         float(pad_value), scale, bias, residual)

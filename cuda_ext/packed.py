@@ -30,7 +30,7 @@ from bireal_core.models.bireal import BiRealBlock
 from bireal_core.models.bireal_bottleneck import BiRealBottleneck
 
 from . import ops
-from .reference import binary_conv2d_ref, pack_signs_ref
+from .reference import binary_block_ref, pack_signs_ref
 
 FORMAT = "bireal-packed"
 VERSION = 1
@@ -77,7 +77,10 @@ def fold_binary_conv(conv: bc.BinaryConv2d, bn: nn.BatchNorm2d) -> dict[str, tor
 # ----------------------------------------------------------------------------- modules
 
 class PackedBinaryConv(nn.Module):
-    """sign -> pack -> 1-bit conv -> (* scale + bias + residual), one fused kernel call."""
+    """sign -> pack -> 1-bit conv -> (* scale + bias + residual) -> sign -> pack, one fused kernel call.
+
+    Returns the real output and its packed signs, so the next binary conv starts from bits instead
+    of re-reading the real tensor."""
 
     def __init__(self, conv: bc.BinaryConv2d):
         super().__init__()
@@ -88,10 +91,15 @@ class PackedBinaryConv(nn.Module):
         self.register_buffer("scale", torch.ones(o))
         self.register_buffer("bias", torch.zeros(o))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        pack, conv = (pack_signs_ref, binary_conv2d_ref) if _USE_REFERENCE else (ops.pack_signs, ops.binary_conv2d)
-        return conv(pack(x), self.packed, self.in_channels, self.stride, self.padding, self.pad_value,
-                    self.scale, self.bias, residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                packed_x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (N, C, H, W) real, or ``packed_x`` its signs (N, H, W, C/64) when already packed.
+        Returns out (N, O, Ho, Wo) float32, channels_last, and its signs (N, Ho, Wo, O/64)."""
+        pack, block = (pack_signs_ref, binary_block_ref) if _USE_REFERENCE else (ops.pack_signs, ops.binary_block)
+        if packed_x is None:
+            packed_x = pack(x)
+        return block(packed_x, self.packed, self.in_channels, self.stride, self.padding, self.pad_value,
+                     self.scale, self.bias, residual)
 
 
 _USE_REFERENCE = False
@@ -127,9 +135,10 @@ class PackedBasicBlock(nn.Module):
         self.conv = PackedBinaryConv(block.conv)
         self.downsample = packed_shortcut(block.downsample)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, packed_x: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         shortcut = x if self.downsample is None else self.downsample(x)
-        return self.conv(x, residual=shortcut)
+        return self.conv(x, residual=shortcut, packed_x=packed_x)
 
 
 class PackedBottleneck(nn.Module):
@@ -144,15 +153,18 @@ class PackedBottleneck(nn.Module):
         self.conv3 = PackedBinaryConv(block.conv3)
         self.downsample = packed_shortcut(block.downsample)
 
-    def forward(self, mid_prev: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, mid_prev: torch.Tensor, x: torch.Tensor, packed_x: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (m2, out, packed signs of out); m2 feeds the next block's mid shortcut."""
         if self.first:
-            m1 = self.conv1(bc.LeakyClip()(x))
+            m1, packed_m1 = self.conv1(bc.LeakyClip()(x)), None
         else:
             adapted = mid_prev if self.mid_adapt is None else self.mid_adapt(mid_prev)
-            m1 = self.conv1(x, residual=adapted)
-        m2 = self.conv2(m1, residual=m1 if self.mid_pool is None else self.mid_pool(m1))
+            m1, packed_m1 = self.conv1(x, residual=adapted, packed_x=packed_x)
+        m2, packed_m2 = self.conv2(m1, residual=m1 if self.mid_pool is None else self.mid_pool(m1),
+                                   packed_x=packed_m1)
         shortcut = x if self.downsample is None else self.downsample(x)
-        return m2, self.conv3(m2, residual=shortcut)
+        return (m2, *self.conv3(m2, residual=shortcut, packed_x=packed_m2))
 
 
 class PackedBiReal(nn.Module):
@@ -177,12 +189,12 @@ class PackedBiReal(nn.Module):
         # channels_last throughout: the kernels read and write NHWC, and oneDNN's conv and
         # max-pool are several times faster on NHWC than on NCHW here.
         x = self.stem(x.contiguous(memory_format=torch.channels_last))
-        mid = x
+        mid, packed = x, None        # packed: signs of x, made by the previous block's kernel
         for block in self.blocks:
             if self.bottleneck:
-                mid, x = block(mid, x)
+                mid, x, packed = block(mid, x, packed)
             else:
-                x = block(x)
+                x, packed = block(x, packed)
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 

@@ -56,3 +56,12 @@ def binary_conv2d_ref(packed_x: torch.Tensor, packed_w: torch.Tensor, in_channel
     if residual is not None:
         out = out + residual
     return out.contiguous(memory_format=torch.channels_last)
+
+
+def binary_block_ref(packed_x: torch.Tensor, packed_w: torch.Tensor, in_channels: int, stride: int,
+                     padding: int, pad_value: float, scale: torch.Tensor | None = None,
+                     bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``binary_conv2d_ref`` and the packed signs of its output."""
+    out = binary_conv2d_ref(packed_x, packed_w, in_channels, stride, padding, pad_value, scale, bias, residual)
+    return out, pack_signs_ref(out)

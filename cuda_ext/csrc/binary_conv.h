@@ -5,11 +5,13 @@
 // Packed weights: int64 tensor (O, KH, KW, Cw), same bit order.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace bireal {
@@ -29,12 +31,21 @@ std::vector<std::string> cpu_paths();
 std::string cpu_path();
 void set_cpu_path(const std::string& name);
 
+// CUDA code paths: "bmma" (1-bit tensor cores, sm_80+) and "simt" (CUDA-core popcount, a cross-check).
+std::vector<std::string> cuda_paths();
+std::string cuda_path();
+void set_cuda_path(const std::string& name);
+
 at::Tensor pack_signs_cpu(const at::Tensor& x);
 at::Tensor binary_conv2d_cpu(const at::Tensor& packed_x, const at::Tensor& packed_w,
                              int64_t in_channels, int64_t stride, int64_t padding, double pad_value,
                              const std::optional<at::Tensor>& scale,
                              const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& residual);
+std::tuple<at::Tensor, at::Tensor> binary_block_cpu(
+    const at::Tensor& packed_x, const at::Tensor& packed_w, int64_t in_channels, int64_t stride,
+    int64_t padding, double pad_value, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual);
 
 // Shape and argument checks shared by the CPU and CUDA implementations.
 struct ConvGeometry {

@@ -10,6 +10,7 @@
 // S = sum of the +-1 weights at that tap, so border pixels add back +S for each such tap.
 #include "binary_conv.h"
 
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
@@ -304,13 +305,16 @@ std::vector<int32_t> border_corrections(const BorderClasses& b, const std::vecto
 // ---------------------------------------------------------------------------------------------
 // Packing: one pixel's C contiguous channels (NHWC) -> Cw words.
 
+// Compared in the input's own precision (float for half / bfloat16): a tiny negative double must
+// not round to -0.0 and pack as +1.
 template <typename T>
 void pack_pixel_portable(const T* x, int64_t C, uint64_t* out) {
+  using acc_t = at::opmath_type<T>;
   for (int64_t k = 0; k * kWordBits < C; ++k) {
     uint64_t word = 0;
     const int64_t n = std::min<int64_t>(kWordBits, C - k * kWordBits);
     for (int64_t j = 0; j < n; ++j)
-      word |= uint64_t(static_cast<float>(x[k * kWordBits + j]) >= 0.0f) << j;
+      word |= uint64_t(static_cast<acc_t>(x[k * kWordBits + j]) >= acc_t(0)) << j;
     out[k] = word;
   }
 }
@@ -561,8 +565,3 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& packed_x, const at::Tensor& packe
 }
 
 }  // namespace bireal
-
-TORCH_LIBRARY_IMPL(bireal, CPU, m) {
-  m.impl("pack_signs", &bireal::pack_signs_cpu);
-  m.impl("binary_conv2d", &bireal::binary_conv2d_cpu);
-}

@@ -1,8 +1,36 @@
 // Op schemas (defined once; CPU and CUDA implementations register separately) and the Python
-// module with the CPU-path helpers.
+// module with the code-path helpers.
 #include "binary_conv.h"
 
+#include <torch/extension.h>
+
+#include <atomic>
+
 namespace bireal {
+
+namespace {
+const std::vector<std::string> kCudaPaths{"bmma", "simt"};
+std::atomic<int> g_cuda_path{0};
+}  // namespace
+
+std::vector<std::string> cuda_paths() { return kCudaPaths; }
+std::string cuda_path() { return kCudaPaths[g_cuda_path.load()]; }
+void set_cuda_path(const std::string& name) {
+  if (name == "auto") return g_cuda_path.store(0);
+  for (size_t i = 0; i < kCudaPaths.size(); ++i)
+    if (name == kCudaPaths[i]) return g_cuda_path.store(static_cast<int>(i));
+  TORCH_CHECK(false, "set_cuda_path: unknown path '", name, "' (auto, bmma, simt)");
+}
+
+// The fused block on the CPU: the conv with its epilogue, then the signs of its output packed.
+std::tuple<at::Tensor, at::Tensor> binary_block_cpu(
+    const at::Tensor& packed_x, const at::Tensor& packed_w, int64_t in_channels, int64_t stride,
+    int64_t padding, double pad_value, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+  at::Tensor out = binary_conv2d_cpu(packed_x, packed_w, in_channels, stride, padding, pad_value,
+                                     scale, bias, residual);
+  return {out, pack_signs_cpu(out)};
+}
 
 ConvGeometry check_conv_args(const at::Tensor& packed_x, const at::Tensor& packed_w,
                              int64_t in_channels, int64_t stride, int64_t padding, double pad_value,
@@ -59,10 +87,29 @@ TORCH_LIBRARY(bireal, m) {
   m.def(
       "binary_conv2d(Tensor packed_x, Tensor packed_w, int in_channels, int stride, int padding, "
       "float pad_value, Tensor? scale, Tensor? bias, Tensor? residual) -> Tensor");
+  // The fused Bi-Real block: binary_conv2d, and the signs of its output packed for the next block.
+  //   (out, pack_signs(out)), out as binary_conv2d returns it
+  m.def(
+      "binary_block(Tensor packed_x, Tensor packed_w, int in_channels, int stride, int padding, "
+      "float pad_value, Tensor? scale, Tensor? bias, Tensor? residual) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bireal, CPU, m) {
+  m.impl("pack_signs", &bireal::pack_signs_cpu);
+  m.impl("binary_conv2d", &bireal::binary_conv2d_cpu);
+  m.impl("binary_block", &bireal::binary_block_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_paths", &bireal::cpu_paths, "CPU code paths this CPU can run, fastest first");
   m.def("cpu_path", &bireal::cpu_path, "the CPU code path in use");
   m.def("set_cpu_path", &bireal::set_cpu_path, "force a CPU code path ('auto' restores the fastest)");
+  m.def("cuda_paths", &bireal::cuda_paths, "CUDA code paths, fastest first");
+  m.def("cuda_path", &bireal::cuda_path, "the CUDA code path in use");
+  m.def("set_cuda_path", &bireal::set_cuda_path, "force a CUDA code path ('auto' restores bmma)");
+#ifdef BIREAL_WITH_CUDA
+  m.def("cuda_built", [] { return true; }, "whether the CUDA kernels were compiled in");
+#else
+  m.def("cuda_built", [] { return false; }, "whether the CUDA kernels were compiled in");
+#endif
 }

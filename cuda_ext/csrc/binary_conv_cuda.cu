@@ -1,0 +1,430 @@
+// CUDA implementation of the bireal ops (same schemas, same packed layout, same bits as the CPU
+// and the pure-torch reference; docs/packed_format.md).
+//
+// The fast path is an implicit GEMM on the 1-bit tensor cores, `mma.sync.m16n8k256 ... .and.popc`
+// (native BMMA on sm_80 and sm_90; `.xor.popc` is emulated on Hopper and ~6x slower, see
+// docs/benchmarks.md). With AND alone, the number of positions where a +-1 input and a +-1 weight
+// agree is
+//     agree = popc(a & b) + popc(~a & ~b)
+// so every k-step issues two AND-popc MMAs into the same accumulator: (a, b) and (~a, nb), where
+// nb = ~b with the bits past C cleared. Then, over K = KH * KW * C valid positions,
+//     dot = agree - (K - agree) = 2 * agree - K.
+// No per-pixel or per-filter side sums are needed, and garbage in the tail bits cannot count (b and
+// nb are masked to the valid channels).
+//
+// Border taps read a fill word instead of the image: all valid bits set for pad_value +1 (exact),
+// 0 (= all -1) otherwise. -1 is then exact; zero padding adds back S[tap][o] (the sum of the +-1
+// weights at that tap) for each tap that falls outside the image, as on the CPU.
+//
+// Epilogue: out = dot * scale + bias + residual in float32, rounded in that order (__fmul_rn /
+// __fadd_rn: never contracted to an FMA), so the result equals the reference bit for bit. The
+// fused-block variant also writes the signs of `out`, packed, for the next block's conv.
+#include "binary_conv.h"
+
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cuda_runtime.h>
+
+namespace bireal {
+namespace {
+
+constexpr int kWarpRows = 32;                   // output pixels per warp (2 m16 tiles)
+constexpr int kWarpCols = 64;                   // output channels per warp (8 n8 tiles = 1 word)
+constexpr int kWarpsPerBlock = 4;               // stacked along pixels: a block is 128 x 64
+constexpr int kBlockRows = kWarpRows * kWarpsPerBlock;
+constexpr int kChunkWords = 4;                  // one k-step = 256 bits = 4 words of 64
+
+struct ConvParams {
+  const uint64_t* x;          // (N, H, W, Cw) packed input
+  const uint64_t* w;          // (O, KH, KW, Cw) packed weights = (O, K_words)
+  const int32_t* tap_sums;    // (KH * KW, O) sum of +-1 weights per tap; null: no correction
+  const float* scale;         // (O,) or null
+  const float* bias;          // (O,) or null
+  const float* residual;      // (N, Ho, Wo, O) channels-last or null
+  float* out;                 // (N, Ho, Wo, O)
+  uint64_t* packed_out;       // (N, Ho, Wo, Ow) signs of out, or null
+  int64_t M;                  // N * Ho * Wo output pixels
+  int H, W, Cw, O, Ow, KH, KW, Ho, Wo, stride, padding, K_words;
+  int K;                      // KH * KW * C valid positions per output
+  uint64_t tail_mask;         // valid bits of a pixel's last word
+  uint64_t fill_full, fill_tail;  // border words (pad +1: valid bits; else 0)
+};
+
+__device__ __forceinline__ uint64_t valid_mask(const ConvParams& p, int c) {
+  return c == p.Cw - 1 ? p.tail_mask : ~uint64_t(0);
+}
+
+// Zero-padding correction of output pixel (oh, ow) for channel o: + S[tap][o] for each tap outside
+// the image. 0 for interior pixels and whenever tap_sums is null.
+__device__ __forceinline__ int border_correction(const ConvParams& p, int ih0, int iw0, int o) {
+  if (p.tap_sums == nullptr) return 0;
+  if (ih0 >= 0 && ih0 + p.KH <= p.H && iw0 >= 0 && iw0 + p.KW <= p.W) return 0;
+  int corr = 0;
+  for (int kh = 0; kh < p.KH; ++kh)
+    for (int kw = 0; kw < p.KW; ++kw) {
+      const int ih = ih0 + kh, iw = iw0 + kw;
+      if (ih < 0 || ih >= p.H || iw < 0 || iw >= p.W) corr += p.tap_sums[(kh * p.KW + kw) * p.O + o];
+    }
+  return corr;
+}
+
+// out = dot * scale + bias + residual, each rounding step as the reference does it.
+__device__ __forceinline__ float epilogue(const ConvParams& p, int64_t row, int o, int dot) {
+  float v = static_cast<float>(dot);  // exact: |dot| <= K < 2^24
+  if (p.scale) v = __fmul_rn(v, p.scale[o]);
+  if (p.bias) v = __fadd_rn(v, p.bias[o]);
+  if (p.residual) v = __fadd_rn(v, p.residual[row * p.O + o]);
+  return v;
+}
+
+// Geometry of one output pixel: its image's first input word and the top-left tap's position.
+struct PixelOrigin {
+  int64_t image_base;  // offset of (n, 0, 0, 0) in x
+  int ih0, iw0;        // oh * stride - padding, ow * stride - padding
+  bool valid;          // row < M
+};
+
+__device__ __forceinline__ PixelOrigin pixel_origin(const ConvParams& p, int64_t row) {
+  PixelOrigin o{0, 0, 0, row < p.M};
+  const int64_t r = o.valid ? row : 0;
+  const int64_t n = r / (int64_t(p.Ho) * p.Wo);
+  const int rem = static_cast<int>(r - n * p.Ho * p.Wo);
+  o.image_base = n * p.H * p.W * p.Cw;
+  o.ih0 = (rem / p.Wo) * p.stride - p.padding;
+  o.iw0 = (rem % p.Wo) * p.stride - p.padding;
+  return o;
+}
+
+// Word `kw` (tap-major, then channel word) of the implicit im2col row of pixel `o`.
+__device__ __forceinline__ uint64_t load_input_word(const ConvParams& p, const PixelOrigin& o, int tap,
+                                                    int c) {
+  if (!o.valid) return 0;
+  const int kh = tap / p.KW, kw = tap - kh * p.KW;
+  const int ih = o.ih0 + kh, iw = o.iw0 + kw;
+  if (ih < 0 || ih >= p.H || iw < 0 || iw >= p.W) return c == p.Cw - 1 ? p.fill_tail : p.fill_full;
+  return __ldg(reinterpret_cast<const unsigned long long*>(p.x) + o.image_base +
+               (int64_t(ih) * p.W + iw) * p.Cw + c);
+}
+
+__device__ __forceinline__ uint32_t lo32(uint64_t v) { return static_cast<uint32_t>(v); }
+__device__ __forceinline__ uint32_t hi32(uint64_t v) { return static_cast<uint32_t>(v >> 32); }
+
+// acc += popc(A & B) over one 16 x 8 x 256 tile. Fragments (PTX ISA, m16n8k256 .b1), with
+// g = lane / 4 and t = lane % 4: a0 = row g, bits [32t, 32t + 32); a1 = row g + 8, same bits;
+// a2 = row g, bits [128 + 32t, ...); a3 = row g + 8, same; b0 = column g, bits [32t, ...);
+// b1 = column g, bits [128 + 32t, ...); acc: rows g (c0, c1) and g + 8 (c2, c3), columns 2t, 2t + 1.
+__device__ __forceinline__ void mma_and_popc(int (&acc)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+r"(acc[0]), "+r"(acc[1]), "+r"(acc[2]), "+r"(acc[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();  // the host dispatch never launches the tensor-core kernel below sm_80
+#endif
+}
+
+// One warp computes a 32 (pixels) x 64 (channels) output tile; a block stacks 4 warps along pixels.
+// Each thread (g, t) owns 64-bit word t of every 256-bit k-step: its low half is the a0/b0 slot and
+// its high half the a2/b1 slot, and A and B use the same assignment, so bit k of A meets bit k of B.
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+binary_conv2d_bmma_kernel(const ConvParams p) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int64_t warp_row0 = (int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5)) * kWarpRows;
+  const int warp_col0 = blockIdx.y * kWarpCols;
+
+  // The 4 pixels whose A words this thread loads: tile mt (0, 1), half h (row g or g + 8).
+  PixelOrigin pix[2][2];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) pix[mt][h] = pixel_origin(p, warp_row0 + mt * 16 + h * 8 + g);
+
+  int acc[2][8][4];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0;
+
+  const int steps = (p.K_words + kChunkWords - 1) / kChunkWords;
+  uint64_t a[2][2], b[8];
+  // Loads of k-step s into a, b (zero past K_words: contributes nothing to either MMA).
+  auto load_step = [&](int s) {
+    const int kw = s * kChunkWords + t;
+    const bool in_k = kw < p.K_words;
+    const int tap = in_k ? kw / p.Cw : 0, c = in_k ? kw - tap * p.Cw : 0;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) a[mt][h] = in_k ? load_input_word(p, pix[mt][h], tap, c) : 0;
+    const uint64_t mask = in_k ? valid_mask(p, c) : 0;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const int col = warp_col0 + nt * 8 + g;
+      b[nt] = (in_k && col < p.O)
+                  ? __ldg(reinterpret_cast<const unsigned long long*>(p.w) + int64_t(col) * p.K_words + kw) & mask
+                  : 0;
+    }
+    return mask;
+  };
+
+  uint64_t mask = load_step(0);
+  for (int s = 0; s < steps; ++s) {
+    uint64_t ca[2][2], cb[8];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) ca[mt][0] = a[mt][0], ca[mt][1] = a[mt][1];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) cb[nt] = b[nt];
+    const uint64_t cmask = mask;
+    if (s + 1 < steps) mask = load_step(s + 1);  // next step's loads overlap this step's MMAs
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      // nb: the -1 weights as ones (0 past K_words, where cmask is 0; columns past O are never read).
+      const uint64_t nb = ~cb[nt] & cmask;
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt) {
+        const uint64_t x0 = ca[mt][0], x1 = ca[mt][1];
+        mma_and_popc(acc[mt][nt], lo32(x0), lo32(x1), hi32(x0), hi32(x1), lo32(cb[nt]), hi32(cb[nt]));
+        mma_and_popc(acc[mt][nt], ~lo32(x0), ~lo32(x1), ~hi32(x0), ~hi32(x1), lo32(nb), hi32(nb));
+      }
+    }
+  }
+
+  // Epilogue. Thread (g, t) holds, for rows (mt, h), columns nt * 8 + 2t + {0, 1}.
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t row = warp_row0 + mt * 16 + h * 8 + g;
+      const PixelOrigin& o = pix[mt][h];
+      uint64_t signs = 0;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) {
+        const int col = warp_col0 + nt * 8 + 2 * t;  // this thread's pair: col, col + 1
+        if (!o.valid || col >= p.O) continue;
+        float v[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+          if (col + j >= p.O) break;
+          const int dot = 2 * acc[mt][nt][2 * h + j] - p.K + border_correction(p, o.ih0, o.iw0, col + j);
+          v[j] = epilogue(p, row, col + j, dot);
+          signs |= uint64_t(v[j] >= 0.0f) << (nt * 8 + 2 * t + j);
+        }
+        float* dst = p.out + row * p.O + col;
+        if (col + 1 < p.O && p.O % 2 == 0) {
+          *reinterpret_cast<float2*>(dst) = make_float2(v[0], v[1]);  // 8-byte aligned: O, col even
+        } else {
+          dst[0] = v[0];
+          if (col + 1 < p.O) dst[1] = v[1];
+        }
+      }
+      if (p.packed_out != nullptr) {  // warp-uniform: every lane takes part in the shuffles
+        signs |= __shfl_xor_sync(0xffffffffu, signs, 1);
+        signs |= __shfl_xor_sync(0xffffffffu, signs, 2);
+        if (t == 0 && o.valid) p.packed_out[row * p.Ow + warp_col0 / kWarpCols] = signs;
+      }
+    }
+}
+
+// CUDA-core XOR + popcount: one thread per output element. A correctness cross-check for the
+// tensor-core path (selectable with set_cuda_path("simt")), never the fast path.
+// Threads run over (pixel, channel) with channels padded to whole words, so each warp covers 32
+// channels of one pixel and a ballot gives half a word of the packed output.
+__global__ void binary_conv2d_simt_kernel(const ConvParams p) {
+  const int64_t idx = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t cols = int64_t(p.Ow) * 64;
+  const int64_t row = idx / cols;
+  const int col = static_cast<int>(idx - row * cols);
+  const PixelOrigin o = pixel_origin(p, row);
+  const bool active = o.valid && col < p.O;
+  float v = -1.0f;
+  if (active) {
+    int agree_xor = 0;  // popc(a ^ b) over valid bits = number of disagreements
+    for (int tap = 0; tap < p.KH * p.KW; ++tap)
+      for (int c = 0; c < p.Cw; ++c) {
+        const uint64_t a = load_input_word(p, o, tap, c);
+        const uint64_t b = p.w[int64_t(col) * p.K_words + tap * p.Cw + c];
+        agree_xor += __popcll((a ^ b) & valid_mask(p, c));
+      }
+    const int dot = p.K - 2 * agree_xor + border_correction(p, o.ih0, o.iw0, col);
+    v = epilogue(p, row, col, dot);
+    p.out[row * p.O + col] = v;
+  }
+  if (p.packed_out != nullptr && row < p.M) {  // row is warp-uniform (cols is a multiple of 64)
+    const uint32_t bits = __ballot_sync(0xffffffffu, active && v >= 0.0f);
+    if ((threadIdx.x & 31) == 0)
+      reinterpret_cast<uint32_t*>(p.packed_out)[(row * p.Ow + col / 64) * 2 + (col / 32) % 2] = bits;
+  }
+}
+
+// S[tap][o] = 2 * popc(w[o, tap, :]) - C: the sum of the +-1 weights of channel o at that tap.
+__global__ void tap_sums_kernel(const uint64_t* w, int O, int taps, int Cw, int C, uint64_t tail_mask,
+                                int32_t* out) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= O * taps) return;
+  const int o = i / taps, tap = i % taps;
+  int ones = 0;
+  for (int c = 0; c < Cw; ++c)
+    ones += __popcll(w[(int64_t(o) * taps + tap) * Cw + c] & (c == Cw - 1 ? tail_mask : ~uint64_t(0)));
+  out[tap * O + o] = 2 * ones - C;
+}
+
+// pack_signs: one warp per (pixel, 64-channel word) of a channels-last input; two ballots make the
+// word. Compared in the input's own precision (float for half / bfloat16): x >= 0 -> 1, NaN -> 0.
+template <typename T>
+__global__ void pack_signs_kernel(const T* __restrict__ x, int64_t pixels, int64_t C, int64_t Cw,
+                                  uint64_t* __restrict__ out) {
+  using acc_t = at::opmath_type<T>;
+  const int lane = threadIdx.x & 31;
+  const int64_t word = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  if (word >= pixels * Cw) return;  // warp-uniform
+  const int64_t pixel = word / Cw, c0 = (word - pixel * Cw) * 64 + lane;
+  const T* src = x + pixel * C;
+  const bool s0 = c0 < C && static_cast<acc_t>(src[c0]) >= acc_t(0);
+  const bool s1 = c0 + 32 < C && static_cast<acc_t>(src[c0 + 32]) >= acc_t(0);
+  const uint32_t lo = __ballot_sync(0xffffffffu, s0), hi = __ballot_sync(0xffffffffu, s1);
+  if (lane == 0) out[word] = (uint64_t(hi) << 32) | lo;
+}
+
+constexpr int kThreads = 256;
+
+int64_t blocks_for(int64_t threads) { return (threads + kThreads - 1) / kThreads; }
+
+void check_cuda_tensor(const at::Tensor& t, const at::Tensor& like, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "binary_conv2d (CUDA): ", name, " is on ",
+              t.device(), ", packed_x on ", like.device());
+}
+
+// Shared by binary_conv2d and binary_block: checks, prepares the operands, launches.
+std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const at::Tensor& packed_w,
+                                             int64_t in_channels, int64_t stride, int64_t padding,
+                                             double pad_value, const std::optional<at::Tensor>& scale,
+                                             const std::optional<at::Tensor>& bias,
+                                             const std::optional<at::Tensor>& residual, bool pack_output) {
+  TORCH_CHECK(packed_x.is_cuda(), "binary_conv2d (CUDA): packed_x must be a CUDA tensor");
+  check_cuda_tensor(packed_w, packed_x, "packed_w");
+  const ConvGeometry g = check_conv_args(packed_x, packed_w, in_channels, stride, padding, pad_value,
+                                         scale, bias, residual);
+  const int64_t taps = g.KH * g.KW, K_words = taps * g.Cw, M = g.N * g.Ho * g.Wo;
+  TORCH_CHECK(taps * in_channels < (int64_t(1) << 24) && g.N * g.H * g.W * g.Cw < (int64_t(1) << 62) &&
+                  g.H < (1 << 30) && g.W < (1 << 30) && g.O < (1 << 30),
+              "binary_conv2d (CUDA): problem too large for 32-bit indices per image");
+  const c10::cuda::CUDAGuard guard(packed_x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  const at::Tensor x = packed_x.contiguous(), w = packed_w.contiguous();
+  at::Tensor scale_c, bias_c, residual_c;
+  if (scale) {
+    check_cuda_tensor(*scale, packed_x, "scale");
+    scale_c = scale->contiguous();
+  }
+  if (bias) {
+    check_cuda_tensor(*bias, packed_x, "bias");
+    bias_c = bias->contiguous();
+  }
+  if (residual) {
+    check_cuda_tensor(*residual, packed_x, "residual");
+    residual_c = residual->contiguous(at::MemoryFormat::ChannelsLast);  // (N, Ho, Wo, O) in memory
+  }
+
+  ConvParams p{};
+  p.x = reinterpret_cast<const uint64_t*>(x.data_ptr<int64_t>());
+  p.w = reinterpret_cast<const uint64_t*>(w.data_ptr<int64_t>());
+  p.M = M;
+  p.H = g.H, p.W = g.W, p.Cw = g.Cw, p.O = g.O, p.Ow = words_for(g.O), p.KH = g.KH, p.KW = g.KW;
+  p.Ho = g.Ho, p.Wo = g.Wo, p.stride = stride, p.padding = padding, p.K_words = K_words;
+  p.K = taps * in_channels;
+  p.tail_mask = valid_bits(g.Cw - 1, in_channels);
+  p.fill_full = pad_value == 1.0 ? ~uint64_t(0) : 0;
+  p.fill_tail = pad_value == 1.0 ? p.tail_mask : 0;
+  p.scale = scale ? scale_c.data_ptr<float>() : nullptr;
+  p.bias = bias ? bias_c.data_ptr<float>() : nullptr;
+  p.residual = residual ? residual_c.data_ptr<float>() : nullptr;
+
+  at::Tensor tap_sums;
+  if (pad_value == 0.0 && padding > 0) {
+    tap_sums = at::empty({taps, g.O}, x.options().dtype(at::kInt));
+    tap_sums_kernel<<<blocks_for(g.O * taps), kThreads, 0, stream>>>(
+        p.w, g.O, taps, g.Cw, in_channels, p.tail_mask, tap_sums.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    p.tap_sums = tap_sums.data_ptr<int32_t>();
+  }
+
+  at::Tensor out = at::empty({g.N, g.Ho, g.Wo, g.O}, x.options().dtype(at::kFloat));
+  p.out = out.data_ptr<float>();
+  at::Tensor packed_out;
+  if (pack_output) {
+    packed_out = at::empty({g.N, g.Ho, g.Wo, p.Ow}, x.options());
+    p.packed_out = reinterpret_cast<uint64_t*>(packed_out.data_ptr<int64_t>());
+  }
+
+  if (M > 0 && g.O > 0) {
+    if (cuda_path() == "bmma") {
+      int major = 0;
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, packed_x.get_device()));
+      TORCH_CHECK(major >= 8, "binary_conv2d (CUDA): the tensor-core path needs sm_80 or newer, this "
+                              "device is sm_", major, "x; set_cuda_path('simt') runs on CUDA cores");
+      const dim3 grid((M + kBlockRows - 1) / kBlockRows, (g.O + kWarpCols - 1) / kWarpCols);
+      binary_conv2d_bmma_kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
+    } else {
+      binary_conv2d_simt_kernel<<<blocks_for(M * p.Ow * 64), kThreads, 0, stream>>>(p);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {out.permute({0, 3, 1, 2}), packed_out};  // (N, O, Ho, Wo) in channels-last memory
+}
+
+}  // namespace
+
+at::Tensor pack_signs_cuda(const at::Tensor& x) {
+  TORCH_CHECK(x.is_cuda(), "pack_signs (CUDA): x must be a CUDA tensor");
+  TORCH_CHECK(x.dim() == 4, "pack_signs: x must be (N, C, H, W), got ", x.dim(), " dims");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "pack_signs: x must be floating point, got ",
+              x.scalar_type());
+  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Cw = words_for(C);
+  TORCH_CHECK(C > 0, "pack_signs: x has no channels");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);  // NHWC in memory
+  at::Tensor out = at::empty({N, H, W, Cw}, x.options().dtype(at::kLong));
+  const int64_t words = N * H * W * Cw;
+  if (words == 0) return out;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pack_signs_cuda", [&] {
+    pack_signs_kernel<scalar_t><<<blocks_for(words * 32), kThreads, 0, stream>>>(
+        xc.data_ptr<scalar_t>(), N * H * W, C, Cw, reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>()));
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor binary_conv2d_cuda(const at::Tensor& packed_x, const at::Tensor& packed_w,
+                              int64_t in_channels, int64_t stride, int64_t padding, double pad_value,
+                              const std::optional<at::Tensor>& scale,
+                              const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& residual) {
+  return std::get<0>(conv_cuda(packed_x, packed_w, in_channels, stride, padding, pad_value, scale,
+                               bias, residual, /*pack_output=*/false));
+}
+
+std::tuple<at::Tensor, at::Tensor> binary_block_cuda(
+    const at::Tensor& packed_x, const at::Tensor& packed_w, int64_t in_channels, int64_t stride,
+    int64_t padding, double pad_value, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+  return conv_cuda(packed_x, packed_w, in_channels, stride, padding, pad_value, scale, bias, residual,
+                   /*pack_output=*/true);
+}
+
+}  // namespace bireal
+
+TORCH_LIBRARY_IMPL(bireal, CUDA, m) {
+  m.impl("pack_signs", &bireal::pack_signs_cuda);
+  m.impl("binary_conv2d", &bireal::binary_conv2d_cuda);
+  m.impl("binary_block", &bireal::binary_block_cuda);
+}

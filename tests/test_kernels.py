@@ -6,7 +6,8 @@ import torch
 
 from bireal_core import BinaryConv2d, IdentitySign, MagnitudeAwareSign
 from cuda_ext import ops
-from cuda_ext.reference import binary_conv2d_ref, pack_signs_ref, pack_weight_ref, unpack_signs_ref
+from cuda_ext.reference import (binary_block_ref, binary_conv2d_ref, pack_signs_ref, pack_weight_ref,
+                                unpack_signs_ref)
 
 PATHS = ops.cpu_paths()
 CASES = list(itertools.product([3, 31, 33, 64, 100], [1, 2], [1, 3], [0.0, 1.0, -1.0], [1, 3]))
@@ -110,3 +111,35 @@ def test_bad_arguments_named():
     with pytest.raises(RuntimeError, match="unknown path"):
         with ops.forced_cpu_path("sse9"):
             pass
+
+
+@pytest.mark.parametrize("channels,stride,kernel,pad_value", [(33, 1, 3, 0.0), (64, 2, 3, 1.0),
+                                                              (100, 1, 1, -1.0), (130, 2, 1, 0.0)])
+def test_binary_block_is_conv_then_pack(channels, stride, kernel, pad_value):
+    """The fused block returns binary_conv2d's output and exactly pack_signs of it (70 outputs:
+    two words, the second with a tail)."""
+    x, w = torch.randn(2, channels, 9, 8), torch.randn(70, channels, kernel, kernel)
+    args = (pack_signs_ref(x), pack_weight_ref(w), channels, stride, kernel // 2, pad_value)
+    epilogue = (torch.randn(70), torch.randn(70))
+    out, packed = ops.binary_block(*args, *epilogue)
+    ref_out, ref_packed = binary_block_ref(*args, *epilogue)
+    assert torch.equal(out, ref_out) and torch.equal(packed, ref_packed)
+    residual = torch.randn_like(out)
+    out, packed = ops.binary_block(*args, *epilogue, residual)
+    assert torch.equal(out, binary_conv2d_ref(*args, *epilogue, residual))
+    assert torch.equal(packed, pack_signs_ref(out))
+
+
+def test_binary_block_opcheck():
+    px, pw = ops.pack_signs(torch.randn(2, 33, 6, 5)), pack_weight_ref(torch.randn(7, 33, 3, 3))
+    scale, bias, res = torch.randn(7), torch.randn(7), torch.randn(2, 7, 6, 5)
+    torch.library.opcheck(torch.ops.bireal.binary_block.default, (px, pw, 33, 1, 1, 0.0, scale, bias, res))
+
+
+def test_pack_signs_of_tiny_doubles_compares_in_double():
+    """-1e-300 is negative (packs as -1) even though it rounds to -0.0 in float32."""
+    x = torch.tensor([-1e-300, 1e-300, -0.0, 0.0], dtype=torch.float64).view(1, 4, 1, 1)
+    for path in PATHS:
+        with ops.forced_cpu_path(path):
+            assert torch.equal(ops.pack_signs(x), pack_signs_ref(x))
+    assert int(pack_signs_ref(x)) == 0b1110

@@ -1,0 +1,81 @@
+"""The CUDA kernels are compiled and loadable wherever a CUDA torch and nvcc are present, GPU or not:
+compile errors and wrong targets surface here, before any GPU time (the GPU checks: test_cuda.py)."""
+import glob
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from cuda_ext import ops
+
+CUDA_BUILD_POSSIBLE = torch.version.cuda is not None and shutil.which("nvcc") is not None \
+    and os.environ.get("BIREAL_CUDA") != "0"
+needs_cuda_build = pytest.mark.skipif(not CUDA_BUILD_POSSIBLE,
+                                      reason="torch without CUDA, no nvcc, or BIREAL_CUDA=0")
+
+
+def extension_file() -> str:
+    from cuda_ext import _C
+
+    return _C.__file__
+
+
+def cuobjdump() -> str | None:
+    import torch.utils.cpp_extension as ce
+
+    candidates = [shutil.which("cuobjdump"),
+                  *(os.path.join(h, "bin", "cuobjdump") for h in (ce.CUDA_HOME, "/usr/local/cuda") if h),
+                  *glob.glob("/usr/local/cuda-*/bin/cuobjdump")]
+    try:
+        import triton  # ships a cuobjdump with its NVIDIA backend
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+@needs_cuda_build
+def test_cuda_kernels_built_and_registered():
+    assert ops.cuda_built(), "a CUDA build was possible here but cuda_ext._C has no CUDA kernels"
+    for op in ("pack_signs", "binary_conv2d", "binary_block"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bireal::{op}", "CUDA"), op
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bireal::{op}", "CPU"), op
+    assert ops.cuda_paths() == ["bmma", "simt"]
+
+
+@needs_cuda_build
+def test_machine_code_for_sm80_and_sm90a_with_native_bmma():
+    """Both targets are in the binary, and the tensor-core kernel compiled to the native 1-bit MMA
+    (BMMA ... AND.POPC) with nothing spilled to local memory."""
+    tool = cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump to read the fat binary")
+    so = extension_file()
+    listing = subprocess.run([tool, "--list-elf", so], capture_output=True, text=True, check=True).stdout
+    wanted = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
+    for arch in wanted.replace(" ", ";").split(";"):
+        sm = "sm_" + arch.replace(".", "").replace("+PTX", "")
+        assert f".{sm}.cubin" in listing, f"{sm} missing from {so}:\n{listing}"
+    for sm in ("sm_80", "sm_90a"):
+        if f".{sm}.cubin" not in listing:
+            continue
+        sass = subprocess.run([tool, "--dump-sass", "--gpu-architecture", sm, so],
+                              capture_output=True, text=True, check=True).stdout
+        kernel = sass[sass.index("binary_conv2d_bmma_kernel"):]
+        kernel = kernel[:kernel.find("Function :", 1) if "Function :" in kernel[1:] else len(kernel)]
+        assert kernel.count("BMMA.168256.AND.POPC") == 32, f"{sm}: expected 32 AND-popc BMMAs per k-step"
+        assert "XOR.POPC" not in kernel
+        assert "LDL" not in kernel and "STL" not in kernel, f"{sm}: registers spilled to local memory"
+
+
+def test_cuda_helpers_without_a_gpu():
+    """Path switching works (and rejects unknown names) on any build."""
+    with ops.forced_cuda_path("simt"):
+        from cuda_ext import _C
+        assert _C.cuda_path() == "simt"
+    assert ops.cuda_paths()[0] == "bmma"
+    with pytest.raises(RuntimeError, match="unknown path 'wgmma2'"):
+        with ops.forced_cuda_path("wgmma2"):
+            pass

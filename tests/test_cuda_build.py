@@ -79,3 +79,56 @@ def test_cuda_helpers_without_a_gpu():
     with pytest.raises(RuntimeError, match="unknown path 'wgmma2'"):
         with ops.forced_cuda_path("wgmma2"):
             pass
+
+
+def _popcount(words: torch.Tensor) -> torch.Tensor:
+    """Bit count of each int64 word (bits as 64 lanes)."""
+    shifts = torch.arange(64, dtype=torch.int64)
+    return ((words.unsqueeze(-1) >> shifts) & 1).sum(-1)
+
+
+def and_popc_conv_model(px, pw, channels, stride, padding, pad_value):
+    """The tensor-core kernel's arithmetic, word for word, in torch: border taps read the fill word,
+    agreements = popc(a & b) + popc(~a & nb) with b and nb masked to the valid channels, dot =
+    2 * agree - K, plus S[tap][o] for taps outside the image under zero padding."""
+    n, h, w, cw = px.shape
+    o, kh, kw, _ = pw.shape
+    tail = (1 << (channels - 64 * (cw - 1))) - 1 if channels % 64 else -1
+    valid = torch.tensor([-1] * (cw - 1) + [tail if tail < 2**63 else tail - 2**64], dtype=torch.int64)
+    fill = valid if pad_value == 1.0 else torch.zeros_like(valid)
+    padded = fill.repeat(n, h + 2 * padding, w + 2 * padding, 1)
+    inside = torch.zeros(n, h + 2 * padding, w + 2 * padding, dtype=torch.bool)
+    padded[:, padding:padding + h, padding:padding + w] = px
+    inside[:, padding:padding + h, padding:padding + w] = True
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+    b, nb = pw & valid, ~pw & valid                                          # (O, KH, KW, Cw)
+    agree = torch.zeros(n, ho, wo, o, dtype=torch.int64)
+    corr = torch.zeros(n, ho, wo, o, dtype=torch.int64)
+    taps_sum = 2 * _popcount(b).sum(-1) - channels                           # S: (O, KH, KW)
+    for i in range(kh):
+        for j in range(kw):
+            a = padded[:, i:i + stride * ho:stride, j:j + stride * wo:stride]   # (N, Ho, Wo, Cw)
+            agree += _popcount(a.unsqueeze(3) & b[:, i, j]).sum(-1) + _popcount(~a.unsqueeze(3) & nb[:, i, j]).sum(-1)
+            if pad_value == 0.0:
+                outside = ~inside[:, i:i + stride * ho:stride, j:j + stride * wo:stride]
+                corr += outside.unsqueeze(-1) * taps_sum[:, i, j]
+    dot = 2 * agree - kh * kw * channels + corr
+    return dot.permute(0, 3, 1, 2).double()
+
+
+@pytest.mark.parametrize("channels,stride,kernel,pad_value",
+                         [(3, 1, 3, 0.0), (33, 2, 3, 1.0), (64, 1, 3, -1.0), (100, 2, 1, 0.0), (130, 1, 3, 0.0)])
+def test_tensor_core_arithmetic_matches_reference(channels, stride, kernel, pad_value):
+    """The AND-popc identity, fill words and border corrections of binary_conv_cuda.cu give the
+    reference's dot products exactly, here on the CPU (tail bits deliberately set to garbage)."""
+    from cuda_ext.reference import binary_conv2d_ref, pack_signs_ref, pack_weight_ref
+
+    x, w = torch.randn(2, channels, 7, 6), torch.randn(9, channels, kernel, kernel)
+    px, pw = pack_signs_ref(x), pack_weight_ref(w)
+    if channels % 64:
+        pw_dirty = pw.clone()
+        pw_dirty[..., -1] |= torch.tensor(-1 << (channels % 64), dtype=torch.int64)  # garbage past C
+    else:
+        pw_dirty = pw
+    expected = binary_conv2d_ref(px, pw, channels, stride, kernel // 2, pad_value).double()
+    assert torch.equal(and_popc_conv_model(px, pw_dirty, channels, stride, kernel // 2, pad_value), expected)

@@ -58,31 +58,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
-    from cuda_ext.packed import read_artifact
-
-    from .config import load_section
-    from .data import eval_split_name, iter_shard, read_manifest, split_shards
-    from .registry import register_artifact, write_registry_summary
-    from .tracking import MlflowConfig, RegistryConfig, pipeline_run_id, resolve
+    from .registry import register_stage
 
     evaluation = json.loads(Path(args.evaluation).read_text())
-    example = Path(args.artifact).with_name("example.jpg")
-    manifest = read_manifest(args.shards)
-    url = split_shards(manifest, args.shards, eval_split_name(manifest))[0][0]
-    example.write_bytes(next(iter_shard(url))["jpg"])          # a real input for the signature
-    registry = load_section(RegistryConfig, "registry", args.params,
-                            {"model_name": args.name} if args.name else None)
-    header = read_artifact(args.artifact)[1]
-    cost = None
-    if header.get("source", {}).get("checkpoint"):
-        import bireal_core as bc
-
-        cost = bc.summary(bc.load_checkpoint(header["source"]["checkpoint"])[0]).as_dict()
-    result = register_artifact(args.artifact, evaluation, str(example),
-                               resolve(load_section(MlflowConfig, "mlflow", args.params)), registry,
-                               pipeline_run_id(args.params), cost)
-    if args.out:
-        write_registry_summary(result, args.out)
+    result = register_stage(args.artifact, evaluation, args.shards, args.params, args.name, args.out)
     state = "already registered as" if result["duplicate"] else "registered"
     print(f"{state} {result['name']} version {result['version']}"
           f"{' (champion)' if result['champion'] else ' (candidate; champion kept)'}")

@@ -64,17 +64,10 @@ def evaluate_task(artifact: str, artifact_digest: str, shards: str, checkpoint: 
 
 @task(retries=2, retry_delay_seconds=3)
 def register_task(artifact: str, evaluation: dict, shards: str, params_path: str) -> dict:
-    import json
-
-    from .cli import main
+    from .registry import register_stage
 
     Path("metrics").mkdir(exist_ok=True)
-    Path("metrics/evaluate.json").write_text(json.dumps(evaluation))
-    code = main(["register", "--artifact", artifact, "--evaluation", "metrics/evaluate.json", "--shards", shards,
-                 "--params", params_path, "--out", "metrics/registry.json"])
-    if code:
-        raise RuntimeError(f"bireal register exited with {code}")
-    return json.loads(Path("metrics/registry.json").read_text())
+    return register_stage(artifact, evaluation, shards, params_path, out="metrics/registry.json")
 
 
 @flow(name="bireal-pipeline", log_prints=True)

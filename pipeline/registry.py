@@ -24,6 +24,37 @@ SHA_TAG = "bireal.artifact_sha256"
 ACCURACY_TAG = "bireal.eval_top1"
 
 
+def register_stage(artifact: str, evaluation: dict, shards: str, params_path: str | None = None,
+                   model_name: str | None = None, out: str | None = None) -> dict:
+    """The register stage (``bireal register`` and the Prefect flow's task): the evaluated
+    ``artifact`` into the registry named in ``params.yaml``, with a real image of the evaluation
+    split of ``shards`` as the signature's example and the cost table of its source checkpoint."""
+    from cuda_ext.packed import read_artifact
+
+    from .config import load_section
+    from .data import eval_split_name, iter_shard, read_manifest, split_shards
+    from .tracking import MlflowConfig, pipeline_run_id, resolve
+
+    registry = load_section(RegistryConfig, "registry", params_path,
+                            {"model_name": model_name} if model_name else None)
+    mlflow_cfg = resolve(load_section(MlflowConfig, "mlflow", params_path))
+    header = read_artifact(artifact)[1]
+    manifest = read_manifest(shards)
+    url = split_shards(manifest, shards, eval_split_name(manifest))[0][0]
+    example = Path(artifact).with_name("example.jpg")
+    example.write_bytes(next(iter_shard(url))["jpg"])
+    cost = None
+    if header.get("source", {}).get("checkpoint"):
+        import bireal_core as bc
+
+        cost = bc.summary(bc.load_checkpoint(header["source"]["checkpoint"])[0]).as_dict()
+    result = register_artifact(artifact, evaluation, str(example), mlflow_cfg, registry,
+                               pipeline_run_id(params_path), cost)
+    if out:
+        write_registry_summary(result, out)
+    return result
+
+
 def register_artifact(artifact: str, evaluation: dict, example_image: str, cfg, registry: RegistryConfig,
                       group: str, cost: dict | None = None) -> dict:
     """Log + register ``artifact``; -> {"name", "version", "aliases", "champion", "duplicate"}."""
@@ -51,7 +82,7 @@ def register_artifact(artifact: str, evaluation: dict, example_image: str, cfg, 
     size = artifact_size(artifact)
     with mlflow.start_run(experiment_id=experiment_id(cfg), run_name="register",
                           tags={PIPELINE_TAG: group, "bireal.stage": "register"}) as run:
-        model.load_context(type("Ctx", (), {"artifacts": {"packed": artifact}})())
+        model.load_context(mlflow.pyfunc.PythonModelContext(artifacts={"packed": artifact}, model_config={}))
         signature = infer_signature(example, model.predict(None, example))
         info = mlflow.pyfunc.log_model(
             name="model", python_model=PYFUNC_CODE, artifacts={"packed": artifact},

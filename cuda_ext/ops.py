@@ -32,14 +32,18 @@ def cpu_path() -> str:
 
 
 @contextlib.contextmanager
-def forced_cpu_path(name: str) -> Iterator[None]:
-    """Run the enclosed ops on CPU code path ``name`` (tests use it to cover every path)."""
-    previous = _C.cpu_path()
-    _C.set_cpu_path(name)
+def _forced_path(get, set_, name: str) -> Iterator[None]:
+    previous = get()
+    set_(name)
     try:
         yield
     finally:
-        _C.set_cpu_path(previous)
+        set_(previous)
+
+
+def forced_cpu_path(name: str) -> contextlib.AbstractContextManager[None]:
+    """Run the enclosed ops on CPU code path ``name`` (tests use it to cover every path)."""
+    return _forced_path(_C.cpu_path, _C.set_cpu_path, name)
 
 
 def cuda_built() -> bool:
@@ -52,14 +56,9 @@ def cuda_paths() -> list[str]:
     return list(_C.cuda_paths())
 
 
-@contextlib.contextmanager
-def forced_cuda_path(name: str) -> Iterator[None]:
-    previous = _C.cuda_path()
-    _C.set_cuda_path(name)
-    try:
-        yield
-    finally:
-        _C.set_cuda_path(previous)
+def forced_cuda_path(name: str) -> contextlib.AbstractContextManager[None]:
+    """Run the enclosed CUDA ops on code path ``name`` ('bmma', 'simt' or 'auto')."""
+    return _forced_path(_C.cuda_path, _C.set_cuda_path, name)
 
 
 @torch.library.register_fake("bireal::pack_signs")

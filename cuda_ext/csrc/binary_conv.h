@@ -48,6 +48,7 @@ std::tuple<at::Tensor, at::Tensor> binary_block_cpu(
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual);
 
 // Shape and argument checks shared by the CPU and CUDA implementations.
+void check_pack_args(const at::Tensor& x);
 struct ConvGeometry {
   int64_t N, H, W, Cw, O, KH, KW, Ho, Wo;
 };

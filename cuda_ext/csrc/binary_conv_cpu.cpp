@@ -431,11 +431,8 @@ void set_cpu_path(const std::string& name) {
 }
 
 at::Tensor pack_signs_cpu(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 4, "pack_signs: x must be (N, C, H, W), got ", x.dim(), " dims");
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "pack_signs: x must be floating point, got ",
-              x.scalar_type());
+  check_pack_args(x);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Cw = words_for(C);
-  TORCH_CHECK(C > 0, "pack_signs: x has no channels");
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);  // NHWC in memory
   at::Tensor out = at::empty({N, H, W, Cw}, x.options().dtype(at::kLong));
   auto* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());

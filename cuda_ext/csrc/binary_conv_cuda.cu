@@ -385,11 +385,8 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
 
 at::Tensor pack_signs_cuda(const at::Tensor& x) {
   TORCH_CHECK(x.is_cuda(), "pack_signs (CUDA): x must be a CUDA tensor");
-  TORCH_CHECK(x.dim() == 4, "pack_signs: x must be (N, C, H, W), got ", x.dim(), " dims");
-  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "pack_signs: x must be floating point, got ",
-              x.scalar_type());
+  check_pack_args(x);
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Cw = words_for(C);
-  TORCH_CHECK(C > 0, "pack_signs: x has no channels");
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);  // NHWC in memory
   at::Tensor out = at::empty({N, H, W, Cw}, x.options().dtype(at::kLong));

@@ -32,6 +32,13 @@ std::tuple<at::Tensor, at::Tensor> binary_block_cpu(
   return {out, pack_signs_cpu(out)};
 }
 
+void check_pack_args(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 4, "pack_signs: x must be (N, C, H, W), got ", x.dim(), " dims");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "pack_signs: x must be floating point, got ",
+              x.scalar_type());
+  TORCH_CHECK(x.size(1) > 0, "pack_signs: x has no channels");
+}
+
 ConvGeometry check_conv_args(const at::Tensor& packed_x, const at::Tensor& packed_w,
                              int64_t in_channels, int64_t stride, int64_t padding, double pad_value,
                              const std::optional<at::Tensor>& scale,

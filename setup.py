@@ -13,7 +13,9 @@ Environment:
 """
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -44,6 +46,17 @@ def find_cuda_home() -> str | None:
     return None
 
 
+def nvcc_release(home: str) -> str | None:
+    """'13.0' from ``nvcc --version``, or None if it does not run."""
+    try:
+        text = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True,
+                              text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", text)
+    return match.group(1) if match else None
+
+
 def want_cuda() -> bool:
     import torch
 
@@ -51,10 +64,18 @@ def want_cuda() -> bool:
     if flag == "0":
         return False
     home = find_cuda_home()
-    ok = torch.version.cuda is not None and home is not None
+    release = nvcc_release(home) if home else None
+    # torch refuses to build with an nvcc of another major version than its own CUDA
+    same_major = release is not None and torch.version.cuda is not None and \
+        release.split(".")[0] == torch.version.cuda.split(".")[0]
+    ok = torch.version.cuda is not None and home is not None and same_major
+    if not ok and home and torch.version.cuda:
+        print(f"[bireal] not building the CUDA kernels: nvcc {release} in {home} does not match "
+              f"torch's CUDA {torch.version.cuda}", file=sys.stderr)
     if flag == "1" and not ok:
         sys.exit(f"BIREAL_CUDA=1 but no CUDA build is possible: torch {torch.__version__} "
-                 f"(CUDA {torch.version.cuda}), toolkit {home or 'not found (set CUDA_HOME)'}")
+                 f"(CUDA {torch.version.cuda}), toolkit {home or 'not found (set CUDA_HOME)'}, "
+                 f"nvcc {release}")
     if ok:
         os.environ["CUDA_HOME"] = home          # read by torch.utils.cpp_extension on import
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
@@ -82,7 +103,7 @@ def extensions():
 
     include_dirs, library_dirs = wheel_cuda_dirs()
     print(f"[bireal] building the CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']} "
-          f"with {os.environ['CUDA_HOME']}", file=sys.stderr)
+          f"with {os.environ['CUDA_HOME']} (BIREAL_CUDA=0 skips them)", file=sys.stderr)
     return [CUDAExtension("cuda_ext._C", cpp_sources + sorted(glob.glob("cuda_ext/csrc/*.cu")),
                           include_dirs=include_dirs, library_dirs=library_dirs,
                           define_macros=[("BIREAL_WITH_CUDA", "1")],

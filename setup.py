@@ -13,12 +13,13 @@ Environment:
 """
 import glob
 import os
-import re
 import shutil
-import subprocess
 import sys
 
 from setuptools import setup
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cuda_ext.build_config import DEFAULT_ARCHS, cuda_build_plan  # noqa: E402  (imports torch only)
 
 CXX_FLAGS = [
     "-O3",
@@ -30,56 +31,18 @@ NVCC_FLAGS = [
     "--fmad=false",        # the epilogue uses __fmul_rn / __fadd_rn; no other float math may fuse
     "-lineinfo",
 ]
-DEFAULT_ARCHS = "8.0;9.0a"
-
-
-def find_cuda_home() -> str | None:
-    """A CUDA toolkit with both nvcc and the runtime headers (a bare nvcc wrapper is not enough)."""
-    nvcc = shutil.which("nvcc")
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
-                  nvcc and os.path.dirname(os.path.dirname(nvcc)), "/usr/local/cuda",
-                  *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
-    for home in candidates:
-        if home and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")) and \
-                os.path.isfile(os.path.join(home, "bin", "nvcc")):
-            return home
-    return None
-
-
-def nvcc_release(home: str) -> str | None:
-    """'13.0' from ``nvcc --version``, or None if it does not run."""
-    try:
-        text = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True,
-                              text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    match = re.search(r"release (\d+\.\d+)", text)
-    return match.group(1) if match else None
 
 
 def want_cuda() -> bool:
-    import torch
-
-    flag = os.environ.get("BIREAL_CUDA", "auto")
-    if flag == "0":
+    home, reason = cuda_build_plan()
+    if home is None:
+        if os.environ.get("BIREAL_CUDA") == "1":
+            sys.exit(f"BIREAL_CUDA=1 but the CUDA kernels cannot be built: {reason}")
+        print(f"[bireal] building without the CUDA kernels: {reason}", file=sys.stderr)
         return False
-    home = find_cuda_home()
-    release = nvcc_release(home) if home else None
-    # torch refuses to build with an nvcc of another major version than its own CUDA
-    same_major = release is not None and torch.version.cuda is not None and \
-        release.split(".")[0] == torch.version.cuda.split(".")[0]
-    ok = torch.version.cuda is not None and home is not None and same_major
-    if not ok and home and torch.version.cuda:
-        print(f"[bireal] not building the CUDA kernels: nvcc {release} in {home} does not match "
-              f"torch's CUDA {torch.version.cuda}", file=sys.stderr)
-    if flag == "1" and not ok:
-        sys.exit(f"BIREAL_CUDA=1 but no CUDA build is possible: torch {torch.__version__} "
-                 f"(CUDA {torch.version.cuda}), toolkit {home or 'not found (set CUDA_HOME)'}, "
-                 f"nvcc {release}")
-    if ok:
-        os.environ["CUDA_HOME"] = home          # read by torch.utils.cpp_extension on import
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-    return ok
+    os.environ["CUDA_HOME"] = home              # read by torch.utils.cpp_extension on import
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+    return True
 
 
 def wheel_cuda_dirs() -> tuple[list[str], list[str]]:

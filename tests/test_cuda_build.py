@@ -9,11 +9,10 @@ import pytest
 import torch
 
 from cuda_ext import ops
+from cuda_ext.build_config import cuda_build_plan
 
-CUDA_BUILD_POSSIBLE = torch.version.cuda is not None and shutil.which("nvcc") is not None \
-    and os.environ.get("BIREAL_CUDA") != "0"
-needs_cuda_build = pytest.mark.skipif(not CUDA_BUILD_POSSIBLE,
-                                      reason="torch without CUDA, no nvcc, or BIREAL_CUDA=0")
+CUDA_HOME, NO_CUDA_BUILD_BECAUSE = cuda_build_plan()     # what setup.py decided from the same facts
+needs_cuda_build = pytest.mark.skipif(CUDA_HOME is None, reason=f"no CUDA build here: {NO_CUDA_BUILD_BECAUSE}")
 
 
 def extension_file() -> str:
@@ -23,11 +22,8 @@ def extension_file() -> str:
 
 
 def cuobjdump() -> str | None:
-    import torch.utils.cpp_extension as ce
-
-    candidates = [shutil.which("cuobjdump"),
-                  *(os.path.join(h, "bin", "cuobjdump") for h in (ce.CUDA_HOME, "/usr/local/cuda") if h),
-                  *glob.glob("/usr/local/cuda-*/bin/cuobjdump")]
+    candidates = [shutil.which("cuobjdump"), CUDA_HOME and os.path.join(CUDA_HOME, "bin", "cuobjdump"),
+                  *glob.glob("/usr/local/cuda*/bin/cuobjdump")]
     try:
         import triton  # ships a cuobjdump with its NVIDIA backend
         candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))

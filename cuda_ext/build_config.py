@@ -1,0 +1,53 @@
+"""Whether (and with which toolkit) the CUDA kernels can be built here. Used by setup.py, and by
+tests/test_cuda_build.py to know whether the build must contain them. Imports nothing but torch."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+DEFAULT_ARCHS = "8.0;9.0a"
+
+
+def find_cuda_home() -> str | None:
+    """A CUDA toolkit with both nvcc and the runtime headers (a bare nvcc wrapper is not enough)."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  nvcc and os.path.dirname(os.path.dirname(nvcc)), "/usr/local/cuda",
+                  *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    for home in candidates:
+        if home and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")) and \
+                os.path.isfile(os.path.join(home, "bin", "nvcc")):
+            return home
+    return None
+
+
+def nvcc_release(home: str) -> str | None:
+    """'13.0' from ``nvcc --version``, or None if it does not run."""
+    try:
+        text = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True,
+                              text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", text)
+    return match.group(1) if match else None
+
+
+def cuda_build_plan() -> tuple[str | None, str]:
+    """(CUDA home, "") when the CUDA kernels will be built, else (None, the reason)."""
+    import torch
+
+    if os.environ.get("BIREAL_CUDA", "auto") == "0":
+        return None, "BIREAL_CUDA=0"
+    if torch.version.cuda is None:
+        return None, f"torch {torch.__version__} is not a CUDA build"
+    home = find_cuda_home()
+    if home is None:
+        return None, "no CUDA toolkit with nvcc and cuda_runtime.h found (set CUDA_HOME)"
+    release = nvcc_release(home)
+    # torch refuses to build with an nvcc of another major version than its own CUDA
+    if release is None or release.split(".")[0] != torch.version.cuda.split(".")[0]:
+        return None, f"nvcc {release} in {home} does not match torch's CUDA {torch.version.cuda}"
+    return home, ""

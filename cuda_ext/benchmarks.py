@@ -105,7 +105,9 @@ def bench_kernels(device: str = "cpu", batches=None, threads: int = 2, repeats: 
                 block = time_ms(lambda: ops.binary_block(px, pw, channels, 1, 1, 0.0, scale, bias, x),
                                 dev, repeats)
                 base_block = time_ms(float_block, dev, repeats)
+            moved = px.numel() * 8 + batch * channels * side * side * 4    # packed in, float32 out
             rows.append({"shape": f"{channels}x{side}x{side}", "batch": batch, "ours_ms": ours,
+                         "ours_gb_s": moved / ours / 1e6,
                          "ours_with_pack_ms": packed, "baseline_ms": base, "speedup": base / ours,
                          "block_ms": block, "float_block_ms": base_block, "block_speedup": base_block / block,
                          "baseline": f"F.conv2d {str(float_dtype).split('.')[-1]}; block: conv + BN + add + sign"})
@@ -153,7 +155,7 @@ def bench_model(device: str = "cpu", batches=None, threads: int = 2, repeats: in
 def format_table(rows: list[dict], title: str) -> str:
     cols = [("shape", 26, "{}"), ("batch", 6, "{}"), ("ours_ms", 10, "{:.4f}"),
             ("ours_with_pack_ms", 18, "{:.4f}"), ("ours_graph_ms", 14, "{:.4f}"), ("baseline_ms", 12, "{:.4f}"),
-            ("speedup", 8, "{:.1f}x"), ("block_ms", 10, "{:.4f}"), ("float_block_ms", 15, "{:.4f}"),
+            ("speedup", 8, "{:.1f}x"), ("ours_gb_s", 10, "{:,.0f}"), ("block_ms", 10, "{:.4f}"), ("float_block_ms", 15, "{:.4f}"),
             ("block_speedup", 14, "{:.1f}x"), ("ours_img_s", 11, "{:,.0f}"), ("baseline_img_s", 15, "{:,.0f}")]
     cols = [c for c in cols if any(c[0] in r for r in rows)]
     lines = [title, "".join(f"{name:>{w}}" for name, w, _ in cols)]
@@ -161,6 +163,14 @@ def format_table(rows: list[dict], title: str) -> str:
         lines.append("".join(f"{fmt.format(r[name]) if name in r else '-':>{w}}" for name, w, fmt in cols))
     lines.append(f"baseline: {rows[0]['baseline']}")
     return "\n".join(lines)
+
+
+def copy_bandwidth_gb_s(device: torch.device, gib: float = 1.0) -> float:
+    """Device-to-device copy rate, bytes read + written (the memory ceiling of docs/cuda.md)."""
+    src = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, repeats=10)
+    return 2 * src.numel() / ms / 1e6
 
 
 def machine_description(device: str) -> str:
@@ -183,6 +193,10 @@ def run(what: str, device: str, json_path: str | None = None, threads: int = 2) 
     rows = (bench_kernels if what == "kernels" else bench_model)(device=device, threads=threads)
     title = f"bireal bench {what} --device {device}  [{machine_description(device)}, torch {torch.__version__}]"
     print(format_table(rows, title))
+    if what == "kernels":
+        print("ours_gb_s: bytes of the packed input + the float32 output over ours_ms, GB/s" +
+              (f"; this card's copy rate (read + write): {copy_bandwidth_gb_s(torch.device(device)):,.0f} GB/s"
+               if device.startswith("cuda") else ""))
     if json_path:
         Path(json_path).write_text(json.dumps({"what": what, "device": device,
                                                "machine": machine_description(device),

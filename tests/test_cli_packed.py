@@ -47,3 +47,20 @@ def test_predict_errors_name_the_file(tmp_path, checkpoint, capsys):
     assert "ok.jpg" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "nope.safetensors"), "--out", str(art)]) == 2
     assert "nope.safetensors" in capsys.readouterr().err
+
+
+def test_bench_kernel_rows_and_table():
+    """The benchmark code the CLI runs: every row has both sides and the derived columns (timings
+    are printed, never asserted)."""
+    from cuda_ext.benchmarks import BIREAL18_SHAPES, bench_kernels, format_table
+
+    rows = bench_kernels("cpu", batches=(1,), repeats=1)
+    assert [r["shape"] for r in rows] == [f"{c}x{s}x{s}" for c, s in BIREAL18_SHAPES]
+    for r, (channels, side) in zip(rows, BIREAL18_SHAPES):
+        assert r["ours_ms"] > 0 and r["baseline_ms"] > 0 and r["block_ms"] > 0
+        assert r["speedup"] == r["baseline_ms"] / r["ours_ms"]
+        # bytes: one int64 word per 64 input channels in, one float32 per output channel out
+        moved = side * side * (8 * (channels // 64) + 4 * channels)
+        assert r["ours_gb_s"] == pytest.approx(moved / r["ours_ms"] / 1e6)
+    table = format_table(rows, "title")
+    assert "64x56x56" in table and "block_speedup" in table and "baseline: F.conv2d float32" in table

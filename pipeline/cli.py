@@ -46,7 +46,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_artifact, write_outputs
 
-    result = evaluate_artifact(args.artifact, args.shards, args.checkpoint)
+    result = evaluate_artifact(args.artifact, args.shards, args.checkpoint, device=args.device)
     if args.metrics:
         write_outputs(result, args.metrics, args.confusion)
     line = f"{args.artifact} on {result['split']}: top-1 {result['top1']:.4f} over {result['images']} images"
@@ -213,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", default=None, help="also report agreement with this checkpoint")
     evaluate.add_argument("--metrics", default=None, help="write metrics JSON here")
     evaluate.add_argument("--confusion", default=None, help="write the confusion matrix as CSV here")
+    evaluate.add_argument("--device", default="cpu", help="cpu or cuda (the packed model's kernels)")
     evaluate.set_defaults(func=_cmd_evaluate)
 
     register = sub.add_parser("register", help="log the packed artifact as an MLflow pyfunc and register it")

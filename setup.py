@@ -45,16 +45,6 @@ def want_cuda() -> bool:
     return True
 
 
-def wheel_cuda_dirs() -> tuple[list[str], list[str]]:
-    """Headers and libraries of the pip-installed CUDA runtime next to torch (nvidia/cu13), if any."""
-    import torch
-
-    site = os.path.dirname(os.path.dirname(torch.__file__))
-    roots = sorted(glob.glob(os.path.join(site, "nvidia", "cu*")))
-    return ([d for r in roots if os.path.isdir(d := os.path.join(r, "include"))],
-            [d for r in roots if os.path.isdir(d := os.path.join(r, "lib"))])
-
-
 def extensions():
     cpp_sources = sorted(glob.glob("cuda_ext/csrc/*.cpp"))
     if not want_cuda():
@@ -64,11 +54,9 @@ def extensions():
                              extra_link_args=["-fopenmp"])]
     from torch.utils.cpp_extension import CUDAExtension
 
-    include_dirs, library_dirs = wheel_cuda_dirs()
     print(f"[bireal] building the CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']} "
           f"with {os.environ['CUDA_HOME']} (BIREAL_CUDA=0 skips them)", file=sys.stderr)
     return [CUDAExtension("cuda_ext._C", cpp_sources + sorted(glob.glob("cuda_ext/csrc/*.cu")),
-                          include_dirs=include_dirs, library_dirs=library_dirs,
                           define_macros=[("BIREAL_WITH_CUDA", "1")],
                           extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
                           extra_link_args=["-fopenmp"])]

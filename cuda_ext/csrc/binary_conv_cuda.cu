@@ -28,6 +28,8 @@
 
 #include <cuda_runtime.h>
 
+#include <atomic>
+
 namespace bireal {
 namespace {
 
@@ -297,6 +299,18 @@ constexpr int kThreads = 256;
 
 int64_t blocks_for(int64_t threads) { return (threads + kThreads - 1) / kThreads; }
 
+// Read once per device (kept out of the per-call path, which may be inside a CUDA graph capture).
+int compute_capability_major(int device) {
+  static std::atomic<int> cached[64] = {};
+  TORCH_CHECK(device >= 0 && device < 64, "binary_conv2d (CUDA): device index ", device, " out of range");
+  int major = cached[device].load();
+  if (major == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    cached[device].store(major);
+  }
+  return major;
+}
+
 void check_cuda_tensor(const at::Tensor& t, const at::Tensor& like, const char* name) {
   TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "binary_conv2d (CUDA): ", name, " is on ",
               t.device(), ", packed_x on ", like.device());
@@ -367,8 +381,7 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
 
   if (M > 0 && g.O > 0) {
     if (cuda_path() == "bmma") {
-      int major = 0;
-      C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, packed_x.get_device()));
+      const int major = compute_capability_major(packed_x.get_device());
       TORCH_CHECK(major >= 8, "binary_conv2d (CUDA): the tensor-core path needs sm_80 or newer, this "
                               "device is sm_", major, "x; set_cuda_path('simt') runs on CUDA cores");
       const dim3 grid((M + kBlockRows - 1) / kBlockRows, (g.O + kWarpCols - 1) / kWarpCols);

@@ -31,10 +31,10 @@ def evaluate_artifact(artifact: str, shards: str, checkpoint: str | None = None,
         for images, labels in batches:
             images = images.to(device, non_blocking=True)
             pred = packed(images).argmax(1)
-            confusion += torch.bincount(labels * n + pred, minlength=n * n).view(n, n)
             if float_model is not None:
                 agree += int((float_model(images).argmax(1) == pred).sum())
-            pred = pred.cpu()
+            pred = pred.cpu()                    # the labels and the confusion matrix stay on the CPU
+            confusion += torch.bincount(labels * n + pred, minlength=n * n).view(n, n)
             seen += len(labels)
     correct = confusion.diag()
     per_class = (correct.float() / confusion.sum(1).clamp(min=1)).tolist()

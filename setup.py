@@ -46,20 +46,22 @@ def want_cuda() -> bool:
 
 
 def extensions():
-    cpp_sources = sorted(glob.glob("cuda_ext/csrc/*.cpp"))
-    if not want_cuda():
-        from torch.utils.cpp_extension import CppExtension
+    sources = sorted(glob.glob("cuda_ext/csrc/*.cpp"))
+    compile_args = {"cxx": CXX_FLAGS}
+    if want_cuda():
+        from torch.utils.cpp_extension import CUDAExtension as Extension
 
-        return [CppExtension("cuda_ext._C", cpp_sources, extra_compile_args={"cxx": CXX_FLAGS},
-                             extra_link_args=["-fopenmp"])]
-    from torch.utils.cpp_extension import CUDAExtension
+        print(f"[bireal] building the CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']} "
+              f"with {os.environ['CUDA_HOME']} (BIREAL_CUDA=0 skips them)", file=sys.stderr)
+        sources += sorted(glob.glob("cuda_ext/csrc/*.cu"))
+        compile_args["nvcc"] = NVCC_FLAGS
+        macros = [("BIREAL_WITH_CUDA", "1")]
+    else:
+        from torch.utils.cpp_extension import CppExtension as Extension
 
-    print(f"[bireal] building the CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']} "
-          f"with {os.environ['CUDA_HOME']} (BIREAL_CUDA=0 skips them)", file=sys.stderr)
-    return [CUDAExtension("cuda_ext._C", cpp_sources + sorted(glob.glob("cuda_ext/csrc/*.cu")),
-                          define_macros=[("BIREAL_WITH_CUDA", "1")],
-                          extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},
-                          extra_link_args=["-fopenmp"])]
+        macros = []
+    return [Extension("cuda_ext._C", sources, define_macros=macros, extra_compile_args=compile_args,
+                      extra_link_args=["-fopenmp"])]
 
 
 def build_ext_class():

@@ -263,16 +263,22 @@ def export_checkpoint(checkpoint: str | os.PathLike, out_path: str | os.PathLike
                                               "metrics": header.get("metrics", {})})
 
 
+def read_artifact_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of an artifact (format and version checked), without loading its tensors."""
+    header = read_safetensors_header(path, "bireal_packed", ArtifactError, "packed bireal artifact")
+    if header.get("format") != FORMAT or header.get("version", 0) > VERSION:
+        raise ArtifactError(f"{path}: format {header.get('format')!r} version {header.get('version')}; "
+                            f"this code reads {FORMAT!r} up to version {VERSION}")
+    return header
+
+
 def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and header of an artifact, verified (format, version, sha256)."""
-    header = read_safetensors_header(path, "bireal_packed", ArtifactError, "packed bireal artifact")
+    header = read_artifact_header(path)
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
-    if header.get("format") != FORMAT or header.get("version", 0) > VERSION:
-        raise ArtifactError(f"{path}: format {header.get('format')!r} version {header.get('version')}; "
-                            f"this code reads {FORMAT!r} up to version {VERSION}")
     if tensors_sha256(tensors) != header.get("sha256"):
         raise ArtifactError(f"{path}: sha256 of the tensors does not match the header: "
                             f"the file was modified or corrupted")

@@ -69,23 +69,14 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .config import load_section
-    from .stages import resolve_train_config
-    from .tracking import MlflowConfig, pipeline_run_id, resolve
-    from .tune import TuneSettings, format_table, run_tune, write_outputs
+    from .tune import format_table, tune_stage
 
-    settings = load_section(TuneSettings, "tune", args.params)
-    if not settings.enabled:
-        Path(settings.out).mkdir(parents=True, exist_ok=True)
-        Path(settings.out, "best.json").write_text(json.dumps({"config": None, "note": "tune.enabled is false"}))
-        print(f"tuning disabled: wrote an empty pick to {settings.out}/best.json")
+    summary = tune_stage(args.params)
+    if not summary["enabled"]:
+        print(f"tuning disabled: wrote an empty pick to {summary['files']['best']}")
         return 0
-    base = resolve_train_config("binarize", args.params, {"tuned_config": ""})
-    summary = run_tune(settings, base, resolve(load_section(MlflowConfig, "mlflow", args.params)),
-                       pipeline_run_id(args.params))
-    files = write_outputs(summary, settings.out)
     print(format_table(summary))
-    print(f"best config: {files['best']}  ({len(summary['trials'])} trials, {summary['path']})")
+    print(f"best config: {summary['files']['best']}  ({len(summary['trials'])} trials, {summary['path']})")
     return 0
 
 

@@ -29,7 +29,7 @@ def register_stage(artifact: str, evaluation: dict, shards: str, params_path: st
     """The register stage (``bireal register`` and the Prefect flow's task): the evaluated
     ``artifact`` into the registry named in ``params.yaml``, with a real image of the evaluation
     split of ``shards`` as the signature's example and the cost table of its source checkpoint."""
-    from cuda_ext.packed import read_artifact
+    from cuda_ext.packed import read_artifact_header
 
     from .config import load_section
     from .data import eval_split_name, iter_shard, read_manifest, split_shards
@@ -38,7 +38,7 @@ def register_stage(artifact: str, evaluation: dict, shards: str, params_path: st
     registry = load_section(RegistryConfig, "registry", params_path,
                             {"model_name": model_name} if model_name else None)
     mlflow_cfg = resolve(load_section(MlflowConfig, "mlflow", params_path))
-    header = read_artifact(artifact)[1]
+    header = read_artifact_header(artifact)       # register_artifact verifies the tensors
     manifest = read_manifest(shards)
     url = split_shards(manifest, shards, eval_split_name(manifest))[0][0]
     example = Path(artifact).with_name("example.jpg")

@@ -214,8 +214,9 @@ class Segment:
     save_as: str | None = None                         # extra checkpoint at the segment's end
 
 
-def stage_checkpoint(config: TrainConfig, name: str) -> Path:
-    return Path(config.out) / f"{name}.safetensors"
+def stage_checkpoint(config: TrainConfig, name: str, folder: str = "") -> Path:
+    """Checkpoint ``name`` of the stages, in ``folder`` (default: the config's ``out``)."""
+    return Path(folder or config.out) / f"{name}.safetensors"
 
 
 def _twin_phase(config: TrainConfig, activation: str, num_classes: int):
@@ -235,7 +236,7 @@ def _binarize_init(config: TrainConfig, num_classes: int):
                                 weight_gradient=config.weight_gradient,
                                 binary_weights=not config.two_step, **config.model_kwargs())
         if config.init != "scratch":
-            path = Path(config.init_from or config.out) / f"pretrain-{config.init}.safetensors"
+            path = stage_checkpoint(config, f"pretrain-{config.init}", config.init_from)
             twin, _ = bc.load_checkpoint(path)
             report = bc.init_from_twin(model, twin.state_dict())
             if not report.complete:

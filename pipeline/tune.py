@@ -251,12 +251,36 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def write_best(out: str, config: dict | None, **extra) -> Path:
+    """``out``/best.json: the pick that binarize reads through ``tuned_config`` (null: keep its own)."""
+    path = Path(out) / "best.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"config": config, **extra}, indent=2))
+    return path
+
+
+def tune_stage(params_path: str | None = None) -> dict:
+    """The tune stage (``bireal tune``): the search configured by params.yaml's ``tune`` section
+    around its binarize settings, with its outputs written (``files``). Disabled: an empty pick,
+    -> {"enabled": False, "files": {"best": ...}}."""
+    from .config import load_section
+    from .stages import resolve_train_config
+    from .tracking import MlflowConfig, pipeline_run_id, resolve
+
+    settings = load_section(TuneSettings, "tune", params_path)
+    if not settings.enabled:
+        return {"enabled": False,
+                "files": {"best": str(write_best(settings.out, None, note="tune.enabled is false"))}}
+    base = resolve_train_config("binarize", params_path, {"tuned_config": ""})
+    summary = run_tune(settings, base, resolve(load_section(MlflowConfig, "mlflow", params_path)),
+                       pipeline_run_id(params_path))
+    return {**summary, "enabled": True, "files": write_outputs(summary, settings.out)}
+
+
 def write_outputs(summary: dict, out: str) -> dict[str, str]:
     """best.json (read by binarize via ``tuned_config``), table.json/.txt, table.csv, ablation.png."""
     d = Path(out)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "best.json").write_text(json.dumps({"config": summary["best"], "best_trial": summary["best_trial"]},
-                                            indent=2))
+    write_best(out, summary["best"], best_trial=summary["best_trial"])
     (d / "table.json").write_text(json.dumps({k: summary[k] for k in ("table", "rankings", "trials")}, indent=2))
     (d / "table.txt").write_text(format_table(summary) + "\n")
     rows = ["cell,mean,std,seeds"] + [

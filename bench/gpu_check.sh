@@ -1,40 +1,109 @@
 #!/usr/bin/env bash
-# The GPU check, one command on a machine with an NVIDIA GPU (sm_80 or newer):
-#   1. build cuda_ext._C in place against this machine's torch (CUDA kernels required),
-#   2. check every CUDA op bit for bit against the pure-torch reference (tests/test_cuda.py: random
-#      odd shapes, every pad value, both CUDA paths, the packed model, CUDA graphs) plus the CPU ops,
-#   3. print the benchmark tables: `bireal bench kernels|model --device cuda`.
-# Needs only python3 with torch and nvcc (no .venv, no ray / mlflow / prefect / dvc, no data).
-# Results: tables on stdout, logs and JSON rows in $OUT (or bench_results/). About 3 minutes.
+# The GPU check: one command on a machine with an NVIDIA GPU (sm_80 or newer), within 8 minutes
+# including the build, needing only python3 with torch and nvcc (no .venv, no ray / mlflow /
+# prefect / dvc, no data, no package registry).
+#
+#   bench/gpu_check.sh [RESULTS_DIR]      (default: $OUT, else bench_results/)
+#
+#   1. build cuda_ext._C in place for this GPU, and assert the CUDA kernels are in it;
+#   2. smoke (own process, CUDA_LAUNCH_BLOCKING=1): every CUDA path on a list of shapes against the
+#      reference, printing per path and shape the number of wrong elements and the first wrong
+#      (n, o, h, w); a kernel fault is pinned to its path and shape here, not in some later test;
+#   3. the GPU tests only (tests/test_cuda.py and the build checks): bit-exact against the reference
+#      with every output pre-filled with 0xFF bytes; a skipped test counts as a failure;
+#   4. the benchmark tables: `bireal bench kernels|model --device cuda`;
+#   5. the smoke again under compute-sanitizer (memcheck), with the time that is left.
+# Each step has its own timeout. RESULTS_DIR receives at most 7 files: summary.txt (everything
+# printed), build.log, tests.log, smoke.json, kernels_cuda.json, model_cuda.json, sanitizer.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-out=${OUT:-bench_results}
+out=${1:-${OUT:-bench_results}}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+budget=${GPU_CHECK_BUDGET_S:-480}
+deadline=$((SECONDS + budget))
 
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv | tee "$out/gpu.txt"
+# Seconds for the next step: its own limit, or what is left of the budget if that is less.
+limit() { local left=$((deadline - SECONDS)); ((left < $1)) && echo $((left > 5 ? left : 5)) || echo "$1"; }
+step() { echo; echo "== $1 ($(date -u +%H:%M:%S), $((deadline - SECONDS)) s of the budget left)"; }
+
+main() {
+declare -A status
+step "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 # This GPU's target only (sm_90a on Hopper: the 'a' features need the exact chip); CI builds 8.0;9.0a.
-arch=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))") || exit 1
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} BIREAL_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
+if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
+  TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))") || return 1
+fi
+export TORCH_CUDA_ARCH_LIST BIREAL_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
 $PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'building for', '$TORCH_CUDA_ARCH_LIST')"
 
+step "1. build"
 start=$SECONDS
-if ! $PY setup.py -q build_ext --inplace >"$out/build.log" 2>&1; then
+if ! timeout "$(limit 240)" $PY setup.py -q build_ext --inplace >"$out/build.log" 2>&1; then
   tail -40 "$out/build.log"
-  echo "gpu_check: BUILD FAILED (full log: $out/build.log)"
-  exit 1
+  echo "gpu_check: BUILD FAILED or timed out (full log: $out/build.log)"
+  return 1
+fi
+if ! $PY -c "from cuda_ext import ops; assert ops.cuda_built(), 'no CUDA kernels in cuda_ext._C'; print('cuda_built: True, paths', ops.cuda_paths())"; then
+  echo "gpu_check: the extension was built without its CUDA kernels"
+  return 1
 fi
 echo "build: $((SECONDS - start)) s"
 
-$PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py tests/test_cuda_build.py \
-  tests/test_kernels.py 2>&1 | tee "$out/tests.log" | tail -25
-tests_rc=${PIPESTATUS[0]}
+step "2. smoke"
+CUDA_LAUNCH_BLOCKING=1 timeout "$(limit 90)" $PY -m cuda_ext.smoke --json "$out/smoke.json"
+status[smoke]=$?
 
-$PY -m pipeline.cli bench kernels --device cuda --json "$out/kernels_cuda.json" 2>&1 | tee "$out/bench_kernels.txt"
-bench_rc=${PIPESTATUS[0]}
-$PY -m pipeline.cli bench model --device cuda --json "$out/model_cuda.json" 2>&1 | tee "$out/bench_model.txt"
-model_rc=${PIPESTATUS[0]}
+step "3. GPU tests"
+timeout_opt=()
+$PY -c "import pytest_timeout" 2>/dev/null && timeout_opt=(--timeout=120)
+junit=$(mktemp --suffix=.xml)
+timeout "$(limit 240)" $PY -m pytest -q -rs -p no:cacheprovider -o addopts="" "${timeout_opt[@]}" \
+  --junitxml="$junit" tests/test_cuda.py tests/test_cuda_build.py::test_cuda_kernels_built_and_registered \
+  tests/test_cuda_build.py::test_machine_code_for_sm80_and_sm90a_with_native_bmma >"$out/tests.log" 2>&1
+status[tests]=$?
+tail -25 "$out/tests.log"
+# A skip on the GPU machine means something was not checked: it fails the step.
+$PY - "$junit" <<'EOF' || status[tests]=1
+import sys, xml.etree.ElementTree as ET
+suites = ET.parse(sys.argv[1]).getroot()
+suites = [suites] if suites.tag == "testsuite" else list(suites)
+n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+print("GPU tests:", n)
+sys.exit(0 if n["tests"] > 0 and n["skipped"] == 0 and n["failures"] == 0 and n["errors"] == 0 else 1)
+EOF
 
-echo "gpu_check: tests rc=$tests_rc, bench kernels rc=$bench_rc, bench model rc=$model_rc, $((SECONDS - start)) s"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$model_rc" -eq 0 ]
+step "4. benchmarks"
+timeout "$(limit 120)" $PY -m pipeline.cli bench kernels --device cuda --json "$out/kernels_cuda.json"
+status[bench_kernels]=$?
+timeout "$(limit 90)" $PY -m pipeline.cli bench model --device cuda --json "$out/model_cuda.json"
+status[bench_model]=$?
+
+step "5. compute-sanitizer (memcheck) on the quick smoke"
+left=$((deadline - SECONDS))
+if ! command -v compute-sanitizer >/dev/null; then
+  echo "compute-sanitizer not found: skipped"
+elif ((left < 30)); then
+  echo "only $left s left: skipped"
+else
+  timeout "$left" compute-sanitizer --tool memcheck --error-exitcode 3 $PY -m cuda_ext.smoke --quick \
+    >"$out/sanitizer.log" 2>&1
+  rc=$?
+  tail -6 "$out/sanitizer.log"
+  if ((rc == 124)); then echo "compute-sanitizer: out of time after $left s (not a failure)"; else status[sanitizer]=$rc; fi
+fi
+
+echo
+verdict=0
+for k in "${!status[@]}"; do
+  echo "gpu_check: $k rc=${status[$k]}"
+  ((status[$k] != 0)) && verdict=1
+done
+echo "gpu_check: $( ((verdict == 0)) && echo PASSED || echo FAILED ) in $SECONDS s"
+return $verdict
+}
+
+main 2>&1 | tee "$out/summary.txt"
+exit "${PIPESTATUS[0]}"

@@ -106,12 +106,35 @@ def bench_kernels(device: str = "cpu", batches=None, threads: int = 2, repeats: 
                                 dev, repeats)
                 base_block = time_ms(float_block, dev, repeats)
             moved = px.numel() * 8 + batch * channels * side * side * 4    # packed in, float32 out
-            rows.append({"shape": f"{channels}x{side}x{side}", "batch": batch, "ours_ms": ours,
-                         "ours_gb_s": moved / ours / 1e6,
-                         "ours_with_pack_ms": packed, "baseline_ms": base, "speedup": base / ours,
-                         "block_ms": block, "float_block_ms": base_block, "block_speedup": base_block / block,
-                         "baseline": f"F.conv2d {str(float_dtype).split('.')[-1]}; block: conv + BN + add + sign"})
+            row = {"shape": f"{channels}x{side}x{side}", "batch": batch, "ours_ms": ours,
+                   "ours_gb_s": moved / ours / 1e6,
+                   "ours_with_pack_ms": packed, "baseline_ms": base, "speedup": base / ours,
+                   "block_ms": block, "float_block_ms": base_block, "block_speedup": base_block / block,
+                   "baseline": f"F.conv2d {str(float_dtype).split('.')[-1]}; block: conv + BN + add + sign"}
+            if dev.type == "cuda":
+                with torch.inference_mode():
+                    row.update(cuda_variants(ops, px, pw, channels, scale, bias, xf, base, repeats))
+            rows.append(row)
     return rows
+
+
+def cuda_variants(ops, px, pw, channels, scale, bias, residual_bf16, base_ms, repeats) -> dict:
+    """The switched CUDA variants on one shape: the cp.async kernel (float32 out), both kernels with a
+    bfloat16 output, and the fused block with bfloat16 in and out; the best bf16 conv against cuDNN."""
+    def conv(path, out_dtype=None):
+        with ops.forced_cuda_path(path):
+            return time_ms(lambda: ops.binary_conv2d(px, pw, channels, 1, 1, 0.0, out_dtype=out_dtype),
+                           px.device, repeats)
+
+    def block(path):
+        with ops.forced_cuda_path(path):
+            return time_ms(lambda: ops.binary_block(px, pw, channels, 1, 1, 0.0, scale, bias, residual_bf16,
+                                                    out_dtype=torch.bfloat16), px.device, repeats)
+
+    bf16 = {path: conv(path, torch.bfloat16) for path in ("bmma", "bmma_async")}
+    return {"async_ms": conv("bmma_async"), "bf16_ms": bf16["bmma"], "async_bf16_ms": bf16["bmma_async"],
+            "bf16_speedup": base_ms / min(bf16.values()),
+            "block_bf16_ms": min(block("bmma"), block("bmma_async"))}
 
 
 def bench_model(device: str = "cpu", batches=None, threads: int = 2, repeats: int = 10) -> list[dict]:
@@ -143,7 +166,12 @@ def bench_model(device: str = "cpu", batches=None, threads: int = 2, repeats: in
             with torch.no_grad():
                 graph = cuda_graph(lambda: packed(x))
                 row["ours_graph_ms"] = time_ms(graph.replay, dev, max(n, 20))
+        if dev.type == "cuda":
+            row.update(bf16_model_rows(packed, x, dev, n))
         best = min(row["ours_ms"], row.get("ours_graph_ms", float("inf")))
+        if "bf16_ms" in row:
+            best_bf16 = min(row["bf16_ms"], row["async_bf16_ms"])
+            row.update(bf16_img_s=batch / best_bf16 * 1e3, bf16_vs_baseline=base / best_bf16)
         rows.append({**row, "speedup": base / best, "ours_img_s": batch / best * 1e3,
                      "baseline_img_s": batch / base * 1e3,
                      "baseline": "torchvision resnet18 " + ("fp32" if dev.type == "cpu" else "bf16 autocast, "
@@ -152,11 +180,34 @@ def bench_model(device: str = "cpu", batches=None, threads: int = 2, repeats: in
     return rows
 
 
+def bf16_model_rows(packed, x: torch.Tensor, dev: torch.device, repeats: int) -> dict:
+    """The packed model with bfloat16 activations, on each tensor-core kernel (batch 1: CUDA graph)."""
+    from . import ops
+
+    row = {}
+    packed.set_activation_dtype(torch.bfloat16)
+    try:
+        for path, key in (("bmma", "bf16_ms"), ("bmma_async", "async_bf16_ms")):
+            with ops.forced_cuda_path(path), torch.inference_mode():
+                if x.shape[0] == 1:
+                    with torch.no_grad():
+                        graph = cuda_graph(lambda: packed(x))
+                    row[key] = time_ms(graph.replay, dev, max(repeats, 20))
+                else:
+                    row[key] = time_ms(lambda: packed(x), dev, repeats)
+    finally:
+        packed.set_activation_dtype(torch.float32)
+    return row
+
+
 def format_table(rows: list[dict], title: str) -> str:
     cols = [("shape", 26, "{}"), ("batch", 6, "{}"), ("ours_ms", 10, "{:.4f}"),
             ("ours_with_pack_ms", 18, "{:.4f}"), ("ours_graph_ms", 14, "{:.4f}"), ("baseline_ms", 12, "{:.4f}"),
             ("speedup", 8, "{:.1f}x"), ("ours_gb_s", 10, "{:,.0f}"), ("block_ms", 10, "{:.4f}"), ("float_block_ms", 15, "{:.4f}"),
-            ("block_speedup", 14, "{:.1f}x"), ("ours_img_s", 11, "{:,.0f}"), ("baseline_img_s", 15, "{:,.0f}")]
+            ("block_speedup", 14, "{:.1f}x"), ("async_ms", 10, "{:.4f}"), ("bf16_ms", 10, "{:.4f}"),
+            ("async_bf16_ms", 14, "{:.4f}"), ("bf16_speedup", 13, "{:.1f}x"), ("block_bf16_ms", 14, "{:.4f}"),
+            ("ours_img_s", 11, "{:,.0f}"), ("baseline_img_s", 15, "{:,.0f}"), ("bf16_img_s", 11, "{:,.0f}"),
+            ("bf16_vs_baseline", 17, "{:.1f}x")]
     cols = [c for c in cols if any(c[0] in r for r in rows)]
     lines = [title, "".join(f"{name:>{w}}" for name, w, _ in cols)]
     for r in rows:

@@ -52,13 +52,21 @@ def cuda_built() -> bool:
 
 
 def cuda_paths() -> list[str]:
-    """CUDA code paths: 'bmma' (1-bit tensor cores, the default) and 'simt' (CUDA-core cross-check)."""
+    """CUDA code paths: 'bmma' (1-bit tensor cores, the default), 'simt' (CUDA-core cross-check) and
+    'bmma_async' (operand tiles staged in shared memory by cp.async; the faster variant under test)."""
     return list(_C.cuda_paths())
 
 
 def forced_cuda_path(name: str) -> contextlib.AbstractContextManager[None]:
     """Run the enclosed CUDA ops on code path ``name`` ('bmma', 'simt' or 'auto')."""
     return _forced_path(_C.cuda_path, _C.set_cuda_path, name)
+
+
+def debug_fill() -> contextlib.AbstractContextManager[None]:
+    """Inside: every op fills its outputs with 0xFF bytes before its kernels run (NaN floats, packed
+    words with the tail bits set), so an element a kernel never writes can't pass a test unseen."""
+    previous = _C.debug_fill()
+    return _forced_path(_C.debug_fill, _C.set_debug_fill, True) if not previous else contextlib.nullcontext()
 
 
 @torch.library.register_fake("bireal::pack_signs")
@@ -69,18 +77,19 @@ def _pack_signs_fake(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.register_fake("bireal::binary_conv2d")
 def _binary_conv2d_fake(packed_x, packed_w, in_channels, stride, padding, pad_value,
-                        scale=None, bias=None, residual=None):
+                        scale=None, bias=None, residual=None, out_dtype=None):
     n, h, w, _ = packed_x.shape
     o, kh, kw, _ = packed_w.shape
     ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
-    out = packed_x.new_empty((n, ho, wo, o), dtype=torch.float32)
+    out = packed_x.new_empty((n, ho, wo, o), dtype=out_dtype or torch.float32)
     return out.permute(0, 3, 1, 2)
 
 
 @torch.library.register_fake("bireal::binary_block")
 def _binary_block_fake(packed_x, packed_w, in_channels, stride, padding, pad_value,
-                       scale=None, bias=None, residual=None):
-    out = _binary_conv2d_fake(packed_x, packed_w, in_channels, stride, padding, pad_value)
+                       scale=None, bias=None, residual=None, out_dtype=None):
+    out = _binary_conv2d_fake(packed_x, packed_w, in_channels, stride, padding, pad_value,
+                              out_dtype=out_dtype)
     n, o, ho, wo = out.shape
     return out, packed_x.new_empty((n, ho, wo, words_for(o)), dtype=torch.int64)
 
@@ -92,18 +101,22 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
 
 def binary_conv2d(packed_x: torch.Tensor, packed_w: torch.Tensor, in_channels: int, stride: int = 1,
                   padding: int = 1, pad_value: float = 0.0, scale: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+                  bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """1-bit convolution of packed operands, with the fused epilogue
-    ``out = dot * scale + bias + residual``: (N, O, Ho, Wo) float32, channels_last memory."""
+    ``out = dot * scale + bias + residual`` computed in float32: (N, O, Ho, Wo) in channels_last
+    memory, float32 or (``out_dtype=torch.bfloat16``) rounded once to bfloat16. ``residual`` may be
+    float32 or bfloat16."""
     return torch.ops.bireal.binary_conv2d(packed_x, packed_w, in_channels, stride, padding,
-                                          float(pad_value), scale, bias, residual)
+                                          float(pad_value), scale, bias, residual, out_dtype)
 
 
 def binary_block(packed_x: torch.Tensor, packed_w: torch.Tensor, in_channels: int, stride: int = 1,
                  padding: int = 1, pad_value: float = 0.0, scale: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The fused Bi-Real block: ``binary_conv2d`` and the packed signs of its output, for the next
-    block's conv: ``(out, pack_signs(out))``. On CUDA one kernel writes both."""
+                 bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                 out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused Bi-Real block: ``binary_conv2d`` and the packed signs of its output (as stored, so
+    of the bfloat16 value when ``out_dtype`` is bfloat16), for the next block's conv:
+    ``(out, pack_signs(out))``. On CUDA one kernel writes both."""
     return torch.ops.bireal.binary_block(packed_x, packed_w, in_channels, stride, padding,
-                                         float(pad_value), scale, bias, residual)
+                                         float(pad_value), scale, bias, residual, out_dtype)

@@ -90,16 +90,18 @@ class PackedBinaryConv(nn.Module):
         self.register_buffer("packed", torch.zeros(o, kh, kw, (c + 63) // 64, dtype=torch.int64))
         self.register_buffer("scale", torch.ones(o))
         self.register_buffer("bias", torch.zeros(o))
+        self.out_dtype: torch.dtype | None = None  # None: float32; PackedBiReal.set_activation_dtype
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
                 packed_x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, C, H, W) real, or ``packed_x`` its signs (N, H, W, C/64) when already packed.
-        Returns out (N, O, Ho, Wo) float32, channels_last, and its signs (N, Ho, Wo, O/64)."""
+        Returns out (N, O, Ho, Wo) channels_last (float32, or ``out_dtype``) and its signs
+        (N, Ho, Wo, O/64)."""
         pack, block = (pack_signs_ref, binary_block_ref) if _USE_REFERENCE else (ops.pack_signs, ops.binary_block)
         if packed_x is None:
             packed_x = pack(x)
         return block(packed_x, self.packed, self.in_channels, self.stride, self.padding, self.pad_value,
-                     self.scale, self.bias, residual)
+                     self.scale, self.bias, residual, self.out_dtype)
 
 
 _USE_REFERENCE = False
@@ -183,19 +185,34 @@ class PackedBiReal(nn.Module):
         wrap = PackedBottleneck if self.bottleneck else PackedBasicBlock
         self.blocks = nn.ModuleList(wrap(b) for b in ref.blocks)
         self.fc = nn.Linear(ref.fc.in_features, ref.fc.out_features)
+        self.activation_dtype = torch.float32
         self.to_empty(device="cpu")
+
+    def set_activation_dtype(self, dtype: torch.dtype) -> "PackedBiReal":
+        """float32 (default, bit-exact with the exported float model's folded graph) or bfloat16: the
+        real-valued activations (stem, shortcuts, the blocks' outputs, the head) in bfloat16, which
+        halves the bytes every block reads and writes. The binary convs' dot products stay exact."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"activation dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        self.activation_dtype = dtype
+        for m in self.modules():
+            if isinstance(m, PackedBinaryConv):
+                m.out_dtype = None if dtype == torch.float32 else dtype
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels_last throughout: the kernels read and write NHWC, and oneDNN's conv and
         # max-pool are several times faster on NHWC than on NCHW here.
-        x = self.stem(x.contiguous(memory_format=torch.channels_last))
-        mid, packed = x, None        # packed: signs of x, made by the previous block's kernel
-        for block in self.blocks:
-            if self.bottleneck:
-                mid, x, packed = block(mid, x, packed)
-            else:
-                x, packed = block(x, packed)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        bf16 = self.activation_dtype == torch.bfloat16
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+            x = self.stem(x.contiguous(memory_format=torch.channels_last))
+            mid, packed = x, None        # packed: signs of x, made by the previous block's kernel
+            for block in self.blocks:
+                if self.bottleneck:
+                    mid, x, packed = block(mid, x, packed)
+                else:
+                    x, packed = block(x, packed)
+            return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)).float()
 
 
 # ----------------------------------------------------------------------------- export / load

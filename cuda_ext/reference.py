@@ -42,9 +42,11 @@ def pack_weight_ref(w: torch.Tensor) -> torch.Tensor:
 def binary_conv2d_ref(packed_x: torch.Tensor, packed_w: torch.Tensor, in_channels: int,
                       stride: int, padding: int, pad_value: float,
                       scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                      residual: torch.Tensor | None = None) -> torch.Tensor:
+                      residual: torch.Tensor | None = None,
+                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Unpack to +-1 floats, pad with ``pad_value``, convolve in float64 (exact for integers),
-    then ``dot * scale + bias + residual`` in float32 in that order."""
+    then ``dot * scale + bias + residual`` in float32 in that order; ``out_dtype=torch.bfloat16``
+    rounds that result once (to nearest even)."""
     x = unpack_signs_ref(packed_x, in_channels).double()
     w = unpack_signs_ref(packed_w, in_channels).double()
     x = F.pad(x, (padding,) * 4, value=float(pad_value))
@@ -54,14 +56,15 @@ def binary_conv2d_ref(packed_x: torch.Tensor, packed_w: torch.Tensor, in_channel
     if bias is not None:
         out = out + bias.view(1, -1, 1, 1)
     if residual is not None:
-        out = out + residual
-    return out.contiguous(memory_format=torch.channels_last)
+        out = out + residual.float()
+    return out.to(out_dtype or torch.float32).contiguous(memory_format=torch.channels_last)
 
 
 def binary_block_ref(packed_x: torch.Tensor, packed_w: torch.Tensor, in_channels: int, stride: int,
                      padding: int, pad_value: float, scale: torch.Tensor | None = None,
-                     bias: torch.Tensor | None = None, residual: torch.Tensor | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                     out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``binary_conv2d_ref`` and the packed signs of its output."""
-    out = binary_conv2d_ref(packed_x, packed_w, in_channels, stride, padding, pad_value, scale, bias, residual)
+    out = binary_conv2d_ref(packed_x, packed_w, in_channels, stride, padding, pad_value, scale, bias,
+                            residual, out_dtype)
     return out, pack_signs_ref(out)

@@ -3,7 +3,8 @@ this file on the GPU machine; without a GPU every test here is skipped, and test
 checks the build itself).
 
 Every output is checked for exact equality with the reference, on fresh random inputs, with the
-caching allocator's free memory poisoned first, so an element the kernel never wrote shows up."""
+extension's debug fill on: each op fills its outputs with 0xFF bytes before its kernels run (NaN
+floats, packed words with the tail bits set), so an element a kernel never writes always fails."""
 import itertools
 
 import pytest
@@ -14,23 +15,41 @@ from cuda_ext.reference import (binary_block_ref, binary_conv2d_ref, pack_signs_
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ops.cuda_built()),
                                 reason="needs a CUDA GPU and the CUDA build of cuda_ext")
-PATHS = ["bmma", "simt"]
+PATHS = ["bmma", "simt", "bmma_async"]
 CASES = list(itertools.product([3, 31, 64, 100, 130, 256], [1, 2], [1, 3], [0.0, 1.0, -1.0]))
 
 
-def poison_free_memory():
-    """Fill the allocator's cached blocks with NaN (and the int64 pattern 0xFFF8...), so the next
-    op's outputs start from garbage rather than from whatever a previous test left there."""
-    free = torch.cuda.memory_reserved() - torch.cuda.memory_allocated()
-    if free > 0:
-        torch.full((free // 4,), float("nan"), device="cuda")
+@pytest.fixture(autouse=True)
+def debug_fill_and_sync():
+    """Outputs start as 0xFF bytes; a kernel fault surfaces in the test that launched it (the sync),
+    not in whichever test happens to touch the device next."""
+    with ops.debug_fill():
+        yield
+        torch.cuda.synchronize()
 
 
 def cuda_case(batch, channels, out_channels, side_h, side_w, kernel, seed):
     g = torch.Generator().manual_seed(seed)
+    kh, kw = kernel if isinstance(kernel, tuple) else (kernel, kernel)
     x = torch.randn(batch, channels, side_h, side_w, generator=g)
-    w = torch.randn(out_channels, channels, kernel, kernel, generator=g)
+    w = torch.randn(out_channels, channels, kh, kw, generator=g)
     return x, w
+
+
+def on_cuda(args):
+    return tuple(a.cuda() if torch.is_tensor(a) else a for a in args)
+
+
+def assert_block_equal(path, args, scale=None, bias=None, residual=None, out_dtype=None):
+    """binary_conv2d and binary_block on `path` equal the reference, bit for bit."""
+    ref_out, ref_packed = binary_block_ref(*args, scale, bias, residual, out_dtype)
+    extra = on_cuda((scale, bias, residual))
+    with ops.forced_cuda_path(path):
+        conv = ops.binary_conv2d(*on_cuda(args), *extra, out_dtype=out_dtype)
+        out, packed = ops.binary_block(*on_cuda(args), *extra, out_dtype=out_dtype)
+    assert conv.dtype == ref_out.dtype and conv.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(conv.cpu(), ref_out)
+    assert torch.equal(out.cpu(), ref_out) and torch.equal(packed.cpu(), ref_packed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -41,7 +60,6 @@ def test_pack_signs_cuda(dtype, channels):
     x[1, :, 1, 1] = -0.0
     if dtype == torch.float64:
         x[2, :, 2, 2] = -1e-300
-    poison_free_memory()
     for layout in (torch.contiguous_format, torch.channels_last):
         out = ops.pack_signs(x.cuda().contiguous(memory_format=layout))
         assert out.is_cuda and torch.equal(out.cpu(), pack_signs_ref(x))
@@ -51,23 +69,70 @@ def test_pack_signs_cuda(dtype, channels):
 @pytest.mark.parametrize("channels,stride,kernel,pad_value", CASES)
 def test_binary_conv2d_cuda(path, channels, stride, kernel, pad_value):
     x, w = cuda_case(3, channels, 70, 11, 9, kernel, seed=channels * 7 + stride + kernel)
-    px, pw = pack_signs_ref(x), pack_weight_ref(w)
-    args = (px, pw, channels, stride, kernel // 2, pad_value)
-    scale, bias = torch.randn(70), torch.randn(70)
+    args = (pack_signs_ref(x), pack_weight_ref(w), channels, stride, kernel // 2, pad_value)
     ref_plain = binary_conv2d_ref(*args)
-    residual = torch.randn_like(ref_plain)
-    ref_fused = binary_conv2d_ref(*args, scale, bias, residual)
-    cuda_args = (px.cuda(), pw.cuda(), channels, stride, kernel // 2, pad_value)
     with ops.forced_cuda_path(path):
-        poison_free_memory()
-        plain = ops.binary_conv2d(*cuda_args)
-        fused = ops.binary_conv2d(*cuda_args, scale.cuda(), bias.cuda(), residual.cuda())
-        out, packed = ops.binary_block(*cuda_args, scale.cuda(), bias.cuda(), residual.cuda())
-    torch.cuda.synchronize()
+        plain = ops.binary_conv2d(*on_cuda(args))
     assert torch.equal(plain.cpu(), ref_plain)
-    assert torch.equal(fused.cpu(), ref_fused)
     assert plain.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(out.cpu(), ref_fused) and torch.equal(packed.cpu(), pack_signs_ref(ref_fused))
+    scale, bias, residual = torch.randn(70), torch.randn(70), torch.randn_like(ref_plain)
+    assert_block_equal(path, args, scale, bias, residual)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("residual_dtype", [torch.float32, torch.bfloat16, None])
+@pytest.mark.parametrize("channels,stride,pad_value", [(3, 1, 0.0), (64, 2, 1.0), (130, 1, -1.0), (256, 1, 0.0)])
+def test_bfloat16_output(path, residual_dtype, channels, stride, pad_value):
+    """out_dtype=bfloat16: the float32 epilogue rounded once to nearest even, and the packed signs of
+    the rounded values; a float32 or bfloat16 residual."""
+    x, w = cuda_case(2, channels, 70, 9, 8, 3, seed=channels + stride)
+    args = (pack_signs_ref(x), pack_weight_ref(w), channels, stride, 1, pad_value)
+    ho, wo = (9 + 2 - 3) // stride + 1, (8 + 2 - 3) // stride + 1
+    residual = None if residual_dtype is None else torch.randn(2, 70, ho, wo).to(residual_dtype)
+    assert_block_equal(path, args, torch.rand(70) + 0.5, torch.randn(70), residual, torch.bfloat16)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kernel,padding", [(3, 2), (5, 2), (1, 2), ((1, 3), 1), ((3, 1), 1), ((3, 5), 2)])
+@pytest.mark.parametrize("pad_value", [0.0, 1.0, -1.0])
+def test_wide_padding_and_non_square_kernels(path, kernel, padding, pad_value):
+    x, w = cuda_case(2, 70, 33, 7, 10, kernel, seed=padding)
+    args = (pack_signs_ref(x), pack_weight_ref(w), 70, 1, padding, pad_value)
+    assert_block_equal(path, args, torch.randn(33), torch.randn(33))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("out_channels", [1, 7, 63, 65, 127, 129])
+def test_odd_output_channel_counts(path, out_channels):
+    x, w = cuda_case(3, 100, out_channels, 6, 5, 3, seed=out_channels)
+    args = (pack_signs_ref(x), pack_weight_ref(w), 100, 1, 1, 0.0)
+    ref = binary_conv2d_ref(*args)
+    assert_block_equal(path, args, torch.randn(out_channels), torch.randn(out_channels), torch.randn_like(ref))
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("pad_value", [0.0, 1.0])
+def test_zero_output_channels(path, pad_value):
+    """O = 0 returns empty outputs (the zero padding's tap-sum kernel must not launch an empty grid)."""
+    px = ops.pack_signs(torch.randn(2, 64, 5, 5, device="cuda"))
+    pw = torch.zeros(0, 3, 3, 1, dtype=torch.int64, device="cuda")
+    with ops.forced_cuda_path(path):
+        out, packed = ops.binary_block(px, pw, 64, 1, 1, pad_value)
+    assert out.shape == (2, 0, 5, 5) and packed.shape == (2, 5, 5, 0)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_non_contiguous_packed_operands(path):
+    """Packed inputs as strided views (a crop of a larger map, weights viewed through a transpose)."""
+    x, w = cuda_case(2, 130, 40, 12, 11, 3, seed=3)
+    px_big, pw = pack_signs_ref(x), pack_weight_ref(w)
+    px = px_big[:, 1:-1, ::2]                                    # (N, 10, 6, Cw), strided
+    pw_t = pw.transpose(1, 2).contiguous().transpose(1, 2)       # same values, KH/KW strides swapped
+    assert not px.is_contiguous() and not pw_t.is_contiguous()
+    ref = binary_conv2d_ref(px.contiguous(), pw, 130, 1, 1, 0.0)
+    with ops.forced_cuda_path(path):
+        out = ops.binary_conv2d(px.cuda(), pw_t.cuda(), 130, 1, 1, 0.0)
+    assert torch.equal(out.cpu(), ref)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -81,33 +146,28 @@ def test_random_odd_shapes(path, seed):
     pad_value = (0.0, 1.0, -1.0)[r(0, 3)]
     x, wt = cuda_case(r(1, 5), channels, out_channels, h, w, kernel, seed)
     args = (pack_signs_ref(x), pack_weight_ref(wt), channels, stride, kernel // 2, pad_value)
-    scale, bias = torch.randn(out_channels), torch.randn(out_channels)
-    ref_out, ref_packed = binary_block_ref(*args, scale, bias)
-    with ops.forced_cuda_path(path):
-        poison_free_memory()
-        out, packed = ops.binary_block(*(a.cuda() if torch.is_tensor(a) else a for a in args),
-                                       scale.cuda(), bias.cuda())
-    assert torch.equal(out.cpu(), ref_out), (channels, out_channels, h, w, kernel, stride, pad_value)
-    assert torch.equal(packed.cpu(), ref_packed)
+    assert_block_equal(path, args, torch.randn(out_channels), torch.randn(out_channels))
 
 
 @pytest.mark.parametrize("channels,side", [(64, 56), (128, 28), (256, 14), (512, 7)])
-def test_bireal18_shapes_tensor_cores_equal_cuda_cores(channels, side):
-    """Bi-Real-18's layer shapes at batch 8: the two CUDA paths agree exactly; a subset of images is
-    also checked against the reference."""
+def test_bireal18_shapes_every_path_agrees(channels, side):
+    """Bi-Real-18's layer shapes at batch 8: the CUDA paths agree exactly; a subset of images is also
+    checked against the reference."""
     x, w = cuda_case(8, channels, channels, side, side, 3, seed=channels)
     px, pw = ops.pack_signs(x.cuda()), ops.pack_signs(w.cuda())
     scale, bias = torch.rand(channels, device="cuda") + 0.5, torch.randn(channels, device="cuda")
     residual = torch.randn(8, channels, side, side, device="cuda")
     args = (px, pw, channels, 1, 1, 0.0, scale, bias, residual)
-    with ops.forced_cuda_path("bmma"):
-        fast = ops.binary_block(*args)
-    with ops.forced_cuda_path("simt"):
-        slow = ops.binary_block(*args)
-    assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    results = {}
+    for path in PATHS:
+        with ops.forced_cuda_path(path):
+            results[path] = ops.binary_block(*args)
+    for path in PATHS[1:]:
+        assert torch.equal(results[path][0], results["bmma"][0]), path
+        assert torch.equal(results[path][1], results["bmma"][1]), path
     ref = binary_conv2d_ref(px[:2].cpu(), pw.cpu(), channels, 1, 1, 0.0, scale.cpu(), bias.cpu(),
                             residual[:2].cpu())
-    assert torch.equal(fast[0][:2].cpu(), ref)
+    assert torch.equal(results["bmma"][0][:2].cpu(), ref)
 
 
 def test_opcheck_cuda():
@@ -118,6 +178,8 @@ def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.bireal.pack_signs.default, (x,))
     torch.library.opcheck(torch.ops.bireal.binary_conv2d.default, (px, pw, 33, 1, 1, 0.0, scale, bias, res))
     torch.library.opcheck(torch.ops.bireal.binary_block.default, (px, pw, 33, 1, 1, 1.0, scale, bias, res))
+    torch.library.opcheck(torch.ops.bireal.binary_block.default,
+                          (px, pw, 33, 1, 1, 0.0, scale, bias, res.bfloat16(), torch.bfloat16))
 
 
 def test_runs_on_the_current_stream():
@@ -162,20 +224,24 @@ def _randomized_packed(name, **kwargs):
         return load_packed(export_model(model, Path(tmp) / "m.safetensors"), device="cuda")[0]
 
 
-@pytest.mark.parametrize("name,kwargs,side", [("bireal18", {}, 224),
-                                              ("bireal34", {"pad_value": -1.0}, 224),
-                                              ("bireal50", {"num_classes": 10, "stem": "small", "width": 0.5}, 32)])
-def test_packed_model_on_cuda_equals_reference_ops(monkeypatch, name, kwargs, side):
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("name,kwargs,side,dtype", [("bireal18", {}, 224, torch.float32),
+                                                    ("bireal18", {}, 224, torch.bfloat16),
+                                                    ("bireal34", {"pad_value": -1.0}, 224, torch.float32),
+                                                    ("bireal50", {"num_classes": 10, "stem": "small", "width": 0.5},
+                                                     32, torch.bfloat16)])
+def test_packed_model_on_cuda_equals_reference_ops(monkeypatch, path, name, kwargs, side, dtype):
     """PackedBiReal on the GPU through the CUDA ops gives the same logits as the same folded model
-    through the reference ops on the GPU (same float stem, shortcuts and head). ImageNet stem, 224
-    crops and the 1000-way head for the basic-block nets."""
+    through the reference ops on the GPU (same float stem, shortcuts and head), with float32 and
+    bfloat16 activations. ImageNet stem, 224 crops and the 1000-way head for the basic-block nets."""
     from cuda_ext.packed import reference_ops
 
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
-    packed = _randomized_packed(name, **kwargs)
+    packed = _randomized_packed(name, **kwargs).set_activation_dtype(dtype)
     x = torch.randn(4, 3, side, side, device="cuda")
     with torch.inference_mode():
-        ours = packed(x)
+        with ops.forced_cuda_path(path):
+            ours = packed(x)
         with reference_ops():
             ref = packed(x)
     assert torch.equal(ours, ref)

@@ -38,7 +38,7 @@ def test_cuda_kernels_built_and_registered():
     for op in ("pack_signs", "binary_conv2d", "binary_block"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bireal::{op}", "CUDA"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bireal::{op}", "CPU"), op
-    assert ops.cuda_paths() == ["bmma", "simt"]
+    assert ops.cuda_paths() == ["bmma", "simt", "bmma_async"]
 
 
 @needs_cuda_build
@@ -59,11 +59,20 @@ def test_machine_code_for_sm80_and_sm90a_with_native_bmma():
             continue
         sass = subprocess.run([tool, "--dump-sass", "--gpu-architecture", sm, so],
                               capture_output=True, text=True, check=True).stdout
-        kernel = sass[sass.index("binary_conv2d_bmma_kernel"):]
-        kernel = kernel[:kernel.find("Function :", 1) if "Function :" in kernel[1:] else len(kernel)]
-        assert kernel.count("BMMA.168256.AND.POPC") == 32, f"{sm}: expected 32 AND-popc BMMAs per k-step"
-        assert "XOR.POPC" not in kernel
-        assert "LDL" not in kernel and "STL" not in kernel, f"{sm}: registers spilled to local memory"
+        for name in ("binary_conv2d_bmma_kernel", "binary_conv2d_bmma_async_kernel"):
+            kernel = sass_of(sass, name)
+            assert kernel.count("BMMA.168256.AND.POPC") == 32, f"{sm} {name}: expected 32 AND-popc BMMAs per k-step"
+            assert "XOR.POPC" not in kernel
+            assert "LDL" not in kernel and "STL" not in kernel, f"{sm} {name}: registers spilled to local memory"
+        async_kernel = sass_of(sass, "binary_conv2d_bmma_async_kernel")
+        assert "LDGSTS" in async_kernel, f"{sm}: the async kernel's copies are not cp.async (LDGSTS)"
+
+
+def sass_of(sass: str, kernel_name: str) -> str:
+    """The SASS of one kernel from a cuobjdump --dump-sass listing."""
+    start = sass.index(kernel_name + "E")   # mangled: ...<name>ENS0_10ConvParamsE
+    end = sass.find("Function :", start)
+    return sass[start:end if end > 0 else len(sass)]
 
 
 def test_cuda_helpers_without_a_gpu():
@@ -72,6 +81,22 @@ def test_cuda_helpers_without_a_gpu():
         from cuda_ext import _C
         assert _C.cuda_path() == "simt"
     assert ops.cuda_paths()[0] == "bmma"
+
+
+def test_debug_fill_switch():
+    """The switch is scoped, and outputs computed under it are still exact (every element written)."""
+    from cuda_ext import _C
+    from cuda_ext.reference import binary_block_ref, pack_signs_ref
+
+    x, w = torch.randn(2, 70, 5, 6), torch.randn(9, 70, 3, 3)
+    assert not _C.debug_fill()
+    with ops.debug_fill():
+        assert _C.debug_fill()
+        px, pw = ops.pack_signs(x), ops.pack_signs(w)
+        out, packed = ops.binary_block(px, pw, 70, 1, 1, 0.0)
+    assert not _C.debug_fill()
+    ref_out, ref_packed = binary_block_ref(pack_signs_ref(x), pack_signs_ref(w), 70, 1, 1, 0.0)
+    assert torch.equal(out, ref_out) and torch.equal(packed, ref_packed)
     with pytest.raises(RuntimeError, match="unknown path 'wgmma2'"):
         with ops.forced_cuda_path("wgmma2"):
             pass

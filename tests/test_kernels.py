@@ -143,3 +143,53 @@ def test_pack_signs_of_tiny_doubles_compares_in_double():
         with ops.forced_cpu_path(path):
             assert torch.equal(ops.pack_signs(x), pack_signs_ref(x))
     assert int(pack_signs_ref(x)) == 0b1110
+
+
+@pytest.mark.parametrize("residual_dtype", [torch.float32, torch.bfloat16, None])
+def test_bfloat16_output_matches_reference(residual_dtype):
+    """out_dtype=bfloat16: the float32 epilogue rounded once; the block packs the rounded values."""
+    x, w = torch.randn(2, 100, 9, 8), torch.randn(70, 100, 3, 3)
+    args = (pack_signs_ref(x), pack_weight_ref(w), 100, 1, 1, 0.0)
+    residual = None if residual_dtype is None else torch.randn(2, 70, 9, 8).to(residual_dtype)
+    epilogue = (torch.rand(70) + 0.5, torch.randn(70), residual)
+    out, packed = ops.binary_block(*args, *epilogue, out_dtype=torch.bfloat16)
+    ref_out, ref_packed = binary_block_ref(*args, *epilogue, torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, ref_out) and torch.equal(packed, ref_packed)
+    assert torch.equal(ref_out, binary_conv2d_ref(*args, *epilogue).to(torch.bfloat16))
+    torch.library.opcheck(torch.ops.bireal.binary_block.default, (*args, *epilogue, torch.bfloat16))
+    with pytest.raises(RuntimeError, match="out_dtype must be torch.float32 or torch.bfloat16"):
+        ops.binary_conv2d(*args, out_dtype=torch.float16)
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("kernel,padding", [(3, 2), (5, 2), (1, 2), ((1, 3), 1), ((3, 1), 1), ((3, 5), 2)])
+@pytest.mark.parametrize("pad_value", [0.0, 1.0, -1.0])
+def test_wide_padding_and_non_square_kernels(path, kernel, padding, pad_value):
+    kh, kw = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    x, w = torch.randn(2, 70, 7, 10), torch.randn(33, 70, kh, kw)
+    args = (pack_signs_ref(x), pack_weight_ref(w), 70, 1, padding, pad_value)
+    scale, bias = torch.randn(33), torch.randn(33)
+    with ops.forced_cpu_path(path), ops.debug_fill():
+        out, packed = ops.binary_block(*args, scale, bias)
+    ref_out, ref_packed = binary_block_ref(*args, scale, bias)
+    assert torch.equal(out, ref_out) and torch.equal(packed, ref_packed)
+
+
+@pytest.mark.parametrize("out_channels", [0, 1, 63, 65, 129])
+def test_odd_and_zero_output_channels(out_channels):
+    x, w = torch.randn(2, 100, 6, 5), torch.randn(out_channels, 100, 3, 3)
+    args = (pack_signs_ref(x), pack_weight_ref(w), 100, 1, 1, 0.0)
+    with ops.debug_fill():
+        out, packed = ops.binary_block(*args)
+    assert out.shape == (2, out_channels, 6, 5) and packed.shape == (2, 6, 5, (out_channels + 63) // 64)
+    if out_channels:  # (F.conv2d, under the reference, rejects an empty weight)
+        ref_out, ref_packed = binary_block_ref(*args)
+        assert torch.equal(out, ref_out) and torch.equal(packed, ref_packed)
+
+
+def test_non_contiguous_packed_operands():
+    x, w = torch.randn(2, 130, 12, 11), torch.randn(40, 130, 3, 3)
+    px, pw = pack_signs_ref(x)[:, 1:-1, ::2], pack_weight_ref(w).transpose(1, 2).contiguous().transpose(1, 2)
+    assert not px.is_contiguous() and not pw.is_contiguous()
+    assert torch.equal(ops.binary_conv2d(px, pw, 130), binary_conv2d_ref(px.contiguous(), pw.contiguous(), 130, 1, 1, 0.0))

@@ -58,6 +58,26 @@ def test_packed_equals_reference_of_folded_computation(tmp_path, name, kwargs):
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize("name", ["bireal18", "bireal50"])
+def test_bfloat16_activations_exact_against_reference_and_close_to_float(tmp_path, fitted_bireal18, name):
+    """set_activation_dtype(bfloat16): the binary convs still equal the reference ops bit for bit (same
+    bf16 stem and shortcuts), and the logits stay close to the float32 model's."""
+    model = fitted_bireal18[0] if name == "bireal18" else randomized(name)
+    packed, _ = load_packed(export_model(model, tmp_path / "m.safetensors"))
+    x = fitted_bireal18[1][:64]
+    with torch.inference_mode():
+        f32 = packed(x)
+        packed.set_activation_dtype(torch.bfloat16)
+        ours = packed(x)
+        with reference_ops():
+            ref = packed(x)
+    assert ours.dtype == torch.float32 and torch.equal(ours, ref)
+    if name == "bireal18":  # a trained net: bf16 rounding flips few top-1 decisions
+        assert (ours.argmax(1) == f32.argmax(1)).float().mean() >= 0.9
+    with pytest.raises(ValueError, match="activation dtype"):
+        packed.set_activation_dtype(torch.float16)
+
+
 def test_agreement_with_training_graph(fitted_bireal18, tmp_path):
     model, x, y = fitted_bireal18
     packed, _ = load_packed(export_model(model, tmp_path / "m.safetensors"))

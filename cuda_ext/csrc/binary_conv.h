@@ -31,21 +31,35 @@ std::vector<std::string> cpu_paths();
 std::string cpu_path();
 void set_cpu_path(const std::string& name);
 
-// CUDA code paths: "bmma" (1-bit tensor cores, sm_80+) and "simt" (CUDA-core popcount, a cross-check).
+// CUDA code paths: "bmma" (1-bit tensor cores, sm_80+, the default), "simt" (CUDA-core popcount, a
+// cross-check) and "bmma_async" (bmma with the operand tiles staged through shared memory by
+// cp.async, double buffered; the faster variant under test).
 std::vector<std::string> cuda_paths();
 std::string cuda_path();
 void set_cuda_path(const std::string& name);
+
+// Debug switch: when on, every op fills its freshly allocated outputs with 0xFF bytes before the
+// kernels run (NaN floats, packed words that break the zero-tail rule), so that an element a kernel
+// never writes cannot pass a test by inheriting a correct value from earlier memory.
+bool debug_fill();
+void set_debug_fill(bool on);
+void fill_if_debugging(at::Tensor& t);
+
+// The output dtype of binary_conv2d / binary_block: float32 (default) or bfloat16.
+at::ScalarType conv_out_dtype(const std::optional<at::ScalarType>& out_dtype);
 
 at::Tensor pack_signs_cpu(const at::Tensor& x);
 at::Tensor binary_conv2d_cpu(const at::Tensor& packed_x, const at::Tensor& packed_w,
                              int64_t in_channels, int64_t stride, int64_t padding, double pad_value,
                              const std::optional<at::Tensor>& scale,
                              const std::optional<at::Tensor>& bias,
-                             const std::optional<at::Tensor>& residual);
+                             const std::optional<at::Tensor>& residual,
+                             std::optional<at::ScalarType> out_dtype);
 std::tuple<at::Tensor, at::Tensor> binary_block_cpu(
     const at::Tensor& packed_x, const at::Tensor& packed_w, int64_t in_channels, int64_t stride,
     int64_t padding, double pad_value, const std::optional<at::Tensor>& scale,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual);
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+    std::optional<at::ScalarType> out_dtype);
 
 // Shape and argument checks shared by the CPU and CUDA implementations.
 void check_pack_args(const at::Tensor& x);

@@ -435,6 +435,7 @@ at::Tensor pack_signs_cpu(const at::Tensor& x) {
   const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), Cw = words_for(C);
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);  // NHWC in memory
   at::Tensor out = at::empty({N, H, W, Cw}, x.options().dtype(at::kLong));
+  fill_if_debugging(out);
   auto* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
   const Path path = active_path();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pack_signs", [&] {
@@ -446,14 +447,13 @@ at::Tensor pack_signs_cpu(const at::Tensor& x) {
   return out;
 }
 
-at::Tensor binary_conv2d_cpu(const at::Tensor& packed_x, const at::Tensor& packed_w,
-                             int64_t in_channels, int64_t stride, int64_t padding, double pad_value,
-                             const std::optional<at::Tensor>& scale,
-                             const std::optional<at::Tensor>& bias,
-                             const std::optional<at::Tensor>& residual) {
-  const ConvGeometry g = check_conv_args(packed_x, packed_w, in_channels, stride, padding,
-                                         pad_value, scale, bias, residual);
-  TORCH_CHECK(packed_x.device().is_cpu(), "binary_conv2d_cpu: tensors must be on the CPU");
+namespace {
+
+// The float32 conv; `residual` (if any) is float32 here.
+at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int64_t in_channels,
+                    int64_t stride, int64_t padding, double pad_value, const ConvGeometry& g,
+                    const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+                    const std::optional<at::Tensor>& residual) {
   const int64_t C = in_channels, Cw = g.Cw, taps = g.KH * g.KW;
   const int64_t Hp = g.H + 2 * padding, Wp = g.W + 2 * padding;
 
@@ -513,6 +513,7 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& packed_x, const at::Tensor& packe
   }
 
   at::Tensor out = at::empty({g.N, g.Ho, g.Wo, g.O}, packed_x.options().dtype(at::kFloat));
+  fill_if_debugging(out);
   float* out_p = out.data_ptr<float>();
   const MicroKernel micro = micro_kernel(path);
   const FinishFn finish = finisher(path);
@@ -559,6 +560,26 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& packed_x, const at::Tensor& packe
     }
   });
   return out.permute({0, 3, 1, 2});  // (N, O, Ho, Wo), channels_last memory
+}
+
+}  // namespace
+
+at::Tensor binary_conv2d_cpu(const at::Tensor& packed_x, const at::Tensor& packed_w,
+                             int64_t in_channels, int64_t stride, int64_t padding, double pad_value,
+                             const std::optional<at::Tensor>& scale,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& residual,
+                             std::optional<at::ScalarType> out_dtype) {
+  const ConvGeometry g = check_conv_args(packed_x, packed_w, in_channels, stride, padding,
+                                         pad_value, scale, bias, residual);
+  TORCH_CHECK(packed_x.device().is_cpu(), "binary_conv2d_cpu: tensors must be on the CPU");
+  const at::ScalarType dtype = conv_out_dtype(out_dtype);
+  // bfloat16: the float32 result rounded once at the end (a bf16 residual converts exactly).
+  std::optional<at::Tensor> residual_f32;
+  if (residual.has_value()) residual_f32 = residual->to(at::kFloat);
+  at::Tensor out = conv_f32(packed_x, packed_w, in_channels, stride, padding, pad_value, g, scale,
+                            bias, residual_f32);
+  return dtype == at::kFloat ? out : out.to(dtype);  // keeps the channels_last strides
 }
 
 }  // namespace bireal

@@ -17,8 +17,14 @@
 // weights at that tap) for each tap that falls outside the image, as on the CPU.
 //
 // Epilogue: out = dot * scale + bias + residual in float32, rounded in that order (__fmul_rn /
-// __fadd_rn: never contracted to an FMA), so the result equals the reference bit for bit. The
-// fused-block variant also writes the signs of `out`, packed, for the next block's conv.
+// __fadd_rn: never contracted to an FMA), so the result equals the reference bit for bit; with a
+// bfloat16 output it is rounded once more, to nearest even, as torch's .to(bfloat16) does. The
+// fused-block variant also writes the signs of `out` (as stored), packed, for the next block's conv.
+//
+// Two tensor-core kernels share the fragment layout and the epilogue: `bmma` (the verified default:
+// every warp loads its own operands through the read-only cache, next step's loads in flight during
+// this step's MMAs) and `bmma_async` (the block's A and B tiles staged through shared memory with
+// cp.async, double buffered, each weight tile loaded once per block and read by its four warps).
 #include "binary_conv.h"
 
 #include <ATen/OpMathType.h>
@@ -26,6 +32,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -45,14 +52,15 @@ struct ConvParams {
   const int32_t* tap_sums;    // (KH * KW, O) sum of +-1 weights per tap; null: no correction
   const float* scale;         // (O,) or null
   const float* bias;          // (O,) or null
-  const float* residual;      // (N, Ho, Wo, O) channels-last or null
-  float* out;                 // (N, Ho, Wo, O)
+  const void* residual;       // (N, Ho, Wo, O) channels-last, float32 or bfloat16, or null
+  void* out;                  // (N, Ho, Wo, O), float32 or bfloat16
   uint64_t* packed_out;       // (N, Ho, Wo, Ow) signs of out, or null
   int64_t M;                  // N * Ho * Wo output pixels
   int H, W, Cw, O, Ow, KH, KW, Ho, Wo, stride, padding, K_words;
   int K;                      // KH * KW * C valid positions per output
   uint64_t tail_mask;         // valid bits of a pixel's last word
   uint64_t fill_full, fill_tail;  // border words (pad +1: valid bits; else 0)
+  bool residual_bf16, out_bf16;   // element types of residual and out (false: float32)
 };
 
 __device__ __forceinline__ uint64_t valid_mask(const ConvParams& p, int c) {
@@ -73,13 +81,43 @@ __device__ __forceinline__ int border_correction(const ConvParams& p, int ih0, i
   return corr;
 }
 
-// out = dot * scale + bias + residual, each rounding step as the reference does it.
+// out = dot * scale + bias + residual, each rounding step as the reference does it, then rounded to
+// the output type: the value exactly as it will be stored (its sign is the packed bit).
 __device__ __forceinline__ float epilogue(const ConvParams& p, int64_t row, int o, int dot) {
   float v = static_cast<float>(dot);  // exact: |dot| <= K < 2^24
   if (p.scale) v = __fmul_rn(v, p.scale[o]);
   if (p.bias) v = __fadd_rn(v, p.bias[o]);
-  if (p.residual) v = __fadd_rn(v, p.residual[row * p.O + o]);
-  return v;
+  if (p.residual) {
+    const int64_t i = row * p.O + o;
+    const float r = p.residual_bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p.residual)[i])
+                                    : static_cast<const float*>(p.residual)[i];
+    v = __fadd_rn(v, r);
+  }
+  return p.out_bf16 ? __bfloat162float(__float2bfloat16_rn(v)) : v;  // bf16 -> float is exact
+}
+
+// Stores out[row, col] (and out[row, col + 1] when `two`); v already holds representable values.
+__device__ __forceinline__ void store_out(const ConvParams& p, int64_t row, int col, const float (&v)[2],
+                                          bool two) {
+  const int64_t i = row * p.O + col;
+  const bool paired = two && p.O % 2 == 0;  // O and col even: the pair is aligned
+  if (p.out_bf16) {
+    auto* dst = static_cast<__nv_bfloat16*>(p.out) + i;
+    if (paired) {
+      *reinterpret_cast<__nv_bfloat162*>(dst) = __floats2bfloat162_rn(v[0], v[1]);
+    } else {
+      dst[0] = __float2bfloat16_rn(v[0]);
+      if (two) dst[1] = __float2bfloat16_rn(v[1]);
+    }
+  } else {
+    float* dst = static_cast<float*>(p.out) + i;
+    if (paired) {
+      *reinterpret_cast<float2*>(dst) = make_float2(v[0], v[1]);
+    } else {
+      dst[0] = v[0];
+      if (two) dst[1] = v[1];
+    }
+  }
 }
 
 // Geometry of one output pixel: its image's first input word and the top-left tap's position.
@@ -131,75 +169,40 @@ __device__ __forceinline__ void mma_and_popc(int (&acc)[4], uint32_t a0, uint32_
 #endif
 }
 
-// One warp computes a 32 (pixels) x 64 (channels) output tile; a block stacks 4 warps along pixels.
-// Each thread (g, t) owns 64-bit word t of every 256-bit k-step: its low half is the a0/b0 slot and
-// its high half the a2/b1 slot, and A and B use the same assignment, so bit k of A meets bit k of B.
-__global__ void __launch_bounds__(kWarpsPerBlock * 32)
-binary_conv2d_bmma_kernel(const ConvParams p) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int64_t warp_row0 = (int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5)) * kWarpRows;
-  const int warp_col0 = blockIdx.y * kWarpCols;
+// The warp's 32 x 64 accumulators: thread (g, t) holds, for tile mt (0, 1) and fragment half h (row g
+// or g + 8), columns nt * 8 + 2t + {0, 1}.
+using WarpAcc = int[2][8][4];
 
-  // The 4 pixels whose A words this thread loads: tile mt (0, 1), half h (row g or g + 8).
-  PixelOrigin pix[2][2];
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) pix[mt][h] = pixel_origin(p, warp_row0 + mt * 16 + h * 8 + g);
-
-  int acc[2][8][4];
+__device__ __forceinline__ void zero(WarpAcc& acc) {
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0;
+}
 
-  const int steps = (p.K_words + kChunkWords - 1) / kChunkWords;
-  uint64_t a[2][2], b[8];
-  // Loads of k-step s into a, b (zero past K_words: contributes nothing to either MMA).
-  auto load_step = [&](int s) {
-    const int kw = s * kChunkWords + t;
-    const bool in_k = kw < p.K_words;
-    const int tap = in_k ? kw / p.Cw : 0, c = in_k ? kw - tap * p.Cw : 0;
+// One k-step of the warp: a[mt][h] is this thread's word of row (mt, h), b[nt] its word of column nt
+// (masked to the valid channels), mask the valid bits of that word (0 past K_words).
+__device__ __forceinline__ void mma_step(WarpAcc& acc, const uint64_t (&a)[2][2], const uint64_t (&b)[8],
+                                         uint64_t mask) {
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
+  for (int nt = 0; nt < 8; ++nt) {
+    const uint64_t nb = ~b[nt] & mask;  // the -1 weights as ones
 #pragma unroll
-      for (int h = 0; h < 2; ++h) a[mt][h] = in_k ? load_input_word(p, pix[mt][h], tap, c) : 0;
-    const uint64_t mask = in_k ? valid_mask(p, c) : 0;
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      const int col = warp_col0 + nt * 8 + g;
-      b[nt] = (in_k && col < p.O)
-                  ? __ldg(reinterpret_cast<const unsigned long long*>(p.w) + int64_t(col) * p.K_words + kw) & mask
-                  : 0;
-    }
-    return mask;
-  };
-
-  uint64_t mask = load_step(0);
-  for (int s = 0; s < steps; ++s) {
-    uint64_t ca[2][2], cb[8];
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) ca[mt][0] = a[mt][0], ca[mt][1] = a[mt][1];
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) cb[nt] = b[nt];
-    const uint64_t cmask = mask;
-    if (s + 1 < steps) mask = load_step(s + 1);  // next step's loads overlap this step's MMAs
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      // nb: the -1 weights as ones (0 past K_words, where cmask is 0; columns past O are never read).
-      const uint64_t nb = ~cb[nt] & cmask;
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        const uint64_t x0 = ca[mt][0], x1 = ca[mt][1];
-        mma_and_popc(acc[mt][nt], lo32(x0), lo32(x1), hi32(x0), hi32(x1), lo32(cb[nt]), hi32(cb[nt]));
-        mma_and_popc(acc[mt][nt], ~lo32(x0), ~lo32(x1), ~hi32(x0), ~hi32(x1), lo32(nb), hi32(nb));
-      }
+    for (int mt = 0; mt < 2; ++mt) {
+      const uint64_t x0 = a[mt][0], x1 = a[mt][1];
+      mma_and_popc(acc[mt][nt], lo32(x0), lo32(x1), hi32(x0), hi32(x1), lo32(b[nt]), hi32(b[nt]));
+      mma_and_popc(acc[mt][nt], ~lo32(x0), ~lo32(x1), ~hi32(x0), ~hi32(x1), lo32(nb), hi32(nb));
     }
   }
+}
 
-  // Epilogue. Thread (g, t) holds, for rows (mt, h), columns nt * 8 + 2t + {0, 1}.
+// Epilogue of a warp's tile: dot products, scale / bias / residual, the stores, and (fused block)
+// one packed word of signs per row: the 4 threads of a row OR their 16 bits together.
+__device__ __forceinline__ void store_warp_tile(const ConvParams& p, const WarpAcc& acc,
+                                                const PixelOrigin (&pix)[2][2], int64_t warp_row0,
+                                                int warp_col0, int g, int t) {
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -219,13 +222,7 @@ binary_conv2d_bmma_kernel(const ConvParams p) {
           v[j] = epilogue(p, row, col + j, dot);
           signs |= uint64_t(v[j] >= 0.0f) << (nt * 8 + 2 * t + j);
         }
-        float* dst = p.out + row * p.O + col;
-        if (col + 1 < p.O && p.O % 2 == 0) {
-          *reinterpret_cast<float2*>(dst) = make_float2(v[0], v[1]);  // 8-byte aligned: O, col even
-        } else {
-          dst[0] = v[0];
-          if (col + 1 < p.O) dst[1] = v[1];
-        }
+        store_out(p, row, col, v, col + 1 < p.O);
       }
       if (p.packed_out != nullptr) {  // warp-uniform: every lane takes part in the shuffles
         signs |= __shfl_xor_sync(0xffffffffu, signs, 1);
@@ -233,6 +230,177 @@ binary_conv2d_bmma_kernel(const ConvParams p) {
         if (t == 0 && o.valid) p.packed_out[row * p.Ow + warp_col0 / kWarpCols] = signs;
       }
     }
+}
+
+// The (tap, channel word) of k-word kw of the implicit im2col row, and the valid bits of that word.
+struct KWord {
+  bool in_k;
+  int tap, c;
+  uint64_t mask;  // 0 past K_words
+};
+
+__device__ __forceinline__ KWord k_word(const ConvParams& p, int kw) {
+  KWord k{kw < p.K_words, 0, 0, 0};
+  if (k.in_k) {
+    k.tap = kw / p.Cw;
+    k.c = kw - k.tap * p.Cw;
+    k.mask = valid_mask(p, k.c);
+  }
+  return k;
+}
+
+// One warp computes a 32 (pixels) x 64 (channels) output tile; a block stacks 4 warps along pixels.
+// Each thread (g, t) owns 64-bit word t of every 256-bit k-step: its low half is the a0/b0 slot and
+// its high half the a2/b1 slot, and A and B use the same assignment, so bit k of A meets bit k of B.
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+binary_conv2d_bmma_kernel(const ConvParams p) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int64_t warp_row0 = (int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5)) * kWarpRows;
+  const int warp_col0 = blockIdx.y * kWarpCols;
+
+  // The 4 pixels whose A words this thread loads: tile mt (0, 1), half h (row g or g + 8).
+  PixelOrigin pix[2][2];
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) pix[mt][h] = pixel_origin(p, warp_row0 + mt * 16 + h * 8 + g);
+
+  WarpAcc acc;
+  zero(acc);
+  const int steps = (p.K_words + kChunkWords - 1) / kChunkWords;
+  uint64_t a[2][2], b[8];
+  // Loads of k-step s into a, b (zero past K_words: contributes nothing to either MMA).
+  auto load_step = [&](int s) {
+    const KWord k = k_word(p, s * kChunkWords + t);
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) a[mt][h] = k.in_k ? load_input_word(p, pix[mt][h], k.tap, k.c) : 0;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const int col = warp_col0 + nt * 8 + g;
+      b[nt] = (k.in_k && col < p.O)
+                  ? __ldg(reinterpret_cast<const unsigned long long*>(p.w) + int64_t(col) * p.K_words +
+                          s * kChunkWords + t) & k.mask
+                  : 0;
+    }
+    return k.mask;
+  };
+
+  uint64_t mask = load_step(0);
+  for (int s = 0; s < steps; ++s) {
+    uint64_t ca[2][2], cb[8];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) ca[mt][0] = a[mt][0], ca[mt][1] = a[mt][1];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) cb[nt] = b[nt];
+    const uint64_t cmask = mask;
+    if (s + 1 < steps) mask = load_step(s + 1);  // next step's loads overlap this step's MMAs
+    mma_step(acc, ca, cb, cmask);
+  }
+  store_warp_tile(p, acc, pix, warp_row0, warp_col0, g, t);
+}
+
+// cp.async helpers (sm_80+): 8-byte global -> shared copies, committed and awaited as groups.
+__device__ __forceinline__ void cp_async_8(uint64_t* smem, const uint64_t* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(gmem));
+#else
+  *smem = *gmem;
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all_but_one() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group 1;\n" ::);
+#endif
+}
+
+constexpr int kStages = 2;
+
+// The same tile and fragments as binary_conv2d_bmma_kernel, with the block's operands staged in shared
+// memory: per k-step an A tile (128 pixels x 4 words) and a B tile (64 channels x 4 words), 2 stages,
+// 12 KB. Thread i copies word i % 4 of A rows i / 4 + 32 r (r = 0..3) and of B columns i / 4 + 32 r
+// (r = 0, 1): consecutive lanes write consecutive words (no bank conflicts), and every thread's k-word
+// is the same one its MMA fragments use, so one (tap, channel) decode per step serves both.
+// Border taps (the fill word) and words past K are plain shared stores; __syncthreads orders them.
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+binary_conv2d_bmma_async_kernel(const ConvParams p) {
+  __shared__ __align__(16) uint64_t sa[kStages][kBlockRows][kChunkWords];
+  __shared__ __align__(16) uint64_t sb[kStages][kWarpCols][kChunkWords];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int64_t block_row0 = int64_t(blockIdx.x) * kBlockRows;
+  const int64_t warp_row0 = block_row0 + warp * kWarpRows;
+  const int block_col0 = blockIdx.y * kWarpCols;
+  const int copy_row = tid >> 2;  // + 32 r; the copied word is t
+
+  PixelOrigin copy_pix[4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r) copy_pix[r] = pixel_origin(p, block_row0 + copy_row + 32 * r);
+
+  auto issue_step = [&](int s, int stage) {
+    const KWord k = k_word(p, s * kChunkWords + t);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      uint64_t* dst = &sa[stage][copy_row + 32 * r][t];
+      const PixelOrigin& o = copy_pix[r];
+      if (!k.in_k || !o.valid) {
+        *dst = 0;
+        continue;
+      }
+      const int kh = k.tap / p.KW, kw = k.tap - kh * p.KW;
+      const int ih = o.ih0 + kh, iw = o.iw0 + kw;
+      if (ih < 0 || ih >= p.H || iw < 0 || iw >= p.W)
+        *dst = k.c == p.Cw - 1 ? p.fill_tail : p.fill_full;
+      else
+        cp_async_8(dst, p.x + o.image_base + (int64_t(ih) * p.W + iw) * p.Cw + k.c);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int col = block_col0 + copy_row + 32 * r;
+      uint64_t* dst = &sb[stage][copy_row + 32 * r][t];
+      if (k.in_k && col < p.O)
+        cp_async_8(dst, p.w + int64_t(col) * p.K_words + s * kChunkWords + t);
+      else
+        *dst = 0;
+    }
+    cp_async_commit();  // one group per step (possibly empty), so "all but one" is the step before
+  };
+
+  WarpAcc acc;
+  zero(acc);
+  const int steps = (p.K_words + kChunkWords - 1) / kChunkWords;
+  issue_step(0, 0);
+  for (int s = 0; s < steps; ++s) {
+    const int stage = s % kStages;
+    if (s + 1 < steps) issue_step(s + 1, (s + 1) % kStages);
+    else cp_async_commit();
+    cp_async_wait_all_but_one();  // step s's copies have landed (this thread's)
+    __syncthreads();              // ... and everyone's, plain stores included
+    const uint64_t mask = k_word(p, s * kChunkWords + t).mask;
+    uint64_t a[2][2], b[8];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) a[mt][h] = sa[stage][warp * kWarpRows + mt * 16 + h * 8 + g][t];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) b[nt] = sb[stage][nt * 8 + g][t] & mask;
+    mma_step(acc, a, b, mask);
+    __syncthreads();  // the stage is free for step s + 2's copies
+  }
+  PixelOrigin pix[2][2];  // the rows of this thread's fragments (computed here: fewer live registers)
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) pix[mt][h] = pixel_origin(p, warp_row0 + mt * 16 + h * 8 + g);
+  store_warp_tile(p, acc, pix, warp_row0, block_col0, g, t);
 }
 
 // CUDA-core XOR + popcount: one thread per output element. A correctness cross-check for the
@@ -246,7 +414,7 @@ __global__ void binary_conv2d_simt_kernel(const ConvParams p) {
   const int col = static_cast<int>(idx - row * cols);
   const PixelOrigin o = pixel_origin(p, row);
   const bool active = o.valid && col < p.O;
-  float v = -1.0f;
+  float v[2] = {-1.0f, 0.0f};
   if (active) {
     int agree_xor = 0;  // popc(a ^ b) over valid bits = number of disagreements
     for (int tap = 0; tap < p.KH * p.KW; ++tap)
@@ -256,11 +424,11 @@ __global__ void binary_conv2d_simt_kernel(const ConvParams p) {
         agree_xor += __popcll((a ^ b) & valid_mask(p, c));
       }
     const int dot = p.K - 2 * agree_xor + border_correction(p, o.ih0, o.iw0, col);
-    v = epilogue(p, row, col, dot);
-    p.out[row * p.O + col] = v;
+    v[0] = epilogue(p, row, col, dot);
+    store_out(p, row, col, v, false);
   }
   if (p.packed_out != nullptr && row < p.M) {  // row is warp-uniform (cols is a multiple of 64)
-    const uint32_t bits = __ballot_sync(0xffffffffu, active && v >= 0.0f);
+    const uint32_t bits = __ballot_sync(0xffffffffu, active && v[0] >= 0.0f);
     if ((threadIdx.x & 31) == 0)
       reinterpret_cast<uint32_t*>(p.packed_out)[(row * p.Ow + col / 64) * 2 + (col / 32) % 2] = bits;
   }
@@ -321,11 +489,13 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
                                              int64_t in_channels, int64_t stride, int64_t padding,
                                              double pad_value, const std::optional<at::Tensor>& scale,
                                              const std::optional<at::Tensor>& bias,
-                                             const std::optional<at::Tensor>& residual, bool pack_output) {
+                                             const std::optional<at::Tensor>& residual,
+                                             const std::optional<at::ScalarType>& out_dtype, bool pack_output) {
   TORCH_CHECK(packed_x.is_cuda(), "binary_conv2d (CUDA): packed_x must be a CUDA tensor");
   check_cuda_tensor(packed_w, packed_x, "packed_w");
   const ConvGeometry g = check_conv_args(packed_x, packed_w, in_channels, stride, padding, pad_value,
                                          scale, bias, residual);
+  const at::ScalarType dtype = conv_out_dtype(out_dtype);
   const int64_t taps = g.KH * g.KW, K_words = taps * g.Cw, M = g.N * g.Ho * g.Wo;
   TORCH_CHECK(taps * in_channels < (int64_t(1) << 24) && g.N * g.H * g.W * g.Cw < (int64_t(1) << 62) &&
                   g.H < (1 << 30) && g.W < (1 << 30) && g.O < (1 << 30),
@@ -360,10 +530,12 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
   p.fill_tail = pad_value == 1.0 ? p.tail_mask : 0;
   p.scale = scale ? scale_c.data_ptr<float>() : nullptr;
   p.bias = bias ? bias_c.data_ptr<float>() : nullptr;
-  p.residual = residual ? residual_c.data_ptr<float>() : nullptr;
+  p.residual = residual ? residual_c.data_ptr() : nullptr;
+  p.residual_bf16 = residual && residual_c.scalar_type() == at::kBFloat16;
+  p.out_bf16 = dtype == at::kBFloat16;
 
   at::Tensor tap_sums;
-  if (pad_value == 0.0 && padding > 0) {
+  if (pad_value == 0.0 && padding > 0 && M > 0 && g.O > 0) {  // (a zero-block grid is a launch error)
     tap_sums = at::empty({taps, g.O}, x.options().dtype(at::kInt));
     tap_sums_kernel<<<blocks_for(g.O * taps), kThreads, 0, stream>>>(
         p.w, g.O, taps, g.Cw, in_channels, p.tail_mask, tap_sums.data_ptr<int32_t>());
@@ -371,21 +543,27 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
     p.tap_sums = tap_sums.data_ptr<int32_t>();
   }
 
-  at::Tensor out = at::empty({g.N, g.Ho, g.Wo, g.O}, x.options().dtype(at::kFloat));
-  p.out = out.data_ptr<float>();
+  at::Tensor out = at::empty({g.N, g.Ho, g.Wo, g.O}, x.options().dtype(dtype));
+  fill_if_debugging(out);
+  p.out = out.data_ptr();
   at::Tensor packed_out;
   if (pack_output) {
     packed_out = at::empty({g.N, g.Ho, g.Wo, p.Ow}, x.options());
+    fill_if_debugging(packed_out);
     p.packed_out = reinterpret_cast<uint64_t*>(packed_out.data_ptr<int64_t>());
   }
 
   if (M > 0 && g.O > 0) {
-    if (cuda_path() == "bmma") {
+    const std::string path = cuda_path();
+    if (path == "bmma" || path == "bmma_async") {
       const int major = compute_capability_major(packed_x.get_device());
       TORCH_CHECK(major >= 8, "binary_conv2d (CUDA): the tensor-core path needs sm_80 or newer, this "
                               "device is sm_", major, "x; set_cuda_path('simt') runs on CUDA cores");
       const dim3 grid((M + kBlockRows - 1) / kBlockRows, (g.O + kWarpCols - 1) / kWarpCols);
-      binary_conv2d_bmma_kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
+      if (path == "bmma")
+        binary_conv2d_bmma_kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
+      else
+        binary_conv2d_bmma_async_kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
     } else {
       binary_conv2d_simt_kernel<<<blocks_for(M * p.Ow * 64), kThreads, 0, stream>>>(p);
     }
@@ -403,6 +581,7 @@ at::Tensor pack_signs_cuda(const at::Tensor& x) {
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);  // NHWC in memory
   at::Tensor out = at::empty({N, H, W, Cw}, x.options().dtype(at::kLong));
+  fill_if_debugging(out);
   const int64_t words = N * H * W * Cw;
   if (words == 0) return out;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -418,17 +597,19 @@ at::Tensor binary_conv2d_cuda(const at::Tensor& packed_x, const at::Tensor& pack
                               int64_t in_channels, int64_t stride, int64_t padding, double pad_value,
                               const std::optional<at::Tensor>& scale,
                               const std::optional<at::Tensor>& bias,
-                              const std::optional<at::Tensor>& residual) {
+                              const std::optional<at::Tensor>& residual,
+                              std::optional<at::ScalarType> out_dtype) {
   return std::get<0>(conv_cuda(packed_x, packed_w, in_channels, stride, padding, pad_value, scale,
-                               bias, residual, /*pack_output=*/false));
+                               bias, residual, out_dtype, /*pack_output=*/false));
 }
 
 std::tuple<at::Tensor, at::Tensor> binary_block_cuda(
     const at::Tensor& packed_x, const at::Tensor& packed_w, int64_t in_channels, int64_t stride,
     int64_t padding, double pad_value, const std::optional<at::Tensor>& scale,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+    std::optional<at::ScalarType> out_dtype) {
   return conv_cuda(packed_x, packed_w, in_channels, stride, padding, pad_value, scale, bias, residual,
-                   /*pack_output=*/true);
+                   out_dtype, /*pack_output=*/true);
 }
 
 }  // namespace bireal

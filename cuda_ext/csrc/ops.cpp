@@ -9,9 +9,26 @@
 namespace bireal {
 
 namespace {
-const std::vector<std::string> kCudaPaths{"bmma", "simt"};
+const std::vector<std::string> kCudaPaths{"bmma", "simt", "bmma_async"};
 std::atomic<int> g_cuda_path{0};
+std::atomic<bool> g_debug_fill{false};
 }  // namespace
+
+bool debug_fill() { return g_debug_fill.load(); }
+void set_debug_fill(bool on) { g_debug_fill.store(on); }
+
+void fill_if_debugging(at::Tensor& t) {
+  // A byte view of the freshly allocated (contiguous) output; fill_ runs on its device's current
+  // stream, so this stays legal inside a CUDA graph capture.
+  if (debug_fill() && t.numel() > 0) t.view({-1}).view(at::kByte).fill_(0xFF);
+}
+
+at::ScalarType conv_out_dtype(const std::optional<at::ScalarType>& out_dtype) {
+  const at::ScalarType dtype = out_dtype.value_or(at::kFloat);
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16,
+              "binary_conv2d: out_dtype must be torch.float32 or torch.bfloat16, got ", dtype);
+  return dtype;
+}
 
 std::vector<std::string> cuda_paths() { return kCudaPaths; }
 std::string cuda_path() { return kCudaPaths[g_cuda_path.load()]; }
@@ -19,16 +36,19 @@ void set_cuda_path(const std::string& name) {
   if (name == "auto") return g_cuda_path.store(0);
   for (size_t i = 0; i < kCudaPaths.size(); ++i)
     if (name == kCudaPaths[i]) return g_cuda_path.store(static_cast<int>(i));
-  TORCH_CHECK(false, "set_cuda_path: unknown path '", name, "' (auto, bmma, simt)");
+  TORCH_CHECK(false, "set_cuda_path: unknown path '", name, "' (auto, bmma, simt, bmma_async)");
 }
 
 // The fused block on the CPU: the conv with its epilogue, then the signs of its output packed.
 std::tuple<at::Tensor, at::Tensor> binary_block_cpu(
     const at::Tensor& packed_x, const at::Tensor& packed_w, int64_t in_channels, int64_t stride,
     int64_t padding, double pad_value, const std::optional<at::Tensor>& scale,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual) {
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+    std::optional<at::ScalarType> out_dtype) {
   at::Tensor out = binary_conv2d_cpu(packed_x, packed_w, in_channels, stride, padding, pad_value,
-                                     scale, bias, residual);
+                                     scale, bias, residual, out_dtype);
+  if (out.size(1) == 0)  // no output channels: no words to pack (pack_signs rejects C = 0)
+    return {out, at::empty({out.size(0), out.size(2), out.size(3), 0}, packed_x.options())};
   return {out, pack_signs_cpu(out)};
 }
 
@@ -74,9 +94,9 @@ ConvGeometry check_conv_args(const at::Tensor& packed_x, const at::Tensor& packe
   }
   if (residual.has_value()) {
     const auto& r = *residual;
-    TORCH_CHECK(r.dtype() == at::kFloat && r.dim() == 4 && r.size(0) == g.N && r.size(1) == g.O &&
-                    r.size(2) == g.Ho && r.size(3) == g.Wo,
-                "binary_conv2d: residual must be float32 (N, O, Ho, Wo) = (", g.N, ", ", g.O, ", ",
+    TORCH_CHECK((r.dtype() == at::kFloat || r.dtype() == at::kBFloat16) && r.dim() == 4 &&
+                    r.size(0) == g.N && r.size(1) == g.O && r.size(2) == g.Ho && r.size(3) == g.Wo,
+                "binary_conv2d: residual must be float32 or bfloat16 (N, O, Ho, Wo) = (", g.N, ", ", g.O, ", ",
                 g.Ho, ", ", g.Wo, "), got ", r.sizes());
     TORCH_CHECK(r.device() == packed_x.device(), "binary_conv2d: residual on another device");
   }
@@ -88,17 +108,19 @@ ConvGeometry check_conv_args(const at::Tensor& packed_x, const at::Tensor& packe
 TORCH_LIBRARY(bireal, m) {
   // x (N, C, H, W) real -> (N, H, W, ceil(C/64)) int64 sign bits, channels packed LSB first.
   m.def("pack_signs(Tensor x) -> Tensor");
-  // out (N, O, Ho, Wo) float32 in channels_last memory:
+  // out (N, O, Ho, Wo) in channels_last memory, float32 (or bfloat16 with out_dtype):
   //   dot = sum over taps and channels of (+-1 input) * (+-1 weight), border = pad_value
-  //   out = dot * scale[o] + bias[o] + residual      (each term optional)
+  //   out = dot * scale[o] + bias[o] + residual      (each term optional, computed in float32;
+  //                                                   bfloat16 rounds the result once, to nearest even)
   m.def(
       "binary_conv2d(Tensor packed_x, Tensor packed_w, int in_channels, int stride, int padding, "
-      "float pad_value, Tensor? scale, Tensor? bias, Tensor? residual) -> Tensor");
+      "float pad_value, Tensor? scale, Tensor? bias, Tensor? residual, ScalarType? out_dtype=None) -> Tensor");
   // The fused Bi-Real block: binary_conv2d, and the signs of its output packed for the next block.
   //   (out, pack_signs(out)), out as binary_conv2d returns it
   m.def(
       "binary_block(Tensor packed_x, Tensor packed_w, int in_channels, int stride, int padding, "
-      "float pad_value, Tensor? scale, Tensor? bias, Tensor? residual) -> (Tensor, Tensor)");
+      "float pad_value, Tensor? scale, Tensor? bias, Tensor? residual, ScalarType? out_dtype=None) "
+      "-> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bireal, CPU, m) {
@@ -114,6 +136,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_paths", &bireal::cuda_paths, "CUDA code paths, fastest first");
   m.def("cuda_path", &bireal::cuda_path, "the CUDA code path in use");
   m.def("set_cuda_path", &bireal::set_cuda_path, "force a CUDA code path ('auto' restores bmma)");
+  m.def("debug_fill", &bireal::debug_fill, "whether outputs are pre-filled with 0xFF bytes");
+  m.def("set_debug_fill", &bireal::set_debug_fill,
+        "pre-fill every op output with 0xFF bytes (NaN floats, bad packed tails) before the kernels run");
 #ifdef BIREAL_WITH_CUDA
   m.def("cuda_built", [] { return true; }, "whether the CUDA kernels were compiled in");
 #else

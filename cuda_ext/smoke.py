@@ -1,0 +1,189 @@
+"""The first thing to run on a GPU: every CUDA path on a list of shapes against the reference, in its
+own process, printing per path and shape how many elements are wrong and where the first one is.
+
+    python -m cuda_ext.smoke [--quick] [--json FILE] [--device cpu]
+
+Unlike the test suite, this says *where* a kernel goes wrong: the count of mismatched output elements
+with the first wrong (n, o, h, w), and of mismatched packed words with the first wrong (n, h, w,
+word). Outputs are pre-filled with 0xFF bytes (``ops.debug_fill``), so unwritten elements count as
+wrong. A CUDA fault is sticky (every later call in the process fails too), so the first one ends the
+run, naming the path and case that raised it; run with CUDA_LAUNCH_BLOCKING=1 to pin it to its
+launch. ``--quick`` is the short list for compute-sanitizer; ``--device cpu`` runs the same checks
+on the CPU paths (how CI tests this script). Exit status 0 only if all match.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from . import ops
+from .reference import binary_block_ref, pack_signs_ref, pack_weight_ref
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int
+    channels: int
+    out_channels: int
+    height: int
+    width: int
+    kernel: tuple[int, int] = (3, 3)
+    stride: int = 1
+    padding: int = 1
+    pad_value: float = 0.0
+    epilogue: bool = True          # scale, bias and a residual
+    bf16: bool = False             # out_dtype=torch.bfloat16 (and a bfloat16 residual)
+
+
+QUICK = [
+    Case("tiny", 2, 33, 7, 5, 4),
+    Case("two-words", 1, 100, 70, 6, 5, stride=2, pad_value=1.0),
+    Case("bf16", 1, 64, 64, 4, 4, bf16=True),
+]
+FULL = QUICK + [
+    Case("bireal18-64x56", 2, 64, 64, 56, 56),
+    Case("bireal18-128x28", 2, 128, 128, 28, 28),
+    Case("bireal18-256x14", 2, 256, 256, 14, 14),
+    Case("bireal18-512x7", 2, 512, 512, 7, 7),
+    Case("downsample-s2", 2, 64, 128, 56, 56, stride=2),
+    Case("1x1-s2", 2, 256, 512, 14, 14, kernel=(1, 1), stride=2, padding=0),
+    Case("odd-C-odd-O", 3, 131, 67, 9, 11, pad_value=-1.0),
+    Case("no-epilogue", 2, 3, 5, 8, 8, epilogue=False),
+    Case("pad2-5x5", 2, 70, 33, 7, 10, kernel=(5, 5), padding=2),
+    Case("non-square-3x5", 2, 70, 33, 7, 10, kernel=(3, 5), padding=2, pad_value=1.0),
+    Case("all-border", 2, 33, 5, 1, 2),
+    Case("zero-out-channels", 2, 64, 0, 5, 5),
+    Case("bf16-bireal18-64x56", 2, 64, 64, 56, 56, bf16=True),
+    Case("bf16-odd", 2, 131, 67, 9, 11, stride=2, pad_value=-1.0, bf16=True),
+]
+
+
+def inputs(case: Case, seed: int = 0):
+    """CPU tensors: (packed_x, packed_w, scale, bias, residual) of the case."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(case.batch, case.channels, case.height, case.width, generator=g)
+    w = torch.randn(case.out_channels, case.channels, *case.kernel, generator=g)
+    ho = (case.height + 2 * case.padding - case.kernel[0]) // case.stride + 1
+    wo = (case.width + 2 * case.padding - case.kernel[1]) // case.stride + 1
+    if not case.epilogue:
+        return pack_signs_ref(x), pack_weight_ref(w), None, None, None
+    residual = torch.randn(case.batch, case.out_channels, ho, wo, generator=g)
+    return (pack_signs_ref(x), pack_weight_ref(w), torch.rand(case.out_channels, generator=g) + 0.5,
+            torch.randn(case.out_channels, generator=g), residual.bfloat16() if case.bf16 else residual)
+
+
+def expected(case: Case, px, pw, scale, bias, residual):
+    if case.out_channels == 0:  # (the reference's F.conv2d rejects an empty weight)
+        n, h, w, _ = px.shape
+        ho = (h + 2 * case.padding - case.kernel[0]) // case.stride + 1
+        wo = (w + 2 * case.padding - case.kernel[1]) // case.stride + 1
+        return (torch.empty(n, 0, ho, wo, dtype=torch.bfloat16 if case.bf16 else torch.float32),
+                torch.empty(n, ho, wo, 0, dtype=torch.int64))
+    return binary_block_ref(px, pw, case.channels, case.stride, case.padding, case.pad_value, scale, bias,
+                            residual, torch.bfloat16 if case.bf16 else None)
+
+
+def first_mismatch(got: torch.Tensor, want: torch.Tensor) -> tuple[int, list[int] | None]:
+    """(number of differing elements, index of the first one); shape or dtype differences count all."""
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return max(got.numel(), want.numel()), None
+    wrong = ~torch.eq(got, want)  # NaN (an unwritten float) is never equal
+    count = int(wrong.sum())
+    return count, (wrong.nonzero()[0].tolist() if count else None)
+
+
+def paths(device: str) -> list[str]:
+    return ops.cuda_paths() if device == "cuda" else ops.cpu_paths()
+
+
+def forced_path(device: str, path: str):
+    return ops.forced_cuda_path(path) if device == "cuda" else ops.forced_cpu_path(path)
+
+
+def check(device: str, path: str, case: Case) -> dict:
+    px, pw, scale, bias, residual = inputs(case)
+    want_out, want_packed = expected(case, px, pw, scale, bias, residual)
+    args = [t.to(device) if t is not None else None for t in (px, pw, scale, bias, residual)]
+    with forced_path(device, path), ops.debug_fill():
+        out, packed = ops.binary_block(args[0], args[1], case.channels, case.stride, case.padding,
+                                       case.pad_value, *args[2:],
+                                       out_dtype=torch.bfloat16 if case.bf16 else None)
+        if device == "cuda":
+            torch.cuda.synchronize()
+    out_wrong, out_first = first_mismatch(out.cpu(), want_out)
+    packed_wrong, packed_first = first_mismatch(packed.cpu(), want_packed)
+    return {"path": path, "case": case.name, "ok": out_wrong == 0 and packed_wrong == 0,
+            "out_wrong": out_wrong, "out_elements": want_out.numel(), "first_wrong_nohw": out_first,
+            "packed_wrong": packed_wrong, "first_wrong_packed_nhwk": packed_first}
+
+
+def check_pack_signs(device: str, dtype: torch.dtype) -> dict:
+    x = torch.randn(3, 130, 5, 7).to(dtype)
+    x[0, :, 0, 0], x[1, :, 1, 1] = 0.0, -0.0
+    with ops.debug_fill():
+        got = ops.pack_signs(x.to(device).contiguous(memory_format=torch.channels_last)).cpu()
+    wrong, first = first_mismatch(got, pack_signs_ref(x))
+    return {"path": "pack_signs", "case": str(dtype).split(".")[-1], "ok": wrong == 0,
+            "packed_wrong": wrong, "first_wrong_packed_nhwk": first}
+
+
+def run(device: str = "cuda", quick: bool = False) -> list[dict]:
+    """Every check, printed as it finishes; stops at the first CUDA fault (the context is lost)."""
+    checks = [(f"pack_signs {dtype}", lambda d=dtype: check_pack_signs(device, d))
+              for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
+    checks += [(f"{path} {case.name}", lambda p=path, c=case: check(device, p, c))
+               for path in paths(device) for case in (QUICK if quick else FULL)]
+    rows = []
+    for name, fn in checks:
+        try:
+            rows.append(fn())
+        except RuntimeError as e:
+            rows.append({"path": name.split()[0], "case": name.split()[1], "ok": False,
+                         "error": str(e).splitlines()[0]})
+            print_row(rows[-1])
+            if "CUDA error" in str(e) or "cudaError" in str(e):
+                print("smoke: a CUDA fault ends the run (every later call would fail in this process)")
+                return rows
+            continue
+        print_row(rows[-1])
+    return rows
+
+
+def print_row(r: dict) -> None:
+    if "error" in r:
+        print(f"{r['path']:>11} {r['case']:<22} ERROR {r['error']}", flush=True)
+        return
+    status = "ok" if r["ok"] else "WRONG"
+    out = f"out {r['out_wrong']}/{r['out_elements']} first (n,o,h,w)={r['first_wrong_nohw']}" if "out_wrong" in r else ""
+    print(f"{r['path']:>11} {r['case']:<22} {status:<5} {out} packed {r['packed_wrong']} wrong, "
+          f"first (n,h,w,word)={r['first_wrong_packed_nhwk']}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="three small cases (for compute-sanitizer)")
+    parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not (torch.cuda.is_available() and ops.cuda_built()):
+        print("smoke: needs a CUDA GPU and the CUDA build of cuda_ext "
+              f"(cuda available: {torch.cuda.is_available()}, built: {ops.cuda_built()})")
+        return 2
+    where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"smoke on {where}, paths {paths(args.device)}", flush=True)
+    rows = run(args.device, args.quick)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    bad = [r for r in rows if not r["ok"]]
+    print(f"smoke: {len(rows) - len(bad)} of {len(rows)} checks exact" + (f"; WRONG: {len(bad)}" if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

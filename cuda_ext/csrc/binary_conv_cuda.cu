@@ -21,10 +21,12 @@
 // bfloat16 output it is rounded once more, to nearest even, as torch's .to(bfloat16) does. The
 // fused-block variant also writes the signs of `out` (as stored), packed, for the next block's conv.
 //
-// Two tensor-core kernels share the fragment layout and the epilogue: `bmma` (the verified default:
-// every warp loads its own operands through the read-only cache, next step's loads in flight during
-// this step's MMAs) and `bmma_async` (the block's A and B tiles staged through shared memory with
-// cp.async, double buffered, each weight tile loaded once per block and read by its four warps).
+// Two tensor-core kernels share the fragment layout: `bmma` (the verified default: every warp loads
+// its own operands through the read-only cache, next step's loads in flight during this step's
+// MMAs, the epilogue straight from the accumulator registers) and `bmma_async` (the block's A and B
+// tiles staged through shared memory with cp.async, double buffered, each weight tile loaded once
+// per block and read by its four warps; the epilogue staged through shared memory, a row at a time
+// with coalesced stores).
 #include "binary_conv.h"
 
 #include <ATen/OpMathType.h>
@@ -67,11 +69,14 @@ __device__ __forceinline__ uint64_t valid_mask(const ConvParams& p, int c) {
   return c == p.Cw - 1 ? p.tail_mask : ~uint64_t(0);
 }
 
-// Zero-padding correction of output pixel (oh, ow) for channel o: + S[tap][o] for each tap outside
-// the image. 0 for interior pixels and whenever tap_sums is null.
+// Zero padding: whether output pixel (oh, ow) has taps outside the image (then it needs a correction).
+__device__ __forceinline__ bool needs_border_correction(const ConvParams& p, int ih0, int iw0) {
+  return p.tap_sums != nullptr && !(ih0 >= 0 && ih0 + p.KH <= p.H && iw0 >= 0 && iw0 + p.KW <= p.W);
+}
+
+// The correction of such a pixel for channel o: + S[tap][o] for each tap outside the image (the
+// CUDA-core kernel; the tensor-core kernels use border_corrections below).
 __device__ __forceinline__ int border_correction(const ConvParams& p, int ih0, int iw0, int o) {
-  if (p.tap_sums == nullptr) return 0;
-  if (ih0 >= 0 && ih0 + p.KH <= p.H && iw0 >= 0 && iw0 + p.KW <= p.W) return 0;
   int corr = 0;
   for (int kh = 0; kh < p.KH; ++kh)
     for (int kw = 0; kw < p.KW; ++kw) {
@@ -198,11 +203,52 @@ __device__ __forceinline__ void mma_step(WarpAcc& acc, const uint64_t (&a)[2][2]
   }
 }
 
+// acc (agreements) -> dot products in place: 2 * agree - K, plus the zero-padding correction of the
+// border pixels, added by one loop over the taps that is not unrolled. (Inlined per element, the
+// tap loop took 64 copies in the unrolled epilogue, and the kernel ran 5x slower on an H100 with
+// its warps stalled on instruction fetch; docs/cuda.md.)
+__device__ __forceinline__ void to_dot_products(const ConvParams& p, WarpAcc& acc, const PixelOrigin (&pix)[2][2],
+                                                int warp_col0, int t) {
+  bool border[2][2], any = false;
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      border[mt][h] = pix[mt][h].valid && needs_border_correction(p, pix[mt][h].ih0, pix[mt][h].iw0);
+      any |= border[mt][h];
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) acc[mt][nt][2 * h + j] = 2 * acc[mt][nt][2 * h + j] - p.K;
+    }
+  if (!any) return;
+#pragma unroll 1
+  for (int tap = 0; tap < p.KH * p.KW; ++tap) {
+    const int kh = tap / p.KW, kw = tap - kh * p.KW;
+    const int32_t* sums = p.tap_sums + int64_t(tap) * p.O;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int ih = pix[mt][h].ih0 + kh, iw = pix[mt][h].iw0 + kw;
+        if (!border[mt][h] || (ih >= 0 && ih < p.H && iw >= 0 && iw < p.W)) continue;
+#pragma unroll
+        for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+          for (int j = 0; j < 2; ++j) {
+            const int col = warp_col0 + nt * 8 + 2 * t + j;
+            if (col < p.O) acc[mt][nt][2 * h + j] += sums[col];
+          }
+      }
+  }
+}
+
 // Epilogue of a warp's tile: dot products, scale / bias / residual, the stores, and (fused block)
 // one packed word of signs per row: the 4 threads of a row OR their 16 bits together.
-__device__ __forceinline__ void store_warp_tile(const ConvParams& p, const WarpAcc& acc,
+__device__ __forceinline__ void store_warp_tile(const ConvParams& p, WarpAcc& acc,
                                                 const PixelOrigin (&pix)[2][2], int64_t warp_row0,
                                                 int warp_col0, int g, int t) {
+  to_dot_products(p, acc, pix, warp_col0, t);
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -218,8 +264,7 @@ __device__ __forceinline__ void store_warp_tile(const ConvParams& p, const WarpA
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
           if (col + j >= p.O) break;
-          const int dot = 2 * acc[mt][nt][2 * h + j] - p.K + border_correction(p, o.ih0, o.iw0, col + j);
-          v[j] = epilogue(p, row, col + j, dot);
+          v[j] = epilogue(p, row, col + j, acc[mt][nt][2 * h + j]);
           signs |= uint64_t(v[j] >= 0.0f) << (nt * 8 + 2 * t + j);
         }
         store_out(p, row, col, v, col + 1 < p.O);
@@ -301,6 +346,57 @@ binary_conv2d_bmma_kernel(const ConvParams p) {
   store_warp_tile(p, acc, pix, warp_row0, warp_col0, g, t);
 }
 
+// The staged epilogue of bmma_async: the warp's 32 x 64 agreement counts go to shared memory, then
+// the warp finishes one output row at a time, lane l taking channels l and l + 32: 128-byte
+// coalesced stores (and residual loads), the row's packed word from two ballots, and the zero-padding
+// correction as a warp-uniform branch. The loop over rows is not unrolled, so the code stays small.
+constexpr int kTileStride = kWarpCols + 8;  // ints per staged row: the 8-byte fragment writes of a
+                                            // half-warp then hit 16 distinct bank pairs
+
+__device__ __forceinline__ void store_one(const ConvParams& p, int64_t i, float v) {
+  if (p.out_bf16)
+    static_cast<__nv_bfloat16*>(p.out)[i] = __float2bfloat16_rn(v);  // exact: v is representable
+  else
+    static_cast<float*>(p.out)[i] = v;
+}
+
+__device__ __forceinline__ void store_warp_tile_staged(const ConvParams& p, const WarpAcc& acc, int* tile,
+                                                       int64_t warp_row0, int warp_col0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+        *reinterpret_cast<int2*>(&tile[(mt * 16 + h * 8 + g) * kTileStride + nt * 8 + 2 * t]) =
+            make_int2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
+  __syncwarp();
+#pragma unroll 1
+  for (int r = 0; r < kWarpRows; ++r) {
+    const int64_t row = warp_row0 + r;
+    if (row >= p.M) break;  // warp-uniform
+    const PixelOrigin o = pixel_origin(p, row);
+    const bool border = needs_border_correction(p, o.ih0, o.iw0);  // warp-uniform
+    bool sign[2];
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int c = lane + 32 * half, col = warp_col0 + c;
+      sign[half] = false;
+      if (col < p.O) {
+        const int dot = 2 * tile[r * kTileStride + c] - p.K + (border ? border_correction(p, o.ih0, o.iw0, col) : 0);
+        const float v = epilogue(p, row, col, dot);
+        store_one(p, row * p.O + col, v);
+        sign[half] = v >= 0.0f;
+      }
+    }
+    if (p.packed_out != nullptr) {
+      const uint32_t lo = __ballot_sync(0xffffffffu, sign[0]), hi = __ballot_sync(0xffffffffu, sign[1]);
+      if (lane == 0) p.packed_out[row * p.Ow + warp_col0 / kWarpCols] = (uint64_t(hi) << 32) | lo;
+    }
+  }
+}
+
 // cp.async helpers (sm_80+): 8-byte global -> shared copies, committed and awaited as groups.
 __device__ __forceinline__ void cp_async_8(uint64_t* smem, const uint64_t* gmem) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
@@ -333,8 +429,12 @@ constexpr int kStages = 2;
 // Border taps (the fill word) and words past K are plain shared stores; __syncthreads orders them.
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 binary_conv2d_bmma_async_kernel(const ConvParams p) {
-  __shared__ __align__(16) uint64_t sa[kStages][kBlockRows][kChunkWords];
-  __shared__ __align__(16) uint64_t sb[kStages][kWarpCols][kChunkWords];
+  // The operand stages (12 KB) during the k-loop; then, reused, the warps' staged tiles (36 KB).
+  constexpr int kStageBytes = kStages * (kBlockRows + kWarpCols) * kChunkWords * 8;
+  constexpr int kTileBytes = kWarpsPerBlock * kWarpRows * kTileStride * 4;
+  __shared__ __align__(16) unsigned char smem[kStageBytes > kTileBytes ? kStageBytes : kTileBytes];
+  auto sa = reinterpret_cast<uint64_t(*)[kBlockRows][kChunkWords]>(smem);
+  auto sb = reinterpret_cast<uint64_t(*)[kWarpCols][kChunkWords]>(smem + kStages * kBlockRows * kChunkWords * 8);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int64_t block_row0 = int64_t(blockIdx.x) * kBlockRows;
   const int64_t warp_row0 = block_row0 + warp * kWarpRows;
@@ -393,14 +493,10 @@ binary_conv2d_bmma_async_kernel(const ConvParams p) {
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) b[nt] = sb[stage][nt * 8 + g][t] & mask;
     mma_step(acc, a, b, mask);
-    __syncthreads();  // the stage is free for step s + 2's copies
+    __syncthreads();  // the stage is free for step s + 2's copies (and, after the last, for the tiles)
   }
-  PixelOrigin pix[2][2];  // the rows of this thread's fragments (computed here: fewer live registers)
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) pix[mt][h] = pixel_origin(p, warp_row0 + mt * 16 + h * 8 + g);
-  store_warp_tile(p, acc, pix, warp_row0, block_col0, g, t);
+  store_warp_tile_staged(p, acc, reinterpret_cast<int*>(smem) + warp * kWarpRows * kTileStride, warp_row0,
+                         block_col0, lane);
 }
 
 // CUDA-core XOR + popcount: one thread per output element. A correctness cross-check for the
@@ -423,7 +519,8 @@ __global__ void binary_conv2d_simt_kernel(const ConvParams p) {
         const uint64_t b = p.w[int64_t(col) * p.K_words + tap * p.Cw + c];
         agree_xor += __popcll((a ^ b) & valid_mask(p, c));
       }
-    const int dot = p.K - 2 * agree_xor + border_correction(p, o.ih0, o.iw0, col);
+    const int corr = needs_border_correction(p, o.ih0, o.iw0) ? border_correction(p, o.ih0, o.iw0, col) : 0;
+    const int dot = p.K - 2 * agree_xor + corr;
     v[0] = epilogue(p, row, col, dot);
     store_out(p, row, col, v, false);
   }

@@ -353,13 +353,6 @@ binary_conv2d_bmma_kernel(const ConvParams p) {
 constexpr int kTileStride = kWarpCols + 8;  // ints per staged row: the 8-byte fragment writes of a
                                             // half-warp then hit 16 distinct bank pairs
 
-__device__ __forceinline__ void store_one(const ConvParams& p, int64_t i, float v) {
-  if (p.out_bf16)
-    static_cast<__nv_bfloat16*>(p.out)[i] = __float2bfloat16_rn(v);  // exact: v is representable
-  else
-    static_cast<float*>(p.out)[i] = v;
-}
-
 __device__ __forceinline__ void store_warp_tile_staged(const ConvParams& p, const WarpAcc& acc, int* tile,
                                                        int64_t warp_row0, int warp_col0, int lane) {
   const int g = lane >> 2, t = lane & 3;
@@ -372,27 +365,59 @@ __device__ __forceinline__ void store_warp_tile_staged(const ConvParams& p, cons
         *reinterpret_cast<int2*>(&tile[(mt * 16 + h * 8 + g) * kTileStride + nt * 8 + 2 * t]) =
             make_int2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
   __syncwarp();
+
+  // Per lane: its two channels and their scale and bias, read once for the 32 rows.
+  int col[2];
+  bool in_o[2];
+  float scale[2] = {1.0f, 1.0f}, bias[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    col[half] = warp_col0 + lane + 32 * half;
+    in_o[half] = col[half] < p.O;
+    if (in_o[half] && p.scale) scale[half] = p.scale[col[half]];
+    if (in_o[half] && p.bias) bias[half] = p.bias[col[half]];
+  }
+  // The first row's (n, oh, ow), then advanced one row at a time (no division per row).
+  const int64_t per_image = int64_t(p.Ho) * p.Wo;
+  const int64_t rem0 = warp_row0 % per_image;
+  int oh = static_cast<int>(rem0 / p.Wo), ow = static_cast<int>(rem0 % p.Wo);
 #pragma unroll 1
   for (int r = 0; r < kWarpRows; ++r) {
     const int64_t row = warp_row0 + r;
     if (row >= p.M) break;  // warp-uniform
-    const PixelOrigin o = pixel_origin(p, row);
-    const bool border = needs_border_correction(p, o.ih0, o.iw0);  // warp-uniform
-    bool sign[2];
+    const int ih0 = oh * p.stride - p.padding, iw0 = ow * p.stride - p.padding;
+    const bool border = needs_border_correction(p, ih0, iw0);  // warp-uniform
+    const int64_t base = row * p.O;
+    bool sign[2] = {false, false};
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int c = lane + 32 * half, col = warp_col0 + c;
-      sign[half] = false;
-      if (col < p.O) {
-        const int dot = 2 * tile[r * kTileStride + c] - p.K + (border ? border_correction(p, o.ih0, o.iw0, col) : 0);
-        const float v = epilogue(p, row, col, dot);
-        store_one(p, row * p.O + col, v);
-        sign[half] = v >= 0.0f;
+      if (!in_o[half]) continue;
+      const int dot = 2 * tile[r * kTileStride + lane + 32 * half] - p.K +
+                      (border ? border_correction(p, ih0, iw0, col[half]) : 0);
+      // = epilogue(), with this lane's scale and bias already in registers
+      float v = static_cast<float>(dot);
+      if (p.scale) v = __fmul_rn(v, scale[half]);
+      if (p.bias) v = __fadd_rn(v, bias[half]);
+      const int64_t i = base + col[half];
+      if (p.residual)
+        v = __fadd_rn(v, p.residual_bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(p.residual)[i])
+                                         : static_cast<const float*>(p.residual)[i]);
+      if (p.out_bf16) {
+        const __nv_bfloat16 b = __float2bfloat16_rn(v);
+        static_cast<__nv_bfloat16*>(p.out)[i] = b;
+        v = __bfloat162float(b);
+      } else {
+        static_cast<float*>(p.out)[i] = v;
       }
+      sign[half] = v >= 0.0f;
     }
     if (p.packed_out != nullptr) {
       const uint32_t lo = __ballot_sync(0xffffffffu, sign[0]), hi = __ballot_sync(0xffffffffu, sign[1]);
       if (lane == 0) p.packed_out[row * p.Ow + warp_col0 / kWarpCols] = (uint64_t(hi) << 32) | lo;
+    }
+    if (++ow == p.Wo) {
+      ow = 0;
+      if (++oh == p.Ho) oh = 0;
     }
   }
 }

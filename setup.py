@@ -33,6 +33,15 @@ NVCC_FLAGS = [
 ]
 
 
+LINK_ARGS = ["-fopenmp"]
+if sys.platform.startswith("linux"):
+    # Resolve the C++ library from the shared libstdc++ that torch and Python load, before anything
+    # the compiler driver appends: a g++ that links -static-libstdc++ (as one GPU machine's does)
+    # would otherwise put a second copy of libstdc++'s stream and locale code in the extension,
+    # whose number formatting then fails (truncated error messages here, a segfault there).
+    LINK_ARGS.append("-l:libstdc++.so.6")
+
+
 def want_cuda() -> bool:
     home, reason = cuda_build_plan()
     if home is None:
@@ -61,7 +70,7 @@ def extensions():
 
         macros = []
     return [Extension("cuda_ext._C", sources, define_macros=macros, extra_compile_args=compile_args,
-                      extra_link_args=["-fopenmp"])]
+                      extra_link_args=LINK_ARGS)]
 
 
 def build_ext_class():

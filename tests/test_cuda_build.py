@@ -153,3 +153,17 @@ def test_tensor_core_arithmetic_matches_reference(channels, stride, kernel, pad_
         pw_dirty = pw
     expected = binary_conv2d_ref(px, pw, channels, stride, kernel // 2, pad_value).double()
     assert torch.equal(and_popc_conv_model(px, pw_dirty, channels, stride, kernel // 2, pad_value), expected)
+
+
+def test_extension_uses_the_shared_libstdcxx():
+    """The extension resolves the C++ library from the libstdc++ the process loads: a copy linked in
+    by a -static-libstdc++ compiler driver breaks number formatting in every error message (cut short
+    here, a segfault on the H100 machine's toolchain). setup.py links the shared library first."""
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("no nm to read the symbol table")
+    symbols = subprocess.run([nm, "-C", "--defined-only", extension_file()], capture_output=True, text=True,
+                             check=True).stdout
+    assert "std::ostream::_M_insert<long>" not in symbols
+    with pytest.raises(RuntimeError, match="in_channels=65 needs 2 words per pixel, packed_x has 1"):
+        ops.binary_conv2d(ops.pack_signs(torch.randn(1, 64, 2, 2)), ops.pack_signs(torch.randn(3, 64, 3, 3)), 65)

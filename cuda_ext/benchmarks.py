@@ -82,6 +82,7 @@ def bench_kernels(device: str = "cpu", batches=None, threads: int = 2, repeats: 
 
     dev = _setup(device, threads)
     float_dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    copy_gb_s = copy_bandwidth_gb_s(dev, gib=0.25) if dev.type == "cpu" else None
     rows = []
     for channels, side in BIREAL18_SHAPES:
         for batch in batches or default_batches(device):
@@ -114,8 +115,22 @@ def bench_kernels(device: str = "cpu", batches=None, threads: int = 2, repeats: 
             if dev.type == "cuda":
                 with torch.inference_mode():
                     row.update(cuda_variants(ops, px, pw, channels, scale, bias, xf, base, repeats))
+            else:
+                row.update(cpu_bound(channels, side, batch, ours, threads, copy_gb_s))
             rows.append(row)
     return rows
+
+
+def cpu_bound(channels: int, side: int, batch: int, ours_ms: float, threads: int, copy_gb_s: float) -> dict:
+    """The row's ceiling on this CPU, measured in the same run: its binary MACs at the micro-kernel's
+    rate (data in L1, one thread, times the threads) plus its float32 output bytes at the copy rate
+    (bytes read + written per second). ``of_bound``: the fraction of that ceiling reached."""
+    from . import _C
+
+    macs = batch * side * side * channels * channels * 9
+    rate = _C.cpu_micro_kernel_rate((channels + 63) // 64, 0.05) * threads
+    bound = macs / rate * 1e3 + batch * channels * side * side * 4 / (copy_gb_s * 1e6)
+    return {"micro_tmac_s": rate / 1e12, "bound_ms": bound, "of_bound": bound / ours_ms}
 
 
 def cuda_variants(ops, px, pw, channels, scale, bias, residual_bf16, base_ms, repeats) -> dict:
@@ -206,6 +221,7 @@ def format_table(rows: list[dict], title: str) -> str:
             ("speedup", 8, "{:.1f}x"), ("ours_gb_s", 10, "{:,.0f}"), ("block_ms", 10, "{:.4f}"), ("float_block_ms", 15, "{:.4f}"),
             ("block_speedup", 14, "{:.1f}x"), ("async_ms", 10, "{:.4f}"), ("bf16_ms", 10, "{:.4f}"),
             ("async_bf16_ms", 14, "{:.4f}"), ("bf16_speedup", 13, "{:.1f}x"), ("block_bf16_ms", 14, "{:.4f}"),
+            ("micro_tmac_s", 13, "{:.2f}"), ("bound_ms", 10, "{:.4f}"), ("of_bound", 9, "{:.0%}"),
             ("ours_img_s", 11, "{:,.0f}"), ("baseline_img_s", 15, "{:,.0f}"), ("bf16_img_s", 11, "{:,.0f}"),
             ("bf16_vs_baseline", 17, "{:.1f}x")]
     cols = [c for c in cols if any(c[0] in r for r in rows)]
@@ -247,7 +263,11 @@ def run(what: str, device: str, json_path: str | None = None, threads: int = 2) 
     if what == "kernels":
         print("ours_gb_s: bytes of the packed input + the float32 output over ours_ms, GB/s" +
               (f"; this card's copy rate (read + write): {copy_bandwidth_gb_s(torch.device(device)):,.0f} GB/s"
-               if device.startswith("cuda") else ""))
+               if device.startswith("cuda") else
+               f"; this machine's copy rate (read + write, {threads} threads): "
+               f"{copy_bandwidth_gb_s(torch.device('cpu'), gib=0.25):,.1f} GB/s\n"
+               "bound_ms: the row's binary MACs at micro_tmac_s (the micro-kernel with its data in L1, all "
+               "threads) + its float32 output at the copy rate; of_bound: bound_ms / ours_ms"))
     if json_path:
         Path(json_path).write_text(json.dumps({"what": what, "device": device,
                                                "machine": machine_description(device),

@@ -30,6 +30,7 @@ inline uint64_t valid_bits(int64_t k, int64_t channels) {
 std::vector<std::string> cpu_paths();
 std::string cpu_path();
 void set_cpu_path(const std::string& name);
+double cpu_micro_kernel_rate(int64_t words, double seconds);
 
 // CUDA code paths: "bmma" (1-bit tensor cores, sm_80+, the default), "simt" (CUDA-core popcount, a
 // cross-check) and "bmma_async" (bmma with the operand tiles staged through shared memory by

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstring>
 
 namespace bireal {
@@ -220,6 +221,9 @@ MicroKernel micro_kernel(Path p) {
 //   dot = K - 2 * acc + corr;  out = dot * scale + bias + residual
 // Absent terms are passed as 1 / 0 vectors, which leave every value unchanged (x * 1 = x, x + 0 = x),
 // so the rounding sequence equals the reference's mul, add, add.
+// The fused block also writes the 16 sign bits of each pixel's outputs (out >= 0; NaN -> 0) into
+// that block's 16-bit slice of the packed output word, in the same pass: no second read of `out`.
+// Tasks own distinct slices (distinct uint16 objects), so no two threads write the same memory.
 struct Epilogue {
   const int64_t* acc;          // [P][16]
   int P;
@@ -232,6 +236,9 @@ struct Epilogue {
   float* out;                  // pixel 0 (offset by o0), out_stride floats per pixel
   int64_t out_stride;
   int64_t K;
+  uint16_t* signs = nullptr;   // fused block: pixel 0's 16-bit slice of the packed output, or null
+  int64_t signs_stride = 0;    // uint16 slices per pixel (4 per packed word)
+  uint16_t sign_mask = 0xffff; // the block's valid channels (a partial last block has fewer)
 };
 
 inline __attribute__((always_inline)) void finish_block(const Epilogue& e) {
@@ -245,6 +252,11 @@ inline __attribute__((always_inline)) void finish_block(const Epilogue& e) {
       v = v * e.scale[j];
       v = v + e.bias[j];
       out[j] = v + res[j];
+    }
+    if (e.signs != nullptr) {
+      uint32_t bits = 0;
+      for (int j = 0; j < kOutBlock; ++j) bits |= uint32_t(out[j] >= 0.0f) << j;
+      e.signs[p * e.signs_stride] = static_cast<uint16_t>(bits) & e.sign_mask;
     }
   }
 }
@@ -406,6 +418,33 @@ std::vector<int32_t> tap_weight_sums(Path path, const uint64_t* w, int64_t O, in
 
 }  // namespace
 
+// Binary MACs per second of the active path's micro-kernel on the calling thread, with its whole
+// working set in L1: 8 pixels x 16 output channels x a 3x3 tap window of `words` words per pixel.
+// The compute ceiling that `bireal bench kernels --device cpu` prints each row's bound from.
+double cpu_micro_kernel_rate(int64_t words, double seconds) {
+  TORCH_CHECK(words >= 1 && words <= 64, "cpu_micro_kernel_rate: words must be in [1, 64], got ", words);
+  constexpr int P = kMaxPixels;
+  const int64_t row = (P + 2) * words;                  // one input row of the window
+  std::vector<uint64_t> x(3 * row), w(9 * words * kOutBlock);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = 0x9E3779B97F4A7C15ull * (i + 1);
+  for (size_t i = 0; i < w.size(); ++i) w[i] = 0xC2B2AE3D27D4EB4Full * (i + 7);
+  const Tile t{x.data(), words, row, w.data(), 3, 3, words};
+  const MicroKernel micro = micro_kernel(active_path());
+  int64_t acc[P * kOutBlock];
+  int64_t calls = 0, sink = 0;
+  const auto start = std::chrono::steady_clock::now();
+  double elapsed = 0.0;
+  do {
+    for (int i = 0; i < 64; ++i, ++calls) {
+      micro(t, P, acc);
+      sink += acc[calls % (P * kOutBlock)];
+    }
+    elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  } while (elapsed < seconds);
+  TORCH_CHECK(sink != -1, "unreachable");  // keeps the calls from being optimised away
+  return double(calls) * P * kOutBlock * 9 * words * 64 / elapsed;
+}
+
 std::vector<std::string> cpu_paths() {
   std::vector<std::string> out;
   for (Path p : {Path::Avx512, Path::Avx2, Path::Portable})
@@ -450,10 +489,11 @@ at::Tensor pack_signs_cpu(const at::Tensor& x) {
 namespace {
 
 // The float32 conv; `residual` (if any) is float32 here.
+// `packed_out` (N, Ho, Wo, Ow) int64, if given, receives the packed signs of the output (fused block).
 at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int64_t in_channels,
                     int64_t stride, int64_t padding, double pad_value, const ConvGeometry& g,
                     const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
-                    const std::optional<at::Tensor>& residual) {
+                    const std::optional<at::Tensor>& residual, at::Tensor* packed_out = nullptr) {
   const int64_t C = in_channels, Cw = g.Cw, taps = g.KH * g.KW;
   const int64_t Hp = g.H + 2 * padding, Wp = g.W + 2 * padding;
 
@@ -466,16 +506,21 @@ at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int6
     std::vector<uint64_t> border(Cw);
     for (int64_t k = 0; k < Cw; ++k) border[k] = pad_value == 1.0 ? valid_bits(k, C) : 0;
     xpad.resize(g.N * Hp * Wp * Cw);
+    // Per padded row: border pixels, then (inside the image) the whole image row in one copy.
+    auto fill_border = [&](uint64_t* dst, int64_t pixels) {
+      for (int64_t w = 0; w < pixels; ++w) std::memcpy(dst + w * Cw, border.data(), Cw * sizeof(uint64_t));
+    };
     at::parallel_for(0, g.N * Hp, 16, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t n = r / Hp, h = r % Hp - padding;
         uint64_t* row = xpad.data() + r * Wp * Cw;
-        for (int64_t w = 0; w < Wp; ++w) {
-          const int64_t wi = w - padding;
-          const bool inside = h >= 0 && h < g.H && wi >= 0 && wi < g.W;
-          const uint64_t* src = inside ? x_src + ((n * g.H + h) * g.W + wi) * Cw : border.data();
-          std::memcpy(row + w * Cw, src, Cw * sizeof(uint64_t));
+        if (h < 0 || h >= g.H) {
+          fill_border(row, Wp);
+          continue;
         }
+        fill_border(row, padding);
+        std::memcpy(row + padding * Cw, x_src + (n * g.H + h) * g.W * Cw, g.W * Cw * sizeof(uint64_t));
+        fill_border(row + (padding + g.W) * Cw, padding);
       }
     });
     xp = xpad.data();
@@ -518,6 +563,19 @@ at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int6
   const MicroKernel micro = micro_kernel(path);
   const FinishFn finish = finisher(path);
   const int64_t K = taps * C;
+  // Fused block: 16-bit slices of the packed words; slices past the last block (O % 64 <= 48) are
+  // never written by a task, so those are zeroed here (the tail bits must be 0).
+  uint16_t* signs_p = nullptr;
+  const int64_t Ow = words_for(g.O), slices = Ow * 4;
+  if (packed_out != nullptr) {
+    *packed_out = at::empty({g.N, g.Ho, g.Wo, Ow}, packed_x.options().dtype(at::kLong));
+    fill_if_debugging(*packed_out);
+    signs_p = reinterpret_cast<uint16_t*>(packed_out->data_ptr<int64_t>());
+    if (slices > out_blocks) {
+      for (int64_t pix = 0; pix < g.N * g.Ho * g.Wo; ++pix)
+        std::memset(signs_p + pix * slices + out_blocks, 0, (slices - out_blocks) * sizeof(uint16_t));
+    }
+  }
 
   // One task = one output row of one image for one block of 16 output channels.
   at::parallel_for(0, g.N * g.Ho * out_blocks, 1, [&](int64_t begin, int64_t end) {
@@ -537,6 +595,11 @@ at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int6
         Epilogue e{acc, P, corr.data() + bc.row_class[oh] * col_classes * O_pad + o0,
                    bc.col_class.data() + ow0, O_pad, scale_v.data() + o0, bias_v.data() + o0,
                    zeros.data(), 0, out_p + pix0 * g.O + o0, g.O, K};
+        if (signs_p != nullptr) {
+          e.signs = signs_p + pix0 * slices + ob;
+          e.signs_stride = slices;
+          e.sign_mask = static_cast<uint16_t>((uint32_t(1) << o_count) - 1);
+        }
         if (res_p) {
           e.residual = res_p + pix0 * g.O + o0;
           e.res_stride = g.O;
@@ -580,6 +643,29 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& packed_x, const at::Tensor& packe
   at::Tensor out = conv_f32(packed_x, packed_w, in_channels, stride, padding, pad_value, g, scale,
                             bias, residual_f32);
   return dtype == at::kFloat ? out : out.to(dtype);  // keeps the channels_last strides
+}
+
+// The fused block: float32 output and its packed signs from one pass of the epilogue. For a
+// bfloat16 output the signs are those of the rounded values, so it packs after the conversion.
+std::tuple<at::Tensor, at::Tensor> binary_block_cpu(
+    const at::Tensor& packed_x, const at::Tensor& packed_w, int64_t in_channels, int64_t stride,
+    int64_t padding, double pad_value, const std::optional<at::Tensor>& scale,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+    std::optional<at::ScalarType> out_dtype) {
+  if (conv_out_dtype(out_dtype) != at::kFloat || (residual && residual->scalar_type() != at::kFloat)) {
+    at::Tensor out = binary_conv2d_cpu(packed_x, packed_w, in_channels, stride, padding, pad_value,
+                                       scale, bias, residual, out_dtype);
+    if (out.size(1) == 0)  // no output channels: no words to pack (pack_signs rejects C = 0)
+      return {out, at::empty({out.size(0), out.size(2), out.size(3), 0}, packed_x.options())};
+    return {out, pack_signs_cpu(out)};
+  }
+  const ConvGeometry g = check_conv_args(packed_x, packed_w, in_channels, stride, padding,
+                                         pad_value, scale, bias, residual);
+  TORCH_CHECK(packed_x.device().is_cpu(), "binary_block_cpu: tensors must be on the CPU");
+  at::Tensor packed;
+  at::Tensor out = conv_f32(packed_x, packed_w, in_channels, stride, padding, pad_value, g, scale,
+                            bias, residual, &packed);
+  return {out, packed};
 }
 
 }  // namespace bireal

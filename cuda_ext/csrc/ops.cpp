@@ -39,19 +39,6 @@ void set_cuda_path(const std::string& name) {
   TORCH_CHECK(false, "set_cuda_path: unknown path '", name, "' (auto, bmma, simt, bmma_async)");
 }
 
-// The fused block on the CPU: the conv with its epilogue, then the signs of its output packed.
-std::tuple<at::Tensor, at::Tensor> binary_block_cpu(
-    const at::Tensor& packed_x, const at::Tensor& packed_w, int64_t in_channels, int64_t stride,
-    int64_t padding, double pad_value, const std::optional<at::Tensor>& scale,
-    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-    std::optional<at::ScalarType> out_dtype) {
-  at::Tensor out = binary_conv2d_cpu(packed_x, packed_w, in_channels, stride, padding, pad_value,
-                                     scale, bias, residual, out_dtype);
-  if (out.size(1) == 0)  // no output channels: no words to pack (pack_signs rejects C = 0)
-    return {out, at::empty({out.size(0), out.size(2), out.size(3), 0}, packed_x.options())};
-  return {out, pack_signs_cpu(out)};
-}
-
 void check_pack_args(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 4, "pack_signs: x must be (N, C, H, W), got ", x.dim(), " dims");
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), "pack_signs: x must be floating point, got ",
@@ -133,6 +120,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_paths", &bireal::cpu_paths, "CPU code paths this CPU can run, fastest first");
   m.def("cpu_path", &bireal::cpu_path, "the CPU code path in use");
   m.def("set_cpu_path", &bireal::set_cpu_path, "force a CPU code path ('auto' restores the fastest)");
+  m.def("cpu_micro_kernel_rate", &bireal::cpu_micro_kernel_rate,
+        "binary MACs/s of the CPU micro-kernel on one thread, data in L1 (words per pixel, seconds)");
   m.def("cuda_paths", &bireal::cuda_paths, "CUDA code paths, fastest first");
   m.def("cuda_path", &bireal::cuda_path, "the CUDA code path in use");
   m.def("set_cuda_path", &bireal::set_cuda_path, "force a CUDA code path ('auto' restores bmma)");

@@ -116,19 +116,19 @@ def bench_kernels(device: str = "cpu", batches=None, threads: int = 2, repeats: 
                 with torch.inference_mode():
                     row.update(cuda_variants(ops, px, pw, channels, scale, bias, xf, base, repeats))
             else:
-                row.update(cpu_bound(channels, side, batch, ours, threads, copy_gb_s))
+                row.update(cpu_bound(channels, side, batch, ours, copy_gb_s))
             rows.append(row)
     return rows
 
 
-def cpu_bound(channels: int, side: int, batch: int, ours_ms: float, threads: int, copy_gb_s: float) -> dict:
+def cpu_bound(channels: int, side: int, batch: int, ours_ms: float, copy_gb_s: float) -> dict:
     """The row's ceiling on this CPU, measured in the same run: its binary MACs at the micro-kernel's
-    rate (data in L1, one thread, times the threads) plus its float32 output bytes at the copy rate
+    rate (data in L1, all threads running it at once) plus its float32 output bytes at the copy rate
     (bytes read + written per second). ``of_bound``: the fraction of that ceiling reached."""
     from . import _C
 
     macs = batch * side * side * channels * channels * 9
-    rate = _C.cpu_micro_kernel_rate((channels + 63) // 64, 0.05) * threads
+    rate = _C.cpu_micro_kernel_rate((channels + 63) // 64, 0.05)  # all threads at once
     bound = macs / rate * 1e3 + batch * channels * side * side * 4 / (copy_gb_s * 1e6)
     return {"micro_tmac_s": rate / 1e12, "bound_ms": bound, "of_bound": bound / ours_ms}
 

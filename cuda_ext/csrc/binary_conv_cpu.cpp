@@ -241,6 +241,25 @@ struct Epilogue {
   uint16_t sign_mask = 0xffff; // the block's valid channels (a partial last block has fewer)
 };
 
+// The sign bits (v >= 0; NaN -> 0) of 16 floats, bit j for v[j]: one compare on AVX-512, two on AVX2.
+inline uint16_t signs16_portable(const float* v) {
+  uint32_t bits = 0;
+  for (int j = 0; j < kOutBlock; ++j) bits |= uint32_t(v[j] >= 0.0f) << j;
+  return static_cast<uint16_t>(bits);
+}
+
+__attribute__((target("avx2"))) inline uint16_t signs16_avx2(const float* v) {
+  const __m256 zero = _mm256_setzero_ps();
+  const int lo = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v), zero, _CMP_GE_OQ));
+  const int hi = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v + 8), zero, _CMP_GE_OQ));
+  return static_cast<uint16_t>(lo | (hi << 8));
+}
+
+__attribute__((target("avx512f"))) inline uint16_t signs16_avx512(const float* v) {
+  return _mm512_cmp_ps_mask(_mm512_loadu_ps(v), _mm512_setzero_ps(), _CMP_GE_OQ);
+}
+
+template <uint16_t (*Signs16)(const float*)>
 inline __attribute__((always_inline)) void finish_block(const Epilogue& e) {
   for (int p = 0; p < e.P; ++p) {
     const int64_t* acc = e.acc + p * kOutBlock;
@@ -253,17 +272,15 @@ inline __attribute__((always_inline)) void finish_block(const Epilogue& e) {
       v = v + e.bias[j];
       out[j] = v + res[j];
     }
-    if (e.signs != nullptr) {
-      uint32_t bits = 0;
-      for (int j = 0; j < kOutBlock; ++j) bits |= uint32_t(out[j] >= 0.0f) << j;
-      e.signs[p * e.signs_stride] = static_cast<uint16_t>(bits) & e.sign_mask;
-    }
+    if (e.signs != nullptr) e.signs[p * e.signs_stride] = Signs16(out) & e.sign_mask;
   }
 }
 
-void finish_portable(const Epilogue& e) { finish_block(e); }
-__attribute__((target("avx2"))) void finish_avx2(const Epilogue& e) { finish_block(e); }
-__attribute__((target("avx512f,avx512dq"))) void finish_avx512(const Epilogue& e) { finish_block(e); }
+void finish_portable(const Epilogue& e) { finish_block<signs16_portable>(e); }
+__attribute__((target("avx2"))) void finish_avx2(const Epilogue& e) { finish_block<signs16_avx2>(e); }
+__attribute__((target("avx512f,avx512dq"))) void finish_avx512(const Epilogue& e) {
+  finish_block<signs16_avx512>(e);
+}
 
 using FinishFn = void (*)(const Epilogue&);
 
@@ -418,31 +435,40 @@ std::vector<int32_t> tap_weight_sums(Path path, const uint64_t* w, int64_t O, in
 
 }  // namespace
 
-// Binary MACs per second of the active path's micro-kernel on the calling thread, with its whole
-// working set in L1: 8 pixels x 16 output channels x a 3x3 tap window of `words` words per pixel.
-// The compute ceiling that `bireal bench kernels --device cpu` prints each row's bound from.
+// Binary MACs per second of the active path's micro-kernel on all of torch's threads at once, each
+// with its working set in L1: 8 pixels x 16 output channels x a 3x3 tap window of `words` words per
+// pixel. The compute ceiling that `bireal bench kernels --device cpu` prints each row's bound from.
 double cpu_micro_kernel_rate(int64_t words, double seconds) {
   TORCH_CHECK(words >= 1 && words <= 64, "cpu_micro_kernel_rate: words must be in [1, 64], got ", words);
   constexpr int P = kMaxPixels;
-  const int64_t row = (P + 2) * words;                  // one input row of the window
-  std::vector<uint64_t> x(3 * row), w(9 * words * kOutBlock);
-  for (size_t i = 0; i < x.size(); ++i) x[i] = 0x9E3779B97F4A7C15ull * (i + 1);
-  for (size_t i = 0; i < w.size(); ++i) w[i] = 0xC2B2AE3D27D4EB4Full * (i + 7);
-  const Tile t{x.data(), words, row, w.data(), 3, 3, words};
   const MicroKernel micro = micro_kernel(active_path());
-  int64_t acc[P * kOutBlock];
-  int64_t calls = 0, sink = 0;
-  const auto start = std::chrono::steady_clock::now();
-  double elapsed = 0.0;
-  do {
-    for (int i = 0; i < 64; ++i, ++calls) {
-      micro(t, P, acc);
-      sink += acc[calls % (P * kOutBlock)];
+  const int64_t threads = at::get_num_threads();
+  std::vector<double> rates(threads, 0.0);
+  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t th = begin; th < end; ++th) {
+      const int64_t row = (P + 2) * words;  // one input row of the window
+      std::vector<uint64_t> x(3 * row), w(9 * words * kOutBlock);
+      for (size_t i = 0; i < x.size(); ++i) x[i] = 0x9E3779B97F4A7C15ull * (i + 1 + th);
+      for (size_t i = 0; i < w.size(); ++i) w[i] = 0xC2B2AE3D27D4EB4Full * (i + 7);
+      const Tile t{x.data(), words, row, w.data(), 3, 3, words};
+      int64_t acc[P * kOutBlock];
+      int64_t calls = 0, sink = 0;
+      const auto start = std::chrono::steady_clock::now();
+      double elapsed = 0.0;
+      do {
+        for (int i = 0; i < 64; ++i, ++calls) {
+          micro(t, P, acc);
+          sink += acc[calls % (P * kOutBlock)];
+        }
+        elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      } while (elapsed < seconds);
+      TORCH_CHECK(sink != -1, "unreachable");  // keeps the calls from being optimised away
+      rates[th] = double(calls) * P * kOutBlock * 9 * words * 64 / elapsed;
     }
-    elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  } while (elapsed < seconds);
-  TORCH_CHECK(sink != -1, "unreachable");  // keeps the calls from being optimised away
-  return double(calls) * P * kOutBlock * 9 * words * 64 / elapsed;
+  });
+  double total = 0.0;
+  for (double r : rates) total += r;
+  return total;
 }
 
 std::vector<std::string> cpu_paths() {

@@ -36,7 +36,10 @@ const char* path_name(Path p) {
 bool supported(Path p) {
   switch (p) {
     case Path::Avx512:
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq");
+      // every extension the avx512 functions are compiled for (BIREAL_AVX512)
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq") &&
+             __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl");
     case Path::Avx2:
       return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
     default: return true;
@@ -138,9 +141,11 @@ void micro_avx2(const Tile& t, int P, int64_t* acc) {
   }
 }
 
+#define BIREAL_AVX512 __attribute__((target("avx512f,avx512dq,avx512bw,avx512vl,avx512vpopcntdq")))
+
+// AVX-512 accumulators of P pixels x 16 channels: a0[p] holds channels 0-7, a1[p] channels 8-15.
 template <int P>
-__attribute__((target("avx512f,avx512vpopcntdq"))) void micro_avx512_p(const Tile& t, int64_t* acc) {
-  __m512i a0[P], a1[P];
+BIREAL_AVX512 inline void accumulate_generic(const Tile& t, __m512i (&a0)[P], __m512i (&a1)[P]) {
   for (int p = 0; p < P; ++p) a0[p] = a1[p] = _mm512_setzero_si512();
   for (int64_t kh = 0; kh < t.KH; ++kh)
     for (int64_t kw = 0; kw < t.KW; ++kw) {
@@ -156,17 +161,12 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) void micro_avx512_p(const Til
         }
       }
     }
-  for (int p = 0; p < P; ++p) {
-    _mm512_storeu_si512(acc + p * kOutBlock, a0[p]);
-    _mm512_storeu_si512(acc + p * kOutBlock + 8, a1[p]);
-  }
 }
 
 // C <= 64 (one word per pixel): taps fully unrolled at compile time; the generic loop's
 // bookkeeping costs about a quarter of the throughput when each tap is a single word.
 template <int P, int KH, int KW>
-__attribute__((target("avx512f,avx512vpopcntdq"))) void micro_avx512_one_word(const Tile& t, int64_t* acc) {
-  __m512i a0[P], a1[P];
+BIREAL_AVX512 inline void accumulate_one_word(const Tile& t, __m512i (&a0)[P], __m512i (&a1)[P]) {
   for (int p = 0; p < P; ++p) a0[p] = a1[p] = _mm512_setzero_si512();
 #pragma GCC unroll 9
   for (int tap = 0; tap < KH * KW; ++tap) {
@@ -179,29 +179,35 @@ __attribute__((target("avx512f,avx512vpopcntdq"))) void micro_avx512_one_word(co
       a1[p] = _mm512_add_epi64(a1[p], _mm512_popcnt_epi64(_mm512_xor_si512(xv, w1)));
     }
   }
+}
+
+template <int P>
+BIREAL_AVX512 inline void accumulate_avx512(const Tile& t, __m512i (&a0)[P], __m512i (&a1)[P]) {
+  if (t.Cw == 1 && t.KH == 3 && t.KW == 3) return accumulate_one_word<P, 3, 3>(t, a0, a1);
+  if (t.Cw == 1 && t.KH == 1 && t.KW == 1) return accumulate_one_word<P, 1, 1>(t, a0, a1);
+  accumulate_generic<P>(t, a0, a1);
+}
+
+template <int P>
+BIREAL_AVX512 void micro_avx512_p(const Tile& t, int64_t* acc) {
+  __m512i a0[P], a1[P];
+  accumulate_avx512<P>(t, a0, a1);
   for (int p = 0; p < P; ++p) {
     _mm512_storeu_si512(acc + p * kOutBlock, a0[p]);
     _mm512_storeu_si512(acc + p * kOutBlock + 8, a1[p]);
   }
 }
 
-template <int P>
-void micro_avx512_dispatch(const Tile& t, int64_t* acc) {
-  if (t.Cw == 1 && t.KH == 3 && t.KW == 3) return micro_avx512_one_word<P, 3, 3>(t, acc);
-  if (t.Cw == 1 && t.KH == 1 && t.KW == 1) return micro_avx512_one_word<P, 1, 1>(t, acc);
-  micro_avx512_p<P>(t, acc);
-}
-
 void micro_avx512(const Tile& t, int P, int64_t* acc) {
   switch (P) {
-    case 8: return micro_avx512_dispatch<8>(t, acc);
-    case 7: return micro_avx512_dispatch<7>(t, acc);
-    case 6: return micro_avx512_dispatch<6>(t, acc);
-    case 5: return micro_avx512_dispatch<5>(t, acc);
-    case 4: return micro_avx512_dispatch<4>(t, acc);
-    case 3: return micro_avx512_dispatch<3>(t, acc);
-    case 2: return micro_avx512_dispatch<2>(t, acc);
-    default: return micro_avx512_dispatch<1>(t, acc);
+    case 8: return micro_avx512_p<8>(t, acc);
+    case 7: return micro_avx512_p<7>(t, acc);
+    case 6: return micro_avx512_p<6>(t, acc);
+    case 5: return micro_avx512_p<5>(t, acc);
+    case 4: return micro_avx512_p<4>(t, acc);
+    case 3: return micro_avx512_p<3>(t, acc);
+    case 2: return micro_avx512_p<2>(t, acc);
+    default: return micro_avx512_p<1>(t, acc);
   }
 }
 
@@ -255,7 +261,7 @@ __attribute__((target("avx2"))) inline uint16_t signs16_avx2(const float* v) {
   return static_cast<uint16_t>(lo | (hi << 8));
 }
 
-__attribute__((target("avx512f"))) inline uint16_t signs16_avx512(const float* v) {
+BIREAL_AVX512 inline uint16_t signs16_avx512(const float* v) {
   return _mm512_cmp_ps_mask(_mm512_loadu_ps(v), _mm512_setzero_ps(), _CMP_GE_OQ);
 }
 
@@ -278,7 +284,7 @@ inline __attribute__((always_inline)) void finish_block(const Epilogue& e) {
 
 void finish_portable(const Epilogue& e) { finish_block<signs16_portable>(e); }
 __attribute__((target("avx2"))) void finish_avx2(const Epilogue& e) { finish_block<signs16_avx2>(e); }
-__attribute__((target("avx512f,avx512dq"))) void finish_avx512(const Epilogue& e) {
+BIREAL_AVX512 void finish_avx512(const Epilogue& e) {
   finish_block<signs16_avx512>(e);
 }
 
@@ -289,6 +295,72 @@ FinishFn finisher(Path p) {
     case Path::Avx512: return finish_avx512;
     case Path::Avx2: return finish_avx2;
     default: return finish_portable;
+  }
+}
+
+// AVX-512: one output row of one 16-channel block in one call, each group of 8 pixels finished
+// straight from the accumulator registers: the counts narrowed to int32, dot = K - 2 * count + corr,
+// converted exactly (|dot| < 2^24), * scale + bias + residual in the reference's order, a masked
+// store (partial blocks need no staging), and the sign bits from one compare. Against micro_avx512 +
+// finish_avx512 per group this saves the int64 round trip through memory and two indirect calls
+// per 8 pixels, which cost as much as the binary work itself when C = 64.
+struct RowJob {
+  Tile t;                      // x at the row's first output pixel
+  int64_t Wo;
+  const int32_t* corr_row;     // [col class][O_pad] of this row's class, offset by o0
+  const int32_t* col_class;    // border class of each output column
+  int64_t O_pad;
+  const float *scale, *bias;   // 16 values each (padded with 1 / 0)
+  const float* residual;       // pixel 0, res_stride floats per pixel; null: none
+  int64_t res_stride;
+  float* out;                  // pixel 0, out_stride floats per pixel
+  int64_t out_stride;
+  uint16_t* signs;             // fused block: pixel 0's slice of the packed output, or null
+  int64_t signs_stride;
+  uint16_t mask;               // valid channels of the block
+  int32_t K;
+};
+
+template <int P>
+BIREAL_AVX512 inline void row_group_avx512(const RowJob& j, int64_t ow0) {
+  Tile t = j.t;
+  t.x += ow0 * t.pix_step;
+  __m512i a0[P], a1[P];
+  accumulate_avx512<P>(t, a0, a1);
+  const __mmask16 m = j.mask;
+  const __m512 scale = _mm512_loadu_ps(j.scale), bias = _mm512_loadu_ps(j.bias), zero = _mm512_setzero_ps();
+  const __m512i k = _mm512_set1_epi32(j.K);
+  for (int p = 0; p < P; ++p) {
+    const int64_t ow = ow0 + p;
+    const __m512i count = _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtepi64_epi32(a0[p])),
+                                             _mm512_cvtepi64_epi32(a1[p]), 1);
+    const __m512i corr = _mm512_loadu_si512(j.corr_row + j.col_class[ow] * j.O_pad);
+    const __m512i dot = _mm512_add_epi32(_mm512_sub_epi32(k, _mm512_slli_epi32(count, 1)), corr);
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), scale);
+    v = _mm512_add_ps(v, bias);
+    // Full blocks use plain loads and stores: masked ones are much slower on some CPUs.
+    const float* res = j.residual + ow * j.res_stride;
+    v = _mm512_add_ps(v, !j.residual ? zero : m == 0xffff ? _mm512_loadu_ps(res) : _mm512_maskz_loadu_ps(m, res));
+    if (m == 0xffff)
+      _mm512_storeu_ps(j.out + ow * j.out_stride, v);
+    else
+      _mm512_mask_storeu_ps(j.out + ow * j.out_stride, m, v);
+    if (j.signs) j.signs[ow * j.signs_stride] = _mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ) & m;
+  }
+}
+
+BIREAL_AVX512 void row_avx512(const RowJob& j) {
+  int64_t ow0 = 0;
+  for (; ow0 + kMaxPixels <= j.Wo; ow0 += kMaxPixels) row_group_avx512<kMaxPixels>(j, ow0);
+  switch (j.Wo - ow0) {
+    case 7: return row_group_avx512<7>(j, ow0);
+    case 6: return row_group_avx512<6>(j, ow0);
+    case 5: return row_group_avx512<5>(j, ow0);
+    case 4: return row_group_avx512<4>(j, ow0);
+    case 3: return row_group_avx512<3>(j, ow0);
+    case 2: return row_group_avx512<2>(j, ow0);
+    case 1: return row_group_avx512<1>(j, ow0);
+    default: return;
   }
 }
 
@@ -614,6 +686,17 @@ at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int6
       const int64_t o0 = ob * kOutBlock, o_count = std::min<int64_t>(kOutBlock, g.O - o0);
       const bool full = o_count == kOutBlock;  // else: a partial block, staged through buffers
       Tile t{nullptr, stride * Cw, Wp * Cw, wblk.data() + ob * taps * Cw * kOutBlock, g.KH, g.KW, Cw};
+      if (path == Path::Avx512) {
+        const int64_t pix0 = (n * g.Ho + oh) * g.Wo;
+        t.x = xp + (n * Hp + oh * stride) * Wp * Cw;
+        const RowJob job{t, g.Wo, corr.data() + bc.row_class[oh] * col_classes * O_pad + o0,
+                         bc.col_class.data(), O_pad, scale_v.data() + o0, bias_v.data() + o0,
+                         res_p ? res_p + pix0 * g.O + o0 : nullptr, g.O, out_p + pix0 * g.O + o0, g.O,
+                         signs_p ? signs_p + pix0 * slices + ob : nullptr, slices,
+                         static_cast<uint16_t>((uint32_t(1) << o_count) - 1), static_cast<int32_t>(K)};
+        row_avx512(job);
+        continue;
+      }
       for (int64_t ow0 = 0; ow0 < g.Wo; ow0 += kMaxPixels) {
         const int P = static_cast<int>(std::min<int64_t>(kMaxPixels, g.Wo - ow0));
         t.x = xp + ((n * Hp + oh * stride) * Wp + ow0 * stride) * Cw;

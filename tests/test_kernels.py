@@ -193,3 +193,30 @@ def test_non_contiguous_packed_operands():
     px, pw = pack_signs_ref(x)[:, 1:-1, ::2], pack_weight_ref(w).transpose(1, 2).contiguous().transpose(1, 2)
     assert not px.is_contiguous() and not pw.is_contiguous()
     assert torch.equal(ops.binary_conv2d(px, pw, 130), binary_conv2d_ref(px.contiguous(), pw.contiguous(), 130, 1, 1, 0.0))
+
+
+def test_streamed_output_matches_reference():
+    """Large outputs are written with non-temporal stores (AVX-512 path, BIREAL_STREAM_BYTES and
+    up); a fresh process with the threshold at 1 byte checks that path on small shapes."""
+    import os
+    import subprocess
+    import sys
+
+    script = """
+import torch
+from cuda_ext import ops
+from cuda_ext.reference import binary_block_ref, pack_signs_ref, pack_weight_ref
+for c, o, pad_value in ((64, 64, 0.0), (100, 48, 1.0), (130, 70, -1.0)):
+    x, w = torch.randn(2, c, 9, 11), torch.randn(o, c, 3, 3)
+    args = (pack_signs_ref(x), pack_weight_ref(w), c, 1, 1, pad_value)
+    extra = (torch.randn(o), torch.randn(o), torch.randn(2, o, 9, 11))
+    with ops.debug_fill():
+        out, packed = ops.binary_block(*args, *extra)
+    ref_out, ref_packed = binary_block_ref(*args, *extra)
+    assert torch.equal(out, ref_out) and torch.equal(packed, ref_packed), (c, o, pad_value)
+print("ok", ops.cpu_path())
+"""
+    env = {**os.environ, "BIREAL_STREAM_BYTES": "1"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("ok")

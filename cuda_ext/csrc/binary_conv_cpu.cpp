@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 
 namespace bireal {
@@ -319,6 +320,7 @@ struct RowJob {
   int64_t signs_stride;
   uint16_t mask;               // valid channels of the block
   int32_t K;
+  bool stream;                 // non-temporal stores for full blocks (large outputs, aligned)
 };
 
 template <int P>
@@ -341,7 +343,9 @@ BIREAL_AVX512 inline void row_group_avx512(const RowJob& j, int64_t ow0) {
     // Full blocks use plain loads and stores: masked ones are much slower on some CPUs.
     const float* res = j.residual + ow * j.res_stride;
     v = _mm512_add_ps(v, !j.residual ? zero : m == 0xffff ? _mm512_loadu_ps(res) : _mm512_maskz_loadu_ps(m, res));
-    if (m == 0xffff)
+    if (m == 0xffff && j.stream)
+      _mm512_stream_ps(j.out + ow * j.out_stride, v);  // 64-byte aligned (checked by the caller)
+    else if (m == 0xffff)
       _mm512_storeu_ps(j.out + ow * j.out_stride, v);
     else
       _mm512_mask_storeu_ps(j.out + ow * j.out_stride, m, v);
@@ -362,6 +366,15 @@ BIREAL_AVX512 void row_avx512(const RowJob& j) {
     case 1: return row_group_avx512<1>(j, ow0);
     default: return;
   }
+}
+
+// Output size from which the conv streams its output (BIREAL_STREAM_BYTES overrides; default 8 MiB).
+int64_t stream_threshold_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("BIREAL_STREAM_BYTES");
+    return env ? std::atoll(env) : (int64_t(8) << 20);
+  }();
+  return bytes;
 }
 
 // Zero-padding correction per border class. The taps of output row oh that fall inside the image
@@ -676,6 +689,11 @@ at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int6
     }
   }
 
+  // Outputs larger than the caches are written with non-temporal stores: the lines are overwritten
+  // whole, so reading them first from memory (what a regular store does) is wasted traffic.
+  const bool stream_out = path == Path::Avx512 && g.O % kOutBlock == 0 &&
+                          reinterpret_cast<uintptr_t>(out_p) % 64 == 0 &&
+                          int64_t(out.numel() * sizeof(float)) >= stream_threshold_bytes();
   // One task = one output row of one image for one block of 16 output channels.
   at::parallel_for(0, g.N * g.Ho * out_blocks, 1, [&](int64_t begin, int64_t end) {
     int64_t acc[kMaxPixels * kOutBlock];
@@ -693,7 +711,8 @@ at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int6
                          bc.col_class.data(), O_pad, scale_v.data() + o0, bias_v.data() + o0,
                          res_p ? res_p + pix0 * g.O + o0 : nullptr, g.O, out_p + pix0 * g.O + o0, g.O,
                          signs_p ? signs_p + pix0 * slices + ob : nullptr, slices,
-                         static_cast<uint16_t>((uint32_t(1) << o_count) - 1), static_cast<int32_t>(K)};
+                         static_cast<uint16_t>((uint32_t(1) << o_count) - 1), static_cast<int32_t>(K),
+                         stream_out};
         row_avx512(job);
         continue;
       }
@@ -731,6 +750,7 @@ at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int6
         }
       }
     }
+    if (stream_out) _mm_sfence();  // the streamed stores are ordered before the tasks end
   });
   return out.permute({0, 3, 1, 2});  // (N, O, Ho, Wo), channels_last memory
 }

@@ -123,15 +123,18 @@ def bench_kernels(device: str = "cpu", batches=None, threads: int = 2, repeats: 
 
 def cpu_bound(channels: int, side: int, batch: int, ours_ms: float, copy_gb_s: float) -> dict:
     """The row's ceiling on this CPU, measured in the same run: its binary MACs at the micro-kernel's
-    rate (data in L1, all threads running it at once) plus the time this machine takes to copy as
-    many bytes as its float32 output (a store reads each line before writing it, as a copy reads its
-    source; ``copy_gb_s`` counts bytes read + written). ``of_bound``: the fraction reached."""
+    rate (data in L1, all threads running it at once) plus its float32 output bytes at the copy rate,
+    i.e. the time this machine takes to copy that many bytes (``copy_gb_s`` counts bytes read +
+    written, twice the bytes copied). ``of_bound``: bound / measured; above 100% where the output
+    beats memory speed (it stays in cache at batch 1; large ones are streamed, with no read of the
+    lines they overwrite)."""
     from . import _C
 
     macs = batch * side * side * channels * channels * 9
     rate = _C.cpu_micro_kernel_rate((channels + 63) // 64, 0.05)  # all threads at once
     out_bytes = batch * channels * side * side * 4
-    bound = macs / rate * 1e3 + 2 * out_bytes / (copy_gb_s * 1e6)
+    copied_per_s = copy_gb_s * 1e9 / 2
+    bound = macs / rate * 1e3 + out_bytes / copied_per_s * 1e3
     return {"micro_tmac_s": rate / 1e12, "bound_ms": bound, "of_bound": bound / ours_ms}
 
 
@@ -269,7 +272,8 @@ def run(what: str, device: str, json_path: str | None = None, threads: int = 2) 
                f"; this machine's copy rate (read + write, {threads} threads): "
                f"{copy_bandwidth_gb_s(torch.device('cpu'), gib=0.25):,.1f} GB/s\n"
                "bound_ms: the row's binary MACs at micro_tmac_s (the micro-kernel with its data in L1, all "
-               "threads) + the time to copy as many bytes as its float32 output; of_bound: bound_ms / ours_ms"))
+               "threads) + its float32 output bytes at the copy rate (the time to copy that many bytes); "
+               "of_bound: bound_ms / ours_ms"))
     if json_path:
         Path(json_path).write_text(json.dumps({"what": what, "device": device,
                                                "machine": machine_description(device),

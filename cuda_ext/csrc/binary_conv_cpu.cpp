@@ -8,6 +8,13 @@
 // and tail bits past C are 0 in both operands, so they never count. Zero padding (pad_value 0)
 // is then corrected exactly: a border tap filled with -1 contributed -S[o, tap], where
 // S = sum of the +-1 weights at that tap, so border pixels add back +S for each such tap.
+//
+// Work is split into tasks of one output row x one block of 16 output channels. On AVX-512 a task
+// is one call (row_avx512): groups of 8 pixels accumulate in 16 zmm registers and are finished
+// from them (int32 dot, scale, bias, residual, store, and for the fused block the 16 sign bits
+// from one compare, written into the block's 16-bit slice of the packed word). Outputs of 8 MiB
+// and more are written with non-temporal stores. AVX2 and portable: the micro-kernel fills an
+// int64 tile, then a vectorized epilogue (finish_*) finishes it. docs/kernels_cpu.md.
 #include "binary_conv.h"
 
 #include <ATen/OpMathType.h>

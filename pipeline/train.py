@@ -184,9 +184,18 @@ def flip_ratio(before: list[torch.Tensor], model: nn.Module) -> float:
     return sum(int((a != b).sum()) for a, b in zip(after, before)) / total
 
 
+def binarized_weights(model: nn.Module) -> set[int]:
+    """ids of the latent weights that are binarized in the forward (a weight binarizer is set). The
+    real-valued twin's convs and two-step step 1's convs are BinaryConv2d too, with real weights."""
+    return {id(m.weight) for m in model.modules()
+            if isinstance(m, bc.BinaryConv2d) and m.weight_binarizer is not None}
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """Binary conv weights get no weight decay (the paper and the official recipe: wd 0 on them)."""
-    binary = {id(w) for m in model.modules() if isinstance(m, bc.BinaryConv2d) for w in [m.weight]}
+    """Binarized latent weights get no weight decay (the paper and the official recipe: wd 0 on
+    them); every real-valued weight, the twin's convs and two-step step 1's included, gets the
+    configured decay."""
+    binary = binarized_weights(model)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if id(p) in binary], "weight_decay": 0.0},
               {"params": [p for p in params if id(p) not in binary], "weight_decay": config.weight_decay}]

@@ -181,3 +181,35 @@ def test_imagenet_params_file_drives_every_stage(tmp_path):
         assert result["final"]["val_images"] == 4
     model, header = bc.load_checkpoint(tmp_path / "ckpt" / "finetune.safetensors")
     assert header["config"]["input"]["size"] == 224
+
+
+def test_weight_decay_reaches_every_real_weight():
+    """Only binarized latent weights are exempt from weight decay: the real-valued twin's 3x3 convs
+    (BinaryConv2d without binarizers, 94% of its weights) and two-step step 1's real weights get
+    the configured decay."""
+    from pipeline.train import make_optimizer
+
+    config = TrainConfig(weight_decay=1e-4)
+
+    def decayed(model):
+        by_id = {id(p): g["weight_decay"] for g in make_optimizer(model, config).param_groups
+                 for p in g["params"]}
+        convs = [m for m in model.modules() if isinstance(m, bc.BinaryConv2d)]
+        return convs, by_id
+
+    twin = bc.create_twin("bireal18", "relu", num_classes=10, stem="small", width=0.25)
+    convs, by_id = decayed(twin)
+    assert convs and all(by_id[id(m.weight)] == 1e-4 for m in convs)
+    decayed_numel = sum(p.numel() for p in twin.parameters() if by_id[id(p)] == 1e-4)
+    assert decayed_numel == sum(p.numel() for p in twin.parameters())
+
+    binary = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25)
+    convs, by_id = decayed(binary)
+    assert all(by_id[id(m.weight)] == 0.0 for m in convs if m.weight_binarizer is not None)
+    assert all(by_id[id(p)] == 1e-4 for m in binary.modules() if isinstance(m, torch.nn.BatchNorm2d)
+               for p in m.parameters())
+
+    step1 = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25, binary_weights=False)
+    convs, by_id = decayed(step1)
+    assert all(m.weight_binarizer is None for m in convs)               # step 1: real weights
+    assert all(by_id[id(m.weight)] == 1e-4 for m in convs)              # ... and decayed

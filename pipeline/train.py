@@ -60,6 +60,9 @@ class TrainConfig:
     # pretrain
     phases: list[str] = field(default_factory=lambda: ["relu", "leaky_clip", "clip"])
     phase_epochs: list[int] = field(default_factory=lambda: [1, 1, 1])
+    # each phase's starting lr as a multiple of `lr`, with its own schedule: the leaky_clip and clip
+    # phases fine-tune the previous phase's weights, so they start lower (paper, section 3.3)
+    phase_lr_scale: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.1])
     # binarize
     init: str = "clip"                   # scratch | relu | clip (which pretrain checkpoint)
     activation: str = "approx_sign"      # approx_sign | ste_sign | identity_sign
@@ -79,6 +82,9 @@ class TrainConfig:
                 raise ValueError(f"{key}={value!r}, expected one of {allowed}")
         if len(self.phases) != len(self.phase_epochs):
             raise ValueError(f"phases ({len(self.phases)}) and phase_epochs ({len(self.phase_epochs)}) differ in length")
+        if len(self.phase_lr_scale) != len(self.phases) or not all(x > 0 for x in self.phase_lr_scale):
+            raise ValueError(f"phase_lr_scale={self.phase_lr_scale}: one positive factor per phase "
+                             f"({len(self.phases)} phases: {self.phases})")
         if self.batch_size < 1 or self.epochs < 0 or self.lr <= 0:
             raise ValueError("batch_size must be >= 1, epochs >= 0 and lr > 0")
 
@@ -205,12 +211,14 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     return torch.optim.Adam(groups, lr=config.lr)
 
 
-def lr_schedule(config: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    """adam: linear decay to 0 over the segment (official); sgd: x0.1 at each milestone (paper)."""
+def lr_schedule(config: TrainConfig, total_steps: int, base_lr: float | None = None) -> Callable[[int], float]:
+    """From ``base_lr`` (default ``config.lr``) over one segment: adam decays linearly to 0
+    (official); sgd multiplies by 0.1 at each milestone (paper)."""
+    lr = config.lr if base_lr is None else base_lr
     if config.optimizer == "adam":
-        return lambda step: config.lr * max(0.0, 1.0 - step / max(total_steps, 1))
+        return lambda step: lr * max(0.0, 1.0 - step / max(total_steps, 1))
     bounds = [m * total_steps for m in config.lr_milestones]
-    return lambda step: config.lr * 0.1 ** sum(step >= b for b in bounds)
+    return lambda step: lr * 0.1 ** sum(step >= b for b in bounds)
 
 
 # ---------------------------------------------------------------------------- stages as segments
@@ -221,6 +229,7 @@ class Segment:
     epochs: int
     prepare: Callable[[nn.Module | None], nn.Module]   # previous segment's model -> this one's
     save_as: str | None = None                         # extra checkpoint at the segment's end
+    lr_scale: float = 1.0                              # its starting lr = lr_scale * config.lr
 
 
 def stage_checkpoint(config: TrainConfig, name: str, folder: str = "") -> Path:
@@ -301,8 +310,8 @@ def _finetune_init(config: TrainConfig):
 
 def segments(config: TrainConfig, num_classes: int) -> list[Segment]:
     if config.stage == "pretrain":
-        return [Segment(f"pretrain-{a}", e, _twin_phase(config, a, num_classes), f"pretrain-{a}")
-                for a, e in zip(config.phases, config.phase_epochs) if e > 0]
+        return [Segment(f"pretrain-{a}", e, _twin_phase(config, a, num_classes), f"pretrain-{a}", scale)
+                for a, e, scale in zip(config.phases, config.phase_epochs, config.phase_lr_scale) if e > 0]
     if config.stage == "binarize":
         init = _binarize_init(config, num_classes)
         if not config.two_step:
@@ -391,7 +400,7 @@ def train_loop(config: TrainConfig, runtime: Runtime | None = None,
                                               shuffle_buffer=config.shuffle_buffer,
                                               pca_lighting=config.pca_lighting, manifest=manifest)
             steps = min(plan.steps, config.max_steps_per_epoch or plan.steps)
-            lr_at = lr_schedule(config, steps * seg.epochs)
+            lr_at = lr_schedule(config, steps * seg.epochs, config.lr * seg.lr_scale)
             before = weight_signs(model)
             metrics = train_one_epoch(train_model, train_batches, optimizer, lr_at, epoch * steps, device,
                                       config.label_smoothing, steps, amp=device.type == "cuda",

@@ -36,6 +36,22 @@ def test_pretrain_phases_and_checkpoints(three_stages):
         assert header["model"]["kwargs"]["activation"] == phase
         assert not any(m.is_binary for m in model.modules() if isinstance(m, bc.BinaryConv2d))
     assert [h["epoch"] for h in results["pretrain"]["history"]] == [0, 1, 2, 3]
+    # each phase has its own schedule (Adam: linear decay to 0 over the phase), and the two
+    # fine-tuning phases start at 0.1 x lr (phase_lr_scale), not at the full lr again
+    lrs = [h["lr"] for h in results["pretrain"]["history"]]
+    assert lrs[0] == pytest.approx(3e-3) and lrs[1] == pytest.approx(1.5e-3)   # relu, epochs 0 and 1 of 2
+    assert lrs[2] == pytest.approx(3e-4) and lrs[3] == pytest.approx(3e-4)     # leaky_clip, clip: fresh, lower
+
+
+def test_lr_schedules():
+    from pipeline.train import lr_schedule
+
+    adam = lr_schedule(TrainConfig(lr=1e-3), total_steps=100, base_lr=1e-4)
+    assert [adam(s) for s in (0, 50, 100)] == pytest.approx([1e-4, 5e-5, 0.0])
+    sgd = lr_schedule(TrainConfig(optimizer="sgd", lr=0.01, lr_milestones=[0.5, 0.75]), total_steps=20)
+    assert [sgd(s) for s in (0, 9, 10, 14, 15, 19)] == pytest.approx([0.01, 0.01, 1e-3, 1e-3, 1e-4, 1e-4])
+    with pytest.raises(ValueError, match="phase_lr_scale"):
+        TrainConfig(phase_lr_scale=[1.0, 0.1])
 
 
 def test_binarize_learns_above_chance(three_stages):

@@ -205,8 +205,10 @@ def summarize(trials: list[dict], settings: TuneSettings) -> dict:
     best = None
     if table:
         cell = {k: table[0][k] for k in CELL_KEYS}
-        lrs = [t["lr"] for t in trials if all(t[k] == cell[k] for k in CELL_KEYS)]
-        best = {**cell, "lr": statistics.median(lrs)}
+        # the winning cell's best trial supplies the lr (a median of the cell's lrs may be an lr no
+        # trial ran with, or the worst trial's)
+        in_cell = [t for t in trials if t["val_top1"] is not None and all(t[k] == cell[k] for k in CELL_KEYS)]
+        best = {**cell, "lr": max(in_cell, key=lambda t: t["val_top1"])["lr"]}
     return {"best": best, "best_trial": best_trial, "table": table, "rankings": paper_rankings(table),
             "trials": trials}
 

@@ -104,3 +104,19 @@ def test_interrupted_search_resumes(ray_local, demo_shards, pretrained, tmp_path
     _, parents, kids = children(tmp_path)
     assert len(parents) == 1 and len(kids) == 4                            # no trial started twice
     assert all(k.info.status == "FINISHED" for k in kids), [k.info.status for k in kids]
+
+
+def test_summary_takes_the_lr_of_the_winning_cells_best_trial():
+    """best.json's lr is the one the best trial of the winning cell ran with, not the cell's median."""
+    from pipeline.tune import CELL_KEYS, TuneSettings, summarize
+
+    cell = {"activation": "approx_sign", "weight_gradient": "paper", "init": "clip", "two_step": False,
+            "optimizer": "adam"}
+    other = {**cell, "init": "scratch"}
+    assert set(cell) == set(CELL_KEYS)
+    trials = [{**cell, "lr": 1e-3, "seed": 0, "val_top1": 0.60}, {**cell, "lr": 3e-3, "seed": 1, "val_top1": 0.70},
+              {**cell, "lr": 9e-3, "seed": 2, "val_top1": 0.65}, {**cell, "lr": 2e-2, "seed": 3, "val_top1": None},
+              {**other, "lr": 5e-3, "seed": 0, "val_top1": 0.50}]
+    summary = summarize(trials, TuneSettings())
+    assert summary["best"] == {**cell, "lr": 3e-3}
+    assert summary["table"][0]["seeds"] == 3 and summary["table"][0]["mean"] == pytest.approx(0.65)

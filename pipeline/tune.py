@@ -203,14 +203,34 @@ def summarize(trials: list[dict], settings: TuneSettings) -> dict:
     table.sort(key=lambda r: -r["mean"])
     best_trial = max((t for t in trials if t["val_top1"] is not None), key=lambda t: t["val_top1"], default=None)
     best = None
-    if table:
-        cell = {k: table[0][k] for k in CELL_KEYS}
-        # the winning cell's best trial supplies the lr (a median of the cell's lrs may be an lr no
+    pick = pick_cell(table)
+    if pick is not None:
+        cell = {k: pick[k] for k in CELL_KEYS}
+        # the picked cell's best trial supplies the lr (a median of the cell's lrs may be an lr no
         # trial ran with, or the worst trial's)
         in_cell = [t for t in trials if t["val_top1"] is not None and all(t[k] == cell[k] for k in CELL_KEYS)]
         best = {**cell, "lr": max(in_cell, key=lambda t: t["val_top1"])["lr"]}
     return {"best": best, "best_trial": best_trial, "table": table, "rankings": paper_rankings(table),
             "trials": trials}
+
+
+PAPER_CELL = {"activation": "approx_sign", "weight_gradient": "paper", "init": "clip", "two_step": False}
+
+
+def pick_cell(table: list[dict]) -> dict | None:
+    """The cell best.json names: the paper's own (ApproxSign, magnitude-aware, clip init; the best of
+    its recipes) unless another cell beats it by more than the seed spread of both. With fewer than
+    two seeds in either there is no spread to judge a win by, so the paper's cell stays. Without the
+    paper's cell in the search, the top cell."""
+    if not table:
+        return None
+    paper = [r for r in table if all(r[k] == v for k, v in PAPER_CELL.items())]
+    if not paper:
+        return table[0]
+    top, ours = table[0], paper[0]                       # the table is sorted by mean
+    spread = max(top["std"], ours["std"])
+    significant = min(top["seeds"], ours["seeds"]) >= 2 and top["mean"] - ours["mean"] > spread
+    return top if significant else ours
 
 
 def _mean_where(table: list[dict], **match) -> float | None:

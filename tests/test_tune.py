@@ -120,3 +120,20 @@ def test_summary_takes_the_lr_of_the_winning_cells_best_trial():
     summary = summarize(trials, TuneSettings())
     assert summary["best"] == {**cell, "lr": 3e-3}
     assert summary["table"][0]["seeds"] == 3 and summary["table"][0]["mean"] == pytest.approx(0.65)
+
+
+def test_best_keeps_the_papers_cell_unless_beaten_beyond_the_seed_spread():
+    from pipeline.tune import pick_cell
+
+    def row(activation, mean, std, seeds=3):
+        return {"activation": activation, "weight_gradient": "paper", "init": "clip", "two_step": False,
+                "optimizer": "adam", "mean": mean, "std": std, "seeds": seeds}
+
+    paper = row("approx_sign", 0.398, 0.003)
+    assert pick_cell([row("ste_sign", 0.401, 0.008), paper]) is paper          # 0.3 points, spread 0.8
+    winner = row("ste_sign", 0.45, 0.008)
+    assert pick_cell([winner, paper]) is winner                                # 5.2 points
+    one_seed = row("ste_sign", 0.45, 0.0, seeds=1)
+    assert pick_cell([one_seed, row("approx_sign", 0.40, 0.0, seeds=1)])["activation"] == "approx_sign"
+    no_paper = [row("ste_sign", 0.45, 0.01), row("identity_sign", 0.30, 0.01)]
+    assert pick_cell(no_paper) is no_paper[0]

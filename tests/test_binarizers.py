@@ -85,3 +85,30 @@ def test_twin_activations():
     torch.testing.assert_close(LeakyClip()(X), torch.where(X < -1, 0.1 * X - 0.9, torch.where(X > 1, 0.1 * X + 0.9, X)))
     assert LeakyClip()(torch.tensor([-1.0, 1.0])).tolist() == [-1.0, 1.0]   # continuous at the kinks
     torch.testing.assert_close(Clip()(X), X.clamp(-1, 1))
+
+
+def test_weight_gradient_rules_coincide_behind_batchnorm():
+    """Bi-Real puts BatchNorm after every binary conv, so the forward is invariant to alpha: the
+    magnitude-aware ('paper') gradient equals the plain one up to BN's eps, and 'official' (alpha
+    detached in the backward) is the plain gradient divided by alpha per output channel, which
+    Adam's per-parameter normalisation cancels. The tune table reports this axis as untestable."""
+    from torch import nn
+
+    from bireal_core import BinaryConv2d
+
+    g = torch.Generator().manual_seed(0)
+    x, target = torch.randn(16, 8, 6, 6, generator=g), torch.randn(16, 4, 6, 6, generator=g)
+    w0 = torch.randn(4, 8, 3, 3, generator=g) * 0.5
+    grads = {}
+    for rule in ("paper", "plain", "official"):
+        conv = BinaryConv2d(8, 4, 3, padding=1, bias=False, input_binarizer=ApproxSign(),
+                            weight_binarizer=MagnitudeAwareSign(rule))
+        with torch.no_grad():
+            conv.weight.copy_(w0)
+        loss = (nn.BatchNorm2d(4).train()(conv(x)) - target).pow(2).mean()
+        loss.backward()
+        grads[rule] = conv.weight.grad
+    assert not (w0.abs() == 1).any()             # (the rules' indicators differ only at |W| = 1)
+    torch.testing.assert_close(grads["paper"], grads["plain"], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grads["official"] * channel_scale(w0), grads["plain"], rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(grads["official"], grads["plain"], rtol=1e-2)   # (not trivially equal)

@@ -1,4 +1,8 @@
 """Registry-driven model tests: every registered model, both stems."""
+import json
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -108,3 +112,34 @@ def test_bad_option_rejected():
         bc.create_model("bireal18", stem="huge")
     with pytest.raises(ValueError, match="width"):
         bc.create_model("resnet18", width=0.5)
+
+
+REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+
+def official_state_dict(name: str) -> list[tuple[str, int, str]]:
+    """(key, element count, param|buffer) of the authors' PyTorch model, in registration order,
+    without Bi-Real-50's `layers.0.down_conv1x1` (built, never used: ../shared/reference/README.md)."""
+    rows = []
+    for line in (REFERENCE / f"official_{name}_state_dict.tsv").read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape, kind = line.split("\t")
+        if not key.startswith("layers.0.down_conv1x1"):
+            rows.append((key, math.prod(json.loads(shape)), kind.strip()))
+    return rows
+
+
+@pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"the authors' key lists are not here ({REFERENCE})")
+@pytest.mark.parametrize("name", ["bireal18", "bireal34", "bireal50"])
+def test_state_dict_maps_one_to_one_onto_the_official_model(name):
+    """Same layers in the same order, same sizes (their binary weights are stored flattened), same
+    parameter/buffer split: what a loader of the authors' checkpoints needs, and a structural
+    drift that a parameter count alone would miss."""
+    model = bc.create_model(name)
+    params = {n for n, _ in model.named_parameters()}
+    ours = [(k, v.numel(), "param" if k in params else "buffer") for k, v in model.state_dict().items()]
+    theirs = official_state_dict(name)
+    assert len(ours) == len(theirs)
+    mismatched = [(a, b) for a, b in zip(ours, theirs) if a[1:] != b[1:]]
+    assert not mismatched, mismatched[:3]

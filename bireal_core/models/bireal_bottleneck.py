@@ -36,13 +36,14 @@ class BiRealBottleneck(nn.Module):
         else:
             self.conv1 = spec.conv(c_in, mid, 1)
         self.bn1 = nn.BatchNorm2d(mid)
-        # Real 1x1 that adapts the previous block's mid stream at a stage entry.
-        self.mid_adapt = conv1x1(mid_in, mid) if stage_entry and not first else None
         self.conv2 = spec.conv(mid, mid, 3, stride)
         self.bn2 = nn.BatchNorm2d(mid)
         self.mid_pool = nn.AvgPool2d(2, 2) if stride > 1 else None
         self.conv3 = spec.conv(mid, c_out, 1)
         self.bn3 = nn.BatchNorm2d(c_out)
+        # Real 1x1 that adapts the previous block's mid stream at a stage entry (the authors'
+        # `down_conv1x1`, registered here as they do, so the state dicts line up one to one).
+        self.mid_adapt = conv1x1(mid_in, mid) if stage_entry and not first else None
         self.downsample = make_shortcut(c_in, c_out, stride) if stage_entry else None
 
     def forward(self, mid_prev: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

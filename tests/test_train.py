@@ -93,7 +93,20 @@ def test_two_step_and_init_options(demo_shards, tmp_path, three_stages):
     cfg = replace(cfg, out=str(out))
     result = train_loop(cfg)
     assert [h["segment"] for h in result["history"]] == ["binarize-step1-activations", "binarize-step2-weights"]
-    assert result["history"][0]["flip_ratio"] == 0.0          # step 1: no binary weights yet
+    # step 2 starts from step 1's trained weights: it only switches the weight binarizers on
+    from pipeline.train import segments
+
+    step1, step2 = segments(cfg, num_classes=10)
+    model = step1.prepare(None)
+    convs = [m for m in model.modules() if isinstance(m, bc.BinaryConv2d) and m.input_binarizer is not None]
+    assert convs and all(m.weight_binarizer is None for m in convs)          # step 1: real weights
+    with torch.no_grad():
+        for m in convs:
+            m.weight.mul_(0.5).add_(0.01)                                  # "trained" in step 1
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    after = step2.prepare(model)
+    assert all(torch.equal(p, trained[n]) for n, p in after.named_parameters())
+    assert all(m.is_binary for m in after.modules() if isinstance(m, bc.BinaryConv2d) and m.input_binarizer is not None)
 
 
 def test_bad_config_rejected():

@@ -112,3 +112,63 @@ def test_weight_gradient_rules_coincide_behind_batchnorm():
     torch.testing.assert_close(grads["paper"], grads["plain"], rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(grads["official"] * channel_scale(w0), grads["plain"], rtol=1e-4, atol=1e-7)
     assert not torch.allclose(grads["official"], grads["plain"], rtol=1e-2)   # (not trivially equal)
+
+
+@pytest.mark.parametrize("activation,weight_rule,grad_x,grad_w", [
+    # x = (0.25, -1.5), W = (0.3, -0.6): sign(x) = (1, -1), alpha = 0.45, L = 3 * y.
+    # dL/dy = 3; dL/da = 3 * W_b; dL/dW_b = 3 * sign(x) = (3, -3).
+    ("approx_sign", "paper", [3 * 0.45 * 1.5, 0.0], [3 * 0.45, -3 * 0.45]),     # F'(0.25) = 1.5, F'(-1.5) = 0
+    ("ste_sign", "paper", [3 * 0.45, 0.0], [3 * 0.45, -3 * 0.45]),             # 1{|x| <= 1}
+    ("identity_sign", "paper", [3 * 0.45, -3 * 0.45], [3 * 0.45, -3 * 0.45]),
+    ("approx_sign", "official", [3 * 0.45 * 1.5, 0.0], [3.0, -3.0]),           # alpha detached
+    ("approx_sign", "plain", [3 * 1.5, 0.0], [3.0, -3.0]),                     # W_b = sign(W)
+])
+def test_gradients_on_a_fixed_two_layer_problem(activation, weight_rule, grad_x, grad_w):
+    """Hand-computed gradients of L = 3 * BinaryConv1x1(x; W) on one pixel, per estimator and weight
+    rule: deterministic, where an accuracy ordering of seeded runs is not."""
+    from bireal_core import BinaryConv2d
+    from bireal_core.binarizers import make_activation
+
+    conv = BinaryConv2d(2, 1, 1, bias=False, input_binarizer=make_activation(activation),
+                        weight_binarizer=MagnitudeAwareSign(weight_rule))
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([0.3, -0.6]).view(1, 2, 1, 1))
+    x = torch.tensor([0.25, -1.5]).view(1, 2, 1, 1).requires_grad_(True)
+    (3 * conv(x)).sum().backward()
+    torch.testing.assert_close(x.grad.flatten(), torch.tensor(grad_x))
+    torch.testing.assert_close(conv.weight.grad.flatten(), torch.tensor(grad_w))
+
+
+def paper_polynomial(x: torch.Tensor) -> torch.Tensor:
+    """Eq. 7 of the paper: the piecewise polynomial whose derivative ApproxSign uses."""
+    return torch.where(x < -1, -1.0, torch.where(x < 0, 2 * x + x * x, torch.where(x < 1, 2 * x - x * x, 1.0)))
+
+
+def test_approx_sign_inside_conv_bn_matches_finite_differences_of_the_polynomial():
+    """Through conv -> BN (batch statistics), the input gradient is the upstream gradient at the
+    binarized input times F'(x), F the paper's polynomial, F' by central finite differences; the
+    weight gradient is dL/dW_b * alpha * 1{|W| < 1} (Eq. 9)."""
+    from torch import nn
+
+    from bireal_core import BinaryConv2d
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.rand(4, 3, 5, 5, generator=g) * 3 - 1.5).double()
+    x = x[(x.abs() - 1).abs().gt(1e-3) & x.abs().gt(1e-3)].view(-1)[:4 * 3 * 4 * 4].view(4, 3, 4, 4)  # off the kinks
+    conv = BinaryConv2d(3, 5, 3, padding=1, bias=False, input_binarizer=ApproxSign(),
+                        weight_binarizer=MagnitudeAwareSign("paper")).double()
+    bn, target = nn.BatchNorm2d(5).double().train(), torch.randn(4, 5, 4, 4, generator=g).double()
+
+    def loss_from(a, w_b):  # the network above the binarizers
+        return (bn(nn.functional.conv2d(a, w_b, padding=1)) - target).pow(2).mean()
+
+    xg = x.clone().requires_grad_(True)
+    loss_from(conv.input_binarizer(xg), conv.binary_weight()).backward()   # the real network
+    a = sign(x).requires_grad_(True)
+    w_b = conv.binary_weight().detach().requires_grad_(True)
+    loss_from(a, w_b).backward()                                            # upstream at the leaves
+    eps = 1e-6
+    f_prime = (paper_polynomial(x + eps) - paper_polynomial(x - eps)) / (2 * eps)
+    torch.testing.assert_close(xg.grad, a.grad * f_prime, rtol=1e-6, atol=1e-9)
+    w = conv.weight.detach()
+    torch.testing.assert_close(conv.weight.grad, w_b.grad * channel_scale(w) * (w.abs() < 1), rtol=1e-9, atol=1e-12)

@@ -28,6 +28,7 @@ import bireal_core as bc
 
 STAGES = ("pretrain", "binarize", "finetune")
 INITS = ("scratch", "relu", "clip")
+PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass
@@ -56,6 +57,9 @@ class TrainConfig:
     weight_decay: float = 0.0            # real parameters only; binary weights always get 0
     lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # sgd: x0.1 at these fractions
     label_smoothing: float = 0.1
+    precision: str = "fp32"              # fp32 (both references) | bf16 (autocast, CUDA only)
+    weight_clip: float = 0.0             # > 0: clamp binarized latent weights to [-c, c] after each step
+                                         # (Larq's weight_clip; Larq Zoo's Bi-Real-18 used 1.0)
     seed: int = 0
     # pretrain
     phases: list[str] = field(default_factory=lambda: ["relu", "leaky_clip", "clip"])
@@ -76,7 +80,7 @@ class TrainConfig:
 
     def __post_init__(self):
         checks = {"stage": (self.stage, STAGES), "init": (self.init, INITS),
-                  "optimizer": (self.optimizer, ("adam", "sgd"))}
+                  "optimizer": (self.optimizer, ("adam", "sgd")), "precision": (self.precision, PRECISIONS)}
         for key, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"{key}={value!r}, expected one of {allowed}")
@@ -85,6 +89,8 @@ class TrainConfig:
         if len(self.phase_lr_scale) != len(self.phases) or not all(x > 0 for x in self.phase_lr_scale):
             raise ValueError(f"phase_lr_scale={self.phase_lr_scale}: one positive factor per phase "
                              f"({len(self.phases)} phases: {self.phases})")
+        if self.weight_clip < 0:
+            raise ValueError(f"weight_clip={self.weight_clip}: 0 (off) or a positive bound")
         if self.batch_size < 1 or self.epochs < 0 or self.lr <= 0:
             raise ValueError("batch_size must be >= 1, epochs >= 0 and lr > 0")
 
@@ -124,7 +130,7 @@ def count_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
 def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
                     lr_at: Callable[[int], float], first_step: int, device: torch.device,
                     label_smoothing: float = 0.0, max_steps: int = 0, amp: bool = False,
-                    world_size: int = 1) -> dict:
+                    world_size: int = 1, after_step: Callable[[], None] | None = None) -> dict:
     """One pass over ``batches``; the learning rate is set per step from ``lr_at(global step)``.
     Loss, accuracy and images/s are totals over all ranks."""
     model.train()
@@ -142,6 +148,8 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if after_step is not None:
+            after_step()
         loss_sum += float(loss.detach()) * len(labels)
         correct += count_correct(logits, labels, 1)
         seen += len(labels)
@@ -195,6 +203,21 @@ def binarized_weights(model: nn.Module) -> set[int]:
     real-valued twin's convs and two-step step 1's convs are BinaryConv2d too, with real weights."""
     return {id(m.weight) for m in model.modules()
             if isinstance(m, bc.BinaryConv2d) and m.weight_binarizer is not None}
+
+
+def weight_clipper(model: nn.Module, config: TrainConfig) -> Callable[[], None] | None:
+    """With ``weight_clip`` > 0: a step hook that clamps the binarized latent weights to
+    [-weight_clip, weight_clip] (their gradient is 0 past |W| = 1, so a weight out there is stuck)."""
+    if config.weight_clip <= 0:
+        return None
+    ids = binarized_weights(model)
+    weights = [p for p in model.parameters() if id(p) in ids]
+
+    @torch.no_grad()
+    def clip() -> None:
+        for w in weights:
+            w.clamp_(-config.weight_clip, config.weight_clip)
+    return clip
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -403,8 +426,9 @@ def train_loop(config: TrainConfig, runtime: Runtime | None = None,
             lr_at = lr_schedule(config, steps * seg.epochs, config.lr * seg.lr_scale)
             before = weight_signs(model)
             metrics = train_one_epoch(train_model, train_batches, optimizer, lr_at, epoch * steps, device,
-                                      config.label_smoothing, steps, amp=device.type == "cuda",
-                                      world_size=runtime.world_size)
+                                      config.label_smoothing, steps,
+                                      amp=config.precision == "bf16" and device.type == "cuda",
+                                      world_size=runtime.world_size, after_step=weight_clipper(model, config))
             val_batches, _ = make_loader(config.shards, eval_split, input_config, config.batch_size,
                                          train=False, rank=runtime.rank, world_size=runtime.world_size,
                                          workers=config.loader_workers, manifest=manifest)

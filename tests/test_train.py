@@ -242,3 +242,27 @@ def test_weight_decay_reaches_every_real_weight():
     convs, by_id = decayed(step1)
     assert all(m.weight_binarizer is None for m in convs)               # step 1: real weights
     assert all(by_id[id(m.weight)] == 1e-4 for m in convs)              # ... and decayed
+
+
+def test_weight_clip_and_precision_settings(demo_shards, tmp_path, three_stages):
+    """weight_clip clamps the binarized latent weights after every step (and only those);
+    precision is fp32 unless bf16 is asked for; bad values are rejected."""
+    from pipeline.train import weight_clipper
+
+    out, _ = three_stages
+    cfg = smoke_config(demo_shards, out, stage="binarize", epochs=1, max_steps_per_epoch=2, weight_clip=0.05)
+    model = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(10)
+    weight_clipper(model, cfg)()
+    binary = [m.weight for m in model.modules() if isinstance(m, bc.BinaryConv2d) and m.weight_binarizer is not None]
+    assert all(w.abs().max() <= 0.05 for w in binary)
+    assert model.fc.weight.abs().max() > 0.05                          # real weights untouched
+    assert weight_clipper(model, replace(cfg, weight_clip=0.0)) is None
+    result = train_loop(replace(cfg, out=str(tmp_path), init_from=str(out)))   # runs with the clip on
+    assert result["history"] and cfg.precision == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")
+    with pytest.raises(ValueError, match="weight_clip"):
+        TrainConfig(weight_clip=-1.0)

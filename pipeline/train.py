@@ -48,6 +48,7 @@ class TrainConfig:
     loader_workers: int = 1              # DataLoader workers per training worker
     shuffle_buffer: int = 500
     pca_lighting: bool = False
+    augment: str = "auto"                # auto (the stem's) | imagenet (RandomResizedCrop) | caffe | small
     max_steps_per_epoch: int = 0         # 0: the whole epoch; >0: smoke runs
     # optimisation
     epochs: int = 1
@@ -80,7 +81,8 @@ class TrainConfig:
 
     def __post_init__(self):
         checks = {"stage": (self.stage, STAGES), "init": (self.init, INITS),
-                  "optimizer": (self.optimizer, ("adam", "sgd")), "precision": (self.precision, PRECISIONS)}
+                  "optimizer": (self.optimizer, ("adam", "sgd")), "precision": (self.precision, PRECISIONS),
+                  "augment": (self.augment, ("auto", *bc.AUGMENTS))}
         for key, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"{key}={value!r}, expected one of {allowed}")
@@ -385,6 +387,8 @@ def train_loop(config: TrainConfig, runtime: Runtime | None = None,
     manifest = read_manifest(config.shards)
     num_classes = len(manifest["classes"])
     input_config = bc.default_input_config(config.stem)
+    if config.augment != "auto":
+        input_config["augment"] = config.augment
     eval_split = eval_split_name(manifest)
     plan_segments = segments(config, num_classes)
 

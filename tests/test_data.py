@@ -212,3 +212,42 @@ def test_imagenet_path_loader_and_url(tmp_path):
     total = sum(len(y) for _, y in val)
     assert total == 8
     assert [u for u, _ in split_shards(read_manifest(str(out)), str(out), "val")]
+
+
+def test_pca_lighting_acts_on_the_uint8_image_as_the_official_recipe():
+    """At most one step of 1/255 per pixel and channel (the cast truncates), uint8 in and out."""
+    import torch
+
+    from bireal_core.preprocess import Lighting
+
+    torch.manual_seed(0)
+    img = Image.fromarray(np.random.default_rng(0).integers(1, 255, (20, 30, 3), dtype=np.uint8), "RGB")
+    changed = 0
+    for _ in range(50):
+        out = Lighting(0.1)(img)
+        assert out.mode == "RGB" and out.size == img.size
+        diff = np.asarray(out).astype(int) - np.asarray(img).astype(int)
+        assert np.abs(diff).max() <= 1
+        changed += int(diff.any())
+    assert changed > 0                                      # it does act
+    assert Lighting(0.0)(img) is img
+
+
+def test_caffe_augmentation_resizes_then_crops():
+    """augment=caffe: shorter side to 256, a random 224 crop, mirror (the paper's Caffe data layer)."""
+    import torch
+
+    from bireal_core.preprocess import train_transform
+
+    config = {**bc.default_input_config("imagenet"), "augment": "caffe"}
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (300, 400, 3), dtype=np.uint8), "RGB")
+    out = train_transform(config)(img)
+    assert out.shape == (3, 224, 224)
+    # a 224 window of the 256 x 341 resize, as is or mirrored (no rescaling of the crop)
+    from torchvision import transforms as T
+
+    full = T.Compose([T.Resize(256, antialias=True), T.ToTensor(), T.Normalize(config["mean"], config["std"])])(img)
+    windows = [full[:, i:i + 224, j:j + 224] for i in range(full.shape[1] - 223) for j in range(full.shape[2] - 223)]
+    assert any(torch.allclose(out, w) or torch.allclose(out, w.flip(-1)) for w in windows)
+    with pytest.raises(ValueError, match="augment"):
+        train_transform({**config, "augment": "autoaugment"})

@@ -70,6 +70,8 @@ class TrainConfig:
     phase_lr_scale: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.1])
     # binarize
     init: str = "clip"                   # scratch | relu | clip (which pretrain checkpoint)
+    latent_init: str = "default"         # scratch only: default (PyTorch's conv init) | official
+                                         # (the authors' code: uniform [0, 0.001) latent weights)
     activation: str = "approx_sign"      # approx_sign | ste_sign | identity_sign
     weight_gradient: str = "paper"       # paper | official | plain
     two_step: bool = False
@@ -82,7 +84,8 @@ class TrainConfig:
     def __post_init__(self):
         checks = {"stage": (self.stage, STAGES), "init": (self.init, INITS),
                   "optimizer": (self.optimizer, ("adam", "sgd")), "precision": (self.precision, PRECISIONS),
-                  "augment": (self.augment, ("auto", *bc.AUGMENTS))}
+                  "augment": (self.augment, ("auto", *bc.AUGMENTS)),
+                  "latent_init": (self.latent_init, ("default", "official"))}
         for key, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"{key}={value!r}, expected one of {allowed}")
@@ -278,6 +281,11 @@ def _binarize_init(config: TrainConfig, num_classes: int):
         model = bc.create_model(config.arch, num_classes=num_classes, activation=config.activation,
                                 weight_gradient=config.weight_gradient,
                                 binary_weights=not config.two_step, **config.model_kwargs())
+        if config.init == "scratch" and config.latent_init == "official":
+            with torch.no_grad():   # HardBinaryConv: torch.rand(...) * 0.001
+                for m in model.modules():
+                    if isinstance(m, bc.BinaryConv2d) and m.input_binarizer is not None:
+                        m.weight.uniform_(0.0, 0.001)
         if config.init != "scratch":
             path = stage_checkpoint(config, f"pretrain-{config.init}", config.init_from)
             twin, _ = bc.load_checkpoint(path)
@@ -381,6 +389,9 @@ def train_loop(config: TrainConfig, runtime: Runtime | None = None,
     """Run one stage; returns {"checkpoint", "history", "final"}. ``on_epoch`` (rank 0) logs."""
     from .data import eval_split_name, make_loader, read_manifest
 
+    if config.stage == "pretrain" and not any(config.phase_epochs):   # before any data is read
+        raise ValueError(f"pretrain: phase_epochs={config.phase_epochs}, nothing to train (a recipe that "
+                         "binarizes from scratch, init: scratch, needs no pretrain stage)")
     runtime = runtime or Runtime()
     device = runtime.device()
     torch.manual_seed(config.seed + runtime.rank)

@@ -23,7 +23,7 @@ def build(name, stem, **kwargs):
 
 def test_registry_lists_every_family():
     assert set(bc.list_models()) == {"bireal18", "bireal34", "bireal50", "bireal101", "bireal152",
-                                     "resnet18", "resnet34"}
+                                     "binary_resnet18", "resnet18", "resnet34"}
 
 
 def test_duplicate_registration_refused():
@@ -60,8 +60,8 @@ def test_binary_layer_counts(name):
     model, _, _ = build(name, "small")
     binary = [m for m in model.modules() if isinstance(m, BinaryConv2d) and m.is_binary]
     blocks = len(model.blocks)
-    per_block = 1 if name in ("bireal18", "bireal34") else 3
-    first_real = 0 if per_block == 1 else 1   # bottleneck: stage 1's first 1x1 stays real
+    per_block = {"bireal18": 1, "bireal34": 1, "binary_resnet18": 2}.get(name, 3)
+    first_real = 1 if per_block == 3 else 0   # bottleneck: stage 1's first 1x1 stays real
     assert len(binary) == blocks * per_block - first_real
 
 
@@ -143,3 +143,25 @@ def test_state_dict_maps_one_to_one_onto_the_official_model(name):
     assert len(ours) == len(theirs)
     mismatched = [(a, b) for a, b in zip(ours, theirs) if a[1:] != b[1:]]
     assert not mismatched, mismatched[:3]
+
+
+def test_binary_resnet18_is_bireal18_without_the_inner_shortcuts():
+    """Same 16 binary convs with the same shapes, in 8 two-conv blocks with one shortcut each: the
+    real-valued output of a block's first conv is not carried past its second."""
+    plain = bc.create_model("binary_resnet18", num_classes=10, stem="small", width=0.25)
+    bireal = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25)
+
+    def binary_shapes(model):
+        return [tuple(m.weight.shape) for m in model.modules() if isinstance(m, BinaryConv2d) and m.is_binary]
+
+    assert binary_shapes(plain) == binary_shapes(bireal) and len(binary_shapes(plain)) == 16
+    assert len(plain.blocks) == 8 and len(bireal.blocks) == 16
+    block = plain.blocks[1].eval()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        before = block(x)
+        assert torch.allclose(block(x * 3.0) - 3.0 * x, before - x, atol=1e-5)   # x reaches the convs only as sign(x)
+        block.bn1.weight.mul_(2.0)                                 # h -> 2h (eval BN: affine in h)
+        block.bn1.bias.mul_(2.0)
+        assert torch.equal(block(x), before)                       # h is only seen through sign(h)
+    assert len(bc.binary_conv_bn_pairs(plain)) == 16                 # alpha folds for finetune

@@ -167,3 +167,19 @@ def test_extension_uses_the_shared_libstdcxx():
     assert "std::ostream::_M_insert<long>" not in symbols
     with pytest.raises(RuntimeError, match="in_channels=65 needs 2 words per pixel, packed_x has 1"):
         ops.binary_conv2d(ops.pack_signs(torch.randn(1, 64, 2, 2)), ops.pack_signs(torch.randn(3, 64, 3, 3)), 65)
+
+
+def test_smoke_script_on_the_cpu_paths(capsys):
+    """`python -m cuda_ext.smoke`, the GPU run's first step, exercised here on the CPU paths: every
+    check exact, and each row names the path, the case and where the first wrong element is."""
+    from cuda_ext import smoke
+
+    assert smoke.main(["--device", "cpu", "--quick"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if " ok " in line]
+    assert len(rows) == 4 + 3 * len(ops.cpu_paths())        # pack_signs x 4 dtypes, 3 cases per path
+    assert all("first (n,h,w,word)=None" in r for r in rows)
+    assert out.strip().endswith(f"smoke: {len(rows)} of {len(rows)} checks exact")
+    wrong, first = smoke.first_mismatch(torch.tensor([[1.0, 2.0], [3.0, float("nan")]]),
+                                        torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    assert (wrong, first) == (1, [1, 1])                    # an unwritten (NaN) element is found

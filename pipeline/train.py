@@ -75,7 +75,7 @@ class TrainConfig:
     activation: str = "approx_sign"      # approx_sign | ste_sign | identity_sign
     weight_gradient: str = "paper"       # paper | official | plain
     two_step: bool = False
-    step1_epochs: int = 1
+    step1_epochs: int = 1                # two_step: of `epochs`, the activations-only ones
     init_from: str = ""                  # folder of the pretrain checkpoints (default: out)
     tuned_config: str = ""               # a `bireal tune` best-config JSON whose keys override these
     # finetune
@@ -94,6 +94,9 @@ class TrainConfig:
         if len(self.phase_lr_scale) != len(self.phases) or not all(x > 0 for x in self.phase_lr_scale):
             raise ValueError(f"phase_lr_scale={self.phase_lr_scale}: one positive factor per phase "
                              f"({len(self.phases)} phases: {self.phases})")
+        if self.two_step and self.stage == "binarize" and not 0 < self.step1_epochs < self.epochs:
+            raise ValueError(f"two_step: epochs={self.epochs} counts step 1's step1_epochs={self.step1_epochs} "
+                             "too (equal compute with one-step runs): need 0 < step1_epochs < epochs")
         if self.weight_clip < 0:
             raise ValueError(f"weight_clip={self.weight_clip}: 0 (off) or a positive bound")
         if self.batch_size < 1 or self.epochs < 0 or self.lr <= 0:
@@ -349,8 +352,9 @@ def segments(config: TrainConfig, num_classes: int) -> list[Segment]:
         init = _binarize_init(config, num_classes)
         if not config.two_step:
             return [Segment("binarize", config.epochs, init)]
+        # step 1 counts inside the stage's epochs: a two-step run costs what a one-step run costs
         return [Segment("binarize-step1-activations", config.step1_epochs, init),
-                Segment("binarize-step2-weights", config.epochs, _binarize_weights(config))]
+                Segment("binarize-step2-weights", config.epochs - config.step1_epochs, _binarize_weights(config))]
     return [Segment("finetune", config.epochs, _finetune_init(config))]
 
 

@@ -56,6 +56,9 @@ class TuneSettings:
             raise ValueError(f"search={self.search!r}, expected grid or random")
         if not 0 < self.lr_min <= self.lr_max:
             raise ValueError("need 0 < lr_min <= lr_max")
+        if True in self.two_step and self.epochs < 2:
+            raise ValueError(f"two_step includes true but epochs={self.epochs}: a two-step trial spends "
+                             "1 of its epochs on step 1 (equal compute), so it needs epochs >= 2")
 
 
 class TuneRuntime(Runtime):

@@ -88,11 +88,14 @@ def test_finetune_freezes_all_but_batchnorm():
 
 def test_two_step_and_init_options(demo_shards, tmp_path, three_stages):
     out, _ = three_stages
-    cfg = smoke_config(demo_shards, out, stage="binarize", two_step=True, step1_epochs=1, epochs=1,
+    cfg = smoke_config(demo_shards, out, stage="binarize", two_step=True, step1_epochs=1, epochs=2,
                        init="relu", weight_gradient="official", max_steps_per_epoch=3)
     cfg = replace(cfg, out=str(out))
     result = train_loop(cfg)
+    # 2 epochs in all, step 1's included: the same compute as a one-step run of 2 epochs
     assert [h["segment"] for h in result["history"]] == ["binarize-step1-activations", "binarize-step2-weights"]
+    with pytest.raises(ValueError, match="step1_epochs"):
+        replace(cfg, epochs=1)
     # step 2 starts from step 1's trained weights: it only switches the weight binarizers on
     from pipeline.train import segments
 

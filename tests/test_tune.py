@@ -137,3 +137,11 @@ def test_best_keeps_the_papers_cell_unless_beaten_beyond_the_seed_spread():
     assert pick_cell([one_seed, row("approx_sign", 0.40, 0.0, seeds=1)])["activation"] == "approx_sign"
     no_paper = [row("ste_sign", 0.45, 0.01), row("identity_sign", 0.30, 0.01)]
     assert pick_cell(no_paper) is no_paper[0]
+
+
+def test_two_step_cells_need_room_for_step_one():
+    from pipeline.tune import TuneSettings
+
+    with pytest.raises(ValueError, match="epochs >= 2"):
+        TuneSettings(two_step=[False, True], epochs=1)
+    assert TuneSettings(two_step=[False, True], epochs=2).epochs == 2

@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from ..registry import register_model
-from .common import BiRealBase, ConvSpec, make_shortcut, make_stem, scaled
-
-STAGE_CHANNELS = (64, 128, 256, 512)
+from .bireal import BiRealNet
+from .common import ConvSpec, make_shortcut
 
 
 class BinaryResNetBlock(nn.Module):
@@ -36,27 +35,7 @@ class BinaryResNetBlock(nn.Module):
         return self.bn2(self.conv2(self.bn1(self.conv1(x)))) + shortcut
 
 
-class BinaryResNet(BiRealBase):
-    def __init__(self, repeats: tuple[int, ...], num_classes: int = 1000, stem: str = "imagenet",
-                 width: float = 1.0, **conv_kwargs):
-        super().__init__()
-        spec = ConvSpec(**conv_kwargs)
-        channels = [scaled(c, width) for c in STAGE_CHANNELS]
-        self.stem = make_stem(stem, channels[0])
-        blocks, c_in = [], channels[0]
-        for stage, (c_out, n) in enumerate(zip(channels, repeats)):
-            for i in range(n):
-                blocks.append(BinaryResNetBlock(c_in, c_out, 2 if stage > 0 and i == 0 else 1, spec))
-                c_in = c_out
-        self.blocks = nn.Sequential(*blocks)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(c_in, num_classes)
-
-    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks(x)
-
-
 @register_model
-def binary_resnet18(**kwargs) -> BinaryResNet:
+def binary_resnet18(**kwargs) -> BiRealNet:
     """Bi-Real-18's 16 binary convs in 8 two-conv blocks with one shortcut each."""
-    return BinaryResNet((2, 2, 2, 2), **kwargs)
+    return BiRealNet((2, 2, 2, 2), block=BinaryResNetBlock, **kwargs)

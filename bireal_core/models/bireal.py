@@ -32,8 +32,11 @@ class BiRealBlock(nn.Module):
 
 
 class BiRealNet(BiRealBase):
+    """Stem, four stages of ``block`` (the first of each later stage with stride 2), pool, FC.
+    ``block``: BiRealBlock, or another block with its signature (the 1-bit ResNet baseline)."""
+
     def __init__(self, repeats: tuple[int, ...], num_classes: int = 1000, stem: str = "imagenet",
-                 width: float = 1.0, **conv_kwargs):
+                 width: float = 1.0, block: type[nn.Module] = BiRealBlock, **conv_kwargs):
         super().__init__()
         spec = ConvSpec(**conv_kwargs)
         channels = [scaled(c, width) for c in STAGE_CHANNELS]
@@ -42,7 +45,7 @@ class BiRealNet(BiRealBase):
         for stage, (c_out, n) in enumerate(zip(channels, repeats)):
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(BiRealBlock(c_in, c_out, stride, spec))
+                blocks.append(block(c_in, c_out, stride, spec))
                 c_in = c_out
         self.blocks = nn.Sequential(*blocks)
         self.avgpool = nn.AdaptiveAvgPool2d(1)

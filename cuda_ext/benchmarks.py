@@ -82,7 +82,7 @@ def bench_kernels(device: str = "cpu", batches=None, threads: int = 2, repeats: 
 
     dev = _setup(device, threads)
     float_dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
-    copy_gb_s = copy_bandwidth_gb_s(dev, gib=0.25) if dev.type == "cpu" else None
+    copy_gb_s = copy_bandwidth_gb_s(dev, gib=0.25 if dev.type == "cpu" else 1.0)  # once per run
     rows = []
     for channels, side in BIREAL18_SHAPES:
         for batch in batches or default_batches(device):
@@ -108,7 +108,7 @@ def bench_kernels(device: str = "cpu", batches=None, threads: int = 2, repeats: 
                 base_block = time_ms(float_block, dev, repeats)
             moved = px.numel() * 8 + batch * channels * side * side * 4    # packed in, float32 out
             row = {"shape": f"{channels}x{side}x{side}", "batch": batch, "ours_ms": ours,
-                   "ours_gb_s": moved / ours / 1e6,
+                   "ours_gb_s": moved / ours / 1e6, "copy_gb_s": copy_gb_s,
                    "ours_with_pack_ms": packed, "baseline_ms": base, "speedup": base / ours,
                    "block_ms": block, "float_block_ms": base_block, "block_speedup": base_block / block,
                    "baseline": f"F.conv2d {str(float_dtype).split('.')[-1]}; block: conv + BN + add + sign"}
@@ -266,11 +266,10 @@ def run(what: str, device: str, json_path: str | None = None, threads: int = 2) 
     title = f"bireal bench {what} --device {device}  [{machine_description(device)}, torch {torch.__version__}]"
     print(format_table(rows, title))
     if what == "kernels":
+        copy = rows[0]["copy_gb_s"]  # the rate the rows' bounds used
         print("ours_gb_s: bytes of the packed input + the float32 output over ours_ms, GB/s" +
-              (f"; this card's copy rate (read + write): {copy_bandwidth_gb_s(torch.device(device)):,.0f} GB/s"
-               if device.startswith("cuda") else
-               f"; this machine's copy rate (read + write, {threads} threads): "
-               f"{copy_bandwidth_gb_s(torch.device('cpu'), gib=0.25):,.1f} GB/s\n"
+              (f"; this card's copy rate (read + write): {copy:,.0f} GB/s" if device.startswith("cuda") else
+               f"; this machine's copy rate (read + write, {threads} threads): {copy:,.1f} GB/s\n"
                "bound_ms: the row's binary MACs at micro_tmac_s (the micro-kernel with its data in L1, all "
                "threads) + its float32 output bytes at the copy rate (the time to copy that many bytes); "
                "of_bound: bound_ms / ours_ms"))

@@ -39,6 +39,15 @@ class Case:
     epilogue: bool = True          # scale, bias and a residual
     bf16: bool = False             # out_dtype=torch.bfloat16 (and a bfloat16 residual)
 
+    @property
+    def out_dtype(self) -> torch.dtype | None:
+        return torch.bfloat16 if self.bf16 else None
+
+    def output_size(self) -> tuple[int, int]:
+        """(Ho, Wo) of the conv."""
+        return ((self.height + 2 * self.padding - self.kernel[0]) // self.stride + 1,
+                (self.width + 2 * self.padding - self.kernel[1]) // self.stride + 1)
+
 
 QUICK = [
     Case("tiny", 2, 33, 7, 5, 4),
@@ -68,8 +77,7 @@ def inputs(case: Case, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(case.batch, case.channels, case.height, case.width, generator=g)
     w = torch.randn(case.out_channels, case.channels, *case.kernel, generator=g)
-    ho = (case.height + 2 * case.padding - case.kernel[0]) // case.stride + 1
-    wo = (case.width + 2 * case.padding - case.kernel[1]) // case.stride + 1
+    ho, wo = case.output_size()
     if not case.epilogue:
         return pack_signs_ref(x), pack_weight_ref(w), None, None, None
     residual = torch.randn(case.batch, case.out_channels, ho, wo, generator=g)
@@ -79,13 +87,11 @@ def inputs(case: Case, seed: int = 0):
 
 def expected(case: Case, px, pw, scale, bias, residual):
     if case.out_channels == 0:  # (the reference's F.conv2d rejects an empty weight)
-        n, h, w, _ = px.shape
-        ho = (h + 2 * case.padding - case.kernel[0]) // case.stride + 1
-        wo = (w + 2 * case.padding - case.kernel[1]) // case.stride + 1
-        return (torch.empty(n, 0, ho, wo, dtype=torch.bfloat16 if case.bf16 else torch.float32),
-                torch.empty(n, ho, wo, 0, dtype=torch.int64))
+        ho, wo = case.output_size()
+        return (torch.empty(case.batch, 0, ho, wo, dtype=case.out_dtype or torch.float32),
+                torch.empty(case.batch, ho, wo, 0, dtype=torch.int64))
     return binary_block_ref(px, pw, case.channels, case.stride, case.padding, case.pad_value, scale, bias,
-                            residual, torch.bfloat16 if case.bf16 else None)
+                            residual, case.out_dtype)
 
 
 def first_mismatch(got: torch.Tensor, want: torch.Tensor) -> tuple[int, list[int] | None]:
@@ -111,8 +117,7 @@ def check(device: str, path: str, case: Case) -> dict:
     args = [t.to(device) if t is not None else None for t in (px, pw, scale, bias, residual)]
     with forced_path(device, path), ops.debug_fill():
         out, packed = ops.binary_block(args[0], args[1], case.channels, case.stride, case.padding,
-                                       case.pad_value, *args[2:],
-                                       out_dtype=torch.bfloat16 if case.bf16 else None)
+                                       case.pad_value, *args[2:], out_dtype=case.out_dtype)
         if device == "cuda":
             torch.cuda.synchronize()
     out_wrong, out_first = first_mismatch(out.cpu(), want_out)

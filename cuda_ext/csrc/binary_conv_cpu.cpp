@@ -710,6 +710,7 @@ at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int6
       const int64_t n = row / g.Ho, oh = row % g.Ho;
       const int64_t o0 = ob * kOutBlock, o_count = std::min<int64_t>(kOutBlock, g.O - o0);
       const bool full = o_count == kOutBlock;  // else: a partial block, staged through buffers
+      const auto block_mask = static_cast<uint16_t>((uint32_t(1) << o_count) - 1);  // valid channels
       Tile t{nullptr, stride * Cw, Wp * Cw, wblk.data() + ob * taps * Cw * kOutBlock, g.KH, g.KW, Cw};
       if (path == Path::Avx512) {
         const int64_t pix0 = (n * g.Ho + oh) * g.Wo;
@@ -718,7 +719,7 @@ at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int6
                          bc.col_class.data(), O_pad, scale_v.data() + o0, bias_v.data() + o0,
                          res_p ? res_p + pix0 * g.O + o0 : nullptr, g.O, out_p + pix0 * g.O + o0, g.O,
                          signs_p ? signs_p + pix0 * slices + ob : nullptr, slices,
-                         static_cast<uint16_t>((uint32_t(1) << o_count) - 1), static_cast<int32_t>(K),
+                         block_mask, static_cast<int32_t>(K),
                          stream_out};
         row_avx512(job);
         continue;
@@ -734,7 +735,7 @@ at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int6
         if (signs_p != nullptr) {
           e.signs = signs_p + pix0 * slices + ob;
           e.signs_stride = slices;
-          e.sign_mask = static_cast<uint16_t>((uint32_t(1) << o_count) - 1);
+          e.sign_mask = block_mask;
         }
         if (res_p) {
           e.residual = res_p + pix0 * g.O + o0;
@@ -762,6 +763,31 @@ at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int6
   return out.permute({0, 3, 1, 2});  // (N, O, Ho, Wo), channels_last memory
 }
 
+// Shared by binary_conv2d and binary_block (as conv_cuda is on the GPU): checks, the float32 conv,
+// the output dtype, and for the block the packed signs. A float32 output gets its signs from the
+// conv's own epilogue; a bfloat16 one is packed after the rounding (the signs of the stored values).
+std::tuple<at::Tensor, at::Tensor> conv_cpu(const at::Tensor& packed_x, const at::Tensor& packed_w,
+                                            int64_t in_channels, int64_t stride, int64_t padding,
+                                            double pad_value, const std::optional<at::Tensor>& scale,
+                                            const std::optional<at::Tensor>& bias,
+                                            const std::optional<at::Tensor>& residual,
+                                            const std::optional<at::ScalarType>& out_dtype, bool pack_output) {
+  const ConvGeometry g = check_conv_args(packed_x, packed_w, in_channels, stride, padding,
+                                         pad_value, scale, bias, residual);
+  TORCH_CHECK(packed_x.device().is_cpu(), "binary_conv2d_cpu: tensors must be on the CPU");
+  const at::ScalarType dtype = conv_out_dtype(out_dtype);
+  std::optional<at::Tensor> residual_f32;  // a bf16 residual converts exactly
+  if (residual.has_value()) residual_f32 = residual->to(at::kFloat);
+  const bool fused = pack_output && dtype == at::kFloat;
+  at::Tensor packed;
+  at::Tensor out = conv_f32(packed_x, packed_w, in_channels, stride, padding, pad_value, g, scale,
+                            bias, residual_f32, fused ? &packed : nullptr);
+  if (dtype != at::kFloat) out = out.to(dtype);  // rounded once; keeps the channels_last strides
+  if (pack_output && !fused)  // (pack_signs rejects C = 0: no output channels, no words)
+    packed = g.O == 0 ? at::empty({g.N, g.Ho, g.Wo, 0}, packed_x.options()) : pack_signs_cpu(out);
+  return {out, packed};
+}
+
 }  // namespace
 
 at::Tensor binary_conv2d_cpu(const at::Tensor& packed_x, const at::Tensor& packed_w,
@@ -770,39 +796,17 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& packed_x, const at::Tensor& packe
                              const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& residual,
                              std::optional<at::ScalarType> out_dtype) {
-  const ConvGeometry g = check_conv_args(packed_x, packed_w, in_channels, stride, padding,
-                                         pad_value, scale, bias, residual);
-  TORCH_CHECK(packed_x.device().is_cpu(), "binary_conv2d_cpu: tensors must be on the CPU");
-  const at::ScalarType dtype = conv_out_dtype(out_dtype);
-  // bfloat16: the float32 result rounded once at the end (a bf16 residual converts exactly).
-  std::optional<at::Tensor> residual_f32;
-  if (residual.has_value()) residual_f32 = residual->to(at::kFloat);
-  at::Tensor out = conv_f32(packed_x, packed_w, in_channels, stride, padding, pad_value, g, scale,
-                            bias, residual_f32);
-  return dtype == at::kFloat ? out : out.to(dtype);  // keeps the channels_last strides
+  return std::get<0>(conv_cpu(packed_x, packed_w, in_channels, stride, padding, pad_value, scale, bias,
+                              residual, out_dtype, /*pack_output=*/false));
 }
 
-// The fused block: float32 output and its packed signs from one pass of the epilogue. For a
-// bfloat16 output the signs are those of the rounded values, so it packs after the conversion.
 std::tuple<at::Tensor, at::Tensor> binary_block_cpu(
     const at::Tensor& packed_x, const at::Tensor& packed_w, int64_t in_channels, int64_t stride,
     int64_t padding, double pad_value, const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
     std::optional<at::ScalarType> out_dtype) {
-  if (conv_out_dtype(out_dtype) != at::kFloat || (residual && residual->scalar_type() != at::kFloat)) {
-    at::Tensor out = binary_conv2d_cpu(packed_x, packed_w, in_channels, stride, padding, pad_value,
-                                       scale, bias, residual, out_dtype);
-    if (out.size(1) == 0)  // no output channels: no words to pack (pack_signs rejects C = 0)
-      return {out, at::empty({out.size(0), out.size(2), out.size(3), 0}, packed_x.options())};
-    return {out, pack_signs_cpu(out)};
-  }
-  const ConvGeometry g = check_conv_args(packed_x, packed_w, in_channels, stride, padding,
-                                         pad_value, scale, bias, residual);
-  TORCH_CHECK(packed_x.device().is_cpu(), "binary_block_cpu: tensors must be on the CPU");
-  at::Tensor packed;
-  at::Tensor out = conv_f32(packed_x, packed_w, in_channels, stride, padding, pad_value, g, scale,
-                            bias, residual, &packed);
-  return {out, packed};
+  return conv_cpu(packed_x, packed_w, in_channels, stride, padding, pad_value, scale, bias, residual,
+                  out_dtype, /*pack_output=*/true);
 }
 
 }  // namespace bireal

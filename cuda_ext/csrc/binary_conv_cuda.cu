@@ -75,7 +75,7 @@ __device__ __forceinline__ bool needs_border_correction(const ConvParams& p, int
 }
 
 // The correction of such a pixel for channel o: + S[tap][o] for each tap outside the image (the
-// CUDA-core kernel; the tensor-core kernels use border_corrections below).
+// CUDA-core kernel and bmma_async's row-wise epilogue; bmma uses to_dot_products below).
 __device__ __forceinline__ int border_correction(const ConvParams& p, int ih0, int iw0, int o) {
   int corr = 0;
   for (int kh = 0; kh < p.KH; ++kh)
@@ -205,8 +205,8 @@ __device__ __forceinline__ void mma_step(WarpAcc& acc, const uint64_t (&a)[2][2]
 
 // acc (agreements) -> dot products in place: 2 * agree - K, plus the zero-padding correction of the
 // border pixels, added by one loop over the taps that is not unrolled. (Inlined per element, the
-// tap loop took 64 copies in the unrolled epilogue, and the kernel ran 5x slower on an H100 with
-// its warps stalled on instruction fetch; docs/cuda.md.)
+// tap loop took 64 copies in the unrolled epilogue: on an H100 the kernel ran 5x slower than with
+// +1 padding, its warps stalled on instruction fetch; docs/cuda.md.)
 __device__ __forceinline__ void to_dot_products(const ConvParams& p, WarpAcc& acc, const PixelOrigin (&pix)[2][2],
                                                 int warp_col0, int t) {
   bool border[2][2], any = false;

@@ -157,6 +157,9 @@ def test_bfloat16_output_matches_reference(residual_dtype):
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, ref_out) and torch.equal(packed, ref_packed)
     assert torch.equal(ref_out, binary_conv2d_ref(*args, *epilogue).to(torch.bfloat16))
+    out32, packed32 = ops.binary_block(*args, *epilogue)           # float32 out, any residual dtype
+    ref32, ref_packed32 = binary_block_ref(*args, *epilogue)
+    assert out32.dtype == torch.float32 and torch.equal(out32, ref32) and torch.equal(packed32, ref_packed32)
     torch.library.opcheck(torch.ops.bireal.binary_block.default, (*args, *epilogue, torch.bfloat16))
     with pytest.raises(RuntimeError, match="out_dtype must be torch.float32 or torch.bfloat16"):
         ops.binary_conv2d(*args, out_dtype=torch.float16)

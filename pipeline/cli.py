@@ -39,6 +39,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     result = run_train_stage(args.stage, args.params, parse_overrides(args.set), use_ray=not args.no_ray,
                              metrics_out=args.metrics)
     print(format_history(result["history"]))
+    if args.history:                                   # per-epoch rows, e.g. for accuracy-vs-time curves
+        Path(args.history).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.history).write_text(json.dumps(result["history"], indent=2))
     print(f"checkpoint: {result['checkpoint']}  (mlflow run {result['mlflow_run_id']})")
     return 0
 
@@ -186,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a train setting")
     train.add_argument("--no-ray", action="store_true", help="run the loop in this process")
     train.add_argument("--metrics", default=None, help="write the final metrics as JSON here")
+    train.add_argument("--history", default=None, help="write every epoch's metrics as a JSON list here")
     train.set_defaults(func=_cmd_train)
 
     tune_p = sub.add_parser("tune", help="Ray Tune search over estimator, gradient, init, two-step, lr, recipe")

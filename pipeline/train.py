@@ -444,6 +444,7 @@ def train_loop(config: TrainConfig, runtime: Runtime | None = None,
             steps = min(plan.steps, config.max_steps_per_epoch or plan.steps)
             lr_at = lr_schedule(config, steps * seg.epochs, config.lr * seg.lr_scale)
             before = weight_signs(model)
+            epoch_start = time.perf_counter()
             metrics = train_one_epoch(train_model, train_batches, optimizer, lr_at, epoch * steps, device,
                                       config.label_smoothing, steps,
                                       amp=config.precision == "bf16" and device.type == "cuda",
@@ -454,7 +455,7 @@ def train_loop(config: TrainConfig, runtime: Runtime | None = None,
             metrics.update(evaluate(model, val_batches, device, runtime.world_size))
             metrics.update({"epoch": global_epoch, "segment": seg.name, "lr": lr_at(epoch * steps),
                             "flip_ratio": flip_ratio(before, model), "left_out": plan.left_out,
-                            "restarts": restarts})
+                            "restarts": restarts, "epoch_s": time.perf_counter() - epoch_start})
             history.append(metrics)
             ckpt_dir = Path(config.out) / ".train_state" / f"{config.stage}-epoch{global_epoch:03d}"
             if runtime.rank == 0:

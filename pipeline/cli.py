@@ -33,11 +33,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from .stages import format_history, parse_overrides, run_train_stage
+def _cmd_run(args: argparse.Namespace) -> int:
+    from .stages import run_stage
 
-    result = run_train_stage(args.stage, args.params, parse_overrides(args.set), use_ray=not args.no_ray,
-                             metrics_out=args.metrics)
+    result = run_stage(args.stage, args.loaded, use_ray=not args.no_ray)
+    print(json.dumps(result, indent=2, default=str) if args.json else f"{args.stage}: done")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .stages import format_history, train
+
+    result = train(args.stage, args.loaded, use_ray=not args.no_ray, metrics_out=args.metrics)
     print(format_history(result["history"]))
     if args.history:                                   # per-epoch rows, e.g. for accuracy-vs-time curves
         Path(args.history).parent.mkdir(parents=True, exist_ok=True)
@@ -61,10 +68,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
-    from .registry import register_stage
+    from .stages import register
 
     evaluation = json.loads(Path(args.evaluation).read_text())
-    result = register_stage(args.artifact, evaluation, args.shards, args.params, args.name, args.out)
+    result = register(args.loaded, args.artifact, evaluation, args.shards, args.name, args.out)
     state = "already registered as" if result["duplicate"] else "registered"
     print(f"{state} {result['name']} version {result['version']}"
           f"{' (champion)' if result['champion'] else ' (candidate; champion kept)'}")
@@ -72,9 +79,10 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
-    from .tune import format_table, tune_stage
+    from .stages import tune
+    from .tune import format_table
 
-    summary = tune_stage(args.params)
+    summary = tune(args.loaded)
     if not summary["enabled"]:
         print(f"tuning disabled: wrote an empty pick to {summary['files']['best']}")
         return 0
@@ -117,10 +125,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
-    from dataclasses import fields
-
-    from .config import load_section
-    from .shard import ShardParams, shard_dataset, summarize, verify_shards
+    from .shard import summarize, verify_shards
+    from .stages import shard
 
     if args.verify:
         problems = verify_shards(args.verify)
@@ -128,25 +134,46 @@ def _cmd_shard(args: argparse.Namespace) -> int:
             print(f"FAIL {p}")
         print(f"{args.verify}: {'OK, every shard matches the manifest' if not problems else f'{len(problems)} problems'}")
         return 1 if problems else 0
-    if not args.source or not args.out:
-        raise ValueError("--source and --out are required (or --verify DIR)")
-    overrides = {f.name: getattr(args, f.name) for f in fields(ShardParams)}
-    params = load_section(ShardParams, "shard", args.params, overrides)
-    manifest = shard_dataset(args.source, args.out, params, kind=args.kind, overwrite=args.overwrite)
+    manifest = shard(args.loaded, args.source, args.out, kind=args.kind, overwrite=args.overwrite)
+    out = (args.out or args.loaded.train("pretrain").shards).rstrip("/")
     print(summarize(manifest))
-    print(f"manifest: {args.out.rstrip('/')}/manifest.json ({manifest.get('elapsed_seconds', 0):.1f} s)")
+    print(f"manifest: {out}/manifest.json ({manifest.get('elapsed_seconds', 0):.1f} s)")
     return 0
-
-
-PARAMS_COMMANDS = ("shard", "train", "check-params", "register", "tune")
 
 
 def _cmd_check_params(args: argparse.Namespace) -> int:
-    print(f"{args.params or 'params.yaml'}: OK")
+    p = args.loaded
+    stages = ", ".join(f"{s}: {p.train(s).arch} {p.train(s).stem} w{p.train(s).width:g}"
+                       for s in ("pretrain", "binarize", "finetune"))
+    print(f"{p.path}: OK ({stages}; tune {'on' if p.tune.enabled else 'off'})")
     return 0
 
 
+def _shard_overrides(args: argparse.Namespace) -> dict:
+    keys = ("resize", "jpeg_quality", "samples_per_shard", "max_shard_bytes", "gzip", "seed", "processes")
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+def load_args_params(args: argparse.Namespace):
+    """The params file named by ``--params`` (a path or a profile name), read and checked once,
+    with this command's overrides; a bad file fails here, before any work starts."""
+    from dataclasses import asdict
+
+    from .params import build, load_params, parse_overrides
+
+    params = load_params(args.params, parse_overrides(getattr(args, "set", None)))
+    if args.command == "shard":
+        params.shard = build(type(params.shard), {**asdict(params.shard), **_shard_overrides(args)},
+                             "--shard options")
+    return params
+
+
+PARAMS_HELP = "params file or profile name from pipeline/configs (default: params.yaml)"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .stages import STAGES_BY_NAME   # the table only: no torch, ray or mlflow
+
     parser = argparse.ArgumentParser(prog="bireal", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -160,16 +187,25 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--json", action="store_true", help="print the same figures as JSON")
     cost.set_defaults(func=_cmd_cost)
 
-    check = sub.add_parser("check-params", help="validate params.yaml (every section, key and type)")
-    check.add_argument("--params", default=None)
+    check = sub.add_parser("check-params", help="validate params.yaml (every section, key, type and choice)")
+    check.add_argument("--params", default=None, help=PARAMS_HELP)
+    check.add_argument("--set", action="append", metavar="KEY=VALUE", help="a train setting to check too")
     check.set_defaults(func=_cmd_check_params)
+
+    run = sub.add_parser("run", help="one stage of the pipeline's stage table, as dvc repro / the flow run it")
+    run.add_argument("stage", choices=tuple(STAGES_BY_NAME))
+    run.add_argument("--params", default=None, help=PARAMS_HELP)
+    run.add_argument("--no-ray", action="store_true", help="train in this process")
+    run.add_argument("--json", action="store_true", help="print the stage's summary as JSON")
+    run.set_defaults(func=_cmd_run)
 
     demo = sub.add_parser("demo", help="cost table + a forward/backward pass of every model")
     demo.set_defaults(func=_cmd_demo)
 
     shard = sub.add_parser("shard", help="images -> WebDataset shards + manifest (or --verify DIR)")
-    shard.add_argument("--source", help="image-folder tree, folder with the ILSVRC2012 tars, or 'demo'")
-    shard.add_argument("--out", help="output folder or fsspec URL")
+    shard.add_argument("--source", help="image-folder tree, folder with the ILSVRC2012 tars, or 'demo' "
+                                        "(default: data.source)")
+    shard.add_argument("--out", help="output folder or fsspec URL (default: train.shards)")
     shard.add_argument("--kind", default="auto", choices=("auto", "folder", "ilsvrc", "demo"))
     shard.add_argument("--verify", metavar="DIR", help="check every shard of DIR against its manifest")
     shard.add_argument("--overwrite", action="store_true", help="replace shards made with other settings")
@@ -180,12 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--gzip", action=argparse.BooleanOptionalAction, default=None)
     shard.add_argument("--seed", type=int)
     shard.add_argument("--processes", type=int)
-    shard.add_argument("--params", default=None, help="params file (default: params.yaml)")
+    shard.add_argument("--params", default=None, help=PARAMS_HELP)
     shard.set_defaults(func=_cmd_shard)
 
     train = sub.add_parser("train", help="one training stage as a Ray Train job (pretrain|binarize|finetune)")
     train.add_argument("--stage", required=True, choices=("pretrain", "binarize", "finetune"))
-    train.add_argument("--params", default=None, help="params file (default: params.yaml)")
+    train.add_argument("--params", default=None, help=PARAMS_HELP)
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a train setting")
     train.add_argument("--no-ray", action="store_true", help="run the loop in this process")
     train.add_argument("--metrics", default=None, help="write the final metrics as JSON here")
@@ -193,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_cmd_train)
 
     tune_p = sub.add_parser("tune", help="Ray Tune search over estimator, gradient, init, two-step, lr, recipe")
-    tune_p.add_argument("--params", default=None)
+    tune_p.add_argument("--params", default=None, help=PARAMS_HELP)
     tune_p.set_defaults(func=_cmd_tune)
 
     export = sub.add_parser("export", help="checkpoint -> packed 1-bit artifact (safetensors + JSON header)")
@@ -216,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--evaluation", required=True, help="metrics JSON of bireal evaluate (top1)")
     register.add_argument("--shards", required=True, help="shards to take an example input from")
     register.add_argument("--name", default=None, help="registered model name (default: registry.model_name)")
-    register.add_argument("--params", default=None)
+    register.add_argument("--params", default=None, help=PARAMS_HELP)
     register.add_argument("--out", default=None, help="write the registration summary JSON here")
     register.set_defaults(func=_cmd_register)
 
@@ -243,10 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     apply_offline_defaults()
     args = build_parser().parse_args(argv)
     try:
-        if args.command in PARAMS_COMMANDS:       # a bad params.yaml fails before any work starts
-            from .config import validate_params
-
-            validate_params(getattr(args, "params", None))
+        if hasattr(args, "params"):       # read once; a bad params file fails before any work starts
+            args.loaded = load_args_params(args)
         return args.func(args)
     except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"bireal {args.command}: error: {e}", file=sys.stderr)

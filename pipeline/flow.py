@@ -1,9 +1,11 @@
-"""Prefect flow over the same stage functions the CLI and DVC run (no second implementation).
+"""Prefect flow over the stage table (``pipeline/stages.py``): the same functions, in the same
+order, that ``bireal run`` and ``dvc repro`` run; no second implementation.
 
-Tasks are cached on their inputs (the resolved params of the stage and the digests of the files
-they read) plus their source, so a re-run skips finished stages; the training and registration
-tasks retry (a lost Ray worker group or a locked SQLite file are worth a second try). The flow
-ends with a markdown artifact: accuracy, cost and registry version.
+Each stage is one task, cached on its inputs like DVC: the stage's name, the digest of its deps
+(files, folders; a shard folder by its manifest) and of its params sections, plus the task's
+source, so a re-run skips finished stages. Training and tuning retry once (a lost Ray worker
+group), registration twice (a locked SQLite file). The flow ends with a markdown artifact:
+accuracy, cost and registry version.
 
 Without a Prefect server the flow runs directly (Prefect starts a temporary API); the deployment
 (``pipeline/serve_flow.py``) serves it to a server, see docs/orchestration.md.
@@ -11,90 +13,83 @@ Without a Prefect server the flow runs directly (Prefect starts a temporary API)
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+from .params import Params, load_params
+from .stages import STAGE_TABLE, StageSpec, resolve_path
+
 CACHE = INPUTS + TASK_SOURCE
 
 
-def file_digest(path: str | Path) -> str:
-    """sha256 of a file, or of a folder's manifest.json (shard folders), or "" when absent."""
+def path_digest(path: str | Path) -> str:
+    """sha256 of a file; of a folder's manifest.json (shard folders) or else of all its files;
+    "" when absent."""
     p = Path(path)
-    if p.is_dir():
+    h = hashlib.sha256()
+    if p.is_dir() and (p / "manifest.json").is_file():
         p = p / "manifest.json"
-    return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else ""
+    if p.is_file():
+        h.update(p.read_bytes())
+    elif p.is_dir():
+        for f in sorted(q for q in p.rglob("*") if q.is_file() and "__pycache__" not in q.parts):
+            h.update(str(f.relative_to(p)).encode())
+            h.update(f.read_bytes())
+    else:
+        return ""
+    return h.hexdigest()
+
+
+def stage_inputs(spec: StageSpec, params: Params) -> str:
+    """What decides whether a stage must run again: its deps' contents and its params' values."""
+    deps = {d: path_digest(resolve_path(d, params)) for d in spec.deps}
+    values = {}
+    for key in spec.params:
+        section, _, name = key.partition(".")
+        value = params.raw.get(section) or {}
+        values[key] = value.get(name) if name else value
+    return hashlib.sha256(json.dumps([deps, values], sort_keys=True, default=str).encode()).hexdigest()
 
 
 @task(cache_policy=CACHE, persist_result=True)
-def shard_task(source: str, out: str, shard_params: dict) -> dict:
-    from .shard import ShardParams, shard_dataset
+def stage_task(name: str, params_path: str, use_ray: bool, inputs: str) -> dict:
+    from .stages import run_stage
 
-    manifest = shard_dataset(source, out, ShardParams(**shard_params), progress_bar=False)
-    return {"out": out, "counts": {k: v["count"] for k, v in manifest["splits"].items()}}
-
-
-@task(cache_policy=CACHE, persist_result=True, retries=1, retry_delay_seconds=5)
-def train_task(stage: str, params_path: str, stage_config: dict, upstream: str, use_ray: bool) -> dict:
-    from .stages import run_train_stage
-
-    result = run_train_stage(stage, params_path, use_ray=use_ray, metrics_out=f"metrics/{stage}.json")
-    return {"checkpoint": result["checkpoint"], "final": result["final"], "mlflow_run_id": result["mlflow_run_id"],
-            "digest": file_digest(result["checkpoint"])}
-
-
-@task(cache_policy=CACHE, persist_result=True)
-def export_task(checkpoint: str, checkpoint_digest: str, out: str) -> dict:
-    from cuda_ext.packed import artifact_size, export_checkpoint
-
-    path = export_checkpoint(checkpoint, out)
-    return {"artifact": str(path), "size": artifact_size(path), "digest": file_digest(path)}
-
-
-@task(cache_policy=CACHE, persist_result=True)
-def evaluate_task(artifact: str, artifact_digest: str, shards: str, checkpoint: str) -> dict:
-    from .evaluate import evaluate_artifact, write_outputs
-
-    result = evaluate_artifact(artifact, shards, checkpoint)
-    write_outputs(result, "metrics/evaluate.json", "plots/confusion.csv")
-    return {k: result[k] for k in ("split", "images", "top1", "float_agreement", "float_disagreements")}
-
-
-@task(retries=2, retry_delay_seconds=3)
-def register_task(artifact: str, evaluation: dict, shards: str, params_path: str) -> dict:
-    from .registry import register_stage
-
-    Path("metrics").mkdir(exist_ok=True)
-    return register_stage(artifact, evaluation, shards, params_path, out="metrics/registry.json")
+    result = run_stage(name, load_params(params_path), use_ray=use_ray)
+    return json.loads(json.dumps(result, default=str))      # a plain, persistable summary
 
 
 @flow(name="bireal-pipeline", log_prints=True)
 def bireal_pipeline(params_path: str = "params.yaml", use_ray: bool = True, register_model: bool = True) -> dict:
-    """shard -> pretrain -> binarize -> finetune -> export -> evaluate -> register."""
-    import bireal_core as bc
-
-    from .config import validate_params
-
-    resolved = validate_params(params_path)            # a bad params file fails before any stage
-    shards = resolved["pretrain"]["shards"]            # the train section's, as every stage sees it
-    sharded = shard_task(resolved["data"]["source"], shards, resolved["shard"])
-    upstream = file_digest(sharded["out"])
-    runs = {}
-    for stage in ("pretrain", "binarize", "finetune"):
-        runs[stage] = train_task(stage, params_path, resolved[stage], upstream, use_ray)
-        upstream = runs[stage]["digest"]
-    checkpoint = runs["finetune"]["checkpoint"]
-    exported = export_task(checkpoint, runs["finetune"]["digest"], "artifacts/model.safetensors")
-    evaluation = evaluate_task(exported["artifact"], exported["digest"], shards, checkpoint)
-    registered = register_task(exported["artifact"], evaluation, shards, params_path) if register_model else {}
-    cost = bc.summary(bc.load_checkpoint(checkpoint)[0]).as_dict()
-    summary = {"evaluation": evaluation, "cost": cost, "packed_bytes": exported["size"]["bytes"],
-               "registry": registered, "stages": {s: r["final"] for s, r in runs.items()}}
+    """shard -> pretrain -> tune -> binarize -> finetune -> export -> evaluate -> register."""
+    params = load_params(params_path)                  # a bad params file fails before any stage
+    results = {}
+    for spec in STAGE_TABLE:
+        if spec.name == "register" and not register_model:
+            continue
+        retries = 2 if spec.name == "register" else (1 if spec.uses_ray else 0)
+        options = {"retries": retries, "retry_delay_seconds": 5, "task_run_name": spec.name}
+        if spec.name == "register":                    # a registry write is never skipped from cache
+            options["cache_policy"] = None
+        results[spec.name] = stage_task.with_options(**options)(spec.name, params_path, use_ray,
+                                                                stage_inputs(spec, params))
+    summary = _summary(results)
     create_markdown_artifact(key="bireal-pipeline-summary", markdown=_markdown(summary),
                              description="accuracy, cost and registry version of this run")
     return summary
+
+
+def _summary(results: dict) -> dict:
+    evaluation = {k: results["evaluate"].get(k) for k in ("split", "images", "top1", "float_agreement",
+                                                          "float_disagreements")}
+    return {"evaluation": evaluation, "cost": results["finetune"]["cost"],
+            "packed_bytes": results["export"]["size"]["bytes"], "registry": results.get("register", {}),
+            "stages": {s: results[s]["final"] for s in ("pretrain", "binarize", "finetune")},
+            "tune": results["tune"].get("best"), "ran": list(results)}
 
 
 def _markdown(s: dict) -> str:
@@ -103,8 +98,9 @@ def _markdown(s: dict) -> str:
                      for stage, m in s["stages"].items())
     return (f"# bireal pipeline\n\n"
             f"| stage | val top-1 | train loss |\n|---|---|---|\n{rows}\n\n"
+            f"**Tune pick**: `{json.dumps(s['tune'])}`\n\n"
             f"**Packed model** on `{s['evaluation']['split']}`: top-1 {s['evaluation']['top1']:.4f} "
             f"({s['evaluation']['images']} images), {s['packed_bytes']:,} bytes\n\n"
-            f"**Cost**: {s['cost']['ops']:.3g} OPs, {s['cost']['memory_mbit']:.2f} Mbit\n\n"
+            f"**Cost**: {s['cost']['cost_ops']:.3g} OPs, {s['cost']['cost_memory_mbit']:.2f} Mbit\n\n"
             f"**Registry**: {reg.get('name', '-')} version {reg.get('version', '-')}"
             f"{' (champion)' if reg.get('champion') else ''}\n")

@@ -22,38 +22,17 @@ import multiprocessing as mp
 import random
 import tarfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Iterable, Iterator
 
 import fsspec
 
+from .params import ShardParams
 from .sources import Ref, Sample, Source, scan_source
 
 MANIFEST = "manifest.json"
 PROGRESS = ".shard-progress.json"
 MANIFEST_VERSION = 1
-
-
-@dataclass(frozen=True)
-class ShardParams:
-    """Sharding options (the ``shard`` section of params.yaml)."""
-
-    resize: int = 256               # shorter side; larger images are downscaled (Lanczos), 0 keeps all
-    jpeg_quality: int = 90          # for images that must be re-encoded
-    samples_per_shard: int = 5000
-    max_shard_bytes: int = 1 << 30  # a shard closes before it would exceed this
-    gzip: bool = False              # tar headers dominate small images: gzip saves ~7x on CIFAR-10
-    seed: int = 0                   # shuffle order of the samples
-    processes: int = 2              # decode/encode workers
-
-    def __post_init__(self):
-        for name in ("samples_per_shard", "max_shard_bytes", "processes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"shard.{name} must be >= 1, got {getattr(self, name)}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"shard.jpeg_quality must be in 1..100, got {self.jpeg_quality}")
-        if self.resize < 0:
-            raise ValueError(f"shard.resize must be >= 0, got {self.resize}")
 
 
 class ShardError(RuntimeError):

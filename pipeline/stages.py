@@ -1,81 +1,237 @@
-"""The training stages as plain functions with their configuration resolved; what the CLI (and
-DVC and Prefect through it) call. Configuration: TrainConfig defaults <- params.yaml ``train`` <-
-params.yaml ``<stage>`` <- ``--set key=value`` overrides."""
+"""The pipeline's stages: one typed function each, and the one table of them.
+
+``STAGE_TABLE`` lists every stage in run order with what it reads (deps and params sections) and
+writes (outs, metrics). The CLI (``bireal run STAGE``) and the Prefect flow run the stages from it;
+``dvc.yaml`` spells the same graph for DVC, and tests/test_stages.py checks it against this table
+through DVC's own parser, so the three cannot drift apart.
+
+Every function takes the ``Params`` read once by the entry point and calls the adapters (Ray Train,
+Ray Tune, MLflow) and plain modules below it; heavy packages are imported inside, so the table
+itself loads with no torch, ray or mlflow.
+"""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import yaml
+from .params import Params, TrainConfig
 
-from .config import ConfigError, build, default_params_path, load_section, read_params
-from .train import STAGES, TrainConfig
-
-
-def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["epochs=2", "phases=[relu,clip]"]`` -> {"epochs": 2, "phases": ["relu", "clip"]} (YAML values)."""
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+ARTIFACT = "artifacts/model.safetensors"      # the packed 1-bit model
+EXAMPLE_IMAGE = "artifacts/example.jpg"       # the registered model's input example
+METRICS = "metrics"                           # <stage>.json per stage (dvc metrics show)
+CONFUSION = "plots/confusion.csv"
 
 
-def resolve_train_config(stage: str, params_path: str | None = None,
-                         overrides: dict[str, Any] | None = None) -> TrainConfig:
-    if stage not in STAGES:
-        raise ConfigError(f"unknown stage {stage!r} (one of {', '.join(STAGES)})")
-    path = Path(params_path) if params_path else default_params_path()
-    params = read_params(path)
-    build(TrainConfig, dict(params.get("train") or {}), f"{path.name}:train")   # errors name train.KEY
-    values = {**(params.get("train") or {}), **(params.get(stage) or {}), **(overrides or {}), "stage": stage}
-    tuned = values.get("tuned_config")
-    if tuned and Path(tuned).is_file():          # the tune stage's pick overrides its own keys
-        best = json.loads(Path(tuned).read_text())["config"] or {}   # null: tuning was disabled
-        values.update({k: v for k, v in best.items() if k not in (overrides or {})})
-    return build(TrainConfig, values, f"{path.name}:{stage}")
+# ---------------------------------------------------------------------------- the stages
+
+def shard(params: Params, source: str | None = None, out: str | None = None, kind: str = "auto",
+          overwrite: bool = False, progress_bar: bool = True) -> dict:
+    """Images -> WebDataset shards + manifest at ``train.shards`` (or ``out``)."""
+    from .shard import shard_dataset
+
+    return shard_dataset(source or params.data.source, out or params.train("pretrain").shards, params.shard,
+                         kind=kind, overwrite=overwrite, progress_bar=progress_bar)
 
 
-def run_train_stage(stage: str, params_path: str | None = None, overrides: dict[str, Any] | None = None,
-                    use_ray: bool = True, metrics_out: str | None = None) -> dict:
-    """Resolve, track in MLflow, run (Ray Train or in-process), write the metrics JSON."""
+def train(stage: str, params: Params, overrides: dict[str, Any] | None = None, use_ray: bool = True,
+          metrics_out: str | None = None) -> dict:
+    """One training stage (pretrain | binarize | finetune): tracked in MLflow, run on Ray Train
+    (or in this process), its final metrics written as JSON."""
+    config = params.train(stage, overrides)
+    result = run_training(config, params, use_ray)
+    if metrics_out:
+        Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(metrics_out).write_text(json.dumps({"stage": stage, **result["final"], **result["cost"]}, indent=2))
+    return result
+
+
+def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> dict:
+    """``config`` run as one MLflow stage run; -> {"checkpoint", "history", "final", "cost", "mlflow_run_id"}."""
     import bireal_core as bc
 
-    from .ray_train import RayConfig
-    from .tracking import MlflowConfig, finish_stage_run, pipeline_run_id, resolve, start_stage_run
+    from .adapters.tracking import finish_stage_run, resolve, start_stage_run
 
-    config = resolve_train_config(stage, params_path, overrides)
-    ray_cfg = load_section(RayConfig, "ray", params_path)
-    mlflow_cfg = resolve(load_section(MlflowConfig, "mlflow", params_path))
-    run_id = start_stage_run(mlflow_cfg, stage, {"train": asdict(config), "ray": asdict(ray_cfg)},
-                             pipeline_run_id(params_path))
+    mlflow_cfg = resolve(params.mlflow)
+    run_id = start_stage_run(mlflow_cfg, config.stage, {"train": asdict(config), "ray": asdict(params.ray)},
+                             params.group)
     try:
         if use_ray:
-            from .ray_train import run_stage_on_ray
+            from .adapters.ray_train import run_stage_on_ray
 
-            result = run_stage_on_ray(config, ray_cfg, mlflow_cfg, run_id)
+            result = run_stage_on_ray(config, params.ray, mlflow_cfg, run_id)
         else:
-            from .tracking import EpochLogger
+            from .adapters.tracking import EpochLogger
             from .train import train_loop
 
             result = train_loop(config, on_epoch=EpochLogger(mlflow_cfg, run_id))
     except BaseException:
         finish_stage_run(mlflow_cfg, run_id, {}, status="FAILED")
         raise
-    model, _ = bc.load_checkpoint(result["checkpoint"])
-    cost = bc.summary(model).as_dict()
+    cost = bc.summary(bc.load_checkpoint(result["checkpoint"])[0]).as_dict()
     finish_stage_run(mlflow_cfg, run_id, result, cost)
-    result["mlflow_run_id"] = run_id
+    return {**result, "mlflow_run_id": run_id,
+            "cost": {"cost_ops": cost["ops"], "cost_memory_mbit": cost["memory_mbit"]}}
+
+
+def tune(params: Params) -> dict:
+    """The search over the binarize stage's settings (``tune`` section); writes best.json (what
+    binarize reads through ``tuned_config``), the table and the plot. Disabled: an empty pick."""
+    from .tune import write_best, write_outputs
+
+    settings = params.tune
+    if not settings.enabled:
+        return {"enabled": False, "files": {"best": str(write_best(settings.out, None, note="tune.enabled is false"))}}
+    from .adapters.ray_tune import run_tune
+    from .adapters.tracking import resolve
+
+    base = params.train("binarize", {"tuned_config": ""})
+    summary = run_tune(settings, base, resolve(params.mlflow), params.group, params.ray)
+    return {**summary, "enabled": True, "files": write_outputs(summary, settings.out)}
+
+
+def export(params: Params, checkpoint: str | None = None, out: str = ARTIFACT,
+           class_names: list[str] | None = None) -> dict:
+    """The finetuned checkpoint -> the packed 1-bit artifact."""
+    from cuda_ext.packed import artifact_size, export_checkpoint
+
+    checkpoint = checkpoint or finetuned_checkpoint(params)
+    path = export_checkpoint(checkpoint, out, class_names=class_names)
+    return {"artifact": str(path), "size": artifact_size(path)}
+
+
+def evaluate(params: Params, artifact: str = ARTIFACT, shards: str | None = None, checkpoint: str | None = None,
+             metrics_out: str | None = f"{METRICS}/evaluate.json", confusion_out: str | None = CONFUSION,
+             device: str = "cpu") -> dict:
+    """The packed artifact on the evaluation split, with its agreement to the training graph."""
+    from .evaluate import evaluate_artifact, write_outputs
+
+    result = evaluate_artifact(artifact, shards or params.train("finetune").shards,
+                               checkpoint if checkpoint is not None else finetuned_checkpoint(params), device=device)
     if metrics_out:
-        Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(metrics_out).write_text(json.dumps({"stage": stage, **result["final"],
-                                                 "cost_ops": cost["ops"], "cost_memory_mbit": cost["memory_mbit"]},
-                                                indent=2))
+        write_outputs(result, metrics_out, confusion_out)
     return result
+
+
+def register(params: Params, artifact: str = ARTIFACT, evaluation: dict | None = None, shards: str | None = None,
+             model_name: str | None = None, out: str | None = f"{METRICS}/registry.json") -> dict:
+    """The evaluated artifact into the MLflow registry (``registry`` section), with a real image of
+    the evaluation split as the signature's example and the cost table of its source checkpoint."""
+    from cuda_ext.packed import read_artifact_header
+
+    from .adapters.registry import register_artifact, write_registry_summary
+    from .adapters.tracking import resolve
+    from .data import eval_split_name, iter_shard, read_manifest, split_shards
+
+    evaluation = evaluation or json.loads(Path(f"{METRICS}/evaluate.json").read_text())
+    shards = shards or params.train("finetune").shards
+    registry = params.registry if not model_name else type(params.registry)(model_name=model_name)
+    header = read_artifact_header(artifact)       # register_artifact verifies the tensors
+    manifest = read_manifest(shards)
+    url = split_shards(manifest, shards, eval_split_name(manifest))[0][0]
+    example = Path(artifact).with_name("example.jpg")
+    example.write_bytes(next(iter_shard(url))["jpg"])
+    cost = None
+    if header.get("source", {}).get("checkpoint"):
+        import bireal_core as bc
+
+        cost = bc.summary(bc.load_checkpoint(header["source"]["checkpoint"])[0]).as_dict()
+    result = register_artifact(artifact, evaluation, str(example), resolve(params.mlflow), registry,
+                               params.group, cost)
+    if out:
+        write_registry_summary(result, out)
+    return result
+
+
+def finetuned_checkpoint(params: Params) -> str:
+    config = params.train("finetune")
+    return str(Path(config.out) / "finetune.safetensors")
+
+
+# ---------------------------------------------------------------------------- the table
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage: its function and its DVC contract. Paths may name params as ``${section.key}``
+    (DVC's templating; ``resolve_path`` fills them in the same way)."""
+
+    name: str
+    run: Callable[..., dict]          # run(params, use_ray=...) -> a JSON-able summary
+    deps: tuple[str, ...]
+    params: tuple[str, ...]
+    outs: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()
+    uses_ray: bool = False
+
+
+def _train_runner(stage: str):
+    def run(params: Params, use_ray: bool = True) -> dict:
+        return train(stage, params, use_ray=use_ray, metrics_out=f"{METRICS}/{stage}.json")
+    return run
+
+
+TRAIN_CODE = ("bireal_core", "pipeline/train.py", "pipeline/data.py", "pipeline/params.py",
+              "pipeline/adapters/ray_train.py")
+CKPT = "${train.out}"
+
+STAGE_TABLE: tuple[StageSpec, ...] = (
+    StageSpec("shard", lambda p, use_ray=True: shard(p, progress_bar=False),
+              deps=("pipeline/shard.py", "pipeline/sources.py"), params=("data.source", "shard"),
+              outs=("${train.shards}",)),
+    StageSpec("pretrain", _train_runner("pretrain"), deps=("${train.shards}", *TRAIN_CODE),
+              params=("train", "pretrain", "ray.num_workers"),
+              # the phases later stages read (leaky_clip is only a step between)
+              outs=(f"{CKPT}/pretrain-relu.safetensors", f"{CKPT}/pretrain-clip.safetensors",
+                    f"{CKPT}/pretrain.safetensors"),
+              metrics=(f"{METRICS}/pretrain.json",), uses_ray=True),
+    StageSpec("tune", lambda p, use_ray=True: tune(p),
+              deps=("${train.shards}", f"{CKPT}/pretrain-clip.safetensors", f"{CKPT}/pretrain-relu.safetensors",
+                    "pipeline/tune.py", "pipeline/adapters/ray_tune.py", *TRAIN_CODE),
+              params=("tune", "train", "binarize"),
+              outs=("${tune.out}/best.json", "${tune.out}/table.json", "${tune.out}/table.csv"), uses_ray=True),
+    StageSpec("binarize", _train_runner("binarize"),
+              deps=("${train.shards}", "${tune.out}/best.json", f"{CKPT}/pretrain-clip.safetensors",
+                    f"{CKPT}/pretrain-relu.safetensors", *TRAIN_CODE),
+              params=("train", "binarize", "ray.num_workers"), outs=(f"{CKPT}/binarize.safetensors",),
+              metrics=(f"{METRICS}/binarize.json",), uses_ray=True),
+    StageSpec("finetune", _train_runner("finetune"),
+              deps=("${train.shards}", f"{CKPT}/binarize.safetensors", *TRAIN_CODE),
+              params=("train", "finetune", "ray.num_workers"), outs=(f"{CKPT}/finetune.safetensors",),
+              metrics=(f"{METRICS}/finetune.json",), uses_ray=True),
+    StageSpec("export", lambda p, use_ray=True: export(p),
+              deps=(f"{CKPT}/finetune.safetensors", "cuda_ext"), params=(), outs=(ARTIFACT,)),
+    StageSpec("evaluate", lambda p, use_ray=True: evaluate(p),
+              deps=(ARTIFACT, f"{CKPT}/finetune.safetensors", "${train.shards}", "pipeline/evaluate.py",
+                    "pipeline/data.py", "cuda_ext"),
+              params=(), outs=(CONFUSION,), metrics=(f"{METRICS}/evaluate.json",)),
+    StageSpec("register", lambda p, use_ray=True: register(p),
+              deps=(ARTIFACT, f"{METRICS}/evaluate.json", "pipeline/adapters"), params=("registry",),
+              metrics=(f"{METRICS}/registry.json",)),
+)
+STAGES_BY_NAME = {s.name: s for s in STAGE_TABLE}
+
+
+def resolve_path(path: str, params: Params) -> str:
+    """``${section.key}`` in a table path -> the value of that key in the params file (as DVC
+    resolves it: the file's own value, no defaults)."""
+    import re
+
+    def value(match: re.Match) -> str:
+        section, key = match.group(1).split(".", 1)
+        try:
+            return str(params.raw[section][key])
+        except KeyError:
+            raise KeyError(f"{params.path.name}: {section}.{key} is needed by the stage table "
+                           "(dvc.yaml templates it)") from None
+    return re.sub(r"\$\{([\w.]+)\}", value, path)
+
+
+def run_stage(name: str, params: Params, use_ray: bool = True) -> dict:
+    """``bireal run NAME``: one stage of the table with its default inputs and outputs."""
+    if name not in STAGES_BY_NAME:
+        raise KeyError(f"unknown stage {name!r} (one of {', '.join(STAGES_BY_NAME)})")
+    return STAGES_BY_NAME[name].run(params, use_ray=use_ray)
 
 
 def format_history(history: list[dict]) -> str:

@@ -1,7 +1,7 @@
 """The three training stages of Bi-Real Net: one ``train_loop`` built from plain functions.
 
 ``train_loop(config, runtime)`` runs in one process (tests, GPU checks) or on every Ray Train worker
-(``pipeline/ray_train.py``); the only distributed lines go through ``runtime`` (rank, world size,
+(``pipeline/adapters/ray_train.py``); the only distributed lines go through ``runtime`` (rank, world size,
 report + checkpoint, restore) and are marked ``# [dist]``.
 
 A stage is a list of *segments* run in order, each with its own optimizer and schedule:
@@ -16,7 +16,7 @@ A stage is a list of *segments* run in order, each with its own optimizer and sc
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -26,100 +26,20 @@ from torch import nn
 
 import bireal_core as bc
 
-STAGES = ("pretrain", "binarize", "finetune")
-INITS = ("scratch", "relu", "clip")
-PRECISIONS = ("fp32", "bf16")
+from .params import STAGES, TrainConfig
 
-
-@dataclass
-class TrainConfig:
-    """One stage's settings: ``train`` section of params.yaml <- the stage's section <- CLI."""
-
-    stage: str = "binarize"
-    # model
-    arch: str = "bireal18"
-    stem: str = "small"
-    width: float = 0.25
-    pad_value: float = 0.0
-    # data
-    shards: str = "data/shards"          # shard folder or URL (manifest.json inside)
-    out: str = "checkpoints"             # stage checkpoints are written here
-    batch_size: int = 64
-    loader_workers: int = 1              # DataLoader workers per training worker
-    shuffle_buffer: int = 500
-    pca_lighting: bool = False
-    augment: str = "auto"                # auto (the stem's) | imagenet (RandomResizedCrop) | caffe | small
-    max_steps_per_epoch: int = 0         # 0: the whole epoch; >0: smoke runs
-    # optimisation
-    epochs: int = 1
-    optimizer: str = "adam"              # adam: official recipe (linear decay to 0); sgd: paper's
-    lr: float = 1e-3
-    momentum: float = 0.9
-    weight_decay: float = 0.0            # real parameters only; binary weights always get 0
-    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # sgd: x0.1 at these fractions
-    label_smoothing: float = 0.1
-    precision: str = "fp32"              # fp32 (both references) | bf16 (autocast, CUDA only)
-    weight_clip: float = 0.0             # > 0: clamp binarized latent weights to [-c, c] after each step
-                                         # (Larq's weight_clip; Larq Zoo's Bi-Real-18 used 1.0)
-    seed: int = 0
-    # pretrain
-    phases: list[str] = field(default_factory=lambda: ["relu", "leaky_clip", "clip"])
-    phase_epochs: list[int] = field(default_factory=lambda: [1, 1, 1])
-    # each phase's starting lr as a multiple of `lr`, with its own schedule: the leaky_clip and clip
-    # phases fine-tune the previous phase's weights, so they start lower (paper, section 3.3)
-    phase_lr_scale: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.1])
-    # binarize
-    init: str = "clip"                   # scratch | relu | clip (which pretrain checkpoint)
-    latent_init: str = "default"         # scratch only: default (PyTorch's conv init) | official
-                                         # (the authors' code: uniform [0, 0.001) latent weights)
-    activation: str = "approx_sign"      # approx_sign | ste_sign | identity_sign
-    weight_gradient: str = "paper"       # paper | official | plain
-    two_step: bool = False
-    step1_epochs: int = 1                # two_step: of `epochs`, the activations-only ones
-    init_from: str = ""                  # folder of the pretrain checkpoints (default: out)
-    tuned_config: str = ""               # a `bireal tune` best-config JSON whose keys override these
-    # finetune
-    finetune_fc: bool = False            # also retrain the FC head (BN alone absorbs alpha)
-
-    def __post_init__(self):
-        checks = {"stage": (self.stage, STAGES), "init": (self.init, INITS),
-                  "optimizer": (self.optimizer, ("adam", "sgd")), "precision": (self.precision, PRECISIONS),
-                  "augment": (self.augment, ("auto", *bc.AUGMENTS)),
-                  "latent_init": (self.latent_init, ("default", "official"))}
-        for key, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise ValueError(f"{key}={value!r}, expected one of {allowed}")
-        if len(self.phases) != len(self.phase_epochs):
-            raise ValueError(f"phases ({len(self.phases)}) and phase_epochs ({len(self.phase_epochs)}) differ in length")
-        if len(self.phase_lr_scale) != len(self.phases) or not all(x > 0 for x in self.phase_lr_scale):
-            raise ValueError(f"phase_lr_scale={self.phase_lr_scale}: one positive factor per phase "
-                             f"({len(self.phases)} phases: {self.phases})")
-        if self.two_step and self.stage == "binarize" and not 0 < self.step1_epochs < self.epochs:
-            raise ValueError(f"two_step: epochs={self.epochs} counts step 1's step1_epochs={self.step1_epochs} "
-                             "too (equal compute with one-step runs): need 0 < step1_epochs < epochs")
-        if self.weight_clip < 0:
-            raise ValueError(f"weight_clip={self.weight_clip}: 0 (off) or a positive bound")
-        if self.batch_size < 1 or self.epochs < 0 or self.lr <= 0:
-            raise ValueError("batch_size must be >= 1, epochs >= 0 and lr > 0")
-
-    def model_kwargs(self) -> dict:
-        return {"stem": self.stem, "width": self.width, "pad_value": self.pad_value}
-
+__all__ = ["STAGES", "TrainConfig", "Runtime", "train_loop"]
 
 # ---------------------------------------------------------------------------- runtime
 
 class Runtime:
-    """What the loop needs from its environment. This one: a single process, no Ray."""
+    """What the loop needs from its environment. This one: a single process, no Ray (Ray Train and
+    Ray Tune subclass it in ``pipeline/adapters``)."""
 
     rank, world_size = 0, 1
 
-    def __init__(self):
-        self.reports: list[dict] = []
-        self._last_checkpoint: Path | None = None
-
     def report(self, metrics: dict, checkpoint_dir: Path) -> None:
-        self.reports.append(metrics)
-        self._last_checkpoint = checkpoint_dir
+        """Called once per epoch after rank 0 wrote the epoch's train state to ``checkpoint_dir``."""
 
     def restore_dir(self) -> Path | None:
         return None
@@ -388,10 +308,84 @@ def prune_train_states(out: str, stage: str, keep: int = 2) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@dataclass
+class Progress:
+    """Where a stage (re)starts: segment index, epoch within it, history so far, optimizer state."""
+
+    segment: int = 0
+    epoch: int = 0
+    history: list = None
+    model: nn.Module | None = None
+    optimizer_state: dict | None = None
+    restarts: int = 0
+
+
+def save_stage_checkpoint(config: TrainConfig, name: str, model: nn.Module, history: list[dict],
+                          **extra_config) -> Path:
+    """``<out>/<name>.safetensors`` with the stage's config and its last epoch's metrics."""
+    path = stage_checkpoint(config, name)
+    bc.save_checkpoint(path, model, stage=config.stage, config={**asdict(config), **extra_config},
+                       metrics=history[-1] if history else {})
+    return path
+
+
+def resume_progress(config: TrainConfig, runtime: Runtime, plan: list[Segment]) -> Progress:
+    """A fresh start, or the progress saved in the runtime's restore checkpoint: the epoch after the
+    last reported one (a segment that had finished saves its extra checkpoint and hands over)."""
+    restore = runtime.restore_dir()                                     # [dist] resume
+    if restore is None:
+        return Progress(history=[])
+    model, state = load_train_state(restore)
+    torch.set_rng_state(state["torch_rng"])
+    progress = Progress(state["segment"], state["epoch"] + 1, state["history"], model, state["optimizer"],
+                        int(state["extra"].get("restarts", 0)) + 1)
+    if progress.epoch >= plan[progress.segment].epochs:                # that segment had finished
+        done = plan[progress.segment]
+        if runtime.rank == 0 and done.save_as:
+            save_stage_checkpoint(config, done.save_as, model, progress.history)
+        progress.segment, progress.epoch, progress.optimizer_state = progress.segment + 1, 0, None
+    return progress
+
+
+@dataclass
+class DataSpec:
+    manifest: dict
+    input_config: dict
+    eval_split: str
+
+
+def run_epoch(config: TrainConfig, runtime: Runtime, data: DataSpec, model: nn.Module, train_model: nn.Module,
+              optimizer, seg: Segment, epoch: int, global_epoch: int, device: torch.device) -> dict:
+    """Train one epoch of segment ``seg`` and evaluate; -> the epoch's metrics."""
+    from .data import make_loader
+
+    train_batches, plan = make_loader(config.shards, "train", data.input_config, config.batch_size,
+                                      train=True, rank=runtime.rank, world_size=runtime.world_size,
+                                      workers=config.loader_workers, epoch=global_epoch, seed=config.seed,
+                                      shuffle_buffer=config.shuffle_buffer, pca_lighting=config.pca_lighting,
+                                      manifest=data.manifest)
+    steps = min(plan.steps, config.max_steps_per_epoch or plan.steps)
+    lr_at = lr_schedule(config, steps * seg.epochs, config.lr * seg.lr_scale)
+    before = weight_signs(model)
+    epoch_start = time.perf_counter()
+    metrics = train_one_epoch(train_model, train_batches, optimizer, lr_at, epoch * steps, device,
+                              config.label_smoothing, steps,
+                              amp=config.precision == "bf16" and device.type == "cuda",
+                              world_size=runtime.world_size, after_step=weight_clipper(model, config))
+    val_batches, _ = make_loader(config.shards, data.eval_split, data.input_config, config.batch_size,
+                                 train=False, rank=runtime.rank, world_size=runtime.world_size,
+                                 workers=config.loader_workers, manifest=data.manifest)
+    metrics.update(evaluate(model, val_batches, device, runtime.world_size))
+    metrics.update({"epoch": global_epoch, "segment": seg.name, "lr": lr_at(epoch * steps),
+                    "flip_ratio": flip_ratio(before, model), "left_out": plan.left_out,
+                    "epoch_s": time.perf_counter() - epoch_start})
+    return metrics
+
+
 def train_loop(config: TrainConfig, runtime: Runtime | None = None,
                on_epoch: Callable[[dict], None] | None = None) -> dict:
     """Run one stage; returns {"checkpoint", "history", "final"}. ``on_epoch`` (rank 0) logs."""
-    from .data import eval_split_name, make_loader, read_manifest
+    from .data import eval_split_name, read_manifest
 
     if config.stage == "pretrain" and not any(config.phase_epochs):   # before any data is read
         raise ValueError(f"pretrain: phase_epochs={config.phase_epochs}, nothing to train (a recipe that "
@@ -400,66 +394,35 @@ def train_loop(config: TrainConfig, runtime: Runtime | None = None,
     device = runtime.device()
     torch.manual_seed(config.seed + runtime.rank)
     manifest = read_manifest(config.shards)
-    num_classes = len(manifest["classes"])
     input_config = bc.default_input_config(config.stem)
     if config.augment != "auto":
         input_config["augment"] = config.augment
-    eval_split = eval_split_name(manifest)
-    plan_segments = segments(config, num_classes)
+    data = DataSpec(manifest, input_config, eval_split_name(manifest))
+    plan = segments(config, len(manifest["classes"]))
+    progress = resume_progress(config, runtime, plan)
+    history, model = progress.history, progress.model
+    global_epoch = sum(s.epochs for s in plan[:progress.segment]) + progress.epoch
 
-    start_segment, start_epoch, history, model, opt_state, restarts = 0, 0, [], None, None, 0
-    restore = runtime.restore_dir()                                     # [dist] resume
-    if restore is not None:
-        model, state = load_train_state(restore)
-        start_segment, start_epoch, history = state["segment"], state["epoch"] + 1, state["history"]
-        opt_state = state["optimizer"]
-        torch.set_rng_state(state["torch_rng"])
-        restarts = int(state["extra"].get("restarts", 0)) + 1
-        if start_epoch >= plan_segments[start_segment].epochs:          # that segment had finished
-            done = plan_segments[start_segment]
-            if runtime.rank == 0 and done.save_as:
-                bc.save_checkpoint(stage_checkpoint(config, done.save_as), model, stage=config.stage,
-                                   config=asdict(config), metrics=history[-1] if history else {})
-            start_segment, start_epoch, opt_state = start_segment + 1, 0, None
-    global_epoch = sum(s.epochs for s in plan_segments[:start_segment]) + start_epoch
-
-    for si in range(start_segment, len(plan_segments)):
-        seg = plan_segments[si]
-        if not (restore is not None and si == start_segment and opt_state is not None):
+    for si in range(progress.segment, len(plan)):
+        seg, resuming = plan[si], si == progress.segment and progress.optimizer_state is not None
+        if not resuming:
             model = seg.prepare(model)
         model = model.to(device)
         train_model = model
         if runtime.world_size > 1:                                      # [dist]
             train_model = nn.parallel.DistributedDataParallel(model)
         optimizer = make_optimizer(model, config)
-        if opt_state is not None and si == start_segment:
-            optimizer.load_state_dict(opt_state)
-        first_epoch = start_epoch if si == start_segment else 0
-        for epoch in range(first_epoch, seg.epochs):
-            train_batches, plan = make_loader(config.shards, "train", input_config, config.batch_size,
-                                              train=True, rank=runtime.rank, world_size=runtime.world_size,
-                                              workers=config.loader_workers, epoch=global_epoch, seed=config.seed,
-                                              shuffle_buffer=config.shuffle_buffer,
-                                              pca_lighting=config.pca_lighting, manifest=manifest)
-            steps = min(plan.steps, config.max_steps_per_epoch or plan.steps)
-            lr_at = lr_schedule(config, steps * seg.epochs, config.lr * seg.lr_scale)
-            before = weight_signs(model)
-            epoch_start = time.perf_counter()
-            metrics = train_one_epoch(train_model, train_batches, optimizer, lr_at, epoch * steps, device,
-                                      config.label_smoothing, steps,
-                                      amp=config.precision == "bf16" and device.type == "cuda",
-                                      world_size=runtime.world_size, after_step=weight_clipper(model, config))
-            val_batches, _ = make_loader(config.shards, eval_split, input_config, config.batch_size,
-                                         train=False, rank=runtime.rank, world_size=runtime.world_size,
-                                         workers=config.loader_workers, manifest=manifest)
-            metrics.update(evaluate(model, val_batches, device, runtime.world_size))
-            metrics.update({"epoch": global_epoch, "segment": seg.name, "lr": lr_at(epoch * steps),
-                            "flip_ratio": flip_ratio(before, model), "left_out": plan.left_out,
-                            "restarts": restarts, "epoch_s": time.perf_counter() - epoch_start})
+        if resuming:
+            optimizer.load_state_dict(progress.optimizer_state)
+        for epoch in range(progress.epoch if si == progress.segment else 0, seg.epochs):
+            metrics = run_epoch(config, runtime, data, model, train_model, optimizer, seg, epoch, global_epoch,
+                                device)
+            metrics["restarts"] = progress.restarts
             history.append(metrics)
             ckpt_dir = Path(config.out) / ".train_state" / f"{config.stage}-epoch{global_epoch:03d}"
             if runtime.rank == 0:
-                save_train_state(ckpt_dir, model, optimizer, si, epoch, history, config, {"restarts": restarts})
+                save_train_state(ckpt_dir, model, optimizer, si, epoch, history, config,
+                                 {"restarts": progress.restarts})
             if runtime.rank == 0 and on_epoch is not None:   # before report: Tune may stop the trial there
                 on_epoch(metrics)
             runtime.report(metrics, ckpt_dir)                           # [dist] report + checkpoint
@@ -467,13 +430,9 @@ def train_loop(config: TrainConfig, runtime: Runtime | None = None,
                 prune_train_states(config.out, config.stage)
             global_epoch += 1
         if runtime.rank == 0 and seg.save_as:
-            bc.save_checkpoint(stage_checkpoint(config, seg.save_as), model, stage=config.stage,
-                               config=asdict(config), metrics=history[-1] if history else {})
-        opt_state = None
+            save_stage_checkpoint(config, seg.save_as, model, history)
     final = stage_checkpoint(config, config.stage)
     if runtime.rank == 0:
-        bc.save_checkpoint(final, model, stage=config.stage,
-                           config={**asdict(config), "class_names": [c["name"] for c in manifest["classes"]],
-                                   "input": input_config},
-                           metrics=history[-1] if history else {})
+        save_stage_checkpoint(config, config.stage, model, history,
+                              class_names=[c["name"] for c in manifest["classes"]], input=input_config)
     return {"checkpoint": str(final), "history": history, "final": history[-1] if history else {}}

@@ -27,7 +27,8 @@ def ray_local():
     """One local Ray instance for the whole session (short temp dir: AF_UNIX path limit)."""
     import ray
 
-    from pipeline.ray_train import RayConfig, ensure_ray
+    from pipeline.adapters.ray_train import ensure_ray
+    from pipeline.params import RayConfig
 
     ensure_ray(RayConfig(temp_dir="/tmp/bireal-ray-test"))
     yield ray

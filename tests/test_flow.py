@@ -4,6 +4,8 @@ import mlflow
 import pytest
 import yaml
 
+from pipeline.stages import STAGE_TABLE
+
 
 @pytest.fixture(scope="module")
 def prefect_harness():
@@ -26,6 +28,8 @@ def test_flow_runs_caches_and_summarizes(prefect_harness, demo_shards, tmp_path,
         "pretrain": {"phase_epochs": [1, 0, 1]},
         "binarize": {"epochs": 1},
         "finetune": {"epochs": 1},
+        "tune": {"activations": ["approx_sign"], "inits": ["clip"], "max_steps_per_epoch": 2,
+                 "storage_path": str(tmp_path / "ray_results"), "out": str(tmp_path / "tune")},
         "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
                    "artifact_location": str(tmp_path / "mlartifacts"), "experiment": "flow-test"},
         "registry": {"model_name": "flow-test"},
@@ -37,6 +41,7 @@ def test_flow_runs_caches_and_summarizes(prefect_harness, demo_shards, tmp_path,
     assert summary["evaluation"]["images"] == 360 and 0 <= summary["evaluation"]["top1"] <= 1
     assert summary["registry"]["version"] == 1 and summary["registry"]["champion"]
     assert set(summary["stages"]) == {"pretrain", "binarize", "finetune"}
+    assert summary["ran"] == [s.name for s in STAGE_TABLE]       # every stage of the table, tune included
     assert (tmp_path / "artifacts" / "model.safetensors").is_file()
     artifact = Artifact.get("bireal-pipeline-summary")
     assert "top-1" in artifact.data and "flow-test version 1" in artifact.data

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.stages import resolve_train_config
+from pipeline.params import load_params
 
 CONFIGS = Path(__file__).resolve().parents[1] / "pipeline" / "configs"
 
@@ -36,7 +36,7 @@ PAPER = {
 def test_recipe_values_are_pinned(profile, expected):
     path = CONFIGS / f"{profile}.yaml"
     for stage, values in expected.items():
-        config = resolve_train_config(stage, str(path))
+        config = load_params(path).train(stage)
         got = {k: getattr(config, k) for k in values}
         assert got == values, (profile, stage)
 
@@ -50,13 +50,13 @@ def test_global_batch_of_each_recipe():
                                          ("imagenet_bireal18_paper", "pretrain", 256)):
         path = CONFIGS / f"{profile}.yaml"
         workers = yaml.safe_load(path.read_text())["ray"]["num_workers"]
-        assert resolve_train_config(stage, str(path)).batch_size * workers == global_batch, (profile, stage)
+        assert load_params(path).train(stage).batch_size * workers == global_batch, (profile, stage)
 
 
 def test_official_recipe_has_no_pretrain_stage(tmp_path):
     from pipeline.train import train_loop
 
-    config = resolve_train_config("pretrain", str(CONFIGS / "imagenet_bireal18_official.yaml"),
-                                  {"shards": str(tmp_path), "out": str(tmp_path)})
+    config = load_params(CONFIGS / "imagenet_bireal18_official.yaml").train(
+        "pretrain", {"shards": str(tmp_path), "out": str(tmp_path)})
     with pytest.raises(ValueError, match="nothing to train"):
         train_loop(config)

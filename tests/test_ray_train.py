@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 import bireal_core as bc
-from pipeline.stages import run_train_stage
+from pipeline.params import load_params
+from pipeline.stages import train as run_train_stage
 
 
 def write_params(tmp: Path, shards: Path, **train) -> Path:
@@ -33,7 +34,7 @@ def write_params(tmp: Path, shards: Path, **train) -> Path:
 def ray_pipeline(ray_local, demo_shards, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ray_pipeline")
     params = write_params(tmp, demo_shards)
-    results = {stage: run_train_stage(stage, str(params), metrics_out=str(tmp / "metrics" / f"{stage}.json"))
+    results = {stage: run_train_stage(stage, load_params(params), metrics_out=str(tmp / "metrics" / f"{stage}.json"))
                for stage in ("pretrain", "binarize", "finetune")}
     return tmp, results
 
@@ -94,7 +95,7 @@ def test_resume_after_killed_worker(ray_local, demo_shards, tmp_path):
     watcher = threading.Thread(target=_kill_a_worker_mid_epoch, args=(tmp_path / "ray_results", done, killed))
     watcher.start()
     try:
-        result = run_train_stage("binarize", str(params), overrides={"epochs": 4})
+        result = run_train_stage("binarize", load_params(params), overrides={"epochs": 4})
     finally:
         done.set()
         watcher.join()

@@ -15,9 +15,9 @@ import torch
 import bireal_core as bc
 from cuda_ext.packed import export_model, load_packed
 from pipeline.data import iter_shard, read_manifest, split_shards
-from pipeline.registry import register_artifact
-from pipeline.tracking import RegistryConfig
-from pipeline.tracking import MlflowConfig, resolve
+from pipeline.adapters.registry import register_artifact
+from pipeline.adapters.tracking import resolve
+from pipeline.params import MlflowConfig, RegistryConfig
 
 
 def make_artifact(path: Path, seed: int) -> Path:

@@ -193,13 +193,12 @@ def test_imagenet_params_file_drives_every_stage(tmp_path, profile):
     import yaml
 
     from imagegen import ilsvrc_tars
-    from pipeline.config import validate_params
     from pipeline.shard import ShardParams, shard_dataset
-    from pipeline.stages import resolve_train_config
+    from pipeline.params import load_params
 
     shipped = Path(__file__).resolve().parents[1] / "pipeline" / "configs" / f"{profile}.yaml"
-    resolved = validate_params(shipped)
-    assert resolved["binarize"]["stem"] == "imagenet" and resolved["binarize"]["width"] == 1.0
+    loaded = load_params(shipped)
+    assert loaded.train("binarize").stem == "imagenet" and loaded.train("binarize").width == 1.0
     ilsvrc_tars(tmp_path / "ilsvrc", train_per_class=3, val_per_class=1)
     params = yaml.safe_load(shipped.read_text())
     shard_dataset(str(tmp_path / "ilsvrc"), str(tmp_path / "shards"),
@@ -208,7 +207,7 @@ def test_imagenet_params_file_drives_every_stage(tmp_path, profile):
              "batch_size": 2, "loader_workers": 1, "shuffle_buffer": 4, "max_steps_per_epoch": 1,
              "phase_epochs": [1, 0, 1], "epochs": 1}
     for stage in ("pretrain", "binarize", "finetune"):
-        config = resolve_train_config(stage, str(shipped), smoke)
+        config = loaded.train(stage, smoke)
         assert config.stem == "imagenet"
         result = train_loop(config)
         if config.epochs or stage == "pretrain":
@@ -216,7 +215,7 @@ def test_imagenet_params_file_drives_every_stage(tmp_path, profile):
     model, header = bc.load_checkpoint(tmp_path / "ckpt" / "finetune.safetensors")
     assert header["config"]["input"]["size"] == 224
     if profile.endswith("official"):   # its finetune has 0 epochs: the exact fold alone, no training
-        result = train_loop(resolve_train_config("finetune", str(shipped), {**smoke, "epochs": 0}))
+        result = train_loop(loaded.train("finetune", {**smoke, "epochs": 0}))
         assert result["history"] == []
         model, _ = bc.load_checkpoint(result["checkpoint"])
         convs = [m for m in model.modules() if isinstance(m, bc.BinaryConv2d) and m.is_binary]

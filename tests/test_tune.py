@@ -10,10 +10,11 @@ from dataclasses import asdict
 import mlflow
 import pytest
 
-from pipeline.stages import resolve_train_config
-from pipeline.tracking import MlflowConfig, resolve
+from pipeline.adapters.ray_tune import run_tune
+from pipeline.adapters.tracking import resolve
+from pipeline.params import MlflowConfig, TuneSettings, load_params
 from pipeline.train import TrainConfig, train_loop
-from pipeline.tune import TuneSettings, run_tune, write_outputs
+from pipeline.tune import write_outputs
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_tiny_search_logs_children_and_writes_best(ray_local, demo_shards, pretr
     # the final binarize stage consumes the pick through tuned_config
     params = tmp_path / "params.yaml"
     params.write_text(f"binarize:\n  tuned_config: {files['best']}\n")
-    config = resolve_train_config("binarize", str(params))
+    config = load_params(params).train("binarize")
     assert (config.activation, config.init) == (best["activation"], best["init"])
 
 
@@ -80,11 +81,13 @@ def test_interrupted_search_resumes(ray_local, demo_shards, pretrained, tmp_path
     script.write_text(
         "import sys\n"
         "from pipeline.env import apply_offline_defaults; apply_offline_defaults()\n"
-        "from pipeline.ray_train import RayConfig, ensure_ray\n"
+        "from pipeline.adapters.ray_train import ensure_ray\n"
+        "from pipeline.params import RayConfig\n"
         "ensure_ray(RayConfig(temp_dir='/tmp/bireal-ray-sub'))\n"   # short: AF_UNIX path limit
         "from pipeline.train import TrainConfig\n"
-        "from pipeline.tune import TuneSettings, run_tune\n"
-        "from pipeline.tracking import MlflowConfig, resolve\n"
+        "from pipeline.params import TuneSettings, MlflowConfig\n"
+        "from pipeline.adapters.ray_tune import run_tune\n"
+        "from pipeline.adapters.tracking import resolve\n"
         f"run_tune(TuneSettings(**{asdict(s)!r}), TrainConfig(**{asdict(base)!r}),\n"
         f"         resolve(MlflowConfig(**{asdict(mlflow_cfg(tmp_path))!r})), 'g')\n")
     log = open(tmp_path / "search.log", "w")
@@ -108,7 +111,8 @@ def test_interrupted_search_resumes(ray_local, demo_shards, pretrained, tmp_path
 
 def test_summary_takes_the_lr_of_the_winning_cells_best_trial():
     """best.json's lr is the one the best trial of the winning cell ran with, not the cell's median."""
-    from pipeline.tune import CELL_KEYS, TuneSettings, summarize
+    from pipeline.params import TuneSettings
+    from pipeline.tune import CELL_KEYS, summarize
 
     cell = {"activation": "approx_sign", "weight_gradient": "paper", "init": "clip", "two_step": False,
             "optimizer": "adam"}
@@ -140,7 +144,7 @@ def test_best_keeps_the_papers_cell_unless_beaten_beyond_the_seed_spread():
 
 
 def test_two_step_cells_need_room_for_step_one():
-    from pipeline.tune import TuneSettings
+    from pipeline.params import TuneSettings
 
     with pytest.raises(ValueError, match="epochs >= 2"):
         TuneSettings(two_step=[False, True], epochs=1)

@@ -10,28 +10,17 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from .train import Runtime, TrainConfig, train_loop
-
-
-@dataclass
-class RayConfig:
-    address: str = ""               # "" = a local Ray instance (or $RAY_ADDRESS when set)
-    num_workers: int = 2
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2
-    storage_path: str = "ray_results"
-    temp_dir: str = "/tmp/bireal-ray"   # short: AF_UNIX socket paths over ~107 bytes break Ray
+from ..params import MlflowConfig, RayConfig, TrainConfig
+from ..train import Runtime, load_train_state, stage_checkpoint, train_loop
 
 
 class RayRuntime(Runtime):
     def __init__(self):
-        super().__init__()
         import ray.train
 
         ctx = ray.train.get_context()
@@ -61,7 +50,7 @@ class RayRuntime(Runtime):
 
 def _worker_entry(payload: dict) -> None:
     """Runs on every Ray Train worker."""
-    from .tracking import EpochLogger, MlflowConfig
+    from .tracking import EpochLogger
 
     torch.set_num_threads(max(1, int(payload["threads"])))
     config = TrainConfig(**payload["config"])
@@ -89,16 +78,14 @@ def ensure_ray(cfg: RayConfig):
                  _temp_dir=cfg.temp_dir, configure_logging=False)
 
 
-def run_stage_on_ray(config: TrainConfig, ray_cfg: RayConfig, mlflow_cfg=None, mlflow_run: str = "") -> dict:
+def run_stage_on_ray(config: TrainConfig, ray_cfg: RayConfig, mlflow_cfg: MlflowConfig | None = None, mlflow_run: str = "") -> dict:
     """Fit one stage with a TorchTrainer; returns {"checkpoint", "history", "final"}."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from .train import load_train_state, stage_checkpoint
-
     ensure_ray(ray_cfg)
-    config = TrainConfig(**{**asdict(config), "shards": _absolute(config.shards),
-                            "out": _absolute(config.out)})
+    config = TrainConfig(**{**asdict(config), "shards": absolute(config.shards),
+                            "out": absolute(config.out)})
     payload = {"config": asdict(config), "threads": max(1, int(ray_cfg.cpus_per_worker)),
                "mlflow": asdict(mlflow_cfg) if mlflow_cfg else None, "mlflow_run": mlflow_run}
     trainer = TorchTrainer(
@@ -107,7 +94,7 @@ def run_stage_on_ray(config: TrainConfig, ray_cfg: RayConfig, mlflow_cfg=None, m
                                      resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if ray_cfg.use_gpu else "gloo"),
         run_config=RunConfig(name=f"{config.stage}-{uuid.uuid4().hex[:8]}",   # unique: a reused name resumes
-                             storage_path=_absolute(ray_cfg.storage_path),
+                             storage_path=absolute(ray_cfg.storage_path),
                              failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
     result = trainer.fit()
@@ -121,7 +108,7 @@ def run_stage_on_ray(config: TrainConfig, ray_cfg: RayConfig, mlflow_cfg=None, m
             "final": history[-1] if history else {}, "ray_path": result.path}
 
 
-def _absolute(path: str) -> str:
+def absolute(path: str) -> str:
     if "://" in path:
         return path
     p = Path(path)

@@ -1,4 +1,5 @@
-"""MLflow tracking for the stages: one run per stage, grouped by a pipeline-run tag.
+"""MLflow tracking, all of it: one run per stage grouped by a pipeline-run tag, and the tune
+stage's parent run with one child run per trial. (The registry is ``adapters/registry.py``.)
 
 The driver creates the run (so a restarted Ray worker keeps logging into the same one) and
 workers log by run id through ``MlflowClient``; only rank 0 logs. Epoch metrics are logged
@@ -6,29 +7,15 @@ exactly once even across a worker restart: steps already in the run's history ar
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from ..params import MlflowConfig, TuneSettings
+
 PIPELINE_TAG = "bireal.pipeline_run"
 NON_METRIC_KEYS = {"segment"}
-
-
-@dataclass
-class MlflowConfig:
-    tracking_uri: str = ""          # default: sqlite:///<current dir>/mlflow.db (made absolute)
-    experiment: str = "bireal"
-    artifact_location: str = ""     # default: <current dir>/mlartifacts (made absolute)
-
-
-@dataclass
-class RegistryConfig:
-    """The ``registry`` section: where ``bireal register`` puts the packed model."""
-
-    model_name: str = "bireal-demo"
 
 
 def resolve(cfg: MlflowConfig) -> MlflowConfig:
@@ -55,17 +42,6 @@ def experiment_id(cfg: MlflowConfig) -> str:
     if exp is not None:
         return exp.experiment_id
     return c.create_experiment(cfg.experiment, artifact_location=cfg.artifact_location)
-
-
-def pipeline_run_id(params_path: str | os.PathLike | None) -> str:
-    """Groups the stage runs of one pipeline run: $BIREAL_PIPELINE_RUN, else a hash of params.yaml."""
-    if os.environ.get("BIREAL_PIPELINE_RUN"):
-        return os.environ["BIREAL_PIPELINE_RUN"]
-    from .config import default_params_path
-
-    p = Path(params_path) if params_path else default_params_path()
-    digest = hashlib.sha256(p.read_bytes()).hexdigest()[:12] if p.is_file() else "no-params"
-    return f"params-{digest}"
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -120,3 +96,53 @@ def finish_stage_run(cfg: MlflowConfig, run_id: str, result: dict, cost: dict | 
     if checkpoint and Path(checkpoint).is_file():
         c.log_artifact(run_id, checkpoint, artifact_path="checkpoint")
     c.set_terminated(run_id, status=status)
+
+
+# ---------------------------------------------------------------------------- the tune stage
+
+def tune_parent_run(cfg: MlflowConfig, group: str, name: str, settings: TuneSettings) -> dict:
+    """The search's parent run (the same one when an interrupted search resumes); -> what trials
+    need to log under it."""
+    c = client(cfg)
+    exp = experiment_id(cfg)
+    existing = c.search_runs([exp], f"tags.`bireal.tune_name` = '{name}'")
+    if existing:
+        parent = existing[0].info.run_id
+    else:
+        parent = c.create_run(exp, run_name="tune", tags={"bireal.stage": "tune", "bireal.tune_name": name,
+                                                          PIPELINE_TAG: group}).info.run_id
+        for k, v in flatten({"tune": asdict(settings)}).items():
+            c.log_param(parent, k, str(v))
+    return {"mlflow": asdict(cfg), "experiment_id": exp, "parent_run": parent}
+
+
+def trial_logger(tracking: dict, trial_id: str, trial_name: str, settings: dict) -> EpochLogger:
+    """A trial's child run (found again when a resumed search restarts the trial) and its logger."""
+    cfg = MlflowConfig(**tracking["mlflow"])
+    c = client(cfg)
+    existing = c.search_runs([tracking["experiment_id"]], f"tags.`bireal.trial_id` = '{trial_id}'")
+    if existing:                     # a trial restarted by a resumed search: same run, live again
+        run_id = existing[0].info.run_id
+        c.update_run(run_id, status="RUNNING")
+    else:
+        run_id = c.create_run(tracking["experiment_id"], run_name=trial_name,
+                              tags={"mlflow.parentRunId": tracking["parent_run"], "bireal.trial_id": trial_id,
+                                    "bireal.stage": "tune-trial"}).info.run_id
+        for k, v in settings.items():
+            c.log_param(run_id, k, v)
+    return EpochLogger(cfg, run_id)
+
+
+def close_tune_runs(cfg: MlflowConfig, tracking: dict, summary: dict) -> None:
+    """Close the trials' runs (ASHA-stopped ones never close themselves) and log the table."""
+    c = client(cfg)
+    children = c.search_runs([tracking["experiment_id"]], f"tags.`mlflow.parentRunId` = '{tracking['parent_run']}'")
+    for run in children:
+        if run.info.status == "RUNNING":
+            c.set_terminated(run.info.run_id, "FINISHED" if summary["finished"] else "KILLED")
+    if summary["best"]:
+        c.log_dict(tracking["parent_run"], summary["best"], "best_config.json")
+        c.log_dict(tracking["parent_run"], {"table": summary["table"], "rankings": summary["rankings"]}, "table.json")
+        c.log_metric(tracking["parent_run"], "best_val_top1", summary["table"][0]["mean"])
+    if summary["finished"]:
+        c.set_terminated(tracking["parent_run"], "FINISHED")

@@ -1,0 +1,388 @@
+"""Parameters: read once, validated once, into typed sections.
+
+Configuration flows one way: typed defaults (the dataclasses below) <- the params file <- the
+command line. ``load_params`` reads the file once and checks every section, key, type and
+enumerated choice (``Literal``) before any work starts; an error names the file, the dotted key,
+the bad value and the allowed values. This module is the bottom of the pipeline's layers: it
+imports neither torch nor ray/mlflow/prefect/dvc (``bireal check-params`` runs in well under a
+second), and every layer above takes its typed sections from it.
+
+Profiles (``pipeline/configs/*.yaml``, package data) load by name: ``--params cifar10_bireal18``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+CONFIGS_DIR = Path(__file__).with_name("configs")
+
+# The enumerated choices; bireal_core and the stages accept exactly these (tests/test_params.py
+# pins them against the model registry and the binarizers).
+Stage = Literal["pretrain", "binarize", "finetune"]
+Arch = Literal["bireal18", "bireal34", "bireal50", "bireal101", "bireal152", "binary_resnet18",
+               "resnet18", "resnet34"]
+Stem = Literal["small", "imagenet"]
+Activation = Literal["approx_sign", "ste_sign", "identity_sign"]
+WeightGradient = Literal["paper", "official", "plain"]
+Init = Literal["scratch", "relu", "clip"]
+Phase = Literal["relu", "leaky_clip", "clip"]
+Optimizer = Literal["adam", "sgd"]
+Precision = Literal["fp32", "bf16"]
+Augment = Literal["auto", "imagenet", "caffe", "small"]
+LatentInit = Literal["default", "official"]
+Search = Literal["grid", "random"]
+
+STAGES: tuple[str, ...] = typing.get_args(Stage)
+
+
+class ConfigError(ValueError):
+    """A bad params entry or override; the message names the file and the dotted key."""
+
+
+# ---------------------------------------------------------------------------- sections
+
+@dataclass
+class DataConfig:
+    source: str = "demo"     # image-folder tree, folder with the ILSVRC2012 tars, or "demo"
+
+
+@dataclass(frozen=True)
+class ShardParams:
+    """Sharding options (the ``shard`` section)."""
+
+    resize: int = 256               # shorter side; larger images are downscaled (Lanczos), 0 keeps all
+    jpeg_quality: int = 90          # for images that must be re-encoded
+    samples_per_shard: int = 5000
+    max_shard_bytes: int = 1 << 30  # a shard closes before it would exceed this
+    gzip: bool = False              # tar headers dominate small images: gzip saves ~7x on CIFAR-10
+    seed: int = 0                   # shuffle order of the samples
+    processes: int = 2              # decode/encode workers
+
+    def __post_init__(self):
+        for name in ("samples_per_shard", "max_shard_bytes", "processes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"shard.{name} must be >= 1, got {getattr(self, name)}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"shard.jpeg_quality must be in 1..100, got {self.jpeg_quality}")
+        if self.resize < 0:
+            raise ValueError(f"shard.resize must be >= 0, got {self.resize}")
+
+
+@dataclass
+class TrainConfig:
+    """One stage's settings: the ``train`` section <- the stage's section <- CLI ``--set``."""
+
+    stage: Stage = "binarize"
+    # model
+    arch: Arch = "bireal18"
+    stem: Stem = "small"
+    width: float = 0.25
+    pad_value: float = 0.0
+    # data
+    shards: str = "data/shards"          # shard folder or URL (manifest.json inside)
+    out: str = "checkpoints"             # stage checkpoints are written here
+    batch_size: int = 64
+    loader_workers: int = 1              # DataLoader workers per training worker
+    shuffle_buffer: int = 500
+    pca_lighting: bool = False
+    augment: Augment = "auto"            # auto (the stem's) | imagenet (RandomResizedCrop) | caffe | small
+    max_steps_per_epoch: int = 0         # 0: the whole epoch; >0: smoke runs
+    # optimisation
+    epochs: int = 1
+    optimizer: Optimizer = "adam"        # adam: official recipe (linear decay to 0); sgd: paper's
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0            # real parameters only; binary weights always get 0
+    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # sgd: x0.1 at these fractions
+    label_smoothing: float = 0.1
+    precision: Precision = "fp32"        # fp32 (both references) | bf16 (autocast, CUDA only)
+    weight_clip: float = 0.0             # > 0: clamp binarized latent weights to [-c, c] after each step
+                                         # (Larq's weight_clip; Larq Zoo's Bi-Real-18 used 1.0)
+    seed: int = 0
+    # pretrain
+    phases: list[Phase] = field(default_factory=lambda: ["relu", "leaky_clip", "clip"])
+    phase_epochs: list[int] = field(default_factory=lambda: [1, 1, 1])
+    # each phase's starting lr as a multiple of `lr`, with its own schedule: the leaky_clip and clip
+    # phases fine-tune the previous phase's weights, so they start lower (paper, section 3.3)
+    phase_lr_scale: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.1])
+    # binarize
+    init: Init = "clip"                  # scratch | relu | clip (which pretrain checkpoint)
+    latent_init: LatentInit = "default"  # scratch only: default (PyTorch's conv init) | official
+                                         # (the authors' code: uniform [0, 0.001) latent weights)
+    activation: Activation = "approx_sign"
+    weight_gradient: WeightGradient = "paper"
+    two_step: bool = False
+    step1_epochs: int = 1                # two_step: of `epochs`, the activations-only ones
+    init_from: str = ""                  # folder of the pretrain checkpoints (default: out)
+    tuned_config: str = ""               # a `bireal tune` best-config JSON whose keys override these
+    # finetune
+    finetune_fc: bool = False            # also retrain the FC head (BN alone absorbs alpha)
+
+    def __post_init__(self):
+        check_choices(self)
+        if len(self.phases) != len(self.phase_epochs):
+            raise ValueError(f"phases ({len(self.phases)}) and phase_epochs ({len(self.phase_epochs)}) differ in length")
+        if len(self.phase_lr_scale) != len(self.phases) or not all(x > 0 for x in self.phase_lr_scale):
+            raise ValueError(f"phase_lr_scale={self.phase_lr_scale}: one positive factor per phase "
+                             f"({len(self.phases)} phases: {self.phases})")
+        if self.two_step and self.stage == "binarize" and not 0 < self.step1_epochs < self.epochs:
+            raise ValueError(f"two_step: epochs={self.epochs} counts step 1's step1_epochs={self.step1_epochs} "
+                             "too (equal compute with one-step runs): need 0 < step1_epochs < epochs")
+        if self.weight_clip < 0:
+            raise ValueError(f"weight_clip={self.weight_clip}: 0 (off) or a positive bound")
+        if self.batch_size < 1 or self.epochs < 0 or self.lr <= 0:
+            raise ValueError("batch_size must be >= 1, epochs >= 0 and lr > 0")
+
+    def model_kwargs(self) -> dict:
+        return {"stem": self.stem, "width": self.width, "pad_value": self.pad_value}
+
+
+@dataclass
+class TuneSettings:
+    """The ``tune`` section: Ray Tune over the binarize stage's settings."""
+
+    enabled: bool = True                 # false: the stage writes an empty pick, binarize keeps its own
+    activations: list[Activation] = field(default_factory=lambda: ["approx_sign", "ste_sign"])
+    weight_gradients: list[WeightGradient] = field(default_factory=lambda: ["paper"])
+    inits: list[Init] = field(default_factory=lambda: ["scratch", "clip"])
+    two_step: list[bool] = field(default_factory=lambda: [False])
+    optimizers: list[Optimizer] = field(default_factory=lambda: ["adam"])
+    lr_min: float = 0.002                # log-uniform in [lr_min, lr_max]; equal bounds fix it
+    lr_max: float = 0.002
+    seeds: list[int] = field(default_factory=lambda: [0])
+    search: Search = "grid"              # grid: every cell x seed; random: num_samples draws
+    num_samples: int = 1
+    epochs: int = 1                      # per trial (binarize epochs)
+    max_steps_per_epoch: int = 0         # 0: whole epochs; >0 caps the images per epoch
+    asha: bool = True                    # early stopping (ASHA on val_top1); off for ablations
+    grace_period: int = 1
+    max_concurrent: int = 2
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0          # 1 on a GPU cluster
+    storage_path: str = "ray_results"
+    out: str = "tune"                    # best config, table, plot
+
+    def __post_init__(self):
+        check_choices(self)
+        if not 0 < self.lr_min <= self.lr_max:
+            raise ValueError("need 0 < lr_min <= lr_max")
+        if True in self.two_step and self.epochs < 2:
+            raise ValueError(f"two_step includes true but epochs={self.epochs}: a two-step trial spends "
+                             "1 of its epochs on step 1 (equal compute), so it needs epochs >= 2")
+
+
+@dataclass
+class RayConfig:
+    address: str = ""               # "" = a local Ray instance (or $RAY_ADDRESS when set)
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+    storage_path: str = "ray_results"
+    temp_dir: str = "/tmp/bireal-ray"   # short: AF_UNIX socket paths over ~107 bytes break Ray
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: str = ""          # default: sqlite:///<current dir>/mlflow.db (made absolute)
+    experiment: str = "bireal"
+    artifact_location: str = ""     # default: <current dir>/mlartifacts (made absolute)
+
+
+@dataclass
+class RegistryConfig:
+    """The ``registry`` section: where ``bireal register`` puts the packed model."""
+
+    model_name: str = "bireal-demo"
+
+
+# The file's sections; the three training stages' sections hold TrainConfig keys over ``train``.
+SECTIONS: dict[str, type] = {"data": DataConfig, "shard": ShardParams, "tune": TuneSettings, "ray": RayConfig,
+                             "mlflow": MlflowConfig, "registry": RegistryConfig}
+
+
+# ---------------------------------------------------------------------------- checking
+
+def _choices(tp: Any) -> tuple | None:
+    return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+def check_choices(obj: Any) -> None:
+    """Every ``Literal`` field (and list of Literals) of a dataclass instance holds an allowed value;
+    for instances built in code (tests, Tune trials) that bypass ``build``."""
+    for name, tp in typing.get_type_hints(type(obj)).items():
+        value = getattr(obj, name)
+        items = value if typing.get_origin(tp) is list else [value]
+        allowed = _choices(typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp)
+        for item in items if allowed else ():
+            if item not in allowed:
+                raise ValueError(f"{name}={item!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _check_type(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    allowed = _choices(tp)
+    if allowed is not None:
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _check_type(value, option, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return [_check_type(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+    return value
+
+
+def build(cls: type[T], values: dict[str, Any], where: str) -> T:
+    """``cls(**values)`` with every key, type and choice checked; ``where`` prefixes error messages."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+    checked = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in values.items()}
+    try:
+        return cls(**checked)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
+# ---------------------------------------------------------------------------- the file
+
+def default_params_path() -> Path:
+    """$BIREAL_PARAMS, else params.yaml in the current directory (where `dvc repro` runs stages)."""
+    return Path(os.environ.get("BIREAL_PARAMS", Path.cwd() / "params.yaml"))
+
+
+def params_path(name_or_path: str | os.PathLike | None = None) -> Path:
+    """A params file: a path, a profile name from ``pipeline/configs`` (``cifar10_bireal18``), or
+    the default (``default_params_path``)."""
+    if not name_or_path:
+        return default_params_path()
+    path = Path(name_or_path)
+    if path.is_file() or path.suffix in (".yaml", ".yml") or os.sep in str(name_or_path):
+        return path
+    profile = CONFIGS_DIR / f"{name_or_path}.yaml"
+    if profile.is_file():
+        return profile
+    known = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+    raise ConfigError(f"{name_or_path}: neither a params file nor a profile (profiles: {known})")
+
+
+def read_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The raw file as a dict ({} when there is no file: every default applies)."""
+    path = params_path(path)
+    if not path.is_file():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+@dataclass
+class Params:
+    """One params file, read and checked once; what every command and stage takes."""
+
+    path: Path
+    raw: dict[str, Any]
+    data: DataConfig
+    shard: ShardParams
+    tune: TuneSettings
+    ray: RayConfig
+    mlflow: MlflowConfig
+    registry: RegistryConfig
+    group: str                      # groups one pipeline run's MLflow runs (see ``run_group``)
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def train(self, stage: str, overrides: dict[str, Any] | None = None, tuned: bool = True) -> TrainConfig:
+        """The stage's TrainConfig: ``train`` <- ``<stage>`` <- ``--set`` overrides; for binarize the
+        tune stage's pick (``tuned_config``, read now: the flow runs tune after loading) overrides
+        the keys it names unless the command line set them."""
+        if stage not in STAGES:
+            raise ConfigError(f"unknown stage {stage!r} (one of {', '.join(STAGES)})")
+        overrides = {**self.train_overrides, **(overrides or {})}
+        values = {**(self.raw.get("train") or {}), **(self.raw.get(stage) or {}), **overrides, "stage": stage}
+        pick = values.get("tuned_config")
+        if tuned and pick and Path(pick).is_file():
+            try:
+                best = json.loads(Path(pick).read_text())["config"] or {}   # null: tuning was disabled
+            except (ValueError, KeyError) as e:
+                raise ConfigError(f"{pick}: not a `bireal tune` best-config file ({e})") from e
+            values.update({k: v for k, v in best.items() if k not in overrides})
+        return build(TrainConfig, values, f"{self.path}:{stage}")
+
+
+def run_group(path: Path) -> str:
+    """$BIREAL_PIPELINE_RUN, else a hash of the params file: the MLflow tag grouping a pipeline run."""
+    if os.environ.get("BIREAL_PIPELINE_RUN"):
+        return os.environ["BIREAL_PIPELINE_RUN"]
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path.is_file() else "no-params"
+    return f"params-{digest}"
+
+
+def load_params(name_or_path: str | os.PathLike | None = None,
+                train_overrides: dict[str, Any] | None = None) -> Params:
+    """Read the params file once and check all of it (unknown sections and keys, types, choices,
+    each training stage's merged settings) -> ``Params``. Raises ConfigError naming file and key."""
+    path = params_path(name_or_path)
+    raw = read_params(path)
+    known = {*SECTIONS, "train", *STAGES}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{path}:{unknown[0]}: unknown section (known: {', '.join(sorted(known))})")
+    sections = {name: build(cls, dict(raw.get(name) or {}), f"{path}:{name}") for name, cls in SECTIONS.items()}
+    params = Params(path, raw, group=run_group(path), train_overrides=dict(train_overrides or {}), **sections)
+    build(TrainConfig, dict(raw.get("train") or {}), f"{path}:train")   # errors name train.KEY
+    for stage in STAGES:                                                     # and then <stage>.KEY
+        params.train(stage, tuned=False)
+    return params
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["epochs=2", "phases=[relu,clip]"]`` -> {"epochs": 2, "phases": ["relu", "clip"]} (YAML values)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out

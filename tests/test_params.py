@@ -1,0 +1,97 @@
+"""Params are read once into typed sections: every enumerated choice is a Literal that matches
+what bireal_core accepts, a typo fails `bireal check-params` fast with file, key, value and the
+allowed values, and checking imports none of torch, ray, mlflow, prefect or dvc."""
+import subprocess
+import sys
+import time
+import typing
+
+import pytest
+
+from pipeline import params as P
+
+HEAVY = ("torch", "ray", "mlflow", "prefect", "dvc", "bireal_core", "cuda_ext")
+
+
+def test_choices_match_what_bireal_core_accepts():
+    import bireal_core as bc
+    from bireal_core.binarizers import SIGN_ACTIVATIONS, TWIN_ACTIVATIONS, WEIGHT_GRADIENTS
+
+    assert set(typing.get_args(P.Arch)) == set(bc.list_models())
+    assert typing.get_args(P.Activation) == SIGN_ACTIVATIONS
+    assert typing.get_args(P.WeightGradient) == WEIGHT_GRADIENTS
+    assert typing.get_args(P.Phase) == TWIN_ACTIVATIONS
+    assert typing.get_args(P.Augment) == ("auto", *bc.AUGMENTS)
+
+
+@pytest.mark.parametrize("section, key, bad, allowed", [
+    ("binarize", "activation", "aprox_sign", "approx_sign, ste_sign, identity_sign"),
+    ("train", "weight_gradient", "magnitude", "paper, official, plain"),
+    ("train", "arch", "bireal19", "bireal18, bireal34"),
+    ("finetune", "stem", "cifar", "small, imagenet"),
+    ("train", "optimizer", "adamw", "adam, sgd"),
+    ("pretrain", "precision", "fp16", "fp32, bf16"),
+    ("tune", "search", "bayes", "grid, random"),
+])
+def test_typo_in_an_enumerated_param_is_named(tmp_path, section, key, bad, allowed):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"{section}:\n  {key}: {bad}\n")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "check-params", "--params", str(path)],
+                          capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    assert done.returncode == 2
+    assert f"{path}:{section}.{key}: '{bad}' is not one of {allowed}" in done.stderr
+    assert seconds < 10, seconds      # generous here; the closing note times it on an idle machine
+
+
+@pytest.mark.parametrize("section, key, value, where", [
+    ("tune", "activations", "[approx_sign, stesign]", "tune.activations[1]: 'stesign'"),
+    ("tune", "inits", "[clip, imagenet]", "tune.inits[1]: 'imagenet'"),
+    ("tune", "weight_gradients", "[paper, alpha]", "tune.weight_gradients[1]: 'alpha'"),
+    ("pretrain", "phases", "[relu, clipp]", "pretrain.phases[1]: 'clipp'"),
+])
+def test_typo_inside_a_list_is_named_with_its_index(tmp_path, section, key, value, where):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"{section}:\n  {key}: {value}\n")
+    with pytest.raises(P.ConfigError, match=r"is not one of") as e:
+        P.load_params(path)
+    assert where in str(e.value)
+
+
+def test_checking_params_imports_nothing_heavy():
+    code = ("import sys; from pipeline.cli import main; rc = main(['check-params', '--params', 'params.yaml']); "
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})), rc)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[] 0"
+
+
+def test_profiles_load_by_name_and_unknown_names_list_them():
+    params = P.load_params("cifar10_bireal18")
+    assert params.path == P.CONFIGS_DIR / "cifar10_bireal18.yaml"
+    assert params.train("binarize").width == 0.5
+    with pytest.raises(P.ConfigError, match="imagenet_bireal18_official"):
+        P.load_params("imagenet_bireal18_oficial")
+
+
+def test_code_built_configs_check_choices_too():
+    with pytest.raises(ValueError, match="activation='aprox_sign' is not one of"):
+        P.TrainConfig(activation="aprox_sign")
+    with pytest.raises(ValueError, match="inits='imagenet'"):
+        P.TuneSettings(inits=["clip", "imagenet"])
+
+
+def test_tuned_pick_is_read_when_the_stage_asks(tmp_path):
+    """The flow loads params before tune runs; binarize must still see tune's pick."""
+    best = tmp_path / "best.json"
+    path = tmp_path / "params.yaml"
+    path.write_text(f"binarize:\n  tuned_config: {best}\n  activation: approx_sign\n")
+    params = P.load_params(path)
+    assert params.train("binarize").activation == "approx_sign"
+    best.write_text('{"config": {"activation": "ste_sign", "init": "relu"}}')
+    config = params.train("binarize")
+    assert (config.activation, config.init) == ("ste_sign", "relu")
+    assert params.train("binarize", {"activation": "identity_sign"}).activation == "identity_sign"   # CLI wins
+    best.write_text('{"config": {"activation": "stee_sign"}}')
+    with pytest.raises(P.ConfigError, match="binarize.activation: 'stee_sign' is not one of"):
+        params.train("binarize")

@@ -1,0 +1,62 @@
+"""The stage table is the one description of the pipeline: dvc.yaml (read by DVC's own parser)
+and the Prefect flow follow it; the CLI runs its stages."""
+from pathlib import Path
+
+import pytest
+
+from pipeline.params import load_params
+from pipeline.stages import STAGE_TABLE, resolve_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def dvc_stages():
+    """dvc.yaml as DVC resolves it (templating from params.yaml) -> {name: stage}."""
+    from dvc.repo import Repo
+
+    with Repo(str(ROOT)) as repo:
+        yield {stage.name: stage for stage in repo.index.stages}
+
+
+def _relative(path) -> str:
+    return str(Path(path).resolve().relative_to(ROOT)) if Path(path).is_absolute() else str(path)
+
+
+def test_dvc_yaml_has_the_tables_stages_in_order(dvc_stages):
+    assert list(dvc_stages) == [s.name for s in STAGE_TABLE]
+    for spec in STAGE_TABLE:
+        assert dvc_stages[spec.name].cmd == f"bireal run {spec.name}", spec.name
+
+
+def test_dvc_yaml_deps_params_outs_match_the_table(dvc_stages):
+    from dvc.dependency.param import ParamsDependency
+
+    params = load_params(ROOT / "params.yaml")
+    for spec in STAGE_TABLE:
+        stage = dvc_stages[spec.name]
+        files = sorted(_relative(d.def_path) for d in stage.deps if not isinstance(d, ParamsDependency))
+        assert files == sorted(resolve_path(d, params) for d in spec.deps), spec.name
+        dvc_params = sorted(p for d in stage.deps if isinstance(d, ParamsDependency) for p in d.params)
+        assert dvc_params == sorted(spec.params), spec.name
+        outs = sorted(_relative(o.def_path) for o in stage.outs)
+        assert outs == sorted(resolve_path(o, params) for o in (*spec.outs, *spec.metrics)), spec.name
+        metrics = sorted(_relative(o.def_path) for o in stage.outs if o.metric)
+        assert metrics == sorted(spec.metrics), spec.name
+
+
+def test_resolve_path_names_a_missing_key(tmp_path):
+    params_file = tmp_path / "p.yaml"
+    params_file.write_text("train:\n  out: ck\n")
+    params = load_params(params_file)
+    assert resolve_path("${train.out}/a.safetensors", params) == "ck/a.safetensors"
+    with pytest.raises(KeyError, match="tune.out is needed by the stage table"):
+        resolve_path("${tune.out}/best.json", params)
+
+
+def test_cli_run_choices_are_the_table():
+    from pipeline.cli import build_parser
+
+    run = build_parser()._subparsers._group_actions[0].choices["run"]
+    stage_arg = next(a for a in run._actions if a.dest == "stage")
+    assert tuple(stage_arg.choices) == tuple(s.name for s in STAGE_TABLE)

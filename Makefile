@@ -1,5 +1,7 @@
-# make demo  - set up .venv and run the project's main job
-# make test  - set up .venv and run the test suite
+# make demo       - set up .venv and run the project's main job
+# make test       - set up .venv and run the whole test suite
+# make test-fast  - everything but the end-to-end tests that start services (about 2 minutes)
+# make lint       - ruff: lint and format check
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c
 VENV ?= .venv
@@ -9,7 +11,7 @@ PIP := $(PY) -m pip -qq --disable-pip-version-check
 STAMP := $(VENV)/.installed
 SOURCES := pyproject.toml constraints.txt $(wildcard setup.py cuda_ext/csrc/*)
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast lint clean
 
 install: $(STAMP)
 
@@ -19,8 +21,8 @@ $(STAMP): $(SOURCES)
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@echo "[install] torch, torchvision and build tools (about a minute on first run)"
 	@$(PIP) install -c constraints.txt "setuptools>=68" wheel torch torchvision
-	@echo "[install] bireal and its pipeline dependencies (ray, mlflow, prefect, dvc, webdataset)"
-	@$(PIP) install -c constraints.txt --no-build-isolation -e ".[test]"
+	@echo "[install] bireal with its pipeline extra (ray, mlflow, prefect, dvc, webdataset) and test tools"
+	@$(PIP) install -c constraints.txt --no-build-isolation -e ".[pipeline,test]"
 	@touch $(STAMP)
 	@echo "[install] done: $(VENV)"
 
@@ -37,6 +39,13 @@ demo: install
 
 test: install
 	$(VENV)/bin/pytest -q
+
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not e2e"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -11,6 +11,7 @@ Environment:
 - ``CUDA_HOME``: the toolkit; otherwise the first of nvcc's folder, /usr/local/cuda and
   /usr/local/cuda-* that holds ``include/cuda_runtime.h``.
 """
+
 import glob
 import os
 import shutil
@@ -23,12 +24,12 @@ from cuda_ext.build_config import DEFAULT_ARCHS, cuda_build_plan  # noqa: E402  
 
 CXX_FLAGS = [
     "-O3",
-    "-fopenmp",            # at::parallel_for is OpenMP-backed in torch's builds
-    "-ffp-contract=off",   # no FMA contraction: the epilogue rounds like the torch reference
+    "-fopenmp",  # at::parallel_for is OpenMP-backed in torch's builds
+    "-ffp-contract=off",  # no FMA contraction: the epilogue rounds like the torch reference
 ]
 NVCC_FLAGS = [
     "-O3",
-    "--fmad=false",        # the epilogue uses __fmul_rn / __fadd_rn; no other float math may fuse
+    "--fmad=false",  # the epilogue uses __fmul_rn / __fadd_rn; no other float math may fuse
     "-lineinfo",
 ]
 
@@ -49,7 +50,7 @@ def want_cuda() -> bool:
             sys.exit(f"BIREAL_CUDA=1 but the CUDA kernels cannot be built: {reason}")
         print(f"[bireal] building without the CUDA kernels: {reason}", file=sys.stderr)
         return False
-    os.environ["CUDA_HOME"] = home              # read by torch.utils.cpp_extension on import
+    os.environ["CUDA_HOME"] = home  # read by torch.utils.cpp_extension on import
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
     return True
 
@@ -60,8 +61,11 @@ def extensions():
     if want_cuda():
         from torch.utils.cpp_extension import CUDAExtension as Extension
 
-        print(f"[bireal] building the CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']} "
-              f"with {os.environ['CUDA_HOME']} (BIREAL_CUDA=0 skips them)", file=sys.stderr)
+        print(
+            f"[bireal] building the CUDA kernels for {os.environ['TORCH_CUDA_ARCH_LIST']} "
+            f"with {os.environ['CUDA_HOME']} (BIREAL_CUDA=0 skips them)",
+            file=sys.stderr,
+        )
         sources += sorted(glob.glob("cuda_ext/csrc/*.cu"))
         compile_args["nvcc"] = NVCC_FLAGS
         macros = [("BIREAL_WITH_CUDA", "1")]
@@ -69,8 +73,11 @@ def extensions():
         from torch.utils.cpp_extension import CppExtension as Extension
 
         macros = []
-    return [Extension("cuda_ext._C", sources, define_macros=macros, extra_compile_args=compile_args,
-                      extra_link_args=LINK_ARGS)]
+    return [
+        Extension(
+            "cuda_ext._C", sources, define_macros=macros, extra_compile_args=compile_args, extra_link_args=LINK_ARGS
+        )
+    ]
 
 
 def build_ext_class():

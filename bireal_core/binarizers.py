@@ -6,6 +6,7 @@ estimator it is named after. References: Liu et al., ECCV 2018, Sec. 3.2-3.3 (Ap
 magnitude-aware weights); ``../docs/science.md`` says which of the paper's / official code's
 choices each setting reproduces.
 """
+
 from __future__ import annotations
 
 import torch

@@ -9,6 +9,7 @@ metadata under the key ``bireal`` a JSON header::
 
 ``load_checkpoint`` rebuilds the exact model from the header through the model registry.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,15 +32,25 @@ class CheckpointError(ValueError):
     """A file that is not a readable bireal checkpoint (the message names the file)."""
 
 
-def save_checkpoint(path: str | os.PathLike, model: nn.Module, stage: str = "",
-                    config: dict[str, Any] | None = None,
-                    metrics: dict[str, Any] | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: nn.Module,
+    stage: str = "",
+    config: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> Path:
     """Write ``model`` with its header; written to a temporary name, then renamed (atomic)."""
     spec = getattr(model, "model_spec", None)
     if spec is None:
         raise ValueError("model has no model_spec: build it with bireal_core.create_model")
-    header = {"format": FORMAT, "version": VERSION, "model": spec, "stage": stage,
-              "config": config or {}, "metrics": metrics or {}}
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": spec,
+        "stage": stage,
+        "config": config or {},
+        "metrics": metrics or {},
+    }
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     return write_safetensors(path, state, "bireal", header)
 
@@ -79,8 +90,7 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
     return header
 
 
-def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu"
-                    ) -> tuple[nn.Module, dict[str, Any]]:
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild the model recorded in the header and load its weights: (model, header)."""
     header = read_header(path)
     spec = header["model"]

@@ -9,6 +9,7 @@ Counted, per layer and in total (one forward of one image):
   into a per-channel scale and bias); Mbit = 1e6 bits.
 Not counted, as in the paper: BN, sign, pooling, shortcut additions.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -30,8 +31,8 @@ PAPER_TABLE = {
 @dataclass
 class LayerCost:
     name: str
-    kind: str            # "binary" | "real"
-    shape: str           # weight shape, e.g. "64x64x3x3"
+    kind: str  # "binary" | "real"
+    shape: str  # weight shape, e.g. "64x64x3x3"
     macs: int
     params: int
 
@@ -43,7 +44,7 @@ class CostSummary:
     layers: list[LayerCost] = field(default_factory=list)
     binary_params: int = 0
     real_params: int = 0
-    paper_setting: bool = False   # ImageNet stem, width 1, 1000 classes, 224 px: the table's setting
+    paper_setting: bool = False  # ImageNet stem, width 1, 1000 classes, 224 px: the table's setting
 
     @property
     def binary_macs(self) -> int:
@@ -66,10 +67,17 @@ class CostSummary:
         return (self.binary_params + 32 * self.real_params) / 1e6
 
     def totals(self) -> dict:
-        return {"arch": self.arch, "input_size": self.input_size, "ops": self.ops,
-                "memory_mbit": self.memory_mbit, "binary_macs": self.binary_macs,
-                "real_macs": self.real_macs, "params": self.params,
-                "binary_params": self.binary_params, "real_params": self.real_params}
+        return {
+            "arch": self.arch,
+            "input_size": self.input_size,
+            "ops": self.ops,
+            "memory_mbit": self.memory_mbit,
+            "binary_macs": self.binary_macs,
+            "real_macs": self.real_macs,
+            "params": self.params,
+            "binary_params": self.binary_params,
+            "real_params": self.real_params,
+        }
 
     def as_dict(self, layers: bool = False) -> dict:
         d = self.totals()
@@ -81,15 +89,16 @@ class CostSummary:
         lines = []
         if layers:
             lines.append(f"{'layer':<34}{'kind':>7}{'weight':>16}{'MACs':>14}{'params':>11}")
-            lines += [f"{l.name:<34}{l.kind:>7}{l.shape:>16}{l.macs:>14,}{l.params:>11,}"
-                      for l in self.layers]
+            lines += [f"{l.name:<34}{l.kind:>7}{l.shape:>16}{l.macs:>14,}{l.params:>11,}" for l in self.layers]
             lines.append("")
         paper = PAPER_TABLE.get(self.arch, {}) if self.paper_setting else {}
-        rows = [("binary MACs", f"{self.binary_macs:.4g}", ""),
-                ("real MACs", f"{self.real_macs:.4g}", ""),
-                ("OPs (binary/64 + real)", f"{self.ops:.4g}", paper.get("ops", "")),
-                ("memory (Mbit)", f"{self.memory_mbit:.2f}", paper.get("memory_mbit", "")),
-                ("params (binary / real)", f"{self.binary_params:,} / {self.real_params:,}", "")]
+        rows = [
+            ("binary MACs", f"{self.binary_macs:.4g}", ""),
+            ("real MACs", f"{self.real_macs:.4g}", ""),
+            ("OPs (binary/64 + real)", f"{self.ops:.4g}", paper.get("ops", "")),
+            ("memory (Mbit)", f"{self.memory_mbit:.2f}", paper.get("memory_mbit", "")),
+            ("params (binary / real)", f"{self.binary_params:,} / {self.real_params:,}", ""),
+        ]
         lines.append(f"{self.arch} @ {self.input_size}x{self.input_size}")
         lines.append(f"{'quantity':<26}{'ours':>26}{'paper':>12}")
         lines += [f"{k:<26}{v:>26}{(f'{p:.4g}' if p != '' else '-'):>12}" for k, v, p in rows]
@@ -106,9 +115,16 @@ def summary(model: nn.Module, input_size: int | None = None, arch: str | None = 
     if input_size is None:
         input_size = 32 if spec["kwargs"].get("stem") == "small" else 224
     kw = spec["kwargs"]
-    result = CostSummary(arch=arch or spec["name"], input_size=input_size,
-                         paper_setting=(kw.get("stem", "imagenet") == "imagenet" and kw.get("width", 1.0) == 1.0
-                                        and kw.get("num_classes", 1000) == 1000 and input_size == 224))
+    result = CostSummary(
+        arch=arch or spec["name"],
+        input_size=input_size,
+        paper_setting=(
+            kw.get("stem", "imagenet") == "imagenet"
+            and kw.get("width", 1.0) == 1.0
+            and kw.get("num_classes", 1000) == 1000
+            and input_size == 224
+        ),
+    )
 
     def hook(name):
         def record(module, inputs, output):
@@ -118,12 +134,21 @@ def summary(model: nn.Module, input_size: int | None = None, arch: str | None = 
                 macs = output[0].numel() * w.shape[1] * w.shape[2] * w.shape[3]
             else:  # nn.Linear
                 macs = w.shape[0] * w.shape[1]
-            result.layers.append(LayerCost(name, kind, "x".join(map(str, w.shape)), int(macs),
-                                           sum(p.numel() for p in module.parameters(recurse=False))))
+            result.layers.append(
+                LayerCost(
+                    name,
+                    kind,
+                    "x".join(map(str, w.shape)),
+                    int(macs),
+                    sum(p.numel() for p in module.parameters(recurse=False)),
+                )
+            )
+
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear))]
+    handles = [
+        m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
     was_training = model.training
     try:
         model.eval()

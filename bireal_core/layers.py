@@ -1,4 +1,5 @@
 """``BinaryConv2d``: the float simulation of a 1-bit convolution that every kernel reproduces."""
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,14 @@ class BinaryConv2d(nn.Conv2d):
     ``pad_value=0`` this module is exactly ``nn.Conv2d``.
     """
 
-    def __init__(self, *args, input_binarizer: nn.Module | None = None,
-                 weight_binarizer: nn.Module | None = None, pad_value: float = 0.0, **kwargs):
+    def __init__(
+        self,
+        *args,
+        input_binarizer: nn.Module | None = None,
+        weight_binarizer: nn.Module | None = None,
+        pad_value: float = 0.0,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         if float(pad_value) not in PAD_VALUES:
             raise ValueError(f"pad_value must be one of {PAD_VALUES}, got {pad_value!r}")

@@ -3,6 +3,7 @@
 The data loaders, the exported artifact and ``bireal predict`` all read them from here (or from
 the copy a checkpoint / artifact carries), never from a second hard-coded table.
 """
+
 from __future__ import annotations
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -16,11 +17,15 @@ def default_input_config(stem: str) -> dict:
     """{"size": crop side, "resize": eval resize of the shorter side, "mean", "std",
     "augment": the training recipe, "imagenet" or "small"}."""
     if stem == "imagenet":
-        return {"size": 224, "resize": 256, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                "augment": "imagenet"}
+        return {
+            "size": 224,
+            "resize": 256,
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "augment": "imagenet",
+        }
     if stem == "small":
-        return {"size": 32, "resize": 32, "mean": list(SMALL_MEAN), "std": list(SMALL_STD),
-                "augment": "small"}
+        return {"size": 32, "resize": 32, "mean": list(SMALL_MEAN), "std": list(SMALL_STD), "augment": "small"}
     raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
 
 
@@ -29,12 +34,14 @@ def eval_transform(input_config: dict):
     ``resize``, center-crop ``size`` (for 32x32 data sets both are 32: the image as is)."""
     from torchvision import transforms as T
 
-    return T.Compose([
-        T.Resize(input_config["resize"], interpolation=T.InterpolationMode.BILINEAR, antialias=True),
-        T.CenterCrop(input_config["size"]),
-        T.ToTensor(),
-        T.Normalize(input_config["mean"], input_config["std"]),
-    ])
+    return T.Compose(
+        [
+            T.Resize(input_config["resize"], interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+            T.CenterCrop(input_config["size"]),
+            T.ToTensor(),
+            T.Normalize(input_config["mean"], input_config["std"]),
+        ]
+    )
 
 
 # PCA lighting noise of the official ImageNet recipe (AlexNet-style), eigen-decomposition of the
@@ -62,7 +69,7 @@ class Lighting:
             return img
         alpha = (torch.randn(3) * self.std).numpy().astype(np.float32)
         inc = np.asarray(_EIGVEC, dtype=np.float32) @ (alpha * np.asarray(_EIGVAL, dtype=np.float32))  # (3,)
-        pixels = np.asarray(img.convert("RGB"), dtype=np.float32) + inc                             # (H, W, 3)
+        pixels = np.asarray(img.convert("RGB"), dtype=np.float32) + inc  # (H, W, 3)
         return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
 
@@ -86,10 +93,19 @@ def train_transform(input_config: dict, pca_lighting: bool = False):
     if augment == "small":
         crop = [T.RandomCrop(size, padding=4, padding_mode="reflect")]
     elif augment == "caffe":
-        crop = [T.Resize(input_config["resize"], interpolation=T.InterpolationMode.BILINEAR, antialias=True),
-                T.RandomCrop(size)]
+        crop = [
+            T.Resize(input_config["resize"], interpolation=T.InterpolationMode.BILINEAR, antialias=True),
+            T.RandomCrop(size),
+        ]
     else:
         crop = [T.RandomResizedCrop(size, scale=(0.08, 1.0), antialias=True)]
-    lighting = [Lighting(0.1)] if pca_lighting else []                   # on the uint8 image
-    return T.Compose([*crop, T.RandomHorizontalFlip(), *lighting, T.ToTensor(),
-                      T.Normalize(input_config["mean"], input_config["std"])])
+    lighting = [Lighting(0.1)] if pca_lighting else []  # on the uint8 image
+    return T.Compose(
+        [
+            *crop,
+            T.RandomHorizontalFlip(),
+            *lighting,
+            T.ToTensor(),
+            T.Normalize(input_config["mean"], input_config["std"]),
+        ]
+    )

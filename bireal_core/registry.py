@@ -3,6 +3,7 @@
 The recorded ``model_spec`` (registry name + constructor arguments) is what checkpoints and
 packed artifacts store, so a later stage can rebuild the exact model.
 """
+
 from __future__ import annotations
 
 from typing import Callable

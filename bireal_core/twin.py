@@ -1,4 +1,5 @@
 """The real-valued twin and initializing a Bi-Real net from it (the paper's initialization)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,9 +24,9 @@ def create_twin(name: str, activation: str = "relu", **kwargs) -> nn.Module:
 @dataclass
 class InitReport:
     copied: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)      # in the model, not in the twin
-    unexpected: list[str] = field(default_factory=list)   # in the twin, not in the model
-    mismatched: list[str] = field(default_factory=list)   # same name, different shape
+    missing: list[str] = field(default_factory=list)  # in the model, not in the twin
+    unexpected: list[str] = field(default_factory=list)  # in the twin, not in the model
+    mismatched: list[str] = field(default_factory=list)  # same name, different shape
 
     @property
     def complete(self) -> bool:

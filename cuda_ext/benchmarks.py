@@ -5,6 +5,7 @@ on a noisy machine. CPU: F.conv2d fp32 (oneDNN) and torchvision ResNet-18 fp32; 
 channels_last. Times are medians of ``repeats`` runs after warm-up (CUDA: device events around
 each call; batch 1 of the model also replayed from a CUDA graph, which removes launch gaps).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,7 @@ def _time_cuda_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-              for _ in range(repeats)]
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
     for start, end in events:
         start.record()
         fn()
@@ -100,18 +100,25 @@ def bench_kernels(device: str = "cpu", batches=None, threads: int = 2, repeats: 
             px, pw = ops.pack_signs(x), ops.pack_signs(w)
             with torch.inference_mode():
                 ours = time_ms(lambda: ops.binary_conv2d(px, pw, channels, 1, 1, 0.0), dev, repeats)
-                packed = time_ms(lambda: ops.binary_conv2d(ops.pack_signs(x), pw, channels, 1, 1, 0.0),
-                                 dev, repeats)
+                packed = time_ms(lambda: ops.binary_conv2d(ops.pack_signs(x), pw, channels, 1, 1, 0.0), dev, repeats)
                 base = time_ms(lambda: F.conv2d(xf, wf, padding=1), dev, repeats)
-                block = time_ms(lambda: ops.binary_block(px, pw, channels, 1, 1, 0.0, scale, bias, x),
-                                dev, repeats)
+                block = time_ms(lambda: ops.binary_block(px, pw, channels, 1, 1, 0.0, scale, bias, x), dev, repeats)
                 base_block = time_ms(float_block, dev, repeats)
-            moved = px.numel() * 8 + batch * channels * side * side * 4    # packed in, float32 out
-            row = {"shape": f"{channels}x{side}x{side}", "batch": batch, "ours_ms": ours,
-                   "ours_gb_s": moved / ours / 1e6, "copy_gb_s": copy_gb_s,
-                   "ours_with_pack_ms": packed, "baseline_ms": base, "speedup": base / ours,
-                   "block_ms": block, "float_block_ms": base_block, "block_speedup": base_block / block,
-                   "baseline": f"F.conv2d {str(float_dtype).split('.')[-1]}; block: conv + BN + add + sign"}
+            moved = px.numel() * 8 + batch * channels * side * side * 4  # packed in, float32 out
+            row = {
+                "shape": f"{channels}x{side}x{side}",
+                "batch": batch,
+                "ours_ms": ours,
+                "ours_gb_s": moved / ours / 1e6,
+                "copy_gb_s": copy_gb_s,
+                "ours_with_pack_ms": packed,
+                "baseline_ms": base,
+                "speedup": base / ours,
+                "block_ms": block,
+                "float_block_ms": base_block,
+                "block_speedup": base_block / block,
+                "baseline": f"F.conv2d {str(float_dtype).split('.')[-1]}; block: conv + BN + add + sign",
+            }
             if dev.type == "cuda":
                 with torch.inference_mode():
                     row.update(cuda_variants(ops, px, pw, channels, scale, bias, xf, base, repeats))
@@ -141,20 +148,31 @@ def cpu_bound(channels: int, side: int, batch: int, ours_ms: float, copy_gb_s: f
 def cuda_variants(ops, px, pw, channels, scale, bias, residual_bf16, base_ms, repeats) -> dict:
     """The switched CUDA variants on one shape: the cp.async kernel (float32 out), both kernels with a
     bfloat16 output, and the fused block with bfloat16 in and out; the best bf16 conv against cuDNN."""
+
     def conv(path, out_dtype=None):
         with ops.forced_cuda_path(path):
-            return time_ms(lambda: ops.binary_conv2d(px, pw, channels, 1, 1, 0.0, out_dtype=out_dtype),
-                           px.device, repeats)
+            return time_ms(
+                lambda: ops.binary_conv2d(px, pw, channels, 1, 1, 0.0, out_dtype=out_dtype), px.device, repeats
+            )
 
     def block(path):
         with ops.forced_cuda_path(path):
-            return time_ms(lambda: ops.binary_block(px, pw, channels, 1, 1, 0.0, scale, bias, residual_bf16,
-                                                    out_dtype=torch.bfloat16), px.device, repeats)
+            return time_ms(
+                lambda: ops.binary_block(
+                    px, pw, channels, 1, 1, 0.0, scale, bias, residual_bf16, out_dtype=torch.bfloat16
+                ),
+                px.device,
+                repeats,
+            )
 
     bf16 = {path: conv(path, torch.bfloat16) for path in ("bmma", "bmma_async")}
-    return {"async_ms": conv("bmma_async"), "bf16_ms": bf16["bmma"], "async_bf16_ms": bf16["bmma_async"],
-            "bf16_speedup": base_ms / min(bf16.values()),
-            "block_bf16_ms": min(block("bmma"), block("bmma_async"))}
+    return {
+        "async_ms": conv("bmma_async"),
+        "bf16_ms": bf16["bmma"],
+        "async_bf16_ms": bf16["bmma_async"],
+        "bf16_speedup": base_ms / min(bf16.values()),
+        "block_bf16_ms": min(block("bmma"), block("bmma_async")),
+    }
 
 
 def bench_model(device: str = "cpu", batches=None, threads: int = 2, repeats: int = 10) -> list[dict]:
@@ -169,8 +187,9 @@ def bench_model(device: str = "cpu", batches=None, threads: int = 2, repeats: in
 
     dev = _setup(device, threads)
     with tempfile.TemporaryDirectory() as tmp:
-        packed, _ = load_packed(export_model(bc.create_model("bireal18").eval(), Path(tmp) / "b18.safetensors"),
-                                device=dev)
+        packed, _ = load_packed(
+            export_model(bc.create_model("bireal18").eval(), Path(tmp) / "b18.safetensors"), device=dev
+        )
     resnet = torchvision.models.resnet18().eval().to(dev).to(memory_format=torch.channels_last)
     autocast = torch.autocast("cuda", torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
     rows = []
@@ -192,11 +211,17 @@ def bench_model(device: str = "cpu", batches=None, threads: int = 2, repeats: in
         if "bf16_ms" in row:
             best_bf16 = min(row["bf16_ms"], row["async_bf16_ms"])
             row.update(bf16_img_s=batch / best_bf16 * 1e3, bf16_vs_baseline=base / best_bf16)
-        rows.append({**row, "speedup": base / best, "ours_img_s": batch / best * 1e3,
-                     "baseline_img_s": batch / base * 1e3,
-                     "baseline": "torchvision resnet18 " + ("fp32" if dev.type == "cpu" else "bf16 autocast, "
-                                                            "channels_last, eager") +
-                                 ("; speedup uses our best of eager and graph" if dev.type == "cuda" else "")})
+        rows.append(
+            {
+                **row,
+                "speedup": base / best,
+                "ours_img_s": batch / best * 1e3,
+                "baseline_img_s": batch / base * 1e3,
+                "baseline": "torchvision resnet18 "
+                + ("fp32" if dev.type == "cpu" else "bf16 autocast, channels_last, eager")
+                + ("; speedup uses our best of eager and graph" if dev.type == "cuda" else ""),
+            }
+        )
     return rows
 
 
@@ -221,14 +246,31 @@ def bf16_model_rows(packed, x: torch.Tensor, dev: torch.device, repeats: int) ->
 
 
 def format_table(rows: list[dict], title: str) -> str:
-    cols = [("shape", 26, "{}"), ("batch", 6, "{}"), ("ours_ms", 10, "{:.4f}"),
-            ("ours_with_pack_ms", 18, "{:.4f}"), ("ours_graph_ms", 14, "{:.4f}"), ("baseline_ms", 12, "{:.4f}"),
-            ("speedup", 8, "{:.1f}x"), ("ours_gb_s", 10, "{:,.0f}"), ("block_ms", 10, "{:.4f}"), ("float_block_ms", 15, "{:.4f}"),
-            ("block_speedup", 14, "{:.1f}x"), ("async_ms", 10, "{:.4f}"), ("bf16_ms", 10, "{:.4f}"),
-            ("async_bf16_ms", 14, "{:.4f}"), ("bf16_speedup", 13, "{:.1f}x"), ("block_bf16_ms", 14, "{:.4f}"),
-            ("micro_tmac_s", 13, "{:.2f}"), ("bound_ms", 10, "{:.4f}"), ("of_bound", 9, "{:.0%}"),
-            ("ours_img_s", 11, "{:,.0f}"), ("baseline_img_s", 15, "{:,.0f}"), ("bf16_img_s", 11, "{:,.0f}"),
-            ("bf16_vs_baseline", 17, "{:.1f}x")]
+    cols = [
+        ("shape", 26, "{}"),
+        ("batch", 6, "{}"),
+        ("ours_ms", 10, "{:.4f}"),
+        ("ours_with_pack_ms", 18, "{:.4f}"),
+        ("ours_graph_ms", 14, "{:.4f}"),
+        ("baseline_ms", 12, "{:.4f}"),
+        ("speedup", 8, "{:.1f}x"),
+        ("ours_gb_s", 10, "{:,.0f}"),
+        ("block_ms", 10, "{:.4f}"),
+        ("float_block_ms", 15, "{:.4f}"),
+        ("block_speedup", 14, "{:.1f}x"),
+        ("async_ms", 10, "{:.4f}"),
+        ("bf16_ms", 10, "{:.4f}"),
+        ("async_bf16_ms", 14, "{:.4f}"),
+        ("bf16_speedup", 13, "{:.1f}x"),
+        ("block_bf16_ms", 14, "{:.4f}"),
+        ("micro_tmac_s", 13, "{:.2f}"),
+        ("bound_ms", 10, "{:.4f}"),
+        ("of_bound", 9, "{:.0%}"),
+        ("ours_img_s", 11, "{:,.0f}"),
+        ("baseline_img_s", 15, "{:,.0f}"),
+        ("bf16_img_s", 11, "{:,.0f}"),
+        ("bf16_vs_baseline", 17, "{:.1f}x"),
+    ]
     cols = [c for c in cols if any(c[0] in r for r in rows)]
     lines = [title, "".join(f"{name:>{w}}" for name, w, _ in cols)]
     for r in rows:
@@ -267,14 +309,28 @@ def run(what: str, device: str, json_path: str | None = None, threads: int = 2) 
     print(format_table(rows, title))
     if what == "kernels":
         copy = rows[0]["copy_gb_s"]  # the rate the rows' bounds used
-        print("ours_gb_s: bytes of the packed input + the float32 output over ours_ms, GB/s" +
-              (f"; this card's copy rate (read + write): {copy:,.0f} GB/s" if device.startswith("cuda") else
-               f"; this machine's copy rate (read + write, {threads} threads): {copy:,.1f} GB/s\n"
-               "bound_ms: the row's binary MACs at micro_tmac_s (the micro-kernel with its data in L1, all "
-               "threads) + its float32 output bytes at the copy rate (the time to copy that many bytes); "
-               "of_bound: bound_ms / ours_ms"))
+        print(
+            "ours_gb_s: bytes of the packed input + the float32 output over ours_ms, GB/s"
+            + (
+                f"; this card's copy rate (read + write): {copy:,.0f} GB/s"
+                if device.startswith("cuda")
+                else f"; this machine's copy rate (read + write, {threads} threads): {copy:,.1f} GB/s\n"
+                "bound_ms: the row's binary MACs at micro_tmac_s (the micro-kernel with its data in L1, all "
+                "threads) + its float32 output bytes at the copy rate (the time to copy that many bytes); "
+                "of_bound: bound_ms / ours_ms"
+            )
+        )
     if json_path:
-        Path(json_path).write_text(json.dumps({"what": what, "device": device,
-                                               "machine": machine_description(device),
-                                               "torch": torch.__version__, "rows": rows}, indent=2))
+        Path(json_path).write_text(
+            json.dumps(
+                {
+                    "what": what,
+                    "device": device,
+                    "machine": machine_description(device),
+                    "torch": torch.__version__,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+        )
     return rows

@@ -1,5 +1,6 @@
 """Whether (and with which toolkit) the CUDA kernels can be built here. Used by setup.py, and by
 tests/test_cuda_build.py to know whether the build must contain them. Imports nothing but torch."""
+
 from __future__ import annotations
 
 import glob
@@ -14,12 +15,19 @@ DEFAULT_ARCHS = "8.0;9.0a"
 def find_cuda_home() -> str | None:
     """A CUDA toolkit with both nvcc and the runtime headers (a bare nvcc wrapper is not enough)."""
     nvcc = shutil.which("nvcc")
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
-                  nvcc and os.path.dirname(os.path.dirname(nvcc)), "/usr/local/cuda",
-                  *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    candidates = [
+        os.environ.get("CUDA_HOME"),
+        os.environ.get("CUDA_PATH"),
+        nvcc and os.path.dirname(os.path.dirname(nvcc)),
+        "/usr/local/cuda",
+        *sorted(glob.glob("/usr/local/cuda-*"), reverse=True),
+    ]
     for home in candidates:
-        if home and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")) and \
-                os.path.isfile(os.path.join(home, "bin", "nvcc")):
+        if (
+            home
+            and os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+            and os.path.isfile(os.path.join(home, "bin", "nvcc"))
+        ):
             return home
     return None
 
@@ -27,8 +35,9 @@ def find_cuda_home() -> str | None:
 def nvcc_release(home: str) -> str | None:
     """'13.0' from ``nvcc --version``, or None if it does not run."""
     try:
-        text = subprocess.run([os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True,
-                              text=True, timeout=60).stdout
+        text = subprocess.run(
+            [os.path.join(home, "bin", "nvcc"), "--version"], capture_output=True, text=True, timeout=60
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     match = re.search(r"release (\d+\.\d+)", text)

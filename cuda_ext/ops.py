@@ -4,6 +4,7 @@ Schemas live in csrc/ops.cpp (``TORCH_LIBRARY(bireal, ...)``); the CPU (csrc/bin
 and CUDA (csrc/binary_conv_cuda.cu) implementations register separately. The fake kernels here let
 ``torch.compile`` and ``opcheck`` trace the ops.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -19,7 +20,8 @@ except ImportError as e:  # pragma: no cover - only on a broken install
     raise ImportError(
         f"cuda_ext._C is not built ({e}). Run `make install` (or `pip install --no-build-isolation "
         f"-e .`) with torch {torch.__version__} in this environment; the extension must be built "
-        f"against the torch it runs with.") from e
+        f"against the torch it runs with."
+    ) from e
 
 
 def cpu_paths() -> list[str]:
@@ -75,8 +77,9 @@ def _pack_signs_fake(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.register_fake("bireal::binary_conv2d")
-def _binary_conv2d_fake(packed_x, packed_w, in_channels, stride, padding, pad_value,
-                        scale=None, bias=None, residual=None, out_dtype=None):
+def _binary_conv2d_fake(
+    packed_x, packed_w, in_channels, stride, padding, pad_value, scale=None, bias=None, residual=None, out_dtype=None
+):
     n, h, w, _ = packed_x.shape
     o, kh, kw, _ = packed_w.shape
     ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
@@ -85,10 +88,10 @@ def _binary_conv2d_fake(packed_x, packed_w, in_channels, stride, padding, pad_va
 
 
 @torch.library.register_fake("bireal::binary_block")
-def _binary_block_fake(packed_x, packed_w, in_channels, stride, padding, pad_value,
-                       scale=None, bias=None, residual=None, out_dtype=None):
-    out = _binary_conv2d_fake(packed_x, packed_w, in_channels, stride, padding, pad_value,
-                              out_dtype=out_dtype)
+def _binary_block_fake(
+    packed_x, packed_w, in_channels, stride, padding, pad_value, scale=None, bias=None, residual=None, out_dtype=None
+):
+    out = _binary_conv2d_fake(packed_x, packed_w, in_channels, stride, padding, pad_value, out_dtype=out_dtype)
     n, o, ho, wo = out.shape
     return out, packed_x.new_empty((n, ho, wo, words_for(o)), dtype=torch.int64)
 
@@ -98,24 +101,42 @@ def pack_signs(x: torch.Tensor) -> torch.Tensor:
     return torch.ops.bireal.pack_signs(x)
 
 
-def binary_conv2d(packed_x: torch.Tensor, packed_w: torch.Tensor, in_channels: int, stride: int = 1,
-                  padding: int = 1, pad_value: float = 0.0, scale: torch.Tensor | None = None,
-                  bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def binary_conv2d(
+    packed_x: torch.Tensor,
+    packed_w: torch.Tensor,
+    in_channels: int,
+    stride: int = 1,
+    padding: int = 1,
+    pad_value: float = 0.0,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """1-bit convolution of packed operands, with the fused epilogue
     ``out = dot * scale + bias + residual`` computed in float32: (N, O, Ho, Wo) in channels_last
     memory, float32 or (``out_dtype=torch.bfloat16``) rounded once to bfloat16. ``residual`` may be
     float32 or bfloat16."""
-    return torch.ops.bireal.binary_conv2d(packed_x, packed_w, in_channels, stride, padding,
-                                          float(pad_value), scale, bias, residual, out_dtype)
+    return torch.ops.bireal.binary_conv2d(
+        packed_x, packed_w, in_channels, stride, padding, float(pad_value), scale, bias, residual, out_dtype
+    )
 
 
-def binary_block(packed_x: torch.Tensor, packed_w: torch.Tensor, in_channels: int, stride: int = 1,
-                 padding: int = 1, pad_value: float = 0.0, scale: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                 out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def binary_block(
+    packed_x: torch.Tensor,
+    packed_w: torch.Tensor,
+    in_channels: int,
+    stride: int = 1,
+    padding: int = 1,
+    pad_value: float = 0.0,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused Bi-Real block: ``binary_conv2d`` and the packed signs of its output (as stored, so
     of the bfloat16 value when ``out_dtype`` is bfloat16), for the next block's conv:
     ``(out, pack_signs(out))``. On CUDA one kernel writes both."""
-    return torch.ops.bireal.binary_block(packed_x, packed_w, in_channels, stride, padding,
-                                         float(pad_value), scale, bias, residual, out_dtype)
+    return torch.ops.bireal.binary_block(
+        packed_x, packed_w, in_channels, stride, padding, float(pad_value), scale, bias, residual, out_dtype
+    )

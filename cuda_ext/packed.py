@@ -10,6 +10,7 @@ Artifact = one ``.safetensors`` file (no pickle), format ``bireal-packed`` versi
   class names, input geometry and normalisation, the sign / bit / padding conventions, and the
   sha256 of the tensors, checked on load.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,6 +51,7 @@ class ArtifactError(ValueError):
 
 # ----------------------------------------------------------------------------- folding
 
+
 def bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode BN as y = x * g + b: (g, b), each (C,)."""
     g = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
@@ -66,15 +68,18 @@ def fold_real_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | None) -> dict[str, torc
 
 def fold_binary_conv(conv: bc.BinaryConv2d, bn: nn.BatchNorm2d) -> dict[str, torch.Tensor]:
     if not conv.is_binary:
-        raise ValueError("only convs with binary input and weights can be packed; "
-                         "train (or finetune) with binary_weights=True before export")
+        raise ValueError(
+            "only convs with binary input and weights can be packed; "
+            "train (or finetune) with binary_weights=True before export"
+        )
     w = conv.weight.detach()
-    alpha = conv.weight_binarizer.scale(w).flatten()        # (O,); 1 for the 'plain' binarizer
+    alpha = conv.weight_binarizer.scale(w).flatten()  # (O,); 1 for the 'plain' binarizer
     g, b = bn_affine(bn)
     return {"packed": ops.pack_signs(w), "scale": alpha * g, "bias": b}
 
 
 # ----------------------------------------------------------------------------- modules
+
 
 class PackedBinaryConv(nn.Module):
     """sign -> pack -> 1-bit conv -> (* scale + bias + residual) -> sign -> pack, one fused kernel call.
@@ -92,16 +97,27 @@ class PackedBinaryConv(nn.Module):
         self.register_buffer("bias", torch.zeros(o))
         self.out_dtype: torch.dtype | None = None  # None: float32; PackedBiReal.set_activation_dtype
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
-                packed_x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None, packed_x: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, C, H, W) real, or ``packed_x`` its signs (N, H, W, C/64) when already packed.
         Returns out (N, O, Ho, Wo) channels_last (float32, or ``out_dtype``) and its signs
         (N, Ho, Wo, O/64)."""
         pack, block = (pack_signs_ref, binary_block_ref) if _USE_REFERENCE else (ops.pack_signs, ops.binary_block)
         if packed_x is None:
             packed_x = pack(x)
-        return block(packed_x, self.packed, self.in_channels, self.stride, self.padding, self.pad_value,
-                     self.scale, self.bias, residual, self.out_dtype)
+        return block(
+            packed_x,
+            self.packed,
+            self.in_channels,
+            self.stride,
+            self.padding,
+            self.pad_value,
+            self.scale,
+            self.bias,
+            residual,
+            self.out_dtype,
+        )
 
 
 _USE_REFERENCE = False
@@ -120,8 +136,7 @@ def reference_ops() -> Iterator[None]:
 
 def real_conv(conv: nn.Conv2d) -> nn.Conv2d:
     """A float conv with bias, the shape of ``conv``, to receive a folded conv + BN."""
-    return nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                     conv.padding, bias=True)
+    return nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=True)
 
 
 def packed_shortcut(downsample: nn.Sequential | None) -> nn.Sequential | None:
@@ -137,8 +152,7 @@ class PackedBasicBlock(nn.Module):
         self.conv = PackedBinaryConv(block.conv)
         self.downsample = packed_shortcut(block.downsample)
 
-    def forward(self, x: torch.Tensor, packed_x: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, packed_x: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         shortcut = x if self.downsample is None else self.downsample(x)
         return self.conv(x, residual=shortcut, packed_x=packed_x)
 
@@ -148,23 +162,24 @@ class PackedBottleneck(nn.Module):
         super().__init__()
         self.first = block.first
         self.conv1 = real_conv(block.conv1) if block.first else PackedBinaryConv(block.conv1)
-        self.mid_adapt = block.mid_adapt and nn.Conv2d(block.mid_adapt.in_channels,
-                                                       block.mid_adapt.out_channels, 1, bias=True)
+        self.mid_adapt = block.mid_adapt and nn.Conv2d(
+            block.mid_adapt.in_channels, block.mid_adapt.out_channels, 1, bias=True
+        )
         self.conv2 = PackedBinaryConv(block.conv2)
         self.mid_pool = block.mid_pool
         self.conv3 = PackedBinaryConv(block.conv3)
         self.downsample = packed_shortcut(block.downsample)
 
-    def forward(self, mid_prev: torch.Tensor, x: torch.Tensor, packed_x: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, mid_prev: torch.Tensor, x: torch.Tensor, packed_x: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> (m2, out, packed signs of out); m2 feeds the next block's mid shortcut."""
         if self.first:
             m1, packed_m1 = self.conv1(bc.LeakyClip()(x)), None
         else:
             adapted = mid_prev if self.mid_adapt is None else self.mid_adapt(mid_prev)
             m1, packed_m1 = self.conv1(x, residual=adapted, packed_x=packed_x)
-        m2, packed_m2 = self.conv2(m1, residual=m1 if self.mid_pool is None else self.mid_pool(m1),
-                                   packed_x=packed_m1)
+        m2, packed_m2 = self.conv2(m1, residual=m1 if self.mid_pool is None else self.mid_pool(m1), packed_x=packed_m1)
         shortcut = x if self.downsample is None else self.downsample(x)
         return (m2, *self.conv3(m2, residual=shortcut, packed_x=packed_m2))
 
@@ -180,7 +195,7 @@ class PackedBiReal(nn.Module):
         with torch.device("meta"):
             ref = bc.create_model(spec["name"], **spec["kwargs"])
         stem_conv, _stem_bn, *rest = ref.stem
-        self.stem = nn.Sequential(real_conv(stem_conv), *rest)   # maxpool kept for the ImageNet stem
+        self.stem = nn.Sequential(real_conv(stem_conv), *rest)  # maxpool kept for the ImageNet stem
         self.bottleneck = isinstance(ref.blocks[0], BiRealBottleneck)
         wrap = PackedBottleneck if self.bottleneck else PackedBasicBlock
         self.blocks = nn.ModuleList(wrap(b) for b in ref.blocks)
@@ -206,7 +221,7 @@ class PackedBiReal(nn.Module):
         bf16 = self.activation_dtype == torch.bfloat16
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
             x = self.stem(x.contiguous(memory_format=torch.channels_last))
-            mid, packed = x, None        # packed: signs of x, made by the previous block's kernel
+            mid, packed = x, None  # packed: signs of x, made by the previous block's kernel
             for block in self.blocks:
                 if self.bottleneck:
                     mid, x, packed = block(mid, x, packed)
@@ -216,6 +231,7 @@ class PackedBiReal(nn.Module):
 
 
 # ----------------------------------------------------------------------------- export / load
+
 
 def packed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """The artifact's tensors, named as the state dict of ``PackedBiReal`` expects them."""
@@ -228,8 +244,10 @@ def packed_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for i, block in enumerate(model.blocks):
         p = f"blocks.{i}"
         if isinstance(block, BiRealBottleneck):
-            put(f"{p}.conv1", fold_real_conv(block.conv1, block.bn1) if block.first
-                else fold_binary_conv(block.conv1, block.bn1))
+            put(
+                f"{p}.conv1",
+                fold_real_conv(block.conv1, block.bn1) if block.first else fold_binary_conv(block.conv1, block.bn1),
+            )
             put(f"{p}.conv2", fold_binary_conv(block.conv2, block.bn2))
             put(f"{p}.conv3", fold_binary_conv(block.conv3, block.bn3))
             if block.mid_adapt is not None:
@@ -251,8 +269,13 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def export_model(model: nn.Module, out_path: str | os.PathLike, class_names: list[str] | None = None,
-                 input_config: dict | None = None, source: dict | None = None) -> Path:
+def export_model(
+    model: nn.Module,
+    out_path: str | os.PathLike,
+    class_names: list[str] | None = None,
+    input_config: dict | None = None,
+    source: dict | None = None,
+) -> Path:
     """Write the packed artifact of a ``bireal_core`` Bi-Real model (eval-mode BN statistics)."""
     spec = model.model_spec
     if not spec["name"].startswith("bireal"):
@@ -262,30 +285,45 @@ def export_model(model: nn.Module, out_path: str | os.PathLike, class_names: lis
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for a {num_classes}-way model")
     tensors = packed_tensors(model.eval())
-    header = {"format": FORMAT, "version": VERSION, "model": spec, "class_names": class_names,
-              "input": input_config or bc.default_input_config(spec["kwargs"].get("stem", "imagenet")),
-              "conventions": {**CONVENTIONS, "pad_value": next(
-                  m.pad_value for m in model.modules() if isinstance(m, bc.BinaryConv2d))},
-              "source": source or {}, "sha256": tensors_sha256(tensors)}
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": spec,
+        "class_names": class_names,
+        "input": input_config or bc.default_input_config(spec["kwargs"].get("stem", "imagenet")),
+        "conventions": {
+            **CONVENTIONS,
+            "pad_value": next(m.pad_value for m in model.modules() if isinstance(m, bc.BinaryConv2d)),
+        },
+        "source": source or {},
+        "sha256": tensors_sha256(tensors),
+    }
     return write_safetensors(out_path, tensors, "bireal_packed", header)
 
 
-def export_checkpoint(checkpoint: str | os.PathLike, out_path: str | os.PathLike,
-                      class_names: list[str] | None = None) -> Path:
+def export_checkpoint(
+    checkpoint: str | os.PathLike, out_path: str | os.PathLike, class_names: list[str] | None = None
+) -> Path:
     """``bireal export``: a ``bireal_core`` checkpoint -> packed artifact."""
     model, header = bc.load_checkpoint(checkpoint)
     config = header.get("config", {})
-    return export_model(model, out_path, class_names or config.get("class_names"),
-                        config.get("input"), {"checkpoint": str(checkpoint), "stage": header.get("stage"),
-                                              "metrics": header.get("metrics", {})})
+    return export_model(
+        model,
+        out_path,
+        class_names or config.get("class_names"),
+        config.get("input"),
+        {"checkpoint": str(checkpoint), "stage": header.get("stage"), "metrics": header.get("metrics", {})},
+    )
 
 
 def read_artifact_header(path: str | os.PathLike) -> dict[str, Any]:
     """The JSON header of an artifact (format and version checked), without loading its tensors."""
     header = read_safetensors_header(path, "bireal_packed", ArtifactError, "packed bireal artifact")
     if header.get("format") != FORMAT or header.get("version", 0) > VERSION:
-        raise ArtifactError(f"{path}: format {header.get('format')!r} version {header.get('version')}; "
-                            f"this code reads {FORMAT!r} up to version {VERSION}")
+        raise ArtifactError(
+            f"{path}: format {header.get('format')!r} version {header.get('version')}; "
+            f"this code reads {FORMAT!r} up to version {VERSION}"
+        )
     return header
 
 
@@ -297,8 +335,9 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
     if tensors_sha256(tensors) != header.get("sha256"):
-        raise ArtifactError(f"{path}: sha256 of the tensors does not match the header: "
-                            f"the file was modified or corrupted")
+        raise ArtifactError(
+            f"{path}: sha256 of the tensors does not match the header: the file was modified or corrupted"
+        )
     return tensors, header
 
 
@@ -313,12 +352,12 @@ def artifact_size(path: str | os.PathLike) -> dict[str, float]:
     """File size, and the paper's memory measure of what the file stores (1-bit weights as bits)."""
     tensors, _ = read_artifact(path)
     bits = sum(t.numel() * (64 if t.dtype == torch.int64 else 32) for t in tensors.values())
-    return {"bytes": Path(path).stat().st_size, "mbit": Path(path).stat().st_size * 8 / 1e6,
-            "payload_mbit": bits / 1e6}
+    return {"bytes": Path(path).stat().st_size, "mbit": Path(path).stat().st_size * 8 / 1e6, "payload_mbit": bits / 1e6}
 
 
-def compare_with_float(model: nn.Module, packed: PackedBiReal, images: torch.Tensor,
-                       batch_size: int = 256) -> dict[str, float]:
+def compare_with_float(
+    model: nn.Module, packed: PackedBiReal, images: torch.Tensor, batch_size: int = 256
+) -> dict[str, float]:
     """Top-1 agreement and max logit difference of the packed model vs the training graph (eval).
 
     Folding alpha and BN changes float rounding, so a pre-sign value within rounding distance of 0
@@ -331,5 +370,9 @@ def compare_with_float(model: nn.Module, packed: PackedBiReal, images: torch.Ten
             diffs.append((a - b).abs().max())
             agree += int((a.argmax(1) == b.argmax(1)).sum())
     n = images.shape[0]
-    return {"images": n, "top1_agreement": agree / n, "disagreements": n - agree,
-            "max_logit_diff": float(torch.stack(diffs).max())}
+    return {
+        "images": n,
+        "top1_agreement": agree / n,
+        "disagreements": n - agree,
+        "max_logit_diff": float(torch.stack(diffs).max()),
+    }

@@ -1,4 +1,5 @@
 """``bireal predict``: class ids, names and scores of image files under a packed artifact."""
+
 from __future__ import annotations
 
 import os
@@ -37,9 +38,13 @@ def predict_files(artifact: str | os.PathLike, paths: list[str | os.PathLike], t
         probs = model(x).softmax(dim=1)
     scores, ids = probs.topk(min(topk, probs.shape[1]), dim=1)
     names = header["class_names"]
-    return [{"path": str(p), "top": [{"class_id": int(i), "label": names[int(i)], "score": float(s)}
-                                     for s, i in zip(srow, irow)]}
-            for p, srow, irow in zip(paths, scores, ids)]
+    return [
+        {
+            "path": str(p),
+            "top": [{"class_id": int(i), "label": names[int(i)], "score": float(s)} for s, i in zip(srow, irow)],
+        }
+        for p, srow, irow in zip(paths, scores, ids)
+    ]
 
 
 def format_predictions(results: list[dict]) -> str:

@@ -3,6 +3,7 @@
 Packed layout (format version 1, docs/packed_format.md): int64 words along channels, NHWC;
 bit j (LSB = 0) of word k is the sign of channel 64k + j, 1 = +1 (x >= 0), 0 = -1; tail bits 0.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,17 +20,18 @@ def pack_signs_ref(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) real -> (N, H, W, ceil(C/64)) int64 sign bits."""
     n, c, h, w = x.shape
     cw = words_for(c)
-    bits = (x >= 0).permute(0, 2, 3, 1).to(torch.int64)                # (N, H, W, C)
+    bits = (x >= 0).permute(0, 2, 3, 1).to(torch.int64)  # (N, H, W, C)
     bits = F.pad(bits, (0, cw * WORD_BITS - c)).reshape(n, h, w, cw, WORD_BITS)
     weights = torch.ones(WORD_BITS, dtype=torch.int64, device=x.device) << torch.arange(
-        WORD_BITS, device=x.device)                                       # 2^j, j=63 wraps to -2^63
-    return (bits * weights).sum(-1)                                       # distinct bits: sum == OR
+        WORD_BITS, device=x.device
+    )  # 2^j, j=63 wraps to -2^63
+    return (bits * weights).sum(-1)  # distinct bits: sum == OR
 
 
 def unpack_signs_ref(packed: torch.Tensor, channels: int) -> torch.Tensor:
     """(N, H, W, Cw) int64 -> (N, C, H, W) float +-1: the inverse of ``pack_signs_ref``."""
     shifts = torch.arange(WORD_BITS, device=packed.device)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1                            # (N, H, W, Cw, 64)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1  # (N, H, W, Cw, 64)
     bits = bits.flatten(-2)[..., :channels]
     return (bits * 2 - 1).to(torch.float32).permute(0, 3, 1, 2).contiguous()
 
@@ -39,11 +41,18 @@ def pack_weight_ref(w: torch.Tensor) -> torch.Tensor:
     return pack_signs_ref(w)
 
 
-def binary_conv2d_ref(packed_x: torch.Tensor, packed_w: torch.Tensor, in_channels: int,
-                      stride: int, padding: int, pad_value: float,
-                      scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                      residual: torch.Tensor | None = None,
-                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def binary_conv2d_ref(
+    packed_x: torch.Tensor,
+    packed_w: torch.Tensor,
+    in_channels: int,
+    stride: int,
+    padding: int,
+    pad_value: float,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Unpack to +-1 floats, pad with ``pad_value``, convolve in float64 (exact for integers),
     then ``dot * scale + bias + residual`` in float32 in that order; ``out_dtype=torch.bfloat16``
     rounds that result once (to nearest even)."""
@@ -60,11 +69,20 @@ def binary_conv2d_ref(packed_x: torch.Tensor, packed_w: torch.Tensor, in_channel
     return out.to(out_dtype or torch.float32).contiguous(memory_format=torch.channels_last)
 
 
-def binary_block_ref(packed_x: torch.Tensor, packed_w: torch.Tensor, in_channels: int, stride: int,
-                     padding: int, pad_value: float, scale: torch.Tensor | None = None,
-                     bias: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                     out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def binary_block_ref(
+    packed_x: torch.Tensor,
+    packed_w: torch.Tensor,
+    in_channels: int,
+    stride: int,
+    padding: int,
+    pad_value: float,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``binary_conv2d_ref`` and the packed signs of its output."""
-    out = binary_conv2d_ref(packed_x, packed_w, in_channels, stride, padding, pad_value, scale, bias,
-                            residual, out_dtype)
+    out = binary_conv2d_ref(
+        packed_x, packed_w, in_channels, stride, padding, pad_value, scale, bias, residual, out_dtype
+    )
     return out, pack_signs_ref(out)

@@ -11,6 +11,7 @@ run, naming the path and case that raised it; run with CUDA_LAUNCH_BLOCKING=1 to
 launch. ``--quick`` is the short list for compute-sanitizer; ``--device cpu`` runs the same checks
 on the CPU paths (how CI tests this script). Exit status 0 only if all match.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,8 @@ class Case:
     stride: int = 1
     padding: int = 1
     pad_value: float = 0.0
-    epilogue: bool = True          # scale, bias and a residual
-    bf16: bool = False             # out_dtype=torch.bfloat16 (and a bfloat16 residual)
+    epilogue: bool = True  # scale, bias and a residual
+    bf16: bool = False  # out_dtype=torch.bfloat16 (and a bfloat16 residual)
 
     @property
     def out_dtype(self) -> torch.dtype | None:
@@ -45,8 +46,10 @@ class Case:
 
     def output_size(self) -> tuple[int, int]:
         """(Ho, Wo) of the conv."""
-        return ((self.height + 2 * self.padding - self.kernel[0]) // self.stride + 1,
-                (self.width + 2 * self.padding - self.kernel[1]) // self.stride + 1)
+        return (
+            (self.height + 2 * self.padding - self.kernel[0]) // self.stride + 1,
+            (self.width + 2 * self.padding - self.kernel[1]) // self.stride + 1,
+        )
 
 
 QUICK = [
@@ -81,17 +84,25 @@ def inputs(case: Case, seed: int = 0):
     if not case.epilogue:
         return pack_signs_ref(x), pack_weight_ref(w), None, None, None
     residual = torch.randn(case.batch, case.out_channels, ho, wo, generator=g)
-    return (pack_signs_ref(x), pack_weight_ref(w), torch.rand(case.out_channels, generator=g) + 0.5,
-            torch.randn(case.out_channels, generator=g), residual.bfloat16() if case.bf16 else residual)
+    return (
+        pack_signs_ref(x),
+        pack_weight_ref(w),
+        torch.rand(case.out_channels, generator=g) + 0.5,
+        torch.randn(case.out_channels, generator=g),
+        residual.bfloat16() if case.bf16 else residual,
+    )
 
 
 def expected(case: Case, px, pw, scale, bias, residual):
     if case.out_channels == 0:  # (the reference's F.conv2d rejects an empty weight)
         ho, wo = case.output_size()
-        return (torch.empty(case.batch, 0, ho, wo, dtype=case.out_dtype or torch.float32),
-                torch.empty(case.batch, ho, wo, 0, dtype=torch.int64))
-    return binary_block_ref(px, pw, case.channels, case.stride, case.padding, case.pad_value, scale, bias,
-                            residual, case.out_dtype)
+        return (
+            torch.empty(case.batch, 0, ho, wo, dtype=case.out_dtype or torch.float32),
+            torch.empty(case.batch, ho, wo, 0, dtype=torch.int64),
+        )
+    return binary_block_ref(
+        px, pw, case.channels, case.stride, case.padding, case.pad_value, scale, bias, residual, case.out_dtype
+    )
 
 
 def first_mismatch(got: torch.Tensor, want: torch.Tensor) -> tuple[int, list[int] | None]:
@@ -116,15 +127,30 @@ def check(device: str, path: str, case: Case) -> dict:
     want_out, want_packed = expected(case, px, pw, scale, bias, residual)
     args = [t.to(device) if t is not None else None for t in (px, pw, scale, bias, residual)]
     with forced_path(device, path), ops.debug_fill():
-        out, packed = ops.binary_block(args[0], args[1], case.channels, case.stride, case.padding,
-                                       case.pad_value, *args[2:], out_dtype=case.out_dtype)
+        out, packed = ops.binary_block(
+            args[0],
+            args[1],
+            case.channels,
+            case.stride,
+            case.padding,
+            case.pad_value,
+            *args[2:],
+            out_dtype=case.out_dtype,
+        )
         if device == "cuda":
             torch.cuda.synchronize()
     out_wrong, out_first = first_mismatch(out.cpu(), want_out)
     packed_wrong, packed_first = first_mismatch(packed.cpu(), want_packed)
-    return {"path": path, "case": case.name, "ok": out_wrong == 0 and packed_wrong == 0,
-            "out_wrong": out_wrong, "out_elements": want_out.numel(), "first_wrong_nohw": out_first,
-            "packed_wrong": packed_wrong, "first_wrong_packed_nhwk": packed_first}
+    return {
+        "path": path,
+        "case": case.name,
+        "ok": out_wrong == 0 and packed_wrong == 0,
+        "out_wrong": out_wrong,
+        "out_elements": want_out.numel(),
+        "first_wrong_nohw": out_first,
+        "packed_wrong": packed_wrong,
+        "first_wrong_packed_nhwk": packed_first,
+    }
 
 
 def check_pack_signs(device: str, dtype: torch.dtype) -> dict:
@@ -133,23 +159,34 @@ def check_pack_signs(device: str, dtype: torch.dtype) -> dict:
     with ops.debug_fill():
         got = ops.pack_signs(x.to(device).contiguous(memory_format=torch.channels_last)).cpu()
     wrong, first = first_mismatch(got, pack_signs_ref(x))
-    return {"path": "pack_signs", "case": str(dtype).split(".")[-1], "ok": wrong == 0,
-            "packed_wrong": wrong, "first_wrong_packed_nhwk": first}
+    return {
+        "path": "pack_signs",
+        "case": str(dtype).split(".")[-1],
+        "ok": wrong == 0,
+        "packed_wrong": wrong,
+        "first_wrong_packed_nhwk": first,
+    }
 
 
 def run(device: str = "cuda", quick: bool = False) -> list[dict]:
     """Every check, printed as it finishes; stops at the first CUDA fault (the context is lost)."""
-    checks = [(f"pack_signs {dtype}", lambda d=dtype: check_pack_signs(device, d))
-              for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
-    checks += [(f"{path} {case.name}", lambda p=path, c=case: check(device, p, c))
-               for path in paths(device) for case in (QUICK if quick else FULL)]
+    checks = [
+        (f"pack_signs {dtype}", lambda d=dtype: check_pack_signs(device, d))
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    ]
+    checks += [
+        (f"{path} {case.name}", lambda p=path, c=case: check(device, p, c))
+        for path in paths(device)
+        for case in (QUICK if quick else FULL)
+    ]
     rows = []
     for name, fn in checks:
         try:
             rows.append(fn())
         except RuntimeError as e:
-            rows.append({"path": name.split()[0], "case": name.split()[1], "ok": False,
-                         "error": str(e).splitlines()[0]})
+            rows.append(
+                {"path": name.split()[0], "case": name.split()[1], "ok": False, "error": str(e).splitlines()[0]}
+            )
             print_row(rows[-1])
             if "CUDA error" in str(e) or "cudaError" in str(e):
                 print("smoke: a CUDA fault ends the run (every later call would fail in this process)")
@@ -164,9 +201,14 @@ def print_row(r: dict) -> None:
         print(f"{r['path']:>11} {r['case']:<22} ERROR {r['error']}", flush=True)
         return
     status = "ok" if r["ok"] else "WRONG"
-    out = f"out {r['out_wrong']}/{r['out_elements']} first (n,o,h,w)={r['first_wrong_nohw']}" if "out_wrong" in r else ""
-    print(f"{r['path']:>11} {r['case']:<22} {status:<5} {out} packed {r['packed_wrong']} wrong, "
-          f"first (n,h,w,word)={r['first_wrong_packed_nhwk']}", flush=True)
+    out = (
+        f"out {r['out_wrong']}/{r['out_elements']} first (n,o,h,w)={r['first_wrong_nohw']}" if "out_wrong" in r else ""
+    )
+    print(
+        f"{r['path']:>11} {r['case']:<22} {status:<5} {out} packed {r['packed_wrong']} wrong, "
+        f"first (n,h,w,word)={r['first_wrong_packed_nhwk']}",
+        flush=True,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not (torch.cuda.is_available() and ops.cuda_built()):
-        print("smoke: needs a CUDA GPU and the CUDA build of cuda_ext "
-              f"(cuda available: {torch.cuda.is_available()}, built: {ops.cuda_built()})")
+        print(
+            "smoke: needs a CUDA GPU and the CUDA build of cuda_ext "
+            f"(cuda available: {torch.cuda.is_available()}, built: {ops.cuda_built()})"
+        )
         return 2
     where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"smoke on {where}, paths {paths(args.device)}", flush=True)

@@ -3,6 +3,7 @@
 Every subcommand imports its implementation lazily so that ``bireal --help`` and the
 torch-only commands work on machines without ray / mlflow / prefect / dvc.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     result = train(args.stage, args.loaded, use_ray=not args.no_ray, metrics_out=args.metrics)
     print(format_history(result["history"]))
-    if args.history:                                   # per-epoch rows, e.g. for accuracy-vs-time curves
+    if args.history:  # per-epoch rows, e.g. for accuracy-vs-time curves
         Path(args.history).parent.mkdir(parents=True, exist_ok=True)
         Path(args.history).write_text(json.dumps(result["history"], indent=2))
     print(f"checkpoint: {result['checkpoint']}  (mlflow run {result['mlflow_run_id']})")
@@ -61,8 +62,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         write_outputs(result, args.metrics, args.confusion)
     line = f"{args.artifact} on {result['split']}: top-1 {result['top1']:.4f} over {result['images']} images"
     if "float_agreement" in result:
-        line += (f"; top-1 agreement with the training graph {result['float_agreement']:.4%} "
-                 f"({result['float_disagreements']} flips)")
+        line += (
+            f"; top-1 agreement with the training graph {result['float_agreement']:.4%} "
+            f"({result['float_disagreements']} flips)"
+        )
     print(line)
     return 0
 
@@ -73,8 +76,10 @@ def _cmd_register(args: argparse.Namespace) -> int:
     evaluation = json.loads(Path(args.evaluation).read_text())
     result = register(args.loaded, args.artifact, evaluation, args.shards, args.name, args.out)
     state = "already registered as" if result["duplicate"] else "registered"
-    print(f"{state} {result['name']} version {result['version']}"
-          f"{' (champion)' if result['champion'] else ' (candidate; champion kept)'}")
+    print(
+        f"{state} {result['name']} version {result['version']}"
+        f"{' (champion)' if result['champion'] else ' (candidate; champion kept)'}"
+    )
     return 0
 
 
@@ -97,8 +102,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     names = args.class_names.split(",") if args.class_names else None
     path = export_checkpoint(args.checkpoint, args.out, class_names=names)
     size = artifact_size(path)
-    print(f"wrote {path}: {size['bytes']:,} bytes = {size['mbit']:.2f} Mbit "
-          f"(tensors {size['payload_mbit']:.2f} Mbit)")
+    print(f"wrote {path}: {size['bytes']:,} bytes = {size['mbit']:.2f} Mbit (tensors {size['payload_mbit']:.2f} Mbit)")
     return 0
 
 
@@ -132,7 +136,9 @@ def _cmd_shard(args: argparse.Namespace) -> int:
         problems = verify_shards(args.verify)
         for p in problems:
             print(f"FAIL {p}")
-        print(f"{args.verify}: {'OK, every shard matches the manifest' if not problems else f'{len(problems)} problems'}")
+        print(
+            f"{args.verify}: {'OK, every shard matches the manifest' if not problems else f'{len(problems)} problems'}"
+        )
         return 1 if problems else 0
     manifest = shard(args.loaded, args.source, args.out, kind=args.kind, overwrite=args.overwrite)
     out = (args.out or args.loaded.train("pretrain").shards).rstrip("/")
@@ -143,8 +149,9 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
 def _cmd_check_params(args: argparse.Namespace) -> int:
     p = args.loaded
-    stages = ", ".join(f"{s}: {p.train(s).arch} {p.train(s).stem} w{p.train(s).width:g}"
-                       for s in ("pretrain", "binarize", "finetune"))
+    stages = ", ".join(
+        f"{s}: {p.train(s).arch} {p.train(s).stem} w{p.train(s).width:g}" for s in ("pretrain", "binarize", "finetune")
+    )
     print(f"{p.path}: OK ({stages}; tune {'on' if p.tune.enabled else 'off'})")
     return 0
 
@@ -163,8 +170,7 @@ def load_args_params(args: argparse.Namespace):
 
     params = load_params(args.params, parse_overrides(getattr(args, "set", None)))
     if args.command == "shard":
-        params.shard = build(type(params.shard), {**asdict(params.shard), **_shard_overrides(args)},
-                             "--shard options")
+        params.shard = build(type(params.shard), {**asdict(params.shard), **_shard_overrides(args)}, "--shard options")
     return params
 
 
@@ -172,7 +178,7 @@ PARAMS_HELP = "params file or profile name from pipeline/configs (default: param
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .stages import STAGES_BY_NAME   # the table only: no torch, ray or mlflow
+    from .stages import STAGES_BY_NAME  # the table only: no torch, ray or mlflow
 
     parser = argparse.ArgumentParser(prog="bireal", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -203,8 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     shard = sub.add_parser("shard", help="images -> WebDataset shards + manifest (or --verify DIR)")
-    shard.add_argument("--source", help="image-folder tree, folder with the ILSVRC2012 tars, or 'demo' "
-                                        "(default: data.source)")
+    shard.add_argument(
+        "--source", help="image-folder tree, folder with the ILSVRC2012 tars, or 'demo' (default: data.source)"
+    )
     shard.add_argument("--out", help="output folder or fsspec URL (default: train.shards)")
     shard.add_argument("--kind", default="auto", choices=("auto", "folder", "ilsvrc", "demo"))
     shard.add_argument("--verify", metavar="DIR", help="check every shard of DIR against its manifest")
@@ -269,8 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     bench.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
     bench.add_argument("--cifar", default=None, help="data: an image-folder tree to shard and load")
-    bench.add_argument("--imagenet-like", dest="imagenet_like", type=int, default=2000,
-                       help="data: size of the generated ImageNet-size tree (0 skips it)")
+    bench.add_argument(
+        "--imagenet-like",
+        dest="imagenet_like",
+        type=int,
+        default=2000,
+        help="data: size of the generated ImageNet-size tree (0 skips it)",
+    )
     bench.set_defaults(func=_cmd_bench)
     return parser
 
@@ -279,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     apply_offline_defaults()
     args = build_parser().parse_args(argv)
     try:
-        if hasattr(args, "params"):       # read once; a bad params file fails before any work starts
+        if hasattr(args, "params"):  # read once; a bad params file fails before any work starts
             args.loaded = load_args_params(args)
         return args.func(args)
     except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:

@@ -5,7 +5,8 @@ communication between ranks:
 - evaluation: shard i goes to reader i mod (R * W) (reader = rank * W + worker): every sample is
   seen exactly once across all ranks and workers; readers without a shard yield nothing.
 - training: each epoch the shards are shuffled (seed, epoch) and dealt largest first, each to the
-  rank with the fewest samples so far, then within each rank to its workers the same way. Each worker batches its own stream with
+  rank with the fewest samples so far, then within each rank to its workers the same way. Each
+  worker batches its own stream with
   ``drop_last``; a rank has sum over its workers of floor(n_worker / B) full batches, and every rank
   runs the minimum of that over ranks (DDP needs equal step counts, and no rank can then wait for a
   batch that never comes). Each sample is used at most once per epoch; the ones left out are
@@ -13,6 +14,7 @@ communication between ranks:
 Shard URLs may be local paths or anything ``webdataset.gopen`` opens (``pipe:`` commands, http,
 object storage), so a cluster streams from object storage with the same code.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -56,14 +58,21 @@ def eval_split_name(manifest: dict) -> str:
 
 @dataclass
 class LoaderPlan:
-    readers: list[list[str]]   # shard URLs of reader r * W + w
-    steps: int                 # batches per rank this epoch (training); None-like -1 for eval
-    samples: int               # samples this rank will see (training: steps * B)
-    left_out: int              # samples of the split that no rank uses this epoch
+    readers: list[list[str]]  # shard URLs of reader r * W + w
+    steps: int  # batches per rank this epoch (training); None-like -1 for eval
+    samples: int  # samples this rank will see (training: steps * B)
+    left_out: int  # samples of the split that no rank uses this epoch
 
 
-def plan_epoch(shards: list[tuple[str, int]], world_size: int, workers: int, batch_size: int,
-               train: bool, seed: int = 0, epoch: int = 0) -> LoaderPlan:
+def plan_epoch(
+    shards: list[tuple[str, int]],
+    world_size: int,
+    workers: int,
+    batch_size: int,
+    train: bool,
+    seed: int = 0,
+    epoch: int = 0,
+) -> LoaderPlan:
     n_readers = world_size * max(1, workers)
     readers: list[list[str]] = [[] for _ in range(n_readers)]
     counts = [0] * n_readers
@@ -74,9 +83,9 @@ def plan_epoch(shards: list[tuple[str, int]], world_size: int, workers: int, bat
         return LoaderPlan(readers, -1, 0, 0)
     order = list(shards)
     random.Random(f"{seed}:{epoch}").shuffle(order)
-    order.sort(key=lambda s: -s[1])          # stable: equal sizes keep their shuffled order
+    order.sort(key=lambda s: -s[1])  # stable: equal sizes keep their shuffled order
     w = max(1, workers)
-    rank_shards = _deal(order, world_size)   # balance ranks first, then each rank's workers
+    rank_shards = _deal(order, world_size)  # balance ranks first, then each rank's workers
     for rank, mine in enumerate(rank_shards):
         for k, worker_shards in enumerate(_deal(mine, w)):
             readers[rank * w + k] = [url for url, _ in worker_shards]
@@ -101,12 +110,20 @@ def _deal(shards: list[tuple[str, int]], n: int) -> list[list[tuple[str, int]]]:
 class ShardStream(IterableDataset):
     """(image tensor, label) from the shards the plan gives this rank's current worker."""
 
-    def __init__(self, readers: list[list[str]], rank: int, workers: int, transform,
-                 shuffle_buffer: int = 0, seed: int = 0, with_keys: bool = False):
+    def __init__(
+        self,
+        readers: list[list[str]],
+        rank: int,
+        workers: int,
+        transform,
+        shuffle_buffer: int = 0,
+        seed: int = 0,
+        with_keys: bool = False,
+    ):
         super().__init__()
         self.readers, self.rank, self.workers = readers, rank, max(1, workers)
         self.transform, self.shuffle_buffer, self.seed = transform, shuffle_buffer, seed
-        self.with_keys = with_keys   # also yield each sample's __key__ (tests check exactly-once)
+        self.with_keys = with_keys  # also yield each sample's __key__ (tests check exactly-once)
 
     def _my_shards(self) -> tuple[list[str], int]:
         info = get_worker_info()
@@ -182,15 +199,29 @@ def _tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
         stream.read((512 - size % 512) % 512)
         if kind in (b"0", b"\0"):
             yield (f"{prefix}/{name}" if prefix else name), data
-        elif kind not in (b"5", b"g"):            # directories, pax globals: nothing to read
-            raise ValueError(f"{url}: tar member {name!r} of type {kind!r} is not supported "
-                             f"(bireal shards are plain USTAR)")
+        elif kind not in (b"5", b"g"):  # directories, pax globals: nothing to read
+            raise ValueError(
+                f"{url}: tar member {name!r} of type {kind!r} is not supported (bireal shards are plain USTAR)"
+            )
 
 
-def make_loader(location: str, split: str, input_config: dict, batch_size: int, *, train: bool,
-                rank: int = 0, world_size: int = 1, workers: int = 2, epoch: int = 0, seed: int = 0,
-                shuffle_buffer: int = 1000, pca_lighting: bool = False,
-                manifest: dict | None = None, with_keys: bool = False) -> tuple[Iterator, LoaderPlan]:
+def make_loader(
+    location: str,
+    split: str,
+    input_config: dict,
+    batch_size: int,
+    *,
+    train: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    workers: int = 2,
+    epoch: int = 0,
+    seed: int = 0,
+    shuffle_buffer: int = 1000,
+    pca_lighting: bool = False,
+    manifest: dict | None = None,
+    with_keys: bool = False,
+) -> tuple[Iterator, LoaderPlan]:
     """An iterator of (images (B, 3, S, S), labels (B,)) batches for one rank, and its plan.
 
     Training iterators stop after ``plan.steps`` batches on every rank; evaluation iterators yield
@@ -200,10 +231,10 @@ def make_loader(location: str, split: str, input_config: dict, batch_size: int, 
     plan = plan_epoch(shards, world_size, workers, batch_size, train, seed, epoch)
     transform = train_transform(input_config, pca_lighting) if train else eval_transform(input_config)
     epoch_seed = seed * 1_000_003 + epoch
-    stream = ShardStream(plan.readers, rank, workers, transform, shuffle_buffer if train else 0,
-                         epoch_seed, with_keys)
-    loader = DataLoader(stream, batch_size=batch_size, num_workers=workers, drop_last=train,
-                        persistent_workers=False, pin_memory=False)
+    stream = ShardStream(plan.readers, rank, workers, transform, shuffle_buffer if train else 0, epoch_seed, with_keys)
+    loader = DataLoader(
+        stream, batch_size=batch_size, num_workers=workers, drop_last=train, persistent_workers=False, pin_memory=False
+    )
     if train:
         return itertools.islice(iter(loader), plan.steps), plan
     return iter(loader), plan

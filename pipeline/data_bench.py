@@ -6,6 +6,7 @@
 Run it on an image-folder tree (../shared/data/cifar10 here) and on an ImageNet-size tree
 (``make_imagenet_like`` builds one from the two real photographs scikit-learn ships).
 """
+
 from __future__ import annotations
 
 import statistics
@@ -39,7 +40,7 @@ def make_imagenet_like(out: Path, n: int = 2000, classes: int = 10, seed: int = 
         im = photo.crop((x, y, x + cw, y + ch)).resize((500, 375), Image.Resampling.BICUBIC)
         if rng.random() < 0.5:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        split = "val" if (i // classes) % 10 == 0 else "train"     # 10% of every class to val
+        split = "val" if (i // classes) % 10 == 0 else "train"  # 10% of every class to val
         d = out / split / f"c{i % classes:02d}"
         d.mkdir(parents=True, exist_ok=True)
         im.save(d / f"{i:05d}.jpg", quality=90)
@@ -53,20 +54,32 @@ def _time_loader(batches) -> tuple[float, int]:
     return time.perf_counter() - start, n
 
 
-def bench_dataset(source: str, stem: str, label: str, resize: int, batch: int = 128,
-                  samples_per_shard: int = 2000) -> list[dict]:
+def bench_dataset(
+    source: str, stem: str, label: str, resize: int, batch: int = 128, samples_per_shard: int = 2000
+) -> list[dict]:
     rows = []
     config = default_input_config(stem)
     with tempfile.TemporaryDirectory() as tmp:
         for procs in (1, 2):
             out = Path(tmp) / f"shards{procs}"
             start = time.perf_counter()
-            m = shard_dataset(source, str(out), ShardParams(resize=resize, processes=procs,
-                                                            samples_per_shard=samples_per_shard), progress_bar=False)
+            m = shard_dataset(
+                source,
+                str(out),
+                ShardParams(resize=resize, processes=procs, samples_per_shard=samples_per_shard),
+                progress_bar=False,
+            )
             seconds = time.perf_counter() - start
             total = sum(s["count"] for s in m["splits"].values())
-            rows.append({"dataset": label, "what": f"shard, {procs} process(es)", "images": total,
-                         "img_s": total / seconds, "seconds": seconds})
+            rows.append(
+                {
+                    "dataset": label,
+                    "what": f"shard, {procs} process(es)",
+                    "images": total,
+                    "img_s": total / seconds,
+                    "seconds": seconds,
+                }
+            )
         from torchvision.datasets import ImageFolder
 
         transform = train_transform(config)
@@ -80,15 +93,23 @@ def bench_dataset(source: str, stem: str, label: str, resize: int, batch: int = 
                     it = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=2, drop_last=True)
                 runs.append(_time_loader(it))
             seconds = statistics.median(s for s, _ in runs)
-            rows.append({"dataset": label, "what": f"load {name}, 2 workers", "images": runs[0][1],
-                         "img_s": runs[0][1] / seconds, "seconds": seconds})
+            rows.append(
+                {
+                    "dataset": label,
+                    "what": f"load {name}, 2 workers",
+                    "images": runs[0][1],
+                    "img_s": runs[0][1] / seconds,
+                    "seconds": seconds,
+                }
+            )
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
     lines = [f"{'dataset':<28}{'what':<30}{'images':>9}{'img/s':>10}{'s':>8}"]
-    lines += [f"{r['dataset']:<28}{r['what']:<30}{r['images']:>9,}{r['img_s']:>10,.0f}{r['seconds']:>8.1f}"
-              for r in rows]
+    lines += [
+        f"{r['dataset']:<28}{r['what']:<30}{r['images']:>9,}{r['img_s']:>10,.0f}{r['seconds']:>8.1f}" for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -100,7 +121,13 @@ def run(cifar: str | None, imagenet_like: int = 2000) -> list[dict]:
     if imagenet_like:
         with tempfile.TemporaryDirectory() as tmp:
             src = make_imagenet_like(Path(tmp) / "src", imagenet_like)
-            rows += bench_dataset(str(src), "imagenet", f"photo crops 500x375 ({imagenet_like})", resize=256,
-                                  batch=32, samples_per_shard=100)
+            rows += bench_dataset(
+                str(src),
+                "imagenet",
+                f"photo crops 500x375 ({imagenet_like})",
+                resize=256,
+                batch=32,
+                samples_per_shard=100,
+            )
     print(format_rows(rows))
     return rows

@@ -1,4 +1,5 @@
 """``bireal demo``: the cost table and one forward/backward pass of every registered model."""
+
 from __future__ import annotations
 
 import time
@@ -7,7 +8,7 @@ import torch
 
 import bireal_core as bc
 
-DEMO_WIDTH = 0.25   # Bi-Real nets at quarter width keep the demo to seconds on 2 cores
+DEMO_WIDTH = 0.25  # Bi-Real nets at quarter width keep the demo to seconds on 2 cores
 FLOAT_MODELS = ("resnet18", "resnet34")
 
 
@@ -21,18 +22,26 @@ def forward_backward(name: str, stem: str, batch: int = 2) -> dict:
     logits = model(x)
     logits.logsumexp(dim=1).mean().backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None]
-    return {"model": name, "stem": stem, "width": width, "input": f"{batch}x3x{size}x{size}",
-            "logits": tuple(logits.shape), "finite": bool(torch.isfinite(logits).all()),
-            "params_without_grad": len(no_grad), "seconds": time.perf_counter() - start}
+    return {
+        "model": name,
+        "stem": stem,
+        "width": width,
+        "input": f"{batch}x3x{size}x{size}",
+        "logits": tuple(logits.shape),
+        "finite": bool(torch.isfinite(logits).all()),
+        "params_without_grad": len(no_grad),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 def run_demo() -> list[dict]:
     for arch in ("bireal18", "bireal34", "resnet18", "resnet34"):
         print(bc.summary(bc.create_model(arch)).table(), end="\n\n")
     rows = [forward_backward(name, stem) for name in bc.list_models() for stem in ("imagenet", "small")]
-    print(f"{'model':<11}{'stem':<10}{'width':>6}{'input':>16}{'logits':>12}{'finite':>8}"
-          f"{'no-grad':>9}{'s':>7}")
+    print(f"{'model':<11}{'stem':<10}{'width':>6}{'input':>16}{'logits':>12}{'finite':>8}{'no-grad':>9}{'s':>7}")
     for r in rows:
-        print(f"{r['model']:<11}{r['stem']:<10}{r['width']:>6}{r['input']:>16}{str(r['logits']):>12}"
-              f"{str(r['finite']):>8}{r['params_without_grad']:>9}{r['seconds']:>7.2f}")
+        print(
+            f"{r['model']:<11}{r['stem']:<10}{r['width']:>6}{r['input']:>16}{str(r['logits']):>12}"
+            f"{str(r['finite']):>8}{r['params_without_grad']:>9}{r['seconds']:>7.2f}"
+        )
     return rows

@@ -4,17 +4,18 @@ Applied by the ``bireal`` CLI and the test suite (users run the CLI directly, no
 ``setdefault`` only: a user's own setting always wins. PREFECT_API_URL is deliberately NOT set
 here: without a server a flow must still run directly (Prefect then starts an ephemeral API).
 """
+
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 OFFLINE_DEFAULTS = {
-    "RAY_USAGE_STATS_ENABLED": "0",          # no usage reporting
-    "RAY_AUTH_MODE": "disabled",             # Ray 2.60 would write ~/.ray/auth_token
+    "RAY_USAGE_STATS_ENABLED": "0",  # no usage reporting
+    "RAY_AUTH_MODE": "disabled",  # Ray 2.60 would write ~/.ray/auth_token
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # makes every Ray process bind 127.0.0.1
-    "GLOO_SOCKET_IFNAME": "lo",              # gloo collectives over loopback
-    "MLFLOW_DISABLE_TELEMETRY": "true",      # mlflow ignores DO_NOT_TRACK
+    "GLOO_SOCKET_IFNAME": "lo",  # gloo collectives over loopback
+    "MLFLOW_DISABLE_TELEMETRY": "true",  # mlflow ignores DO_NOT_TRACK
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_API_HOST": "127.0.0.1",
     "DO_NOT_TRACK": "1",

@@ -1,5 +1,6 @@
 """``bireal evaluate``: the packed artifact on the evaluation split: accuracy, per-class accuracy,
 confusion matrix, and agreement with the training-graph checkpoint it was exported from."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,14 @@ from pathlib import Path
 import torch
 
 
-def evaluate_artifact(artifact: str, shards: str, checkpoint: str | None = None, batch_size: int = 128,
-                      workers: int = 1, device: str = "cpu") -> dict:
+def evaluate_artifact(
+    artifact: str,
+    shards: str,
+    checkpoint: str | None = None,
+    batch_size: int = 128,
+    workers: int = 1,
+    device: str = "cpu",
+) -> dict:
     """Top-1, per-class top-1 and the confusion matrix of the packed ``artifact`` on the evaluation
     split of ``shards``; with ``checkpoint``, also its top-1 agreement with the training graph.
     ``device="cuda"`` runs the packed model through the CUDA kernels."""
@@ -25,23 +32,29 @@ def evaluate_artifact(artifact: str, shards: str, checkpoint: str | None = None,
     n = len(manifest["classes"])
     confusion = torch.zeros(n, n, dtype=torch.int64)
     agree = seen = 0
-    batches, _ = make_loader(shards, split, header["input"], batch_size, train=False, workers=workers,
-                             manifest=manifest)
+    batches, _ = make_loader(
+        shards, split, header["input"], batch_size, train=False, workers=workers, manifest=manifest
+    )
     with torch.inference_mode():
         for images, labels in batches:
             images = images.to(device, non_blocking=True)
             pred = packed(images).argmax(1)
             if float_model is not None:
                 agree += int((float_model(images).argmax(1) == pred).sum())
-            pred = pred.cpu()                    # the labels and the confusion matrix stay on the CPU
+            pred = pred.cpu()  # the labels and the confusion matrix stay on the CPU
             confusion += torch.bincount(labels * n + pred, minlength=n * n).view(n, n)
             seen += len(labels)
     correct = confusion.diag()
     per_class = (correct.float() / confusion.sum(1).clamp(min=1)).tolist()
     names = [c["name"] for c in manifest["classes"]]
-    result = {"split": split, "images": seen, "top1": float(correct.sum()) / max(seen, 1),
-              "per_class_top1": dict(zip(names, per_class)), "confusion": confusion.tolist(),
-              "class_names": names}
+    result = {
+        "split": split,
+        "images": seen,
+        "top1": float(correct.sum()) / max(seen, 1),
+        "per_class_top1": dict(zip(names, per_class)),
+        "confusion": confusion.tolist(),
+        "class_names": names,
+    }
     if float_model is not None:
         result["float_agreement"] = agree / max(seen, 1)
         result["float_disagreements"] = seen - agree

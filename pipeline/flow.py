@@ -10,6 +10,7 @@ accuracy, cost and registry version.
 Without a Prefect server the flow runs directly (Prefect starts a temporary API); the deployment
 (``pipeline/serve_flow.py``) serves it to a server, see docs/orchestration.md.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -60,47 +61,60 @@ def stage_task(name: str, params_path: str, use_ray: bool, inputs: str) -> dict:
     from .stages import run_stage
 
     result = run_stage(name, load_params(params_path), use_ray=use_ray)
-    return json.loads(json.dumps(result, default=str))      # a plain, persistable summary
+    return json.loads(json.dumps(result, default=str))  # a plain, persistable summary
 
 
 @flow(name="bireal-pipeline", log_prints=True)
 def bireal_pipeline(params_path: str = "params.yaml", use_ray: bool = True, register_model: bool = True) -> dict:
     """shard -> pretrain -> tune -> binarize -> finetune -> export -> evaluate -> register."""
-    params = load_params(params_path)                  # a bad params file fails before any stage
+    params = load_params(params_path)  # a bad params file fails before any stage
     results = {}
     for spec in STAGE_TABLE:
         if spec.name == "register" and not register_model:
             continue
         retries = 2 if spec.name == "register" else (1 if spec.uses_ray else 0)
         options = {"retries": retries, "retry_delay_seconds": 5, "task_run_name": spec.name}
-        if spec.name == "register":                    # a registry write is never skipped from cache
+        if spec.name == "register":  # a registry write is never skipped from cache
             options["cache_policy"] = None
-        results[spec.name] = stage_task.with_options(**options)(spec.name, params_path, use_ray,
-                                                                stage_inputs(spec, params))
+        results[spec.name] = stage_task.with_options(**options)(
+            spec.name, params_path, use_ray, stage_inputs(spec, params)
+        )
     summary = _summary(results)
-    create_markdown_artifact(key="bireal-pipeline-summary", markdown=_markdown(summary),
-                             description="accuracy, cost and registry version of this run")
+    create_markdown_artifact(
+        key="bireal-pipeline-summary",
+        markdown=_markdown(summary),
+        description="accuracy, cost and registry version of this run",
+    )
     return summary
 
 
 def _summary(results: dict) -> dict:
-    evaluation = {k: results["evaluate"].get(k) for k in ("split", "images", "top1", "float_agreement",
-                                                          "float_disagreements")}
-    return {"evaluation": evaluation, "cost": results["finetune"]["cost"],
-            "packed_bytes": results["export"]["size"]["bytes"], "registry": results.get("register", {}),
-            "stages": {s: results[s]["final"] for s in ("pretrain", "binarize", "finetune")},
-            "tune": results["tune"].get("best"), "ran": list(results)}
+    evaluation = {
+        k: results["evaluate"].get(k) for k in ("split", "images", "top1", "float_agreement", "float_disagreements")
+    }
+    return {
+        "evaluation": evaluation,
+        "cost": results["finetune"]["cost"],
+        "packed_bytes": results["export"]["size"]["bytes"],
+        "registry": results.get("register", {}),
+        "stages": {s: results[s]["final"] for s in ("pretrain", "binarize", "finetune")},
+        "tune": results["tune"].get("best"),
+        "ran": list(results),
+    }
 
 
 def _markdown(s: dict) -> str:
     reg = s["registry"]
-    rows = "\n".join(f"| {stage} | {m.get('val_top1', 0):.4f} | {m.get('train_loss', 0):.4f} |"
-                     for stage, m in s["stages"].items())
-    return (f"# bireal pipeline\n\n"
-            f"| stage | val top-1 | train loss |\n|---|---|---|\n{rows}\n\n"
-            f"**Tune pick**: `{json.dumps(s['tune'])}`\n\n"
-            f"**Packed model** on `{s['evaluation']['split']}`: top-1 {s['evaluation']['top1']:.4f} "
-            f"({s['evaluation']['images']} images), {s['packed_bytes']:,} bytes\n\n"
-            f"**Cost**: {s['cost']['cost_ops']:.3g} OPs, {s['cost']['cost_memory_mbit']:.2f} Mbit\n\n"
-            f"**Registry**: {reg.get('name', '-')} version {reg.get('version', '-')}"
-            f"{' (champion)' if reg.get('champion') else ''}\n")
+    rows = "\n".join(
+        f"| {stage} | {m.get('val_top1', 0):.4f} | {m.get('train_loss', 0):.4f} |" for stage, m in s["stages"].items()
+    )
+    return (
+        f"# bireal pipeline\n\n"
+        f"| stage | val top-1 | train loss |\n|---|---|---|\n{rows}\n\n"
+        f"**Tune pick**: `{json.dumps(s['tune'])}`\n\n"
+        f"**Packed model** on `{s['evaluation']['split']}`: top-1 {s['evaluation']['top1']:.4f} "
+        f"({s['evaluation']['images']} images), {s['packed_bytes']:,} bytes\n\n"
+        f"**Cost**: {s['cost']['cost_ops']:.3g} OPs, {s['cost']['cost_memory_mbit']:.2f} Mbit\n\n"
+        f"**Registry**: {reg.get('name', '-')} version {reg.get('version', '-')}"
+        f"{' (champion)' if reg.get('champion') else ''}\n"
+    )

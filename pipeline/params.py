@@ -9,6 +9,7 @@ second), and every layer above takes its typed sections from it.
 
 Profiles (``pipeline/configs/*.yaml``, package data) load by name: ``--params cifar10_bireal18``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,8 +31,7 @@ CONFIGS_DIR = Path(__file__).with_name("configs")
 # The enumerated choices; bireal_core and the stages accept exactly these (tests/test_params.py
 # pins them against the model registry and the binarizers).
 Stage = Literal["pretrain", "binarize", "finetune"]
-Arch = Literal["bireal18", "bireal34", "bireal50", "bireal101", "bireal152", "binary_resnet18",
-               "resnet18", "resnet34"]
+Arch = Literal["bireal18", "bireal34", "bireal50", "bireal101", "bireal152", "binary_resnet18", "resnet18", "resnet34"]
 Stem = Literal["small", "imagenet"]
 Activation = Literal["approx_sign", "ste_sign", "identity_sign"]
 WeightGradient = Literal["paper", "official", "plain"]
@@ -52,22 +52,23 @@ class ConfigError(ValueError):
 
 # ---------------------------------------------------------------------------- sections
 
+
 @dataclass
 class DataConfig:
-    source: str = "demo"     # image-folder tree, folder with the ILSVRC2012 tars, or "demo"
+    source: str = "demo"  # image-folder tree, folder with the ILSVRC2012 tars, or "demo"
 
 
 @dataclass(frozen=True)
 class ShardParams:
     """Sharding options (the ``shard`` section)."""
 
-    resize: int = 256               # shorter side; larger images are downscaled (Lanczos), 0 keeps all
-    jpeg_quality: int = 90          # for images that must be re-encoded
+    resize: int = 256  # shorter side; larger images are downscaled (Lanczos), 0 keeps all
+    jpeg_quality: int = 90  # for images that must be re-encoded
     samples_per_shard: int = 5000
     max_shard_bytes: int = 1 << 30  # a shard closes before it would exceed this
-    gzip: bool = False              # tar headers dominate small images: gzip saves ~7x on CIFAR-10
-    seed: int = 0                   # shuffle order of the samples
-    processes: int = 2              # decode/encode workers
+    gzip: bool = False  # tar headers dominate small images: gzip saves ~7x on CIFAR-10
+    seed: int = 0  # shuffle order of the samples
+    processes: int = 2  # decode/encode workers
 
     def __post_init__(self):
         for name in ("samples_per_shard", "max_shard_bytes", "processes"):
@@ -90,25 +91,25 @@ class TrainConfig:
     width: float = 0.25
     pad_value: float = 0.0
     # data
-    shards: str = "data/shards"          # shard folder or URL (manifest.json inside)
-    out: str = "checkpoints"             # stage checkpoints are written here
+    shards: str = "data/shards"  # shard folder or URL (manifest.json inside)
+    out: str = "checkpoints"  # stage checkpoints are written here
     batch_size: int = 64
-    loader_workers: int = 1              # DataLoader workers per training worker
+    loader_workers: int = 1  # DataLoader workers per training worker
     shuffle_buffer: int = 500
     pca_lighting: bool = False
-    augment: Augment = "auto"            # auto (the stem's) | imagenet (RandomResizedCrop) | caffe | small
-    max_steps_per_epoch: int = 0         # 0: the whole epoch; >0: smoke runs
+    augment: Augment = "auto"  # auto (the stem's) | imagenet (RandomResizedCrop) | caffe | small
+    max_steps_per_epoch: int = 0  # 0: the whole epoch; >0: smoke runs
     # optimisation
     epochs: int = 1
-    optimizer: Optimizer = "adam"        # adam: official recipe (linear decay to 0); sgd: paper's
+    optimizer: Optimizer = "adam"  # adam: official recipe (linear decay to 0); sgd: paper's
     lr: float = 1e-3
     momentum: float = 0.9
-    weight_decay: float = 0.0            # real parameters only; binary weights always get 0
+    weight_decay: float = 0.0  # real parameters only; binary weights always get 0
     lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # sgd: x0.1 at these fractions
     label_smoothing: float = 0.1
-    precision: Precision = "fp32"        # fp32 (both references) | bf16 (autocast, CUDA only)
-    weight_clip: float = 0.0             # > 0: clamp binarized latent weights to [-c, c] after each step
-                                         # (Larq's weight_clip; Larq Zoo's Bi-Real-18 used 1.0)
+    precision: Precision = "fp32"  # fp32 (both references) | bf16 (autocast, CUDA only)
+    weight_clip: float = 0.0  # > 0: clamp binarized latent weights to [-c, c] after each step
+    # (Larq's weight_clip; Larq Zoo's Bi-Real-18 used 1.0)
     seed: int = 0
     # pretrain
     phases: list[Phase] = field(default_factory=lambda: ["relu", "leaky_clip", "clip"])
@@ -117,28 +118,34 @@ class TrainConfig:
     # phases fine-tune the previous phase's weights, so they start lower (paper, section 3.3)
     phase_lr_scale: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.1])
     # binarize
-    init: Init = "clip"                  # scratch | relu | clip (which pretrain checkpoint)
+    init: Init = "clip"  # scratch | relu | clip (which pretrain checkpoint)
     latent_init: LatentInit = "default"  # scratch only: default (PyTorch's conv init) | official
-                                         # (the authors' code: uniform [0, 0.001) latent weights)
+    # (the authors' code: uniform [0, 0.001) latent weights)
     activation: Activation = "approx_sign"
     weight_gradient: WeightGradient = "paper"
     two_step: bool = False
-    step1_epochs: int = 1                # two_step: of `epochs`, the activations-only ones
-    init_from: str = ""                  # folder of the pretrain checkpoints (default: out)
-    tuned_config: str = ""               # a `bireal tune` best-config JSON whose keys override these
+    step1_epochs: int = 1  # two_step: of `epochs`, the activations-only ones
+    init_from: str = ""  # folder of the pretrain checkpoints (default: out)
+    tuned_config: str = ""  # a `bireal tune` best-config JSON whose keys override these
     # finetune
-    finetune_fc: bool = False            # also retrain the FC head (BN alone absorbs alpha)
+    finetune_fc: bool = False  # also retrain the FC head (BN alone absorbs alpha)
 
     def __post_init__(self):
         check_choices(self)
         if len(self.phases) != len(self.phase_epochs):
-            raise ValueError(f"phases ({len(self.phases)}) and phase_epochs ({len(self.phase_epochs)}) differ in length")
+            raise ValueError(
+                f"phases ({len(self.phases)}) and phase_epochs ({len(self.phase_epochs)}) differ in length"
+            )
         if len(self.phase_lr_scale) != len(self.phases) or not all(x > 0 for x in self.phase_lr_scale):
-            raise ValueError(f"phase_lr_scale={self.phase_lr_scale}: one positive factor per phase "
-                             f"({len(self.phases)} phases: {self.phases})")
+            raise ValueError(
+                f"phase_lr_scale={self.phase_lr_scale}: one positive factor per phase "
+                f"({len(self.phases)} phases: {self.phases})"
+            )
         if self.two_step and self.stage == "binarize" and not 0 < self.step1_epochs < self.epochs:
-            raise ValueError(f"two_step: epochs={self.epochs} counts step 1's step1_epochs={self.step1_epochs} "
-                             "too (equal compute with one-step runs): need 0 < step1_epochs < epochs")
+            raise ValueError(
+                f"two_step: epochs={self.epochs} counts step 1's step1_epochs={self.step1_epochs} "
+                "too (equal compute with one-step runs): need 0 < step1_epochs < epochs"
+            )
         if self.weight_clip < 0:
             raise ValueError(f"weight_clip={self.weight_clip}: 0 (off) or a positive bound")
         if self.batch_size < 1 or self.epochs < 0 or self.lr <= 0:
@@ -152,52 +159,54 @@ class TrainConfig:
 class TuneSettings:
     """The ``tune`` section: Ray Tune over the binarize stage's settings."""
 
-    enabled: bool = True                 # false: the stage writes an empty pick, binarize keeps its own
+    enabled: bool = True  # false: the stage writes an empty pick, binarize keeps its own
     activations: list[Activation] = field(default_factory=lambda: ["approx_sign", "ste_sign"])
     weight_gradients: list[WeightGradient] = field(default_factory=lambda: ["paper"])
     inits: list[Init] = field(default_factory=lambda: ["scratch", "clip"])
     two_step: list[bool] = field(default_factory=lambda: [False])
     optimizers: list[Optimizer] = field(default_factory=lambda: ["adam"])
-    lr_min: float = 0.002                # log-uniform in [lr_min, lr_max]; equal bounds fix it
+    lr_min: float = 0.002  # log-uniform in [lr_min, lr_max]; equal bounds fix it
     lr_max: float = 0.002
     seeds: list[int] = field(default_factory=lambda: [0])
-    search: Search = "grid"              # grid: every cell x seed; random: num_samples draws
+    search: Search = "grid"  # grid: every cell x seed; random: num_samples draws
     num_samples: int = 1
-    epochs: int = 1                      # per trial (binarize epochs)
-    max_steps_per_epoch: int = 0         # 0: whole epochs; >0 caps the images per epoch
-    asha: bool = True                    # early stopping (ASHA on val_top1); off for ablations
+    epochs: int = 1  # per trial (binarize epochs)
+    max_steps_per_epoch: int = 0  # 0: whole epochs; >0 caps the images per epoch
+    asha: bool = True  # early stopping (ASHA on val_top1); off for ablations
     grace_period: int = 1
     max_concurrent: int = 2
     cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0          # 1 on a GPU cluster
+    gpus_per_trial: float = 0.0  # 1 on a GPU cluster
     storage_path: str = "ray_results"
-    out: str = "tune"                    # best config, table, plot
+    out: str = "tune"  # best config, table, plot
 
     def __post_init__(self):
         check_choices(self)
         if not 0 < self.lr_min <= self.lr_max:
             raise ValueError("need 0 < lr_min <= lr_max")
         if True in self.two_step and self.epochs < 2:
-            raise ValueError(f"two_step includes true but epochs={self.epochs}: a two-step trial spends "
-                             "1 of its epochs on step 1 (equal compute), so it needs epochs >= 2")
+            raise ValueError(
+                f"two_step includes true but epochs={self.epochs}: a two-step trial spends "
+                "1 of its epochs on step 1 (equal compute), so it needs epochs >= 2"
+            )
 
 
 @dataclass
 class RayConfig:
-    address: str = ""               # "" = a local Ray instance (or $RAY_ADDRESS when set)
+    address: str = ""  # "" = a local Ray instance (or $RAY_ADDRESS when set)
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 2
     storage_path: str = "ray_results"
-    temp_dir: str = "/tmp/bireal-ray"   # short: AF_UNIX socket paths over ~107 bytes break Ray
+    temp_dir: str = "/tmp/bireal-ray"  # short: AF_UNIX socket paths over ~107 bytes break Ray
 
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str = ""          # default: sqlite:///<current dir>/mlflow.db (made absolute)
+    tracking_uri: str = ""  # default: sqlite:///<current dir>/mlflow.db (made absolute)
     experiment: str = "bireal"
-    artifact_location: str = ""     # default: <current dir>/mlartifacts (made absolute)
+    artifact_location: str = ""  # default: <current dir>/mlartifacts (made absolute)
 
 
 @dataclass
@@ -208,11 +217,18 @@ class RegistryConfig:
 
 
 # The file's sections; the three training stages' sections hold TrainConfig keys over ``train``.
-SECTIONS: dict[str, type] = {"data": DataConfig, "shard": ShardParams, "tune": TuneSettings, "ray": RayConfig,
-                             "mlflow": MlflowConfig, "registry": RegistryConfig}
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "shard": ShardParams,
+    "tune": TuneSettings,
+    "ray": RayConfig,
+    "mlflow": MlflowConfig,
+    "registry": RegistryConfig,
+}
 
 
 # ---------------------------------------------------------------------------- checking
+
 
 def _choices(tp: Any) -> tuple | None:
     return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
@@ -284,6 +300,7 @@ def build(cls: type[T], values: dict[str, Any], where: str) -> T:
 
 # ---------------------------------------------------------------------------- the file
 
+
 def default_params_path() -> Path:
     """$BIREAL_PARAMS, else params.yaml in the current directory (where `dvc repro` runs stages)."""
     return Path(os.environ.get("BIREAL_PARAMS", Path.cwd() / "params.yaml"))
@@ -330,7 +347,7 @@ class Params:
     ray: RayConfig
     mlflow: MlflowConfig
     registry: RegistryConfig
-    group: str                      # groups one pipeline run's MLflow runs (see ``run_group``)
+    group: str  # groups one pipeline run's MLflow runs (see ``run_group``)
     train_overrides: dict[str, Any] = field(default_factory=dict)
 
     def train(self, stage: str, overrides: dict[str, Any] | None = None, tuned: bool = True) -> TrainConfig:
@@ -344,7 +361,7 @@ class Params:
         pick = values.get("tuned_config")
         if tuned and pick and Path(pick).is_file():
             try:
-                best = json.loads(Path(pick).read_text())["config"] or {}   # null: tuning was disabled
+                best = json.loads(Path(pick).read_text())["config"] or {}  # null: tuning was disabled
             except (ValueError, KeyError) as e:
                 raise ConfigError(f"{pick}: not a `bireal tune` best-config file ({e})") from e
             values.update({k: v for k, v in best.items() if k not in overrides})
@@ -359,8 +376,7 @@ def run_group(path: Path) -> str:
     return f"params-{digest}"
 
 
-def load_params(name_or_path: str | os.PathLike | None = None,
-                train_overrides: dict[str, Any] | None = None) -> Params:
+def load_params(name_or_path: str | os.PathLike | None = None, train_overrides: dict[str, Any] | None = None) -> Params:
     """Read the params file once and check all of it (unknown sections and keys, types, choices,
     each training stage's merged settings) -> ``Params``. Raises ConfigError naming file and key."""
     path = params_path(name_or_path)
@@ -371,8 +387,8 @@ def load_params(name_or_path: str | os.PathLike | None = None,
         raise ConfigError(f"{path}:{unknown[0]}: unknown section (known: {', '.join(sorted(known))})")
     sections = {name: build(cls, dict(raw.get(name) or {}), f"{path}:{name}") for name, cls in SECTIONS.items()}
     params = Params(path, raw, group=run_group(path), train_overrides=dict(train_overrides or {}), **sections)
-    build(TrainConfig, dict(raw.get("train") or {}), f"{path}:train")   # errors name train.KEY
-    for stage in STAGES:                                                     # and then <stage>.KEY
+    build(TrainConfig, dict(raw.get("train") or {}), f"{path}:train")  # errors name train.KEY
+    for stage in STAGES:  # and then <stage>.KEY
         params.train(stage, tuned=False)
     return params
 

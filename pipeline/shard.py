@@ -12,6 +12,7 @@ Plain typed function ``shard_dataset`` (the CLI, DVC and Prefect all call it):
 Bad images never crash the run: convertible ones are converted to RGB JPEG (and listed under
 ``converted``), undecodable / truncated / empty ones are listed under ``quarantine`` with the reason.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -41,6 +42,7 @@ class ShardError(RuntimeError):
 
 # ---------------------------------------------------------------------------- one image
 
+
 def encode_image(ref: Ref, resize: int, quality: int) -> tuple[bytes | None, str]:
     """-> (RGB JPEG bytes, note about a conversion or ""), or (None, reason to quarantine)."""
     import numpy as np
@@ -54,8 +56,8 @@ def encode_image(ref: Ref, resize: int, quality: int) -> tuple[bytes | None, str
         return None, "zero-byte file"
     try:
         im = Image.open(io.BytesIO(data))
-        im.load()                      # decodes fully: truncated files raise here
-    except Exception as e:             # PIL raises many types for broken files
+        im.load()  # decodes fully: truncated files raise here
+    except Exception as e:  # PIL raises many types for broken files
         return None, f"undecodable: {e.__class__.__name__}: {e}"
     notes = []
     if im.format != "JPEG":
@@ -74,7 +76,7 @@ def encode_image(ref: Ref, resize: int, quality: int) -> tuple[bytes | None, str
         im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
         notes.append("resized")
     if notes == []:
-        return data, ""               # an RGB JPEG already at size: kept byte for byte
+        return data, ""  # an RGB JPEG already at size: kept byte for byte
     out = io.BytesIO()
     im.save(out, format="JPEG", quality=quality)
     return out.getvalue(), ", ".join(n for n in notes if n != "resized")
@@ -85,6 +87,7 @@ def _encode_job(job: tuple[Ref, int, int]) -> tuple[bytes | None, str]:
 
 
 # ---------------------------------------------------------------------------- tar writing
+
 
 def _tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
     info = tarfile.TarInfo(name)
@@ -123,11 +126,11 @@ def write_shard(fs, path: str, samples: list[tuple[str, bytes, int, str]], use_g
         if use_gzip:
             stream.close()
     fs.mv(tmp, path)
-    return {"name": path.rsplit("/", 1)[-1], "count": len(samples), "bytes": sink.bytes,
-            "sha256": sink.sha.hexdigest()}
+    return {"name": path.rsplit("/", 1)[-1], "count": len(samples), "bytes": sink.bytes, "sha256": sink.sha.hexdigest()}
 
 
 # ---------------------------------------------------------------------------- the stage
+
 
 def _split_order(samples: list[Sample], seed: int, split: str) -> list[Sample]:
     order = list(samples)
@@ -157,8 +160,10 @@ def _save_json(fs, path: str, obj: dict) -> None:
 
 
 def _identity(source: Source, params: ShardParams) -> dict:
-    return {"source": {"kind": source.kind, "path": source.path, "fingerprint": source.fingerprint},
-            "params": asdict(params)}
+    return {
+        "source": {"kind": source.kind, "path": source.path, "fingerprint": source.fingerprint},
+        "params": asdict(params),
+    }
 
 
 def _resume_state(fs, out: str, identity: dict, overwrite: bool) -> dict:
@@ -167,10 +172,12 @@ def _resume_state(fs, out: str, identity: dict, overwrite: bool) -> dict:
     manifest = _load_json(fs, f"{out}/{MANIFEST}")
     previous = progress or manifest
     if previous and not overwrite and {k: previous.get(k) for k in identity} != identity:
-        raise ShardError(f"{out} holds shards made from another source or with other parameters; "
-                         f"choose another --out, or pass --overwrite to replace them")
+        raise ShardError(
+            f"{out} holds shards made from another source or with other parameters; "
+            f"choose another --out, or pass --overwrite to replace them"
+        )
     if progress and not overwrite:
-        for split in progress["splits"].values():     # keep only shards that are really complete
+        for split in progress["splits"].values():  # keep only shards that are really complete
             kept = []
             for rec in split["shards"]:
                 p = f"{out}/{rec['name']}"
@@ -185,8 +192,14 @@ def _resume_state(fs, out: str, identity: dict, overwrite: bool) -> dict:
     return {**identity, "splits": {}}
 
 
-def shard_dataset(source_path: str, out: str, params: ShardParams = ShardParams(), kind: str = "auto",
-                  overwrite: bool = False, progress_bar: bool = True) -> dict:
+def shard_dataset(
+    source_path: str,
+    out: str,
+    params: ShardParams = ShardParams(),
+    kind: str = "auto",
+    overwrite: bool = False,
+    progress_bar: bool = True,
+) -> dict:
     """Shard ``source_path`` into ``out`` (a local folder or any fsspec URL); -> the manifest."""
     started = time.time()
     source = scan_source(source_path, kind)
@@ -194,9 +207,13 @@ def shard_dataset(source_path: str, out: str, params: ShardParams = ShardParams(
     fs.makedirs(root, exist_ok=True)
     identity = _identity(source, params)
     existing = _load_json(fs, f"{root}/{MANIFEST}")
-    if existing and not overwrite and {k: existing.get(k) for k in identity} == identity \
-            and not fs.exists(f"{root}/{PROGRESS}"):
-        return existing                               # already complete: nothing to do
+    if (
+        existing
+        and not overwrite
+        and {k: existing.get(k) for k in identity} == identity
+        and not fs.exists(f"{root}/{PROGRESS}")
+    ):
+        return existing  # already complete: nothing to do
     state = _resume_state(fs, root, identity, overwrite)
     for stale in fs.glob(f"{root}/*.tmp"):
         fs.rm(stale)
@@ -207,10 +224,10 @@ def shard_dataset(source_path: str, out: str, params: ShardParams = ShardParams(
     try:
         bar = _progress(total, done, progress_bar)
         for split, samples in source.splits.items():
-            st = state["splits"].setdefault(split, {"shards": [], "next_sample": 0, "quarantine": [],
-                                                    "converted": []})
-            _shard_split(fs, root, split, ext, _split_order(samples, params.seed, split), source, params,
-                         st, state, pool, bar)
+            st = state["splits"].setdefault(split, {"shards": [], "next_sample": 0, "quarantine": [], "converted": []})
+            _shard_split(
+                fs, root, split, ext, _split_order(samples, params.seed, split), source, params, st, state, pool, bar
+            )
         bar.close()
     finally:
         if pool is not None:
@@ -218,15 +235,16 @@ def shard_dataset(source_path: str, out: str, params: ShardParams = ShardParams(
     manifest = _manifest(source, state, identity)
     _save_json(fs, f"{root}/{MANIFEST}", manifest)
     fs.rm(f"{root}/{PROGRESS}")
-    manifest["elapsed_seconds"] = round(time.time() - started, 2)   # run-time only, not in the file
+    manifest["elapsed_seconds"] = round(time.time() - started, 2)  # run-time only, not in the file
     return manifest
 
 
 def _progress(total: int, done: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=done, unit="img", desc="shard", disable=not enabled,
-                dynamic_ncols=True, smoothing=0.1)
+    return tqdm(
+        total=total, initial=done, unit="img", desc="shard", disable=not enabled, dynamic_ncols=True, smoothing=0.1
+    )
 
 
 def _shard_split(fs, root, split, ext, order, source, params, st, state, pool, bar) -> None:
@@ -253,8 +271,7 @@ def _shard_split(fs, root, split, ext, order, source, params, st, state, pool, b
                 st["converted"].append({"index": index, "path": sample.ref.describe(sample.name), "note": note})
             wnid = source.classes[sample.label]["wnid"]
             size = _member_bytes((len(jpg), len(str(sample.label)), len(wnid)))
-            if pending and (len(pending) >= params.samples_per_shard
-                            or pending_bytes + size > params.max_shard_bytes):
+            if pending and (len(pending) >= params.samples_per_shard or pending_bytes + size > params.max_shard_bytes):
                 flush(index)
             pending.append((f"{split}-{index:08d}", jpg, sample.label, wnid))
             pending_bytes += size
@@ -262,7 +279,7 @@ def _shard_split(fs, root, split, ext, order, source, params, st, state, pool, b
         bar.update(1)
     if pending:
         flush(index)
-    elif st["next_sample"] < index:        # only quarantined samples after the last shard
+    elif st["next_sample"] < index:  # only quarantined samples after the last shard
         st["next_sample"] = index
 
 
@@ -276,16 +293,26 @@ def _manifest(source: Source, state: dict, identity: dict) -> dict:
         for i, s in enumerate(order):
             if i not in skipped:
                 counts[s.label] += 1
-        splits[split] = {"count": sum(r["count"] for r in shards), "quarantined": len(skipped),
-                         "per_class": {source.classes[i]["wnid"]: n for i, n in enumerate(counts)},
-                         "shards": shards}
+        splits[split] = {
+            "count": sum(r["count"] for r in shards),
+            "quarantined": len(skipped),
+            "per_class": {source.classes[i]["wnid"]: n for i, n in enumerate(counts)},
+            "shards": shards,
+        }
         quarantine += [{"split": split, "path": q["path"], "reason": q["reason"]} for q in st["quarantine"]]
         converted += [{"split": split, "path": c["path"], "note": c["note"]} for c in st["converted"]]
-    return {"version": MANIFEST_VERSION, **identity, "classes": source.classes, "splits": splits,
-            "quarantine": quarantine, "converted": converted}
+    return {
+        "version": MANIFEST_VERSION,
+        **identity,
+        "classes": source.classes,
+        "splits": splits,
+        "quarantine": quarantine,
+        "converted": converted,
+    }
 
 
 # ---------------------------------------------------------------------------- verify
+
 
 def verify_shards(out: str) -> list[str]:
     """Check every shard against the manifest (exists, bytes, sha256, sample count): -> problems."""
@@ -294,7 +321,7 @@ def verify_shards(out: str) -> list[str]:
     if manifest is None:
         raise ShardError(f"{out}: no {MANIFEST} (not a shard folder, or sharding did not finish)")
     problems = []
-    for split, info in manifest["splits"].items():
+    for _split, info in manifest["splits"].items():
         for rec in info["shards"]:
             path = f"{root}/{rec['name']}"
             if not fs.exists(path):
@@ -315,13 +342,17 @@ def verify_shards(out: str) -> list[str]:
 
 
 def summarize(manifest: dict) -> str:
-    lines = [f"source: {manifest['source']['kind']} {manifest['source']['path']}",
-             f"classes: {len(manifest['classes'])}"]
+    lines = [
+        f"source: {manifest['source']['kind']} {manifest['source']['path']}",
+        f"classes: {len(manifest['classes'])}",
+    ]
     for split, info in manifest["splits"].items():
         per = list(info["per_class"].values())
         size = sum(r["bytes"] for r in info["shards"])
-        lines.append(f"{split}: {info['count']:,} samples in {len(info['shards'])} shards "
-                     f"({size / 1e6:.1f} MB), per class {min(per)}-{max(per)}, quarantined {info['quarantined']}")
+        lines.append(
+            f"{split}: {info['count']:,} samples in {len(info['shards'])} shards "
+            f"({size / 1e6:.1f} MB), per class {min(per)}-{max(per)}, quarantined {info['quarantined']}"
+        )
     lines.append(f"converted: {len(manifest['converted'])}, quarantined: {len(manifest['quarantine'])}")
     for q in manifest["quarantine"][:10]:
         lines.append(f"  quarantined {q['path']}: {q['reason']}")

@@ -4,6 +4,7 @@ Each scanner returns a ``Source``: the class list and, per split, the samples in
 (sorted) order, each with a reference its bytes can be read from without extracting anything,
 plus a cheap fingerprint (names, sizes, mtimes; never the image bytes).
 """
+
 from __future__ import annotations
 
 import csv
@@ -46,14 +47,14 @@ class Ref:
 class Sample:
     label: int
     ref: Ref
-    name: str          # the file's name in the source, for the manifest and error messages
+    name: str  # the file's name in the source, for the manifest and error messages
 
 
 @dataclass
 class Source:
     kind: str
     path: str
-    classes: list[dict]                            # [{"index", "wnid", "name"}]
+    classes: list[dict]  # [{"index", "wnid", "name"}]
     splits: dict[str, list[Sample]] = field(default_factory=dict)
     fingerprint: str = ""
 
@@ -71,6 +72,7 @@ def _stat_entry(path: Path, root: Path) -> tuple:
 
 
 # ---------------------------------------------------------------------------- image folder
+
 
 def scan_image_folder(root: str | os.PathLike) -> Source:
     """``root/train/<class>/*`` plus ``root/val/<class>/*`` or ``root/test/<class>/*``."""
@@ -103,6 +105,7 @@ def scan_image_folder(root: str | os.PathLike) -> Source:
 
 
 # ---------------------------------------------------------------------------- ILSVRC2012 tars
+
 
 def _find(root: Path, pattern: str) -> Path | None:
     hits = sorted(root.rglob(pattern))
@@ -140,8 +143,10 @@ def _val_labels(root: Path, n_images: int) -> tuple[dict[str, str], dict[str, st
         synsets = read_devkit_synsets(meta)
         ids = [int(line) for line in gt.read_text().split()]
         return {f"ILSVRC2012_val_{i + 1:08d}": synsets[ident][0] for i, ident in enumerate(ids)}, names
-    raise SourceError(f"{root}: validation labels not found (LOC_val_solution.csv, or "
-                      f"ILSVRC2012_validation_ground_truth.txt with the devkit's meta.mat)")
+    raise SourceError(
+        f"{root}: validation labels not found (LOC_val_solution.csv, or "
+        f"ILSVRC2012_validation_ground_truth.txt with the devkit's meta.mat)"
+    )
 
 
 def scan_ilsvrc(root: str | os.PathLike) -> Source:
@@ -151,7 +156,7 @@ def scan_ilsvrc(root: str | os.PathLike) -> Source:
     train_tar, val_tar = _find(root, ILSVRC_TRAIN_TAR), _find(root, ILSVRC_VAL_TAR)
     if train_tar is None:
         raise SourceError(f"{root}: {ILSVRC_TRAIN_TAR} not found")
-    train: list[tuple[str, str, int, int]] = []        # (wnid, name, offset, size)
+    train: list[tuple[str, str, int, int]] = []  # (wnid, name, offset, size)
     with tarfile.open(train_tar, "r:") as outer:
         for member in outer:
             if not (member.isfile() and member.name.endswith(".tar")):
@@ -170,10 +175,12 @@ def scan_ilsvrc(root: str | os.PathLike) -> Source:
         with tarfile.open(val_tar, "r:") as tar:
             val = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
     labels, names = _val_labels(root, len(val)) if val else ({}, {})
-    source = Source("ilsvrc", str(root),
-                    [{"index": i, "wnid": w, "name": names.get(w, w)} for i, w in enumerate(wnids)])
-    source.splits["train"] = [Sample(index[w], Ref(str(train_tar), off, size), f"{w}/{name}")
-                              for w, name, off, size in sorted(train)]
+    source = Source(
+        "ilsvrc", str(root), [{"index": i, "wnid": w, "name": names.get(w, w)} for i, w in enumerate(wnids)]
+    )
+    source.splits["train"] = [
+        Sample(index[w], Ref(str(train_tar), off, size), f"{w}/{name}") for w, name, off, size in sorted(train)
+    ]
     if val:
         samples = []
         for name, off, size in sorted(val):
@@ -185,8 +192,15 @@ def scan_ilsvrc(root: str | os.PathLike) -> Source:
             samples.append(Sample(index[labels[stem]], Ref(str(val_tar), off, size), name))
         source.splits["val"] = samples
     files = [p for p in (train_tar, val_tar) if p is not None]
-    files += [p for p in (_find(root, "LOC_val_solution.csv"), _find(root, "meta.mat"),
-                          _find(root, "ILSVRC2012_validation_ground_truth.txt")) if p is not None]
+    files += [
+        p
+        for p in (
+            _find(root, "LOC_val_solution.csv"),
+            _find(root, "meta.mat"),
+            _find(root, "ILSVRC2012_validation_ground_truth.txt"),
+        )
+        if p is not None
+    ]
     source.fingerprint = _fingerprint(_stat_entry(p, root) for p in files)
     return source
 
@@ -208,9 +222,9 @@ def render_demo_digits(out: str | os.PathLike) -> Path:
     if marker.is_file() and marker.read_text() == DEMO_VERSION:
         return out
     digits = load_digits()
-    palette = np.array([[255, 250, 240], [20, 40, 120]], dtype=np.float32)   # ink on paper, in colour
+    palette = np.array([[255, 250, 240], [20, 40, 120]], dtype=np.float32)  # ink on paper, in colour
     for i, (img, label) in enumerate(zip(digits.images, digits.target)):
-        t = (img / 16.0)[..., None]                                          # (8, 8, 1) ink density
+        t = (img / 16.0)[..., None]  # (8, 8, 1) ink density
         rgb = (palette[0] * (1 - t) + palette[1] * t).astype(np.uint8)
         split = "test" if i % 5 == 0 else "train"
         path = out / split / str(label) / f"{i:04d}.jpg"
@@ -226,7 +240,7 @@ def scan_source(path: str, kind: str = "auto", demo_dir: str | os.PathLike | Non
         folder = render_demo_digits(demo_dir or Path.cwd() / "data" / "demo_digits")
         source = scan_image_folder(folder)
         source.kind, source.path = "demo", "demo"
-        source.fingerprint = _fingerprint([DEMO_VERSION])   # content is fixed; mtimes are not
+        source.fingerprint = _fingerprint([DEMO_VERSION])  # content is fixed; mtimes are not
         return source
     root = Path(path)
     if not root.exists():
@@ -237,7 +251,6 @@ def scan_source(path: str, kind: str = "auto", demo_dir: str | os.PathLike | Non
         return scan_ilsvrc(root)
     if kind != "auto":
         raise SourceError(f"unknown source kind {kind!r} (auto, folder, ilsvrc, demo)")
-    raise SourceError(f"{root}: neither an image folder (train/<class>/*) nor the ILSVRC2012 tars "
-                      f"({ILSVRC_TRAIN_TAR}); is it empty?")
-
-
+    raise SourceError(
+        f"{root}: neither an image folder (train/<class>/*) nor the ILSVRC2012 tars ({ILSVRC_TRAIN_TAR}); is it empty?"
+    )

@@ -9,6 +9,7 @@ Every function takes the ``Params`` read once by the entry point and calls the a
 Ray Tune, MLflow) and plain modules below it; heavy packages are imported inside, so the table
 itself loads with no torch, ray or mlflow.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,25 +19,43 @@ from typing import Any, Callable
 
 from .params import Params, TrainConfig
 
-ARTIFACT = "artifacts/model.safetensors"      # the packed 1-bit model
-EXAMPLE_IMAGE = "artifacts/example.jpg"       # the registered model's input example
-METRICS = "metrics"                           # <stage>.json per stage (dvc metrics show)
+ARTIFACT = "artifacts/model.safetensors"  # the packed 1-bit model
+EXAMPLE_IMAGE = "artifacts/example.jpg"  # the registered model's input example
+METRICS = "metrics"  # <stage>.json per stage (dvc metrics show)
 CONFUSION = "plots/confusion.csv"
 
 
 # ---------------------------------------------------------------------------- the stages
 
-def shard(params: Params, source: str | None = None, out: str | None = None, kind: str = "auto",
-          overwrite: bool = False, progress_bar: bool = True) -> dict:
+
+def shard(
+    params: Params,
+    source: str | None = None,
+    out: str | None = None,
+    kind: str = "auto",
+    overwrite: bool = False,
+    progress_bar: bool = True,
+) -> dict:
     """Images -> WebDataset shards + manifest at ``train.shards`` (or ``out``)."""
     from .shard import shard_dataset
 
-    return shard_dataset(source or params.data.source, out or params.train("pretrain").shards, params.shard,
-                         kind=kind, overwrite=overwrite, progress_bar=progress_bar)
+    return shard_dataset(
+        source or params.data.source,
+        out or params.train("pretrain").shards,
+        params.shard,
+        kind=kind,
+        overwrite=overwrite,
+        progress_bar=progress_bar,
+    )
 
 
-def train(stage: str, params: Params, overrides: dict[str, Any] | None = None, use_ray: bool = True,
-          metrics_out: str | None = None) -> dict:
+def train(
+    stage: str,
+    params: Params,
+    overrides: dict[str, Any] | None = None,
+    use_ray: bool = True,
+    metrics_out: str | None = None,
+) -> dict:
     """One training stage (pretrain | binarize | finetune): tracked in MLflow, run on Ray Train
     (or in this process), its final metrics written as JSON."""
     config = params.train(stage, overrides)
@@ -54,8 +73,9 @@ def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> d
     from .adapters.tracking import finish_stage_run, resolve, start_stage_run
 
     mlflow_cfg = resolve(params.mlflow)
-    run_id = start_stage_run(mlflow_cfg, config.stage, {"train": asdict(config), "ray": asdict(params.ray)},
-                             params.group)
+    run_id = start_stage_run(
+        mlflow_cfg, config.stage, {"train": asdict(config), "ray": asdict(params.ray)}, params.group
+    )
     try:
         if use_ray:
             from .adapters.ray_train import run_stage_on_ray
@@ -71,8 +91,11 @@ def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> d
         raise
     cost = bc.summary(bc.load_checkpoint(result["checkpoint"])[0]).as_dict()
     finish_stage_run(mlflow_cfg, run_id, result, cost)
-    return {**result, "mlflow_run_id": run_id,
-            "cost": {"cost_ops": cost["ops"], "cost_memory_mbit": cost["memory_mbit"]}}
+    return {
+        **result,
+        "mlflow_run_id": run_id,
+        "cost": {"cost_ops": cost["ops"], "cost_memory_mbit": cost["memory_mbit"]},
+    }
 
 
 def tune(params: Params) -> dict:
@@ -91,8 +114,9 @@ def tune(params: Params) -> dict:
     return {**summary, "enabled": True, "files": write_outputs(summary, settings.out)}
 
 
-def export(params: Params, checkpoint: str | None = None, out: str = ARTIFACT,
-           class_names: list[str] | None = None) -> dict:
+def export(
+    params: Params, checkpoint: str | None = None, out: str = ARTIFACT, class_names: list[str] | None = None
+) -> dict:
     """The finetuned checkpoint -> the packed 1-bit artifact."""
     from cuda_ext.packed import artifact_size, export_checkpoint
 
@@ -101,21 +125,37 @@ def export(params: Params, checkpoint: str | None = None, out: str = ARTIFACT,
     return {"artifact": str(path), "size": artifact_size(path)}
 
 
-def evaluate(params: Params, artifact: str = ARTIFACT, shards: str | None = None, checkpoint: str | None = None,
-             metrics_out: str | None = f"{METRICS}/evaluate.json", confusion_out: str | None = CONFUSION,
-             device: str = "cpu") -> dict:
+def evaluate(
+    params: Params,
+    artifact: str = ARTIFACT,
+    shards: str | None = None,
+    checkpoint: str | None = None,
+    metrics_out: str | None = f"{METRICS}/evaluate.json",
+    confusion_out: str | None = CONFUSION,
+    device: str = "cpu",
+) -> dict:
     """The packed artifact on the evaluation split, with its agreement to the training graph."""
     from .evaluate import evaluate_artifact, write_outputs
 
-    result = evaluate_artifact(artifact, shards or params.train("finetune").shards,
-                               checkpoint if checkpoint is not None else finetuned_checkpoint(params), device=device)
+    result = evaluate_artifact(
+        artifact,
+        shards or params.train("finetune").shards,
+        checkpoint if checkpoint is not None else finetuned_checkpoint(params),
+        device=device,
+    )
     if metrics_out:
         write_outputs(result, metrics_out, confusion_out)
     return result
 
 
-def register(params: Params, artifact: str = ARTIFACT, evaluation: dict | None = None, shards: str | None = None,
-             model_name: str | None = None, out: str | None = f"{METRICS}/registry.json") -> dict:
+def register(
+    params: Params,
+    artifact: str = ARTIFACT,
+    evaluation: dict | None = None,
+    shards: str | None = None,
+    model_name: str | None = None,
+    out: str | None = f"{METRICS}/registry.json",
+) -> dict:
     """The evaluated artifact into the MLflow registry (``registry`` section), with a real image of
     the evaluation split as the signature's example and the cost table of its source checkpoint."""
     from cuda_ext.packed import read_artifact_header
@@ -127,7 +167,7 @@ def register(params: Params, artifact: str = ARTIFACT, evaluation: dict | None =
     evaluation = evaluation or json.loads(Path(f"{METRICS}/evaluate.json").read_text())
     shards = shards or params.train("finetune").shards
     registry = params.registry if not model_name else type(params.registry)(model_name=model_name)
-    header = read_artifact_header(artifact)       # register_artifact verifies the tensors
+    header = read_artifact_header(artifact)  # register_artifact verifies the tensors
     manifest = read_manifest(shards)
     url = split_shards(manifest, shards, eval_split_name(manifest))[0][0]
     example = Path(artifact).with_name("example.jpg")
@@ -137,8 +177,7 @@ def register(params: Params, artifact: str = ARTIFACT, evaluation: dict | None =
         import bireal_core as bc
 
         cost = bc.summary(bc.load_checkpoint(header["source"]["checkpoint"])[0]).as_dict()
-    result = register_artifact(artifact, evaluation, str(example), resolve(params.mlflow), registry,
-                               params.group, cost)
+    result = register_artifact(artifact, evaluation, str(example), resolve(params.mlflow), registry, params.group, cost)
     if out:
         write_registry_summary(result, out)
     return result
@@ -151,13 +190,14 @@ def finetuned_checkpoint(params: Params) -> str:
 
 # ---------------------------------------------------------------------------- the table
 
+
 @dataclass(frozen=True)
 class StageSpec:
     """One stage: its function and its DVC contract. Paths may name params as ``${section.key}``
     (DVC's templating; ``resolve_path`` fills them in the same way)."""
 
     name: str
-    run: Callable[..., dict]          # run(params, use_ray=...) -> a JSON-able summary
+    run: Callable[..., dict]  # run(params, use_ray=...) -> a JSON-able summary
     deps: tuple[str, ...]
     params: tuple[str, ...]
     outs: tuple[str, ...] = ()
@@ -168,46 +208,105 @@ class StageSpec:
 def _train_runner(stage: str):
     def run(params: Params, use_ray: bool = True) -> dict:
         return train(stage, params, use_ray=use_ray, metrics_out=f"{METRICS}/{stage}.json")
+
     return run
 
 
-TRAIN_CODE = ("bireal_core", "pipeline/train.py", "pipeline/data.py", "pipeline/params.py",
-              "pipeline/adapters/ray_train.py")
+TRAIN_CODE = (
+    "bireal_core",
+    "pipeline/train.py",
+    "pipeline/data.py",
+    "pipeline/params.py",
+    "pipeline/adapters/ray_train.py",
+)
 CKPT = "${train.out}"
 
 STAGE_TABLE: tuple[StageSpec, ...] = (
-    StageSpec("shard", lambda p, use_ray=True: shard(p, progress_bar=False),
-              deps=("pipeline/shard.py", "pipeline/sources.py"), params=("data.source", "shard"),
-              outs=("${train.shards}",)),
-    StageSpec("pretrain", _train_runner("pretrain"), deps=("${train.shards}", *TRAIN_CODE),
-              params=("train", "pretrain", "ray.num_workers"),
-              # the phases later stages read (leaky_clip is only a step between)
-              outs=(f"{CKPT}/pretrain-relu.safetensors", f"{CKPT}/pretrain-clip.safetensors",
-                    f"{CKPT}/pretrain.safetensors"),
-              metrics=(f"{METRICS}/pretrain.json",), uses_ray=True),
-    StageSpec("tune", lambda p, use_ray=True: tune(p),
-              deps=("${train.shards}", f"{CKPT}/pretrain-clip.safetensors", f"{CKPT}/pretrain-relu.safetensors",
-                    "pipeline/tune.py", "pipeline/adapters/ray_tune.py", *TRAIN_CODE),
-              params=("tune", "train", "binarize"),
-              outs=("${tune.out}/best.json", "${tune.out}/table.json", "${tune.out}/table.csv"), uses_ray=True),
-    StageSpec("binarize", _train_runner("binarize"),
-              deps=("${train.shards}", "${tune.out}/best.json", f"{CKPT}/pretrain-clip.safetensors",
-                    f"{CKPT}/pretrain-relu.safetensors", *TRAIN_CODE),
-              params=("train", "binarize", "ray.num_workers"), outs=(f"{CKPT}/binarize.safetensors",),
-              metrics=(f"{METRICS}/binarize.json",), uses_ray=True),
-    StageSpec("finetune", _train_runner("finetune"),
-              deps=("${train.shards}", f"{CKPT}/binarize.safetensors", *TRAIN_CODE),
-              params=("train", "finetune", "ray.num_workers"), outs=(f"{CKPT}/finetune.safetensors",),
-              metrics=(f"{METRICS}/finetune.json",), uses_ray=True),
-    StageSpec("export", lambda p, use_ray=True: export(p),
-              deps=(f"{CKPT}/finetune.safetensors", "cuda_ext"), params=(), outs=(ARTIFACT,)),
-    StageSpec("evaluate", lambda p, use_ray=True: evaluate(p),
-              deps=(ARTIFACT, f"{CKPT}/finetune.safetensors", "${train.shards}", "pipeline/evaluate.py",
-                    "pipeline/data.py", "cuda_ext"),
-              params=(), outs=(CONFUSION,), metrics=(f"{METRICS}/evaluate.json",)),
-    StageSpec("register", lambda p, use_ray=True: register(p),
-              deps=(ARTIFACT, f"{METRICS}/evaluate.json", "pipeline/adapters"), params=("registry",),
-              metrics=(f"{METRICS}/registry.json",)),
+    StageSpec(
+        "shard",
+        lambda p, use_ray=True: shard(p, progress_bar=False),
+        deps=("pipeline/shard.py", "pipeline/sources.py"),
+        params=("data.source", "shard"),
+        outs=("${train.shards}",),
+    ),
+    StageSpec(
+        "pretrain",
+        _train_runner("pretrain"),
+        deps=("${train.shards}", *TRAIN_CODE),
+        params=("train", "pretrain", "ray.num_workers"),
+        # the phases later stages read (leaky_clip is only a step between)
+        outs=(f"{CKPT}/pretrain-relu.safetensors", f"{CKPT}/pretrain-clip.safetensors", f"{CKPT}/pretrain.safetensors"),
+        metrics=(f"{METRICS}/pretrain.json",),
+        uses_ray=True,
+    ),
+    StageSpec(
+        "tune",
+        lambda p, use_ray=True: tune(p),
+        deps=(
+            "${train.shards}",
+            f"{CKPT}/pretrain-clip.safetensors",
+            f"{CKPT}/pretrain-relu.safetensors",
+            "pipeline/tune.py",
+            "pipeline/adapters/ray_tune.py",
+            *TRAIN_CODE,
+        ),
+        params=("tune", "train", "binarize"),
+        outs=("${tune.out}/best.json", "${tune.out}/table.json", "${tune.out}/table.csv"),
+        uses_ray=True,
+    ),
+    StageSpec(
+        "binarize",
+        _train_runner("binarize"),
+        deps=(
+            "${train.shards}",
+            "${tune.out}/best.json",
+            f"{CKPT}/pretrain-clip.safetensors",
+            f"{CKPT}/pretrain-relu.safetensors",
+            *TRAIN_CODE,
+        ),
+        params=("train", "binarize", "ray.num_workers"),
+        outs=(f"{CKPT}/binarize.safetensors",),
+        metrics=(f"{METRICS}/binarize.json",),
+        uses_ray=True,
+    ),
+    StageSpec(
+        "finetune",
+        _train_runner("finetune"),
+        deps=("${train.shards}", f"{CKPT}/binarize.safetensors", *TRAIN_CODE),
+        params=("train", "finetune", "ray.num_workers"),
+        outs=(f"{CKPT}/finetune.safetensors",),
+        metrics=(f"{METRICS}/finetune.json",),
+        uses_ray=True,
+    ),
+    StageSpec(
+        "export",
+        lambda p, use_ray=True: export(p),
+        deps=(f"{CKPT}/finetune.safetensors", "cuda_ext"),
+        params=(),
+        outs=(ARTIFACT,),
+    ),
+    StageSpec(
+        "evaluate",
+        lambda p, use_ray=True: evaluate(p),
+        deps=(
+            ARTIFACT,
+            f"{CKPT}/finetune.safetensors",
+            "${train.shards}",
+            "pipeline/evaluate.py",
+            "pipeline/data.py",
+            "cuda_ext",
+        ),
+        params=(),
+        outs=(CONFUSION,),
+        metrics=(f"{METRICS}/evaluate.json",),
+    ),
+    StageSpec(
+        "register",
+        lambda p, use_ray=True: register(p),
+        deps=(ARTIFACT, f"{METRICS}/evaluate.json", "pipeline/adapters"),
+        params=("registry",),
+        metrics=(f"{METRICS}/registry.json",),
+    ),
 )
 STAGES_BY_NAME = {s.name: s for s in STAGE_TABLE}
 
@@ -222,8 +321,10 @@ def resolve_path(path: str, params: Params) -> str:
         try:
             return str(params.raw[section][key])
         except KeyError:
-            raise KeyError(f"{params.path.name}: {section}.{key} is needed by the stage table "
-                           "(dvc.yaml templates it)") from None
+            raise KeyError(
+                f"{params.path.name}: {section}.{key} is needed by the stage table (dvc.yaml templates it)"
+            ) from None
+
     return re.sub(r"\$\{([\w.]+)\}", value, path)
 
 
@@ -235,9 +336,13 @@ def run_stage(name: str, params: Params, use_ray: bool = True) -> dict:
 
 
 def format_history(history: list[dict]) -> str:
-    lines = [f"{'epoch':>5} {'segment':<28}{'train_loss':>11}{'train_top1':>11}{'val_top1':>9}"
-             f"{'val_top5':>9}{'flip':>8}{'img/s':>8}"]
+    lines = [
+        f"{'epoch':>5} {'segment':<28}{'train_loss':>11}{'train_top1':>11}{'val_top1':>9}"
+        f"{'val_top5':>9}{'flip':>8}{'img/s':>8}"
+    ]
     for h in history:
-        lines.append(f"{h['epoch']:>5} {h['segment']:<28}{h['train_loss']:>11.4f}{h['train_top1']:>11.3f}"
-                     f"{h['val_top1']:>9.3f}{h['val_top5']:>9.3f}{h['flip_ratio']:>8.4f}{h['img_s']:>8.0f}")
+        lines.append(
+            f"{h['epoch']:>5} {h['segment']:<28}{h['train_loss']:>11.4f}{h['train_top1']:>11.3f}"
+            f"{h['val_top1']:>9.3f}{h['val_top5']:>9.3f}{h['flip_ratio']:>8.4f}{h['img_s']:>8.0f}"
+        )
     return "\n".join(lines)

@@ -13,6 +13,7 @@ A stage is a list of *segments* run in order, each with its own optimizer and sc
 - finetune: weights constrained to +-1 (so alpha = 1), binary convs frozen, BatchNorm retrained to
   absorb the old alpha. Its checkpoint is what ``bireal export`` packs.
 """
+
 from __future__ import annotations
 
 import time
@@ -32,6 +33,7 @@ __all__ = ["STAGES", "TrainConfig", "Runtime", "train_loop"]
 
 # ---------------------------------------------------------------------------- runtime
 
+
 class Runtime:
     """What the loop needs from its environment. This one: a single process, no Ray (Ray Train and
     Ray Tune subclass it in ``pipeline/adapters``)."""
@@ -50,15 +52,25 @@ class Runtime:
 
 # ---------------------------------------------------------------------------- pieces
 
+
 def count_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices
     return int((top == labels[:, None]).any(dim=1).sum())
 
 
-def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer,
-                    lr_at: Callable[[int], float], first_step: int, device: torch.device,
-                    label_smoothing: float = 0.0, max_steps: int = 0, amp: bool = False,
-                    world_size: int = 1, after_step: Callable[[], None] | None = None) -> dict:
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable,
+    optimizer: torch.optim.Optimizer,
+    lr_at: Callable[[int], float],
+    first_step: int,
+    device: torch.device,
+    label_smoothing: float = 0.0,
+    max_steps: int = 0,
+    amp: bool = False,
+    world_size: int = 1,
+    after_step: Callable[[], None] | None = None,
+) -> dict:
     """One pass over ``batches``; the learning rate is set per step from ``lr_at(global step)``.
     Loss, accuracy and images/s are totals over all ranks."""
     model.train()
@@ -84,29 +96,44 @@ def train_one_epoch(model: nn.Module, batches: Iterable, optimizer: torch.optim.
         step += 1
     seconds = time.perf_counter() - start
     totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
-    if world_size > 1:                                            # [dist]
+    if world_size > 1:  # [dist]
         torch.distributed.all_reduce(totals)
     loss_sum, correct, seen = float(totals[0]), float(totals[1]), int(totals[2])
-    return {"train_loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1),
-            "train_images": seen, "img_s": seen / max(seconds, 1e-9), "steps": step - first_step}
+    return {
+        "train_loss": loss_sum / max(seen, 1),
+        "train_top1": correct / max(seen, 1),
+        "train_images": seen,
+        "img_s": seen / max(seconds, 1e-9),
+        "steps": step - first_step,
+    }
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, device: torch.device, world_size: int = 1) -> dict:
     """Loss, top-1 and top-5 over this rank's batches, summed over ranks when distributed."""
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64)   # loss sum, top-1, top-5, count
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1, top-5, count
     for images, labels in batches:
         images, labels = images.to(device), labels.to(device)
         logits = model(images).float()
-        totals += torch.tensor([float(F.cross_entropy(logits, labels, reduction="sum")),
-                                count_correct(logits, labels, 1), count_correct(logits, labels, 5),
-                                len(labels)], dtype=torch.float64)
-    if world_size > 1:                                            # [dist]
+        totals += torch.tensor(
+            [
+                float(F.cross_entropy(logits, labels, reduction="sum")),
+                count_correct(logits, labels, 1),
+                count_correct(logits, labels, 5),
+                len(labels),
+            ],
+            dtype=torch.float64,
+        )
+    if world_size > 1:  # [dist]
         torch.distributed.all_reduce(totals)
     n = max(float(totals[3]), 1.0)
-    return {"val_loss": float(totals[0]) / n, "val_top1": float(totals[1]) / n,
-            "val_top5": float(totals[2]) / n, "val_images": int(totals[3])}
+    return {
+        "val_loss": float(totals[0]) / n,
+        "val_top1": float(totals[1]) / n,
+        "val_top5": float(totals[2]) / n,
+        "val_images": int(totals[3]),
+    }
 
 
 def binary_conv_weights(model: nn.Module) -> list[torch.Tensor]:
@@ -129,8 +156,7 @@ def flip_ratio(before: list[torch.Tensor], model: nn.Module) -> float:
 def binarized_weights(model: nn.Module) -> set[int]:
     """ids of the latent weights that are binarized in the forward (a weight binarizer is set). The
     real-valued twin's convs and two-step step 1's convs are BinaryConv2d too, with real weights."""
-    return {id(m.weight) for m in model.modules()
-            if isinstance(m, bc.BinaryConv2d) and m.weight_binarizer is not None}
+    return {id(m.weight) for m in model.modules() if isinstance(m, bc.BinaryConv2d) and m.weight_binarizer is not None}
 
 
 def weight_clipper(model: nn.Module, config: TrainConfig) -> Callable[[], None] | None:
@@ -145,6 +171,7 @@ def weight_clipper(model: nn.Module, config: TrainConfig) -> Callable[[], None] 
     def clip() -> None:
         for w in weights:
             w.clamp_(-config.weight_clip, config.weight_clip)
+
     return clip
 
 
@@ -154,8 +181,10 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     configured decay."""
     binary = binarized_weights(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if id(p) in binary], "weight_decay": 0.0},
-              {"params": [p for p in params if id(p) not in binary], "weight_decay": config.weight_decay}]
+    groups = [
+        {"params": [p for p in params if id(p) in binary], "weight_decay": 0.0},
+        {"params": [p for p in params if id(p) not in binary], "weight_decay": config.weight_decay},
+    ]
     groups = [g for g in groups if g["params"]]
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
@@ -174,13 +203,14 @@ def lr_schedule(config: TrainConfig, total_steps: int, base_lr: float | None = N
 
 # ---------------------------------------------------------------------------- stages as segments
 
+
 @dataclass
 class Segment:
     name: str
     epochs: int
-    prepare: Callable[[nn.Module | None], nn.Module]   # previous segment's model -> this one's
-    save_as: str | None = None                         # extra checkpoint at the segment's end
-    lr_scale: float = 1.0                              # its starting lr = lr_scale * config.lr
+    prepare: Callable[[nn.Module | None], nn.Module]  # previous segment's model -> this one's
+    save_as: str | None = None  # extra checkpoint at the segment's end
+    lr_scale: float = 1.0  # its starting lr = lr_scale * config.lr
 
 
 def stage_checkpoint(config: TrainConfig, name: str, folder: str = "") -> Path:
@@ -190,22 +220,27 @@ def stage_checkpoint(config: TrainConfig, name: str, folder: str = "") -> Path:
 
 def _twin_phase(config: TrainConfig, activation: str, num_classes: int):
     def prepare(previous: nn.Module | None) -> nn.Module:
-        model = bc.create_twin(config.arch, activation=activation, num_classes=num_classes,
-                               **config.model_kwargs())
+        model = bc.create_twin(config.arch, activation=activation, num_classes=num_classes, **config.model_kwargs())
         if previous is not None:
             report = bc.init_from_twin(model, previous.state_dict())
             assert report.complete, str(report)
         return model
+
     return prepare
 
 
 def _binarize_init(config: TrainConfig, num_classes: int):
     def prepare(previous: nn.Module | None) -> nn.Module:
-        model = bc.create_model(config.arch, num_classes=num_classes, activation=config.activation,
-                                weight_gradient=config.weight_gradient,
-                                binary_weights=not config.two_step, **config.model_kwargs())
+        model = bc.create_model(
+            config.arch,
+            num_classes=num_classes,
+            activation=config.activation,
+            weight_gradient=config.weight_gradient,
+            binary_weights=not config.two_step,
+            **config.model_kwargs(),
+        )
         if config.init == "scratch" and config.latent_init == "official":
-            with torch.no_grad():   # HardBinaryConv: torch.rand(...) * 0.001
+            with torch.no_grad():  # HardBinaryConv: torch.rand(...) * 0.001
                 for m in model.modules():
                     if isinstance(m, bc.BinaryConv2d) and m.input_binarizer is not None:
                         m.weight.uniform_(0.0, 0.001)
@@ -216,6 +251,7 @@ def _binarize_init(config: TrainConfig, num_classes: int):
             if not report.complete:
                 raise ValueError(f"{path}: does not fit {config.arch}: {report}")
         return model
+
     return prepare
 
 
@@ -223,6 +259,7 @@ def _binarize_weights(config: TrainConfig):
     def prepare(previous: nn.Module) -> nn.Module:
         bc.set_binary_weights(previous, True, config.weight_gradient)
         return previous
+
     return prepare
 
 
@@ -231,11 +268,11 @@ def absorb_alpha_into_bn(conv: bc.BinaryConv2d, bn: nn.BatchNorm2d) -> None:
     BN(alpha z) = gamma (alpha z - mu) / sqrt(var + eps) + beta
                 = gamma' (z - mu / alpha) / sqrt(var / alpha^2 + eps) + beta,
     with gamma' = gamma * sqrt(var / alpha^2 + eps) * alpha / sqrt(var + eps)."""
-    alpha = conv.weight_binarizer.scale(conv.weight.detach()).flatten()          # (C_out,)
+    alpha = conv.weight_binarizer.scale(conv.weight.detach()).flatten()  # (C_out,)
     conv.weight.copy_(bc.sign(conv.weight))
     var = bn.running_var.clone()
     bn.running_mean.div_(alpha)
-    bn.running_var.div_(alpha ** 2)
+    bn.running_var.div_(alpha**2)
     bn.weight.mul_(torch.sqrt(bn.running_var + bn.eps) * alpha / torch.sqrt(var + bn.eps))
 
 
@@ -245,7 +282,7 @@ def constrain_for_finetune(model: nn.Module, finetune_fc: bool = False) -> nn.Mo
     with torch.no_grad():
         for _, conv, bn in bc.binary_conv_bn_pairs(model):
             absorb_alpha_into_bn(conv, bn)
-    for name, p in model.named_parameters():
+    for _name, p in model.named_parameters():
         p.requires_grad = False
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -261,43 +298,72 @@ def _finetune_init(config: TrainConfig):
     def prepare(previous: nn.Module | None) -> nn.Module:
         model, _ = bc.load_checkpoint(stage_checkpoint(config, "binarize"))
         return constrain_for_finetune(model, config.finetune_fc)
+
     return prepare
 
 
 def segments(config: TrainConfig, num_classes: int) -> list[Segment]:
     if config.stage == "pretrain":
-        return [Segment(f"pretrain-{a}", e, _twin_phase(config, a, num_classes), f"pretrain-{a}", scale)
-                for a, e, scale in zip(config.phases, config.phase_epochs, config.phase_lr_scale) if e > 0]
+        return [
+            Segment(f"pretrain-{a}", e, _twin_phase(config, a, num_classes), f"pretrain-{a}", scale)
+            for a, e, scale in zip(config.phases, config.phase_epochs, config.phase_lr_scale)
+            if e > 0
+        ]
     if config.stage == "binarize":
         init = _binarize_init(config, num_classes)
         if not config.two_step:
             return [Segment("binarize", config.epochs, init)]
         # step 1 counts inside the stage's epochs: a two-step run costs what a one-step run costs
-        return [Segment("binarize-step1-activations", config.step1_epochs, init),
-                Segment("binarize-step2-weights", config.epochs - config.step1_epochs, _binarize_weights(config))]
+        return [
+            Segment("binarize-step1-activations", config.step1_epochs, init),
+            Segment("binarize-step2-weights", config.epochs - config.step1_epochs, _binarize_weights(config)),
+        ]
     return [Segment("finetune", config.epochs, _finetune_init(config))]
 
 
 # ---------------------------------------------------------------------------- train state (resume)
 
-def save_train_state(directory: Path, model: nn.Module, optimizer, segment: int, epoch: int,
-                     history: list[dict], config: TrainConfig, extra: dict) -> None:
+
+def save_train_state(
+    directory: Path,
+    model: nn.Module,
+    optimizer,
+    segment: int,
+    epoch: int,
+    history: list[dict],
+    config: TrainConfig,
+    extra: dict,
+) -> None:
     """Model as a bireal checkpoint + optimizer/RNG/progress in a weights-only torch file."""
     directory.mkdir(parents=True, exist_ok=True)
-    bc.save_checkpoint(directory / "model.safetensors", model, stage=config.stage, config=asdict(config),
-                       metrics=history[-1] if history else {})
-    torch.save({"optimizer": optimizer.state_dict(), "segment": segment, "epoch": epoch,
-                "history": history, "torch_rng": torch.get_rng_state(), "extra": extra},
-               directory / "train_state.pt")
+    bc.save_checkpoint(
+        directory / "model.safetensors",
+        model,
+        stage=config.stage,
+        config=asdict(config),
+        metrics=history[-1] if history else {},
+    )
+    torch.save(
+        {
+            "optimizer": optimizer.state_dict(),
+            "segment": segment,
+            "epoch": epoch,
+            "history": history,
+            "torch_rng": torch.get_rng_state(),
+            "extra": extra,
+        },
+        directory / "train_state.pt",
+    )
 
 
 def load_train_state(directory: Path) -> tuple[nn.Module, dict]:
     model, _ = bc.load_checkpoint(directory / "model.safetensors")
-    state = torch.load(directory / "train_state.pt", weights_only=True)   # no arbitrary pickle
+    state = torch.load(directory / "train_state.pt", weights_only=True)  # no arbitrary pickle
     return model, state
 
 
 # ---------------------------------------------------------------------------- the loop
+
 
 def prune_train_states(out: str, stage: str, keep: int = 2) -> None:
     """Keep the newest ``keep`` per-epoch train states of a stage (Ray keeps its own copies)."""
@@ -320,26 +386,38 @@ class Progress:
     restarts: int = 0
 
 
-def save_stage_checkpoint(config: TrainConfig, name: str, model: nn.Module, history: list[dict],
-                          **extra_config) -> Path:
+def save_stage_checkpoint(
+    config: TrainConfig, name: str, model: nn.Module, history: list[dict], **extra_config
+) -> Path:
     """``<out>/<name>.safetensors`` with the stage's config and its last epoch's metrics."""
     path = stage_checkpoint(config, name)
-    bc.save_checkpoint(path, model, stage=config.stage, config={**asdict(config), **extra_config},
-                       metrics=history[-1] if history else {})
+    bc.save_checkpoint(
+        path,
+        model,
+        stage=config.stage,
+        config={**asdict(config), **extra_config},
+        metrics=history[-1] if history else {},
+    )
     return path
 
 
 def resume_progress(config: TrainConfig, runtime: Runtime, plan: list[Segment]) -> Progress:
     """A fresh start, or the progress saved in the runtime's restore checkpoint: the epoch after the
     last reported one (a segment that had finished saves its extra checkpoint and hands over)."""
-    restore = runtime.restore_dir()                                     # [dist] resume
+    restore = runtime.restore_dir()  # [dist] resume
     if restore is None:
         return Progress(history=[])
     model, state = load_train_state(restore)
     torch.set_rng_state(state["torch_rng"])
-    progress = Progress(state["segment"], state["epoch"] + 1, state["history"], model, state["optimizer"],
-                        int(state["extra"].get("restarts", 0)) + 1)
-    if progress.epoch >= plan[progress.segment].epochs:                # that segment had finished
+    progress = Progress(
+        state["segment"],
+        state["epoch"] + 1,
+        state["history"],
+        model,
+        state["optimizer"],
+        int(state["extra"].get("restarts", 0)) + 1,
+    )
+    if progress.epoch >= plan[progress.segment].epochs:  # that segment had finished
         done = plan[progress.segment]
         if runtime.rank == 0 and done.save_as:
             save_stage_checkpoint(config, done.save_as, model, progress.history)
@@ -354,42 +432,89 @@ class DataSpec:
     eval_split: str
 
 
-def run_epoch(config: TrainConfig, runtime: Runtime, data: DataSpec, model: nn.Module, train_model: nn.Module,
-              optimizer, seg: Segment, epoch: int, global_epoch: int, device: torch.device) -> dict:
+def run_epoch(
+    config: TrainConfig,
+    runtime: Runtime,
+    data: DataSpec,
+    model: nn.Module,
+    train_model: nn.Module,
+    optimizer,
+    seg: Segment,
+    epoch: int,
+    global_epoch: int,
+    device: torch.device,
+) -> dict:
     """Train one epoch of segment ``seg`` and evaluate; -> the epoch's metrics."""
     from .data import make_loader
 
-    train_batches, plan = make_loader(config.shards, "train", data.input_config, config.batch_size,
-                                      train=True, rank=runtime.rank, world_size=runtime.world_size,
-                                      workers=config.loader_workers, epoch=global_epoch, seed=config.seed,
-                                      shuffle_buffer=config.shuffle_buffer, pca_lighting=config.pca_lighting,
-                                      manifest=data.manifest)
+    train_batches, plan = make_loader(
+        config.shards,
+        "train",
+        data.input_config,
+        config.batch_size,
+        train=True,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+        workers=config.loader_workers,
+        epoch=global_epoch,
+        seed=config.seed,
+        shuffle_buffer=config.shuffle_buffer,
+        pca_lighting=config.pca_lighting,
+        manifest=data.manifest,
+    )
     steps = min(plan.steps, config.max_steps_per_epoch or plan.steps)
     lr_at = lr_schedule(config, steps * seg.epochs, config.lr * seg.lr_scale)
     before = weight_signs(model)
     epoch_start = time.perf_counter()
-    metrics = train_one_epoch(train_model, train_batches, optimizer, lr_at, epoch * steps, device,
-                              config.label_smoothing, steps,
-                              amp=config.precision == "bf16" and device.type == "cuda",
-                              world_size=runtime.world_size, after_step=weight_clipper(model, config))
-    val_batches, _ = make_loader(config.shards, data.eval_split, data.input_config, config.batch_size,
-                                 train=False, rank=runtime.rank, world_size=runtime.world_size,
-                                 workers=config.loader_workers, manifest=data.manifest)
+    metrics = train_one_epoch(
+        train_model,
+        train_batches,
+        optimizer,
+        lr_at,
+        epoch * steps,
+        device,
+        config.label_smoothing,
+        steps,
+        amp=config.precision == "bf16" and device.type == "cuda",
+        world_size=runtime.world_size,
+        after_step=weight_clipper(model, config),
+    )
+    val_batches, _ = make_loader(
+        config.shards,
+        data.eval_split,
+        data.input_config,
+        config.batch_size,
+        train=False,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+        workers=config.loader_workers,
+        manifest=data.manifest,
+    )
     metrics.update(evaluate(model, val_batches, device, runtime.world_size))
-    metrics.update({"epoch": global_epoch, "segment": seg.name, "lr": lr_at(epoch * steps),
-                    "flip_ratio": flip_ratio(before, model), "left_out": plan.left_out,
-                    "epoch_s": time.perf_counter() - epoch_start})
+    metrics.update(
+        {
+            "epoch": global_epoch,
+            "segment": seg.name,
+            "lr": lr_at(epoch * steps),
+            "flip_ratio": flip_ratio(before, model),
+            "left_out": plan.left_out,
+            "epoch_s": time.perf_counter() - epoch_start,
+        }
+    )
     return metrics
 
 
-def train_loop(config: TrainConfig, runtime: Runtime | None = None,
-               on_epoch: Callable[[dict], None] | None = None) -> dict:
+def train_loop(
+    config: TrainConfig, runtime: Runtime | None = None, on_epoch: Callable[[dict], None] | None = None
+) -> dict:
     """Run one stage; returns {"checkpoint", "history", "final"}. ``on_epoch`` (rank 0) logs."""
     from .data import eval_split_name, read_manifest
 
-    if config.stage == "pretrain" and not any(config.phase_epochs):   # before any data is read
-        raise ValueError(f"pretrain: phase_epochs={config.phase_epochs}, nothing to train (a recipe that "
-                         "binarizes from scratch, init: scratch, needs no pretrain stage)")
+    if config.stage == "pretrain" and not any(config.phase_epochs):  # before any data is read
+        raise ValueError(
+            f"pretrain: phase_epochs={config.phase_epochs}, nothing to train (a recipe that "
+            "binarizes from scratch, init: scratch, needs no pretrain stage)"
+        )
     runtime = runtime or Runtime()
     device = runtime.device()
     torch.manual_seed(config.seed + runtime.rank)
@@ -401,7 +526,7 @@ def train_loop(config: TrainConfig, runtime: Runtime | None = None,
     plan = segments(config, len(manifest["classes"]))
     progress = resume_progress(config, runtime, plan)
     history, model = progress.history, progress.model
-    global_epoch = sum(s.epochs for s in plan[:progress.segment]) + progress.epoch
+    global_epoch = sum(s.epochs for s in plan[: progress.segment]) + progress.epoch
 
     for si in range(progress.segment, len(plan)):
         seg, resuming = plan[si], si == progress.segment and progress.optimizer_state is not None
@@ -409,23 +534,23 @@ def train_loop(config: TrainConfig, runtime: Runtime | None = None,
             model = seg.prepare(model)
         model = model.to(device)
         train_model = model
-        if runtime.world_size > 1:                                      # [dist]
+        if runtime.world_size > 1:  # [dist]
             train_model = nn.parallel.DistributedDataParallel(model)
         optimizer = make_optimizer(model, config)
         if resuming:
             optimizer.load_state_dict(progress.optimizer_state)
         for epoch in range(progress.epoch if si == progress.segment else 0, seg.epochs):
-            metrics = run_epoch(config, runtime, data, model, train_model, optimizer, seg, epoch, global_epoch,
-                                device)
+            metrics = run_epoch(config, runtime, data, model, train_model, optimizer, seg, epoch, global_epoch, device)
             metrics["restarts"] = progress.restarts
             history.append(metrics)
             ckpt_dir = Path(config.out) / ".train_state" / f"{config.stage}-epoch{global_epoch:03d}"
             if runtime.rank == 0:
-                save_train_state(ckpt_dir, model, optimizer, si, epoch, history, config,
-                                 {"restarts": progress.restarts})
-            if runtime.rank == 0 and on_epoch is not None:   # before report: Tune may stop the trial there
+                save_train_state(
+                    ckpt_dir, model, optimizer, si, epoch, history, config, {"restarts": progress.restarts}
+                )
+            if runtime.rank == 0 and on_epoch is not None:  # before report: Tune may stop the trial there
                 on_epoch(metrics)
-            runtime.report(metrics, ckpt_dir)                           # [dist] report + checkpoint
+            runtime.report(metrics, ckpt_dir)  # [dist] report + checkpoint
             if runtime.rank == 0:
                 prune_train_states(config.out, config.stage)
             global_epoch += 1
@@ -433,6 +558,12 @@ def train_loop(config: TrainConfig, runtime: Runtime | None = None,
             save_stage_checkpoint(config, seg.save_as, model, history)
     final = stage_checkpoint(config, config.stage)
     if runtime.rank == 0:
-        save_stage_checkpoint(config, config.stage, model, history,
-                              class_names=[c["name"] for c in manifest["classes"]], input=input_config)
+        save_stage_checkpoint(
+            config,
+            config.stage,
+            model,
+            history,
+            class_names=[c["name"] for c in manifest["classes"]],
+            input=input_config,
+        )
     return {"checkpoint": str(final), "history": history, "final": history[-1] if history else {}}

@@ -3,6 +3,7 @@ ablation claims checked on it, the pick that binarize reads (``best.json``), and
 The search itself is Ray Tune's (``pipeline/adapters/ray_tune.py``); the stage that joins them is
 ``pipeline/stages.py``'s ``tune``.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,8 +19,9 @@ def expected_trials(s: TuneSettings) -> int:
     """How many trials a finished search has."""
     if s.search == "random":
         return s.num_samples
-    cells = (len(s.activations) * len(s.weight_gradients) * len(s.inits) * len(s.two_step)
-             * len(s.optimizers) * len(s.seeds))
+    cells = (
+        len(s.activations) * len(s.weight_gradients) * len(s.inits) * len(s.two_step) * len(s.optimizers) * len(s.seeds)
+    )
     return cells * s.num_samples
 
 
@@ -31,9 +33,16 @@ def summarize(trials: list[dict], settings: TuneSettings) -> dict:
             cells.setdefault(tuple(t[k] for k in CELL_KEYS), []).append(float(t["val_top1"]))
     table = []
     for key, values in cells.items():
-        table.append({**dict(zip(CELL_KEYS, key)), "seeds": len(values), "mean": statistics.fmean(values),
-                      "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                      "min": min(values), "max": max(values)})
+        table.append(
+            {
+                **dict(zip(CELL_KEYS, key)),
+                "seeds": len(values),
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "min": min(values),
+                "max": max(values),
+            }
+        )
     table.sort(key=lambda r: -r["mean"])
     best_trial = max((t for t in trials if t["val_top1"] is not None), key=lambda t: t["val_top1"], default=None)
     best = None
@@ -44,8 +53,7 @@ def summarize(trials: list[dict], settings: TuneSettings) -> dict:
         # trial ran with, or the worst trial's)
         in_cell = [t for t in trials if t["val_top1"] is not None and all(t[k] == cell[k] for k in CELL_KEYS)]
         best = {**cell, "lr": max(in_cell, key=lambda t: t["val_top1"])["lr"]}
-    return {"best": best, "best_trial": best_trial, "table": table, "rankings": paper_rankings(table),
-            "trials": trials}
+    return {"best": best, "best_trial": best_trial, "table": table, "rankings": paper_rankings(table), "trials": trials}
 
 
 PAPER_CELL = {"activation": "approx_sign", "weight_gradient": "paper", "init": "clip", "two_step": False}
@@ -61,7 +69,7 @@ def pick_cell(table: list[dict]) -> dict | None:
     paper = [r for r in table if all(r[k] == v for k, v in PAPER_CELL.items())]
     if not paper:
         return table[0]
-    top, ours = table[0], paper[0]                       # the table is sorted by mean
+    top, ours = table[0], paper[0]  # the table is sorted by mean
     spread = max(top["std"], ours["std"])
     significant = min(top["seeds"], ours["seeds"]) >= 2 and top["mean"] - ours["mean"] > spread
     return top if significant else ours
@@ -73,16 +81,20 @@ def _mean_where(table: list[dict], **match) -> float | None:
 
 
 # The weight-gradient axis cannot rank in these nets (docs/science.md, tests/test_binarizers.py).
-WEIGHT_GRADIENT_NOTE = ("not testable here: BN after every binary conv makes the forward invariant to alpha, "
-                        "so paper = plain up to BN's eps, and official = plain / alpha (Adam cancels it)")
+WEIGHT_GRADIENT_NOTE = (
+    "not testable here: BN after every binary conv makes the forward invariant to alpha, "
+    "so paper = plain up to BN's eps, and official = plain / alpha (Adam cancels it)"
+)
 
 
 def paper_rankings(table: list[dict]) -> list[dict]:
     """The paper's ablation claims, checked on this search's cells (averaged over the others)."""
-    claims = [("clip-init > ReLU-init", {"init": "clip"}, {"init": "relu"}),
-              ("clip-init > scratch", {"init": "clip"}, {"init": "scratch"}),
-              ("ApproxSign > STE", {"activation": "approx_sign"}, {"activation": "ste_sign"}),
-              ("magnitude-aware (paper) > plain", {"weight_gradient": "paper"}, {"weight_gradient": "plain"})]
+    claims = [
+        ("clip-init > ReLU-init", {"init": "clip"}, {"init": "relu"}),
+        ("clip-init > scratch", {"init": "clip"}, {"init": "scratch"}),
+        ("ApproxSign > STE", {"activation": "approx_sign"}, {"activation": "ste_sign"}),
+        ("magnitude-aware (paper) > plain", {"weight_gradient": "paper"}, {"weight_gradient": "plain"}),
+    ]
     out = []
     for label, a, b in claims:
         ma, mb = _mean_where(table, **a), _mean_where(table, **b)
@@ -91,19 +103,26 @@ def paper_rankings(table: list[dict]) -> list[dict]:
             if "weight_gradient" in a:  # BatchNorm follows every binary conv: the rules coincide
                 out[-1].update(holds=None, note=WEIGHT_GRADIENT_NOTE)
     full = _mean_where(table, init="clip", activation="approx_sign", weight_gradient="paper")
-    pairs = [r["mean"] for r in table if sum([r["init"] == "clip", r["activation"] == "approx_sign",
-                                              r["weight_gradient"] == "paper"]) == 2]
+    pairs = [
+        r["mean"]
+        for r in table
+        if sum([r["init"] == "clip", r["activation"] == "approx_sign", r["weight_gradient"] == "paper"]) == 2
+    ]
     if full is not None and pairs:
         out.append({"claim": "all three > any two", "left": full, "right": max(pairs), "holds": full > max(pairs)})
     return out
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"{'rank':>4} {'activation':<14}{'weight_grad':<12}{'init':<9}{'2-step':<7}{'recipe':<7}"
-             f"{'seeds':>6}{'mean':>8}{'std':>8}{'min':>8}{'max':>8}"]
+    lines = [
+        f"{'rank':>4} {'activation':<14}{'weight_grad':<12}{'init':<9}{'2-step':<7}{'recipe':<7}"
+        f"{'seeds':>6}{'mean':>8}{'std':>8}{'min':>8}{'max':>8}"
+    ]
     for i, r in enumerate(summary["table"], 1):
-        lines.append(f"{i:>4} {r['activation']:<14}{r['weight_gradient']:<12}{r['init']:<9}{str(r['two_step']):<7}"
-                     f"{r['optimizer']:<7}{r['seeds']:>6}{r['mean']:>8.4f}{r['std']:>8.4f}{r['min']:>8.4f}{r['max']:>8.4f}")
+        lines.append(
+            f"{i:>4} {r['activation']:<14}{r['weight_gradient']:<12}{r['init']:<9}{str(r['two_step']):<7}"
+            f"{r['optimizer']:<7}{r['seeds']:>6}{r['mean']:>8.4f}{r['std']:>8.4f}{r['min']:>8.4f}{r['max']:>8.4f}"
+        )
     lines.append("")
     lines.append("paper's ablation ranking on these cells (val top-1, averaged over the other settings):")
     for c in summary["rankings"]:
@@ -129,7 +148,9 @@ def write_outputs(summary: dict, out: str) -> dict[str, str]:
     (d / "table.json").write_text(json.dumps({k: summary[k] for k in ("table", "rankings", "trials")}, indent=2))
     (d / "table.txt").write_text(format_table(summary) + "\n")
     rows = ["cell,mean,std,seeds"] + [
-        f"{'/'.join(str(r[k]) for k in CELL_KEYS)},{r['mean']:.5f},{r['std']:.5f},{r['seeds']}" for r in summary["table"]]
+        f"{'/'.join(str(r[k]) for k in CELL_KEYS)},{r['mean']:.5f},{r['std']:.5f},{r['seeds']}"
+        for r in summary["table"]
+    ]
     (d / "table.csv").write_text("\n".join(rows) + "\n")
     _plot(summary, d / "ablation.png")
     return {"best": str(d / "best.json"), "table": str(d / "table.txt")}
@@ -141,7 +162,7 @@ def _plot(summary: dict, path: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:      # matplotlib comes with mlflow; without it only the plot is skipped
+    except ImportError:  # matplotlib comes with mlflow; without it only the plot is skipped
         return
     table = summary["table"]
     labels = ["/".join(str(r[k]) for k in ("activation", "weight_gradient", "init")) for r in table]
@@ -154,5 +175,3 @@ def _plot(summary: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-

@@ -1,4 +1,5 @@
 """Tiny generated datasets for the tests: image folders, the raw ILSVRC2012 layout, bad files."""
+
 from __future__ import annotations
 
 import csv
@@ -44,16 +45,23 @@ def add_bad_files(train_class_dir: Path, label: int) -> dict[str, str]:
     good.convert("CMYK").save(d / "cmyk.jpg", quality=92)
     good.convert("L").save(d / "gray.jpg", quality=92)
     good.convert("P", palette=Image.Palette.ADAPTIVE).save(d / "palette.png")
-    arr16 = (np.asarray(good.convert("L"), dtype=np.uint16) * 257)
-    Image.fromarray(arr16).save(d / "sixteen.png")              # uint16 -> mode I;16
-    good.save(d / "disguised.JPEG", format="PNG")                       # PNG bytes, .JPEG name
+    arr16 = np.asarray(good.convert("L"), dtype=np.uint16) * 257
+    Image.fromarray(arr16).save(d / "sixteen.png")  # uint16 -> mode I;16
+    good.save(d / "disguised.JPEG", format="PNG")  # PNG bytes, .JPEG name
     data = jpeg_bytes(good)
     (d / "truncated.jpg").write_bytes(data[: len(data) // 2])
     (d / "empty.jpg").write_bytes(b"")
     (d / "garbage.jpg").write_bytes(b"\x00not an image at all" * 20)
-    return {"cmyk.jpg": "converted", "gray.jpg": "converted", "palette.png": "converted",
-            "sixteen.png": "converted", "disguised.JPEG": "converted",
-            "truncated.jpg": "quarantine", "empty.jpg": "quarantine", "garbage.jpg": "quarantine"}
+    return {
+        "cmyk.jpg": "converted",
+        "gray.jpg": "converted",
+        "palette.png": "converted",
+        "sixteen.png": "converted",
+        "disguised.JPEG": "converted",
+        "truncated.jpg": "quarantine",
+        "empty.jpg": "quarantine",
+        "garbage.jpg": "quarantine",
+    }
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -62,8 +70,7 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def ilsvrc_tars(root: Path, train_per_class=5, val_per_class=2, size=(300, 260),
-                labels: str = "loc") -> dict[str, int]:
+def ilsvrc_tars(root: Path, train_per_class=5, val_per_class=2, size=(300, 260), labels: str = "loc") -> dict[str, int]:
     """The raw distribution in miniature: ILSVRC2012_img_train.tar (a tar of per-WNID tars),
     ILSVRC2012_img_val.tar (flat), and labels as LOC_val_solution.csv (``labels='loc'``) or the
     devkit's ground-truth file + meta.mat (``labels='devkit'``). -> {val image stem: label}."""
@@ -78,8 +85,8 @@ def ilsvrc_tars(root: Path, train_per_class=5, val_per_class=2, size=(300, 260),
     truth: dict[str, int] = {}
     n = 0
     with tarfile.open(root / "ILSVRC2012_img_val.tar", "w") as tar:
-        for i in range(val_per_class):
-            for c in reversed(range(len(WNIDS))):       # val order is not class order
+        for _ in range(val_per_class):
+            for c in reversed(range(len(WNIDS))):  # val order is not class order
                 n += 1
                 stem = f"ILSVRC2012_val_{n:08d}"
                 truth[stem] = c
@@ -100,12 +107,13 @@ def _devkit(data_dir: Path, truth: dict[str, int]) -> None:
     from scipy.io import savemat
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    ids = {wnid: 3 + k for k, wnid in enumerate(reversed(WNIDS))}      # IDs differ from sorted order
+    ids = {wnid: 3 + k for k, wnid in enumerate(reversed(WNIDS))}  # IDs differ from sorted order
     dtype = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")]
     rows = [(ids[w], w, f"fish {w[-3:]}", 0) for w in WNIDS] + [(1001, "n00000001", "entity", 4)]
     savemat(str(data_dir / "meta.mat"), {"synsets": np.array(rows, dtype=dtype)})
     (data_dir / "ILSVRC2012_validation_ground_truth.txt").write_text(
-        "\n".join(str(ids[WNIDS[c]]) for c in truth.values()) + "\n")
+        "\n".join(str(ids[WNIDS[c]]) for c in truth.values()) + "\n"
+    )
 
 
 def many_images(root: Path, n: int, classes: int = 4, size=(80, 72)) -> Path:

@@ -10,7 +10,7 @@ def trained_like(name="bireal18"):
     model = bc.create_model(name, num_classes=10, stem="small", width=0.25, weight_gradient="official")
     model.train()
     with torch.no_grad():
-        for _ in range(2):   # move BN running statistics away from their defaults
+        for _ in range(2):  # move BN running statistics away from their defaults
             model(torch.randn(4, 3, 32, 32))
     return model.eval()
 
@@ -18,8 +18,9 @@ def trained_like(name="bireal18"):
 @pytest.mark.parametrize("name", ["bireal18", "bireal50", "resnet18"])
 def test_round_trip_rebuilds_exact_model(tmp_path, name):
     model = trained_like(name) if name != "resnet18" else bc.create_model(name, num_classes=10, stem="small").eval()
-    path = bc.save_checkpoint(tmp_path / "m.safetensors", model, stage="binarize",
-                              config={"lr": 0.01}, metrics={"val_top1": 0.5})
+    path = bc.save_checkpoint(
+        tmp_path / "m.safetensors", model, stage="binarize", config={"lr": 0.01}, metrics={"val_top1": 0.5}
+    )
     loaded, header = bc.load_checkpoint(path)
     assert header["stage"] == "binarize" and header["config"] == {"lr": 0.01}
     assert header["metrics"] == {"val_top1": 0.5}
@@ -34,9 +35,9 @@ def test_no_pickle_and_header_readable(tmp_path):
     path = bc.save_checkpoint(tmp_path / "m.safetensors", trained_like())
     raw = path.read_bytes()
     header_len = int.from_bytes(raw[:8], "little")
-    meta = json.loads(raw[8:8 + header_len])["__metadata__"]
+    meta = json.loads(raw[8 : 8 + header_len])["__metadata__"]
     assert json.loads(meta["bireal"])["model"]["name"] == "bireal18"
-    assert b"\x80\x04" not in raw[:8 + header_len]   # no pickle protocol marker in the header
+    assert b"\x80\x04" not in raw[: 8 + header_len]  # no pickle protocol marker in the header
 
 
 def test_two_step_state_survives(tmp_path):
@@ -54,6 +55,7 @@ def test_bad_files_rejected_with_path(tmp_path):
     with pytest.raises(bc.CheckpointError, match="junk.safetensors"):
         bc.load_checkpoint(junk)
     from safetensors.torch import save_file
+
     plain = tmp_path / "plain.safetensors"
     save_file({"w": torch.zeros(2)}, str(plain))
     with pytest.raises(bc.CheckpointError, match="no bireal header: not a bireal checkpoint"):

@@ -1,4 +1,5 @@
 """`bireal export` and `bireal predict` end to end, with the errors a user meets."""
+
 import json
 
 import numpy as np
@@ -12,8 +13,9 @@ from pipeline.cli import main
 @pytest.fixture()
 def checkpoint(tmp_path):
     model = bc.create_model("bireal18", num_classes=3, stem="small", width=0.25)
-    return bc.save_checkpoint(tmp_path / "ckpt.safetensors", model.eval(), stage="finetune",
-                              config={"class_names": ["cat", "dog", "fox"]})
+    return bc.save_checkpoint(
+        tmp_path / "ckpt.safetensors", model.eval(), stage="finetune", config={"class_names": ["cat", "dog", "fox"]}
+    )
 
 
 def write_image(path, size=(40, 30), mode="RGB"):

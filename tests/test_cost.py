@@ -24,7 +24,7 @@ def test_bireal18_breakdown_matches_independent_recount():
     assert stem == pytest.approx(1.18e8, rel=1e-2)
     assert downsample == pytest.approx(1.93e7, rel=1e-2)
     assert sum(1 for l in r.layers if l.kind == "binary") == 16
-    assert r.params == 11_689_512     # same parameter count as ResNet-18
+    assert r.params == 11_689_512  # same parameter count as ResNet-18
 
 
 def test_float_and_twin_have_no_binary_macs():
@@ -49,7 +49,24 @@ def test_cli_table_and_bad_arch(capsys):
 
 
 def test_entry_point_installed():
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "cost", "--arch", "bireal18",
-                          "--stem", "small", "--width", "0.5", "--num-classes", "10", "--json"],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "cost",
+            "--arch",
+            "bireal18",
+            "--stem",
+            "small",
+            "--width",
+            "0.5",
+            "--num-classes",
+            "10",
+            "--json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     assert json.loads(out)["input_size"] == 32

@@ -5,16 +5,18 @@ checks the build itself).
 Every output is checked for exact equality with the reference, on fresh random inputs, with the
 extension's debug fill on: each op fills its outputs with 0xFF bytes before its kernels run (NaN
 floats, packed words with the tail bits set), so an element a kernel never writes always fails."""
+
 import itertools
 
 import pytest
 import torch
 
 from cuda_ext import ops
-from cuda_ext.reference import (binary_block_ref, binary_conv2d_ref, pack_signs_ref, pack_weight_ref)
+from cuda_ext.reference import binary_block_ref, binary_conv2d_ref, pack_signs_ref, pack_weight_ref
 
-pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and ops.cuda_built()),
-                                reason="needs a CUDA GPU and the CUDA build of cuda_ext")
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and ops.cuda_built()), reason="needs a CUDA GPU and the CUDA build of cuda_ext"
+)
 PATHS = ["bmma", "simt", "bmma_async"]
 CASES = list(itertools.product([3, 31, 64, 100, 130, 256], [1, 2], [1, 3], [0.0, 1.0, -1.0]))
 
@@ -126,8 +128,8 @@ def test_non_contiguous_packed_operands(path):
     """Packed inputs as strided views (a crop of a larger map, weights viewed through a transpose)."""
     x, w = cuda_case(2, 130, 40, 12, 11, 3, seed=3)
     px_big, pw = pack_signs_ref(x), pack_weight_ref(w)
-    px = px_big[:, 1:-1, ::2]                                    # (N, 10, 6, Cw), strided
-    pw_t = pw.transpose(1, 2).contiguous().transpose(1, 2)       # same values, KH/KW strides swapped
+    px = px_big[:, 1:-1, ::2]  # (N, 10, 6, Cw), strided
+    pw_t = pw.transpose(1, 2).contiguous().transpose(1, 2)  # same values, KH/KW strides swapped
     assert not px.is_contiguous() and not pw_t.is_contiguous()
     ref = binary_conv2d_ref(px.contiguous(), pw, 130, 1, 1, 0.0)
     with ops.forced_cuda_path(path):
@@ -165,21 +167,24 @@ def test_bireal18_shapes_every_path_agrees(channels, side):
     for path in PATHS[1:]:
         assert torch.equal(results[path][0], results["bmma"][0]), path
         assert torch.equal(results[path][1], results["bmma"][1]), path
-    ref = binary_conv2d_ref(px[:2].cpu(), pw.cpu(), channels, 1, 1, 0.0, scale.cpu(), bias.cpu(),
-                            residual[:2].cpu())
+    ref = binary_conv2d_ref(px[:2].cpu(), pw.cpu(), channels, 1, 1, 0.0, scale.cpu(), bias.cpu(), residual[:2].cpu())
     assert torch.equal(results["bmma"][0][:2].cpu(), ref)
 
 
 def test_opcheck_cuda():
     x = torch.randn(2, 33, 6, 5, device="cuda")
     px, pw = ops.pack_signs(x), ops.pack_signs(torch.randn(7, 33, 3, 3, device="cuda"))
-    scale, bias, res = (torch.randn(7, device="cuda"), torch.randn(7, device="cuda"),
-                        torch.randn(2, 7, 6, 5, device="cuda"))
+    scale, bias, res = (
+        torch.randn(7, device="cuda"),
+        torch.randn(7, device="cuda"),
+        torch.randn(2, 7, 6, 5, device="cuda"),
+    )
     torch.library.opcheck(torch.ops.bireal.pack_signs.default, (x,))
     torch.library.opcheck(torch.ops.bireal.binary_conv2d.default, (px, pw, 33, 1, 1, 0.0, scale, bias, res))
     torch.library.opcheck(torch.ops.bireal.binary_block.default, (px, pw, 33, 1, 1, 1.0, scale, bias, res))
-    torch.library.opcheck(torch.ops.bireal.binary_block.default,
-                          (px, pw, 33, 1, 1, 0.0, scale, bias, res.bfloat16(), torch.bfloat16))
+    torch.library.opcheck(
+        torch.ops.bireal.binary_block.default, (px, pw, 33, 1, 1, 0.0, scale, bias, res.bfloat16(), torch.bfloat16)
+    )
 
 
 def test_runs_on_the_current_stream():
@@ -198,7 +203,7 @@ def test_bad_arguments_named_on_cuda():
     px = ops.pack_signs(torch.randn(1, 64, 4, 4, device="cuda"))
     pw = pack_weight_ref(torch.randn(3, 64, 3, 3))
     with pytest.raises(RuntimeError, match="packed_x on cuda"):
-        ops.binary_conv2d(px, pw, 64)                    # weights left on the CPU
+        ops.binary_conv2d(px, pw, 64)  # weights left on the CPU
     with pytest.raises(RuntimeError, match="scale"):
         ops.binary_conv2d(px, pw.cuda(), 64, scale=torch.ones(3))
     with pytest.raises(RuntimeError, match="in_channels=65"):
@@ -225,11 +230,15 @@ def _randomized_packed(name, **kwargs):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("name,kwargs,side,dtype", [("bireal18", {}, 224, torch.float32),
-                                                    ("bireal18", {}, 224, torch.bfloat16),
-                                                    ("bireal34", {"pad_value": -1.0}, 224, torch.float32),
-                                                    ("bireal50", {"num_classes": 10, "stem": "small", "width": 0.5},
-                                                     32, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "name,kwargs,side,dtype",
+    [
+        ("bireal18", {}, 224, torch.float32),
+        ("bireal18", {}, 224, torch.bfloat16),
+        ("bireal34", {"pad_value": -1.0}, 224, torch.float32),
+        ("bireal50", {"num_classes": 10, "stem": "small", "width": 0.5}, 32, torch.bfloat16),
+    ],
+)
 def test_packed_model_on_cuda_equals_reference_ops(monkeypatch, path, name, kwargs, side, dtype):
     """PackedBiReal on the GPU through the CUDA ops gives the same logits as the same folded model
     through the reference ops on the GPU (same float stem, shortcuts and head), with float32 and

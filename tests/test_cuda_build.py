@@ -1,5 +1,6 @@
 """The CUDA kernels are compiled and loadable wherever a CUDA torch and nvcc are present, GPU or not:
 compile errors and wrong targets surface here, before any GPU time (the GPU checks: test_cuda.py)."""
+
 import glob
 import os
 import shutil
@@ -11,7 +12,7 @@ import torch
 from cuda_ext import ops
 from cuda_ext.build_config import cuda_build_plan
 
-CUDA_HOME, NO_CUDA_BUILD_BECAUSE = cuda_build_plan()     # what setup.py decided from the same facts
+CUDA_HOME, NO_CUDA_BUILD_BECAUSE = cuda_build_plan()  # what setup.py decided from the same facts
 needs_cuda_build = pytest.mark.skipif(CUDA_HOME is None, reason=f"no CUDA build here: {NO_CUDA_BUILD_BECAUSE}")
 
 
@@ -22,10 +23,14 @@ def extension_file() -> str:
 
 
 def cuobjdump() -> str | None:
-    candidates = [shutil.which("cuobjdump"), CUDA_HOME and os.path.join(CUDA_HOME, "bin", "cuobjdump"),
-                  *glob.glob("/usr/local/cuda*/bin/cuobjdump")]
+    candidates = [
+        shutil.which("cuobjdump"),
+        CUDA_HOME and os.path.join(CUDA_HOME, "bin", "cuobjdump"),
+        *glob.glob("/usr/local/cuda*/bin/cuobjdump"),
+    ]
     try:
         import triton  # ships a cuobjdump with its NVIDIA backend
+
         candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
     except ImportError:
         pass
@@ -57,8 +62,9 @@ def test_machine_code_for_sm80_and_sm90a_with_native_bmma():
     for sm in ("sm_80", "sm_90a"):
         if f".{sm}.cubin" not in listing:
             continue
-        sass = subprocess.run([tool, "--dump-sass", "--gpu-architecture", sm, so],
-                              capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run(
+            [tool, "--dump-sass", "--gpu-architecture", sm, so], capture_output=True, text=True, check=True
+        ).stdout
         for name in ("binary_conv2d_bmma_kernel", "binary_conv2d_bmma_async_kernel"):
             kernel = sass_of(sass, name)
             assert kernel.count("BMMA.168256.AND.POPC") == 32, f"{sm} {name}: expected 32 AND-popc BMMAs per k-step"
@@ -70,15 +76,16 @@ def test_machine_code_for_sm80_and_sm90a_with_native_bmma():
 
 def sass_of(sass: str, kernel_name: str) -> str:
     """The SASS of one kernel from a cuobjdump --dump-sass listing."""
-    start = sass.index(kernel_name + "E")   # mangled: ...<name>ENS0_10ConvParamsE
+    start = sass.index(kernel_name + "E")  # mangled: ...<name>ENS0_10ConvParamsE
     end = sass.find("Function :", start)
-    return sass[start:end if end > 0 else len(sass)]
+    return sass[start : end if end > 0 else len(sass)]
 
 
 def test_cuda_helpers_without_a_gpu():
     """Path switching works (and rejects unknown names) on any build."""
     with ops.forced_cuda_path("simt"):
         from cuda_ext import _C
+
         assert _C.cuda_path() == "simt"
     assert ops.cuda_paths()[0] == "bmma"
 
@@ -119,26 +126,28 @@ def and_popc_conv_model(px, pw, channels, stride, padding, pad_value):
     fill = valid if pad_value == 1.0 else torch.zeros_like(valid)
     padded = fill.repeat(n, h + 2 * padding, w + 2 * padding, 1)
     inside = torch.zeros(n, h + 2 * padding, w + 2 * padding, dtype=torch.bool)
-    padded[:, padding:padding + h, padding:padding + w] = px
-    inside[:, padding:padding + h, padding:padding + w] = True
+    padded[:, padding : padding + h, padding : padding + w] = px
+    inside[:, padding : padding + h, padding : padding + w] = True
     ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
-    b, nb = pw & valid, ~pw & valid                                          # (O, KH, KW, Cw)
+    b, nb = pw & valid, ~pw & valid  # (O, KH, KW, Cw)
     agree = torch.zeros(n, ho, wo, o, dtype=torch.int64)
     corr = torch.zeros(n, ho, wo, o, dtype=torch.int64)
-    taps_sum = 2 * _popcount(b).sum(-1) - channels                           # S: (O, KH, KW)
+    taps_sum = 2 * _popcount(b).sum(-1) - channels  # S: (O, KH, KW)
     for i in range(kh):
         for j in range(kw):
-            a = padded[:, i:i + stride * ho:stride, j:j + stride * wo:stride]   # (N, Ho, Wo, Cw)
+            a = padded[:, i : i + stride * ho : stride, j : j + stride * wo : stride]  # (N, Ho, Wo, Cw)
             agree += _popcount(a.unsqueeze(3) & b[:, i, j]).sum(-1) + _popcount(~a.unsqueeze(3) & nb[:, i, j]).sum(-1)
             if pad_value == 0.0:
-                outside = ~inside[:, i:i + stride * ho:stride, j:j + stride * wo:stride]
+                outside = ~inside[:, i : i + stride * ho : stride, j : j + stride * wo : stride]
                 corr += outside.unsqueeze(-1) * taps_sum[:, i, j]
     dot = 2 * agree - kh * kw * channels + corr
     return dot.permute(0, 3, 1, 2).double()
 
 
-@pytest.mark.parametrize("channels,stride,kernel,pad_value",
-                         [(3, 1, 3, 0.0), (33, 2, 3, 1.0), (64, 1, 3, -1.0), (100, 2, 1, 0.0), (130, 1, 3, 0.0)])
+@pytest.mark.parametrize(
+    "channels,stride,kernel,pad_value",
+    [(3, 1, 3, 0.0), (33, 2, 3, 1.0), (64, 1, 3, -1.0), (100, 2, 1, 0.0), (130, 1, 3, 0.0)],
+)
 def test_tensor_core_arithmetic_matches_reference(channels, stride, kernel, pad_value):
     """The AND-popc identity, fill words and border corrections of binary_conv_cuda.cu give the
     reference's dot products exactly, here on the CPU (tail bits deliberately set to garbage)."""
@@ -162,8 +171,9 @@ def test_extension_uses_the_shared_libstdcxx():
     nm = shutil.which("nm")
     if nm is None:
         pytest.skip("no nm to read the symbol table")
-    symbols = subprocess.run([nm, "-C", "--defined-only", extension_file()], capture_output=True, text=True,
-                             check=True).stdout
+    symbols = subprocess.run(
+        [nm, "-C", "--defined-only", extension_file()], capture_output=True, text=True, check=True
+    ).stdout
     assert "std::ostream::_M_insert<long>" not in symbols
     with pytest.raises(RuntimeError, match="in_channels=65 needs 2 words per pixel, packed_x has 1"):
         ops.binary_conv2d(ops.pack_signs(torch.randn(1, 64, 2, 2)), ops.pack_signs(torch.randn(3, 64, 3, 3)), 65)
@@ -177,9 +187,10 @@ def test_smoke_script_on_the_cpu_paths(capsys):
     assert smoke.main(["--device", "cpu", "--quick"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if " ok " in line]
-    assert len(rows) == 4 + 3 * len(ops.cpu_paths())        # pack_signs x 4 dtypes, 3 cases per path
+    assert len(rows) == 4 + 3 * len(ops.cpu_paths())  # pack_signs x 4 dtypes, 3 cases per path
     assert all("first (n,h,w,word)=None" in r for r in rows)
     assert out.strip().endswith(f"smoke: {len(rows)} of {len(rows)} checks exact")
-    wrong, first = smoke.first_mismatch(torch.tensor([[1.0, 2.0], [3.0, float("nan")]]),
-                                        torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
-    assert (wrong, first) == (1, [1, 1])                    # an unwritten (NaN) element is found
+    wrong, first = smoke.first_mismatch(
+        torch.tensor([[1.0, 2.0], [3.0, float("nan")]]), torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    )
+    assert (wrong, first) == (1, [1, 1])  # an unwritten (NaN) element is found

@@ -1,4 +1,5 @@
 """`bireal shard` on every input format and bad file, interruption, verify, and the loaders."""
+
 import io
 import json
 import signal
@@ -10,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from imagegen import COLORS, WNIDS, add_bad_files, ilsvrc_tars, image_folder, many_images
 from PIL import Image
 
 import bireal_core as bc
-from imagegen import COLORS, WNIDS, add_bad_files, ilsvrc_tars, image_folder, many_images
 from pipeline.data import make_loader, plan_epoch, read_manifest, split_shards
 from pipeline.shard import ShardError, ShardParams, shard_dataset, verify_shards
 from pipeline.sources import SourceError
@@ -29,8 +30,9 @@ def read_samples(out: Path, manifest: dict, split: str) -> list[dict]:
         for name in sorted(n for n in files if n.endswith(".jpg")):
             key = name[:-4]
             im = Image.open(io.BytesIO(files[name]))
-            samples.append({"key": key, "image": im, "cls": int(files[key + ".cls"]),
-                            "wnid": files[key + ".wnid"].decode()})
+            samples.append(
+                {"key": key, "image": im, "cls": int(files[key + ".cls"]), "wnid": files[key + ".wnid"].decode()}
+            )
     return samples
 
 
@@ -74,14 +76,15 @@ def test_raw_ilsvrc_tars_streamed_in_place(tmp_path, labels):
     assert set(m["splits"]["val"]["per_class"].values()) == {2}
     for split in ("train", "val"):
         for s in read_samples(out, m, split):
-            assert min(s["image"].size) == 256          # ImageNet resize of the shorter side
+            assert min(s["image"].size) == 256  # ImageNet resize of the shorter side
             assert color_class(s["image"]) == s["cls"]  # the label matches the pixels
             assert s["wnid"] == WNIDS[s["cls"]]
 
 
 def test_demo_source_and_gzip(tmp_path):
-    m = shard_dataset("demo", str(tmp_path / "out"), ShardParams(samples_per_shard=500, gzip=True, processes=2),
-                      progress_bar=False)
+    m = shard_dataset(
+        "demo", str(tmp_path / "out"), ShardParams(samples_per_shard=500, gzip=True, processes=2), progress_bar=False
+    )
     assert m["source"]["kind"] == "demo" and len(m["classes"]) == 10
     assert m["splits"]["train"]["count"] == 1437 and m["splits"]["test"]["count"] == 360
     assert all(r["name"].endswith(".tar.gz") for r in m["splits"]["train"]["shards"])
@@ -92,11 +95,15 @@ def test_killed_run_resumes_byte_identical(tmp_path):
     src = many_images(tmp_path / "src", 600)
     args = ["--source", str(src), "--resize", "64", "--samples-per-shard", "20", "--processes", "1"]
     reference = tmp_path / "reference"
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "shard", *args, "--out", str(reference)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "shard", *args, "--out", str(reference)], check=True, capture_output=True
+    )
     out = tmp_path / "interrupted"
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "shard", *args, "--out", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "shard", *args, "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     progress = out / ".shard-progress.json"
     deadline = time.time() + 60
     while time.time() < deadline:
@@ -113,9 +120,10 @@ def test_killed_run_resumes_byte_identical(tmp_path):
     kept = sorted(p.name for p in out.glob("train-*.tar"))
     assert 3 <= len(kept) < 30
     mtimes = {name: (out / name).stat().st_mtime_ns for name in kept}
-    subprocess.run([sys.executable, "-m", "pipeline.cli", "shard", *args, "--out", str(out)],
-                   check=True, capture_output=True)
-    for name in kept[:3]:                     # complete shards were kept, not rewritten
+    subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "shard", *args, "--out", str(out)], check=True, capture_output=True
+    )
+    for name in kept[:3]:  # complete shards were kept, not rewritten
         assert (out / name).stat().st_mtime_ns == mtimes[name]
     ref_files = sorted(p.name for p in reference.iterdir())
     assert sorted(p.name for p in out.iterdir()) == ref_files
@@ -149,16 +157,28 @@ def test_bad_inputs_named(tmp_path):
     shard_dataset(str(src), str(tmp_path / "out"), ShardParams(**FAST), progress_bar=False)
     before = sorted((p.name, p.read_bytes()) for p in (tmp_path / "out").iterdir())
     with pytest.raises(ShardError, match="other parameters"):
-        shard_dataset(str(src), str(tmp_path / "out"), ShardParams(processes=1, samples_per_shard=3),
-                      progress_bar=False)
+        shard_dataset(
+            str(src), str(tmp_path / "out"), ShardParams(processes=1, samples_per_shard=3), progress_bar=False
+        )
     assert sorted((p.name, p.read_bytes()) for p in (tmp_path / "out").iterdir()) == before
 
 
 # ---------------------------------------------------------------------------- loaders
 
+
 def collect(location, split, train, rank, world, workers, epoch=0, batch=16):
-    it, plan = make_loader(location, split, bc.default_input_config("small"), batch, train=train,
-                           rank=rank, world_size=world, workers=workers, epoch=epoch, with_keys=True)
+    it, plan = make_loader(
+        location,
+        split,
+        bc.default_input_config("small"),
+        batch,
+        train=train,
+        rank=rank,
+        world_size=world,
+        workers=workers,
+        epoch=epoch,
+        with_keys=True,
+    )
     keys, batches = [], 0
     for images, labels, k in it:
         assert images.shape[1:] == (3, 32, 32) and len(labels) == len(k)
@@ -185,19 +205,19 @@ def test_train_equal_steps_at_most_once_and_reshuffled_2x2(demo_shards):
             k, b, plan = collect(loc, "train", True, rank, 2, 2, epoch=epoch)
             keys += k
             steps.append(b)
-        assert steps[0] == steps[1] == plan.steps > 0          # every rank runs the same steps
-        assert len(keys) == len(set(keys))                     # at most once per epoch
-        assert plan.left_out == 1437 - len(keys)               # the remainder is counted
+        assert steps[0] == steps[1] == plan.steps > 0  # every rank runs the same steps
+        assert len(keys) == len(set(keys))  # at most once per epoch
+        assert plan.left_out == 1437 - len(keys)  # the remainder is counted
         per_epoch.append(keys)
-    assert per_epoch[0] != per_epoch[1]                        # reshuffled each epoch
+    assert per_epoch[0] != per_epoch[1]  # reshuffled each epoch
 
 
 def test_plan_never_starves_a_rank():
     shards = [(f"s{i}", n) for i, n in enumerate([100, 100, 7])]
     plan = plan_epoch(shards, world_size=2, workers=2, batch_size=16, train=True)
-    assert plan.steps == 6       # the best rank could do more; all run the poorest rank's count
+    assert plan.steps == 6  # the best rank could do more; all run the poorest rank's count
     assert plan.left_out == 207 - 6 * 16 * 2
-    assert plan_epoch(shards, 4, 2, 16, train=True).steps == 0   # more readers than shards: 0, no hang
+    assert plan_epoch(shards, 4, 2, 16, train=True).steps == 0  # more readers than shards: 0, no hang
 
 
 def test_imagenet_path_loader_and_url(tmp_path):
@@ -229,7 +249,7 @@ def test_pca_lighting_acts_on_the_uint8_image_as_the_official_recipe():
         diff = np.asarray(out).astype(int) - np.asarray(img).astype(int)
         assert np.abs(diff).max() <= 1
         changed += int(diff.any())
-    assert changed > 0                                      # it does act
+    assert changed > 0  # it does act
     assert Lighting(0.0)(img) is img
 
 
@@ -247,7 +267,9 @@ def test_caffe_augmentation_resizes_then_crops():
     from torchvision import transforms as T
 
     full = T.Compose([T.Resize(256, antialias=True), T.ToTensor(), T.Normalize(config["mean"], config["std"])])(img)
-    windows = [full[:, i:i + 224, j:j + 224] for i in range(full.shape[1] - 223) for j in range(full.shape[2] - 223)]
+    windows = [
+        full[:, i : i + 224, j : j + 224] for i in range(full.shape[1] - 223) for j in range(full.shape[2] - 223)
+    ]
     assert any(torch.allclose(out, w) or torch.allclose(out, w.flip(-1)) for w in windows)
     with pytest.raises(ValueError, match="augment"):
         train_transform({**config, "augment": "autoaugment"})

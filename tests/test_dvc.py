@@ -1,5 +1,6 @@
 """`dvc repro` of the whole pipeline in a temp git copy of the project (demo data, tiny settings),
 re-run selectivity, and a bad params.yaml rejected before any stage runs."""
+
 import json
 import os
 import shutil
@@ -12,17 +13,21 @@ import yaml
 
 from pipeline.cli import main
 
+pytestmark = pytest.mark.e2e  # starts services (make test-fast leaves it out)
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def run(cmd, cwd, **kw):
+def run(cmd, cwd, ray_address="", **kw):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
+    if ray_address:  # join the test session's cluster instead of booting one per stage
+        env["RAY_ADDRESS"] = ray_address
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
 
 
 @pytest.fixture(scope="module")
-def dvc_copy(tmp_path_factory):
+def dvc_copy(tmp_path_factory, ray_local):
     """The tracked files of this checkout in a new git repo, with tiny params."""
     dst = tmp_path_factory.mktemp("dvc_copy")
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
@@ -35,14 +40,21 @@ def dvc_copy(tmp_path_factory):
     params["pretrain"]["phase_epochs"] = [1, 0, 1]
     params["binarize"]["epochs"] = 1
     params["tune"].update({"max_steps_per_epoch": 2, "inits": ["clip"], "activations": ["approx_sign"]})  # 1 trial
-    params["mlflow"] = {"tracking_uri": f"sqlite:///{dst / 'mlflow.db'}", "artifact_location": str(dst / "mlartifacts"),
-                        "experiment": "dvc-test"}
+    params["mlflow"] = {
+        "tracking_uri": f"sqlite:///{dst / 'mlflow.db'}",
+        "artifact_location": str(dst / "mlartifacts"),
+        "experiment": "dvc-test",
+    }
     params["registry"] = {"model_name": "dvc-test"}
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "copy"],
+    ):
         subprocess.run(cmd, cwd=dst, check=True)
-    result = run([str(BIN / "dvc"), "repro"], dst, timeout=900)
+    address = ray_local.get_runtime_context().gcs_address
+    result = run([str(BIN / "dvc"), "repro"], dst, ray_address=address, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return dst
 
@@ -50,8 +62,13 @@ def dvc_copy(tmp_path_factory):
 def test_repro_runs_every_stage_and_registers(dvc_copy):
     metrics = json.loads(run([str(BIN / "dvc"), "metrics", "show", "--json"], dvc_copy).stdout)
     files = next(iter(metrics.values()))["data"]
-    assert {"metrics/pretrain.json", "metrics/binarize.json", "metrics/finetune.json",
-            "metrics/evaluate.json", "metrics/registry.json"} <= set(files)
+    assert {
+        "metrics/pretrain.json",
+        "metrics/binarize.json",
+        "metrics/finetune.json",
+        "metrics/evaluate.json",
+        "metrics/registry.json",
+    } <= set(files)
     registry = files["metrics/registry.json"]["data"]
     assert registry["name"] == "dvc-test" and registry["version"] == 1 and registry["champion"]
     assert files["metrics/evaluate.json"]["data"]["images"] == 360
@@ -65,7 +82,7 @@ def test_changing_one_param_reruns_only_dependents(dvc_copy):
     params["finetune"]["lr"] = 0.0005
     (dvc_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     status = json.loads(run([str(BIN / "dvc"), "status", "--json"], dvc_copy).stdout)
-    assert set(status) == {"finetune"}          # downstream stages follow when its outs change
+    assert set(status) == {"finetune"}  # downstream stages follow when its outs change
     dry = run([str(BIN / "dvc"), "repro", "--dry"], dvc_copy).stdout
     assert "Running stage 'finetune'" in dry and "Running stage 'binarize'" not in dry
     assert "Running stage 'pretrain'" not in dry and "Running stage 'shard'" not in dry
@@ -82,4 +99,4 @@ def test_bad_params_rejected_before_any_stage(tmp_path, capsys):
     bad.write_text("trian:\n  epochs: 3\n")
     assert main(["check-params", "--params", str(bad)]) == 2
     assert "trian: unknown section" in capsys.readouterr().err
-    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "s").exists()   # nothing ran
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "s").exists()  # nothing ran

@@ -1,6 +1,7 @@
 """The layering rule (docs/architecture.md): entry points -> stages -> adapters -> plain modules
 -> params; bireal_core and cuda_ext never import the pipeline. Every import counts, including the
 lazy ones inside functions, and there is no import circle."""
+
 import ast
 from pathlib import Path
 
@@ -10,10 +11,29 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = [
     ("entry points", {"pipeline.cli", "pipeline.flow", "pipeline.serve_flow"}),
     ("stages", {"pipeline.stages"}),
-    ("adapters", {"pipeline.adapters.ray_train", "pipeline.adapters.ray_tune", "pipeline.adapters.tracking",
-                  "pipeline.adapters.registry", "pipeline.adapters.pyfunc_model"}),
-    ("plain modules", {"pipeline.train", "pipeline.data", "pipeline.shard", "pipeline.sources", "pipeline.tune",
-                       "pipeline.evaluate", "pipeline.demo", "pipeline.data_bench"}),
+    (
+        "adapters",
+        {
+            "pipeline.adapters.ray_train",
+            "pipeline.adapters.ray_tune",
+            "pipeline.adapters.tracking",
+            "pipeline.adapters.registry",
+            "pipeline.adapters.pyfunc_model",
+        },
+    ),
+    (
+        "plain modules",
+        {
+            "pipeline.train",
+            "pipeline.data",
+            "pipeline.shard",
+            "pipeline.sources",
+            "pipeline.tune",
+            "pipeline.evaluate",
+            "pipeline.demo",
+            "pipeline.data_bench",
+        },
+    ),
     ("params", {"pipeline.params"}),
     ("base", {"pipeline.env", "pipeline", "pipeline.adapters"}),
 ]
@@ -38,7 +58,7 @@ def imports(path: Path) -> set[str]:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([node.module] if node.module else []))
             found.add(base)
-            found |= {f"{base}.{a.name}" for a in node.names}        # `from . import x` imports x
+            found |= {f"{base}.{a.name}" for a in node.names}  # `from . import x` imports x
     return found
 
 
@@ -73,14 +93,14 @@ def test_core_packages_never_import_the_pipeline():
 def test_no_import_circle():
     mods = modules("pipeline")
     graph = {name: {t for t in imports(path) if t in mods and t != name} for name, path in mods.items()}
-    graph = {n: {t for t in ts if not n.startswith(t + ".")} for n, ts in graph.items()}   # a package's own parent
+    graph = {n: {t for t in ts if not n.startswith(t + ".")} for n, ts in graph.items()}  # a package's own parent
     state, cycles = {}, []
 
     def visit(node, stack):
         state[node] = "open"
         for nxt in sorted(graph[node]):
             if state.get(nxt) == "open":
-                cycles.append(stack[stack.index(nxt):] + [nxt])
+                cycles.append(stack[stack.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, stack + [nxt])
         state[node] = "done"

@@ -1,4 +1,5 @@
 """The bireal ops against their pure-torch reference, on every CPU code path this CPU can run."""
+
 import itertools
 
 import pytest
@@ -6,8 +7,7 @@ import torch
 
 from bireal_core import BinaryConv2d, IdentitySign, MagnitudeAwareSign
 from cuda_ext import ops
-from cuda_ext.reference import (binary_block_ref, binary_conv2d_ref, pack_signs_ref, pack_weight_ref,
-                                unpack_signs_ref)
+from cuda_ext.reference import binary_block_ref, binary_conv2d_ref, pack_signs_ref, pack_weight_ref, unpack_signs_ref
 
 PATHS = ops.cpu_paths()
 CASES = list(itertools.product([3, 31, 33, 64, 100], [1, 2], [1, 3], [0.0, 1.0, -1.0], [1, 3]))
@@ -23,7 +23,7 @@ def test_best_path_first_and_portable_always_there():
 @pytest.mark.parametrize("channels", [1, 3, 31, 64, 65, 100, 130])
 def test_pack_signs_matches_reference(path, dtype, channels):
     x = torch.randn(2, channels, 5, 3).to(dtype)
-    x[0, :, 0, 0] = 0.0          # sign(0) = +1
+    x[0, :, 0, 0] = 0.0  # sign(0) = +1
     x[1, :, 1, 1] = -0.0
     with ops.forced_cpu_path(path):
         packed = ops.pack_signs(x)
@@ -42,12 +42,12 @@ def test_worked_example_golden():
     signs = -torch.ones(1, 70, 1, 1)
     for c in (0, 2, 63, 64, 69):
         signs[0, c] = 1.0
-    signs[0, 1] = 0.0            # exact zero packs as +1
+    signs[0, 1] = 0.0  # exact zero packs as +1
     packed = ops.pack_signs(signs)
     assert packed.shape == (1, 1, 1, 2)
     word0, word1 = (int(v) & (2**64 - 1) for v in packed.flatten())
-    assert word0 == 0x8000000000000007   # channels 0, 1, 2 and 63
-    assert word1 == 0x0000000000000021   # channels 64 and 69; bits 6..63 (past C = 70) are 0
+    assert word0 == 0x8000000000000007  # channels 0, 1, 2 and 63
+    assert word1 == 0x0000000000000021  # channels 64 and 69; bits 6..63 (past C = 70) are 0
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -72,8 +72,17 @@ def test_binary_conv_matches_reference(path, channels, stride, kernel, pad_value
 @pytest.mark.parametrize("stride", [1, 2])
 def test_identical_to_float_simulation(pad_value, stride):
     """The kernel reproduces BinaryConv2d (the training graph's float simulation) bit for bit."""
-    conv = BinaryConv2d(45, 19, 3, stride=stride, padding=1, bias=False, input_binarizer=IdentitySign(),
-                        weight_binarizer=MagnitudeAwareSign("plain"), pad_value=pad_value)
+    conv = BinaryConv2d(
+        45,
+        19,
+        3,
+        stride=stride,
+        padding=1,
+        bias=False,
+        input_binarizer=IdentitySign(),
+        weight_binarizer=MagnitudeAwareSign("plain"),
+        pad_value=pad_value,
+    )
     x = torch.randn(3, 45, 11, 10)
     x[:, :, 2, 2] = 0.0
     with torch.no_grad():
@@ -113,8 +122,9 @@ def test_bad_arguments_named():
             pass
 
 
-@pytest.mark.parametrize("channels,stride,kernel,pad_value", [(33, 1, 3, 0.0), (64, 2, 3, 1.0),
-                                                              (100, 1, 1, -1.0), (130, 2, 1, 0.0)])
+@pytest.mark.parametrize(
+    "channels,stride,kernel,pad_value", [(33, 1, 3, 0.0), (64, 2, 3, 1.0), (100, 1, 1, -1.0), (130, 2, 1, 0.0)]
+)
 def test_binary_block_is_conv_then_pack(channels, stride, kernel, pad_value):
     """The fused block returns binary_conv2d's output and exactly pack_signs of it (70 outputs:
     two words, the second with a tail)."""
@@ -157,7 +167,7 @@ def test_bfloat16_output_matches_reference(residual_dtype):
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(out, ref_out) and torch.equal(packed, ref_packed)
     assert torch.equal(ref_out, binary_conv2d_ref(*args, *epilogue).to(torch.bfloat16))
-    out32, packed32 = ops.binary_block(*args, *epilogue)           # float32 out, any residual dtype
+    out32, packed32 = ops.binary_block(*args, *epilogue)  # float32 out, any residual dtype
     ref32, ref_packed32 = binary_block_ref(*args, *epilogue)
     assert out32.dtype == torch.float32 and torch.equal(out32, ref32) and torch.equal(packed32, ref_packed32)
     torch.library.opcheck(torch.ops.bireal.binary_block.default, (*args, *epilogue, torch.bfloat16))
@@ -195,7 +205,9 @@ def test_non_contiguous_packed_operands():
     x, w = torch.randn(2, 130, 12, 11), torch.randn(40, 130, 3, 3)
     px, pw = pack_signs_ref(x)[:, 1:-1, ::2], pack_weight_ref(w).transpose(1, 2).contiguous().transpose(1, 2)
     assert not px.is_contiguous() and not pw.is_contiguous()
-    assert torch.equal(ops.binary_conv2d(px, pw, 130), binary_conv2d_ref(px.contiguous(), pw.contiguous(), 130, 1, 1, 0.0))
+    assert torch.equal(
+        ops.binary_conv2d(px, pw, 130), binary_conv2d_ref(px.contiguous(), pw.contiguous(), 130, 1, 1, 0.0)
+    )
 
 
 def test_streamed_output_matches_reference():

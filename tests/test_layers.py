@@ -22,15 +22,23 @@ def test_without_binarizers_equals_conv2d(stride, padding, bias):
 
 @pytest.mark.parametrize("pad_value", [0.0, 1.0, -1.0])
 def test_binary_conv_is_integer_dot_product_with_pad_value(pad_value):
-    conv = BinaryConv2d(6, 4, 3, padding=1, bias=False, input_binarizer=ApproxSign(),
-                        weight_binarizer=MagnitudeAwareSign("plain"), pad_value=pad_value)
+    conv = BinaryConv2d(
+        6,
+        4,
+        3,
+        padding=1,
+        bias=False,
+        input_binarizer=ApproxSign(),
+        weight_binarizer=MagnitudeAwareSign("plain"),
+        pad_value=pad_value,
+    )
     x = torch.randn(2, 6, 5, 5)
     x[0, 0, 0, :2] = 0.0  # exact zeros binarize to +1
     out = conv(x)
     padded = F.pad(sign(x), (1, 1, 1, 1), value=pad_value)
     ref = F.conv2d(padded.double(), sign(conv.weight).double())
     assert torch.equal(out.double(), ref)
-    assert torch.equal(out, out.round())   # +-1 operands give integers
+    assert torch.equal(out, out.round())  # +-1 operands give integers
 
 
 def test_is_binary_requires_both_operands():

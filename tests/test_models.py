@@ -1,4 +1,5 @@
 """Registry-driven model tests: every registered model, both stems."""
+
 import json
 import math
 from pathlib import Path
@@ -22,12 +23,21 @@ def build(name, stem, **kwargs):
 
 
 def test_registry_lists_every_family():
-    assert set(bc.list_models()) == {"bireal18", "bireal34", "bireal50", "bireal101", "bireal152",
-                                     "binary_resnet18", "resnet18", "resnet34"}
+    assert set(bc.list_models()) == {
+        "bireal18",
+        "bireal34",
+        "bireal50",
+        "bireal101",
+        "bireal152",
+        "binary_resnet18",
+        "resnet18",
+        "resnet34",
+    }
 
 
 def test_duplicate_registration_refused():
     with pytest.raises(ValueError, match="already registered"):
+
         @register_model
         def bireal18(**kwargs):  # noqa: F811
             return None
@@ -51,7 +61,7 @@ def test_forward_backward(name, stem):
     assert not missing, f"parameters without a (finite) gradient: {missing}"
     binary = [(n, m) for n, m in model.named_modules() if isinstance(m, bc.BinaryConv2d) and m.is_binary]
     assert binary or name.startswith("resnet"), f"{name} has no binary conv"
-    dead = [n for n, m in binary if m.weight.grad.abs().sum() == 0]   # every binary conv (conv1/2/3 too)
+    dead = [n for n, m in binary if m.weight.grad.abs().sum() == 0]  # every binary conv (conv1/2/3 too)
     assert not dead, f"binary convs whose estimator passed no gradient: {dead}"
 
 
@@ -61,7 +71,7 @@ def test_binary_layer_counts(name):
     binary = [m for m in model.modules() if isinstance(m, BinaryConv2d) and m.is_binary]
     blocks = len(model.blocks)
     per_block = {"bireal18": 1, "bireal34": 1, "binary_resnet18": 2}.get(name, 3)
-    first_real = 1 if per_block == 3 else 0   # bottleneck: stage 1's first 1x1 stays real
+    first_real = 1 if per_block == 3 else 0  # bottleneck: stage 1's first 1x1 stays real
     assert len(binary) == blocks * per_block - first_real
 
 
@@ -99,7 +109,7 @@ def test_twin_rejects_sign_activation():
 def test_two_step_switch():
     model = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25, binary_weights=False)
     convs = [m for m in model.modules() if isinstance(m, BinaryConv2d)]
-    assert all(not m.is_binary and m.input_binarizer.binary for m in convs)   # step 1: activations only
+    assert all(not m.is_binary and m.input_binarizer.binary for m in convs)  # step 1: activations only
     assert bc.set_binary_weights(model, True, "official") == len(convs)
     assert all(m.is_binary and m.weight_binarizer.gradient == "official" for m in convs)
     assert model.model_spec["kwargs"]["binary_weights"] is True
@@ -160,8 +170,8 @@ def test_binary_resnet18_is_bireal18_without_the_inner_shortcuts():
     x = torch.randn(2, 16, 8, 8)
     with torch.no_grad():
         before = block(x)
-        assert torch.allclose(block(x * 3.0) - 3.0 * x, before - x, atol=1e-5)   # x reaches the convs only as sign(x)
-        block.bn1.weight.mul_(2.0)                                 # h -> 2h (eval BN: affine in h)
+        assert torch.allclose(block(x * 3.0) - 3.0 * x, before - x, atol=1e-5)  # x reaches the convs only as sign(x)
+        block.bn1.weight.mul_(2.0)  # h -> 2h (eval BN: affine in h)
         block.bn1.bias.mul_(2.0)
-        assert torch.equal(block(x), before)                       # h is only seen through sign(h)
-    assert len(bc.binary_conv_bn_pairs(plain)) == 16                 # alpha folds for finetune
+        assert torch.equal(block(x), before)  # h is only seen through sign(h)
+    assert len(bc.binary_conv_bn_pairs(plain)) == 16  # alpha folds for finetune

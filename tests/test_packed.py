@@ -1,11 +1,21 @@
 """Export -> load -> run of the packed model; exactness against both references."""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import bireal_core as bc
-from cuda_ext.packed import (ArtifactError, PackedBiReal, artifact_size, compare_with_float,
-                             export_checkpoint, export_model, load_packed, read_artifact, reference_ops)
+from cuda_ext.packed import (
+    ArtifactError,
+    PackedBiReal,
+    artifact_size,
+    compare_with_float,
+    export_checkpoint,
+    export_model,
+    load_packed,
+    read_artifact,
+    reference_ops,
+)
 
 
 def digits_images() -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,7 +37,7 @@ def fitted_bireal18():
     model = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     model.train()
-    for step in range(150):
+    for _step in range(150):
         idx = torch.randint(0, len(x), (64,))
         loss = F.cross_entropy(model(x[idx]), y[idx])
         opt.zero_grad()
@@ -45,9 +55,15 @@ def randomized(name: str, **kwargs):
     return model.eval()
 
 
-@pytest.mark.parametrize("name,kwargs", [("bireal18", {}), ("bireal34", {"pad_value": -1.0}),
-                                         ("bireal50", {"weight_gradient": "plain"}),
-                                         ("bireal18", {"pad_value": 1.0, "weight_gradient": "official"})])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("bireal18", {}),
+        ("bireal34", {"pad_value": -1.0}),
+        ("bireal50", {"weight_gradient": "plain"}),
+        ("bireal18", {"pad_value": 1.0, "weight_gradient": "official"}),
+    ],
+)
 def test_packed_equals_reference_of_folded_computation(tmp_path, name, kwargs):
     packed, _ = load_packed(export_model(randomized(name, **kwargs), tmp_path / "m.safetensors"))
     x = torch.randn(5, 3, 32, 32)
@@ -82,19 +98,22 @@ def test_agreement_with_training_graph(fitted_bireal18, tmp_path):
     model, x, y = fitted_bireal18
     packed, _ = load_packed(export_model(model, tmp_path / "m.safetensors"))
     report = compare_with_float(model, packed, x)
-    print(f"\npacked vs float on {report['images']} digits: top-1 agreement "
-          f"{report['top1_agreement']:.4%}, {report['disagreements']} flips, max |logit diff| "
-          f"{report['max_logit_diff']:.2e}")
+    print(
+        f"\npacked vs float on {report['images']} digits: top-1 agreement "
+        f"{report['top1_agreement']:.4%}, {report['disagreements']} flips, max |logit diff| "
+        f"{report['max_logit_diff']:.2e}"
+    )
     with torch.inference_mode():
         accuracy = (model(x).argmax(1) == y).float().mean().item()
-    assert accuracy > 0.5                    # the fit is a real classifier, with real margins
+    assert accuracy > 0.5  # the fit is a real classifier, with real margins
     assert report["top1_agreement"] >= 0.999
 
 
 def test_checkpoint_export_load_logits(fitted_bireal18, tmp_path):
     model, x, _ = fitted_bireal18
-    ckpt = bc.save_checkpoint(tmp_path / "c.safetensors", model, stage="finetune",
-                              config={"class_names": [f"digit{i}" for i in range(10)]})
+    ckpt = bc.save_checkpoint(
+        tmp_path / "c.safetensors", model, stage="finetune", config={"class_names": [f"digit{i}" for i in range(10)]}
+    )
     art = export_checkpoint(ckpt, tmp_path / "a.safetensors")
     packed, header = load_packed(art)
     assert header["class_names"][3] == "digit3"
@@ -127,7 +146,7 @@ def test_corrupt_artifacts_rejected(tmp_path):
     path = export_model(randomized("bireal18"), tmp_path / "m.safetensors")
     raw = bytearray(path.read_bytes())
     tampered = tmp_path / "tampered.safetensors"
-    raw[-5] ^= 0xFF                                   # one flipped byte in the tensor data
+    raw[-5] ^= 0xFF  # one flipped byte in the tensor data
     tampered.write_bytes(bytes(raw))
     with pytest.raises(ArtifactError, match="sha256"):
         load_packed(tampered)
@@ -153,5 +172,7 @@ def test_only_binary_models_export(tmp_path):
 def test_packed_model_built_without_float_weights():
     spec = {"name": "bireal18", "kwargs": {"num_classes": 10, "stem": "small", "width": 0.25}}
     packed = PackedBiReal(spec)
-    assert not any(p.dtype == torch.float32 and p.dim() == 4 and p.shape[-1] == 3 and "conv" in n
-                   for n, p in packed.named_buffers())   # binary 3x3s are int64 bits only
+    assert not any(
+        p.dtype == torch.float32 and p.dim() == 4 and p.shape[-1] == 3 and "conv" in n
+        for n, p in packed.named_buffers()
+    )  # binary 3x3s are int64 bits only

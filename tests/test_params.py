@@ -1,6 +1,7 @@
 """Params are read once into typed sections: every enumerated choice is a Literal that matches
 what bireal_core accepts, a typo fails `bireal check-params` fast with file, key, value and the
 allowed values, and checking imports none of torch, ray, mlflow, prefect or dvc."""
+
 import subprocess
 import sys
 import time
@@ -24,33 +25,40 @@ def test_choices_match_what_bireal_core_accepts():
     assert typing.get_args(P.Augment) == ("auto", *bc.AUGMENTS)
 
 
-@pytest.mark.parametrize("section, key, bad, allowed", [
-    ("binarize", "activation", "aprox_sign", "approx_sign, ste_sign, identity_sign"),
-    ("train", "weight_gradient", "magnitude", "paper, official, plain"),
-    ("train", "arch", "bireal19", "bireal18, bireal34"),
-    ("finetune", "stem", "cifar", "small, imagenet"),
-    ("train", "optimizer", "adamw", "adam, sgd"),
-    ("pretrain", "precision", "fp16", "fp32, bf16"),
-    ("tune", "search", "bayes", "grid, random"),
-])
+@pytest.mark.parametrize(
+    "section, key, bad, allowed",
+    [
+        ("binarize", "activation", "aprox_sign", "approx_sign, ste_sign, identity_sign"),
+        ("train", "weight_gradient", "magnitude", "paper, official, plain"),
+        ("train", "arch", "bireal19", "bireal18, bireal34"),
+        ("finetune", "stem", "cifar", "small, imagenet"),
+        ("train", "optimizer", "adamw", "adam, sgd"),
+        ("pretrain", "precision", "fp16", "fp32, bf16"),
+        ("tune", "search", "bayes", "grid, random"),
+    ],
+)
 def test_typo_in_an_enumerated_param_is_named(tmp_path, section, key, bad, allowed):
     path = tmp_path / "params.yaml"
     path.write_text(f"{section}:\n  {key}: {bad}\n")
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "pipeline.cli", "check-params", "--params", str(path)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "check-params", "--params", str(path)], capture_output=True, text=True
+    )
     seconds = time.perf_counter() - start
     assert done.returncode == 2
     assert f"{path}:{section}.{key}: '{bad}' is not one of {allowed}" in done.stderr
-    assert seconds < 10, seconds      # generous here; the closing note times it on an idle machine
+    assert seconds < 10, seconds  # generous here; the closing note times it on an idle machine
 
 
-@pytest.mark.parametrize("section, key, value, where", [
-    ("tune", "activations", "[approx_sign, stesign]", "tune.activations[1]: 'stesign'"),
-    ("tune", "inits", "[clip, imagenet]", "tune.inits[1]: 'imagenet'"),
-    ("tune", "weight_gradients", "[paper, alpha]", "tune.weight_gradients[1]: 'alpha'"),
-    ("pretrain", "phases", "[relu, clipp]", "pretrain.phases[1]: 'clipp'"),
-])
+@pytest.mark.parametrize(
+    "section, key, value, where",
+    [
+        ("tune", "activations", "[approx_sign, stesign]", "tune.activations[1]: 'stesign'"),
+        ("tune", "inits", "[clip, imagenet]", "tune.inits[1]: 'imagenet'"),
+        ("tune", "weight_gradients", "[paper, alpha]", "tune.weight_gradients[1]: 'alpha'"),
+        ("pretrain", "phases", "[relu, clipp]", "pretrain.phases[1]: 'clipp'"),
+    ],
+)
 def test_typo_inside_a_list_is_named_with_its_index(tmp_path, section, key, value, where):
     path = tmp_path / "params.yaml"
     path.write_text(f"{section}:\n  {key}: {value}\n")
@@ -60,8 +68,10 @@ def test_typo_inside_a_list_is_named_with_its_index(tmp_path, section, key, valu
 
 
 def test_checking_params_imports_nothing_heavy():
-    code = ("import sys; from pipeline.cli import main; rc = main(['check-params', '--params', 'params.yaml']); "
-            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})), rc)")
+    code = (
+        "import sys; from pipeline.cli import main; rc = main(['check-params', '--params', 'params.yaml']); "
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})), rc)"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().splitlines()[-1] == "[] 0"
 
@@ -91,7 +101,7 @@ def test_tuned_pick_is_read_when_the_stage_asks(tmp_path):
     best.write_text('{"config": {"activation": "ste_sign", "init": "relu"}}')
     config = params.train("binarize")
     assert (config.activation, config.init) == ("ste_sign", "relu")
-    assert params.train("binarize", {"activation": "identity_sign"}).activation == "identity_sign"   # CLI wins
+    assert params.train("binarize", {"activation": "identity_sign"}).activation == "identity_sign"  # CLI wins
     best.write_text('{"config": {"activation": "stee_sign"}}')
     with pytest.raises(P.ConfigError, match="binarize.activation: 'stee_sign' is not one of"):
         params.train("binarize")

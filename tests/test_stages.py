@@ -1,5 +1,6 @@
 """The stage table is the one description of the pipeline: dvc.yaml (read by DVC's own parser)
 and the Prefect flow follow it; the CLI runs its stages."""
+
 from pathlib import Path
 
 import pytest

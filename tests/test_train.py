@@ -1,4 +1,5 @@
 """The training stages: the plain loop, DDP equivalence, the ImageNet path (no Ray here)."""
+
 from dataclasses import replace
 
 import pytest
@@ -11,8 +12,18 @@ from pipeline.train import TrainConfig, constrain_for_finetune, train_loop
 
 
 def smoke_config(shards, out, **kw) -> TrainConfig:
-    base = dict(shards=str(shards), out=str(out), arch="bireal18", stem="small", width=0.25,
-                batch_size=32, loader_workers=1, lr=3e-3, phase_epochs=[2, 1, 1], epochs=3)
+    base = dict(
+        shards=str(shards),
+        out=str(out),
+        arch="bireal18",
+        stem="small",
+        width=0.25,
+        batch_size=32,
+        loader_workers=1,
+        lr=3e-3,
+        phase_epochs=[2, 1, 1],
+        epochs=3,
+    )
     return TrainConfig(**{**base, **kw})
 
 
@@ -39,8 +50,8 @@ def test_pretrain_phases_and_checkpoints(three_stages):
     # each phase has its own schedule (Adam: linear decay to 0 over the phase), and the two
     # fine-tuning phases start at 0.1 x lr (phase_lr_scale), not at the full lr again
     lrs = [h["lr"] for h in results["pretrain"]["history"]]
-    assert lrs[0] == pytest.approx(3e-3) and lrs[1] == pytest.approx(1.5e-3)   # relu, epochs 0 and 1 of 2
-    assert lrs[2] == pytest.approx(3e-4) and lrs[3] == pytest.approx(3e-4)     # leaky_clip, clip: fresh, lower
+    assert lrs[0] == pytest.approx(3e-3) and lrs[1] == pytest.approx(1.5e-3)  # relu, epochs 0 and 1 of 2
+    assert lrs[2] == pytest.approx(3e-4) and lrs[3] == pytest.approx(3e-4)  # leaky_clip, clip: fresh, lower
 
 
 def test_lr_schedules():
@@ -57,15 +68,19 @@ def test_lr_schedules():
 def test_binarize_learns_above_chance(three_stages):
     out, results = three_stages
     history = results["binarize"]["history"]
-    print("\n" + "\n".join(f"binarize epoch {h['epoch']}: val_top1 {h['val_top1']:.3f} flip {h['flip_ratio']:.4f}"
-                           for h in history))
-    assert history[-1]["val_top1"] > 0.5          # 10 classes: chance is 0.1
+    print(
+        "\n"
+        + "\n".join(
+            f"binarize epoch {h['epoch']}: val_top1 {h['val_top1']:.3f} flip {h['flip_ratio']:.4f}" for h in history
+        )
+    )
+    assert history[-1]["val_top1"] > 0.5  # 10 classes: chance is 0.1
     assert all(0 < h["flip_ratio"] < 0.5 for h in history)
-    assert history[0]["val_images"] == 360         # the whole test split, once
+    assert history[0]["val_images"] == 360  # the whole test split, once
     model, _ = bc.load_checkpoint(out / "binarize.safetensors")
     assert all(m.is_binary for m in model.modules() if isinstance(m, bc.BinaryConv2d))
     kept = sorted(p.name for p in (out / ".train_state").glob("binarize-epoch*"))
-    assert kept == ["binarize-epoch001", "binarize-epoch002"]     # older train states pruned
+    assert kept == ["binarize-epoch001", "binarize-epoch002"]  # older train states pruned
 
 
 def test_finetune_constrains_weights_and_keeps_accuracy(three_stages):
@@ -73,10 +88,10 @@ def test_finetune_constrains_weights_and_keeps_accuracy(three_stages):
     model, header = bc.load_checkpoint(out / "finetune.safetensors")
     for m in model.modules():
         if isinstance(m, bc.BinaryConv2d):
-            assert torch.equal(m.weight.abs(), torch.ones_like(m.weight))   # +-1, alpha = 1
+            assert torch.equal(m.weight.abs(), torch.ones_like(m.weight))  # +-1, alpha = 1
     assert header["config"]["class_names"][:3] == ["0", "1", "2"]
     assert results["finetune"]["final"]["val_top1"] > 0.5
-    assert results["finetune"]["history"][0]["flip_ratio"] == 0.0         # convs frozen
+    assert results["finetune"]["history"][0]["flip_ratio"] == 0.0  # convs frozen
 
 
 def test_finetune_freezes_all_but_batchnorm():
@@ -88,8 +103,17 @@ def test_finetune_freezes_all_but_batchnorm():
 
 def test_two_step_and_init_options(demo_shards, tmp_path, three_stages):
     out, _ = three_stages
-    cfg = smoke_config(demo_shards, out, stage="binarize", two_step=True, step1_epochs=1, epochs=2,
-                       init="relu", weight_gradient="official", max_steps_per_epoch=3)
+    cfg = smoke_config(
+        demo_shards,
+        out,
+        stage="binarize",
+        two_step=True,
+        step1_epochs=1,
+        epochs=2,
+        init="relu",
+        weight_gradient="official",
+        max_steps_per_epoch=3,
+    )
     cfg = replace(cfg, out=str(out))
     result = train_loop(cfg)
     # 2 epochs in all, step 1's included: the same compute as a one-step run of 2 epochs
@@ -102,10 +126,10 @@ def test_two_step_and_init_options(demo_shards, tmp_path, three_stages):
     step1, step2 = segments(cfg, num_classes=10)
     model = step1.prepare(None)
     convs = [m for m in model.modules() if isinstance(m, bc.BinaryConv2d) and m.input_binarizer is not None]
-    assert convs and all(m.weight_binarizer is None for m in convs)          # step 1: real weights
+    assert convs and all(m.weight_binarizer is None for m in convs)  # step 1: real weights
     with torch.no_grad():
         for m in convs:
-            m.weight.mul_(0.5).add_(0.01)                                  # "trained" in step 1
+            m.weight.mul_(0.5).add_(0.01)  # "trained" in step 1
     trained = {n: p.detach().clone() for n, p in model.named_parameters()}
     after = step2.prepare(model)
     assert all(torch.equal(p, trained[n]) for n, p in after.named_parameters())
@@ -122,6 +146,7 @@ def test_bad_config_rejected():
 def test_imagenet_path_all_stages(tmp_path):
     """ImageNet stem, 224 crops, 1000-way head, on 1,000 tiny generated classes."""
     from imagegen import colored_image
+
     from pipeline.shard import ShardParams, shard_dataset
 
     src = tmp_path / "src"
@@ -135,9 +160,18 @@ def test_imagenet_path_all_stages(tmp_path):
     shard_dataset(str(src), str(shards), ShardParams(samples_per_shard=250, processes=2), progress_bar=False)
     out = tmp_path / "ckpt"
     for stage in ("pretrain", "binarize", "finetune"):
-        cfg = TrainConfig(stage=stage, shards=str(shards), out=str(out), stem="imagenet", width=0.125,
-                          batch_size=4, loader_workers=1, max_steps_per_epoch=2, phase_epochs=[1, 0, 1],
-                          epochs=1)
+        cfg = TrainConfig(
+            stage=stage,
+            shards=str(shards),
+            out=str(out),
+            stem="imagenet",
+            width=0.125,
+            batch_size=4,
+            loader_workers=1,
+            max_steps_per_epoch=2,
+            phase_epochs=[1, 0, 1],
+            epochs=1,
+        )
         result = train_loop(cfg)
         assert result["final"]["val_images"] == 8
     model, header = bc.load_checkpoint(out / "finetune.safetensors")
@@ -147,13 +181,14 @@ def test_imagenet_path_all_stages(tmp_path):
 
 # ---------------------------------------------------------------------------- DDP equivalence
 
+
 def _ddp_worker(rank, world, init_file, inputs, labels, result_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
-    model = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25).eval()   # BN eval
+    model = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25).eval()  # BN eval
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     share = len(inputs) // world
-    x, y = inputs[rank * share:(rank + 1) * share], labels[rank * share:(rank + 1) * share]
+    x, y = inputs[rank * share : (rank + 1) * share], labels[rank * share : (rank + 1) * share]
     torch.nn.functional.cross_entropy(ddp(x), y).backward()
     if rank == 0:
         torch.save({n: p.grad for n, p in model.named_parameters()}, result_file)
@@ -191,21 +226,33 @@ def test_imagenet_params_file_drives_every_stage(tmp_path, profile):
     from pathlib import Path
 
     import yaml
-
     from imagegen import ilsvrc_tars
-    from pipeline.shard import ShardParams, shard_dataset
+
     from pipeline.params import load_params
+    from pipeline.shard import ShardParams, shard_dataset
 
     shipped = Path(__file__).resolve().parents[1] / "pipeline" / "configs" / f"{profile}.yaml"
     loaded = load_params(shipped)
     assert loaded.train("binarize").stem == "imagenet" and loaded.train("binarize").width == 1.0
     ilsvrc_tars(tmp_path / "ilsvrc", train_per_class=3, val_per_class=1)
     params = yaml.safe_load(shipped.read_text())
-    shard_dataset(str(tmp_path / "ilsvrc"), str(tmp_path / "shards"),
-                  ShardParams(**{**params["shard"], "processes": 1, "samples_per_shard": 4}), progress_bar=False)
-    smoke = {"shards": str(tmp_path / "shards"), "out": str(tmp_path / "ckpt"), "width": 0.125,
-             "batch_size": 2, "loader_workers": 1, "shuffle_buffer": 4, "max_steps_per_epoch": 1,
-             "phase_epochs": [1, 0, 1], "epochs": 1}
+    shard_dataset(
+        str(tmp_path / "ilsvrc"),
+        str(tmp_path / "shards"),
+        ShardParams(**{**params["shard"], "processes": 1, "samples_per_shard": 4}),
+        progress_bar=False,
+    )
+    smoke = {
+        "shards": str(tmp_path / "shards"),
+        "out": str(tmp_path / "ckpt"),
+        "width": 0.125,
+        "batch_size": 2,
+        "loader_workers": 1,
+        "shuffle_buffer": 4,
+        "max_steps_per_epoch": 1,
+        "phase_epochs": [1, 0, 1],
+        "epochs": 1,
+    }
     for stage in ("pretrain", "binarize", "finetune"):
         config = loaded.train(stage, smoke)
         assert config.stem == "imagenet"
@@ -214,7 +261,7 @@ def test_imagenet_params_file_drives_every_stage(tmp_path, profile):
             assert result["final"]["val_images"] == 4
     model, header = bc.load_checkpoint(tmp_path / "ckpt" / "finetune.safetensors")
     assert header["config"]["input"]["size"] == 224
-    if profile.endswith("official"):   # its finetune has 0 epochs: the exact fold alone, no training
+    if profile.endswith("official"):  # its finetune has 0 epochs: the exact fold alone, no training
         result = train_loop(loaded.train("finetune", {**smoke, "epochs": 0}))
         assert result["history"] == []
         model, _ = bc.load_checkpoint(result["checkpoint"])
@@ -231,8 +278,7 @@ def test_weight_decay_reaches_every_real_weight():
     config = TrainConfig(weight_decay=1e-4)
 
     def decayed(model):
-        by_id = {id(p): g["weight_decay"] for g in make_optimizer(model, config).param_groups
-                 for p in g["params"]}
+        by_id = {id(p): g["weight_decay"] for g in make_optimizer(model, config).param_groups for p in g["params"]}
         convs = [m for m in model.modules() if isinstance(m, bc.BinaryConv2d)]
         return convs, by_id
 
@@ -245,13 +291,14 @@ def test_weight_decay_reaches_every_real_weight():
     binary = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25)
     convs, by_id = decayed(binary)
     assert all(by_id[id(m.weight)] == 0.0 for m in convs if m.weight_binarizer is not None)
-    assert all(by_id[id(p)] == 1e-4 for m in binary.modules() if isinstance(m, torch.nn.BatchNorm2d)
-               for p in m.parameters())
+    assert all(
+        by_id[id(p)] == 1e-4 for m in binary.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()
+    )
 
     step1 = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25, binary_weights=False)
     convs, by_id = decayed(step1)
-    assert all(m.weight_binarizer is None for m in convs)               # step 1: real weights
-    assert all(by_id[id(m.weight)] == 1e-4 for m in convs)              # ... and decayed
+    assert all(m.weight_binarizer is None for m in convs)  # step 1: real weights
+    assert all(by_id[id(m.weight)] == 1e-4 for m in convs)  # ... and decayed
 
 
 def test_weight_clip_and_precision_settings(demo_shards, tmp_path, three_stages):
@@ -268,9 +315,9 @@ def test_weight_clip_and_precision_settings(demo_shards, tmp_path, three_stages)
     weight_clipper(model, cfg)()
     binary = [m.weight for m in model.modules() if isinstance(m, bc.BinaryConv2d) and m.weight_binarizer is not None]
     assert all(w.abs().max() <= 0.05 for w in binary)
-    assert model.fc.weight.abs().max() > 0.05                          # real weights untouched
+    assert model.fc.weight.abs().max() > 0.05  # real weights untouched
     assert weight_clipper(model, replace(cfg, weight_clip=0.0)) is None
-    result = train_loop(replace(cfg, out=str(tmp_path), init_from=str(out)))   # runs with the clip on
+    result = train_loop(replace(cfg, out=str(tmp_path), init_from=str(out)))  # runs with the clip on
     assert result["history"] and cfg.precision == "fp32"
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp16")

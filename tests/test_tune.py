@@ -1,6 +1,8 @@
 """`bireal tune`: a tiny search (4 trials, 1 epoch, demo data), MLflow child runs, the best
 config consumed by binarize, and an interrupted search resumed with Tuner.restore."""
+
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -20,21 +22,42 @@ from pipeline.tune import write_outputs
 @pytest.fixture(scope="module")
 def pretrained(demo_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("tune_pretrain")
-    train_loop(TrainConfig(stage="pretrain", shards=str(demo_shards), out=str(out), width=0.25, batch_size=32,
-                           phase_epochs=[1, 0, 1], max_steps_per_epoch=8))
+    train_loop(
+        TrainConfig(
+            stage="pretrain",
+            shards=str(demo_shards),
+            out=str(out),
+            width=0.25,
+            batch_size=32,
+            phase_epochs=[1, 0, 1],
+            max_steps_per_epoch=8,
+        )
+    )
     return out
 
 
 def settings(tmp, **kw):
-    base = dict(activations=["approx_sign", "ste_sign"], inits=["scratch", "clip"], epochs=1,
-                max_steps_per_epoch=4, storage_path=str(tmp / "ray_results"), out=str(tmp / "tune"),
-                max_concurrent=2, asha=True)
+    base = dict(
+        activations=["approx_sign", "ste_sign"],
+        inits=["scratch", "clip"],
+        epochs=1,
+        max_steps_per_epoch=4,
+        storage_path=str(tmp / "ray_results"),
+        out=str(tmp / "tune"),
+        max_concurrent=2,
+        asha=True,
+    )
     return TuneSettings(**{**base, **kw})
 
 
 def mlflow_cfg(tmp):
-    return resolve(MlflowConfig(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", experiment="tune-test",
-                                artifact_location=str(tmp / "mlartifacts")))
+    return resolve(
+        MlflowConfig(
+            tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}",
+            experiment="tune-test",
+            artifact_location=str(tmp / "mlartifacts"),
+        )
+    )
 
 
 def children(tmp, summary_path=None):
@@ -46,6 +69,7 @@ def children(tmp, summary_path=None):
     return client, parents, kids
 
 
+@pytest.mark.e2e
 def test_tiny_search_logs_children_and_writes_best(ray_local, demo_shards, pretrained, tmp_path):
     base = TrainConfig(shards=str(demo_shards), out=str(pretrained), width=0.25, batch_size=32)
     summary = run_tune(settings(tmp_path), base, mlflow_cfg(tmp_path), group="g")
@@ -62,7 +86,7 @@ def test_tiny_search_logs_children_and_writes_best(ray_local, demo_shards, pretr
     assert len(parents) == 1 and len(kids) == 4
     assert all(k.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for k in kids)
     assert all(k.info.status == "FINISHED" for k in kids), [k.info.status for k in kids]
-    for k in kids:                                          # each trial's curve and config
+    for k in kids:  # each trial's curve and config
         assert [m.step for m in client.get_metric_history(k.info.run_id, "val_top1")] == [0]
         assert k.data.params["activation"] in ("approx_sign", "ste_sign")
 
@@ -73,6 +97,7 @@ def test_tiny_search_logs_children_and_writes_best(ray_local, demo_shards, pretr
     assert (config.activation, config.init) == (best["activation"], best["init"])
 
 
+@pytest.mark.e2e
 def test_interrupted_search_resumes(ray_local, demo_shards, pretrained, tmp_path):
     """A search whose driver gets SIGINT after two trials is continued, not restarted."""
     base = TrainConfig(shards=str(demo_shards), out=str(pretrained), width=0.25, batch_size=32)
@@ -83,21 +108,23 @@ def test_interrupted_search_resumes(ray_local, demo_shards, pretrained, tmp_path
         "from pipeline.env import apply_offline_defaults; apply_offline_defaults()\n"
         "from pipeline.adapters.ray_train import ensure_ray\n"
         "from pipeline.params import RayConfig\n"
-        "ensure_ray(RayConfig(temp_dir='/tmp/bireal-ray-sub'))\n"   # short: AF_UNIX path limit
+        "ensure_ray(RayConfig())\n"  # joins $RAY_ADDRESS, the test session's cluster
         "from pipeline.train import TrainConfig\n"
         "from pipeline.params import TuneSettings, MlflowConfig\n"
         "from pipeline.adapters.ray_tune import run_tune\n"
         "from pipeline.adapters.tracking import resolve\n"
         f"run_tune(TuneSettings(**{asdict(s)!r}), TrainConfig(**{asdict(base)!r}),\n"
-        f"         resolve(MlflowConfig(**{asdict(mlflow_cfg(tmp_path))!r})), 'g')\n")
+        f"         resolve(MlflowConfig(**{asdict(mlflow_cfg(tmp_path))!r})), 'g')\n"
+    )
     log = open(tmp_path / "search.log", "w")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT)
+    env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}  # the session's cluster
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if len(list((tmp_path / "ray_results").glob("*/_trial_*/checkpoint_*"))) >= 2:
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)                 # how a user stops a Tune driver
+    proc.send_signal(signal.SIGINT)  # how a user stops a Tune driver
     proc.wait(timeout=120)
     interrupted = {p.parent.name for p in (tmp_path / "ray_results").glob("*/_trial_*/checkpoint_*")}
     assert 2 <= len(interrupted) < 4, (tmp_path / "search.log").read_text()[-3000:]
@@ -105,7 +132,7 @@ def test_interrupted_search_resumes(ray_local, demo_shards, pretrained, tmp_path
     resumed = run_tune(s, base, mlflow_cfg(tmp_path), group="g")
     assert resumed["finished"] and len(resumed["trials"]) == 4, resumed["trials"]
     _, parents, kids = children(tmp_path)
-    assert len(parents) == 1 and len(kids) == 4                            # no trial started twice
+    assert len(parents) == 1 and len(kids) == 4  # no trial started twice
     assert all(k.info.status == "FINISHED" for k in kids), [k.info.status for k in kids]
 
 
@@ -114,13 +141,22 @@ def test_summary_takes_the_lr_of_the_winning_cells_best_trial():
     from pipeline.params import TuneSettings
     from pipeline.tune import CELL_KEYS, summarize
 
-    cell = {"activation": "approx_sign", "weight_gradient": "paper", "init": "clip", "two_step": False,
-            "optimizer": "adam"}
+    cell = {
+        "activation": "approx_sign",
+        "weight_gradient": "paper",
+        "init": "clip",
+        "two_step": False,
+        "optimizer": "adam",
+    }
     other = {**cell, "init": "scratch"}
     assert set(cell) == set(CELL_KEYS)
-    trials = [{**cell, "lr": 1e-3, "seed": 0, "val_top1": 0.60}, {**cell, "lr": 3e-3, "seed": 1, "val_top1": 0.70},
-              {**cell, "lr": 9e-3, "seed": 2, "val_top1": 0.65}, {**cell, "lr": 2e-2, "seed": 3, "val_top1": None},
-              {**other, "lr": 5e-3, "seed": 0, "val_top1": 0.50}]
+    trials = [
+        {**cell, "lr": 1e-3, "seed": 0, "val_top1": 0.60},
+        {**cell, "lr": 3e-3, "seed": 1, "val_top1": 0.70},
+        {**cell, "lr": 9e-3, "seed": 2, "val_top1": 0.65},
+        {**cell, "lr": 2e-2, "seed": 3, "val_top1": None},
+        {**other, "lr": 5e-3, "seed": 0, "val_top1": 0.50},
+    ]
     summary = summarize(trials, TuneSettings())
     assert summary["best"] == {**cell, "lr": 3e-3}
     assert summary["table"][0]["seeds"] == 3 and summary["table"][0]["mean"] == pytest.approx(0.65)
@@ -130,13 +166,21 @@ def test_best_keeps_the_papers_cell_unless_beaten_beyond_the_seed_spread():
     from pipeline.tune import pick_cell
 
     def row(activation, mean, std, seeds=3):
-        return {"activation": activation, "weight_gradient": "paper", "init": "clip", "two_step": False,
-                "optimizer": "adam", "mean": mean, "std": std, "seeds": seeds}
+        return {
+            "activation": activation,
+            "weight_gradient": "paper",
+            "init": "clip",
+            "two_step": False,
+            "optimizer": "adam",
+            "mean": mean,
+            "std": std,
+            "seeds": seeds,
+        }
 
     paper = row("approx_sign", 0.398, 0.003)
-    assert pick_cell([row("ste_sign", 0.401, 0.008), paper]) is paper          # 0.3 points, spread 0.8
+    assert pick_cell([row("ste_sign", 0.401, 0.008), paper]) is paper  # 0.3 points, spread 0.8
     winner = row("ste_sign", 0.45, 0.008)
-    assert pick_cell([winner, paper]) is winner                                # 5.2 points
+    assert pick_cell([winner, paper]) is winner  # 5.2 points
     one_seed = row("ste_sign", 0.45, 0.0, seeds=1)
     assert pick_cell([one_seed, row("approx_sign", 0.40, 0.0, seeds=1)])["activation"] == "approx_sign"
     no_paper = [row("ste_sign", 0.45, 0.01), row("identity_sign", 0.30, 0.01)]

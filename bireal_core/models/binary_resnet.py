@@ -10,6 +10,7 @@ binarizers, padding and head. The paper attributes about 10 top-1 points at 18 l
 shortcut; the ablation trains this net with its own real-valued twin. A training baseline only:
 the packed format holds Bi-Real nets.
 """
+
 from __future__ import annotations
 
 import torch

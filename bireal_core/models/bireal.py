@@ -7,6 +7,7 @@ The real-valued x is carried around every binary conv by a parameter-free identi
 real-valued twin is the same network built with ``activation='relu'`` (or ``leaky_clip`` /
 ``clip``) and ``binary_weights=False``: same topology, same parameter names.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,15 @@ class BiRealNet(BiRealBase):
     """Stem, four stages of ``block`` (the first of each later stage with stride 2), pool, FC.
     ``block``: BiRealBlock, or another block with its signature (the 1-bit ResNet baseline)."""
 
-    def __init__(self, repeats: tuple[int, ...], num_classes: int = 1000, stem: str = "imagenet",
-                 width: float = 1.0, block: type[nn.Module] = BiRealBlock, **conv_kwargs):
+    def __init__(
+        self,
+        repeats: tuple[int, ...],
+        num_classes: int = 1000,
+        stem: str = "imagenet",
+        width: float = 1.0,
+        block: type[nn.Module] = BiRealBlock,
+        **conv_kwargs,
+    ):
         super().__init__()
         spec = ConvSpec(**conv_kwargs)
         channels = [scaled(c, width) for c in STAGE_CHANNELS]

@@ -11,6 +11,7 @@ carries two real-valued streams: ``mid`` (the 1x1-reduce level, C/4 channels) an
 The very first 1x1 conv of stage 1 is real-valued, reads LeakyClip(x), and has no shortcut.
 Repeats: 50 = 3-4-6-3 (official); 101 = 3-4-23-3 and 152 = 3-8-36-3 follow ResNet.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,9 @@ EXPANSION = 4
 
 
 class BiRealBottleneck(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int, spec: ConvSpec,
-                 stage_entry: bool = False, first: bool = False):
+    def __init__(
+        self, c_in: int, c_out: int, stride: int, spec: ConvSpec, stage_entry: bool = False, first: bool = False
+    ):
         super().__init__()
         mid, mid_in = max(1, c_out // EXPANSION), max(1, c_in // EXPANSION)
         self.first = first
@@ -58,8 +60,14 @@ class BiRealBottleneck(nn.Module):
 
 
 class BiRealBottleneckNet(BiRealBase):
-    def __init__(self, repeats: tuple[int, ...], num_classes: int = 1000, stem: str = "imagenet",
-                 width: float = 1.0, **conv_kwargs):
+    def __init__(
+        self,
+        repeats: tuple[int, ...],
+        num_classes: int = 1000,
+        stem: str = "imagenet",
+        width: float = 1.0,
+        **conv_kwargs,
+    ):
         super().__init__()
         spec = ConvSpec(**conv_kwargs)
         c_in = scaled(64, width)
@@ -69,8 +77,9 @@ class BiRealBottleneckNet(BiRealBase):
             c_out = scaled(STAGE_CHANNELS[stage], width)
             for i in range(n):
                 stride = 2 if stage > 0 and i == 0 else 1
-                blocks.append(BiRealBottleneck(c_in, c_out, stride, spec, stage_entry=i == 0,
-                                               first=stage == 0 and i == 0))
+                blocks.append(
+                    BiRealBottleneck(c_in, c_out, stride, spec, stage_entry=i == 0, first=stage == 0 and i == 0)
+                )
                 c_in = c_out
         self.blocks = nn.ModuleList(blocks)
         self.avgpool = nn.AdaptiveAvgPool2d(1)

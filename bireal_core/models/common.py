@@ -1,4 +1,5 @@
 """Pieces shared by the model families: the conv factory, stems, head and the build options."""
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -30,15 +31,21 @@ class ConvSpec:
 
     def __post_init__(self):
         if self.activation not in SIGN_ACTIVATIONS + TWIN_ACTIVATIONS:
-            raise ValueError(f"activation must be one of {SIGN_ACTIVATIONS + TWIN_ACTIVATIONS}, "
-                             f"got {self.activation!r}")
+            raise ValueError(
+                f"activation must be one of {SIGN_ACTIVATIONS + TWIN_ACTIVATIONS}, got {self.activation!r}"
+            )
         make_activation(self.activation)
         MagnitudeAwareSign(self.weight_gradient)  # validates the name
 
     def conv(self, c_in: int, c_out: int, kernel: int, stride: int = 1) -> BinaryConv2d:
         """A binary conv (or the twin's real conv) with 'same' padding."""
         return BinaryConv2d(
-            c_in, c_out, kernel, stride=stride, padding=kernel // 2, bias=False,
+            c_in,
+            c_out,
+            kernel,
+            stride=stride,
+            padding=kernel // 2,
+            bias=False,
             input_binarizer=make_activation(self.activation),
             weight_binarizer=MagnitudeAwareSign(self.weight_gradient) if self.binary_weights else None,
             pad_value=self.pad_value,
@@ -61,8 +68,7 @@ def make_stem(stem: str, c_out: int) -> nn.Sequential:
     """ImageNet: 7x7/2 conv -> BN -> 3x3/2 maxpool (224 -> 56; no ReLU, as in the official code).
     small: 3x3/1 conv -> BN for 32x32 inputs (no downsampling)."""
     if stem == "imagenet":
-        return nn.Sequential(nn.Conv2d(3, c_out, 7, 2, 3, bias=False), nn.BatchNorm2d(c_out),
-                             nn.MaxPool2d(3, 2, 1))
+        return nn.Sequential(nn.Conv2d(3, c_out, 7, 2, 3, bias=False), nn.BatchNorm2d(c_out), nn.MaxPool2d(3, 2, 1))
     if stem == "small":
         return nn.Sequential(nn.Conv2d(3, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out))
     raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")

@@ -1,4 +1,5 @@
 """Float ResNet-18 / -34 baselines (torchvision), for the cost table and speed comparisons."""
+
 from __future__ import annotations
 
 import torchvision

@@ -5,6 +5,7 @@
 and returns ``class_id``, ``label`` and ``score`` per image. Needs the ``bireal`` package installed
 (its compiled kernels).
 """
+
 from __future__ import annotations
 
 import mlflow.pyfunc
@@ -27,8 +28,12 @@ class BirealPackedModel(mlflow.pyfunc.PythonModel):
         from bireal_core.preprocess import eval_transform
 
         transform = eval_transform(self.header["input"])
-        if isinstance(model_input, np.ndarray) or isinstance(model_input, list) and model_input \
-                and isinstance(model_input[0], np.ndarray):
+        if (
+            isinstance(model_input, np.ndarray)
+            or isinstance(model_input, list)
+            and model_input
+            and isinstance(model_input[0], np.ndarray)
+        ):
             images = [Image.fromarray(np.asarray(a, dtype=np.uint8)).convert("RGB") for a in model_input]
         else:
             paths = list(model_input["image"]) if hasattr(model_input, "columns") else list(model_input)
@@ -46,8 +51,9 @@ class BirealPackedModel(mlflow.pyfunc.PythonModel):
             probs = self.model(self._batch(model_input)).softmax(dim=1)
         score, ids = probs.max(dim=1)
         names = self.header["class_names"]
-        return pd.DataFrame({"class_id": ids.tolist(), "label": [names[i] for i in ids.tolist()],
-                             "score": score.tolist()})
+        return pd.DataFrame(
+            {"class_id": ids.tolist(), "label": [names[i] for i in ids.tolist()], "score": score.tolist()}
+        )
 
 
 set_model(BirealPackedModel())

@@ -5,6 +5,7 @@ train state and reports it as a ``ray.train.Checkpoint``; ``FailureConfig(max_fa
 a failed worker group, and ``train_loop`` resumes from the last reported checkpoint (the
 interrupted epoch is run again from its start).
 """
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,7 @@ class RayRuntime(Runtime):
         import ray.train
 
         checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if self.rank == 0 else None
-        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
-                         checkpoint=checkpoint)
+        ray.train.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}, checkpoint=checkpoint)
 
     def restore_dir(self) -> Path | None:
         import ray.train
@@ -59,7 +59,7 @@ def _worker_entry(payload: dict) -> None:
     if runtime.rank == 0 and payload.get("mlflow_run"):
         logger = EpochLogger(MlflowConfig(**payload["mlflow"]), payload["mlflow_run"])
         restored = runtime.restore_dir()
-        if restored is not None:                      # epochs reported before a failure: log once
+        if restored is not None:  # epochs reported before a failure: log once
             logger.backfill(torch.load(restored / "train_state.pt", weights_only=True)["history"])
     train_loop(config, runtime, on_epoch=logger)
 
@@ -74,29 +74,45 @@ def ensure_ray(cfg: RayConfig):
         ray.init(address=address)
     else:
         Path(cfg.temp_dir).mkdir(parents=True, exist_ok=True)
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=True,
-                 _temp_dir=cfg.temp_dir, configure_logging=False)
+        ray.init(
+            num_cpus=max(2, os.cpu_count() or 2),
+            include_dashboard=True,
+            _temp_dir=cfg.temp_dir,
+            configure_logging=False,
+        )
 
 
-def run_stage_on_ray(config: TrainConfig, ray_cfg: RayConfig, mlflow_cfg: MlflowConfig | None = None, mlflow_run: str = "") -> dict:
+def run_stage_on_ray(
+    config: TrainConfig, ray_cfg: RayConfig, mlflow_cfg: MlflowConfig | None = None, mlflow_run: str = ""
+) -> dict:
     """Fit one stage with a TorchTrainer; returns {"checkpoint", "history", "final"}."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ensure_ray(ray_cfg)
-    config = TrainConfig(**{**asdict(config), "shards": absolute(config.shards),
-                            "out": absolute(config.out)})
-    payload = {"config": asdict(config), "threads": max(1, int(ray_cfg.cpus_per_worker)),
-               "mlflow": asdict(mlflow_cfg) if mlflow_cfg else None, "mlflow_run": mlflow_run}
+    config = TrainConfig(**{**asdict(config), "shards": absolute(config.shards), "out": absolute(config.out)})
+    payload = {
+        "config": asdict(config),
+        "threads": max(1, int(ray_cfg.cpus_per_worker)),
+        "mlflow": asdict(mlflow_cfg) if mlflow_cfg else None,
+        "mlflow_run": mlflow_run,
+    }
     trainer = TorchTrainer(
-        _worker_entry, train_loop_config=payload,
-        scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=ray_cfg.use_gpu,
-                                     resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
+        _worker_entry,
+        train_loop_config=payload,
+        scaling_config=ScalingConfig(
+            num_workers=ray_cfg.num_workers,
+            use_gpu=ray_cfg.use_gpu,
+            resources_per_worker={"CPU": ray_cfg.cpus_per_worker},
+        ),
         torch_config=TorchConfig(backend="nccl" if ray_cfg.use_gpu else "gloo"),
-        run_config=RunConfig(name=f"{config.stage}-{uuid.uuid4().hex[:8]}",   # unique: a reused name resumes
-                             storage_path=absolute(ray_cfg.storage_path),
-                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+        run_config=RunConfig(
+            name=f"{config.stage}-{uuid.uuid4().hex[:8]}",  # unique: a reused name resumes
+            storage_path=absolute(ray_cfg.storage_path),
+            failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
     result = trainer.fit()
     if result.error is not None:
         raise result.error
@@ -104,8 +120,12 @@ def run_stage_on_ray(config: TrainConfig, ray_cfg: RayConfig, mlflow_cfg: Mlflow
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
             history = load_train_state(Path(d))[1]["history"]
-    return {"checkpoint": str(stage_checkpoint(config, config.stage)), "history": history,
-            "final": history[-1] if history else {}, "ray_path": result.path}
+    return {
+        "checkpoint": str(stage_checkpoint(config, config.stage)),
+        "history": history,
+        "final": history[-1] if history else {},
+        "ray_path": result.path,
+    }
 
 
 def absolute(path: str) -> str:

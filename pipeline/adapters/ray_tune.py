@@ -7,6 +7,7 @@ needs a second layer of placement groups that on 2 cores leaks or deadlocks; the
 trainable keeps one code path and exact resource accounting (``with_resources``). Every trial is
 an MLflow child run of one tuning run (``adapters/tracking.py``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,8 +33,10 @@ class TuneRuntime(Runtime):
     def report(self, metrics: dict, checkpoint_dir: Path) -> None:
         from ray import tune
 
-        tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
-                    checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)))
+        tune.report(
+            {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+            checkpoint=tune.Checkpoint.from_directory(str(checkpoint_dir)),
+        )
 
     def restore_dir(self) -> Path | None:
         from ray import tune
@@ -46,9 +49,14 @@ def param_space(s: TuneSettings) -> dict:
     from ray import tune
 
     pick = tune.grid_search if s.search == "grid" else tune.choice
-    space = {"activation": pick(s.activations), "weight_gradient": pick(s.weight_gradients),
-             "init": pick(s.inits), "two_step": pick(s.two_step), "optimizer": pick(s.optimizers),
-             "seed": pick(s.seeds)}
+    space = {
+        "activation": pick(s.activations),
+        "weight_gradient": pick(s.weight_gradients),
+        "init": pick(s.inits),
+        "two_step": pick(s.two_step),
+        "optimizer": pick(s.optimizers),
+        "seed": pick(s.seeds),
+    }
     space["lr"] = s.lr_min if s.lr_min == s.lr_max else tune.loguniform(s.lr_min, s.lr_max)
     return space
 
@@ -61,15 +69,16 @@ def _trial(trial: dict, base: dict, tracking: dict | None) -> None:
     context = tune.get_context()
     trial_dir = Path(base["out"]) / "trials" / context.get_trial_id()
     overrides = {k: trial[k] for k in (*CELL_KEYS, "lr", "seed")}
-    config = TrainConfig(**{**base, **overrides, "stage": "binarize", "out": str(trial_dir),
-                            "init_from": base["out"], "step1_epochs": 1})
+    config = TrainConfig(
+        **{**base, **overrides, "stage": "binarize", "out": str(trial_dir), "init_from": base["out"], "step1_epochs": 1}
+    )
     logger = None
     if tracking:
         from .tracking import trial_logger
 
         logger = trial_logger(tracking, context.get_trial_id(), context.get_trial_name(), overrides)
     train_loop(config, TuneRuntime(), on_epoch=logger)
-    if logger is not None:               # trials that ASHA stops never get here: the driver closes them
+    if logger is not None:  # trials that ASHA stops never get here: the driver closes them
         logger.client.set_terminated(logger.run_id, "FINISHED")
 
 
@@ -84,10 +93,15 @@ def _trial_rows(results) -> list[dict]:
     for r in results:
         cfg = r.config or {}
         m = r.metrics or {}
-        rows.append({**{k: cfg.get(k) for k in (*CELL_KEYS, "lr", "seed")},
-                     "val_top1": m.get("val_top1"), "epochs": m.get("training_iteration", 0),
-                     "status": "ERROR" if r.error else ("TERMINATED" if m.get("training_iteration") else "PENDING"),
-                     "trial_id": m.get("trial_id", "")})
+        rows.append(
+            {
+                **{k: cfg.get(k) for k in (*CELL_KEYS, "lr", "seed")},
+                "val_top1": m.get("val_top1"),
+                "epochs": m.get("training_iteration", 0),
+                "status": "ERROR" if r.error else ("TERMINATED" if m.get("training_iteration") else "PENDING"),
+                "trial_id": m.get("trial_id", ""),
+            }
+        )
     return rows
 
 
@@ -100,17 +114,32 @@ def _tuner(settings: TuneSettings, trainable, name: str, storage: str):
     path = f"{storage}/{name}"
     if tune.Tuner.can_restore(path):
         return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(1, settings.epochs),
-                              grace_period=settings.grace_period) if settings.asha else None
+    scheduler = (
+        ASHAScheduler(time_attr="training_iteration", max_t=max(1, settings.epochs), grace_period=settings.grace_period)
+        if settings.asha
+        else None
+    )
     return tune.Tuner(
-        trainable, param_space=param_space(settings),
-        tune_config=tune.TuneConfig(metric="val_top1", mode="max", scheduler=scheduler,
-                                    num_samples=settings.num_samples, max_concurrent_trials=settings.max_concurrent),
-        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0))
+        trainable,
+        param_space=param_space(settings),
+        tune_config=tune.TuneConfig(
+            metric="val_top1",
+            mode="max",
+            scheduler=scheduler,
+            num_samples=settings.num_samples,
+            max_concurrent_trials=settings.max_concurrent,
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
+    )
 
 
-def run_tune(settings: TuneSettings, base: TrainConfig, mlflow_cfg: MlflowConfig | None = None, group: str = "",
-             ray_cfg: RayConfig | None = None) -> dict:
+def run_tune(
+    settings: TuneSettings,
+    base: TrainConfig,
+    mlflow_cfg: MlflowConfig | None = None,
+    group: str = "",
+    ray_cfg: RayConfig | None = None,
+) -> dict:
     """Run (or resume) the search; -> {"best", "table", "rankings", "trials", "path", "finished"}."""
     from ray import tune
 
@@ -119,9 +148,14 @@ def run_tune(settings: TuneSettings, base: TrainConfig, mlflow_cfg: MlflowConfig
     ensure_ray(ray_cfg or RayConfig())
     storage = absolute(settings.storage_path)
     name = experiment_name(settings, base)
-    base_dict = {**asdict(base), "epochs": settings.epochs, "max_steps_per_epoch": settings.max_steps_per_epoch,
-                 "out": absolute(base.out), "shards": absolute(base.shards),
-                 "_threads": max(1, int(settings.cpus_per_trial))}
+    base_dict = {
+        **asdict(base),
+        "epochs": settings.epochs,
+        "max_steps_per_epoch": settings.max_steps_per_epoch,
+        "out": absolute(base.out),
+        "shards": absolute(base.shards),
+        "_threads": max(1, int(settings.cpus_per_trial)),
+    }
     tracking = tune_parent_run(mlflow_cfg, group, name, settings) if mlflow_cfg else None
     trainable = tune.with_parameters(_trial, base=base_dict, tracking=tracking)
     trainable = tune.with_resources(trainable, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})

@@ -7,6 +7,7 @@
   evaluation accuracy beats the current champion's (both numbers and the decision are logged).
 - Registering the same artifact again (same sha256) returns the existing version.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,15 @@ SHA_TAG = "bireal.artifact_sha256"
 ACCURACY_TAG = "bireal.eval_top1"
 
 
-def register_artifact(artifact: str, evaluation: dict, example_image: str, cfg: MlflowConfig,
-                      registry: RegistryConfig, group: str, cost: dict | None = None) -> dict:
+def register_artifact(
+    artifact: str,
+    evaluation: dict,
+    example_image: str,
+    cfg: MlflowConfig,
+    registry: RegistryConfig,
+    group: str,
+    cost: dict | None = None,
+) -> dict:
     """Log + register ``artifact``; -> {"name", "version", "champion", "duplicate", "gate", "run_id"}.
     The same artifact (sha256) registered before returns that version."""
     from cuda_ext.packed import read_artifact
@@ -44,20 +52,32 @@ def register_artifact(artifact: str, evaluation: dict, example_image: str, cfg: 
     existing = c.search_model_versions(f"name = '{registry.model_name}' and tags.`{SHA_TAG}` = '{sha}'")
     if existing:
         v = int(existing[0].version)
-        return {"name": registry.model_name, "version": v, "duplicate": True,
-                "champion": _alias_version(c, registry.model_name, "champion") == v}
-    with mlflow.start_run(experiment_id=experiment_id(cfg), run_name="register",
-                          tags={PIPELINE_TAG: group, "bireal.stage": "register"}) as run:
+        return {
+            "name": registry.model_name,
+            "version": v,
+            "duplicate": True,
+            "champion": _alias_version(c, registry.model_name, "champion") == v,
+        }
+    with mlflow.start_run(
+        experiment_id=experiment_id(cfg), run_name="register", tags={PIPELINE_TAG: group, "bireal.stage": "register"}
+    ) as run:
         model_uri = log_packed_model(artifact, header, example_image, accuracy, cost)
-        version = mlflow.register_model(model_uri, registry.model_name,
-                                        tags={SHA_TAG: sha, ACCURACY_TAG: str(accuracy)})
+        version = mlflow.register_model(
+            model_uri, registry.model_name, tags={SHA_TAG: sha, ACCURACY_TAG: str(accuracy)}
+        )
         v = int(version.version)
         c.set_registered_model_alias(registry.model_name, "candidate", v)
         gate = champion_gate(c, registry.model_name, v, accuracy)
         mlflow.log_dict(gate, "champion_gate.json")
         mlflow.log_params({"gate.promoted": gate["promoted"], "gate.champion_top1": gate["champion_top1"]})
-    return {"name": registry.model_name, "version": v, "duplicate": False, "champion": gate["promoted"],
-            "gate": gate, "run_id": run.info.run_id}
+    return {
+        "name": registry.model_name,
+        "version": v,
+        "duplicate": False,
+        "champion": gate["promoted"],
+        "gate": gate,
+        "run_id": run.info.run_id,
+    }
 
 
 def log_packed_model(artifact: str, header: dict, example_image: str, accuracy: float, cost: dict | None) -> str:
@@ -73,12 +93,22 @@ def log_packed_model(artifact: str, header: dict, example_image: str, accuracy: 
     model.load_context(mlflow.pyfunc.PythonModelContext(artifacts={"packed": artifact}, model_config={}))
     size = artifact_size(artifact)
     info = mlflow.pyfunc.log_model(
-        name="model", python_model=PYFUNC_CODE, artifacts={"packed": artifact},
-        signature=infer_signature(example, model.predict(None, example)), input_example=example,
+        name="model",
+        python_model=PYFUNC_CODE,
+        artifacts={"packed": artifact},
+        signature=infer_signature(example, model.predict(None, example)),
+        input_example=example,
         pip_requirements=PYFUNC_REQUIREMENTS,
-        metadata={"class_names": header["class_names"], "arch": header["model"],
-                  "packed_bytes": size["bytes"], "packed_mbit": size["mbit"], "eval_top1": accuracy,
-                  "cost": cost or {}, "artifact_sha256": header["sha256"]})
+        metadata={
+            "class_names": header["class_names"],
+            "arch": header["model"],
+            "packed_bytes": size["bytes"],
+            "packed_mbit": size["mbit"],
+            "eval_top1": accuracy,
+            "cost": cost or {},
+            "artifact_sha256": header["sha256"],
+        },
+    )
     mlflow.log_metrics({"eval_top1": accuracy, "packed_mbit": size["mbit"]})
     return info.model_uri
 
@@ -86,13 +116,19 @@ def log_packed_model(artifact: str, header: dict, example_image: str, accuracy: 
 def champion_gate(c, name: str, version: int, accuracy: float) -> dict:
     """``version`` becomes ``champion`` only when its top-1 beats the current champion's."""
     champion_v = _alias_version(c, name, "champion")
-    champion_acc = (float(c.get_model_version(name, champion_v).tags.get(ACCURACY_TAG, "-1"))
-                    if champion_v is not None else None)
+    champion_acc = (
+        float(c.get_model_version(name, champion_v).tags.get(ACCURACY_TAG, "-1")) if champion_v is not None else None
+    )
     promote = champion_acc is None or accuracy > champion_acc
     if promote:
         c.set_registered_model_alias(name, "champion", version)
-    return {"candidate_version": version, "candidate_top1": accuracy, "champion_version": champion_v,
-            "champion_top1": champion_acc, "promoted": promote}
+    return {
+        "candidate_version": version,
+        "candidate_top1": accuracy,
+        "champion_version": champion_v,
+        "champion_top1": champion_acc,
+        "promoted": promote,
+    }
 
 
 def _ensure_registered_model(c, name: str) -> None:

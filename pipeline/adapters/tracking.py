@@ -5,6 +5,7 @@ The driver creates the run (so a restarted Ray worker keeps logging into the sam
 workers log by run id through ``MlflowClient``; only rank 0 logs. Epoch metrics are logged
 exactly once even across a worker restart: steps already in the run's history are skipped.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,10 +21,10 @@ NON_METRIC_KEYS = {"segment"}
 
 def resolve(cfg: MlflowConfig) -> MlflowConfig:
     """Absolute URIs, so Ray workers and Tune trials in other working directories share them."""
-    root = Path.cwd()          # the project the stages run in (dvc repro, make demo: the checkout)
+    root = Path.cwd()  # the project the stages run in (dvc repro, make demo: the checkout)
     uri = cfg.tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        uri = f"sqlite:///{Path(uri[len('sqlite:///'):]).resolve()}"
+        uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
     artifacts = cfg.artifact_location or str(root / "mlartifacts")
     if "://" not in artifacts:
         artifacts = Path(artifacts).resolve().as_uri()
@@ -57,8 +58,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 def start_stage_run(cfg: MlflowConfig, stage: str, config: dict, group: str, extra_tags: dict | None = None) -> str:
     c = client(cfg)
-    run = c.create_run(experiment_id(cfg), run_name=stage,
-                       tags={PIPELINE_TAG: group, "bireal.stage": stage, **(extra_tags or {})})
+    run = c.create_run(
+        experiment_id(cfg), run_name=stage, tags={PIPELINE_TAG: group, "bireal.stage": stage, **(extra_tags or {})}
+    )
     for key, value in flatten(config).items():
         c.log_param(run.info.run_id, key, str(value)[:6000])
     return run.info.run_id
@@ -85,8 +87,9 @@ class EpochLogger:
             self(metrics)
 
 
-def finish_stage_run(cfg: MlflowConfig, run_id: str, result: dict, cost: dict | None = None,
-                     status: str = "FINISHED") -> None:
+def finish_stage_run(
+    cfg: MlflowConfig, run_id: str, result: dict, cost: dict | None = None, status: str = "FINISHED"
+) -> None:
     c = client(cfg)
     if cost:
         for key in ("ops", "memory_mbit", "binary_macs", "real_macs", "params"):
@@ -100,6 +103,7 @@ def finish_stage_run(cfg: MlflowConfig, run_id: str, result: dict, cost: dict | 
 
 # ---------------------------------------------------------------------------- the tune stage
 
+
 def tune_parent_run(cfg: MlflowConfig, group: str, name: str, settings: TuneSettings) -> dict:
     """The search's parent run (the same one when an interrupted search resumes); -> what trials
     need to log under it."""
@@ -109,8 +113,9 @@ def tune_parent_run(cfg: MlflowConfig, group: str, name: str, settings: TuneSett
     if existing:
         parent = existing[0].info.run_id
     else:
-        parent = c.create_run(exp, run_name="tune", tags={"bireal.stage": "tune", "bireal.tune_name": name,
-                                                          PIPELINE_TAG: group}).info.run_id
+        parent = c.create_run(
+            exp, run_name="tune", tags={"bireal.stage": "tune", "bireal.tune_name": name, PIPELINE_TAG: group}
+        ).info.run_id
         for k, v in flatten({"tune": asdict(settings)}).items():
             c.log_param(parent, k, str(v))
     return {"mlflow": asdict(cfg), "experiment_id": exp, "parent_run": parent}
@@ -121,13 +126,19 @@ def trial_logger(tracking: dict, trial_id: str, trial_name: str, settings: dict)
     cfg = MlflowConfig(**tracking["mlflow"])
     c = client(cfg)
     existing = c.search_runs([tracking["experiment_id"]], f"tags.`bireal.trial_id` = '{trial_id}'")
-    if existing:                     # a trial restarted by a resumed search: same run, live again
+    if existing:  # a trial restarted by a resumed search: same run, live again
         run_id = existing[0].info.run_id
         c.update_run(run_id, status="RUNNING")
     else:
-        run_id = c.create_run(tracking["experiment_id"], run_name=trial_name,
-                              tags={"mlflow.parentRunId": tracking["parent_run"], "bireal.trial_id": trial_id,
-                                    "bireal.stage": "tune-trial"}).info.run_id
+        run_id = c.create_run(
+            tracking["experiment_id"],
+            run_name=trial_name,
+            tags={
+                "mlflow.parentRunId": tracking["parent_run"],
+                "bireal.trial_id": trial_id,
+                "bireal.stage": "tune-trial",
+            },
+        ).info.run_id
         for k, v in settings.items():
             c.log_param(run_id, k, v)
     return EpochLogger(cfg, run_id)

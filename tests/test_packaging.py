@@ -1,0 +1,71 @@
+"""The core (bireal_core + cuda_ext + predict) works without the pipeline extra: `bireal export`
+and `bireal predict` run with ray, mlflow, prefect, dvc, webdataset and scikit-learn never
+imported, and the logged pyfunc asks only for what prediction needs."""
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+import bireal_core as bc
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINE_ONLY = ("ray", "mlflow", "prefect", "dvc", "webdataset", "sklearn", "fsspec")
+
+# runs one CLI command, then prints which pipeline-only packages it loaded (bench's module too)
+SCRIPT = f"""
+import sys
+from pipeline.cli import main
+rc = main(sys.argv[1:])
+import cuda_ext.benchmarks
+print('loaded:', sorted({{m.split('.')[0] for m in sys.modules}} & set({PIPELINE_ONLY!r})))
+sys.exit(rc)
+"""
+
+
+def run_core(*args):
+    done = subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True)
+    loaded = next((line for line in done.stdout.splitlines() if line.startswith("loaded:")), "")
+    return done, loaded
+
+
+def test_export_and_predict_need_no_pipeline_packages(tmp_path):
+    model = bc.create_model("bireal18", num_classes=3, stem="small", width=0.25).eval()
+    ckpt = bc.save_checkpoint(
+        tmp_path / "ckpt.safetensors", model, stage="finetune", config={"class_names": ["cat", "dog", "fox"]}
+    )
+    art = tmp_path / "model.safetensors"
+    done, loaded = run_core("export", "--checkpoint", str(ckpt), "--out", str(art))
+    assert done.returncode == 0, done.stderr
+    assert loaded == "loaded: []"
+    image = tmp_path / "a.png"
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8")).save(image)
+    done, loaded = run_core("predict", "--artifact", str(art), str(image))
+    assert done.returncode == 0, done.stderr
+    assert loaded == "loaded: []"
+    assert any(label in done.stdout for label in ("cat", "dog", "fox"))
+
+
+def test_the_check_sees_pipeline_packages(tmp_path):
+    """A command of the pipeline loads them, so "loaded: []" above is a real finding."""
+    done, loaded = run_core("shard", "--source", "demo", "--out", str(tmp_path / "s"), "--samples-per-shard", "900")
+    assert done.returncode == 0, done.stderr
+    assert "fsspec" in loaded and "sklearn" in loaded
+
+
+def test_core_dependencies_leave_the_pipeline_stack_to_the_extra():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    core = " ".join(project["dependencies"])
+    assert not any(name in core for name in ("ray", "mlflow", "prefect", "dvc", "webdataset"))
+    extra = " ".join(project["optional-dependencies"]["pipeline"])
+    assert all(name in extra for name in ("ray", "mlflow", "prefect", "dvc", "webdataset"))
+
+
+def test_pyfunc_requirements_are_only_what_prediction_needs():
+    from pipeline.adapters.registry import PYFUNC_REQUIREMENTS
+
+    assert "bireal" in PYFUNC_REQUIREMENTS and "torch" in PYFUNC_REQUIREMENTS
+    assert not any(r.startswith(("bireal[", "ray", "prefect", "dvc")) for r in PYFUNC_REQUIREMENTS)

@@ -31,11 +31,8 @@ $(STAMP): $(SOURCES)
 demo: install
 	@$(VENV)/bin/bireal cost --arch bireal18
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
-	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc metrics show
 	@echo
-	@echo "metrics:    dvc metrics show   (metrics/*.json), confusion matrix in plots/confusion.csv"
-	@echo "artifact:   artifacts/model.safetensors   (bireal predict --artifact artifacts/model.safetensors IMAGE...)"
-	@echo "tracking:   .venv/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1"
+	@$(VENV)/bin/bireal summary
 
 test: install
 	$(VENV)/bin/pytest -q

@@ -34,23 +34,97 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+# ---------------------------------------------------------------------------- what a stage prints
+
+
+def report_train(result: dict) -> str:
+    from .stages import format_history
+
+    return (
+        f"{format_history(result['history'])}\n"
+        f"checkpoint: {result['checkpoint']}  (mlflow run {result['mlflow_run_id']})"
+    )
+
+
+def report_tune(summary: dict) -> str:
+    from .tune import format_table
+
+    if not summary["enabled"]:
+        return f"tuning disabled: wrote an empty pick to {summary['files']['best']}"
+    return (
+        f"{format_table(summary)}\n"
+        f"best config: {summary['files']['best']}  ({len(summary['trials'])} trials, {summary['path']})"
+    )
+
+
+def report_export(artifact: str, size: dict) -> str:
+    return (
+        f"wrote {artifact}: {size['bytes']:,} bytes = {size['mbit']:.2f} Mbit (tensors {size['payload_mbit']:.2f} Mbit)"
+    )
+
+
+def report_evaluate(artifact: str, result: dict) -> str:
+    line = f"{artifact} on {result['split']}: top-1 {result['top1']:.4f} over {result['images']} images"
+    if "float_agreement" in result:
+        line += (
+            f"; top-1 agreement with the training graph {result['float_agreement']:.4%} "
+            f"({result['float_disagreements']} flips)"
+        )
+    return line
+
+
+def report_register(result: dict) -> str:
+    state = "already registered as" if result["duplicate"] else "registered"
+    return (
+        f"{state} {result['name']} version {result['version']}"
+        f"{' (champion)' if result['champion'] else ' (candidate; champion kept)'}"
+    )
+
+
+def report_shard(manifest: dict, out: str) -> str:
+    from .shard import summarize
+
+    return (
+        f"{summarize(manifest)}\nmanifest: {out.rstrip('/')}/manifest.json ({manifest.get('elapsed_seconds', 0):.1f} s)"
+    )
+
+
+def report_stage(stage: str, result: dict, params) -> str:
+    """What ``bireal run STAGE`` prints: the same lines as the stage's own command."""
+    if stage in ("pretrain", "binarize", "finetune"):
+        return report_train(result)
+    if stage == "tune":
+        return report_tune(result)
+    if stage == "export":
+        return report_export(result["artifact"], result["size"])
+    if stage == "evaluate":
+        from .stages import ARTIFACT
+
+        return report_evaluate(ARTIFACT, result)
+    if stage == "register":
+        return report_register(result)
+    return report_shard(result, params.train("pretrain").shards)
+
+
+# ---------------------------------------------------------------------------- commands
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     from .stages import run_stage
 
     result = run_stage(args.stage, args.loaded, use_ray=not args.no_ray)
-    print(json.dumps(result, indent=2, default=str) if args.json else f"{args.stage}: done")
+    print(json.dumps(result, indent=2, default=str) if args.json else report_stage(args.stage, result, args.loaded))
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .stages import format_history, train
+    from .stages import train
 
     result = train(args.stage, args.loaded, use_ray=not args.no_ray, metrics_out=args.metrics)
-    print(format_history(result["history"]))
     if args.history:  # per-epoch rows, e.g. for accuracy-vs-time curves
         Path(args.history).parent.mkdir(parents=True, exist_ok=True)
         Path(args.history).write_text(json.dumps(result["history"], indent=2))
-    print(f"checkpoint: {result['checkpoint']}  (mlflow run {result['mlflow_run_id']})")
+    print(report_train(result))
     return 0
 
 
@@ -60,13 +134,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_artifact(args.artifact, args.shards, args.checkpoint, device=args.device)
     if args.metrics:
         write_outputs(result, args.metrics, args.confusion)
-    line = f"{args.artifact} on {result['split']}: top-1 {result['top1']:.4f} over {result['images']} images"
-    if "float_agreement" in result:
-        line += (
-            f"; top-1 agreement with the training graph {result['float_agreement']:.4%} "
-            f"({result['float_disagreements']} flips)"
-        )
-    print(line)
+    print(report_evaluate(args.artifact, result))
     return 0
 
 
@@ -74,25 +142,14 @@ def _cmd_register(args: argparse.Namespace) -> int:
     from .stages import register
 
     evaluation = json.loads(Path(args.evaluation).read_text())
-    result = register(args.loaded, args.artifact, evaluation, args.shards, args.name, args.out)
-    state = "already registered as" if result["duplicate"] else "registered"
-    print(
-        f"{state} {result['name']} version {result['version']}"
-        f"{' (champion)' if result['champion'] else ' (candidate; champion kept)'}"
-    )
+    print(report_register(register(args.loaded, args.artifact, evaluation, args.shards, args.name, args.out)))
     return 0
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
     from .stages import tune
-    from .tune import format_table
 
-    summary = tune(args.loaded)
-    if not summary["enabled"]:
-        print(f"tuning disabled: wrote an empty pick to {summary['files']['best']}")
-        return 0
-    print(format_table(summary))
-    print(f"best config: {summary['files']['best']}  ({len(summary['trials'])} trials, {summary['path']})")
+    print(report_tune(tune(args.loaded)))
     return 0
 
 
@@ -101,8 +158,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     names = args.class_names.split(",") if args.class_names else None
     path = export_checkpoint(args.checkpoint, args.out, class_names=names)
-    size = artifact_size(path)
-    print(f"wrote {path}: {size['bytes']:,} bytes = {size['mbit']:.2f} Mbit (tensors {size['payload_mbit']:.2f} Mbit)")
+    print(report_export(str(path), artifact_size(path)))
+    return 0
+
+
+def _cmd_summary(args: argparse.Namespace) -> int:
+    from .summary import pipeline_summary
+
+    print(pipeline_summary(args.loaded))
     return 0
 
 
@@ -129,21 +192,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_shard(args: argparse.Namespace) -> int:
-    from .shard import summarize, verify_shards
+    from .shard import verify_shards
     from .stages import shard
 
     if args.verify:
         problems = verify_shards(args.verify)
         for p in problems:
             print(f"FAIL {p}")
-        print(
-            f"{args.verify}: {'OK, every shard matches the manifest' if not problems else f'{len(problems)} problems'}"
-        )
+        verdict = "OK, every shard matches the manifest" if not problems else f"{len(problems)} problems"
+        print(f"{args.verify}: {verdict}")
         return 1 if problems else 0
     manifest = shard(args.loaded, args.source, args.out, kind=args.kind, overwrite=args.overwrite)
-    out = (args.out or args.loaded.train("pretrain").shards).rstrip("/")
-    print(summarize(manifest))
-    print(f"manifest: {out}/manifest.json ({manifest.get('elapsed_seconds', 0):.1f} s)")
+    print(report_shard(manifest, args.out or args.loaded.train("pretrain").shards))
     return 0
 
 
@@ -204,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-ray", action="store_true", help="train in this process")
     run.add_argument("--json", action="store_true", help="print the stage's summary as JSON")
     run.set_defaults(func=_cmd_run)
+
+    summary = sub.add_parser("summary", help="what the last pipeline run made: accuracy, size, speed, registry")
+    summary.add_argument("--params", default=None, help=PARAMS_HELP)
+    summary.set_defaults(func=_cmd_summary)
 
     demo = sub.add_parser("demo", help="cost table + a forward/backward pass of every model")
     demo.set_defaults(func=_cmd_demo)

@@ -45,6 +45,11 @@ Search = Literal["grid", "random"]
 
 STAGES: tuple[str, ...] = typing.get_args(Stage)
 
+# The pipeline's fixed output paths (relative to where it runs; checkpoints and shards come from params)
+ARTIFACT = "artifacts/model.safetensors"  # the packed 1-bit model
+METRICS = "metrics"  # <stage>.json per stage (dvc metrics show)
+CONFUSION = "plots/confusion.csv"
+
 
 class ConfigError(ValueError):
     """A bad params entry or override; the message names the file and the dotted key."""

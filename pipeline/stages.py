@@ -17,13 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .params import Params, TrainConfig
-
-ARTIFACT = "artifacts/model.safetensors"  # the packed 1-bit model
-EXAMPLE_IMAGE = "artifacts/example.jpg"  # the registered model's input example
-METRICS = "metrics"  # <stage>.json per stage (dvc metrics show)
-CONFUSION = "plots/confusion.csv"
-
+from .params import ARTIFACT, CONFUSION, METRICS, Params, TrainConfig
 
 # ---------------------------------------------------------------------------- the stages
 

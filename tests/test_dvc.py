@@ -77,6 +77,16 @@ def test_repro_runs_every_stage_and_registers(dvc_copy):
     assert run([str(BIN / "dvc"), "status", "--json"], dvc_copy).stdout.strip() == "{}"
 
 
+def test_summary_after_the_run(dvc_copy):
+    done = run([str(BIN / "bireal"), "summary"], dvc_copy)
+    assert done.returncode == 0, done.stderr
+    lines = dict(line.split(None, 1) for line in done.stdout.splitlines() if line.strip())
+    assert "0.00 Mbit" not in lines["packed"] and "smaller than the float checkpoint" in lines["packed"]
+    assert "on 360 test images" in lines["top-1"]
+    assert "training graph in float" in lines["speed"]
+    assert "dvc-test version 1 (champion): models:/dvc-test@champion" in lines["registry"]
+
+
 def test_changing_one_param_reruns_only_dependents(dvc_copy):
     params = yaml.safe_load((dvc_copy / "params.yaml").read_text())
     params["finetune"]["lr"] = 0.0005

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from .env import apply_offline_defaults
@@ -241,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .stages import STAGES_BY_NAME  # the table only: no torch, ray or mlflow
 
     parser = argparse.ArgumentParser(prog="bireal", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own output too")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     cost = sub.add_parser("cost", help="binary/real MACs, OPs and memory of a model (the paper's table)")
@@ -354,6 +357,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     apply_offline_defaults()
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["BIREAL_VERBOSE"] = "1"
+    else:  # MLflow's advice on type hints for pyfunc models concerns authors of typed models, not users
+        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
     try:
         if hasattr(args, "params"):  # read once; a bad params file fails before any work starts
             args.loaded = load_args_params(args)

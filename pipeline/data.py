@@ -59,8 +59,7 @@ def eval_split_name(manifest: dict) -> str:
 @dataclass
 class LoaderPlan:
     readers: list[list[str]]  # shard URLs of reader r * W + w
-    steps: int  # batches per rank this epoch (training); None-like -1 for eval
-    samples: int  # samples this rank will see (training: steps * B)
+    steps: int | None  # batches per rank this epoch (training); None for evaluation (every sample)
     left_out: int  # samples of the split that no rank uses this epoch
 
 
@@ -80,7 +79,7 @@ def plan_epoch(
         for i, (url, n) in enumerate(shards):
             readers[i % n_readers].append(url)
             counts[i % n_readers] += n
-        return LoaderPlan(readers, -1, 0, 0)
+        return LoaderPlan(readers, None, 0)
     order = list(shards)
     random.Random(f"{seed}:{epoch}").shuffle(order)
     order.sort(key=lambda s: -s[1])  # stable: equal sizes keep their shuffled order
@@ -93,7 +92,7 @@ def plan_epoch(
     per_rank = [sum(counts[rank * w + k] // batch_size for k in range(w)) for rank in range(world_size)]
     steps = min(per_rank)
     total = sum(n for _, n in shards)
-    return LoaderPlan(readers, steps, steps * batch_size, total - steps * batch_size * world_size)
+    return LoaderPlan(readers, steps, total - steps * batch_size * world_size)
 
 
 def _deal(shards: list[tuple[str, int]], n: int) -> list[list[tuple[str, int]]]:

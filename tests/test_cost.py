@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -49,24 +50,9 @@ def test_cli_table_and_bad_arch(capsys):
 
 
 def test_entry_point_installed():
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pipeline.cli",
-            "cost",
-            "--arch",
-            "bireal18",
-            "--stem",
-            "small",
-            "--width",
-            "0.5",
-            "--num-classes",
-            "10",
-            "--json",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
+    """The console script that `pip install` made (next to this interpreter), not `python -m`."""
+    script = Path(sys.executable).parent / "bireal"
+    assert script.is_file(), f"{script}: not installed (pip install -e .)"
+    args = ["cost", "--arch", "bireal18", "--stem", "small", "--width", "0.5", "--num-classes", "10", "--json"]
+    out = subprocess.run([str(script), *args], check=True, capture_output=True, text=True).stdout
     assert json.loads(out)["input_size"] == 32

@@ -5,6 +5,7 @@ imported, and the logged pyfunc asks only for what prediction needs."""
 import subprocess
 import sys
 import tomllib
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
@@ -69,3 +70,13 @@ def test_pyfunc_requirements_are_only_what_prediction_needs():
 
     assert "bireal" in PYFUNC_REQUIREMENTS and "torch" in PYFUNC_REQUIREMENTS
     assert not any(r.startswith(("bireal[", "ray", "prefect", "dvc")) for r in PYFUNC_REQUIREMENTS)
+
+
+def test_every_package_and_profile_is_packaged():
+    """A non-editable install ships every subpackage and the params profiles."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    include = config["packages"]["find"]["include"]
+    packages = {str(p.parent.relative_to(ROOT)).replace("/", ".") for p in ROOT.glob("*/**/__init__.py")}
+    packages = {p for p in packages if p.split(".")[0] in ("bireal_core", "cuda_ext", "pipeline")}
+    assert all(any(fnmatch(p, pattern) for pattern in include) for p in packages), packages
+    assert "configs/*.yaml" in config["package-data"]["pipeline"]

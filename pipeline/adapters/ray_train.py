@@ -64,14 +64,22 @@ def _worker_entry(payload: dict) -> None:
     train_loop(config, runtime, on_epoch=logger)
 
 
+def verbose() -> bool:
+    """``bireal --verbose`` (``BIREAL_VERBOSE=1``): Ray's and MLflow's own chatter on the terminal."""
+    return os.environ.get("BIREAL_VERBOSE", "") not in ("", "0")
+
+
 def ensure_ray(cfg: RayConfig):
     import ray
 
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+    # workers' and Train's own output (per-report dumps) reach the terminal only with `bireal --verbose`;
+    # they are in the session's log files either way
+    quiet = {"log_to_driver": verbose()}
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
     else:
         Path(cfg.temp_dir).mkdir(parents=True, exist_ok=True)
         ray.init(
@@ -79,6 +87,7 @@ def ensure_ray(cfg: RayConfig):
             include_dashboard=True,
             _temp_dir=cfg.temp_dir,
             configure_logging=False,
+            **quiet,
         )
 
 

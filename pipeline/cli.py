@@ -354,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# what `pip install 'bireal[pipeline]'` adds to the core (pyproject.toml)
+PIPELINE_EXTRA = ("ray", "mlflow", "prefect", "dvc", "webdataset", "sklearn", "fsspec", "tqdm")
+
+
 def main(argv: list[str] | None = None) -> int:
     apply_offline_defaults()
     args = build_parser().parse_args(argv)
@@ -365,6 +369,15 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "params"):  # read once; a bad params file fails before any work starts
             args.loaded = load_args_params(args)
         return args.func(args)
+    except ModuleNotFoundError as e:
+        if (e.name or "").split(".")[0] not in PIPELINE_EXTRA:
+            raise
+        print(
+            f"bireal {args.command}: error: needs {e.name}, part of the pipeline extra: "
+            "pip install 'bireal[pipeline]' (the core install has export, predict, cost and bench)",
+            file=sys.stderr,
+        )
+        return 2
     except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"bireal {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -12,9 +12,10 @@ import numpy as np
 from PIL import Image
 
 import bireal_core as bc
+from pipeline.cli import PIPELINE_EXTRA
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINE_ONLY = ("ray", "mlflow", "prefect", "dvc", "webdataset", "sklearn", "fsspec")
+PIPELINE_ONLY = tuple(p for p in PIPELINE_EXTRA if p != "tqdm")  # torch uses tqdm when it happens to be there
 
 # runs one CLI command, then prints which pipeline-only packages it loaded (bench's module too)
 SCRIPT = f"""
@@ -63,6 +64,25 @@ def test_core_dependencies_leave_the_pipeline_stack_to_the_extra():
     assert not any(name in core for name in ("ray", "mlflow", "prefect", "dvc", "webdataset"))
     extra = " ".join(project["optional-dependencies"]["pipeline"])
     assert all(name in extra for name in ("ray", "mlflow", "prefect", "dvc", "webdataset"))
+
+
+def test_a_pipeline_command_without_the_extra_says_what_to_install(tmp_path):
+    """The core install meets `bireal train` with a clear error, not a traceback."""
+    code = (
+        "import sys\n"
+        "class NoMlflow:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'mlflow':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoMlflow())\n"
+        "from pipeline.cli import main\n"
+        "sys.exit(main(['train', '--stage', 'pretrain', '--params', sys.argv[1]]))\n"
+    )
+    params = tmp_path / "params.yaml"
+    params.write_text(f"train:\n  out: {tmp_path / 'ckpt'}\n")
+    done = subprocess.run([sys.executable, "-c", code, str(params)], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "needs mlflow, part of the pipeline extra: pip install 'bireal[pipeline]'" in done.stderr
 
 
 def test_pyfunc_requirements_are_only_what_prediction_needs():

@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
 import yaml
 
+import bireal_core as bc
 from pipeline.cli import main
 
 pytestmark = pytest.mark.e2e  # starts services (make test-fast leaves it out)
@@ -75,6 +77,37 @@ def test_repro_runs_every_stage_and_registers(dvc_copy):
     assert (dvc_copy / "artifacts" / "model.safetensors").is_file()
     assert json.loads((dvc_copy / "tune" / "best.json").read_text())["config"]["init"] == "clip"
     assert run([str(BIN / "dvc"), "status", "--json"], dvc_copy).stdout.strip() == "{}"
+
+
+TRAINING = {"pretrain": 2, "binarize": 1, "finetune": 1}  # epochs each stage runs in the copy
+
+
+def test_training_stages_ran_on_two_ray_workers(dvc_copy):
+    for stage in TRAINING:
+        final = json.loads((dvc_copy / "metrics" / f"{stage}.json").read_text())
+        assert final["train_images"] == 3 * 32 * 2, stage  # both ranks' batches, summed
+        assert final["val_images"] == 360, stage  # each test sample once over 2 ranks
+    model, header = bc.load_checkpoint(dvc_copy / "checkpoints" / "finetune.safetensors")
+    assert header["stage"] == "finetune" and len(header["config"]["class_names"]) == 10
+
+
+def test_mlflow_runs_read_back_from_sqlite(dvc_copy):
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{dvc_copy / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dvc-test")
+    runs = [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("bireal.stage") in TRAINING]
+    assert sorted(r.data.tags["bireal.stage"] for r in runs) == sorted(TRAINING)
+    assert len({r.data.tags["bireal.pipeline_run"] for r in runs}) == 1  # grouped
+    for run in runs:
+        stage = run.data.tags["bireal.stage"]
+        assert run.info.status == "FINISHED"
+        assert run.data.params["train.stage"] == stage and run.data.params["ray.num_workers"] == "2"
+        for key in ("val_top1", "val_top5", "train_loss", "lr", "flip_ratio", "img_s"):
+            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+            assert steps == list(range(TRAINING[stage])), (stage, key, steps)  # every epoch exactly once
+        assert run.data.metrics["cost_memory_mbit"] > 0 and run.data.metrics["cost_ops"] > 0
+        artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")]
+        assert artifacts == [f"checkpoint/{stage}.safetensors"]
+        assert "cost_summary.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
 
 
 def test_summary_after_the_run(dvc_copy):

@@ -1,4 +1,5 @@
-"""The stages as Ray Train jobs (2 gloo workers), MLflow read back, and resume after a kill."""
+"""A Ray Train stage resumes after a killed worker (the three stages on 2 gloo workers and their
+MLflow runs are checked on the DVC end-to-end run, tests/test_dvc.py)."""
 
 import threading
 import time
@@ -9,7 +10,6 @@ import psutil
 import pytest
 import yaml
 
-import bireal_core as bc
 from pipeline.params import load_params
 from pipeline.stages import train as run_train_stage
 
@@ -40,53 +40,6 @@ def write_params(tmp: Path, shards: Path, **train) -> Path:
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     return path
-
-
-@pytest.fixture(scope="module")
-def ray_pipeline(ray_local, demo_shards, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ray_pipeline")
-    params = write_params(tmp, demo_shards)
-    results = {
-        stage: run_train_stage(stage, load_params(params), metrics_out=str(tmp / "metrics" / f"{stage}.json"))
-        for stage in ("pretrain", "binarize", "finetune")
-    }
-    return tmp, results
-
-
-def test_three_stages_on_two_ray_workers(ray_pipeline):
-    tmp, results = ray_pipeline
-    assert [h["segment"] for h in results["pretrain"]["history"]] == ["pretrain-relu", "pretrain-clip"]
-    assert [h["epoch"] for h in results["binarize"]["history"]] == [0, 1]
-    for stage, result in results.items():
-        assert Path(result["checkpoint"]).is_file()
-        final = result["final"]
-        assert final["train_images"] == 6 * 32 * 2  # both ranks' batches, summed
-        assert final["val_images"] == 360  # each test sample once over 2 ranks
-        assert (tmp / "metrics" / f"{stage}.json").is_file()
-    model, header = bc.load_checkpoint(results["finetune"]["checkpoint"])
-    assert header["stage"] == "finetune" and len(header["config"]["class_names"]) == 10
-
-
-def test_mlflow_runs_read_back_from_sqlite(ray_pipeline):
-    tmp, results = ray_pipeline
-    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("bireal-test")
-    runs = client.search_runs([exp.experiment_id])
-    assert {r.data.tags["bireal.stage"] for r in runs} == {"pretrain", "binarize", "finetune"}
-    assert len({r.data.tags["bireal.pipeline_run"] for r in runs}) == 1  # grouped
-    for run in runs:
-        stage = run.data.tags["bireal.stage"]
-        assert run.info.status == "FINISHED"
-        assert run.info.run_id == results[stage]["mlflow_run_id"]
-        assert run.data.params["train.stage"] == stage and run.data.params["ray.num_workers"] == "2"
-        epochs = len(results[stage]["history"])
-        for key in ("val_top1", "val_top5", "train_loss", "lr", "flip_ratio", "img_s"):
-            steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
-            assert steps == list(range(epochs)), (stage, key, steps)  # every epoch exactly once
-        assert run.data.metrics["cost_memory_mbit"] > 0 and run.data.metrics["cost_ops"] > 0
-        artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")]
-        assert artifacts == [f"checkpoint/{stage}.safetensors"]
-        assert "cost_summary.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
 
 
 def _kill_a_worker_mid_epoch(storage: Path, done: threading.Event, killed: list):

@@ -171,6 +171,21 @@ def _cmd_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_official(args: argparse.Namespace) -> int:
+    import bireal_core as bc
+    from bireal_core.official import import_official, read_official_state_dict
+
+    model = import_official(args.arch, read_official_state_dict(args.checkpoint))
+    config = {
+        "class_names": [str(i) for i in range(1000)],
+        "input": bc.default_input_config("imagenet"),
+        "source": str(args.checkpoint),
+    }
+    path = bc.save_checkpoint(args.out, model.eval(), stage="binarize", config=config)
+    print(f"wrote {path}: {args.arch} with the authors' weights from {args.checkpoint}")
+    return 0
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from cuda_ext.predict import format_predictions, predict_files
 
@@ -329,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--params", default=None, help=PARAMS_HELP)
     register.add_argument("--out", default=None, help="write the registration summary JSON here")
     register.set_defaults(func=_cmd_register)
+
+    official = sub.add_parser("import-official", help="an authors' PyTorch checkpoint -> a bireal checkpoint")
+    official.add_argument("--arch", required=True, choices=("bireal18", "bireal34", "bireal50"))
+    official.add_argument("--checkpoint", required=True, help="the authors' .pth.tar (liuzechun/Bi-Real-net)")
+    official.add_argument("--out", required=True, help="the bireal checkpoint (.safetensors) to write")
+    official.set_defaults(func=_cmd_import_official)
 
     predict = sub.add_parser("predict", help="classify image files with a packed artifact")
     predict.add_argument("--artifact", required=True)

@@ -155,6 +155,32 @@ def test_state_dict_maps_one_to_one_onto_the_official_model(name):
     assert not mismatched, mismatched[:3]
 
 
+@pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"the authors' key lists are not here ({REFERENCE})")
+def test_import_official_maps_an_authors_checkpoint(tmp_path, capsys):
+    """A checkpoint laid out as the authors' (their names and order, flattened binary weights,
+    DataParallel's prefix, the unused Bi-Real-50 conv) lands position by position in our model."""
+    from pipeline.cli import main
+
+    theirs = {}
+    for line in (REFERENCE / "official_bireal50_state_dict.tsv").read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape, _ = line.split("\t")
+        shape = json.loads(shape)
+        theirs[f"module.{key}"] = torch.tensor(7) if key.endswith("num_batches_tracked") else torch.randn(shape)
+    torch.save({"epoch": 3, "state_dict": theirs}, tmp_path / "official.pth.tar")
+    out = tmp_path / "imported.safetensors"
+    args = ["import-official", "--arch", "bireal50", "--checkpoint", str(tmp_path / "official.pth.tar")]
+    assert main([*args, "--out", str(out)]) == 0
+    model, header = bc.load_checkpoint(out)
+    used = [v for k, v in theirs.items() if "layers.0.down_conv1x1" not in k]
+    for (name, ours), value in zip(model.state_dict().items(), used, strict=True):
+        assert torch.equal(ours.flatten(), value.flatten().to(ours.dtype)), name
+    assert header["model"]["kwargs"]["num_classes"] == 1000
+    assert main([*args[:2], "bireal18", *args[3:], "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert "not the authors' bireal18" in capsys.readouterr().err
+
+
 def test_binary_resnet18_is_bireal18_without_the_inner_shortcuts():
     """Same 16 binary convs with the same shapes, in 8 two-conv blocks with one shortcut each: the
     real-valued output of a block's first conv is not carried past its second."""

@@ -214,6 +214,23 @@ TRAIN_CODE = (
     "pipeline/adapters/ray_train.py",
 )
 CKPT = "${train.out}"
+PRETRAINED = (f"{CKPT}/pretrain-clip.safetensors", f"{CKPT}/pretrain-relu.safetensors")  # what binarize inits from
+
+
+def training_stage(stage: str, inputs: tuple[str, ...], outs: tuple[str, ...]) -> StageSpec:
+    """A Ray Train stage: the shards and its ``inputs`` in, checkpoints ``outs`` (names in
+    ``train.out``) and ``metrics/<stage>.json`` out. (pretrain's outs: the phases later stages
+    read; leaky_clip is only a step between.)"""
+    return StageSpec(
+        stage,
+        _train_runner(stage),
+        deps=("${train.shards}", *inputs, *TRAIN_CODE),
+        params=("train", stage, "ray.num_workers"),
+        outs=tuple(f"{CKPT}/{name}.safetensors" for name in outs),
+        metrics=(f"{METRICS}/{stage}.json",),
+        uses_ray=True,
+    )
+
 
 STAGE_TABLE: tuple[StageSpec, ...] = (
     StageSpec(
@@ -223,23 +240,13 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
         params=("data.source", "shard"),
         outs=("${train.shards}",),
     ),
-    StageSpec(
-        "pretrain",
-        _train_runner("pretrain"),
-        deps=("${train.shards}", *TRAIN_CODE),
-        params=("train", "pretrain", "ray.num_workers"),
-        # the phases later stages read (leaky_clip is only a step between)
-        outs=(f"{CKPT}/pretrain-relu.safetensors", f"{CKPT}/pretrain-clip.safetensors", f"{CKPT}/pretrain.safetensors"),
-        metrics=(f"{METRICS}/pretrain.json",),
-        uses_ray=True,
-    ),
+    training_stage("pretrain", (), outs=("pretrain-relu", "pretrain-clip", "pretrain")),
     StageSpec(
         "tune",
         lambda p, use_ray=True: tune(p),
         deps=(
             "${train.shards}",
-            f"{CKPT}/pretrain-clip.safetensors",
-            f"{CKPT}/pretrain-relu.safetensors",
+            *PRETRAINED,
             "pipeline/tune.py",
             "pipeline/adapters/ray_tune.py",
             *TRAIN_CODE,
@@ -248,30 +255,8 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
         outs=("${tune.out}/best.json", "${tune.out}/table.json", "${tune.out}/table.csv"),
         uses_ray=True,
     ),
-    StageSpec(
-        "binarize",
-        _train_runner("binarize"),
-        deps=(
-            "${train.shards}",
-            "${tune.out}/best.json",
-            f"{CKPT}/pretrain-clip.safetensors",
-            f"{CKPT}/pretrain-relu.safetensors",
-            *TRAIN_CODE,
-        ),
-        params=("train", "binarize", "ray.num_workers"),
-        outs=(f"{CKPT}/binarize.safetensors",),
-        metrics=(f"{METRICS}/binarize.json",),
-        uses_ray=True,
-    ),
-    StageSpec(
-        "finetune",
-        _train_runner("finetune"),
-        deps=("${train.shards}", f"{CKPT}/binarize.safetensors", *TRAIN_CODE),
-        params=("train", "finetune", "ray.num_workers"),
-        outs=(f"{CKPT}/finetune.safetensors",),
-        metrics=(f"{METRICS}/finetune.json",),
-        uses_ray=True,
-    ),
+    training_stage("binarize", ("${tune.out}/best.json", *PRETRAINED), outs=("binarize",)),
+    training_stage("finetune", (f"{CKPT}/binarize.safetensors",), outs=("finetune",)),
     StageSpec(
         "export",
         lambda p, use_ray=True: export(p),

@@ -447,20 +447,24 @@ def run_epoch(
     """Train one epoch of segment ``seg`` and evaluate; -> the epoch's metrics."""
     from .data import make_loader
 
+    # (shard folder, split, input config, batch) and where this rank reads: the same for both loaders
+    where = {
+        "rank": runtime.rank,
+        "world_size": runtime.world_size,
+        "workers": config.loader_workers,
+        "manifest": data.manifest,
+    }
     train_batches, plan = make_loader(
         config.shards,
         "train",
         data.input_config,
         config.batch_size,
         train=True,
-        rank=runtime.rank,
-        world_size=runtime.world_size,
-        workers=config.loader_workers,
         epoch=global_epoch,
         seed=config.seed,
         shuffle_buffer=config.shuffle_buffer,
         pca_lighting=config.pca_lighting,
-        manifest=data.manifest,
+        **where,
     )
     steps = min(plan.steps, config.max_steps_per_epoch or plan.steps)
     lr_at = lr_schedule(config, steps * seg.epochs, config.lr * seg.lr_scale)
@@ -480,15 +484,7 @@ def run_epoch(
         after_step=weight_clipper(model, config),
     )
     val_batches, _ = make_loader(
-        config.shards,
-        data.eval_split,
-        data.input_config,
-        config.batch_size,
-        train=False,
-        rank=runtime.rank,
-        world_size=runtime.world_size,
-        workers=config.loader_workers,
-        manifest=data.manifest,
+        config.shards, data.eval_split, data.input_config, config.batch_size, train=False, **where
     )
     metrics.update(evaluate(model, val_batches, device, runtime.world_size))
     metrics.update(

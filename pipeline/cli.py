@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from pathlib import Path
 
 from .env import apply_offline_defaults
@@ -384,8 +383,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ["BIREAL_VERBOSE"] = "1"
-    else:  # MLflow's advice on type hints for pyfunc models concerns authors of typed models, not users
-        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method")
     try:
         if hasattr(args, "params"):  # read once; a bad params file fails before any work starts
             args.loaded = load_args_params(args)

@@ -7,7 +7,11 @@ here: without a server a flow must still run directly (Prefect then starts an ep
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import warnings
 from pathlib import Path
 
 OFFLINE_DEFAULTS = {
@@ -21,6 +25,7 @@ OFFLINE_DEFAULTS = {
     "DO_NOT_TRACK": "1",
     "DVC_NO_ANALYTICS": "1",
     "ITERATIVE_DO_NOT_TRACK": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per downloaded file while registering
 }
 
 
@@ -33,3 +38,34 @@ def apply_offline_defaults() -> None:
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str(project_root() / ".prefect"))
+
+
+def verbose() -> bool:
+    """``bireal --verbose`` (``BIREAL_VERBOSE=1``): Ray's, Tune's and MLflow's own output on the
+    terminal too. Without it the stages print the project's tables; the frameworks' logs stay in
+    their log files (Ray's session folder, MLflow's runs)."""
+    return os.environ.get("BIREAL_VERBOSE", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def framework_output_quiet():
+    """Hide what a framework prints (stdout and stderr: MLflow's registry messages go to stderr), its
+    INFO logs and its UserWarnings, unless verbose. Our own errors are raised, not printed."""
+    if verbose():
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("mlflow", "ray.tune", "ray.train")]
+    levels = [lg.level for lg in loggers]
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+    ):
+        warnings.simplefilter("ignore", UserWarning)
+        for lg in loggers:
+            lg.setLevel(logging.WARNING)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)

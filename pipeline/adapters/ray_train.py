@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from ..env import verbose
 from ..params import MlflowConfig, RayConfig, TrainConfig
 from ..train import Runtime, load_train_state, stage_checkpoint, train_loop
 
@@ -62,11 +63,6 @@ def _worker_entry(payload: dict) -> None:
         if restored is not None:  # epochs reported before a failure: log once
             logger.backfill(torch.load(restored / "train_state.pt", weights_only=True)["history"])
     train_loop(config, runtime, on_epoch=logger)
-
-
-def verbose() -> bool:
-    """``bireal --verbose`` (``BIREAL_VERBOSE=1``): Ray's and MLflow's own chatter on the terminal."""
-    return os.environ.get("BIREAL_VERBOSE", "") not in ("", "0")
 
 
 def ensure_ray(cfg: RayConfig):

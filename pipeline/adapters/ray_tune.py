@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..env import framework_output_quiet
 from ..params import MlflowConfig, RayConfig, TrainConfig, TuneSettings
 from ..train import Runtime, train_loop
 from ..tune import CELL_KEYS, expected_trials, summarize
@@ -159,7 +160,8 @@ def run_tune(
     tracking = tune_parent_run(mlflow_cfg, group, name, settings) if mlflow_cfg else None
     trainable = tune.with_parameters(_trial, base=base_dict, tracking=tracking)
     trainable = tune.with_resources(trainable, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
-    trials = _trial_rows(_tuner(settings, trainable, name, storage).fit())
+    with framework_output_quiet():  # Tune's experiment box and TensorBoard hint; the table is ours
+        trials = _trial_rows(_tuner(settings, trainable, name, storage).fit())
     finished = len(trials) == expected_trials(settings) and all(t["status"] == "TERMINATED" for t in trials)
     summary = summarize(trials, settings)
     summary.update({"path": f"{storage}/{name}", "finished": finished})

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import mlflow.pyfunc
 
+from ..env import framework_output_quiet
 from ..params import MlflowConfig, RegistryConfig
 from .pyfunc_model import BirealPackedModel
 
@@ -58,9 +59,12 @@ def register_artifact(
             "duplicate": True,
             "champion": _alias_version(c, registry.model_name, "champion") == v,
         }
-    with mlflow.start_run(
-        experiment_id=experiment_id(cfg), run_name="register", tags={PIPELINE_TAG: group, "bireal.stage": "register"}
-    ) as run:
+    tags = {PIPELINE_TAG: group, "bireal.stage": "register"}
+    # MLflow's advice on typed pyfunc models, its INFO lines and download bars: behind --verbose
+    with (
+        framework_output_quiet(),
+        mlflow.start_run(experiment_id=experiment_id(cfg), run_name="register", tags=tags) as run,
+    ):
         model_uri = log_packed_model(artifact, header, example_image, accuracy, cost)
         version = mlflow.register_model(
             model_uri, registry.model_name, tags={SHA_TAG: sha, ACCURACY_TAG: str(accuracy)}

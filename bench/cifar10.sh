@@ -3,7 +3,7 @@
 # finetune, export the packed 1-bit artifact and evaluate it through the binary kernels on the
 # 10,000 test images. Writes OUT_DIR/{*_history.json, model.safetensors, evaluate.json} and the
 # summary bench/results/cifar10.json (+ the artifact next to it), prints the accuracy-vs-time table.
-# Recipe, width and epochs: pipeline/configs/cifar10_bireal18.yaml. About 2 hours on 2 cores.
+# Recipe, width and epochs: pipeline/configs/cifar10_bireal18.yaml. About 80 minutes on 2 idle cores.
 # Usage: bench/cifar10.sh [CIFAR_DIR] [OUT_DIR]      (extra stage settings: SET="--set width=0.25")
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -178,8 +178,9 @@ def register(
 
 
 def finetuned_checkpoint(params: Params) -> str:
-    config = params.train("finetune")
-    return str(Path(config.out) / "finetune.safetensors")
+    from .train import stage_checkpoint
+
+    return str(stage_checkpoint(params.train("finetune"), "finetune"))
 
 
 # ---------------------------------------------------------------------------- the table

@@ -5,39 +5,25 @@ training graph run in float, the registry version and alias, and where to look n
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from .params import ARTIFACT, METRICS, Params
-
-
-def time_forward(model, x, repeats: int = 20) -> float:
-    """Median milliseconds of ``model(x)`` after a warm-up."""
-    import statistics
-
-    import torch
-
-    times = []
-    with torch.inference_mode():
-        for i in range(repeats + 3):
-            start = time.perf_counter()
-            model(x)
-            if i >= 3:
-                times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def speed_line(artifact: str, checkpoint: str) -> str:
     import torch
 
     import bireal_core as bc
+    from cuda_ext.benchmarks import time_ms
     from cuda_ext.packed import load_packed
 
     packed, header = load_packed(artifact)
     float_model = bc.load_checkpoint(checkpoint)[0].eval()
     size = header["input"]["size"]
     x = torch.randn(1, 3, size, size)
-    ours, base = time_forward(packed, x), time_forward(float_model, x)
+    cpu = torch.device("cpu")
+    with torch.inference_mode():
+        ours, base = time_ms(lambda: packed(x), cpu, 20), time_ms(lambda: float_model(x), cpu, 20)
     return f"packed {ours:.2f} ms vs training graph in float {base:.2f} ms ({base / ours:.1f}x), CPU, batch 1"
 
 
@@ -45,7 +31,9 @@ def pipeline_summary(params: Params) -> str:
     """The summary, from the files the stages wrote (a missing one is named, not guessed)."""
     from cuda_ext.packed import artifact_size
 
-    checkpoint = str(Path(params.train("finetune").out) / "finetune.safetensors")
+    from .train import stage_checkpoint
+
+    checkpoint = str(stage_checkpoint(params.train("finetune"), "finetune"))
     metrics = Path(METRICS)
     for path in (ARTIFACT, checkpoint, metrics / "evaluate.json"):
         if not Path(path).is_file():

@@ -100,12 +100,24 @@ class _ClippedSte(torch.autograd.Function):
         return grad_out * (w.abs() <= 1.0).to(grad_out.dtype), None
 
 
+class _Ste(torch.autograd.Function):
+    """Forward sign(W); backward passes dL/dW_b unchanged (the Caffe model: no alpha, no clip)."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor) -> torch.Tensor:
+        return sign(w)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        return grad_out
+
+
 def channel_scale(w: torch.Tensor) -> torch.Tensor:
     """alpha = mean |W| over every dim but the first: (C_out, C_in, k, k) -> (C_out, 1, 1, 1)."""
     return w.abs().mean(dim=tuple(range(1, w.dim())), keepdim=True)
 
 
-WEIGHT_GRADIENTS = ("paper", "official", "plain")
+WEIGHT_GRADIENTS = ("paper", "official", "plain", "caffe")
 
 
 class MagnitudeAwareSign(nn.Module):
@@ -114,6 +126,7 @@ class MagnitudeAwareSign(nn.Module):
     - ``paper``: W_b = alpha * sign(W), dL/dW = dL/dW_b * alpha * 1{|W| < 1} (paper Eq. 9).
     - ``official``: the authors' PyTorch code: alpha detached, dL/dW = dL/dW_b * 1{|W| <= 1}.
     - ``plain``: W_b = sign(W) without alpha, clipped STE (XNOR/BinaryNet style baseline).
+    - ``caffe``: the authors' Caffe model: W_b = sign(W), dL/dW = dL/dW_b (no alpha, no clip).
     """
 
     binary = True
@@ -129,11 +142,13 @@ class MagnitudeAwareSign(nn.Module):
             return _MagnitudeAwareSign.apply(w)
         if self.gradient == "official":
             return _ClippedSte.apply(w, channel_scale(w).detach())
+        if self.gradient == "caffe":
+            return _Ste.apply(w)
         return _ClippedSte.apply(w, torch.ones((), dtype=w.dtype, device=w.device))
 
     def scale(self, w: torch.Tensor) -> torch.Tensor:
         """The per-output-channel factor the forward multiplies sign(W) by: (C_out, 1, 1, 1)."""
-        if self.gradient == "plain":
+        if self.gradient in ("plain", "caffe"):
             return torch.ones_like(channel_scale(w))
         return channel_scale(w)
 

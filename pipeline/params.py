@@ -34,8 +34,8 @@ Stage = Literal["pretrain", "binarize", "finetune"]
 Arch = Literal["bireal18", "bireal34", "bireal50", "bireal101", "bireal152", "binary_resnet18", "resnet18", "resnet34"]
 Stem = Literal["small", "imagenet"]
 Activation = Literal["approx_sign", "ste_sign", "identity_sign"]
-WeightGradient = Literal["paper", "official", "plain"]
-Init = Literal["scratch", "relu", "clip"]
+WeightGradient = Literal["paper", "official", "plain", "caffe"]
+Init = Literal["scratch", "relu", "relu_control", "clip"]
 Phase = Literal["relu", "leaky_clip", "clip"]
 Optimizer = Literal["adam", "sgd"]
 Precision = Literal["fp32", "bf16"]
@@ -122,8 +122,11 @@ class TrainConfig:
     # each phase's starting lr as a multiple of `lr`, with its own schedule: the leaky_clip and clip
     # phases fine-tune the previous phase's weights, so they start lower (paper, section 3.3)
     phase_lr_scale: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.1])
+    # the ablation's equal-compute control: the first (relu) phase's twin also trains on, still
+    # ReLU, through the later phases' epochs and lrs -> pretrain-relu_control (init: relu_control)
+    relu_control: bool = False
     # binarize
-    init: Init = "clip"  # scratch | relu | clip (which pretrain checkpoint)
+    init: Init = "clip"  # scratch | relu | relu_control | clip (which pretrain checkpoint)
     latent_init: LatentInit = "default"  # scratch only: default (PyTorch's conv init) | official
     # (the authors' code: uniform [0, 0.001) latent weights)
     activation: Activation = "approx_sign"
@@ -146,6 +149,11 @@ class TrainConfig:
                 f"phase_lr_scale={self.phase_lr_scale}: one positive factor per phase "
                 f"({len(self.phases)} phases: {self.phases})"
             )
+        if self.relu_control and (self.phases[:1] != ["relu"] or len(self.phases) < 2):
+            raise ValueError(
+                f"relu_control continues the first phase, which must be relu, through the later "
+                f"phases' epochs: phases={self.phases}"
+            )
         if self.two_step and self.stage == "binarize" and not 0 < self.step1_epochs < self.epochs:
             raise ValueError(
                 f"two_step: epochs={self.epochs} counts step 1's step1_epochs={self.step1_epochs} "
@@ -165,11 +173,17 @@ class TuneSettings:
     """The ``tune`` section: Ray Tune over the binarize stage's settings."""
 
     enabled: bool = True  # false: the stage writes an empty pick, binarize keeps its own
+    # the grid: every combination of these axes (archs: empty = the train section's arch)
+    archs: list[Arch] = field(default_factory=list)
     activations: list[Activation] = field(default_factory=lambda: ["approx_sign", "ste_sign"])
     weight_gradients: list[WeightGradient] = field(default_factory=lambda: ["paper"])
     inits: list[Init] = field(default_factory=lambda: ["scratch", "clip"])
     two_step: list[bool] = field(default_factory=lambda: [False])
     optimizers: list[Optimizer] = field(default_factory=lambda: ["adam"])
+    # cells beside the grid: the paper's cell (ApproxSign, magnitude-aware, clip init, one step,
+    # the first optimizer, the train arch) with the settings each entry names changed, e.g.
+    # [{weight_gradient: caffe}, {arch: binary_resnet18}]: one axis at a time, as the paper ablates
+    extra_cells: list[dict[str, Any]] = field(default_factory=list)
     lr_min: float = 0.002  # log-uniform in [lr_min, lr_max]; equal bounds fix it
     lr_max: float = 0.002
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -189,11 +203,30 @@ class TuneSettings:
         check_choices(self)
         if not 0 < self.lr_min <= self.lr_max:
             raise ValueError("need 0 < lr_min <= lr_max")
-        if True in self.two_step and self.epochs < 2:
+        for i, cell in enumerate(self.extra_cells):
+            if not isinstance(cell, dict) or not cell:
+                raise ValueError(f"extra_cells[{i}]: a mapping of settings to change, got {cell!r}")
+            for key, value in cell.items():
+                if key not in CELL_AXES:
+                    raise ValueError(f"extra_cells[{i}]: unknown setting {key!r} (one of {', '.join(CELL_AXES)})")
+                _check_type(value, CELL_AXES[key], f"extra_cells[{i}].{key}")
+        two_step_cells = [c.get("two_step") for c in self.extra_cells]
+        if (True in self.two_step or True in two_step_cells) and self.epochs < 2:
             raise ValueError(
                 f"two_step includes true but epochs={self.epochs}: a two-step trial spends "
                 "1 of its epochs on step 1 (equal compute), so it needs epochs >= 2"
             )
+
+
+# What one tune cell sets: the binarize stage's keys that the search varies, and their types.
+CELL_AXES: dict[str, Any] = {
+    "arch": Arch,
+    "activation": Activation,
+    "weight_gradient": WeightGradient,
+    "init": Init,
+    "two_step": bool,
+    "optimizer": Optimizer,
+}
 
 
 @dataclass

@@ -104,8 +104,26 @@ def tune(params: Params) -> dict:
     from .adapters.tracking import resolve
 
     base = params.train("binarize", {"tuned_config": ""})
+    pretrain_other_twins(params, base)
     summary = run_tune(settings, base, resolve(params.mlflow), params.group, params.ray)
     return {**summary, "enabled": True, "files": write_outputs(summary, settings.out)}
+
+
+def pretrain_other_twins(params: Params, base: TrainConfig) -> list[str]:
+    """Cells of another arch (the no-shortcut net) start from a twin of their own: pretrain it with
+    the pretrain stage's settings (the same epochs as the main twin) unless its checkpoints exist."""
+    from .train import stage_checkpoint, train_loop
+    from .tune import twin_folder, twins_needed
+
+    done = []
+    for arch, inits in twins_needed(params.tune, base.arch).items():
+        folder = twin_folder(base.init_from or base.out, arch, base.arch)
+        config = params.train("pretrain", {"arch": arch, "out": folder, "relu_control": "relu_control" in inits})
+        if not all(stage_checkpoint(config, f"pretrain-{init}").is_file() for init in inits):
+            print(f"tune: pretraining the {arch} twin for its cells ({', '.join(sorted(inits))}) in {folder}", flush=True)
+            train_loop(config)
+        done.append(folder)
+    return done
 
 
 def export(

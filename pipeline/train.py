@@ -211,6 +211,7 @@ class Segment:
     prepare: Callable[[nn.Module | None], nn.Module]  # previous segment's model -> this one's
     save_as: str | None = None  # extra checkpoint at the segment's end
     lr_scale: float = 1.0  # its starting lr = lr_scale * config.lr
+    side: bool = False  # a side branch (the ablation's control): not the stage's result
 
 
 def stage_checkpoint(config: TrainConfig, name: str, folder: str = "") -> Path:
@@ -246,6 +247,9 @@ def _binarize_init(config: TrainConfig, num_classes: int):
                         m.weight.uniform_(0.0, 0.001)
         if config.init != "scratch":
             path = stage_checkpoint(config, f"pretrain-{config.init}", config.init_from)
+            if not path.is_file():
+                hint = " (pretrain with relu_control: true)" if config.init == "relu_control" else ""
+                raise FileNotFoundError(f"{path}: init {config.init!r} needs this pretrain checkpoint{hint}")
             twin, _ = bc.load_checkpoint(path)
             report = bc.init_from_twin(model, twin.state_dict())
             if not report.complete:
@@ -302,13 +306,36 @@ def _finetune_init(config: TrainConfig):
     return prepare
 
 
+def _relu_control(config: TrainConfig, num_classes: int) -> list[Segment]:
+    """The equal-compute ReLU twin: from pretrain-relu, one ReLU segment per later phase with that
+    phase's epochs and lr scale, so it costs exactly what the leaky_clip -> clip chain costs."""
+
+    def from_relu_phase(previous: nn.Module | None) -> nn.Module:
+        model, _ = bc.load_checkpoint(stage_checkpoint(config, "pretrain-relu"))
+        return model
+
+    later = [(e, scale) for e, scale in zip(config.phase_epochs[1:], config.phase_lr_scale[1:]) if e > 0]
+    return [
+        Segment(
+            f"pretrain-relu_control-{i}",
+            e,
+            from_relu_phase if i == 0 else (lambda previous: previous),
+            "pretrain-relu_control" if i == len(later) - 1 else None,
+            scale,
+            side=True,
+        )
+        for i, (e, scale) in enumerate(later)
+    ]
+
+
 def segments(config: TrainConfig, num_classes: int) -> list[Segment]:
     if config.stage == "pretrain":
-        return [
+        chain = [
             Segment(f"pretrain-{a}", e, _twin_phase(config, a, num_classes), f"pretrain-{a}", scale)
             for a, e, scale in zip(config.phases, config.phase_epochs, config.phase_lr_scale)
             if e > 0
         ]
+        return chain + (_relu_control(config, num_classes) if config.relu_control else [])
     if config.stage == "binarize":
         init = _binarize_init(config, num_classes)
         if not config.two_step:
@@ -553,6 +580,9 @@ def train_loop(
         if runtime.rank == 0 and seg.save_as:
             save_stage_checkpoint(config, seg.save_as, model, history)
     final = stage_checkpoint(config, config.stage)
+    main = [seg for seg in plan if not seg.side]
+    if plan[-1].side and main:  # the stage's result is its main line's last model, saved as it ended
+        model, _ = bc.load_checkpoint(stage_checkpoint(config, main[-1].save_as))
     if runtime.rank == 0:
         save_stage_checkpoint(
             config,

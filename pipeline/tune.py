@@ -6,78 +6,116 @@ The search itself is Ray Tune's (``pipeline/adapters/ray_tune.py``); the stage t
 
 from __future__ import annotations
 
+import itertools
 import json
 import statistics
 from pathlib import Path
 
-from .params import TuneSettings
+from .params import CELL_AXES, TuneSettings
 
-CELL_KEYS = ("activation", "weight_gradient", "init", "two_step", "optimizer")
+CELL_KEYS = tuple(CELL_AXES)  # arch, activation, weight_gradient, init, two_step, optimizer
 
 
-def expected_trials(s: TuneSettings) -> int:
+def paper_cell(settings: TuneSettings, arch: str) -> dict:
+    """The paper's own cell in this search: ApproxSign, magnitude-aware, clip init, one step."""
+    return {
+        "arch": arch,
+        "activation": "approx_sign",
+        "weight_gradient": "paper",
+        "init": "clip",
+        "two_step": False,
+        "optimizer": settings.optimizers[0],
+    }
+
+
+def cells(settings: TuneSettings, arch: str) -> list[dict]:
+    """Every cell of the search, in order and without repeats: the grid (every combination of the
+    axes), then ``extra_cells`` (the paper's cell with the named settings changed). ``arch`` is the
+    train section's arch, the grid's when ``archs`` is empty."""
+    grid = [
+        dict(zip(CELL_KEYS, combo))
+        for combo in itertools.product(
+            settings.archs or [arch],
+            settings.activations,
+            settings.weight_gradients,
+            settings.inits,
+            settings.two_step,
+            settings.optimizers,
+        )
+    ]
+    out: list[dict] = []
+    for cell in grid + [{**paper_cell(settings, arch), **extra} for extra in settings.extra_cells]:
+        if cell not in out:
+            out.append(cell)
+    return out
+
+
+def twin_folder(pretrain_out: str, arch: str, train_arch: str) -> str:
+    """Where a cell's pretrain checkpoints are: the pretrain stage's for the train section's arch;
+    for another arch (the no-shortcut net), its own twin's, pretrained by the tune stage."""
+    return pretrain_out if arch == train_arch else f"{pretrain_out}/twins/{arch}"
+
+
+def twins_needed(settings: TuneSettings, arch: str) -> dict[str, set[str]]:
+    """Each arch other than ``arch`` whose cells start from a twin -> the inits they read."""
+    needed: dict[str, set[str]] = {}
+    for cell in cells(settings, arch):
+        if cell["arch"] != arch and cell["init"] != "scratch":
+            needed.setdefault(cell["arch"], set()).add(cell["init"])
+    return needed
+
+
+def expected_trials(settings: TuneSettings, arch: str) -> int:
     """How many trials a finished search has."""
-    if s.search == "random":
-        return s.num_samples
-    cells = (
-        len(s.activations) * len(s.weight_gradients) * len(s.inits) * len(s.two_step) * len(s.optimizers) * len(s.seeds)
-    )
-    return cells * s.num_samples
+    if settings.search == "random":
+        return settings.num_samples
+    return len(cells(settings, arch)) * len(settings.seeds) * settings.num_samples
 
 
-def summarize(trials: list[dict], settings: TuneSettings) -> dict:
-    """Per cell (estimator x gradient x init x two-step x recipe): mean and spread over seeds."""
-    cells: dict[tuple, list[float]] = {}
+def summarize(trials: list[dict], settings: TuneSettings, arch: str) -> dict:
+    """Per cell: mean and spread over seeds; the paper's claims checked; the pick for binarize."""
+    by_cell: dict[tuple, list[float]] = {}
     for t in trials:
         if t["val_top1"] is not None:
-            cells.setdefault(tuple(t[k] for k in CELL_KEYS), []).append(float(t["val_top1"]))
-    table = []
-    for key, values in cells.items():
-        table.append(
-            {
-                **dict(zip(CELL_KEYS, key)),
-                "seeds": len(values),
-                "mean": statistics.fmean(values),
-                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "min": min(values),
-                "max": max(values),
-            }
-        )
+            by_cell.setdefault(tuple(t[k] for k in CELL_KEYS), []).append(float(t["val_top1"]))
+    table = [{**dict(zip(CELL_KEYS, key)), **spread(values)} for key, values in by_cell.items()]
     table.sort(key=lambda r: -r["mean"])
     best_trial = max((t for t in trials if t["val_top1"] is not None), key=lambda t: t["val_top1"], default=None)
     best = None
-    pick = pick_cell(table)
+    # binarize trains the train section's arch from its own twin: the pick stays within that arch
+    pick = pick_cell([r for r in table if r["arch"] == arch], paper_cell(settings, arch))
     if pick is not None:
-        cell = {k: pick[k] for k in CELL_KEYS}
+        cell = {k: pick[k] for k in CELL_KEYS if k != "arch"}
         # the picked cell's best trial supplies the lr (a median of the cell's lrs may be an lr no
         # trial ran with, or the worst trial's)
-        in_cell = [t for t in trials if t["val_top1"] is not None and all(t[k] == cell[k] for k in CELL_KEYS)]
+        in_cell = [t for t in trials if t["val_top1"] is not None and all(t[k] == pick[k] for k in CELL_KEYS)]
         best = {**cell, "lr": max(in_cell, key=lambda t: t["val_top1"])["lr"]}
-    return {"best": best, "best_trial": best_trial, "table": table, "rankings": paper_rankings(table), "trials": trials}
+    rankings = paper_rankings(trials, paper_cell(settings, arch))
+    return {"best": best, "best_trial": best_trial, "table": table, "rankings": rankings, "trials": trials}
 
 
-PAPER_CELL = {"activation": "approx_sign", "weight_gradient": "paper", "init": "clip", "two_step": False}
+def spread(values: list[float]) -> dict:
+    return {
+        "seeds": len(values),
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
 
 
-def pick_cell(table: list[dict]) -> dict | None:
-    """The cell best.json names: the paper's own (ApproxSign, magnitude-aware, clip init; the best of
-    its recipes) unless another cell beats it by more than the seed spread of both. With fewer than
-    two seeds in either there is no spread to judge a win by, so the paper's cell stays. Without the
-    paper's cell in the search, the top cell."""
+def pick_cell(table: list[dict], paper: dict) -> dict | None:
+    """The cell best.json names: the paper's own unless another cell beats it by more than the seed
+    spread of both. With fewer than two seeds in either there is no spread to judge a win by, so
+    the paper's cell stays. Without the paper's cell in the search, the top cell."""
     if not table:
         return None
-    paper = [r for r in table if all(r[k] == v for k, v in PAPER_CELL.items())]
-    if not paper:
+    ours = next((r for r in table if all(r[k] == v for k, v in paper.items() if k in r)), None)
+    if ours is None:
         return table[0]
-    top, ours = table[0], paper[0]  # the table is sorted by mean
-    spread = max(top["std"], ours["std"])
-    significant = min(top["seeds"], ours["seeds"]) >= 2 and top["mean"] - ours["mean"] > spread
+    top = table[0]  # the table is sorted by mean
+    significant = min(top["seeds"], ours["seeds"]) >= 2 and top["mean"] - ours["mean"] > max(top["std"], ours["std"])
     return top if significant else ours
-
-
-def _mean_where(table: list[dict], **match) -> float | None:
-    values = [r["mean"] for r in table if all(r[k] == v for k, v in match.items())]
-    return statistics.fmean(values) if values else None
 
 
 # The weight-gradient axis cannot rank in these nets (docs/science.md, tests/test_binarizers.py).
@@ -86,48 +124,83 @@ WEIGHT_GRADIENT_NOTE = (
     "so paper = plain up to BN's eps, and official = plain / alpha (Adam cancels it)"
 )
 
+# The paper's claims as one-setting changes of its cell: (claim, setting, the other values in the
+# order they are tried). "clip-init > ReLU-init" uses the equal-compute ReLU twin when it ran.
+CLAIMS = [
+    ("ApproxSign > STE", "activation", ["ste_sign"]),
+    ("ApproxSign > identity (no estimator)", "activation", ["identity_sign"]),
+    ("clip-init > ReLU-init (equal epochs)", "init", ["relu_control"]),
+    ("clip-init > ReLU-init (fewer epochs)", "init", ["relu"]),
+    ("clip-init > scratch", "init", ["scratch"]),
+    ("shortcut per conv (Bi-Real) > per two convs (ResNet)", "arch", ["binary_resnet18"]),
+    ("magnitude-aware (paper) > plain", "weight_gradient", ["plain"]),
+    ("magnitude-aware (paper) > Caffe rule (sign, no clip)", "weight_gradient", ["caffe"]),
+    ("one step > two-step", "two_step", [True]),
+]
 
-def paper_rankings(table: list[dict]) -> list[dict]:
-    """The paper's ablation claims, checked on this search's cells (averaged over the others)."""
-    claims = [
-        ("clip-init > ReLU-init", {"init": "clip"}, {"init": "relu"}),
-        ("clip-init > scratch", {"init": "clip"}, {"init": "scratch"}),
-        ("ApproxSign > STE", {"activation": "approx_sign"}, {"activation": "ste_sign"}),
-        ("magnitude-aware (paper) > plain", {"weight_gradient": "paper"}, {"weight_gradient": "plain"}),
-    ]
+
+def compare(left: list[float], right: list[float]) -> dict:
+    """left vs right (one value per seed): reproduced / refuted / within noise, judged as
+    ``pick_cell`` judges a win: the means must differ by more than the larger seed std."""
+    a, b = spread(left), spread(right)
+    margin = max(a["std"], b["std"])
+    if min(a["seeds"], b["seeds"]) < 2:
+        verdict = "one seed: no spread to judge by"
+    elif a["mean"] - b["mean"] > margin:
+        verdict = "reproduced"
+    elif b["mean"] - a["mean"] > margin:
+        verdict = "refuted"
+    else:
+        verdict = "within noise"
+    return {"left": a["mean"], "right": b["mean"], "left_std": a["std"], "right_std": b["std"], "verdict": verdict}
+
+
+def _values(trials: list[dict], cell: dict) -> list[float]:
+    return [float(t["val_top1"]) for t in trials if t["val_top1"] is not None and all(t[k] == cell[k] for k in cell)]
+
+
+def paper_rankings(trials: list[dict], paper: dict) -> list[dict]:
+    """The paper's ablation claims on this search: its cell against the same cell with one setting
+    changed, per seed; then the full method against the best cell that lacks one of its three parts."""
+    ours = _values(trials, paper)
+    if not ours:
+        return []
     out = []
-    for label, a, b in claims:
-        ma, mb = _mean_where(table, **a), _mean_where(table, **b)
-        if ma is not None and mb is not None:
-            out.append({"claim": label, "left": ma, "right": mb, "holds": ma > mb})
-            if "weight_gradient" in a:  # BatchNorm follows every binary conv: the rules coincide
-                out[-1].update(holds=None, note=WEIGHT_GRADIENT_NOTE)
-    full = _mean_where(table, init="clip", activation="approx_sign", weight_gradient="paper")
-    pairs = [
-        r["mean"]
-        for r in table
-        if sum([r["init"] == "clip", r["activation"] == "approx_sign", r["weight_gradient"] == "paper"]) == 2
+    for claim, key, others in CLAIMS:
+        theirs = _values(trials, {**paper, key: others[0]})
+        if theirs:
+            out.append({"claim": claim, "other": {key: others[0]}, **compare(ours, theirs)})
+            if key == "weight_gradient" and others[0] == "plain":  # BN follows every binary conv
+                out[-1]["note"] = WEIGHT_GRADIENT_NOTE
+    lacking = [
+        {**paper, **change}
+        for change in ({"activation": "ste_sign"}, {"init": "relu_control"}, {"init": "relu"}, {"init": "scratch"})
     ]
-    if full is not None and pairs:
-        out.append({"claim": "all three > any two", "left": full, "right": max(pairs), "holds": full > max(pairs)})
+    best_lacking = max((v for v in (_values(trials, c) for c in lacking) if v), key=statistics.fmean, default=None)
+    if best_lacking:
+        out.append({"claim": "all parts > the best cell lacking one", "other": {}, **compare(ours, best_lacking)})
     return out
 
 
 def format_table(summary: dict) -> str:
     lines = [
-        f"{'rank':>4} {'activation':<14}{'weight_grad':<12}{'init':<9}{'2-step':<7}{'recipe':<7}"
+        f"{'rank':>4} {'arch':<16}{'activation':<14}{'weight_grad':<12}{'init':<13}{'2-step':<7}{'recipe':<7}"
         f"{'seeds':>6}{'mean':>8}{'std':>8}{'min':>8}{'max':>8}"
     ]
     for i, r in enumerate(summary["table"], 1):
         lines.append(
-            f"{i:>4} {r['activation']:<14}{r['weight_gradient']:<12}{r['init']:<9}{str(r['two_step']):<7}"
-            f"{r['optimizer']:<7}{r['seeds']:>6}{r['mean']:>8.4f}{r['std']:>8.4f}{r['min']:>8.4f}{r['max']:>8.4f}"
+            f"{i:>4} {r['arch']:<16}{r['activation']:<14}{r['weight_gradient']:<12}{r['init']:<13}"
+            f"{str(r['two_step']):<7}{r['optimizer']:<7}{r['seeds']:>6}{r['mean']:>8.4f}{r['std']:>8.4f}"
+            f"{r['min']:>8.4f}{r['max']:>8.4f}"
         )
     lines.append("")
-    lines.append("paper's ablation ranking on these cells (val top-1, averaged over the other settings):")
+    lines.append("the paper's claims: its cell vs the same cell with one setting changed (mean +- std over seeds):")
     for c in summary["rankings"]:
-        verdict = c.get("note") or ("holds" if c["holds"] else "does not hold at this scale")
-        lines.append(f"  {c['claim']:<34} {c['left']:.4f} vs {c['right']:.4f}: {verdict}")
+        verdict = c["verdict"] + (f" ({c['note']})" if c.get("note") else "")
+        lines.append(
+            f"  {c['claim']:<54} {c['left']:.4f}+-{c['left_std']:.4f} vs {c['right']:.4f}+-{c['right_std']:.4f}: "
+            f"{verdict}"
+        )
     if summary["best"]:
         lines.append(f"best configuration: {json.dumps(summary['best'])}")
     return "\n".join(lines)
@@ -165,7 +238,7 @@ def _plot(summary: dict, path: Path) -> None:
     except ImportError:  # matplotlib comes with mlflow; without it only the plot is skipped
         return
     table = summary["table"]
-    labels = ["/".join(str(r[k]) for k in ("activation", "weight_gradient", "init")) for r in table]
+    labels = ["/".join(str(r[k]) for k in CELL_KEYS[:4]) + ("/2-step" if r["two_step"] else "") for r in table]
     fig, ax = plt.subplots(figsize=(8, 0.4 * len(table) + 1.5))
     ax.barh(range(len(table)), [r["mean"] for r in table], xerr=[r["std"] for r in table], color="#3a6ea5")
     ax.set_yticks(range(len(table)), labels, fontsize=8)

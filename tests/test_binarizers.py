@@ -81,6 +81,21 @@ def test_unknown_weight_gradient_rejected():
         MagnitudeAwareSign("fancy")
 
 
+def test_caffe_rule_has_no_alpha_and_no_clip():
+    """The Caffe model's weight binarizer: sign(W) forward, the gradient passes at |W| > 1 too
+    (where ``plain`` clips it to 0)."""
+    w = torch.tensor([[0.3], [-1.5], [2.0]], requires_grad=True)
+    up = torch.tensor([[1.0], [2.0], [-3.0]])
+    out = MagnitudeAwareSign("caffe")(w)
+    out.backward(up)
+    assert out.detach().flatten().tolist() == [1.0, -1.0, 1.0]
+    assert w.grad.flatten().tolist() == [1.0, 2.0, -3.0]
+    assert MagnitudeAwareSign("caffe").scale(w.detach()).flatten().tolist() == [1.0, 1.0, 1.0]
+    w.grad = None
+    MagnitudeAwareSign("plain")(w).backward(up)
+    assert w.grad.flatten().tolist() == [1.0, 0.0, 0.0]
+
+
 def test_twin_activations():
     torch.testing.assert_close(LeakyClip()(X), torch.where(X < -1, 0.1 * X - 0.9, torch.where(X > 1, 0.1 * X + 0.9, X)))
     assert LeakyClip()(torch.tensor([-1.0, 1.0])).tolist() == [-1.0, 1.0]  # continuous at the kinks
@@ -125,6 +140,7 @@ def test_weight_gradient_rules_coincide_behind_batchnorm():
         ("identity_sign", "paper", [3 * 0.45, -3 * 0.45], [3 * 0.45, -3 * 0.45]),
         ("approx_sign", "official", [3 * 0.45 * 1.5, 0.0], [3.0, -3.0]),  # alpha detached
         ("approx_sign", "plain", [3 * 1.5, 0.0], [3.0, -3.0]),  # W_b = sign(W)
+        ("approx_sign", "caffe", [3 * 1.5, 0.0], [3.0, -3.0]),  # W_b = sign(W), no clip (|W| < 1 here)
     ],
 )
 def test_gradients_on_a_fixed_two_layer_problem(activation, weight_rule, grad_x, grad_w):

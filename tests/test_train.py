@@ -33,7 +33,8 @@ def three_stages(demo_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("stages")
     results = {}
     for stage in ("pretrain", "binarize", "finetune"):
-        cfg = smoke_config(demo_shards, out, stage=stage, **({"epochs": 1, "lr": 1e-3} if stage == "finetune" else {}))
+        extra = {"epochs": 1, "lr": 1e-3} if stage == "finetune" else {"relu_control": stage == "pretrain"}
+        cfg = smoke_config(demo_shards, out, stage=stage, **extra)
         results[stage] = train_loop(cfg)
     return out, results
 
@@ -41,17 +42,27 @@ def three_stages(demo_shards, tmp_path_factory):
 def test_pretrain_phases_and_checkpoints(three_stages):
     out, results = three_stages
     segments = [h["segment"] for h in results["pretrain"]["history"]]
-    assert segments == ["pretrain-relu", "pretrain-relu", "pretrain-leaky_clip", "pretrain-clip"]
-    for phase in ("relu", "leaky_clip", "clip"):
+    chain = ["pretrain-relu", "pretrain-relu", "pretrain-leaky_clip", "pretrain-clip"]
+    assert segments == chain + ["pretrain-relu_control-0", "pretrain-relu_control-1"]
+    for phase in ("relu", "leaky_clip", "clip", "relu_control"):
         model, header = bc.load_checkpoint(out / f"pretrain-{phase}.safetensors")
-        assert header["model"]["kwargs"]["activation"] == phase
+        assert header["model"]["kwargs"]["activation"] == phase.removesuffix("_control")
         assert not any(m.is_binary for m in model.modules() if isinstance(m, bc.BinaryConv2d))
-    assert [h["epoch"] for h in results["pretrain"]["history"]] == [0, 1, 2, 3]
+    assert [h["epoch"] for h in results["pretrain"]["history"]] == [0, 1, 2, 3, 4, 5]
     # each phase has its own schedule (Adam: linear decay to 0 over the phase), and the two
     # fine-tuning phases start at 0.1 x lr (phase_lr_scale), not at the full lr again
     lrs = [h["lr"] for h in results["pretrain"]["history"]]
     assert lrs[0] == pytest.approx(3e-3) and lrs[1] == pytest.approx(1.5e-3)  # relu, epochs 0 and 1 of 2
     assert lrs[2] == pytest.approx(3e-4) and lrs[3] == pytest.approx(3e-4)  # leaky_clip, clip: fresh, lower
+    # the equal-compute ReLU control: the later phases' epochs and lrs, still ReLU; the stage's
+    # result stays the clip twin (the control is a side branch)
+    assert lrs[4:] == pytest.approx(lrs[2:4])
+    stage_result, _ = bc.load_checkpoint(out / "pretrain.safetensors")
+    clip_twin, _ = bc.load_checkpoint(out / "pretrain-clip.safetensors")
+    control, _ = bc.load_checkpoint(out / "pretrain-relu_control.safetensors")
+    clip_state, control_state = clip_twin.state_dict(), control.state_dict()
+    assert all(torch.equal(t, clip_state[k]) for k, t in stage_result.state_dict().items())
+    assert any(not torch.equal(t, clip_state[k]) for k, t in control_state.items())
 
 
 def test_lr_schedules():
@@ -63,6 +74,8 @@ def test_lr_schedules():
     assert [sgd(s) for s in (0, 9, 10, 14, 15, 19)] == pytest.approx([0.01, 0.01, 1e-3, 1e-3, 1e-4, 1e-4])
     with pytest.raises(ValueError, match="phase_lr_scale"):
         TrainConfig(phase_lr_scale=[1.0, 0.1])
+    with pytest.raises(ValueError, match="relu_control"):
+        TrainConfig(relu_control=True, phases=["leaky_clip", "clip"], phase_epochs=[1, 1], phase_lr_scale=[1, 1])
 
 
 def test_binarize_learns_above_chance(three_stages):
@@ -110,7 +123,7 @@ def test_two_step_and_init_options(demo_shards, tmp_path, three_stages):
         two_step=True,
         step1_epochs=1,
         epochs=2,
-        init="relu",
+        init="relu_control",
         weight_gradient="official",
         max_steps_per_epoch=3,
     )
@@ -120,6 +133,8 @@ def test_two_step_and_init_options(demo_shards, tmp_path, three_stages):
     assert [h["segment"] for h in result["history"]] == ["binarize-step1-activations", "binarize-step2-weights"]
     with pytest.raises(ValueError, match="step1_epochs"):
         replace(cfg, epochs=1)
+    with pytest.raises(FileNotFoundError, match="relu_control"):  # a pretrain without the control
+        train_loop(replace(cfg, init_from=str(tmp_path)))
     # step 2 starts from step 1's trained weights: it only switches the weight binarizers on
     from pipeline.train import segments
 

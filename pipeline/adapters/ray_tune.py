@@ -21,7 +21,7 @@ import torch
 from ..env import framework_output_quiet
 from ..params import MlflowConfig, RayConfig, TrainConfig, TuneSettings
 from ..train import Runtime, train_loop
-from ..tune import CELL_KEYS, expected_trials, summarize
+from ..tune import CELL_KEYS, cells, expected_trials, summarize, twin_folder
 from .ray_train import absolute, ensure_ray
 
 
@@ -46,18 +46,12 @@ class TuneRuntime(Runtime):
         return None if checkpoint is None else Path(checkpoint.to_directory(f"{self._tmp}/restore"))
 
 
-def param_space(s: TuneSettings) -> dict:
+def param_space(s: TuneSettings, arch: str) -> dict:
+    """One grid (or choice) dimension over the search's cells, one over seeds."""
     from ray import tune
 
     pick = tune.grid_search if s.search == "grid" else tune.choice
-    space = {
-        "activation": pick(s.activations),
-        "weight_gradient": pick(s.weight_gradients),
-        "init": pick(s.inits),
-        "two_step": pick(s.two_step),
-        "optimizer": pick(s.optimizers),
-        "seed": pick(s.seeds),
-    }
+    space = {"cell": pick(cells(s, arch)), "seed": pick(s.seeds)}
     space["lr"] = s.lr_min if s.lr_min == s.lr_max else tune.loguniform(s.lr_min, s.lr_max)
     return space
 
@@ -69,9 +63,10 @@ def _trial(trial: dict, base: dict, tracking: dict | None) -> None:
     torch.set_num_threads(max(1, int(base.pop("_threads", 1))))
     context = tune.get_context()
     trial_dir = Path(base["out"]) / "trials" / context.get_trial_id()
-    overrides = {k: trial[k] for k in (*CELL_KEYS, "lr", "seed")}
+    overrides = {**trial["cell"], "lr": trial["lr"], "seed": trial["seed"]}
+    init_from = twin_folder(base["init_from"], overrides["arch"], base["arch"])
     config = TrainConfig(
-        **{**base, **overrides, "stage": "binarize", "out": str(trial_dir), "init_from": base["out"], "step1_epochs": 1}
+        **{**base, **overrides, "stage": "binarize", "out": str(trial_dir), "init_from": init_from, "step1_epochs": 1}
     )
     logger = None
     if tracking:
@@ -96,7 +91,8 @@ def _trial_rows(results) -> list[dict]:
         m = r.metrics or {}
         rows.append(
             {
-                **{k: cfg.get(k) for k in (*CELL_KEYS, "lr", "seed")},
+                **{k: (cfg.get("cell") or {}).get(k) for k in CELL_KEYS},
+                **{k: cfg.get(k) for k in ("lr", "seed")},
                 "val_top1": m.get("val_top1"),
                 "epochs": m.get("training_iteration", 0),
                 "status": "ERROR" if r.error else ("TERMINATED" if m.get("training_iteration") else "PENDING"),
@@ -106,7 +102,7 @@ def _trial_rows(results) -> list[dict]:
     return rows
 
 
-def _tuner(settings: TuneSettings, trainable, name: str, storage: str):
+def _tuner(settings: TuneSettings, trainable, name: str, storage: str, arch: str):
     """A new search, or the interrupted one of the same settings (``Tuner.restore``: finished
     trials are kept, unfinished ones continue from their checkpoint)."""
     from ray import tune
@@ -122,7 +118,7 @@ def _tuner(settings: TuneSettings, trainable, name: str, storage: str):
     )
     return tune.Tuner(
         trainable,
-        param_space=param_space(settings),
+        param_space=param_space(settings, arch),
         tune_config=tune.TuneConfig(
             metric="val_top1",
             mode="max",
@@ -154,6 +150,7 @@ def run_tune(
         "epochs": settings.epochs,
         "max_steps_per_epoch": settings.max_steps_per_epoch,
         "out": absolute(base.out),
+        "init_from": absolute(base.init_from or base.out),  # the pretrain checkpoints' folder
         "shards": absolute(base.shards),
         "_threads": max(1, int(settings.cpus_per_trial)),
     }
@@ -161,9 +158,9 @@ def run_tune(
     trainable = tune.with_parameters(_trial, base=base_dict, tracking=tracking)
     trainable = tune.with_resources(trainable, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
     with framework_output_quiet():  # Tune's experiment box and TensorBoard hint; the table is ours
-        trials = _trial_rows(_tuner(settings, trainable, name, storage).fit())
-    finished = len(trials) == expected_trials(settings) and all(t["status"] == "TERMINATED" for t in trials)
-    summary = summarize(trials, settings)
+        trials = _trial_rows(_tuner(settings, trainable, name, storage, base.arch).fit())
+    finished = len(trials) == expected_trials(settings, base.arch) and all(t["status"] == "TERMINATED" for t in trials)
+    summary = summarize(trials, settings, base.arch)
     summary.update({"path": f"{storage}/{name}", "finished": finished})
     if tracking:
         close_tune_runs(mlflow_cfg, tracking, summary)

@@ -120,7 +120,9 @@ def pretrain_other_twins(params: Params, base: TrainConfig) -> list[str]:
         folder = twin_folder(base.init_from or base.out, arch, base.arch)
         config = params.train("pretrain", {"arch": arch, "out": folder, "relu_control": "relu_control" in inits})
         if not all(stage_checkpoint(config, f"pretrain-{init}").is_file() for init in inits):
-            print(f"tune: pretraining the {arch} twin for its cells ({', '.join(sorted(inits))}) in {folder}", flush=True)
+            print(
+                f"tune: pretraining the {arch} twin for its cells ({', '.join(sorted(inits))}) in {folder}", flush=True
+            )
             train_loop(config)
         done.append(folder)
     return done

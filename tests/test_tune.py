@@ -8,13 +8,16 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict
+from pathlib import Path
 
 import mlflow
 import pytest
 
+from bireal_core.checkpoint import read_header
 from pipeline.adapters.ray_tune import run_tune
 from pipeline.adapters.tracking import resolve
 from pipeline.params import MlflowConfig, TuneSettings, load_params
+from pipeline.stages import pretrain_other_twins
 from pipeline.train import TrainConfig, train_loop
 from pipeline.tune import write_outputs
 
@@ -71,19 +74,36 @@ def children(tmp, summary_path=None):
 
 @pytest.mark.e2e
 def test_tiny_search_logs_children_and_writes_best(ray_local, demo_shards, pretrained, tmp_path):
+    # a cell beside the grid: the no-shortcut ResNet, from a twin of its own that the stage pretrains
+    extra = [{"arch": "binary_resnet18"}]
+    params_file = tmp_path / "twin.yaml"
+    params_file.write_text(
+        f"train: {{shards: {demo_shards}, out: {pretrained}, width: 0.25, batch_size: 32, max_steps_per_epoch: 4}}\n"
+        "pretrain: {phase_epochs: [1, 0, 1]}\n"
+        f"tune: {{extra_cells: {json.dumps(extra)}, inits: [scratch, clip]}}\n"
+    )
+    twin_params = load_params(params_file)
+    (folder,) = pretrain_other_twins(twin_params, twin_params.train("binarize"))
+    twin = Path(folder) / "pretrain-clip.safetensors"
+    assert read_header(twin)["model"]["name"] == "binary_resnet18"
+    stamp = twin.stat().st_mtime_ns
+    pretrain_other_twins(twin_params, twin_params.train("binarize"))
+    assert twin.stat().st_mtime_ns == stamp  # there already: not trained again
+
     base = TrainConfig(shards=str(demo_shards), out=str(pretrained), width=0.25, batch_size=32)
-    summary = run_tune(settings(tmp_path), base, mlflow_cfg(tmp_path), group="g")
-    assert summary["finished"] and len(summary["trials"]) == 4
-    assert len(summary["table"]) == 4 and summary["table"][0]["mean"] >= summary["table"][-1]["mean"]
+    summary = run_tune(settings(tmp_path, extra_cells=extra), base, mlflow_cfg(tmp_path), group="g")
+    assert summary["finished"] and len(summary["trials"]) == 5
+    assert len(summary["table"]) == 5 and summary["table"][0]["mean"] >= summary["table"][-1]["mean"]
+    assert {r["arch"] for r in summary["table"]} == {"bireal18", "binary_resnet18"}
     claims = {c["claim"] for c in summary["rankings"]}
-    assert {"clip-init > scratch", "ApproxSign > STE"} <= claims
+    assert {"clip-init > scratch", "ApproxSign > STE", "shortcut per conv (Bi-Real) > per two convs (ResNet)"} <= claims
     files = write_outputs(summary, str(tmp_path / "tune"))
     best = json.loads(open(files["best"]).read())["config"]
     assert set(best) == {"activation", "weight_gradient", "init", "two_step", "optimizer", "lr"}
     assert (tmp_path / "tune" / "ablation.png").stat().st_size > 1000
 
     client, parents, kids = children(tmp_path)
-    assert len(parents) == 1 and len(kids) == 4
+    assert len(parents) == 1 and len(kids) == 5
     assert all(k.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for k in kids)
     assert all(k.info.status == "FINISHED" for k in kids), [k.info.status for k in kids]
     for k in kids:  # each trial's curve and config
@@ -136,19 +156,21 @@ def test_interrupted_search_resumes(ray_local, demo_shards, pretrained, tmp_path
     assert all(k.info.status == "FINISHED" for k in kids), [k.info.status for k in kids]
 
 
+PAPER = {
+    "arch": "bireal18",
+    "activation": "approx_sign",
+    "weight_gradient": "paper",
+    "init": "clip",
+    "two_step": False,
+    "optimizer": "adam",
+}
+
+
 def test_summary_takes_the_lr_of_the_winning_cells_best_trial():
     """best.json's lr is the one the best trial of the winning cell ran with, not the cell's median."""
-    from pipeline.params import TuneSettings
     from pipeline.tune import CELL_KEYS, summarize
 
-    cell = {
-        "activation": "approx_sign",
-        "weight_gradient": "paper",
-        "init": "clip",
-        "two_step": False,
-        "optimizer": "adam",
-    }
-    other = {**cell, "init": "scratch"}
+    cell, other = PAPER, {**PAPER, "init": "scratch"}
     assert set(cell) == set(CELL_KEYS)
     trials = [
         {**cell, "lr": 1e-3, "seed": 0, "val_top1": 0.60},
@@ -157,8 +179,8 @@ def test_summary_takes_the_lr_of_the_winning_cells_best_trial():
         {**cell, "lr": 2e-2, "seed": 3, "val_top1": None},
         {**other, "lr": 5e-3, "seed": 0, "val_top1": 0.50},
     ]
-    summary = summarize(trials, TuneSettings())
-    assert summary["best"] == {**cell, "lr": 3e-3}
+    summary = summarize(trials, TuneSettings(), "bireal18")
+    assert summary["best"] == {**{k: v for k, v in cell.items() if k != "arch"}, "lr": 3e-3}
     assert summary["table"][0]["seeds"] == 3 and summary["table"][0]["mean"] == pytest.approx(0.65)
 
 
@@ -166,30 +188,104 @@ def test_best_keeps_the_papers_cell_unless_beaten_beyond_the_seed_spread():
     from pipeline.tune import pick_cell
 
     def row(activation, mean, std, seeds=3):
-        return {
-            "activation": activation,
-            "weight_gradient": "paper",
-            "init": "clip",
-            "two_step": False,
-            "optimizer": "adam",
-            "mean": mean,
-            "std": std,
-            "seeds": seeds,
-        }
+        return {**PAPER, "activation": activation, "mean": mean, "std": std, "seeds": seeds}
 
     paper = row("approx_sign", 0.398, 0.003)
-    assert pick_cell([row("ste_sign", 0.401, 0.008), paper]) is paper  # 0.3 points, spread 0.8
+    assert pick_cell([row("ste_sign", 0.401, 0.008), paper], PAPER) is paper  # 0.3 points, spread 0.8
     winner = row("ste_sign", 0.45, 0.008)
-    assert pick_cell([winner, paper]) is winner  # 5.2 points
+    assert pick_cell([winner, paper], PAPER) is winner  # 5.2 points
     one_seed = row("ste_sign", 0.45, 0.0, seeds=1)
-    assert pick_cell([one_seed, row("approx_sign", 0.40, 0.0, seeds=1)])["activation"] == "approx_sign"
+    assert pick_cell([one_seed, row("approx_sign", 0.40, 0.0, seeds=1)], PAPER)["activation"] == "approx_sign"
     no_paper = [row("ste_sign", 0.45, 0.01), row("identity_sign", 0.30, 0.01)]
-    assert pick_cell(no_paper) is no_paper[0]
+    assert pick_cell(no_paper, PAPER) is no_paper[0]
+
+
+def test_the_pick_stays_within_the_train_arch():
+    """A no-shortcut cell that wins by far is reported, but binarize trains the train arch."""
+    from pipeline.tune import summarize
+
+    resnet = {**PAPER, "arch": "binary_resnet18"}
+    trials = [
+        {**c, "lr": 1e-3, "seed": s, "val_top1": v + s * 0.001}
+        for c, v in ((PAPER, 0.5), (resnet, 0.9))
+        for s in range(3)
+    ]
+    summary = summarize(trials, TuneSettings(), "bireal18")
+    assert summary["table"][0]["arch"] == "binary_resnet18"
+    assert summary["best"]["init"] == "clip" and "arch" not in summary["best"]
+
+
+def test_cells_are_the_grid_then_the_papers_cell_with_one_setting_changed():
+    from pipeline.tune import cells, expected_trials, twins_needed
+
+    s = TuneSettings(
+        activations=["approx_sign"],
+        inits=["scratch", "relu_control", "clip"],
+        extra_cells=[{"activation": "ste_sign"}, {"arch": "binary_resnet18"}, {"init": "clip"}, {"two_step": True}],
+        seeds=[0, 1, 2],
+        epochs=3,
+    )
+    got = cells(s, "bireal18")
+    assert [c["init"] for c in got[:3]] == ["scratch", "relu_control", "clip"]
+    assert got[3] == {**PAPER, "activation": "ste_sign"}
+    assert got[4] == {**PAPER, "arch": "binary_resnet18"}
+    assert got[5] == {**PAPER, "two_step": True}  # {init: clip} is the paper's cell again: no repeat
+    assert len(got) == 6 and expected_trials(s, "bireal18") == 18
+    assert twins_needed(s, "bireal18") == {"binary_resnet18": {"clip"}}
+    grid = TuneSettings(archs=["bireal18", "binary_resnet18"], inits=["scratch", "relu"], activations=["ste_sign"])
+    assert len(cells(grid, "bireal18")) == 4
+    assert twins_needed(grid, "bireal18") == {"binary_resnet18": {"relu"}}  # scratch needs no twin
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ([{"estimator": "ste_sign"}], "unknown setting 'estimator'"),
+        ([{"activation": "sign"}], "'sign' is not one of"),
+        ([{"two_step": "yes"}], "expected true/false"),
+        ([{}], "a mapping of settings"),
+        ([{"arch": "resnet1"}], "'resnet1' is not one of"),
+    ],
+)
+def test_extra_cells_are_checked(extra, message):
+    with pytest.raises(ValueError, match=message):
+        TuneSettings(extra_cells=extra, epochs=2)
 
 
 def test_two_step_cells_need_room_for_step_one():
-    from pipeline.params import TuneSettings
-
     with pytest.raises(ValueError, match="epochs >= 2"):
         TuneSettings(two_step=[False, True], epochs=1)
+    with pytest.raises(ValueError, match="epochs >= 2"):
+        TuneSettings(extra_cells=[{"two_step": True}], epochs=1)
     assert TuneSettings(two_step=[False, True], epochs=2).epochs == 2
+
+
+def test_claims_are_judged_against_the_seed_spread():
+    """Each claim: the paper's cell vs that cell with one setting changed, per seed; a difference
+    within the larger seed std is 'within noise', not a win."""
+    from pipeline.tune import compare, paper_rankings
+
+    assert compare([0.70, 0.71, 0.72], [0.60, 0.61, 0.62])["verdict"] == "reproduced"
+    assert compare([0.60, 0.61, 0.62], [0.70, 0.71, 0.72])["verdict"] == "refuted"
+    assert compare([0.70, 0.72, 0.74], [0.69, 0.71, 0.73])["verdict"] == "within noise"  # 1 point, std 2
+    assert compare([0.70], [0.60])["verdict"].startswith("one seed")
+
+    def trials(cell, values):
+        return [{**cell, "lr": 1e-3, "seed": i, "val_top1": v} for i, v in enumerate(values)]
+
+    runs = (
+        trials(PAPER, [0.70, 0.71, 0.72])
+        + trials({**PAPER, "init": "relu_control"}, [0.66, 0.67, 0.68])
+        + trials({**PAPER, "init": "scratch"}, [0.705, 0.715, 0.725])
+        + trials({**PAPER, "arch": "binary_resnet18"}, [0.50, 0.52, 0.54])
+        + trials({**PAPER, "weight_gradient": "plain"}, [0.70, 0.71, 0.72])
+    )
+    claims = {c["claim"]: c for c in paper_rankings(runs, PAPER)}
+    assert claims["clip-init > ReLU-init (equal epochs)"]["verdict"] == "reproduced"
+    assert claims["clip-init > scratch"]["verdict"] == "within noise"
+    assert claims["shortcut per conv (Bi-Real) > per two convs (ResNet)"]["right"] == pytest.approx(0.52)
+    assert "not testable" in claims["magnitude-aware (paper) > plain"]["note"]
+    # the best cell lacking one part is scratch-init here (0.715): within noise of the full method
+    lacking = claims["all parts > the best cell lacking one"]
+    assert lacking["right"] == pytest.approx(0.715) and lacking["verdict"] == "within noise"
+    assert "ApproxSign > STE" not in claims  # no STE cell in this search

@@ -1,4 +1,4 @@
-"""Offline, quiet, loopback-only defaults for Ray, MLflow, Prefect, DVC and gloo.
+"""Offline, quiet defaults for Ray, MLflow, Prefect and DVC (loopback-only ones for a local Ray).
 
 Applied by the ``bireal`` CLI and the test suite (users run the CLI directly, not through make).
 ``setdefault`` only: a user's own setting always wins. PREFECT_API_URL is deliberately NOT set
@@ -17,8 +17,6 @@ from pathlib import Path
 OFFLINE_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",  # no usage reporting
     "RAY_AUTH_MODE": "disabled",  # Ray 2.60 would write ~/.ray/auth_token
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # makes every Ray process bind 127.0.0.1
-    "GLOO_SOCKET_IFNAME": "lo",  # gloo collectives over loopback
     "MLFLOW_DISABLE_TELEMETRY": "true",  # mlflow ignores DO_NOT_TRACK
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_API_HOST": "127.0.0.1",
@@ -27,6 +25,19 @@ OFFLINE_DEFAULTS = {
     "ITERATIVE_DO_NOT_TRACK": "1",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per downloaded file while registering
 }
+
+
+# Only for a Ray instance this process starts itself (one machine): bind loopback. On a cluster
+# they would break it: `ray start --address` aborts under the first, gloo needs a real NIC.
+LOCAL_RAY_DEFAULTS = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # makes every Ray process bind 127.0.0.1
+    "GLOO_SOCKET_IFNAME": "lo",  # gloo collectives over loopback
+}
+
+
+def apply_local_ray_defaults() -> None:
+    for key, value in LOCAL_RAY_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
 
 def project_root() -> Path:

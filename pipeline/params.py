@@ -24,6 +24,8 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from . import storage
+
 T = TypeVar("T")
 
 CONFIGS_DIR = Path(__file__).with_name("configs")
@@ -42,6 +44,9 @@ Precision = Literal["fp32", "bf16"]
 Augment = Literal["auto", "imagenet", "caffe", "small"]
 LatentInit = Literal["default", "official"]
 Search = Literal["grid", "random"]
+Resume = Literal["auto", "never"]
+Backend = Literal["auto", "nccl", "gloo"]
+Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 STAGES: tuple[str, ...] = typing.get_args(Stage)
 
@@ -135,6 +140,7 @@ class TrainConfig:
     step1_epochs: int = 1  # two_step: of `epochs`, the activations-only ones
     init_from: str = ""  # folder of the pretrain checkpoints (default: out)
     tuned_config: str = ""  # a `bireal tune` best-config JSON whose keys override these
+    artifacts: str = ""  # where rank 0 publishes the stage checkpoints (set from storage.artifacts)
     # finetune
     finetune_fc: bool = False  # also retrain the FC head (BN alone absorbs alpha)
 
@@ -236,8 +242,29 @@ class RayConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 2
-    storage_path: str = "ray_results"
+    storage_path: str = "ray_results"  # a cluster needs shared storage: s3://bucket/ray
     temp_dir: str = "/tmp/bireal-ray"  # short: AF_UNIX socket paths over ~107 bytes break Ray
+    # auto: a stage's Ray run is named <pipeline_run>-<stage>; re-running it (a killed driver, a
+    # retried job) continues from its last checkpoint in storage when its config and data are the
+    # same. never: every launch starts over.
+    resume: Resume = "auto"
+    backend: Backend = "auto"  # auto: nccl with GPUs, gloo without
+    placement_strategy: Placement = "PACK"  # how Ray places a stage's workers on nodes
+    # the job's runtime_env (env_vars, working_dir, excludes, pip ...); the storage settings' env
+    # vars are added to env_vars
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StorageConfig:
+    """The ``storage`` section: where stage outputs go, and how object storage is reached."""
+
+    # stage outputs (checkpoints) travel with the run: rank 0 publishes each to
+    # <artifacts>/<pipeline_run>/<name>.safetensors (+ .sha256) and later stages and the driver
+    # fetch them from there; "" = the train section's local `out` only (one machine)
+    artifacts: str = ""
+    endpoint_url: str = ""  # an S3-compatible store (MinIO, moto): http://host:port
+    shard_cache: str = ""  # a per-node folder caching remote shards ("" = stream them)
 
 
 @dataclass
@@ -257,6 +284,7 @@ class RegistryConfig:
 # The file's sections; the three training stages' sections hold TrainConfig keys over ``train``.
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
+    "storage": StorageConfig,
     "shard": ShardParams,
     "tune": TuneSettings,
     "ray": RayConfig,
@@ -382,6 +410,7 @@ class Params:
     data: DataConfig
     shard: ShardParams
     tune: TuneSettings
+    storage: StorageConfig
     ray: RayConfig
     mlflow: MlflowConfig
     registry: RegistryConfig
@@ -396,6 +425,8 @@ class Params:
             raise ConfigError(f"unknown stage {stage!r} (one of {', '.join(STAGES)})")
         overrides = {**self.train_overrides, **(overrides or {})}
         values = {**(self.raw.get("train") or {}), **(self.raw.get(stage) or {}), **overrides, "stage": stage}
+        if self.storage.artifacts and not values.get("artifacts"):  # <artifacts>/<pipeline_run>
+            values["artifacts"] = f"{self.storage.artifacts.rstrip('/')}/{self.group}"
         pick = values.get("tuned_config")
         if tuned and pick and Path(pick).is_file():
             try:
@@ -414,6 +445,37 @@ def run_group(path: Path) -> str:
     return f"params-{digest}"
 
 
+def cluster_location_problems(params: Params) -> list[str]:
+    """With ``ray.address`` set, every location that processes on other nodes read or write must be
+    shared (a URL): -> one message per local-only one, naming its key. The train section's ``out``
+    stays local: it is each node's working folder (stage outputs travel via ``storage.artifacts``)."""
+    if not params.ray.address:
+        return []
+    where = f"{params.path}: ray.address is {params.ray.address!r}, so"
+    problems = []
+
+    def need_shared(key: str, value: str, why: str) -> None:
+        if not storage.is_url(value):
+            problems.append(f"{where} {key} must be shared storage (s3://...), not {value!r}: {why}")
+
+    for stage in STAGES:
+        need_shared(f"{stage}.shards", params.train(stage, tuned=False).shards, "every worker reads the shards")
+    need_shared("ray.storage_path", params.ray.storage_path, "Ray keeps checkpoints there for every node")
+    need_shared("tune.storage_path", params.tune.storage_path, "Tune's trials report there from every node")
+    need_shared("storage.artifacts", params.storage.artifacts, "stage outputs must outlive the worker that wrote them")
+    uri = params.mlflow.tracking_uri
+    if not uri.startswith(("http://", "https://")):
+        problems.append(
+            f"{where} mlflow.tracking_uri must be a tracking server (http://...), not "
+            f"{uri or 'the local SQLite file'!r}: rank 0 logs from another node"
+        )
+    elif params.mlflow.artifact_location and not storage.is_url(params.mlflow.artifact_location):
+        problems.append(
+            f"{where} mlflow.artifact_location must be shared storage, not {params.mlflow.artifact_location!r}"
+        )
+    return problems
+
+
 def load_params(name_or_path: str | os.PathLike | None = None, train_overrides: dict[str, Any] | None = None) -> Params:
     """Read the params file once and check all of it (unknown sections and keys, types, choices,
     each training stage's merged settings) -> ``Params``. Raises ConfigError naming file and key."""
@@ -425,9 +487,15 @@ def load_params(name_or_path: str | os.PathLike | None = None, train_overrides: 
         raise ConfigError(f"{path}:{unknown[0]}: unknown section (known: {', '.join(sorted(known))})")
     sections = {name: build(cls, dict(raw.get(name) or {}), f"{path}:{name}") for name, cls in SECTIONS.items()}
     params = Params(path, raw, group=run_group(path), train_overrides=dict(train_overrides or {}), **sections)
+    # the storage settings reach this process's opens and, through the environment, its children
+    # (DataLoader workers) and the Ray job's workers (adapters/ray_train.job_runtime_env)
+    storage.configure(params.storage.endpoint_url, params.storage.shard_cache)
     build(TrainConfig, dict(raw.get("train") or {}), f"{path}:train")  # errors name train.KEY
     for stage in STAGES:  # and then <stage>.KEY
         params.train(stage, tuned=False)
+    problems = cluster_location_problems(params)
+    if problems:
+        raise ConfigError("\n".join(problems))
     return params
 
 

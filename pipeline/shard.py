@@ -26,8 +26,7 @@ import time
 from dataclasses import asdict
 from typing import Iterable, Iterator
 
-import fsspec
-
+from . import storage
 from .params import ShardParams
 from .sources import Ref, Sample, Source, scan_source
 
@@ -203,7 +202,7 @@ def shard_dataset(
     """Shard ``source_path`` into ``out`` (a local folder or any fsspec URL); -> the manifest."""
     started = time.time()
     source = scan_source(source_path, kind)
-    fs, root = fsspec.core.url_to_fs(out)
+    fs, root = storage.filesystem(out)
     fs.makedirs(root, exist_ok=True)
     identity = _identity(source, params)
     existing = _load_json(fs, f"{root}/{MANIFEST}")
@@ -316,7 +315,7 @@ def _manifest(source: Source, state: dict, identity: dict) -> dict:
 
 def verify_shards(out: str) -> list[str]:
     """Check every shard against the manifest (exists, bytes, sha256, sample count): -> problems."""
-    fs, root = fsspec.core.url_to_fs(out)
+    fs, root = storage.filesystem(out)
     manifest = _load_json(fs, f"{root}/{MANIFEST}")
     if manifest is None:
         raise ShardError(f"{out}: no {MANIFEST} (not a shard folder, or sharding did not finish)")

@@ -67,14 +67,19 @@ def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> d
     from .adapters.tracking import finish_stage_run, resolve, start_stage_run
 
     mlflow_cfg = resolve(params.mlflow)
+    resume_key = ""
+    if use_ray and params.ray.resume == "auto":  # a re-launched stage continues its MLflow run too
+        from .adapters.ray_train import run_name, stage_digest
+
+        resume_key = f"{run_name(config, params.ray, params.group)}:{stage_digest(config)}"
     run_id = start_stage_run(
-        mlflow_cfg, config.stage, {"train": asdict(config), "ray": asdict(params.ray)}, params.group
+        mlflow_cfg, config.stage, {"train": asdict(config), "ray": asdict(params.ray)}, params.group, resume_key
     )
     try:
         if use_ray:
             from .adapters.ray_train import run_stage_on_ray
 
-            result = run_stage_on_ray(config, params.ray, mlflow_cfg, run_id)
+            result = run_stage_on_ray(config, params.ray, mlflow_cfg, run_id, params.group)
         else:
             from .adapters.tracking import EpochLogger
             from .train import train_loop
@@ -112,19 +117,26 @@ def tune(params: Params) -> dict:
 def pretrain_other_twins(params: Params, base: TrainConfig) -> list[str]:
     """Cells of another arch (the no-shortcut net) start from a twin of their own: pretrain it with
     the pretrain stage's settings (the same epochs as the main twin) unless its checkpoints exist."""
-    from .train import stage_checkpoint, train_loop
+    from . import storage
+    from .train import train_loop
     from .tune import twin_folder, twins_needed
 
     done = []
     for arch, inits in twins_needed(params.tune, base.arch).items():
-        folder = twin_folder(base.init_from or base.out, arch, base.arch)
-        config = params.train("pretrain", {"arch": arch, "out": folder, "relu_control": "relu_control" in inits})
-        if not all(stage_checkpoint(config, f"pretrain-{init}").is_file() for init in inits):
+        overrides = {
+            "arch": arch,
+            "out": twin_folder(base.out, arch, base.arch),
+            "artifacts": twin_folder(base.artifacts, arch, base.arch) if base.artifacts else "",
+            "relu_control": "relu_control" in inits,
+        }
+        config = params.train("pretrain", overrides)
+        source = config.artifacts or config.out
+        if not all(storage.exists(storage.join(source, f"pretrain-{init}.safetensors")) for init in inits):
             print(
-                f"tune: pretraining the {arch} twin for its cells ({', '.join(sorted(inits))}) in {folder}", flush=True
+                f"tune: pretraining the {arch} twin for its cells ({', '.join(sorted(inits))}) in {source}", flush=True
             )
             train_loop(config)
-        done.append(folder)
+        done.append(source)
     return done
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 import bireal_core as bc
 
+from . import storage
 from .params import STAGES, TrainConfig
 
 __all__ = ["STAGES", "TrainConfig", "Runtime", "train_loop"]
@@ -219,6 +220,25 @@ def stage_checkpoint(config: TrainConfig, name: str, folder: str = "") -> Path:
     return Path(folder or config.out) / f"{name}.safetensors"
 
 
+def stage_input(config: TrainConfig, name: str, folder: str = "") -> Path:
+    """A stage checkpoint this process reads, as a local file: from ``folder`` (``init_from``: a
+    path or URL), else from where the stages publish (``artifacts``), else the local ``out``. A
+    remote one is fetched (and checked against its sha256) into ``<out>/.inputs/``."""
+    source = folder or config.artifacts
+    if source and storage.is_url(source):
+        local = Path(config.out) / ".inputs" / f"{name}.safetensors"
+        return storage.fetch(storage.join(source, f"{name}.safetensors"), local)
+    return stage_checkpoint(config, name, source)
+
+
+def published_names(config: TrainConfig) -> list[str]:
+    """The checkpoints a stage writes (and publishes): pretrain's per-phase ones, the stage's own."""
+    if config.stage != "pretrain":
+        return [config.stage]
+    names = [f"pretrain-{a}" for a, e in zip(config.phases, config.phase_epochs) if e > 0]
+    return names + (["pretrain-relu_control"] if config.relu_control else []) + ["pretrain"]
+
+
 def _twin_phase(config: TrainConfig, activation: str, num_classes: int):
     def prepare(previous: nn.Module | None) -> nn.Module:
         model = bc.create_twin(config.arch, activation=activation, num_classes=num_classes, **config.model_kwargs())
@@ -246,9 +266,12 @@ def _binarize_init(config: TrainConfig, num_classes: int):
                     if isinstance(m, bc.BinaryConv2d) and m.input_binarizer is not None:
                         m.weight.uniform_(0.0, 0.001)
         if config.init != "scratch":
-            path = stage_checkpoint(config, f"pretrain-{config.init}", config.init_from)
+            hint = " (pretrain with relu_control: true)" if config.init == "relu_control" else ""
+            try:
+                path = stage_input(config, f"pretrain-{config.init}", config.init_from)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{e}: init {config.init!r} needs this pretrain checkpoint{hint}") from e
             if not path.is_file():
-                hint = " (pretrain with relu_control: true)" if config.init == "relu_control" else ""
                 raise FileNotFoundError(f"{path}: init {config.init!r} needs this pretrain checkpoint{hint}")
             twin, _ = bc.load_checkpoint(path)
             report = bc.init_from_twin(model, twin.state_dict())
@@ -300,7 +323,7 @@ def constrain_for_finetune(model: nn.Module, finetune_fc: bool = False) -> nn.Mo
 
 def _finetune_init(config: TrainConfig):
     def prepare(previous: nn.Module | None) -> nn.Module:
-        model, _ = bc.load_checkpoint(stage_checkpoint(config, "binarize"))
+        model, _ = bc.load_checkpoint(stage_input(config, "binarize", config.init_from))
         return constrain_for_finetune(model, config.finetune_fc)
 
     return prepare
@@ -311,7 +334,7 @@ def _relu_control(config: TrainConfig, num_classes: int) -> list[Segment]:
     phase's epochs and lr scale, so it costs exactly what the leaky_clip -> clip chain costs."""
 
     def from_relu_phase(previous: nn.Module | None) -> nn.Module:
-        model, _ = bc.load_checkpoint(stage_checkpoint(config, "pretrain-relu"))
+        model, _ = bc.load_checkpoint(stage_input(config, "pretrain-relu"))
         return model
 
     later = [(e, scale) for e, scale in zip(config.phase_epochs[1:], config.phase_lr_scale[1:]) if e > 0]
@@ -416,7 +439,8 @@ class Progress:
 def save_stage_checkpoint(
     config: TrainConfig, name: str, model: nn.Module, history: list[dict], **extra_config
 ) -> Path:
-    """``<out>/<name>.safetensors`` with the stage's config and its last epoch's metrics."""
+    """``<out>/<name>.safetensors`` with the stage's config and its last epoch's metrics, also
+    published to ``artifacts`` (with its sha256) when the stages' outputs travel with the run."""
     path = stage_checkpoint(config, name)
     bc.save_checkpoint(
         path,
@@ -425,7 +449,18 @@ def save_stage_checkpoint(
         config={**asdict(config), **extra_config},
         metrics=history[-1] if history else {},
     )
+    if config.artifacts:
+        storage.publish(path, storage.join(config.artifacts, f"{name}.safetensors"))
     return path
+
+
+def _wait_for_rank0() -> None:
+    """[dist] every rank waits until rank 0 has saved (and published) a checkpoint a later
+    segment may read."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def resume_progress(config: TrainConfig, runtime: Runtime, plan: list[Segment]) -> Progress:
@@ -579,10 +614,11 @@ def train_loop(
             global_epoch += 1
         if runtime.rank == 0 and seg.save_as:
             save_stage_checkpoint(config, seg.save_as, model, history)
+        _wait_for_rank0()
     final = stage_checkpoint(config, config.stage)
     main = [seg for seg in plan if not seg.side]
     if plan[-1].side and main:  # the stage's result is its main line's last model, saved as it ended
-        model, _ = bc.load_checkpoint(stage_checkpoint(config, main[-1].save_as))
+        model, _ = bc.load_checkpoint(stage_input(config, main[-1].save_as))
     if runtime.rank == 0:
         save_stage_checkpoint(
             config,

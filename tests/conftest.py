@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from pipeline.env import apply_offline_defaults
+from pipeline.env import apply_local_ray_defaults, apply_offline_defaults
 
 apply_offline_defaults()
+apply_local_ray_defaults()  # the suite runs on one machine (the cluster suite gives its nodes their own env)
 torch.set_num_threads(2)
 
 

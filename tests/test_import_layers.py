@@ -36,7 +36,7 @@ LAYERS = [
         },
     ),
     ("params", {"pipeline.params"}),
-    ("base", {"pipeline.env", "pipeline", "pipeline.adapters"}),
+    ("base", {"pipeline.env", "pipeline.storage", "pipeline", "pipeline.adapters"}),
 ]
 
 

@@ -8,6 +8,8 @@ interrupted epoch is run again from its start).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import tempfile
 import uuid
@@ -16,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ..env import verbose
+from .. import storage
+from ..env import apply_local_ray_defaults, verbose
 from ..params import MlflowConfig, RayConfig, TrainConfig
-from ..train import Runtime, load_train_state, stage_checkpoint, train_loop
+from ..train import Runtime, load_train_state, published_names, stage_checkpoint, train_loop
 
 
 class RayRuntime(Runtime):
@@ -65,7 +68,18 @@ def _worker_entry(payload: dict) -> None:
     train_loop(config, runtime, on_epoch=logger)
 
 
+def job_runtime_env(cfg: RayConfig) -> dict:
+    """The job's runtime_env: the ``ray.runtime_env`` setting, with the storage settings' env vars
+    (endpoint, shard cache) added so every worker reaches the same storage."""
+    env = dict(cfg.runtime_env)
+    shared = {k: os.environ[k] for k in (storage.ENDPOINT_ENV, storage.CACHE_ENV) if os.environ.get(k)}
+    if shared:
+        env["env_vars"] = {**shared, **(env.get("env_vars") or {})}
+    return env
+
+
 def ensure_ray(cfg: RayConfig):
+    """Join ``ray.address`` ($RAY_ADDRESS) or start a local instance (loopback-only settings)."""
     import ray
 
     if ray.is_initialized():
@@ -73,24 +87,65 @@ def ensure_ray(cfg: RayConfig):
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
     # workers' and Train's own output (per-report dumps) reach the terminal only with `bireal --verbose`;
     # they are in the session's log files either way
-    quiet = {"log_to_driver": verbose()}
+    common = {"log_to_driver": verbose(), "runtime_env": job_runtime_env(cfg) or None}
     if address:
-        ray.init(address=address, **quiet)
+        ray.init(address=address, **common)
     else:
+        apply_local_ray_defaults()
         Path(cfg.temp_dir).mkdir(parents=True, exist_ok=True)
         ray.init(
             num_cpus=max(2, os.cpu_count() or 2),
             include_dashboard=True,
             _temp_dir=cfg.temp_dir,
             configure_logging=False,
-            **quiet,
+            **common,
         )
 
 
+def stage_digest(config: TrainConfig) -> str:
+    """What a stage's result depends on: its settings and its data (the manifest's text)."""
+    manifest = storage.read_text(storage.join(config.shards, "manifest.json"))
+    blob = json.dumps(asdict(config), sort_keys=True) + manifest
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def run_name(config: TrainConfig, ray_cfg: RayConfig, group: str) -> str:
+    """``<pipeline_run>-<stage>`` (resume: auto), so a re-launched driver finds its run; with
+    resume: never a fresh name per launch."""
+    base = f"{group}-{config.stage}" if group else config.stage
+    return base if ray_cfg.resume == "auto" else f"{base}-{uuid.uuid4().hex[:8]}"
+
+
+def claim_run(storage_path: str, name: str, digest: str) -> bool:
+    """Record which inputs the run ``name`` belongs to; -> True when an earlier launch with the same
+    inputs left it (Ray then resumes it). A run of other inputs under the name is removed first:
+    resuming it would return a model trained on something else."""
+    marker = storage.join(storage_path, f"{name}.bireal.json")
+    run_dir = storage.join(storage_path, name)
+    fs, marker_path = storage.filesystem(marker)
+    if fs.exists(marker_path):
+        previous = json.loads(storage.read_text(marker)).get("digest")
+        if previous == digest:
+            return fs.exists(storage.filesystem(run_dir)[1])
+    _, run_path = storage.filesystem(run_dir)
+    if fs.exists(run_path):
+        fs.rm(run_path, recursive=True)
+    fs.makedirs(storage.filesystem(storage_path)[1], exist_ok=True)
+    with fs.open(marker_path, "wb") as f:
+        f.write(json.dumps({"digest": digest}).encode())
+    return False
+
+
 def run_stage_on_ray(
-    config: TrainConfig, ray_cfg: RayConfig, mlflow_cfg: MlflowConfig | None = None, mlflow_run: str = ""
+    config: TrainConfig,
+    ray_cfg: RayConfig,
+    mlflow_cfg: MlflowConfig | None = None,
+    mlflow_run: str = "",
+    group: str = "",
 ) -> dict:
-    """Fit one stage with a TorchTrainer; returns {"checkpoint", "history", "final"}."""
+    """Fit one stage with a TorchTrainer; returns {"checkpoint", "history", "final", "ray_path", "resumed"}.
+    The stage's checkpoint ends up in the driver's ``out`` (fetched from ``artifacts`` when the
+    outputs travel with the run)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -102,6 +157,11 @@ def run_stage_on_ray(
         "mlflow": asdict(mlflow_cfg) if mlflow_cfg else None,
         "mlflow_run": mlflow_run,
     }
+    storage_path = absolute(ray_cfg.storage_path)
+    filesystem, fs_path = storage.pyarrow_filesystem(storage_path)
+    name = run_name(config, ray_cfg, group)
+    resumed = claim_run(storage_path, name, stage_digest(config)) if ray_cfg.resume == "auto" else False
+    backend = ray_cfg.backend if ray_cfg.backend != "auto" else ("nccl" if ray_cfg.use_gpu else "gloo")
     trainer = TorchTrainer(
         _worker_entry,
         train_loop_config=payload,
@@ -109,11 +169,13 @@ def run_stage_on_ray(
             num_workers=ray_cfg.num_workers,
             use_gpu=ray_cfg.use_gpu,
             resources_per_worker={"CPU": ray_cfg.cpus_per_worker},
+            placement_strategy=ray_cfg.placement_strategy,
         ),
-        torch_config=TorchConfig(backend="nccl" if ray_cfg.use_gpu else "gloo"),
+        torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(
-            name=f"{config.stage}-{uuid.uuid4().hex[:8]}",  # unique: a reused name resumes
-            storage_path=absolute(ray_cfg.storage_path),
+            name=name,  # the same name in the same storage resumes from its last checkpoint
+            storage_path=fs_path,
+            storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
@@ -125,11 +187,17 @@ def run_stage_on_ray(
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
             history = load_train_state(Path(d))[1]["history"]
+    if config.artifacts:  # the driver's copies of what the stage published
+        for checkpoint in published_names(config):
+            storage.fetch(
+                storage.join(config.artifacts, f"{checkpoint}.safetensors"), stage_checkpoint(config, checkpoint)
+            )
     return {
         "checkpoint": str(stage_checkpoint(config, config.stage)),
         "history": history,
         "final": history[-1] if history else {},
         "ray_path": result.path,
+        "resumed": resumed,
     }
 
 

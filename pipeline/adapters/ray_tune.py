@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import storage as storage_mod
 from ..env import framework_output_quiet
 from ..params import MlflowConfig, RayConfig, TrainConfig, TuneSettings
 from ..train import Runtime, train_loop
@@ -108,9 +109,12 @@ def _tuner(settings: TuneSettings, trainable, name: str, storage: str, arch: str
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    path = f"{storage}/{name}"
-    if tune.Tuner.can_restore(path):
-        return tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
+    filesystem, fs_storage = storage_mod.pyarrow_filesystem(storage)
+    path = f"{fs_storage}/{name}"
+    if tune.Tuner.can_restore(path, storage_filesystem=filesystem):
+        return tune.Tuner.restore(
+            path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
+        )
     scheduler = (
         ASHAScheduler(time_attr="training_iteration", max_t=max(1, settings.epochs), grace_period=settings.grace_period)
         if settings.asha
@@ -126,7 +130,7 @@ def _tuner(settings: TuneSettings, trainable, name: str, storage: str, arch: str
             num_samples=settings.num_samples,
             max_concurrent_trials=settings.max_concurrent,
         ),
-        run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0),
+        run_config=tune.RunConfig(name=name, storage_path=fs_storage, storage_filesystem=filesystem, verbose=0),
     )
 
 
@@ -150,7 +154,8 @@ def run_tune(
         "epochs": settings.epochs,
         "max_steps_per_epoch": settings.max_steps_per_epoch,
         "out": absolute(base.out),
-        "init_from": absolute(base.init_from or base.out),  # the pretrain checkpoints' folder
+        # the pretrain checkpoints: where they were published, else the local out
+        "init_from": absolute(base.init_from or base.artifacts or base.out),
         "shards": absolute(base.shards),
         "_threads": max(1, int(settings.cpus_per_trial)),
     }

@@ -25,6 +25,8 @@ def resolve(cfg: MlflowConfig) -> MlflowConfig:
     uri = cfg.tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
+    if uri.startswith(("http://", "https://")):  # a tracking server: it decides where artifacts go
+        return MlflowConfig(uri, cfg.experiment, cfg.artifact_location)
     artifacts = cfg.artifact_location or str(root / "mlartifacts")
     if "://" not in artifacts:
         artifacts = Path(artifacts).resolve().as_uri()
@@ -42,7 +44,7 @@ def experiment_id(cfg: MlflowConfig) -> str:
     exp = c.get_experiment_by_name(cfg.experiment)
     if exp is not None:
         return exp.experiment_id
-    return c.create_experiment(cfg.experiment, artifact_location=cfg.artifact_location)
+    return c.create_experiment(cfg.experiment, artifact_location=cfg.artifact_location or None)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -56,11 +58,22 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def start_stage_run(cfg: MlflowConfig, stage: str, config: dict, group: str, extra_tags: dict | None = None) -> str:
+def start_stage_run(cfg: MlflowConfig, stage: str, config: dict, group: str, resume_key: str = "") -> str:
+    """A stage's run. With ``resume_key`` (run name and inputs digest), an unfinished run of an
+    earlier launch with that key is continued instead (its logged epochs are kept, not repeated)."""
     c = client(cfg)
-    run = c.create_run(
-        experiment_id(cfg), run_name=stage, tags={PIPELINE_TAG: group, "bireal.stage": stage, **(extra_tags or {})}
-    )
+    tags = {PIPELINE_TAG: group, "bireal.stage": stage}
+    if resume_key:
+        tags["bireal.resume_key"] = resume_key
+        found = c.search_runs(
+            [experiment_id(cfg)],
+            f"tags.`bireal.resume_key` = '{resume_key}' and attributes.status != 'FINISHED'",
+            max_results=1,
+        )
+        if found:
+            c.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+    run = c.create_run(experiment_id(cfg), run_name=stage, tags=tags)
     for key, value in flatten(config).items():
         c.log_param(run.info.run_id, key, str(value)[:6000])
     return run.info.run_id

@@ -1,0 +1,158 @@
+"""Locations: every place the pipeline reads or writes (shards, stage outputs, checkpoints, Ray and
+Tune results, MLflow artifacts) is a local path or a URL that fsspec opens (``s3://`` first).
+
+One setting reaches every process: ``storage.endpoint_url`` (an S3-compatible store such as MinIO
+or moto). The driver puts it in ``$BIREAL_S3_ENDPOINT_URL`` (``configure``); Ray workers get it
+through the job's ``runtime_env``, DataLoader workers inherit it, and every open here passes it
+explicitly (pyarrow, which Ray's storage uses, ignores endpoint environment variables).
+Credentials are the store's usual ones (``AWS_*`` variables, instance roles): never settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO
+
+ENDPOINT_ENV = "BIREAL_S3_ENDPOINT_URL"
+CACHE_ENV = "BIREAL_SHARD_CACHE"  # a per-node cache folder for remote shards ("" = none)
+
+
+def is_url(location: str) -> bool:
+    """A remote location (``s3://``, ``gs://``, ``http://``, ...); ``file://`` and paths are local."""
+    return "://" in location and not location.startswith("file://")
+
+
+def is_local(location: str) -> bool:
+    return not is_url(location) and not location.startswith("pipe:")
+
+
+def configure(endpoint_url: str = "", shard_cache: str = "") -> dict[str, str]:
+    """This process's (and its children's) storage settings; -> the env vars for Ray workers."""
+    env = {}
+    if endpoint_url:
+        env[ENDPOINT_ENV] = endpoint_url
+    if shard_cache:
+        env[CACHE_ENV] = shard_cache
+    os.environ.update(env)
+    return env
+
+
+def endpoint_url() -> str:
+    return os.environ.get(ENDPOINT_ENV, "")
+
+
+def options(location: str) -> dict:
+    """fsspec keyword arguments for ``location``'s protocol."""
+    if location.startswith("s3://") and endpoint_url():
+        return {"endpoint_url": endpoint_url()}
+    return {}
+
+
+def filesystem(location: str):
+    """(fsspec filesystem, path within it) for a location."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(location, **options(location))
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def open_read(location: str, cache: bool = True) -> IO[bytes]:
+    """A binary stream: a local file, a ``pipe:`` command's stdout (webdataset's), or a remote
+    object, through the per-node cache (``$BIREAL_SHARD_CACHE``) when ``cache`` and one is set."""
+    if location.startswith("pipe:"):
+        import webdataset as wds
+
+        return wds.gopen(location, "rb")
+    if is_local(location):
+        return open(location.removeprefix("file://"), "rb")
+    import fsspec
+
+    cache_dir = os.environ.get(CACHE_ENV, "")
+    if cache and cache_dir:
+        protocol = location.split("://", 1)[0]
+        return fsspec.open(
+            f"filecache::{location}", "rb", filecache={"cache_storage": cache_dir}, **{protocol: options(location)}
+        ).open()
+    return fsspec.open(location, "rb", **options(location)).open()
+
+
+def read_text(location: str) -> str:
+    with open_read(location, cache=False) as f:
+        return f.read().decode()
+
+
+def exists(location: str) -> bool:
+    if is_local(location):
+        return Path(location.removeprefix("file://")).exists()
+    fs, path = filesystem(location)
+    return fs.exists(path)
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def publish(local: str | Path, location: str) -> str:
+    """Copy a local file to ``location`` with its sha256 beside it (``<location>.sha256``), the
+    digest last, so a reader that finds the digest finds a complete file; -> the digest."""
+    digest = sha256_file(local)
+    if is_local(location):
+        dest = Path(location.removeprefix("file://"))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if Path(local).resolve() != dest.resolve():
+            tmp = dest.with_name(dest.name + ".partial")
+            shutil.copyfile(local, tmp)
+            tmp.replace(dest)
+        Path(f"{dest}.sha256").write_text(digest + "\n")
+        return digest
+    fs, path = filesystem(location)
+    fs.put_file(str(local), path)
+    with fs.open(f"{path}.sha256", "wb") as f:
+        f.write((digest + "\n").encode())
+    return digest
+
+
+def fetch(location: str, local: str | Path) -> Path:
+    """Copy a published file to ``local`` and check it against its sha256 (a torn or stale copy
+    fails here, not as a confusing load error later)."""
+    local = Path(local)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    expected = read_text(f"{location}.sha256").strip()
+    with tempfile.NamedTemporaryFile(dir=local.parent, delete=False, suffix=".partial") as tmp:
+        with open_read(location, cache=False) as src:
+            shutil.copyfileobj(src, tmp)
+    got = sha256_file(tmp.name)
+    if got != expected:
+        os.unlink(tmp.name)
+        raise OSError(f"{location}: sha256 {got} does not match its published {expected}")
+    os.replace(tmp.name, local)
+    return local
+
+
+def pyarrow_filesystem(location: str):
+    """(pyarrow filesystem, path) for Ray's ``storage_filesystem``: S3 with the endpoint passed
+    explicitly, a request timeout and retries (pyarrow's defaults gave up within ~10 s of a stalled
+    store); None for local paths (Ray's default)."""
+    if not location.startswith("s3://"):
+        return None, location
+    from pyarrow import fs as pafs
+
+    s3 = pafs.S3FileSystem(
+        endpoint_override=endpoint_url() or None,
+        request_timeout=60,
+        connect_timeout=10,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=10),
+    )
+    return s3, location.removeprefix("s3://")

@@ -1,0 +1,254 @@
+"""The pipeline on a cluster, with real services on loopback (tests/cluster_services.py): shards,
+Ray checkpoints and stage outputs in S3 (moto), tracking on an MLflow server with PostgreSQL and
+S3 artifacts, and a Ray cluster whose worker nodes see neither the driver's work folder nor each
+other's disks. The driver is the `bireal` CLI in a subprocess, as a user runs it.
+
+Marked ``cluster`` (and ``e2e``). Without the privilege to make mount namespaces (``unshare``) or
+without PostgreSQL the suite skips with the reason; with BIREAL_REQUIRE_CLUSTER=1 (.ci/run) that
+skip is a failure instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from cluster_services import BIN, S3, MlflowServer, Postgres, RayCluster, cluster_env, wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+
+
+def _missing_privilege() -> str:
+    if shutil.which("unshare") is None:
+        return "no unshare command"
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot make a mount namespace (unshare -m): {probe.stderr.strip()}"
+    if shutil.which("initdb") is None or shutil.which("pg_ctl") is None:
+        return "PostgreSQL (initdb, pg_ctl) is not installed"
+    return ""
+
+
+class Memory:
+    """Peak resident memory of this process and every descendant, sampled twice a second."""
+
+    def __init__(self):
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _rss_total(self) -> int:
+        total = 0
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    for line in (entry / "status").read_text().splitlines():
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1]) * 1024
+                except OSError:
+                    pass
+        return total
+
+    def _run(self):
+        baseline = self._rss_total()
+        while not self._stop.wait(0.5):
+            self.peak = max(self.peak, self._rss_total() - baseline)
+
+    def stop(self) -> float:
+        self._stop.set()
+        return self.peak / 2**30
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    reason = _missing_privilege()
+    if reason:
+        if os.environ.get("BIREAL_REQUIRE_CLUSTER") == "1":
+            pytest.fail(f"BIREAL_REQUIRE_CLUSTER=1 but the cluster suite cannot run: {reason}")
+        pytest.skip(reason)
+    started, memory = time.time(), Memory()
+    root = tmp_path_factory.mktemp("cluster")
+    work = root / "work"  # the driver's working folder: worker nodes see a tmpfs there instead
+    work.mkdir()
+    services = []
+    try:
+        s3 = S3(root)
+        services.append(s3)
+        pg = Postgres(root)
+        services.append(pg)
+        mlflow = MlflowServer(root, pg.uri, f"s3://{s3.bucket}/mlflow", s3.url)
+        services.append(mlflow)
+        ray = RayCluster(root, hidden=[work])
+        services.append(ray)
+        ray.add_node(cpus=1)
+        ray.add_node(cpus=1)
+        yield Cluster(root, work, s3, pg, mlflow, ray)
+    finally:
+        for service in reversed(services):
+            service.close()
+        print(f"\ncluster suite: {time.time() - started:.0f} s wall, peak memory {memory.stop():.2f} GiB")
+
+
+class Cluster:
+    def __init__(self, root, work, s3, pg, mlflow, ray):
+        self.root, self.work, self.s3, self.pg, self.mlflow, self.ray = root, work, s3, pg, mlflow, ray
+
+    def params(self, name: str, **sections) -> Path:
+        """A params file in the driver's folder: everything shared lives in S3 / on the servers."""
+        bucket = f"s3://{self.s3.bucket}"
+        base = {
+            "data": {"source": "demo"},
+            "shard": {"samples_per_shard": 100, "processes": 1},
+            "storage": {"artifacts": f"{bucket}/artifacts", "endpoint_url": self.s3.url},
+            "train": {
+                "shards": f"{bucket}/shards",
+                "out": "checkpoints",
+                "width": 0.25,
+                "batch_size": 32,
+                "loader_workers": 1,
+                "max_steps_per_epoch": 3,
+            },
+            "pretrain": {"phase_epochs": [1, 0, 1]},
+            "binarize": {"epochs": 1, "tuned_config": ""},
+            "finetune": {"epochs": 1},
+            "tune": {"enabled": False, "storage_path": f"{bucket}/tune"},
+            "ray": {
+                "address": self.ray.address,
+                "num_workers": 2,
+                "cpus_per_worker": 1,
+                "storage_path": f"{bucket}/ray",
+                "max_failures": 3,
+            },
+            "mlflow": {"tracking_uri": self.mlflow.uri, "experiment": name},
+            "registry": {"model_name": f"bireal-{name}"},
+        }
+        for section, values in sections.items():
+            base[section] = {**base.get(section, {}), **values}
+        import yaml
+
+        path = self.work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(base))
+        return path
+
+    def bireal(self, *args: str, run_id: str, wait: bool = True, log: str = "driver.log"):
+        """The CLI as the driver, in the work folder, joined to the cluster by the params file."""
+        env = {**cluster_env(), "BIREAL_PIPELINE_RUN": run_id}
+        out = (self.root / log).open("a")
+        proc = subprocess.Popen(
+            [str(BIN / "bireal"), *args],
+            cwd=self.work,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        if not wait:
+            return proc
+        if proc.wait(timeout=600) != 0:
+            pytest.fail(f"bireal {' '.join(args)} failed:\n{(self.root / log).read_text()[-4000:]}")
+        return proc
+
+    def epochs_logged(self, experiment: str, stage: str) -> list[list[int]]:
+        """Per MLflow run of ``stage``: the steps of its val_top1 history, as logged."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.mlflow.uri)
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id], f"tags.`bireal.stage` = '{stage}'")
+        return [sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_top1")) for r in runs]
+
+    def ray_checkpoints(self, run_name: str) -> list[str]:
+        return sorted({k.split("/")[2] for k in self.s3.keys(f"ray/{run_name}/") if "/checkpoint_" in k})
+
+
+def test_pipeline_across_nodes_with_shared_storage(cluster):
+    """shard -> pretrain -> binarize -> finetune -> export -> evaluate -> register, every training
+    worker on a node that cannot see the driver's folder: what a later stage needs travels via S3."""
+    params = cluster.params("e2e")
+    run = "e2e-run"
+    cluster.bireal("shard", "--params", str(params), run_id=run)
+    for stage in ("pretrain", "binarize", "finetune", "export", "evaluate", "register"):
+        cluster.bireal("run", stage, "--params", str(params), run_id=run)
+
+    keys = set(cluster.s3.keys())
+    assert "shards/manifest.json" in keys and any(k.startswith("shards/train-") for k in keys)
+    for name in ("pretrain-relu", "pretrain-clip", "pretrain", "binarize", "finetune"):
+        assert f"artifacts/{run}/{name}.safetensors" in keys and f"artifacts/{run}/{name}.safetensors.sha256" in keys
+    for stage in ("pretrain", "binarize", "finetune"):
+        assert cluster.ray_checkpoints(f"{run}-{stage}"), f"no Ray checkpoint of {stage} in S3"
+    assert any(k.startswith("mlflow/") for k in keys)  # MLflow's artifacts (registered model) in S3
+
+    # the driver's finetune checkpoint is the one the workers published (they wrote theirs to a tmpfs)
+    published = cluster.s3.client().get_object(Bucket="bireal", Key=f"artifacts/{run}/finetune.safetensors.sha256")
+    from pipeline.storage import sha256_file
+
+    local = cluster.work / "checkpoints" / "finetune.safetensors"
+    assert sha256_file(local) == published["Body"].read().decode().strip()
+
+    # MLflow on PostgreSQL: each stage one run, every epoch exactly once
+    assert cluster.epochs_logged("e2e", "pretrain") == [[0, 1]]
+    assert cluster.epochs_logged("e2e", "binarize") == [[0]]
+    assert cluster.epochs_logged("e2e", "finetune") == [[0]]
+    evaluation = json.loads((cluster.work / "metrics" / "evaluate.json").read_text())
+    assert evaluation["images"] == 360 and 0.0 <= evaluation["top1"] <= 1.0
+
+    # nothing in the driver's folder but the params file, the declared outputs and the driver's
+    # copies of the stage checkpoints
+    written = {str(p.relative_to(cluster.work)) for p in cluster.work.rglob("*") if p.is_file()}
+    # (data/demo_digits: the demo source rendered as JPEGs for `bireal shard`, the pipeline's input)
+    allowed_dirs = ("checkpoints/", "metrics/", "artifacts/", "plots/", "data/demo_digits/")
+    assert [w for w in sorted(written) if not (w.startswith(allowed_dirs) or w == "e2e.yaml")] == []
+    assert not (cluster.work / "mlflow.db").exists() and not (cluster.work / "ray_results").exists()
+    assert {p.name for p in (cluster.work / "checkpoints").iterdir() if p.is_file()} == {
+        f"{n}.safetensors" for n in ("pretrain-relu", "pretrain-clip", "pretrain", "binarize", "finetune")
+    }
+
+
+def test_killed_driver_resumes_from_storage(cluster):
+    """SIGKILL the driver once two epochs' checkpoints are in S3; the same command with the same
+    pipeline run id continues the Ray run and its MLflow run: no epoch trained or logged twice."""
+    params = cluster.params("resume", pretrain={"phase_epochs": [5, 0, 1]}, train={"max_steps_per_epoch": 4})
+    run = "resume-run"
+    cluster.bireal("shard", "--params", str(params), run_id=run, log="resume.log")
+    driver = cluster.bireal("run", "pretrain", "--params", str(params), run_id=run, wait=False, log="resume.log")
+    wait_for(lambda: len(cluster.ray_checkpoints(f"{run}-pretrain")) >= 2, 300, "two checkpoints in S3")
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=30)
+    assert len(cluster.epochs_logged("resume", "pretrain")[0]) < 6  # it was stopped mid-stage
+
+    cluster.bireal("run", "pretrain", "--params", str(params), run_id=run, log="resume.log")
+    assert cluster.epochs_logged("resume", "pretrain") == [[0, 1, 2, 3, 4, 5]]  # one run, each epoch once
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cluster.mlflow.uri)
+    (stage_run,) = client.search_runs(
+        [client.get_experiment_by_name("resume").experiment_id], "tags.`bireal.stage` = 'pretrain'"
+    )
+    restarts = {m.step: m.value for m in client.get_metric_history(stage_run.info.run_id, "restarts")}
+    assert restarts[0] == 0 and restarts[5] >= 1, restarts  # the last epochs ran after a restore
+    log = (cluster.root / "resume.log").read_text()
+    print(f"\nkilled driver: epochs logged {sorted(restarts)}, restarts per epoch {restarts}")
+    assert "Traceback" not in log.split("pretrain")[-1]
+
+
+def test_worker_node_lost_mid_stage(cluster):
+    """SIGKILL every process of one worker node once two checkpoints are in S3, then add a fresh
+    node: Ray Train restarts the worker group from the last checkpoint and every epoch is logged once."""
+    params = cluster.params("nodeloss", pretrain={"phase_epochs": [5, 0, 1]}, train={"max_steps_per_epoch": 4})
+    run = "nodeloss-run"
+    cluster.bireal("shard", "--params", str(params), run_id=run, log="nodeloss.log")
+    driver = cluster.bireal("run", "pretrain", "--params", str(params), run_id=run, wait=False, log="nodeloss.log")
+    wait_for(lambda: len(cluster.ray_checkpoints(f"{run}-pretrain")) >= 2, 300, "two checkpoints in S3")
+    victim = sorted(cluster.ray.nodes)[0]
+    cluster.ray.kill_node(victim)
+    cluster.ray.add_node(cpus=1)
+    assert driver.wait(timeout=600) == 0, (cluster.root / "nodeloss.log").read_text()[-4000:]
+    assert cluster.epochs_logged("nodeloss", "pretrain") == [[0, 1, 2, 3, 4, 5]]
+    print(f"\nnode {victim} killed: epochs logged once each, {len(cluster.ray.nodes)} nodes started in all")

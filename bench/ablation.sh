@@ -3,7 +3,7 @@
 # Bi-Real twin (relu -> leaky_clip -> clip, plus the equal-compute ReLU control), then `bireal tune`
 # (which pretrains the no-shortcut ResNet's own twin first) over the cells of
 # pipeline/configs/cifar10_ablation.yaml x 3 seeds; then bench/results/ablation.json.
-# About 115 minutes on the 2-core machine with nothing else running; run it alone (no benchmark or
+# About 90 minutes on the 2-core machine with nothing else running; run it alone (no benchmark or
 # test suite beside it). Interrupted? Run it again: finished stages and trials are kept.
 # Usage: bench/ablation.sh [CIFAR_DIR]   (default ../shared/data/cifar10)
 set -euo pipefail

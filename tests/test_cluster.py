@@ -37,29 +37,53 @@ def _missing_privilege() -> str:
 
 
 class Memory:
-    """Peak resident memory of this process and every descendant, sampled twice a second."""
+    """Peak memory of the suite, sampled twice a second: the proportional set size (PSS: shared
+    pages split between their users, so the torch libraries of many Ray workers count once) of this
+    process, of the processes whose command line names one of ``markers`` (the daemons that
+    ``ray start --head`` and ``pg_ctl`` leave behind), and of all their descendants. Other work on
+    the machine is not counted."""
 
     def __init__(self):
-        self.peak, self._stop = 0, threading.Event()
+        self.peak, self.markers, self._stop = 0, [], threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    def _rss_total(self) -> int:
-        total = 0
+    @staticmethod
+    def _read(pid: str, name: str) -> str:
+        try:
+            return Path(f"/proc/{pid}/{name}").read_text()
+        except OSError:
+            return ""
+
+    def _suite_pids(self) -> set[str]:
+        children: dict[str, list[str]] = {}
+        roots = {str(os.getpid())}
         for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    for line in (entry / "status").read_text().splitlines():
-                        if line.startswith("VmRSS:"):
-                            total += int(line.split()[1]) * 1024
-                except OSError:
-                    pass
-        return total
+            if not entry.name.isdigit():
+                continue
+            stat = self._read(entry.name, "stat")
+            if stat:
+                children.setdefault(stat.rsplit(")", 1)[1].split()[1], []).append(entry.name)
+            cmdline = self._read(entry.name, "cmdline")
+            if any(m in cmdline for m in self.markers):
+                roots.add(entry.name)
+        found, todo = set(), list(roots)
+        while todo:
+            pid = todo.pop()
+            if pid not in found:
+                found.add(pid)
+                todo.extend(children.get(pid, []))
+        return found
+
+    def _pss(self, pid: str) -> int:
+        for line in self._read(pid, "smaps_rollup").splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+        return 0
 
     def _run(self):
-        baseline = self._rss_total()
         while not self._stop.wait(0.5):
-            self.peak = max(self.peak, self._rss_total() - baseline)
+            self.peak = max(self.peak, sum(self._pss(pid) for pid in self._suite_pids()))
 
     def stop(self) -> float:
         self._stop.set()
@@ -83,10 +107,12 @@ def cluster(tmp_path_factory):
         services.append(s3)
         pg = Postgres(root)
         services.append(pg)
+        memory.markers.append(str(pg.dir))
         mlflow = MlflowServer(root, pg.uri, f"s3://{s3.bucket}/mlflow", s3.url)
         services.append(mlflow)
         ray = RayCluster(root, hidden=[work])
         services.append(ray)
+        memory.markers.append(str(ray.base))
         ray.add_node(cpus=1)
         ray.add_node(cpus=1)
         yield Cluster(root, work, s3, pg, mlflow, ray)
@@ -252,3 +278,53 @@ def test_worker_node_lost_mid_stage(cluster):
     assert driver.wait(timeout=600) == 0, (cluster.root / "nodeloss.log").read_text()[-4000:]
     assert cluster.epochs_logged("nodeloss", "pretrain") == [[0, 1, 2, 3, 4, 5]]
     print(f"\nnode {victim} killed: epochs logged once each, {len(cluster.ray.nodes)} nodes started in all")
+
+
+def test_storage_stall_during_a_stage(cluster):
+    """SIGSTOP the S3 server for 15 s while a stage reads shards and uploads checkpoints: the
+    clients wait and retry (pyarrow with a request timeout and retries, s3fs's defaults); the stage
+    finishes with every epoch logged once."""
+    params = cluster.params("stall", pretrain={"phase_epochs": [4, 0, 1]}, train={"max_steps_per_epoch": 4})
+    run = "stall-run"
+    cluster.bireal("shard", "--params", str(params), run_id=run, log="stall.log")
+    driver = cluster.bireal("run", "pretrain", "--params", str(params), run_id=run, wait=False, log="stall.log")
+    wait_for(lambda: len(cluster.ray_checkpoints(f"{run}-pretrain")) >= 1, 300, "a checkpoint in S3")
+    os.killpg(cluster.s3.proc.pid, signal.SIGSTOP)
+    time.sleep(15)
+    os.killpg(cluster.s3.proc.pid, signal.SIGCONT)
+    assert driver.wait(timeout=600) == 0, (cluster.root / "stall.log").read_text()[-4000:]
+    assert cluster.epochs_logged("stall", "pretrain") == [[0, 1, 2, 3, 4]]
+
+
+def test_gpu_scheduling_without_gpus(cluster):
+    """Nodes that advertise 2 logical GPUs each, ray.use_gpu with ray.backend: gloo (training runs
+    on the CPU): 4 workers, 2 per node, local ranks 0 and 1 on each, as the stage run records them."""
+    for ip in [ip for ip, proc in cluster.ray.nodes.items() if proc.poll() is None]:
+        cluster.ray.kill_node(ip)  # (the CPU-only nodes: room for the GPU ones on 2 cores)
+    gpu_nodes = {cluster.ray.add_node(cpus=1, gpus=2), cluster.ray.add_node(cpus=1, gpus=2)}
+    params = cluster.params(
+        "gpus",
+        ray={"use_gpu": True, "backend": "gloo", "num_workers": 4, "cpus_per_worker": 0.5},
+        pretrain={"phase_epochs": [1, 0, 0]},
+        train={"max_steps_per_epoch": 2},
+    )
+    run = "gpus-run"
+    cluster.bireal("shard", "--params", str(params), run_id=run, log="gpus.log")
+    cluster.bireal("run", "pretrain", "--params", str(params), run_id=run, log="gpus.log")
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cluster.mlflow.uri)
+    (stage_run,) = client.search_runs(
+        [client.get_experiment_by_name("gpus").experiment_id], "tags.`bireal.stage` = 'pretrain'"
+    )
+    import mlflow
+
+    mlflow.set_tracking_uri(cluster.mlflow.uri)
+    placement = mlflow.artifacts.load_dict(f"runs:/{stage_run.info.run_id}/placement.json")
+    print(f"\nplacement: {placement}")
+    assert sorted(p["world_rank"] for p in placement) == [0, 1, 2, 3]
+    by_node: dict[str, list[int]] = {}
+    for p in placement:
+        by_node.setdefault(p["node_ip"], []).append(p["local_rank"])
+    assert set(by_node) == gpu_nodes and all(sorted(r) == [0, 1] for r in by_node.values())
+    assert {p["device"] for p in placement} == {"cpu"}

@@ -49,7 +49,29 @@ class RayRuntime(Runtime):
     def device(self) -> torch.device:
         import ray.train.torch
 
+        if not torch.cuda.is_available():  # logical GPUs (scheduling only) or ray.backend: gloo on CPUs
+            return torch.device("cpu")
         return ray.train.torch.get_device()
+
+    def placement(self) -> list[dict]:
+        """Where every worker runs (rank 0 gets all of them): node, ranks, device."""
+        import ray
+        import ray.train
+        import torch.distributed as dist
+
+        ctx = ray.train.get_context()
+        me = {
+            "world_rank": ctx.get_world_rank(),
+            "local_rank": ctx.get_local_rank(),
+            "node_rank": ctx.get_node_rank(),
+            "node_ip": ray.util.get_node_ip_address(),
+            "device": str(self.device()),
+        }
+        if not (dist.is_available() and dist.is_initialized()):
+            return [me]
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, me)
+        return everyone
 
 
 def _worker_entry(payload: dict) -> None:
@@ -59,9 +81,11 @@ def _worker_entry(payload: dict) -> None:
     torch.set_num_threads(max(1, int(payload["threads"])))
     config = TrainConfig(**payload["config"])
     runtime = RayRuntime()
+    placement = runtime.placement()  # a collective: every rank takes part
     logger = None
     if runtime.rank == 0 and payload.get("mlflow_run"):
         logger = EpochLogger(MlflowConfig(**payload["mlflow"]), payload["mlflow_run"])
+        logger.client.log_dict(payload["mlflow_run"], placement, "placement.json")
         restored = runtime.restore_dir()
         if restored is not None:  # epochs reported before a failure: log once
             logger.backfill(torch.load(restored / "train_state.pt", weights_only=True)["history"])

@@ -1,0 +1,144 @@
+"""Locations (pipeline/storage.py) and the cluster settings, without a cluster: publishing and
+fetching with sha256, `pipe:` shard folders, stable run names, the check that a Ray address comes
+with shared locations only, and where the loopback-only settings apply. Object storage itself is
+exercised by tests/test_cluster.py against a real S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import storage
+from pipeline.params import ConfigError, RayConfig, TrainConfig, load_params
+
+
+def test_publish_then_fetch_checks_the_digest(tmp_path):
+    src = tmp_path / "model.safetensors"
+    src.write_bytes(b"weights" * 1000)
+    digest = storage.publish(src, str(tmp_path / "store" / "run" / "model.safetensors"))
+    assert (tmp_path / "store" / "run" / "model.safetensors.sha256").read_text().strip() == digest
+    got = storage.fetch(str(tmp_path / "store" / "run" / "model.safetensors"), tmp_path / "copy" / "m.safetensors")
+    assert got.read_bytes() == src.read_bytes()
+    (tmp_path / "store" / "run" / "model.safetensors").write_bytes(b"torn")  # a torn or stale object
+    with pytest.raises(OSError, match="does not match its published"):
+        storage.fetch(str(tmp_path / "store" / "run" / "model.safetensors"), tmp_path / "copy" / "m.safetensors")
+    assert got.read_bytes() == src.read_bytes()  # the good local copy is left as it was
+    with pytest.raises(FileNotFoundError):
+        storage.fetch(str(tmp_path / "store" / "nothing.safetensors"), tmp_path / "x")
+
+
+def test_locations_and_endpoint_options(monkeypatch):
+    assert storage.is_url("s3://b/k") and storage.is_url("gs://b/k")
+    assert not storage.is_url("file:///tmp/x") and not storage.is_url("data/shards")
+    assert not storage.is_local("pipe:cat x") and storage.is_local("data/shards")
+    assert storage.join("s3://b/a/", "/run", "x.safetensors") == "s3://b/a/run/x.safetensors"
+    monkeypatch.setenv(storage.ENDPOINT_ENV, "http://127.0.0.1:9000")
+    assert storage.options("s3://b/k") == {"endpoint_url": "http://127.0.0.1:9000"}
+    assert storage.options("/local/path") == {}
+    fs, path = storage.pyarrow_filesystem("s3://bucket/ray")
+    assert path == "bucket/ray" and type(fs).__name__ == "S3FileSystem"
+    assert storage.pyarrow_filesystem("/tmp/ray") == (None, "/tmp/ray")
+
+
+def test_shards_through_a_pipe_command(demo_shards):
+    """A `pipe:` location: the manifest and every shard read through the command's stdout."""
+    from pipeline.data import iter_shard, read_manifest, split_shards
+
+    location = f"pipe:cat {demo_shards}"
+    manifest = read_manifest(location)
+    assert manifest == json.loads((demo_shards / "manifest.json").read_text())
+    url, count = split_shards(manifest, location, "test")[0]
+    assert url.startswith("pipe:cat ") and sum(1 for _ in iter_shard(url)) == count
+
+
+def _cluster_params(tmp_path, **sections):
+    import yaml
+
+    raw = {
+        "ray": {"address": "10.0.0.1:6379", "storage_path": "s3://b/ray"},
+        "train": {"shards": "s3://b/shards"},
+        "tune": {"storage_path": "s3://b/tune"},
+        "storage": {"artifacts": "s3://b/artifacts"},
+        "mlflow": {"tracking_uri": "http://mlflow:5000"},
+    }
+    for section, values in sections.items():
+        raw[section] = {**raw.get(section, {}), **values}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_ray_address_needs_shared_locations(tmp_path):
+    params = load_params(_cluster_params(tmp_path))
+    assert params.train("binarize").artifacts == f"s3://b/artifacts/{params.group}"  # <artifacts>/<run>
+    cases = {
+        "binarize.shards": {"binarize": {"shards": "data/shards"}},
+        "ray.storage_path": {"ray": {"storage_path": "ray_results"}},
+        "tune.storage_path": {"tune": {"storage_path": "/mnt/local"}},
+        "storage.artifacts": {"storage": {"artifacts": ""}},
+        "mlflow.tracking_uri": {"mlflow": {"tracking_uri": "sqlite:///mlflow.db"}},
+        "mlflow.artifact_location": {"mlflow": {"artifact_location": "mlartifacts"}},
+    }
+    for key, change in cases.items():
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as e:
+            load_params(_cluster_params(tmp_path, **change))
+        assert "ray.address is '10.0.0.1:6379'" in str(e.value)
+    # the same local locations are fine on one machine
+    load_params(_cluster_params(tmp_path, ray={"address": ""}, train={"shards": "data/shards"}))
+
+
+def test_check_params_names_the_local_location(tmp_path):
+    path = _cluster_params(tmp_path, ray={"storage_path": "ray_results"})
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "check-params", "--params", str(path)], capture_output=True, text=True
+    )
+    assert out.returncode != 0 and "ray.storage_path must be shared storage" in out.stderr + out.stdout
+
+
+def test_run_names_and_claims(tmp_path, demo_shards):
+    from pipeline.adapters.ray_train import claim_run, run_name, stage_digest
+
+    config = TrainConfig(stage="pretrain", shards=str(demo_shards))
+    assert run_name(config, RayConfig(resume="auto"), "run-7") == "run-7-pretrain"
+    fresh = {run_name(config, RayConfig(resume="never"), "run-7") for _ in range(2)}
+    assert len(fresh) == 2 and all(n.startswith("run-7-pretrain-") for n in fresh)
+
+    digest = stage_digest(config)
+    assert digest == stage_digest(config) and digest != stage_digest(
+        TrainConfig(stage="pretrain", lr=0.5, shards=str(demo_shards))
+    )
+    root = str(tmp_path / "ray")
+    assert claim_run(root, "run-7-pretrain", digest) is False  # nothing to resume
+    (tmp_path / "ray" / "run-7-pretrain").mkdir()  # Ray's run folder of that launch
+    assert claim_run(root, "run-7-pretrain", digest) is True  # same inputs: resume it
+    assert claim_run(root, "run-7-pretrain", "other-inputs") is False  # other inputs: start over
+    assert not (tmp_path / "ray" / "run-7-pretrain").exists()
+
+
+def test_loopback_settings_only_for_a_local_ray():
+    """`ray start --address` aborts under RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: the CLI's defaults
+    must not set it; only starting a local Ray instance does."""
+    code = (
+        "import os; from pipeline.env import apply_offline_defaults, apply_local_ray_defaults\n"
+        "apply_offline_defaults(); print(os.environ.get('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'))\n"
+        "apply_local_ray_defaults(); print(os.environ.get('RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "GLOO_SOCKET_IFNAME")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["None", "0"]
+
+
+def test_runtime_env_carries_the_storage_settings(monkeypatch):
+    from pipeline.adapters.ray_train import job_runtime_env
+
+    monkeypatch.setenv(storage.ENDPOINT_ENV, "http://s3.internal:9000")
+    monkeypatch.delenv(storage.CACHE_ENV, raising=False)
+    cfg = RayConfig(runtime_env={"env_vars": {"NCCL_DEBUG": "INFO"}, "excludes": ["data/"]})
+    assert job_runtime_env(cfg) == {
+        "env_vars": {storage.ENDPOINT_ENV: "http://s3.internal:9000", "NCCL_DEBUG": "INFO"},
+        "excludes": ["data/"],
+    }

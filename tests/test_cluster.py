@@ -138,7 +138,7 @@ class Cluster:
                 "out": "checkpoints",
                 "width": 0.25,
                 "batch_size": 32,
-                "loader_workers": 1,
+                "loader_workers": 0,  # decode in the worker: no loader processes (memory)
                 "max_steps_per_epoch": 3,
             },
             "pretrain": {"phase_epochs": [1, 0, 1]},
@@ -294,6 +294,55 @@ def test_storage_stall_during_a_stage(cluster):
     os.killpg(cluster.s3.proc.pid, signal.SIGCONT)
     assert driver.wait(timeout=600) == 0, (cluster.root / "stall.log").read_text()[-4000:]
     assert cluster.epochs_logged("stall", "pretrain") == [[0, 1, 2, 3, 4]]
+
+
+def test_tune_loses_a_node_and_is_restored(cluster):
+    """A search whose trials run on both worker nodes loses one node mid-trial; the same command,
+    run again once a fresh node has joined, restores the experiment from S3: every trial finishes,
+    none is started twice."""
+    params = cluster.params(
+        "tunefault",
+        pretrain={"phase_epochs": [1, 0, 1]},
+        train={"max_steps_per_epoch": 4},
+        tune={
+            "enabled": True,
+            "activations": ["approx_sign", "ste_sign"],
+            "inits": ["clip"],
+            "seeds": [0],
+            "epochs": 4,
+            "asha": False,
+            "max_concurrent": 2,
+            "cpus_per_trial": 1,
+            "out": "tune",
+        },
+    )
+    run = "tune-run"
+    cluster.bireal("shard", "--params", str(params), run_id=run, log="tune.log")
+    cluster.bireal("run", "pretrain", "--params", str(params), run_id=run, log="tune.log")
+    driver = cluster.bireal("run", "tune", "--params", str(params), run_id=run, wait=False, log="tune.log")
+
+    def trial_checkpoints() -> int:
+        return sum(1 for k in cluster.s3.keys("tune/") if k.endswith("/train_state.pt"))
+
+    wait_for(lambda: trial_checkpoints() >= 2, 300, "trial checkpoints in S3")
+    victim = next(ip for ip, proc in sorted(cluster.ray.nodes.items()) if proc.poll() is None)
+    cluster.ray.kill_node(victim)
+    driver.wait(timeout=600)  # the search ends with the lost node's trial errored
+    cluster.ray.add_node(cpus=1)
+    cluster.bireal("run", "tune", "--params", str(params), run_id=run, log="tune.log")
+
+    table = json.loads((cluster.work / "tune" / "table.json").read_text())
+    assert len(table["trials"]) == 2 and all(t["status"] == "TERMINATED" for t in table["trials"]), table["trials"]
+    assert all(t["epochs"] == 4 for t in table["trials"])
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cluster.mlflow.uri)
+    exp = client.get_experiment_by_name("tunefault")
+    kids = client.search_runs([exp.experiment_id], "tags.`bireal.stage` = 'tune-trial'")
+    assert len(kids) == 2  # no trial started twice
+    steps = [sorted(m.step for m in client.get_metric_history(k.info.run_id, "val_top1")) for k in kids]
+    print(f"\ntune: node {victim} killed mid-search; after restore each trial's epochs {steps}")
+    assert all(s == [0, 1, 2, 3] for s in steps), steps
 
 
 def test_gpu_scheduling_without_gpus(cluster):

@@ -134,7 +134,8 @@ class MlflowServer:
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = root / "mlflow-server.log"
-        env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+        # no server-side job runners (7 huey consumers, ~1.2 GB): the pipeline submits no server jobs
+        env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.proc = subprocess.Popen(
             [
                 str(BIN / "mlflow"),

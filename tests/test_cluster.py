@@ -91,13 +91,18 @@ class Memory:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def cluster(tmp_path_factory, pytestconfig):
     reason = _missing_privilege()
     if reason:
         if os.environ.get("BIREAL_REQUIRE_CLUSTER") == "1":
             pytest.fail(f"BIREAL_REQUIRE_CLUSTER=1 but the cluster suite cannot run: {reason}")
         pytest.skip(reason)
     started, memory = time.time(), Memory()
+    reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
+
+    def say(line: str) -> None:  # the suite's figures reach the terminal even when output is captured
+        reporter.write_line(f"[cluster] {line}")
+
     root = tmp_path_factory.mktemp("cluster")
     work = root / "work"  # the driver's working folder: worker nodes see a tmpfs there instead
     work.mkdir()
@@ -115,16 +120,17 @@ def cluster(tmp_path_factory):
         memory.markers.append(str(ray.base))
         ray.add_node(cpus=1)
         ray.add_node(cpus=1)
-        yield Cluster(root, work, s3, pg, mlflow, ray)
+        yield Cluster(root, work, s3, pg, mlflow, ray, say)
     finally:
         for service in reversed(services):
             service.close()
-        print(f"\ncluster suite: {time.time() - started:.0f} s wall, peak memory {memory.stop():.2f} GiB")
+        say(f"cluster suite: {time.time() - started:.0f} s wall, peak memory {memory.stop():.2f} GiB (PSS)")
 
 
 class Cluster:
-    def __init__(self, root, work, s3, pg, mlflow, ray):
+    def __init__(self, root, work, s3, pg, mlflow, ray, say):
         self.root, self.work, self.s3, self.pg, self.mlflow, self.ray = root, work, s3, pg, mlflow, ray
+        self.say = say
 
     def params(self, name: str, **sections) -> Path:
         """A params file in the driver's folder: everything shared lives in S3 / on the servers."""
@@ -232,6 +238,10 @@ def test_pipeline_across_nodes_with_shared_storage(cluster):
     allowed_dirs = ("checkpoints/", "metrics/", "artifacts/", "plots/", "data/demo_digits/")
     assert [w for w in sorted(written) if not (w.startswith(allowed_dirs) or w == "e2e.yaml")] == []
     assert not (cluster.work / "mlflow.db").exists() and not (cluster.work / "ray_results").exists()
+    cluster.say(
+        f"end to end: {len(keys)} objects in S3, stage checkpoints published with sha256, "
+        f"epochs per stage run {[cluster.epochs_logged('e2e', s) for s in ('pretrain', 'binarize', 'finetune')]}"
+    )
     assert {p.name for p in (cluster.work / "checkpoints").iterdir() if p.is_file()} == {
         f"{n}.safetensors" for n in ("pretrain-relu", "pretrain-clip", "pretrain", "binarize", "finetune")
     }
@@ -260,7 +270,7 @@ def test_killed_driver_resumes_from_storage(cluster):
     restarts = {m.step: m.value for m in client.get_metric_history(stage_run.info.run_id, "restarts")}
     assert restarts[0] == 0 and restarts[5] >= 1, restarts  # the last epochs ran after a restore
     log = (cluster.root / "resume.log").read_text()
-    print(f"\nkilled driver: epochs logged {sorted(restarts)}, restarts per epoch {restarts}")
+    cluster.say(f"killed driver: epochs logged {sorted(restarts)}, restarts per epoch {restarts}")
     assert "Traceback" not in log.split("pretrain")[-1]
 
 
@@ -277,7 +287,7 @@ def test_worker_node_lost_mid_stage(cluster):
     cluster.ray.add_node(cpus=1)
     assert driver.wait(timeout=600) == 0, (cluster.root / "nodeloss.log").read_text()[-4000:]
     assert cluster.epochs_logged("nodeloss", "pretrain") == [[0, 1, 2, 3, 4, 5]]
-    print(f"\nnode {victim} killed: epochs logged once each, {len(cluster.ray.nodes)} nodes started in all")
+    cluster.say(f"node {victim} killed: epochs logged once each, {len(cluster.ray.nodes)} nodes started in all")
 
 
 def test_storage_stall_during_a_stage(cluster):
@@ -294,6 +304,7 @@ def test_storage_stall_during_a_stage(cluster):
     os.killpg(cluster.s3.proc.pid, signal.SIGCONT)
     assert driver.wait(timeout=600) == 0, (cluster.root / "stall.log").read_text()[-4000:]
     assert cluster.epochs_logged("stall", "pretrain") == [[0, 1, 2, 3, 4]]
+    cluster.say("S3 server stopped for 15 s mid-stage: the stage finished, epochs [0..4] logged once each")
 
 
 def test_tune_loses_a_node_and_is_restored(cluster):
@@ -341,7 +352,7 @@ def test_tune_loses_a_node_and_is_restored(cluster):
     kids = client.search_runs([exp.experiment_id], "tags.`bireal.stage` = 'tune-trial'")
     assert len(kids) == 2  # no trial started twice
     steps = [sorted(m.step for m in client.get_metric_history(k.info.run_id, "val_top1")) for k in kids]
-    print(f"\ntune: node {victim} killed mid-search; after restore each trial's epochs {steps}")
+    cluster.say(f"tune: node {victim} killed mid-search; after restore each trial's epochs {steps}")
     assert all(s == [0, 1, 2, 3] for s in steps), steps
 
 
@@ -370,7 +381,7 @@ def test_gpu_scheduling_without_gpus(cluster):
 
     mlflow.set_tracking_uri(cluster.mlflow.uri)
     placement = mlflow.artifacts.load_dict(f"runs:/{stage_run.info.run_id}/placement.json")
-    print(f"\nplacement: {placement}")
+    cluster.say(f"placement: {placement}")
     assert sorted(p["world_rank"] for p in placement) == [0, 1, 2, 3]
     by_node: dict[str, list[int]] = {}
     for p in placement:

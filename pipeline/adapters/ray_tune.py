@@ -95,7 +95,8 @@ def _trial_rows(results) -> list[dict]:
                 **{k: (cfg.get("cell") or {}).get(k) for k in CELL_KEYS},
                 **{k: cfg.get(k) for k in ("lr", "seed")},
                 "val_top1": m.get("val_top1"),
-                "epochs": m.get("training_iteration", 0),
+                # the trial's own epoch count: Tune's training_iteration restarts in a restored trial
+                "epochs": int(m["epoch"]) + 1 if "epoch" in m else m.get("training_iteration", 0),
                 "status": "ERROR" if r.error else ("TERMINATED" if m.get("training_iteration") else "PENDING"),
                 "trial_id": m.get("trial_id", ""),
             }

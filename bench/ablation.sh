@@ -3,7 +3,7 @@
 # Bi-Real twin (relu -> leaky_clip -> clip, plus the equal-compute ReLU control), then `bireal tune`
 # (which pretrains the no-shortcut ResNet's own twin first) over the cells of
 # pipeline/configs/cifar10_ablation.yaml x 3 seeds; then bench/results/ablation.json.
-# About 90 minutes on the 2-core machine with nothing else running; run it alone (no benchmark or
+# About 80 minutes on the 2-core machine with nothing else running; run it alone (no benchmark or
 # test suite beside it). Interrupted? Run it again: finished stages and trials are kept.
 # Usage: bench/ablation.sh [CIFAR_DIR]   (default ../shared/data/cifar10)
 set -euo pipefail
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 params=pipeline/configs/cifar10_ablation.yaml
 cifar=${1:-../shared/data/cifar10}
 bin=.venv/bin
-start=$(date +%s)
+start=${ABLATION_STARTED:-$(date +%s)}  # a resumed run can count from the first start
 [ -f data/cifar10-shards/manifest.json ] || $bin/bireal shard --params "$params" --source "$cifar" --out data/cifar10-shards
 [ -f checkpoints/cifar10-ablation/pretrain-relu_control.safetensors ] ||
   $bin/bireal train --stage pretrain --params "$params" --no-ray

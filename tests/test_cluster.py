@@ -99,9 +99,11 @@ def cluster(tmp_path_factory, pytestconfig):
         pytest.skip(reason)
     started, memory = time.time(), Memory()
     reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
 
     def say(line: str) -> None:  # the suite's figures reach the terminal even when output is captured
-        reporter.write_line(f"[cluster] {line}")
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"[cluster] {line}")
 
     root = tmp_path_factory.mktemp("cluster")
     work = root / "work"  # the driver's working folder: worker nodes see a tmpfs there instead

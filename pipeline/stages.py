@@ -64,9 +64,10 @@ def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> d
     """``config`` run as one MLflow stage run; -> {"checkpoint", "history", "final", "cost", "mlflow_run_id"}."""
     import bireal_core as bc
 
-    from .adapters.tracking import finish_stage_run, resolve, start_stage_run
+    from .adapters.tracking import experiment_id, finish_stage_run, resolve, start_stage_run
 
     mlflow_cfg = resolve(params.mlflow)
+    experiment_id(mlflow_cfg)  # the tracking store first: no mlflow, or no server, fails before any data is read
     resume_key = ""
     if use_ray and params.ray.resume == "auto":  # a re-launched stage continues its MLflow run too
         from .adapters.ray_train import run_name, stage_digest

@@ -138,7 +138,10 @@ def test_bad_params_rejected_before_any_stage(tmp_path, capsys):
     assert "params.yaml:train.batch_size: expected an integer, got 'many'" in capsys.readouterr().err
     bad.write_text("binarize:\n  init: imagenet\n")
     assert main(["shard", "--source", "demo", "--out", str(tmp_path / "s"), "--params", str(bad)]) == 2
-    assert "params.yaml:binarize.init: 'imagenet' is not one of scratch, relu, clip" in capsys.readouterr().err
+    assert (
+        "params.yaml:binarize.init: 'imagenet' is not one of scratch, relu, relu_control, clip"
+        in capsys.readouterr().err
+    )
     bad.write_text("trian:\n  epochs: 3\n")
     assert main(["check-params", "--params", str(bad)]) == 2
     assert "trian: unknown section" in capsys.readouterr().err

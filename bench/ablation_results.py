@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bireal_core.checkpoint import read_header
 from pipeline.params import load_params
-from pipeline.tune import CELL_KEYS, paper_cell, twin_folder
+from pipeline.tune import CELL_KEYS, expected_trials, paper_cell, summarize, twin_folder
 
 TARGET = 0.70  # the bar for the paper's cell (mean top-1 at width 0.25)
 
@@ -48,9 +48,12 @@ def twin_accuracies(params) -> dict[str, float]:
 def record(params_path: str, started: float) -> dict:
     params = load_params(params_path)
     tune_out = Path(params.tune.out)
-    table = json.loads((tune_out / "table.json").read_text())
-    trials = [t for t in table["trials"] if t["val_top1"] is not None]
+    searched = json.loads((tune_out / "table.json").read_text())["trials"]
+    # only trials that ran their whole budget: a search stopped early leaves running ones at fewer
+    # epochs, and their last top-1 is not comparable
+    trials = [t for t in searched if t["val_top1"] is not None and t["epochs"] == params.tune.epochs]
     arch = params.train("binarize").arch
+    table = summarize(trials, params.tune, arch)
     rows = []
     for r in table["table"]:
         cell = {k: r[k] for k in CELL_KEYS}
@@ -79,6 +82,7 @@ def record(params_path: str, started: float) -> dict:
         "target": TARGET,
         "twins_float_top1": twin_accuracies(params),
         "trials": len(trials),
+        "trials_planned": expected_trials(params.tune, arch),
         "wall_s": round(time.time() - started),
         "machine": f"{cpu_name()}, {os.cpu_count()} cores",
         "date": datetime.date.today().isoformat(),
@@ -118,7 +122,8 @@ def main() -> None:
     print(markdown(rec))
     mean = rec["paper_cell_mean"]
     print(
-        f"\npaper's cell: mean top-1 {mean} (target {TARGET}); {rec['trials']} trials, wall {rec['wall_s']} s; "
+        f"\npaper's cell: mean top-1 {mean} (target {TARGET}); {rec['trials']} of {rec['trials_planned']} trials, "
+        f"wall {rec['wall_s']} s; "
         f"twins: {rec['twins_float_top1']}; wrote {args.out}"
     )
 

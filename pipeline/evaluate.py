@@ -21,7 +21,7 @@ def evaluate_artifact(
     split of ``shards``; with ``checkpoint``, also its top-1 agreement with the training graph.
     ``device="cuda"`` runs the packed model through the CUDA kernels."""
     import bireal_core as bc
-    from cuda_ext.packed import load_packed
+    from cuda_ext.packed import ieee_float32, load_packed
 
     from .data import eval_split_name, make_loader, read_manifest
 
@@ -39,8 +39,9 @@ def evaluate_artifact(
         for images, labels in batches:
             images = images.to(device, non_blocking=True)
             pred = packed(images).argmax(1)
-            if float_model is not None:
-                agree += int((float_model(images).argmax(1) == pred).sum())
+            if float_model is not None:  # the training graph in IEEE float32, as the packed model runs
+                with ieee_float32():
+                    agree += int((float_model(images).argmax(1) == pred).sum())
             pred = pred.cpu()  # the labels and the confusion matrix stay on the CPU
             confusion += torch.bincount(labels * n + pred, minlength=n * n).view(n, n)
             seen += len(labels)

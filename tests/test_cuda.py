@@ -278,3 +278,23 @@ def test_packed_model_under_cuda_graph_batch1():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(static_out, packed(new_x))
+
+
+def test_float32_mode_runs_the_real_valued_convs_in_ieee_float32(monkeypatch):
+    """cuDNN may run float32 convs in TF32 (PyTorch's default for convs): the packed model's float32
+    mode turns that off inside its forward, so its stem matches a float64 computation to float32
+    rounding (5e-7 of the range on a CPU; TF32 misses by ~3e-4), and the process's flags are left as they were."""
+    import copy
+
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    packed = _randomized_packed("bireal18")
+    stem64 = copy.deepcopy(packed.stem).cpu().double()  # before the hook: a copy would carry it
+    seen = []
+    packed.stem.register_forward_hook(lambda module, inputs, out: seen.append(out))  # returns None
+    x = torch.randn(4, 3, 224, 224)
+    with torch.inference_mode():
+        packed(x.cuda())
+        ref = stem64(x.double())
+    err = (seen[0].double().cpu() - ref).abs().max().item()
+    assert err <= 1e-4 * ref.abs().max().item(), f"stem off by {err:.3g} (range {ref.abs().max().item():.3g})"
+    assert torch.backends.cudnn.allow_tf32

@@ -12,6 +12,7 @@ from cuda_ext.packed import (
     compare_with_float,
     export_checkpoint,
     export_model,
+    ieee_float32,
     load_packed,
     read_artifact,
     reference_ops,
@@ -176,3 +177,17 @@ def test_packed_model_built_without_float_weights():
         p.dtype == torch.float32 and p.dim() == 4 and p.shape[-1] == 3 and "conv" in n
         for n, p in packed.named_buffers()
     )  # binary 3x3s are int64 bits only
+
+
+def test_ieee_float32_turns_tf32_off_inside_and_restores_the_flags():
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    saved = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = True
+    try:
+        with pytest.raises(RuntimeError, match="inside"):
+            with ieee_float32():
+                assert not cudnn.allow_tf32 and not matmul.allow_tf32
+                raise RuntimeError("inside")
+        assert cudnn.allow_tf32 and matmul.allow_tf32
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = saved

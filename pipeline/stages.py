@@ -68,11 +68,13 @@ def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> d
 
     mlflow_cfg = resolve(params.mlflow)
     experiment_id(mlflow_cfg)  # the tracking store first: no mlflow, or no server, fails before any data is read
-    resume_key = ""
-    if use_ray and params.ray.resume == "auto":  # a re-launched stage continues its MLflow run too
-        from .adapters.ray_train import run_name, stage_digest
+    ray_run = None
+    if use_ray:
+        from .adapters.ray_train import stage_run
 
-        resume_key = f"{run_name(config, params.ray, params.group)}:{stage_digest(config)}"
+        ray_run = stage_run(config, params.ray, params.group)
+    # resume: auto -- a re-launched stage continues its MLflow run too
+    resume_key = ray_run.resume_key if ray_run and params.ray.resume == "auto" else ""
     run_id = start_stage_run(
         mlflow_cfg, config.stage, {"train": asdict(config), "ray": asdict(params.ray)}, params.group, resume_key
     )
@@ -80,7 +82,7 @@ def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> d
         if use_ray:
             from .adapters.ray_train import run_stage_on_ray
 
-            result = run_stage_on_ray(config, params.ray, mlflow_cfg, run_id, params.group)
+            result = run_stage_on_ray(config, params.ray, mlflow_cfg, run_id, params.group, ray_run)
         else:
             from .adapters.tracking import EpochLogger
             from .train import train_loop

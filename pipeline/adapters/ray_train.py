@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -140,22 +140,41 @@ def run_name(config: TrainConfig, ray_cfg: RayConfig, group: str) -> str:
     return base if ray_cfg.resume == "auto" else f"{base}-{uuid.uuid4().hex[:8]}"
 
 
+@dataclass(frozen=True)
+class StageRun:
+    """One launch's identity of a stage on Ray, worked out once: the run's name in Ray's storage
+    and the digest of its inputs (settings with absolute paths, and the data's manifest)."""
+
+    name: str
+    digest: str
+
+    @property
+    def resume_key(self) -> str:
+        """What the MLflow stage run is tagged with, so a re-launch continues the same run."""
+        return f"{self.name}:{self.digest}"
+
+
+def located(config: TrainConfig) -> TrainConfig:
+    """``config`` with absolute local paths: the Ray workers do not share the driver's cwd."""
+    return TrainConfig(**{**asdict(config), "shards": absolute(config.shards), "out": absolute(config.out)})
+
+
+def stage_run(config: TrainConfig, ray_cfg: RayConfig, group: str) -> StageRun:
+    return StageRun(run_name(config, ray_cfg, group), stage_digest(located(config)))
+
+
 def claim_run(storage_path: str, name: str, digest: str) -> bool:
     """Record which inputs the run ``name`` belongs to; -> True when an earlier launch with the same
     inputs left it (Ray then resumes it). A run of other inputs under the name is removed first:
     resuming it would return a model trained on something else."""
-    marker = storage.join(storage_path, f"{name}.bireal.json")
-    run_dir = storage.join(storage_path, name)
-    fs, marker_path = storage.filesystem(marker)
-    if fs.exists(marker_path):
-        previous = json.loads(storage.read_text(marker)).get("digest")
-        if previous == digest:
-            return fs.exists(storage.filesystem(run_dir)[1])
-    _, run_path = storage.filesystem(run_dir)
-    if fs.exists(run_path):
-        fs.rm(run_path, recursive=True)
-    fs.makedirs(storage.filesystem(storage_path)[1], exist_ok=True)
-    with fs.open(marker_path, "wb") as f:
+    fs, root = storage.filesystem(storage_path)
+    marker, run_dir = f"{root}/{name}.bireal.json", f"{root}/{name}"
+    if fs.exists(marker) and json.loads(fs.cat_file(marker)).get("digest") == digest:
+        return fs.exists(run_dir)
+    if fs.exists(run_dir):
+        fs.rm(run_dir, recursive=True)
+    fs.makedirs(root, exist_ok=True)
+    with fs.open(marker, "wb") as f:
         f.write(json.dumps({"digest": digest}).encode())
     return False
 
@@ -166,15 +185,17 @@ def run_stage_on_ray(
     mlflow_cfg: MlflowConfig | None = None,
     mlflow_run: str = "",
     group: str = "",
+    run: StageRun | None = None,
 ) -> dict:
     """Fit one stage with a TorchTrainer; returns {"checkpoint", "history", "final", "ray_path", "resumed"}.
     The stage's checkpoint ends up in the driver's ``out`` (fetched from ``artifacts`` when the
-    outputs travel with the run)."""
+    outputs travel with the run). ``run``: the launch's identity if the caller already has it."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     ensure_ray(ray_cfg)
-    config = TrainConfig(**{**asdict(config), "shards": absolute(config.shards), "out": absolute(config.out)})
+    run = run or stage_run(config, ray_cfg, group)
+    config = located(config)
     payload = {
         "config": asdict(config),
         "threads": max(1, int(ray_cfg.cpus_per_worker)),
@@ -183,8 +204,7 @@ def run_stage_on_ray(
     }
     storage_path = absolute(ray_cfg.storage_path)
     filesystem, fs_path = storage.pyarrow_filesystem(storage_path)
-    name = run_name(config, ray_cfg, group)
-    resumed = claim_run(storage_path, name, stage_digest(config)) if ray_cfg.resume == "auto" else False
+    resumed = claim_run(storage_path, run.name, run.digest) if ray_cfg.resume == "auto" else False
     backend = ray_cfg.backend if ray_cfg.backend != "auto" else ("nccl" if ray_cfg.use_gpu else "gloo")
     trainer = TorchTrainer(
         _worker_entry,
@@ -197,7 +217,7 @@ def run_stage_on_ray(
         ),
         torch_config=TorchConfig(backend=backend),
         run_config=RunConfig(
-            name=name,  # the same name in the same storage resumes from its last checkpoint
+            name=run.name,  # the same name in the same storage resumes from its last checkpoint
             storage_path=fs_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),

@@ -9,6 +9,7 @@ exactly once even across a worker restart: steps already in the run's history ar
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -87,12 +88,18 @@ class EpochLogger:
         self.logged = {m.step for m in self.client.get_metric_history(run_id, "val_top1")}
 
     def __call__(self, metrics: dict) -> None:
+        from mlflow.entities import Metric
+
         step = int(metrics["epoch"])
         if step in self.logged:
             return
-        for key, value in metrics.items():
-            if key not in NON_METRIC_KEYS and isinstance(value, (int, float)):
-                self.client.log_metric(self.run_id, key, float(value), step=step)
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(key, float(value), now, step)
+            for key, value in metrics.items()
+            if key not in NON_METRIC_KEYS and isinstance(value, (int, float))
+        ]
+        self.client.log_batch(self.run_id, metrics=batch)  # one request: an epoch is logged whole or not at all
         self.logged.add(step)
 
     def backfill(self, history: list[dict]) -> None:
@@ -105,8 +112,11 @@ def finish_stage_run(
 ) -> None:
     c = client(cfg)
     if cost:
-        for key in ("ops", "memory_mbit", "binary_macs", "real_macs", "params"):
-            c.log_metric(run_id, f"cost_{key}", float(cost[key]))
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        keys = ("ops", "memory_mbit", "binary_macs", "real_macs", "params")
+        c.log_batch(run_id, metrics=[Metric(f"cost_{key}", float(cost[key]), now, 0) for key in keys])
         c.log_dict(run_id, cost, "cost_summary.json")
     checkpoint = result.get("checkpoint")
     if checkpoint and Path(checkpoint).is_file():

@@ -94,6 +94,15 @@ class S3:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
+    def read(self, key: str) -> bytes | None:
+        """The object's bytes, or None where there is none."""
+        try:
+            return self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except Exception as e:  # botocore's NoSuchKey is generated per client
+            if type(e).__name__ == "NoSuchKey":
+                return None
+            raise
+
     def close(self) -> None:
         stop(self.proc)
 
@@ -269,6 +278,20 @@ class RayCluster:
                 except OSError:
                     pass
         return pids
+
+    def processes(self, comm_prefix: str) -> list[int]:
+        """PIDs on the live worker nodes whose program name starts with ``comm_prefix``
+        (Ray names its actors' processes ``ray::<Class>``, cut to 15 characters)."""
+        found = []
+        for ip, proc in self.nodes.items():
+            if proc.poll() is None:
+                for pid in self.node_pids(ip):
+                    try:
+                        if Path(f"/proc/{pid}/comm").read_text().startswith(comm_prefix):
+                            found.append(pid)
+                    except OSError:
+                        pass
+        return found
 
     def kill_node(self, ip: str) -> None:
         for pid in self.node_pids(ip):

@@ -216,7 +216,14 @@ class Cluster:
         return [sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_top1")) for r in runs]
 
     def ray_checkpoints(self, run_name: str) -> list[str]:
-        return sorted({k.split("/")[2] for k in self.s3.keys(f"ray/{run_name}/") if "/checkpoint_" in k})
+        """The checkpoints Ray Train has registered for the run: those its checkpoint manager's
+        snapshot in S3 lists, so a re-launched run resumes from them. (A checkpoint the workers
+        have uploaded but the controller has not yet recorded does not count.)"""
+        snapshot = self.s3.read(f"ray/{run_name}/checkpoint_manager_snapshot.json")
+        if snapshot is None:
+            return []
+        results = json.loads(snapshot).get("checkpoint_results") or []
+        return sorted(r["checkpoint_dir_name"] for r in results)
 
 
 def test_pipeline_across_nodes_with_shared_storage(cluster):
@@ -278,6 +285,10 @@ def test_killed_driver_resumes_from_storage(cluster):
     wait_for(lambda: len(cluster.ray_checkpoints(f"{run}-pretrain")) >= 2, 300, "two checkpoints in S3")
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait(timeout=30)
+    killed = time.time()
+    # the job's actors die with their owner, the driver: wait until no train worker is left
+    wait_for(lambda: not cluster.ray.processes("ray::RayTrainWo"), 120, "the killed job's train workers to exit")
+    cluster.say(f"killed driver: its train workers were gone {time.time() - killed:.1f} s later")
     before = len(cluster.epochs_logged("resume", "pretrain")[0])
     assert before < 21  # it was stopped mid-stage
 

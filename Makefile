@@ -34,8 +34,9 @@ demo: install
 	@echo
 	@$(VENV)/bin/bireal summary
 
-test: install
-	$(VENV)/bin/pytest -q
+test: install  # the cluster suite in a process of its own: its memory budget (docs/cluster.md)
+	$(VENV)/bin/pytest -q -m "not cluster"
+	$(VENV)/bin/pytest -q tests/test_cluster.py
 
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not e2e"

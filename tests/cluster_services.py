@@ -94,6 +94,14 @@ class S3:
         pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
         return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
+    def empty(self) -> int:
+        """Delete every object (moto keeps them in its own memory); -> how many there were."""
+        keys = self.keys()
+        for i in range(0, len(keys), 1000):
+            batch = [{"Key": k} for k in keys[i : i + 1000]]
+            self.client().delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+        return len(keys)
+
     def read(self, key: str) -> bytes | None:
         """The object's bytes, or None where there is none."""
         try:
@@ -232,14 +240,17 @@ class RayCluster:
         temp = self.base / ip.rsplit(".", 1)[1]
         temp.mkdir()
         mounts = " && ".join(f"mount -t tmpfs tmpfs {p}" for p in [temp, *self.hidden])
+        # No --block: the ray CLI (~80 MB) exits once the node runs, and `sleep` stays as the
+        # namespace's process for Popen (killed with the node). No log monitor: Ray wants one per
+        # physical host, and the head's is this host's.
         start = (
-            f"{BIN / 'ray'} start --block --address {self.address} --node-ip-address {ip} --num-cpus {cpus} "
-            f"--num-gpus {gpus} --temp-dir {temp} --dashboard-agent-listen-port 0 "
-            f"--object-store-memory 100000000 --disable-usage-stats"
+            f"{BIN / 'ray'} start --address {self.address} --node-ip-address {ip} --num-cpus {cpus} "
+            f"--num-gpus {gpus} --temp-dir {temp} --dashboard-agent-listen-port 0 --include-log-monitor false "
+            f"--object-store-memory 100000000 --disable-usage-stats && exec sleep infinity"
         )
         log = self.root / f"node-{ip}.log"
         self.nodes[ip] = subprocess.Popen(
-            ["unshare", "-m", "--propagation", "private", "sh", "-c", f"{mounts} && exec {start}"],
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", f"{mounts} && {start}"],
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
             env=cluster_env(),

@@ -1,16 +1,27 @@
+import sys
+
 import pytest
-import torch
 
 from pipeline.env import apply_local_ray_defaults, apply_offline_defaults
 
 apply_offline_defaults()
 apply_local_ray_defaults()  # the suite runs on one machine (the cluster suite gives its nodes their own env)
-torch.set_num_threads(2)
+
+# torch only where a test module imports it: the cluster suite's own process (make test) never does,
+# which keeps ~0.5 GiB out of that suite's memory budget
+
+
+def pytest_collection_finish(session):
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(2)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
-    torch.manual_seed(0)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(0)
 
 
 @pytest.fixture(scope="session")

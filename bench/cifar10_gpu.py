@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bench.cifar10_results import STAGES, print_summary, summarize
+from bench.cifar10_results import STAGES, print_summary, run_settings, summarize
 from pipeline.params import load_params, parse_overrides
 
 PROFILE = "pipeline/configs/cifar10_bireal18.yaml"
@@ -52,7 +52,7 @@ def epoch_writer(progress: Path | None, stage: str, started: float):
 def run(params_file: str, overrides: dict, out: Path, results: Path, progress: Path | None, device: str) -> dict:
     from cuda_ext.packed import export_checkpoint
     from pipeline.evaluate import evaluate_artifact
-    from pipeline.train import train_loop
+    from pipeline.train import stage_checkpoint, train_loop
 
     params = load_params(params_file, overrides)  # errors name the file and key before any work
     configs = {stage: params.train(stage) for stage in STAGES}
@@ -61,27 +61,13 @@ def run(params_file: str, overrides: dict, out: Path, results: Path, progress: P
     for stage, config in configs.items():
         result = train_loop(config, on_epoch=epoch_writer(progress, stage, started))
         (out / f"{stage}_history.json").write_text(json.dumps(result["history"], indent=1))
-    checkpoint = configs["finetune"].out + "/finetune.safetensors"
-    export_checkpoint(checkpoint, out / "model.safetensors")
-    artifact = str(out / "model.safetensors")
+    checkpoint, artifact = str(stage_checkpoint(configs["finetune"], "finetune")), str(out / "model.safetensors")
+    export_checkpoint(checkpoint, artifact)
     evaluation = evaluate_artifact(artifact, configs["finetune"].shards, checkpoint, device=device)
     (out / "evaluate.json").write_text(json.dumps(evaluation, indent=1))
     wall = round(time.time() - started)
-    pretrain, train = configs["pretrain"], configs["finetune"]
-    settings = {
-        "arch": train.arch,
-        "stem": train.stem,
-        "width": train.width,
-        "epochs": {
-            "pretrain": list(pretrain.phase_epochs),
-            "binarize": configs["binarize"].epochs,
-            "finetune": train.epochs,
-        },
-    }
-    summary = summarize(settings, params_file, out, results, wall, machine_name())
-    summary["overrides"] = overrides
-    results.write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    settings = run_settings(params)
+    return summarize(settings, params_file, out, results, wall, machine_name(), overrides=overrides)
 
 
 def main() -> None:

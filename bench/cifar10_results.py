@@ -18,7 +18,7 @@ import platform
 import shutil
 from pathlib import Path
 
-import yaml
+from pipeline.params import load_params
 
 STAGES = ("pretrain", "binarize", "finetune")
 
@@ -50,9 +50,9 @@ def accuracy_curve(history: dict[str, list[dict]]) -> list[dict]:
     return curve
 
 
-def summarize(train: dict, params_file: str, out: Path, results: Path, wall: int, machine: str) -> dict:
-    """``train``: the settings that ran (the train section merged with the stage epochs); writes
-    ``results`` and the artifact beside it, returns the summary."""
+def summarize(train: dict, params_file: str, out: Path, results: Path, wall: int, machine: str, **extra) -> dict:
+    """``train``: the settings that ran (``run_settings``); writes ``results`` (with ``extra``'s
+    fields added) and the artifact beside it, returns the summary."""
     history = {s: json.loads((out / f"{s}_history.json").read_text()) for s in STAGES}
     packed = json.loads((out / "evaluate.json").read_text())
     twin = [h for h in history["pretrain"] if h["segment"] == "pretrain-relu"][-1]
@@ -76,6 +76,7 @@ def summarize(train: dict, params_file: str, out: Path, results: Path, wall: int
         "artifact_bytes": artifact.stat().st_size,
         "params": params_file,
         "curve": accuracy_curve(history),
+        **extra,
     }
     results.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -93,16 +94,14 @@ def print_summary(summary: dict) -> None:
     )
 
 
-def profile_settings(params_file: str) -> dict:
-    """The settings a run of the profile used, read from the params file as written."""
-    raw = yaml.safe_load(Path(params_file).read_text())
+def run_settings(params) -> dict:
+    """What the summary records of a run's settings, from its stages' merged configs."""
+    pretrain, binarize, finetune = (params.train(stage) for stage in STAGES)
     return {
-        **raw["train"],
-        "epochs": {
-            "pretrain": raw["pretrain"]["phase_epochs"],
-            "binarize": raw["binarize"]["epochs"],
-            "finetune": raw["finetune"]["epochs"],
-        },
+        "arch": finetune.arch,
+        "stem": finetune.stem,
+        "width": finetune.width,
+        "epochs": {"pretrain": list(pretrain.phase_epochs), "binarize": binarize.epochs, "finetune": finetune.epochs},
     }
 
 
@@ -114,9 +113,8 @@ def main() -> None:
     parser.add_argument("--results", default="bench/results/cifar10.json", type=Path)
     parser.add_argument("--machine", default="", help="default: this machine's CPU")
     args = parser.parse_args()
-    summary = summarize(
-        profile_settings(args.params), args.params, args.out, args.results, args.wall, args.machine or cpu_machine()
-    )
+    settings = run_settings(load_params(args.params))
+    summary = summarize(settings, args.params, args.out, args.results, args.wall, args.machine or cpu_machine())
     print_summary(summary)
 
 

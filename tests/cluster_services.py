@@ -96,20 +96,19 @@ class S3:
 
     def empty(self) -> int:
         """Delete every object (moto keeps them in its own memory); -> how many there were."""
-        keys = self.keys()
+        keys, client = self.keys(), self.client()
         for i in range(0, len(keys), 1000):
             batch = [{"Key": k} for k in keys[i : i + 1000]]
-            self.client().delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
+            client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch})
         return len(keys)
 
     def read(self, key: str) -> bytes | None:
         """The object's bytes, or None where there is none."""
+        client = self.client()
         try:
-            return self.client().get_object(Bucket=self.bucket, Key=key)["Body"].read()
-        except Exception as e:  # botocore's NoSuchKey is generated per client
-            if type(e).__name__ == "NoSuchKey":
-                return None
-            raise
+            return client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except client.exceptions.NoSuchKey:
+            return None
 
     def close(self) -> None:
         stop(self.proc)

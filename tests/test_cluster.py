@@ -86,10 +86,10 @@ class Memory:
         while not self._stop.wait(0.5):
             pss = {pid: self._pss(pid) for pid in self._suite_pids()}
             total = sum(pss.values())
-            if total > self.peak:
-                self.peak, self.at_peak = total, self._by_program(pss)
-            if total > self.test_peak:
+            if total > self.test_peak:  # (the suite's peak is never below the test's)
                 self.test_peak, self.test_at_peak = total, self._by_program(pss)
+                if total > self.peak:
+                    self.peak, self.at_peak = total, self.test_at_peak
 
     def start_test(self) -> None:
         self.test_peak, self.test_at_peak = 0, {}

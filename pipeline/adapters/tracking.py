@@ -80,6 +80,14 @@ def start_stage_run(cfg: MlflowConfig, stage: str, config: dict, group: str, res
     return run.info.run_id
 
 
+def log_metrics(c, run_id: str, values: dict[str, float], step: int = 0) -> None:
+    """``values`` at ``step`` in one request (``log_batch``): recorded all together or not at all."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    c.log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in values.items()])
+
+
 class EpochLogger:
     """Logs one epoch's metrics at step = epoch, once."""
 
@@ -88,18 +96,11 @@ class EpochLogger:
         self.logged = {m.step for m in self.client.get_metric_history(run_id, "val_top1")}
 
     def __call__(self, metrics: dict) -> None:
-        from mlflow.entities import Metric
-
         step = int(metrics["epoch"])
         if step in self.logged:
             return
-        now = int(time.time() * 1000)
-        batch = [
-            Metric(key, float(value), now, step)
-            for key, value in metrics.items()
-            if key not in NON_METRIC_KEYS and isinstance(value, (int, float))
-        ]
-        self.client.log_batch(self.run_id, metrics=batch)  # one request: an epoch is logged whole or not at all
+        values = {k: v for k, v in metrics.items() if k not in NON_METRIC_KEYS and isinstance(v, (int, float))}
+        log_metrics(self.client, self.run_id, values, step)
         self.logged.add(step)
 
     def backfill(self, history: list[dict]) -> None:
@@ -112,11 +113,8 @@ def finish_stage_run(
 ) -> None:
     c = client(cfg)
     if cost:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
         keys = ("ops", "memory_mbit", "binary_macs", "real_macs", "params")
-        c.log_batch(run_id, metrics=[Metric(f"cost_{key}", float(cost[key]), now, 0) for key in keys])
+        log_metrics(c, run_id, {f"cost_{key}": cost[key] for key in keys})
         c.log_dict(run_id, cost, "cost_summary.json")
     checkpoint = result.get("checkpoint")
     if checkpoint and Path(checkpoint).is_file():

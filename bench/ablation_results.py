@@ -45,7 +45,7 @@ def twin_accuracies(params) -> dict[str, float]:
     return out
 
 
-def record(params_path: str, started: float) -> dict:
+def record(params_path: str, started: float, machine: str = "") -> dict:
     params = load_params(params_path)
     tune_out = Path(params.tune.out)
     searched = json.loads((tune_out / "table.json").read_text())["trials"]
@@ -84,7 +84,7 @@ def record(params_path: str, started: float) -> dict:
         "trials": len(trials),
         "trials_planned": expected_trials(params.tune, arch),
         "wall_s": round(time.time() - started),
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores",
+        "machine": machine or f"{cpu_name()}, {os.cpu_count()} cores",
         "date": datetime.date.today().isoformat(),
         "params": params_path,
     }
@@ -116,15 +116,19 @@ def main() -> None:
     parser.add_argument("--started", type=float, required=True, help="the run's start, seconds since the epoch")
     parser.add_argument("--out", default="bench/results/ablation.json")
     args = parser.parse_args()
-    rec = record(args.params, args.started)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(rec, indent=2) + "\n")
+    write_record(record(args.params, args.started), args.out)
+
+
+def write_record(rec: dict, out: str) -> None:
+    """The results file, then the tables docs/benchmarks.md carries and a one-line summary."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(rec, indent=2) + "\n")
     print(markdown(rec))
     mean = rec["paper_cell_mean"]
     print(
         f"\npaper's cell: mean top-1 {mean} (target {TARGET}); {rec['trials']} of {rec['trials_planned']} trials, "
         f"wall {rec['wall_s']} s; "
-        f"twins: {rec['twins_float_top1']}; wrote {args.out}"
+        f"twins: {rec['twins_float_top1']}; wrote {out}"
     )
 
 

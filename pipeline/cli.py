@@ -150,7 +150,7 @@ def _cmd_register(args: argparse.Namespace) -> int:
 def _cmd_tune(args: argparse.Namespace) -> int:
     from .stages import tune
 
-    print(report_tune(tune(args.loaded)))
+    print(report_tune(tune(args.loaded, use_ray=not args.no_ray)))
     return 0
 
 
@@ -318,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune_p = sub.add_parser("tune", help="Ray Tune search over estimator, gradient, init, two-step, lr, recipe")
     tune_p.add_argument("--params", default=None, help=PARAMS_HELP)
+    tune_p.add_argument("--no-ray", action="store_true", help="run the grid as local processes (one lr, no tracking)")
     tune_p.set_defaults(func=_cmd_tune)
 
     export = sub.add_parser("export", help="checkpoint -> packed 1-bit artifact (safetensors + JSON header)")

@@ -100,31 +100,41 @@ def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> d
     }
 
 
-def tune(params: Params) -> dict:
+def tune(params: Params, use_ray: bool = True) -> dict:
     """The search over the binarize stage's settings (``tune`` section); writes best.json (what
-    binarize reads through ``tuned_config``), the table and the plot. Disabled: an empty pick."""
-    from .tune import write_best, write_outputs
+    binarize reads through ``tuned_config``), the table and the plot. Disabled: an empty pick.
+    ``use_ray=False``: the grid as local processes (``pipeline.tune.run_local``), no tracking."""
+    from .tune import local_trials, run_local, write_best, write_outputs
 
     settings = params.tune
     if not settings.enabled:
         return {"enabled": False, "files": {"best": str(write_best(settings.out, None, note="tune.enabled is false"))}}
-    from .adapters.ray_tune import run_tune
-    from .adapters.tracking import resolve
-
     base = params.train("binarize", {"tuned_config": ""})
-    pretrain_other_twins(params, base)
-    summary = run_tune(settings, base, resolve(params.mlflow), params.group, params.ray)
+    if use_ray:
+        from .adapters.ray_tune import run_tune
+        from .adapters.tracking import resolve
+
+        pretrain_other_twins(params, base)
+        summary = run_tune(settings, base, resolve(params.mlflow), params.group, params.ray)
+    else:
+        local_trials(settings, base.arch)  # a search it cannot run fails before any twin trains
+        pretrain_other_twins(params, base)
+        summary = run_local(settings, base, on_trial=print_trial)
     return {**summary, "enabled": True, "files": write_outputs(summary, settings.out)}
 
 
-def pretrain_other_twins(params: Params, base: TrainConfig) -> list[str]:
-    """Cells of another arch (the no-shortcut net) start from a twin of their own: pretrain it with
-    the pretrain stage's settings (the same epochs as the main twin) unless its checkpoints exist."""
-    from . import storage
-    from .train import train_loop
+def print_trial(row: dict, done: int, total: int) -> None:
+    cell = " ".join(f"{k}={row[k]}" for k in ("arch", "activation", "weight_gradient", "init", "two_step"))
+    print(f"tune: trial {done}/{total} {cell} seed={row['seed']}: val top-1 {row['val_top1']:.4f}", flush=True)
+
+
+def other_twins(params: Params, base: TrainConfig) -> list[tuple[TrainConfig, set[str]]]:
+    """Cells of another arch (the no-shortcut net) start from a twin of their own, pretrained with
+    the pretrain stage's settings (the same epochs as the main twin): per such arch, its pretrain
+    config and the inits its cells read."""
     from .tune import twin_folder, twins_needed
 
-    done = []
+    out = []
     for arch, inits in twins_needed(params.tune, base.arch).items():
         overrides = {
             "arch": arch,
@@ -132,14 +142,32 @@ def pretrain_other_twins(params: Params, base: TrainConfig) -> list[str]:
             "artifacts": twin_folder(base.artifacts, arch, base.arch) if base.artifacts else "",
             "relu_control": "relu_control" in inits,
         }
-        config = params.train("pretrain", overrides)
-        source = config.artifacts or config.out
-        if not all(storage.exists(storage.join(source, f"pretrain-{init}.safetensors")) for init in inits):
+        out.append((params.train("pretrain", overrides), inits))
+    return out
+
+
+def twin_missing(config: TrainConfig, inits: set[str]) -> bool:
+    """Whether any of these inits' checkpoints is absent where the twin publishes."""
+    from . import storage
+
+    source = config.artifacts or config.out
+    return not all(storage.exists(storage.join(source, f"pretrain-{init}.safetensors")) for init in inits)
+
+
+def pretrain_other_twins(params: Params, base: TrainConfig) -> list[str]:
+    """Pretrain each other arch's twin (``other_twins``) unless its checkpoints exist."""
+    from .train import train_loop
+
+    done = []
+    for config, inits in other_twins(params, base):
+        if twin_missing(config, inits):
             print(
-                f"tune: pretraining the {arch} twin for its cells ({', '.join(sorted(inits))}) in {source}", flush=True
+                f"tune: pretraining the {config.arch} twin for its cells ({', '.join(sorted(inits))}) in "
+                f"{config.artifacts or config.out}",
+                flush=True,
             )
             train_loop(config)
-        done.append(source)
+        done.append(config.artifacts or config.out)
     return done
 
 

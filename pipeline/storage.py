@@ -30,6 +30,14 @@ def is_local(location: str) -> bool:
     return not is_url(location) and not location.startswith("pipe:")
 
 
+def absolute(location: str) -> str:
+    """A URL as it is; a path made absolute (Ray workers and trial processes have their own cwd)."""
+    if "://" in location:
+        return location
+    p = Path(location)
+    return str(p if p.is_absolute() else (Path.cwd() / p).resolve())
+
+
 def configure(endpoint_url: str = "", shard_cache: str = "") -> dict[str, str]:
     """This process's (and its children's) storage settings; -> the env vars for Ray workers."""
     env = {}

@@ -1,17 +1,25 @@
-"""The tune stage's plain part: the per-cell table (mean and spread over seeds), the paper's
-ablation claims checked on it, the pick that binarize reads (``best.json``), and its files.
-The search itself is Ray Tune's (``pipeline/adapters/ray_tune.py``); the stage that joins them is
+"""The tune stage's plain part: each trial's settings, the per-cell table (mean and spread over
+seeds), the paper's ablation claims checked on it, the pick that binarize reads (``best.json``),
+and its files. The search runs on Ray Tune (``pipeline/adapters/ray_tune.py``), or, for a machine
+without Ray (the GPU check machine, ``bireal tune --no-ray``), as a grid of local processes
+(``run_local``); both call ``trial_config`` and ``train_loop``. The stage that joins them is
 ``pipeline/stages.py``'s ``tune``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
+import os
 import statistics
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict
+from multiprocessing import get_context
 from pathlib import Path
 
-from .params import CELL_AXES, TuneSettings
+from . import storage
+from .params import CELL_AXES, ConfigError, TrainConfig, TuneSettings
 
 CELL_KEYS = tuple(CELL_AXES)  # arch, activation, weight_gradient, init, two_step, optimizer
 
@@ -65,11 +73,119 @@ def twins_needed(settings: TuneSettings, arch: str) -> dict[str, set[str]]:
     return needed
 
 
+def trial_base(settings: TuneSettings, base: TrainConfig) -> dict:
+    """The binarize settings every trial starts from, as a dict with absolute locations (a trial
+    runs in a process of its own, on Ray in its own working directory)."""
+    return {
+        **asdict(base),
+        "epochs": settings.epochs,
+        "max_steps_per_epoch": settings.max_steps_per_epoch,
+        "out": storage.absolute(base.out),
+        # the pretrain checkpoints: where they were published, else the local out
+        "init_from": storage.absolute(base.init_from or base.artifacts or base.out),
+        "shards": storage.absolute(base.shards),
+    }
+
+
+def trial_config(base: dict, cell: dict, lr: float, seed: int, out: str) -> TrainConfig:
+    """One trial: the binarize stage with this cell, lr and seed, starting from its arch's twin;
+    two-step trials spend one of their epochs on step 1."""
+    overrides = {**cell, "lr": lr, "seed": seed}
+    init_from = twin_folder(base["init_from"], cell["arch"], base["arch"])
+    return TrainConfig(
+        **{**base, **overrides, "stage": "binarize", "out": out, "init_from": init_from, "step1_epochs": 1}
+    )
+
+
 def expected_trials(settings: TuneSettings, arch: str) -> int:
     """How many trials a finished search has."""
     if settings.search == "random":
         return settings.num_samples
     return len(cells(settings, arch)) * len(settings.seeds) * settings.num_samples
+
+
+# ---------------------------------------------------------------------------- the grid without Ray
+
+
+def local_trials(settings: TuneSettings, arch: str) -> list[dict]:
+    """The grid's trials in order (cell, seed), each with a stable name; one lr per cell (a search
+    over lr, or a random search, samples: that is Ray Tune's job)."""
+    if settings.search != "grid" or settings.lr_min != settings.lr_max or settings.num_samples != 1:
+        raise ConfigError(
+            f"tune: the search without Ray runs a grid once at one lr; got search={settings.search!r}, "
+            f"lr_min={settings.lr_min}, lr_max={settings.lr_max}, num_samples={settings.num_samples} "
+            "(set search: grid, lr_min = lr_max, num_samples: 1, or run it on Ray)"
+        )
+    trials = []
+    for cell in cells(settings, arch):
+        for seed in settings.seeds:
+            key = json.dumps({**cell, "seed": seed}, sort_keys=True)
+            trials.append(
+                {
+                    "cell": cell,
+                    "seed": seed,
+                    "lr": settings.lr_min,
+                    "name": hashlib.sha256(key.encode()).hexdigest()[:10],
+                }
+            )
+    return trials
+
+
+def _run_local_trial(trial: dict, base: dict, folder: str, threads: int) -> dict:
+    """One trial in a process of its own; its result.json marks it done (a rerun skips it), and an
+    interrupted trial resumes from its last epoch's train state (``train_loop``)."""
+    import torch
+
+    from .train import train_loop
+
+    torch.set_num_threads(threads)
+    config = trial_config(base, trial["cell"], trial["lr"], trial["seed"], folder)
+    history = train_loop(config)["history"]
+    row = trial_row(trial, history[-1]["val_top1"], len(history))
+    tmp = Path(folder) / "result.json.tmp"
+    tmp.write_text(json.dumps(row, indent=1))
+    os.replace(tmp, Path(folder) / "result.json")
+    return row
+
+
+def trial_row(trial: dict, val_top1: float | None, epochs: int, status: str = "TERMINATED") -> dict:
+    """A trial as the table reads it (the Ray Tune adapter writes the same rows)."""
+    return {
+        **{k: trial["cell"][k] for k in CELL_KEYS},
+        "lr": trial["lr"],
+        "seed": trial["seed"],
+        "val_top1": val_top1,
+        "epochs": epochs,
+        "status": status,
+        "trial_id": trial["name"],
+    }
+
+
+def run_local(settings: TuneSettings, base: TrainConfig, on_trial=None) -> dict:
+    """The grid as ``max_concurrent`` local processes (``cpus_per_trial`` threads each; on a GPU
+    machine they share the GPU): the same trials, table and claims as the Ray Tune search.
+    Finished trials are kept: run it again after an interruption. ``on_trial(row, done, total)``."""
+    trials = local_trials(settings, base.arch)
+    base_dict = trial_base(settings, base)
+    folder = Path(base_dict["out"]) / "trials"
+    rows, pending = [], []
+    for trial in trials:
+        result = folder / trial["name"] / "result.json"
+        if result.is_file():
+            rows.append(json.loads(result.read_text()))
+        else:
+            pending.append(trial)
+    threads = max(1, int(settings.cpus_per_trial))
+    # spawn: a forked child would inherit the parent's CUDA state and thread pools
+    with ProcessPoolExecutor(max(1, settings.max_concurrent), mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_run_local_trial, t, base_dict, str(folder / t["name"]), threads) for t in pending]
+        for future in as_completed(futures):
+            rows.append(future.result())
+            if on_trial is not None:
+                on_trial(rows[-1], len(rows), len(trials))
+    summary = summarize(rows, settings, base.arch)
+    summary.update({"path": str(folder), "finished": len(rows) == len(trials)})
+    return summary
 
 
 def summarize(trials: list[dict], settings: TuneSettings, arch: str) -> dict:

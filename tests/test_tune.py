@@ -289,3 +289,30 @@ def test_claims_are_judged_against_the_seed_spread():
     lacking = claims["all parts > the best cell lacking one"]
     assert lacking["right"] == pytest.approx(0.715) and lacking["verdict"] == "within noise"
     assert "ApproxSign > STE" not in claims  # no STE cell in this search
+
+
+def test_the_grid_without_ray_runs_each_trial_once_and_resumes(demo_shards, pretrained, tmp_path):
+    """`bireal tune --no-ray` (the GPU machine's search): the same trials as the Ray search, each
+    in a process of its own, a result per trial kept, a rerun training nothing again."""
+    from pipeline.params import ConfigError
+    from pipeline.tune import local_trials, run_local
+
+    s = settings(tmp_path, activations=["approx_sign"], seeds=[0, 1], asha=False, out=str(tmp_path / "tune"))
+    base = TrainConfig(shards=str(demo_shards), out=str(pretrained), width=0.25, batch_size=32)
+    seen = []
+    summary = run_local(s, base, on_trial=lambda row, done, total: seen.append((done, total)))
+    assert summary["finished"] and sorted(seen) == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert [(r["init"], r["seeds"]) for r in sorted(summary["table"], key=lambda r: r["init"])] == [
+        ("clip", 2),
+        ("scratch", 2),
+    ]
+    assert all(t["epochs"] == 1 and 0 <= t["val_top1"] <= 1 for t in summary["trials"])
+    results = sorted(Path(summary["path"]).glob("*/result.json"))
+    assert len(results) == 4 and {p.parent.name for p in results} == {t["name"] for t in local_trials(s, "bireal18")}
+    stamps = [p.stat().st_mtime_ns for p in results]
+    again = run_local(s, base, on_trial=lambda *a: pytest.fail("a finished trial ran again"))
+    assert [p.stat().st_mtime_ns for p in results] == stamps
+    assert sorted(t["val_top1"] for t in again["trials"]) == sorted(t["val_top1"] for t in summary["trials"])
+
+    with pytest.raises(ConfigError, match="lr_min = lr_max"):
+        local_trials(settings(tmp_path, lr_min=1e-4, lr_max=1e-2), "bireal18")

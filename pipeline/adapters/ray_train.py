@@ -156,7 +156,9 @@ class StageRun:
 
 def located(config: TrainConfig) -> TrainConfig:
     """``config`` with absolute local paths: the Ray workers do not share the driver's cwd."""
-    return TrainConfig(**{**asdict(config), "shards": absolute(config.shards), "out": absolute(config.out)})
+    return TrainConfig(
+        **{**asdict(config), "shards": storage.absolute(config.shards), "out": storage.absolute(config.out)}
+    )
 
 
 def stage_run(config: TrainConfig, ray_cfg: RayConfig, group: str) -> StageRun:
@@ -202,7 +204,7 @@ def run_stage_on_ray(
         "mlflow": asdict(mlflow_cfg) if mlflow_cfg else None,
         "mlflow_run": mlflow_run,
     }
-    storage_path = absolute(ray_cfg.storage_path)
+    storage_path = storage.absolute(ray_cfg.storage_path)
     filesystem, fs_path = storage.pyarrow_filesystem(storage_path)
     resumed = claim_run(storage_path, run.name, run.digest) if ray_cfg.resume == "auto" else False
     backend = ray_cfg.backend if ray_cfg.backend != "auto" else ("nccl" if ray_cfg.use_gpu else "gloo")
@@ -243,10 +245,3 @@ def run_stage_on_ray(
         "ray_path": result.path,
         "resumed": resumed,
     }
-
-
-def absolute(path: str) -> str:
-    if "://" in path:
-        return path
-    p = Path(path)
-    return str(p if p.is_absolute() else (Path.cwd() / p).resolve())

@@ -22,8 +22,8 @@ from .. import storage as storage_mod
 from ..env import framework_output_quiet
 from ..params import MlflowConfig, RayConfig, TrainConfig, TuneSettings
 from ..train import Runtime, train_loop
-from ..tune import CELL_KEYS, cells, expected_trials, summarize, twin_folder
-from .ray_train import absolute, ensure_ray
+from ..tune import CELL_KEYS, cells, expected_trials, summarize, trial_base, trial_config
+from .ray_train import ensure_ray
 
 
 class TuneRuntime(Runtime):
@@ -64,15 +64,12 @@ def _trial(trial: dict, base: dict, tracking: dict | None) -> None:
     torch.set_num_threads(max(1, int(base.pop("_threads", 1))))
     context = tune.get_context()
     trial_dir = Path(base["out"]) / "trials" / context.get_trial_id()
-    overrides = {**trial["cell"], "lr": trial["lr"], "seed": trial["seed"]}
-    init_from = twin_folder(base["init_from"], overrides["arch"], base["arch"])
-    config = TrainConfig(
-        **{**base, **overrides, "stage": "binarize", "out": str(trial_dir), "init_from": init_from, "step1_epochs": 1}
-    )
+    config = trial_config(base, trial["cell"], trial["lr"], trial["seed"], str(trial_dir))
     logger = None
     if tracking:
         from .tracking import trial_logger
 
+        overrides = {**trial["cell"], "lr": trial["lr"], "seed": trial["seed"]}
         logger = trial_logger(tracking, context.get_trial_id(), context.get_trial_name(), overrides)
     train_loop(config, TuneRuntime(), on_epoch=logger)
     if logger is not None:  # trials that ASHA stops never get here: the driver closes them
@@ -148,18 +145,9 @@ def run_tune(
     from .tracking import close_tune_runs, tune_parent_run
 
     ensure_ray(ray_cfg or RayConfig())
-    storage = absolute(settings.storage_path)
+    storage = storage_mod.absolute(settings.storage_path)
     name = experiment_name(settings, base)
-    base_dict = {
-        **asdict(base),
-        "epochs": settings.epochs,
-        "max_steps_per_epoch": settings.max_steps_per_epoch,
-        "out": absolute(base.out),
-        # the pretrain checkpoints: where they were published, else the local out
-        "init_from": absolute(base.init_from or base.artifacts or base.out),
-        "shards": absolute(base.shards),
-        "_threads": max(1, int(settings.cpus_per_trial)),
-    }
+    base_dict = {**trial_base(settings, base), "_threads": max(1, int(settings.cpus_per_trial))}
     tracking = tune_parent_run(mlflow_cfg, group, name, settings) if mlflow_cfg else None
     trainable = tune.with_parameters(_trial, base=base_dict, tracking=tracking)
     trainable = tune.with_resources(trainable, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})

@@ -108,27 +108,24 @@ def expected_trials(settings: TuneSettings, arch: str) -> int:
 
 
 def local_trials(settings: TuneSettings, arch: str) -> list[dict]:
-    """The grid's trials in order (cell, seed), each with a stable name; one lr per cell (a search
-    over lr, or a random search, samples: that is Ray Tune's job)."""
+    """The grid's trials in order (cell, seed), one lr per cell (a search over lr, or a random
+    search, samples: that is Ray Tune's job)."""
     if settings.search != "grid" or settings.lr_min != settings.lr_max or settings.num_samples != 1:
         raise ConfigError(
             f"tune: the search without Ray runs a grid once at one lr; got search={settings.search!r}, "
             f"lr_min={settings.lr_min}, lr_max={settings.lr_max}, num_samples={settings.num_samples} "
             "(set search: grid, lr_min = lr_max, num_samples: 1, or run it on Ray)"
         )
-    trials = []
-    for cell in cells(settings, arch):
-        for seed in settings.seeds:
-            key = json.dumps({**cell, "seed": seed}, sort_keys=True)
-            trials.append(
-                {
-                    "cell": cell,
-                    "seed": seed,
-                    "lr": settings.lr_min,
-                    "name": hashlib.sha256(key.encode()).hexdigest()[:10],
-                }
-            )
-    return trials
+    return [
+        {"cell": cell, "seed": seed, "lr": settings.lr_min} for cell in cells(settings, arch) for seed in settings.seeds
+    ]
+
+
+def trial_name(base: dict, trial: dict) -> str:
+    """A trial's folder name: a digest of all its settings, so a finished trial is reused only by
+    a search that would train it the same way (other epochs, twins or data: another folder)."""
+    config = asdict(trial_config(base, trial["cell"], trial["lr"], trial["seed"], out=""))
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _run_local_trial(trial: dict, base: dict, folder: str, threads: int) -> dict:
@@ -165,8 +162,8 @@ def run_local(settings: TuneSettings, base: TrainConfig, on_trial=None) -> dict:
     """The grid as ``max_concurrent`` local processes (``cpus_per_trial`` threads each; on a GPU
     machine they share the GPU): the same trials, table and claims as the Ray Tune search.
     Finished trials are kept: run it again after an interruption. ``on_trial(row, done, total)``."""
-    trials = local_trials(settings, base.arch)
     base_dict = trial_base(settings, base)
+    trials = [{**t, "name": trial_name(base_dict, t)} for t in local_trials(settings, base.arch)]
     folder = Path(base_dict["out"]) / "trials"
     rows, pending = [], []
     for trial in trials:

@@ -295,7 +295,7 @@ def test_the_grid_without_ray_runs_each_trial_once_and_resumes(demo_shards, pret
     """`bireal tune --no-ray` (the GPU machine's search): the same trials as the Ray search, each
     in a process of its own, a result per trial kept, a rerun training nothing again."""
     from pipeline.params import ConfigError
-    from pipeline.tune import local_trials, run_local
+    from pipeline.tune import local_trials, run_local, trial_base, trial_name
 
     s = settings(tmp_path, activations=["approx_sign"], seeds=[0, 1], asha=False, out=str(tmp_path / "tune"))
     base = TrainConfig(shards=str(demo_shards), out=str(pretrained), width=0.25, batch_size=32)
@@ -308,11 +308,16 @@ def test_the_grid_without_ray_runs_each_trial_once_and_resumes(demo_shards, pret
     ]
     assert all(t["epochs"] == 1 and 0 <= t["val_top1"] <= 1 for t in summary["trials"])
     results = sorted(Path(summary["path"]).glob("*/result.json"))
-    assert len(results) == 4 and {p.parent.name for p in results} == {t["name"] for t in local_trials(s, "bireal18")}
+    names = {trial_name(trial_base(s, base), t) for t in local_trials(s, "bireal18")}
+    assert len(results) == 4 and {p.parent.name for p in results} == names
     stamps = [p.stat().st_mtime_ns for p in results]
     again = run_local(s, base, on_trial=lambda *a: pytest.fail("a finished trial ran again"))
     assert [p.stat().st_mtime_ns for p in results] == stamps
     assert sorted(t["val_top1"] for t in again["trials"]) == sorted(t["val_top1"] for t in summary["trials"])
+
+    # another budget is another trial: a finished 1-epoch trial is not taken for a 2-epoch one
+    longer = TuneSettings(**{**asdict(s), "epochs": 2})
+    assert not names & {trial_name(trial_base(longer, base), t) for t in local_trials(longer, "bireal18")}
 
     with pytest.raises(ConfigError, match="lr_min = lr_max"):
         local_trials(settings(tmp_path, lr_min=1e-4, lr_max=1e-2), "bireal18")

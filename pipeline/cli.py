@@ -224,7 +224,15 @@ def _cmd_shard(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_params(args: argparse.Namespace) -> int:
+    from .profile_rules import reproduction_problems
+
     p = args.loaded
+    problems = reproduction_problems(p)
+    for problem in problems:
+        print(f"FAIL {problem}")
+    if problems:
+        print(f"{p.path}: {len(problems)} problem{'s' * (len(problems) > 1)}")
+        return 1
     stages = ", ".join(
         f"{s}: {p.train(s).arch} {p.train(s).stem} w{p.train(s).width:g}" for s in ("pretrain", "binarize", "finetune")
     )

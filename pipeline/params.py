@@ -66,6 +66,9 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     source: str = "demo"  # image-folder tree, folder with the ILSVRC2012 tars, or "demo"
+    # training images the source holds (ImageNet: 1281167): lets check-params and `bireal plan`
+    # count shards and steps before the data is sharded; 0 = unknown (the manifest tells, later)
+    train_images: int = 0
 
 
 @dataclass(frozen=True)
@@ -282,6 +285,29 @@ class RegistryConfig:
 
 
 # The file's sections; the three training stages' sections hold TrainConfig keys over ``train``.
+@dataclass
+class RecipeConfig:
+    """The ``recipe`` section of a reproduction profile: the published values the profile is held
+    to on any number of GPUs (``pipeline/profile_rules.py``; ``bireal check-params`` and ``bireal
+    plan`` apply them). Empty in profiles that follow no published recipe."""
+
+    source: str = ""  # where the numbers come from (repository file, paper section)
+    batch: dict[str, int] = field(default_factory=dict)  # stage -> the global batch its lr is quoted at
+    lr: dict[str, float] = field(default_factory=dict)  # stage -> the published lr at that batch
+    # linear: another global batch scales the lr by global / batch (Goyal et al. 2017);
+    # none: the profile must train at the published global batch
+    lr_scaling: Literal["linear", "none"] = "linear"
+
+    def __post_init__(self):
+        for key in set(self.batch) | set(self.lr):
+            if key not in STAGES:
+                raise ValueError(f"recipe: {key!r} is not a stage ({', '.join(STAGES)})")
+        if set(self.batch) != set(self.lr):
+            raise ValueError(
+                f"recipe: batch names {sorted(self.batch)}, lr names {sorted(self.lr)}: name the same stages"
+            )
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "storage": StorageConfig,
@@ -290,6 +316,7 @@ SECTIONS: dict[str, type] = {
     "ray": RayConfig,
     "mlflow": MlflowConfig,
     "registry": RegistryConfig,
+    "recipe": RecipeConfig,
 }
 
 
@@ -330,6 +357,11 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
         if value is None:
             return None
         raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_tp, value_tp = typing.get_args(tp) or (Any, Any)
+        return {_check_type(k, key_tp, where): _check_type(v, value_tp, f"{where}.{k}") for k, v in value.items()}
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
@@ -414,6 +446,7 @@ class Params:
     ray: RayConfig
     mlflow: MlflowConfig
     registry: RegistryConfig
+    recipe: RecipeConfig
     group: str  # groups one pipeline run's MLflow runs (see ``run_group``)
     train_overrides: dict[str, Any] = field(default_factory=dict)
 

@@ -68,9 +68,39 @@ PAPER = {
 }
 
 
-@pytest.mark.parametrize(
-    "profile,expected", [("imagenet_bireal18_official", OFFICIAL), ("imagenet_bireal18_paper", PAPER)]
-)
+def _with_arch(recipe: dict, arch: str) -> dict:
+    return {stage: ({**values, "arch": arch} if "arch" in values else values) for stage, values in recipe.items()}
+
+
+# Bi-Real-34: the Bi-Real-18 paper recipe on the 34-layer net (its Caffe solver has the same shape)
+PAPER34 = _with_arch(PAPER, "bireal34")
+# Bi-Real-50: the authors' BiReal_50 train.py: batch 256 (64 x 4 GPUs), Adam 5e-4
+OFFICIAL50 = {
+    **_with_arch(OFFICIAL, "bireal50"),
+    "binarize": {**OFFICIAL["binarize"], "arch": "bireal50", "batch_size": 64, "lr": 0.0005},
+}
+# Bi-Real-152: Bi-Real-50's recipe at 32 x 8 GPUs, two-step with half the epochs per step (choices)
+BIREAL152 = {
+    **_with_arch(OFFICIAL, "bireal152"),
+    "binarize": {
+        **OFFICIAL["binarize"],
+        "arch": "bireal152",
+        "batch_size": 32,
+        "lr": 0.0005,
+        "two_step": True,
+        "step1_epochs": 128,
+    },
+}
+PROFILES = {
+    "imagenet_bireal18_official": OFFICIAL,
+    "imagenet_bireal18_paper": PAPER,
+    "imagenet_bireal34_paper": PAPER34,
+    "imagenet_bireal50_official": OFFICIAL50,
+    "imagenet_bireal152": BIREAL152,
+}
+
+
+@pytest.mark.parametrize("profile,expected", list(PROFILES.items()))
 def test_recipe_values_are_pinned(profile, expected):
     path = CONFIGS / f"{profile}.yaml"
     for stage, values in expected.items():
@@ -87,6 +117,10 @@ def test_global_batch_of_each_recipe():
         ("imagenet_bireal18_official", "binarize", 512),
         ("imagenet_bireal18_paper", "binarize", 128),
         ("imagenet_bireal18_paper", "pretrain", 256),
+        ("imagenet_bireal34_paper", "binarize", 128),
+        ("imagenet_bireal34_paper", "pretrain", 256),
+        ("imagenet_bireal50_official", "binarize", 256),
+        ("imagenet_bireal152", "binarize", 256),
     ):
         path = CONFIGS / f"{profile}.yaml"
         workers = yaml.safe_load(path.read_text())["ray"]["num_workers"]
@@ -101,3 +135,83 @@ def test_official_recipe_has_no_pretrain_stage(tmp_path):
     )
     with pytest.raises(ValueError, match="nothing to train"):
         train_loop(config)
+
+
+# ---------------------------------------------------------------------------- the cluster rules
+
+
+@pytest.mark.parametrize("profile", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_profile_keeps_the_rules(profile):
+    from pipeline.profile_rules import reproduction_problems
+
+    assert reproduction_problems(load_params(CONFIGS / f"{profile}.yaml")) == []
+
+
+def _variant(tmp_path, profile: str, **sections) -> Path:
+    """The profile with some keys of some sections replaced."""
+    import yaml
+
+    raw = yaml.safe_load((CONFIGS / f"{profile}.yaml").read_text())
+    for section, values in sections.items():
+        raw[section] = {**(raw.get(section) or {}), **values}
+    path = tmp_path / f"{profile}-variant.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_another_global_batch_needs_the_linearly_scaled_lr(tmp_path):
+    from pipeline.profile_rules import expected_lr, reproduction_problems
+
+    # 8 workers instead of 4: global batch 1024, the recipe's 1e-3 at 512 becomes 2e-3
+    wrong = load_params(_variant(tmp_path, "imagenet_bireal18_official", ray={"num_workers": 8}))
+    (problem,) = reproduction_problems(wrong)
+    assert "binarize.lr is 0.001" in problem and "global batch of 1024" in problem and "gives 0.002" in problem
+    scaled = load_params(_variant(tmp_path, "imagenet_bireal18_official", ray={"num_workers": 8}, train={"lr": 0.002}))
+    assert reproduction_problems(scaled) == []
+    assert expected_lr(scaled, "binarize", gpus=64) == pytest.approx(0.001 * 128 * 64 / 512)
+    # without linear scaling the batch itself must stay
+    fixed = load_params(
+        _variant(tmp_path, "imagenet_bireal18_official", ray={"num_workers": 8}, recipe={"lr_scaling": "none"})
+    )
+    (problem,) = reproduction_problems(fixed)
+    assert "is not the recipe's 512" in problem and "lr_scaling is none" in problem
+
+
+def test_too_few_shards_per_data_reader_is_named_with_the_fix(tmp_path):
+    from pipeline.profile_rules import reproduction_problems
+
+    params = load_params(_variant(tmp_path, "imagenet_bireal50_official", shard={"samples_per_shard": 20000}))
+    problems = reproduction_problems(params)
+    # 65 shards for 4 workers x 8 loader workers = 32 readers (128 needed), in the one trained stage
+    assert len(problems) == 1 and "65 shards" in problems[0] and "32 data readers" in problems[0]
+    assert "set shard.samples_per_shard to 10010 or fewer" in problems[0]  # ceil(1281167 / 128)
+    # the same profile on 64 GPUs needs smaller shards still; Bi-Real-152's are sized for it
+    assert reproduction_problems(load_params(CONFIGS / "imagenet_bireal50_official.yaml"), gpus=64)
+    on_64 = reproduction_problems(load_params(CONFIGS / "imagenet_bireal152.yaml"), gpus=64)
+    assert len(on_64) == 1 and "binarize.lr" in on_64[0]  # only the lr, which `bireal plan` scales
+
+
+def test_cpu_tune_trials_on_a_gpu_profile_are_refused(tmp_path):
+    from pipeline.profile_rules import reproduction_problems
+
+    params = load_params(_variant(tmp_path, "imagenet_bireal18_paper", tune={"enabled": True}))
+    (problem,) = reproduction_problems(params)
+    assert "tune.gpus_per_trial" in problem
+    ok = load_params(_variant(tmp_path, "imagenet_bireal18_paper", tune={"enabled": True, "gpus_per_trial": 1}))
+    assert reproduction_problems(ok) == []
+
+
+def test_check_params_prints_each_problem_and_fails(tmp_path, capsys):
+    from pipeline.cli import main
+
+    bad = _variant(tmp_path, "imagenet_bireal18_official", ray={"num_workers": 8}, tune={"enabled": True})
+    assert main(["check-params", "--params", str(bad)]) == 1
+    out = capsys.readouterr().out
+    assert out.count("FAIL ") == 2 and "2 problems" in out
+
+
+def test_a_recipe_names_stages_only(tmp_path):
+    from pipeline.params import ConfigError
+
+    with pytest.raises(ConfigError, match="'binarise' is not a stage"):
+        load_params(_variant(tmp_path, "imagenet_bireal18_official", recipe={"batch": {"binarise": 512}}))

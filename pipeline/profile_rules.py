@@ -1,0 +1,108 @@
+"""The rules a reproduction profile must keep on a cluster, checked before any GPU is paid for.
+
+``bireal check-params`` prints every problem these find (and fails); ``bireal plan`` and ``bireal
+submit`` refuse a profile that has one. Each rule names the keys to change:
+- the global batch (per-worker batch x ``ray.num_workers``) is the recipe's, or the lr is the
+  recipe's lr scaled linearly to it (``recipe.lr_scaling``);
+- every data reader (workers x DataLoader workers) gets at least ``MIN_SHARDS_PER_READER`` shards
+  (WebDataset splits shards, not samples: fewer leave readers idle or starved);
+- the tune stage is off, or its trials take a GPU (full ImageNet epochs on CPU trials would run for
+  weeks);
+- every location is shared storage when ``ray.address`` is set (``params.cluster_location_problems``,
+  enforced when the file is loaded).
+"""
+
+from __future__ import annotations
+
+import math
+
+from .params import STAGES, Params
+
+MIN_SHARDS_PER_READER = 4
+REL_TOL = 1e-6  # an lr written with 6 significant digits passes
+
+
+def global_batch(params: Params, stage: str, gpus: int | None = None) -> int:
+    """Images per optimizer step: the per-worker batch x the data-parallel workers."""
+    return params.train(stage, tuned=False).batch_size * (gpus or params.ray.num_workers)
+
+
+def expected_lr(params: Params, stage: str, gpus: int | None = None) -> float:
+    """The recipe's lr at this profile's global batch (scaled linearly when the recipe allows)."""
+    recipe = params.recipe
+    batch = global_batch(params, stage, gpus)
+    if recipe.lr_scaling == "none":
+        return recipe.lr[stage]
+    return recipe.lr[stage] * batch / recipe.batch[stage]
+
+
+def shard_count(params: Params) -> int | None:
+    """Training shards the data will make: from ``data.train_images`` and ``shard.samples_per_shard``
+    (the sharder closes a shard early only at ``max_shard_bytes``: this is a lower bound)."""
+    if params.data.train_images <= 0:
+        return None
+    return math.ceil(params.data.train_images / params.shard.samples_per_shard)
+
+
+def stage_epochs(params: Params, stage: str) -> int:
+    config = params.train(stage, tuned=False)
+    return sum(config.phase_epochs) if stage == "pretrain" else config.epochs
+
+
+def trained_stages(params: Params) -> list[str]:
+    """The stages this profile trains (a from-scratch recipe has no pretrain, some no finetune)."""
+    return [s for s in STAGES if stage_epochs(params, s) > 0]
+
+
+def data_readers(params: Params, stage: str, gpus: int | None = None) -> int:
+    return (gpus or params.ray.num_workers) * max(1, params.train(stage, tuned=False).loader_workers)
+
+
+def batch_problems(params: Params, gpus: int | None = None) -> list[str]:
+    out = []
+    recipe = params.recipe
+    for stage in (s for s in STAGES if s in recipe.batch):
+        batch, lr = global_batch(params, stage, gpus), params.train(stage, tuned=False).lr
+        if recipe.lr_scaling == "none" and batch != recipe.batch[stage]:
+            out.append(
+                f"{params.path}: {stage}: global batch {batch} (batch_size x ray.num_workers) is not the recipe's "
+                f"{recipe.batch[stage]}, and recipe.lr_scaling is none: change {stage}.batch_size or ray.num_workers"
+            )
+        elif not math.isclose(lr, expected_lr(params, stage, gpus), rel_tol=REL_TOL):
+            out.append(
+                f"{params.path}: {stage}.lr is {lr:g}; at a global batch of {batch} the recipe's "
+                f"{recipe.lr[stage]:g} at {recipe.batch[stage]} gives {expected_lr(params, stage, gpus):g} "
+                f"(recipe.lr_scaling: {recipe.lr_scaling})"
+            )
+    return out
+
+
+def shard_problems(params: Params, gpus: int | None = None) -> list[str]:
+    shards = shard_count(params)
+    if shards is None:
+        return []
+    out = []
+    for stage in trained_stages(params):
+        readers = data_readers(params, stage, gpus)
+        if shards < MIN_SHARDS_PER_READER * readers:
+            out.append(
+                f"{params.path}: {stage}: {shards} shards ({params.data.train_images} images / shard.samples_per_shard "
+                f"{params.shard.samples_per_shard}) for {readers} data readers (ray.num_workers x loader_workers): "
+                f"at least {MIN_SHARDS_PER_READER} each: set shard.samples_per_shard to "
+                f"{math.ceil(params.data.train_images / (MIN_SHARDS_PER_READER * readers))} or fewer"
+            )
+    return out
+
+
+def tune_problems(params: Params) -> list[str]:
+    if params.tune.enabled and params.ray.use_gpu and params.tune.gpus_per_trial <= 0:
+        return [
+            f"{params.path}: tune is enabled with CPU trials (tune.gpus_per_trial: "
+            f"{params.tune.gpus_per_trial:g}) on a GPU profile: set tune.enabled: false or tune.gpus_per_trial: 1"
+        ]
+    return []
+
+
+def reproduction_problems(params: Params, gpus: int | None = None) -> list[str]:
+    """Every rule's problems for this profile (on ``gpus`` workers instead of ``ray.num_workers``)."""
+    return batch_problems(params, gpus) + shard_problems(params, gpus) + tune_problems(params)

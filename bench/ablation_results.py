@@ -18,17 +18,11 @@ import time
 from pathlib import Path
 
 from bireal_core.checkpoint import read_header
+from cuda_ext.benchmarks import cpu_model
 from pipeline.params import load_params
 from pipeline.tune import CELL_KEYS, expected_trials, paper_cell, summarize, twin_folder
 
 TARGET = 0.70  # the bar for the paper's cell (mean top-1 at width 0.25)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
 
 
 def twin_accuracies(params) -> dict[str, float]:
@@ -84,7 +78,7 @@ def record(params_path: str, started: float, machine: str = "") -> dict:
         "trials": len(trials),
         "trials_planned": expected_trials(params.tune, arch),
         "wall_s": round(time.time() - started),
-        "machine": machine or f"{cpu_name()}, {os.cpu_count()} cores",
+        "machine": machine or f"{cpu_model()}, {os.cpu_count()} cores",
         "date": datetime.date.today().isoformat(),
         "params": params_path,
     }

@@ -287,20 +287,23 @@ def copy_bandwidth_gb_s(device: torch.device, gib: float = 1.0) -> float:
     return 2 * src.numel() / ms / 1e6
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else "unknown CPU"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
 def machine_description(device: str) -> str:
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
     from . import ops
 
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} threads, kernel path {ops.cpu_path()}"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads, kernel path {ops.cpu_path()}"
 
 
 def run(what: str, device: str, json_path: str | None = None, threads: int = 2) -> list[dict]:

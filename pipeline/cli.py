@@ -194,6 +194,17 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "train":
+        from .params import load_params
+        from .train_bench import record
+        from .train_bench import run as run_train
+
+        rows = run_train(load_params(args.profile), args.device, arch=args.arch, steps=args.steps)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
+        if args.record:
+            print(f"recorded in {record(rows)}")
+        return 0
     if args.what == "data":
         from .data_bench import run as run_data
 
@@ -204,6 +215,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from cuda_ext.benchmarks import run
 
     run(args.what, args.device, json_path=args.json, threads=args.threads)
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from .params import ConfigError
+    from .plan import format_plan, plan
+
+    if args.gpus < 1:
+        raise ConfigError(f"--gpus must be >= 1, got {args.gpus}")
+    result = plan(args.loaded, args.gpus, args.gpu, args.upload_gb_s, args.efficiency)
+    print(format_plan(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
 
@@ -367,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.set_defaults(func=_cmd_predict)
 
     bench = sub.add_parser("bench", help="benchmark tables: kernels or the packed model vs float")
-    bench.add_argument("what", choices=("kernels", "model", "data"))
+    bench.add_argument("what", choices=("kernels", "model", "data", "train"))
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
     bench.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     bench.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
@@ -379,7 +403,24 @@ def build_parser() -> argparse.ArgumentParser:
         default=2000,
         help="data: size of the generated ImageNet-size tree (0 skips it)",
     )
+    bench.add_argument(
+        "--params", dest="profile", default=None, help="train: the profile whose stages, batch and input to time"
+    )
+    bench.add_argument("--arch", default=None, help="train: another arch than the profile's")
+    bench.add_argument("--steps", type=int, default=20, help="train: timed steps per run (3 runs, median)")
+    bench.add_argument(
+        "--record", action="store_true", help="train: add the rows to bench/results/train_throughput.json"
+    )
     bench.set_defaults(func=_cmd_bench)
+
+    plan = sub.add_parser("plan", help="wall time, GPU-hours, batch, lr, shards and checkpoints of a profile on N GPUs")
+    plan.add_argument("--params", default=None, help=PARAMS_HELP)
+    plan.add_argument("--gpus", type=int, required=True)
+    plan.add_argument("--gpu", default="h100", help="the GPU kind whose measured throughput to use (h100, h200, ...)")
+    plan.add_argument("--upload-gb-s", dest="upload_gb_s", type=float, default=1.0, help="checkpoint upload rate")
+    plan.add_argument("--efficiency", type=float, default=0.9, help="data-parallel efficiency across GPUs")
+    plan.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON")
+    plan.set_defaults(func=_cmd_plan)
     return parser
 
 

@@ -1,0 +1,216 @@
+"""``bireal bench train``: images/s of a training step and of the data loader, the numbers the
+planner (``bireal plan``) prices a cluster run with.
+
+- train step: a profile's model for each stage it trains (the real-valued twin for pretrain, the
+  binary net for binarize), at the profile's per-worker batch and input size, one device, synthetic
+  batches already on the device (the loader is measured apart); forward, loss, backward and the
+  optimizer step, exactly ``train_one_epoch``'s; median over 3 timed runs after a warm-up;
+- loader: images/s of one loader process (one CPU core) reading ImageNet-size JPEG shards through
+  the training transforms (``make_loader``, the stage's augmentation), on generated photo crops.
+
+Rows append to ``bench/results/train_throughput.json`` (``--record``) with the device, the date and
+the settings; the planner reads that table and says which row it used.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .params import Params, TrainConfig
+from .profile_rules import trained_stages
+
+TABLE = Path(__file__).resolve().parents[1] / "bench" / "results" / "train_throughput.json"
+
+
+def device_name(device: torch.device) -> str:
+    from cuda_ext.benchmarks import cpu_model
+
+    return (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"{cpu_model()}, {torch.get_num_threads()} threads"
+    )
+
+
+def bench_model(config: TrainConfig, num_classes: int = 1000) -> torch.nn.Module:
+    """The model the stage trains first, built as the loop builds it but from scratch (no twin or
+    binarize checkpoint needed: the step costs the same); finetune: the binary net constrained."""
+    from .train import constrain_for_finetune, segments
+
+    if config.stage == "finetune":
+        return constrain_for_finetune(bench_model(replace(config, stage="binarize", init="scratch")))
+    scratch = replace(config, init="scratch", relu_control=False)
+    return segments(scratch, num_classes)[0].prepare(None)
+
+
+def synthetic_batches(batch: int, size: int, num_classes: int, device: torch.device, steps: int):
+    images = torch.randn(batch, 3, size, size, device=device)
+    labels = torch.randint(0, num_classes, (batch,), device=device)
+    return [(images, labels)] * steps
+
+
+def step_rate(config: TrainConfig, device: torch.device, steps: int = 20, warmup: int = 5, runs: int = 3) -> float:
+    """Median img/s of ``train_one_epoch`` over ``runs`` runs of ``steps`` steps, after ``warmup``."""
+    import bireal_core as bc
+
+    from .train import make_optimizer, train_one_epoch
+
+    model = bench_model(config).to(device)
+    optimizer = make_optimizer(model, config)
+    size = bc.default_input_config(config.stem)["size"]
+    amp = config.precision == "bf16" and device.type == "cuda"
+
+    def run(n: int) -> float:
+        batches = synthetic_batches(config.batch_size, size, 1000, device, n)
+        return train_one_epoch(model, batches, optimizer, lambda step: config.lr, 0, device, amp=amp)["img_s"]
+
+    run(warmup)
+    return statistics.median(run(steps) for _ in range(runs))
+
+
+def augmentation(config: TrainConfig) -> str:
+    """The training augmentation the stage uses (``auto``: its stem's)."""
+    import bireal_core as bc
+
+    return bc.default_input_config(config.stem)["augment"] if config.augment == "auto" else config.augment
+
+
+def loader_rate(config: TrainConfig, images: int = 600) -> float:
+    """img/s of one loader process (this process, workers=0) over generated ImageNet-size shards."""
+    import bireal_core as bc
+
+    from .data import make_loader
+    from .data_bench import make_imagenet_like
+    from .shard import ShardParams, shard_dataset
+
+    input_config = {**bc.default_input_config(config.stem), "augment": augmentation(config)}
+    with tempfile.TemporaryDirectory() as tmp:
+        source = make_imagenet_like(Path(tmp) / "src", images)
+        shard_dataset(str(source), f"{tmp}/shards", ShardParams(resize=256, samples_per_shard=100), progress_bar=False)
+        batch = min(config.batch_size, 32)
+        batches, _ = make_loader(
+            f"{tmp}/shards", "train", input_config, batch, train=True, workers=0, pca_lighting=config.pca_lighting
+        )
+        start, seen = time.perf_counter(), 0
+        for x, _ in batches:
+            seen += x.shape[0]
+        return seen / (time.perf_counter() - start)
+
+
+def print_row(row: dict) -> None:
+    print(format_row(row), flush=True)
+
+
+def run(
+    params: Params,
+    device: str,
+    arch: str | None = None,
+    steps: int = 20,
+    loader: bool = True,
+    on_row=print_row,
+) -> list[dict]:
+    """One row per trained stage of the profile (``arch`` replaces its arch), plus the loader row
+    of its last stage's augmentation. ``on_row`` sees each row as it is measured."""
+    dev = torch.device(device)
+    rows = []
+    common = {"device": device, "device_name": device_name(dev), "torch": torch.__version__}
+    common["date"] = datetime.date.today().isoformat()
+    for stage in trained_stages(params):
+        config = params.train(stage, {"arch": arch} if arch else None, tuned=False)
+        rows.append(
+            {
+                "what": "train_step",
+                "arch": config.arch,
+                "stage": stage,
+                "model": "twin" if stage == "pretrain" else "binary",
+                "batch": config.batch_size,
+                "stem": config.stem,
+                "precision": config.precision,
+                "img_s": round(step_rate(config, dev, steps), 1),
+                "params": params.path.name,
+                **common,
+            }
+        )
+        on_row(rows[-1])
+    if loader:
+        config = params.train(trained_stages(params)[-1], tuned=False)
+        rows.append(
+            {
+                "what": "loader_per_core",
+                "augment": augmentation(config),
+                "pca_lighting": config.pca_lighting,
+                "img_s": round(loader_rate(config), 1),
+                **common,
+                "device": "cpu",
+                "device_name": device_name(torch.device("cpu")),
+            }
+        )
+        on_row(rows[-1])
+    return rows
+
+
+def format_row(row: dict) -> str:
+    if row["what"] == "loader_per_core":
+        return (
+            f"loader, 1 core ({row['augment']}, lighting {row['pca_lighting']}): {row['img_s']:,.0f} img/s  "
+            f"[{row['device_name']}]"
+        )
+    return (
+        f"{row['arch']:<10} {row['stage']:<9} ({row['model']}, batch {row['batch']}, {row['precision']}): "
+        f"{row['img_s']:,.1f} img/s  [{row['device_name']}]"
+    )
+
+
+def record(rows: list[dict], table: Path = TABLE) -> Path:
+    """Append to the throughput table, replacing rows of the same measurement (device, arch, stage,
+    batch, precision; loader rows by device and augmentation)."""
+
+    def key(r: dict) -> tuple:
+        fields = ("what", "device_name", "arch", "stage", "batch", "precision", "augment", "pca_lighting")
+        return tuple(r.get(f) for f in fields)
+
+    old = json.loads(table.read_text()) if table.is_file() else []
+    new_keys = {key(r) for r in rows}
+    table.parent.mkdir(parents=True, exist_ok=True)
+    table.write_text(json.dumps([r for r in old if key(r) not in new_keys] + rows, indent=1) + "\n")
+    return table
+
+
+def main() -> None:  # python3 -m pipeline.train_bench: the GPU machine has no `bireal` entry point
+    import argparse
+
+    from .params import load_params
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", action="append", required=True, help="a profile (repeatable)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    parser.add_argument("--no-loader", action="store_true")
+    args = parser.parse_args()
+    rows, loaders = [], set()
+
+    def keep(row: dict) -> None:  # written as measured: a run cut off by a time limit keeps its rows
+        print_row(row)
+        rows.append(row)
+        if args.json:
+            args.json.write_text(json.dumps(rows, indent=1) + "\n")
+
+    for name in args.params:
+        params = load_params(name)
+        config = params.train(trained_stages(params)[-1], tuned=False)
+        loader = (augmentation(config), config.pca_lighting)  # one loader row per augmentation
+        run(params, args.device, steps=args.steps, loader=not args.no_loader and loader not in loaders, on_row=keep)
+        loaders.add(loader)
+
+
+if __name__ == "__main__":
+    main()

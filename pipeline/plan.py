@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .params import Params, TrainConfig
@@ -71,7 +71,7 @@ def step_throughput(config: TrainConfig, gpu: str, rows: list[dict]) -> Throughp
         return Throughput(None, f"no measurement on {gpu} (bireal bench train --device cuda)")
     # the nearest measured arch, scaled by training MACs per image
     r = min(same_model, key=lambda r: (r["arch"] != config.arch, abs(r["batch"] - config.batch_size)))
-    ratio = training_macs(TrainConfig(arch=r["arch"], stem=config.stem)) / training_macs(config)
+    ratio = training_macs(replace(config, arch=r["arch"])) / training_macs(config)
     how = f"{r['arch']} {r['model']} at batch {r['batch']} measured {r['img_s']:,.0f} img/s x MAC ratio {ratio:.2f}"
     return Throughput(r["img_s"] * ratio, f"estimated, not measured: {how}")
 
@@ -132,6 +132,7 @@ def plan_stage(params: Params, stage: str, gpus: int, gpu: str, rows: list[dict]
         "checkpoint_mb": ckpt / 1e6,
         "upload_s_per_epoch": upload_s,
         "gpu_img_s": step.img_s,
+        "effective_img_s": per_gpu,  # per GPU, after the loader cap
         "gpu_source": step.source,
         "loader_img_s_per_core": loader.img_s,
         "loader_source": loader.source,
@@ -181,7 +182,7 @@ def format_plan(p: dict) -> str:
     lines = [
         f"bireal plan: {p['params']} on {p['gpus']} x {p['gpu']} ({p['nodes']} node(s) of 8)",
         f"{'stage':<9}{'arch':<11}{'epochs':>7}{'batch/GPU':>10}{'global':>8}{'lr':>10}{'steps/ep':>9}"
-        f"{'shards/rdr':>11}{'ckpt MB':>9}{'upload s':>9}{'img/s/GPU':>10}{'wall h':>8}{'GPU-h':>8}",
+        f"{'shards/rdr':>11}{'ckpt MB':>9}{'upload s':>9}{'img/s/GPU':>10}{'w/ loader':>10}{'wall h':>8}{'GPU-h':>8}",
     ]
     for s in p["stages"]:
         per_reader = s["shards"] / s["data_readers"] if s["shards"] else None
@@ -189,12 +190,15 @@ def format_plan(p: dict) -> str:
             f"{s['stage']:<9}{s['arch']:<11}{s['epochs']:>7}{s['per_gpu_batch']:>10}{s['global_batch']:>8}"
             f"{s['lr']:>10.3g}{_num(s['steps_per_epoch'], ','):>9}{_num(per_reader, '.1f'):>11}"
             f"{s['checkpoint_mb']:>9.0f}{s['upload_s_per_epoch']:>9.1f}{_num(s['gpu_img_s'], ',.0f'):>10}"
+            f"{_num(s['effective_img_s'], ',.0f'):>10}"
             f"{_num(s['wall_h'], ',.1f'):>8}{_num(s['gpu_hours'], ',.0f'):>8}"
         )
     lines.append(f"total: {_num(p['wall_h'], ',.1f')} h wall, {_num(p['gpu_hours'], ',.0f')} GPU-hours")
     lines.append("throughput assumed:")
     for s in p["stages"]:
-        bound = "  (loader-bound: the loader workers cap it)" if s["loader_bound"] else ""
+        bound = ""
+        if s["loader_bound"]:
+            bound = f"; loader-bound: {s['effective_img_s']:,.0f} img/s from the loader workers (more, or more cores)"
         lines.append(f"  {s['stage']}: GPU step {s['gpu_source']}{bound}")
         loader = _num(s["loader_img_s_per_core"], ",.0f")
         lines.append(f"  {s['stage']}: loader {loader} img/s per core, {s['loader_source']}")

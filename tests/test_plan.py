@@ -1,0 +1,123 @@
+"""`bireal plan` and `bireal bench train`: the planner's arithmetic against a throughput table
+written here (so the expected numbers follow from the formula, not from a measurement), its
+"estimated, not measured" path, the loader cap, and the bench's rows on a tiny CPU model."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from pipeline.params import load_params
+from pipeline.plan import EVAL_SPEEDUP, VAL_IMAGES, format_plan, plan
+
+CONFIGS = Path(__file__).resolve().parents[1] / "pipeline" / "configs"
+GPU = "Test H100 80GB"
+
+
+def table(tmp_path, rows) -> Path:
+    path = tmp_path / "throughput.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def step_row(arch, batch, img_s, model="binary"):
+    return {
+        "what": "train_step",
+        "arch": arch,
+        "model": model,
+        "batch": batch,
+        "precision": "fp32",
+        "img_s": img_s,
+        "device_name": GPU,
+        "date": "2026-11-27",
+    }
+
+
+def loader_row(img_s, augment="imagenet", lighting=True):
+    row = {"what": "loader_per_core", "augment": augment, "pca_lighting": lighting, "img_s": img_s}
+    return {**row, "device_name": "Test CPU", "date": "2026-11-27"}
+
+
+def test_the_plan_follows_from_the_measured_rate(tmp_path):
+    params = load_params(CONFIGS / "imagenet_bireal18_official.yaml")
+    path = table(tmp_path, [step_row("bireal18", 128, 1000.0), loader_row(500.0)])
+    p = plan(params, gpus=16, gpu="h100", upload_gb_s=2.0, efficiency=0.8, table=path)
+    (stage,) = p["stages"]
+    assert (stage["stage"], stage["global_batch"], p["nodes"]) == ("binarize", 128 * 16, 2)
+    assert stage["lr"] == pytest.approx(0.001 * 2048 / 512)  # the recipe's lr scaled linearly
+    assert stage["steps_per_epoch"] == math.ceil(1281167 / 2048)
+    assert stage["shards"] == 257 and stage["data_readers"] == 16 * 8
+    assert not stage["loader_bound"] and stage["effective_img_s"] == 1000.0  # 8 workers x 500 > 1000
+    assert stage["gpu_source"].startswith("measured: Test H100")
+    rate = 1000.0 * 16 * 0.8
+    epoch_s = 1281167 / rate + VAL_IMAGES / (rate * EVAL_SPEEDUP) + stage["checkpoint_mb"] * 1e6 / 2e9
+    assert stage["wall_h"] == pytest.approx(256 * epoch_s / 3600)
+    assert p["gpu_hours"] == pytest.approx(stage["wall_h"] * 16)
+    # Adam's two moments on top of the weights: three times the latent weights, and more than BN's share
+    assert 100 < stage["checkpoint_mb"] < 200
+    # 16 GPUs x 8 loader workers leave 2 shards per reader: the plan warns, naming the fix
+    assert len(p["warnings"]) == 1 and "shard.samples_per_shard" in p["warnings"][0]
+    text = format_plan(p)
+    assert "measured: Test H100 80GB, 2026-11-27" in text and "WARNING" in text and "GPU-hours" in text
+
+
+def test_loader_bound_and_estimated_rates_are_said(tmp_path):
+    params = load_params(CONFIGS / "imagenet_bireal34_paper.yaml")
+    # only Bi-Real-18 measured: the 34-layer rates are estimated from it by the MAC ratio
+    rows = [
+        step_row("bireal18", 32, 1400.0),
+        step_row("bireal18", 64, 3000.0, model="twin"),
+        loader_row(1000.0, "caffe", False),  # the binary stages' Caffe crops
+        loader_row(100.0, "imagenet", False),  # the twin's random-resized crops, no lighting
+    ]
+    p = plan(params, gpus=8, gpu="h100", table=table(tmp_path, rows))
+    by_stage = {s["stage"]: s for s in p["stages"]}
+    assert set(by_stage) == {"pretrain", "binarize", "finetune"}
+    binarize = by_stage["binarize"]
+    assert binarize["gpu_source"].startswith("estimated, not measured: bireal18 binary at batch 32")
+    assert 0.4 < binarize["gpu_img_s"] / 1400.0 < 0.6  # Bi-Real-34 costs about twice Bi-Real-18's MACs
+    # the twin's loader: 8 workers x 100 img/s cap its GPU rate (about 1,500 img/s estimated)
+    pretrain = by_stage["pretrain"]
+    assert pretrain["loader_bound"] and pretrain["effective_img_s"] == pytest.approx(800.0)
+    assert pretrain["loader_source"].startswith("measured: Test CPU")
+    assert not binarize["loader_bound"]  # 8 x 1,000 img/s of Caffe crops keep up
+    assert "loader-bound" in format_plan(p)
+
+
+def test_no_measurement_on_that_gpu_leaves_the_time_open(tmp_path):
+    params = load_params(CONFIGS / "imagenet_bireal50_official.yaml")
+    p = plan(params, gpus=8, gpu="a100", table=table(tmp_path, [step_row("bireal50", 64, 700.0)]))
+    assert p["wall_h"] is None and "no measurement on a100" in p["stages"][0]["gpu_source"]
+    assert "total: - h wall" in format_plan(p)
+
+
+def test_plan_command_and_bad_gpu_count(capsys):
+    from pipeline.cli import main
+
+    assert main(["plan", "--params", "imagenet_bireal152", "--gpus", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "on 64 x h100 (8 node(s) of 8)" in out and "bireal152" in out and "throughput assumed" in out
+    assert main(["plan", "--params", "imagenet_bireal152", "--gpus", "0"]) == 2
+    assert "--gpus must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_train_times_each_trained_stage(tmp_path):
+    """Rows for the stages the profile trains, at its batch, on a tiny CPU model; recorded rows
+    replace the same measurement's old ones."""
+    from pipeline.train_bench import record, run
+
+    profile = tmp_path / "tiny.yaml"
+    profile.write_text(
+        "data: {train_images: 1000}\n"
+        "train: {arch: bireal18, stem: imagenet, width: 0.25, batch_size: 2}\n"
+        "pretrain: {phase_epochs: [1, 0, 0]}\nbinarize: {epochs: 1}\nfinetune: {epochs: 0}\n"
+    )
+    rows = run(load_params(profile), "cpu", steps=1, loader=False, on_row=lambda row: None)
+    assert [(r["stage"], r["model"], r["batch"]) for r in rows] == [("pretrain", "twin", 2), ("binarize", "binary", 2)]
+    assert all(r["img_s"] > 0 and r["device"] == "cpu" for r in rows)
+    path = tmp_path / "table.json"
+    record(rows, path)
+    record([{**rows[0], "img_s": 1.0}], path)
+    kept = json.loads(path.read_text())
+    assert len(kept) == 2 and [r["img_s"] for r in kept if r["stage"] == "pretrain"] == [1.0]

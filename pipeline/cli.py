@@ -113,8 +113,9 @@ def report_stage(stage: str, result: dict, params) -> str:
 def _cmd_run(args: argparse.Namespace) -> int:
     from .stages import run_stage
 
-    result = run_stage(args.stage, args.loaded, use_ray=not args.no_ray)
-    print(json.dumps(result, indent=2, default=str) if args.json else report_stage(args.stage, result, args.loaded))
+    for stage in args.stage:  # in the order given; a failing stage stops the rest
+        result = run_stage(stage, args.loaded, use_ray=not args.no_ray)
+        print(json.dumps(result, indent=2, default=str) if args.json else report_stage(stage, result, args.loaded))
     return 0
 
 
@@ -307,8 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--set", action="append", metavar="KEY=VALUE", help="a train setting to check too")
     check.set_defaults(func=_cmd_check_params)
 
-    run = sub.add_parser("run", help="one stage of the pipeline's stage table, as dvc repro / the flow run it")
-    run.add_argument("stage", choices=tuple(STAGES_BY_NAME))
+    run = sub.add_parser("run", help="stages of the pipeline's stage table, as dvc repro / the flow run them")
+    run.add_argument("stage", nargs="+", choices=tuple(STAGES_BY_NAME), help="one or more, run in this order")
     run.add_argument("--params", default=None, help=PARAMS_HELP)
     run.add_argument("--no-ray", action="store_true", help="train in this process")
     run.add_argument("--json", action="store_true", help="print the stage's summary as JSON")

@@ -1,0 +1,237 @@
+"""The cluster files of a reproduction run, rendered from its recipe profile: ``deploy/`` holds the
+output, and ``tests/test_deploy.py`` checks that it is what this renders (no hand-edited drift).
+
+For each profile and GPU count:
+- ``deploy/params/<profile>.yaml``: the recipe profile with the cluster's locations (shards,
+  checkpoints, Ray and Tune storage, MLflow artifacts in the object store; the tracking server;
+  ``ray.address: auto``, the RayJob's own cluster), ``ray.num_workers`` = the GPUs, and the recipe's
+  lr scaled to that global batch as the recipe allows;
+- ``deploy/kuberay/rayjob-<profile>.yaml``: a RayJob whose entrypoint runs the profile's stages
+  with that params file on a cluster of 8-GPU worker pods (min = max replicas; /dev/shm sized for
+  the DataLoader workers; local NVMe for the shard cache; a head on on-demand capacity; the
+  tracking URI and the pipeline run id as env; ``backoffLimit`` retries that resume, since run
+  names are stable);
+- ``deploy/kuberay/raycluster.yaml``: the same cluster for interactive use.
+Usage: python -m pipeline.adapters.kuberay   (rewrites deploy/params and deploy/kuberay)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import yaml
+
+from ..params import CONFIGS_DIR, STAGES, Params, load_params
+from ..profile_rules import expected_lr, trained_stages
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+RAY_VERSION = "2.60.0"  # = constraints.txt's ray pin, the Dockerfile's base tag (tests/test_deploy.py)
+IMAGE = "ghcr.io/bireal/bireal:0.1.0"  # built from deploy/Dockerfile and pushed by the runbook
+BUCKET = "s3://bireal-imagenet"  # shards and run outputs (docs/reproduction.md: create it first)
+TRACKING_URI = "http://mlflow.bireal.svc.cluster.local:5000"  # deploy/kuberay/mlflow.yaml
+GPUS_PER_NODE = 8
+CPUS_PER_NODE = 192  # an 8 x H100 node (p5.48xlarge): 24 per GPU, some left to Ray and the kubelet
+SHM_GI = 64  # DataLoader workers pass batches through /dev/shm: the pod default of 64 MB crashes them
+NVME = "/mnt/nvme"  # the node's local NVMe (instance store), for the shard cache
+
+# profile -> GPUs of its reproduction run
+RUNS = {
+    "imagenet_bireal18_official": 8,
+    "imagenet_bireal18_paper": 8,
+    "imagenet_bireal34_paper": 8,
+    "imagenet_bireal50_official": 8,
+    "imagenet_bireal152": 64,
+}
+AFTER_TRAINING = ("export", "evaluate", "register")
+
+
+def run_name(profile: str) -> str:
+    """The pipeline run id (MLflow group, Ray run names, storage prefix): stable across retries."""
+    return profile.replace("_", "-")
+
+
+def cluster_params(profile: str, gpus: int) -> dict:
+    """The recipe profile's values with the cluster's locations, workers and scaled lr."""
+    params = load_params(CONFIGS_DIR / f"{profile}.yaml")
+    raw = copy.deepcopy(params.raw)
+    run = f"{BUCKET}/runs/{run_name(profile)}"
+    raw.setdefault("train", {}).update({"shards": f"{BUCKET}/shards", "out": "/tmp/bireal/checkpoints"})
+    for stage in (s for s in STAGES if s in params.recipe.batch):
+        raw.setdefault(stage, {})["lr"] = round(expected_lr(params, stage, gpus), 10)
+    raw["ray"] = {
+        **(raw.get("ray") or {}),
+        "address": "auto",  # the RayJob's cluster: the entrypoint runs on its head
+        "num_workers": gpus,
+        "use_gpu": True,
+        "cpus_per_worker": CPUS_PER_NODE // GPUS_PER_NODE - 2,
+        "storage_path": f"{run}/ray",
+    }
+    raw["storage"] = {"artifacts": f"{run}/artifacts", "shard_cache": f"{NVME}/bireal-shards"}
+    raw["tune"] = {**(raw.get("tune") or {}), "storage_path": f"{run}/tune"}
+    raw["mlflow"] = {
+        "tracking_uri": TRACKING_URI,
+        "experiment": f"bireal-{run_name(profile)}",
+        "artifact_location": f"{BUCKET}/mlflow",
+    }
+    return raw
+
+
+def entrypoint(profile: str, params: Params) -> str:
+    """The profile's stages in pipeline order: pretrain when it trains a twin; tune (disabled, it
+    writes the empty pick binarize reads); binarize; finetune (with 0 epochs it still writes the
+    constrained, alpha-folded checkpoint that export packs); then export, evaluate and register."""
+    twin = ["pretrain"] if "pretrain" in trained_stages(params) else []
+    order = twin + ["tune", "binarize", "finetune"]
+    return f"bireal run {' '.join(order + list(AFTER_TRAINING))} --params deploy/params/{profile}.yaml"
+
+
+def env(profile: str) -> list[dict]:
+    return [
+        {"name": "BIREAL_PIPELINE_RUN", "value": run_name(profile)},
+        {"name": "MLFLOW_TRACKING_URI", "value": TRACKING_URI},
+        {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "bireal-s3", "key": "access-key-id"}}},
+        {
+            "name": "AWS_SECRET_ACCESS_KEY",
+            "valueFrom": {"secretKeyRef": {"name": "bireal-s3", "key": "secret-access-key"}},
+        },
+    ]
+
+
+def head_group(profile: str) -> dict:
+    return {
+        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},  # no training on the head
+        "template": {
+            "spec": {
+                # the head holds the GCS and the job driver: never on spot capacity
+                "nodeSelector": {"karpenter.sh/capacity-type": "on-demand"},
+                "containers": [
+                    {
+                        "name": "ray-head",
+                        "image": IMAGE,
+                        "env": env(profile),
+                        "ports": [
+                            {"containerPort": 6379, "name": "gcs"},
+                            {"containerPort": 8265, "name": "dashboard"},
+                            {"containerPort": 10001, "name": "client"},
+                        ],
+                        "resources": {
+                            "requests": {"cpu": "8", "memory": "32Gi"},
+                            "limits": {"cpu": "8", "memory": "32Gi"},
+                        },
+                    }
+                ],
+            }
+        },
+    }
+
+
+def worker_group(profile: str, gpus: int) -> dict:
+    nodes = math.ceil(gpus / GPUS_PER_NODE)
+    per_pod = {"cpu": str(CPUS_PER_NODE - 8), "memory": "1800Gi", "nvidia.com/gpu": str(GPUS_PER_NODE)}
+    return {
+        "groupName": f"gpu-{GPUS_PER_NODE}x",
+        "replicas": nodes,
+        "minReplicas": nodes,  # min = max: a data-parallel job needs all of its workers
+        "maxReplicas": nodes,
+        "rayStartParams": {},
+        "template": {
+            "spec": {
+                "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                "containers": [
+                    {
+                        "name": "ray-worker",
+                        "image": IMAGE,
+                        "env": env(profile),
+                        "resources": {"requests": per_pod, "limits": per_pod},
+                        "volumeMounts": [
+                            {"name": "dshm", "mountPath": "/dev/shm"},
+                            {"name": "nvme", "mountPath": NVME},
+                        ],
+                    }
+                ],
+                "volumes": [
+                    {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{SHM_GI}Gi"}},
+                    {"name": "nvme", "hostPath": {"path": NVME, "type": "DirectoryOrCreate"}},
+                ],
+            }
+        },
+    }
+
+
+def cluster_spec(profile: str, gpus: int) -> dict:
+    return {
+        "rayVersion": RAY_VERSION,
+        "headGroupSpec": head_group(profile),
+        "workerGroupSpecs": [worker_group(profile, gpus)],
+    }
+
+
+def rayjob(profile: str, gpus: int) -> dict:
+    params = load_params(CONFIGS_DIR / f"{profile}.yaml")
+    name = f"bireal-{run_name(profile)}"
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {
+            "name": name,
+            "namespace": "bireal",
+            # Kueue admits the whole job (head + every worker) at once: gang scheduling
+            "labels": {"kueue.x-k8s.io/queue-name": "bireal-gpu", "app.kubernetes.io/part-of": "bireal"},
+        },
+        "spec": {
+            "entrypoint": entrypoint(profile, params),
+            "submissionMode": "K8sJobMode",
+            # a retried job finds its stage runs by their stable names and resumes from storage
+            "backoffLimit": 3,
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 3600,
+            "rayClusterSpec": cluster_spec(profile, gpus),
+        },
+    }
+
+
+def raycluster(profile: str = "imagenet_bireal18_official", gpus: int = 8) -> dict:
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {
+            "name": "bireal-interactive",
+            "namespace": "bireal",
+            "labels": {"app.kubernetes.io/part-of": "bireal"},
+        },
+        "spec": cluster_spec(profile, gpus),
+    }
+
+
+HEADER = "# Generated by `python -m pipeline.adapters.kuberay` from {source}: edit that, then re-render.\n"
+
+
+def rendered() -> dict[Path, str]:
+    """Every generated deploy file -> its text."""
+    out = {}
+    for profile, gpus in RUNS.items():
+        source = f"pipeline/configs/{profile}.yaml"
+        out[DEPLOY / "params" / f"{profile}.yaml"] = HEADER.format(source=source) + yaml.safe_dump(
+            cluster_params(profile, gpus), sort_keys=False
+        )
+        out[DEPLOY / "kuberay" / f"rayjob-{run_name(profile)}.yaml"] = HEADER.format(
+            source=f"{source} ({gpus} GPUs)"
+        ) + yaml.safe_dump(rayjob(profile, gpus), sort_keys=False)
+    out[DEPLOY / "kuberay" / "raycluster.yaml"] = HEADER.format(source="pipeline/adapters/kuberay.py") + yaml.safe_dump(
+        raycluster(), sort_keys=False
+    )
+    return out
+
+
+def main() -> None:
+    for path, text in rendered().items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""deploy/: the cluster files, checked with no cluster.
+
+- every RayJob/RayCluster manifest validates against KubeRay v1.7.0's own CRD schemas
+  (../shared/reference/kuberay-v1.7.0), made strict: the schemas never forbid unknown fields, so a
+  misspelled one would pass; here every object schema that lists properties gets
+  ``additionalProperties: false`` (a misspelled field fails, shown below), required fields that
+  the operator defaults (``maxReplicas``, ...) count as optional, and apiVersion/kind are checked;
+- the generated files are exactly what ``pipeline/adapters/kuberay.py`` renders (no drift);
+- each RayJob's entrypoint parses with the CLI, and its params file passes check-params with
+  ``ray.address`` set (every location shared storage, the recipe's batch/lr rule, shards per reader);
+- the launcher YAML passes Ray's own ``prepare_config`` + ``validate_config`` (a private API of
+  ray.autoscaler._private.util, pinned with ray in constraints.txt);
+- one Ray version everywhere: constraints.txt, the Dockerfile's base tag, every manifest; the
+  base image's CUDA is torch's.
+"""
+
+import copy
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.adapters import kuberay
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+SCHEMAS = ROOT.parent / "shared" / "reference" / "kuberay-v1.7.0"
+MANIFESTS = sorted((DEPLOY / "kuberay").glob("ray*.yaml"))
+# required by the CRD but defaulted by the operator or the API server: optional in a manifest
+DEFAULTED = {"maxReplicas", "minReplicas", "replicas", "containerPort", "protocol", "rayStartParams", "groupName"}
+
+
+def strict(schema: dict) -> dict:
+    """The CRD schema with unknown fields forbidden and operator-defaulted fields optional."""
+    schema = copy.deepcopy(schema)
+
+    def visit(node):
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node and "additionalProperties" not in node:
+                if not node.get("x-kubernetes-preserve-unknown-fields"):
+                    node["additionalProperties"] = False
+            if "required" in node:
+                node["required"] = [r for r in node["required"] if r not in DEFAULTED]
+            for value in node.values():
+                visit(value)
+        elif isinstance(node, list):
+            for value in node:
+                visit(value)
+
+    visit(schema)
+    return schema
+
+
+def crd_schema(kind: str) -> dict:
+    if not SCHEMAS.is_dir():
+        pytest.skip(f"{SCHEMAS} is absent (the KubeRay CRDs ship beside the project, not in it)")
+    crd = yaml.safe_load((SCHEMAS / f"ray.io_{kind.lower()}s.yaml").read_text())
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return strict(v1["schema"]["openAPIV3Schema"])
+
+
+def problems(manifest: dict) -> list[str]:
+    import jsonschema
+
+    kind = manifest.get("kind")
+    if manifest.get("apiVersion") != "ray.io/v1" or kind not in ("RayJob", "RayCluster"):
+        return [f"apiVersion/kind {manifest.get('apiVersion')}/{kind}: expected ray.io/v1 RayJob or RayCluster"]
+    validator = jsonschema.Draft7Validator(crd_schema(kind))
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(manifest)]
+
+
+def test_the_manifests_are_there():
+    names = {p.name for p in MANIFESTS}
+    assert "raycluster.yaml" in names
+    assert {f"rayjob-{kuberay.run_name(p)}.yaml" for p in kuberay.RUNS} <= names
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_manifest_validates_against_kuberay_v1_7_0(path):
+    manifest = yaml.safe_load(path.read_text())
+    assert problems(manifest) == []
+
+
+def test_strict_validation_catches_what_plain_validation_passes():
+    import jsonschema
+
+    job = yaml.safe_load((DEPLOY / "kuberay" / "rayjob-imagenet-bireal18-official.yaml").read_text())
+    bad = copy.deepcopy(job)
+    group = bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    group["numOfHost"] = 1  # misspelled numOfHosts: the operator would silently ignore it
+    crd = yaml.safe_load((SCHEMAS / "ray.io_rayjobs.yaml").read_text()) if SCHEMAS.is_dir() else None
+    if crd is None:
+        pytest.skip(f"{SCHEMAS} is absent")
+    plain = [v for v in crd["spec"]["versions"] if v["name"] == "v1"][0]["schema"]["openAPIV3Schema"]
+    assert list(jsonschema.Draft7Validator(plain).iter_errors(bad)) == []  # the CRD alone lets it through
+    (message,) = problems(bad)
+    assert "numOfHost" in message and "workerGroupSpecs.0" in message
+    bad_head = copy.deepcopy(job)
+    bad_head["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["imagePullPolicyy"] = "x"
+    assert any("imagePullPolicyy" in p for p in problems(bad_head))
+    assert problems({**job, "apiVersion": "ray.io/v1alpha2"})  # checked here, not by the schema
+    assert problems({**job, "kind": "RayService"})
+
+
+def test_the_files_are_what_the_renderer_makes():
+    for path, text in kuberay.rendered().items():
+        assert path.read_text() == text, f"{path} differs: run `python -m pipeline.adapters.kuberay`"
+
+
+@pytest.mark.parametrize("profile", sorted(kuberay.RUNS))
+def test_each_rayjob_runs_its_profile_with_cluster_params(profile, capsys):
+    from pipeline.cli import build_parser, main
+    from pipeline.params import load_params
+
+    job = yaml.safe_load((DEPLOY / "kuberay" / f"rayjob-{kuberay.run_name(profile)}.yaml").read_text())
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[0] == "bireal"
+    args = build_parser().parse_args(argv[1:])  # parses with the CLI (argparse exits on an error)
+    assert args.command == "run" and args.stage[-3:] == ["export", "evaluate", "register"]
+    params_file = ROOT / args.params
+    assert main(["check-params", "--params", str(params_file)]) == 0, capsys.readouterr().out
+    params = load_params(params_file)
+    assert params.ray.address == "auto" and params.ray.use_gpu  # so the shared-storage rule applied
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    gpus_per_pod = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"]
+    assert workers["replicas"] * gpus_per_pod == params.ray.num_workers == kuberay.RUNS[profile]
+    # the recipe itself is unchanged but for locations, workers and the linearly scaled lr
+    recipe = load_params(ROOT / "pipeline" / "configs" / f"{profile}.yaml")
+    for stage in ("pretrain", "binarize", "finetune"):
+        a, b = recipe.train(stage, tuned=False), params.train(stage, tuned=False)
+        for key in ("arch", "epochs", "phase_epochs", "batch_size", "optimizer", "activation", "weight_gradient"):
+            assert getattr(a, key) == getattr(b, key), (profile, stage, key)
+    env = {e["name"]: e.get("value") for e in workers["template"]["spec"]["containers"][0]["env"]}
+    assert env["BIREAL_PIPELINE_RUN"] == kuberay.run_name(profile)
+    assert env["MLFLOW_TRACKING_URI"] == params.mlflow.tracking_uri
+    volumes = {v["name"]: v for v in workers["template"]["spec"]["volumes"]}
+    assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"  # not the 64 MB default
+    assert job["spec"]["backoffLimit"] >= 1 and "on-demand" in str(job["spec"]["rayClusterSpec"]["headGroupSpec"])
+
+
+def test_launcher_config_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((DEPLOY / "cluster-aws.yaml").read_text())
+    validate_config(prepare_config(copy.deepcopy(config)))
+    workers = config["available_node_types"]["ray.worker.p5"]
+    assert workers["min_workers"] == workers["max_workers"] == config["max_workers"]
+    assert workers["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
+    assert "InstanceMarketOptions" not in config["available_node_types"]["ray.head.default"]["node_config"]
+    config["available_node_types"]["ray.worker.p5"]["min_wrkers"] = 8
+    with pytest.raises(Exception, match="min_wrkers"):
+        validate_config(prepare_config(config))
+
+
+def test_one_ray_version_and_torchs_cuda_in_the_image():
+    import ray
+    import torch
+
+    pinned = re.search(r"^ray==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M).group(1)
+    base = re.search(r"^FROM rayproject/ray:(\S+)$", (DEPLOY / "Dockerfile").read_text(), re.M).group(1)
+    version, python, cuda = base.split("-")
+    assert version == pinned == ray.__version__ == kuberay.RAY_VERSION
+    assert python == "py311"
+    torch_pin = re.search(r"^torch==(\S+)$", (ROOT / "constraints.txt").read_text(), re.M).group(1)
+    assert f'"torch=={torch_pin}"' in (DEPLOY / "Dockerfile").read_text()
+    assert torch.version.cuda, "these checks need the CUDA build of torch (make install)"
+    assert cuda == "cu" + torch.version.cuda.replace(".", "") and f"/whl/{cuda}" in (DEPLOY / "Dockerfile").read_text()
+    for path in MANIFESTS:
+        spec = yaml.safe_load(path.read_text())["spec"]
+        assert spec.get("rayClusterSpec", spec)["rayVersion"] == pinned, path.name
+
+
+def test_tracking_server_manifest():
+    docs = list(yaml.safe_load_all((DEPLOY / "kuberay" / "mlflow.yaml").read_text()))
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["Deployment", "Service", "Service", "StatefulSet"]
+    (server,) = [d for d in docs if d["kind"] == "Deployment"]
+    command = " ".join(server["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert "postgresql://" in command and "--artifacts-destination s3://" in command
+    assert kuberay.TRACKING_URI.startswith("http://mlflow.bireal.svc")

@@ -60,8 +60,8 @@ def step_throughput(config: TrainConfig, gpu: str, rows: list[dict]) -> Throughp
     exact = [
         r
         for r in on_gpu
-        if (r["arch"], r["model"], r["batch"], r["precision"])
-        == (config.arch, model, config.batch_size, config.precision)
+        if (r["arch"], r.get("stage", config.stage), r["model"], r["batch"], r["precision"])
+        == (config.arch, config.stage, model, config.batch_size, config.precision)
     ]
     if exact:
         r = exact[-1]
@@ -155,8 +155,9 @@ def plan(
     stages = [plan_stage(params, s, gpus, gpu, rows, upload_gb_s, efficiency) for s in trained_stages(params)]
     warnings = [p for p in reproduction_problems(params, gpus) if ".lr is" not in p]  # the plan scales the lr
     total = [s["wall_h"] for s in stages]
+    path = Path(params.path).resolve()
     return {
-        "params": str(params.path),
+        "params": str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path),
         "gpus": gpus,
         "gpu": gpu,
         "nodes": math.ceil(gpus / 8),

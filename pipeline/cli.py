@@ -115,7 +115,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     for stage in args.stage:  # in the order given; a failing stage stops the rest
         result = run_stage(stage, args.loaded, use_ray=not args.no_ray)
-        print(json.dumps(result, indent=2, default=str) if args.json else report_stage(stage, result, args.loaded))
+        # --json: one line per stage (JSON Lines), which `bireal submit` reads back from a job's log
+        print(json.dumps(result, default=str) if args.json else report_stage(stage, result, args.loaded), flush=True)
     return 0
 
 
@@ -219,6 +220,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from .adapters.ray_jobs import submit
+    from .profile_rules import reproduction_problems
+
+    problems = reproduction_problems(args.loaded)
+    if problems:  # before any job starts: the same rules as check-params
+        raise ValueError("\n".join(problems))
+    address = args.address or os.environ.get("RAY_ADDRESS", "")
+    if not address.startswith(("http://", "https://")):
+        raise ValueError(
+            f"bireal submit needs the cluster's dashboard address (--address http://HEAD:8265 or $RAY_ADDRESS), "
+            f"got {address!r}"
+        )
+    result = submit(args.loaded, args.stage, address, args.out, args.resubmit, args.python, timeout_s=args.timeout)
+    print(f"bireal submit: {result['id']} {result['status']}; wrote {', '.join(result['files'])}")
+    return 0
+
+
 def _cmd_plan(args: argparse.Namespace) -> int:
     from .params import ConfigError
     from .plan import format_plan, plan
@@ -312,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("stage", nargs="+", choices=tuple(STAGES_BY_NAME), help="one or more, run in this order")
     run.add_argument("--params", default=None, help=PARAMS_HELP)
     run.add_argument("--no-ray", action="store_true", help="train in this process")
-    run.add_argument("--json", action="store_true", help="print the stage's summary as JSON")
+    run.add_argument("--json", action="store_true", help="print each stage's summary as one JSON line")
     run.set_defaults(func=_cmd_run)
 
     summary = sub.add_parser("summary", help="what the last pipeline run made: accuracy, size, speed, registry")
@@ -413,6 +432,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--record", action="store_true", help="train: add the rows to bench/results/train_throughput.json"
     )
     bench.set_defaults(func=_cmd_bench)
+
+    submit_p = sub.add_parser("submit", help="a stage as a Ray job on a remote cluster (attach / fetch on rerun)")
+    submit_p.add_argument("--stage", required=True, choices=tuple(STAGES_BY_NAME))
+    submit_p.add_argument("--params", default=None, help=PARAMS_HELP)
+    submit_p.add_argument("--address", default=None, help="the cluster's dashboard, http://HEAD:8265 ($RAY_ADDRESS)")
+    submit_p.add_argument("--out", default="submitted", help="where the summary and pointer files go")
+    submit_p.add_argument(
+        "--resubmit", action="store_true", help="delete a FAILED/STOPPED job of this id, submit again"
+    )
+    submit_p.add_argument("--python", default="python", help="the cluster's Python with the project installed")
+    submit_p.add_argument("--timeout", type=float, default=None, help="stop waiting after this many seconds")
+    submit_p.set_defaults(func=_cmd_submit)
 
     plan = sub.add_parser("plan", help="wall time, GPU-hours, batch, lr, shards and checkpoints of a profile on N GPUs")
     plan.add_argument("--params", default=None, help=PARAMS_HELP)

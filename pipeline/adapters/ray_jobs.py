@@ -1,0 +1,158 @@
+"""``bireal submit``: a stage run as a Ray job on a remote cluster (Ray's job submission API), so
+that ``dvc repro`` or a laptop drives a cluster run without holding a Ray connection for hours.
+
+The submission id is ``<pipeline_run>-<stage>``: submitting again while the job runs attaches to it
+(its log streams from where it is), and after it succeeded fetches its outputs without running it
+again. A FAILED or STOPPED job's id cannot be reused by Ray: ``--resubmit`` deletes it and submits
+again, and the stage resumes from its checkpoints in storage (stable Ray run names).
+
+What comes back, into ``--out`` (default ``submitted/``): ``<stage>.json``, the stage's summary
+(what ``bireal run STAGE --json`` printed on the cluster), and for a training stage
+``<stage>.pointer.json`` per published checkpoint, ``{"uri", "sha256"}``: DVC 3 does not track
+outputs that live in S3, so the pointer files are the stage's DVC outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from .. import storage
+from ..params import Params
+
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+TRAINING = ("pretrain", "binarize", "finetune")
+
+
+def submission_id(params: Params, stage: str) -> str:
+    return f"{params.group}-{stage}"
+
+
+def job_status(client, sid: str) -> str | None:
+    """The job's status, or None when no job has this id."""
+    try:
+        return str(client.get_job_status(sid)).split(".")[-1]
+    except RuntimeError as e:  # the SDK raises RuntimeError("... does not exist") for an unknown id
+        if "does not exist" in str(e) or "not found" in str(e).lower():
+            return None
+        raise
+
+
+def staging_dir(params_file: Path) -> Path:
+    """The job's working_dir: the params file alone (the cluster's image holds the project)."""
+    folder = Path(tempfile.mkdtemp(prefix="bireal-submit-"))
+    shutil.copyfile(params_file, folder / "params.yaml")
+    return folder
+
+
+def submit_job(client, params: Params, stage: str, python: str) -> str:
+    sid = submission_id(params, stage)
+    folder = staging_dir(Path(params.path))
+    try:  # Ray uploads the working_dir during the call
+        client.submit_job(
+            entrypoint=f"{python} -m pipeline.cli run {stage} --params params.yaml --json",
+            submission_id=sid,
+            runtime_env={
+                "working_dir": str(folder),
+                "env_vars": {"BIREAL_PIPELINE_RUN": params.group},  # the same run names on every retry
+            },
+        )
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return sid
+
+
+def follow(client, sid: str, poll_s: float, timeout_s: float | None, echo=print) -> str:
+    """Poll until the job ends, echoing its new log lines; -> the final status."""
+    start, shown = time.monotonic(), 0
+    while True:
+        status = job_status(client, sid)
+        logs = client.get_job_logs(sid)
+        for line in logs.splitlines()[shown:]:
+            echo(f"[{sid}] {line}")
+        shown = len(logs.splitlines())
+        if status in TERMINAL:
+            return status
+        if timeout_s is not None and time.monotonic() - start > timeout_s:
+            raise TimeoutError(
+                f"job {sid} still {status} after {timeout_s:.0f} s (it keeps running; submit again to attach)"
+            )
+        time.sleep(poll_s)
+
+
+def stage_summary(logs: str) -> dict:
+    """The stage's summary: the last line of the job's log that ``bireal run STAGE --json`` wrote
+    (one JSON object per line; Ray's own log lines around it are skipped)."""
+    for line in reversed(logs.splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    raise ValueError("the job's log holds no stage summary (was it `bireal run STAGE --json`?)")
+
+
+def pointers(params: Params, stage: str) -> dict[str, dict]:
+    """Each checkpoint the stage published -> {uri, sha256} (read from the store's .sha256)."""
+    from ..train import published_names
+
+    if stage not in TRAINING:
+        return {}
+    config = params.train(stage, tuned=False)
+    if not config.artifacts:
+        return {}
+    out = {}
+    for name in published_names(config):
+        uri = storage.join(config.artifacts, f"{name}.safetensors")
+        out[name] = {"uri": uri, "sha256": storage.read_text(f"{uri}.sha256").strip()}
+    return out
+
+
+def write_outputs(out: Path, stage: str, summary: dict, refs: dict[str, dict]) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    written = [out / f"{stage}.json"]
+    written[0].write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    for name, ref in refs.items():
+        written.append(out / f"{name}.pointer.json")
+        written[-1].write_text(json.dumps(ref, indent=2) + "\n")
+    return written
+
+
+def submit(
+    params: Params,
+    stage: str,
+    address: str,
+    out: str | Path = "submitted",
+    resubmit: bool = False,
+    python: str = "python",
+    poll_s: float = 2.0,
+    timeout_s: float | None = None,
+    echo=print,
+) -> dict:
+    """Submit (or attach to, or fetch) the stage's job; -> {"id", "action", "status", "files"}."""
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(address)
+    sid = submission_id(params, stage)
+    status = job_status(client, sid)
+    if status in ("FAILED", "STOPPED"):
+        if not resubmit:
+            raise RuntimeError(
+                f"job {sid} is {status} and Ray does not reuse its id: run again with --resubmit (it deletes the "
+                f"job; the stage resumes from its checkpoints in storage), or `ray job delete {sid}`"
+            )
+        client.delete_job(sid)
+        status = None
+    action = {None: "submitted", "SUCCEEDED": "fetched"}.get(status, "attached")
+    if status is None:
+        submit_job(client, params, stage, python)
+    echo(f"bireal submit: {action} {sid} at {address}")
+    final = follow(client, sid, poll_s, timeout_s, echo=echo if action != "fetched" else (lambda line: None))
+    if final != "SUCCEEDED":
+        tail = "\n".join(client.get_job_logs(sid).splitlines()[-20:])
+        raise RuntimeError(f"job {sid} ended {final}; the end of its log:\n{tail}")
+    files = write_outputs(Path(out), stage, stage_summary(client.get_job_logs(sid)), pointers(params, stage))
+    return {"id": sid, "action": action, "status": final, "files": [str(f) for f in files]}

@@ -15,6 +15,8 @@ import pytest
 from pipeline.params import load_params
 from pipeline.storage import sha256_file
 
+ROOT = Path(__file__).resolve().parents[1]
+
 pytestmark = pytest.mark.e2e
 
 
@@ -109,3 +111,62 @@ def test_submit_needs_a_dashboard_address_and_a_sound_profile(demo_shards, tmp_p
     bad.write_text(bad.read_text().replace("num_workers: 4", "num_workers: 8"))
     assert main(["submit", "--stage", "binarize", "--params", str(bad), "--address", "http://127.0.0.1:1"]) == 2
     assert "binarize.lr is 0.001" in capsys.readouterr().err
+    # a from-scratch recipe has no pretrain stage: recorded as skipped, no job, no cluster needed
+    scratch = params_file(tmp_path, demo_shards, "scratch.yaml", pretrain={"phase_epochs": [0, 0, 0]})
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "submit",
+                "--stage",
+                "pretrain",
+                "--params",
+                str(scratch),
+                "--address",
+                "http://127.0.0.1:1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert "skipped" in json.loads((out / "pretrain.json").read_text())
+
+
+def test_dvc_drives_the_cluster_run_and_a_second_repro_does_nothing(dashboard, demo_shards, tmp_path):
+    """deploy/dvc.yaml in a new git repo: `dvc repro` submits pretrain, tune and binarize as jobs
+    and tracks what comes back; a second `dvc repro` submits nothing."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    (repo / "deploy").mkdir(parents=True)
+    shutil.copy(ROOT / "deploy" / "dvc.yaml", repo / "deploy" / "dvc.yaml")
+    params = params_file(repo, demo_shards, "tiny.yaml")
+    (repo / "deploy" / "dvc-run.yaml").write_text(
+        f"params: {params.name}\naddress: {dashboard}\nout: submitted\npython: {sys.executable}\n"
+    )
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env["BIREAL_PIPELINE_RUN"] = f"dvc-{tmp_path.name}"
+
+    def dvc(*args):
+        return subprocess.run(
+            [str(Path(sys.executable).parent / "dvc"), *args],
+            cwd=repo,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"]):
+        subprocess.run(cmd, cwd=repo, check=True)
+    assert dvc("init", "-q").returncode == 0
+    first = dvc("repro", "deploy/dvc.yaml:binarize")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    for stage in ("pretrain", "tune", "binarize"):
+        assert f"submitted dvc-{tmp_path.name}-{stage}" in first.stdout
+    pointer = json.loads((repo / "submitted" / "binarize" / "binarize.pointer.json").read_text())
+    assert sha256_file(pointer["uri"]) == pointer["sha256"]
+    second = dvc("repro", "deploy/dvc.yaml:binarize")
+    assert second.returncode == 0 and "submitted" not in second.stdout, second.stdout
+    assert "didn't change" in second.stdout or "up to date" in second.stdout

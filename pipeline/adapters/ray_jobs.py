@@ -135,8 +135,14 @@ def submit(
     """Submit (or attach to, or fetch) the stage's job; -> {"id", "action", "status", "files"}."""
     from ray.job_submission import JobSubmissionClient
 
-    client = JobSubmissionClient(address)
+    from ..profile_rules import trained_stages
+
     sid = submission_id(params, stage)
+    if stage == "pretrain" and stage not in trained_stages(params):  # a from-scratch recipe
+        files = write_outputs(Path(out), stage, {"skipped": "the recipe trains no real-valued twin"}, {})
+        echo(f"bireal submit: {sid} skipped: the recipe has no pretrain stage")
+        return {"id": sid, "action": "skipped", "status": "SKIPPED", "files": [str(f) for f in files]}
+    client = JobSubmissionClient(address)
     status = job_status(client, sid)
     if status in ("FAILED", "STOPPED"):
         if not resubmit:

@@ -19,6 +19,8 @@ LAYERS = [
             "pipeline.adapters.tracking",
             "pipeline.adapters.registry",
             "pipeline.adapters.pyfunc_model",
+            "pipeline.adapters.kuberay",
+            "pipeline.adapters.ray_jobs",
         },
     ),
     (
@@ -33,6 +35,9 @@ LAYERS = [
             "pipeline.demo",
             "pipeline.data_bench",
             "pipeline.summary",
+            "pipeline.profile_rules",
+            "pipeline.plan",
+            "pipeline.train_bench",
         },
     ),
     ("params", {"pipeline.params"}),

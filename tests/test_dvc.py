@@ -76,7 +76,7 @@ def test_repro_runs_every_stage_and_registers(dvc_copy):
     assert files["metrics/evaluate.json"]["data"]["images"] == 360
     assert (dvc_copy / "artifacts" / "model.safetensors").is_file()
     assert json.loads((dvc_copy / "tune" / "best.json").read_text())["config"]["init"] == "clip"
-    assert run([str(BIN / "dvc"), "status", "--json"], dvc_copy).stdout.strip() == "{}"
+    assert run([str(BIN / "dvc"), "status", "--json", "dvc.yaml"], dvc_copy).stdout.strip() == "{}"
 
 
 TRAINING = {"pretrain": 2, "binarize": 1, "finetune": 1}  # epochs each stage runs in the copy
@@ -124,7 +124,7 @@ def test_changing_one_param_reruns_only_dependents(dvc_copy):
     params = yaml.safe_load((dvc_copy / "params.yaml").read_text())
     params["finetune"]["lr"] = 0.0005
     (dvc_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    status = json.loads(run([str(BIN / "dvc"), "status", "--json"], dvc_copy).stdout)
+    status = json.loads(run([str(BIN / "dvc"), "status", "--json", "dvc.yaml"], dvc_copy).stdout)
     assert set(status) == {"finetune"}  # downstream stages follow when its outs change
     dry = run([str(BIN / "dvc"), "repro", "--dry"], dvc_copy).stdout
     assert "Running stage 'finetune'" in dry and "Running stage 'binarize'" not in dry

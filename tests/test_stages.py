@@ -13,11 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def dvc_stages():
-    """dvc.yaml as DVC resolves it (templating from params.yaml) -> {name: stage}."""
+    """The root dvc.yaml as DVC resolves it (templating from params.yaml) -> {name: stage}; the
+    cluster pipeline in deploy/dvc.yaml is tests/test_submit.py's."""
     from dvc.repo import Repo
 
     with Repo(str(ROOT)) as repo:
-        yield {stage.name: stage for stage in repo.index.stages}
+        root = [s for s in repo.index.stages if Path(s.dvcfile.path).resolve() == ROOT / "dvc.yaml"]
+        yield {stage.name: stage for stage in root}
 
 
 def _relative(path) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from bireal_core.checkpoint import read_header
 from cuda_ext.benchmarks import cpu_model
 from pipeline.params import load_params
-from pipeline.tune import CELL_KEYS, expected_trials, paper_cell, summarize, twin_folder
+from pipeline.tune import CELL_KEYS, expected_trials, local_grid, paper_cell, summarize, twin_folder
 
 TARGET = 0.70  # the issue's bar for the paper's cell (mean top-1 at width 0.25)
 
@@ -39,10 +39,17 @@ def twin_accuracies(params) -> dict[str, float]:
     return out
 
 
-def record(params_path: str, started: float, machine: str = "") -> dict:
+def finished_trials(params, partial: bool) -> list[dict]:
+    """The search's trials: from its table (tune.out/table.json), or with ``partial`` the trials of
+    the local grid (`bireal tune --no-ray`) that have finished so far, while it still runs."""
+    if partial:
+        return local_grid(params.tune, params.train("binarize", {"tuned_config": ""}))[2]
+    return json.loads((Path(params.tune.out) / "table.json").read_text())["trials"]
+
+
+def record(params_path: str, started: float, machine: str = "", partial: bool = False) -> dict:
     params = load_params(params_path)
-    tune_out = Path(params.tune.out)
-    searched = json.loads((tune_out / "table.json").read_text())["trials"]
+    searched = finished_trials(params, partial)
     # only trials that ran their whole budget: a search stopped early leaves running ones at fewer
     # epochs, and their last top-1 is not comparable
     trials = [t for t in searched if t["val_top1"] is not None and t["epochs"] == params.tune.epochs]
@@ -77,6 +84,7 @@ def record(params_path: str, started: float, machine: str = "") -> dict:
         "twins_float_top1": twin_accuracies(params),
         "trials": len(trials),
         "trials_planned": expected_trials(params.tune, arch),
+        "partial": partial,  # recorded while the search still ran
         "wall_s": round(time.time() - started),
         "machine": machine or f"{cpu_model()}, {os.cpu_count()} cores",
         "date": datetime.date.today().isoformat(),
@@ -109,8 +117,9 @@ def main() -> None:
     parser.add_argument("--params", required=True)
     parser.add_argument("--started", type=float, required=True, help="the run's start, seconds since the epoch")
     parser.add_argument("--out", default="bench/results/ablation.json")
+    parser.add_argument("--partial", action="store_true", help="the local grid's finished trials, while it runs")
     args = parser.parse_args()
-    write_record(record(args.params, args.started), args.out)
+    write_record(record(args.params, args.started, partial=args.partial), args.out)
 
 
 def write_record(rec: dict, out: str) -> None:

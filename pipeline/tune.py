@@ -158,20 +158,28 @@ def trial_row(trial: dict, val_top1: float | None, epochs: int, status: str = "T
     }
 
 
-def run_local(settings: TuneSettings, base: TrainConfig, on_trial=None) -> dict:
-    """The grid as ``max_concurrent`` local processes (``cpus_per_trial`` threads each; on a GPU
-    machine they share the GPU): the same trials, table and claims as the Ray Tune search.
-    Finished trials are kept: run it again after an interruption. ``on_trial(row, done, total)``."""
+def local_grid(settings: TuneSettings, base: TrainConfig) -> tuple[dict, Path, list[dict], list[dict]]:
+    """The local grid's state: (trial base, trials folder, rows of the finished trials, the
+    pending trials, each with its folder name)."""
     base_dict = trial_base(settings, base)
-    trials = [{**t, "name": trial_name(base_dict, t)} for t in local_trials(settings, base.arch)]
     folder = Path(base_dict["out"]) / "trials"
     rows, pending = [], []
-    for trial in trials:
+    for trial in local_trials(settings, base.arch):
+        trial = {**trial, "name": trial_name(base_dict, trial)}
         result = folder / trial["name"] / "result.json"
         if result.is_file():
             rows.append(json.loads(result.read_text()))
         else:
             pending.append(trial)
+    return base_dict, folder, rows, pending
+
+
+def run_local(settings: TuneSettings, base: TrainConfig, on_trial=None) -> dict:
+    """The grid as ``max_concurrent`` local processes (``cpus_per_trial`` threads each; on a GPU
+    machine they share the GPU): the same trials, table and claims as the Ray Tune search.
+    Finished trials are kept: run it again after an interruption. ``on_trial(row, done, total)``."""
+    base_dict, folder, rows, pending = local_grid(settings, base)
+    total = len(rows) + len(pending)
     threads = max(1, int(settings.cpus_per_trial))
     # spawn: a forked child would inherit the parent's CUDA state and thread pools
     with ProcessPoolExecutor(max(1, settings.max_concurrent), mp_context=get_context("spawn")) as pool:
@@ -179,9 +187,9 @@ def run_local(settings: TuneSettings, base: TrainConfig, on_trial=None) -> dict:
         for future in as_completed(futures):
             rows.append(future.result())
             if on_trial is not None:
-                on_trial(rows[-1], len(rows), len(trials))
+                on_trial(rows[-1], len(rows), total)
     summary = summarize(rows, settings, base.arch)
-    summary.update({"path": str(folder), "finished": len(rows) == len(trials)})
+    summary.update({"path": str(folder), "finished": len(rows) == total})
     return summary
 
 

@@ -434,7 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(func=_cmd_bench)
 
     submit_p = sub.add_parser("submit", help="a stage as a Ray job on a remote cluster (attach / fetch on rerun)")
-    submit_p.add_argument("--stage", required=True, choices=tuple(STAGES_BY_NAME))
+    submit_p.add_argument(
+        "--stage",
+        required=True,
+        action="append",
+        choices=tuple(STAGES_BY_NAME),
+        help="repeat to run several stages in one job (those that hand each other local files)",
+    )
     submit_p.add_argument("--params", default=None, help=PARAMS_HELP)
     submit_p.add_argument("--address", default=None, help="the cluster's dashboard, http://HEAD:8265 ($RAY_ADDRESS)")
     submit_p.add_argument("--out", default="submitted", help="where the summary and pointer files go")

@@ -134,8 +134,9 @@ def test_submit_needs_a_dashboard_address_and_a_sound_profile(demo_shards, tmp_p
 
 
 def test_dvc_drives_the_cluster_run_and_a_second_repro_does_nothing(dashboard, demo_shards, tmp_path):
-    """deploy/dvc.yaml in a new git repo: `dvc repro` submits pretrain, tune and binarize as jobs
-    and tracks what comes back; a second `dvc repro` submits nothing."""
+    """deploy/dvc.yaml in a new git repo: `dvc repro` submits every stage as a job (export, evaluate
+    and register as one, since they hand each other the artifact) and tracks what comes back; a
+    second `dvc repro` submits nothing."""
     import shutil
 
     repo = tmp_path / "repo"
@@ -161,12 +162,15 @@ def test_dvc_drives_the_cluster_run_and_a_second_repro_does_nothing(dashboard, d
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"]):
         subprocess.run(cmd, cwd=repo, check=True)
     assert dvc("init", "-q").returncode == 0
-    first = dvc("repro", "deploy/dvc.yaml:binarize")
+    first = dvc("repro", "deploy/dvc.yaml")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
-    for stage in ("pretrain", "tune", "binarize"):
-        assert f"submitted dvc-{tmp_path.name}-{stage}" in first.stdout
+    for job in ("pretrain", "tune", "binarize", "finetune", "export-evaluate-register"):
+        assert f"submitted dvc-{tmp_path.name}-{job} " in first.stdout, job
     pointer = json.loads((repo / "submitted" / "binarize" / "binarize.pointer.json").read_text())
     assert sha256_file(pointer["uri"]) == pointer["sha256"]
-    second = dvc("repro", "deploy/dvc.yaml:binarize")
+    evaluation = json.loads((repo / "submitted" / "package" / "evaluate.json").read_text())
+    assert evaluation["images"] > 0 and 0 <= evaluation["top1"] <= 1
+    assert json.loads((repo / "submitted" / "package" / "register.json").read_text())["version"]
+    second = dvc("repro", "deploy/dvc.yaml")
     assert second.returncode == 0 and "submitted" not in second.stdout, second.stdout
     assert "didn't change" in second.stdout or "up to date" in second.stdout

@@ -6,6 +6,10 @@ The submission id is ``<pipeline_run>-<stage>``: submitting again while the job 
 again. A FAILED or STOPPED job's id cannot be reused by Ray: ``--resubmit`` deletes it and submits
 again, and the stage resumes from its checkpoints in storage (stable Ray run names).
 
+Several stages may go as one job (``--stage export --stage evaluate --stage register``: the id joins
+their names): stages that hand each other local files (the packed artifact) must share a job, as
+each job has a working folder of its own.
+
 What comes back, into ``--out`` (default ``submitted/``): ``<stage>.json``, the stage's summary
 (what ``bireal run STAGE --json`` printed on the cluster), and for a training stage
 ``<stage>.pointer.json`` per published checkpoint, ``{"uri", "sha256"}``: DVC 3 does not track
@@ -27,8 +31,8 @@ TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 TRAINING = ("pretrain", "binarize", "finetune")
 
 
-def submission_id(params: Params, stage: str) -> str:
-    return f"{params.group}-{stage}"
+def submission_id(params: Params, stages: list[str]) -> str:
+    return f"{params.group}-{'-'.join(stages)}"
 
 
 def job_status(client, sid: str) -> str | None:
@@ -48,12 +52,12 @@ def staging_dir(params_file: Path) -> Path:
     return folder
 
 
-def submit_job(client, params: Params, stage: str, python: str) -> str:
-    sid = submission_id(params, stage)
+def submit_job(client, params: Params, stages: list[str], python: str) -> str:
+    sid = submission_id(params, stages)
     folder = staging_dir(Path(params.path))
     try:  # Ray uploads the working_dir during the call
         client.submit_job(
-            entrypoint=f"{python} -m pipeline.cli run {stage} --params params.yaml --json",
+            entrypoint=f"{python} -m pipeline.cli run {' '.join(stages)} --params params.yaml --json",
             submission_id=sid,
             runtime_env={
                 "working_dir": str(folder),
@@ -83,16 +87,19 @@ def follow(client, sid: str, poll_s: float, timeout_s: float | None, echo=print)
         time.sleep(poll_s)
 
 
-def stage_summary(logs: str) -> dict:
-    """The stage's summary: the last line of the job's log that ``bireal run STAGE --json`` wrote
-    (one JSON object per line; Ray's own log lines around it are skipped)."""
-    for line in reversed(logs.splitlines()):
+def stage_summaries(logs: str, stages: list[str]) -> dict[str, dict]:
+    """Each stage's summary: the last JSON lines of the job's log, one per stage in order, as
+    ``bireal run STAGE... --json`` writes them (Ray's own log lines around them are skipped)."""
+    found = []
+    for line in logs.splitlines():
         if line.startswith("{"):
             try:
-                return json.loads(line)
+                found.append(json.loads(line))
             except ValueError:
                 continue
-    raise ValueError("the job's log holds no stage summary (was it `bireal run STAGE --json`?)")
+    if len(found) < len(stages):
+        raise ValueError(f"the job's log holds {len(found)} stage summaries for {len(stages)} stages {stages}")
+    return dict(zip(stages, found[-len(stages) :]))
 
 
 def pointers(params: Params, stage: str) -> dict[str, dict]:
@@ -111,10 +118,12 @@ def pointers(params: Params, stage: str) -> dict[str, dict]:
     return out
 
 
-def write_outputs(out: Path, stage: str, summary: dict, refs: dict[str, dict]) -> list[Path]:
+def write_outputs(out: Path, summaries: dict[str, dict], refs: dict[str, dict]) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    written = [out / f"{stage}.json"]
-    written[0].write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    written = []
+    for stage, summary in summaries.items():
+        written.append(out / f"{stage}.json")
+        written[-1].write_text(json.dumps(summary, indent=2, default=str) + "\n")
     for name, ref in refs.items():
         written.append(out / f"{name}.pointer.json")
         written[-1].write_text(json.dumps(ref, indent=2) + "\n")
@@ -123,7 +132,7 @@ def write_outputs(out: Path, stage: str, summary: dict, refs: dict[str, dict]) -
 
 def submit(
     params: Params,
-    stage: str,
+    stages: list[str] | str,
     address: str,
     out: str | Path = "submitted",
     resubmit: bool = False,
@@ -132,14 +141,15 @@ def submit(
     timeout_s: float | None = None,
     echo=print,
 ) -> dict:
-    """Submit (or attach to, or fetch) the stage's job; -> {"id", "action", "status", "files"}."""
+    """Submit (or attach to, or fetch) the stages' job; -> {"id", "action", "status", "files"}."""
     from ray.job_submission import JobSubmissionClient
 
     from ..profile_rules import trained_stages
 
-    sid = submission_id(params, stage)
-    if stage == "pretrain" and stage not in trained_stages(params):  # a from-scratch recipe
-        files = write_outputs(Path(out), stage, {"skipped": "the recipe trains no real-valued twin"}, {})
+    stages = [stages] if isinstance(stages, str) else list(stages)
+    sid = submission_id(params, stages)
+    if stages == ["pretrain"] and "pretrain" not in trained_stages(params):  # a from-scratch recipe
+        files = write_outputs(Path(out), {"pretrain": {"skipped": "the recipe trains no real-valued twin"}}, {})
         echo(f"bireal submit: {sid} skipped: the recipe has no pretrain stage")
         return {"id": sid, "action": "skipped", "status": "SKIPPED", "files": [str(f) for f in files]}
     client = JobSubmissionClient(address)
@@ -154,11 +164,12 @@ def submit(
         status = None
     action = {None: "submitted", "SUCCEEDED": "fetched"}.get(status, "attached")
     if status is None:
-        submit_job(client, params, stage, python)
+        submit_job(client, params, stages, python)
     echo(f"bireal submit: {action} {sid} at {address}")
     final = follow(client, sid, poll_s, timeout_s, echo=echo if action != "fetched" else (lambda line: None))
     if final != "SUCCEEDED":
         tail = "\n".join(client.get_job_logs(sid).splitlines()[-20:])
         raise RuntimeError(f"job {sid} ended {final}; the end of its log:\n{tail}")
-    files = write_outputs(Path(out), stage, stage_summary(client.get_job_logs(sid)), pointers(params, stage))
+    refs = {name: ref for stage in stages for name, ref in pointers(params, stage).items()}
+    files = write_outputs(Path(out), stage_summaries(client.get_job_logs(sid), stages), refs)
     return {"id": sid, "action": action, "status": final, "files": [str(f) for f in files]}

@@ -447,7 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit_p.add_argument(
         "--resubmit", action="store_true", help="delete a FAILED/STOPPED job of this id, submit again"
     )
-    submit_p.add_argument("--python", default="python", help="the cluster's Python with the project installed")
+    submit_p.add_argument(
+        "--python", default=None, help="the cluster's Python with the project ($BIREAL_JOB_PYTHON, else python)"
+    )
     submit_p.add_argument("--timeout", type=float, default=None, help="stop waiting after this many seconds")
     submit_p.set_defaults(func=_cmd_submit)
 

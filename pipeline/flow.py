@@ -9,6 +9,9 @@ accuracy, cost and registry version.
 
 Without a Prefect server the flow runs directly (Prefect starts a temporary API); the deployment
 (``pipeline/serve_flow.py``) serves it to a server, see docs/orchestration.md.
+With a cluster's job server (``submit_to``, or ``ray.address: http://HEAD:8265``) every stage runs
+there as a Ray job through ``bireal submit``'s path (``pipeline/adapters/ray_jobs.py``), export,
+evaluate and register as one job; the flow keeps the summaries and pointer files in ``submitted/``.
 """
 
 from __future__ import annotations
@@ -64,14 +67,33 @@ def stage_task(name: str, params_path: str, use_ray: bool, inputs: str) -> dict:
     return json.loads(json.dumps(result, default=str))  # a plain, persistable summary
 
 
-@flow(name="bireal-pipeline", log_prints=True)
-def bireal_pipeline(params_path: str = "params.yaml", use_ray: bool = True, register_model: bool = True) -> dict:
-    """shard -> pretrain -> tune -> binarize -> finetune -> export -> evaluate -> register."""
-    params = load_params(params_path)  # a bad params file fails before any stage
+@task(cache_policy=CACHE, persist_result=True)
+def job_task(names: list[str], params_path: str, address: str, inputs: str) -> dict:
+    """Stages as one Ray job on the cluster behind ``address``; -> {stage: its summary}."""
+    from .adapters.ray_jobs import submit
+
+    result = submit(load_params(params_path), names, address, out=f"submitted/{'-'.join(names)}")
+    return json.loads(json.dumps(result["summaries"], default=str))
+
+
+def submitted_stages(params: Params, params_path: str, address: str, names: list[str]) -> dict:
+    from .adapters.ray_jobs import job_groups
+
+    specs = {spec.name: spec for spec in STAGE_TABLE}
     results = {}
-    for spec in STAGE_TABLE:
-        if spec.name == "register" and not register_model:
-            continue
+    for group in job_groups(names):
+        inputs = "".join(stage_inputs(specs[n], params) for n in group)
+        options = {"retries": 1, "retry_delay_seconds": 5, "task_run_name": "+".join(group)}
+        if "register" in group:  # a registry write is never skipped from cache
+            options["cache_policy"] = None
+        results.update(job_task.with_options(**options)(group, params_path, address, inputs))
+    return results
+
+
+def local_stages(params: Params, params_path: str, use_ray: bool, names: list[str]) -> dict:
+    """Each stage as a task in this process (its training as Ray jobs of ``ray.address``)."""
+    results = {}
+    for spec in (s for s in STAGE_TABLE if s.name in names):
         retries = 2 if spec.name == "register" else (1 if spec.uses_ray else 0)
         options = {"retries": retries, "retry_delay_seconds": 5, "task_run_name": spec.name}
         if spec.name == "register":  # a registry write is never skipped from cache
@@ -79,6 +101,24 @@ def bireal_pipeline(params_path: str = "params.yaml", use_ray: bool = True, regi
         results[spec.name] = stage_task.with_options(**options)(
             spec.name, params_path, use_ray, stage_inputs(spec, params)
         )
+    return results
+
+
+@flow(name="bireal-pipeline", log_prints=True)
+def bireal_pipeline(
+    params_path: str = "params.yaml", use_ray: bool = True, register_model: bool = True, submit_to: str = ""
+) -> dict:
+    """shard -> pretrain -> tune -> binarize -> finetune -> export -> evaluate -> register.
+    ``submit_to`` (or an http ``ray.address``): a cluster's job server that runs the stages."""
+    from .adapters.ray_jobs import is_job_server
+
+    params = load_params(params_path)  # a bad params file fails before any stage
+    names = [spec.name for spec in STAGE_TABLE if register_model or spec.name != "register"]
+    address = submit_to or (params.ray.address if is_job_server(params.ray.address) else "")
+    if address:
+        results = submitted_stages(params, params_path, address, names)
+    else:
+        results = local_stages(params, params_path, use_ray, names)
     summary = _summary(results)
     create_markdown_artifact(
         key="bireal-pipeline-summary",

@@ -73,3 +73,56 @@ def test_flow_runs_caches_and_summarizes(prefect_harness, ray_local, demo_shards
     assert len(stage_runs()) == 3
     assert again["registry"]["duplicate"] and again["registry"]["version"] == 1
     assert again["evaluation"] == summary["evaluation"]
+
+
+def test_flow_runs_each_stage_as_a_job_on_a_job_server(prefect_harness, ray_local, tmp_path, monkeypatch):
+    """With a cluster's job server the same flow submits its stages (`bireal submit`'s path): one
+    job per stage, export + evaluate + register as one; a rerun submits nothing."""
+    import sys
+
+    from ray.job_submission import JobSubmissionClient
+
+    from pipeline.flow import bireal_pipeline
+
+    dashboard = f"http://{ray_local._private.worker.global_worker.node.address_info['webui_url']}"
+    params = {
+        "data": {"source": "demo"},
+        "shard": {"samples_per_shard": 100, "processes": 1},
+        "train": {
+            "shards": str(tmp_path / "shards"),
+            "out": str(tmp_path / "ckpt"),
+            "width": 0.25,
+            "batch_size": 32,
+            "max_steps_per_epoch": 3,
+        },
+        "pretrain": {"phase_epochs": [1, 0, 1]},
+        "binarize": {"epochs": 1},
+        "finetune": {"epochs": 1},
+        "tune": {"enabled": False, "out": str(tmp_path / "tune")},
+        "ray": {"num_workers": 1, "storage_path": str(tmp_path / "ray_results")},
+        "mlflow": {
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "artifact_location": str(tmp_path / "mlartifacts"),
+            "experiment": "flow-jobs",
+        },
+        "registry": {"model_name": "flow-jobs"},
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BIREAL_PIPELINE_RUN", f"flow-{tmp_path.name}")
+    monkeypatch.setenv("BIREAL_JOB_PYTHON", sys.executable)  # the "cluster's" Python: this venv's
+    summary = bireal_pipeline(str(path), submit_to=dashboard)
+    assert summary["evaluation"]["images"] == 360 and summary["registry"]["version"] == 1
+    assert summary["ran"] == [s.name for s in STAGE_TABLE]
+    jobs = {j.submission_id for j in JobSubmissionClient(dashboard).list_jobs()}
+    run = f"flow-{tmp_path.name}"
+    expected = {f"{run}-{s}" for s in ("shard", "pretrain", "tune", "binarize", "finetune")}
+    assert expected | {f"{run}-export-evaluate-register"} <= jobs
+    assert (tmp_path / "submitted" / "binarize" / "binarize.json").is_file()
+    assert not (tmp_path / "artifacts").exists()  # the artifact was made in the job, not here
+    # a rerun: the training stages from Prefect's cache; the package job, never cached (it
+    # registers), is found finished under its id and fetched, not run again
+    again = bireal_pipeline(str(path), submit_to=dashboard)
+    assert again["evaluation"] == summary["evaluation"] and again["registry"] == summary["registry"]
+    assert {j.submission_id for j in JobSubmissionClient(dashboard).list_jobs()} == jobs

@@ -19,6 +19,7 @@ outputs that live in S3, so the pointer files are the stage's DVC outputs.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -28,7 +29,26 @@ from .. import storage
 from ..params import Params
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+PYTHON_ENV = "BIREAL_JOB_PYTHON"  # the cluster's Python with the project installed (default: python)
 TRAINING = ("pretrain", "binarize", "finetune")
+# stages that hand each other local files (the packed artifact): they go as one job
+PACKAGE = ("export", "evaluate", "register")
+
+
+def job_groups(stages: list[str]) -> list[list[str]]:
+    """The stages in order, as the jobs that run them: each alone, the package stages together."""
+    groups: list[list[str]] = []
+    for stage in stages:
+        if stage in PACKAGE and groups and groups[-1][0] in PACKAGE:
+            groups[-1].append(stage)
+        else:
+            groups.append([stage])
+    return groups
+
+
+def is_job_server(address: str) -> bool:
+    """``ray.address`` as a cluster's job server (http://HEAD:8265): stages are submitted there."""
+    return address.startswith(("http://", "https://"))
 
 
 def submission_id(params: Params, stages: list[str]) -> str:
@@ -136,22 +156,31 @@ def submit(
     address: str,
     out: str | Path = "submitted",
     resubmit: bool = False,
-    python: str = "python",
+    python: str | None = None,
     poll_s: float = 2.0,
     timeout_s: float | None = None,
     echo=print,
 ) -> dict:
-    """Submit (or attach to, or fetch) the stages' job; -> {"id", "action", "status", "files"}."""
+    """Submit (or attach to, or fetch) the stages' job; -> {"id", "action", "status", "files",
+    "summaries": {stage: its summary}}."""
     from ray.job_submission import JobSubmissionClient
 
     from ..profile_rules import trained_stages
 
     stages = [stages] if isinstance(stages, str) else list(stages)
+    python = python or os.environ.get(PYTHON_ENV, "python")
     sid = submission_id(params, stages)
     if stages == ["pretrain"] and "pretrain" not in trained_stages(params):  # a from-scratch recipe
         files = write_outputs(Path(out), {"pretrain": {"skipped": "the recipe trains no real-valued twin"}}, {})
         echo(f"bireal submit: {sid} skipped: the recipe has no pretrain stage")
-        return {"id": sid, "action": "skipped", "status": "SKIPPED", "files": [str(f) for f in files]}
+        summaries = {"pretrain": {"skipped": "the recipe trains no real-valued twin"}}
+        return {
+            "id": sid,
+            "action": "skipped",
+            "status": "SKIPPED",
+            "files": [str(f) for f in files],
+            "summaries": summaries,
+        }
     client = JobSubmissionClient(address)
     status = job_status(client, sid)
     if status in ("FAILED", "STOPPED"):
@@ -171,5 +200,6 @@ def submit(
         tail = "\n".join(client.get_job_logs(sid).splitlines()[-20:])
         raise RuntimeError(f"job {sid} ended {final}; the end of its log:\n{tail}")
     refs = {name: ref for stage in stages for name, ref in pointers(params, stage).items()}
-    files = write_outputs(Path(out), stage_summaries(client.get_job_logs(sid), stages), refs)
-    return {"id": sid, "action": action, "status": final, "files": [str(f) for f in files]}
+    summaries = stage_summaries(client.get_job_logs(sid), stages)
+    files = write_outputs(Path(out), summaries, refs)
+    return {"id": sid, "action": action, "status": final, "files": [str(f) for f in files], "summaries": summaries}

@@ -109,6 +109,8 @@ def ensure_ray(cfg: RayConfig):
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+    if address.startswith(("http://", "https://")):  # a cluster's job server: this driver runs in a
+        address = "auto"  # job that `bireal submit` or the flow submitted there, on that cluster
     # workers' and Train's own output (per-report dumps) reach the terminal only with `bireal --verbose`;
     # they are in the session's log files either way
     common = {"log_to_driver": verbose(), "runtime_env": job_runtime_env(cfg) or None}

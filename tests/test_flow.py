@@ -17,16 +17,13 @@ def prefect_harness():
         yield
 
 
-def test_flow_runs_caches_and_summarizes(prefect_harness, ray_local, demo_shards, tmp_path, monkeypatch):
-    from prefect.artifacts import Artifact
-
-    from pipeline.flow import bireal_pipeline
-
+def flow_params(tmp_path, shards, experiment: str, **sections) -> dict:
+    """Tiny settings for a whole flow run, everything under tmp_path; ``sections`` replace."""
     params = {
         "data": {"source": "demo"},
         "shard": {"samples_per_shard": 100},
         "train": {
-            "shards": str(demo_shards),
+            "shards": str(shards),
             "out": str(tmp_path / "ckpt"),
             "width": 0.25,
             "batch_size": 32,
@@ -45,10 +42,19 @@ def test_flow_runs_caches_and_summarizes(prefect_harness, ray_local, demo_shards
         "mlflow": {
             "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
             "artifact_location": str(tmp_path / "mlartifacts"),
-            "experiment": "flow-test",
+            "experiment": experiment,
         },
-        "registry": {"model_name": "flow-test"},
+        "registry": {"model_name": experiment},
     }
+    return {**params, **sections}
+
+
+def test_flow_runs_caches_and_summarizes(prefect_harness, ray_local, demo_shards, tmp_path, monkeypatch):
+    from prefect.artifacts import Artifact
+
+    from pipeline.flow import bireal_pipeline
+
+    params = flow_params(tmp_path, demo_shards, "flow-test")
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)  # metrics/, artifacts/ land in the temp folder
@@ -85,28 +91,13 @@ def test_flow_runs_each_stage_as_a_job_on_a_job_server(prefect_harness, ray_loca
     from pipeline.flow import bireal_pipeline
 
     dashboard = f"http://{ray_local._private.worker.global_worker.node.address_info['webui_url']}"
-    params = {
-        "data": {"source": "demo"},
-        "shard": {"samples_per_shard": 100, "processes": 1},
-        "train": {
-            "shards": str(tmp_path / "shards"),
-            "out": str(tmp_path / "ckpt"),
-            "width": 0.25,
-            "batch_size": 32,
-            "max_steps_per_epoch": 3,
-        },
-        "pretrain": {"phase_epochs": [1, 0, 1]},
-        "binarize": {"epochs": 1},
-        "finetune": {"epochs": 1},
-        "tune": {"enabled": False, "out": str(tmp_path / "tune")},
-        "ray": {"num_workers": 1, "storage_path": str(tmp_path / "ray_results")},
-        "mlflow": {
-            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
-            "artifact_location": str(tmp_path / "mlartifacts"),
-            "experiment": "flow-jobs",
-        },
-        "registry": {"model_name": "flow-jobs"},
-    }
+    params = flow_params(
+        tmp_path,
+        tmp_path / "shards",
+        "flow-jobs",
+        tune={"enabled": False, "out": str(tmp_path / "tune")},
+        ray={"num_workers": 1, "storage_path": str(tmp_path / "ray_results")},
+    )
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)

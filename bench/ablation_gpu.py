@@ -23,7 +23,7 @@ from bench.ablation_results import record, write_record
 from bench.cifar10_gpu import machine_name
 from pipeline.params import TrainConfig, load_params
 from pipeline.stages import other_twins, twin_missing
-from pipeline.tune import local_trials, run_local, write_outputs
+from pipeline.tune import format_trial, local_trials, run_local, write_outputs
 
 PROFILE = "pipeline/configs/cifar10_ablation_gpu.yaml"
 
@@ -43,16 +43,14 @@ def twins_to_train(params) -> list[TrainConfig]:
     base = params.train("binarize", {"tuned_config": ""})
     main = params.train("pretrain")
     inits = {"relu", "clip"} | ({"relu_control"} if main.relu_control else set())
-    return [main] * twin_missing(main, inits) + [
-        c for c, needed in other_twins(params, base) if twin_missing(c, needed)
-    ]
+    twins = [(main, inits), *other_twins(params, base)]
+    return [config for config, needed in twins if twin_missing(config, needed)]
 
 
 def trial_writer(progress: Path | None, started: float):
     def write(row: dict, done: int, total: int) -> None:
         row = {**row, "wall_s": round(time.time() - started)}
-        cell = " ".join(str(row[k]) for k in ("arch", "activation", "weight_gradient", "init", "two_step"))
-        print(f"trial {done:>2}/{total} {cell} seed {row['seed']}: {row['val_top1']:.4f} (wall {row['wall_s']} s)")
+        print(f"{format_trial(row, done, total)} (wall {row['wall_s']} s)", flush=True)
         if progress is not None:
             with progress.open("a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -221,14 +221,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from .adapters.ray_jobs import submit
+    from .adapters.ray_jobs import is_job_server, submit
     from .profile_rules import reproduction_problems
 
     problems = reproduction_problems(args.loaded)
     if problems:  # before any job starts: the same rules as check-params
         raise ValueError("\n".join(problems))
     address = args.address or os.environ.get("RAY_ADDRESS", "")
-    if not address.startswith(("http://", "https://")):
+    if not is_job_server(address):
         raise ValueError(
             f"bireal submit needs the cluster's dashboard address (--address http://HEAD:8265 or $RAY_ADDRESS), "
             f"got {address!r}"

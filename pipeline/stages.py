@@ -124,8 +124,9 @@ def tune(params: Params, use_ray: bool = True) -> dict:
 
 
 def print_trial(row: dict, done: int, total: int) -> None:
-    cell = " ".join(f"{k}={row[k]}" for k in ("arch", "activation", "weight_gradient", "init", "two_step"))
-    print(f"tune: trial {done}/{total} {cell} seed={row['seed']}: val top-1 {row['val_top1']:.4f}", flush=True)
+    from .tune import format_trial
+
+    print(f"tune: {format_trial(row, done, total)}", flush=True)
 
 
 def other_twins(params: Params, base: TrainConfig) -> list[tuple[TrainConfig, set[str]]]:
@@ -146,12 +147,16 @@ def other_twins(params: Params, base: TrainConfig) -> list[tuple[TrainConfig, se
     return out
 
 
+def twin_source(config: TrainConfig) -> str:
+    """Where a twin's checkpoints are: where it publishes them, else its local out."""
+    return config.artifacts or config.out
+
+
 def twin_missing(config: TrainConfig, inits: set[str]) -> bool:
     """Whether any of these inits' checkpoints is absent where the twin publishes."""
     from . import storage
 
-    source = config.artifacts or config.out
-    return not all(storage.exists(storage.join(source, f"pretrain-{init}.safetensors")) for init in inits)
+    return not all(storage.exists(storage.join(twin_source(config), f"pretrain-{i}.safetensors")) for i in inits)
 
 
 def pretrain_other_twins(params: Params, base: TrainConfig) -> list[str]:
@@ -163,11 +168,11 @@ def pretrain_other_twins(params: Params, base: TrainConfig) -> list[str]:
         if twin_missing(config, inits):
             print(
                 f"tune: pretraining the {config.arch} twin for its cells ({', '.join(sorted(inits))}) in "
-                f"{config.artifacts or config.out}",
+                f"{twin_source(config)}",
                 flush=True,
             )
             train_loop(config)
-        done.append(config.artifacts or config.out)
+        done.append(twin_source(config))
     return done
 
 

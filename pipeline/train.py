@@ -215,6 +215,14 @@ class Segment:
     side: bool = False  # a side branch (the ablation's control): not the stage's result
 
 
+def stage_input_config(config: TrainConfig) -> dict:
+    """The stem's input settings with the stage's augmentation (``auto``: the stem's own)."""
+    input_config = bc.default_input_config(config.stem)
+    if config.augment != "auto":
+        input_config["augment"] = config.augment
+    return input_config
+
+
 def stage_checkpoint(config: TrainConfig, name: str, folder: str = "") -> Path:
     """Checkpoint ``name`` of the stages, in ``folder`` (default: the config's ``out``)."""
     return Path(folder or config.out) / f"{name}.safetensors"
@@ -577,9 +585,7 @@ def train_loop(
     device = runtime.device()
     torch.manual_seed(config.seed + runtime.rank)
     manifest = read_manifest(config.shards)
-    input_config = bc.default_input_config(config.stem)
-    if config.augment != "auto":
-        input_config["augment"] = config.augment
+    input_config = stage_input_config(config)
     data = DataSpec(manifest, input_config, eval_split_name(manifest))
     plan = segments(config, len(manifest["classes"]))
     progress = resume_progress(config, runtime, plan)

@@ -18,7 +18,6 @@ import datetime
 import json
 import statistics
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,13 +58,12 @@ def synthetic_batches(batch: int, size: int, num_classes: int, device: torch.dev
 
 def step_rate(config: TrainConfig, device: torch.device, steps: int = 20, warmup: int = 5, runs: int = 3) -> float:
     """Median img/s of ``train_one_epoch`` over ``runs`` runs of ``steps`` steps, after ``warmup``."""
-    import bireal_core as bc
 
-    from .train import make_optimizer, train_one_epoch
+    from .train import make_optimizer, stage_input_config, train_one_epoch
 
     model = bench_model(config).to(device)
     optimizer = make_optimizer(model, config)
-    size = bc.default_input_config(config.stem)["size"]
+    size = stage_input_config(config)["size"]
     amp = config.precision == "bf16" and device.type == "cuda"
 
     def run(n: int) -> float:
@@ -78,20 +76,19 @@ def step_rate(config: TrainConfig, device: torch.device, steps: int = 20, warmup
 
 def augmentation(config: TrainConfig) -> str:
     """The training augmentation the stage uses (``auto``: its stem's)."""
-    import bireal_core as bc
+    from .train import stage_input_config
 
-    return bc.default_input_config(config.stem)["augment"] if config.augment == "auto" else config.augment
+    return stage_input_config(config)["augment"]
 
 
 def loader_rate(config: TrainConfig, images: int = 600) -> float:
     """img/s of one loader process (this process, workers=0) over generated ImageNet-size shards."""
-    import bireal_core as bc
-
     from .data import make_loader
-    from .data_bench import make_imagenet_like
+    from .data_bench import _time_loader, make_imagenet_like
     from .shard import ShardParams, shard_dataset
+    from .train import stage_input_config
 
-    input_config = {**bc.default_input_config(config.stem), "augment": augmentation(config)}
+    input_config = stage_input_config(config)
     with tempfile.TemporaryDirectory() as tmp:
         source = make_imagenet_like(Path(tmp) / "src", images)
         shard_dataset(str(source), f"{tmp}/shards", ShardParams(resize=256, samples_per_shard=100), progress_bar=False)
@@ -99,10 +96,8 @@ def loader_rate(config: TrainConfig, images: int = 600) -> float:
         batches, _ = make_loader(
             f"{tmp}/shards", "train", input_config, batch, train=True, workers=0, pca_lighting=config.pca_lighting
         )
-        start, seen = time.perf_counter(), 0
-        for x, _ in batches:
-            seen += x.shape[0]
-        return seen / (time.perf_counter() - start)
+        seconds, seen = _time_loader(batches)
+        return seen / seconds
 
 
 def print_row(row: dict) -> None:

@@ -145,6 +145,12 @@ def _run_local_trial(trial: dict, base: dict, folder: str, threads: int) -> dict
     return row
 
 
+def format_trial(row: dict, done: int, total: int) -> str:
+    """A finished trial as one line of progress."""
+    cell = " ".join(f"{k}={row[k]}" for k in ("arch", "activation", "weight_gradient", "init", "two_step"))
+    return f"trial {done}/{total} {cell} seed={row['seed']}: val top-1 {row['val_top1']:.4f}"
+
+
 def trial_row(trial: dict, val_top1: float | None, epochs: int, status: str = "TERMINATED") -> dict:
     """A trial as the table reads it (the Ray Tune adapter writes the same rows)."""
     return {

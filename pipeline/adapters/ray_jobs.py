@@ -89,17 +89,18 @@ def submit_job(client, params: Params, stages: list[str], python: str) -> str:
     return sid
 
 
-def follow(client, sid: str, poll_s: float, timeout_s: float | None, echo=print) -> str:
-    """Poll until the job ends, echoing its new log lines; -> the final status."""
+def follow(client, sid: str, poll_s: float, timeout_s: float | None, echo=print) -> tuple[str, str]:
+    """Poll until the job ends, echoing its new log lines; -> (the final status, the whole log)."""
     start, shown = time.monotonic(), 0
     while True:
         status = job_status(client, sid)
-        logs = client.get_job_logs(sid)
-        for line in logs.splitlines()[shown:]:
+        logs = client.get_job_logs(sid)  # read after the status: a finished job's log is complete
+        lines = logs.splitlines()
+        for line in lines[shown:]:
             echo(f"[{sid}] {line}")
-        shown = len(logs.splitlines())
+        shown = len(lines)
         if status in TERMINAL:
-            return status
+            return status, logs
         if timeout_s is not None and time.monotonic() - start > timeout_s:
             raise TimeoutError(
                 f"job {sid} still {status} after {timeout_s:.0f} s (it keeps running; submit again to attach)"
@@ -171,9 +172,9 @@ def submit(
     python = python or os.environ.get(PYTHON_ENV, "python")
     sid = submission_id(params, stages)
     if stages == ["pretrain"] and "pretrain" not in trained_stages(params):  # a from-scratch recipe
-        files = write_outputs(Path(out), {"pretrain": {"skipped": "the recipe trains no real-valued twin"}}, {})
-        echo(f"bireal submit: {sid} skipped: the recipe has no pretrain stage")
         summaries = {"pretrain": {"skipped": "the recipe trains no real-valued twin"}}
+        files = write_outputs(Path(out), summaries, {})
+        echo(f"bireal submit: {sid} skipped: the recipe has no pretrain stage")
         return {
             "id": sid,
             "action": "skipped",
@@ -195,11 +196,11 @@ def submit(
     if status is None:
         submit_job(client, params, stages, python)
     echo(f"bireal submit: {action} {sid} at {address}")
-    final = follow(client, sid, poll_s, timeout_s, echo=echo if action != "fetched" else (lambda line: None))
+    final, logs = follow(client, sid, poll_s, timeout_s, echo=echo if action != "fetched" else (lambda line: None))
     if final != "SUCCEEDED":
-        tail = "\n".join(client.get_job_logs(sid).splitlines()[-20:])
+        tail = "\n".join(logs.splitlines()[-20:])
         raise RuntimeError(f"job {sid} ended {final}; the end of its log:\n{tail}")
     refs = {name: ref for stage in stages for name, ref in pointers(params, stage).items()}
-    summaries = stage_summaries(client.get_job_logs(sid), stages)
+    summaries = stage_summaries(logs, stages)
     files = write_outputs(Path(out), summaries, refs)
     return {"id": sid, "action": action, "status": final, "files": [str(f) for f in files], "summaries": summaries}

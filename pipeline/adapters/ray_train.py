@@ -22,6 +22,7 @@ from .. import storage
 from ..env import apply_local_ray_defaults, verbose
 from ..params import MlflowConfig, RayConfig, TrainConfig
 from ..train import Runtime, load_train_state, published_names, stage_checkpoint, train_loop
+from .ray_jobs import is_job_server
 
 
 class RayRuntime(Runtime):
@@ -109,7 +110,7 @@ def ensure_ray(cfg: RayConfig):
     if ray.is_initialized():
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
-    if address.startswith(("http://", "https://")):  # a cluster's job server: this driver runs in a
+    if is_job_server(address):  # a cluster's job server: this driver runs in a
         address = "auto"  # job that `bireal submit` or the flow submitted there, on that cluster
     # workers' and Train's own output (per-report dumps) reach the terminal only with `bireal --verbose`;
     # they are in the session's log files either way

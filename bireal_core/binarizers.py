@@ -31,40 +31,45 @@ class _SignWithGrad(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         (x,) = ctx.saved_tensors
         if ctx.kind == "approx":
-            # d/dx of the piecewise polynomial F: 2 + 2x on [-1, 0), 2 - 2x on [0, 1), else 0
-            local = torch.clamp(2.0 - 2.0 * x.abs(), min=0.0)
-        elif ctx.kind == "ste":
-            local = (x.abs() <= 1.0).to(grad_out.dtype)
-        else:  # identity
-            return grad_out, None
-        return grad_out * local, None
+            return grad_out * approx_sign_grad(x), None
+        if ctx.kind == "ste":
+            return grad_out * (x.abs() <= 1.0).to(grad_out.dtype), None
+        return grad_out, None  # identity
+
+
+def approx_sign_grad(x: torch.Tensor) -> torch.Tensor:
+    """d/dx of ApproxSign's piecewise polynomial F: 2 + 2x on [-1, 0), 2 - 2x on [0, 1), else 0."""
+    return torch.clamp(2.0 - 2.0 * x.abs(), min=0.0)
 
 
 class ApproxSign(nn.Module):
     """sign(x) forward; backward through ApproxSign, dF/dx = max(0, 2 - 2|x|) (paper Eq. 7)."""
 
     binary = True
+    estimator = "approx"  # the backward's name in _SignWithGrad and cuda_ext.training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _SignWithGrad.apply(x, "approx")
+        return _SignWithGrad.apply(x, self.estimator)
 
 
 class SteSign(nn.Module):
     """sign(x) forward; straight-through gradient clipped to |x| <= 1 (BinaryNet's STE)."""
 
     binary = True
+    estimator = "ste"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _SignWithGrad.apply(x, "ste")
+        return _SignWithGrad.apply(x, self.estimator)
 
 
 class IdentitySign(nn.Module):
     """sign(x) forward; the incoming gradient passes unchanged (the weakest ablation baseline)."""
 
     binary = True
+    estimator = "identity"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _SignWithGrad.apply(x, "identity")
+        return _SignWithGrad.apply(x, self.estimator)
 
 
 class _MagnitudeAwareSign(torch.autograd.Function):
@@ -83,7 +88,7 @@ class _MagnitudeAwareSign(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         w, alpha = ctx.saved_tensors
-        return grad_out * alpha * (w.abs() < 1.0).to(grad_out.dtype)
+        return latent_weight_grad("paper", grad_out, w, alpha)
 
 
 class _ClippedSte(torch.autograd.Function):
@@ -97,7 +102,7 @@ class _ClippedSte(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         (w,) = ctx.saved_tensors
-        return grad_out * (w.abs() <= 1.0).to(grad_out.dtype), None
+        return latent_weight_grad("plain", grad_out, w), None
 
 
 class _Ste(torch.autograd.Function):
@@ -118,6 +123,19 @@ def channel_scale(w: torch.Tensor) -> torch.Tensor:
 
 
 WEIGHT_GRADIENTS = ("paper", "official", "plain", "caffe")
+
+
+def latent_weight_grad(
+    gradient: str, grad_wb: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor | None = None
+) -> torch.Tensor:
+    """dL/dW from dL/dW_b under weight-gradient rule ``gradient`` (see ``MagnitudeAwareSign``);
+    ``alpha`` (C_out, 1, 1, 1) is needed by ``paper`` only. The float path's autograd functions and
+    the kernel path (cuda_ext.training) both call this."""
+    if gradient == "paper":
+        return grad_wb * alpha * (w.abs() < 1.0).to(grad_wb.dtype)
+    if gradient in ("official", "plain"):
+        return grad_wb * (w.abs() <= 1.0).to(grad_wb.dtype)
+    return grad_wb  # caffe
 
 
 class MagnitudeAwareSign(nn.Module):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +40,9 @@ class BinaryConv2d(nn.Conv2d):
         self.input_binarizer = input_binarizer
         self.weight_binarizer = weight_binarizer
         self.pad_value = float(pad_value)
+        # Set by ``cuda_ext.training.use_kernels``: (conv, x) -> out, this conv run on the packed
+        # 1-bit kernels with a backward of its own. None: the float simulation below.
+        self.kernel: Callable[[BinaryConv2d, torch.Tensor], torch.Tensor] | None = None
 
     @property
     def is_binary(self) -> bool:
@@ -49,6 +54,8 @@ class BinaryConv2d(nn.Conv2d):
         return self.weight_binarizer(w) if self.weight_binarizer is not None else w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(self, x)
         if self.input_binarizer is not None:
             x = self.input_binarizer(x)
         w = self.binary_weight()
@@ -59,4 +66,5 @@ class BinaryConv2d(nn.Conv2d):
         return F.conv2d(x, w, self.bias, self.stride, 0, self.dilation, self.groups)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", pad_value={self.pad_value:g}"
+        kernel = ", kernel=packed" if self.kernel is not None else ""
+        return super().extra_repr() + f", pad_value={self.pad_value:g}{kernel}"

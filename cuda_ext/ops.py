@@ -140,3 +140,24 @@ def binary_block(
     return torch.ops.bireal.binary_block(
         packed_x, packed_w, in_channels, stride, padding, float(pad_value), scale, bias, residual, out_dtype
     )
+
+
+def unpack_signs(packed: torch.Tensor, channels: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(N, H, W, ceil(C/64)) int64 sign bits -> (N, C, H, W) +-1 in ``dtype``, channels_last memory:
+    the inverse of ``pack_signs`` (``reference.unpack_signs_ref`` is the slow, obvious one).
+
+    Plain torch ops, so one implementation serves every device and ``torch.compile``: each word is
+    cut into its 8 bytes (byte b of word k holds channels 64k + 8b .. 64k + 8b + 7) and each byte
+    looks its 8 signs up in a (256, 8) table."""
+    if packed.dtype != torch.int64 or packed.dim() != 4:
+        raise ValueError(
+            f"unpack_signs: packed must be int64 (N, H, W, C/64), got {packed.dtype} {tuple(packed.shape)}"
+        )
+    if words_for(channels) != packed.shape[-1]:
+        raise ValueError(f"unpack_signs: {channels} channels need {words_for(channels)} words, got {packed.shape[-1]}")
+    n, h, w, cw = packed.shape
+    bit = torch.arange(8, device=packed.device)
+    table = (((torch.arange(256, device=packed.device)[:, None] >> bit) & 1) * 2 - 1).to(dtype)  # (256, 8)
+    as_bytes = (packed.unsqueeze(-1) >> (8 * bit)) & 0xFF  # (N, H, W, Cw, 8); >> keeps the sign: & drops it
+    signs = table[as_bytes].reshape(n, h, w, cw * 64)[..., :channels]  # (N, H, W, C)
+    return signs.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)

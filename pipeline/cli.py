@@ -198,10 +198,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "train":
         from .params import load_params
-        from .train_bench import record
+        from .train_bench import record, train_options
         from .train_bench import run as run_train
 
-        rows = run_train(load_params(args.profile), args.device, arch=args.arch, steps=args.steps)
+        rows = run_train(
+            load_params(args.profile), args.device, arch=args.arch, steps=args.steps, **train_options(args)
+        )
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
         if args.record:
@@ -306,6 +308,7 @@ PARAMS_HELP = "params file or profile name from pipeline/configs (default: param
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import train_bench  # its options; torch stays unimported
     from .stages import STAGES_BY_NAME  # the table only: no torch, ray or mlflow
 
     parser = argparse.ArgumentParser(prog="bireal", description=__doc__.splitlines()[0])
@@ -431,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--record", action="store_true", help="train: add the rows to bench/results/train_throughput.json"
     )
+    train_bench.add_train_options(bench)
     bench.set_defaults(func=_cmd_bench)
 
     submit_p = sub.add_parser("submit", help="a stage as a Ray job on a remote cluster (attach / fetch on rerun)")

@@ -41,6 +41,7 @@ Init = Literal["scratch", "relu", "relu_control", "clip"]
 Phase = Literal["relu", "leaky_clip", "clip"]
 Optimizer = Literal["adam", "sgd"]
 Precision = Literal["fp32", "bf16"]
+Kernels = Literal["auto", "float"]
 Augment = Literal["auto", "imagenet", "caffe", "small"]
 LatentInit = Literal["default", "official"]
 Search = Literal["grid", "random"]
@@ -121,6 +122,9 @@ class TrainConfig:
     lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # sgd: x0.1 at these fractions
     label_smoothing: float = 0.1
     precision: Precision = "fp32"  # fp32 (both references) | bf16 (autocast, CUDA only)
+    # auto: binary convs run forward on the packed 1-bit ops where the device has them, saving 1-bit
+    # signs for backward (cuda_ext.training); float: the float simulation (docs/training.md)
+    kernels: Kernels = "auto"
     weight_clip: float = 0.0  # > 0: clamp binarized latent weights to [-c, c] after each step
     # (Larq's weight_clip; Larq Zoo's Bi-Real-18 used 1.0)
     seed: int = 0

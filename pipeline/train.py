@@ -137,6 +137,15 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, world_si
     }
 
 
+def route_binary_convs(model: nn.Module, config: TrainConfig, device: torch.device) -> int:
+    """Apply ``config.kernels`` to the model's binary convs: ``auto`` runs them on the packed 1-bit
+    ops where ``device`` has them (cuda_ext.training), ``float`` on the float simulation. Returns
+    how many run packed; call again whenever the binarizers change."""
+    from cuda_ext.training import use_kernels
+
+    return use_kernels(model, config.kernels, device)
+
+
 def binary_conv_weights(model: nn.Module) -> list[torch.Tensor]:
     return [m.weight for m in model.modules() if isinstance(m, bc.BinaryConv2d) and m.is_binary]
 
@@ -597,6 +606,7 @@ def train_loop(
         if not resuming:
             model = seg.prepare(model)
         model = model.to(device)
+        route_binary_convs(model, config, device)
         train_model = model
         if runtime.world_size > 1:  # [dist]
             train_model = nn.parallel.DistributedDataParallel(model)

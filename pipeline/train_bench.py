@@ -5,11 +5,15 @@ planner (``bireal plan``) prices a cluster run with.
   binary net for binarize), at the profile's per-worker batch and input size, one device, synthetic
   batches already on the device (the loader is measured apart); forward, loss, backward and the
   optimizer step, exactly ``train_one_epoch``'s; median over 3 timed runs after a warm-up;
+- kernels: binary stages get one row per ``kernels`` setting asked for (``auto``: the binary convs
+  forward on the packed ops, ``float``: the float simulation; docs/training.md), each with the bytes
+  autograd saves for backward per image (what grows from batch 2 to batch 4; parameters left out);
 - loader: images/s of one loader process (one CPU core) reading ImageNet-size JPEG shards through
   the training transforms (``make_loader``, the stage's augmentation), on generated photo crops.
 
 Rows append to ``bench/results/train_throughput.json`` (``--record``) with the device, the date and
-the settings; the planner reads that table and says which row it used.
+the settings; the planner reads that table and says which row it used. torch is imported inside
+the functions: the CLI builds its parser from ``add_train_options`` without it.
 """
 
 from __future__ import annotations
@@ -20,16 +24,20 @@ import statistics
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .params import Params, TrainConfig
 from .profile_rules import trained_stages
+
+if TYPE_CHECKING:
+    import torch
 
 TABLE = Path(__file__).resolve().parents[1] / "bench" / "results" / "train_throughput.json"
 
 
 def device_name(device: torch.device) -> str:
+    import torch
+
     from cuda_ext.benchmarks import cpu_model
 
     return (
@@ -51,6 +59,8 @@ def bench_model(config: TrainConfig, num_classes: int = 1000) -> torch.nn.Module
 
 
 def synthetic_batches(batch: int, size: int, num_classes: int, device: torch.device, steps: int):
+    import torch
+
     images = torch.randn(batch, 3, size, size, device=device)
     labels = torch.randint(0, num_classes, (batch,), device=device)
     return [(images, labels)] * steps
@@ -59,11 +69,12 @@ def synthetic_batches(batch: int, size: int, num_classes: int, device: torch.dev
 def step_rate(config: TrainConfig, device: torch.device, steps: int = 20, warmup: int = 5, runs: int = 3) -> float:
     """Median img/s of ``train_one_epoch`` over ``runs`` runs of ``steps`` steps, after ``warmup``."""
 
-    from .train import make_optimizer, stage_input_config, train_one_epoch
+    from .train import make_optimizer, route_binary_convs, train_one_epoch
 
     model = bench_model(config).to(device)
+    route_binary_convs(model, config, device)
     optimizer = make_optimizer(model, config)
-    size = stage_input_config(config)["size"]
+    size = stage_size(config)
     amp = config.precision == "bf16" and device.type == "cuda"
 
     def run(n: int) -> float:
@@ -72,6 +83,33 @@ def step_rate(config: TrainConfig, device: torch.device, steps: int = 20, warmup
 
     run(warmup)
     return statistics.median(run(steps) for _ in range(runs))
+
+
+def saved_bytes_per_image(config: TrainConfig, device: torch.device) -> tuple[float, int]:
+    """(bytes autograd saves for backward per image in a training forward, binary convs on the
+    packed ops): the growth from batch 2 to batch 4, halved, so per-batch tensors (the binarized
+    weights) drop out; parameters and buffers are not counted (cuda_ext.training)."""
+    import torch
+
+    from cuda_ext.training import saved_activation_bytes
+
+    from .train import route_binary_convs
+
+    model = bench_model(config).to(device).train()
+    packed = route_binary_convs(model, config, device)
+    size = stage_size(config)
+    saved = {
+        n: saved_activation_bytes(model, lambda n=n: model(torch.randn(n, 3, size, size, device=device)))
+        for n in (2, 4)
+    }
+    return (saved[4] - saved[2]) / 2, packed
+
+
+def stage_size(config: TrainConfig) -> int:
+    """The stage's training crop (px)."""
+    from .train import stage_input_config
+
+    return stage_input_config(config)["size"]
 
 
 def augmentation(config: TrainConfig) -> str:
@@ -111,30 +149,46 @@ def run(
     steps: int = 20,
     loader: bool = True,
     on_row=print_row,
+    kernels: list[str] | None = None,
+    stages: list[str] | None = None,
+    overrides: dict | None = None,
 ) -> list[dict]:
-    """One row per trained stage of the profile (``arch`` replaces its arch), plus the loader row
-    of its last stage's augmentation. ``on_row`` sees each row as it is measured."""
+    """One row per trained stage of the profile (``stages`` picks some; ``arch`` and ``overrides``,
+    e.g. a smaller batch, replace its settings), binary stages once per ``kernels`` setting (default:
+    the profile's), plus the loader row of its last stage's augmentation. ``on_row`` sees each row
+    as it is measured."""
+    import torch
+
     dev = torch.device(device)
     rows = []
     common = {"device": device, "device_name": device_name(dev), "torch": torch.__version__}
     common["date"] = datetime.date.today().isoformat()
-    for stage in trained_stages(params):
-        config = params.train(stage, {"arch": arch} if arch else None, tuned=False)
-        rows.append(
-            {
-                "what": "train_step",
-                "arch": config.arch,
-                "stage": stage,
-                "model": "twin" if stage == "pretrain" else "binary",
-                "batch": config.batch_size,
-                "stem": config.stem,
-                "precision": config.precision,
-                "img_s": round(step_rate(config, dev, steps), 1),
-                "params": params.path.name,
-                **common,
-            }
-        )
-        on_row(rows[-1])
+    changes = {**(overrides or {}), **({"arch": arch} if arch else {})}
+    for stage in stages or trained_stages(params):
+        base = params.train(stage, changes or None, tuned=False)
+        for setting in (kernels or [base.kernels]) if stage != "pretrain" else ["float"]:
+            config = replace(base, kernels=setting)
+            saved, packed = saved_bytes_per_image(config, dev)
+            rows.append(
+                {
+                    "what": "train_step",
+                    "arch": config.arch,
+                    "stage": stage,
+                    "model": "twin" if stage == "pretrain" else "binary",
+                    "batch": config.batch_size,
+                    "stem": config.stem,
+                    "width": config.width,
+                    "size": stage_size(config),
+                    "precision": config.precision,
+                    "kernels": setting,
+                    "packed_convs": packed,
+                    "img_s": round(step_rate(config, dev, steps), 1),
+                    "saved_mb_per_image": round(saved / 2**20, 3),
+                    "params": params.path.name,
+                    **common,
+                }
+            )
+            on_row(rows[-1])
     if loader:
         config = params.train(trained_stages(params)[-1], tuned=False)
         rows.append(
@@ -158,18 +212,27 @@ def format_row(row: dict) -> str:
             f"loader, 1 core ({row['augment']}, lighting {row['pca_lighting']}): {row['img_s']:,.0f} img/s  "
             f"[{row['device_name']}]"
         )
+    kernels = (
+        f"kernels {row.get('kernels', 'float')} ({row.get('packed_convs', 0)} packed convs), "
+        if row["model"] == "binary"
+        else ""
+    )
+    saved = f", saved for backward {row['saved_mb_per_image']:.2f} MiB/img" if "saved_mb_per_image" in row else ""
     return (
-        f"{row['arch']:<10} {row['stage']:<9} ({row['model']}, batch {row['batch']}, {row['precision']}): "
-        f"{row['img_s']:,.1f} img/s  [{row['device_name']}]"
+        f"{row['arch']:<10} {row['stage']:<9} ({row['model']}, {kernels}batch {row['batch']}, "
+        f"{row.get('size', '?')} px, {row['precision']}): {row['img_s']:,.1f} img/s{saved}  [{row['device_name']}]"
     )
 
 
 def record(rows: list[dict], table: Path = TABLE) -> Path:
     """Append to the throughput table, replacing rows of the same measurement (device, arch, stage,
-    batch, precision; loader rows by device and augmentation)."""
+    batch, precision, width, input size, kernels; loader rows by device and augmentation)."""
 
     def key(r: dict) -> tuple:
-        fields = ("what", "device_name", "arch", "stage", "batch", "precision", "augment", "pca_lighting")
+        fields = (
+            *("what", "device_name", "arch", "stage", "batch", "precision", "augment", "pca_lighting"),
+            *("width", "size", "kernels"),
+        )
         return tuple(r.get(f) for f in fields)
 
     old = json.loads(table.read_text()) if table.is_file() else []
@@ -179,8 +242,25 @@ def record(rows: list[dict], table: Path = TABLE) -> Path:
     return table
 
 
+def add_train_options(parser) -> None:
+    """The options ``bireal bench train`` and ``python -m pipeline.train_bench`` share."""
+    parser.add_argument(
+        "--kernels", action="append", choices=("auto", "float"), help="binary stages: a row per setting (repeatable)"
+    )
+    parser.add_argument("--stage", action="append", choices=("pretrain", "binarize", "finetune"), help="repeatable")
+    parser.add_argument("--batch", type=int, help="another per-worker batch than the profile's")
+    parser.add_argument("--width", type=float, help="another width than the profile's")
+
+
+def train_options(args) -> dict:
+    overrides = {k: v for k, v in (("batch_size", args.batch), ("width", args.width)) if v is not None}
+    return {"kernels": args.kernels, "stages": args.stage, "overrides": overrides}
+
+
 def main() -> None:  # python3 -m pipeline.train_bench: the GPU machine has no `bireal` entry point
     import argparse
+
+    import torch
 
     from .params import load_params
 
@@ -190,6 +270,7 @@ def main() -> None:  # python3 -m pipeline.train_bench: the GPU machine has no `
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--no-loader", action="store_true")
+    add_train_options(parser)
     args = parser.parse_args()
     rows, loaders = [], set()
 
@@ -203,7 +284,14 @@ def main() -> None:  # python3 -m pipeline.train_bench: the GPU machine has no `
         params = load_params(name)
         config = params.train(trained_stages(params)[-1], tuned=False)
         loader = (augmentation(config), config.pca_lighting)  # one loader row per augmentation
-        run(params, args.device, steps=args.steps, loader=not args.no_loader and loader not in loaders, on_row=keep)
+        run(
+            params,
+            args.device,
+            steps=args.steps,
+            loader=not args.no_loader and loader not in loaders,
+            on_row=keep,
+            **train_options(args),
+        )
         loaders.add(loader)
 
 

@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import bireal_core as bc
+from cuda_ext.training import use_kernels
 from pipeline.train import TrainConfig, constrain_for_finetune, train_loop
 
 
@@ -94,6 +95,21 @@ def test_binarize_learns_above_chance(three_stages):
     assert all(m.is_binary for m in model.modules() if isinstance(m, bc.BinaryConv2d))
     kept = sorted(p.name for p in (out / ".train_state").glob("binarize-epoch*"))
     assert kept == ["binarize-epoch001", "binarize-epoch002"]  # older train states pruned
+
+
+def test_packed_kernels_train_like_the_float_path(three_stages, demo_shards, tmp_path):
+    """The fixture's binarize ran with ``kernels: auto`` (the default: packed convs); the same run on
+    the float path must match it epoch by epoch within seed noise. Measured on this data (seeds 0
+    and 1 of the float path, 3 epochs from scratch): val top-1 spread 0.16, 0.05, 0.003 by epoch."""
+    out, results = three_stages
+    packed = results["binarize"]["history"]
+    cfg = smoke_config(demo_shards, tmp_path, stage="binarize", kernels="float", init_from=str(out))
+    float_path = train_loop(cfg)["history"]
+    bounds = [0.2] + [0.06] * (len(packed) - 1)  # epoch 1 swings most
+    for p, f, bound in zip(packed, float_path, bounds):
+        print(f"epoch {p['epoch']}: val top-1 packed {p['val_top1']:.3f} float {f['val_top1']:.3f}")
+        assert abs(p["val_top1"] - f["val_top1"]) <= bound
+    assert abs(packed[-1]["train_loss"] - float_path[-1]["train_loss"]) < 0.1
 
 
 def test_finetune_constrains_weights_and_keeps_accuracy(three_stages):
@@ -197,10 +213,11 @@ def test_imagenet_path_all_stages(tmp_path):
 # ---------------------------------------------------------------------------- DDP equivalence
 
 
-def _ddp_worker(rank, world, init_file, inputs, labels, result_file):
+def _ddp_worker(rank, world, init_file, inputs, labels, result_file, kernels):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25).eval()  # BN eval
+    use_kernels(model, kernels)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     share = len(inputs) // world
     x, y = inputs[rank * share : (rank + 1) * share], labels[rank * share : (rank + 1) * share]
@@ -210,13 +227,15 @@ def _ddp_worker(rank, world, init_file, inputs, labels, result_file):
     dist.destroy_process_group()
 
 
-def test_ddp_two_workers_match_one_on_same_global_batch(tmp_path):
+@pytest.mark.parametrize("kernels", ["float", "auto"])
+def test_ddp_two_workers_match_one_on_same_global_batch(tmp_path, kernels):
     torch.manual_seed(1)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     torch.manual_seed(0)
     single = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25).eval()
+    use_kernels(single, kernels)
     torch.nn.functional.cross_entropy(single(x), y).backward()
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), x, y, str(tmp_path / "g.pt")), nprocs=2)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), x, y, str(tmp_path / "g.pt"), kernels), nprocs=2)
     grads = torch.load(tmp_path / "g.pt", weights_only=True)
     for name, p in single.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)

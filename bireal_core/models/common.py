@@ -90,6 +90,7 @@ def set_binary_weights(model: nn.Module, enabled: bool, weight_gradient: str = "
     for m in model.modules():
         if isinstance(m, BinaryConv2d):
             m.weight_binarizer = MagnitudeAwareSign(weight_gradient) if enabled else None
+            m.kernel = None  # chosen for the old binarizers: cuda_ext.training.use_kernels again
             changed += 1
     spec = getattr(model, "model_spec", None)
     if spec is not None:

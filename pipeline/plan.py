@@ -64,8 +64,11 @@ def step_throughput(config: TrainConfig, gpu: str, rows: list[dict]) -> Throughp
         == (config.arch, config.stage, model, config.batch_size, config.precision)
     ]
     if exact:
-        r = exact[-1]
-        return Throughput(r["img_s"], f"measured: {r['device_name']}, {r['date']}, batch {r['batch']}")
+        # a binary stage's rows by kernels setting (rows from before the setting existed: float)
+        same_kernels = [r for r in exact if model == "twin" or r.get("kernels", "float") == config.kernels]
+        r = (same_kernels or exact)[-1]
+        kernels = "" if model == "twin" else f", kernels {r.get('kernels', 'float')}"
+        return Throughput(r["img_s"], f"measured: {r['device_name']}, {r['date']}, batch {r['batch']}{kernels}")
     same_model = [r for r in on_gpu if r["model"] == model and r["precision"] == config.precision]
     if not same_model:
         return Throughput(None, f"no measurement on {gpu} (bireal bench train --device cuda)")

@@ -298,3 +298,57 @@ def test_float32_mode_runs_the_real_valued_convs_in_ieee_float32(monkeypatch):
     err = (seen[0].double().cpu() - ref).abs().max().item()
     assert err <= 1e-4 * ref.abs().max().item(), f"stem off by {err:.3g} (range {ref.abs().max().item():.3g})"
     assert torch.backends.cudnn.allow_tf32
+
+
+@pytest.mark.parametrize(
+    "activation,gradient,pad_value,stride",
+    [("approx_sign", "paper", 0.0, 1), ("ste_sign", "official", 1.0, 2), ("identity_sign", "caffe", -1.0, 1)],
+)
+def test_training_through_the_cuda_kernels_matches_the_float_path(activation, gradient, pad_value, stride):
+    """``kernels: auto`` on CUDA (cuda_ext.training): output and gradients of a binary conv within
+    float32 rounding of the float path on the same GPU (docs/training.md)."""
+    import copy
+
+    from bireal_core.binarizers import MagnitudeAwareSign, make_activation
+    from bireal_core.layers import BinaryConv2d
+    from cuda_ext.training import use_kernels
+
+    torch.backends.cudnn.allow_tf32 = False  # the float path's reference conv in IEEE float32
+    conv = BinaryConv2d(
+        128,
+        64,
+        3,
+        stride=stride,
+        padding=1,
+        bias=False,
+        input_binarizer=make_activation(activation),
+        weight_binarizer=MagnitudeAwareSign(gradient),
+        pad_value=pad_value,
+    ).cuda()
+    x = torch.randn(4, 128, 14, 14, device="cuda") * 0.8
+    results = []
+    for kernels in ("float", "auto"):
+        layer = copy.deepcopy(conv)
+        assert use_kernels(layer, kernels, "cuda") == (kernels == "auto")
+        xi = x.clone().requires_grad_()
+        out = layer(xi)
+        out.backward(torch.randn(out.shape, generator=torch.Generator("cuda").manual_seed(1), device="cuda"))
+        results.append((out.detach(), xi.grad, layer.weight.grad))
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=float(want.abs().max()) * 2e-5)
+
+
+def test_training_a_packed_bireal18_step_on_cuda():
+    """A whole training step of Bi-Real-18 (ImageNet stem, 224 px) with the packed kernels on CUDA:
+    finite loss and gradients, and every binary conv on the packed path."""
+    import bireal_core as bc
+    from cuda_ext.training import use_kernels
+
+    model = bc.create_model("bireal18", num_classes=1000, stem="imagenet", width=1.0).cuda()
+    assert use_kernels(model, "auto", "cuda") == 16
+    x, y = torch.randn(8, 3, 224, 224, device="cuda"), torch.randint(0, 1000, (8,), device="cuda")
+    with torch.autocast("cuda", torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -67,18 +67,16 @@ class _PackedBinaryConv(torch.autograd.Function):
         w_signs = ops.unpack_signs(packed_w, channels)  # (O, C, KH, KW) +-1
         w_b = w_signs * alpha.view(-1, 1, 1, 1) if alpha is not None else w_signs
         grad_out = grad_out.float()
+        # A constant border (pad_value +-1) is part of the input: pad it and convolve unpadded.
+        border = pad_value != 0.0 and padding > 0
+        conv_padding = 0 if border else padding
         if need_w:
             x_b = ops.unpack_signs(packed_x, channels)  # (N, C, H, W) +-1
-        else:  # only its shape is read: no unpacking
-            x_b = grad_out.new_empty(()).expand(x_shape)
-        conv_padding = padding
-        if pad_value != 0.0 and padding > 0:  # the border holds a constant: pad it, convolve unpadded
-            x_b = (
-                F.pad(x_b, (padding,) * 4, value=pad_value)
-                if need_w
-                else grad_out.new_empty(()).expand((*x_shape[:2], x_shape[2] + 2 * padding, x_shape[3] + 2 * padding))
-            )
-            conv_padding = 0
+            x_b = F.pad(x_b, (padding,) * 4, value=pad_value) if border else x_b
+        else:  # only its shape is read: nothing to unpack
+            n, c, h, w = x_shape
+            grow = 2 * padding if border else 0
+            x_b = grad_out.new_empty(()).expand(n, c, h + grow, w + grow)
         grad_xb, grad_wb, grad_bias = torch.ops.aten.convolution_backward(
             grad_out,
             x_b,
@@ -94,7 +92,7 @@ class _PackedBinaryConv(torch.autograd.Function):
         )
         grad_x = grad_w = None
         if need_x:
-            if conv_padding != padding:  # crop the constant border back off
+            if border:  # crop the constant border back off
                 grad_xb = grad_xb[:, :, padding:-padding, padding:-padding]
             grad_x = _estimator_grad(estimator, grad_xb, estimator_input, channels).to(x_dtype)
         if need_w:

@@ -606,7 +606,7 @@ def train_loop(
         if not resuming:
             model = seg.prepare(model)
         model = model.to(device)
-        route_binary_convs(model, config, device)
+        packed_convs = route_binary_convs(model, config, device)
         train_model = model
         if runtime.world_size > 1:  # [dist]
             train_model = nn.parallel.DistributedDataParallel(model)
@@ -616,6 +616,7 @@ def train_loop(
         for epoch in range(progress.epoch if si == progress.segment else 0, seg.epochs):
             metrics = run_epoch(config, runtime, data, model, train_model, optimizer, seg, epoch, global_epoch, device)
             metrics["restarts"] = progress.restarts
+            metrics["packed_convs"] = packed_convs  # binary convs run on the packed ops (kernels: auto)
             history.append(metrics)
             ckpt_dir = Path(config.out) / ".train_state" / f"{config.stage}-epoch{global_epoch:03d}"
             if runtime.rank == 0:

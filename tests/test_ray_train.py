@@ -71,6 +71,7 @@ def test_resume_after_killed_worker(ray_local, demo_shards, tmp_path):
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # every epoch recorded exactly once
     assert history[0]["restarts"] == 0  # epoch 0 was not re-run ...
     assert history[-1]["restarts"] >= 1  # ... the job resumed after it
+    assert [h["packed_convs"] for h in history] == [16] * 4  # DDP on the packed kernels, restart included
     client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     steps = [m.step for m in client.get_metric_history(result["mlflow_run_id"], "val_top1")]
     assert steps == [0, 1, 2, 3]

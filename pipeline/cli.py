@@ -202,7 +202,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from .train_bench import run as run_train
 
         rows = run_train(
-            load_params(args.profile), args.device, arch=args.arch, steps=args.steps, **train_options(args)
+            load_params(args.profile),
+            args.device,
+            arch=args.arch,
+            steps=args.steps,
+            loader=not args.no_loader,
+            **train_options(args),
         )
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))

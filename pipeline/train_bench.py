@@ -250,6 +250,7 @@ def add_train_options(parser) -> None:
     parser.add_argument("--stage", action="append", choices=("pretrain", "binarize", "finetune"), help="repeatable")
     parser.add_argument("--batch", type=int, help="another per-worker batch than the profile's")
     parser.add_argument("--width", type=float, help="another width than the profile's")
+    parser.add_argument("--no-loader", action="store_true", help="no loader row")
 
 
 def train_options(args) -> dict:
@@ -269,7 +270,6 @@ def main() -> None:  # python3 -m pipeline.train_bench: the GPU machine has no `
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--json", type=Path, help="write the rows here")
-    parser.add_argument("--no-loader", action="store_true")
     add_train_options(parser)
     args = parser.parse_args()
     rows, loaders = [], set()

@@ -121,3 +121,22 @@ def test_bench_train_times_each_trained_stage(tmp_path):
     record([{**rows[0], "img_s": 1.0}], path)
     kept = json.loads(path.read_text())
     assert len(kept) == 2 and [r["img_s"] for r in kept if r["stage"] == "pretrain"] == [1.0]
+
+
+def test_bench_train_kernels_rows_from_the_cli(tmp_path, capsys):
+    """`bireal bench train --kernels float --kernels auto`: one binarize row per setting, the packed
+    one with every binary conv on the ops and less saved for backward per image."""
+    from pipeline.cli import main
+
+    profile = tmp_path / "tiny.yaml"
+    profile.write_text("train: {arch: bireal18, stem: small, width: 0.25, batch_size: 4}\n")
+    out = tmp_path / "rows.json"
+    argv = ["bench", "train", "--params", str(profile), "--stage", "binarize", "--kernels", "float"]
+    argv += ["--kernels", "auto", "--batch", "2", "--steps", "1", "--no-loader", "--json", str(out)]
+    assert main(argv) == 0
+    rows = {r["kernels"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"float", "auto"} and all(r["batch"] == 2 and r["size"] == 32 for r in rows.values())
+    assert (rows["float"]["packed_convs"], rows["auto"]["packed_convs"]) == (0, 16)
+    assert 0 < rows["auto"]["saved_mb_per_image"] < rows["float"]["saved_mb_per_image"]
+    printed = capsys.readouterr().out
+    assert "kernels auto (16 packed convs)" in printed and "saved for backward" in printed

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bireal_core.binarizers import approx_sign_grad, channel_scale, latent_weight_grad
+from bireal_core.binarizers import approx_sign_grad, latent_weight_grad
 from bireal_core.layers import BinaryConv2d
 
 from . import ops
@@ -41,9 +41,11 @@ class _PackedBinaryConv(torch.autograd.Function):
     path (estimator on x, weight-gradient rule on W) from 1-bit saved signs."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, estimator: str, gradient: str, stride: int, padding: int, pad_value: float):
+    def forward(
+        ctx, x, weight, alpha, bias, estimator: str, gradient: str, stride: int, padding: int, pad_value: float
+    ):
+        """alpha (O,): the weight binarizer's per-channel scale (ones for the rules without one)."""
         channels = x.shape[1]
-        alpha = channel_scale(weight).flatten() if gradient in ("paper", "official") else None  # (O,)
         packed_x = ops.pack_signs(x)  # (N, H, W, ceil(C/64)) int64: sign(x), 1 bit each
         packed_w = ops.pack_signs(weight)  # (O, KH, KW, ceil(C/64)) int64
         out = ops.binary_conv2d(packed_x, packed_w, channels, stride, padding, pad_value, scale=alpha, bias=bias)
@@ -63,9 +65,8 @@ class _PackedBinaryConv(torch.autograd.Function):
         packed_x, packed_w, weight, alpha, estimator_input = ctx.saved_tensors
         channels, x_shape, x_dtype, stride, padding, pad_value, has_bias = ctx.geometry
         estimator, gradient = ctx.rules
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        w_signs = ops.unpack_signs(packed_w, channels)  # (O, C, KH, KW) +-1
-        w_b = w_signs * alpha.view(-1, 1, 1, 1) if alpha is not None else w_signs
+        need_x, need_w, need_b = (ctx.needs_input_grad[i] for i in (0, 1, 3))
+        w_b = ops.unpack_signs(packed_w, channels) * alpha.view(-1, 1, 1, 1)  # (O, C, KH, KW): alpha * +-1
         grad_out = grad_out.float()
         # A constant border (pad_value +-1) is part of the input: pad it and convolve unpadded.
         border = pad_value != 0.0 and padding > 0
@@ -96,9 +97,8 @@ class _PackedBinaryConv(torch.autograd.Function):
                 grad_xb = grad_xb[:, :, padding:-padding, padding:-padding]
             grad_x = _estimator_grad(estimator, grad_xb, estimator_input, channels).to(x_dtype)
         if need_w:
-            scale = alpha.view(-1, 1, 1, 1) if alpha is not None else None
-            grad_w = latent_weight_grad(gradient, grad_wb, weight, scale).to(weight.dtype)
-        return grad_x, grad_w, grad_bias if need_b else None, None, None, None, None, None
+            grad_w = latent_weight_grad(gradient, grad_wb, weight, alpha.view(-1, 1, 1, 1)).to(weight.dtype)
+        return grad_x, grad_w, None, grad_bias if need_b else None, None, None, None, None, None
 
 
 def _estimator_grad(estimator: str, grad: torch.Tensor, saved: torch.Tensor | None, channels: int) -> torch.Tensor:
@@ -112,9 +112,11 @@ def _estimator_grad(estimator: str, grad: torch.Tensor, saved: torch.Tensor | No
 
 def packed_conv(conv: BinaryConv2d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` on the packed op: the function ``use_kernels`` puts in ``conv.kernel``."""
+    alpha = conv.weight_binarizer.scale(conv.weight.detach()).flatten()  # (O,): no gradient through it
     return _PackedBinaryConv.apply(
         x,
         conv.weight,
+        alpha,
         conv.bias,
         conv.input_binarizer.estimator,
         conv.weight_binarizer.gradient,
@@ -137,8 +139,8 @@ def unsupported(conv: BinaryConv2d) -> str | None:
         return "not binary (a real-valued twin, or two-step's first step with real weights)"
     if getattr(conv.input_binarizer, "estimator", None) not in ESTIMATORS:
         return f"input binarizer {type(conv.input_binarizer).__name__} has no known estimator"
-    if not hasattr(conv.weight_binarizer, "gradient"):
-        return f"weight binarizer {type(conv.weight_binarizer).__name__} has no weight-gradient rule"
+    if not (hasattr(conv.weight_binarizer, "gradient") and hasattr(conv.weight_binarizer, "scale")):
+        return f"weight binarizer {type(conv.weight_binarizer).__name__} has no weight-gradient rule and scale"
     if conv.groups != 1 or conv.dilation != (1, 1):
         return "groups or dilation other than 1"
     if conv.stride[0] != conv.stride[1] or conv.padding[0] != conv.padding[1]:

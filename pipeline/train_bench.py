@@ -66,13 +66,22 @@ def synthetic_batches(batch: int, size: int, num_classes: int, device: torch.dev
     return [(images, labels)] * steps
 
 
-def step_rate(config: TrainConfig, device: torch.device, steps: int = 20, warmup: int = 5, runs: int = 3) -> float:
-    """Median img/s of ``train_one_epoch`` over ``runs`` runs of ``steps`` steps, after ``warmup``."""
-
-    from .train import make_optimizer, route_binary_convs, train_one_epoch
+def routed_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, int]:
+    """``bench_model`` on ``device`` with its binary convs routed by ``config.kernels``, as the loop
+    routes them; -> (model, how many binary convs run on the packed ops)."""
+    from .train import route_binary_convs
 
     model = bench_model(config).to(device)
-    route_binary_convs(model, config, device)
+    return model, route_binary_convs(model, config, device)
+
+
+def step_rate(
+    config: TrainConfig, model: torch.nn.Module, device: torch.device, steps: int = 20, warmup: int = 5, runs: int = 3
+) -> float:
+    """Median img/s of ``train_one_epoch`` over ``runs`` runs of ``steps`` steps, after ``warmup``."""
+
+    from .train import make_optimizer, train_one_epoch
+
     optimizer = make_optimizer(model, config)
     size = stage_size(config)
     amp = config.precision == "bf16" and device.type == "cuda"
@@ -85,24 +94,20 @@ def step_rate(config: TrainConfig, device: torch.device, steps: int = 20, warmup
     return statistics.median(run(steps) for _ in range(runs))
 
 
-def saved_bytes_per_image(config: TrainConfig, device: torch.device) -> tuple[float, int]:
-    """(bytes autograd saves for backward per image in a training forward, binary convs on the
-    packed ops): the growth from batch 2 to batch 4, halved, so per-batch tensors (the binarized
-    weights) drop out; parameters and buffers are not counted (cuda_ext.training)."""
+def saved_bytes_per_image(model: torch.nn.Module, size: int, device: torch.device) -> float:
+    """Bytes autograd saves for backward per image in a training forward of ``model``: the growth
+    from batch 2 to batch 4, halved, so per-batch tensors (the binarized weights) drop out;
+    parameters and buffers are not counted (cuda_ext.training)."""
     import torch
 
     from cuda_ext.training import saved_activation_bytes
 
-    from .train import route_binary_convs
-
-    model = bench_model(config).to(device).train()
-    packed = route_binary_convs(model, config, device)
-    size = stage_size(config)
+    model.train()
     saved = {
         n: saved_activation_bytes(model, lambda n=n: model(torch.randn(n, 3, size, size, device=device)))
         for n in (2, 4)
     }
-    return (saved[4] - saved[2]) / 2, packed
+    return (saved[4] - saved[2]) / 2
 
 
 def stage_size(config: TrainConfig) -> int:
@@ -168,7 +173,8 @@ def run(
         base = params.train(stage, changes or None, tuned=False)
         for setting in (kernels or [base.kernels]) if stage != "pretrain" else ["float"]:
             config = replace(base, kernels=setting)
-            saved, packed = saved_bytes_per_image(config, dev)
+            model, packed = routed_model(config, dev)
+            saved = saved_bytes_per_image(model, stage_size(config), dev)  # before training changes it
             rows.append(
                 {
                     "what": "train_step",
@@ -182,7 +188,7 @@ def run(
                     "precision": config.precision,
                     "kernels": setting,
                     "packed_convs": packed,
-                    "img_s": round(step_rate(config, dev, steps), 1),
+                    "img_s": round(step_rate(config, model, dev, steps), 1),
                     "saved_mb_per_image": round(saved / 2**20, 3),
                     "params": params.path.name,
                     **common,

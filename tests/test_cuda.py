@@ -306,36 +306,16 @@ def test_float32_mode_runs_the_real_valued_convs_in_ieee_float32(monkeypatch):
 )
 def test_training_through_the_cuda_kernels_matches_the_float_path(activation, gradient, pad_value, stride):
     """``kernels: auto`` on CUDA (cuda_ext.training): output and gradients of a binary conv within
-    float32 rounding of the float path on the same GPU (docs/training.md)."""
-    import copy
-
-    from bireal_core.binarizers import MagnitudeAwareSign, make_activation
-    from bireal_core.layers import BinaryConv2d
-    from cuda_ext.training import use_kernels
+    float32 rounding of the float path on the same GPU (docs/training.md); the CPU test's helpers."""
+    from test_training_kernels import binary_conv, both_paths, close_to_float
 
     torch.backends.cudnn.allow_tf32 = False  # the float path's reference conv in IEEE float32
-    conv = BinaryConv2d(
-        128,
-        64,
-        3,
-        stride=stride,
-        padding=1,
-        bias=False,
-        input_binarizer=make_activation(activation),
-        weight_binarizer=MagnitudeAwareSign(gradient),
-        pad_value=pad_value,
-    ).cuda()
+    conv = binary_conv(128, 64, activation, gradient, pad_value, stride)
     x = torch.randn(4, 128, 14, 14, device="cuda") * 0.8
-    results = []
-    for kernels in ("float", "auto"):
-        layer = copy.deepcopy(conv)
-        assert use_kernels(layer, kernels, "cuda") == (kernels == "auto")
-        xi = x.clone().requires_grad_()
-        out = layer(xi)
-        out.backward(torch.randn(out.shape, generator=torch.Generator("cuda").manual_seed(1), device="cuda"))
-        results.append((out.detach(), xi.grad, layer.weight.grad))
-    for want, got in zip(*results):
-        torch.testing.assert_close(got, want, rtol=0, atol=float(want.abs().max()) * 2e-5)
+    (out_f, gx_f, gw_f, _), (out_k, gx_k, gw_k, _) = both_paths(conv, x)
+    close_to_float(out_k, out_f)
+    close_to_float(gx_k, gx_f)
+    close_to_float(gw_k, gw_f)
 
 
 def test_training_a_packed_bireal18_step_on_cuda():

@@ -32,14 +32,17 @@ def binary_conv(c_in, c_out, activation, gradient, pad_value=0.0, stride=1, k=3,
 
 
 def both_paths(conv: BinaryConv2d, x: torch.Tensor, grad: torch.Tensor | None = None):
-    """(output, dL/dx, dL/dW, dL/db) of the float path and of the packed path, same input and dL/dout."""
+    """(output, dL/dx, dL/dW, dL/db) of the float path and of the packed path, same input and dL/dout,
+    on ``x``'s device (tests/test_cuda.py runs it on a GPU)."""
     results = []
     for kernels in ("float", "auto"):
-        layer = copy.deepcopy(conv)
-        assert use_kernels(layer, kernels) == (kernels == "auto")
+        layer = copy.deepcopy(conv).to(x.device)
+        assert use_kernels(layer, kernels, x.device) == (kernels == "auto")
         xi = x.detach().clone().requires_grad_()
         out = layer(xi)
-        out.backward(grad if grad is not None else torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        if grad is None:  # the same dL/dout on both paths (randn_like would follow the output's layout)
+            grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
+        out.backward(grad)
         results.append((out.detach(), xi.grad, layer.weight.grad, None if layer.bias is None else layer.bias.grad))
     return results
 

@@ -11,6 +11,7 @@ import contextlib
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from .reference import words_for
 
@@ -96,6 +97,14 @@ def _binary_block_fake(
     return out, packed_x.new_empty((n, ho, wo, words_for(o)), dtype=torch.int64)
 
 
+@torch.library.register_fake("bireal::max_pool_signs")
+def _max_pool_signs_fake(x, kernel_size, stride, padding):
+    n, c, h, w = x.shape
+    ho, wo = (h + 2 * padding - kernel_size) // stride + 1, (w + 2 * padding - kernel_size) // stride + 1
+    out = x.new_empty((n, ho, wo, c)).permute(0, 3, 1, 2)
+    return out, x.new_empty((n, ho, wo, words_for(c)), dtype=torch.int64)
+
+
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
     """(N, C, H, W) real -> (N, H, W, ceil(C/64)) int64 sign bits (1 = +1, sign(0) = +1)."""
     return torch.ops.bireal.pack_signs(x)
@@ -140,6 +149,19 @@ def binary_block(
     return torch.ops.bireal.binary_block(
         packed_x, packed_w, in_channels, stride, padding, float(pad_value), scale, bias, residual, out_dtype
     )
+
+
+def max_pool_signs(
+    x: torch.Tensor, kernel_size: int = 3, stride: int = 2, padding: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ImageNet stem's max-pool and the first binary conv's packed input in one pass:
+    ``(max_pool2d(x, kernel_size, stride, padding), pack_signs(of that))``, the output channels_last.
+    On the CPU one kernel reads x once and writes both (torch's channels_last max-pool also writes
+    int64 indices, and a separate pack reads its output again); elsewhere max_pool2d + pack_signs."""
+    if x.device.type != "cpu":
+        out = F.max_pool2d(x, kernel_size, stride, padding).contiguous(memory_format=torch.channels_last)
+        return out, pack_signs(out)
+    return torch.ops.bireal.max_pool_signs(x, kernel_size, stride, padding)
 
 
 def unpack_signs(packed: torch.Tensor, channels: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

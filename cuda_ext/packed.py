@@ -31,7 +31,7 @@ from bireal_core.models.bireal import BiRealBlock
 from bireal_core.models.bireal_bottleneck import BiRealBottleneck
 
 from . import ops
-from .reference import binary_block_ref, pack_signs_ref
+from .reference import binary_block_ref, max_pool_signs_ref, pack_signs_ref
 
 FORMAT = "bireal-packed"
 VERSION = 1
@@ -154,6 +154,18 @@ def real_conv(conv: nn.Conv2d) -> nn.Conv2d:
     return nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=True)
 
 
+def stem_pool_args(pool: nn.MaxPool2d) -> tuple[int, int, int] | None:
+    """(kernel_size, stride, padding) of a square max-pool that ``max_pool_signs`` runs (dilation 1,
+    floor mode), else None."""
+
+    def single(v):
+        return v if isinstance(v, int) else (v[0] if len(set(v)) == 1 else None)
+
+    args = single(pool.kernel_size), single(pool.stride), single(pool.padding)
+    plain = single(pool.dilation) == 1 and not pool.ceil_mode and not pool.return_indices
+    return args if plain and None not in args else None
+
+
 def packed_shortcut(downsample: nn.Sequential | None) -> nn.Sequential | None:
     if downsample is None:
         return None
@@ -230,14 +242,25 @@ class PackedBiReal(nn.Module):
                 m.out_dtype = None if dtype == torch.float32 else dtype
         return self
 
+    def run_stem(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The real-valued stem; -> (its output, the output's packed signs or None). The ImageNet
+        stem's max-pool (3x3, stride 2) runs as ``max_pool_signs``, which also packs the first
+        block's input in the same pass; the CIFAR stem has no pool (its first block packs)."""
+        pool = self.stem[-1]
+        if not (isinstance(pool, nn.MaxPool2d) and stem_pool_args(pool)):
+            return self.stem(x), None
+        x = self.stem[:-1](x)
+        pool_signs = max_pool_signs_ref if _USE_REFERENCE else ops.max_pool_signs
+        return pool_signs(x, *stem_pool_args(pool))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels_last throughout: the kernels read and write NHWC, and oneDNN's conv and
         # max-pool are several times faster on NHWC than on NCHW here.
         bf16 = self.activation_dtype == torch.bfloat16
         exact = contextlib.nullcontext() if bf16 else ieee_float32()  # float32 means float32 on a GPU too
         with exact, torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
-            x = self.stem(x.contiguous(memory_format=torch.channels_last))
-            mid, packed = x, None  # packed: signs of x, made by the previous block's kernel
+            x, packed = self.run_stem(x.contiguous(memory_format=torch.channels_last))
+            mid = x  # packed: signs of x, made by the stem's pool or the previous block's kernel
             for block in self.blocks:
                 if self.bottleneck:
                     mid, x, packed = block(mid, x, packed)

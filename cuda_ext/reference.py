@@ -28,6 +28,14 @@ def pack_signs_ref(x: torch.Tensor) -> torch.Tensor:
     return (bits * weights).sum(-1)  # distinct bits: sum == OR
 
 
+def max_pool_signs_ref(
+    x: torch.Tensor, kernel_size: int, stride: int, padding: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """max_pool2d of x (N, C, H, W) and the packed signs of its output: (out, pack_signs(out))."""
+    out = F.max_pool2d(x, kernel_size, stride, padding)
+    return out, pack_signs_ref(out)
+
+
 def unpack_signs_ref(packed: torch.Tensor, channels: int) -> torch.Tensor:
     """(N, H, W, Cw) int64 -> (N, C, H, W) float +-1: the inverse of ``pack_signs_ref``."""
     shifts = torch.arange(WORD_BITS, device=packed.device)

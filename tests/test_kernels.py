@@ -235,3 +235,47 @@ print("ok", ops.cpu_path())
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("ok")
+
+
+POOL_CASES = [  # (batch, channels, height, width, kernel_size, stride, padding)
+    (2, 64, 20, 18, 3, 2, 1),  # the ImageNet stem's pool, one packed word
+    (1, 3, 7, 9, 3, 2, 1),
+    (2, 100, 13, 11, 3, 2, 1),  # two words, the second with a tail
+    (1, 130, 8, 8, 2, 2, 0),
+    (1, 64, 5, 5, 3, 1, 1),
+    (2, 17, 6, 7, 1, 1, 0),
+    (1, 200, 9, 10, 5, 3, 2),
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_max_pool_signs_is_max_pool_then_pack(path, dtype, case):
+    """Bit for bit max_pool2d and pack_signs of its output, every element written (debug fill),
+    NaN propagated as torch does, from NCHW or channels_last inputs."""
+    from cuda_ext.reference import max_pool_signs_ref
+
+    n, c, h, w, k, s, p = case
+    x = torch.randn(n, c, h, w).to(dtype)
+    x[0, c // 2, 1, 1] = float("nan")
+    x[-1, 0] = 0.0  # sign(0) = +1
+    for layout in (torch.contiguous_format, torch.channels_last):
+        with ops.forced_cpu_path(path), ops.debug_fill():
+            out, packed = ops.max_pool_signs(x.contiguous(memory_format=layout), k, s, p)
+        ref_out, ref_packed = max_pool_signs_ref(x, k, s, p)
+        assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(out.isnan(), ref_out.isnan()) and out.isnan().any()
+        assert torch.equal(out.nan_to_num(7.0), ref_out.nan_to_num(7.0))
+        assert torch.equal(packed, ref_packed)
+
+
+def test_max_pool_signs_opcheck_and_bad_arguments():
+    x = torch.randn(2, 70, 9, 8)
+    torch.library.opcheck(torch.ops.bireal.max_pool_signs.default, (x, 3, 2, 1))
+    with pytest.raises(RuntimeError, match="padding <= kernel_size / 2"):
+        ops.max_pool_signs(x, 3, 2, 2)
+    with pytest.raises(RuntimeError, match="empty output"):
+        ops.max_pool_signs(torch.randn(1, 8, 2, 2), 5, 1, 0)
+    with pytest.raises(RuntimeError, match="floating point"):
+        ops.max_pool_signs(torch.ones(1, 8, 4, 4, dtype=torch.int32))

@@ -16,7 +16,9 @@ from cuda_ext.packed import (
     load_packed,
     read_artifact,
     reference_ops,
+    stem_pool_args,
 )
+from cuda_ext.reference import pack_signs_ref
 
 
 def digits_images() -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,6 +125,29 @@ def test_checkpoint_export_load_logits(fitted_bireal18, tmp_path):
     again, _ = load_packed(art)
     with torch.inference_mode():
         assert torch.equal(packed(x[:64]), again(x[:64]))
+
+
+@pytest.mark.parametrize("name", ["bireal18", "bireal50"])
+def test_imagenet_stem_pools_and_packs_in_one_op(tmp_path, name):
+    """The ImageNet stem's max-pool runs as max_pool_signs (the first block's packed input made in
+    the same pass): the logits equal the reference ops' and the unfused stem's (pool, then the first
+    block packs), in float32 and bfloat16 activations."""
+    model = bc.create_model(name, num_classes=10, width=0.25).train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64))  # BN statistics off their defaults
+    packed, _ = load_packed(export_model(model.eval(), tmp_path / "m.safetensors"))
+    assert stem_pool_args(packed.stem[-1]) == (3, 2, 1)
+    x = torch.randn(3, 3, 64, 64)
+    for dtype in (torch.float32, torch.bfloat16):
+        packed.set_activation_dtype(dtype)
+        with torch.inference_mode():
+            ours = packed(x)
+            with reference_ops():
+                ref = packed(x)
+            stem_out, stem_signs = packed.run_stem(x.contiguous(memory_format=torch.channels_last))
+            unfused = packed.stem(x.contiguous(memory_format=torch.channels_last))
+        assert torch.equal(ours, ref), dtype
+        assert torch.equal(stem_out, unfused) and torch.equal(stem_signs, pack_signs_ref(unfused))
 
 
 def test_compile_fullgraph(tmp_path):

@@ -62,6 +62,11 @@ std::tuple<at::Tensor, at::Tensor> binary_block_cpu(
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
     std::optional<at::ScalarType> out_dtype);
 
+// max_pool2d (kernel_size, stride, padding; dilation 1, floor mode) of x (N, C, H, W) and the packed
+// signs of its output: (out channels_last, pack_signs(out)).
+std::tuple<at::Tensor, at::Tensor> max_pool_signs_cpu(const at::Tensor& x, int64_t kernel_size, int64_t stride,
+                                                      int64_t padding);
+
 // Shape and argument checks shared by the CPU and CUDA implementations.
 void check_pack_args(const at::Tensor& x);
 struct ConvGeometry {

@@ -108,12 +108,17 @@ TORCH_LIBRARY(bireal, m) {
       "binary_block(Tensor packed_x, Tensor packed_w, int in_channels, int stride, int padding, "
       "float pad_value, Tensor? scale, Tensor? bias, Tensor? residual, ScalarType? out_dtype=None) "
       "-> (Tensor, Tensor)");
+  // The ImageNet stem's max-pool with the first block's packed input: (out, pack_signs(out)),
+  //   out = max_pool2d(x, kernel_size, stride, padding) in channels_last memory (dilation 1, floor mode).
+  //   CPU only; other devices run max_pool2d + pack_signs (cuda_ext.ops.max_pool_signs).
+  m.def("max_pool_signs(Tensor x, int kernel_size, int stride, int padding) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bireal, CPU, m) {
   m.impl("pack_signs", &bireal::pack_signs_cpu);
   m.impl("binary_conv2d", &bireal::binary_conv2d_cpu);
   m.impl("binary_block", &bireal::binary_block_cpu);
+  m.impl("max_pool_signs", &bireal::max_pool_signs_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

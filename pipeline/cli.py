@@ -418,8 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true")
     predict.set_defaults(func=_cmd_predict)
 
-    bench = sub.add_parser("bench", help="benchmark tables: kernels or the packed model vs float")
-    bench.add_argument("what", choices=("kernels", "model", "data", "train"))
+    bench = sub.add_parser(
+        "bench", help="benchmark tables: kernels, the packed model vs float, memory paths, data, training"
+    )
+    bench.add_argument("what", choices=("kernels", "model", "memory", "data", "train"))
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
     bench.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     bench.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")

@@ -66,3 +66,64 @@ def test_bench_kernel_rows_and_table():
         assert r["ours_gb_s"] == pytest.approx(moved / r["ours_ms"] / 1e6)
     table = format_table(rows, "title")
     assert "64x56x56" in table and "block_speedup" in table and "baseline: F.conv2d float32" in table
+
+
+def test_keep_freed_memory_keeps_a_freed_block_in_the_process():
+    """With glibc's defaults a freed 64 MB tensor goes back to the OS (the next one faults in fresh
+    pages); after keep_freed_memory() it stays in the process (RSS unchanged by the free). Each
+    setting in a process of its own: the switch is process-wide."""
+    import subprocess
+    import sys
+
+    script = """
+import sys, torch
+from cuda_ext.memory import keep_freed_memory
+def rss_mb():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+if sys.argv[1] == "kept":
+    assert keep_freed_memory()
+x = torch.empty(16 * 2**20).fill_(1.0)  # 64 MB, touched
+before = rss_mb()
+del x
+print(round(before - rss_mb()))
+"""
+    released = {}
+    for mode in ("default", "kept"):
+        done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        released[mode] = int(done.stdout.split()[-1])
+    assert released["default"] >= 60 and released["kept"] <= 4, released
+
+
+def test_bench_memory_and_model_rows():
+    """`bireal bench memory` pairs (fused pool vs apart, fresh vs cached residual, fused stem vs
+    not) and the model rows' second setting (freed memory kept), in a process of its own: the
+    model bench switches the allocator process-wide."""
+    import json
+    import subprocess
+    import sys
+
+    script = """
+import json
+from cuda_ext.benchmarks import bench_memory, bench_model, format_table
+memory = bench_memory("cpu", repeats=1)
+model = bench_model("cpu", batches=(1,), repeats=1)
+print(format_table(memory, "memory"))
+print(json.dumps({"memory": memory, "model": model}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(done.stdout.splitlines()[-1])
+    assert [(r["shape"], r["batch"]) for r in rows["memory"]] == [
+        ("stem pool 64x112x112", 1),
+        ("stem pool 64x112x112", 16),
+        ("layer-1 block 64x56x56", 16),
+        ("bireal18 stem fused @224", 1),
+        ("bireal18 stem fused @224", 16),
+    ]
+    for r in rows["memory"]:
+        assert r["ours_ms"] > 0 and ("speedup" in r) == ("baseline_ms" in r)
+    assert rows["memory"][2]["block_ms"] > 0
+    (model,) = rows["model"]
+    assert model["ours_kept_ms"] > 0 and model["speedup_kept"] == model["baseline_kept_ms"] / model["ours_kept_ms"]
+    assert "stem pool 64x112x112" in done.stdout and "block_ms" in done.stdout

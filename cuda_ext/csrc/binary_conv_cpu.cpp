@@ -322,6 +322,7 @@ struct RowJob {
   int64_t O_pad;
   const float *scale, *bias;   // 16 values each (padded with 1 / 0)
   const float* residual;       // pixel 0, res_stride floats per pixel; null: none
+  const float* residual_next;  // the same block's residual one row on (prefetched); null: none
   int64_t res_stride;
   float* out;                  // pixel 0, out_stride floats per pixel
   int64_t out_stride;
@@ -351,6 +352,13 @@ BIREAL_AVX512 inline void row_group_avx512(const RowJob& j, int64_t ow0) {
     v = _mm512_add_ps(v, bias);
     // Full blocks use plain loads and stores: masked ones are much slower on some CPUs.
     const float* res = j.residual + ow * j.res_stride;
+    // The residual is read one 16-channel block (one 64-byte line) per pixel, O * 4 bytes apart: a
+    // pattern the hardware prefetcher follows poorly. Out of cache (in the network it is the
+    // previous block's output, streamed to memory) that read ran at ~9 GB/s and took a layer-1 block
+    // (64x56x56, batch 16) from 1.0-1.2 ms to 2.7-2.9 ms; asking for the same pixel's line one row
+    // on, about a row of work ahead, brings it back to 1.1-1.2 ms (docs/benchmarks.md).
+    if (j.residual_next)
+      _mm_prefetch(reinterpret_cast<const char*>(j.residual_next + ow * j.res_stride), _MM_HINT_T1);
     v = _mm512_add_ps(v, !j.residual ? zero : m == 0xffff ? _mm512_loadu_ps(res) : _mm512_maskz_loadu_ps(m, res));
     if (m == 0xffff && j.stream)
       _mm512_stream_ps(j.out + ow * j.out_stride, v);  // 64-byte aligned (checked by the caller)
@@ -609,17 +617,6 @@ at::Tensor pack_signs_cpu(const at::Tensor& x) {
 
 namespace {
 
-// The residual is read in the epilogue one 16-channel block at a time: one 64-byte line per pixel,
-// O * 4 bytes apart, a pattern the hardware prefetcher follows poorly. Out of cache (the previous
-// block's output, streamed to memory) it read at ~9 GB/s and nearly doubled a layer-1 block's time
-// (64x56x56, batch 16: 2.8 ms with a fresh residual, 1.5 ms with one in cache). So each row's first
-// task asks for the whole next row of the residual (Wo * O floats, 14 KB there) into L2.
-inline void prefetch_residual_row(const float* residual, int64_t row, const ConvGeometry& g) {
-  const char* first = reinterpret_cast<const char*>(residual + row * g.Wo * g.O);
-  const int64_t bytes = g.Wo * g.O * int64_t(sizeof(float));
-  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(first + b, _MM_HINT_T1);
-}
-
 // The float32 conv; `residual` (if any) is float32 here.
 // `packed_out` (N, Ho, Wo, Ow) int64, if given, receives the packed signs of the output (fused block).
 at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int64_t in_channels,
@@ -725,16 +722,14 @@ at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int6
       const bool full = o_count == kOutBlock;  // else: a partial block, staged through buffers
       const auto block_mask = static_cast<uint16_t>((uint32_t(1) << o_count) - 1);  // valid channels
       Tile t{nullptr, stride * Cw, Wp * Cw, wblk.data() + ob * taps * Cw * kOutBlock, g.KH, g.KW, Cw};
-      if (res_p != nullptr && ob == 0) {  // a row's first task: fetch the next row's residual
-        if (task == begin) prefetch_residual_row(res_p, row, g);
-        if (row + 1 < g.N * g.Ho) prefetch_residual_row(res_p, row + 1, g);
-      }
       if (path == Path::Avx512) {
         const int64_t pix0 = (n * g.Ho + oh) * g.Wo;
         t.x = xp + (n * Hp + oh * stride) * Wp * Cw;
         const RowJob job{t, g.Wo, corr.data() + bc.row_class[oh] * col_classes * O_pad + o0,
                          bc.col_class.data(), O_pad, scale_v.data() + o0, bias_v.data() + o0,
-                         res_p ? res_p + pix0 * g.O + o0 : nullptr, g.O, out_p + pix0 * g.O + o0, g.O,
+                         res_p ? res_p + pix0 * g.O + o0 : nullptr,
+                         res_p && row + 1 < g.N * g.Ho ? res_p + (pix0 + g.Wo) * g.O + o0 : nullptr, g.O,
+                         out_p + pix0 * g.O + o0, g.O,
                          signs_p ? signs_p + pix0 * slices + ob : nullptr, slices,
                          block_mask, static_cast<int32_t>(K),
                          stream_out};

@@ -36,7 +36,7 @@ demo: install
 
 test: install  # the cluster suite in a process of its own: its memory budget (docs/cluster.md)
 	$(VENV)/bin/pytest -q -m "not cluster"
-	$(VENV)/bin/pytest -q tests/test_cluster.py
+	$(VENV)/bin/pytest -q tests/test_cluster.py tests/test_cluster_submit.py
 
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not e2e"

@@ -9,10 +9,17 @@
   Ray temp folder and over the driver's work folder, at its own loopback address 127.0.0.N (Ray
   Train groups workers into nodes by IP). A node is killed through its own processes, found by
   their mount namespace; never with ``ray stop``, which stops every Ray process on the host.
+  With ``dashboard=True`` the head also runs Ray's dashboard, whose job server ``bireal submit``,
+  ``dvc repro deploy/dvc.yaml`` and the Prefect flow submit to (tests/test_cluster_submit.py).
+- ``Memory``: the suite's peak memory against its budget (docs/cluster.md).
+- ``Cluster``: the running services and the helpers the tests share (params files, the CLI as the
+  driver, what MLflow and Ray Train recorded). The ``cluster`` fixture (tests/conftest.py) makes one
+  per test module.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -20,8 +27,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+
+import pytest
 
 BIN = Path(sys.executable).parent
 
@@ -197,13 +207,21 @@ def cluster_env() -> dict[str, str]:
 class RayCluster:
     """A head (0 CPUs) and worker nodes, each worker node in its own mount namespace."""
 
-    def __init__(self, root: Path, hidden: list[Path]):
+    def __init__(self, root: Path, hidden: list[Path], dashboard: bool = False):
         self.root, self.hidden = root, hidden
         self.base = Path(tempfile.mkdtemp(prefix="brc-", dir="/tmp"))  # short: AF_UNIX paths
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.nodes: dict[str, subprocess.Popen] = {}
         self._next_ip = 2
+        # the dashboard (~0.35 GiB) hosts the job server; only the submit suite needs one
+        self.dashboard = f"http://127.0.0.1:{free_port()}" if dashboard else ""
+        web = (
+            ["--include-dashboard", "true", "--dashboard-host", "127.0.0.1"]
+            + ["--dashboard-port", self.dashboard.rsplit(":", 1)[1]]
+            if dashboard
+            else ["--include-dashboard", "false"]
+        )
         head = subprocess.run(
             [
                 str(BIN / "ray"),
@@ -217,8 +235,7 @@ class RayCluster:
                 str(self.port),
                 "--temp-dir",
                 str(self.base / "head"),
-                "--include-dashboard",
-                "false",
+                *web,
                 "--dashboard-agent-listen-port",
                 "0",
                 "--object-store-memory",
@@ -231,6 +248,8 @@ class RayCluster:
         )
         if head.returncode != 0:
             raise RuntimeError(f"ray start --head failed:\n{head.stdout[-2000:]}\n{head.stderr[-2000:]}")
+        if dashboard:  # the job server answers once the dashboard's job module is up
+            wait_for(lambda: _http_ok(f"{self.dashboard}/api/jobs/"), 90, "the Ray dashboard's job server")
 
     def add_node(self, cpus: int = 1, gpus: int = 0) -> str:
         """Start a worker node in a new mount namespace; -> its IP."""
@@ -271,8 +290,6 @@ class RayCluster:
             text=True,
             timeout=60,
         )
-        import json
-
         return set(json.loads(out.stdout.strip().splitlines()[-1])) if out.returncode == 0 else set()
 
     def node_pids(self, ip: str) -> list[int]:
@@ -318,3 +335,172 @@ class RayCluster:
         # the head's processes name its temp folder; `ray stop` would stop every Ray on the host
         subprocess.run(["pkill", "-9", "-f", str(self.base / "head")], capture_output=True)
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def missing_privilege() -> str:
+    if shutil.which("unshare") is None:
+        return "no unshare command"
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot make a mount namespace (unshare -m): {probe.stderr.strip()}"
+    if shutil.which("initdb") is None or shutil.which("pg_ctl") is None:
+        return "PostgreSQL (initdb, pg_ctl) is not installed"
+    return ""
+
+
+class Memory:
+    """Peak memory of the suite, sampled twice a second: the proportional set size (PSS: shared
+    pages split between their users, so the torch libraries of many Ray workers count once) of this
+    process, of the processes whose command line names one of ``markers`` (the daemons that
+    ``ray start --head`` and ``pg_ctl`` leave behind), and of all their descendants. Other work on
+    the machine is not counted."""
+
+    def __init__(self):
+        self.peak, self.at_peak, self.markers, self._stop = 0, {}, [], threading.Event()
+        self.test_peak, self.test_at_peak = 0, {}
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _read(pid: str, name: str) -> str:
+        try:
+            return Path(f"/proc/{pid}/{name}").read_text()
+        except OSError:
+            return ""
+
+    def _suite_pids(self) -> set[str]:
+        children: dict[str, list[str]] = {}
+        roots = {str(os.getpid())}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            stat = self._read(entry.name, "stat")
+            if stat:
+                children.setdefault(stat.rsplit(")", 1)[1].split()[1], []).append(entry.name)
+            cmdline = self._read(entry.name, "cmdline")
+            if any(m in cmdline for m in self.markers):
+                roots.add(entry.name)
+        found, todo = set(), list(roots)
+        while todo:
+            pid = todo.pop()
+            if pid not in found:
+                found.add(pid)
+                todo.extend(children.get(pid, []))
+        return found
+
+    def _pss(self, pid: str) -> int:
+        for line in self._read(pid, "smaps_rollup").splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    def _run(self):
+        while not self._stop.wait(0.5):
+            pss = {pid: self._pss(pid) for pid in self._suite_pids()}
+            total = sum(pss.values())
+            if total > self.test_peak:  # (the suite's peak is never below the test's)
+                self.test_peak, self.test_at_peak = total, self._by_program(pss)
+                if total > self.peak:
+                    self.peak, self.at_peak = total, self.test_at_peak
+
+    def start_test(self) -> None:
+        self.test_peak, self.test_at_peak = 0, {}
+
+    def _by_program(self, pss: dict[str, int]) -> dict[str, int]:
+        """PSS summed per program name (``comm``: raylet, ray::IDLE, postgres, python...)."""
+        out: dict[str, int] = {}
+        for pid, size in pss.items():
+            name = self._read(pid, "comm").strip() or "?"
+            out[name] = out.get(name, 0) + size
+        return out
+
+    def stop(self) -> float:
+        self._stop.set()
+        return self.peak / 2**30
+
+    def breakdown(self, top: int = 8, this_test: bool = False) -> str:
+        """The largest programs at the peak (of the suite, or of the current test), e.g.
+        'python 1.90, ray::_trial 1.10, ...' (GiB)."""
+        at_peak = self.test_at_peak if this_test else self.at_peak
+        ranked = sorted(at_peak.items(), key=lambda kv: -kv[1])[:top]
+        return ", ".join(f"{name} {size / 2**30:.2f}" for name, size in ranked)
+
+
+class Cluster:
+    def __init__(self, root, work, s3, pg, mlflow, ray, say, memory):
+        self.root, self.work, self.s3, self.pg, self.mlflow, self.ray = root, work, s3, pg, mlflow, ray
+        self.say, self.memory = say, memory
+
+    def params(self, name: str, **sections) -> Path:
+        """A params file in the driver's folder: everything shared lives in S3 / on the servers."""
+        bucket = f"s3://{self.s3.bucket}"
+        base = {
+            "data": {"source": "demo"},
+            "shard": {"samples_per_shard": 100, "processes": 1},
+            "storage": {"artifacts": f"{bucket}/artifacts", "endpoint_url": self.s3.url},
+            "train": {
+                "shards": f"{bucket}/shards",
+                "out": "checkpoints",
+                "width": 0.25,
+                "batch_size": 32,
+                "loader_workers": 0,  # decode in the worker: no loader processes (memory)
+                "max_steps_per_epoch": 3,
+            },
+            "pretrain": {"phase_epochs": [1, 0, 1]},
+            "binarize": {"epochs": 1, "tuned_config": ""},
+            "finetune": {"epochs": 1},
+            "tune": {"enabled": False, "storage_path": f"{bucket}/tune"},
+            "ray": {
+                "address": self.ray.address,
+                "num_workers": 2,
+                "cpus_per_worker": 1,
+                "storage_path": f"{bucket}/ray",
+                "max_failures": 3,
+            },
+            "mlflow": {"tracking_uri": self.mlflow.uri, "experiment": name},
+            "registry": {"model_name": f"bireal-{name}"},
+        }
+        for section, values in sections.items():
+            base[section] = {**base.get(section, {}), **values}
+        import yaml
+
+        path = self.work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(base))
+        return path
+
+    def bireal(self, *args: str, run_id: str, wait: bool = True, log: str = "driver.log"):
+        """The CLI as the driver, in the work folder, joined to the cluster by the params file."""
+        env = {**cluster_env(), "BIREAL_PIPELINE_RUN": run_id}
+        out = (self.root / log).open("a")
+        proc = subprocess.Popen(
+            [str(BIN / "bireal"), *args],
+            cwd=self.work,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        if not wait:
+            return proc
+        if proc.wait(timeout=600) != 0:
+            pytest.fail(f"bireal {' '.join(args)} failed:\n{(self.root / log).read_text()[-4000:]}")
+        return proc
+
+    def epochs_logged(self, experiment: str, stage: str) -> list[list[int]]:
+        """Per MLflow run of ``stage``: the steps of its val_top1 history, as logged."""
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.mlflow.uri)
+        exp = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([exp.experiment_id], f"tags.`bireal.stage` = '{stage}'")
+        return [sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_top1")) for r in runs]
+
+    def ray_checkpoints(self, run_name: str) -> list[str]:
+        """The checkpoints Ray Train has registered for the run: those its checkpoint manager's
+        snapshot in S3 lists, so a re-launched run resumes from them. (A checkpoint the workers
+        have uploaded but the controller has not yet recorded does not count.)"""
+        snapshot = self.s3.read(f"ray/{run_name}/checkpoint_manager_snapshot.json")
+        if snapshot is None:
+            return []
+        results = json.loads(snapshot).get("checkpoint_results") or []
+        return sorted(r["checkpoint_dir_name"] for r in results)

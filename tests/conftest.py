@@ -1,4 +1,6 @@
+import os
 import sys
+import time
 
 import pytest
 
@@ -45,3 +47,64 @@ def ray_local():
     ensure_ray(RayConfig(temp_dir="/tmp/bireal-ray-test"))
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def cluster(request, tmp_path_factory, pytestconfig):
+    """A cluster of real services on loopback (tests/cluster_services.py) for one test module:
+    S3 (moto), PostgreSQL, an MLflow server, and a Ray head with two worker nodes; the head runs
+    Ray's dashboard (its job server) where the module sets ``RAY_DASHBOARD = True``."""
+    from cluster_services import S3, Cluster, Memory, MlflowServer, Postgres, RayCluster, missing_privilege
+
+    reason = missing_privilege()
+    if reason:
+        if os.environ.get("BIREAL_REQUIRE_CLUSTER") == "1":
+            pytest.fail(f"BIREAL_REQUIRE_CLUSTER=1 but the cluster suite cannot run: {reason}")
+        pytest.skip(reason)
+    started, memory = time.time(), Memory()
+    reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def say(line: str) -> None:  # the suite's figures reach the terminal even when output is captured
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"[cluster] {line}")
+
+    root = tmp_path_factory.mktemp("cluster")
+    work = root / "work"  # the driver's working folder: worker nodes see a tmpfs there instead
+    work.mkdir()
+    services = []
+    module = request.module.__name__
+    try:
+        s3 = S3(root)
+        services.append(s3)
+        pg = Postgres(root)
+        services.append(pg)
+        memory.markers.append(str(pg.dir))
+        mlflow = MlflowServer(root, pg.uri, f"s3://{s3.bucket}/mlflow", s3.url)
+        services.append(mlflow)
+        ray = RayCluster(root, hidden=[work], dashboard=getattr(request.module, "RAY_DASHBOARD", False))
+        services.append(ray)
+        memory.markers.append(str(ray.base))
+        ray.add_node(cpus=1)
+        ray.add_node(cpus=1)
+        yield Cluster(root, work, s3, pg, mlflow, ray, say, memory)
+    finally:
+        for service in reversed(services):
+            service.close()
+        say(f"{module}: {time.time() - started:.0f} s wall, peak memory {memory.stop():.2f} GiB (PSS)")
+        say(f"at the peak, GiB per program: {memory.breakdown()}")
+
+
+@pytest.fixture(autouse=True)
+def memory_per_test(request):
+    """Each cluster test's own peak memory and its largest programs, printed after it; then the
+    bucket is emptied (no test reads another's objects, and moto holds them in memory)."""
+    if "cluster" not in request.fixturenames:
+        yield
+        return
+    cluster = request.getfixturevalue("cluster")
+    cluster.memory.start_test()
+    yield
+    peak = cluster.memory.test_peak / 2**30
+    cluster.say(f"{request.node.name}: peak {peak:.2f} GiB ({cluster.memory.breakdown(5, this_test=True)})")
+    cluster.s3.empty()

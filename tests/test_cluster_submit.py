@@ -1,0 +1,183 @@
+"""Driving a multi-node cluster from outside it, as a laptop or CI does: `bireal submit`, `dvc repro
+deploy/dvc.yaml` and the Prefect flow submit stages as Ray jobs to the head's job server (Ray's
+dashboard on 127.0.0.1), and the jobs' training runs on worker nodes in mount namespaces of their
+own, with shards, checkpoints and stage outputs in S3 and tracking on the MLflow server
+(tests/cluster_services.py; the `cluster` fixture in tests/conftest.py).
+
+The cluster suite's other module (tests/test_cluster.py) runs its head without the dashboard, which
+keeps its peak under the suite's memory budget; this module's cluster is started after that one has
+stopped. Marked ``cluster``: `make test` runs both modules in a pytest process of their own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+from cluster_services import BIN, cluster_env, wait_for
+
+pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+
+RAY_DASHBOARD = True  # read by the cluster fixture: this module's head hosts the job server
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def job(cluster, sid: str) -> dict:
+    """The job's record from the job server's REST API (status, start_time, ...)."""
+    with urllib.request.urlopen(f"{cluster.ray.dashboard}/api/jobs/{sid}", timeout=10) as r:
+        return json.loads(r.read())
+
+
+def jobs(cluster) -> dict[str, dict]:
+    with urllib.request.urlopen(f"{cluster.ray.dashboard}/api/jobs/", timeout=10) as r:
+        return {j["submission_id"]: j for j in json.loads(r.read()) if j.get("submission_id")}
+
+
+def published_matches(cluster, pointer: dict) -> bool:
+    """A pointer file's {uri, sha256} names an object in the bucket with that digest."""
+    bucket = f"s3://{cluster.s3.bucket}/"
+    assert pointer["uri"].startswith(bucket), pointer
+    body = cluster.s3.read(pointer["uri"][len(bucket) :])
+    return body is not None and hashlib.sha256(body).hexdigest() == pointer["sha256"]
+
+
+def test_dvc_repro_drives_the_cluster_and_a_second_repro_does_nothing(cluster):
+    """deploy/dvc.yaml in a new git repo: every stage is a job on the cluster (export, evaluate and
+    register as one), its training on the worker nodes; what DVC tracks are the summaries and the
+    pointers to the checkpoints in S3. A second `dvc repro` submits nothing."""
+    run = "dvc-run"
+    params = cluster.params("dvc")
+    cluster.bireal("shard", "--params", str(params), run_id=run, log="dvc.log")  # the shards go up first
+    repo = cluster.root / "dvc-repo"
+    (repo / "deploy").mkdir(parents=True)
+    (repo / "deploy" / "dvc.yaml").write_text((ROOT / "deploy" / "dvc.yaml").read_text())
+    (repo / "cluster.yaml").write_text(params.read_text())
+    (repo / "deploy" / "dvc-run.yaml").write_text(
+        f"params: cluster.yaml\naddress: {cluster.ray.dashboard}\nout: submitted\npython: {BIN / 'python'}\n"
+    )
+    env = {**cluster_env(), "PATH": f"{BIN}:{os.environ['PATH']}", "BIREAL_PIPELINE_RUN": run}
+
+    def dvc(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"]):
+        subprocess.run(cmd, cwd=repo, check=True)
+    assert dvc("init", "-q").returncode == 0
+    first = dvc("repro", "deploy/dvc.yaml")
+    assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
+    groups = ("pretrain", "tune", "binarize", "finetune", "export-evaluate-register")
+    for group in groups:
+        assert f"submitted {run}-{group} " in first.stdout, group
+    assert {f"{run}-{g}" for g in groups} <= set(jobs(cluster))
+
+    submitted = repo / "submitted"
+    for stage, names in (("pretrain", ("pretrain-relu", "pretrain-clip", "pretrain")), ("binarize", ("binarize",))):
+        for name in names:
+            pointer = json.loads((submitted / stage / f"{name}.pointer.json").read_text())
+            assert published_matches(cluster, pointer), pointer
+    evaluation = json.loads((submitted / "package" / "evaluate.json").read_text())
+    assert evaluation["images"] == 360 and 0 <= evaluation["top1"] <= 1
+    assert json.loads((submitted / "package" / "register.json").read_text())["version"] == 1
+    # the training ran on the worker nodes, tracked once per epoch on the MLflow server
+    assert cluster.epochs_logged("dvc", "pretrain") == [[0, 1]]
+    assert cluster.epochs_logged("dvc", "binarize") == [[0]]
+    assert cluster.epochs_logged("dvc", "finetune") == [[0]]
+    assert not (repo / "checkpoints").exists()  # the checkpoints live in the jobs and in S3, not here
+
+    started = {sid: j["start_time"] for sid, j in jobs(cluster).items()}
+    second = dvc("repro", "deploy/dvc.yaml")
+    assert second.returncode == 0 and "submitted" not in second.stdout, second.stdout[-3000:]
+    assert "didn't change" in second.stdout or "up to date" in second.stdout
+    assert {sid: j["start_time"] for sid, j in jobs(cluster).items()} == started  # no job ran again
+    cluster.say(f"dvc repro: {len(groups)} jobs on the cluster, evaluate top-1 {evaluation['top1']:.4f}; rerun: none")
+
+
+def test_a_killed_submitter_reattaches_to_the_same_job(cluster):
+    """SIGKILL `bireal submit` while its job trains on the cluster (the laptop closes); the same
+    command attaches to the running job instead of starting another, and writes the pointers."""
+    run = "attach-run"
+    params = cluster.params("attach", pretrain={"phase_epochs": [8, 0, 1]})
+    cluster.bireal("shard", "--params", str(params), run_id=run, log="attach.log")
+    cmd = ["submit", "--stage", "pretrain", "--params", str(params), "--address", cluster.ray.dashboard]
+    cmd += ["--python", str(BIN / "python"), "--out", "submitted"]
+    submitter = cluster.bireal(*cmd, run_id=run, wait=False, log="attach.log")
+    sid = f"{run}-pretrain"
+    # mid-stage: the job runs and its first epoch is tracked
+    wait_for(lambda: job(cluster, sid)["status"] == "RUNNING", 120, f"job {sid} running")
+    wait_for(lambda: any(cluster.epochs_logged("attach", "pretrain")), 300, "the first epoch in MLflow")
+    os.killpg(submitter.pid, signal.SIGKILL)
+    submitter.wait(timeout=30)
+    started = job(cluster, sid)["start_time"]
+    assert job(cluster, sid)["status"] == "RUNNING"  # the job runs on without its submitter
+
+    cluster.bireal(*cmd, run_id=run, log="attach.log")
+    log = (cluster.root / "attach.log").read_text()
+    assert f"submitted {sid}" in log and f"attached {sid}" in log, log[-3000:]
+    record = job(cluster, sid)
+    assert record["status"] == "SUCCEEDED" and record["start_time"] == started  # the same job, once
+    assert [s for s in jobs(cluster) if s.startswith(run)] == [sid]
+    assert cluster.epochs_logged("attach", "pretrain") == [list(range(9))]  # each epoch trained once
+    out = cluster.work / "submitted"
+    pointers = {p.name: json.loads(p.read_text()) for p in out.glob("*.pointer.json")}
+    assert set(pointers) == {"pretrain-relu.pointer.json", "pretrain-clip.pointer.json", "pretrain.pointer.json"}
+    assert all(published_matches(cluster, ref) for ref in pointers.values())
+    assert json.loads((out / "pretrain.json").read_text())["final"]["epoch"] == 8
+    cluster.say(f"killed submitter: reattached to {sid}, 9 epochs logged once each")
+
+
+def test_the_prefect_flow_submits_its_stages_when_ray_address_is_a_job_server(cluster):
+    """The same flow as on one machine, with ``ray.address: http://HEAD:8265`` in the params file:
+    each stage is a Ray job on the cluster (shard too), export + evaluate + register as one; the
+    flow runs in a process of its own with Prefect's ephemeral API, as a user's script would."""
+    run = "flow-run"
+    params = cluster.params("flow", ray={"address": cluster.ray.dashboard}, tune={"out": "tune"})
+    folder = cluster.root / "flow"
+    folder.mkdir()
+    env = {
+        **cluster_env(),
+        "BIREAL_PIPELINE_RUN": run,
+        "BIREAL_JOB_PYTHON": str(BIN / "python"),  # the cluster's Python: this venv's
+        "PREFECT_HOME": str(folder / ".prefect"),
+    }
+    script = (
+        "import json, sys\n"
+        "from pipeline.env import apply_offline_defaults\n"
+        "apply_offline_defaults()\n"
+        "from pipeline.flow import bireal_pipeline\n"
+        "print('SUMMARY ' + json.dumps(bireal_pipeline(sys.argv[1]), default=str))\n"
+    )
+
+    def run_flow() -> dict:
+        done = subprocess.run(
+            [str(BIN / "python"), "-c", script, str(params)],
+            cwd=folder,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+        )
+        assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+        return json.loads(done.stdout.split("SUMMARY ", 1)[1].splitlines()[0])
+
+    summary = run_flow()
+    assert summary["evaluation"]["images"] == 360 and summary["registry"]["version"] == 1
+    groups = ("shard", "pretrain", "tune", "binarize", "finetune", "export-evaluate-register")
+    assert {s for s in jobs(cluster) if s.startswith(run)} == {f"{run}-{g}" for g in groups}
+    assert all(jobs(cluster)[f"{run}-{g}"]["status"] == "SUCCEEDED" for g in groups)
+    assert (folder / "submitted" / "binarize" / "binarize.pointer.json").is_file()
+    assert not (folder / "checkpoints").exists() and not (folder / "data").exists()  # all of it ran in jobs
+    assert cluster.s3.read("shards/manifest.json") is not None  # the shard job wrote to the bucket
+    assert cluster.epochs_logged("flow", "binarize") == [[0]]
+    # a rerun: the training stages from Prefect's cache; the package job, never cached (it
+    # registers), is found finished under its id and fetched, not run again
+    started = {s: j["start_time"] for s, j in jobs(cluster).items() if s.startswith(run)}
+    again = run_flow()
+    assert again["evaluation"] == summary["evaluation"] and again["registry"] == summary["registry"]
+    assert {s: j["start_time"] for s, j in jobs(cluster).items() if s.startswith(run)} == started
+    cluster.say(f"prefect flow: {len(groups)} jobs on the cluster, top-1 {summary['evaluation']['top1']:.4f}")

@@ -254,6 +254,7 @@ def bench_memory(device: str = "cpu", threads: int = 2, repeats: int = 10) -> li
       residual that stays in cache (the kernels table's setting);
     - the packed Bi-Real-18 with its stem pool fused (``run_stem``) against the pool and the first
       block's pack run separately."""
+    import itertools
     import tempfile
 
     import torch.nn.functional as F
@@ -275,7 +276,7 @@ def bench_memory(device: str = "cpu", threads: int = 2, repeats: int = 10) -> li
     scale, bias = torch.randn(64, device=dev), torch.randn(64, device=dev)
     residuals = [torch.randn(16, 64, 56, 56, device=dev) for _ in range(8)]
     residuals = [r.contiguous(memory_format=torch.channels_last) for r in residuals]  # 12.8 MB each
-    px, calls = ops.pack_signs(residuals[0]), iter(range(10**9))
+    px, calls = ops.pack_signs(residuals[0]), itertools.count()
 
     def block(fresh: bool):
         r = residuals[next(calls) % 8] if fresh else residuals[0]

@@ -27,6 +27,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <cmath>
 
 namespace bireal {
@@ -834,22 +835,6 @@ struct PoolGeometry {
   int64_t N, C, H, W, Ho, Wo, k, stride, padding;
 };
 
-// max over the window's taps for pixel (n, oh, ow): C channels into `out` (float or bfloat16).
-template <typename T>
-void pool_pixel_portable(const T* x, const PoolGeometry& g, int64_t n, int64_t oh, int64_t ow, T* out) {
-  using acc_t = at::opmath_type<T>;
-  const int64_t h0 = oh * g.stride - g.padding, w0 = ow * g.stride - g.padding;
-  for (int64_t c = 0; c < g.C; ++c) {
-    acc_t m = -std::numeric_limits<acc_t>::infinity();
-    for (int64_t h = std::max<int64_t>(h0, 0); h < std::min(h0 + g.k, g.H); ++h)
-      for (int64_t w = std::max<int64_t>(w0, 0); w < std::min(w0 + g.k, g.W); ++w) {
-        const acc_t v = static_cast<acc_t>(x[((n * g.H + h) * g.W + w) * g.C + c]);
-        if (v > m || std::isnan(v)) m = v;
-      }
-    out[c] = static_cast<T>(m);
-  }
-}
-
 // float32, one output row per call, separably: the max over the window's rows for every input
 // column first (each input row read front to back, a stream the hardware prefetcher follows; the
 // window's taps read in place jump between rows and ran at ~17 GB/s out of cache), then the max over
@@ -903,23 +888,49 @@ BIREAL_AVX512 void pool_row_avx512(const float* x, const PoolGeometry& g, int64_
   }
 }
 
-// One output row: each pixel's C maxima into `out` and their packed signs into `bits` (Cw words).
+// max(m, v) where a NaN wins, as in torch: once m is NaN neither test passes and it stays.
+template <typename A>
+inline A nan_max(A m, A v) {
+  return (v > m || v != v) ? v : m;
+}
+
+// The same separable row in plain loops over contiguous values (the compiler vectorizes them), for
+// every dtype and for CPUs without AVX-512; float maxima in `colmax` (W * C) and `acc` (C), then the
+// signs packed from the stored values.
 template <typename T>
-void pool_row(Path path, const T* x, const PoolGeometry& g, int64_t n, int64_t oh, T* out, uint64_t* bits,
-              T* /*colmax*/) {
+void pool_row_portable(Path path, const T* x, const PoolGeometry& g, int64_t n, int64_t oh, T* out, uint64_t* bits,
+                       at::opmath_type<T>* colmax, at::opmath_type<T>* acc) {
+  using acc_t = at::opmath_type<T>;
+  const int64_t h0 = oh * g.stride - g.padding;
+  const int64_t hb = std::max<int64_t>(h0, 0), he = std::min(h0 + g.k, g.H);
+  const int64_t row = g.W * g.C, Cw = words_for(g.C);
+  const T* image = x + n * g.H * row;
+  std::fill(colmax, colmax + row, -std::numeric_limits<acc_t>::infinity());
+  for (int64_t h = hb; h < he; ++h) {
+    const T* src = image + h * row;
+    for (int64_t i = 0; i < row; ++i) colmax[i] = nan_max(colmax[i], static_cast<acc_t>(src[i]));
+  }
   for (int64_t ow = 0; ow < g.Wo; ++ow) {
-    pool_pixel_portable(x, g, n, oh, ow, out + ow * g.C);
-    pack_pixel(path, out + ow * g.C, g.C, bits + ow * words_for(g.C));  // the values just stored, in L1
+    const int64_t w0 = ow * g.stride - g.padding;
+    std::fill(acc, acc + g.C, -std::numeric_limits<acc_t>::infinity());
+    for (int64_t w = std::max<int64_t>(w0, 0); w < std::min(w0 + g.k, g.W); ++w) {
+      const acc_t* col = colmax + w * g.C;
+      for (int64_t c = 0; c < g.C; ++c) acc[c] = nan_max(acc[c], col[c]);
+    }
+    T* o = out + ow * g.C;
+    for (int64_t c = 0; c < g.C; ++c) o[c] = static_cast<T>(acc[c]);
+    pack_pixel(path, o, g.C, bits + ow * Cw);  // the values just stored, in L1
   }
 }
 
-void pool_row(Path path, const float* x, const PoolGeometry& g, int64_t n, int64_t oh, float* out, uint64_t* bits,
-              float* colmax) {
-  if (path == Path::Avx512) return pool_row_avx512(x, g, n, oh, out, bits, colmax);
-  for (int64_t ow = 0; ow < g.Wo; ++ow) {
-    pool_pixel_portable(x, g, n, oh, ow, out + ow * g.C);
-    pack_pixel(path, out + ow * g.C, g.C, bits + ow * words_for(g.C));
+// One output row: each pixel's C maxima into `out` and their packed signs into `bits` (Cw words).
+template <typename T>
+void pool_row(Path path, const T* x, const PoolGeometry& g, int64_t n, int64_t oh, T* out, uint64_t* bits,
+              at::opmath_type<T>* colmax, at::opmath_type<T>* acc) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (path == Path::Avx512) return pool_row_avx512(x, g, n, oh, out, bits, colmax);
   }
+  pool_row_portable(path, x, g, n, oh, out, bits, colmax, acc);
 }
 
 }  // namespace
@@ -948,10 +959,11 @@ std::tuple<at::Tensor, at::Tensor> max_pool_signs_cpu(const at::Tensor& x, int64
     scalar_t* dst = out.data_ptr<scalar_t>();
     // one output row per task: its pixels' windows share input rows that stay in cache
     at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> colmax(g.W * g.C);  // one input row's column maxima (float32 path)
+      using acc_t = at::opmath_type<scalar_t>;
+      std::vector<acc_t> colmax(g.W * g.C), acc(g.C);  // one input row's column maxima; one pixel's
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / g.Ho, oh = row % g.Ho;
-        pool_row(path, src, g, n, oh, dst + row * g.Wo * g.C, bits + row * g.Wo * Cw, colmax.data());
+        pool_row(path, src, g, n, oh, dst + row * g.Wo * g.C, bits + row * g.Wo * Cw, colmax.data(), acc.data());
       }
     });
   });

@@ -247,11 +247,11 @@ class PackedBiReal(nn.Module):
         stem's max-pool (3x3, stride 2) runs as ``max_pool_signs``, which also packs the first
         block's input in the same pass; the CIFAR stem has no pool (its first block packs)."""
         pool = self.stem[-1]
-        if not (isinstance(pool, nn.MaxPool2d) and stem_pool_args(pool)):
+        pool_args = stem_pool_args(pool) if isinstance(pool, nn.MaxPool2d) else None
+        if pool_args is None:
             return self.stem(x), None
-        x = self.stem[:-1](x)
         pool_signs = max_pool_signs_ref if _USE_REFERENCE else ops.max_pool_signs
-        return pool_signs(x, *stem_pool_args(pool))
+        return pool_signs(self.stem[:-1](x), *pool_args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels_last throughout: the kernels read and write NHWC, and oneDNN's conv and

@@ -28,7 +28,6 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
-#include <cmath>
 
 namespace bireal {
 namespace {

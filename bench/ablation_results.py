@@ -6,6 +6,8 @@ paper's claims with their verdicts; the twins' float top-1) and prints the Markd
 docs/benchmarks.md carries.
 Usage: python -m bench.ablation_results --params pipeline/configs/cifar10_ablation.yaml \
            --started EPOCH_SECONDS --out bench/results/ablation.json
+       python -m bench.ablation_results --rejudge bench/results/ablation_4ep.json
+           (the claims of a recorded file judged again from its per-seed values, with today's rule)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 from bireal_core.checkpoint import read_header
 from cuda_ext.benchmarks import cpu_model
 from pipeline.params import load_params
-from pipeline.tune import CELL_KEYS, expected_trials, local_grid, paper_cell, summarize, twin_folder
+from pipeline.tune import CELL_KEYS, expected_trials, local_grid, paper_cell, paper_rankings, summarize, twin_folder
 
 TARGET = 0.70  # the issue's bar for the paper's cell (mean top-1 at width 0.25)
 
@@ -78,7 +80,7 @@ def record(params_path: str, started: float, machine: str = "", partial: bool = 
         "epochs_per_trial": params.tune.epochs,
         "pretrain_epochs": params.train("pretrain").phase_epochs,
         "cells": rows,
-        "claims": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in table["rankings"]],
+        "claims": judged_claims(trials, paper_cell(params.tune, arch)),
         "paper_cell_mean": ours["mean"] if ours else None,
         "target": TARGET,
         "twins_float_top1": twin_accuracies(params),
@@ -92,6 +94,33 @@ def record(params_path: str, started: float, machine: str = "", partial: bool = 
     }
 
 
+def trials_of(rec: dict) -> list[dict]:
+    """A recorded file's per-seed results as the trial rows ``paper_rankings`` reads."""
+    return [
+        {**{k: cell[k] for k in CELL_KEYS}, "seed": seed, "val_top1": top1}
+        for cell in rec["cells"]
+        for seed, top1 in zip(cell["seeds"], cell["top1"])
+    ]
+
+
+def judged_claims(trials: list[dict], paper: dict) -> list[dict]:
+    return [
+        {k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in paper_rankings(trials, paper)
+    ]
+
+
+def rejudge(path: str) -> dict:
+    """The recorded file with its claims judged again by ``pipeline.tune.compare`` (paired by seed,
+    95% interval); the measurements themselves are unchanged."""
+    rec = json.loads(Path(path).read_text())
+    rec["claims"] = judged_claims(trials_of(rec), paper_cell(load_params(rec["params"]).tune, rec["arch"]))
+    rec["claims_rule"] = (
+        f"paired by seed, 95% t-interval; at {rec['epochs_per_trial']} epochs per trial and width "
+        f"{rec['width']} no claim about converged accuracy is decided: 'opposite at this budget' is not 'refuted'"
+    )
+    return rec
+
+
 def markdown(rec: dict) -> str:
     lines = [
         "| arch | estimator | weight rule | init | two-step | top-1 per seed | mean | std |",
@@ -103,23 +132,35 @@ def markdown(rec: dict) -> str:
             f"| {r['arch']} | {r['activation']} | {r['weight_gradient']} | {r['init']} | {r['two_step']} | "
             f"{seeds} | {r['mean']:.4f} | {r['std']:.4f} |"
         )
-    lines += ["", "| the paper's claim | its cell | the other | verdict |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "| the paper's claim | its cell | the other | paired difference (95% CI) | detectable | verdict |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in rec["claims"]:
+        paired = f"{c['diff'] * 100:+.2f} +- {c['ci95'] * 100:.2f} pts" if "diff" in c else "-"
+        detectable = f"{c['detectable'] * 100:.2f} pts" if "detectable" in c else "-"
         lines.append(
             f"| {c['claim']} | {c['left']:.4f} +- {c['left_std']:.4f} | {c['right']:.4f} +- {c['right_std']:.4f} | "
-            f"{c['verdict']} |"
+            f"{paired} | {detectable} | {c['verdict']}{' (' + c['note'] + ')' if c.get('note') else ''} |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", required=True)
-    parser.add_argument("--started", type=float, required=True, help="the run's start, seconds since the epoch")
+    parser.add_argument("--params")
+    parser.add_argument("--started", type=float, help="the run's start, seconds since the epoch")
     parser.add_argument("--out", default="bench/results/ablation.json")
     parser.add_argument("--partial", action="store_true", help="the local grid's finished trials, while it runs")
+    parser.add_argument("--rejudge", metavar="FILE", help="judge a recorded file's claims again, in place")
     args = parser.parse_args()
-    write_record(record(args.params, args.started, partial=args.partial), args.out)
+    if args.rejudge:
+        write_record(rejudge(args.rejudge), args.rejudge)
+    elif args.params and args.started is not None:
+        write_record(record(args.params, args.started, partial=args.partial), args.out)
+    else:
+        parser.error("give --params and --started (a new record), or --rejudge FILE")
 
 
 def write_record(rec: dict, out: str) -> None:

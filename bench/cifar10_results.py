@@ -68,7 +68,7 @@ def summarize(train: dict, params_file: str, out: Path, results: Path, wall: int
         "test_images": packed["images"],
         "float_agreement": packed.get("float_agreement"),
         "float_twin_top1": round(twin["val_top1"], 4),
-        "gap_to_float": round(twin["val_top1"] - packed["top1"], 4),
+        "gap_to_own_twin": round(twin["val_top1"] - packed["top1"], 4),  # to this run's twin, converged or not
         "wall_s": wall,
         "machine": machine,
         "date": datetime.date.today().isoformat(),
@@ -88,7 +88,7 @@ def print_summary(summary: dict) -> None:
         print(f"{c['stage']:<9} {c['segment']:<22} {c['epoch']:>5} {c['elapsed_s']:>10} {c['val_top1']:>10.4f}")
     print(
         f"packed 1-bit top-1 {summary['packed_top1']:.4f} on {summary['test_images']} test images "
-        f"(float twin {summary['float_twin_top1']:.4f}, gap {summary['gap_to_float']:.4f}); "
+        f"(its float twin {summary['float_twin_top1']:.4f}, gap to it {summary['gap_to_own_twin']:.4f}); "
         f"wall {summary['wall_s']} s on {summary['machine']}; "
         f"artifact {summary['artifact']} ({summary['artifact_bytes']:,} bytes)"
     )

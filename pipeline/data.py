@@ -43,12 +43,44 @@ def read_manifest(location: str) -> dict:
         raise ValueError(f"{url}: not a bireal manifest ({e})") from e
 
 
-def split_shards(manifest: dict, location: str, split: str) -> list[tuple[str, int]]:
-    """[(url, sample count)] of one split."""
-    if split not in manifest["splits"]:
-        raise KeyError(f"split {split!r} not in the manifest (has: {', '.join(manifest['splits'])})")
+HOLDOUT = "holdout"  # the first samples of the train split, held out of training (TrainConfig.holdout)
+_SLICE = "#samples="  # a shard URL + "#samples=a:b": only samples a..b-1 of that shard
+
+
+def split_shards(manifest: dict, location: str, split: str, holdout: int = 0) -> list[tuple[str, int]]:
+    """[(url, sample count)] of one split. With ``holdout`` > 0 the train split's first ``holdout``
+    samples (in shard order; the sharder shuffled them with its seed, so a fixed random subset) form
+    the ``holdout`` split and ``train`` is the rest: a shard cut in two appears as two slices."""
+    name = "train" if split == HOLDOUT else split
+    if name not in manifest["splits"]:
+        raise KeyError(f"split {name!r} not in the manifest (has: {', '.join(manifest['splits'])})")
     base = location.rstrip("/")
-    return [(f"{base}/{s['name']}", s["count"]) for s in manifest["splits"][split]["shards"]]
+    shards = [(f"{base}/{s['name']}", s["count"]) for s in manifest["splits"][name]["shards"]]
+    if split == HOLDOUT and holdout <= 0:
+        raise ValueError("the holdout split needs holdout > 0 (TrainConfig.holdout)")
+    if name != "train" or holdout <= 0:
+        return shards
+    total = sum(n for _, n in shards)
+    if holdout >= total:
+        raise ValueError(f"holdout={holdout}: the train split of {location} has only {total} samples")
+    held, kept, start = [], [], 0
+    for url, n in shards:  # shard covers samples [start, start + n) of the split
+        cut = min(max(holdout - start, 0), n)
+        if cut:
+            held.append((url if cut == n else f"{url}{_SLICE}0:{cut}", cut))
+        if cut < n:
+            kept.append((url if cut == 0 else f"{url}{_SLICE}{cut}:{n}", n - cut))
+        start += n
+    return held if split == HOLDOUT else kept
+
+
+def shard_slice(url: str) -> tuple[str, int, int | None]:
+    """``url#samples=a:b`` -> (url, a, b); a plain URL -> (url, 0, None): the whole shard."""
+    if _SLICE not in url:
+        return url, 0, None
+    url, _, bounds = url.rpartition(_SLICE)
+    start, stop = bounds.split(":")
+    return url, int(start), int(stop)
 
 
 def eval_split_name(manifest: dict) -> str:
@@ -134,7 +166,7 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple]:
         urls, reader = self._my_shards()
-        samples = (s for url in urls for s in iter_shard(url))
+        samples = (s for url in urls for s in iter_shard_slice(url))
         if self.shuffle_buffer > 0:
             samples = shuffled(samples, self.shuffle_buffer, random.Random(f"{self.seed}:{reader}"))
         for s in samples:
@@ -186,6 +218,12 @@ def iter_shard(url: str) -> Iterator[dict]:
             yield sample
 
 
+def iter_shard_slice(url: str) -> Iterator[dict]:
+    """``iter_shard`` of a plain shard URL, or of the samples a ``split_shards`` slice names."""
+    url, start, stop = shard_slice(url)
+    return itertools.islice(iter_shard(url), start, stop)
+
+
 def _tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
     while True:
         header = stream.read(512)
@@ -221,13 +259,15 @@ def make_loader(
     pca_lighting: bool = False,
     manifest: dict | None = None,
     with_keys: bool = False,
+    holdout: int = 0,
 ) -> tuple[Iterator, LoaderPlan]:
     """An iterator of (images (B, 3, S, S), labels (B,)) batches for one rank, and its plan.
 
     Training iterators stop after ``plan.steps`` batches on every rank; evaluation iterators yield
-    every sample of this rank's shards once (the last batch may be short)."""
+    every sample of this rank's shards once (the last batch may be short). ``holdout``: see
+    ``split_shards`` (``split`` may then be ``holdout``)."""
     manifest = manifest or read_manifest(location)
-    shards = split_shards(manifest, location, split)
+    shards = split_shards(manifest, location, split, holdout)
     plan = plan_epoch(shards, world_size, workers, batch_size, train, seed, epoch)
     transform = train_transform(input_config, pca_lighting) if train else eval_transform(input_config)
     epoch_seed = seed * 1_000_003 + epoch

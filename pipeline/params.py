@@ -40,6 +40,7 @@ WeightGradient = Literal["paper", "official", "plain", "caffe"]
 Init = Literal["scratch", "relu", "relu_control", "clip"]
 Phase = Literal["relu", "leaky_clip", "clip"]
 Optimizer = Literal["adam", "sgd"]
+Schedule = Literal["auto", "linear", "step", "cosine"]
 Precision = Literal["fp32", "bf16"]
 Kernels = Literal["auto", "float"]
 Augment = Literal["auto", "imagenet", "caffe", "small"]
@@ -113,13 +114,22 @@ class TrainConfig:
     pca_lighting: bool = False
     augment: Augment = "auto"  # auto (the stem's) | imagenet (RandomResizedCrop) | caffe | small
     max_steps_per_epoch: int = 0  # 0: the whole epoch; >0: smoke runs
+    # > 0: the first `holdout` samples of the train split (the sharder's seeded shuffle, so a fixed
+    # random subset) are held out of training and are the split every epoch evaluates (val_*), for
+    # any pick (tune, the ablation); the test split is then reported beside it (test_*). 0: train
+    # on the whole train split and evaluate the val/test split.
+    holdout: int = 0
     # optimisation
     epochs: int = 1
     optimizer: Optimizer = "adam"  # adam: official recipe (linear decay to 0); sgd: paper's
     lr: float = 1e-3
     momentum: float = 0.9
+    nesterov: bool = False  # sgd only: Nesterov momentum
     weight_decay: float = 0.0  # real parameters only; binary weights always get 0
-    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # sgd: x0.1 at these fractions
+    # auto: adam decays linearly to 0 (official), sgd steps x0.1 at lr_milestones (paper); linear |
+    # step | cosine (to 0) for either optimizer; each segment (phase, step) has its own schedule
+    schedule: Schedule = "auto"
+    lr_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: x0.1 at these fractions
     label_smoothing: float = 0.1
     precision: Precision = "fp32"  # fp32 (both references) | bf16 (autocast, CUDA only)
     # auto: binary convs run forward on the packed 1-bit ops where the device has them, saving 1-bit
@@ -145,6 +155,14 @@ class TrainConfig:
     weight_gradient: WeightGradient = "paper"
     two_step: bool = False
     step1_epochs: int = 1  # two_step: of `epochs`, the activations-only ones
+    # two_step: step 1's weight decay on its real weights (ReActNet: 1e-5); null: weight_decay
+    step1_weight_decay: float | None = None
+    # distillation (ReActNet's distribution loss; not Bi-Real's recipe): a teacher checkpoint (a
+    # path or URL to .safetensors, or a stage checkpoint's name such as pretrain-relu, read like
+    # init's) whose soft targets the student matches: loss = (1 - w) CE + w T^2 KL(p_teacher || p_student)
+    distill_from: str = ""
+    distill_weight: float = 1.0  # w: 1 = the KL term alone (ReActNet)
+    distill_temperature: float = 1.0  # T
     init_from: str = ""  # folder of the pretrain checkpoints (default: out)
     tuned_config: str = ""  # a `bireal tune` best-config JSON whose keys override these
     artifacts: str = ""  # where rank 0 publishes the stage checkpoints (set from storage.artifacts)
@@ -176,6 +194,20 @@ class TrainConfig:
             raise ValueError(f"weight_clip={self.weight_clip}: 0 (off) or a positive bound")
         if self.batch_size < 1 or self.epochs < 0 or self.lr <= 0:
             raise ValueError("batch_size must be >= 1, epochs >= 0 and lr > 0")
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
+            raise ValueError(
+                f"nesterov needs optimizer: sgd with momentum > 0 "
+                f"(optimizer={self.optimizer}, momentum={self.momentum})"
+            )
+        if self.holdout < 0:
+            raise ValueError(f"holdout={self.holdout}: 0 (none) or the number of training samples to hold out")
+        if not 0 <= self.distill_weight <= 1 or self.distill_temperature <= 0:
+            raise ValueError(
+                f"distill_weight={self.distill_weight} must be in [0, 1] and "
+                f"distill_temperature={self.distill_temperature} > 0"
+            )
+        if self.step1_weight_decay is not None and self.step1_weight_decay < 0:
+            raise ValueError(f"step1_weight_decay={self.step1_weight_decay}: null (weight_decay) or >= 0")
 
     def model_kwargs(self) -> dict:
         return {"stem": self.stem, "width": self.width, "pad_value": self.pad_value}

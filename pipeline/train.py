@@ -16,6 +16,7 @@ A stage is a list of *segments* run in order, each with its own optimizer and sc
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,6 +60,39 @@ def count_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
     return int((top == labels[:, None]).any(dim=1).sum())
 
 
+class Criterion:
+    """The training loss: cross-entropy with label smoothing, or, with a ``teacher``, distillation
+    to its soft targets (ReActNet's distribution loss when ``weight`` = 1):
+    loss = (1 - weight) CE(logits, labels) + weight T^2 KL(softmax(t / T) || softmax(s / T)).
+    The teacher runs in eval mode without gradients on the same (augmented) images."""
+
+    def __init__(
+        self,
+        label_smoothing: float = 0.0,
+        teacher: nn.Module | None = None,
+        weight: float = 1.0,
+        temperature: float = 1.0,
+    ):
+        self.label_smoothing, self.teacher = label_smoothing, teacher
+        self.weight, self.temperature = weight, temperature
+
+    def __call__(self, logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()  # (B, classes)
+        hard = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        if self.teacher is None:
+            return hard
+        with torch.no_grad():
+            teacher_logits = self.teacher(images).float()  # (B, classes)
+        t = self.temperature
+        soft = F.kl_div(
+            F.log_softmax(logits / t, dim=1),
+            F.log_softmax(teacher_logits / t, dim=1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        return (1 - self.weight) * hard + self.weight * t * t * soft
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable,
@@ -66,14 +100,16 @@ def train_one_epoch(
     lr_at: Callable[[int], float],
     first_step: int,
     device: torch.device,
-    label_smoothing: float = 0.0,
+    criterion: Callable[..., torch.Tensor] | None = None,
     max_steps: int = 0,
     amp: bool = False,
     world_size: int = 1,
     after_step: Callable[[], None] | None = None,
 ) -> dict:
-    """One pass over ``batches``; the learning rate is set per step from ``lr_at(global step)``.
-    Loss, accuracy and images/s are totals over all ranks."""
+    """One pass over ``batches``; the learning rate is set per step from ``lr_at(global step)``;
+    ``criterion(logits, images, labels)`` (default: plain cross-entropy) gives the loss. Loss,
+    accuracy and images/s are totals over all ranks."""
+    criterion = criterion or Criterion()
     model.train()
     loss_sum, correct, seen, step = 0.0, 0, 0, first_step
     start = time.perf_counter()
@@ -85,7 +121,7 @@ def train_one_epoch(
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             logits = model(images)
-            loss = F.cross_entropy(logits.float(), labels, label_smoothing=label_smoothing)
+            loss = criterion(logits, images, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -185,28 +221,34 @@ def weight_clipper(model: nn.Module, config: TrainConfig) -> Callable[[], None] 
     return clip
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: TrainConfig, weight_decay: float | None = None) -> torch.optim.Optimizer:
     """Binarized latent weights get no weight decay (the paper and the official recipe: wd 0 on
     them); every real-valued weight, the twin's convs and two-step step 1's included, gets the
-    configured decay."""
+    configured decay (``weight_decay``, when given: a segment's own, e.g. two-step step 1's)."""
+    decay = config.weight_decay if weight_decay is None else weight_decay
     binary = binarized_weights(model)
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if id(p) in binary], "weight_decay": 0.0},
-        {"params": [p for p in params if id(p) not in binary], "weight_decay": config.weight_decay},
+        {"params": [p for p in params if id(p) not in binary], "weight_decay": decay},
     ]
     groups = [g for g in groups if g["params"]]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
     return torch.optim.Adam(groups, lr=config.lr)
 
 
 def lr_schedule(config: TrainConfig, total_steps: int, base_lr: float | None = None) -> Callable[[int], float]:
-    """From ``base_lr`` (default ``config.lr``) over one segment: adam decays linearly to 0
-    (official); sgd multiplies by 0.1 at each milestone (paper)."""
+    """From ``base_lr`` (default ``config.lr``) over one segment of ``total_steps``: ``linear`` to 0
+    (the official recipe; ``auto`` with adam), ``step``: x0.1 at each of ``lr_milestones`` (the
+    paper; ``auto`` with sgd), ``cosine``: half a cosine to 0."""
     lr = config.lr if base_lr is None else base_lr
-    if config.optimizer == "adam":
-        return lambda step: lr * max(0.0, 1.0 - step / max(total_steps, 1))
+    schedule = config.schedule if config.schedule != "auto" else ("linear" if config.optimizer == "adam" else "step")
+    total = max(total_steps, 1)
+    if schedule == "linear":
+        return lambda step: lr * max(0.0, 1.0 - step / total)
+    if schedule == "cosine":
+        return lambda step: lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
     bounds = [m * total_steps for m in config.lr_milestones]
     return lambda step: lr * 0.1 ** sum(step >= b for b in bounds)
 
@@ -222,6 +264,7 @@ class Segment:
     save_as: str | None = None  # extra checkpoint at the segment's end
     lr_scale: float = 1.0  # its starting lr = lr_scale * config.lr
     side: bool = False  # a side branch (the ablation's control): not the stage's result
+    weight_decay: float | None = None  # its real weights' decay (None: config.weight_decay)
 
 
 def stage_input_config(config: TrainConfig) -> dict:
@@ -382,7 +425,7 @@ def segments(config: TrainConfig, num_classes: int) -> list[Segment]:
             return [Segment("binarize", config.epochs, init)]
         # step 1 counts inside the stage's epochs: a two-step run costs what a one-step run costs
         return [
-            Segment("binarize-step1-activations", config.step1_epochs, init),
+            Segment("binarize-step1-activations", config.step1_epochs, init, weight_decay=config.step1_weight_decay),
             Segment("binarize-step2-weights", config.epochs - config.step1_epochs, _binarize_weights(config)),
         ]
     return [Segment("finetune", config.epochs, _finetune_init(config))]
@@ -508,7 +551,34 @@ def resume_progress(config: TrainConfig, runtime: Runtime, plan: list[Segment]) 
 class DataSpec:
     manifest: dict
     input_config: dict
-    eval_split: str
+    eval_split: str  # what val_* measures: the held-out split with ``holdout``, else val/test
+    test_split: str | None = None  # reported beside it as test_* (with ``holdout``)
+
+
+def data_spec(config: TrainConfig, manifest: dict) -> DataSpec:
+    from .data import HOLDOUT, eval_split_name, split_shards
+
+    if not config.holdout:
+        return DataSpec(manifest, stage_input_config(config), eval_split_name(manifest))
+    split_shards(manifest, config.shards, HOLDOUT, config.holdout)  # too large a holdout fails here
+    return DataSpec(manifest, stage_input_config(config), HOLDOUT, eval_split_name(manifest))
+
+
+def load_teacher(config: TrainConfig, device: torch.device) -> nn.Module | None:
+    """The distillation teacher (``distill_from``), frozen in eval mode on ``device``; None without."""
+    if not config.distill_from:
+        return None
+    source = config.distill_from
+    if source.endswith(".safetensors"):
+        local = Path(config.out) / ".inputs" / "teacher.safetensors"
+        path = storage.fetch(source, local) if storage.is_url(source) else Path(source)
+    else:  # a stage checkpoint's name, read where init reads it
+        path = stage_input(config, source, config.init_from)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: distill_from={source!r} names no checkpoint")
+    teacher, _ = bc.load_checkpoint(path)
+    teacher.eval().requires_grad_(False)
+    return teacher.to(device)
 
 
 def run_epoch(
@@ -522,6 +592,7 @@ def run_epoch(
     epoch: int,
     global_epoch: int,
     device: torch.device,
+    criterion: Criterion,
 ) -> dict:
     """Train one epoch of segment ``seg`` and evaluate; -> the epoch's metrics."""
     from .data import make_loader
@@ -532,6 +603,7 @@ def run_epoch(
         "world_size": runtime.world_size,
         "workers": config.loader_workers,
         "manifest": data.manifest,
+        "holdout": config.holdout,
     }
     train_batches, plan = make_loader(
         config.shards,
@@ -556,7 +628,7 @@ def run_epoch(
         lr_at,
         epoch * steps,
         device,
-        config.label_smoothing,
+        criterion,
         steps,
         amp=config.precision == "bf16" and device.type == "cuda",
         world_size=runtime.world_size,
@@ -566,6 +638,12 @@ def run_epoch(
         config.shards, data.eval_split, data.input_config, config.batch_size, train=False, **where
     )
     metrics.update(evaluate(model, val_batches, device, runtime.world_size))
+    if data.test_split:
+        test_batches, _ = make_loader(
+            config.shards, data.test_split, data.input_config, config.batch_size, train=False, **where
+        )
+        test = evaluate(model, test_batches, device, runtime.world_size)
+        metrics.update({"test" + k.removeprefix("val"): v for k, v in test.items()})
     metrics.update(
         {
             "epoch": global_epoch,
@@ -583,7 +661,7 @@ def train_loop(
     config: TrainConfig, runtime: Runtime | None = None, on_epoch: Callable[[dict], None] | None = None
 ) -> dict:
     """Run one stage; returns {"checkpoint", "history", "final"}. ``on_epoch`` (rank 0) logs."""
-    from .data import eval_split_name, read_manifest
+    from .data import read_manifest
 
     if config.stage == "pretrain" and not any(config.phase_epochs):  # before any data is read
         raise ValueError(
@@ -594,9 +672,12 @@ def train_loop(
     device = runtime.device()
     torch.manual_seed(config.seed + runtime.rank)
     manifest = read_manifest(config.shards)
-    input_config = stage_input_config(config)
-    data = DataSpec(manifest, input_config, eval_split_name(manifest))
+    data = data_spec(config, manifest)
+    input_config = data.input_config
     plan = segments(config, len(manifest["classes"]))
+    criterion = Criterion(
+        config.label_smoothing, load_teacher(config, device), config.distill_weight, config.distill_temperature
+    )
     progress = resume_progress(config, runtime, plan)
     history, model = progress.history, progress.model
     global_epoch = sum(s.epochs for s in plan[: progress.segment]) + progress.epoch
@@ -610,11 +691,13 @@ def train_loop(
         train_model = model
         if runtime.world_size > 1:  # [dist]
             train_model = nn.parallel.DistributedDataParallel(model)
-        optimizer = make_optimizer(model, config)
+        optimizer = make_optimizer(model, config, seg.weight_decay)
         if resuming:
             optimizer.load_state_dict(progress.optimizer_state)
         for epoch in range(progress.epoch if si == progress.segment else 0, seg.epochs):
-            metrics = run_epoch(config, runtime, data, model, train_model, optimizer, seg, epoch, global_epoch, device)
+            metrics = run_epoch(
+                config, runtime, data, model, train_model, optimizer, seg, epoch, global_epoch, device, criterion
+            )
             metrics["restarts"] = progress.restarts
             metrics["packed_convs"] = packed_convs  # binary convs run on the packed ops (kernels: auto)
             history.append(metrics)

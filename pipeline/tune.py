@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import statistics
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -251,6 +252,8 @@ WEIGHT_GRADIENT_NOTE = (
     "so paper = plain up to BN's eps, and official = plain / alpha (Adam cancels it)"
 )
 
+SCRATCH_NOTE = "unequal compute: the clip cell also trained its twin; scratch needs the twin's epochs too"
+
 # The paper's claims as one-setting changes of its cell: (claim, setting, the other values in the
 # order they are tried). "clip-init > ReLU-init" uses the equal-compute ReLU twin when it ran.
 CLAIMS = [
@@ -266,24 +269,56 @@ CLAIMS = [
 ]
 
 
-def compare(left: list[float], right: list[float]) -> dict:
-    """left vs right (one value per seed): reproduced / refuted / within noise, judged as
-    ``pick_cell`` judges a win: the means must differ by more than the larger seed std."""
-    a, b = spread(left), spread(right)
-    margin = max(a["std"], b["std"])
-    if min(a["seeds"], b["seeds"]) < 2:
-        verdict = "one seed: no spread to judge by"
-    elif a["mean"] - b["mean"] > margin:
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile (scipy, which scikit-learn brings with the pipeline extra)."""
+    from scipy.stats import t
+
+    return float(t.ppf(p, df))
+
+
+def compare(left: dict[int, float], right: dict[int, float]) -> dict:
+    """The paper's cell (``left``) against another (``right``), each {seed: top-1}, paired by seed
+    (a seed fixes the data order and the binarize init of both): the mean difference, its 95%
+    t-interval, and the smallest difference this n detects at 80% power. Verdict: ``reproduced``
+    when the interval excludes 0 in the paper's direction, ``opposite at this budget`` when it
+    excludes 0 the other way (a single budget cannot contradict a claim about converged accuracy:
+    ``budget_verdict`` judges two), otherwise ``inconclusive``."""
+    seeds = sorted(set(left) & set(right))
+    a, b = spread(list(left.values())), spread(list(right.values()))
+    out = {"left": a["mean"], "right": b["mean"], "left_std": a["std"], "right_std": b["std"], "pairs": len(seeds)}
+    if len(seeds) < 2:
+        return {**out, "verdict": "fewer than two paired seeds: no interval"}
+    diffs = [left[s] - right[s] for s in seeds]
+    n, mean, sd = len(diffs), statistics.fmean(diffs), statistics.stdev(diffs)
+    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
+    detectable = (t_quantile(0.975, n - 1) + t_quantile(0.8, n - 1)) * sd / math.sqrt(n)
+    if mean - half > 0:
         verdict = "reproduced"
-    elif b["mean"] - a["mean"] > margin:
-        verdict = "refuted"
+    elif mean + half < 0:
+        verdict = "opposite at this budget"
     else:
-        verdict = "within noise"
-    return {"left": a["mean"], "right": b["mean"], "left_std": a["std"], "right_std": b["std"], "verdict": verdict}
+        verdict = "inconclusive"
+    return {**out, "diff": mean, "ci95": half, "detectable": detectable, "verdict": verdict}
 
 
-def _values(trials: list[dict], cell: dict) -> list[float]:
-    return [float(t["val_top1"]) for t in trials if t["val_top1"] is not None and all(t[k] == cell[k] for k in cell)]
+def budget_verdict(short: dict, long: dict, paper_top1: float, bar: float) -> str:
+    """A claim judged at two budgets (``compare`` at the shorter and the longer one): reproduced when
+    the longer one's interval excludes 0 in the paper's direction; contradicted only when both
+    exclude 0 the other way and the paper's cell reaches ``bar`` (below it a comparison of 1-bit
+    nets says little about converged accuracy); otherwise inconclusive."""
+    if long["verdict"] == "reproduced":
+        return "reproduced"
+    against = short["verdict"] == long["verdict"] == "opposite at this budget"
+    return "contradicted" if against and paper_top1 >= bar else "inconclusive"
+
+
+def _values(trials: list[dict], cell: dict) -> dict[int, float]:
+    """{seed: top-1} of the finished trials of ``cell``."""
+    return {
+        int(t["seed"]): float(t["val_top1"])
+        for t in trials
+        if t["val_top1"] is not None and all(t[k] == cell[k] for k in cell)
+    }
 
 
 def paper_rankings(trials: list[dict], paper: dict) -> list[dict]:
@@ -299,11 +334,17 @@ def paper_rankings(trials: list[dict], paper: dict) -> list[dict]:
             out.append({"claim": claim, "other": {key: others[0]}, **compare(ours, theirs)})
             if key == "weight_gradient" and others[0] == "plain":  # BN follows every binary conv
                 out[-1]["note"] = WEIGHT_GRADIENT_NOTE
+            if others[0] == "scratch":
+                out[-1]["note"] = SCRATCH_NOTE
     lacking = [
         {**paper, **change}
         for change in ({"activation": "ste_sign"}, {"init": "relu_control"}, {"init": "relu"}, {"init": "scratch"})
     ]
-    best_lacking = max((v for v in (_values(trials, c) for c in lacking) if v), key=statistics.fmean, default=None)
+    best_lacking = max(
+        (v for v in (_values(trials, c) for c in lacking) if v),
+        key=lambda v: statistics.fmean(v.values()),
+        default=None,
+    )
     if best_lacking:
         out.append({"claim": "all parts > the best cell lacking one", "other": {}, **compare(ours, best_lacking)})
     return out
@@ -321,13 +362,14 @@ def format_table(summary: dict) -> str:
             f"{r['min']:>8.4f}{r['max']:>8.4f}"
         )
     lines.append("")
-    lines.append("the paper's claims: its cell vs the same cell with one setting changed (mean +- std over seeds):")
+    lines.append(
+        "the paper's claims: its cell vs the same cell with one setting changed "
+        "(means; paired difference by seed with its 95% interval):"
+    )
     for c in summary["rankings"]:
         verdict = c["verdict"] + (f" ({c['note']})" if c.get("note") else "")
-        lines.append(
-            f"  {c['claim']:<54} {c['left']:.4f}+-{c['left_std']:.4f} vs {c['right']:.4f}+-{c['right_std']:.4f}: "
-            f"{verdict}"
-        )
+        paired = f", diff {c['diff']:+.4f} +- {c['ci95']:.4f}" if "diff" in c else ""
+        lines.append(f"  {c['claim']:<54} {c['left']:.4f} vs {c['right']:.4f}{paired}: {verdict}")
     if summary["best"]:
         lines.append(f"best configuration: {json.dumps(summary['best'])}")
     return "\n".join(lines)

@@ -273,3 +273,50 @@ def test_caffe_augmentation_resizes_then_crops():
     assert any(torch.allclose(out, w) or torch.allclose(out, w.flip(-1)) for w in windows)
     with pytest.raises(ValueError, match="augment"):
         train_transform({**config, "augment": "autoaugment"})
+
+
+def test_holdout_is_an_exact_fixed_part_of_the_train_split(demo_shards):
+    """The first N train samples (the sharder's seeded shuffle) are held out: disjoint from what
+    trains, together the whole split, the same every time, cut inside a shard where N falls."""
+    from pipeline.data import HOLDOUT, iter_shard_slice, make_loader, read_manifest, split_shards
+
+    manifest = read_manifest(str(demo_shards))
+    whole = split_shards(manifest, str(demo_shards), "train")
+    held = split_shards(manifest, str(demo_shards), HOLDOUT, holdout=250)
+    kept = split_shards(manifest, str(demo_shards), "train", holdout=250)
+    assert [n for _, n in held] == [100, 100, 50] and sum(n for _, n in kept) == sum(n for _, n in whole) - 250
+    assert held[2][0].endswith("#samples=0:50") and kept[0][0].endswith("#samples=50:100")
+
+    def keys(shards):
+        return [s["__key__"] for url, n in shards for s in iter_shard_slice(url)]
+
+    held_keys, kept_keys, all_keys = keys(held), keys(kept), keys(whole)
+    assert len(held_keys) == 250 and held_keys + kept_keys == all_keys  # exact, in order, disjoint
+    # a loader over the held-out split reads exactly those samples; training never sees them
+    batches, _ = make_loader(
+        str(demo_shards),
+        HOLDOUT,
+        {"size": 32, "resize": 32, "mean": [0.5] * 3, "std": [0.5] * 3},
+        64,
+        train=False,
+        workers=2,
+        holdout=250,
+        with_keys=True,
+    )
+    assert sorted(k for _, _, ks in batches for k in ks) == sorted(held_keys)
+    train, plan = make_loader(
+        str(demo_shards),
+        "train",
+        {"size": 32, "resize": 32, "mean": [0.5] * 3, "std": [0.5] * 3, "augment": "small"},
+        10,
+        train=True,
+        workers=2,
+        holdout=250,
+        with_keys=True,
+    )
+    seen = {k for _, _, ks in train for k in ks}
+    assert seen and not seen & set(held_keys) and len(seen) == plan.steps * 10
+    with pytest.raises(ValueError, match="holdout=2000: the train split .* has only"):
+        split_shards(manifest, str(demo_shards), HOLDOUT, holdout=2000)
+    with pytest.raises(ValueError, match="needs holdout > 0"):
+        split_shards(manifest, str(demo_shards), HOLDOUT)

@@ -126,7 +126,7 @@ def test_each_rayjob_runs_its_profile_with_cluster_params(profile, capsys):
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     gpus_per_pod = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"]
-    assert workers["replicas"] * gpus_per_pod == params.ray.num_workers == kuberay.RUNS[profile]
+    assert workers["replicas"] * gpus_per_pod == params.ray.num_workers == kuberay.run_gpus(profile)
     # the recipe itself is unchanged but for locations, workers and the linearly scaled lr
     recipe = load_params(ROOT / "pipeline" / "configs" / f"{profile}.yaml")
     for stage in ("pretrain", "binarize", "finetune"):
@@ -139,6 +139,22 @@ def test_each_rayjob_runs_its_profile_with_cluster_params(profile, capsys):
     volumes = {v["name"]: v for v in workers["template"]["spec"]["volumes"]}
     assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"  # not the 64 MB default
     assert job["spec"]["backoffLimit"] >= 1 and "on-demand" in str(job["spec"]["rayClusterSpec"]["headGroupSpec"])
+
+
+@pytest.mark.parametrize("profile", ["imagenet_bireal18_paper", "imagenet_bireal34_paper"])
+def test_fidelity_runs_keep_the_published_global_and_per_gpu_batch(profile):
+    """The Caffe recipes' BN saw 32 images per GPU and the solver's lr is quoted at 128: the
+    cluster run is 4 x 32 at lr 0.01, not 8 x 16 (BN over 16) nor 8 x 32 at a scaled lr."""
+    from pipeline.params import load_params
+
+    params = load_params(DEPLOY / "params" / f"{profile}.yaml")
+    binarize = params.train("binarize", tuned=False)
+    assert (params.ray.num_workers, binarize.batch_size, binarize.lr) == (4, 32, 0.01)
+    job = yaml.safe_load((DEPLOY / "kuberay" / f"rayjob-{kuberay.run_name(profile)}.yaml").read_text())
+    (workers,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert (workers["replicas"], limits["nvidia.com/gpu"]) == (1, "4")  # half of an 8-GPU node
+    assert int(limits["cpu"]) >= 4 * params.ray.cpus_per_worker
 
 
 def test_launcher_config_passes_rays_own_validation():

@@ -73,6 +73,14 @@ def test_lr_schedules():
     assert [adam(s) for s in (0, 50, 100)] == pytest.approx([1e-4, 5e-5, 0.0])
     sgd = lr_schedule(TrainConfig(optimizer="sgd", lr=0.01, lr_milestones=[0.5, 0.75]), total_steps=20)
     assert [sgd(s) for s in (0, 9, 10, 14, 15, 19)] == pytest.approx([0.01, 0.01, 1e-3, 1e-3, 1e-4, 1e-4])
+    # the schedule named for either optimizer: cosine to 0, linear for SGD, step for Adam
+    cosine = lr_schedule(TrainConfig(optimizer="sgd", lr=0.1, schedule="cosine"), total_steps=100)
+    assert [cosine(s) for s in (0, 50, 100, 120)] == pytest.approx([0.1, 0.05, 0.0, 0.0])
+    assert cosine(25) == pytest.approx(0.05 * (1 + 2**-0.5))
+    linear = lr_schedule(TrainConfig(optimizer="sgd", lr=0.1, schedule="linear"), total_steps=10)
+    assert [linear(s) for s in (0, 5, 10)] == pytest.approx([0.1, 0.05, 0.0])
+    step = lr_schedule(TrainConfig(lr=1e-3, schedule="step", lr_milestones=[0.5]), total_steps=10)
+    assert [step(s) for s in (4, 5)] == pytest.approx([1e-3, 1e-4])
     with pytest.raises(ValueError, match="phase_lr_scale"):
         TrainConfig(phase_lr_scale=[1.0, 0.1])
     with pytest.raises(ValueError, match="relu_control"):
@@ -357,3 +365,83 @@ def test_weight_clip_and_precision_settings(demo_shards, tmp_path, three_stages)
         TrainConfig(precision="fp16")
     with pytest.raises(ValueError, match="weight_clip"):
         TrainConfig(weight_clip=-1.0)
+
+
+def test_recipe_settings_reach_the_optimizer_and_are_checked():
+    from pipeline.train import make_optimizer, segments
+
+    model = bc.create_twin("bireal18", "relu", num_classes=10, stem="small", width=0.25)
+    sgd = make_optimizer(model, TrainConfig(optimizer="sgd", nesterov=True, weight_decay=5e-4))
+    assert all(g["nesterov"] and g["weight_decay"] == 5e-4 for g in sgd.param_groups)
+    assert all(g["weight_decay"] == 1e-5 for g in make_optimizer(model, TrainConfig(), weight_decay=1e-5).param_groups)
+    # two-step: step 1's real weights get step1_weight_decay, step 2 the stage's weight_decay
+    config = TrainConfig(two_step=True, epochs=2, step1_epochs=1, step1_weight_decay=1e-5, init="scratch")
+    step1, step2 = segments(config, num_classes=10)
+    assert (step1.weight_decay, step2.weight_decay) == (1e-5, None)
+    for bad, match in (
+        ({"nesterov": True}, "nesterov needs optimizer: sgd"),
+        ({"holdout": -1}, "holdout=-1"),
+        ({"distill_weight": 1.5}, "distill_weight=1.5"),
+        ({"distill_temperature": 0.0}, "distill_temperature=0.0"),
+        ({"step1_weight_decay": -1.0}, "step1_weight_decay=-1.0"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**bad)
+
+
+def test_distillation_loss_is_the_kl_to_the_teachers_soft_targets():
+    import torch.nn.functional as F
+
+    from pipeline.train import Criterion
+
+    torch.manual_seed(0)
+    images, labels = torch.randn(6, 5), torch.randint(0, 4, (6,))
+    teacher = torch.nn.Linear(5, 4)
+    student = torch.randn(6, 4)
+    with torch.no_grad():
+        t_logits = teacher(images)
+    assert Criterion(0.1)(student, images, labels) == pytest.approx(
+        float(F.cross_entropy(student, labels, label_smoothing=0.1))
+    )
+    for weight, temperature in ((1.0, 1.0), (0.5, 4.0)):
+        p_t = F.softmax(t_logits / temperature, dim=1)
+        kl = (p_t * (p_t.log() - F.log_softmax(student / temperature, dim=1))).sum(1).mean()
+        expected = (1 - weight) * F.cross_entropy(student, labels) + weight * temperature**2 * kl
+        got = Criterion(0.0, teacher, weight, temperature)(student, images, labels)
+        assert float(got) == pytest.approx(float(expected), rel=1e-5)
+    # a student that matches its teacher has nothing left to learn from it
+    assert float(Criterion(0.0, teacher, 1.0, 2.0)(t_logits, images, labels)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_cifar_style_recipe_with_holdout_and_distillation(demo_shards, tmp_path, three_stages):
+    """SGD + nesterov + cosine, distilled from the ReLU twin, picking on a held-out part of the train
+    split: one run, the settings the CIFAR-10 accuracy recipes use."""
+    out, _ = three_stages
+    cfg = smoke_config(
+        demo_shards,
+        tmp_path,
+        stage="binarize",
+        init="clip",
+        init_from=str(out),
+        optimizer="sgd",
+        nesterov=True,
+        schedule="cosine",
+        lr=0.05,
+        epochs=2,
+        holdout=250,
+        distill_from="pretrain-relu",
+        distill_weight=1.0,
+    )
+    from pipeline.data import read_manifest
+
+    history = train_loop(cfg)["history"]
+    total = read_manifest(str(demo_shards))["splits"]["train"]["count"]
+    for h in history:
+        assert h["val_images"] == 250 and h["test_images"] == 360  # the pick's split, and the test split
+        assert h["train_images"] == (total - 250) // 32 * 32  # the held-out samples never train
+    assert history[0]["lr"] == pytest.approx(0.05) and history[1]["lr"] == pytest.approx(0.025)  # cosine
+    assert history[-1]["val_top1"] > 0.3 and history[-1]["test_top1"] > 0.3
+    with pytest.raises(FileNotFoundError, match="distill_from='pretrain-nothing'"):
+        train_loop(replace(cfg, distill_from="pretrain-nothing"))
+    with pytest.raises(ValueError, match="holdout=100000"):
+        train_loop(replace(cfg, holdout=100000))

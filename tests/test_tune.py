@@ -260,15 +260,30 @@ def test_two_step_cells_need_room_for_step_one():
     assert TuneSettings(two_step=[False, True], epochs=2).epochs == 2
 
 
-def test_claims_are_judged_against_the_seed_spread():
-    """Each claim: the paper's cell vs that cell with one setting changed, per seed; a difference
-    within the larger seed std is 'within noise', not a win."""
-    from pipeline.tune import compare, paper_rankings
+def test_claims_are_judged_by_paired_differences_with_an_interval():
+    """Each claim: the paper's cell vs that cell with one setting changed, paired by seed; a 95%
+    t-interval of the differences that excludes 0 decides, anything else is inconclusive."""
+    from pipeline.tune import budget_verdict, compare, paper_rankings
 
-    assert compare([0.70, 0.71, 0.72], [0.60, 0.61, 0.62])["verdict"] == "reproduced"
-    assert compare([0.60, 0.61, 0.62], [0.70, 0.71, 0.72])["verdict"] == "refuted"
-    assert compare([0.70, 0.72, 0.74], [0.69, 0.71, 0.73])["verdict"] == "within noise"  # 1 point, std 2
-    assert compare([0.70], [0.60])["verdict"].startswith("one seed")
+    def by_seed(values):
+        return dict(enumerate(values))
+
+    up = compare(by_seed([0.70, 0.71, 0.72]), by_seed([0.60, 0.62, 0.61]))
+    assert up["verdict"] == "reproduced" and up["diff"] == pytest.approx(0.10)
+    # half-width = t(0.975, 2) * sd / sqrt(3), sd of the differences (0.10, 0.09, 0.11) = 0.01
+    assert up["ci95"] == pytest.approx(4.302653 * 0.01 / 3**0.5, rel=1e-5)
+    assert up["detectable"] > up["ci95"]  # 80% power needs more than the interval's half-width
+    assert compare(by_seed([0.60, 0.61, 0.62]), by_seed([0.70, 0.71, 0.72]))["verdict"] == "opposite at this budget"
+    # a steady 1-point gain in every seed is a result; the same means with the gain's sign flipping are not
+    assert compare(by_seed([0.70, 0.72, 0.74]), by_seed([0.69, 0.71, 0.73]))["verdict"] == "reproduced"
+    assert compare(by_seed([0.70, 0.72, 0.74]), by_seed([0.68, 0.73, 0.72]))["verdict"] == "inconclusive"
+    assert compare({0: 0.70}, {0: 0.60})["verdict"].startswith("fewer than two paired seeds")
+    assert compare({0: 0.7, 1: 0.7}, {2: 0.6, 3: 0.6})["pairs"] == 0  # different seeds do not pair
+    against = {"verdict": "opposite at this budget"}
+    assert budget_verdict(against, against, paper_top1=0.86, bar=0.85) == "contradicted"
+    assert budget_verdict(against, against, paper_top1=0.65, bar=0.85) == "inconclusive"  # below the bar
+    assert budget_verdict({"verdict": "inconclusive"}, against, 0.86, 0.85) == "inconclusive"  # one budget
+    assert budget_verdict(against, {"verdict": "reproduced"}, 0.65, 0.85) == "reproduced"
 
     def trials(cell, values):
         return [{**cell, "lr": 1e-3, "seed": i, "val_top1": v} for i, v in enumerate(values)]
@@ -276,18 +291,18 @@ def test_claims_are_judged_against_the_seed_spread():
     runs = (
         trials(PAPER, [0.70, 0.71, 0.72])
         + trials({**PAPER, "init": "relu_control"}, [0.66, 0.67, 0.68])
-        + trials({**PAPER, "init": "scratch"}, [0.705, 0.715, 0.725])
+        + trials({**PAPER, "init": "scratch"}, [0.72, 0.70, 0.715])
         + trials({**PAPER, "arch": "binary_resnet18"}, [0.50, 0.52, 0.54])
         + trials({**PAPER, "weight_gradient": "plain"}, [0.70, 0.71, 0.72])
     )
     claims = {c["claim"]: c for c in paper_rankings(runs, PAPER)}
     assert claims["clip-init > ReLU-init (equal epochs)"]["verdict"] == "reproduced"
-    assert claims["clip-init > scratch"]["verdict"] == "within noise"
+    assert claims["clip-init > scratch"]["verdict"] == "inconclusive"
     assert claims["shortcut per conv (Bi-Real) > per two convs (ResNet)"]["right"] == pytest.approx(0.52)
     assert "not testable" in claims["magnitude-aware (paper) > plain"]["note"]
-    # the best cell lacking one part is scratch-init here (0.715): within noise of the full method
+    # the best cell lacking one part is scratch-init here (0.7117): no interval excludes 0
     lacking = claims["all parts > the best cell lacking one"]
-    assert lacking["right"] == pytest.approx(0.715) and lacking["verdict"] == "within noise"
+    assert lacking["right"] == pytest.approx(0.711667) and lacking["verdict"] == "inconclusive"
     assert "ApproxSign > STE" not in claims  # no STE cell in this search
 
 

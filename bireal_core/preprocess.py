@@ -61,16 +61,32 @@ class Lighting:
         self.std = std
 
     def __call__(self, img):
-        import numpy as np
         import torch
-        from PIL import Image
 
         if self.std == 0:
             return img
-        alpha = (torch.randn(3) * self.std).numpy().astype(np.float32)
-        inc = np.asarray(_EIGVEC, dtype=np.float32) @ (alpha * np.asarray(_EIGVAL, dtype=np.float32))  # (3,)
+        return self.apply(img, torch.randn(3) * self.std)
+
+    @staticmethod
+    def apply(img, alpha):
+        """``img`` with the shift of one draw ``alpha`` (3,) added, clamped and truncated to uint8."""
+        import numpy as np
+        from PIL import Image
+
+        inc = lighting_shift(alpha[None])[0].numpy()  # (3,)
         pixels = np.asarray(img.convert("RGB"), dtype=np.float32) + inc  # (H, W, 3)
         return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
+def lighting_shift(alpha):
+    """The RGB shift eigvec @ (alpha * eigval) of draws ``alpha`` (B, 3) -> (B, 3), float32 on the
+    CPU: the one computation behind the PIL path (``Lighting``) and the batched one
+    (``bireal_core.augment.lighting``), so both add exactly the same values."""
+    import torch
+
+    eigvec = torch.tensor(_EIGVEC, dtype=torch.float32)  # (3, 3): columns are the eigenvectors
+    eigval = torch.tensor(_EIGVAL, dtype=torch.float32)
+    return (alpha.float() * eigval) @ eigvec.T
 
 
 AUGMENTS = ("imagenet", "caffe", "small")

@@ -43,6 +43,7 @@ Optimizer = Literal["adam", "sgd"]
 Schedule = Literal["auto", "linear", "step", "cosine"]
 Precision = Literal["fp32", "bf16"]
 Kernels = Literal["auto", "float"]
+Loader = Literal["stream", "resident"]
 Augment = Literal["auto", "imagenet", "caffe", "small"]
 LatentInit = Literal["default", "official"]
 Search = Literal["grid", "random"]
@@ -110,6 +111,10 @@ class TrainConfig:
     out: str = "checkpoints"  # stage checkpoints are written here
     batch_size: int = 64
     loader_workers: int = 1  # DataLoader workers per training worker
+    # stream: the JPEG shards decoded every epoch by DataLoader workers (any data set); resident:
+    # decoded once into one uint8 tensor on the training device and augmented there (small images
+    # at the input size, e.g. CIFAR-10: pipeline/resident.py)
+    loader: Loader = "stream"
     shuffle_buffer: int = 500
     pca_lighting: bool = False
     augment: Augment = "auto"  # auto (the stem's) | imagenet (RandomResizedCrop) | caffe | small

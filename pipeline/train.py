@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -553,15 +553,29 @@ class DataSpec:
     input_config: dict
     eval_split: str  # what val_* measures: the held-out split with ``holdout``, else val/test
     test_split: str | None = None  # reported beside it as test_* (with ``holdout``)
+    resident: dict = field(default_factory=dict)  # loader: resident: split -> ResidentSplit
 
 
-def data_spec(config: TrainConfig, manifest: dict) -> DataSpec:
+def data_spec(config: TrainConfig, manifest: dict, device: torch.device) -> DataSpec:
+    """The stage's splits (and with ``loader: resident`` their pixels, decoded once onto ``device``)."""
     from .data import HOLDOUT, eval_split_name, split_shards
 
+    input_config = stage_input_config(config)
     if not config.holdout:
-        return DataSpec(manifest, stage_input_config(config), eval_split_name(manifest))
-    split_shards(manifest, config.shards, HOLDOUT, config.holdout)  # too large a holdout fails here
-    return DataSpec(manifest, stage_input_config(config), HOLDOUT, eval_split_name(manifest))
+        spec = DataSpec(manifest, input_config, eval_split_name(manifest))
+    else:
+        split_shards(manifest, config.shards, HOLDOUT, config.holdout)  # too large a holdout fails here
+        spec = DataSpec(manifest, input_config, HOLDOUT, eval_split_name(manifest))
+    if config.loader == "resident":
+        from .resident import check_resident, decode_split
+
+        check_resident(input_config, config.shards)
+        for split in ("train", spec.eval_split, spec.test_split):
+            if split:
+                spec.resident[split] = decode_split(
+                    config.shards, manifest, split, input_config["size"], device, config.holdout
+                )
+    return spec
 
 
 def load_teacher(config: TrainConfig, device: torch.device) -> nn.Module | None:
@@ -581,6 +595,68 @@ def load_teacher(config: TrainConfig, device: torch.device) -> nn.Module | None:
     return teacher.to(device)
 
 
+def epoch_batches(
+    config: TrainConfig, runtime: Runtime, data: DataSpec, global_epoch: int
+) -> tuple[Iterable, int, int]:
+    """This rank's training batches of one epoch -> (batches, steps, samples left out), from the
+    resident tensors or streamed from the shards."""
+    if data.resident:
+        from .resident import train_batches
+
+        return train_batches(
+            data.resident["train"],
+            data.input_config,
+            config.batch_size,
+            rank=runtime.rank,
+            world_size=runtime.world_size,
+            seed=config.seed,
+            epoch=global_epoch,
+            pca_lighting=config.pca_lighting,
+        )
+    from .data import make_loader
+
+    batches, plan = make_loader(
+        config.shards,
+        "train",
+        data.input_config,
+        config.batch_size,
+        train=True,
+        epoch=global_epoch,
+        seed=config.seed,
+        shuffle_buffer=config.shuffle_buffer,
+        pca_lighting=config.pca_lighting,
+        **_stream_where(config, runtime, data),
+    )
+    return batches, plan.steps, plan.left_out
+
+
+def eval_batches(config: TrainConfig, runtime: Runtime, data: DataSpec, split: str) -> Iterable:
+    """This rank's share of ``split`` for evaluation (every sample once across ranks)."""
+    if data.resident:
+        from .resident import eval_batches as resident_eval
+
+        return resident_eval(
+            data.resident[split], data.input_config, config.batch_size, rank=runtime.rank, world_size=runtime.world_size
+        )
+    from .data import make_loader
+
+    batches, _ = make_loader(
+        config.shards, split, data.input_config, config.batch_size, train=False, **_stream_where(config, runtime, data)
+    )
+    return batches
+
+
+def _stream_where(config: TrainConfig, runtime: Runtime, data: DataSpec) -> dict:
+    """Where this rank reads the shards: the same for the training and the evaluation loaders."""
+    return {
+        "rank": runtime.rank,
+        "world_size": runtime.world_size,
+        "workers": config.loader_workers,
+        "manifest": data.manifest,
+        "holdout": config.holdout,
+    }
+
+
 def run_epoch(
     config: TrainConfig,
     runtime: Runtime,
@@ -595,29 +671,8 @@ def run_epoch(
     criterion: Criterion,
 ) -> dict:
     """Train one epoch of segment ``seg`` and evaluate; -> the epoch's metrics."""
-    from .data import make_loader
-
-    # (shard folder, split, input config, batch) and where this rank reads: the same for both loaders
-    where = {
-        "rank": runtime.rank,
-        "world_size": runtime.world_size,
-        "workers": config.loader_workers,
-        "manifest": data.manifest,
-        "holdout": config.holdout,
-    }
-    train_batches, plan = make_loader(
-        config.shards,
-        "train",
-        data.input_config,
-        config.batch_size,
-        train=True,
-        epoch=global_epoch,
-        seed=config.seed,
-        shuffle_buffer=config.shuffle_buffer,
-        pca_lighting=config.pca_lighting,
-        **where,
-    )
-    steps = min(plan.steps, config.max_steps_per_epoch or plan.steps)
+    train_batches, plan_steps, left_out = epoch_batches(config, runtime, data, global_epoch)
+    steps = min(plan_steps, config.max_steps_per_epoch or plan_steps)
     lr_at = lr_schedule(config, steps * seg.epochs, config.lr * seg.lr_scale)
     before = weight_signs(model)
     epoch_start = time.perf_counter()
@@ -634,15 +689,9 @@ def run_epoch(
         world_size=runtime.world_size,
         after_step=weight_clipper(model, config),
     )
-    val_batches, _ = make_loader(
-        config.shards, data.eval_split, data.input_config, config.batch_size, train=False, **where
-    )
-    metrics.update(evaluate(model, val_batches, device, runtime.world_size))
+    metrics.update(evaluate(model, eval_batches(config, runtime, data, data.eval_split), device, runtime.world_size))
     if data.test_split:
-        test_batches, _ = make_loader(
-            config.shards, data.test_split, data.input_config, config.batch_size, train=False, **where
-        )
-        test = evaluate(model, test_batches, device, runtime.world_size)
+        test = evaluate(model, eval_batches(config, runtime, data, data.test_split), device, runtime.world_size)
         metrics.update({"test" + k.removeprefix("val"): v for k, v in test.items()})
     metrics.update(
         {
@@ -650,7 +699,7 @@ def run_epoch(
             "segment": seg.name,
             "lr": lr_at(epoch * steps),
             "flip_ratio": flip_ratio(before, model),
-            "left_out": plan.left_out,
+            "left_out": left_out,
             "epoch_s": time.perf_counter() - epoch_start,
         }
     )
@@ -672,7 +721,7 @@ def train_loop(
     device = runtime.device()
     torch.manual_seed(config.seed + runtime.rank)
     manifest = read_manifest(config.shards)
-    data = data_spec(config, manifest)
+    data = data_spec(config, manifest, device)
     input_config = data.input_config
     plan = segments(config, len(manifest["classes"]))
     criterion = Criterion(

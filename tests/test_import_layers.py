@@ -28,6 +28,7 @@ LAYERS = [
         {
             "pipeline.train",
             "pipeline.data",
+            "pipeline.resident",
             "pipeline.shard",
             "pipeline.sources",
             "pipeline.tune",

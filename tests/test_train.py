@@ -415,7 +415,8 @@ def test_distillation_loss_is_the_kl_to_the_teachers_soft_targets():
 
 def test_a_cifar_style_recipe_with_holdout_and_distillation(demo_shards, tmp_path, three_stages):
     """SGD + nesterov + cosine, distilled from the ReLU twin, picking on a held-out part of the train
-    split: one run, the settings the CIFAR-10 accuracy recipes use."""
+    split, the images resident on the device: one run, the settings the CIFAR-10 accuracy recipes
+    use."""
     out, _ = three_stages
     cfg = smoke_config(
         demo_shards,
@@ -431,6 +432,7 @@ def test_a_cifar_style_recipe_with_holdout_and_distillation(demo_shards, tmp_pat
         holdout=250,
         distill_from="pretrain-relu",
         distill_weight=1.0,
+        loader="resident",
     )
     from pipeline.data import read_manifest
 
@@ -445,3 +447,5 @@ def test_a_cifar_style_recipe_with_holdout_and_distillation(demo_shards, tmp_pat
         train_loop(replace(cfg, distill_from="pretrain-nothing"))
     with pytest.raises(ValueError, match="holdout=100000"):
         train_loop(replace(cfg, holdout=100000))
+    with pytest.raises(ValueError, match="loader: resident runs the small recipe"):
+        train_loop(replace(cfg, augment="imagenet"))

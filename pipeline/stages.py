@@ -64,7 +64,7 @@ def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> d
     """``config`` run as one MLflow stage run; -> {"checkpoint", "history", "final", "cost", "mlflow_run_id"}."""
     import bireal_core as bc
 
-    from .adapters.tracking import experiment_id, finish_stage_run, resolve, start_stage_run
+    from .adapters.tracking import experiment_id, finish_stage_run, log_shards_input, resolve, start_stage_run
 
     mlflow_cfg = resolve(params.mlflow)
     experiment_id(mlflow_cfg)  # the tracking store first: no mlflow, or no server, fails before any data is read
@@ -79,6 +79,7 @@ def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> d
         mlflow_cfg, config.stage, {"train": asdict(config), "ray": asdict(params.ray)}, params.group, resume_key
     )
     try:
+        log_shards_input(mlflow_cfg, run_id, config.shards)  # lineage: the manifest it trains on
         if use_ray:
             from .adapters.ray_train import run_stage_on_ray
 

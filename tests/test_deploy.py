@@ -119,7 +119,8 @@ def test_each_rayjob_runs_its_profile_with_cluster_params(profile, capsys):
     assert argv[0] == "bireal"
     args = build_parser().parse_args(argv[1:])  # parses with the CLI (argparse exits on an error)
     assert args.command == "run" and args.stage[-3:] == ["export", "evaluate", "register"]
-    params_file = ROOT / args.params
+    assert args.params.startswith(kuberay.WORKDIR + "/")  # absolute under the image's working folder
+    params_file = ROOT / Path(args.params).relative_to(kuberay.WORKDIR)
     assert main(["check-params", "--params", str(params_file)]) == 0, capsys.readouterr().out
     params = load_params(params_file)
     assert params.ray.address == "auto" and params.ray.use_gpu  # so the shared-storage rule applied
@@ -157,6 +158,29 @@ def test_fidelity_runs_keep_the_published_global_and_per_gpu_batch(profile):
     assert int(limits["cpu"]) >= 4 * params.ray.cpus_per_worker
 
 
+def test_whole_node_workers_all_reduce_over_efa():
+    """A pod of a whole p5.48xlarge takes its 32 EFA interfaces and NCCL goes through libfabric's
+    EFA provider; a half-node run (4 GPUs in one pod, NVLink only) asks for none."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    workdir = re.search(r"^WORKDIR (\S+)$", dockerfile, re.M).group(1)
+    assert workdir == kuberay.WORKDIR
+    assert re.search(r"^ARG EFA_INSTALLER_VERSION=\d+\.\d+\.\d+$", dockerfile, re.M)
+    assert "sha256sum -c" in dockerfile and 'test -n "${EFA_INSTALLER_SHA256}"' in dockerfile
+    for profile in kuberay.RUNS:
+        job = yaml.safe_load((DEPLOY / "kuberay" / f"rayjob-{kuberay.run_name(profile)}.yaml").read_text())
+        (workers,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+        container = workers["template"]["spec"]["containers"][0]
+        limits, env = container["resources"]["limits"], {e["name"]: e.get("value") for e in container["env"]}
+        if limits["nvidia.com/gpu"] == "8":
+            assert (
+                limits["vpc.amazonaws.com/efa"] == "32" == container["resources"]["requests"]["vpc.amazonaws.com/efa"]
+            )
+            assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1", profile
+            assert env["FI_EFA_FORK_SAFE"] == "1" and env["NCCL_SOCKET_IFNAME"] == "^lo"
+        else:
+            assert "vpc.amazonaws.com/efa" not in limits and "FI_PROVIDER" not in env, profile
+
+
 def test_launcher_config_passes_rays_own_validation():
     from ray.autoscaler._private.util import prepare_config, validate_config
 
@@ -166,6 +190,15 @@ def test_launcher_config_passes_rays_own_validation():
     assert workers["min_workers"] == workers["max_workers"] == config["max_workers"]
     assert workers["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
     assert "InstanceMarketOptions" not in config["available_node_types"]["ray.head.default"]["node_config"]
+    # the p5's 32 EFA cards, checked as Ray's AWS provider checks interfaces (subnet and groups each)
+    from ray.autoscaler._private.aws.config import _configure_subnets_and_groups_from_network_interfaces
+
+    interfaces = workers["node_config"]["NetworkInterfaces"]
+    assert [i["NetworkCardIndex"] for i in interfaces] == list(range(32))
+    assert all(i["InterfaceType"] == "efa" for i in interfaces) and interfaces[0]["DeviceIndex"] == 0
+    node = _configure_subnets_and_groups_from_network_interfaces(workers["node_config"])
+    assert len(set(node["SubnetIds"])) == 1  # one subnet: EFA does not cross subnets
+    assert "--device=/dev/infiniband" in config["docker"]["run_options"]
     config["available_node_types"]["ray.worker.p5"]["min_wrkers"] = 8
     with pytest.raises(Exception, match="min_wrkers"):
         validate_config(prepare_config(config))

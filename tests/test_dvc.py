@@ -1,6 +1,7 @@
 """`dvc repro` of the whole pipeline in a temp git copy of the project (demo data, tiny settings),
 re-run selectivity, and a bad params.yaml rejected before any stage runs."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -108,6 +109,16 @@ def test_mlflow_runs_read_back_from_sqlite(dvc_copy):
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")]
         assert artifacts == [f"checkpoint/{stage}.safetensors"]
         assert "cost_summary.json" in [a.path for a in client.list_artifacts(run.info.run_id)]
+        # lineage: the shard manifest it trained on, by URI and sha256, with its counts
+        (inp,) = client.get_run(run.info.run_id).inputs.dataset_inputs
+        manifest = dvc_copy / "data" / "shards" / "manifest.json"
+        digest = hashlib.sha256(manifest.read_bytes()).hexdigest()
+        assert (
+            inp.dataset.digest == digest[:16] and {t.key: t.value for t in inp.tags}["mlflow.data.context"] == "train"
+        )
+        assert json.loads(inp.dataset.source)["uri"] == str(manifest)
+        profile = json.loads(inp.dataset.profile)
+        assert profile["sha256"] == digest and profile["splits"] == {"train": 1437, "test": 360}
 
 
 def test_summary_after_the_run(dvc_copy):

@@ -36,6 +36,19 @@ GPUS_PER_NODE = 8
 CPUS_PER_NODE = 192  # an 8 x H100 node (p5.48xlarge): 24 per GPU, some left to Ray and the kubelet
 SHM_GI = 64  # DataLoader workers pass batches through /dev/shm: the pod default of 64 MB crashes them
 NVME = "/mnt/nvme"  # the node's local NVMe (instance store), for the shard cache
+WORKDIR = "/home/ray/bireal"  # the image's working folder (deploy/Dockerfile's WORKDIR)
+# EFA, the p5.48xlarge's 32 network cards, as the EFA device plugin advertises them; a run across
+# nodes all-reduces through them (NCCL's aws-ofi-nccl plugin, in the image) instead of TCP sockets
+EFA_RESOURCE = "vpc.amazonaws.com/efa"
+EFA_PER_NODE = 32
+NCCL_EFA_ENV = {
+    "FI_PROVIDER": "efa",  # libfabric: the EFA provider, no fallback to TCP
+    "FI_EFA_USE_DEVICE_RDMA": "1",  # GPUDirect RDMA on p5
+    "FI_EFA_FORK_SAFE": "1",  # DataLoader workers fork after libfabric is loaded
+    "NCCL_SOCKET_IFNAME": "^lo",  # NCCL's bootstrap over the pod's network, never loopback
+    "NCCL_DEBUG": "INFO",  # the log says which transport NCCL chose ("NET/OFI Selected Provider is efa")
+    "NCCL_DEBUG_SUBSYS": "INIT,NET",
+}
 
 # profile -> GPUs of its reproduction run. None: the profile's own ray.num_workers, for the fidelity
 # profiles whose per-GPU batch is part of the recipe: the Caffe runs normalised BN over 32 images
@@ -92,7 +105,8 @@ def entrypoint(profile: str, params: Params) -> str:
     constrained, alpha-folded checkpoint that export packs); then export, evaluate and register."""
     twin = ["pretrain"] if "pretrain" in trained_stages(params) else []
     order = twin + ["tune", "binarize", "finetune"]
-    return f"bireal run {' '.join(order + list(AFTER_TRAINING))} --params deploy/params/{profile}.yaml"
+    # absolute: the driver's working folder is the job's, not necessarily the image's
+    return f"bireal run {' '.join(order + list(AFTER_TRAINING))} --params {WORKDIR}/deploy/params/{profile}.yaml"
 
 
 def env(profile: str) -> list[dict]:
@@ -136,7 +150,8 @@ def head_group(profile: str) -> dict:
 
 
 def worker_group(profile: str, gpus: int) -> dict:
-    """``gpus`` GPUs in pods of up to 8 (one per node); a run of fewer takes that share of a node."""
+    """``gpus`` GPUs in pods of up to 8 (one per node); a run of fewer takes that share of a node.
+    A whole-node pod also takes the node's 32 EFA interfaces, with NCCL set to use them."""
     nodes = math.ceil(gpus / GPUS_PER_NODE)
     per_node = min(gpus, GPUS_PER_NODE)
     per_pod = {
@@ -144,6 +159,10 @@ def worker_group(profile: str, gpus: int) -> dict:
         "memory": f"{1800 * per_node // GPUS_PER_NODE}Gi",
         "nvidia.com/gpu": str(per_node),
     }
+    worker_env = env(profile)
+    if per_node == GPUS_PER_NODE:
+        per_pod[EFA_RESOURCE] = str(EFA_PER_NODE)
+        worker_env += [{"name": k, "value": v} for k, v in NCCL_EFA_ENV.items()]
     return {
         "groupName": f"gpu-{per_node}x",
         "replicas": nodes,
@@ -157,7 +176,7 @@ def worker_group(profile: str, gpus: int) -> dict:
                     {
                         "name": "ray-worker",
                         "image": IMAGE,
-                        "env": env(profile),
+                        "env": worker_env,
                         "resources": {"requests": per_pod, "limits": per_pod},
                         "volumeMounts": [
                             {"name": "dshm", "mountPath": "/dev/shm"},

@@ -80,6 +80,39 @@ def start_stage_run(cfg: MlflowConfig, stage: str, config: dict, group: str, res
     return run.info.run_id
 
 
+def log_shards_input(cfg: MlflowConfig, run_id: str, shards: str) -> dict:
+    """The shard manifest as the run's input dataset (MLflow lineage, ``MlflowClient.log_inputs``):
+    its URI as the source, its sha256 as the digest, and the per-split counts and classes as the
+    profile, so a run names exactly the data it trained on and a re-shard shows as a new dataset.
+    -> what was logged."""
+    import hashlib
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    from .. import storage
+
+    location = shards if storage.is_url(shards) else str(Path(shards).resolve())
+    url = storage.join(location, "manifest.json")
+    text = storage.read_text(url)
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    manifest = json.loads(text)
+    profile = {
+        "sha256": digest,
+        "splits": {name: split["count"] for name, split in manifest["splits"].items()},
+        "classes": len(manifest["classes"]),
+    }
+    source_type = url.split("://", 1)[0] if "://" in url else "local"
+    dataset = Dataset(
+        name=Path(shards.rstrip("/")).name or "shards",
+        digest=digest[:16],  # MLflow shows a short digest; the whole sha256 is in the profile
+        source_type=source_type,
+        source=json.dumps({"uri": url}),
+        profile=json.dumps(profile),
+    )
+    client(cfg).log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])
+    return {"uri": url, **profile}
+
+
 def log_metrics(c, run_id: str, values: dict[str, float], step: int = 0) -> None:
     """``values`` at ``step`` in one request (``log_batch``): recorded all together or not at all."""
     from mlflow.entities import Metric

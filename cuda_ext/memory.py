@@ -12,8 +12,12 @@ too (170-181 ms -> 125-142 ms), less in proportion.
 ``M_TRIM_THRESHOLD`` (free heap memory at the top kept up to it): process-wide, the same effect as
 ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` in the environment, or as running under
 jemalloc or tcmalloc, which PyTorch's CPU tuning guide recommends for the same reason. The price is
-that the process keeps its peak activation memory (about 0.3 GB for Bi-Real-18 at batch 16). It is
-opt-in: ``bireal bench model`` times both settings, and a serving process calls it once.
+that the process keeps its peak activation memory (about 0.3 GB for Bi-Real-18 at batch 16).
+
+What a user runs gets it by default: ``bireal predict``, ``bireal evaluate`` (and the evaluate
+stage) and the MLflow model server (``mlflow models serve`` of a registered artifact: the pyfunc
+turns it on when it is loaded in MLflow's scoring server, never when a user loads the model into a
+process of their own). ``bireal bench model`` times that setting, with glibc's defaults beside it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import ctypes.util
 
 M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_THRESHOLD = -3
+_kept = False  # set once keep_freed_memory succeeded in this process
 
 
 def _glibc():
@@ -43,9 +48,16 @@ def keep_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 
     libc = _glibc()
     if libc is None:
         return False
+    global _kept
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     clamp = (1 << 31) - 1  # mallopt takes an int
-    return bool(
+    _kept = bool(
         libc.mallopt(M_MMAP_THRESHOLD, min(mmap_threshold, clamp))
         and libc.mallopt(M_TRIM_THRESHOLD, min(trim_threshold, clamp))
     )
+    return _kept
+
+
+def freed_memory_kept() -> bool:
+    """Whether ``keep_freed_memory`` took effect in this process."""
+    return _kept

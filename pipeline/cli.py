@@ -132,8 +132,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from cuda_ext.memory import keep_freed_memory
+
     from .evaluate import evaluate_artifact, write_outputs
 
+    keep_freed_memory()  # a CPU forward reuses freed activation memory (cuda_ext/memory.py)
     result = evaluate_artifact(args.artifact, args.shards, args.checkpoint, device=args.device)
     if args.metrics:
         write_outputs(result, args.metrics, args.confusion)
@@ -188,8 +191,10 @@ def _cmd_import_official(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
+    from cuda_ext.memory import keep_freed_memory
     from cuda_ext.predict import format_predictions, predict_files
 
+    keep_freed_memory()  # a CPU forward reuses freed activation memory (cuda_ext/memory.py)
     results = predict_files(args.artifact, args.images, topk=args.topk)
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
     return 0

@@ -198,8 +198,11 @@ def evaluate(
     device: str = "cpu",
 ) -> dict:
     """The packed artifact on the evaluation split, with its agreement to the training graph."""
+    from cuda_ext.memory import keep_freed_memory
+
     from .evaluate import evaluate_artifact, write_outputs
 
+    keep_freed_memory()  # what `bireal evaluate` does (cuda_ext/memory.py)
     result = evaluate_artifact(
         artifact,
         shards or params.train("finetune").shards,

@@ -13,12 +13,26 @@ import numpy as np
 from mlflow.models import set_model
 
 
+def in_scoring_server() -> bool:
+    """Whether this process is MLflow's model server (``mlflow models serve``), which names the model
+    it loads in its environment before loading it."""
+    import os
+
+    from mlflow.pyfunc.scoring_server import _SERVER_MODEL_PATH
+
+    return bool(os.environ.get(_SERVER_MODEL_PATH))
+
+
 class BirealPackedModel(mlflow.pyfunc.PythonModel):
     """pyfunc wrapper of ``PackedBiReal``; needs the ``bireal`` package (its compiled kernels)."""
 
     def load_context(self, context):
         from cuda_ext.packed import load_packed
 
+        if in_scoring_server():  # the model server's process is ours to tune; a user's is not
+            from cuda_ext.memory import keep_freed_memory
+
+            keep_freed_memory()
         self.model, self.header = load_packed(context.artifacts["packed"])
 
     def _batch(self, model_input):

@@ -5,7 +5,7 @@ Imports nothing from the pipeline; everything here runs on a CPU.
 
 from . import models  # noqa: F401  (registers every model family)
 from .binarizers import ApproxSign, Clip, IdentitySign, LeakyClip, MagnitudeAwareSign, SteSign, channel_scale, sign
-from .checkpoint import CheckpointError, load_checkpoint, read_header, save_checkpoint
+from .checkpoint import CheckpointError, NonFiniteError, load_checkpoint, read_header, save_checkpoint
 from .cost import PAPER_TABLE, CostSummary, summary
 from .layers import BinaryConv2d
 from .models import ConvSpec, binary_conv_bn_pairs, set_binary_weights
@@ -26,6 +26,7 @@ __all__ = [
     "InitReport",
     "LeakyClip",
     "MagnitudeAwareSign",
+    "NonFiniteError",
     "PAPER_TABLE",
     "SteSign",
     "channel_scale",

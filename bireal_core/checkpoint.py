@@ -32,6 +32,10 @@ class CheckpointError(ValueError):
     """A file that is not a readable bireal checkpoint (the message names the file)."""
 
 
+class NonFiniteError(ValueError):
+    """A model with NaN or infinite tensors, which is never written as a checkpoint."""
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -39,7 +43,9 @@ def save_checkpoint(
     config: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> Path:
-    """Write ``model`` with its header; written to a temporary name, then renamed (atomic)."""
+    """Write ``model`` with its header; written to a temporary name, then renamed (atomic). A model
+    with a NaN or infinite tensor is refused (``NonFiniteError``): such a file would pass for a
+    result, replace a good one, and be exported, evaluated and registered."""
     spec = getattr(model, "model_spec", None)
     if spec is None:
         raise ValueError("model has no model_spec: build it with bireal_core.create_model")
@@ -52,6 +58,10 @@ def save_checkpoint(
         "metrics": metrics or {},
     }
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        named = ", ".join(bad[:3]) + (", ..." if len(bad) > 3 else "")
+        raise NonFiniteError(f"{path}: not written: {len(bad)} tensors hold NaN or inf ({named})")
     return write_safetensors(path, state, "bireal", header)
 
 

@@ -217,18 +217,19 @@ class PackedBiReal(nn.Module):
     Built with the topology of ``bireal_core`` model ``spec`` (constructed on the meta device, so
     no float weights are ever allocated), then filled from an artifact's tensors."""
 
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: dict[str, Any], materialize: bool = True):
         super().__init__()
-        with torch.device("meta"):
+        with torch.device("meta"):  # every module: nothing is allocated until ``to_empty``
             ref = bc.create_model(spec["name"], **spec["kwargs"])
-        stem_conv, _stem_bn, *rest = ref.stem
-        self.stem = nn.Sequential(real_conv(stem_conv), *rest)  # maxpool kept for the ImageNet stem
-        self.bottleneck = isinstance(ref.blocks[0], BiRealBottleneck)
-        wrap = PackedBottleneck if self.bottleneck else PackedBasicBlock
-        self.blocks = nn.ModuleList(wrap(b) for b in ref.blocks)
-        self.fc = nn.Linear(ref.fc.in_features, ref.fc.out_features)
+            stem_conv, _stem_bn, *rest = ref.stem
+            self.stem = nn.Sequential(real_conv(stem_conv), *rest)  # maxpool kept for the ImageNet stem
+            self.bottleneck = isinstance(ref.blocks[0], BiRealBottleneck)
+            wrap = PackedBottleneck if self.bottleneck else PackedBasicBlock
+            self.blocks = nn.ModuleList(wrap(b) for b in ref.blocks)
+            self.fc = nn.Linear(ref.fc.in_features, ref.fc.out_features)
         self.activation_dtype = torch.float32
-        self.to_empty(device="cpu")
+        if materialize:
+            self.to_empty(device="cpu")
 
     def set_activation_dtype(self, dtype: torch.dtype) -> "PackedBiReal":
         """float32 (default, bit-exact with the exported float model's folded graph) or bfloat16: the
@@ -380,11 +381,46 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     return tensors, header
 
 
+MAX_INPUT_SIDE = 4096  # an artifact's input size and eval resize (224 and 256 for ImageNet)
+
+
 def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[PackedBiReal, dict]:
+    """The artifact as a ``PackedBiReal`` on ``device``. The header is checked against the tensors
+    the file holds before any memory is allocated for it: a small file whose header claims a
+    billion classes is an ``ArtifactError``, not a 0.5 TB allocation."""
     tensors, header = read_artifact(path)
-    model = PackedBiReal(header["model"])
+    try:
+        model = PackedBiReal(header["model"], materialize=False)
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{path}: the header's model {header.get('model')!r} cannot be built: {e}") from e
+    check_header(path, header, model, tensors)
+    model.to_empty(device="cpu")
     model.load_state_dict(tensors, strict=True)
     return model.eval().to(device), header
+
+
+def check_header(path, header: dict, model: PackedBiReal, tensors: dict[str, torch.Tensor]) -> None:
+    """The model the header describes (still on the meta device) has exactly the file's tensors,
+    one class name per output, and a bounded input geometry."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    stored = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != stored:
+        wrong = sorted(set(expected) ^ set(stored)) or [k for k in expected if expected[k] != stored[k]]
+        first = wrong[0]
+        raise ArtifactError(
+            f"{path}: the header's model does not match the stored tensors ({len(wrong)} differ; {first}: "
+            f"header {expected.get(first)}, file {stored.get(first)})"
+        )
+    names, classes = header.get("class_names"), model.fc.out_features
+    if not isinstance(names, list) or len(names) != classes:
+        raise ArtifactError(
+            f"{path}: {len(names) if isinstance(names, list) else names!r} class names for {classes} outputs"
+        )
+    geometry = header.get("input") or {}
+    for key in ("size", "resize"):
+        value = geometry.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INPUT_SIDE:
+            raise ArtifactError(f"{path}: input.{key}={value!r}: an integer side in 1..{MAX_INPUT_SIDE}")
 
 
 def artifact_size(path: str | os.PathLike) -> dict[str, float]:

@@ -196,8 +196,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     keep_freed_memory()  # a CPU forward reuses freed activation memory (cuda_ext/memory.py)
     results = predict_files(args.artifact, args.images, topk=args.topk)
+    failed = [r for r in results if "error" in r]
+    for r in failed:  # one line each; the readable images are still classified
+        print(f"bireal predict: error: {r['error']}", file=sys.stderr)
     print(json.dumps(results, indent=2) if args.json else format_predictions(results))
-    return 0
+    return 1 if failed else 0  # 1: some images could not be read (2: nothing could run)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -309,12 +312,17 @@ def load_args_params(args: argparse.Namespace):
     from .params import build, load_params, parse_overrides
 
     params = load_params(args.params, parse_overrides(getattr(args, "set", None)))
+    params.restart = getattr(args, "restart", False)
     if args.command == "shard":
         params.shard = build(type(params.shard), {**asdict(params.shard), **_shard_overrides(args)}, "--shard options")
     return params
 
 
 PARAMS_HELP = "params file or profile name from pipeline/configs (default: params.yaml)"
+RESTART_HELP = (
+    "a stage whose math settings or data changed since its run in ray.storage_path began: discard that "
+    "run's checkpoints and start over (without it the stage refuses, naming what changed)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -344,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("stage", nargs="+", choices=tuple(STAGES_BY_NAME), help="one or more, run in this order")
     run.add_argument("--params", default=None, help=PARAMS_HELP)
     run.add_argument("--no-ray", action="store_true", help="train in this process")
+    run.add_argument("--restart", action="store_true", help=RESTART_HELP)
     run.add_argument("--json", action="store_true", help="print each stage's summary as one JSON line")
     run.set_defaults(func=_cmd_run)
 
@@ -377,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--params", default=None, help=PARAMS_HELP)
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a train setting")
     train.add_argument("--no-ray", action="store_true", help="run the loop in this process")
+    train.add_argument("--restart", action="store_true", help=RESTART_HELP)
     train.add_argument("--metrics", default=None, help="write the final metrics as JSON here")
     train.add_argument("--history", default=None, help="write every epoch's metrics as a JSON list here")
     train.set_defaults(func=_cmd_train)

@@ -119,6 +119,9 @@ class TrainConfig:
     pca_lighting: bool = False
     augment: Augment = "auto"  # auto (the stem's) | imagenet (RandomResizedCrop) | caffe | small
     max_steps_per_epoch: int = 0  # 0: the whole epoch; >0: smoke runs
+    # steps between reads of the device-side non-finite-loss flag (no host sync per step); it is
+    # also read at every epoch's end, before any checkpoint is written
+    finite_check_steps: int = 50
     # > 0: the first `holdout` samples of the train split (the sharder's seeded shuffle, so a fixed
     # random subset) are held out of training and are the split every epoch evaluates (val_*), for
     # any pick (tune, the ablation); the test split is then reported beside it (test_*). 0: train
@@ -204,6 +207,8 @@ class TrainConfig:
                 f"nesterov needs optimizer: sgd with momentum > 0 "
                 f"(optimizer={self.optimizer}, momentum={self.momentum})"
             )
+        if self.finite_check_steps < 1:
+            raise ValueError(f"finite_check_steps={self.finite_check_steps}: read the flag every >= 1 steps")
         if self.holdout < 0:
             raise ValueError(f"holdout={self.holdout}: 0 (none) or the number of training samples to hold out")
         if not 0 <= self.distill_weight <= 1 or self.distill_temperature <= 0:
@@ -216,6 +221,70 @@ class TrainConfig:
 
     def model_kwargs(self) -> dict:
         return {"stem": self.stem, "width": self.width, "pad_value": self.pad_value}
+
+
+# Whether each training setting changes what a stage computes (True) or only how or where it runs
+# (False). A relaunch whose math settings and data are those of the run in storage resumes it, also
+# with other operational settings (fewer loader workers after an OOM, another folder); one whose
+# math changed is refused ("inputs changed: pass --restart"), and only --restart discards the run's
+# checkpoints (pipeline/adapters/ray_train.py). tests/test_params.py fails on a setting missing here.
+AFFECTS_MATH: dict[str, bool] = {
+    # where things are: the data's identity is its manifest, which the digest reads separately
+    "shards": False,
+    "out": False,
+    "init_from": False,
+    "tuned_config": False,  # a path: its pick is applied to the settings below before the digest
+    "artifacts": False,
+    # how it runs: the same recipe
+    "loader_workers": False,
+    "loader": False,  # stream or resident: the same augmentation recipe, decoded elsewhere
+    "kernels": False,  # packed ops or the float simulation: the same estimators and rules
+    "finite_check_steps": False,
+    # what it computes
+    "stage": True,
+    "arch": True,
+    "stem": True,
+    "width": True,
+    "pad_value": True,
+    "batch_size": True,
+    "shuffle_buffer": True,
+    "pca_lighting": True,
+    "augment": True,
+    "max_steps_per_epoch": True,
+    "holdout": True,
+    "epochs": True,
+    "optimizer": True,
+    "lr": True,
+    "momentum": True,
+    "nesterov": True,
+    "weight_decay": True,
+    "schedule": True,
+    "lr_milestones": True,
+    "label_smoothing": True,
+    "precision": True,  # bf16 autocast changes the numbers, not only the speed
+    "weight_clip": True,
+    "seed": True,
+    "phases": True,
+    "phase_epochs": True,
+    "phase_lr_scale": True,
+    "relu_control": True,
+    "init": True,
+    "latent_init": True,
+    "activation": True,
+    "weight_gradient": True,
+    "two_step": True,
+    "step1_epochs": True,
+    "step1_weight_decay": True,
+    "distill_from": True,
+    "distill_weight": True,
+    "distill_temperature": True,
+    "finetune_fc": True,
+}
+
+
+def math_settings(config: TrainConfig) -> dict[str, Any]:
+    """The settings of ``config`` that change what its stage computes (``AFFECTS_MATH``)."""
+    return {k: v for k, v in dataclasses.asdict(config).items() if AFFECTS_MATH[k]}
 
 
 @dataclass
@@ -323,6 +392,7 @@ class RegistryConfig:
     """The ``registry`` section: where ``bireal register`` puts the packed model."""
 
     model_name: str = "bireal-demo"
+    min_top1: float = 0.0  # an evaluation below this is refused: nothing registered, the champion kept
 
 
 # The file's sections; the three training stages' sections hold TrainConfig keys over ``train``.
@@ -490,6 +560,9 @@ class Params:
     recipe: RecipeConfig
     group: str  # groups one pipeline run's MLflow runs (see ``run_group``)
     train_overrides: dict[str, Any] = field(default_factory=dict)
+    # this invocation's --restart: a stage whose math settings changed discards its run's
+    # checkpoints and starts over, instead of refusing (pipeline/adapters/ray_train.py)
+    restart: bool = False
 
     def train(self, stage: str, overrides: dict[str, Any] | None = None, tuned: bool = True) -> TrainConfig:
         """The stage's TrainConfig: ``train`` <- ``<stage>`` <- ``--set`` overrides; for binarize the

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from . import storage
 from .params import ARTIFACT, CONFUSION, METRICS, Params, TrainConfig
 
 # ---------------------------------------------------------------------------- the stages
@@ -70,9 +71,11 @@ def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> d
     experiment_id(mlflow_cfg)  # the tracking store first: no mlflow, or no server, fails before any data is read
     ray_run = None
     if use_ray:
-        from .adapters.ray_train import stage_run
+        from .adapters.ray_train import check_run, stage_run
 
         ray_run = stage_run(config, params.ray, params.group)
+        if params.ray.resume == "auto":  # changed inputs are refused here, before any tracking or work
+            check_run(storage.absolute(params.ray.storage_path), ray_run, params.restart)
     # resume: auto -- a re-launched stage continues its MLflow run too
     resume_key = ray_run.resume_key if ray_run and params.ray.resume == "auto" else ""
     run_id = start_stage_run(
@@ -83,7 +86,9 @@ def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> d
         if use_ray:
             from .adapters.ray_train import run_stage_on_ray
 
-            result = run_stage_on_ray(config, params.ray, mlflow_cfg, run_id, params.group, ray_run)
+            result = run_stage_on_ray(
+                config, params.ray, mlflow_cfg, run_id, params.group, ray_run, restart=params.restart
+            )
         else:
             from .adapters.tracking import EpochLogger
             from .train import train_loop
@@ -105,7 +110,7 @@ def tune(params: Params, use_ray: bool = True) -> dict:
     """The search over the binarize stage's settings (``tune`` section); writes best.json (what
     binarize reads through ``tuned_config``), the table and the plot. Disabled: an empty pick.
     ``use_ray=False``: the grid as local processes (``pipeline.tune.run_local``), no tracking."""
-    from .tune import local_trials, run_local, write_best, write_outputs
+    from .tune import local_trials, require_finished, run_local, write_best, write_outputs
 
     settings = params.tune
     if not settings.enabled:
@@ -121,6 +126,7 @@ def tune(params: Params, use_ray: bool = True) -> dict:
         local_trials(settings, base.arch)  # a search it cannot run fails before any twin trains
         pretrain_other_twins(params, base)
         summary = run_local(settings, base, on_trial=print_trial)
+    require_finished(summary, settings, base.arch)
     return {**summary, "enabled": True, "files": write_outputs(summary, settings.out)}
 
 

@@ -55,9 +55,19 @@ class Runtime:
 # ---------------------------------------------------------------------------- pieces
 
 
-def count_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> int:
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return int((top == labels[:, None]).any(dim=1).sum())
+def batch_totals(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(loss sum, top-1 hits, top-5 hits, count) of one batch as a float64 tensor on its device:
+    summed on the device, read once per evaluation."""
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, k)
+    hit = top == labels[:, None]
+    return torch.stack(
+        [
+            F.cross_entropy(logits, labels, reduction="sum").double(),
+            hit[:, 0].sum().double(),
+            hit.any(dim=1).sum().double(),
+            torch.tensor(float(len(labels)), dtype=torch.float64, device=logits.device),
+        ]
+    )
 
 
 class Criterion:
@@ -93,6 +103,68 @@ class Criterion:
         return (1 - self.weight) * hard + self.weight * t * t * soft
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss was NaN or infinite: the stage stops before any checkpoint of that state."""
+
+
+class NonFiniteGuard:
+    """A device-side record of the first step whose loss was not finite: no host sync per step.
+
+    ``record`` (every step) is one masked fill on the device, so it works inside a CUDA graph too.
+    Every ``every`` steps ``poll`` all-reduces the flag over the ranks (every rank polls at the same
+    step, so every rank stops together) and starts a non-blocking copy to the host, which the next
+    poll reads: a bad step stops the epoch within 2 x ``every`` steps, and ``check`` (a blocking
+    read) runs at the epoch's end, before any checkpoint is written."""
+
+    NONE = 2**62  # "no bad step" (the all-reduce takes the minimum over ranks)
+
+    def __init__(self, device: torch.device, world_size: int = 1, every: int = 50, where: str = ""):
+        self.first = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self.world_size, self.every, self.where = world_size, max(1, every), where
+        self.pending: tuple[torch.Tensor, torch.cuda.Event | None] | None = None
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        self.first.masked_fill_(~torch.isfinite(loss.detach()) & (self.first == self.NONE), step)
+
+    def _reduced(self) -> torch.Tensor:
+        first = self.first.clone()
+        if self.world_size > 1:  # [dist]
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+        return first
+
+    def poll(self, steps_done: int) -> None:
+        """After ``steps_done`` steps of the epoch: every ``every`` steps, raise for the bad step the
+        previous poll found, and start the next read."""
+        if steps_done % self.every:
+            return
+        if self.pending is not None:
+            host, event = self.pending
+            if event is not None:
+                event.synchronize()  # recorded ``every`` steps ago: long done
+            self._raise_if_bad(int(host))
+        first = self._reduced()
+        if first.is_cuda:
+            host = torch.empty((), dtype=torch.int64, pin_memory=True)
+            host.copy_(first, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.pending = (host, event)
+        else:
+            self.pending = (first, None)
+
+    def check(self) -> None:
+        """Blocking: raise if any rank saw a non-finite loss so far."""
+        self._raise_if_bad(int(self._reduced()))
+
+    def _raise_if_bad(self, first: int) -> None:
+        if first != self.NONE:
+            where = f"{self.where}, " if self.where else ""
+            raise NonFiniteLossError(
+                f"{where}step {first}: the loss is not finite (NaN or inf); stopped before writing a "
+                "checkpoint of this state, so the last good one stays the latest (lower the lr, or check the data)"
+            )
+
+
 def train_one_epoch(
     model: nn.Module,
     batches: Iterable,
@@ -105,13 +177,19 @@ def train_one_epoch(
     amp: bool = False,
     world_size: int = 1,
     after_step: Callable[[], None] | None = None,
+    check_every: int = 50,
+    where: str = "",
 ) -> dict:
     """One pass over ``batches``; the learning rate is set per step from ``lr_at(global step)``;
     ``criterion(logits, images, labels)`` (default: plain cross-entropy) gives the loss. Loss,
-    accuracy and images/s are totals over all ranks."""
+    accuracy and images/s are totals over all ranks. The running sums stay on the device (no host
+    sync per step); a non-finite loss raises ``NonFiniteLossError`` naming its global step, within
+    2 x ``check_every`` steps and at the latest at the epoch's end (``NonFiniteGuard``)."""
     criterion = criterion or Criterion()
+    guard = NonFiniteGuard(device, world_size, check_every, where)
     model.train()
-    loss_sum, correct, seen, step = 0.0, 0, 0, first_step
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
+    step = first_step
     start = time.perf_counter()
     for i, (images, labels) in enumerate(batches):
         if max_steps and i >= max_steps:
@@ -127,15 +205,18 @@ def train_one_epoch(
         optimizer.step()
         if after_step is not None:
             after_step()
-        loss_sum += float(loss.detach()) * len(labels)
-        correct += count_correct(logits, labels, 1)
-        seen += len(labels)
+        guard.record(loss, step)
+        totals[0] += loss.detach().double() * len(labels)
+        totals[1] += (logits.detach().argmax(dim=1) == labels).sum()
+        totals[2] += len(labels)
         step += 1
+        guard.poll(i + 1)
+    guard.check()  # before the caller writes any checkpoint of this epoch
     seconds = time.perf_counter() - start
-    totals = torch.tensor([loss_sum, correct, seen], dtype=torch.float64)
     if world_size > 1:  # [dist]
         torch.distributed.all_reduce(totals)
-    loss_sum, correct, seen = float(totals[0]), float(totals[1]), int(totals[2])
+    loss_sum, correct, seen = totals.tolist()
+    seen = int(seen)
     return {
         "train_loss": loss_sum / max(seen, 1),
         "train_top1": correct / max(seen, 1),
@@ -149,28 +230,15 @@ def train_one_epoch(
 def evaluate(model: nn.Module, batches: Iterable, device: torch.device, world_size: int = 1) -> dict:
     """Loss, top-1 and top-5 over this rank's batches, summed over ranks when distributed."""
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1, top-5, count
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, count
     for images, labels in batches:
         images, labels = images.to(device), labels.to(device)
-        logits = model(images).float()
-        totals += torch.tensor(
-            [
-                float(F.cross_entropy(logits, labels, reduction="sum")),
-                count_correct(logits, labels, 1),
-                count_correct(logits, labels, 5),
-                len(labels),
-            ],
-            dtype=torch.float64,
-        )
-    if world_size > 1:  # [dist]
+        totals += batch_totals(model(images).float(), labels)
+    if world_size > 1:  # [dist] on the device: NCCL reduces CUDA tensors only
         torch.distributed.all_reduce(totals)
-    n = max(float(totals[3]), 1.0)
-    return {
-        "val_loss": float(totals[0]) / n,
-        "val_top1": float(totals[1]) / n,
-        "val_top5": float(totals[2]) / n,
-        "val_images": int(totals[3]),
-    }
+    loss_sum, top1, top5, count = totals.tolist()
+    n = max(count, 1.0)
+    return {"val_loss": loss_sum / n, "val_top1": top1 / n, "val_top5": top5 / n, "val_images": int(count)}
 
 
 def route_binary_convs(model: nn.Module, config: TrainConfig, device: torch.device) -> int:
@@ -688,6 +756,8 @@ def run_epoch(
         amp=config.precision == "bf16" and device.type == "cuda",
         world_size=runtime.world_size,
         after_step=weight_clipper(model, config),
+        check_every=config.finite_check_steps,
+        where=f"{config.stage} stage, segment {seg.name}, epoch {global_epoch}",
     )
     metrics.update(evaluate(model, eval_batches(config, runtime, data, data.eval_split), device, runtime.world_size))
     if data.test_split:

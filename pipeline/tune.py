@@ -14,6 +14,7 @@ import json
 import math
 import os
 import statistics
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from multiprocessing import get_context
@@ -373,6 +374,19 @@ def format_table(summary: dict) -> str:
     if summary["best"]:
         lines.append(f"best configuration: {json.dumps(summary['best'])}")
     return "\n".join(lines)
+
+
+def require_finished(summary: dict, settings: TuneSettings, arch: str) -> None:
+    """A search with a trial that errored or never ran picks from part of its grid: refuse it
+    (non-zero exit, no best.json) instead of handing binarize, DVC and Prefect a partial pick."""
+    if summary["finished"]:
+        return
+    trials = summary["trials"]
+    statuses = ", ".join(f"{n} {s}" for s, n in sorted(Counter(t.get("status", "?") for t in trials).items()))
+    raise RuntimeError(
+        f"tune: the search did not finish: {len(trials)} of {expected_trials(settings, arch)} trials reported "
+        f"({statuses or 'none'}); no best.json written. Run it again to resume it (finished trials are kept)"
+    )
 
 
 def write_best(out: str, config: dict | None, **extra) -> Path:

@@ -43,12 +43,97 @@ def test_predict_errors_name_the_file(tmp_path, checkpoint, capsys):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 definitely not a jpeg")
     good = write_image(tmp_path / "ok.jpg")
-    assert main(["predict", "--artifact", str(art), str(good), str(bad)]) == 2
-    assert "broken.jpg" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["predict", "--artifact", str(art), str(good), str(bad)]) == 1  # some images failed
+    out, err = capsys.readouterr()
+    assert "broken.jpg" in err and len(err.strip().splitlines()) == 1 and out.startswith("ok.jpg: ")
     assert main(["predict", "--artifact", str(good), str(good)]) == 2
     assert "ok.jpg" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "nope.safetensors"), "--out", str(art)]) == 2
     assert "nope.safetensors" in capsys.readouterr().err
+
+
+def png_header_only(path, width: int, height: int):
+    """A PNG that claims ``width`` x ``height`` in its header, with a few bytes of pixel data: what a
+    decompression bomb looks like before it is decoded."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+BOUNDED = """
+import json, sys, time
+from cuda_ext.packed import load_packed
+from cuda_ext.predict import predict_files
+def status_mb(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) / 1024
+mode, artifact, *images = sys.argv[1:]
+if mode == "predict":
+    load_packed(artifact)  # the process's RSS after loading the artifact is the base
+base = status_mb("VmRSS")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) counts from here
+start = time.perf_counter()
+if mode == "predict":
+    out = [r.get("error", "ok") for r in predict_files(artifact, images)]
+else:
+    try:
+        load_packed(artifact)
+        out = "loaded"
+    except Exception as e:
+        out = f"{type(e).__name__}: {e}"
+print(json.dumps({"out": out, "seconds": time.perf_counter() - start, "above_mb": status_mb("VmHWM") - base}))
+"""
+
+
+def test_bombs_get_a_clear_error_fast_and_small(tmp_path, checkpoint, capsys):
+    """A 30k x 30k PNG, a 60 MP one (under PIL's own limit, over ours) and an artifact whose header
+    claims a billion classes: a one-line error each within 5 s, peak memory < 200 MB above the
+    process's after loading the artifact; the good image beside them is still classified."""
+    import subprocess
+    import sys
+
+    art = tmp_path / "model.safetensors"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(art)]) == 0
+    bomb = png_header_only(tmp_path / "bomb.png", 30000, 30000)
+    large = png_header_only(tmp_path / "large.png", 10000, 6000)
+    good = write_image(tmp_path / "good.jpg")
+    capsys.readouterr()
+    assert main(["predict", "--artifact", str(art), str(good), str(bomb), str(large)]) == 1
+    out, err = capsys.readouterr()
+    assert out.startswith("good.jpg: ") and len(out.strip().splitlines()) == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and "bomb.png" in lines[0] and "large.png" in lines[1] and "Traceback" not in err
+    assert "60,000,000 pixels, over the 40,000,000" in lines[1]
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(art), "pt") as f:
+        header = json.loads(f.metadata()["bireal_packed"])
+    header["model"]["kwargs"]["num_classes"] = 10**9
+    claims = tmp_path / "claims.safetensors"
+    save_file(load_file(str(art)), str(claims), metadata={"bireal_packed": json.dumps(header)})
+
+    def bounded(*args):
+        done = subprocess.run([sys.executable, "-c", BOUNDED, *map(str, args)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.splitlines()[-1])
+
+    images = bounded("predict", art, bomb, large, good)
+    assert images["out"][2] == "ok" and "bomb.png" in images["out"][0] and "large.png" in images["out"][1]
+    artifact = bounded("load", claims)
+    assert artifact["out"].startswith("ArtifactError") and "does not match the stored tensors" in artifact["out"]
+    for result in (images, artifact):
+        assert result["seconds"] < 5 and result["above_mb"] < 200, result
 
 
 def test_bench_kernel_rows_and_table():

@@ -105,3 +105,17 @@ def test_tuned_pick_is_read_when_the_stage_asks(tmp_path):
     best.write_text('{"config": {"activation": "stee_sign"}}')
     with pytest.raises(P.ConfigError, match="binarize.activation: 'stee_sign' is not one of"):
         params.train("binarize")
+
+
+def test_every_training_setting_says_whether_it_changes_the_math():
+    """The resume rule (pipeline/adapters/ray_train.py) reads AFFECTS_MATH: a setting added to
+    TrainConfig without an entry there fails here, not silently on a cluster."""
+    import dataclasses
+
+    from pipeline.params import AFFECTS_MATH, TrainConfig, math_settings
+
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(AFFECTS_MATH) == fields, (sorted(fields - set(AFFECTS_MATH)), sorted(set(AFFECTS_MATH) - fields))
+    operational = {k for k, v in AFFECTS_MATH.items() if not v}
+    assert {"loader_workers", "out", "shards", "kernels", "loader"} <= operational
+    assert {"lr", "epochs", "precision", "batch_size", "seed"} <= set(math_settings(TrainConfig()))

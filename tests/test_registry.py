@@ -1,12 +1,14 @@
 """MLflow model registry: pyfunc of the packed artifact, champion gate, reload in a fresh
 process, and `mlflow models serve --env-manager local` answering on 127.0.0.1."""
 
+import base64
 import json
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -73,6 +75,103 @@ def test_champion_gate_and_duplicates(registry_env):
     assert len(client.search_model_versions("name = 'gate-test'")) == 3
 
 
+def test_register_refuses_a_non_finite_or_below_floor_evaluation(registry_env):
+    from mlflow.tracking import MlflowClient
+
+    tmp, cfg, images = registry_env
+    reg = RegistryConfig(model_name="refuse-test", min_top1=0.2)
+    good = register_artifact(str(make_artifact(tmp / "good.safetensors", 7)), {"top1": 0.3}, images[0], cfg, reg, "g")
+    assert good["champion"]
+    bad = make_artifact(tmp / "bad.safetensors", 8)
+    for top1, match in ((float("nan"), "not a finite accuracy"), (float("inf"), "not a finite"), (None, "None"),
+                        (1.5, "in \\[0, 1\\]"), (0.1, "below registry.min_top1=0.2")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            register_artifact(str(bad), {"top1": top1}, images[0], cfg, reg, "g")
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    assert len(client.search_model_versions("name = 'refuse-test'")) == 1  # nothing registered
+    assert int(client.get_model_version_by_alias("refuse-test", "champion").version) == good["version"]
+
+
+def test_concurrent_registrations_end_with_the_best_as_champion(registry_env):
+    """The bad interleaving, forced: both registrations read the champion (0.6) before either sets
+    it, and the worse (0.7) sets last. The re-read after setting moves the alias to the best (0.8)."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.adapters.registry import ACCURACY_TAG, champion_gate
+
+    tmp, cfg, images = registry_env
+    name = "race-test"
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    client.create_registered_model(name)
+    versions = {}
+    for top1 in (0.6, 0.8, 0.7):  # real versions with recorded scores; 0.6 is the champion
+        run = client.create_run(client.get_experiment_by_name(cfg.experiment).experiment_id)
+        v = client.create_model_version(name, f"runs:/{run.info.run_id}/m", tags={ACCURACY_TAG: str(top1)})
+        versions[top1] = int(v.version)
+    client.set_registered_model_alias(name, "champion", versions[0.6])
+    both_read, better_set = threading.Barrier(2), threading.Event()
+    results, errors = {}, []
+
+    def register(top1: float, pause) -> None:
+        try:
+            results[top1] = champion_gate(
+                MlflowClient(tracking_uri=cfg.tracking_uri), name, versions[top1], top1, pause
+            )
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    def better(point: str) -> None:
+        if point == "read":
+            both_read.wait(30)
+        else:
+            better_set.set()
+
+    def worse(point: str) -> None:
+        if point == "read":
+            both_read.wait(30)
+            better_set.wait(30)  # set after the better one: the last writer
+
+    threads = [threading.Thread(target=register, args=a) for a in ((0.8, better), (0.7, worse))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert results[0.8]["champion_top1"] == results[0.7]["champion_top1"] == 0.6  # both read 0.6
+    assert int(client.get_model_version_by_alias(name, "champion").version) == versions[0.8]
+    assert results[0.8]["promoted"] and not results[0.7]["promoted"]
+    assert results[0.7]["champion_after"] == versions[0.8]
+
+
+def test_an_mlflow_error_reading_the_champion_fails_closed(registry_env, tmp_path):
+    """A broken store (here: the aliases table of a copy of the registry without its columns) is
+    an error, not "no champion": the gate raises and promotes nothing."""
+    import shutil
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.adapters.registry import champion_gate, settle_champion
+
+    tmp, cfg, images = registry_env
+    reg = RegistryConfig(model_name="closed-test")
+    first = register_artifact(
+        str(make_artifact(tmp / "closed.safetensors", 9)), {"top1": 0.5}, images[0], cfg, reg, "g"
+    )
+    assert settle_champion(MlflowClient(tracking_uri=cfg.tracking_uri), "closed-test") == first["version"]
+    broken = tmp_path / "broken.db"
+    shutil.copy(tmp / "mlflow.db", broken)
+    with sqlite3.connect(broken) as db:
+        db.execute("DROP TABLE registered_model_aliases")
+        db.execute("CREATE TABLE registered_model_aliases (broken INTEGER)")  # present, unreadable
+    with pytest.raises(MlflowException):
+        broken_uri = f"sqlite:///{broken}"
+        champion_gate(MlflowClient(broken_uri, broken_uri), "closed-test", first["version"], 0.9)
+
+
 def test_reload_in_fresh_process_and_serve(registry_env):
     tmp, cfg, images = registry_env
     artifact = make_artifact(tmp / "served.safetensors", seed=5)
@@ -86,7 +185,7 @@ def test_reload_in_fresh_process_and_serve(registry_env):
         "import json, sys, mlflow, pandas as pd\n"
         f"mlflow.set_tracking_uri({cfg.tracking_uri!r}); mlflow.set_registry_uri({cfg.tracking_uri!r})\n"
         "m = mlflow.pyfunc.load_model('models:/served@champion')\n"
-        "out = m.predict(pd.DataFrame({'image': sys.argv[1:]}))\n"
+        "out = m.predict(pd.DataFrame({'image': [open(p, 'rb').read() for p in sys.argv[1:]]}))\n"
         "print(json.dumps({'ids': out['class_id'].tolist(), 'labels': out['label'].tolist()}))\n"
     )
     out = subprocess.run([sys.executable, "-c", script, *images], check=True, capture_output=True, text=True)
@@ -126,13 +225,21 @@ def test_reload_in_fresh_process_and_serve(registry_env):
                 break
             except OSError:
                 time.sleep(0.5)
-        body = json.dumps({"dataframe_split": {"columns": ["image"], "data": [[p] for p in images]}}).encode()
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
-        )
-        answer = json.loads(urllib.request.urlopen(req, timeout=30).read())
-        predictions = answer["predictions"]
+
+        def invoke(rows):
+            body = json.dumps({"dataframe_split": {"columns": ["image"], "data": rows}}).encode()
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+            )
+            return json.loads(urllib.request.urlopen(req, timeout=30).read())
+
+        encoded = [[base64.b64encode(Path(p).read_bytes()).decode()] for p in images]  # the files' bytes
+        predictions = invoke(encoded)["predictions"]
         assert [p["class_id"] for p in predictions] == expected
+        # a path on the server's disk is refused (the request names no file the server would open)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            invoke([["/etc/hostname"]])
+        assert refused.value.code == 400
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
 import pytest
 
@@ -99,23 +100,38 @@ def test_check_params_names_the_local_location(tmp_path):
     assert out.returncode != 0 and "ray.storage_path must be shared storage" in out.stderr + out.stdout
 
 
-def test_run_names_and_claims(tmp_path, demo_shards):
-    from pipeline.adapters.ray_train import claim_run, run_name, stage_digest
+def test_run_names_and_claims(tmp_path, demo_shards, monkeypatch):
+    """A relaunch resumes its run when only operational settings changed (loader workers, the folder
+    it runs from), refuses naming what changed when the math did, and removes the run's
+    checkpoints only with --restart."""
+    from pipeline.adapters.ray_train import InputsChanged, claim_run, run_name, stage_run
 
-    config = TrainConfig(stage="pretrain", shards=str(demo_shards))
-    assert run_name(config, RayConfig(resume="auto"), "run-7") == "run-7-pretrain"
+    config = TrainConfig(stage="pretrain", shards=str(demo_shards), out="checkpoints")
+    ray_cfg = RayConfig(resume="auto")
+    assert run_name(config, ray_cfg, "run-7") == "run-7-pretrain"
     fresh = {run_name(config, RayConfig(resume="never"), "run-7") for _ in range(2)}
     assert len(fresh) == 2 and all(n.startswith("run-7-pretrain-") for n in fresh)
 
-    digest = stage_digest(config)
-    assert digest == stage_digest(config) and digest != stage_digest(
-        TrainConfig(stage="pretrain", lr=0.5, shards=str(demo_shards))
-    )
+    run = stage_run(config, ray_cfg, "run-7")
     root = str(tmp_path / "ray")
-    assert claim_run(root, "run-7-pretrain", digest) is False  # nothing to resume
+    assert claim_run(root, run) is False  # nothing to resume
     (tmp_path / "ray" / "run-7-pretrain").mkdir()  # Ray's run folder of that launch
-    assert claim_run(root, "run-7-pretrain", digest) is True  # same inputs: resume it
-    assert claim_run(root, "run-7-pretrain", "other-inputs") is False  # other inputs: start over
+    (tmp_path / "ray" / "run-7-pretrain" / "checkpoint_000001").mkdir()
+    assert claim_run(root, run) is True  # same inputs: resume it
+    # fewer loader workers after an OOM, relaunched from another folder: the same run, resumed
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    operational = stage_run(
+        TrainConfig(**{**asdict(config), "loader_workers": 0, "kernels": "float"}), ray_cfg, "run-7"
+    )
+    assert operational.digest == run.digest and claim_run(root, operational) is True
+    # another lr and seed: refused, naming both, and nothing removed
+    changed = stage_run(TrainConfig(**{**asdict(config), "lr": 0.5, "seed": 3}), ray_cfg, "run-7")
+    with pytest.raises(InputsChanged, match=r"inputs changed .*\(lr, seed\).*pass --restart"):
+        claim_run(root, changed)
+    assert (tmp_path / "ray" / "run-7-pretrain" / "checkpoint_000001").is_dir()
+    assert claim_run(root, changed, restart=True) is False  # --restart: discarded, started over
     assert not (tmp_path / "ray" / "run-7-pretrain").exists()
 
 

@@ -449,3 +449,74 @@ def test_a_cifar_style_recipe_with_holdout_and_distillation(demo_shards, tmp_pat
         train_loop(replace(cfg, holdout=100000))
     with pytest.raises(ValueError, match="loader: resident runs the small recipe"):
         train_loop(replace(cfg, augment="imagenet"))
+
+
+def _nan_at(steps: set[int]):
+    """A Criterion whose loss is NaN at these calls (counted from 0): the gradient is NaN too."""
+    from pipeline.train import Criterion
+
+    calls = iter(range(10**9))
+
+    class Poisoned(Criterion):
+        def __call__(self, logits, images, labels):
+            loss = super().__call__(logits, images, labels)
+            return loss * float("nan") if next(calls) in steps else loss
+
+    return Poisoned()
+
+
+def test_a_nan_loss_stops_the_stage_before_any_checkpoint_of_it(demo_shards, tmp_path, monkeypatch):
+    """NaN at global step 8 (epoch 1 of 3, 6 steps each): the stage stops in that epoch naming
+    stage, epoch and step; epoch 0's train state stays the latest, and nothing non-finite is on
+    disk (the stage checkpoint is not written)."""
+    import pipeline.train as train_module
+
+    poisoned = _nan_at({8})
+    monkeypatch.setattr(train_module, "Criterion", lambda *a, **k: poisoned)
+    cfg = smoke_config(
+        demo_shards, tmp_path, stage="binarize", init="scratch", epochs=3, max_steps_per_epoch=6, finite_check_steps=2
+    )
+    with pytest.raises(train_module.NonFiniteLossError, match="binarize stage, segment binarize, epoch 1, step 8"):
+        train_loop(cfg)
+    states = sorted(p.name for p in (tmp_path / ".train_state").iterdir())
+    assert states == ["binarize-epoch000"]  # the last good state is the latest
+    model, _ = bc.load_checkpoint(tmp_path / ".train_state" / "binarize-epoch000" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point())
+    assert not (tmp_path / "binarize.safetensors").exists()
+
+
+def test_a_model_with_nan_weights_is_never_written(tmp_path):
+    model = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25)
+    with torch.no_grad():
+        model.fc.weight[0, 0] = float("nan")
+    with pytest.raises(bc.NonFiniteError, match="not written: 1 tensors hold NaN or inf \\(fc.weight\\)"):
+        bc.save_checkpoint(tmp_path / "m.safetensors", model)
+    assert not list(tmp_path.iterdir())
+
+
+def _nan_rank_worker(rank, world, init_file, out):
+    from pipeline.train import NonFiniteLossError, train_one_epoch
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(8)]
+    criterion = _nan_at({3} if rank == 1 else set())  # only rank 1's loss goes bad, at its 4th step
+    try:
+        train_one_epoch(model, batches, optimizer, lambda s: 0.1, 0, torch.device("cpu"), criterion,
+                        world_size=world, check_every=2)  # fmt: skip
+        message = "finished"
+    except NonFiniteLossError as e:
+        message = str(e)
+    with open(f"{out}.{rank}", "w") as f:
+        f.write(message)
+    dist.destroy_process_group()
+
+
+def test_every_rank_stops_at_the_first_bad_step_of_any_rank(tmp_path):
+    """The flag is all-reduced: rank 0, whose own loss turns NaN a step later (NaN gradients arrive
+    through the all-reduce), names rank 1's step 3 too, and both stop together."""
+    mp.spawn(_nan_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    messages = [(tmp_path / f"out.{rank}").read_text() for rank in range(2)]
+    assert all(m.startswith("step 3: the loss is not finite") for m in messages), messages

@@ -336,3 +336,19 @@ def test_the_grid_without_ray_runs_each_trial_once_and_resumes(demo_shards, pret
 
     with pytest.raises(ConfigError, match="lr_min = lr_max"):
         local_trials(settings(tmp_path, lr_min=1e-4, lr_max=1e-2), "bireal18")
+
+
+@pytest.mark.e2e
+def test_a_search_with_an_errored_trial_is_refused(ray_local, demo_shards, pretrained, tmp_path):
+    """A trial that fails (its init needs a twin that was never trained) leaves the search
+    unfinished: the tune stage raises and writes no best.json, so no partial pick moves on."""
+    from pipeline.adapters.ray_tune import run_tune
+    from pipeline.tune import require_finished
+
+    base = TrainConfig(shards=str(demo_shards), out=str(pretrained), width=0.25, batch_size=32)
+    s = settings(tmp_path, activations=["approx_sign"], inits=["clip", "relu_control"], asha=False)
+    summary = run_tune(s, base, mlflow_cfg(tmp_path), group="g")
+    assert not summary["finished"] and sorted(t["status"] for t in summary["trials"])[0] == "ERROR"
+    with pytest.raises(RuntimeError, match="did not finish: 2 of 2 trials reported .*1 ERROR.*no best.json"):
+        require_finished(summary, s, base.arch)
+    assert not (tmp_path / "tune" / "best.json").exists()

@@ -1,9 +1,11 @@
 """The MLflow pyfunc of a packed Bi-Real artifact, logged as code (no pickled object).
 
-``predict`` takes a DataFrame with an ``image`` column of file paths (the logged signature; what
-``mlflow models serve`` accepts) or, on the unwrapped model, a batch of uint8 (N, H, W, 3) arrays,
-and returns ``class_id``, ``label`` and ``score`` per image. Needs the ``bireal`` package installed
-(its compiled kernels).
+``predict`` takes a DataFrame with an ``image`` column of encoded image files' bytes (the logged
+signature: a binary column, base64 in the JSON that ``mlflow models serve`` accepts) or, on the
+unwrapped model, a batch of uint8 (N, H, W, 3) arrays, and returns ``class_id``, ``label`` and
+``score`` per image. It never opens a path named in a request (a model server would read its own
+files for any caller), decodes no image over ``cuda_ext.predict.MAX_PIXELS`` and takes at most
+``MAX_BATCH`` images per call. Needs the ``bireal`` package installed (its compiled kernels).
 """
 
 from __future__ import annotations
@@ -11,6 +13,13 @@ from __future__ import annotations
 import mlflow.pyfunc
 import numpy as np
 from mlflow.models import set_model
+
+MAX_BATCH = 256  # images per predict call
+
+
+def check_batch(n: int) -> None:
+    if not 1 <= n <= MAX_BATCH:
+        raise ValueError(f"{n} images in one call: send 1..{MAX_BATCH}")
 
 
 def in_scoring_server() -> bool:
@@ -40,6 +49,7 @@ class BirealPackedModel(mlflow.pyfunc.PythonModel):
         from PIL import Image
 
         from bireal_core.preprocess import eval_transform
+        from cuda_ext.predict import MAX_PIXELS, open_image
 
         transform = eval_transform(self.header["input"])
         if (
@@ -48,13 +58,23 @@ class BirealPackedModel(mlflow.pyfunc.PythonModel):
             and model_input
             and isinstance(model_input[0], np.ndarray)
         ):
-            images = [Image.fromarray(np.asarray(a, dtype=np.uint8)).convert("RGB") for a in model_input]
+            arrays = [np.asarray(a, dtype=np.uint8) for a in model_input]
+            check_batch(len(arrays))
+            too_large = [i for i, a in enumerate(arrays) if a.shape[0] * a.shape[1] > MAX_PIXELS]
+            if too_large:
+                raise ValueError(f"image {too_large[0]}: over {MAX_PIXELS:,} pixels")
+            images = [Image.fromarray(a).convert("RGB") for a in arrays]
         else:
-            paths = list(model_input["image"]) if hasattr(model_input, "columns") else list(model_input)
+            values = list(model_input["image"]) if hasattr(model_input, "columns") else list(model_input)
+            check_batch(len(values))
             images = []
-            for p in paths:
-                with Image.open(p) as im:
-                    images.append(im.convert("RGB"))
+            for i, value in enumerate(values):
+                if not isinstance(value, (bytes, bytearray)):
+                    raise ValueError(
+                        f"image {i}: expected the image file's bytes (base64 in JSON), got {type(value).__name__}: "
+                        "the model reads no file named in a request"
+                    )
+                images.append(open_image(bytes(value), f"image {i}"))
         return torch.stack([transform(im) for im in images])
 
     def predict(self, context, model_input, params=None):

@@ -20,7 +20,7 @@ import torch
 
 from .. import storage
 from ..env import apply_local_ray_defaults, verbose
-from ..params import MlflowConfig, RayConfig, TrainConfig
+from ..params import MlflowConfig, RayConfig, TrainConfig, math_settings
 from ..train import Runtime, load_train_state, published_names, stage_checkpoint, train_loop
 from .ray_jobs import is_job_server
 
@@ -129,11 +129,23 @@ def ensure_ray(cfg: RayConfig):
         )
 
 
-def stage_digest(config: TrainConfig) -> str:
-    """What a stage's result depends on: its settings and its data (the manifest's text)."""
+def stage_inputs(config: TrainConfig) -> dict:
+    """What a stage's result depends on: its math settings (``params.AFFECTS_MATH``) and its data
+    (the manifest's sha256); not where it runs from or how many loader workers it has."""
     manifest = storage.read_text(storage.join(config.shards, "manifest.json"))
-    blob = json.dumps(asdict(config), sort_keys=True) + manifest
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return {"settings": math_settings(config), "manifest_sha256": hashlib.sha256(manifest.encode()).hexdigest()}
+
+
+def stage_digest(config: TrainConfig) -> str:
+    return inputs_digest(stage_inputs(config))
+
+
+def inputs_digest(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class InputsChanged(RuntimeError):
+    """A relaunch whose math settings or data differ from those of the run it would resume."""
 
 
 def run_name(config: TrainConfig, ray_cfg: RayConfig, group: str) -> str:
@@ -150,6 +162,7 @@ class StageRun:
 
     name: str
     digest: str
+    inputs: dict | None = None  # what the digest is of (stage_inputs), for naming what changed
 
     @property
     def resume_key(self) -> str:
@@ -165,22 +178,48 @@ def located(config: TrainConfig) -> TrainConfig:
 
 
 def stage_run(config: TrainConfig, ray_cfg: RayConfig, group: str) -> StageRun:
-    return StageRun(run_name(config, ray_cfg, group), stage_digest(located(config)))
+    inputs = stage_inputs(located(config))
+    return StageRun(run_name(config, ray_cfg, group), inputs_digest(inputs), inputs)
 
 
-def claim_run(storage_path: str, name: str, digest: str) -> bool:
-    """Record which inputs the run ``name`` belongs to; -> True when an earlier launch with the same
-    inputs left it (Ray then resumes it). A run of other inputs under the name is removed first:
-    resuming it would return a model trained on something else."""
+def changed_inputs(before: dict, now: dict) -> list[str]:
+    """The math settings (and the data) that differ between two ``stage_inputs``."""
+    keys = sorted(set(before.get("settings", {})) | set(now.get("settings", {})))
+    changed = [k for k in keys if before.get("settings", {}).get(k) != now.get("settings", {}).get(k)]
+    return changed + (["the data (manifest)"] if before.get("manifest_sha256") != now.get("manifest_sha256") else [])
+
+
+def check_run(storage_path: str, run: StageRun, restart: bool = False) -> None:
+    """Before any work: refuse (``InputsChanged``) to relaunch the run ``run.name`` when storage holds
+    it with other inputs, unless ``restart``; the message names what changed."""
     fs, root = storage.filesystem(storage_path)
-    marker, run_dir = f"{root}/{name}.bireal.json", f"{root}/{name}"
-    if fs.exists(marker) and json.loads(fs.cat_file(marker)).get("digest") == digest:
+    marker, run_dir = f"{root}/{run.name}.bireal.json", f"{root}/{run.name}"
+    if restart or not fs.exists(marker) or not fs.exists(run_dir):
+        return
+    recorded = json.loads(fs.cat_file(marker))
+    if recorded.get("digest") == run.digest:
+        return
+    what = ", ".join(changed_inputs(recorded.get("inputs") or {}, run.inputs or {})) or "unrecorded settings"
+    raise InputsChanged(
+        f"{run.name}: inputs changed since its run in {storage_path} began ({what}): resuming it would return a "
+        "model trained on something else; pass --restart to discard its checkpoints and start over"
+    )
+
+
+def claim_run(storage_path: str, run: StageRun, restart: bool = False) -> bool:
+    """Record which inputs the run ``run.name`` belongs to; -> True when an earlier launch with the
+    same inputs left it (Ray then resumes it). A run of other inputs under the name is refused
+    (``check_run``), or with ``restart`` removed first: it is the only path that removes one."""
+    check_run(storage_path, run, restart)
+    fs, root = storage.filesystem(storage_path)
+    marker, run_dir = f"{root}/{run.name}.bireal.json", f"{root}/{run.name}"
+    if fs.exists(marker) and json.loads(fs.cat_file(marker)).get("digest") == run.digest:
         return fs.exists(run_dir)
-    if fs.exists(run_dir):
+    if fs.exists(run_dir):  # restart (check_run passed a changed run only with it)
         fs.rm(run_dir, recursive=True)
     fs.makedirs(root, exist_ok=True)
     with fs.open(marker, "wb") as f:
-        f.write(json.dumps({"digest": digest}).encode())
+        f.write(json.dumps({"digest": run.digest, "inputs": run.inputs}).encode())
     return False
 
 
@@ -191,10 +230,12 @@ def run_stage_on_ray(
     mlflow_run: str = "",
     group: str = "",
     run: StageRun | None = None,
+    restart: bool = False,
 ) -> dict:
     """Fit one stage with a TorchTrainer; returns {"checkpoint", "history", "final", "ray_path", "resumed"}.
     The stage's checkpoint ends up in the driver's ``out`` (fetched from ``artifacts`` when the
-    outputs travel with the run). ``run``: the launch's identity if the caller already has it."""
+    outputs travel with the run). ``run``: the launch's identity if the caller already has it;
+    ``restart``: discard a run of the same name whose inputs changed (else ``InputsChanged``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -209,7 +250,7 @@ def run_stage_on_ray(
     }
     storage_path = storage.absolute(ray_cfg.storage_path)
     filesystem, fs_path = storage.pyarrow_filesystem(storage_path)
-    resumed = claim_run(storage_path, run.name, run.digest) if ray_cfg.resume == "auto" else False
+    resumed = claim_run(storage_path, run, restart) if ray_cfg.resume == "auto" else False
     backend = ray_cfg.backend if ray_cfg.backend != "auto" else ("nccl" if ray_cfg.use_gpu else "gloo")
     trainer = TorchTrainer(
         _worker_entry,

@@ -1,16 +1,23 @@
 """``bireal register``: the packed artifact as an MLflow pyfunc model in the model registry.
 
-- The pyfunc's ``predict`` takes a DataFrame with an ``image`` column of file paths (the logged
-  signature; what ``mlflow models serve`` accepts as JSON) or, called on the unwrapped model, a
-  batch of uint8 (N, H, W, 3) arrays; it returns ``class_id``, ``label`` and ``score`` per image.
+- The pyfunc's ``predict`` takes a DataFrame with an ``image`` column of image files' bytes (the
+  logged signature: a binary column, base64 in the JSON ``mlflow models serve`` accepts) or, called
+  on the unwrapped model, a batch of uint8 (N, H, W, 3) arrays; it returns ``class_id``, ``label``
+  and ``score`` per image. It opens no path named in a request.
 - Aliases, not stages: every new version gets ``candidate``; it becomes ``champion`` only when its
   evaluation accuracy beats the current champion's (both numbers and the decision are logged).
+  Concurrent registrations end with the best: after setting the alias each one re-reads every
+  version and moves ``champion`` to the argmax of the recorded top-1 until the alias names it.
+- It fails closed: an evaluation that is not a finite top-1 in [0, 1], or is below
+  ``registry.min_top1``, is refused before anything is logged; an MLflow error while reading the
+  champion raises (the alias stays where it was) instead of reading as "no champion".
 - Registering the same artifact again (same sha256) returns the existing version.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -44,11 +51,12 @@ def register_artifact(
 
     from .tracking import PIPELINE_TAG, client, experiment_id
 
+    accuracy = checked_top1(evaluation, registry.min_top1)
     mlflow.set_tracking_uri(cfg.tracking_uri)
     mlflow.set_registry_uri(cfg.tracking_uri)
     c = client(cfg)
     _, header = read_artifact(artifact)
-    sha, accuracy = header["sha256"], float(evaluation["top1"])
+    sha = header["sha256"]
     _ensure_registered_model(c, registry.model_name)
     existing = c.search_model_versions(f"name = '{registry.model_name}' and tags.`{SHA_TAG}` = '{sha}'")
     if existing:
@@ -92,7 +100,7 @@ def log_packed_model(artifact: str, header: dict, example_image: str, accuracy: 
 
     from cuda_ext.packed import artifact_size
 
-    example = pd.DataFrame({"image": [str(Path(example_image).resolve())]})
+    example = pd.DataFrame({"image": [Path(example_image).read_bytes()]})
     model = BirealPackedModel()
     model.load_context(mlflow.pyfunc.PythonModelContext(artifacts={"packed": artifact}, model_config={}))
     size = artifact_size(artifact)
@@ -117,22 +125,65 @@ def log_packed_model(artifact: str, header: dict, example_image: str, accuracy: 
     return info.model_uri
 
 
-def champion_gate(c, name: str, version: int, accuracy: float) -> dict:
-    """``version`` becomes ``champion`` only when its top-1 beats the current champion's."""
+def checked_top1(evaluation: dict, floor: float) -> float:
+    """The evaluation's top-1, refused (ValueError, nothing registered) unless it is a finite
+    accuracy in [0, 1] and at least ``floor``."""
+    top1 = evaluation.get("top1")
+    if isinstance(top1, bool) or not isinstance(top1, (int, float)) or not math.isfinite(top1) or not 0 <= top1 <= 1:
+        raise ValueError(f"evaluation top1={top1!r}: not a finite accuracy in [0, 1]; nothing registered")
+    if top1 < floor:
+        raise ValueError(f"evaluation top1={top1:.4f} is below registry.min_top1={floor}; nothing registered")
+    return float(top1)
+
+
+def champion_gate(c, name: str, version: int, accuracy: float, pause=None) -> dict:
+    """``version`` becomes ``champion`` only when its top-1 beats the current champion's; then
+    ``settle_champion`` makes the alias name the best recorded version, whatever another
+    registration did meanwhile. ``pause(point)`` (tests) runs after the read and after the set."""
     champion_v = _alias_version(c, name, "champion")
-    champion_acc = (
-        float(c.get_model_version(name, champion_v).tags.get(ACCURACY_TAG, "-1")) if champion_v is not None else None
-    )
+    champion_acc = recorded_top1(c.get_model_version(name, champion_v)) if champion_v is not None else None
     promote = champion_acc is None or accuracy > champion_acc
+    if pause:
+        pause("read")
     if promote:
         c.set_registered_model_alias(name, "champion", version)
+    if pause:
+        pause("set")
+    final = settle_champion(c, name)
     return {
         "candidate_version": version,
         "candidate_top1": accuracy,
         "champion_version": champion_v,
         "champion_top1": champion_acc,
-        "promoted": promote,
+        "promoted": final == version,
+        "champion_after": final,
     }
+
+
+def recorded_top1(version) -> float | None:
+    """A version's recorded evaluation top-1 (None: missing or not a finite number)."""
+    try:
+        value = float(version.tags[ACCURACY_TAG])
+    except (KeyError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def settle_champion(c, name: str, rounds: int = 20) -> int:
+    """Move ``champion`` to the version with the best recorded top-1 (a tie keeps the current one,
+    else the earliest) and re-read until the alias names it; -> that version. Two registrations
+    that each read before the other set both end here, so the last writer cannot leave the worse."""
+    for _ in range(rounds):
+        scores = {int(v.version): recorded_top1(v) for v in c.search_model_versions(f"name = '{name}'")}
+        scores = {v: top1 for v, top1 in scores.items() if top1 is not None}
+        current = _alias_version(c, name, "champion")
+        if not scores:
+            return current
+        best = max(scores, key=lambda v: (scores[v], v == current, -v))
+        if current == best:
+            return best
+        c.set_registered_model_alias(name, "champion", best)
+    raise RuntimeError(f"{name}: the champion alias did not settle in {rounds} rounds (registrations racing)")
 
 
 def _ensure_registered_model(c, name: str) -> None:
@@ -145,12 +196,19 @@ def _ensure_registered_model(c, name: str) -> None:
 
 
 def _alias_version(c, name: str, alias: str) -> int | None:
+    """The version ``alias`` names; None only when the registry says it names none. Any other error
+    (a server that is down, a broken store) raises: reading it as "no champion" would promote."""
     from mlflow.exceptions import MlflowException
 
     try:
         return int(c.get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as e:
+        absent = e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+            e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(e)
+        )
+        if absent:
+            return None
+        raise
 
 
 def write_registry_summary(result: dict, path: str) -> None:

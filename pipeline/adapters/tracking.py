@@ -37,7 +37,7 @@ def resolve(cfg: MlflowConfig) -> MlflowConfig:
 def client(cfg: MlflowConfig):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=cfg.tracking_uri)
+    return MlflowClient(tracking_uri=cfg.tracking_uri, registry_uri=cfg.tracking_uri)  # the registry lives there too
 
 
 def experiment_id(cfg: MlflowConfig) -> str:

@@ -155,6 +155,11 @@ class TrainConfig:
     # the ablation's equal-compute control: the first (relu) phase's twin also trains on, still
     # ReLU, through the later phases' epochs and lrs -> pretrain-relu_control (init: relu_control)
     relu_control: bool = False
+    # > 0: the clip twin must end within this much top-1 of the ReLU twin (0.02: two points), on the
+    # split every epoch evaluates; while it is not, the clip phase runs again (its epochs, its lr
+    # scale) up to clip_gate_max_epochs more, then the stage stops with an error naming the gap
+    clip_gate: float = 0.0
+    clip_gate_max_epochs: int = 0
     # binarize
     init: Init = "clip"  # scratch | relu | relu_control | clip (which pretrain checkpoint)
     latent_init: LatentInit = "default"  # scratch only: default (PyTorch's conv init) | official
@@ -206,6 +211,15 @@ class TrainConfig:
             raise ValueError(
                 f"nesterov needs optimizer: sgd with momentum > 0 "
                 f"(optimizer={self.optimizer}, momentum={self.momentum})"
+            )
+        if self.clip_gate < 0 or self.clip_gate_max_epochs < 0:
+            raise ValueError(f"clip_gate={self.clip_gate}, clip_gate_max_epochs={self.clip_gate_max_epochs}: >= 0")
+        if self.clip_gate and (
+            self.phases[:1] != ["relu"] or self.phases[-1:] != ["clip"] or not self.phase_epochs[-1]
+        ):
+            raise ValueError(
+                f"clip_gate compares the clip twin with the ReLU twin: phases must start with relu and end with "
+                f"clip, with clip epochs > 0 (phases={self.phases}, phase_epochs={self.phase_epochs})"
             )
         if self.finite_check_steps < 1:
             raise ValueError(f"finite_check_steps={self.finite_check_steps}: read the flag every >= 1 steps")
@@ -268,6 +282,8 @@ AFFECTS_MATH: dict[str, bool] = {
     "phase_epochs": True,
     "phase_lr_scale": True,
     "relu_control": True,
+    "clip_gate": True,
+    "clip_gate_max_epochs": True,
     "init": True,
     "latent_init": True,
     "activation": True,

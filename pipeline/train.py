@@ -333,6 +333,7 @@ class Segment:
     lr_scale: float = 1.0  # its starting lr = lr_scale * config.lr
     side: bool = False  # a side branch (the ablation's control): not the stage's result
     weight_decay: float | None = None  # its real weights' decay (None: config.weight_decay)
+    gated: bool = False  # a clip-phase extension: runs only while the clip twin is not recovered
 
 
 def stage_input_config(config: TrainConfig) -> dict:
@@ -479,6 +480,46 @@ def _relu_control(config: TrainConfig, num_classes: int) -> list[Segment]:
     ]
 
 
+def _clip_extensions(config: TrainConfig) -> list[Segment]:
+    """With ``clip_gate``: the clip phase again (its epochs and lr scale, from where it ended), as
+    many times as ``clip_gate_max_epochs`` holds; ``train_loop`` runs one only while the gate fails."""
+    if not config.clip_gate:
+        return []
+    epochs, scale = config.phase_epochs[-1], config.phase_lr_scale[-1]
+    rounds = config.clip_gate_max_epochs // epochs
+    return [
+        Segment(f"pretrain-clip-more{k}", epochs, lambda previous: previous, "pretrain-clip", scale, gated=True)
+        for k in range(1, rounds + 1)
+    ]
+
+
+class ClipGateError(RuntimeError):
+    """The clip twin stayed further below the ReLU twin than ``clip_gate`` allows."""
+
+
+def clip_gap(history: list[dict]) -> float | None:
+    """ReLU twin's last top-1 minus the clip twin's last (None until both phases have an epoch)."""
+    relu = [h["val_top1"] for h in history if h["segment"] == "pretrain-relu"]
+    clip = [h["val_top1"] for h in history if h["segment"].startswith("pretrain-clip")]
+    return relu[-1] - clip[-1] if relu and clip else None
+
+
+def check_clip_gate(config: TrainConfig, plan: list[Segment], si: int, history: list[dict]) -> None:
+    """After segment ``si`` saved the clip twin: stop the stage if it is still outside the gate and
+    no extension is left."""
+    gap = clip_gap(history)
+    if not config.clip_gate or plan[si].save_as != "pretrain-clip" or gap is None or gap <= config.clip_gate:
+        return
+    if any(seg.gated for seg in plan[si + 1 :]):
+        return
+    extra = sum(seg.epochs for seg in plan[: si + 1] if seg.gated)
+    raise ClipGateError(
+        f"pretrain: the clip twin ends {gap:.4f} top-1 below the ReLU twin ({history[-1]['val_top1']:.4f} vs "
+        f"{gap + history[-1]['val_top1']:.4f}), over clip_gate={config.clip_gate} after {extra} extra clip epochs "
+        f"(clip_gate_max_epochs={config.clip_gate_max_epochs}): lengthen the leaky_clip/clip phases or raise the cap"
+    )
+
+
 def segments(config: TrainConfig, num_classes: int) -> list[Segment]:
     if config.stage == "pretrain":
         chain = [
@@ -486,6 +527,7 @@ def segments(config: TrainConfig, num_classes: int) -> list[Segment]:
             for a, e, scale in zip(config.phases, config.phase_epochs, config.phase_lr_scale)
             if e > 0
         ]
+        chain += _clip_extensions(config)
         return chain + (_relu_control(config, num_classes) if config.relu_control else [])
     if config.stage == "binarize":
         init = _binarize_init(config, num_classes)
@@ -799,10 +841,12 @@ def train_loop(
     )
     progress = resume_progress(config, runtime, plan)
     history, model = progress.history, progress.model
-    global_epoch = sum(s.epochs for s in plan[: progress.segment]) + progress.epoch
+    global_epoch = len(history)  # every epoch run so far (skipped clip extensions ran none)
 
     for si in range(progress.segment, len(plan)):
         seg, resuming = plan[si], si == progress.segment and progress.optimizer_state is not None
+        if seg.gated and not resuming and (clip_gap(history) or 0.0) <= config.clip_gate:
+            continue  # the clip twin is within the gate: no more clip epochs
         if not resuming:
             model = seg.prepare(model)
         model = model.to(device)
@@ -834,6 +878,7 @@ def train_loop(
         if runtime.rank == 0 and seg.save_as:
             save_stage_checkpoint(config, seg.save_as, model, history)
         _wait_for_rank0()
+        check_clip_gate(config, plan, si, history)
     final = stage_checkpoint(config, config.stage)
     main = [seg for seg in plan if not seg.side]
     if plan[-1].side and main:  # the stage's result is its main line's last model, saved as it ended

@@ -252,3 +252,19 @@ def test_a_recipe_names_stages_only(tmp_path):
 
     with pytest.raises(ConfigError, match="'binarise' is not a stage"):
         load_params(_variant(tmp_path, "imagenet_bireal18_official", recipe={"batch": {"binarise": 512}}))
+
+
+def test_the_converged_cifar10_recipe():
+    """The accuracy run's recipe (docs/science.md): a ReLU twin trained like a float ResNet-18 on
+    CIFAR-10, gated clip phases, 200 Adam binary epochs; all 50,000 images, the test set reported."""
+    params = load_params(CONFIGS / "cifar10_bireal18_converged.yaml")
+    twin, binary = params.train("pretrain"), params.train("binarize")
+    assert (twin.optimizer, twin.nesterov, twin.momentum, twin.lr, twin.weight_decay, twin.schedule) == (
+        "sgd", True, 0.9, 0.1, 0.0005, "cosine"
+    )
+    assert twin.phase_epochs == [60, 10, 10] and (twin.clip_gate, twin.clip_gate_max_epochs) == (0.02, 30)
+    assert (binary.optimizer, binary.lr, binary.schedule, binary.weight_decay, binary.epochs) == (
+        "adam", 0.002, "linear", 0.0, 200
+    )
+    assert (binary.init, binary.activation, binary.width, binary.batch_size) == ("clip", "approx_sign", 1.0, 256)
+    assert (binary.loader, binary.precision, binary.holdout, binary.distill_from) == ("resident", "bf16", 0, "")

@@ -520,3 +520,29 @@ def test_every_rank_stops_at_the_first_bad_step_of_any_rank(tmp_path):
     mp.spawn(_nan_rank_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
     messages = [(tmp_path / f"out.{rank}").read_text() for rank in range(2)]
     assert all(m.startswith("step 3: the loss is not finite") for m in messages), messages
+
+
+def test_the_clip_gate_lengthens_the_clip_phase_then_names_the_gap(demo_shards, tmp_path):
+    """A clip phase at a ruinous lr (Adam at 100 x lr) leaves the clip twin far below the ReLU twin:
+    the gate runs the clip phase again up to its cap (2 more epochs), then stops the stage naming
+    the gap. A gate it meets adds no epoch."""
+    from pipeline.train import ClipGateError
+
+    gate = dict(phase_epochs=[2, 1, 1], clip_gate_max_epochs=2)
+    # 20 steps an epoch: the ReLU twin reaches ~0.7 here, the ruined clip twin ~0.16
+    ruined = smoke_config(demo_shards, tmp_path / "ruined", stage="pretrain", phase_lr_scale=[1.0, 0.1, 100.0],
+                          clip_gate=0.05, max_steps_per_epoch=20, **gate)  # fmt: skip
+    with pytest.raises(ClipGateError, match=r"clip twin ends 0\.\d+ top-1 below .* after 2 extra clip epochs"):
+        train_loop(ruined)
+    states = sorted(p.name for p in (tmp_path / "ruined" / ".train_state").iterdir())
+    assert states[-1] == "pretrain-epoch005"  # 2 relu + 1 leaky_clip + 1 clip + 2 more clip epochs
+    _, header = bc.load_checkpoint(tmp_path / "ruined" / "pretrain-clip.safetensors")
+    assert header["metrics"]["segment"] == "pretrain-clip-more2"  # the latest clip twin, saved
+
+    met = train_loop(
+        smoke_config(demo_shards, tmp_path / "met", stage="pretrain", clip_gate=0.9, max_steps_per_epoch=6, **gate)
+    )
+    assert [h["segment"] for h in met["history"]][-1] == "pretrain-clip" and len(met["history"]) == 4
+    assert [h["epoch"] for h in met["history"]] == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="clip_gate compares the clip twin"):
+        TrainConfig(clip_gate=0.02, phases=["relu", "leaky_clip"], phase_epochs=[1, 1], phase_lr_scale=[1, 0.1])

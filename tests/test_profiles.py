@@ -260,11 +260,20 @@ def test_the_converged_cifar10_recipe():
     params = load_params(CONFIGS / "cifar10_bireal18_converged.yaml")
     twin, binary = params.train("pretrain"), params.train("binarize")
     assert (twin.optimizer, twin.nesterov, twin.momentum, twin.lr, twin.weight_decay, twin.schedule) == (
-        "sgd", True, 0.9, 0.1, 0.0005, "cosine"
+        "sgd",
+        True,
+        0.9,
+        0.1,
+        0.0005,
+        "cosine",
     )
     assert twin.phase_epochs == [60, 10, 10] and (twin.clip_gate, twin.clip_gate_max_epochs) == (0.02, 30)
     assert (binary.optimizer, binary.lr, binary.schedule, binary.weight_decay, binary.epochs) == (
-        "adam", 0.002, "linear", 0.0, 200
+        "adam",
+        0.002,
+        "linear",
+        0.0,
+        200,
     )
     assert (binary.init, binary.activation, binary.width, binary.batch_size) == ("clip", "approx_sign", 1.0, 256)
     assert (binary.loader, binary.precision, binary.holdout, binary.distill_from) == ("resident", "bf16", 0, "")

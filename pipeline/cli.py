@@ -325,13 +325,7 @@ RESTART_HELP = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from . import train_bench  # its options; torch stays unimported
-    from .stages import STAGES_BY_NAME  # the table only: no torch, ray or mlflow
-
-    parser = argparse.ArgumentParser(prog="bireal", description=__doc__.splitlines()[0])
-    parser.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own output too")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_cost(sub) -> None:
 
     cost = sub.add_parser("cost", help="binary/real MACs, OPs and memory of a model (the paper's table)")
     cost.add_argument("--arch", required=True, help="registered model name, e.g. bireal18")
@@ -343,10 +337,16 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--json", action="store_true", help="print the same figures as JSON")
     cost.set_defaults(func=_cmd_cost)
 
+
+def _add_check_params(sub) -> None:
     check = sub.add_parser("check-params", help="validate params.yaml (every section, key, type and choice)")
     check.add_argument("--params", default=None, help=PARAMS_HELP)
     check.add_argument("--set", action="append", metavar="KEY=VALUE", help="a train setting to check too")
     check.set_defaults(func=_cmd_check_params)
+
+
+def _add_run(sub) -> None:
+    from .stages import STAGES_BY_NAME  # the table only: no torch, ray or mlflow
 
     run = sub.add_parser("run", help="stages of the pipeline's stage table, as dvc repro / the flow run them")
     run.add_argument("stage", nargs="+", choices=tuple(STAGES_BY_NAME), help="one or more, run in this order")
@@ -356,13 +356,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print each stage's summary as one JSON line")
     run.set_defaults(func=_cmd_run)
 
+
+def _add_summary(sub) -> None:
     summary = sub.add_parser("summary", help="what the last pipeline run made: accuracy, size, speed, registry")
     summary.add_argument("--params", default=None, help=PARAMS_HELP)
     summary.set_defaults(func=_cmd_summary)
 
+
+def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="cost table + a forward/backward pass of every model")
     demo.set_defaults(func=_cmd_demo)
 
+
+def _add_shard(sub) -> None:
     shard = sub.add_parser("shard", help="images -> WebDataset shards + manifest (or --verify DIR)")
     shard.add_argument(
         "--source", help="image-folder tree, folder with the ILSVRC2012 tars, or 'demo' (default: data.source)"
@@ -381,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     shard.add_argument("--params", default=None, help=PARAMS_HELP)
     shard.set_defaults(func=_cmd_shard)
 
+
+def _add_train(sub) -> None:
     train = sub.add_parser("train", help="one training stage as a Ray Train job (pretrain|binarize|finetune)")
     train.add_argument("--stage", required=True, choices=("pretrain", "binarize", "finetune"))
     train.add_argument("--params", default=None, help=PARAMS_HELP)
@@ -391,17 +399,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--history", default=None, help="write every epoch's metrics as a JSON list here")
     train.set_defaults(func=_cmd_train)
 
+
+def _add_tune(sub) -> None:
     tune_p = sub.add_parser("tune", help="Ray Tune search over estimator, gradient, init, two-step, lr, recipe")
     tune_p.add_argument("--params", default=None, help=PARAMS_HELP)
     tune_p.add_argument("--no-ray", action="store_true", help="run the grid as local processes (one lr, no tracking)")
     tune_p.set_defaults(func=_cmd_tune)
 
+
+def _add_export(sub) -> None:
     export = sub.add_parser("export", help="checkpoint -> packed 1-bit artifact (safetensors + JSON header)")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--out", required=True)
     export.add_argument("--class-names", default=None, help="comma-separated; default: the checkpoint's")
     export.set_defaults(func=_cmd_export)
 
+
+def _add_evaluate(sub) -> None:
     evaluate = sub.add_parser("evaluate", help="accuracy of a packed artifact on the evaluation split")
     evaluate.add_argument("--artifact", required=True)
     evaluate.add_argument("--shards", required=True, help="shard folder or URL")
@@ -411,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu", help="cpu or cuda (the packed model's kernels)")
     evaluate.set_defaults(func=_cmd_evaluate)
 
+
+def _add_register(sub) -> None:
     register = sub.add_parser("register", help="log the packed artifact as an MLflow pyfunc and register it")
     register.add_argument("--artifact", required=True)
     register.add_argument("--evaluation", required=True, help="metrics JSON of bireal evaluate (top1)")
@@ -420,18 +436,26 @@ def build_parser() -> argparse.ArgumentParser:
     register.add_argument("--out", default=None, help="write the registration summary JSON here")
     register.set_defaults(func=_cmd_register)
 
+
+def _add_import_official(sub) -> None:
     official = sub.add_parser("import-official", help="an authors' PyTorch checkpoint -> a bireal checkpoint")
     official.add_argument("--arch", required=True, choices=("bireal18", "bireal34", "bireal50"))
     official.add_argument("--checkpoint", required=True, help="the authors' .pth.tar (liuzechun/Bi-Real-net)")
     official.add_argument("--out", required=True, help="the bireal checkpoint (.safetensors) to write")
     official.set_defaults(func=_cmd_import_official)
 
+
+def _add_predict(sub) -> None:
     predict = sub.add_parser("predict", help="classify image files with a packed artifact")
     predict.add_argument("--artifact", required=True)
     predict.add_argument("images", nargs="+", metavar="IMAGE")
     predict.add_argument("--topk", type=int, default=1)
     predict.add_argument("--json", action="store_true")
     predict.set_defaults(func=_cmd_predict)
+
+
+def _add_bench(sub) -> None:
+    from . import train_bench  # its options; torch stays unimported
 
     bench = sub.add_parser(
         "bench", help="benchmark tables: kernels, the packed model vs float, memory paths, data, training"
@@ -459,6 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     train_bench.add_train_options(bench)
     bench.set_defaults(func=_cmd_bench)
 
+
+def _add_submit(sub) -> None:
+    from .stages import STAGES_BY_NAME  # the table only: no torch, ray or mlflow
+
     submit_p = sub.add_parser("submit", help="a stage as a Ray job on a remote cluster (attach / fetch on rerun)")
     submit_p.add_argument(
         "--stage",
@@ -479,6 +507,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit_p.add_argument("--timeout", type=float, default=None, help="stop waiting after this many seconds")
     submit_p.set_defaults(func=_cmd_submit)
 
+
+def _add_plan(sub) -> None:
     plan = sub.add_parser("plan", help="wall time, GPU-hours, batch, lr, shards and checkpoints of a profile on N GPUs")
     plan.add_argument("--params", default=None, help=PARAMS_HELP)
     plan.add_argument("--gpus", type=int, required=True)
@@ -487,6 +517,35 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--efficiency", type=float, default=0.9, help="data-parallel efficiency across GPUs")
     plan.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON")
     plan.set_defaults(func=_cmd_plan)
+
+
+SUBCOMMANDS = (
+    _add_cost,
+    _add_check_params,
+    _add_run,
+    _add_summary,
+    _add_demo,
+    _add_shard,
+    _add_train,
+    _add_tune,
+    _add_export,
+    _add_evaluate,
+    _add_register,
+    _add_import_official,
+    _add_predict,
+    _add_bench,
+    _add_submit,
+    _add_plan,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``bireal`` parser: one small builder per subcommand (``_add_<command>``), in help order."""
+    parser = argparse.ArgumentParser(prog="bireal", description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and MLflow's own output too")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(sub)
     return parser
 
 

@@ -80,7 +80,7 @@ def record(params_path: str, started: float, machine: str = "", partial: bool = 
         "epochs_per_trial": params.tune.epochs,
         "pretrain_epochs": params.train("pretrain").phase_epochs,
         "cells": rows,
-        "claims": judged_claims(trials, paper_cell(params.tune, arch)),
+        "claims": rounded(table["rankings"]),
         "paper_cell_mean": ours["mean"] if ours else None,
         "target": TARGET,
         "twins_float_top1": twin_accuracies(params),
@@ -103,17 +103,15 @@ def trials_of(rec: dict) -> list[dict]:
     ]
 
 
-def judged_claims(trials: list[dict], paper: dict) -> list[dict]:
-    return [
-        {k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in paper_rankings(trials, paper)
-    ]
+def rounded(claims: list[dict]) -> list[dict]:
+    return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in claims]
 
 
 def rejudge(path: str) -> dict:
     """The recorded file with its claims judged again by ``pipeline.tune.compare`` (paired by seed,
     95% interval); the measurements themselves are unchanged."""
     rec = json.loads(Path(path).read_text())
-    rec["claims"] = judged_claims(trials_of(rec), paper_cell(load_params(rec["params"]).tune, rec["arch"]))
+    rec["claims"] = rounded(paper_rankings(trials_of(rec), paper_cell(load_params(rec["params"]).tune, rec["arch"])))
     rec["claims_rule"] = (
         f"paired by seed, 95% t-interval; at {rec['epochs_per_trial']} epochs per trial and width "
         f"{rec['width']} no claim about converged accuracy is decided: 'opposite at this budget' is not 'refuted'"

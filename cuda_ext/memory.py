@@ -27,7 +27,6 @@ import ctypes.util
 
 M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_THRESHOLD = -3
-_kept = False  # set once keep_freed_memory succeeded in this process
 
 
 def _glibc():
@@ -48,16 +47,9 @@ def keep_freed_memory(mmap_threshold: int = 1 << 30, trim_threshold: int = 1 << 
     libc = _glibc()
     if libc is None:
         return False
-    global _kept
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     clamp = (1 << 31) - 1  # mallopt takes an int
-    _kept = bool(
+    return bool(
         libc.mallopt(M_MMAP_THRESHOLD, min(mmap_threshold, clamp))
         and libc.mallopt(M_TRIM_THRESHOLD, min(trim_threshold, clamp))
     )
-    return _kept
-
-
-def freed_memory_kept() -> bool:
-    """Whether ``keep_freed_memory`` took effect in this process."""
-    return _kept

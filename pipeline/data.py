@@ -243,6 +243,11 @@ def _tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
             )
 
 
+def epoch_seed_of(seed: int, epoch: int) -> int:
+    """One epoch's seed for its sample order and augmentation: the same rule for every loader."""
+    return seed * 1_000_003 + epoch
+
+
 def make_loader(
     location: str,
     split: str,
@@ -270,7 +275,7 @@ def make_loader(
     shards = split_shards(manifest, location, split, holdout)
     plan = plan_epoch(shards, world_size, workers, batch_size, train, seed, epoch)
     transform = train_transform(input_config, pca_lighting) if train else eval_transform(input_config)
-    epoch_seed = seed * 1_000_003 + epoch
+    epoch_seed = epoch_seed_of(seed, epoch)
     stream = ShardStream(plan.readers, rank, workers, transform, shuffle_buffer if train else 0, epoch_seed, with_keys)
     # s3fs (aiobotocore) breaks in forked workers: remote shards get freshly started ones
     context = "forkserver" if workers > 0 and storage.is_url(location) else None

@@ -24,7 +24,7 @@ import torch
 
 from bireal_core.augment import lighting, normalize, pad_crop_flip
 
-from .data import decode_rgb, iter_shard_slice, split_shards
+from .data import decode_rgb, epoch_seed_of, iter_shard_slice, split_shards
 
 MAX_BYTES = 4 << 30  # a split larger than this as uint8 belongs to the streaming loader
 
@@ -88,13 +88,13 @@ def train_batches(
     pca_lighting: bool = False,
 ) -> tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], int, int]:
     """-> (batches of (float images (B, 3, H, W), labels (B,)), steps per rank, samples left out)."""
-    n = len(data.labels)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    n, epoch_seed = len(data.labels), epoch_seed_of(seed, epoch)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed))
     per_rank = n // world_size
     steps = per_rank // batch_size
     mine = order[rank * per_rank : rank * per_rank + steps * batch_size].to(data.labels.device)
     # the augmentation's draws: per (seed, epoch, rank), on the CPU, so every device crops alike
-    draws = torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 4099 + rank)
+    draws = torch.Generator().manual_seed(epoch_seed * 4099 + rank)
 
     def batches():
         for step in range(steps):

@@ -504,12 +504,18 @@ def clip_gap(history: list[dict]) -> float | None:
     return relu[-1] - clip[-1] if relu and clip else None
 
 
+def clip_recovered(config: TrainConfig, history: list[dict]) -> bool:
+    """Whether the clip twin is within ``clip_gate`` of the ReLU twin (or not yet measured)."""
+    gap = clip_gap(history)
+    return gap is None or gap <= config.clip_gate
+
+
 def check_clip_gate(config: TrainConfig, plan: list[Segment], si: int, history: list[dict]) -> None:
     """After segment ``si`` saved the clip twin: stop the stage if it is still outside the gate and
     no extension is left."""
-    gap = clip_gap(history)
-    if not config.clip_gate or plan[si].save_as != "pretrain-clip" or gap is None or gap <= config.clip_gate:
+    if not config.clip_gate or plan[si].save_as != "pretrain-clip" or clip_recovered(config, history):
         return
+    gap = clip_gap(history)
     if any(seg.gated for seg in plan[si + 1 :]):
         return
     extra = sum(seg.epochs for seg in plan[: si + 1] if seg.gated)
@@ -833,19 +839,20 @@ def train_loop(
     device = runtime.device()
     torch.manual_seed(config.seed + runtime.rank)
     manifest = read_manifest(config.shards)
-    data = data_spec(config, manifest, device)
-    input_config = data.input_config
-    plan = segments(config, len(manifest["classes"]))
+    # the teacher first: a missing one fails before the resident loader decodes a split
     criterion = Criterion(
         config.label_smoothing, load_teacher(config, device), config.distill_weight, config.distill_temperature
     )
+    data = data_spec(config, manifest, device)
+    input_config = data.input_config
+    plan = segments(config, len(manifest["classes"]))
     progress = resume_progress(config, runtime, plan)
     history, model = progress.history, progress.model
     global_epoch = len(history)  # every epoch run so far (skipped clip extensions ran none)
 
     for si in range(progress.segment, len(plan)):
         seg, resuming = plan[si], si == progress.segment and progress.optimizer_state is not None
-        if seg.gated and not resuming and (clip_gap(history) or 0.0) <= config.clip_gate:
+        if seg.gated and not resuming and clip_recovered(config, history):
             continue  # the clip twin is within the gate: no more clip epochs
         if not resuming:
             model = seg.prepare(model)

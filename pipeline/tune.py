@@ -291,8 +291,9 @@ def compare(left: dict[int, float], right: dict[int, float]) -> dict:
         return {**out, "verdict": "fewer than two paired seeds: no interval"}
     diffs = [left[s] - right[s] for s in seeds]
     n, mean, sd = len(diffs), statistics.fmean(diffs), statistics.stdev(diffs)
-    half = t_quantile(0.975, n - 1) * sd / math.sqrt(n)
-    detectable = (t_quantile(0.975, n - 1) + t_quantile(0.8, n - 1)) * sd / math.sqrt(n)
+    t95 = t_quantile(0.975, n - 1)
+    half = t95 * sd / math.sqrt(n)
+    detectable = (t95 + t_quantile(0.8, n - 1)) * sd / math.sqrt(n)
     if mean - half > 0:
         verdict = "reproduced"
     elif mean + half < 0:

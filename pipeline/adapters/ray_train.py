@@ -136,14 +136,6 @@ def stage_inputs(config: TrainConfig) -> dict:
     return {"settings": math_settings(config), "manifest_sha256": hashlib.sha256(manifest.encode()).hexdigest()}
 
 
-def stage_digest(config: TrainConfig) -> str:
-    return inputs_digest(stage_inputs(config))
-
-
-def inputs_digest(inputs: dict) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
-
-
 class InputsChanged(RuntimeError):
     """A relaunch whose math settings or data differ from those of the run it would resume."""
 
@@ -161,8 +153,11 @@ class StageRun:
     and the digest of its inputs (settings with absolute paths, and the data's manifest)."""
 
     name: str
-    digest: str
-    inputs: dict | None = None  # what the digest is of (stage_inputs), for naming what changed
+    inputs: dict  # stage_inputs: what the run computes (named in the error when it changed)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.inputs, sort_keys=True).encode()).hexdigest()[:16]
 
     @property
     def resume_key(self) -> str:
@@ -178,8 +173,7 @@ def located(config: TrainConfig) -> TrainConfig:
 
 
 def stage_run(config: TrainConfig, ray_cfg: RayConfig, group: str) -> StageRun:
-    inputs = stage_inputs(located(config))
-    return StageRun(run_name(config, ray_cfg, group), inputs_digest(inputs), inputs)
+    return StageRun(run_name(config, ray_cfg, group), stage_inputs(located(config)))
 
 
 def changed_inputs(before: dict, now: dict) -> list[str]:
@@ -189,33 +183,41 @@ def changed_inputs(before: dict, now: dict) -> list[str]:
     return changed + (["the data (manifest)"] if before.get("manifest_sha256") != now.get("manifest_sha256") else [])
 
 
-def check_run(storage_path: str, run: StageRun, restart: bool = False) -> None:
-    """Before any work: refuse (``InputsChanged``) to relaunch the run ``run.name`` when storage holds
-    it with other inputs, unless ``restart``; the message names what changed."""
+def _stored_run(storage_path: str, run: StageRun) -> tuple:
+    """(filesystem, root, marker path, run folder, the marker's record or None) of ``run`` in storage."""
     fs, root = storage.filesystem(storage_path)
-    marker, run_dir = f"{root}/{run.name}.bireal.json", f"{root}/{run.name}"
-    if restart or not fs.exists(marker) or not fs.exists(run_dir):
-        return
-    recorded = json.loads(fs.cat_file(marker))
-    if recorded.get("digest") == run.digest:
-        return
-    what = ", ".join(changed_inputs(recorded.get("inputs") or {}, run.inputs or {})) or "unrecorded settings"
+    marker = f"{root}/{run.name}.bireal.json"
+    recorded = json.loads(fs.cat_file(marker)) if fs.exists(marker) else None
+    return fs, root, marker, f"{root}/{run.name}", recorded
+
+
+def _refuse_changed(storage_path: str, run: StageRun, recorded: dict | None) -> None:
+    what = ", ".join(changed_inputs((recorded or {}).get("inputs") or {}, run.inputs)) or "unrecorded settings"
     raise InputsChanged(
         f"{run.name}: inputs changed since its run in {storage_path} began ({what}): resuming it would return a "
         "model trained on something else; pass --restart to discard its checkpoints and start over"
     )
 
 
+def check_run(storage_path: str, run: StageRun, restart: bool = False) -> None:
+    """Before any work: refuse (``InputsChanged``) to relaunch the run ``run.name`` when storage holds
+    it with other inputs, unless ``restart``; the message names what changed."""
+    fs, _, _, run_dir, recorded = _stored_run(storage_path, run)
+    same = recorded is not None and recorded.get("digest") == run.digest
+    if not (restart or same) and fs.exists(run_dir):
+        _refuse_changed(storage_path, run, recorded)
+
+
 def claim_run(storage_path: str, run: StageRun, restart: bool = False) -> bool:
     """Record which inputs the run ``run.name`` belongs to; -> True when an earlier launch with the
     same inputs left it (Ray then resumes it). A run of other inputs under the name is refused
-    (``check_run``), or with ``restart`` removed first: it is the only path that removes one."""
-    check_run(storage_path, run, restart)
-    fs, root = storage.filesystem(storage_path)
-    marker, run_dir = f"{root}/{run.name}.bireal.json", f"{root}/{run.name}"
-    if fs.exists(marker) and json.loads(fs.cat_file(marker)).get("digest") == run.digest:
+    (``InputsChanged``), or with ``restart`` removed first: the only path that removes one."""
+    fs, root, marker, run_dir, recorded = _stored_run(storage_path, run)
+    if recorded is not None and recorded.get("digest") == run.digest:
         return fs.exists(run_dir)
-    if fs.exists(run_dir):  # restart (check_run passed a changed run only with it)
+    if fs.exists(run_dir):
+        if not restart:
+            _refuse_changed(storage_path, run, recorded)
         fs.rm(run_dir, recursive=True)
     fs.makedirs(root, exist_ok=True)
     with fs.open(marker, "wb") as f:

@@ -21,6 +21,7 @@ import gzip
 import io
 import itertools
 import json
+import logging
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -30,6 +31,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from bireal_core.preprocess import eval_transform, train_transform
 
 from . import storage
+from .shard_read import ShardIntegrityError, ShardRecord, open_shard, shard_records
+
+log = logging.getLogger(__name__)
 
 
 def read_manifest(location: str) -> dict:
@@ -152,11 +156,13 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 0,
         seed: int = 0,
         with_keys: bool = False,
+        records: dict[str, ShardRecord] | None = None,
     ):
         super().__init__()
         self.readers, self.rank, self.workers = readers, rank, max(1, workers)
         self.transform, self.shuffle_buffer, self.seed = transform, shuffle_buffer, seed
         self.with_keys = with_keys  # also yield each sample's __key__ (tests check exactly-once)
+        self.records = records or {}  # shard URL -> its manifest size and sha256, checked as it streams
 
     def _my_shards(self) -> tuple[list[str], int]:
         info = get_worker_info()
@@ -166,12 +172,43 @@ class ShardStream(IterableDataset):
 
     def __iter__(self) -> Iterator[tuple]:
         urls, reader = self._my_shards()
-        samples = (s for url in urls for s in iter_shard_slice(url))
+        samples = (s for url in urls for s in iter_shard_slice(url, self.records))
         if self.shuffle_buffer > 0:
             samples = shuffled(samples, self.shuffle_buffer, random.Random(f"{self.seed}:{reader}"))
-        for s in samples:
-            image = self.transform(decode_rgb(s["jpg"]))
-            yield (image, int(s["cls"]), s["__key__"]) if self.with_keys else (image, int(s["cls"]))
+        for image, label, key in decoded_samples(samples):
+            yield (self.transform(image), label, key) if self.with_keys else (self.transform(image), label)
+
+
+def decoded_samples(samples: Iterator[dict]) -> Iterator[tuple]:
+    """(RGB image, label, key) of each sample. A damaged sample (its image or label unreadable) is
+    replaced by the next good one, so a reader yields exactly as many samples as its shards hold and
+    every rank keeps the plan's steps; each replacement is logged with its shard and key."""
+    pending, last, replaced = 0, None, 0
+    for s in samples:
+        try:
+            good = (decode_rgb(s["jpg"]), int(s["cls"]), s["__key__"])
+        except _damaged_sample_errors() as e:
+            pending, replaced = pending + 1, replaced + 1
+            log.warning(
+                "damaged sample %s in %s replaced by the next good one (%s: %s); %d replaced by this reader",
+                s["__key__"], s.get("__url__", "?"), type(e).__name__, e, replaced,
+            )  # fmt: skip
+            continue
+        for _ in range(1 + pending):
+            yield good
+        pending, last = 0, good
+    if pending and last is None:
+        raise ValueError(f"every one of this reader's {replaced} samples is damaged (see the warnings above)")
+    for _ in range(pending):  # damaged samples at the very end: the last good one stands in
+        yield last
+
+
+def _damaged_sample_errors() -> tuple[type[BaseException], ...]:
+    from PIL import Image
+
+    # what PIL raises on bytes that are not a whole image (truncated, garbage, a bomb), and a
+    # missing or non-integer label
+    return (OSError, ValueError, SyntaxError, KeyError, EOFError, Image.DecompressionBombError)
 
 
 def decode_rgb(data: bytes):
@@ -195,15 +232,16 @@ def shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
     yield from pool
 
 
-def iter_shard(url: str) -> Iterator[dict]:
-    """Samples of one shard as {"__key__", ext: bytes}, grouped by key, read sequentially.
+def iter_shard(url: str, record: ShardRecord | None = None) -> Iterator[dict]:
+    """Samples of one shard as {"__key__", "__url__", ext: bytes}, grouped by key, read sequentially.
 
-    ``storage.open_read`` opens the URL (local path, ``file://``, ``pipe:`` command, or anything
-    fsspec opens: s3, gs, http, through the per-node cache when one is set). The USTAR records
-    bireal writes are parsed here directly, which costs a few microseconds per member instead of
-    tarfile's tens: on 32x32 images that difference is the loader's whole overhead over reading
-    loose files."""
-    with storage.open_read(url) as raw:
+    ``open_shard`` opens the URL (local path, ``file://``, ``pipe:`` command, or anything fsspec
+    opens: s3, gs, http, staged through the per-node cache when one is set) and, given the
+    manifest's ``record``, checks the shard's size at once and its sha256 after its last sample
+    (``pipeline/shard_read.py``). The USTAR records bireal writes are parsed here directly, which
+    costs a few microseconds per member instead of tarfile's tens: on 32x32 images that difference
+    is the loader's whole overhead over reading loose files."""
+    with open_shard(url, record) as raw:
         stream = gzip.GzipFile(fileobj=raw) if url.endswith(".gz") else raw
         key, sample = None, {}
         for name, data in _tar_members(stream, url):
@@ -212,16 +250,20 @@ def iter_shard(url: str) -> Iterator[dict]:
             if k != key:
                 if sample:
                     yield sample
-                key, sample = k, {"__key__": k}
+                key, sample = k, {"__key__": k, "__url__": url}
             sample[ext] = data
+        raw.verify()  # before the last sample: a damaged shard fails before its end is used
         if sample:
             yield sample
 
 
-def iter_shard_slice(url: str) -> Iterator[dict]:
-    """``iter_shard`` of a plain shard URL, or of the samples a ``split_shards`` slice names."""
+def iter_shard_slice(url: str, records: dict[str, ShardRecord] | None = None) -> Iterator[dict]:
+    """``iter_shard`` of a plain shard URL, or of the samples a ``split_shards`` slice names; the
+    whole shard is read either way, so its sha256 is checked."""
     url, start, stop = shard_slice(url)
-    return itertools.islice(iter_shard(url), start, stop)
+    for i, sample in enumerate(iter_shard(url, (records or {}).get(url))):
+        if start <= i and (stop is None or i < stop):
+            yield sample
 
 
 def _tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
@@ -234,6 +276,8 @@ def _tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
         size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
         kind = header[156:157]
         data = stream.read(size)
+        if len(data) < size:
+            raise ShardIntegrityError(f"{url}: ends inside tar member {name!r} ({len(data)} of {size} bytes)")
         stream.read((512 - size % 512) % 512)
         if kind in (b"0", b"\0"):
             yield (f"{prefix}/{name}" if prefix else name), data
@@ -276,7 +320,16 @@ def make_loader(
     plan = plan_epoch(shards, world_size, workers, batch_size, train, seed, epoch)
     transform = train_transform(input_config, pca_lighting) if train else eval_transform(input_config)
     epoch_seed = epoch_seed_of(seed, epoch)
-    stream = ShardStream(plan.readers, rank, workers, transform, shuffle_buffer if train else 0, epoch_seed, with_keys)
+    stream = ShardStream(
+        plan.readers,
+        rank,
+        workers,
+        transform,
+        shuffle_buffer if train else 0,
+        epoch_seed,
+        with_keys,
+        shard_records(manifest, location),
+    )
     # s3fs (aiobotocore) breaks in forked workers: remote shards get freshly started ones
     context = "forkserver" if workers > 0 and storage.is_url(location) else None
     loader = DataLoader(

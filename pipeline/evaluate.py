@@ -24,11 +24,13 @@ def evaluate_artifact(
     from cuda_ext.packed import ieee_float32, load_packed
 
     from .data import eval_split_name, make_loader, read_manifest
+    from .shard_read import check_sizes
 
     packed, header = load_packed(artifact, device=device)
     float_model = bc.load_checkpoint(checkpoint)[0].eval().to(device) if checkpoint else None
     manifest = read_manifest(shards)
     split = eval_split_name(manifest)
+    check_sizes(manifest, shards, [split])
     n = len(manifest["classes"])
     confusion = torch.zeros(n, n, dtype=torch.int64)
     agree = seen = 0

@@ -24,7 +24,8 @@ import torch
 
 from bireal_core.augment import lighting, normalize, pad_crop_flip
 
-from .data import decode_rgb, epoch_seed_of, iter_shard_slice, split_shards
+from .data import decoded_samples, epoch_seed_of, iter_shard_slice, split_shards
+from .shard_read import shard_records
 
 MAX_BYTES = 4 << 30  # a split larger than this as uint8 belongs to the streaming loader
 
@@ -59,16 +60,16 @@ def decode_split(
         )
     pixels = np.empty((count, size, size, 3), dtype=np.uint8)  # (N, H, W, C), as PIL gives them
     labels = np.empty(count, dtype=np.int64)
-    i = 0
-    for url, _ in shards:
-        for sample in iter_shard_slice(url):
-            image = np.asarray(decode_rgb(sample["jpg"]))
+    records, i = shard_records(manifest, location), 0
+    for url, _ in shards:  # a damaged sample is replaced by the next good one, as the streaming loader does
+        for image, label, key in decoded_samples(iter_shard_slice(url, records)):
+            image = np.asarray(image)
             if image.shape != (size, size, 3):
                 raise ValueError(
-                    f"loader: resident: {url} sample {sample['__key__']} is {image.shape[1]}x{image.shape[0]}, "
+                    f"loader: resident: {url} sample {key} is {image.shape[1]}x{image.shape[0]}, "
                     f"not the input size {size}x{size}: use loader: stream"
                 )
-            pixels[i], labels[i] = image, int(sample["cls"])
+            pixels[i], labels[i] = image, label
             i += 1
     if i != count:
         raise ValueError(f"loader: resident: {location} split {split!r} has {i} samples, the manifest says {count}")

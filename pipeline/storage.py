@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO
 
 ENDPOINT_ENV = "BIREAL_S3_ENDPOINT_URL"
-CACHE_ENV = "BIREAL_SHARD_CACHE"  # a per-node cache folder for remote shards ("" = none)
+CACHE_ENV = "BIREAL_SHARD_CACHE"  # a per-node cache folder for remote shards ("" = none): shard_read.py
 
 
 def is_url(location: str) -> bool:
@@ -72,9 +72,10 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *(p.strip("/") for p in parts)])
 
 
-def open_read(location: str, cache: bool = True) -> IO[bytes]:
+def open_read(location: str) -> IO[bytes]:
     """A binary stream: a local file, a ``pipe:`` command's stdout (webdataset's), or a remote
-    object, through the per-node cache (``$BIREAL_SHARD_CACHE``) when ``cache`` and one is set."""
+    object. Shards are opened through ``pipeline.shard_read.open_shard``, which adds the checks
+    against the manifest and the per-node cache (``$BIREAL_SHARD_CACHE``)."""
     if location.startswith("pipe:"):
         import webdataset as wds
 
@@ -83,17 +84,11 @@ def open_read(location: str, cache: bool = True) -> IO[bytes]:
         return open(location.removeprefix("file://"), "rb")
     import fsspec
 
-    cache_dir = os.environ.get(CACHE_ENV, "")
-    if cache and cache_dir:
-        protocol = location.split("://", 1)[0]
-        return fsspec.open(
-            f"filecache::{location}", "rb", filecache={"cache_storage": cache_dir}, **{protocol: options(location)}
-        ).open()
     return fsspec.open(location, "rb", **options(location)).open()
 
 
 def read_text(location: str) -> str:
-    with open_read(location, cache=False) as f:
+    with open_read(location) as f:
         return f.read().decode()
 
 
@@ -139,7 +134,7 @@ def fetch(location: str, local: str | Path) -> Path:
     local.parent.mkdir(parents=True, exist_ok=True)
     expected = read_text(f"{location}.sha256").strip()
     with tempfile.NamedTemporaryFile(dir=local.parent, delete=False, suffix=".partial") as tmp:
-        with open_read(location, cache=False) as src:
+        with open_read(location) as src:
             shutil.copyfileobj(src, tmp)
     got = sha256_file(tmp.name)
     if got != expected:

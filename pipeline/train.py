@@ -829,6 +829,7 @@ def train_loop(
 ) -> dict:
     """Run one stage; returns {"checkpoint", "history", "final"}. ``on_epoch`` (rank 0) logs."""
     from .data import read_manifest
+    from .shard_read import check_sizes
 
     if config.stage == "pretrain" and not any(config.phase_epochs):  # before any data is read
         raise ValueError(
@@ -839,6 +840,7 @@ def train_loop(
     device = runtime.device()
     torch.manual_seed(config.seed + runtime.rank)
     manifest = read_manifest(config.shards)
+    check_sizes(manifest, config.shards)  # every attempt: a truncated shard stops it before a step
     # the teacher first: a missing one fails before the resident loader decodes a split
     criterion = Criterion(
         config.label_smoothing, load_teacher(config, device), config.distill_weight, config.distill_temperature

@@ -158,22 +158,3 @@ def test_runtime_env_carries_the_storage_settings(monkeypatch):
         "env_vars": {storage.ENDPOINT_ENV: "http://s3.internal:9000", "NCCL_DEBUG": "INFO"},
         "excludes": ["data/"],
     }
-
-
-def test_remote_reads_go_through_the_node_cache(tmp_path, monkeypatch):
-    """With storage.shard_cache set, a remote shard is read once from the store and then from the
-    node's cache folder (fsspec's filecache); manifests and published files bypass it."""
-    import fsspec
-
-    memory = fsspec.filesystem("memory")
-    memory.pipe("/bucket/shards/train-000000.tar", b"tar bytes" * 100)
-    monkeypatch.setenv(storage.CACHE_ENV, str(tmp_path / "cache"))
-    with storage.open_read("memory://bucket/shards/train-000000.tar") as f:
-        assert f.read() == b"tar bytes" * 100
-    cached = [p for p in (tmp_path / "cache").iterdir() if p.name != "cache"]
-    assert len(cached) == 1 and cached[0].read_bytes() == b"tar bytes" * 100
-    memory.rm("/bucket/shards/train-000000.tar")  # gone from the store: the node still has it
-    with storage.open_read("memory://bucket/shards/train-000000.tar") as f:
-        assert f.read() == b"tar bytes" * 100
-    with pytest.raises(FileNotFoundError):
-        storage.open_read("memory://bucket/shards/train-000000.tar", cache=False)

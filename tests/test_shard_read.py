@@ -1,0 +1,170 @@
+"""Shards checked against their manifest on the training path (pipeline/shard_read.py): a truncated
+or altered shard stops the loader with an error naming its URL, a damaged image inside a good shard
+is replaced without changing any rank's step count, and the node cache is keyed by the manifest's
+sha256 so a re-sharded prefix is read anew."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import fsspec
+import pytest
+from imagegen import image_folder
+
+from pipeline import storage
+from pipeline.data import iter_shard, make_loader, plan_epoch, read_manifest, split_shards
+from pipeline.shard import ShardParams, shard_dataset, write_shard
+from pipeline.shard_read import ShardIntegrityError, ShardRecord, check_sizes, open_shard, shard_records
+from pipeline.train import TrainConfig, train_loop
+
+INPUT = {"size": 32, "resize": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "augment": "small"}
+
+
+@pytest.fixture
+def shards(tmp_path) -> Path:
+    """A small shard folder: 3 classes, 4 samples a shard."""
+    src = image_folder(tmp_path / "src", per_class=(6, 4), classes=3)
+    out = tmp_path / "shards"
+    shard_dataset(str(src), str(out), ShardParams(processes=1, samples_per_shard=4), progress_bar=False)
+    return out
+
+
+def _first_shard(out: Path, split: str) -> Path:
+    return out / read_manifest(str(out))["splits"][split]["shards"][0]["name"]
+
+
+def _eval_keys(out: Path, split: str = "val") -> list[str]:
+    batches, _ = make_loader(str(out), split, INPUT, 4, train=False, workers=0, with_keys=True)
+    return [k for _, _, keys in batches for k in keys]
+
+
+def test_a_shard_cut_at_a_block_boundary_stops_the_loader_naming_it(shards):
+    path = _first_shard(shards, "val")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2 // 512 * 512])  # whole members, then nothing: no tar error
+    # the shard is opened and refused before a sample of it is used (without the check it ended
+    # early and silently: this rank would run short of the plan's steps)
+    with pytest.raises(ShardIntegrityError, match=f"{path}: size/sha256 mismatch"):
+        _eval_keys(shards)
+    with pytest.raises(ShardIntegrityError, match=f"{path}: size/sha256 mismatch: {len(data) // 2 // 512 * 512} bytes"):
+        check_sizes(read_manifest(str(shards)), str(shards))
+    check_sizes(read_manifest(str(shards)), str(shards), ["train"])  # the train split is whole
+    path.unlink()
+    with pytest.raises(ShardIntegrityError, match=f"{path}: missing"):
+        check_sizes(read_manifest(str(shards)), str(shards))
+
+
+def test_a_flipped_byte_is_caught_when_the_shard_has_been_read(shards):
+    path = _first_shard(shards, "val")
+    data = bytearray(path.read_bytes())
+    good = _eval_keys(shards)
+    data[1536] ^= 0x40  # inside the first JPEG: it still decodes, to other pixels
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardIntegrityError, match=f"{path}: size/sha256 mismatch: {len(data)} bytes, sha256"):
+        _eval_keys(shards)
+    # what the check replaces: without the manifest's record the altered shard reads "fine"
+    assert len(list(iter_shard(str(path)))) == 4 and len(good) == 12
+
+
+def _damage_one_image(out: Path, split: str) -> tuple[str, str]:
+    """Rewrite ``split``'s first shard with its second image's bytes cut short (a shard that matches
+    its manifest, holding a damaged image); -> (shard URL, damaged key)."""
+    manifest = read_manifest(str(out))
+    rec = manifest["splits"][split]["shards"][0]
+    samples = list(iter_shard(str(out / rec["name"])))
+    samples[1]["jpg"] = samples[1]["jpg"][:200]
+    rows = [(s["__key__"], s["jpg"], int(s["cls"]), s["wnid"].decode()) for s in samples]
+    new = write_shard(fsspec.filesystem("file"), str(out / rec["name"]), rows, False)
+    rec.update(new)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return str(out / rec["name"]), samples[1]["__key__"]
+
+
+def test_a_damaged_image_is_replaced_and_every_rank_keeps_its_steps(shards, caplog):
+    url, key = _damage_one_image(shards, "train")
+    manifest = read_manifest(str(shards))
+    caplog.set_level(logging.WARNING, logger="pipeline.data")
+    for rank in (0, 1):  # two ranks, as DDP would run them: each must yield the plan's steps
+        batches, plan = make_loader(
+            str(shards), "train", INPUT, 2, train=True, rank=rank, world_size=2, workers=0, shuffle_buffer=0
+        )
+        assert sum(1 for _ in batches) == plan.steps >= 4  # 18 samples over 2 ranks in batches of 2
+    damaged = [r for r in caplog.records if "damaged sample" in r.getMessage()]
+    assert len(damaged) == 1 and key in damaged[0].getMessage() and url in damaged[0].getMessage()
+    # evaluation: every sample position still yields one, the damaged one by its successor
+    seen = 0
+    for rank in (0, 1):
+        batches, _ = make_loader(str(shards), "train", INPUT, 4, train=False, rank=rank, world_size=2, workers=0)
+        seen += sum(len(labels) for _, labels in batches)
+    assert seen == manifest["splits"]["train"]["count"] == 18
+
+
+def test_a_shard_damaged_mid_stage_stops_it_with_no_later_checkpoint(tmp_path, demo_shards):
+    """After epoch 0's checkpoint a train shard the next epoch reads first is cut short: the stage
+    stops in epoch 1 naming the shard, and epoch 0's checkpoint stays the latest."""
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    config = TrainConfig(
+        shards=str(shards),
+        out=str(tmp_path / "out"),
+        arch="bireal18",
+        stem="small",
+        width=0.25,
+        batch_size=32,
+        loader_workers=1,
+        stage="pretrain",
+        phase_epochs=[3, 0, 0],
+        max_steps_per_epoch=2,
+    )
+    manifest = read_manifest(str(shards))
+    plan = plan_epoch(split_shards(manifest, str(shards), "train"), 1, 1, 32, True, config.seed, epoch=1)
+    victim = Path(plan.readers[0][0])
+    epochs = []
+
+    def cut_after_epoch0(metrics):
+        epochs.append(metrics["epoch"])
+        if metrics["epoch"] == 0:
+            victim.write_bytes(victim.read_bytes()[:2048])
+
+    with pytest.raises(ShardIntegrityError, match=f"{victim}: size/sha256 mismatch: 2048 bytes"):
+        train_loop(config, on_epoch=cut_after_epoch0)
+    assert epochs == [0]
+    states = sorted(p.name for p in (tmp_path / "out" / ".train_state").iterdir())
+    assert states == ["pretrain-epoch000"]
+    # a new attempt stops before its first step, at the size check
+    with pytest.raises(ShardIntegrityError, match=f"{victim}: size/sha256 mismatch"):
+        train_loop(config)
+
+
+def test_the_node_cache_is_keyed_by_the_manifest_sha256(tmp_path, monkeypatch, shards):
+    """Remote shards (fsspec's memory store here) are staged whole into the cache under their
+    sha256: read once, then from the node; a re-sharded prefix is read anew; a damaged object never
+    enters the cache."""
+    memory = fsspec.filesystem("memory")
+    url, path = "memory://bucket/shards/train-000000.tar", "/bucket/shards/train-000000.tar"
+    samples = [(s["__key__"], s["jpg"], int(s["cls"]), "n0") for s in iter_shard(str(_first_shard(shards, "train")))]
+    first = write_shard(memory, path, samples, False)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(storage.CACHE_ENV, str(cache))
+
+    def keys(record: dict) -> list[str]:
+        return [s["__key__"] for s in iter_shard(url, ShardRecord(record["bytes"], record["sha256"]))]
+
+    assert keys(first) == [s[0] for s in samples]
+    assert [p.name for p in cache.iterdir()] == [f"{first['sha256']}.tar"]
+    memory.rm(path)  # gone from the store: the node still has it
+    assert keys(first) == [s[0] for s in samples]
+    second = write_shard(memory, path, samples[:2], False)  # re-sharded under the same name
+    assert keys(second) == [s[0] for s in samples[:2]]  # not the cached 4-sample copy
+    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{r['sha256']}.tar" for r in (first, second))
+    check_sizes({"splits": {"train": {"shards": [second]}}}, "memory://bucket/shards")
+    stale = ShardRecord(first["bytes"], "0" * 64)  # the store's bytes are not what this manifest wrote
+    with pytest.raises(ShardIntegrityError, match=f"{url}: size/sha256 mismatch"):
+        open_shard(url, stale)
+    assert not list(cache.glob(".*partial")) and not (cache / f"{'0' * 64}.tar").exists()
+    assert shard_records({"splits": {"train": {"shards": [second]}}}, "memory://bucket/shards") == {
+        url: ShardRecord(second["bytes"], second["sha256"])
+    }

@@ -382,6 +382,13 @@ class RayConfig:
     # the job's runtime_env (env_vars, working_dir, excludes, pip ...); the storage settings' env
     # vars are added to env_vars
     runtime_env: dict[str, Any] = field(default_factory=dict)
+    # a driver's lease on its stage run (pipeline/lease.py), renewed every third of this: a second
+    # driver on the run stops at once; a killed driver's run is taken over once its lease lapses
+    lease_ttl_s: float = 60.0
+
+    def __post_init__(self):
+        if self.lease_ttl_s <= 0:
+            raise ValueError(f"lease_ttl_s={self.lease_ttl_s}: a lease lives > 0 seconds")
 
 
 @dataclass

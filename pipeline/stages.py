@@ -12,6 +12,7 @@ itself loads with no torch, ray or mlflow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,13 +63,10 @@ def train(
 
 
 def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> dict:
-    """``config`` run as one MLflow stage run; -> {"checkpoint", "history", "final", "cost", "mlflow_run_id"}."""
-    import bireal_core as bc
+    """``config`` run as one MLflow stage run, on Ray under the run's lease; -> {"checkpoint",
+    "history", "final", "cost", "mlflow_run_id"}."""
+    from .adapters.tracking import experiment_id, resolve
 
-    from .adapters.tracking import experiment_id, finish_stage_run, log_shards_input, resolve, start_stage_run
-
-    mlflow_cfg = resolve(params.mlflow)
-    experiment_id(mlflow_cfg)  # the tracking store first: no mlflow, or no server, fails before any data is read
     ray_run = None
     if use_ray:
         from .adapters.ray_train import check_run, stage_run
@@ -76,6 +74,27 @@ def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> d
         ray_run = stage_run(config, params.ray, params.group)
         if params.ray.resume == "auto":  # changed inputs are refused here, before any tracking or work
             check_run(storage.absolute(params.ray.storage_path), ray_run, params.restart)
+    with run_lease(params, ray_run):  # one driver per run: a second one stops here, naming the first
+        mlflow_cfg = resolve(params.mlflow)
+        experiment_id(mlflow_cfg)  # the tracking store next: no mlflow, or no server, fails before training
+        return _tracked_training(config, params, mlflow_cfg, ray_run)
+
+
+def run_lease(params: Params, ray_run) -> contextlib.AbstractContextManager:
+    """The driver's lease on its stage run (resume: auto names the run; a fresh name needs none)."""
+    if ray_run is None or params.ray.resume != "auto":
+        return contextlib.nullcontext()
+    from .lease import RunLease
+
+    return RunLease(storage.absolute(params.ray.storage_path), ray_run.name, params.ray.lease_ttl_s)
+
+
+def _tracked_training(config: TrainConfig, params: Params, mlflow_cfg, ray_run) -> dict:
+    import bireal_core as bc
+
+    from .adapters.tracking import finish_stage_run, log_shards_input, start_stage_run
+
+    use_ray = ray_run is not None
     # resume: auto -- a re-launched stage continues its MLflow run too
     resume_key = ray_run.resume_key if ray_run and params.ray.resume == "auto" else ""
     run_id = start_stage_run(

@@ -98,7 +98,16 @@ def test_dvc_repro_drives_the_cluster_and_a_second_repro_does_nothing(cluster):
     cluster.say(f"dvc repro: {len(groups)} jobs on the cluster, evaluate top-1 {evaluation['top1']:.4f}; rerun: none")
 
 
-def test_a_killed_submitter_reattaches_to_the_same_job(cluster):
+def submission_of(params: Path, run: str, stages: list[str], monkeypatch) -> str:
+    """The job id `bireal submit` gives ``stages`` of pipeline run ``run`` (it carries the params' digest)."""
+    from pipeline.adapters.ray_jobs import submission_id
+    from pipeline.params import load_params
+
+    monkeypatch.setenv("BIREAL_PIPELINE_RUN", run)
+    return submission_id(load_params(params), stages)
+
+
+def test_a_killed_submitter_reattaches_to_the_same_job(cluster, monkeypatch):
     """SIGKILL `bireal submit` while its job trains on the cluster (the laptop closes); the same
     command attaches to the running job instead of starting another, and writes the pointers."""
     run = "attach-run"
@@ -107,7 +116,7 @@ def test_a_killed_submitter_reattaches_to_the_same_job(cluster):
     cmd = ["submit", "--stage", "pretrain", "--params", str(params), "--address", cluster.ray.dashboard]
     cmd += ["--python", str(BIN / "python"), "--out", "submitted"]
     submitter = cluster.bireal(*cmd, run_id=run, wait=False, log="attach.log")
-    sid = f"{run}-pretrain"
+    sid = submission_of(params, run, ["pretrain"], monkeypatch)
     # mid-stage: the job runs and its first epoch is tracked
     wait_for(lambda: job(cluster, sid)["status"] == "RUNNING", 120, f"job {sid} running")
     wait_for(lambda: any(cluster.epochs_logged("attach", "pretrain")), 300, "the first epoch in MLflow")

@@ -6,6 +6,7 @@ submitter attaching again, and the Prefect flow."""
 
 import json
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -42,14 +43,14 @@ def job_info(dashboard, sid):
 
 
 def test_submit_fetch_and_resubmit(dashboard, demo_shards, tmp_path, monkeypatch):
-    from pipeline.adapters.ray_jobs import submit
+    from pipeline.adapters.ray_jobs import submission_id, submit
 
     monkeypatch.setenv("BIREAL_PIPELINE_RUN", f"submit-{tmp_path.name}")
     params = load_params(params_file(tmp_path, demo_shards))
     out = tmp_path / "submitted"
     first = submit(params, "tune", dashboard, out, python=sys.executable, poll_s=0.5, timeout_s=180)
     assert (first["action"], first["status"]) == ("submitted", "SUCCEEDED")
-    assert first["id"] == f"submit-{tmp_path.name}-tune"
+    assert first["id"].startswith(f"submit-{tmp_path.name}-tune-")
     summary = json.loads((out / "tune.json").read_text())
     assert summary["enabled"] is False and Path(summary["files"]["best"]).is_file()
     started = job_info(dashboard, first["id"]).start_time
@@ -62,10 +63,51 @@ def test_submit_fetch_and_resubmit(dashboard, demo_shards, tmp_path, monkeypatch
         submit(broken, "binarize", dashboard, out, python=sys.executable, poll_s=0.5, timeout_s=180)
     with pytest.raises(RuntimeError, match="--resubmit"):
         submit(broken, "binarize", dashboard, out, python=sys.executable)
-    failed_at = job_info(dashboard, f"submit-{tmp_path.name}-binarize").start_time
+    broken_id = submission_id(broken, ["binarize"])
+    failed_at = job_info(dashboard, broken_id).start_time
     with pytest.raises(RuntimeError, match="ended FAILED"):
         submit(broken, "binarize", dashboard, out, resubmit=True, python=sys.executable, poll_s=0.5, timeout_s=180)
-    assert job_info(dashboard, f"submit-{tmp_path.name}-binarize").start_time > failed_at  # a new job, same id
+    assert job_info(dashboard, broken_id).start_time > failed_at  # a new job, same id
+
+    # the same pipeline run id with an edited params file: a new job runs, the old one is not fetched
+    edited = load_params(params_file(tmp_path, demo_shards, "edited.yaml", binarize={"lr": 5e-4}))
+    assert edited.group == params.group and submission_id(edited, ["tune"]) != first["id"]
+    third = submit(edited, "tune", dashboard, out, python=sys.executable, poll_s=0.5, timeout_s=180)
+    assert third["action"] == "submitted" and third["id"] == submission_id(edited, ["tune"])
+
+
+def test_two_racing_submitters_end_attached_to_one_job(dashboard, demo_shards, tmp_path, monkeypatch):
+    """Both submitters find no job (a barrier holds them after the status check), both submit; the
+    job server takes one, and the other attaches to that job instead of failing."""
+    from pipeline.adapters import ray_jobs
+
+    monkeypatch.setenv("BIREAL_PIPELINE_RUN", f"race-{tmp_path.name}")
+    params = load_params(params_file(tmp_path, demo_shards))
+    barrier, first_look = threading.Barrier(2), threading.local()
+    real_status = ray_jobs.job_status
+
+    def status_after_both_looked(client, sid):
+        status = real_status(client, sid)
+        if not getattr(first_look, "done", False):
+            first_look.done = True
+            barrier.wait(timeout=60)
+        return status
+
+    monkeypatch.setattr(ray_jobs, "job_status", status_after_both_looked)
+    results = [None, None]
+
+    def run(i):
+        results[i] = ray_jobs.submit(
+            params, "tune", dashboard, tmp_path / f"out{i}", python=sys.executable, poll_s=0.5, timeout_s=180
+        )
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r["action"] for r in results) == ["attached", "submitted"]
+    assert results[0]["id"] == results[1]["id"] and all(r["status"] == "SUCCEEDED" for r in results)
 
 
 def test_submit_needs_a_dashboard_address_and_a_sound_profile(demo_shards, tmp_path, capsys, monkeypatch):

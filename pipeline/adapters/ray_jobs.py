@@ -1,9 +1,10 @@
 """``bireal submit``: a stage run as a Ray job on a remote cluster (Ray's job submission API), so
 that ``dvc repro`` or a laptop drives a cluster run without holding a Ray connection for hours.
 
-The submission id is ``<pipeline_run>-<stage>``: submitting again while the job runs attaches to it
-(its log streams from where it is), and after it succeeded fetches its outputs without running it
-again. A FAILED or STOPPED job's id cannot be reused by Ray: ``--resubmit`` deletes it and submits
+The submission id is ``<pipeline_run>-<stage>-<params digest>``: submitting again while the job
+runs attaches to it (its log streams from where it is; so does a second submitter racing the
+first), and after it succeeded fetches its outputs without running it again; edited params are a
+new job. A FAILED or STOPPED job's id cannot be reused by Ray: ``--resubmit`` deletes it and submits
 again, and the stage resumes from its checkpoints in storage (stable Ray run names).
 
 Several stages may go as one job (``--stage export --stage evaluate --stage register``: the id joins
@@ -18,6 +19,7 @@ outputs that live in S3, so the pointer files are the stage's DVC outputs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -52,7 +54,11 @@ def is_job_server(address: str) -> bool:
 
 
 def submission_id(params: Params, stages: list[str]) -> str:
-    return f"{params.group}-{'-'.join(stages)}"
+    """``<pipeline_run>-<stages>-<digest>``: the digest is the params file's content (as parsed, so
+    comments and layout do not count), so an edited params file under a fixed pipeline run id is a
+    new job, never the old job's outputs fetched as if they were the new ones."""
+    digest = hashlib.sha256(json.dumps(params.raw, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{params.group}-{'-'.join(stages)}-{digest}"
 
 
 def job_status(client, sid: str) -> str | None:
@@ -87,6 +93,17 @@ def submit_job(client, params: Params, stages: list[str], python: str) -> str:
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return sid
+
+
+def submitted(client, params: Params, stages: list[str], python: str) -> bool:
+    """Submit the stages' job; -> False when a job of its id already exists (two submitters raced)."""
+    try:
+        submit_job(client, params, stages, python)
+    except RuntimeError as e:  # the job server refuses a second job of one submission id
+        if "already exists" not in str(e):
+            raise
+        return False
+    return True
 
 
 def follow(client, sid: str, poll_s: float, timeout_s: float | None, echo=print) -> tuple[str, str]:
@@ -193,8 +210,8 @@ def submit(
         client.delete_job(sid)
         status = None
     action = {None: "submitted", "SUCCEEDED": "fetched"}.get(status, "attached")
-    if status is None:
-        submit_job(client, params, stages, python)
+    if status is None and not submitted(client, params, stages, python):
+        action = "attached"  # another submitter's job of this id went in first: follow that one
     echo(f"bireal submit: {action} {sid} at {address}")
     final, logs = follow(client, sid, poll_s, timeout_s, echo=echo if action != "fetched" else (lambda line: None))
     if final != "SUCCEEDED":

@@ -28,6 +28,8 @@ LAYERS = [
         {
             "pipeline.train",
             "pipeline.data",
+            "pipeline.shard_read",
+            "pipeline.lease",
             "pipeline.resident",
             "pipeline.shard",
             "pipeline.sources",

@@ -408,6 +408,15 @@ class MlflowConfig:
     tracking_uri: str = ""  # default: sqlite:///<current dir>/mlflow.db (made absolute)
     experiment: str = "bireal"
     artifact_location: str = ""  # default: <current dir>/mlartifacts (made absolute)
+    # an MLflow outage: each epoch waits at most sync_wait_s for its metrics to be logged (then
+    # they are buffered and sent when MLflow answers); the driver's writes at a stage's start and
+    # end wait up to outage_wait_s, then fail naming MLflow (pipeline/adapters/tracking.py)
+    sync_wait_s: float = 5.0
+    outage_wait_s: float = 900.0
+
+    def __post_init__(self):
+        if self.sync_wait_s < 0 or self.outage_wait_s < 0:
+            raise ValueError(f"sync_wait_s={self.sync_wait_s}, outage_wait_s={self.outage_wait_s}: waits are >= 0 s")
 
 
 @dataclass

@@ -90,9 +90,13 @@ def run_lease(params: Params, ray_run) -> contextlib.AbstractContextManager:
 
 
 def _tracked_training(config: TrainConfig, params: Params, mlflow_cfg, ray_run) -> dict:
+    """The stage as one MLflow run. An MLflow outage mid-stage costs the training no restart: the
+    epochs are buffered (``EpochLogger``), the driver logs what a Ray worker could not send, and
+    its writes wait up to ``mlflow.outage_wait_s`` before failing with an error naming MLflow."""
     import bireal_core as bc
 
-    from .adapters.tracking import finish_stage_run, log_shards_input, start_stage_run
+    from .adapters.tracking import finish_stage_run, log_missing_epochs, log_shards_input, start_stage_run
+    from .adapters.tracking import until_reachable as reachable
 
     use_ray = ray_run is not None
     # resume: auto -- a re-launched stage continues its MLflow run too
@@ -112,17 +116,35 @@ def _tracked_training(config: TrainConfig, params: Params, mlflow_cfg, ray_run) 
             from .adapters.tracking import EpochLogger
             from .train import train_loop
 
-            result = train_loop(config, on_epoch=EpochLogger(mlflow_cfg, run_id))
-    except BaseException:
-        finish_stage_run(mlflow_cfg, run_id, {}, status="FAILED")
+            logger = EpochLogger(mlflow_cfg, run_id)
+            result = train_loop(config, on_epoch=logger)
+            logger.close(mlflow_cfg.sync_wait_s)  # what it could not send, the backfill below retries
+        history = result["history"]
+        reachable(mlflow_cfg, "logging the stage's epochs", lambda: log_missing_epochs(mlflow_cfg, run_id, history))
+    except BaseException as e:
+        _mark_failed(mlflow_cfg, run_id, e)
         raise
     cost = bc.summary(bc.load_checkpoint(result["checkpoint"])[0]).as_dict()
-    finish_stage_run(mlflow_cfg, run_id, result, cost)
+    reachable(mlflow_cfg, "finishing the stage's run", lambda: finish_stage_run(mlflow_cfg, run_id, result, cost))
     return {
         **result,
         "mlflow_run_id": run_id,
         "cost": {"cost_ops": cost["ops"], "cost_memory_mbit": cost["memory_mbit"]},
     }
+
+
+def _mark_failed(mlflow_cfg, run_id: str, error: BaseException) -> None:
+    """The run marked FAILED where MLflow answers; the stage's own error is raised either way."""
+    import logging
+
+    from .adapters.tracking import finish_stage_run
+
+    try:
+        finish_stage_run(mlflow_cfg, run_id, {}, status="FAILED")
+    except Exception as e:  # MLflow down too: say so, and let the real error through
+        logging.getLogger(__name__).warning(
+            "could not mark MLflow run %s FAILED (%s: %s) after: %s", run_id, type(e).__name__, e, error
+        )
 
 
 def tune(params: Params, use_ray: bool = True) -> dict:

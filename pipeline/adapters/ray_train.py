@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import uuid
@@ -23,6 +24,8 @@ from ..env import apply_local_ray_defaults, verbose
 from ..params import MlflowConfig, RayConfig, TrainConfig, math_settings
 from ..train import Runtime, load_train_state, published_names, stage_checkpoint, train_loop
 from .ray_jobs import is_job_server
+
+log = logging.getLogger(__name__)
 
 
 class RayRuntime(Runtime):
@@ -86,11 +89,16 @@ def _worker_entry(payload: dict) -> None:
     logger = None
     if runtime.rank == 0 and payload.get("mlflow_run"):
         logger = EpochLogger(MlflowConfig(**payload["mlflow"]), payload["mlflow_run"])
-        logger.client.log_dict(payload["mlflow_run"], placement, "placement.json")
+        try:  # where the ranks ran: worth a line of log, not a restart, when MLflow is down
+            logger.client.log_dict(payload["mlflow_run"], placement, "placement.json")
+        except Exception as e:
+            log.warning("placement.json not logged (MLflow: %s: %s)", type(e).__name__, e)
         restored = runtime.restore_dir()
         if restored is not None:  # epochs reported before a failure: log once
             logger.backfill(torch.load(restored / "train_state.pt", weights_only=True)["history"])
     train_loop(config, runtime, on_epoch=logger)
+    if logger is not None:  # what is still queued, the driver logs from the stage's history
+        logger.close(logger.cfg.sync_wait_s)
 
 
 def job_runtime_env(cfg: RayConfig) -> dict:

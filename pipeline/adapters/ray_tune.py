@@ -71,9 +71,15 @@ def _trial(trial: dict, base: dict, tracking: dict | None) -> None:
 
         overrides = {**trial["cell"], "lr": trial["lr"], "seed": trial["seed"]}
         logger = trial_logger(tracking, context.get_trial_id(), context.get_trial_name(), overrides)
-    train_loop(config, TuneRuntime(), on_epoch=logger)
+    history = train_loop(config, TuneRuntime(), on_epoch=logger)["history"]
     if logger is not None:  # trials that ASHA stops never get here: the driver closes them
-        logger.client.set_terminated(logger.run_id, "FINISHED")
+        from .tracking import log_missing_epochs, until_reachable
+
+        logger.close(logger.cfg.sync_wait_s)  # then what it could not send, once MLflow answers
+        until_reachable(
+            logger.cfg, "closing the trial's run", lambda: log_missing_epochs(logger.cfg, logger.run_id, history)
+        )
+        until_reachable(logger.cfg, "closing the trial's run", lambda: logger.client.set_terminated(logger.run_id))
 
 
 def experiment_name(settings: TuneSettings, base: TrainConfig) -> str:

@@ -3,19 +3,26 @@ stage's parent run with one child run per trial. (The registry is ``adapters/reg
 
 The driver creates the run (so a restarted Ray worker keeps logging into the same one) and
 workers log by run id through ``MlflowClient``; only rank 0 logs. Epoch metrics are logged
-exactly once even across a worker restart: steps already in the run's history are skipped.
+exactly once even across a worker restart: steps already in the run's history are skipped. An
+MLflow outage does not stop training: epochs are buffered and sent when it answers again
+(``EpochLogger``), and the driver's writes wait for it up to ``mlflow.outage_wait_s``, then fail
+naming MLflow (``until_reachable``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from ..params import MlflowConfig, TuneSettings
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 PIPELINE_TAG = "bireal.pipeline_run"
 NON_METRIC_KEYS = {"segment"}
 
@@ -27,11 +34,11 @@ def resolve(cfg: MlflowConfig) -> MlflowConfig:
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri[len('sqlite:///') :]).resolve()}"
     if uri.startswith(("http://", "https://")):  # a tracking server: it decides where artifacts go
-        return MlflowConfig(uri, cfg.experiment, cfg.artifact_location)
+        return replace(cfg, tracking_uri=uri)
     artifacts = cfg.artifact_location or str(root / "mlartifacts")
     if "://" not in artifacts:
         artifacts = Path(artifacts).resolve().as_uri()
-    return MlflowConfig(uri, cfg.experiment, artifacts)
+    return replace(cfg, tracking_uri=uri, artifact_location=artifacts)
 
 
 def client(cfg: MlflowConfig):
@@ -121,24 +128,135 @@ def log_metrics(c, run_id: str, values: dict[str, float], step: int = 0) -> None
     c.log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in values.items()])
 
 
+class TrackingUnavailable(RuntimeError):
+    """MLflow stayed unreachable longer than ``mlflow.outage_wait_s`` where the pipeline must write."""
+
+
+def _unreachable(cfg: MlflowConfig, seconds: float, what: str, error: BaseException) -> TrackingUnavailable:
+    return TrackingUnavailable(
+        f"MLflow at {cfg.tracking_uri} unreachable for {seconds:.0f} s while {what} ({type(error).__name__}: "
+        f"{str(error)[:300]}); training's checkpoints are kept: run the stage again once MLflow is back "
+        "(it resumes and logs the epochs it has)"
+    )
+
+
+def until_reachable(cfg: MlflowConfig, what: str, call: Callable[[], T]) -> T:
+    """``call()``, retried with backoff while MLflow is unreachable, for up to ``cfg.outage_wait_s``;
+    then ``TrackingUnavailable`` naming MLflow (never an unrelated error in its place)."""
+    start, delay = time.monotonic(), 1.0
+    while True:
+        try:
+            return call()
+        except Exception as e:  # the client raises MlflowException or requests' errors for a down server
+            waited = time.monotonic() - start
+            if waited + delay > cfg.outage_wait_s:
+                raise _unreachable(cfg, waited, what, e) from e
+            log.warning("MLflow unreachable while %s (%s); retrying in %.0f s", what, type(e).__name__, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 30.0)
+
+
 class EpochLogger:
-    """Logs one epoch's metrics at step = epoch, once."""
+    """Logs each epoch's metrics at step = epoch, once, off the training's critical path.
+
+    ``__call__`` queues the epoch and waits at most ``cfg.sync_wait_s`` for a sender thread to log
+    it, so a healthy MLflow has every epoch before the stage reports it, and an unreachable one
+    costs the training that much per epoch, not a failure: the sender keeps the queue and retries
+    until MLflow answers. Steps already in the run (a restarted worker's backfill) are skipped.
+    ``close`` waits for the queue to drain; what a worker could not send, the driver backfills
+    from the stage's history (``stages._tracked_training``)."""
+
+    RETRY_S = 5.0
 
     def __init__(self, cfg: MlflowConfig, run_id: str):
-        self.client, self.run_id = client(cfg), run_id
-        self.logged = {m.step for m in self.client.get_metric_history(run_id, "val_top1")}
+        self.cfg, self.client, self.run_id = cfg, client(cfg), run_id
+        self.logged: set[int] | None = None  # the run's logged steps, read on the first reachable send
+        self.queue: dict[int, dict[str, float]] = {}
+        self.abandoned = False  # closed: nothing more is sent
+        self._lock = threading.Lock()
+        self._wake, self._drained, self._closing = threading.Event(), threading.Event(), False
+        self._drained.set()
+        self._sender = threading.Thread(target=self._send_loop, name=f"mlflow-{run_id[:8]}", daemon=True)
+        self._sender.start()
 
     def __call__(self, metrics: dict) -> None:
-        step = int(metrics["epoch"])
-        if step in self.logged:
-            return
         values = {k: v for k, v in metrics.items() if k not in NON_METRIC_KEYS and isinstance(v, (int, float))}
-        log_metrics(self.client, self.run_id, values, step)
-        self.logged.add(step)
+        with self._lock:
+            self.queue[int(metrics["epoch"])] = values
+            self._drained.clear()
+        self._wake.set()
+        self._drained.wait(self.cfg.sync_wait_s)
 
     def backfill(self, history: list[dict]) -> None:
         for metrics in history:
             self(metrics)
+
+    @property
+    def pending(self) -> list[int]:
+        with self._lock:
+            return sorted(self.queue)
+
+    def _send_pending(self) -> None:
+        if self.logged is None:
+            self.logged = {m.step for m in self.client.get_metric_history(self.run_id, "val_top1")}
+        while True:
+            with self._lock:
+                if not self.queue or self.abandoned:
+                    self._drained.set()
+                    return
+                step = min(self.queue)
+                values = self.queue[step]
+            if step not in self.logged:
+                log_metrics(self.client, self.run_id, values, step)
+                self.logged.add(step)
+            with self._lock:
+                if self.queue.get(step) is values:
+                    del self.queue[step]
+
+    def _send_loop(self) -> None:
+        down_since = None
+        while True:
+            self._wake.wait(self.RETRY_S if down_since is not None else None)
+            self._wake.clear()
+            try:
+                self._send_pending()
+                if down_since is not None:
+                    waited = time.monotonic() - down_since
+                    log.warning("MLflow reachable again after %.0f s: buffered epochs logged", waited)
+                down_since = None
+            except Exception as e:  # unreachable (or slow): keep the queue, retry
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log.warning("MLflow unreachable (%s): epochs %s buffered, retrying", type(e).__name__, self.pending)
+            if self.abandoned or (self._closing and down_since is None):
+                return
+
+    def close(self, wait_s: float) -> list[int]:
+        """Wait up to ``wait_s`` for the queued epochs to be logged, then stop sending (whoever
+        backfills next must not race this thread); -> the steps still unsent."""
+        self._closing = True
+        self._wake.set()
+        self._drained.wait(wait_s)
+        with self._lock:
+            unsent, self.abandoned = sorted(self.queue), True
+            self.queue.clear()
+        return unsent
+
+
+def log_missing_epochs(cfg: MlflowConfig, run_id: str, history: list[dict]) -> list[int]:
+    """The driver's backfill: every epoch of ``history`` the run lacks (a worker's metrics lost in
+    an outage), logged once; -> the steps logged now."""
+    c = client(cfg)
+    logged = {m.step for m in c.get_metric_history(run_id, "val_top1")}
+    added = []
+    for metrics in history:
+        step = int(metrics["epoch"])
+        if step not in logged:
+            values = {k: v for k, v in metrics.items() if k not in NON_METRIC_KEYS and isinstance(v, (int, float))}
+            log_metrics(c, run_id, values, step)
+            logged.add(step)
+            added.append(step)
+    return added
 
 
 def finish_stage_run(

@@ -1,0 +1,110 @@
+"""MLflow off the training's critical path (pipeline/adapters/tracking.py): a real MLflow server
+frozen (SIGSTOP) mid-stage costs the stage no failure, and every epoch is in the run exactly once
+afterwards; an outage that outlasts ``mlflow.outage_wait_s`` fails the stage with an error naming
+MLflow, its checkpoints kept. The clock is scaled: a 2 s client timeout with no client retries
+stands for the client's own minute of retries."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline import stages
+from pipeline.adapters.tracking import TrackingUnavailable, client, resolve
+from pipeline.params import load_params
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    from cluster_services import MlflowServer
+
+    root = tmp_path_factory.mktemp("mlflow")
+    server = MlflowServer(root, f"sqlite:///{root / 'mlflow.db'}", str(root / "artifacts"), "")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def fast_client(monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+
+
+def _params(tmp_path, demo_shards, server, epochs: int, outage_wait_s: float):
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        f"train: {{shards: {demo_shards}, out: {tmp_path / 'ckpt'}, width: 0.25, batch_size: 32, "
+        "max_steps_per_epoch: 2, loader_workers: 0}\n"
+        f"pretrain: {{phase_epochs: [{epochs}, 0, 0]}}\n"
+        f"mlflow: {{tracking_uri: '{server.uri}', experiment: {tmp_path.name}, sync_wait_s: 1, "
+        f"outage_wait_s: {outage_wait_s}}}\n"
+    )
+    return load_params(path)
+
+
+class Freeze:
+    """SIGSTOP the server once epoch ``stop_at``'s train state is written; SIGCONT once epoch
+    ``resume_at``'s is (None: at the end of the test). Records when each happened."""
+
+    def __init__(self, server, out: Path, stop_at: int, resume_at: int | None):
+        self.server, self.out, self.stop_at, self.resume_at = server, out, stop_at, resume_at
+        self.stopped_at = self.resumed_at = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _state(self, epoch: int) -> bool:
+        return (self.out / ".train_state" / f"pretrain-epoch{epoch:03d}").exists()
+
+    def _watch(self):
+        while not self.done.is_set():
+            if self.stopped_at is None and self._state(self.stop_at):
+                os.killpg(self.server.proc.pid, signal.SIGSTOP)
+                self.stopped_at = time.monotonic()
+            if self.stopped_at and self.resume_at is not None and self._state(self.resume_at):
+                self.resume()
+            time.sleep(0.05)
+
+    def resume(self):
+        if self.resumed_at is None and self.stopped_at is not None:
+            os.killpg(self.server.proc.pid, signal.SIGCONT)
+            self.resumed_at = time.monotonic()
+
+    def close(self):
+        self.done.set()
+        self.thread.join()
+        self.resume()
+
+
+def test_a_frozen_mlflow_mid_stage_costs_no_failure_and_no_epoch(tmp_path, demo_shards, mlflow_server, fast_client):
+    params = _params(tmp_path, demo_shards, mlflow_server, epochs=5, outage_wait_s=60)
+    freeze = Freeze(mlflow_server, tmp_path / "ckpt", stop_at=0, resume_at=3)
+    try:
+        result = stages.train("pretrain", params, use_ray=False)
+    finally:
+        freeze.close()
+    # the fault landed mid-stage: MLflow froze after epoch 0 and stayed frozen while epochs 1-3 trained
+    assert freeze.stopped_at is not None and freeze.resumed_at is not None
+    assert [h["epoch"] for h in result["history"]] == [0, 1, 2, 3, 4]
+    c = client(resolve(params.mlflow))
+    steps = [m.step for m in c.get_metric_history(result["mlflow_run_id"], "val_top1")]
+    assert sorted(steps) == [0, 1, 2, 3, 4]  # every epoch once: buffered, then sent
+    assert c.get_run(result["mlflow_run_id"]).info.status == "FINISHED"
+
+
+def test_an_outage_past_the_wait_fails_naming_mlflow(tmp_path, demo_shards, mlflow_server, fast_client):
+    params = _params(tmp_path, demo_shards, mlflow_server, epochs=2, outage_wait_s=3)
+    freeze = Freeze(mlflow_server, tmp_path / "ckpt", stop_at=0, resume_at=None)
+    try:
+        with pytest.raises(TrackingUnavailable, match=f"MLflow at {mlflow_server.uri} unreachable for"):
+            stages.train("pretrain", params, use_ray=False)
+        assert freeze.stopped_at is not None
+    finally:
+        freeze.close()
+    # the training itself finished: its checkpoint is kept for the rerun
+    assert (tmp_path / "ckpt" / "pretrain.safetensors").is_file()

@@ -16,7 +16,6 @@ from pathlib import Path
 
 OFFLINE_DEFAULTS = {
     "RAY_USAGE_STATS_ENABLED": "0",  # no usage reporting
-    "RAY_AUTH_MODE": "disabled",  # Ray 2.60 would write ~/.ray/auth_token
     "MLFLOW_DISABLE_TELEMETRY": "true",  # mlflow ignores DO_NOT_TRACK
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_API_HOST": "127.0.0.1",
@@ -29,9 +28,12 @@ OFFLINE_DEFAULTS = {
 
 # Only for a Ray instance this process starts itself (one machine): bind loopback. On a cluster
 # they would break it: `ray start --address` aborts under the first, gloo needs a real NIC.
+# A cluster's clients (`bireal submit`, the flow, a job's driver) keep Ray's own token settings:
+# RAY_AUTH_MODE=token with RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH (docs/cluster.md, security).
 LOCAL_RAY_DEFAULTS = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # makes every Ray process bind 127.0.0.1
     "GLOO_SOCKET_IFNAME": "lo",  # gloo collectives over loopback
+    "RAY_AUTH_MODE": "disabled",  # loopback only; else Ray 2.60 would write ~/.ray/auth_token
 }
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -156,12 +157,20 @@ class Postgres:
 
 
 class MlflowServer:
-    def __init__(self, root: Path, backend: str, artifacts: str, s3_endpoint: str):
+    def __init__(
+        self, root: Path, backend: str, artifacts: str, s3_endpoint: str, app: str = "", env: dict | None = None
+    ):
+        """``app``: MLflow's ``--app-name`` (``basic-auth``), with its settings in ``env``."""
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = root / "mlflow-server.log"
         # no server-side job runners (7 huey consumers, ~1.2 GB): the pipeline submits no server jobs
-        env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        env = {
+            **os.environ,
+            "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            **(env or {}),
+        }
         self.proc = subprocess.Popen(
             [
                 str(BIN / "mlflow"),
@@ -176,6 +185,7 @@ class MlflowServer:
                 backend,
                 "--artifacts-destination",
                 artifacts,
+                *(["--app-name", app] if app else []),
             ],
             stdout=self.log.open("w"),
             stderr=subprocess.STDOUT,
@@ -189,18 +199,29 @@ class MlflowServer:
         stop(self.proc)
 
 
-def _http_ok(url: str) -> bool:
+def _http_ok(url: str, headers: dict[str, str] | None = None) -> bool:
     import urllib.request
 
-    with urllib.request.urlopen(url, timeout=2) as r:
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as r:
         return r.status == 200
+
+
+# The cluster runs with Ray's token authentication on, as deploy/ does: every process of it (head,
+# nodes, `bireal` commands, the flow) gets this session's token; a request without it gets 401.
+RAY_TOKEN = secrets.token_hex(16)
+
+
+def ray_headers() -> dict[str, str]:
+    """What a client sends the cluster's dashboard (job server): the token as a Bearer header."""
+    return {"Authorization": f"Bearer {RAY_TOKEN}"}
 
 
 def cluster_env() -> dict[str, str]:
     """The environment for cluster processes: without the single-machine loopback settings
-    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes `ray start --address` abort)."""
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes `ray start --address` abort), with the token."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "RAY_ADDRESS")}
     env["GLOO_SOCKET_IFNAME"] = "lo"  # every node is on loopback here
+    env.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN})
     return env
 
 
@@ -249,7 +270,8 @@ class RayCluster:
         if head.returncode != 0:
             raise RuntimeError(f"ray start --head failed:\n{head.stdout[-2000:]}\n{head.stderr[-2000:]}")
         if dashboard:  # the job server answers once the dashboard's job module is up
-            wait_for(lambda: _http_ok(f"{self.dashboard}/api/jobs/"), 90, "the Ray dashboard's job server")
+            jobs = f"{self.dashboard}/api/jobs/"
+            wait_for(lambda: _http_ok(jobs, ray_headers()), 90, "the Ray dashboard's job server")
 
     def add_node(self, cpus: int = 1, gpus: int = 0) -> str:
         """Start a worker node in a new mount namespace; -> its IP."""

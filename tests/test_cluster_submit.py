@@ -16,11 +16,12 @@ import json
 import os
 import signal
 import subprocess
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
-from cluster_services import BIN, cluster_env, wait_for
+from cluster_services import BIN, cluster_env, ray_headers, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
@@ -28,15 +29,28 @@ RAY_DASHBOARD = True  # read by the cluster fixture: this module's head hosts th
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def job(cluster, sid: str) -> dict:
-    """The job's record from the job server's REST API (status, start_time, ...)."""
-    with urllib.request.urlopen(f"{cluster.ray.dashboard}/api/jobs/{sid}", timeout=10) as r:
+def _api(cluster, path: str):
+    """GET on the job server's REST API, with the cluster's token (it answers 401 without)."""
+    request = urllib.request.Request(f"{cluster.ray.dashboard}{path}", headers=ray_headers())
+    with urllib.request.urlopen(request, timeout=10) as r:
         return json.loads(r.read())
 
 
+def job(cluster, sid: str) -> dict:
+    """The job's record from the job server's REST API (status, start_time, ...)."""
+    return _api(cluster, f"/api/jobs/{sid}")
+
+
 def jobs(cluster) -> dict[str, dict]:
-    with urllib.request.urlopen(f"{cluster.ray.dashboard}/api/jobs/", timeout=10) as r:
-        return {j["submission_id"]: j for j in json.loads(r.read()) if j.get("submission_id")}
+    return {j["submission_id"]: j for j in _api(cluster, "/api/jobs/") if j.get("submission_id")}
+
+
+def test_the_job_server_refuses_a_client_without_the_token(cluster):
+    """Ray's token authentication is on: the job server answers 401 to a request without it."""
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{cluster.ray.dashboard}/api/jobs/", timeout=10)
+    assert refused.value.code == 401
+    assert isinstance(jobs(cluster), dict)  # with the token: answered
 
 
 def published_matches(cluster, pointer: dict) -> bool:

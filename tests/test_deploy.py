@@ -223,10 +223,77 @@ def test_one_ray_version_and_torchs_cuda_in_the_image():
 
 
 def test_tracking_server_manifest():
+    """MLflow behind its basic-auth app on PostgreSQL, with nothing secret on its command line."""
     docs = list(yaml.safe_load_all((DEPLOY / "kuberay" / "mlflow.yaml").read_text()))
     kinds = sorted(d["kind"] for d in docs)
     assert kinds == ["Deployment", "Service", "Service", "StatefulSet"]
     (server,) = [d for d in docs if d["kind"] == "Deployment"]
-    command = " ".join(server["spec"]["template"]["spec"]["containers"][0]["args"])
-    assert "postgresql://" in command and "--artifacts-destination s3://" in command
+    pod = server["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    command = " ".join(container["command"] + container.get("args", []))
+    assert "--app-name basic-auth" in command and "--artifacts-destination s3://" in command
+    assert "postgresql://" not in command and "PASSWORD" not in command.upper()  # no secret on the command line
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "bireal-postgres"
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"].startswith("/etc/mlflow-auth/")
+    assert not any(name.startswith("AWS_") for name in env) and pod["serviceAccountName"] == "bireal-mlflow"
     assert kuberay.TRACKING_URI.startswith("http://mlflow.bireal.svc")
+
+
+def _ray_pods(manifest: dict) -> list[dict]:
+    spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+    return [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_ray_pods_take_a_token_a_role_and_no_keys(path):
+    """Ray's token authentication on (KubeRay authOptions), S3 through the service account's role
+    (IRSA), MLflow's pipeline user from a Secret; no storage keys in any pod."""
+    manifest = yaml.safe_load(path.read_text())
+    spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+    assert spec["authOptions"] == {"mode": "token", "secretName": kuberay.RAY_TOKEN_SECRET}
+    for pod in _ray_pods(manifest):
+        assert pod["metadata"]["labels"][kuberay.RAY_POD_LABEL] == "true"  # what the NetworkPolicy admits
+        assert pod["spec"]["serviceAccountName"] == kuberay.SERVICE_ACCOUNT
+        for container in pod["spec"]["containers"]:
+            names = {e["name"] for e in container.get("env", [])}
+            assert not any(n.startswith("AWS_") for n in names) and "RAY_AUTH_MODE" not in names
+            assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= names
+    if manifest["kind"] == "RayJob":  # its submitter is a labelled job client
+        labels = manifest["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+        assert labels[kuberay.RAY_CLIENT_LABEL] == "true"
+
+
+def test_network_policies_admit_only_labelled_clients():
+    docs = list(yaml.safe_load_all((DEPLOY / "kuberay" / "security.yaml").read_text()))
+    accounts = {d["metadata"]["name"]: d["metadata"]["annotations"] for d in docs if d["kind"] == "ServiceAccount"}
+    assert set(accounts) == {kuberay.SERVICE_ACCOUNT, "bireal-mlflow"}
+    assert all("eks.amazonaws.com/role-arn" in annotations for annotations in accounts.values())  # IRSA
+    policies = {
+        d["spec"]["podSelector"]["matchLabels"].popitem(): d["spec"] for d in docs if d["kind"] == "NetworkPolicy"
+    }
+    assert set(policies) == {(kuberay.RAY_POD_LABEL, "true"), ("app", "bireal-mlflow"), ("app", "bireal-postgres")}
+
+    def admitted(spec: dict) -> dict[tuple, set]:
+        """(selector kind, label) -> ports ('all' where a rule names none)."""
+        out = {}
+        for rule in spec["ingress"]:
+            ports = {p["port"] for p in rule.get("ports", [])} or {"all"}
+            for peer in rule["from"]:
+                ((kind, selector),) = peer.items()
+                for label in selector["matchLabels"].items():
+                    out.setdefault((kind, label), set()).update(ports)
+        return out
+
+    ray = admitted(policies[(kuberay.RAY_POD_LABEL, "true")])
+    assert ray == {
+        ("podSelector", (kuberay.RAY_POD_LABEL, "true")): {"all"},  # collectives, object managers, GCS
+        ("podSelector", (kuberay.RAY_CLIENT_LABEL, "true")): {8265, 10001},  # job clients: job server, client
+        ("namespaceSelector", ("bireal.io/control-plane", "true")): {8265, 8080},  # operator; Prometheus
+    }
+    mlflow = admitted(policies[("app", "bireal-mlflow")])
+    assert mlflow[("podSelector", (kuberay.RAY_POD_LABEL, "true"))] == {5000}
+    assert all(ports == {5000} for ports in mlflow.values())
+    assert admitted(policies[("app", "bireal-postgres")]) == {("podSelector", ("app", "bireal-mlflow")): {5432}}
+    for spec in policies.values():
+        assert spec["policyTypes"] == ["Ingress"]

@@ -18,6 +18,8 @@ from pipeline import stages
 from pipeline.adapters.tracking import TrackingUnavailable, client, resolve
 from pipeline.params import load_params
 
+pytestmark = pytest.mark.services
+
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):

@@ -33,6 +33,12 @@ IMAGE = "ghcr.io/bireal/bireal:0.1.0"  # built from deploy/Dockerfile and pushed
 BUCKET = "s3://bireal-imagenet"  # shards and run outputs (docs/reproduction.md: create it first)
 TRACKING_URI = "http://mlflow.bireal.svc.cluster.local:5000"  # deploy/kuberay/mlflow.yaml
 GPUS_PER_NODE = 8
+# security (deploy/kuberay/security.yaml): the Secrets and the service account the runbook creates
+RAY_TOKEN_SECRET = "bireal-ray-token"  # key auth_token: Ray's token (KubeRay authOptions)
+MLFLOW_AUTH_SECRET = "bireal-mlflow-auth"  # the pipeline's MLflow user (basic-auth app)
+SERVICE_ACCOUNT = "bireal-runner"  # IRSA: annotated with the IAM role that reaches the bucket
+RAY_POD_LABEL = "bireal.io/ray"  # the NetworkPolicies admit Ray pods by this label
+RAY_CLIENT_LABEL = "bireal.io/ray-client"  # ... and job clients (the submitter, a runbook's pod) by this
 CPUS_PER_NODE = 192  # an 8 x H100 node (p5.48xlarge): 24 per GPU, some left to Ray and the kubelet
 SHM_GI = 64  # DataLoader workers pass batches through /dev/shm: the pod default of 64 MB crashes them
 NVME = "/mnt/nvme"  # the node's local NVMe (instance store), for the shard cache
@@ -110,22 +116,32 @@ def entrypoint(profile: str, params: Params) -> str:
 
 
 def env(profile: str) -> list[dict]:
+    """Every Ray pod's environment. No storage keys: S3 through the service account's IAM role
+    (IRSA); MLflow's pipeline user from a Secret; the Ray token is KubeRay's (``authOptions``)."""
+
+    def secret(name: str, key: str) -> dict:
+        return {"secretKeyRef": {"name": name, "key": key}}
+
     return [
         {"name": "BIREAL_PIPELINE_RUN", "value": run_name(profile)},
         {"name": "MLFLOW_TRACKING_URI", "value": TRACKING_URI},
-        {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {"secretKeyRef": {"name": "bireal-s3", "key": "access-key-id"}}},
-        {
-            "name": "AWS_SECRET_ACCESS_KEY",
-            "valueFrom": {"secretKeyRef": {"name": "bireal-s3", "key": "secret-access-key"}},
-        },
+        {"name": "MLFLOW_TRACKING_USERNAME", "valueFrom": secret(MLFLOW_AUTH_SECRET, "pipeline-username")},
+        {"name": "MLFLOW_TRACKING_PASSWORD", "valueFrom": secret(MLFLOW_AUTH_SECRET, "pipeline-password")},
     ]
+
+
+def pod_metadata() -> dict:
+    """The label the NetworkPolicies admit (deploy/kuberay/security.yaml): a Ray pod of bireal's."""
+    return {"labels": {RAY_POD_LABEL: "true"}}
 
 
 def head_group(profile: str) -> dict:
     return {
         "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},  # no training on the head
         "template": {
+            "metadata": pod_metadata(),
             "spec": {
+                "serviceAccountName": SERVICE_ACCOUNT,
                 # the head holds the GCS and the job driver: never on spot capacity
                 "nodeSelector": {"karpenter.sh/capacity-type": "on-demand"},
                 "containers": [
@@ -144,7 +160,7 @@ def head_group(profile: str) -> dict:
                         },
                     }
                 ],
-            }
+            },
         },
     }
 
@@ -170,7 +186,9 @@ def worker_group(profile: str, gpus: int) -> dict:
         "maxReplicas": nodes,
         "rayStartParams": {},
         "template": {
+            "metadata": pod_metadata(),
             "spec": {
+                "serviceAccountName": SERVICE_ACCOUNT,
                 "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
                 "containers": [
                     {
@@ -188,7 +206,7 @@ def worker_group(profile: str, gpus: int) -> dict:
                     {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": f"{SHM_GI}Gi"}},
                     {"name": "nvme", "hostPath": {"path": NVME, "type": "DirectoryOrCreate"}},
                 ],
-            }
+            },
         },
     }
 
@@ -196,6 +214,9 @@ def worker_group(profile: str, gpus: int) -> dict:
 def cluster_spec(profile: str, gpus: int) -> dict:
     return {
         "rayVersion": RAY_VERSION,
+        # Ray's token authentication: KubeRay gives every Ray pod RAY_AUTH_MODE=token and the token
+        # from this Secret; a job client without it gets 401 (docs/cluster.md, security)
+        "authOptions": {"mode": "token", "secretName": RAY_TOKEN_SECRET},
         "headGroupSpec": head_group(profile),
         "workerGroupSpecs": [worker_group(profile, gpus)],
     }
@@ -216,6 +237,12 @@ def rayjob(profile: str, gpus: int) -> dict:
         "spec": {
             "entrypoint": entrypoint(profile, params),
             "submissionMode": "K8sJobMode",
+            # the submitter pod (KubeRay fills in `ray job submit` and the token): labelled as a job
+            # client, the one kind of pod besides Ray's own that the head admits
+            "submitterPodTemplate": {
+                "metadata": {"labels": {RAY_CLIENT_LABEL: "true"}},
+                "spec": {"restartPolicy": "Never", "containers": [{"name": "ray-job-submitter", "image": IMAGE}]},
+            },
             # a retried job finds its stage runs by their stable names and resumes from storage
             "backoffLimit": 3,
             "shutdownAfterJobFinishes": True,

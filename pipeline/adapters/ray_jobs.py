@@ -61,6 +61,22 @@ def submission_id(params: Params, stages: list[str]) -> str:
     return f"{params.group}-{'-'.join(stages)}-{digest}"
 
 
+def connect(address: str):
+    """A job client of the cluster at ``address``; a cluster with token authentication that refuses
+    this client is a clear error, naming the settings that carry its token."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address)
+    except AuthenticationError as e:
+        reason = str(e).splitlines()[0]
+        raise RuntimeError(
+            f"the job server at {address} refused this client ({reason}): the cluster runs Ray's token "
+            "authentication; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to its token"
+        ) from e
+
+
 def job_status(client, sid: str) -> str | None:
     """The job's status, or None when no job has this id."""
     try:
@@ -181,8 +197,6 @@ def submit(
 ) -> dict:
     """Submit (or attach to, or fetch) the stages' job; -> {"id", "action", "status", "files",
     "summaries": {stage: its summary}}."""
-    from ray.job_submission import JobSubmissionClient
-
     from ..profile_rules import trained_stages
 
     stages = [stages] if isinstance(stages, str) else list(stages)
@@ -199,7 +213,7 @@ def submit(
             "files": [str(f) for f in files],
             "summaries": summaries,
         }
-    client = JobSubmissionClient(address)
+    client = connect(address)
     status = job_status(client, sid)
     if status in ("FAILED", "STOPPED"):
         if not resubmit:

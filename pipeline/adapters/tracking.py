@@ -82,9 +82,30 @@ def start_stage_run(cfg: MlflowConfig, stage: str, config: dict, group: str, res
             c.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
     run = c.create_run(experiment_id(cfg), run_name=stage, tags=tags)
-    for key, value in flatten(config).items():
+    for key, value in loggable_params(config).items():
         c.log_param(run.info.run_id, key, str(value)[:6000])
     return run.info.run_id
+
+
+# What a stage run's params may show (anyone with READ on the experiment sees them): the train and
+# ray settings, never a runtime_env's values, which carry whatever a user passes to the workers
+# (tokens, keys). Of those, the names alone are logged.
+LOGGED_SECTIONS = ("train", "ray")
+NAMES_ONLY = {"ray.runtime_env"}
+
+
+def loggable_params(config: dict) -> dict[str, Any]:
+    """The allow-listed, flattened params of ``{"train": ..., "ray": ...}``."""
+    out = {}
+    for section in LOGGED_SECTIONS:
+        values = dict(config.get(section) or {})
+        for key in [k for k in values if f"{section}.{k}" in NAMES_ONLY]:
+            hidden = values.pop(key) or {}
+            out[f"{section}.{key}"] = json.dumps(
+                {k: sorted(v) if isinstance(v, dict) else "<set>" for k, v in hidden.items()}, sort_keys=True
+            )
+        out.update(flatten(values, f"{section}."))
+    return out
 
 
 def log_shards_input(cfg: MlflowConfig, run_id: str, shards: str) -> dict:

@@ -1,0 +1,166 @@
+"""The control planes closed, shown by behaviour on loopback (deploy/kuberay/security.yaml and
+mlflow.yaml configure the same on Kubernetes; tests/test_deploy.py checks those files):
+- Ray's token authentication: a job server that answers 401 without the token, and `bireal submit`
+  that works with the token in its environment and fails clearly without it;
+- MLflow's basic-auth app: 401 without a user, and a user with the default READ permission cannot
+  move the `champion` alias, while the admin can;
+- stage runs log an allow-list of params: a runtime_env's values (tokens) never reach MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from cluster_services import BIN, MlflowServer, _http_ok, free_port, stop, wait_for
+
+pytestmark = pytest.mark.services
+
+
+def _status(url: str, headers: dict | None = None) -> int:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+# ---------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A Ray head with token authentication on and its dashboard (the job server) on 127.0.0.1."""
+    root = tmp_path_factory.mktemp("ray_token")
+    token = secrets.token_hex(16)
+    port, dashboard = free_port(), free_port()
+    temp = Path(tempfile.mkdtemp(prefix="brt-", dir="/tmp"))  # short: AF_UNIX paths
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    log = root / "ray-head.log"
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1"]
+        + ["--num-cpus", "1", "--temp-dir", str(temp), "--include-dashboard", "true"]
+        + ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", "0"]
+        + ["--object-store-memory", "100000000", "--disable-usage-stats"],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{dashboard}"
+    wait_for(lambda: _http_ok(f"{url}/api/jobs/", {"Authorization": f"Bearer {token}"}), 120, "Ray's job server", log)
+    yield url, token
+    stop(proc)
+    subprocess.run(["pkill", "-f", str(temp)], check=False)  # any Ray process left of this head
+
+
+def test_the_job_server_wants_the_token(ray_head):
+    url, token = ray_head
+    assert _status(f"{url}/api/jobs/") == 401
+    assert _status(f"{url}/api/jobs/", {"Authorization": "Bearer not-the-token"}) == 403
+    assert _status(f"{url}/api/jobs/", {"Authorization": f"Bearer {token}"}) == 200
+    submit = json.dumps({"entrypoint": "echo owned"}).encode()
+    request = urllib.request.Request(f"{url}/api/jobs/", data=submit, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:  # nobody runs code without the token
+        urllib.request.urlopen(request, timeout=10)
+    assert refused.value.code == 401
+
+
+def test_bireal_submit_sends_the_token_from_its_environment(ray_head, tmp_path, demo_shards):
+    url, token = ray_head
+    params = tmp_path / "p.yaml"
+    params.write_text(f"train: {{shards: {demo_shards}}}\ntune: {{enabled: false, out: {tmp_path / 'tune'}}}\n")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    base.update({"BIREAL_PIPELINE_RUN": f"token-{tmp_path.name}", "HOME": str(tmp_path)})  # no ~/.ray token
+    cmd = [sys.executable, "-m", "pipeline.cli", "submit", "--stage", "tune", "--params", str(params)]
+    cmd += ["--address", url, "--python", sys.executable, "--out", str(tmp_path / "submitted")]
+    refused = subprocess.run(cmd, capture_output=True, text=True, env=base, cwd=tmp_path, timeout=120)
+    assert refused.returncode == 2 and "token" in refused.stderr.lower(), refused.stderr[-2000:]
+    assert not (tmp_path / "submitted").exists()
+    with_token = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=with_token, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "submitted" in done.stdout and (tmp_path / "submitted" / "tune.json").is_file()
+
+
+# ---------------------------------------------------------------------------- MLflow
+
+
+@pytest.fixture(scope="module")
+def mlflow_auth(tmp_path_factory):
+    """MLflow's basic-auth app: default permission READ, its users in their own database."""
+    root = tmp_path_factory.mktemp("mlflow_auth")
+    admin = ("admin", secrets.token_hex(12))
+    config = root / "basic_auth.ini"
+    config.write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{root / 'auth.db'}\nadmin_username = {admin[0]}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    env = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+    }
+    server = MlflowServer(root, f"sqlite:///{root / 'mlflow.db'}", str(root / "artifacts"), "", "basic-auth", env)
+    yield server, admin
+    server.close()
+
+
+def _as(monkeypatch, user: tuple[str, str]) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", user[1])
+
+
+def test_mlflow_wants_a_user_and_readers_cannot_move_champion(mlflow_auth, monkeypatch):
+    from mlflow.exceptions import MlflowException
+    from mlflow.server.auth.client import AuthServiceClient
+    from mlflow.tracking import MlflowClient
+
+    server, admin = mlflow_auth
+    assert _status(f"{server.uri}/api/2.0/mlflow/experiments/search?max_results=1") == 401
+    _as(monkeypatch, admin)
+    viewer = ("viewer", secrets.token_hex(12))
+    AuthServiceClient(server.uri).create_user(*viewer)
+    c = MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
+    c.create_registered_model("bireal-secure")
+    for _ in range(2):
+        c.create_model_version("bireal-secure", source="mlflow-artifacts:/packed")
+    c.set_registered_model_alias("bireal-secure", "champion", "1")
+
+    _as(monkeypatch, viewer)  # a user with the default permission: READ
+    c = MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
+    assert c.get_model_version_by_alias("bireal-secure", "champion").version == "1"  # may read
+    with pytest.raises(MlflowException, match="(?i)permission"):
+        c.set_registered_model_alias("bireal-secure", "champion", "2")
+    _as(monkeypatch, ("viewer", "wrong"))
+    with pytest.raises(MlflowException, match="401|(?i)unauthori"):
+        MlflowClient(tracking_uri=server.uri).search_experiments()
+
+    _as(monkeypatch, admin)
+    c = MlflowClient(tracking_uri=server.uri, registry_uri=server.uri)
+    assert c.get_model_version_by_alias("bireal-secure", "champion").version == "1"  # unchanged by the reader
+    c.set_registered_model_alias("bireal-secure", "champion", "2")
+    assert c.get_model_version_by_alias("bireal-secure", "champion").version == "2"
+
+
+def test_stage_params_show_no_runtime_env_values(tmp_path):
+    from dataclasses import asdict
+
+    from pipeline.adapters.tracking import client, resolve, start_stage_run
+    from pipeline.params import MlflowConfig, RayConfig, TrainConfig
+
+    cfg = resolve(MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", experiment="secrets"))
+    ray_cfg = RayConfig(runtime_env={"env_vars": {"HF_TOKEN": "hunter2", "NCCL_DEBUG": "INFO"}, "pip": ["x"]})
+    run_id = start_stage_run(cfg, "pretrain", {"train": asdict(TrainConfig()), "ray": asdict(ray_cfg)}, "g")
+    params = client(cfg).get_run(run_id).data.params
+    assert "hunter2" not in json.dumps(params) and "INFO" not in params["ray.runtime_env"]
+    assert json.loads(params["ray.runtime_env"]) == {"env_vars": ["HF_TOKEN", "NCCL_DEBUG"], "pip": "<set>"}
+    assert params["train.lr"] == str(TrainConfig().lr) and params["ray.num_workers"] == "2"

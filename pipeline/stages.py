@@ -65,6 +65,8 @@ def train(
 def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> dict:
     """``config`` run as one MLflow stage run, on Ray under the run's lease; -> {"checkpoint",
     "history", "final", "cost", "mlflow_run_id"}."""
+    import mlflow.tracking  # noqa: F401  (the pipeline extra: without it, fail before any work)
+
     from .adapters.tracking import experiment_id, resolve
 
     ray_run = None

@@ -15,6 +15,7 @@
 """
 
 import copy
+import json
 import re
 import shlex
 from pathlib import Path
@@ -27,6 +28,7 @@ from pipeline.adapters import kuberay
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 SCHEMAS = ROOT.parent / "shared" / "reference" / "kuberay-v1.7.0"
+PROMETHEUS_SCHEMAS = ROOT.parent / "shared" / "reference" / "prometheus-operator-v0.93.0"
 MANIFESTS = sorted((DEPLOY / "kuberay").glob("ray*.yaml"))
 # required by the CRD but defaulted by the operator or the API server: optional in a manifest
 DEFAULTED = {"maxReplicas", "minReplicas", "replicas", "containerPort", "protocol", "rayStartParams", "groupName"}
@@ -297,3 +299,49 @@ def test_network_policies_admit_only_labelled_clients():
     assert admitted(policies[("app", "bireal-postgres")]) == {("podSelector", ("app", "bireal-mlflow")): {5432}}
     for spec in policies.values():
         assert spec["policyTypes"] == ["Ingress"]
+
+
+def test_prometheus_scrapes_every_ray_pod():
+    """The PodMonitor validates strictly against prometheus-operator v0.93.0's CRD and selects the
+    Ray pods, whose every container exports Ray's metrics on the named port it scrapes."""
+    import jsonschema
+
+    if not PROMETHEUS_SCHEMAS.is_dir():
+        pytest.skip(f"{PROMETHEUS_SCHEMAS} is absent (the CRDs ship beside the project, not in it)")
+    monitor = yaml.safe_load((DEPLOY / "kuberay" / "monitoring.yaml").read_text())
+    crd = yaml.safe_load((PROMETHEUS_SCHEMAS / "monitoring.coreos.com_podmonitors.yaml").read_text())
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    validator = jsonschema.Draft7Validator(strict(v1["schema"]["openAPIV3Schema"]))
+    assert [e.message for e in validator.iter_errors(monitor)] == []
+    bad = copy.deepcopy(monitor)
+    bad["spec"]["podMetricsEndpoints"][0]["prot"] = "metrics"  # a typo the operator would ignore
+    assert any("prot" in e.message for e in validator.iter_errors(bad))
+    assert monitor["spec"]["selector"]["matchLabels"] == {kuberay.RAY_POD_LABEL: "true"}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    for path in MANIFESTS:
+        manifest = yaml.safe_load(path.read_text())
+        spec = manifest["spec"].get("rayClusterSpec", manifest["spec"])
+        for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+            assert group["rayStartParams"]["metrics-export-port"] == str(kuberay.METRICS_PORT)
+            for container in group["template"]["spec"]["containers"]:
+                ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+                assert ports[endpoint["port"]] == kuberay.METRICS_PORT, path.name
+
+
+def test_grafana_dashboards_are_the_ones_ray_writes(ray_local, tmp_path, capsys):
+    """The ConfigMaps carry Ray's own dashboards byte for byte, taken from a running Ray's session
+    folder (here the suite's local Ray), never hand-written ones."""
+    from pipeline.adapters.kuberay import main
+
+    session = Path(ray_local._private.worker._global_node.get_session_dir_path())
+    dashboards = session / "metrics" / "grafana" / "dashboards"
+    maps = kuberay.grafana_dashboards(dashboards)
+    assert [m["metadata"]["name"] for m in maps] == ["ray-grafana-default", "ray-grafana-train"]
+    for m in maps:
+        assert m["metadata"]["labels"]["grafana_dashboard"] == "1"  # Grafana's dashboard sidecar
+        ((name, text),) = m["data"].items()
+        assert text == (dashboards / name).read_text() and json.loads(text)["panels"]
+    with pytest.raises(FileNotFoundError, match="metrics/grafana/dashboards"):
+        kuberay.grafana_dashboards(tmp_path)
+    main(["--grafana-from", str(dashboards)])  # what the runbook pipes into kubectl apply
+    assert list(yaml.safe_load_all(capsys.readouterr().out)) == maps

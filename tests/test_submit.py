@@ -48,8 +48,12 @@ def test_submit_fetch_and_resubmit(dashboard, demo_shards, tmp_path, monkeypatch
     monkeypatch.setenv("BIREAL_PIPELINE_RUN", f"submit-{tmp_path.name}")
     params = load_params(params_file(tmp_path, demo_shards))
     out = tmp_path / "submitted"
-    first = submit(params, "tune", dashboard, out, python=sys.executable, poll_s=0.5, timeout_s=180)
+    shown: list[str] = []
+    first = submit(params, "tune", dashboard, out, python=sys.executable, poll_s=0.5, timeout_s=180, echo=shown.append)
     assert (first["action"], first["status"]) == ("submitted", "SUCCEEDED")
+    assert f"({dashboard}/#/jobs/{first['id']})" in shown[0]  # the job's page in the Ray dashboard
+    streamed = [line for line in shown[1:] if line.startswith(f"[{first['id']}] ")]
+    assert any('"enabled": false' in line for line in streamed)  # the job's own output, streamed as it ran
     assert first["id"].startswith(f"submit-{tmp_path.name}-tune-")
     summary = json.loads((out / "tune.json").read_text())
     assert summary["enabled"] is False and Path(summary["files"]["best"]).is_file()

@@ -12,7 +12,9 @@ For each profile and GPU count:
   tracking URI and the pipeline run id as env; ``backoffLimit`` retries that resume, since run
   names are stable);
 - ``deploy/kuberay/raycluster.yaml``: the same cluster for interactive use.
-Usage: python -m pipeline.adapters.kuberay   (rewrites deploy/params and deploy/kuberay)
+- ``deploy/kuberay/monitoring.yaml``: the PodMonitor that scrapes every Ray pod's metrics port.
+Usage: python -m pipeline.adapters.kuberay   (rewrites deploy/params and deploy/kuberay);
+       python -m pipeline.adapters.kuberay --grafana-from DIR   (Ray's Grafana dashboards as ConfigMaps)
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ RAY_TOKEN_SECRET = "bireal-ray-token"  # key auth_token: Ray's token (KubeRay au
 MLFLOW_AUTH_SECRET = "bireal-mlflow-auth"  # the pipeline's MLflow user (basic-auth app)
 SERVICE_ACCOUNT = "bireal-runner"  # IRSA: annotated with the IAM role that reaches the bucket
 RAY_POD_LABEL = "bireal.io/ray"  # the NetworkPolicies admit Ray pods by this label
+METRICS_PORT = 8080  # Ray's Prometheus metrics on every pod (rayStartParams metrics-export-port)
+GRAFANA_DASHBOARDS = ("default", "train")  # Ray's own dashboards of what this pipeline runs: cluster, Train
 RAY_CLIENT_LABEL = "bireal.io/ray-client"  # ... and job clients (the submitter, a runbook's pod) by this
 CPUS_PER_NODE = 192  # an 8 x H100 node (p5.48xlarge): 24 per GPU, some left to Ray and the kubelet
 SHM_GI = 64  # DataLoader workers pass batches through /dev/shm: the pod default of 64 MB crashes them
@@ -137,7 +141,8 @@ def pod_metadata() -> dict:
 
 def head_group(profile: str) -> dict:
     return {
-        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0"},  # no training on the head
+        # no training on the head; Prometheus metrics on METRICS_PORT (the PodMonitor scrapes it)
+        "rayStartParams": {"dashboard-host": "0.0.0.0", "num-gpus": "0", "metrics-export-port": str(METRICS_PORT)},
         "template": {
             "metadata": pod_metadata(),
             "spec": {
@@ -153,6 +158,7 @@ def head_group(profile: str) -> dict:
                             {"containerPort": 6379, "name": "gcs"},
                             {"containerPort": 8265, "name": "dashboard"},
                             {"containerPort": 10001, "name": "client"},
+                            {"containerPort": METRICS_PORT, "name": "metrics"},
                         ],
                         "resources": {
                             "requests": {"cpu": "8", "memory": "32Gi"},
@@ -184,7 +190,7 @@ def worker_group(profile: str, gpus: int) -> dict:
         "replicas": nodes,
         "minReplicas": nodes,  # min = max: a data-parallel job needs all of its workers
         "maxReplicas": nodes,
-        "rayStartParams": {},
+        "rayStartParams": {"metrics-export-port": str(METRICS_PORT)},
         "template": {
             "metadata": pod_metadata(),
             "spec": {
@@ -195,6 +201,7 @@ def worker_group(profile: str, gpus: int) -> dict:
                         "name": "ray-worker",
                         "image": IMAGE,
                         "env": worker_env,
+                        "ports": [{"containerPort": METRICS_PORT, "name": "metrics"}],
                         "resources": {"requests": per_pod, "limits": per_pod},
                         "volumeMounts": [
                             {"name": "dshm", "mountPath": "/dev/shm"},
@@ -265,6 +272,58 @@ def raycluster(profile: str = "imagenet_bireal18_official", gpus: int = 8) -> di
     }
 
 
+def pod_monitor() -> dict:
+    """Prometheus (prometheus-operator) scrapes every Ray pod's metrics port, labelled with its
+    RayCluster as Ray's Grafana dashboards expect (``ray_io_cluster``)."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PodMonitor",
+        "metadata": {"name": "bireal-ray", "namespace": "bireal", "labels": {"app.kubernetes.io/part-of": "bireal"}},
+        "spec": {
+            "selector": {"matchLabels": {RAY_POD_LABEL: "true"}},
+            "namespaceSelector": {"matchNames": ["bireal"]},
+            "podMetricsEndpoints": [
+                {
+                    "port": "metrics",
+                    "interval": "15s",
+                    "relabelings": [
+                        {
+                            "action": "replace",
+                            "sourceLabels": ["__meta_kubernetes_pod_label_ray_io_cluster"],
+                            "targetLabel": "ray_io_cluster",
+                        }
+                    ],
+                }
+            ],
+        },
+    }
+
+
+def grafana_dashboards(dashboards_dir: Path) -> list[dict]:
+    """Ray's own Grafana dashboards, as written by the running Ray version into its session folder
+    (``<session>/metrics/grafana/dashboards``), one ConfigMap each for Grafana's dashboard sidecar
+    (label ``grafana_dashboard: "1"``). Not hand-written: take them from the cluster's head, whose
+    Ray matches the metrics it exports (docs/cluster.md, "Metrics")."""
+    maps = []
+    for name in GRAFANA_DASHBOARDS:
+        path = dashboards_dir / f"{name}_grafana_dashboard.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: not there; pass Ray's <session>/metrics/grafana/dashboards folder")
+        maps.append(
+            {
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {
+                    "name": f"ray-grafana-{name}",
+                    "namespace": "bireal",
+                    "labels": {"grafana_dashboard": "1", "app.kubernetes.io/part-of": "bireal"},
+                },
+                "data": {path.name: path.read_text()},
+            }
+        )
+    return maps
+
+
 HEADER = "# Generated by `python -m pipeline.adapters.kuberay` from {source}: edit that, then re-render.\n"
 
 
@@ -283,10 +342,26 @@ def rendered() -> dict[Path, str]:
     out[DEPLOY / "kuberay" / "raycluster.yaml"] = HEADER.format(source="pipeline/adapters/kuberay.py") + yaml.safe_dump(
         raycluster(), sort_keys=False
     )
+    out[DEPLOY / "kuberay" / "monitoring.yaml"] = HEADER.format(source="pipeline/adapters/kuberay.py") + yaml.safe_dump(
+        pod_monitor(), sort_keys=False
+    )
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m pipeline.adapters.kuberay", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--grafana-from",
+        metavar="DIR",
+        help="print ConfigMaps of Ray's Grafana dashboards from DIR (<session>/metrics/grafana/dashboards) instead",
+    )
+    args = parser.parse_args(argv)
+    if args.grafana_from:
+        sys.stdout.write(yaml.safe_dump_all(grafana_dashboards(Path(args.grafana_from)), sort_keys=False))
+        return
     for path, text in rendered().items():
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text)

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -122,23 +123,48 @@ def submitted(client, params: Params, stages: list[str], python: str) -> bool:
     return True
 
 
-def follow(client, sid: str, poll_s: float, timeout_s: float | None, echo=print) -> tuple[str, str]:
-    """Poll until the job ends, echoing its new log lines; -> (the final status, the whole log)."""
-    start, shown = time.monotonic(), 0
-    while True:
-        status = job_status(client, sid)
-        logs = client.get_job_logs(sid)  # read after the status: a finished job's log is complete
-        lines = logs.splitlines()
-        for line in lines[shown:]:
-            echo(f"[{sid}] {line}")
-        shown = len(lines)
-        if status in TERMINAL:
-            return status, logs
-        if timeout_s is not None and time.monotonic() - start > timeout_s:
-            raise TimeoutError(
-                f"job {sid} still {status} after {timeout_s:.0f} s (it keeps running; submit again to attach)"
-            )
+def follow(client, sid: str, timeout_s: float | None, echo=print, poll_s: float = 1.0) -> tuple[str, str]:
+    """Stream the job's log as it grows (the SDK's ``tail_job_logs``: each chunk once, where polling
+    the whole log would be quadratic over a days-long job), echoing whole lines, until the job
+    ends; -> (the final status, the whole log, read once at the end for the stage summaries)."""
+    import asyncio
+
+    async def stream():
+        partial = ""
+        async for chunk in client.tail_job_logs(sid):
+            *lines, partial = (partial + chunk).split("\n")
+            for line in lines:
+                echo(f"[{sid}] {line}")
+        if partial:
+            echo(f"[{sid}] {partial}")
+
+    failure: list[BaseException] = []
+
+    def run():  # a loop of its own, in a thread of its own: callers may be inside one (Prefect)
+        try:
+            asyncio.run(asyncio.wait_for(stream(), timeout_s))
+        except BaseException as e:
+            failure.append(e)
+
+    streamer = threading.Thread(target=run, name=f"tail-{sid}")
+    streamer.start()
+    streamer.join()
+    if failure and isinstance(failure[0], (asyncio.TimeoutError, TimeoutError)):
+        raise TimeoutError(
+            f"job {sid} still running after {timeout_s:.0f} s (it keeps running; submit again to attach)"
+        ) from None
+    if failure:
+        raise failure[0]
+    status = job_status(client, sid)
+    while status not in TERMINAL:  # the stream closes as the job ends; its status may lag a moment
         time.sleep(poll_s)
+        status = job_status(client, sid)
+    return status, client.get_job_logs(sid)
+
+
+def dashboard_link(address: str, sid: str) -> str:
+    """The job's page in the Ray dashboard (the address is the job server's, the dashboard's own)."""
+    return f"{address.rstrip('/')}/#/jobs/{sid}"
 
 
 def stage_summaries(logs: str, stages: list[str]) -> dict[str, dict]:
@@ -226,8 +252,11 @@ def submit(
     action = {None: "submitted", "SUCCEEDED": "fetched"}.get(status, "attached")
     if status is None and not submitted(client, params, stages, python):
         action = "attached"  # another submitter's job of this id went in first: follow that one
-    echo(f"bireal submit: {action} {sid} at {address}")
-    final, logs = follow(client, sid, poll_s, timeout_s, echo=echo if action != "fetched" else (lambda line: None))
+    echo(f"bireal submit: {action} {sid} at {address} ({dashboard_link(address, sid)})")
+    if action == "fetched":  # finished: its log once, for the summaries
+        final, logs = status, client.get_job_logs(sid)
+    else:
+        final, logs = follow(client, sid, timeout_s, echo=echo, poll_s=poll_s)
     if final != "SUCCEEDED":
         tail = "\n".join(logs.splitlines()[-20:])
         raise RuntimeError(f"job {sid} ended {final}; the end of its log:\n{tail}")

@@ -53,6 +53,15 @@ def test_the_job_server_refuses_a_client_without_the_token(cluster):
     assert isinstance(jobs(cluster), dict)  # with the token: answered
 
 
+def submission_of(params: Path, run: str, stages: list[str], monkeypatch) -> str:
+    """The job id `bireal submit` gives ``stages`` of pipeline run ``run`` (it carries the params' digest)."""
+    from pipeline.adapters.ray_jobs import submission_id
+    from pipeline.params import load_params
+
+    monkeypatch.setenv("BIREAL_PIPELINE_RUN", run)
+    return submission_id(load_params(params), stages)
+
+
 def published_matches(cluster, pointer: dict) -> bool:
     """A pointer file's {uri, sha256} names an object in the bucket with that digest."""
     bucket = f"s3://{cluster.s3.bucket}/"
@@ -61,7 +70,7 @@ def published_matches(cluster, pointer: dict) -> bool:
     return body is not None and hashlib.sha256(body).hexdigest() == pointer["sha256"]
 
 
-def test_dvc_repro_drives_the_cluster_and_a_second_repro_does_nothing(cluster):
+def test_dvc_repro_drives_the_cluster_and_a_second_repro_does_nothing(cluster, monkeypatch):
     """deploy/dvc.yaml in a new git repo: every stage is a job on the cluster (export, evaluate and
     register as one), its training on the worker nodes; what DVC tracks are the summaries and the
     pointers to the checkpoints in S3. A second `dvc repro` submits nothing."""
@@ -86,9 +95,10 @@ def test_dvc_repro_drives_the_cluster_and_a_second_repro_does_nothing(cluster):
     first = dvc("repro", "deploy/dvc.yaml")
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     groups = ("pretrain", "tune", "binarize", "finetune", "export-evaluate-register")
-    for group in groups:
-        assert f"submitted {run}-{group} " in first.stdout, group
-    assert {f"{run}-{g}" for g in groups} <= set(jobs(cluster))
+    ids = {g: submission_of(repo / "cluster.yaml", run, g.split("-"), monkeypatch) for g in groups}
+    for group, sid in ids.items():
+        assert f"submitted {sid} " in first.stdout, group
+    assert set(ids.values()) <= set(jobs(cluster))
 
     submitted = repo / "submitted"
     for stage, names in (("pretrain", ("pretrain-relu", "pretrain-clip", "pretrain")), ("binarize", ("binarize",))):
@@ -110,15 +120,6 @@ def test_dvc_repro_drives_the_cluster_and_a_second_repro_does_nothing(cluster):
     assert "didn't change" in second.stdout or "up to date" in second.stdout
     assert {sid: j["start_time"] for sid, j in jobs(cluster).items()} == started  # no job ran again
     cluster.say(f"dvc repro: {len(groups)} jobs on the cluster, evaluate top-1 {evaluation['top1']:.4f}; rerun: none")
-
-
-def submission_of(params: Path, run: str, stages: list[str], monkeypatch) -> str:
-    """The job id `bireal submit` gives ``stages`` of pipeline run ``run`` (it carries the params' digest)."""
-    from pipeline.adapters.ray_jobs import submission_id
-    from pipeline.params import load_params
-
-    monkeypatch.setenv("BIREAL_PIPELINE_RUN", run)
-    return submission_id(load_params(params), stages)
 
 
 def test_a_killed_submitter_reattaches_to_the_same_job(cluster, monkeypatch):
@@ -154,7 +155,7 @@ def test_a_killed_submitter_reattaches_to_the_same_job(cluster, monkeypatch):
     cluster.say(f"killed submitter: reattached to {sid}, 9 epochs logged once each")
 
 
-def test_the_prefect_flow_submits_its_stages_when_ray_address_is_a_job_server(cluster):
+def test_the_prefect_flow_submits_its_stages_when_ray_address_is_a_job_server(cluster, monkeypatch):
     """The same flow as on one machine, with ``ray.address: http://HEAD:8265`` in the params file:
     each stage is a Ray job on the cluster (shard too), export + evaluate + register as one; the
     flow runs in a process of its own with Prefect's ephemeral API, as a user's script would."""
@@ -191,8 +192,9 @@ def test_the_prefect_flow_submits_its_stages_when_ray_address_is_a_job_server(cl
     summary = run_flow()
     assert summary["evaluation"]["images"] == 360 and summary["registry"]["version"] == 1
     groups = ("shard", "pretrain", "tune", "binarize", "finetune", "export-evaluate-register")
-    assert {s for s in jobs(cluster) if s.startswith(run)} == {f"{run}-{g}" for g in groups}
-    assert all(jobs(cluster)[f"{run}-{g}"]["status"] == "SUCCEEDED" for g in groups)
+    ids = {submission_of(params, run, g.split("-"), monkeypatch) for g in groups}
+    assert {s for s in jobs(cluster) if s.startswith(run)} == ids
+    assert all(jobs(cluster)[sid]["status"] == "SUCCEEDED" for sid in ids)
     assert (folder / "submitted" / "binarize" / "binarize.pointer.json").is_file()
     assert not (folder / "checkpoints").exists() and not (folder / "data").exists()  # all of it ran in jobs
     assert cluster.s3.read("shards/manifest.json") is not None  # the shard job wrote to the bucket

@@ -401,6 +401,13 @@ class StorageConfig:
     artifacts: str = ""
     endpoint_url: str = ""  # an S3-compatible store (MinIO, moto): http://host:port
     shard_cache: str = ""  # a per-node folder caching remote shards ("" = stream them)
+    # one S3 request's timeout: a store slower than this is retried, 10 attempts with backoff
+    # (AWS's standard mode), by every client (s3fs, and pyarrow for Ray's storage)
+    request_timeout_s: float = 60.0
+
+    def __post_init__(self):
+        if self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s={self.request_timeout_s}: a timeout is > 0 seconds")
 
 
 @dataclass
@@ -668,7 +675,7 @@ def load_params(name_or_path: str | os.PathLike | None = None, train_overrides: 
     params = Params(path, raw, group=run_group(path), train_overrides=dict(train_overrides or {}), **sections)
     # the storage settings reach this process's opens and, through the environment, its children
     # (DataLoader workers) and the Ray job's workers (adapters/ray_train.job_runtime_env)
-    storage.configure(params.storage.endpoint_url, params.storage.shard_cache)
+    storage.configure(params.storage.endpoint_url, params.storage.shard_cache, params.storage.request_timeout_s)
     build(TrainConfig, dict(raw.get("train") or {}), f"{path}:train")  # errors name train.KEY
     for stage in STAGES:  # and then <stage>.KEY
         params.train(stage, tuned=False)

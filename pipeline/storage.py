@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import IO
 
 ENDPOINT_ENV = "BIREAL_S3_ENDPOINT_URL"
+TIMEOUT_ENV = "BIREAL_S3_TIMEOUT_S"  # one S3 request's timeout; a slower answer is retried with backoff
+RETRIES = 10  # attempts per S3 request (AWS's standard retry mode: exponential backoff with jitter)
 CACHE_ENV = "BIREAL_SHARD_CACHE"  # a per-node cache folder for remote shards ("" = none): shard_read.py
 
 
@@ -38,13 +40,15 @@ def absolute(location: str) -> str:
     return str(p if p.is_absolute() else (Path.cwd() / p).resolve())
 
 
-def configure(endpoint_url: str = "", shard_cache: str = "") -> dict[str, str]:
+def configure(endpoint_url: str = "", shard_cache: str = "", request_timeout_s: float = 0.0) -> dict[str, str]:
     """This process's (and its children's) storage settings; -> the env vars for Ray workers."""
     env = {}
     if endpoint_url:
         env[ENDPOINT_ENV] = endpoint_url
     if shard_cache:
         env[CACHE_ENV] = shard_cache
+    if request_timeout_s:
+        env[TIMEOUT_ENV] = str(request_timeout_s)
     os.environ.update(env)
     return env
 
@@ -53,11 +57,22 @@ def endpoint_url() -> str:
     return os.environ.get(ENDPOINT_ENV, "")
 
 
+def request_timeout_s() -> float:
+    return float(os.environ.get(TIMEOUT_ENV, "") or 60.0)
+
+
 def options(location: str) -> dict:
-    """fsspec keyword arguments for ``location``'s protocol."""
-    if location.startswith("s3://") and endpoint_url():
-        return {"endpoint_url": endpoint_url()}
-    return {}
+    """fsspec keyword arguments for ``location``'s protocol: for S3 the endpoint, the request
+    timeout and retries with backoff (a stalled store is waited out, not a failed stage)."""
+    if not location.startswith("s3://"):
+        return {}
+    timeout = request_timeout_s()
+    config = {
+        "connect_timeout": min(timeout, 10.0),
+        "read_timeout": timeout,
+        "retries": {"max_attempts": RETRIES, "mode": "standard"},
+    }
+    return {"config_kwargs": config, **({"endpoint_url": endpoint_url()} if endpoint_url() else {})}
 
 
 def filesystem(location: str):
@@ -152,10 +167,11 @@ def pyarrow_filesystem(location: str):
         return None, location
     from pyarrow import fs as pafs
 
+    timeout = request_timeout_s()
     s3 = pafs.S3FileSystem(
         endpoint_override=endpoint_url() or None,
-        request_timeout=60,
-        connect_timeout=10,
-        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=10),
+        request_timeout=timeout,
+        connect_timeout=min(timeout, 10.0),
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=RETRIES),
     )
     return s3, location.removeprefix("s3://")

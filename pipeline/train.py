@@ -16,6 +16,7 @@ A stage is a list of *segments* run in order, each with its own optimizer and sc
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -610,6 +611,21 @@ class Progress:
     model: nn.Module | None = None
     optimizer_state: dict | None = None
     restarts: int = 0
+    # what a restore restored: the global epoch of its checkpoint and that model's weights digest
+    # (-1 and "" for a fresh start); each epoch of this attempt records both, so a fault test can
+    # tell a resume from the latest checkpoint from one from an older one (tests/test_cluster.py)
+    restored_epoch: int = -1
+    restored_sha256: str = ""
+
+
+def weights_digest(model: nn.Module) -> str:
+    """sha256 over the model's tensors in name order: the same weights give the same digest,
+    wherever and however they were stored."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def save_stage_checkpoint(
@@ -654,6 +670,8 @@ def resume_progress(config: TrainConfig, runtime: Runtime, plan: list[Segment]) 
         model,
         state["optimizer"],
         int(state["extra"].get("restarts", 0)) + 1,
+        restored_epoch=len(state["history"]) - 1,
+        restored_sha256=weights_digest(model),
     )
     if progress.epoch >= plan[progress.segment].epochs:  # that segment had finished
         done = plan[progress.segment]
@@ -871,6 +889,10 @@ def train_loop(
                 config, runtime, data, model, train_model, optimizer, seg, epoch, global_epoch, device, criterion
             )
             metrics["restarts"] = progress.restarts
+            metrics["resumed_from_epoch"] = progress.restored_epoch
+            metrics["restored_sha256"] = progress.restored_sha256
+            if runtime.rank == 0:  # the weights this epoch's checkpoint holds
+                metrics["weights_sha256"] = weights_digest(model)
             metrics["packed_convs"] = packed_convs  # binary convs run on the packed ops (kernels: auto)
             history.append(metrics)
             ckpt_dir = Path(config.out) / ".train_state" / f"{config.stage}-epoch{global_epoch:03d}"

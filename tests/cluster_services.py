@@ -517,6 +517,23 @@ class Cluster:
         runs = client.search_runs([exp.experiment_id], f"tags.`bireal.stage` = '{stage}'")
         return [sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_top1")) for r in runs]
 
+    def stage_history(self, run_name: str) -> list[dict]:
+        """The per-epoch history in the newest checkpoint Ray Train registered for the run, read from
+        S3: what the workers trained and reported, independent of MLflow (which skips steps it has);
+        [] before the first. Read in a subprocess: this process keeps torch out of its memory."""
+        names = self.ray_checkpoints(run_name)
+        if not names:
+            return []
+        data = self.s3.read(f"ray/{run_name}/{names[-1]}/train_state.pt")
+        code = (
+            "import io, json, sys, torch\n"
+            "state = torch.load(io.BytesIO(sys.stdin.buffer.read()), weights_only=True)\n"
+            "print(json.dumps(state['history'], default=str))\n"
+        )
+        python = [str(BIN / "python"), "-c", code]
+        out = subprocess.run(python, input=data, capture_output=True, check=True, timeout=120)
+        return json.loads(out.stdout)
+
     def ray_checkpoints(self, run_name: str) -> list[str]:
         """The checkpoints Ray Train has registered for the run: those its checkpoint manager's
         snapshot in S3 lists, so a re-launched run resumes from them. (A checkpoint the workers

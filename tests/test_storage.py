@@ -38,7 +38,15 @@ def test_locations_and_endpoint_options(monkeypatch):
     assert not storage.is_local("pipe:cat x") and storage.is_local("data/shards")
     assert storage.join("s3://b/a/", "/run", "x.safetensors") == "s3://b/a/run/x.safetensors"
     monkeypatch.setenv(storage.ENDPOINT_ENV, "http://127.0.0.1:9000")
-    assert storage.options("s3://b/k") == {"endpoint_url": "http://127.0.0.1:9000"}
+    monkeypatch.setenv(storage.TIMEOUT_ENV, "5")  # storage.request_timeout_s: waited, then retried
+    assert storage.options("s3://b/k") == {
+        "endpoint_url": "http://127.0.0.1:9000",
+        "config_kwargs": {
+            "connect_timeout": 5.0,
+            "read_timeout": 5.0,
+            "retries": {"max_attempts": storage.RETRIES, "mode": "standard"},
+        },
+    }
     assert storage.options("/local/path") == {}
     fs, path = storage.pyarrow_filesystem("s3://bucket/ray")
     assert path == "bucket/ray" and type(fs).__name__ == "S3FileSystem"
@@ -153,6 +161,7 @@ def test_runtime_env_carries_the_storage_settings(monkeypatch):
 
     monkeypatch.setenv(storage.ENDPOINT_ENV, "http://s3.internal:9000")
     monkeypatch.delenv(storage.CACHE_ENV, raising=False)
+    monkeypatch.delenv(storage.TIMEOUT_ENV, raising=False)
     cfg = RayConfig(runtime_env={"env_vars": {"NCCL_DEBUG": "INFO"}, "excludes": ["data/"]})
     assert job_runtime_env(cfg) == {
         "env_vars": {storage.ENDPOINT_ENV: "http://s3.internal:9000", "NCCL_DEBUG": "INFO"},

@@ -105,7 +105,8 @@ def job_runtime_env(cfg: RayConfig) -> dict:
     """The job's runtime_env: the ``ray.runtime_env`` setting, with the storage settings' env vars
     (endpoint, shard cache) added so every worker reaches the same storage."""
     env = dict(cfg.runtime_env)
-    shared = {k: os.environ[k] for k in (storage.ENDPOINT_ENV, storage.CACHE_ENV) if os.environ.get(k)}
+    names = (storage.ENDPOINT_ENV, storage.CACHE_ENV, storage.TIMEOUT_ENV)
+    shared = {k: os.environ[k] for k in names if os.environ.get(k)}
     if shared:
         env["env_vars"] = {**shared, **(env.get("env_vars") or {})}
     return env

@@ -5,7 +5,8 @@ Ray's run folder and the MLflow run, each publishing the same names. The first d
 ``<storage>/<run>.lease.json`` = {holder, since, expires, token}; a second one finds it live and
 stops at once, naming the holder (``LeaseHeld``). The holder renews it every third of its
 time-to-live from a background thread; a holder that died stops renewing, and once ``expires`` has
-passed the next driver takes the run over.
+passed the next driver takes the run over (at once where the holder was a process of the same
+machine, same boot, that no longer exists: a driver killed and run again in place).
 
 Every change is a compare-and-swap against the version read, so two drivers racing for a free or
 lapsed lease end with one holder:
@@ -48,6 +49,28 @@ class LeaseLost(RuntimeError):
 
 def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _boot_id() -> str:
+    """This machine's current boot and PID namespace (Linux): where a holder's pid can be looked up
+    (two pods on one node share the boot, not the namespace); "" where unknown, which never matches."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 class _LocalRecord:
@@ -148,13 +171,23 @@ class RunLease:
             "expires": now + self.ttl_s,
             "token": self.token,
             "run": self.name,
+            "boot_id": _boot_id(),
+            "pid": os.getpid(),
         }
+
+    def _lapsed(self, current: dict) -> bool:
+        """Past its ``expires``, or held by a process of this very machine (same boot and PID
+        namespace) that is gone: a driver killed here is taken over at once, not a time-to-live later."""
+        if current["expires"] <= time.time():
+            return True
+        same_boot = current.get("boot_id") and current.get("boot_id") == _boot_id()
+        return bool(same_boot) and not _alive(int(current.get("pid", -1)))
 
     def acquire(self) -> None:
         """Take the lease, or raise ``LeaseHeld`` naming its live holder."""
         for _ in range(3):  # a lost race re-reads: the winner is then a live holder
             current, version = self.record.read()
-            if current is not None and current.get("token") != self.token and current["expires"] > time.time():
+            if current is not None and current.get("token") != self.token and not self._lapsed(current):
                 left = current["expires"] - time.time()
                 raise LeaseHeld(
                     f"run {self.name} held by {current['holder']} since {current['since']} (its lease, "

@@ -110,3 +110,32 @@ def test_an_outage_past_the_wait_fails_naming_mlflow(tmp_path, demo_shards, mlfl
         freeze.close()
     # the training itself finished: its checkpoint is kept for the rerun
     assert (tmp_path / "ckpt" / "pretrain.safetensors").is_file()
+
+
+def test_only_an_unreachable_mlflow_is_waited_out():
+    """A refusal (a permission, a bad request) is MLflow answering: raised at once; a connection
+    error is waited out up to ``outage_wait_s``, then named."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.adapters.tracking import until_reachable
+    from pipeline.params import MlflowConfig
+
+    cfg = MlflowConfig(tracking_uri="http://127.0.0.1:9", outage_wait_s=2.5)
+    calls = []
+
+    def refused():
+        calls.append(time.monotonic())
+        raise MlflowException("not yours", error_code="PERMISSION_DENIED")
+
+    with pytest.raises(MlflowException, match="not yours"):
+        until_reachable(cfg, "moving an alias", refused)
+    assert len(calls) == 1
+
+    def down():
+        calls.append(time.monotonic())
+        raise ConnectionError("refused")
+
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match="MLflow at http://127.0.0.1:9 unreachable for"):
+        until_reachable(cfg, "finishing the stage's run", down)
+    assert len(calls) >= 3 and time.monotonic() - start <= 3.5  # retried with backoff, within the wait

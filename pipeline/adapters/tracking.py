@@ -161,6 +161,22 @@ def _unreachable(cfg: MlflowConfig, seconds: float, what: str, error: BaseExcept
     )
 
 
+# what MLflow answers when it is up and says no: raised at once, never waited out
+ANSWERED = {
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_DOES_NOT_EXIST",
+    "RESOURCE_ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "BAD_REQUEST",
+    "INVALID_STATE",
+}
+
+
+def _unreachable_error(error: BaseException) -> bool:
+    return getattr(error, "error_code", None) not in ANSWERED
+
+
 def until_reachable(cfg: MlflowConfig, what: str, call: Callable[[], T]) -> T:
     """``call()``, retried with backoff while MLflow is unreachable, for up to ``cfg.outage_wait_s``;
     then ``TrackingUnavailable`` naming MLflow (never an unrelated error in its place)."""
@@ -169,6 +185,8 @@ def until_reachable(cfg: MlflowConfig, what: str, call: Callable[[], T]) -> T:
         try:
             return call()
         except Exception as e:  # the client raises MlflowException or requests' errors for a down server
+            if not _unreachable_error(e):  # MLflow answered: a bad request or a refusal is not an outage
+                raise
             waited = time.monotonic() - start
             if waited + delay > cfg.outage_wait_s:
                 raise _unreachable(cfg, waited, what, e) from e
@@ -201,16 +219,17 @@ class EpochLogger:
         self._sender.start()
 
     def __call__(self, metrics: dict) -> None:
-        values = {k: v for k, v in metrics.items() if k not in NON_METRIC_KEYS and isinstance(v, (int, float))}
+        self.backfill([metrics])
+
+    def backfill(self, history: list[dict]) -> None:
+        """Queue every epoch of ``history``, then wait (once, at most ``sync_wait_s``) for them."""
         with self._lock:
-            self.queue[int(metrics["epoch"])] = values
+            for metrics in history:
+                values = {k: v for k, v in metrics.items() if k not in NON_METRIC_KEYS and isinstance(v, (int, float))}
+                self.queue[int(metrics["epoch"])] = values
             self._drained.clear()
         self._wake.set()
         self._drained.wait(self.cfg.sync_wait_s)
-
-    def backfill(self, history: list[dict]) -> None:
-        for metrics in history:
-            self(metrics)
 
     @property
     def pending(self) -> list[int]:

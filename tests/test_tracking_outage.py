@@ -116,6 +116,7 @@ def test_only_an_unreachable_mlflow_is_waited_out():
     """A refusal (a permission, a bad request) is MLflow answering: raised at once; a connection
     error is waited out up to ``outage_wait_s``, then named."""
     from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
 
     from pipeline.adapters.tracking import until_reachable
     from pipeline.params import MlflowConfig
@@ -125,7 +126,7 @@ def test_only_an_unreachable_mlflow_is_waited_out():
 
     def refused():
         calls.append(time.monotonic())
-        raise MlflowException("not yours", error_code="PERMISSION_DENIED")
+        raise MlflowException("not yours", error_code=PERMISSION_DENIED)  # as the REST client raises it
 
     with pytest.raises(MlflowException, match="not yours"):
         until_reachable(cfg, "moving an alias", refused)

@@ -837,6 +837,9 @@ def run_epoch(
             "flip_ratio": flip_ratio(before, model),
             "left_out": left_out,
             "epoch_s": time.perf_counter() - epoch_start,
+            # when the epoch ended: the timestamp of its metrics in MLflow, the same on every send
+            # (a retry after a timeout, the driver's backfill), so a repeat is one row, not two
+            "ended_ms": int(time.time() * 1000),
         }
     )
     return metrics

@@ -110,3 +110,35 @@ def test_an_outage_past_the_wait_fails_naming_mlflow(tmp_path, demo_shards, mlfl
         freeze.close()
     # the training itself finished: its checkpoint is kept for the rerun
     assert (tmp_path / "ckpt" / "pretrain.safetensors").is_file()
+
+
+def test_only_an_unreachable_mlflow_is_waited_out():
+    """A refusal (a permission, a bad request) is MLflow answering: raised at once; a connection
+    error is waited out up to ``outage_wait_s``, then named."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
+
+    from pipeline.adapters.tracking import until_reachable
+    from pipeline.params import MlflowConfig
+
+    cfg = MlflowConfig(tracking_uri="http://127.0.0.1:9", outage_wait_s=2.5)
+    calls = []
+
+    def refused():
+        calls.append(time.monotonic())
+        raise MlflowException("not yours", error_code=PERMISSION_DENIED)  # as the REST client raises it
+
+    with pytest.raises(MlflowException, match="not yours"):
+        until_reachable(cfg, "moving an alias", refused)
+    assert len(calls) == 1
+
+    def down():
+        calls.append(time.monotonic())
+        raise ConnectionError("refused")
+
+    calls.clear()
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match="MLflow at http://127.0.0.1:9 unreachable for"):
+        until_reachable(cfg, "finishing the stage's run", down)
+    # tried at 0 s and, after a 1 s backoff, at 1 s; the next backoff (2 s) would pass the 2.5 s wait
+    assert len(calls) == 2 and calls[1] - calls[0] >= 1.0 and time.monotonic() - start < 2.5

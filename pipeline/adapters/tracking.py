@@ -24,7 +24,7 @@ from ..params import MlflowConfig, TuneSettings
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 PIPELINE_TAG = "bireal.pipeline_run"
-NON_METRIC_KEYS = {"segment"}
+NON_METRIC_KEYS = {"segment", "ended_ms"}
 
 
 def resolve(cfg: MlflowConfig) -> MlflowConfig:
@@ -141,12 +141,20 @@ def log_shards_input(cfg: MlflowConfig, run_id: str, shards: str) -> dict:
     return {"uri": url, **profile}
 
 
-def log_metrics(c, run_id: str, values: dict[str, float], step: int = 0) -> None:
-    """``values`` at ``step`` in one request (``log_batch``): recorded all together or not at all."""
+def log_metrics(c, run_id: str, values: dict[str, float], step: int = 0, timestamp_ms: int | None = None) -> None:
+    """``values`` at ``step`` in one request (``log_batch``): recorded all together or not at all.
+    With the same ``timestamp_ms`` a resend is idempotent: the store keeps one row per (key,
+    timestamp, step, value), so a request that timed out but landed is not logged twice."""
     from mlflow.entities import Metric
 
-    now = int(time.time() * 1000)
-    c.log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in values.items()])
+    when = int(time.time() * 1000) if timestamp_ms is None else int(timestamp_ms)
+    c.log_batch(run_id, metrics=[Metric(key, float(value), when, step) for key, value in values.items()])
+
+
+def epoch_values(metrics: dict) -> tuple[int, dict[str, float]]:
+    """An epoch's (timestamp in ms, numeric metrics) as logged: its end time where recorded."""
+    values = {k: v for k, v in metrics.items() if k not in NON_METRIC_KEYS and isinstance(v, (int, float))}
+    return int(metrics.get("ended_ms") or time.time() * 1000), values
 
 
 class TrackingUnavailable(RuntimeError):
@@ -161,6 +169,22 @@ def _unreachable(cfg: MlflowConfig, seconds: float, what: str, error: BaseExcept
     )
 
 
+# what MLflow answers when it is up and says no: raised at once, never waited out
+ANSWERED = {
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_DOES_NOT_EXIST",
+    "RESOURCE_ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "BAD_REQUEST",
+    "INVALID_STATE",
+}
+
+
+def _unreachable_error(error: BaseException) -> bool:
+    return getattr(error, "error_code", None) not in ANSWERED
+
+
 def until_reachable(cfg: MlflowConfig, what: str, call: Callable[[], T]) -> T:
     """``call()``, retried with backoff while MLflow is unreachable, for up to ``cfg.outage_wait_s``;
     then ``TrackingUnavailable`` naming MLflow (never an unrelated error in its place)."""
@@ -169,6 +193,8 @@ def until_reachable(cfg: MlflowConfig, what: str, call: Callable[[], T]) -> T:
         try:
             return call()
         except Exception as e:  # the client raises MlflowException or requests' errors for a down server
+            if not _unreachable_error(e):  # MLflow answered: a bad request or a refusal is not an outage
+                raise
             waited = time.monotonic() - start
             if waited + delay > cfg.outage_wait_s:
                 raise _unreachable(cfg, waited, what, e) from e
@@ -192,7 +218,7 @@ class EpochLogger:
     def __init__(self, cfg: MlflowConfig, run_id: str):
         self.cfg, self.client, self.run_id = cfg, client(cfg), run_id
         self.logged: set[int] | None = None  # the run's logged steps, read on the first reachable send
-        self.queue: dict[int, dict[str, float]] = {}
+        self.queue: dict[int, tuple[int, dict[str, float]]] = {}  # step -> (timestamp ms, metrics)
         self.abandoned = False  # closed: nothing more is sent
         self._lock = threading.Lock()
         self._wake, self._drained, self._closing = threading.Event(), threading.Event(), False
@@ -201,16 +227,16 @@ class EpochLogger:
         self._sender.start()
 
     def __call__(self, metrics: dict) -> None:
-        values = {k: v for k, v in metrics.items() if k not in NON_METRIC_KEYS and isinstance(v, (int, float))}
+        self.backfill([metrics])
+
+    def backfill(self, history: list[dict]) -> None:
+        """Queue every epoch of ``history``, then wait (once, at most ``sync_wait_s``) for them."""
         with self._lock:
-            self.queue[int(metrics["epoch"])] = values
+            for metrics in history:
+                self.queue[int(metrics["epoch"])] = epoch_values(metrics)
             self._drained.clear()
         self._wake.set()
         self._drained.wait(self.cfg.sync_wait_s)
-
-    def backfill(self, history: list[dict]) -> None:
-        for metrics in history:
-            self(metrics)
 
     @property
     def pending(self) -> list[int]:
@@ -228,7 +254,7 @@ class EpochLogger:
                 step = min(self.queue)
                 values = self.queue[step]
             if step not in self.logged:
-                log_metrics(self.client, self.run_id, values, step)
+                log_metrics(self.client, self.run_id, values[1], step, timestamp_ms=values[0])
                 self.logged.add(step)
             with self._lock:
                 if self.queue.get(step) is values:
@@ -246,6 +272,7 @@ class EpochLogger:
                     log.warning("MLflow reachable again after %.0f s: buffered epochs logged", waited)
                 down_since = None
             except Exception as e:  # unreachable (or slow): keep the queue, retry
+                self.logged = None  # a timed-out request may have landed: read the run again first
                 if down_since is None:
                     down_since = time.monotonic()
                     log.warning("MLflow unreachable (%s): epochs %s buffered, retrying", type(e).__name__, self.pending)
@@ -273,8 +300,8 @@ def log_missing_epochs(cfg: MlflowConfig, run_id: str, history: list[dict]) -> l
     for metrics in history:
         step = int(metrics["epoch"])
         if step not in logged:
-            values = {k: v for k, v in metrics.items() if k not in NON_METRIC_KEYS and isinstance(v, (int, float))}
-            log_metrics(c, run_id, values, step)
+            when, values = epoch_values(metrics)
+            log_metrics(c, run_id, values, step, timestamp_ms=when)
             logged.add(step)
             added.append(step)
     return added

@@ -34,12 +34,14 @@ demo: install
 	@echo
 	@$(VENV)/bin/bireal summary
 
-# three pytest processes, each within the budget (12 minutes, 6 GiB): the suite; the tests that
-# start servers of their own (faults, auth); the cluster suite (its memory budget: docs/cluster.md)
+# four pytest processes, each within the budget (12 minutes, 6 GiB): the suite; the tests that
+# start servers of their own (faults, auth, Prefect's work pool); the cluster suite's two modules,
+# one process each (its memory budget: docs/cluster.md)
 test: install
 	$(VENV)/bin/pytest -q -m "not cluster and not services"
 	$(VENV)/bin/pytest -q -m services
-	$(VENV)/bin/pytest -q tests/test_cluster.py tests/test_cluster_submit.py
+	$(VENV)/bin/pytest -q tests/test_cluster.py
+	$(VENV)/bin/pytest -q tests/test_cluster_submit.py
 
 test-fast: install
 	$(VENV)/bin/pytest -q -m "not e2e and not services"

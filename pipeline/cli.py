@@ -111,12 +111,14 @@ def report_stage(stage: str, result: dict, params) -> str:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from . import storage
     from .stages import run_stage
 
     for stage in args.stage:  # in the order given; a failing stage stops the rest
         result = run_stage(stage, args.loaded, use_ray=not args.no_ray)
-        # --json: one line per stage (JSON Lines), which `bireal submit` reads back from a job's log
         print(json.dumps(result, default=str) if args.json else report_stage(stage, result, args.loaded), flush=True)
+        if args.summaries_to:  # a submitted job's summaries, where `bireal submit` reads them
+            storage.write_text(storage.join(args.summaries_to, f"{stage}.json"), json.dumps(result, default=str))
     return 0
 
 
@@ -236,7 +238,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from .adapters.ray_jobs import is_job_server, submit
+    from .adapters.ray_jobs import check_shards, is_job_server, submit
     from .profile_rules import reproduction_problems
 
     problems = reproduction_problems(args.loaded)
@@ -248,7 +250,17 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             f"bireal submit needs the cluster's dashboard address (--address http://HEAD:8265 or $RAY_ADDRESS), "
             f"got {address!r}"
         )
-    result = submit(args.loaded, args.stage, address, args.out, args.resubmit, args.python, timeout_s=args.timeout)
+    check_shards(args.loaded, args.shards)
+    result = submit(
+        args.loaded,
+        args.stage,
+        address,
+        args.out,
+        args.resubmit,
+        args.python,
+        timeout_s=args.timeout,
+        summaries_dir=args.summaries,
+    )
     print(f"bireal submit: {result['id']} {result['status']}; wrote {', '.join(result['files'])}")
     return 0
 
@@ -354,6 +366,9 @@ def _add_run(sub) -> None:
     run.add_argument("--no-ray", action="store_true", help="train in this process")
     run.add_argument("--restart", action="store_true", help=RESTART_HELP)
     run.add_argument("--json", action="store_true", help="print each stage's summary as one JSON line")
+    run.add_argument(
+        "--summaries-to", metavar="URI", default="", help="also write each stage's summary to URI/<stage>.json"
+    )
     run.set_defaults(func=_cmd_run)
 
 
@@ -498,6 +513,10 @@ def _add_submit(sub) -> None:
     submit_p.add_argument("--params", default=None, help=PARAMS_HELP)
     submit_p.add_argument("--address", default=None, help="the cluster's dashboard, http://HEAD:8265 ($RAY_ADDRESS)")
     submit_p.add_argument("--out", default="submitted", help="where the summary and pointer files go")
+    submit_p.add_argument("--summaries", metavar="DIR", default=None, help="the summaries go here instead of --out")
+    submit_p.add_argument(
+        "--shards", metavar="URI", default="", help="the shards DVC tracks: refused unless the params' train.shards"
+    )
     submit_p.add_argument(
         "--resubmit", action="store_true", help="delete a FAILED/STOPPED job of this id, submit again"
     )

@@ -107,6 +107,22 @@ def read_text(location: str) -> str:
         return f.read().decode()
 
 
+def write_text(location: str, text: str) -> str:
+    """Write ``text`` to a local file (whole or not at all: written beside it, then renamed) or a
+    remote object (one PUT); -> ``location``."""
+    if is_local(location):
+        dest = Path(location.removeprefix("file://"))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".partial")
+        tmp.write_text(text)
+        tmp.replace(dest)
+        return location
+    fs, path = filesystem(location)
+    with fs.open(path, "wb") as f:
+        f.write(text.encode())
+    return location
+
+
 def exists(location: str) -> bool:
     if is_local(location):
         return Path(location.removeprefix("file://")).exists()

@@ -21,6 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from cluster_services import BIN, cluster_env, ray_headers, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
@@ -72,8 +73,11 @@ def published_matches(cluster, pointer: dict) -> bool:
 
 def test_dvc_repro_drives_the_cluster_and_a_second_repro_does_nothing(cluster, monkeypatch):
     """deploy/dvc.yaml in a new git repo: every stage is a job on the cluster (export, evaluate and
-    register as one), its training on the worker nodes; what DVC tracks are the summaries and the
-    pointers to the checkpoints in S3. A second `dvc repro` submits nothing."""
+    register as one), its training on the worker nodes; what DVC tracks are the summaries (as
+    metrics) and the pointers to the checkpoints in S3. A second `dvc repro` submits nothing; an
+    experiment with one param changed (`dvc exp run -S`) reruns only the stages that read it and
+    `dvc exp show` lists its params and metrics; `dvc push` fills the S3 remote; a re-shard (the
+    manifest in the bucket, an external dependency) makes every stage that reads it stale."""
     run = "dvc-run"
     params = cluster.params("dvc")
     cluster.bireal("shard", "--params", str(params), run_id=run, log="dvc.log")  # the shards go up first
@@ -83,8 +87,10 @@ def test_dvc_repro_drives_the_cluster_and_a_second_repro_does_nothing(cluster, m
     (repo / "cluster.yaml").write_text(params.read_text())
     (repo / "deploy" / "dvc-run.yaml").write_text(
         f"params: cluster.yaml\naddress: {cluster.ray.dashboard}\nout: submitted\npython: {BIN / 'python'}\n"
+        f"shards: s3://{cluster.s3.bucket}/shards\n"
     )
     env = {**cluster_env(), "PATH": f"{BIN}:{os.environ['PATH']}", "BIREAL_PIPELINE_RUN": run}
+    env["AWS_ENDPOINT_URL"] = cluster.s3.url  # DVC's S3 client (the external dep, the remote) finds moto
 
     def dvc(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
@@ -105,9 +111,16 @@ def test_dvc_repro_drives_the_cluster_and_a_second_repro_does_nothing(cluster, m
         for name in names:
             pointer = json.loads((submitted / stage / f"{name}.pointer.json").read_text())
             assert published_matches(cluster, pointer), pointer
-    evaluation = json.loads((submitted / "package" / "evaluate.json").read_text())
+    evaluation = json.loads((submitted / "summaries" / "package" / "evaluate.json").read_text())
     assert evaluation["images"] == 360 and 0 <= evaluation["top1"] <= 1
-    assert json.loads((submitted / "package" / "register.json").read_text())["version"] == 1
+    # the summaries are DVC metrics: what the jobs wrote to storage.artifacts under their ids
+    metrics = json.loads(dvc("metrics", "show", "--json").stdout)
+    files = next(iter(metrics.values()))["data"]
+    assert files["submitted/summaries/package/evaluate.json"]["data"]["top1"] == evaluation["top1"]
+    assert files["submitted/summaries/package/register.json"]["data"]["version"] == 1
+    assert files["submitted/summaries/binarize/binarize.json"]["data"]["final"]["epoch"] == 0
+    stored = f"artifacts/{run}/jobs/{ids['export-evaluate-register']}/evaluate.json"
+    assert json.loads(cluster.s3.read(stored)) == evaluation
     # the training ran on the worker nodes, tracked once per epoch on the MLflow server
     assert cluster.epochs_logged("dvc", "pretrain") == [[0, 1]]
     assert cluster.epochs_logged("dvc", "binarize") == [[0]]
@@ -119,7 +132,43 @@ def test_dvc_repro_drives_the_cluster_and_a_second_repro_does_nothing(cluster, m
     assert second.returncode == 0 and "submitted" not in second.stdout, second.stdout[-3000:]
     assert "didn't change" in second.stdout or "up to date" in second.stdout
     assert {sid: j["start_time"] for sid, j in jobs(cluster).items()} == started  # no job ran again
-    cluster.say(f"dvc repro: {len(groups)} jobs on the cluster, evaluate top-1 {evaluation['top1']:.4f}; rerun: none")
+
+    # an experiment: finetune.lr changed; finetune and the package job rerun, nothing before them
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "run"]):
+        subprocess.run(cmd, cwd=repo, check=True)
+    exp = dvc("exp", "run", "deploy/dvc.yaml", "-S", "cluster.yaml:finetune.lr=0.0005")
+    assert exp.returncode == 0, exp.stdout[-4000:] + exp.stderr[-4000:]
+    changed = yaml.safe_load((repo / "cluster.yaml").read_text())
+    assert changed["finetune"]["lr"] == 0.0005
+    for group in ("finetune", "export-evaluate-register"):
+        sid = submission_of(repo / "cluster.yaml", run, group.split("-"), monkeypatch)
+        assert f"submitted {sid} " in exp.stdout, group
+    assert not any(f"submitted {run}-{g}-" in exp.stdout for g in ("pretrain", "tune", "binarize"))
+    shown = json.loads(dvc("exp", "show", "--json").stdout)
+    experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
+    (mine,) = [e["revs"][0]["data"] for e in experiments if e.get("revs")]
+    assert mine["params"]["cluster.yaml"]["data"]["finetune"]["lr"] == 0.0005
+    assert mine["metrics"]["submitted/summaries/package/evaluate.json"]["data"]["images"] == 360
+
+    # dvc push: the pointer folders into the S3 remote (.dvc/config's, pointed at the test bucket)
+    assert dvc("remote", "modify", "--local", "storage", "url", f"s3://{cluster.s3.bucket}/dvc").returncode == 0
+    pushed = dvc("push")
+    assert pushed.returncode == 0, pushed.stdout[-3000:] + pushed.stderr[-3000:]
+    keys = [o["Key"] for o in cluster.s3.client().list_objects_v2(Bucket=cluster.s3.bucket, Prefix="dvc/")["Contents"]]
+    assert any(k.startswith("dvc/files/md5/") for k in keys) and "files pushed" in pushed.stdout
+
+    # a re-shard: the manifest in the bucket changes, and every stage that reads the shards is stale
+    manifest = cluster.s3.read("shards/manifest.json")
+    cluster.s3.client().put_object(Bucket=cluster.s3.bucket, Key="shards/manifest.json", Body=manifest + b"\n")
+    try:
+        stale = json.loads(dvc("status", "--json", "deploy/dvc.yaml").stdout)
+    finally:
+        cluster.s3.client().put_object(Bucket=cluster.s3.bucket, Key="shards/manifest.json", Body=manifest)
+    assert {k.split(":")[-1] for k in stale} == {"pretrain", "tune", "binarize", "finetune", "package"}, stale
+    cluster.say(
+        f"dvc repro: {len(groups)} jobs on the cluster, evaluate top-1 {evaluation['top1']:.4f}; rerun: none; "
+        f"exp run -S finetune.lr: 2 jobs; push: {len(keys)} objects"
+    )
 
 
 def test_a_killed_submitter_reattaches_to_the_same_job(cluster, monkeypatch):

@@ -48,6 +48,35 @@ def test_dvc_yaml_deps_params_outs_match_the_table(dvc_stages):
         assert metrics == sorted(spec.metrics), spec.name
 
 
+def test_the_cluster_pipelines_params_are_what_each_job_reads():
+    """deploy/dvc.yaml: each stage's DVC params are the table's params of the stages its job runs,
+    from the run's params file; the shard manifest in the bucket is a dep of every stage that reads
+    shards; the summaries are metrics (outside the outs, so DVC can read them)."""
+    import yaml
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    run = yaml.safe_load((ROOT / "deploy" / "dvc-run.yaml").read_text())
+    assert load_params(ROOT / run["params"]).train("pretrain").shards == run["shards"]  # submit --shards agrees
+    table = {spec.name: spec for spec in STAGE_TABLE}
+    with Repo(str(ROOT)) as repo:
+        stages = {
+            s.name: s for s in repo.index.stages if Path(s.dvcfile.path).resolve() == ROOT / "deploy" / "dvc.yaml"
+        }
+    assert list(stages) == ["pretrain", "tune", "binarize", "finetune", "package"]
+    for name, stage in stages.items():
+        ran = [w for w in stage.cmd.split() if w in table and f"--stage {w}" in stage.cmd]
+        assert ran == ([name] if name != "package" else ["export", "evaluate", "register"]), stage.cmd
+        (file,) = [d for d in stage.deps if isinstance(d, ParamsDependency)]
+        assert _relative(file.def_path) == run["params"]
+        assert sorted(file.params) == sorted({p for w in ran for p in table[w].params}), name
+        external = [str(d.def_path) for d in stage.deps if str(d.def_path).startswith("s3://")]
+        assert external == [f"{run['shards']}/manifest.json"], name
+        metrics = sorted(_relative(o.def_path) for o in stage.outs if o.metric)
+        assert metrics == sorted(f"{run['out']}/summaries/{name}/{w}.json" for w in ran), name
+        assert f"--summaries {run['out']}/summaries/{name}" in " ".join(stage.cmd.split())
+
+
 def test_resolve_path_names_a_missing_key(tmp_path):
     params_file = tmp_path / "p.yaml"
     params_file.write_text("train:\n  out: ck\n")

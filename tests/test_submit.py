@@ -53,9 +53,12 @@ def test_submit_fetch_and_resubmit(dashboard, demo_shards, tmp_path, monkeypatch
     assert (first["action"], first["status"]) == ("submitted", "SUCCEEDED")
     assert f"({dashboard}/#/jobs/{first['id']})" in shown[0]  # the job's page in the Ray dashboard
     streamed = [line for line in shown[1:] if line.startswith(f"[{first['id']}] ")]
-    assert any('"enabled": false' in line for line in streamed)  # the job's own output, streamed as it ran
+    assert any("tuning disabled" in line for line in streamed)  # the job's own output, streamed as it ran
     assert first["id"].startswith(f"submit-{tmp_path.name}-tune-")
+    # the summary comes from shared storage, where the job wrote it under its id, not from its log
+    stored = tmp_path / "published" / params.group / "jobs" / first["id"] / "tune.json"
     summary = json.loads((out / "tune.json").read_text())
+    assert summary == json.loads(stored.read_text())
     assert summary["enabled"] is False and Path(summary["files"]["best"]).is_file()
     started = job_info(dashboard, first["id"]).start_time
     again = submit(params, "tune", dashboard, out, python=sys.executable, poll_s=0.5)
@@ -126,6 +129,13 @@ def test_submit_needs_a_dashboard_address_and_a_sound_profile(demo_shards, tmp_p
     bad.write_text(bad.read_text().replace("num_workers: 4", "num_workers: 8"))
     assert main(["submit", "--stage", "binarize", "--params", str(bad), "--address", "http://127.0.0.1:1"]) == 2
     assert "binarize.lr is 0.001" in capsys.readouterr().err
+    # the summaries need shared storage; DVC's shard folder must be the one the params train on
+    nowhere = params_file(tmp_path, demo_shards, "nowhere.yaml", storage={"artifacts": ""})
+    assert main(["submit", "--stage", "tune", "--params", str(nowhere), "--address", "http://127.0.0.1:1"]) == 2
+    assert "storage.artifacts is empty: a submitted job writes its stage summaries there" in capsys.readouterr().err
+    other = ["--shards", "s3://elsewhere/shards", "--address", "http://127.0.0.1:1"]
+    assert main(["submit", "--stage", "tune", "--params", str(path), *other]) == 2
+    assert f"--shards s3://elsewhere/shards is not {path}'s train.shards {demo_shards}" in capsys.readouterr().err
     # a from-scratch recipe has no pretrain stage: recorded as skipped, no job, no cluster needed
     scratch = params_file(tmp_path, demo_shards, "scratch.yaml", pretrain={"phase_epochs": [0, 0, 0]})
     out = tmp_path / "out"
@@ -141,8 +151,10 @@ def test_submit_needs_a_dashboard_address_and_a_sound_profile(demo_shards, tmp_p
                 "http://127.0.0.1:1",
                 "--out",
                 str(out),
+                "--summaries",
+                str(tmp_path / "metrics"),
             ]
         )
         == 0
     )
-    assert "skipped" in json.loads((out / "pretrain.json").read_text())
+    assert "skipped" in json.loads((tmp_path / "metrics" / "pretrain.json").read_text())

@@ -11,10 +11,12 @@ Several stages may go as one job (``--stage export --stage evaluate --stage regi
 their names): stages that hand each other local files (the packed artifact) must share a job, as
 each job has a working folder of its own.
 
-What comes back, into ``--out`` (default ``submitted/``): ``<stage>.json``, the stage's summary
-(what ``bireal run STAGE --json`` printed on the cluster), and for a training stage
-``<stage>.pointer.json`` per published checkpoint, ``{"uri", "sha256"}``: DVC 3 does not track
-outputs that live in S3, so the pointer files are the stage's DVC outputs.
+What comes back, into ``--out`` (default ``submitted/``): ``<stage>.json``, the stage's summary,
+which the job wrote to ``<storage.artifacts>/<pipeline run>/jobs/<submission id>/<stage>.json``
+(``bireal run --summaries-to``; ``--summaries DIR`` puts these files elsewhere: deploy/dvc.yaml
+reads them as DVC metrics), and for a training stage ``<stage>.pointer.json`` per published
+checkpoint, ``{"uri", "sha256"}``: DVC 3 does not track outputs that live in S3, so the pointer
+files are the stage's DVC outputs. The job's log is streamed, never parsed.
 """
 
 from __future__ import annotations
@@ -62,6 +64,25 @@ def submission_id(params: Params, stages: list[str]) -> str:
     return f"{params.group}-{'-'.join(stages)}-{digest}"
 
 
+def summaries_location(params: Params, stages: list[str]) -> str:
+    """Where the job writes its stages' summaries and the submitter reads them: shared storage,
+    under the job's id (an edited params file is another job, so never a stale summary)."""
+    if not params.storage.artifacts:
+        raise ValueError(
+            f"{params.path}: storage.artifacts is empty: a submitted job writes its stage summaries there "
+            "(s3://BUCKET/runs/RUN/artifacts)"
+        )
+    return storage.join(params.storage.artifacts, params.group, "jobs", submission_id(params, stages))
+
+
+def check_shards(params: Params, shards: str) -> None:
+    """``--shards``, the shard folder DVC tracks (deploy/dvc-run.yaml), must be the one the params
+    train on: otherwise a re-shard would not rerun the stages that read it."""
+    own = params.train("pretrain").shards
+    if shards and shards.rstrip("/") != own.rstrip("/"):
+        raise ValueError(f"--shards {shards} is not {params.path}'s train.shards {own}: make them agree")
+
+
 def connect(address: str):
     """A job client of the cluster at ``address``; a cluster with token authentication that refuses
     this client is a clear error, naming the settings that carry its token."""
@@ -100,7 +121,10 @@ def submit_job(client, params: Params, stages: list[str], python: str) -> str:
     folder = staging_dir(Path(params.path))
     try:  # Ray uploads the working_dir during the call
         client.submit_job(
-            entrypoint=f"{python} -m pipeline.cli run {' '.join(stages)} --params params.yaml --json",
+            entrypoint=(
+                f"{python} -m pipeline.cli run {' '.join(stages)} --params params.yaml "
+                f"--summaries-to {summaries_location(params, stages)}"
+            ),
             submission_id=sid,
             runtime_env={
                 "working_dir": str(folder),
@@ -123,10 +147,10 @@ def submitted(client, params: Params, stages: list[str], python: str) -> bool:
     return True
 
 
-def follow(client, sid: str, timeout_s: float | None, echo=print, poll_s: float = 1.0) -> tuple[str, str]:
+def follow(client, sid: str, timeout_s: float | None, echo=print, poll_s: float = 1.0) -> str:
     """Stream the job's log as it grows (the SDK's ``tail_job_logs``: each chunk once, where polling
     the whole log would be quadratic over a days-long job), echoing whole lines, until the job
-    ends; -> (the final status, the whole log, read once at the end for the stage summaries)."""
+    ends; -> its final status."""
     import asyncio
 
     async def stream():
@@ -159,7 +183,7 @@ def follow(client, sid: str, timeout_s: float | None, echo=print, poll_s: float 
     while status not in TERMINAL:  # the stream closes as the job ends; its status may lag a moment
         time.sleep(poll_s)
         status = job_status(client, sid)
-    return status, client.get_job_logs(sid)
+    return status
 
 
 def dashboard_link(address: str, sid: str) -> str:
@@ -167,19 +191,16 @@ def dashboard_link(address: str, sid: str) -> str:
     return f"{address.rstrip('/')}/#/jobs/{sid}"
 
 
-def stage_summaries(logs: str, stages: list[str]) -> dict[str, dict]:
-    """Each stage's summary: the last JSON lines of the job's log, one per stage in order, as
-    ``bireal run STAGE... --json`` writes them (Ray's own log lines around them are skipped)."""
-    found = []
-    for line in logs.splitlines():
-        if line.startswith("{"):
-            try:
-                found.append(json.loads(line))
-            except ValueError:
-                continue
-    if len(found) < len(stages):
-        raise ValueError(f"the job's log holds {len(found)} stage summaries for {len(stages)} stages {stages}")
-    return dict(zip(stages, found[-len(stages) :]))
+def stage_summaries(params: Params, stages: list[str]) -> dict[str, dict]:
+    """Each stage's summary, as the job wrote it to shared storage (``summaries_location``)."""
+    location = summaries_location(params, stages)
+    summaries = {}
+    for stage in stages:
+        uri = storage.join(location, f"{stage}.json")
+        if not storage.exists(uri):
+            raise FileNotFoundError(f"the job succeeded but wrote no summary of {stage} at {uri}")
+        summaries[stage] = json.loads(storage.read_text(uri))
+    return summaries
 
 
 def pointers(params: Params, stage: str) -> dict[str, dict]:
@@ -198,11 +219,14 @@ def pointers(params: Params, stage: str) -> dict[str, dict]:
     return out
 
 
-def write_outputs(out: Path, summaries: dict[str, dict], refs: dict[str, dict]) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
+def write_outputs(out: Path, summaries: dict[str, dict], refs: dict[str, dict], summaries_dir: Path | None = None):
+    """The summaries into ``summaries_dir`` (default ``out``), the pointers into ``out``."""
+    summaries_dir = summaries_dir or out
+    for folder in (out, summaries_dir):
+        folder.mkdir(parents=True, exist_ok=True)
     written = []
     for stage, summary in summaries.items():
-        written.append(out / f"{stage}.json")
+        written.append(summaries_dir / f"{stage}.json")
         written[-1].write_text(json.dumps(summary, indent=2, default=str) + "\n")
     for name, ref in refs.items():
         written.append(out / f"{name}.pointer.json")
@@ -220,17 +244,19 @@ def submit(
     poll_s: float = 2.0,
     timeout_s: float | None = None,
     echo=print,
+    summaries_dir: str | Path | None = None,
 ) -> dict:
     """Submit (or attach to, or fetch) the stages' job; -> {"id", "action", "status", "files",
     "summaries": {stage: its summary}}."""
     from ..profile_rules import trained_stages
 
     stages = [stages] if isinstance(stages, str) else list(stages)
+    summaries_dir = Path(summaries_dir) if summaries_dir else None
     python = python or os.environ.get(PYTHON_ENV, "python")
     sid = submission_id(params, stages)
     if stages == ["pretrain"] and "pretrain" not in trained_stages(params):  # a from-scratch recipe
         summaries = {"pretrain": {"skipped": "the recipe trains no real-valued twin"}}
-        files = write_outputs(Path(out), summaries, {})
+        files = write_outputs(Path(out), summaries, {}, summaries_dir)
         echo(f"bireal submit: {sid} skipped: the recipe has no pretrain stage")
         return {
             "id": sid,
@@ -239,6 +265,7 @@ def submit(
             "files": [str(f) for f in files],
             "summaries": summaries,
         }
+    summaries_location(params, stages)  # no shared storage for the summaries: refused before any job
     client = connect(address)
     status = job_status(client, sid)
     if status in ("FAILED", "STOPPED"):
@@ -253,14 +280,11 @@ def submit(
     if status is None and not submitted(client, params, stages, python):
         action = "attached"  # another submitter's job of this id went in first: follow that one
     echo(f"bireal submit: {action} {sid} at {address} ({dashboard_link(address, sid)})")
-    if action == "fetched":  # finished: its log once, for the summaries
-        final, logs = status, client.get_job_logs(sid)
-    else:
-        final, logs = follow(client, sid, timeout_s, echo=echo, poll_s=poll_s)
+    final = status if action == "fetched" else follow(client, sid, timeout_s, echo=echo, poll_s=poll_s)
     if final != "SUCCEEDED":
-        tail = "\n".join(logs.splitlines()[-20:])
+        tail = "\n".join(client.get_job_logs(sid).splitlines()[-20:])
         raise RuntimeError(f"job {sid} ended {final}; the end of its log:\n{tail}")
     refs = {name: ref for stage in stages for name, ref in pointers(params, stage).items()}
-    summaries = stage_summaries(logs, stages)
-    files = write_outputs(Path(out), summaries, refs)
+    summaries = stage_summaries(params, stages)
+    files = write_outputs(Path(out), summaries, refs, summaries_dir)
     return {"id": sid, "action": action, "status": final, "files": [str(f) for f in files], "summaries": summaries}

@@ -79,7 +79,7 @@ def test_dvc_repro_drives_the_cluster_and_a_second_repro_does_nothing(cluster, m
     `dvc exp show` lists its params and metrics; `dvc push` fills the S3 remote; a re-shard (the
     manifest in the bucket, an external dependency) makes every stage that reads it stale."""
     run = "dvc-run"
-    params = cluster.params("dvc")
+    params = cluster.params("dvc", finetune={"lr": 0.001})  # the experiment below sets it
     cluster.bireal("shard", "--params", str(params), run_id=run, log="dvc.log")  # the shards go up first
     repo = cluster.root / "dvc-repo"
     (repo / "deploy").mkdir(parents=True)

@@ -524,6 +524,7 @@ def _add_submit(sub) -> None:
         "--python", default=None, help="the cluster's Python with the project ($BIREAL_JOB_PYTHON, else python)"
     )
     submit_p.add_argument("--timeout", type=float, default=None, help="stop waiting after this many seconds")
+    submit_p.add_argument("--restart", action="store_true", help=f"the job's stages: {RESTART_HELP}")
     submit_p.set_defaults(func=_cmd_submit)
 
 

@@ -118,12 +118,13 @@ def staging_dir(params_file: Path) -> Path:
 
 def submit_job(client, params: Params, stages: list[str], python: str) -> str:
     sid = submission_id(params, stages)
+    restart = " --restart" if params.restart else ""  # the job may replace a run whose inputs changed
     folder = staging_dir(Path(params.path))
     try:  # Ray uploads the working_dir during the call
         client.submit_job(
             entrypoint=(
                 f"{python} -m pipeline.cli run {' '.join(stages)} --params params.yaml "
-                f"--summaries-to {summaries_location(params, stages)}"
+                f"--summaries-to {summaries_location(params, stages)}{restart}"
             ),
             submission_id=sid,
             runtime_env={

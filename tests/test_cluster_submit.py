@@ -98,6 +98,7 @@ def test_dvc_repro_drives_the_cluster_and_a_second_repro_does_nothing(cluster, m
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"]):
         subprocess.run(cmd, cwd=repo, check=True)
     assert dvc("init", "-q").returncode == 0
+    (repo / ".dvc" / "config").write_text((ROOT / ".dvc" / "config").read_text())  # the project's: its remote
     first = dvc("repro", "deploy/dvc.yaml")
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     groups = ("pretrain", "tune", "binarize", "finetune", "export-evaluate-register")

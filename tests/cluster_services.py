@@ -1,4 +1,6 @@
-"""Real services for the cluster suite, all on loopback, each a process of its own.
+"""Real services for the cluster suite, all on loopback, each a process of its own, all in a
+network namespace of their own (``enter_private_network``: Ray's nodes bind every interface, and
+here the only one is a private loopback, so nothing of the suite is reachable from the host).
 
 - ``S3``: moto's server (``moto_server``), a process so that a test can SIGSTOP it.
 - ``Postgres``: initdb in a temp folder owned by the postgres user (it refuses to run as root),
@@ -19,6 +21,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import secrets
@@ -360,14 +363,41 @@ class RayCluster:
 
 
 def missing_privilege() -> str:
-    if shutil.which("unshare") is None:
-        return "no unshare command"
-    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"cannot make a mount namespace (unshare -m): {probe.stderr.strip()}"
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return "no unshare or ip command"
+    for flag, what in (("-m", "mount"), ("-n", "network")):
+        probe = subprocess.run(["unshare", flag, "true"], capture_output=True, text=True)
+        if probe.returncode != 0:
+            return f"cannot make a {what} namespace (unshare {flag}): {probe.stderr.strip()}"
     if shutil.which("initdb") is None or shutil.which("pg_ctl") is None:
         return "PostgreSQL (initdb, pg_ctl) is not installed"
     return ""
+
+
+CLONE_NEWNET = 0x40000000  # <sched.h>
+
+
+def network_namespace(pid: str | int = "self") -> str:
+    """The process's network namespace, as its /proc link names it (``net:[inode]``); "" if gone."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return ""
+
+
+def enter_private_network() -> tuple[str, str]:
+    """Move this process, and so every process it starts from now on, into a new network namespace
+    with only loopback (127.0.0.0/8) up; -> (the host's namespace, the private one). Once per
+    process: a second call stays in the private one. Needs the privilege ``unshare -n`` needs."""
+    here = network_namespace()
+    if os.environ.get("BIREAL_HOST_NETNS", here) != here:
+        return os.environ["BIREAL_HOST_NETNS"], here  # already moved
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.unshare(CLONE_NEWNET) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWNET) for the cluster suite's private network")
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    os.environ["BIREAL_HOST_NETNS"] = here
+    return here, network_namespace()
 
 
 class Memory:
@@ -389,6 +419,10 @@ class Memory:
             return Path(f"/proc/{pid}/{name}").read_text()
         except OSError:
             return ""
+
+    def pids(self) -> set[str]:
+        """This process, the marked daemons and all their descendants, as now."""
+        return self._suite_pids()
 
     def _suite_pids(self) -> set[str]:
         children: dict[str, list[str]] = {}
@@ -449,9 +483,10 @@ class Memory:
 
 
 class Cluster:
-    def __init__(self, root, work, s3, pg, mlflow, ray, say, memory):
+    def __init__(self, root, work, s3, pg, mlflow, ray, say, memory, netns):
         self.root, self.work, self.s3, self.pg, self.mlflow, self.ray = root, work, s3, pg, mlflow, ray
         self.say, self.memory = say, memory
+        self.host_netns, self.netns = netns  # the host's network namespace, the suite's own
 
     def params(self, name: str, **sections) -> Path:
         """A params file in the driver's folder: everything shared lives in S3 / on the servers."""

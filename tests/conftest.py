@@ -54,13 +54,23 @@ def cluster(request, tmp_path_factory, pytestconfig):
     """A cluster of real services on loopback (tests/cluster_services.py) for one test module:
     S3 (moto), PostgreSQL, an MLflow server, and a Ray head with two worker nodes; the head runs
     Ray's dashboard (its job server) where the module sets ``RAY_DASHBOARD = True``."""
-    from cluster_services import S3, Cluster, Memory, MlflowServer, Postgres, RayCluster, missing_privilege
+    from cluster_services import (
+        S3,
+        Cluster,
+        Memory,
+        MlflowServer,
+        Postgres,
+        RayCluster,
+        enter_private_network,
+        missing_privilege,
+    )
 
     reason = missing_privilege()
     if reason:
         if os.environ.get("BIREAL_REQUIRE_CLUSTER") == "1":
             pytest.fail(f"BIREAL_REQUIRE_CLUSTER=1 but the cluster suite cannot run: {reason}")
         pytest.skip(reason)
+    netns = enter_private_network()  # before any service starts: all of them, and Ray's nodes, inside
     started, memory = time.time(), Memory()
     reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
     capture = pytestconfig.pluginmanager.getplugin("capturemanager")
@@ -87,7 +97,7 @@ def cluster(request, tmp_path_factory, pytestconfig):
         memory.markers.append(str(ray.base))
         ray.add_node(cpus=1)
         ray.add_node(cpus=1)
-        yield Cluster(root, work, s3, pg, mlflow, ray, say, memory)
+        yield Cluster(root, work, s3, pg, mlflow, ray, say, memory, netns)
     finally:
         for service in reversed(services):
             service.close()

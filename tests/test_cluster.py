@@ -13,12 +13,34 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 
 import pytest
 from cluster_services import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
+
+
+def test_the_cluster_runs_in_a_network_namespace_of_its_own(cluster):
+    """Ray's worker nodes listen on every interface; here every process of the suite (S3,
+    PostgreSQL, MLflow, the head, both worker nodes) is in a network namespace whose only interface
+    is loopback, so none of those sockets is reachable from the host's network."""
+    import re
+
+    from cluster_services import network_namespace
+
+    assert cluster.netns and cluster.netns != cluster.host_netns
+    pids = cluster.memory.pids()
+    namespaces = {network_namespace(pid) for pid in pids} - {""}
+    assert namespaces == {cluster.netns}, namespaces
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+    assert re.findall(r"^\d+: ([^:@]+)", links, re.M) == ["lo"]
+    listening = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=True).stdout.split("\n")
+    local = [line.split()[3] for line in listening if line.split()]
+    wildcard = [address for address in local if address.startswith(("0.0.0.0:", "*:", "[::]:"))]
+    assert wildcard  # what the namespace is for: Ray binds these on every interface
+    cluster.say(f"network: {len(pids)} processes in {cluster.netns}, only lo; {len(wildcard)} wildcard listeners")
 
 
 def test_pipeline_across_nodes_with_shared_storage(cluster):

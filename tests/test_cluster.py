@@ -17,6 +17,7 @@ import subprocess
 import time
 
 import pytest
+import yaml
 from cluster_services import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
@@ -244,6 +245,41 @@ def test_tune_loses_a_node_and_is_restored(cluster):
     steps = [sorted(m.step for m in client.get_metric_history(k.info.run_id, "val_top1")) for k in kids]
     cluster.say(f"tune: node {victim} killed mid-search; after restore each trial's epochs {steps}")
     assert all(s == [0, 1, 2, 3] for s in steps), steps
+
+    # a second search (another seed: another experiment) loses a node while both trials run and
+    # before either has a checkpoint: the lost trial starts over and still finishes every epoch
+    first_search = {k.split("/")[1] for k in cluster.s3.keys("tune/")}
+    second = cluster.params(
+        "tunefault2",
+        pretrain={"phase_epochs": [1, 0, 1]},
+        train={"max_steps_per_epoch": 16},  # a first epoch long enough to land the kill inside it
+        tune={**yaml.safe_load(params.read_text())["tune"], "seeds": [1], "epochs": 3},
+    )
+    driver = cluster.bireal("run", "tune", "--params", str(second), run_id=run, wait=False, log="tune.log")
+
+    def trial_runs() -> list:
+        exp = client.get_experiment_by_name("tunefault2")
+        return [] if exp is None else client.search_runs([exp.experiment_id], "tags.`bireal.stage` = 'tune-trial'")
+
+    def second_checkpoints() -> set[str]:
+        return {k for k in cluster.s3.keys("tune/") if k.split("/")[1] not in first_search and "/checkpoint_" in k}
+
+    wait_for(lambda: len(trial_runs()) == 2, 300, "both trials of the second search running")
+    victim = next(ip for ip, proc in sorted(cluster.ray.nodes.items()) if proc.poll() is None)
+    before_kill = second_checkpoints()
+    cluster.ray.kill_node(victim)
+    assert not before_kill, before_kill  # the fault landed before any trial's first checkpoint
+    driver.wait(timeout=600)
+    cluster.ray.add_node(cpus=1)
+    cluster.bireal("run", "tune", "--params", str(second), run_id=run, log="tune.log")
+    table = json.loads((cluster.work / "tune" / "table.json").read_text())
+    assert [t["seed"] for t in table["trials"]] == [1, 1]  # this search's table
+    assert all(t["status"] == "TERMINATED" and t["epochs"] == 3 for t in table["trials"]), table
+    kids = trial_runs()
+    assert len(kids) == 2  # the lost trial kept its run
+    steps = [sorted(m.step for m in client.get_metric_history(k.info.run_id, "val_top1")) for k in kids]
+    assert all(s == [0, 1, 2] for s in steps), steps
+    cluster.say(f"tune: node {victim} killed before any checkpoint; after restore each trial's epochs {steps}")
 
 
 def test_gpu_scheduling_without_gpus(cluster):

@@ -2,13 +2,17 @@
 order, that ``bireal run`` and ``dvc repro`` run; no second implementation.
 
 Each stage is one task, cached on its inputs like DVC: the stage's name, the digest of its deps
-(files, folders; a shard folder by its manifest) and of its params sections, plus the task's
-source, so a re-run skips finished stages. Training and tuning retry once (a lost Ray worker
-group), registration twice (a locked SQLite file). The flow ends with a markdown artifact:
-accuracy, cost and registry version.
+(files, folders; a shard folder, local or in S3, by its manifest) and of its params sections, plus
+the task's source, so a re-run skips finished stages. The cached results live in Prefect's result
+storage: with the ``bireal-results`` block (``python -m pipeline.adapters.prefect_setup``, S3) two
+checkouts or workers share them. Training and tuning retry once (a lost Ray worker group),
+registration twice (a locked SQLite file), and carry the tag ``bireal-gpu``, which a Prefect
+concurrency limit caps. The flow ends with a markdown artifact: accuracy, cost, registry version,
+and links to each stage's MLflow run and Ray job.
 
-Without a Prefect server the flow runs directly (Prefect starts a temporary API); the deployment
-(``pipeline/serve_flow.py``) serves it to a server, see docs/orchestration.md.
+Without a Prefect server the flow runs directly (Prefect starts a temporary API); ``prefect.yaml``
+deploys it to a work pool, and ``pipeline/serve_flow.py`` serves it from one process; see
+docs/orchestration.md.
 With a cluster's job server (``submit_to``, or ``ray.address: http://HEAD:8265``) every stage runs
 there as a Ray job through ``bireal submit``'s path (``pipeline/adapters/ray_jobs.py``), export,
 evaluate and register as one job; the flow keeps the summaries and pointer files in ``submitted/``.
@@ -24,15 +28,21 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
+from . import storage
 from .params import Params, load_params
-from .stages import STAGE_TABLE, StageSpec, resolve_path
+from .stages import STAGE_TABLE, STAGES_BY_NAME, StageSpec, resolve_path
 
 CACHE = INPUTS + TASK_SOURCE
+GPU_TAG = "bireal-gpu"  # training and tuning: `prefect concurrency-limit create bireal-gpu N` caps them
 
 
 def path_digest(path: str | Path) -> str:
-    """sha256 of a file; of a folder's manifest.json (shard folders) or else of all its files;
-    "" when absent."""
+    """sha256 of a file; of a folder's manifest.json (shard folders, local or in object storage)
+    or else of all its files; "" when absent."""
+    if storage.is_url(str(path)):
+        manifest = storage.join(str(path), "manifest.json")
+        found = manifest if storage.exists(manifest) else str(path) if storage.exists(str(path)) else ""
+        return hashlib.sha256(storage.read_text(found).encode()).hexdigest() if found else ""
     p = Path(path)
     h = hashlib.sha256()
     if p.is_dir() and (p / "manifest.json").is_file():
@@ -69,11 +79,23 @@ def stage_task(name: str, params_path: str, use_ray: bool, inputs: str) -> dict:
 
 @task(cache_policy=CACHE, persist_result=True)
 def job_task(names: list[str], params_path: str, address: str, inputs: str) -> dict:
-    """Stages as one Ray job on the cluster behind ``address``; -> {stage: its summary}."""
-    from .adapters.ray_jobs import submit
+    """Stages as one Ray job on the cluster behind ``address``; -> {stage: its summary, with the
+    job's id and dashboard link and the checkpoints it published ({name: {uri, sha256}}), so a
+    result taken from the cache names objects in shared storage, not files of this checkout}."""
+    from .adapters.ray_jobs import dashboard_link, submit
 
     result = submit(load_params(params_path), names, address, out=f"submitted/{'-'.join(names)}")
-    return json.loads(json.dumps(result["summaries"], default=str))
+    job = {"ray_job": result["id"], "ray_job_url": dashboard_link(address, result["id"])}
+    summaries = {
+        stage: {**summary, **job, "published": result["published"].get(stage, {})}
+        for stage, summary in result["summaries"].items()
+    }
+    return json.loads(json.dumps(summaries, default=str))
+
+
+def gpu_tags(names: list[str]) -> list[str]:
+    """The concurrency tag for a task that trains or tunes (what holds the cluster's GPUs)."""
+    return [GPU_TAG] if any(STAGES_BY_NAME[n].uses_ray for n in names) else []
 
 
 def submitted_stages(params: Params, params_path: str, address: str, names: list[str]) -> dict:
@@ -83,7 +105,7 @@ def submitted_stages(params: Params, params_path: str, address: str, names: list
     results = {}
     for group in job_groups(names):
         inputs = "".join(stage_inputs(specs[n], params) for n in group)
-        options = {"retries": 1, "retry_delay_seconds": 5, "task_run_name": "+".join(group)}
+        options = {"retries": 1, "retry_delay_seconds": 5, "task_run_name": "+".join(group), "tags": gpu_tags(group)}
         if "register" in group:  # a registry write is never skipped from cache
             options["cache_policy"] = None
         results.update(job_task.with_options(**options)(group, params_path, address, inputs))
@@ -96,6 +118,7 @@ def local_stages(params: Params, params_path: str, use_ray: bool, names: list[st
     for spec in (s for s in STAGE_TABLE if s.name in names):
         retries = 2 if spec.name == "register" else (1 if spec.uses_ray else 0)
         options = {"retries": retries, "retry_delay_seconds": 5, "task_run_name": spec.name}
+        options["tags"] = gpu_tags([spec.name])
         if spec.name == "register":  # a registry write is never skipped from cache
             options["cache_policy"] = None
         results[spec.name] = stage_task.with_options(**options)(
@@ -120,10 +143,13 @@ def bireal_pipeline(
     else:
         results = local_stages(params, params_path, use_ray, names)
     summary = _summary(results)
+    summary["links"] = _links(results, params)
+    # where a cluster run's checkpoints are: {stage: {name: {uri, sha256}}} (submitted stages)
+    summary["published"] = {stage: r["published"] for stage, r in results.items() if r.get("published")}
     create_markdown_artifact(
         key="bireal-pipeline-summary",
         markdown=_markdown(summary),
-        description="accuracy, cost and registry version of this run",
+        description="accuracy, cost and registry version of this run, with its MLflow runs and Ray jobs",
     )
     return summary
 
@@ -143,8 +169,39 @@ def _summary(results: dict) -> dict:
     }
 
 
+def _links(results: dict, params: Params) -> dict:
+    """{stage: {"mlflow_run": id or URL, "ray_job": dashboard URL}} for the stages that have them,
+    and the registered model version's page; URLs where MLflow is a server (http), ids otherwise."""
+    uri = params.mlflow.tracking_uri
+    served = uri.startswith(("http://", "https://"))
+    links: dict[str, dict] = {}
+    for stage, result in results.items():
+        found = {}
+        if result.get("mlflow_run_id"):
+            run = result["mlflow_run_id"]
+            found["mlflow_run"] = f"{uri.rstrip('/')}/#/runs/{run}" if served else run
+        if result.get("ray_job_url"):
+            found["ray_job"] = result["ray_job_url"]
+        if found:
+            links[stage] = found
+    reg = results.get("register") or {}
+    if served and reg.get("name") and reg.get("version"):
+        links.setdefault("register", {})["mlflow_model"] = (
+            f"{uri.rstrip('/')}/#/models/{reg['name']}/versions/{reg['version']}"
+        )
+    return links
+
+
+def _link(target: str) -> str:
+    return f"[{target.rsplit('/', 1)[-1]}]({target})" if target.startswith("http") else f"`{target}`"
+
+
 def _markdown(s: dict) -> str:
     reg = s["registry"]
+    links = "\n".join(
+        f"| {stage} | {' '.join(f'{kind}: {_link(t)}' for kind, t in found.items())} |"
+        for stage, found in s.get("links", {}).items()
+    )
     rows = "\n".join(
         f"| {stage} | {m.get('val_top1', 0):.4f} | {m.get('train_loss', 0):.4f} |" for stage, m in s["stages"].items()
     )
@@ -156,5 +213,6 @@ def _markdown(s: dict) -> str:
         f"({s['evaluation']['images']} images), {s['packed_bytes']:,} bytes\n\n"
         f"**Cost**: {s['cost']['cost_ops']:.3g} OPs, {s['cost']['cost_memory_mbit']:.2f} Mbit\n\n"
         f"**Registry**: {reg.get('name', '-')} version {reg.get('version', '-')}"
-        f"{' (champion)' if reg.get('champion') else ''}\n"
+        f"{' (champion)' if reg.get('champion') else ''}\n\n"
+        f"| stage | MLflow run, Ray job |\n|---|---|\n{links}\n"
     )

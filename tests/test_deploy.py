@@ -345,3 +345,32 @@ def test_grafana_dashboards_are_the_ones_ray_writes(ray_local, tmp_path, capsys)
         kuberay.grafana_dashboards(tmp_path)
     main(["--grafana-from", str(dashboards)])  # what the runbook pipes into kubectl apply
     assert list(yaml.safe_load_all(capsys.readouterr().out)) == maps
+
+
+def test_prefect_cluster_deployment_and_job_template_agree_with_the_cluster():
+    """prefect.yaml's cluster deployment runs from the image's working folder on the params file
+    and job server the DVC pipeline uses; the Kubernetes pool's template runs its Jobs as the
+    cluster's job client (service account, NetworkPolicy label, Ray token) with the shared results.
+    (tests/test_prefect_deploy.py creates the pool and deploys onto it on a Prefect server.)"""
+    from pipeline.adapters.prefect_setup import BLOCK_SLUG
+
+    project = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    (cluster,) = [d for d in project["deployments"] if d["work_pool"]["name"] == "bireal-k8s"]
+    run = yaml.safe_load((DEPLOY / "dvc-run.yaml").read_text())
+    assert cluster["parameters"] == {"params_path": run["params"], "submit_to": run["address"]}
+    assert cluster["work_pool"]["job_variables"]["image"] == kuberay.IMAGE
+    assert cluster["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": kuberay.WORKDIR}}]
+    assert (ROOT / cluster["parameters"]["params_path"]).is_file()
+
+    template = json.loads((DEPLOY / "prefect" / "kubernetes-job-template.json").read_text())
+    variables = template["variables"]["properties"]
+    assert variables["image"]["default"] == kuberay.IMAGE and variables["namespace"]["default"] == "bireal"
+    assert variables["service_account_name"]["default"] == kuberay.SERVICE_ACCOUNT
+    env = variables["env"]["default"]
+    assert env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] == BLOCK_SLUG and env["RAY_AUTH_MODE"] == "token"
+    pod = template["job_configuration"]["job_manifest"]["spec"]["template"]
+    assert pod["metadata"]["labels"] == {kuberay.RAY_CLIENT_LABEL: "true"}
+    (volume,) = pod["spec"]["volumes"]
+    (mount,) = pod["spec"]["containers"][0]["volumeMounts"]
+    assert volume["secret"]["secretName"] == kuberay.RAY_TOKEN_SECRET and mount["name"] == volume["name"]
+    assert env["RAY_AUTH_TOKEN_PATH"] == f"{mount['mountPath']}/auth_token"

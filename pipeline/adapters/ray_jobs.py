@@ -248,7 +248,7 @@ def submit(
     summaries_dir: str | Path | None = None,
 ) -> dict:
     """Submit (or attach to, or fetch) the stages' job; -> {"id", "action", "status", "files",
-    "summaries": {stage: its summary}}."""
+    "summaries": {stage: its summary}, "published": {stage: its checkpoints' pointers}}."""
     from ..profile_rules import trained_stages
 
     stages = [stages] if isinstance(stages, str) else list(stages)
@@ -265,6 +265,7 @@ def submit(
             "status": "SKIPPED",
             "files": [str(f) for f in files],
             "summaries": summaries,
+            "published": {},
         }
     summaries_location(params, stages)  # no shared storage for the summaries: refused before any job
     client = connect(address)
@@ -285,7 +286,15 @@ def submit(
     if final != "SUCCEEDED":
         tail = "\n".join(client.get_job_logs(sid).splitlines()[-20:])
         raise RuntimeError(f"job {sid} ended {final}; the end of its log:\n{tail}")
-    refs = {name: ref for stage in stages for name, ref in pointers(params, stage).items()}
+    published = {stage: pointers(params, stage) for stage in stages}
+    refs = {name: ref for stage_refs in published.values() for name, ref in stage_refs.items()}
     summaries = stage_summaries(params, stages)
     files = write_outputs(Path(out), summaries, refs, summaries_dir)
-    return {"id": sid, "action": action, "status": final, "files": [str(f) for f in files], "summaries": summaries}
+    return {
+        "id": sid,
+        "action": action,
+        "status": final,
+        "files": [str(f) for f in files],
+        "summaries": summaries,
+        "published": published,  # {stage: {checkpoint name: {uri, sha256}}}
+    }

@@ -105,7 +105,7 @@ def checkout(stack, name: str) -> Path:
         "pretrain": {"phase_epochs": [1, 0, 1]},
         "binarize": {"epochs": 1, "tuned_config": ""},
         "finetune": {"epochs": 1},
-        "tune": {"enabled": False, "storage_path": f"{bucket}/tune"},
+        "tune": {"enabled": False, "out": "tune", "storage_path": f"{bucket}/tune"},
         "ray": {
             "address": stack["job_server"],
             "num_workers": 1,

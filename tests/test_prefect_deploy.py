@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -39,8 +40,14 @@ def _api(url: str, path: str, body: dict | None = None):
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    """moto, an MLflow server, a Ray head with token auth and its job server, a Prefect server."""
+def stack(tmp_path_factory, pytestconfig):
+    """moto, an MLflow server, a Ray head with token auth and its job server, a Prefect server;
+    the module's wall time and peak memory (PSS of this process and all it starts) are printed."""
+    import time
+
+    from cluster_services import Memory
+
+    started, memory = time.time(), Memory()
     root = tmp_path_factory.mktemp("prefect_deploy")
     saved = dict(os.environ)
     s3 = S3(root, bucket="prefect-deploy")  # puts moto's credentials in this process's environment
@@ -80,6 +87,12 @@ def stack(tmp_path_factory):
     stop(s3.proc)
     os.environ.clear()
     os.environ.update(saved)
+    reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
+    with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        reporter.write_line(
+            f"[services] test_prefect_deploy: {time.time() - started:.0f} s wall, peak memory "
+            f"{memory.stop():.2f} GiB (PSS): {memory.breakdown()}"
+        )
 
 
 def checkout(stack, name: str) -> Path:
@@ -180,7 +193,8 @@ def test_deploy_worker_run_and_a_second_checkout_reuses_the_results(stack):
     (artifact,) = _api(api, "/artifacts/filter", {"artifacts": {"key": {"any_": ["bireal-pipeline-summary"]}}})
     for stage in ("pretrain", "binarize", "finetune"):
         assert f"| {stage} | mlflow_run: [" in artifact["data"] and f"{stack['mlflow'].uri}/#/runs/" in artifact["data"]
-    assert sum(f"{stack['job_server']}/#/jobs/prefect-deploy-" in line for line in artifact["data"].splitlines()) == 6
+    linked = re.findall(rf"{re.escape(stack['job_server'])}/#/jobs/(prefect-deploy-[\w-]+)", artifact["data"])
+    assert set(linked) == set(jobs)  # each of the six jobs (export, evaluate and register share one)
     # the GPU stages held the bireal-gpu limit: each acquired a slot and gave it back
     tasks = _api(api, "/task_runs/filter", {})
     tagged = sorted(t["name"] for t in tasks if "bireal-gpu" in t["tags"])

@@ -314,29 +314,34 @@ def _manifest(source: Source, state: dict, identity: dict) -> dict:
 
 
 def verify_shards(out: str) -> list[str]:
-    """Check every shard against the manifest (exists, bytes, sha256, sample count): -> problems."""
+    """Check every shard against the manifest: present, its bytes and sha256 (the readers' own
+    check, ``shard_read.VerifiedStream``) and its sample count: -> one problem per bad shard."""
+    from .shard_read import ShardIntegrityError, ShardRecord, VerifiedStream
+
     fs, root = storage.filesystem(out)
     manifest = _load_json(fs, f"{root}/{MANIFEST}")
     if manifest is None:
         raise ShardError(f"{out}: no {MANIFEST} (not a shard folder, or sharding did not finish)")
     problems = []
-    for _split, info in manifest["splits"].items():
+    for info in manifest["splits"].values():
         for rec in info["shards"]:
-            path = f"{root}/{rec['name']}"
-            if not fs.exists(path):
+            url = storage.join(out, rec["name"])
+            if not storage.exists(url):
                 problems.append(f"{rec['name']}: missing")
                 continue
-            with fs.open(path, "rb") as f:
-                data = f.read()
-            if len(data) != rec["bytes"]:
-                problems.append(f"{rec['name']}: {len(data)} bytes, manifest says {rec['bytes']}")
-            elif hashlib.sha256(data).hexdigest() != rec["sha256"]:
-                problems.append(f"{rec['name']}: sha256 differs from the manifest")
-            else:
-                with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-                    n = sum(1 for m in tar if m.name.endswith(".jpg"))
-                if n != rec["count"]:
-                    problems.append(f"{rec['name']}: {n} samples, manifest says {rec['count']}")
+            with VerifiedStream(storage.open_read(url), url, ShardRecord(rec["bytes"], rec["sha256"])) as stream:
+                try:
+                    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+                        count = sum(1 for m in tar if m.name.endswith(".jpg"))
+                except (tarfile.TarError, OSError, EOFError):
+                    count = None  # unreadable: the digest below says whether it is damaged
+                try:
+                    stream.verify()
+                except ShardIntegrityError as e:
+                    problems.append(str(e))
+                    continue
+            if count != rec["count"]:
+                problems.append(f"{rec['name']}: {count} samples, manifest says {rec['count']}")
     return problems
 
 

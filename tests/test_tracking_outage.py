@@ -142,3 +142,28 @@ def test_only_an_unreachable_mlflow_is_waited_out():
         until_reachable(cfg, "finishing the stage's run", down)
     # tried at 0 s and, after a 1 s backoff, at 1 s; the next backoff (2 s) would pass the 2.5 s wait
     assert len(calls) == 2 and calls[1] - calls[0] >= 1.0 and time.monotonic() - start < 2.5
+
+
+def test_the_epoch_sender_stops_at_a_refusal(tmp_path):
+    """MLflow answering no (the run was deleted) is not an outage: the logger's sender stops at once
+    instead of retrying every 5 s for the stage's lifetime, keeps the refusal, and the driver's
+    backfill raises it."""
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.adapters.tracking import EpochLogger, client, log_missing_epochs
+    from pipeline.params import MlflowConfig
+
+    cfg = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", sync_wait_s=30.0)
+    c = client(cfg)
+    run_id = c.create_run(c.create_experiment("refusal")).info.run_id
+    c.delete_run(run_id)
+    logger = EpochLogger(cfg, run_id)
+    epoch = {"epoch": 0, "val_top1": 0.5, "train_loss": 1.0, "ended_ms": 1}
+    start = time.monotonic()
+    logger(epoch)  # returns once the sender has stopped, not after sync_wait_s
+    assert time.monotonic() - start < 10
+    logger._sender.join(timeout=5)
+    assert not logger._sender.is_alive() and isinstance(logger.refused, MlflowException)
+    assert logger.close(0) == [0]  # unsent, for the driver's backfill, which names the refusal
+    with pytest.raises(MlflowException, match="must be in the 'active' state"):
+        log_missing_epochs(cfg, run_id, [epoch])

@@ -209,7 +209,9 @@ class EpochLogger:
     ``__call__`` queues the epoch and waits at most ``cfg.sync_wait_s`` for a sender thread to log
     it, so a healthy MLflow has every epoch before the stage reports it, and an unreachable one
     costs the training that much per epoch, not a failure: the sender keeps the queue and retries
-    until MLflow answers. Steps already in the run (a restarted worker's backfill) are skipped.
+    until MLflow answers. A refusal (MLflow answered: a deleted run, no permission) is not retried:
+    the sender stops and keeps it in ``refused``, and the driver's backfill raises it, naming what
+    MLflow said. Steps already in the run (a restarted worker's backfill) are skipped.
     ``close`` waits for the queue to drain; what a worker could not send, the driver backfills
     from the stage's history (``stages._tracked_training``)."""
 
@@ -220,6 +222,7 @@ class EpochLogger:
         self.logged: set[int] | None = None  # the run's logged steps, read on the first reachable send
         self.queue: dict[int, tuple[int, dict[str, float]]] = {}  # step -> (timestamp ms, metrics)
         self.abandoned = False  # closed: nothing more is sent
+        self.refused: BaseException | None = None  # what MLflow answered instead of logging
         self._lock = threading.Lock()
         self._wake, self._drained, self._closing = threading.Event(), threading.Event(), False
         self._drained.set()
@@ -271,7 +274,13 @@ class EpochLogger:
                     waited = time.monotonic() - down_since
                     log.warning("MLflow reachable again after %.0f s: buffered epochs logged", waited)
                 down_since = None
-            except Exception as e:  # unreachable (or slow): keep the queue, retry
+            except Exception as e:
+                if not _unreachable_error(e):  # MLflow answered no: retrying cannot change that
+                    log.error("MLflow refused the epochs' metrics (%s): not retried", e)
+                    self.refused, self.abandoned = e, True
+                    self._drained.set()
+                    return
+                # unreachable (or slow): keep the queue, retry
                 self.logged = None  # a timed-out request may have landed: read the run again first
                 if down_since is None:
                     down_since = time.monotonic()

@@ -228,6 +228,36 @@ def cluster_env() -> dict[str, str]:
     return env
 
 
+class TokenRayHead:
+    """A lone Ray head (no worker nodes) with token authentication on and its dashboard, the job
+    server, on 127.0.0.1; every process started from it inherits this environment."""
+
+    def __init__(self, root: Path, token: str, cpus: int = 1):
+        self.token, self.temp = token, Path(tempfile.mkdtemp(prefix="brt-", dir="/tmp"))  # short: AF_UNIX paths
+        port, dashboard = free_port(), free_port()
+        log = root / "ray-head.log"
+        self.proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1"]
+            + ["--num-cpus", str(cpus), "--temp-dir", str(self.temp), "--include-dashboard", "true"]
+            + ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)]
+            + ["--dashboard-agent-listen-port", "0", "--object-store-memory", "100000000", "--disable-usage-stats"],
+            env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.url = f"http://127.0.0.1:{dashboard}"
+        wait_for(lambda: _http_ok(f"{self.url}/api/jobs/", self.headers), 120, "Ray's job server", log)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def close(self) -> None:
+        stop(self.proc)
+        subprocess.run(["pkill", "-f", str(self.temp)], check=False)  # any Ray process left of this head
+
+
 class RayCluster:
     """A head (0 CPUs) and worker nodes, each worker node in its own mount namespace."""
 

@@ -17,13 +17,13 @@ import re
 import secrets
 import shutil
 import subprocess
-import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from cluster_services import BIN, S3, MlflowServer, _http_ok, free_port, stop, wait_for
+from cluster_services import BIN, S3, Memory, MlflowServer, TokenRayHead, _http_ok, free_port, stop, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.e2e]
 
@@ -43,31 +43,12 @@ def _api(url: str, path: str, body: dict | None = None):
 def stack(tmp_path_factory, pytestconfig):
     """moto, an MLflow server, a Ray head with token auth and its job server, a Prefect server;
     the module's wall time and peak memory (PSS of this process and all it starts) are printed."""
-    import time
-
-    from cluster_services import Memory
-
     started, memory = time.time(), Memory()
     root = tmp_path_factory.mktemp("prefect_deploy")
     saved = dict(os.environ)
     s3 = S3(root, bucket="prefect-deploy")  # puts moto's credentials in this process's environment
     mlflow = MlflowServer(root, f"sqlite:///{root / 'mlflow.db'}", str(root / "mlartifacts"), "")
-    temp = Path(tempfile.mkdtemp(prefix="brp-", dir="/tmp"))  # short: AF_UNIX paths
-    port, dashboard = free_port(), free_port()
-    ray_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN}
-    ray = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1"]
-        + ["--num-cpus", "2", "--temp-dir", str(temp), "--include-dashboard", "true"]
-        + ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", "0"]
-        + ["--object-store-memory", "100000000", "--disable-usage-stats"],
-        env=ray_env,
-        stdout=(root / "ray-head.log").open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    job_server = f"http://127.0.0.1:{dashboard}"
-    headers = {"Authorization": f"Bearer {TOKEN}"}
-    wait_for(lambda: _http_ok(f"{job_server}/api/jobs/", headers), 120, "Ray's job server", root / "ray-head.log")
+    head = TokenRayHead(root, TOKEN, cpus=2)  # the job server; the jobs inherit moto's credentials
     prefect_port = free_port()
     api = f"http://127.0.0.1:{prefect_port}/api"
     server_env = {**os.environ, "PREFECT_HOME": str(root / "prefect-server"), "PREFECT_API_URL": api}
@@ -79,10 +60,9 @@ def stack(tmp_path_factory, pytestconfig):
         start_new_session=True,
     )
     wait_for(lambda: _http_ok(f"{api}/health"), 120, "the Prefect server", root / "prefect-server.log")
-    yield {"root": root, "s3": s3, "mlflow": mlflow, "job_server": job_server, "api": api}
+    yield {"root": root, "s3": s3, "mlflow": mlflow, "job_server": head.url, "api": api}
     stop(prefect)
-    stop(ray)
-    subprocess.run(["pkill", "-f", str(temp)], check=False)  # any Ray process left of this head
+    head.close()
     mlflow.close()
     stop(s3.proc)
     os.environ.clear()

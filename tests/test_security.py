@@ -13,13 +13,11 @@ import os
 import secrets
 import subprocess
 import sys
-import tempfile
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
-from cluster_services import BIN, MlflowServer, _http_ok, free_port, stop, wait_for
+from cluster_services import MlflowServer, TokenRayHead
 
 pytestmark = pytest.mark.services
 
@@ -38,27 +36,9 @@ def _status(url: str, headers: dict | None = None) -> int:
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A Ray head with token authentication on and its dashboard (the job server) on 127.0.0.1."""
-    root = tmp_path_factory.mktemp("ray_token")
-    token = secrets.token_hex(16)
-    port, dashboard = free_port(), free_port()
-    temp = Path(tempfile.mkdtemp(prefix="brt-", dir="/tmp"))  # short: AF_UNIX paths
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    log = root / "ray-head.log"
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--port", str(port), "--node-ip-address", "127.0.0.1"]
-        + ["--num-cpus", "1", "--temp-dir", str(temp), "--include-dashboard", "true"]
-        + ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--dashboard-agent-listen-port", "0"]
-        + ["--object-store-memory", "100000000", "--disable-usage-stats"],
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{dashboard}"
-    wait_for(lambda: _http_ok(f"{url}/api/jobs/", {"Authorization": f"Bearer {token}"}), 120, "Ray's job server", log)
-    yield url, token
-    stop(proc)
-    subprocess.run(["pkill", "-f", str(temp)], check=False)  # any Ray process left of this head
+    head = TokenRayHead(tmp_path_factory.mktemp("ray_token"), secrets.token_hex(16))
+    yield head.url, head.token
+    head.close()
 
 
 def test_the_job_server_wants_the_token(ray_head):

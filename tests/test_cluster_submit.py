@@ -150,6 +150,9 @@ def test_dvc_repro_drives_the_cluster_and_a_second_repro_does_nothing(cluster, m
     (mine,) = [e["revs"][0]["data"] for e in experiments if e.get("revs")]
     assert mine["params"]["cluster.yaml"]["data"]["finetune"]["lr"] == 0.0005
     assert mine["metrics"]["submitted/summaries/package/evaluate.json"]["data"]["images"] == 360
+    table = dvc("exp", "show", "--only-changed", "--md", "--no-pager").stdout  # what a user reads
+    assert "finetune.lr" in table and "0.0005" in table
+    cluster.say("dvc exp show --only-changed --md:\n" + table.strip())
 
     # dvc push: the pointer folders into the S3 remote (.dvc/config's, pointed at the test bucket)
     assert dvc("remote", "modify", "--local", "storage", "url", f"s3://{cluster.s3.bucket}/dvc").returncode == 0
@@ -157,6 +160,7 @@ def test_dvc_repro_drives_the_cluster_and_a_second_repro_does_nothing(cluster, m
     assert pushed.returncode == 0, pushed.stdout[-3000:] + pushed.stderr[-3000:]
     keys = [o["Key"] for o in cluster.s3.client().list_objects_v2(Bucket=cluster.s3.bucket, Prefix="dvc/")["Contents"]]
     assert any(k.startswith("dvc/files/md5/") for k in keys) and "files pushed" in pushed.stdout
+    cluster.say(f"dvc push: {pushed.stdout.strip().splitlines()[-1]}")
 
     # a re-shard: the manifest in the bucket changes, and every stage that reads the shards is stale
     manifest = cluster.s3.read("shards/manifest.json")

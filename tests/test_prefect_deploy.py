@@ -44,6 +44,13 @@ def stack(tmp_path_factory, pytestconfig):
     """moto, an MLflow server, a Ray head with token auth and its job server, a Prefect server;
     the module's wall time and peak memory (PSS of this process and all it starts) are printed."""
     started, memory = time.time(), Memory()
+    reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def say(line: str) -> None:  # the module's figures reach the terminal even when output is captured
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"[services] {line}")
+
     root = tmp_path_factory.mktemp("prefect_deploy")
     saved = dict(os.environ)
     s3 = S3(root, bucket="prefect-deploy")  # puts moto's credentials in this process's environment
@@ -60,19 +67,15 @@ def stack(tmp_path_factory, pytestconfig):
         start_new_session=True,
     )
     wait_for(lambda: _http_ok(f"{api}/health"), 120, "the Prefect server", root / "prefect-server.log")
-    yield {"root": root, "s3": s3, "mlflow": mlflow, "job_server": head.url, "api": api}
+    yield {"root": root, "s3": s3, "mlflow": mlflow, "job_server": head.url, "api": api, "say": say}
     stop(prefect)
     head.close()
     mlflow.close()
     stop(s3.proc)
     os.environ.clear()
     os.environ.update(saved)
-    reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
-    with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
-        reporter.write_line(
-            f"[services] test_prefect_deploy: {time.time() - started:.0f} s wall, peak memory "
-            f"{memory.stop():.2f} GiB (PSS): {memory.breakdown()}"
-        )
+    say(f"test_prefect_deploy: {time.time() - started:.0f} s wall, peak memory {memory.stop():.2f} GiB (PSS)")
+    say(f"at the peak, GiB per program: {memory.breakdown()}")
 
 
 def checkout(stack, name: str) -> Path:
@@ -164,6 +167,7 @@ def test_deploy_worker_run_and_a_second_checkout_reuses_the_results(stack):
     finally:
         stop(worker)
     assert "Completed" in ran.stdout, ran.stdout[-3000:]
+    stack["say"]("prefect deployment run 'bireal-pipeline/checkout' --watch:\n" + ran.stdout.strip())
     jobs = ray_jobs(stack)
     groups = ("shard", "pretrain", "tune", "binarize", "finetune", "export-evaluate-register")
     assert len(jobs) == len(groups) and all(sid.startswith("prefect-deploy-") for sid in jobs)
@@ -216,6 +220,11 @@ def test_deploy_worker_run_and_a_second_checkout_reuses_the_results(stack):
         body = s3.get_object(Bucket=stack["s3"].bucket, Key=key)["Body"].read()
         assert hashlib.sha256(body).hexdigest() == ref["sha256"], ref
     assert not (b / "submitted" / "pretrain").exists()  # nothing of the cached stages ran here
+    stack["say"](
+        f"second checkout, own PREFECT_HOME: {len(groups) - 1} stages Cached from {stored} result objects in S3, "
+        f"no job submitted, the package job fetched; {len(published)} checkpoints named, each in the bucket "
+        f"under its sha256; top-1 {summary['evaluation']['top1']:.4f}"
+    )
 
 
 def test_the_cluster_pool_takes_the_job_template_and_the_cluster_deployment(stack):

@@ -21,6 +21,7 @@ LAYERS = [
             "pipeline.adapters.pyfunc_model",
             "pipeline.adapters.kuberay",
             "pipeline.adapters.ray_jobs",
+            "pipeline.adapters.prefect_setup",
         },
     ),
     (

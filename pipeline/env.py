@@ -34,6 +34,10 @@ LOCAL_RAY_DEFAULTS = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # makes every Ray process bind 127.0.0.1
     "GLOO_SOCKET_IFNAME": "lo",  # gloo collectives over loopback
     "RAY_AUTH_MODE": "disabled",  # loopback only; else Ray 2.60 would write ~/.ray/auth_token
+    # Ray renices its workers to 15 so that on a dedicated node they yield to its raylet; on a
+    # shared machine that puts training behind every other busy process (the demo pipeline ran
+    # ~5x slower beside two CPU-bound processes at nice 0). Training keeps the CLI's own priority.
+    "RAY_worker_niceness": "0",
 }
 
 

@@ -59,6 +59,42 @@ def wait_for(check, timeout: float, what: str, log: Path | None = None) -> None:
     raise TimeoutError(f"{what} not up after {timeout:.0f} s\n{tail}")
 
 
+# A command that stops printing for this long is stuck; a slow one (a loaded machine) is not.
+STALLED_AFTER_S = 600.0
+
+
+def wait_progressing(proc: subprocess.Popen, logs: list[Path], what: str, stalled_after=STALLED_AFTER_S) -> int:
+    """``proc``'s exit status. It may take as long as it keeps writing to ``logs``; once they have
+    not grown for ``stalled_after`` seconds its session is killed and the test fails with their
+    tails. (A wall-clock limit would fail a test on a busy machine that a quiet one passes.)"""
+    sizes, moved = None, time.monotonic()
+    while proc.poll() is None:
+        now = [log.stat().st_size if log.exists() else 0 for log in logs]
+        if now != sizes:
+            sizes, moved = now, time.monotonic()
+        elif time.monotonic() - moved > stalled_after:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            tails = "\n".join(log.read_text(errors="replace")[-3000:] for log in logs if log.exists())
+            pytest.fail(f"{what}: no output for {stalled_after:.0f} s, killed\n{tails}")
+        time.sleep(1.0)
+    return proc.returncode
+
+
+def run_watched(
+    cmd: list[str], what: str = "", watch: tuple[Path, ...] = (), stalled_after: float = STALLED_AFTER_S, **popen
+) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` bounded by progress, not by a clock:
+    the command is killed only after it, and the logs in ``watch`` (of the processes doing its
+    work, such as a worker's), have had nothing new for ``stalled_after`` seconds."""
+    with tempfile.TemporaryDirectory(prefix="watched-") as folder:
+        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+        with out.open("w") as stdout, err.open("w") as stderr:
+            proc = subprocess.Popen(cmd, stdout=stdout, stderr=stderr, text=True, start_new_session=True, **popen)
+            code = wait_progressing(proc, [out, err, *watch], what or " ".join(map(str, cmd)), stalled_after)
+        return subprocess.CompletedProcess(cmd, code, out.read_text(), err.read_text())
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
@@ -569,7 +605,7 @@ class Cluster:
         )
         if not wait:
             return proc
-        if proc.wait(timeout=600) != 0:
+        if wait_progressing(proc, [self.root / log], f"bireal {args[0]}") != 0:
             pytest.fail(f"bireal {' '.join(args)} failed:\n{(self.root / log).read_text()[-4000:]}")
         return proc
 

@@ -18,7 +18,7 @@ import time
 
 import pytest
 import yaml
-from cluster_services import wait_for
+from cluster_services import wait_for, wait_progressing
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
@@ -150,7 +150,8 @@ def test_worker_node_lost_mid_stage(cluster):
     at_kill = len(cluster.stage_history(f"{run}-pretrain"))
     assert 2 <= at_kill < 13, at_kill
     cluster.ray.add_node(cpus=1)
-    assert driver.wait(timeout=600) == 0, (cluster.root / "nodeloss.log").read_text()[-4000:]
+    log = cluster.root / "nodeloss.log"
+    assert wait_progressing(driver, [log], "the stage") == 0, log.read_text()[-4000:]
     assert cluster.epochs_logged("nodeloss", "pretrain") == [list(range(13))]
     history = cluster.stage_history(f"{run}-pretrain")  # what the workers trained, from S3
     assert [h["epoch"] for h in history] == list(range(13))
@@ -188,7 +189,8 @@ def test_storage_stall_during_a_stage(cluster):
     os.killpg(cluster.s3.proc.pid, signal.SIGCONT)
     at_stall = len(cluster.stage_history(f"{run}-pretrain"))
     assert at_stall < 9, at_stall  # the stall landed before the stage's end
-    assert driver.wait(timeout=600) == 0, (cluster.root / "stall.log").read_text()[-4000:]
+    log = cluster.root / "stall.log"
+    assert wait_progressing(driver, [log], "the stage") == 0, log.read_text()[-4000:]
     assert cluster.epochs_logged("stall", "pretrain") == [list(range(9))]
     history = cluster.stage_history(f"{run}-pretrain")
     assert [h["epoch"] for h in history] == list(range(9))
@@ -228,7 +230,7 @@ def test_tune_loses_a_node_and_is_restored(cluster):
     wait_for(lambda: len(checkpointed_trials()) == 2, 300, "a checkpoint of each trial in S3")
     victim = next(ip for ip, proc in sorted(cluster.ray.nodes.items()) if proc.poll() is None)
     cluster.ray.kill_node(victim)
-    driver.wait(timeout=600)  # the search ends with the lost node's trial errored
+    wait_progressing(driver, [cluster.root / "tune.log"], "the search")  # it ends with the lost node's trial errored
     cluster.ray.add_node(cpus=1)
     cluster.bireal("run", "tune", "--params", str(params), run_id=run, log="tune.log")
 
@@ -269,7 +271,7 @@ def test_tune_loses_a_node_and_is_restored(cluster):
     before_kill = second_checkpoints()
     cluster.ray.kill_node(victim)
     assert not before_kill, before_kill  # the fault landed before any trial's first checkpoint
-    driver.wait(timeout=600)
+    wait_progressing(driver, [cluster.root / "tune.log"], "the second search")
     cluster.ray.add_node(cpus=1)
     cluster.bireal("run", "tune", "--params", str(second), run_id=run, log="tune.log")
     table = json.loads((cluster.work / "tune" / "table.json").read_text())

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cluster_services import BIN, cluster_env, ray_headers, wait_for
+from cluster_services import BIN, cluster_env, ray_headers, run_watched, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.e2e]
 
@@ -93,7 +93,7 @@ def test_dvc_repro_drives_the_cluster_and_a_second_repro_does_nothing(cluster, m
     env["AWS_ENDPOINT_URL"] = cluster.s3.url  # DVC's S3 client (the external dep, the remote) finds moto
 
     def dvc(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "dvc"), *args], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+        return run_watched([str(BIN / "dvc"), *args], cwd=repo, env=env)
 
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"]):
         subprocess.run(cmd, cwd=repo, check=True)
@@ -232,14 +232,7 @@ def test_the_prefect_flow_submits_its_stages_when_ray_address_is_a_job_server(cl
     )
 
     def run_flow() -> dict:
-        done = subprocess.run(
-            [str(BIN / "python"), "-c", script, str(params)],
-            cwd=folder,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=1200,
-        )
+        done = run_watched([str(BIN / "python"), "-c", script, str(params)], "the flow", cwd=folder, env=env)
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
         return json.loads(done.stdout.split("SUMMARY ", 1)[1].splitlines()[0])
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import yaml
+from cluster_services import run_watched
 
 import bireal_core as bc
 from pipeline.cli import main
@@ -26,7 +27,7 @@ def run(cmd, cwd, ray_address="", **kw):
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
     if ray_address:  # join the test session's cluster instead of booting one per stage
         env["RAY_ADDRESS"] = ray_address
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, **kw)
+    return run_watched(cmd, cwd=cwd, env=env, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def dvc_copy(tmp_path_factory, ray_local):
     ):
         subprocess.run(cmd, cwd=dst, check=True)
     address = ray_local.get_runtime_context().gcs_address
-    result = run([str(BIN / "dvc"), "repro"], dst, ray_address=address, timeout=900)
+    result = run([str(BIN / "dvc"), "repro"], dst, ray_address=address)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return dst
 

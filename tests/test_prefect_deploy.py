@@ -23,7 +23,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cluster_services import BIN, S3, Memory, MlflowServer, TokenRayHead, _http_ok, free_port, stop, wait_for
+from cluster_services import (
+    BIN,
+    S3,
+    Memory,
+    MlflowServer,
+    TokenRayHead,
+    _http_ok,
+    free_port,
+    run_watched,
+    stop,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.services, pytest.mark.e2e]
 
@@ -132,8 +143,8 @@ def env_for(stack, folder: Path) -> dict[str, str]:
     }
 
 
-def sh(args: list[str], folder: Path, env: dict, timeout: float = 300) -> subprocess.CompletedProcess:
-    done = subprocess.run(args, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+def sh(args: list[str], folder: Path, env: dict, watch: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+    done = run_watched(args, watch=watch, cwd=folder, env=env)
     assert done.returncode == 0, f"{args}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
     return done
 
@@ -163,7 +174,8 @@ def test_deploy_worker_run_and_a_second_checkout_reuses_the_results(stack):
         start_new_session=True,
     )
     try:
-        ran = sh([prefect, "deployment", "run", "bireal-pipeline/checkout", "--watch"], a, env, timeout=900)
+        run = [prefect, "deployment", "run", "bireal-pipeline/checkout", "--watch"]
+        ran = sh(run, a, env, watch=(stack["root"] / "worker.log",))  # the flow's output is the worker's
     finally:
         stop(worker)
     assert "Completed" in ran.stdout, ran.stdout[-3000:]
@@ -189,7 +201,7 @@ def test_deploy_worker_run_and_a_second_checkout_reuses_the_results(stack):
         events = _api(api, "/events/filter", body)["events"]
         return [e for e in events if e["resource"].get("prefect.resource.name") == "tag:bireal-gpu"]
 
-    wait_for(lambda: len(acquisitions()) == len(GPU_STAGES), 60, "one bireal-gpu acquisition per GPU task")
+    wait_for(lambda: len(acquisitions()) == len(GPU_STAGES), 300, "one bireal-gpu acquisition per GPU task")
     (limit,) = [c for c in _api(api, "/v2/concurrency_limits/filter", {}) if c["name"] == "tag:bireal-gpu"]
     assert limit["limit"] == 1 and limit["active_slots"] == 0
     # the results went to S3, nothing into the checkout's PREFECT_HOME
@@ -205,7 +217,7 @@ def test_deploy_worker_run_and_a_second_checkout_reuses_the_results(stack):
         "from pipeline.flow import bireal_pipeline\n"
         "print('SUMMARY ' + json.dumps(bireal_pipeline('params.yaml'), default=str))\n"
     )
-    again = sh([str(BIN / "python"), "-c", script], b, env_for(stack, b), timeout=600)
+    again = sh([str(BIN / "python"), "-c", script], b, env_for(stack, b))
     summary = json.loads(again.stdout.split("SUMMARY ", 1)[1].splitlines()[0])
     assert ray_jobs(stack) == jobs  # no job submitted or run again
     log = again.stdout + again.stderr

@@ -50,8 +50,9 @@ def _kill_a_worker_mid_epoch(storage: Path, done: threading.Event, killed: list)
         if len(list(storage.glob("*/checkpoint_*"))) >= 2:
             for p in psutil.process_iter(["pid", "cmdline"]):
                 if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                    niceness = p.nice()
                     p.kill()
-                    killed.append(p.info["pid"])
+                    killed.append((p.info["pid"], niceness))
                     return
         time.sleep(0.05)
 
@@ -67,6 +68,8 @@ def test_resume_after_killed_worker(ray_local, demo_shards, tmp_path):
         done.set()
         watcher.join()
     assert killed, "no worker was killed"
+    (_, niceness), ours = killed[0], psutil.Process().nice()
+    assert niceness == ours, f"a train worker at niceness {niceness}, this process {ours} (pipeline/env.py)"
     history = result["history"]
     assert [h["epoch"] for h in history] == [0, 1, 2, 3]  # every epoch recorded exactly once
     assert history[0]["restarts"] == 0  # epoch 0 was not re-run ...

@@ -95,6 +95,19 @@ def run_watched(
         return subprocess.CompletedProcess(cmd, code, out.read_text(), err.read_text())
 
 
+def terminal_line(pytestconfig, tag: str):
+    """``say(line)``: writes ``[tag] line`` to pytest's terminal even while output is captured (a
+    module's figures: wall time, peak memory, what a user of the tool would read)."""
+    reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+
+    def say(line: str) -> None:
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"[{tag}] {line}")
+
+    return say
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)

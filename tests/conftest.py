@@ -63,6 +63,7 @@ def cluster(request, tmp_path_factory, pytestconfig):
         RayCluster,
         enter_private_network,
         missing_privilege,
+        terminal_line,
     )
 
     reason = missing_privilege()
@@ -71,13 +72,7 @@ def cluster(request, tmp_path_factory, pytestconfig):
             pytest.fail(f"BIREAL_REQUIRE_CLUSTER=1 but the cluster suite cannot run: {reason}")
         pytest.skip(reason)
     netns = enter_private_network()  # before any service starts: all of them, and Ray's nodes, inside
-    started, memory = time.time(), Memory()
-    reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
-    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
-
-    def say(line: str) -> None:  # the suite's figures reach the terminal even when output is captured
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(f"[cluster] {line}")
+    started, memory, say = time.time(), Memory(), terminal_line(pytestconfig, "cluster")
 
     root = tmp_path_factory.mktemp("cluster")
     work = root / "work"  # the driver's working folder: worker nodes see a tmpfs there instead

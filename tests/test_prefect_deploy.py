@@ -33,6 +33,7 @@ from cluster_services import (
     free_port,
     run_watched,
     stop,
+    terminal_line,
     wait_for,
 )
 
@@ -54,13 +55,7 @@ def _api(url: str, path: str, body: dict | None = None):
 def stack(tmp_path_factory, pytestconfig):
     """moto, an MLflow server, a Ray head with token auth and its job server, a Prefect server;
     the module's wall time and peak memory (PSS of this process and all it starts) are printed."""
-    started, memory = time.time(), Memory()
-    reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
-    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
-
-    def say(line: str) -> None:  # the module's figures reach the terminal even when output is captured
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(f"[services] {line}")
+    started, memory, say = time.time(), Memory(), terminal_line(pytestconfig, "services")
 
     root = tmp_path_factory.mktemp("prefect_deploy")
     saved = dict(os.environ)

@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import subprocess
 import sys
 import urllib.error
 import urllib.request
 
 import pytest
-from cluster_services import MlflowServer, TokenRayHead
+from cluster_services import MlflowServer, TokenRayHead, run_watched
 
 pytestmark = pytest.mark.services
 
@@ -56,16 +55,19 @@ def test_the_job_server_wants_the_token(ray_head):
 def test_bireal_submit_sends_the_token_from_its_environment(ray_head, tmp_path, demo_shards):
     url, token = ray_head
     params = tmp_path / "p.yaml"
-    params.write_text(f"train: {{shards: {demo_shards}}}\ntune: {{enabled: false, out: {tmp_path / 'tune'}}}\n")
+    params.write_text(
+        f"train: {{shards: {demo_shards}}}\ntune: {{enabled: false, out: {tmp_path / 'tune'}}}\n"
+        f"storage: {{artifacts: {tmp_path / 'artifacts'}}}\n"  # where the job writes its summary
+    )
     base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
     base.update({"BIREAL_PIPELINE_RUN": f"token-{tmp_path.name}", "HOME": str(tmp_path)})  # no ~/.ray token
     cmd = [sys.executable, "-m", "pipeline.cli", "submit", "--stage", "tune", "--params", str(params)]
     cmd += ["--address", url, "--python", sys.executable, "--out", str(tmp_path / "submitted")]
-    refused = subprocess.run(cmd, capture_output=True, text=True, env=base, cwd=tmp_path, timeout=120)
+    refused = run_watched(cmd, env=base, cwd=tmp_path)
     assert refused.returncode == 2 and "token" in refused.stderr.lower(), refused.stderr[-2000:]
     assert not (tmp_path / "submitted").exists()
     with_token = {**base, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=with_token, cwd=tmp_path, timeout=300)
+    done = run_watched(cmd, env=with_token, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "submitted" in done.stdout and (tmp_path / "submitted" / "tune.json").is_file()
 

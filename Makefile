@@ -34,11 +34,13 @@ demo: install
 	@echo
 	@$(VENV)/bin/bireal summary
 
-# four pytest processes, each within the budget (12 minutes, 6 GiB): the suite; the tests that
-# start servers of their own (faults, auth, Prefect's work pool); the cluster suite's two modules,
-# one process each (its memory budget: docs/cluster.md)
+# five pytest processes, each within the budget (12 minutes, 6 GiB): the tests that start no
+# service; the end-to-end ones (a local Ray, MLflow, Prefect, dvc repro); the tests that start
+# servers of their own (faults, auth, Prefect's work pool); the cluster suite's two modules, one
+# process each (its memory budget: docs/cluster.md)
 test: install
-	$(VENV)/bin/pytest -q -m "not cluster and not services"
+	$(VENV)/bin/pytest -q -m "not e2e and not cluster and not services"
+	$(VENV)/bin/pytest -q -m "e2e and not cluster and not services"
 	$(VENV)/bin/pytest -q -m services
 	$(VENV)/bin/pytest -q tests/test_cluster.py
 	$(VENV)/bin/pytest -q tests/test_cluster_submit.py

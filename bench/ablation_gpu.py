@@ -1,19 +1,27 @@
 """The ablation on a GPU machine, through the plain functions (no Ray, no MLflow).
 
-The GPU machine has only python3 + torch (+ pyyaml, safetensors, pillow): the twins pretrain in
-processes of their own side by side (the Bi-Real twin with its equal-compute ReLU control, and each
-other arch's twin), then the grid runs as ``tune.max_concurrent`` trial processes sharing the GPU
-(``pipeline.tune.run_local``, the search ``bireal tune --no-ray`` runs), then the results file that
-``bench/ablation.sh`` writes on the CPU machine. Every finished trial is appended to ``--progress``
-as a JSON line, so a run cut off by its time limit still returns what it measured; run it again on
-the same files and finished twins and trials are kept.
+The GPU machine has only python3 + torch (+ pyyaml, safetensors, pillow). The run starts with a
+timing probe: one binarize epoch in each of ``tune.max_concurrent`` processes side by side, which
+gives the seconds per epoch with the GPU shared as the trials share it. From it, and the epochs one
+seed costs (its twins' and its trials'), it takes as many whole seeds as fit ``--window-s`` and never
+fewer epochs than the profile states; the seeds left over are the next window's. Then the twins
+pretrain in processes of their own side by side (per seed with ``tune.twin_per_seed``: the Bi-Real
+twin with its equal-compute ReLU control, and each other arch's twin), then the grid runs as
+``tune.max_concurrent`` trial processes sharing the GPU (``pipeline.tune.run_local``, the search
+``bireal tune --no-ray`` runs), then the results file that ``bench/ablation.sh`` writes on the CPU
+machine. Every finished trial is appended to ``--progress`` as a JSON line, so a run cut off by its
+time limit still returns what it measured; run it again on the same files and finished twins and
+trials are kept.
 Usage: python3 -m bench.ablation_gpu [--params P] --results FILE.json [--progress FILE.jsonl]
+           [--window-s SECONDS]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -23,7 +31,7 @@ from bench.ablation_results import record, write_record
 from bench.cifar10_gpu import machine_name
 from pipeline.params import TrainConfig, load_params
 from pipeline.stages import other_twins, twin_missing
-from pipeline.tune import format_trial, local_trials, run_local, write_outputs
+from pipeline.tune import format_trial, local_grid, local_trials, run_local, write_outputs
 
 PROFILE = "pipeline/configs/cifar10_ablation_gpu.yaml"
 
@@ -34,17 +42,97 @@ def pretrain(config: TrainConfig) -> str:
 
     started = time.time()
     history = train_loop(config)["history"]
-    print(f"twin {config.arch} in {config.out}: val top-1 {history[-1]['val_top1']:.4f}, {time.time() - started:.0f} s")
+    print(
+        f"twin {config.arch} seed {config.seed} in {config.out}: val top-1 {history[-1]['val_top1']:.4f}, "
+        f"{time.time() - started:.0f} s",
+        flush=True,
+    )
     return config.out
 
 
-def twins_to_train(params) -> list[TrainConfig]:
-    """The pretrain stage's twin (with its ReLU control) and each other arch's, where missing."""
+def twins_of(params, seeds: list[int]) -> list[tuple[TrainConfig, set[str]]]:
+    """The twins the trials of ``seeds`` start from, each with the inits they read: with
+    ``tune.twin_per_seed`` each seed's (every arch, pretrained with that seed); otherwise the
+    pretrain stage's twin (with its ReLU control) and each other arch's, shared by all seeds."""
     base = params.train("binarize", {"tuned_config": ""})
+    twins = other_twins(params, base)
+    if params.tune.twin_per_seed:
+        return [(config, inits) for config, inits in twins if config.seed in seeds]
     main = params.train("pretrain")
-    inits = {"relu", "clip"} | ({"relu_control"} if main.relu_control else set())
-    twins = [(main, inits), *other_twins(params, base)]
-    return [config for config, needed in twins if twin_missing(config, needed)]
+    return [(main, {"relu", "clip"} | ({"relu_control"} if main.relu_control else set())), *twins]
+
+
+def twin_epochs(config: TrainConfig) -> int:
+    """The epochs a twin trains as planned: its phases, and the ReLU control's continuation through
+    the later phases (the clip gate may add up to ``clip_gate_max_epochs``)."""
+    return sum(config.phase_epochs) + (sum(config.phase_epochs[1:]) if config.relu_control else 0)
+
+
+def seed_epochs(params, seed: int) -> int:
+    """The epochs one seed costs: its twins' (per-seed twins only; shared ones are paid once) and
+    its trials'."""
+    base = params.train("binarize", {"tuned_config": ""})
+    trials = sum(t["epochs"] for t in local_trials(params.tune, base.arch) if t["seed"] == seed)
+    twins = sum(twin_epochs(c) for c, _ in twins_of(params, [seed])) if params.tune.twin_per_seed else 0
+    return trials + twins
+
+
+def pending_seeds(params) -> list[int]:
+    """The seeds with a trial that has not finished, in the profile's order."""
+    _, _, _, pending = local_grid(params.tune, params.train("binarize", {"tuned_config": ""}))
+    todo = {t["seed"] for t in pending}
+    return [s for s in params.tune.seeds if s in todo]
+
+
+def _probe_epoch(config: TrainConfig) -> float:
+    from pipeline.train import train_loop
+
+    started = time.time()
+    train_loop(config)
+    return time.time() - started
+
+
+def probe(params, processes: int) -> dict:
+    """One binarize epoch from scratch in each of ``processes`` processes side by side (as the
+    trials share the GPU): -> the wall seconds and the seconds per epoch of the shared machine
+    (wall / processes). It includes each process's start and its data decode: an upper bound."""
+    base = params.train("binarize", {"tuned_config": ""})
+    with tempfile.TemporaryDirectory(prefix="bireal-probe-") as tmp:
+        configs = [
+            dataclasses.replace(base, init="scratch", epochs=1, out=f"{tmp}/{i}", artifacts="", two_step=False)
+            for i in range(processes)
+        ]
+        started = time.time()
+        with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+            list(pool.map(_probe_epoch, configs))
+        wall = time.time() - started
+    return {"processes": processes, "wall_s": round(wall, 2), "s_per_epoch": round(wall / processes, 3)}
+
+
+def seeds_that_fit(seeds: list[int], cost_s: dict[int, float], budget_s: float) -> list[int]:
+    """The longest prefix of ``seeds`` whose costs fit ``budget_s`` (whole seeds only)."""
+    chosen, spent = [], 0.0
+    for seed in seeds:
+        if spent + cost_s[seed] > budget_s:
+            break
+        chosen.append(seed)
+        spent += cost_s[seed]
+    return chosen
+
+
+def plan_window(params, window_s: float, probe_result: dict, elapsed_s: float) -> dict:
+    """Which of the pending seeds this window runs, from the probe: every one without a window."""
+    todo = pending_seeds(params)
+    epochs = {seed: seed_epochs(params, seed) for seed in todo}
+    cost = {seed: epochs[seed] * probe_result["s_per_epoch"] for seed in todo}
+    chosen = todo if not window_s else seeds_that_fit(todo, cost, window_s - elapsed_s)
+    return {
+        "pending": todo,
+        "seeds": chosen,
+        "epochs_per_seed": epochs,
+        "estimate_s": {s: round(cost[s]) for s in todo},
+        "budget_s": round(window_s - elapsed_s) if window_s else None,
+    }
 
 
 def trial_writer(progress: Path | None, started: float):
@@ -58,18 +146,39 @@ def trial_writer(progress: Path | None, started: float):
     return write
 
 
-def run(params_file: str, results: Path, progress: Path | None) -> dict:
+class WindowTooShort(RuntimeError):
+    """Not one whole seed fits the window: nothing is trained (no epoch is cut)."""
+
+
+def run(params_file: str, results: Path, progress: Path | None, window_s: float = 0.0) -> dict:
     params = load_params(params_file)  # errors name the file and key before any work
     base = params.train("binarize", {"tuned_config": ""})
     local_trials(params.tune, base.arch)  # a search the grid cannot run fails before the twins train
     started = time.time()
-    twins = twins_to_train(params)
+    timing = probe(params, max(1, params.tune.max_concurrent))
+    plan = plan_window(params, window_s, timing, time.time() - started)
+    print(f"probe: {json.dumps(timing)}; plan: {json.dumps(plan)}", flush=True)
+    if progress is not None:
+        with progress.open("a") as f:
+            f.write(json.dumps({"probe": timing, "plan": plan}) + "\n")
+    if plan["pending"] and not plan["seeds"]:
+        first = plan["pending"][0]
+        raise WindowTooShort(
+            f"the window leaves {plan['budget_s']} s and seed {first} needs {plan['epochs_per_seed'][first]} epochs "
+            f"x {timing['s_per_epoch']} s = {plan['estimate_s'][first]} s: nothing trained (epochs are never cut); "
+            "give a longer --window-s or fewer trials per seed"
+        )
+    twins = [c for c, inits in twins_of(params, plan["seeds"]) if twin_missing(c, inits)]
     if twins:
         with ProcessPoolExecutor(len(twins), mp_context=get_context("spawn")) as pool:
             list(pool.map(pretrain, twins))
-    summary = run_local(params.tune, base, on_trial=trial_writer(progress, started))
-    write_outputs(summary, params.tune.out)
-    rec = record(params_file, started, machine=machine_name())
+    window = dataclasses.replace(params.tune, seeds=plan["seeds"])
+    run_local(window, base, on_trial=trial_writer(progress, started))
+    summary = run_local(params.tune, base) if not pending_seeds(params) else None
+    if summary is not None:
+        write_outputs(summary, params.tune.out)
+    rec = record(params_file, started, machine=machine_name(), partial=summary is None)
+    rec.update({"probe": timing, "window_seeds": plan["seeds"], "seeds_left": pending_seeds(params)})
     write_record(rec, str(results))
     return rec
 
@@ -79,8 +188,11 @@ def main() -> None:
     parser.add_argument("--params", default=PROFILE)
     parser.add_argument("--results", required=True, type=Path, help="the results JSON (bench/results/ablation*.json)")
     parser.add_argument("--progress", type=Path, help="append each finished trial here as a JSON line")
+    parser.add_argument(
+        "--window-s", type=float, default=0.0, help="seconds this window has: the whole seeds that fit (0: all)"
+    )
     args = parser.parse_args()
-    run(args.params, args.results, args.progress)
+    run(args.params, args.results, args.progress, args.window_s)
 
 
 if __name__ == "__main__":

@@ -16,29 +16,64 @@ import argparse
 import datetime
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 
 from bireal_core.checkpoint import read_header
 from cuda_ext.benchmarks import cpu_model
 from pipeline.params import load_params
-from pipeline.tune import CELL_KEYS, expected_trials, local_grid, paper_cell, paper_rankings, summarize, twin_folder
+from pipeline.tune import (
+    CELL_KEYS,
+    at_budget,
+    expected_trials,
+    local_grid,
+    paper_cell,
+    paper_rankings,
+    summarize,
+    trial_epochs,
+    twin_folder,
+)
 
-TARGET = 0.70  # the issue's bar for the paper's cell (mean top-1 at width 0.25)
+TARGET = 0.70  # the bar for the paper's cell where the profile sets none (tune.paper_cell_bar)
 
 
 def twin_accuracies(params) -> dict[str, float]:
-    """Float top-1 of each twin a cell starts from (the last epoch of its pretrain segment)."""
+    """Float top-1 of each twin a cell starts from (the last epoch of its pretrain segment), keyed
+    arch/init, or arch/seedN/init for per-seed twins."""
     base = params.train("binarize")
-    arches = {base.arch, *params.tune.archs, *(c["arch"] for c in params.tune.extra_cells if "arch" in c)}
+    settings = params.tune
+    changes = [*settings.extra_cells, *settings.check_cells]
+    arches = {base.arch, *settings.archs, *(c["arch"] for c in changes if "arch" in c)}
+    seeds = settings.seeds if settings.twin_per_seed else [None]
     out = {}
     for arch in sorted(arches):
-        folder = Path(twin_folder(base.init_from or base.out, arch, base.arch))
-        for init in ("relu", "relu_control", "clip"):
-            path = folder / f"pretrain-{init}.safetensors"
-            if path.is_file():
-                out[f"{arch}/{init}"] = round(read_header(path)["metrics"]["val_top1"], 4)
+        for seed in seeds:
+            folder = Path(twin_folder(base.init_from or base.out, arch, base.arch, seed))
+            for init in ("relu", "relu_control", "clip"):
+                path = folder / f"pretrain-{init}.safetensors"
+                if path.is_file():
+                    key = f"{arch}/{init}" if seed is None else f"{arch}/seed{seed}/{init}"
+                    out[key] = round(read_header(path)["metrics"]["val_top1"], 4)
     return out
+
+
+def cell_rows(trials: list[dict]) -> list[dict]:
+    """One row per cell of one budget: its settings, per-seed top-1, mean and std (best first)."""
+    rows = []
+    for cell in dict.fromkeys(tuple(t[k] for k in CELL_KEYS) for t in trials):
+        per_seed = sorted((t["seed"], t["val_top1"]) for t in trials if tuple(t[k] for k in CELL_KEYS) == cell)
+        values = [v for _, v in per_seed]
+        rows.append(
+            {
+                **dict(zip(CELL_KEYS, cell)),
+                "seeds": [s for s, _ in per_seed],
+                "top1": [round(v, 4) for v in values],
+                "mean": round(statistics.fmean(values), 4),
+                "std": round(statistics.stdev(values), 4) if len(values) > 1 else 0.0,
+            }
+        )
+    return sorted(rows, key=lambda r: -r["mean"])
 
 
 def finished_trials(params, partial: bool) -> list[dict]:
@@ -51,38 +86,34 @@ def finished_trials(params, partial: bool) -> list[dict]:
 
 def record(params_path: str, started: float, machine: str = "", partial: bool = False) -> dict:
     params = load_params(params_path)
+    settings = params.tune
     searched = finished_trials(params, partial)
     # only trials that ran their whole budget: a search stopped early leaves running ones at fewer
     # epochs, and their last top-1 is not comparable
-    trials = [t for t in searched if t["val_top1"] is not None and t["epochs"] == params.tune.epochs]
+    trials = [
+        t
+        for t in searched
+        if t["val_top1"] is not None
+        and t["epochs"] == trial_epochs(settings, t["init"], t.get("budget", settings.epochs))
+    ]
     arch = params.train("binarize").arch
-    table = summarize(trials, params.tune, arch)
-    rows = []
-    for r in table["table"]:
-        cell = {k: r[k] for k in CELL_KEYS}
-        per_seed = sorted(
-            (t["seed"], round(t["val_top1"], 4)) for t in trials if all(t[k] == cell[k] for k in CELL_KEYS)
-        )
-        rows.append(
-            {
-                **cell,
-                "seeds": [s for s, _ in per_seed],
-                "top1": [v for _, v in per_seed],
-                "mean": round(r["mean"], 4),
-                "std": round(r["std"], 4),
-            }
-        )
-    paper = paper_cell(params.tune, arch)
+    table = summarize(trials, settings, arch)
+    rows = cell_rows(at_budget(trials, settings.epochs))
+    paper = paper_cell(settings, arch)
     ours = next((r for r in rows if all(r[k] == v for k, v in paper.items())), None)
     return {
         "arch": arch,
         "width": params.train("binarize").width,
-        "epochs_per_trial": params.tune.epochs,
+        "epochs_per_trial": settings.epochs,
+        "scratch_epochs": settings.scratch_epochs or settings.epochs,
+        "check_epochs": settings.check_epochs,
+        "twin_per_seed": settings.twin_per_seed,
         "pretrain_epochs": params.train("pretrain").phase_epochs,
         "cells": rows,
+        "check_cells": cell_rows(at_budget(trials, settings.check_epochs)) if settings.check_epochs else [],
         "claims": rounded(table["rankings"]),
         "paper_cell_mean": ours["mean"] if ours else None,
-        "target": TARGET,
+        "target": settings.paper_cell_bar or TARGET,
         "twins_float_top1": twin_accuracies(params),
         "trials": len(trials),
         "trials_planned": expected_trials(params.tune, arch),
@@ -104,7 +135,12 @@ def trials_of(rec: dict) -> list[dict]:
 
 
 def rounded(claims: list[dict]) -> list[dict]:
-    return [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in c.items()} for c in claims]
+    def r(v):
+        if isinstance(v, dict):
+            return {k: r(x) for k, x in v.items()}
+        return round(v, 4) if isinstance(v, float) else v
+
+    return [r(c) for c in claims]
 
 
 def rejudge(path: str) -> dict:
@@ -130,18 +166,29 @@ def markdown(rec: dict) -> str:
             f"| {r['arch']} | {r['activation']} | {r['weight_gradient']} | {r['init']} | {r['two_step']} | "
             f"{seeds} | {r['mean']:.4f} | {r['std']:.4f} |"
         )
+    check = rec.get("check_epochs") or 0
+    extra = f" at {check} epochs (95% CI) | over both budgets |" if check else ""
     lines += [
         "",
-        "| the paper's claim | its cell | the other | paired difference (95% CI) | detectable | verdict |",
-        "|---|---|---|---|---|---|",
+        f"| the paper's claim | its cell | the other | paired difference (95% CI) | detectable | verdict |{extra}",
+        "|---|---|---|---|---|---|" + ("---|---|" if check else ""),
     ]
     for c in rec["claims"]:
         paired = f"{c['diff'] * 100:+.2f} +- {c['ci95'] * 100:.2f} pts" if "diff" in c else "-"
         detectable = f"{c['detectable'] * 100:.2f} pts" if "detectable" in c else "-"
-        lines.append(
+        row = (
             f"| {c['claim']} | {c['left']:.4f} +- {c['left_std']:.4f} | {c['right']:.4f} +- {c['right_std']:.4f} | "
             f"{paired} | {detectable} | {c['verdict']}{' (' + c['note'] + ')' if c.get('note') else ''} |"
         )
+        if check:
+            short = c.get("at_check")
+            row += (
+                f" {short['diff'] * 100:+.2f} +- {short['ci95'] * 100:.2f} pts: {short['verdict']} | "
+                f"{c['verdict_both_budgets']} |"
+                if short
+                else " - | - |"
+            )
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -168,7 +215,8 @@ def write_record(rec: dict, out: str) -> None:
     print(markdown(rec))
     mean = rec["paper_cell_mean"]
     print(
-        f"\npaper's cell: mean top-1 {mean} (target {TARGET}); {rec['trials']} of {rec['trials_planned']} trials, "
+        f"\npaper's cell: mean top-1 {mean} (target {rec['target']}); "
+        f"{rec['trials']} of {rec['trials_planned']} trials, "
         f"wall {rec['wall_s']} s; "
         f"twins: {rec['twins_float_top1']}; wrote {out}"
     )

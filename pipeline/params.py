@@ -160,6 +160,9 @@ class TrainConfig:
     # scale) up to clip_gate_max_epochs more, then the stage stops with an error naming the gap
     clip_gate: float = 0.0
     clip_gate_max_epochs: int = 0
+    # > 0: the ReLU twin must end its phase at this top-1 or more, else the stage stops naming it
+    # (an under-trained twin makes every comparison that starts from it say little)
+    relu_floor: float = 0.0
     # binarize
     init: Init = "clip"  # scratch | relu | relu_control | clip (which pretrain checkpoint)
     latent_init: LatentInit = "default"  # scratch only: default (PyTorch's conv init) | official
@@ -220,6 +223,11 @@ class TrainConfig:
             raise ValueError(
                 f"clip_gate compares the clip twin with the ReLU twin: phases must start with relu and end with "
                 f"clip, with clip epochs > 0 (phases={self.phases}, phase_epochs={self.phase_epochs})"
+            )
+        if not 0 <= self.relu_floor < 1 or (self.relu_floor and self.phases[:1] != ["relu"]):
+            raise ValueError(
+                f"relu_floor={self.relu_floor}: a top-1 in [0, 1) that the first phase, relu, must reach "
+                f"(phases={self.phases})"
             )
         if self.finite_check_steps < 1:
             raise ValueError(f"finite_check_steps={self.finite_check_steps}: read the flag every >= 1 steps")
@@ -284,6 +292,7 @@ AFFECTS_MATH: dict[str, bool] = {
     "relu_control": True,
     "clip_gate": True,
     "clip_gate_max_epochs": True,
+    "relu_floor": False,  # a gate: it stops a stage, never changes what an epoch computes
     "init": True,
     "latent_init": True,
     "activation": True,
@@ -333,24 +342,51 @@ class TuneSettings:
     gpus_per_trial: float = 0.0  # 1 on a GPU cluster
     storage_path: str = "ray_results"
     out: str = "tune"  # best config, table, plot
+    # The ablation's design (docs/science.md). twin_per_seed: each seed's trials start from twins
+    # pretrained with that seed (the twins' variance is sampled), not from the pretrain stage's one.
+    twin_per_seed: bool = False
+    # the scratch cells' epochs: equal compute with a cell that starts from a twin is the twin's
+    # epochs + `epochs` (0: `epochs`, and the claim says the compute is unequal)
+    scratch_epochs: int = 0
+    # the budget check: these cells (the paper's cell with the settings each entry names changed;
+    # {} is the paper's own) trained again at check_epochs, so each claim is judged at two budgets
+    check_epochs: int = 0
+    check_cells: list[dict[str, Any]] = field(default_factory=list)
+    # a claim reads "contradicted" only where the paper's cell reaches this top-1 (below it a
+    # comparison of 1-bit nets says little about their converged accuracy)
+    paper_cell_bar: float = 0.0
 
     def __post_init__(self):
         check_choices(self)
         if not 0 < self.lr_min <= self.lr_max:
             raise ValueError("need 0 < lr_min <= lr_max")
-        for i, cell in enumerate(self.extra_cells):
-            if not isinstance(cell, dict) or not cell:
-                raise ValueError(f"extra_cells[{i}]: a mapping of settings to change, got {cell!r}")
-            for key, value in cell.items():
-                if key not in CELL_AXES:
-                    raise ValueError(f"extra_cells[{i}]: unknown setting {key!r} (one of {', '.join(CELL_AXES)})")
-                _check_type(value, CELL_AXES[key], f"extra_cells[{i}].{key}")
+        for name in ("extra_cells", "check_cells"):
+            for i, cell in enumerate(getattr(self, name)):
+                _check_cell(cell, f"{name}[{i}]", empty_ok=name == "check_cells")
+        if bool(self.check_epochs) != bool(self.check_cells) or self.check_epochs < 0:
+            raise ValueError(
+                f"check_epochs={self.check_epochs}, check_cells={self.check_cells}: the budget check needs both "
+                "(epochs > 0 and the cells to train again), or neither"
+            )
+        if self.check_epochs and self.check_epochs == self.epochs:
+            raise ValueError(f"check_epochs={self.check_epochs}: the budget check is another budget than epochs")
+        if any(c.get("init") == "scratch" for c in self.check_cells):
+            raise ValueError("check_cells: the budget check reruns cells that start from a twin, not scratch")
+        if self.scratch_epochs and self.scratch_epochs < self.epochs:
+            raise ValueError(
+                f"scratch_epochs={self.scratch_epochs} < epochs={self.epochs}: equal compute gives scratch the "
+                "twin's epochs on top of `epochs` (0: the same epochs as every cell)"
+            )
+        if not 0 <= self.paper_cell_bar <= 1:
+            raise ValueError(f"paper_cell_bar={self.paper_cell_bar}: a top-1 in [0, 1]")
         two_step_cells = [c.get("two_step") for c in self.extra_cells]
         if (True in self.two_step or True in two_step_cells) and self.epochs < 2:
             raise ValueError(
                 f"two_step includes true but epochs={self.epochs}: a two-step trial spends "
                 "1 of its epochs on step 1 (equal compute), so it needs epochs >= 2"
             )
+        if any(c.get("two_step") for c in self.check_cells) and self.check_epochs < 2:
+            raise ValueError(f"check_cells: a two-step cell needs check_epochs >= 2, got {self.check_epochs}")
 
 
 # What one tune cell sets: the binarize stage's keys that the search varies, and their types.
@@ -362,6 +398,16 @@ CELL_AXES: dict[str, Any] = {
     "two_step": bool,
     "optimizer": Optimizer,
 }
+
+
+def _check_cell(cell: Any, where: str, empty_ok: bool) -> None:
+    """A cell given as the paper's cell's settings to change: known keys, allowed values."""
+    if not isinstance(cell, dict) or not (cell or empty_ok):
+        raise ValueError(f"{where}: a mapping of settings to change, got {cell!r}")
+    for key, value in cell.items():
+        if key not in CELL_AXES:
+            raise ValueError(f"{where}: unknown setting {key!r} (one of {', '.join(CELL_AXES)})")
+        _check_type(value, CELL_AXES[key], f"{where}.{key}")
 
 
 @dataclass

@@ -180,18 +180,20 @@ def print_trial(row: dict, done: int, total: int) -> None:
 
 
 def other_twins(params: Params, base: TrainConfig) -> list[tuple[TrainConfig, set[str]]]:
-    """Cells of another arch (the no-shortcut net) start from a twin of their own, pretrained with
-    the pretrain stage's settings (the same epochs as the main twin): per such arch, its pretrain
-    config and the inits its cells read."""
+    """The twins the tune stage pretrains itself, with the pretrain stage's settings (the same
+    epochs as the main twin): one per other arch (the no-shortcut net), and with
+    ``tune.twin_per_seed`` one per arch and seed (pretrained with that seed). Each with the inits
+    its cells read."""
     from .tune import twin_folder, twins_needed
 
     out = []
-    for arch, inits in twins_needed(params.tune, base.arch).items():
+    for (arch, seed), inits in twins_needed(params.tune, base.arch).items():
         overrides = {
             "arch": arch,
-            "out": twin_folder(base.out, arch, base.arch),
-            "artifacts": twin_folder(base.artifacts, arch, base.arch) if base.artifacts else "",
+            "out": twin_folder(base.out, arch, base.arch, seed),
+            "artifacts": twin_folder(base.artifacts, arch, base.arch, seed) if base.artifacts else "",
             "relu_control": "relu_control" in inits,
+            **({"seed": seed} if seed is not None else {}),
         }
         out.append((params.train("pretrain", overrides), inits))
     return out
@@ -217,7 +219,8 @@ def pretrain_other_twins(params: Params, base: TrainConfig) -> list[str]:
     for config, inits in other_twins(params, base):
         if twin_missing(config, inits):
             print(
-                f"tune: pretraining the {config.arch} twin for its cells ({', '.join(sorted(inits))}) in "
+                f"tune: pretraining the {config.arch} twin (seed {config.seed}) for its cells "
+                f"({', '.join(sorted(inits))}) in "
                 f"{twin_source(config)}",
                 flush=True,
             )

@@ -511,6 +511,22 @@ def clip_recovered(config: TrainConfig, history: list[dict]) -> bool:
     return gap is None or gap <= config.clip_gate
 
 
+class ReluFloorError(RuntimeError):
+    """The ReLU twin ended its phase below ``relu_floor``."""
+
+
+def check_relu_floor(config: TrainConfig, plan: list[Segment], si: int, history: list[dict]) -> None:
+    """After segment ``si`` saved the ReLU twin: stop the stage if it is under ``relu_floor``."""
+    if not config.relu_floor or plan[si].save_as != "pretrain-relu":
+        return
+    top1 = history[-1]["val_top1"]
+    if top1 < config.relu_floor:
+        raise ReluFloorError(
+            f"pretrain: the ReLU twin ends its {plan[si].epochs} epochs at top-1 {top1:.4f}, under "
+            f"relu_floor={config.relu_floor}: train it longer (phase_epochs[0]) or at another lr"
+        )
+
+
 def check_clip_gate(config: TrainConfig, plan: list[Segment], si: int, history: list[dict]) -> None:
     """After segment ``si`` saved the clip twin: stop the stage if it is still outside the gate and
     no extension is left."""
@@ -912,6 +928,7 @@ def train_loop(
         if runtime.rank == 0 and seg.save_as:
             save_stage_checkpoint(config, seg.save_as, model, history)
         _wait_for_rank0()
+        check_relu_floor(config, plan, si, history)
         check_clip_gate(config, plan, si, history)
     final = stage_checkpoint(config, config.stage)
     main = [seg for seg in plan if not seg.side]

@@ -60,19 +60,60 @@ def cells(settings: TuneSettings, arch: str) -> list[dict]:
     return out
 
 
-def twin_folder(pretrain_out: str, arch: str, train_arch: str) -> str:
+def check_cells(settings: TuneSettings, arch: str) -> list[dict]:
+    """The budget check's cells: the paper's cell with the settings each entry names changed."""
+    out: list[dict] = []
+    for change in settings.check_cells:
+        cell = {**paper_cell(settings, arch), **change}
+        if cell not in out:
+            out.append(cell)
+    return out
+
+
+def twin_folder(pretrain_out: str, arch: str, train_arch: str, seed: int | None = None) -> str:
     """Where a cell's pretrain checkpoints are: the pretrain stage's for the train section's arch;
-    for another arch (the no-shortcut net), its own twin's, pretrained by the tune stage."""
-    return pretrain_out if arch == train_arch else f"{pretrain_out}/twins/{arch}"
+    for another arch (the no-shortcut net), its own twin's, pretrained by the tune stage; with a
+    seed (``twin_per_seed``), that seed's twin of the arch, pretrained by the tune stage too."""
+    if seed is None:
+        return pretrain_out if arch == train_arch else f"{pretrain_out}/twins/{arch}"
+    return f"{pretrain_out}/twins/{arch}/seed{seed}"
 
 
-def twins_needed(settings: TuneSettings, arch: str) -> dict[str, set[str]]:
-    """Each arch other than ``arch`` whose cells start from a twin -> the inits they read."""
-    needed: dict[str, set[str]] = {}
-    for cell in cells(settings, arch):
-        if cell["arch"] != arch and cell["init"] != "scratch":
-            needed.setdefault(cell["arch"], set()).add(cell["init"])
+def twins_needed(settings: TuneSettings, arch: str) -> dict[tuple[str, int | None], set[str]]:
+    """The twins the tune stage pretrains itself, (arch, seed or None) -> the inits their cells
+    read: each arch other than ``arch``, and with ``twin_per_seed`` every arch once per seed."""
+    needed: dict[tuple[str, int | None], set[str]] = {}
+    for trial in trial_specs(settings, arch):
+        cell = trial["cell"]
+        if cell["init"] != "scratch" and (cell["arch"] != arch or trial["twin_seed"] is not None):
+            needed.setdefault((cell["arch"], trial["twin_seed"]), set()).add(cell["init"])
     return needed
+
+
+def trial_epochs(settings: TuneSettings, init: str, budget: int) -> int:
+    """A trial's binarize epochs: its budget's, except scratch at the search's budget, which gets
+    ``scratch_epochs`` (its twin's epochs on top: equal compute) when set."""
+    equal_compute = init == "scratch" and settings.scratch_epochs and budget == settings.epochs
+    return settings.scratch_epochs if equal_compute else budget
+
+
+def trial_specs(settings: TuneSettings, arch: str) -> list[dict]:
+    """Every trial of the grid, in order: each cell x seed at the search's budget (``epochs``),
+    then the budget check's cells x seeds at ``check_epochs``. Each names the twin seed it starts
+    from (its own seed with ``twin_per_seed``, else None: the one shared twin)."""
+
+    def spec(cell: dict, seed: int, budget: int) -> dict:
+        return {
+            "cell": cell,
+            "seed": seed,
+            "budget": budget,
+            "epochs": trial_epochs(settings, cell["init"], budget),
+            "twin_seed": seed if settings.twin_per_seed else None,
+        }
+
+    main = [spec(cell, seed, settings.epochs) for cell in cells(settings, arch) for seed in settings.seeds]
+    check = [spec(cell, seed, settings.check_epochs) for cell in check_cells(settings, arch) for seed in settings.seeds]
+    return main + check
 
 
 def trial_base(settings: TuneSettings, base: TrainConfig) -> dict:
@@ -89,11 +130,13 @@ def trial_base(settings: TuneSettings, base: TrainConfig) -> dict:
     }
 
 
-def trial_config(base: dict, cell: dict, lr: float, seed: int, out: str) -> TrainConfig:
-    """One trial: the binarize stage with this cell, lr and seed, starting from its arch's twin;
-    two-step trials spend one of their epochs on step 1."""
-    overrides = {**cell, "lr": lr, "seed": seed}
-    init_from = twin_folder(base["init_from"], cell["arch"], base["arch"])
+def trial_config(base: dict, trial: dict, out: str) -> TrainConfig:
+    """One trial (a ``trial_specs`` entry with its lr): the binarize stage with its cell, lr, seed
+    and epochs, starting from its arch's twin (its seed's with ``twin_per_seed``); two-step trials
+    spend one of their epochs on step 1."""
+    cell = trial["cell"]
+    overrides = {**cell, "lr": trial["lr"], "seed": trial["seed"], "epochs": trial["epochs"]}
+    init_from = twin_folder(base["init_from"], cell["arch"], base["arch"], trial["twin_seed"])
     return TrainConfig(
         **{**base, **overrides, "stage": "binarize", "out": out, "init_from": init_from, "step1_epochs": 1}
     )
@@ -103,14 +146,14 @@ def expected_trials(settings: TuneSettings, arch: str) -> int:
     """How many trials a finished search has."""
     if settings.search == "random":
         return settings.num_samples
-    return len(cells(settings, arch)) * len(settings.seeds) * settings.num_samples
+    return len(trial_specs(settings, arch)) * settings.num_samples
 
 
 # ---------------------------------------------------------------------------- the grid without Ray
 
 
 def local_trials(settings: TuneSettings, arch: str) -> list[dict]:
-    """The grid's trials in order (cell, seed), one lr per cell (a search over lr, or a random
+    """The grid's trials in order (``trial_specs``), one lr for all (a search over lr, or a random
     search, samples: that is Ray Tune's job)."""
     if settings.search != "grid" or settings.lr_min != settings.lr_max or settings.num_samples != 1:
         raise ConfigError(
@@ -118,15 +161,13 @@ def local_trials(settings: TuneSettings, arch: str) -> list[dict]:
             f"lr_min={settings.lr_min}, lr_max={settings.lr_max}, num_samples={settings.num_samples} "
             "(set search: grid, lr_min = lr_max, num_samples: 1, or run it on Ray)"
         )
-    return [
-        {"cell": cell, "seed": seed, "lr": settings.lr_min} for cell in cells(settings, arch) for seed in settings.seeds
-    ]
+    return [{**spec, "lr": settings.lr_min} for spec in trial_specs(settings, arch)]
 
 
 def trial_name(base: dict, trial: dict) -> str:
     """A trial's folder name: a digest of all its settings, so a finished trial is reused only by
     a search that would train it the same way (other epochs, twins or data: another folder)."""
-    config = asdict(trial_config(base, trial["cell"], trial["lr"], trial["seed"], out=""))
+    config = asdict(trial_config(base, trial, out=""))
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -138,7 +179,7 @@ def _run_local_trial(trial: dict, base: dict, folder: str, threads: int) -> dict
     from .train import train_loop
 
     torch.set_num_threads(threads)
-    config = trial_config(base, trial["cell"], trial["lr"], trial["seed"], folder)
+    config = trial_config(base, trial, folder)
     history = train_loop(config)["history"]
     row = trial_row(trial, history[-1]["val_top1"], len(history))
     tmp = Path(folder) / "result.json.tmp"
@@ -150,7 +191,7 @@ def _run_local_trial(trial: dict, base: dict, folder: str, threads: int) -> dict
 def format_trial(row: dict, done: int, total: int) -> str:
     """A finished trial as one line of progress."""
     cell = " ".join(f"{k}={row[k]}" for k in ("arch", "activation", "weight_gradient", "init", "two_step"))
-    return f"trial {done}/{total} {cell} seed={row['seed']}: val top-1 {row['val_top1']:.4f}"
+    return f"trial {done}/{total} {cell} seed={row['seed']} epochs={row['epochs']}: val top-1 {row['val_top1']:.4f}"
 
 
 def trial_row(trial: dict, val_top1: float | None, epochs: int, status: str = "TERMINATED") -> dict:
@@ -159,6 +200,7 @@ def trial_row(trial: dict, val_top1: float | None, epochs: int, status: str = "T
         **{k: trial["cell"][k] for k in CELL_KEYS},
         "lr": trial["lr"],
         "seed": trial["seed"],
+        "budget": trial["budget"],
         "val_top1": val_top1,
         "epochs": epochs,
         "status": status,
@@ -201,8 +243,17 @@ def run_local(settings: TuneSettings, base: TrainConfig, on_trial=None) -> dict:
     return summary
 
 
+def at_budget(trials: list[dict], budget: int) -> list[dict]:
+    """The trials of one budget (a row without one ran the search's own)."""
+    return [t for t in trials if t.get("budget", budget) == budget]
+
+
 def summarize(trials: list[dict], settings: TuneSettings, arch: str) -> dict:
-    """Per cell: mean and spread over seeds; the paper's claims checked; the pick for binarize."""
+    """Per cell: mean and spread over seeds; the paper's claims checked; the pick for binarize.
+    The table, the pick and the claims read the search's budget; with a budget check, each claim
+    also carries its comparison at ``check_epochs`` and the verdict over both budgets."""
+    checked = at_budget(trials, settings.check_epochs) if settings.check_epochs else []
+    trials_all, trials = trials, at_budget(trials, settings.epochs)
     by_cell: dict[tuple, list[float]] = {}
     for t in trials:
         if t["val_top1"] is not None:
@@ -219,8 +270,30 @@ def summarize(trials: list[dict], settings: TuneSettings, arch: str) -> dict:
         # trial ran with, or the worst trial's)
         in_cell = [t for t in trials if t["val_top1"] is not None and all(t[k] == pick[k] for k in CELL_KEYS)]
         best = {**cell, "lr": max(in_cell, key=lambda t: t["val_top1"])["lr"]}
-    rankings = paper_rankings(trials, paper_cell(settings, arch))
-    return {"best": best, "best_trial": best_trial, "table": table, "rankings": rankings, "trials": trials}
+    paper = paper_cell(settings, arch)
+    rankings = paper_rankings(trials, paper, settings.scratch_epochs, settings.epochs)
+    if checked:
+        rankings = with_budget_check(rankings, paper_rankings(checked, paper), settings, _values(trials, paper))
+    return {"best": best, "best_trial": best_trial, "table": table, "rankings": rankings, "trials": trials_all}
+
+
+def with_budget_check(rankings: list[dict], checked: list[dict], settings: TuneSettings, paper: dict) -> list[dict]:
+    """Each claim that the budget check also ran: its comparison at ``check_epochs`` (``at_check``)
+    and ``budget_verdict`` over the two budgets, against ``paper_cell_bar``."""
+    by_claim = {c["claim"]: c for c in checked}
+    paper_top1 = statistics.fmean(paper.values()) if paper else 0.0
+    out = []
+    for claim in rankings:
+        short = by_claim.get(claim["claim"])
+        if short is not None and "diff" in short and "diff" in claim:
+            kept = ("diff", "ci95", "detectable", "verdict", "left", "right", "pairs")
+            claim = {
+                **claim,
+                "at_check": {"epochs": settings.check_epochs, **{k: short[k] for k in kept}},
+                "verdict_both_budgets": budget_verdict(short, claim, paper_top1, settings.paper_cell_bar),
+            }
+        out.append(claim)
+    return out
 
 
 def spread(values: list[float]) -> dict:
@@ -254,6 +327,10 @@ WEIGHT_GRADIENT_NOTE = (
 )
 
 SCRATCH_NOTE = "unequal compute: the clip cell also trained its twin; scratch needs the twin's epochs too"
+EQUAL_SCRATCH_NOTE = (
+    "scratch trained {} epochs, the other cells {} after their twin: "
+    "equal compute where the twin trained the difference"
+)
 
 # The paper's claims as one-setting changes of its cell: (claim, setting, the other values in the
 # order they are tried). "clip-init > ReLU-init" uses the equal-compute ReLU twin when it ran.
@@ -323,9 +400,11 @@ def _values(trials: list[dict], cell: dict) -> dict[int, float]:
     }
 
 
-def paper_rankings(trials: list[dict], paper: dict) -> list[dict]:
-    """The paper's ablation claims on this search: its cell against the same cell with one setting
-    changed, per seed; then the full method against the best cell that lacks one of its three parts."""
+def paper_rankings(trials: list[dict], paper: dict, scratch_epochs: int = 0, epochs: int = 0) -> list[dict]:
+    """The paper's ablation claims on this search (one budget): its cell against the same cell with
+    one setting changed, per seed; then the full method against the best cell that lacks one of its
+    three parts. ``scratch_epochs``: what scratch trained when it was given more than the other
+    cells' ``epochs`` (its twin's epochs on top)."""
     ours = _values(trials, paper)
     if not ours:
         return []
@@ -337,7 +416,7 @@ def paper_rankings(trials: list[dict], paper: dict) -> list[dict]:
             if key == "weight_gradient" and others[0] == "plain":  # BN follows every binary conv
                 out[-1]["note"] = WEIGHT_GRADIENT_NOTE
             if others[0] == "scratch":
-                out[-1]["note"] = SCRATCH_NOTE
+                out[-1]["note"] = EQUAL_SCRATCH_NOTE.format(scratch_epochs, epochs) if scratch_epochs else SCRATCH_NOTE
     lacking = [
         {**paper, **change}
         for change in ({"activation": "ste_sign"}, {"init": "relu_control"}, {"init": "relu"}, {"init": "scratch"})
@@ -372,6 +451,12 @@ def format_table(summary: dict) -> str:
         verdict = c["verdict"] + (f" ({c['note']})" if c.get("note") else "")
         paired = f", diff {c['diff']:+.4f} +- {c['ci95']:.4f}" if "diff" in c else ""
         lines.append(f"  {c['claim']:<54} {c['left']:.4f} vs {c['right']:.4f}{paired}: {verdict}")
+        if "at_check" in c:
+            short = c["at_check"]
+            lines.append(
+                f"  {'':<54} at {short['epochs']} epochs: diff {short['diff']:+.4f} +- {short['ci95']:.4f}: "
+                f"{short['verdict']}; over both budgets: {c['verdict_both_budgets']}"
+            )
     if summary["best"]:
         lines.append(f"best configuration: {json.dumps(summary['best'])}")
     return "\n".join(lines)

@@ -277,3 +277,32 @@ def test_the_converged_cifar10_recipe():
     )
     assert (binary.init, binary.activation, binary.width, binary.batch_size) == ("clip", "approx_sign", 1.0, 256)
     assert (binary.loader, binary.precision, binary.holdout, binary.distill_from) == ("resident", "bf16", 0, "")
+
+
+def test_the_gpu_ablation_design():
+    """The ablation that can decide the paper's claims (docs/science.md): width 0.5, per-seed twins
+    behind their gates, 20 binary epochs per cell, scratch at equal compute, a 10-epoch check."""
+    params = load_params(CONFIGS / "cifar10_ablation_gpu.yaml")
+    twin, binary, tune = params.train("pretrain"), params.train("binarize"), params.tune
+    assert (twin.optimizer, twin.nesterov, twin.lr, twin.weight_decay, twin.schedule) == (
+        "sgd",
+        True,
+        0.1,
+        5e-4,
+        "cosine",
+    )
+    assert (twin.phase_epochs, twin.relu_control, twin.relu_floor, twin.clip_gate) == ([15, 3, 3], True, 0.9, 0.05)
+    assert (binary.optimizer, binary.lr, binary.schedule, binary.weight_decay) == ("adam", 0.001, "linear", 0.0)
+    assert (binary.width, binary.batch_size, binary.loader, binary.precision) == (0.5, 256, "resident", "bf16")
+    assert (tune.epochs, tune.check_epochs, tune.twin_per_seed, tune.seeds) == (20, 10, True, [0, 1, 2])
+    assert tune.scratch_epochs == sum(twin.phase_epochs) + tune.epochs == 41  # equal compute
+    cells = [{k: v for k, v in c.items()} for c in tune.extra_cells]
+    assert cells == [
+        {"activation": "ste_sign"},
+        {"init": "relu_control"},
+        {"arch": "binary_resnet18"},
+        {"init": "scratch"},
+    ]
+    assert not any("weight_gradient" in c or "two_step" in c for c in cells)  # degenerate under Adam; not ECCV's
+    assert tune.check_cells == [{}, {"activation": "ste_sign"}, {"arch": "binary_resnet18"}]
+    assert tune.paper_cell_bar == 0.85 and (tune.lr_min, tune.lr_max) == (0.001, 0.001)

@@ -546,3 +546,21 @@ def test_the_clip_gate_lengthens_the_clip_phase_then_names_the_gap(demo_shards, 
     assert [h["epoch"] for h in met["history"]] == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="clip_gate compares the clip twin"):
         TrainConfig(clip_gate=0.02, phases=["relu", "leaky_clip"], phase_epochs=[1, 1], phase_lr_scale=[1, 0.1])
+
+
+def test_an_under_trained_relu_twin_stops_the_stage_naming_it(demo_shards, tmp_path):
+    """relu_floor: a ReLU twin under the floor stops pretrain right after its phase (its checkpoint
+    kept, no leaky-clip epoch spent); one over it goes on."""
+    from pipeline.train import ReluFloorError
+
+    low = smoke_config(demo_shards, tmp_path / "low", stage="pretrain", relu_floor=0.99, max_steps_per_epoch=2)
+    with pytest.raises(ReluFloorError, match=r"ReLU twin ends its 2 epochs at top-1 0\.\d{4}, under relu_floor=0\.99"):
+        train_loop(low)
+    assert (tmp_path / "low" / "pretrain-relu.safetensors").is_file()
+    assert not (tmp_path / "low" / "pretrain-leaky_clip.safetensors").exists()
+    ok = train_loop(
+        smoke_config(demo_shards, tmp_path / "ok", stage="pretrain", relu_floor=0.01, max_steps_per_epoch=2)
+    )
+    assert [h["segment"] for h in ok["history"]][-1] == "pretrain-clip"
+    with pytest.raises(ValueError, match="relu_floor=0.9: a top-1 in"):
+        TrainConfig(relu_floor=0.9, phases=["clip"], phase_epochs=[1], phase_lr_scale=[1.0])

@@ -230,10 +230,119 @@ def test_cells_are_the_grid_then_the_papers_cell_with_one_setting_changed():
     assert got[4] == {**PAPER, "arch": "binary_resnet18"}
     assert got[5] == {**PAPER, "two_step": True}  # {init: clip} is the paper's cell again: no repeat
     assert len(got) == 6 and expected_trials(s, "bireal18") == 18
-    assert twins_needed(s, "bireal18") == {"binary_resnet18": {"clip"}}
+    assert twins_needed(s, "bireal18") == {("binary_resnet18", None): {"clip"}}
     grid = TuneSettings(archs=["bireal18", "binary_resnet18"], inits=["scratch", "relu"], activations=["ste_sign"])
     assert len(cells(grid, "bireal18")) == 4
-    assert twins_needed(grid, "bireal18") == {"binary_resnet18": {"relu"}}  # scratch needs no twin
+    assert twins_needed(grid, "bireal18") == {("binary_resnet18", None): {"relu"}}  # scratch needs no twin
+
+
+def ablation_design(**kw) -> TuneSettings:
+    """The GPU ablation's shape (pipeline/configs/cifar10_ablation_gpu.yaml), small."""
+    base = dict(
+        activations=["approx_sign"],
+        inits=["clip"],
+        extra_cells=[
+            {"activation": "ste_sign"},
+            {"init": "relu_control"},
+            {"arch": "binary_resnet18"},
+            {"init": "scratch"},
+        ],
+        scratch_epochs=7,
+        check_epochs=2,
+        check_cells=[{}, {"activation": "ste_sign"}],
+        twin_per_seed=True,
+        paper_cell_bar=0.85,
+        seeds=[0, 1],
+        epochs=4,
+    )
+    return TuneSettings(**{**base, **kw})
+
+
+def test_the_ablation_design_per_seed_twins_equal_compute_scratch_and_a_budget_check():
+    """Each seed's trials read that seed's twins; scratch trains its twin's epochs on top (equal
+    compute); the budget check's cells train again at check_epochs, as trials of their own."""
+    from pipeline.tune import local_trials, trial_base, trial_config, trial_specs, twins_needed
+
+    s = ablation_design()
+    specs = trial_specs(s, "bireal18")
+    assert len(specs) == 5 * 2 + 2 * 2  # 5 cells x 2 seeds, then 2 check cells x 2 seeds
+    assert {(t["cell"]["init"], t["budget"], t["epochs"]) for t in specs} >= {("scratch", 4, 7), ("clip", 4, 4)}
+    assert [(t["cell"]["activation"], t["seed"], t["epochs"]) for t in specs[10:]] == [
+        ("approx_sign", 0, 2),
+        ("approx_sign", 1, 2),
+        ("ste_sign", 0, 2),
+        ("ste_sign", 1, 2),
+    ]
+    assert all(t["twin_seed"] == t["seed"] for t in specs)
+    assert twins_needed(s, "bireal18") == {
+        ("bireal18", 0): {"clip", "relu_control"},
+        ("bireal18", 1): {"clip", "relu_control"},
+        ("binary_resnet18", 0): {"clip"},
+        ("binary_resnet18", 1): {"clip"},
+    }
+    base = trial_base(s, TrainConfig(out="/ck", shards="/sh"))
+    trials = local_trials(s, "bireal18")
+    resnet = next(t for t in trials if t["cell"]["arch"] == "binary_resnet18" and t["seed"] == 1)
+    scratch = next(t for t in trials if t["cell"]["init"] == "scratch")
+    assert trial_config(base, resnet, "/t").init_from == "/ck/twins/binary_resnet18/seed1"
+    assert trial_config(base, trials[0], "/t").init_from == "/ck/twins/bireal18/seed0"
+    assert (trial_config(base, scratch, "/t").epochs, trial_config(base, trials[-1], "/t").epochs) == (7, 2)
+    shared = ablation_design(twin_per_seed=False, check_epochs=0, check_cells=[], scratch_epochs=0)
+    assert trial_config(base, local_trials(shared, "bireal18")[0], "/t").init_from == "/ck"  # the pretrain stage's
+    assert {t["epochs"] for t in trial_specs(shared, "bireal18")} == {4}
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"check_epochs": 0}, "the budget check needs both"),
+        ({"check_cells": []}, "the budget check needs both"),
+        ({"check_cells": [{"init": "scratch"}]}, "not scratch"),
+        ({"check_cells": [{"activation": "sign"}]}, "check_cells\\[0\\].activation: 'sign' is not one of"),
+        ({"scratch_epochs": 3}, "scratch_epochs=3 < epochs=4"),
+        ({"paper_cell_bar": 85}, "paper_cell_bar=85"),
+        ({"check_epochs": 4}, "another budget than epochs"),
+        ({"check_cells": [{"two_step": True}], "check_epochs": 1}, "check_epochs >= 2"),
+    ],
+)
+def test_the_ablation_design_is_checked(change, message):
+    with pytest.raises(ValueError, match=message):
+        ablation_design(**change)
+
+
+def test_each_claim_is_judged_at_both_budgets():
+    """The table and the claims read the search's budget; each claim the budget check also ran gets
+    its interval at check_epochs and the verdict over both (contradicted only above the bar)."""
+    from pipeline.tune import summarize
+
+    s = ablation_design(seeds=[0, 1, 2])
+    paper = dict(PAPER, init="clip")
+
+    def rows(cell, budget, values):
+        return [{**cell, "seed": i, "lr": 0.001, "budget": budget, "val_top1": v} for i, v in enumerate(values)]
+
+    trials = [
+        *rows(paper, 4, [0.870, 0.872, 0.868]),
+        *rows({**paper, "activation": "ste_sign"}, 4, [0.880, 0.883, 0.877]),  # STE ahead at 4 epochs
+        *rows({**paper, "init": "scratch"}, 4, [0.80, 0.81, 0.79]),
+        *rows(paper, 2, [0.800, 0.805, 0.795]),
+        *rows({**paper, "activation": "ste_sign"}, 2, [0.812, 0.815, 0.809]),  # and at 2
+    ]
+    summary = summarize(trials, s, "bireal18")
+    assert {r["seeds"] for r in summary["table"]} == {3} and len(summary["table"]) == 3  # the 4-epoch cells
+    assert summary["table"][0]["mean"] == pytest.approx(0.88)
+    claims = {c["claim"]: c for c in summary["rankings"]}
+    ste = claims["ApproxSign > STE"]
+    assert ste["verdict"] == "opposite at this budget" and ste["at_check"]["epochs"] == 2
+    assert ste["at_check"]["diff"] == pytest.approx(-0.012) and ste["at_check"]["verdict"] == "opposite at this budget"
+    assert ste["verdict_both_budgets"] == "contradicted"  # both budgets against, the paper's cell over 0.85
+    below = summarize(trials, ablation_design(seeds=[0, 1, 2], paper_cell_bar=0.9), "bireal18")
+    assert {c["claim"]: c for c in below["rankings"]}["ApproxSign > STE"]["verdict_both_budgets"] == "inconclusive"
+    assert (
+        "scratch trained 7 epochs, the other cells 4" in claims["clip-init > scratch"]["note"]
+        and "at_check" not in claims["clip-init > scratch"]
+    )
+    assert len(summary["trials"]) == len(trials)  # every trial is kept, both budgets
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from .. import storage as storage_mod
 from ..env import framework_output_quiet
 from ..params import MlflowConfig, RayConfig, TrainConfig, TuneSettings
 from ..train import Runtime, train_loop
-from ..tune import CELL_KEYS, cells, expected_trials, summarize, trial_base, trial_config
+from ..tune import CELL_KEYS, expected_trials, summarize, trial_base, trial_config, trial_specs
 from .ray_train import ensure_ray
 
 
@@ -48,11 +48,12 @@ class TuneRuntime(Runtime):
 
 
 def param_space(s: TuneSettings, arch: str) -> dict:
-    """One grid (or choice) dimension over the search's cells, one over seeds."""
+    """One grid (or choice) dimension over the search's trials (``trial_specs``: cell, seed and
+    epochs), one value or distribution for the lr."""
     from ray import tune
 
     pick = tune.grid_search if s.search == "grid" else tune.choice
-    space = {"cell": pick(cells(s, arch)), "seed": pick(s.seeds)}
+    space = {"trial": pick(trial_specs(s, arch))}
     space["lr"] = s.lr_min if s.lr_min == s.lr_max else tune.loguniform(s.lr_min, s.lr_max)
     return space
 
@@ -64,12 +65,13 @@ def _trial(trial: dict, base: dict, tracking: dict | None) -> None:
     torch.set_num_threads(max(1, int(base.pop("_threads", 1))))
     context = tune.get_context()
     trial_dir = Path(base["out"]) / "trials" / context.get_trial_id()
-    config = trial_config(base, trial["cell"], trial["lr"], trial["seed"], str(trial_dir))
+    config = trial_config(base, {**trial["trial"], "lr": trial["lr"]}, str(trial_dir))
     logger = None
     if tracking:
         from .tracking import trial_logger
 
-        overrides = {**trial["cell"], "lr": trial["lr"], "seed": trial["seed"]}
+        spec = trial["trial"]
+        overrides = {**spec["cell"], "lr": trial["lr"], "seed": spec["seed"], "epochs": spec["epochs"]}
         logger = trial_logger(tracking, context.get_trial_id(), context.get_trial_name(), overrides)
     history = train_loop(config, TuneRuntime(), on_epoch=logger)["history"]
     if logger is not None:  # trials that ASHA stops never get here: the driver closes them
@@ -92,11 +94,13 @@ def _trial_rows(results) -> list[dict]:
     rows = []
     for r in results:
         cfg = r.config or {}
+        spec = cfg.get("trial") or {}
         m = r.metrics or {}
         rows.append(
             {
-                **{k: (cfg.get("cell") or {}).get(k) for k in CELL_KEYS},
-                **{k: cfg.get(k) for k in ("lr", "seed")},
+                **{k: (spec.get("cell") or {}).get(k) for k in CELL_KEYS},
+                "lr": cfg.get("lr"),
+                **{k: spec.get(k) for k in ("seed", "budget")},
                 "val_top1": m.get("val_top1"),
                 # the trial's own epoch count: Tune's training_iteration restarts in a restored trial
                 "epochs": int(m["epoch"]) + 1 if "epoch" in m else m.get("training_iteration", 0),
@@ -119,8 +123,9 @@ def _tuner(settings: TuneSettings, trainable, name: str, storage: str, arch: str
         return tune.Tuner.restore(
             path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
         )
+    longest = max(1, settings.epochs, settings.scratch_epochs)  # scratch may train the twin's epochs too
     scheduler = (
-        ASHAScheduler(time_attr="training_iteration", max_t=max(1, settings.epochs), grace_period=settings.grace_period)
+        ASHAScheduler(time_attr="training_iteration", max_t=longest, grace_period=settings.grace_period)
         if settings.asha
         else None
     )

@@ -7,14 +7,20 @@ the gzipped CIFAR-10 shards (about 21 MB) travel with the call. Build the extens
 (``bench/gpu_check.sh`` does) so that evaluation runs the packed model on the CUDA kernels.
 
 Every epoch is appended to ``--progress`` (JSON lines) as it ends, so a run cut off by its time limit
-still returns its curve.
+still returns its curve. With ``--window-s`` the run starts with a timing probe (one binarize epoch
+from scratch in a folder of its own) and trains the stages not yet done in ``--out`` (its
+``<stage>_history.json``) that fit the window, in order, each whole (the clip gate's cap counted);
+it stops before the first that does not fit, and the next window goes on from there.
 Usage: python3 -m bench.cifar10_gpu [--params P] [--set width=1.0 ...] --out DIR --results FILE.json
+           [--window-s SECONDS]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +55,57 @@ def epoch_writer(progress: Path | None, stage: str, started: float):
     return write
 
 
-def run(params_file: str, overrides: dict, out: Path, results: Path, progress: Path | None, device: str) -> dict:
+def stage_epochs(config) -> int:
+    """The epochs a stage trains at most as planned: the twin's phases, its ReLU control's
+    continuation and the clip gate's cap; binarize's and finetune's epochs."""
+    if config.stage != "pretrain":
+        return config.epochs
+    control = sum(config.phase_epochs[1:]) if config.relu_control else 0
+    return sum(config.phase_epochs) + control + (config.clip_gate_max_epochs if config.clip_gate else 0)
+
+
+def probe(config) -> dict:
+    """One binarize epoch from scratch with ``config``'s settings, in a folder of its own: its
+    seconds (the process's data decode and first-step compile included: an upper bound)."""
+    from pipeline.train import train_loop
+
+    with tempfile.TemporaryDirectory(prefix="bireal-probe-") as tmp:
+        one = dataclasses.replace(
+            config, init="scratch", epochs=1, out=tmp, artifacts="", two_step=False, distill_from=""
+        )
+        started = time.time()
+        train_loop(one)
+        return {"s_per_epoch": round(time.time() - started, 2)}
+
+
+class WindowTooShort(RuntimeError):
+    """Not the next stage fits the window: nothing is trained (no epoch is cut)."""
+
+
+def plan_stages(configs: dict, out: Path, s_per_epoch: float, budget_s: float | None) -> dict:
+    """The stages not yet done in ``out`` that fit ``budget_s`` whole, in order (all without one)."""
+    todo = [stage for stage in STAGES if not (out / f"{stage}_history.json").is_file()]
+    estimate = {stage: round(stage_epochs(configs[stage]) * s_per_epoch) for stage in todo}
+    chosen, spent = [], 0.0
+    for stage in todo:
+        if budget_s is not None and spent + estimate[stage] > budget_s:
+            break
+        chosen.append(stage)
+        spent += estimate[stage]
+    return {"pending": todo, "stages": chosen, "estimate_s": estimate, "budget_s": budget_s}
+
+
+def run(
+    params_file: str,
+    overrides: dict,
+    out: Path,
+    results: Path,
+    progress: Path | None,
+    device: str,
+    window_s: float = 0.0,
+) -> dict | None:
+    """The run, or with ``window_s`` the part of it that fits; -> the summary once every stage is
+    done (None while stages are left for the next window)."""
     from cuda_ext.packed import export_checkpoint
     from pipeline.evaluate import evaluate_artifact
     from pipeline.train import stage_checkpoint, train_loop
@@ -58,9 +114,26 @@ def run(params_file: str, overrides: dict, out: Path, results: Path, progress: P
     configs = {stage: params.train(stage) for stage in STAGES}
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    for stage, config in configs.items():
-        result = train_loop(config, on_epoch=epoch_writer(progress, stage, started))
+    timing = probe(configs["binarize"]) if window_s else {"s_per_epoch": 0.0}
+    plan = plan_stages(configs, out, timing["s_per_epoch"], window_s - (time.time() - started) if window_s else None)
+    print(f"probe: {json.dumps(timing)}; plan: {json.dumps(plan)}", flush=True)
+    if progress is not None:
+        with progress.open("a") as f:
+            f.write(json.dumps({"probe": timing, "plan": plan}) + "\n")
+    if plan["pending"] and not plan["stages"]:
+        first = plan["pending"][0]
+        raise WindowTooShort(
+            f"{first} needs {stage_epochs(configs[first])} epochs x {timing['s_per_epoch']} s = "
+            f"{plan['estimate_s'][first]} s, the window leaves {plan['budget_s']:.0f} s: nothing trained "
+            "(epochs are never cut)"
+        )
+    for stage in plan["stages"]:
+        result = train_loop(configs[stage], on_epoch=epoch_writer(progress, stage, started))
         (out / f"{stage}_history.json").write_text(json.dumps(result["history"], indent=1))
+    if plan["stages"] != plan["pending"]:
+        left = plan["pending"][len(plan["stages"]) :]
+        print(f"this window trained {plan['stages']}; left for the next: {left}", flush=True)
+        return None
     checkpoint, artifact = str(stage_checkpoint(configs["finetune"], "finetune")), str(out / "model.safetensors")
     export_checkpoint(checkpoint, artifact)
     evaluation = evaluate_artifact(artifact, configs["finetune"].shards, checkpoint, device=device)
@@ -78,9 +151,14 @@ def main() -> None:
     parser.add_argument("--results", required=True, type=Path, help="the summary JSON (artifact beside it)")
     parser.add_argument("--progress", type=Path, help="append each epoch here as a JSON line")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--window-s", type=float, default=0.0, help="seconds this window has: the whole stages that fit (0: all)"
+    )
     args = parser.parse_args()
-    summary = run(args.params, parse_overrides(args.set), args.out, args.results, args.progress, args.device)
-    print_summary(summary)
+    overrides = parse_overrides(args.set)
+    summary = run(args.params, overrides, args.out, args.results, args.progress, args.device, args.window_s)
+    if summary is not None:
+        print_summary(summary)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from bench.ablation_results import record, write_record
 from bench.cifar10_gpu import machine_name
+from bench.window import announce, refuse_if_nothing_fits, take_whole
 from pipeline.params import TrainConfig, load_params
 from pipeline.stages import other_twins, twin_missing
 from pipeline.tune import format_trial, local_grid, local_trials, run_local, write_outputs
@@ -109,29 +110,18 @@ def probe(params, processes: int) -> dict:
     return {"processes": processes, "wall_s": round(wall, 2), "s_per_epoch": round(wall / processes, 3)}
 
 
-def seeds_that_fit(seeds: list[int], cost_s: dict[int, float], budget_s: float) -> list[int]:
-    """The longest prefix of ``seeds`` whose costs fit ``budget_s`` (whole seeds only)."""
-    chosen, spent = [], 0.0
-    for seed in seeds:
-        if spent + cost_s[seed] > budget_s:
-            break
-        chosen.append(seed)
-        spent += cost_s[seed]
-    return chosen
-
-
 def plan_window(params, window_s: float, probe_result: dict, elapsed_s: float) -> dict:
     """Which of the pending seeds this window runs, from the probe: every one without a window."""
     todo = pending_seeds(params)
     epochs = {seed: seed_epochs(params, seed) for seed in todo}
     cost = {seed: epochs[seed] * probe_result["s_per_epoch"] for seed in todo}
-    chosen = todo if not window_s else seeds_that_fit(todo, cost, window_s - elapsed_s)
+    budget = window_s - elapsed_s if window_s else None
     return {
         "pending": todo,
-        "seeds": chosen,
+        "seeds": take_whole(todo, cost, budget),
         "epochs_per_seed": epochs,
         "estimate_s": {s: round(cost[s]) for s in todo},
-        "budget_s": round(window_s - elapsed_s) if window_s else None,
+        "budget_s": round(budget) if budget is not None else None,
     }
 
 
@@ -146,10 +136,6 @@ def trial_writer(progress: Path | None, started: float):
     return write
 
 
-class WindowTooShort(RuntimeError):
-    """Not one whole seed fits the window: nothing is trained (no epoch is cut)."""
-
-
 def run(params_file: str, results: Path, progress: Path | None, window_s: float = 0.0) -> dict:
     params = load_params(params_file)  # errors name the file and key before any work
     base = params.train("binarize", {"tuned_config": ""})
@@ -157,17 +143,10 @@ def run(params_file: str, results: Path, progress: Path | None, window_s: float 
     started = time.time()
     timing = probe(params, max(1, params.tune.max_concurrent))
     plan = plan_window(params, window_s, timing, time.time() - started)
-    print(f"probe: {json.dumps(timing)}; plan: {json.dumps(plan)}", flush=True)
-    if progress is not None:
-        with progress.open("a") as f:
-            f.write(json.dumps({"probe": timing, "plan": plan}) + "\n")
-    if plan["pending"] and not plan["seeds"]:
-        first = plan["pending"][0]
-        raise WindowTooShort(
-            f"the window leaves {plan['budget_s']} s and seed {first} needs {plan['epochs_per_seed'][first]} epochs "
-            f"x {timing['s_per_epoch']} s = {plan['estimate_s'][first]} s: nothing trained (epochs are never cut); "
-            "give a longer --window-s or fewer trials per seed"
-        )
+    announce(timing, plan, progress)
+    first = plan["pending"][0] if plan["pending"] else None
+    needs = f"seed {first} needs {plan['epochs_per_seed'].get(first)} epochs x {timing['s_per_epoch']} s"
+    refuse_if_nothing_fits(plan, plan["seeds"], f"{needs} = {plan['estimate_s'].get(first)} s")
     twins = [c for c, inits in twins_of(params, plan["seeds"]) if twin_missing(c, inits)]
     if twins:
         with ProcessPoolExecutor(len(twins), mp_context=get_context("spawn")) as pool:

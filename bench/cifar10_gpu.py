@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from bench.cifar10_results import STAGES, print_summary, run_settings, summarize
+from bench.window import announce, refuse_if_nothing_fits, take_whole
 from pipeline.params import load_params, parse_overrides
 
 PROFILE = "pipeline/configs/cifar10_bireal18.yaml"
@@ -78,21 +79,16 @@ def probe(config) -> dict:
         return {"s_per_epoch": round(time.time() - started, 2)}
 
 
-class WindowTooShort(RuntimeError):
-    """Not the next stage fits the window: nothing is trained (no epoch is cut)."""
-
-
 def plan_stages(configs: dict, out: Path, s_per_epoch: float, budget_s: float | None) -> dict:
     """The stages not yet done in ``out`` that fit ``budget_s`` whole, in order (all without one)."""
     todo = [stage for stage in STAGES if not (out / f"{stage}_history.json").is_file()]
     estimate = {stage: round(stage_epochs(configs[stage]) * s_per_epoch) for stage in todo}
-    chosen, spent = [], 0.0
-    for stage in todo:
-        if budget_s is not None and spent + estimate[stage] > budget_s:
-            break
-        chosen.append(stage)
-        spent += estimate[stage]
-    return {"pending": todo, "stages": chosen, "estimate_s": estimate, "budget_s": budget_s}
+    return {
+        "pending": todo,
+        "stages": take_whole(todo, estimate, budget_s),
+        "estimate_s": estimate,
+        "budget_s": budget_s,
+    }
 
 
 def run(
@@ -116,17 +112,11 @@ def run(
     started = time.time()
     timing = probe(configs["binarize"]) if window_s else {"s_per_epoch": 0.0}
     plan = plan_stages(configs, out, timing["s_per_epoch"], window_s - (time.time() - started) if window_s else None)
-    print(f"probe: {json.dumps(timing)}; plan: {json.dumps(plan)}", flush=True)
-    if progress is not None:
-        with progress.open("a") as f:
-            f.write(json.dumps({"probe": timing, "plan": plan}) + "\n")
-    if plan["pending"] and not plan["stages"]:
+    announce(timing, plan, progress)
+    if plan["pending"]:
         first = plan["pending"][0]
-        raise WindowTooShort(
-            f"{first} needs {stage_epochs(configs[first])} epochs x {timing['s_per_epoch']} s = "
-            f"{plan['estimate_s'][first]} s, the window leaves {plan['budget_s']:.0f} s: nothing trained "
-            "(epochs are never cut)"
-        )
+        needs = f"{first} needs {stage_epochs(configs[first])} epochs x {timing['s_per_epoch']} s"
+        refuse_if_nothing_fits(plan, plan["stages"], f"{needs} = {plan['estimate_s'][first]} s")
     for stage in plan["stages"]:
         result = train_loop(configs[stage], on_epoch=epoch_writer(progress, stage, started))
         (out / f"{stage}_history.json").write_text(json.dumps(result["history"], indent=1))

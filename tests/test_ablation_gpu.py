@@ -6,8 +6,10 @@ import json
 
 import pytest
 import yaml
+from tiny import tiny_train
 
 import bench.ablation_gpu as ablation_gpu
+from bench.window import WindowTooShort
 from pipeline.params import load_params
 
 
@@ -18,16 +20,7 @@ def profile(demo_shards, tmp_path):
     path.write_text(
         yaml.safe_dump(
             {
-                "train": {
-                    "arch": "bireal18",
-                    "stem": "small",
-                    "width": 0.25,
-                    "shards": str(demo_shards),
-                    "out": str(tmp_path / "ckpt"),
-                    "batch_size": 32,
-                    "loader_workers": 0,
-                    "max_steps_per_epoch": 2,
-                },
+                "train": tiny_train(demo_shards, tmp_path / "ckpt"),
                 "pretrain": {"phase_epochs": [1, 0, 1]},
                 "binarize": {"lr": 0.001},
                 "tune": {
@@ -62,7 +55,7 @@ def test_the_window_takes_whole_seeds_and_the_next_one_finishes(profile, tmp_pat
 
     # a window no seed fits: refused after the probe, nothing trained
     with pytest.raises(
-        ablation_gpu.WindowTooShort, match=r"seed 0 needs 11 epochs x [\d.]+ s = \d+ s: nothing trained"
+        WindowTooShort, match=r"seed 0 needs 11 epochs x [\d.]+ s = \d+ s, the window leaves -?\d+ s: nothing trained"
     ):
         ablation_gpu.run(str(profile), tmp_path / "r.json", None, window_s=1.0)
     assert not twins.exists()

@@ -6,24 +6,17 @@ import json
 
 import pytest
 import yaml
+from tiny import tiny_train
 
 import bench.cifar10_gpu as cifar10_gpu
+from bench.window import WindowTooShort
 from pipeline.params import load_params
 
 
 @pytest.fixture()
 def profile(demo_shards, tmp_path):
     path = tmp_path / "accuracy.yaml"
-    train = {
-        "arch": "bireal18",
-        "stem": "small",
-        "width": 0.25,
-        "shards": str(demo_shards),
-        "out": str(tmp_path / "ckpt"),
-        "batch_size": 32,
-        "loader_workers": 0,
-        "max_steps_per_epoch": 2,
-    }
+    train = tiny_train(demo_shards, tmp_path / "ckpt")
     stages = {"pretrain": {"phase_epochs": [1, 0, 1]}, "binarize": {"epochs": 1}, "finetune": {"epochs": 1}}
     path.write_text(yaml.safe_dump({"train": train, **stages}))
     return path
@@ -43,7 +36,7 @@ def test_each_window_trains_the_whole_stages_that_fit(profile, tmp_path, monkeyp
     assert plan["stages"] == ["pretrain"] and plan["estimate_s"] == {"pretrain": 2, "binarize": 1, "finetune": 1}
     twin_written = (out / "pretrain_history.json").stat().st_mtime_ns
 
-    with pytest.raises(cifar10_gpu.WindowTooShort, match=r"binarize needs 1 epochs x 1.0 s = 1 s.*nothing trained"):
+    with pytest.raises(WindowTooShort, match=r"binarize needs 1 epochs x 1.0 s = 1 s.*nothing trained"):
         cifar10_gpu.run(str(profile), {}, out, results, progress, "cpu", window_s=0.5)
     assert not (out / "binarize_history.json").exists()
 

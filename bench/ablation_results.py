@@ -98,7 +98,7 @@ def record(params_path: str, started: float, machine: str = "", partial: bool = 
     ]
     arch = params.train("binarize").arch
     table = summarize(trials, settings, arch)
-    rows = cell_rows(at_budget(trials, settings.epochs))
+    rows = cell_rows(at_budget(trials, settings.epochs, settings))
     paper = paper_cell(settings, arch)
     ours = next((r for r in rows if all(r[k] == v for k, v in paper.items())), None)
     return {
@@ -110,7 +110,7 @@ def record(params_path: str, started: float, machine: str = "", partial: bool = 
         "twin_per_seed": settings.twin_per_seed,
         "pretrain_epochs": params.train("pretrain").phase_epochs,
         "cells": rows,
-        "check_cells": cell_rows(at_budget(trials, settings.check_epochs)) if settings.check_epochs else [],
+        "check_cells": cell_rows(at_budget(trials, settings.check_epochs, settings)) if settings.check_epochs else [],
         "claims": rounded(table["rankings"]),
         "paper_cell_mean": ours["mean"] if ours else None,
         "target": settings.paper_cell_bar or TARGET,

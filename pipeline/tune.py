@@ -243,17 +243,17 @@ def run_local(settings: TuneSettings, base: TrainConfig, on_trial=None) -> dict:
     return summary
 
 
-def at_budget(trials: list[dict], budget: int) -> list[dict]:
-    """The trials of one budget (a row without one ran the search's own)."""
-    return [t for t in trials if t.get("budget", budget) == budget]
+def at_budget(trials: list[dict], budget: int, settings: TuneSettings) -> list[dict]:
+    """The trials of one budget (a row without one ran the search's own, ``epochs``)."""
+    return [t for t in trials if t.get("budget", settings.epochs) == budget]
 
 
 def summarize(trials: list[dict], settings: TuneSettings, arch: str) -> dict:
     """Per cell: mean and spread over seeds; the paper's claims checked; the pick for binarize.
     The table, the pick and the claims read the search's budget; with a budget check, each claim
     also carries its comparison at ``check_epochs`` and the verdict over both budgets."""
-    checked = at_budget(trials, settings.check_epochs) if settings.check_epochs else []
-    trials_all, trials = trials, at_budget(trials, settings.epochs)
+    checked = at_budget(trials, settings.check_epochs, settings) if settings.check_epochs else []
+    trials_all, trials = trials, at_budget(trials, settings.epochs, settings)
     by_cell: dict[tuple, list[float]] = {}
     for t in trials:
         if t["val_top1"] is not None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from bench.ablation_results import record, write_record
 from bench.cifar10_gpu import machine_name
-from bench.window import announce, refuse_if_nothing_fits, take_whole
+from bench.window import announce, planned_epochs, probe, refuse_if_nothing_fits, take_whole
 from pipeline.params import TrainConfig, load_params
 from pipeline.stages import other_twins, twin_missing
 from pipeline.tune import format_trial, local_grid, local_trials, run_local, write_outputs
@@ -63,18 +62,12 @@ def twins_of(params, seeds: list[int]) -> list[tuple[TrainConfig, set[str]]]:
     return [(main, {"relu", "clip"} | ({"relu_control"} if main.relu_control else set())), *twins]
 
 
-def twin_epochs(config: TrainConfig) -> int:
-    """The epochs a twin trains as planned: its phases, and the ReLU control's continuation through
-    the later phases (the clip gate may add up to ``clip_gate_max_epochs``)."""
-    return sum(config.phase_epochs) + (sum(config.phase_epochs[1:]) if config.relu_control else 0)
-
-
 def seed_epochs(params, seed: int) -> int:
     """The epochs one seed costs: its twins' (per-seed twins only; shared ones are paid once) and
     its trials'."""
     base = params.train("binarize", {"tuned_config": ""})
     trials = sum(t["epochs"] for t in local_trials(params.tune, base.arch) if t["seed"] == seed)
-    twins = sum(twin_epochs(c) for c, _ in twins_of(params, [seed])) if params.tune.twin_per_seed else 0
+    twins = sum(planned_epochs(c) for c, _ in twins_of(params, [seed])) if params.tune.twin_per_seed else 0
     return trials + twins
 
 
@@ -83,31 +76,6 @@ def pending_seeds(params) -> list[int]:
     _, _, _, pending = local_grid(params.tune, params.train("binarize", {"tuned_config": ""}))
     todo = {t["seed"] for t in pending}
     return [s for s in params.tune.seeds if s in todo]
-
-
-def _probe_epoch(config: TrainConfig) -> float:
-    from pipeline.train import train_loop
-
-    started = time.time()
-    train_loop(config)
-    return time.time() - started
-
-
-def probe(params, processes: int) -> dict:
-    """One binarize epoch from scratch in each of ``processes`` processes side by side (as the
-    trials share the GPU): -> the wall seconds and the seconds per epoch of the shared machine
-    (wall / processes). It includes each process's start and its data decode: an upper bound."""
-    base = params.train("binarize", {"tuned_config": ""})
-    with tempfile.TemporaryDirectory(prefix="bireal-probe-") as tmp:
-        configs = [
-            dataclasses.replace(base, init="scratch", epochs=1, out=f"{tmp}/{i}", artifacts="", two_step=False)
-            for i in range(processes)
-        ]
-        started = time.time()
-        with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
-            list(pool.map(_probe_epoch, configs))
-        wall = time.time() - started
-    return {"processes": processes, "wall_s": round(wall, 2), "s_per_epoch": round(wall / processes, 3)}
 
 
 def plan_window(params, window_s: float, probe_result: dict, elapsed_s: float) -> dict:
@@ -141,23 +109,24 @@ def run(params_file: str, results: Path, progress: Path | None, window_s: float 
     base = params.train("binarize", {"tuned_config": ""})
     local_trials(params.tune, base.arch)  # a search the grid cannot run fails before the twins train
     started = time.time()
-    timing = probe(params, max(1, params.tune.max_concurrent))
+    timing = probe(base, max(1, params.tune.max_concurrent))
     plan = plan_window(params, window_s, timing, time.time() - started)
     announce(timing, plan, progress)
-    first = plan["pending"][0] if plan["pending"] else None
-    needs = f"seed {first} needs {plan['epochs_per_seed'].get(first)} epochs x {timing['s_per_epoch']} s"
-    refuse_if_nothing_fits(plan, plan["seeds"], f"{needs} = {plan['estimate_s'].get(first)} s")
+    if plan["pending"]:
+        first = plan["pending"][0]
+        needs = f"seed {first} needs {plan['epochs_per_seed'][first]} epochs x {timing['s_per_epoch']} s"
+        refuse_if_nothing_fits(plan, plan["seeds"], f"{needs} = {plan['estimate_s'][first]} s")
     twins = [c for c, inits in twins_of(params, plan["seeds"]) if twin_missing(c, inits)]
     if twins:
         with ProcessPoolExecutor(len(twins), mp_context=get_context("spawn")) as pool:
             list(pool.map(pretrain, twins))
     window = dataclasses.replace(params.tune, seeds=plan["seeds"])
     run_local(window, base, on_trial=trial_writer(progress, started))
-    summary = run_local(params.tune, base) if not pending_seeds(params) else None
-    if summary is not None:
-        write_outputs(summary, params.tune.out)
-    rec = record(params_file, started, machine=machine_name(), partial=summary is None)
-    rec.update({"probe": timing, "window_seeds": plan["seeds"], "seeds_left": pending_seeds(params)})
+    left = pending_seeds(params)
+    if not left:  # the whole grid: its table and pick (every trial is kept, nothing trains again)
+        write_outputs(run_local(params.tune, base), params.tune.out)
+    rec = record(params_file, started, machine=machine_name(), partial=bool(left))
+    rec.update({"probe": timing, "window_seeds": plan["seeds"], "seeds_left": left})
     write_record(rec, str(results))
     return rec
 

@@ -18,16 +18,14 @@ Usage: python3 -m bench.cifar10_gpu [--params P] [--set width=1.0 ...] --out DIR
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from bench.cifar10_results import STAGES, print_summary, run_settings, summarize
-from bench.window import announce, refuse_if_nothing_fits, take_whole
+from bench.window import announce, planned_epochs, probe, refuse_if_nothing_fits, take_whole
 from pipeline.params import load_params, parse_overrides
 
 PROFILE = "pipeline/configs/cifar10_bireal18.yaml"
@@ -56,33 +54,10 @@ def epoch_writer(progress: Path | None, stage: str, started: float):
     return write
 
 
-def stage_epochs(config) -> int:
-    """The epochs a stage trains at most as planned: the twin's phases, its ReLU control's
-    continuation and the clip gate's cap; binarize's and finetune's epochs."""
-    if config.stage != "pretrain":
-        return config.epochs
-    control = sum(config.phase_epochs[1:]) if config.relu_control else 0
-    return sum(config.phase_epochs) + control + (config.clip_gate_max_epochs if config.clip_gate else 0)
-
-
-def probe(config) -> dict:
-    """One binarize epoch from scratch with ``config``'s settings, in a folder of its own: its
-    seconds (the process's data decode and first-step compile included: an upper bound)."""
-    from pipeline.train import train_loop
-
-    with tempfile.TemporaryDirectory(prefix="bireal-probe-") as tmp:
-        one = dataclasses.replace(
-            config, init="scratch", epochs=1, out=tmp, artifacts="", two_step=False, distill_from=""
-        )
-        started = time.time()
-        train_loop(one)
-        return {"s_per_epoch": round(time.time() - started, 2)}
-
-
 def plan_stages(configs: dict, out: Path, s_per_epoch: float, budget_s: float | None) -> dict:
     """The stages not yet done in ``out`` that fit ``budget_s`` whole, in order (all without one)."""
     todo = [stage for stage in STAGES if not (out / f"{stage}_history.json").is_file()]
-    estimate = {stage: round(stage_epochs(configs[stage]) * s_per_epoch) for stage in todo}
+    estimate = {stage: round(planned_epochs(configs[stage]) * s_per_epoch) for stage in todo}
     return {
         "pending": todo,
         "stages": take_whole(todo, estimate, budget_s),
@@ -110,12 +85,12 @@ def run(
     configs = {stage: params.train(stage) for stage in STAGES}
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    timing = probe(configs["binarize"]) if window_s else {"s_per_epoch": 0.0}
+    timing = probe(configs["binarize"], 1) if window_s else {"s_per_epoch": 0.0}
     plan = plan_stages(configs, out, timing["s_per_epoch"], window_s - (time.time() - started) if window_s else None)
     announce(timing, plan, progress)
     if plan["pending"]:
         first = plan["pending"][0]
-        needs = f"{first} needs {stage_epochs(configs[first])} epochs x {timing['s_per_epoch']} s"
+        needs = f"{first} needs {planned_epochs(configs[first])} epochs x {timing['s_per_epoch']} s"
         refuse_if_nothing_fits(plan, plan["stages"], f"{needs} = {plan['estimate_s'][first]} s")
     for stage in plan["stages"]:
         result = train_loop(configs[stage], on_epoch=epoch_writer(progress, stage, started))

@@ -4,12 +4,53 @@ seconds fit, announced before any of them runs, refused when not even the first 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 
 class WindowTooShort(RuntimeError):
     """Not the next unit fits the window: nothing is trained (no epoch is cut)."""
+
+
+def planned_epochs(config) -> int:
+    """The epochs a stage trains at most as planned: a twin's phases, its ReLU control's
+    continuation through the later phases and the clip gate's cap; binarize's and finetune's epochs."""
+    if config.stage != "pretrain":
+        return config.epochs
+    control = sum(config.phase_epochs[1:]) if config.relu_control else 0
+    return sum(config.phase_epochs) + control + (config.clip_gate_max_epochs if config.clip_gate else 0)
+
+
+def _one_epoch(config) -> float:
+    from pipeline.train import train_loop
+
+    started = time.time()
+    train_loop(config)
+    return time.time() - started
+
+
+def probe(config, processes: int) -> dict:
+    """One binarize epoch from scratch with ``config``'s settings in each of ``processes`` processes
+    side by side (as trials share the GPU), each in a folder of its own: the wall seconds and the
+    seconds per epoch of the shared machine (wall / processes). Each process's start, data decode
+    and first-step compile are in it: an upper bound."""
+    with tempfile.TemporaryDirectory(prefix="bireal-probe-") as tmp:
+        configs = [
+            dataclasses.replace(
+                config, init="scratch", epochs=1, out=f"{tmp}/{i}", artifacts="", two_step=False, distill_from=""
+            )
+            for i in range(processes)
+        ]
+        started = time.time()
+        with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+            list(pool.map(_one_epoch, configs))
+        wall = time.time() - started
+    return {"processes": processes, "wall_s": round(wall, 2), "s_per_epoch": round(wall / processes, 3)}
 
 
 def take_whole(units: list, cost_s: dict, budget_s: float | None) -> list:

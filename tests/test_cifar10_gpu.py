@@ -24,11 +24,11 @@ def profile(demo_shards, tmp_path):
 
 def test_each_window_trains_the_whole_stages_that_fit(profile, tmp_path, monkeypatch):
     params = load_params(profile)
-    assert cifar10_gpu.probe(params.train("binarize"))["s_per_epoch"] > 0  # one real epoch, in a folder of its own
+    assert cifar10_gpu.probe(params.train("binarize"), 1)["s_per_epoch"] > 0  # one real epoch, in a folder of its own
     assert not (tmp_path / "ckpt").exists()
 
     # the probe's answer fixed at 1 s an epoch: the twin (2 epochs) fits 2.5 s, binarize after it does not
-    monkeypatch.setattr(cifar10_gpu, "probe", lambda config: {"s_per_epoch": 1.0})
+    monkeypatch.setattr(cifar10_gpu, "probe", lambda config, n: {"s_per_epoch": 1.0})
     out, results, progress = tmp_path / "run", tmp_path / "results" / "cifar10.json", tmp_path / "progress.jsonl"
     assert cifar10_gpu.run(str(profile), {}, out, results, progress, "cpu", window_s=2.5) is None
     assert (out / "pretrain_history.json").is_file() and not (out / "binarize_history.json").exists()

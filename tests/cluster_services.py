@@ -277,6 +277,12 @@ def cluster_env() -> dict[str, str]:
     return env
 
 
+# On SIGTERM `ray start --block` drains its node for RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s;
+# for Serve replicas, which no test runs), and stop() would wait out 20 s of it before its SIGKILL
+# (20 s of each services module's teardown); <= 0 stops at once.
+NO_DRAIN = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+
+
 class TokenRayHead:
     """A lone Ray head (no worker nodes) with token authentication on and its dashboard, the job
     server, on 127.0.0.1; every process started from it inherits this environment."""
@@ -290,7 +296,7 @@ class TokenRayHead:
             + ["--num-cpus", str(cpus), "--temp-dir", str(self.temp), "--include-dashboard", "true"]
             + ["--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard)]
             + ["--dashboard-agent-listen-port", "0", "--object-store-memory", "100000000", "--disable-usage-stats"],
-            env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token},
+            env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, **NO_DRAIN},
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -53,15 +53,17 @@ def test_the_window_takes_whole_seeds_and_the_next_one_finishes(profile, tmp_pat
     # the seed's twin: relu 1 + clip 1; its trials: paper 2, STE 2, scratch 3, the check's 1 + 1
     assert ablation_gpu.seed_epochs(params, 0) == 2 + 9
 
+    # the probe's answer fixed at 1 s an epoch (the last window runs the real one)
+    monkeypatch.setattr(ablation_gpu, "probe", lambda params, n: {"processes": n, "wall_s": 2.0, "s_per_epoch": 1.0})
+
     # a window no seed fits: refused after the probe, nothing trained
     with pytest.raises(
-        WindowTooShort, match=r"seed 0 needs 11 epochs x [\d.]+ s = \d+ s, the window leaves -?\d+ s: nothing trained"
+        WindowTooShort, match=r"seed 0 needs 11 epochs x 1.0 s = 11 s, the window leaves -?\d+ s: nothing trained"
     ):
         ablation_gpu.run(str(profile), tmp_path / "r.json", None, window_s=1.0)
     assert not twins.exists()
 
-    # a window one seed fits: with the probe's answer fixed at 1 s an epoch, 11 s + a margin
-    monkeypatch.setattr(ablation_gpu, "probe", lambda params, n: {"processes": n, "wall_s": 2.0, "s_per_epoch": 1.0})
+    # a window one seed fits: 11 s + a margin
     progress = tmp_path / "progress.jsonl"
     first = ablation_gpu.run(str(profile), tmp_path / "r.json", progress, window_s=16.0)
     assert (first["window_seeds"], first["seeds_left"], first["partial"]) == ([0], [1], True)

@@ -25,7 +25,7 @@ $(STAMP): $(SOURCES)
 	@# the venv's ninja on PATH: torch's extension builder then compiles the sources in parallel
 	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PIP) install --no-compile -c constraints.txt --no-build-isolation -e ".[pipeline,test]"
 	@# the bytecode pip would write one file at a time, on every core (66 s -> 41 s on 2 cores); a
-	@# package's file that is not Python 3 fails here as it does, unreported, under pip
+	@# file written for a newer Python (torch's py312_intrinsics.py) fails here as it does, unreported, under pip
 	@$(PY) -m compileall -q -j 0 $$($(PY) -c "import sysconfig; print(sysconfig.get_path('purelib'))") > /dev/null || true
 	@touch $(STAMP)
 	@echo "[install] done: $(VENV)"

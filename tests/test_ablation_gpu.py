@@ -58,7 +58,7 @@ def test_the_window_takes_whole_seeds_and_the_next_one_finishes(profile, tmp_pat
 
     # a window no seed fits: refused after the probe, nothing trained
     with pytest.raises(
-        WindowTooShort, match=r"seed 0 needs 11 epochs x 1.0 s = 11 s, the window leaves -?\d+ s: nothing trained"
+        WindowTooShort, match=r"seed 0 needs 11 epochs x 1\.0 s = 11 s, the window leaves -?\d+ s: nothing trained"
     ):
         ablation_gpu.run(str(profile), tmp_path / "r.json", None, window_s=1.0)
     assert not twins.exists()

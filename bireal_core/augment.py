@@ -10,7 +10,9 @@ equals the PIL path's bit for bit (``tests/test_augment.py``).
   the original size, a horizontal flip with probability 1/2;
 - ``lighting``: the official ImageNet recipe's PCA lighting, on uint8 with the clamp and the
   truncating cast of ``bireal_core.preprocess.Lighting``;
-- ``normalize``: uint8 -> float32, (x / 255 - mean) / std.
+- ``normalize``: uint8 -> float32, (x / 255 - mean) / std;
+- ``finish``: lighting (draws made by the loader's workers) then ``normalize``: what the streaming
+  loader does after collation, on the device the batch trains on.
 """
 
 from __future__ import annotations
@@ -83,3 +85,12 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device)[:, None, None]
     std_t = torch.tensor(std, dtype=torch.float32, device=images.device)[:, None, None]
     return x.sub_(mean_t).div_(std_t)
+
+
+def finish(images: torch.Tensor, mean, std, alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """What the uint8 loaders leave for after collation, on the images' device: PCA lighting with
+    the draws the workers made (alpha (B, 3); None: no lighting), then ``normalize``. uint8 (B, 3, H,
+    W) -> float32 (B, 3, H, W), equal bit for bit to ``preprocess.train_transform`` per image."""
+    if alpha is not None:
+        images = lighting_with(images, alpha)
+    return normalize(images, mean, std)

@@ -13,6 +13,12 @@ communication between ranks:
   counted (``LoaderPlan.left_out``) and logged by the training loop.
 Shard URLs may be local paths, ``pipe:`` commands or anything fsspec opens (``pipeline/storage.py``),
 so a cluster streams from object storage with the same code.
+
+What crosses from the workers is uint8: each worker decodes, crops and flips (PIL) and draws the
+lighting noise; after collation the batch goes to its device (pinned and non-blocking on a GPU) and
+is finished there: lighting and normalisation, batched (``bireal_core.augment.finish``). That moves
+a quarter of the bytes between processes and the float work out of the workers, and gives the float
+path's pixels bit for bit (``tests/test_data.py``); ``uint8=False`` runs that float path itself.
 """
 
 from __future__ import annotations
@@ -26,9 +32,11 @@ import random
 from dataclasses import dataclass
 from typing import Iterator
 
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from bireal_core.preprocess import eval_transform, train_transform
+from bireal_core.augment import finish
+from bireal_core.preprocess import eval_transform, eval_transform_uint8, train_transform, train_transform_uint8
 
 from . import storage
 from .shard_read import ShardIntegrityError, ShardRecord, open_shard, shard_records
@@ -145,7 +153,7 @@ def _deal(shards: list[tuple[str, int]], n: int) -> list[list[tuple[str, int]]]:
 
 
 class ShardStream(IterableDataset):
-    """(image tensor, label) from the shards the plan gives this rank's current worker."""
+    """(transform(image), label) from the shards the plan gives this rank's current worker."""
 
     def __init__(
         self,
@@ -309,16 +317,23 @@ def make_loader(
     manifest: dict | None = None,
     with_keys: bool = False,
     holdout: int = 0,
+    uint8: bool = True,
+    device: torch.device | str | None = None,
 ) -> tuple[Iterator, LoaderPlan]:
-    """An iterator of (images (B, 3, S, S), labels (B,)) batches for one rank, and its plan.
+    """An iterator of (images (B, 3, S, S) float32, labels (B,)) batches for one rank, and its plan.
 
     Training iterators stop after ``plan.steps`` batches on every rank; evaluation iterators yield
     every sample of this rank's shards once (the last batch may be short). ``holdout``: see
-    ``split_shards`` (``split`` may then be ``holdout``)."""
+    ``split_shards`` (``split`` may then be ``holdout``). ``uint8``: the workers hand over uint8
+    images, finished on ``device`` (the images arrive there; labels stay on the CPU); False: the
+    float path, normalised in the workers (the reference, and what ``bireal bench data`` compares)."""
     manifest = manifest or read_manifest(location)
     shards = split_shards(manifest, location, split, holdout)
     plan = plan_epoch(shards, world_size, workers, batch_size, train, seed, epoch)
-    transform = train_transform(input_config, pca_lighting) if train else eval_transform(input_config)
+    if uint8:
+        transform = train_transform_uint8(input_config, pca_lighting) if train else eval_transform_uint8(input_config)
+    else:
+        transform = train_transform(input_config, pca_lighting) if train else eval_transform(input_config)
     epoch_seed = epoch_seed_of(seed, epoch)
     stream = ShardStream(
         plan.readers,
@@ -332,15 +347,27 @@ def make_loader(
     )
     # s3fs (aiobotocore) breaks in forked workers: remote shards get freshly started ones
     context = "forkserver" if workers > 0 and storage.is_url(location) else None
+    device = torch.device(device or "cpu")
     loader = DataLoader(
         stream,
         batch_size=batch_size,
         num_workers=workers,
         drop_last=train,
-        persistent_workers=False,
-        pin_memory=False,
+        persistent_workers=False,  # one DataLoader per epoch: each epoch has its own plan
+        pin_memory=device.type == "cuda",
         multiprocessing_context=context,
     )
-    if train:
-        return itertools.islice(iter(loader), plan.steps), plan
-    return iter(loader), plan
+    batches = itertools.islice(iter(loader), plan.steps) if train else iter(loader)
+    if uint8:
+        lighting = train and pca_lighting
+        batches = finished(batches, input_config["mean"], input_config["std"], device, lighting)
+    return batches, plan
+
+
+def finished(batches: Iterator, mean, std, device: torch.device, lighting: bool) -> Iterator[tuple]:
+    """Collated ((uint8 images (B, 3, S, S), alpha (B, 3)), labels, [keys]) -> (float32 images on
+    ``device``, labels, [keys]): lighting (with the workers' draws) and normalisation, batched."""
+    for (images, alpha), labels, *keys in batches:
+        images = images.to(device, non_blocking=True)
+        alpha = alpha if lighting else None
+        yield finish(images, mean, std, alpha), labels, *keys

@@ -1,10 +1,13 @@
 """``bireal bench data``: sharding and loader throughput (one run, one table, medians of 3).
 
 - sharding images/s with 1 and 2 processes;
-- loader images/s with 2 DataLoader workers: our WebDataset stream vs torchvision ImageFolder +
-  DataLoader, both with the same training transforms and batch size, each read to the end.
+- loader images/s of one loader process, the float path (normalised in the worker) against the uint8
+  one (finished after collation), and with 2 DataLoader workers: our WebDataset stream vs
+  torchvision ImageFolder + DataLoader, both with the same training augmentation and batch size,
+  each read to the end.
 Run it on an image-folder tree (../shared/data/cifar10 here) and on an ImageNet-size tree
-(``make_imagenet_like`` builds one from the two real photographs scikit-learn ships).
+(``make_imagenet_like`` builds one from the two real photographs scikit-learn ships), sharded at full
+size and loaded with the official recipe (RandomResizedCrop, flip, PCA lighting).
 """
 
 from __future__ import annotations
@@ -55,8 +58,16 @@ def _time_loader(batches) -> tuple[float, int]:
 
 
 def bench_dataset(
-    source: str, stem: str, label: str, resize: int, batch: int = 128, samples_per_shard: int = 2000
+    source: str,
+    stem: str,
+    label: str,
+    resize: int,
+    batch: int = 128,
+    samples_per_shard: int = 2000,
+    pca_lighting: bool = False,
 ) -> list[dict]:
+    """Rows of sharding ``source`` (``resize``: the shorter side, 0 keeps the size) and of loading
+    its train split with the stem's training augmentation (+ PCA lighting)."""
     rows = []
     config = default_input_config(stem)
     with tempfile.TemporaryDirectory() as tmp:
@@ -82,34 +93,52 @@ def bench_dataset(
             )
         from torchvision.datasets import ImageFolder
 
-        transform = train_transform(config)
-        for name in ("webdataset", "imagefolder"):
-            runs = []
-            for run in range(3):
-                if name == "webdataset":
-                    it, _ = make_loader(str(out), "train", config, batch, train=True, workers=2, epoch=run)
-                else:
-                    ds = ImageFolder(str(Path(source) / "train"), transform=transform)
-                    it = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=2, drop_last=True)
-                runs.append(_time_loader(it))
-            seconds = statistics.median(s for s, _ in runs)
+        transform = train_transform(config, pca_lighting)
+
+        def stream(run: int, workers: int, uint8: bool = True):
+            recipe = {"train": True, "epoch": run, "pca_lighting": pca_lighting}
+            return make_loader(str(out), "train", config, batch, workers=workers, uint8=uint8, **recipe)[0]
+
+        def folder(run: int):
+            images = ImageFolder(str(Path(source) / "train"), transform=transform)
+            return DataLoader(images, batch_size=batch, shuffle=True, num_workers=2, drop_last=True)
+
+        # "1 process": read in this process (workers=0), the img/s of one loader process: the float
+        # path (normalised per image in the worker) against the uint8 one (finished after collation,
+        # here on the CPU)
+        loaders = {
+            "load webdataset float, 1 process": lambda run: stream(run, 0, uint8=False),
+            "load webdataset uint8, 1 process": lambda run: stream(run, 0),
+            "load webdataset uint8, 2 workers": lambda run: stream(run, 2),
+            "load imagefolder, 2 workers": folder,
+        }
+        runs: dict[str, list] = {}
+        for run in range(3):  # the candidates interleaved: a noisy moment hits each alike
+            for what, make in loaders.items():
+                runs.setdefault(what, []).append(_time_loader(make(run)))
+        for what, timed in runs.items():
+            seconds, images = statistics.median(s for s, _ in timed), timed[0][1]
             rows.append(
-                {
-                    "dataset": label,
-                    "what": f"load {name}, 2 workers",
-                    "images": runs[0][1],
-                    "img_s": runs[0][1] / seconds,
-                    "seconds": seconds,
-                }
+                {"dataset": label, "what": what, "images": images, "img_s": images / seconds, "seconds": seconds},
             )
+        rows.append(uint8_ratio(rows, label))
     return rows
 
 
+def uint8_ratio(rows: list[dict], label: str) -> dict:
+    """The uint8 path's img/s over the float path's, one loader process each, same run."""
+    rate = {r["what"]: r["img_s"] for r in rows if r["dataset"] == label}
+    ratio = rate["load webdataset uint8, 1 process"] / rate["load webdataset float, 1 process"]
+    return {"dataset": label, "what": "uint8 / float, 1 process", "ratio": ratio}
+
+
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'dataset':<28}{'what':<30}{'images':>9}{'img/s':>10}{'s':>8}"]
-    lines += [
-        f"{r['dataset']:<28}{r['what']:<30}{r['images']:>9,}{r['img_s']:>10,.0f}{r['seconds']:>8.1f}" for r in rows
-    ]
+    lines = [f"{'dataset':<28}{'what':<36}{'images':>9}{'img/s':>10}{'s':>8}"]
+    for r in rows:
+        if "ratio" in r:
+            lines.append(f"{r['dataset']:<28}{r['what']:<36}{'':>9}{r['ratio']:>9.2f}x")
+        else:
+            lines.append(f"{r['dataset']:<28}{r['what']:<36}{r['images']:>9,}{r['img_s']:>10,.0f}{r['seconds']:>8.1f}")
     return "\n".join(lines)
 
 
@@ -125,9 +154,10 @@ def run(cifar: str | None, imagenet_like: int = 2000) -> list[dict]:
                 str(src),
                 "imagenet",
                 f"photo crops 500x375 ({imagenet_like})",
-                resize=256,
+                resize=0,  # full size, as the RandomResizedCrop profiles shard
                 batch=32,
                 samples_per_shard=100,
+                pca_lighting=True,  # the official recipe's
             )
     print(format_rows(rows))
     return rows

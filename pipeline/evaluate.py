@@ -35,7 +35,7 @@ def evaluate_artifact(
     confusion = torch.zeros(n, n, dtype=torch.int64)
     agree = seen = 0
     batches, _ = make_loader(
-        shards, split, header["input"], batch_size, train=False, workers=workers, manifest=manifest
+        shards, split, header["input"], batch_size, train=False, workers=workers, manifest=manifest, device=device
     )
     with torch.inference_mode():
         for images, labels in batches:

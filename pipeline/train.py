@@ -804,6 +804,7 @@ def _stream_where(config: TrainConfig, runtime: Runtime, data: DataSpec) -> dict
         "workers": config.loader_workers,
         "manifest": data.manifest,
         "holdout": config.holdout,
+        "device": runtime.device(),  # the uint8 batches are finished where they train
     }
 
 

@@ -233,6 +233,50 @@ def test_imagenet_path_loader_and_url(tmp_path):
     assert [u for u, _ in split_shards(read_manifest(str(out)), str(out), "val")]
 
 
+def noise_folder(root: Path, per_class: int = 5, size=(60, 45)) -> Path:
+    """Two classes of noise JPEGs: pixels at 0 and 255 too, so lighting's clamp is reached."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", 2)):
+        for c in range(2):
+            (root / split / f"c{c}").mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / f"c{c}" / f"{i}.jpg", quality=90)
+    return root
+
+
+@pytest.mark.parametrize("augment", ["imagenet", "caffe", "small"])
+def test_the_uint8_loader_gives_the_float_paths_tensors_bit_for_bit(tmp_path, augment):
+    """The workers hand over uint8 crops and lighting draws; lighting (clamp and truncation) and
+    normalisation run after collation. At a fixed seed every batch equals the float path's, where
+    each worker ran crop, flip, Lighting, ToTensor and Normalize per image (224 crops of ImageNet's
+    recipes, with one loader worker drawing from its own generator)."""
+    import torch
+
+    from bireal_core.preprocess import train_transform_uint8
+
+    source = noise_folder(tmp_path / "src")
+    shard_dataset(str(source), str(tmp_path / "shards"), ShardParams(**FAST), progress_bar=False)
+    config = {**bc.default_input_config("small" if augment == "small" else "imagenet"), "augment": augment}
+
+    def batches(uint8: bool, train: bool) -> list:
+        torch.manual_seed(7)  # the worker's seed is drawn from this generator
+        split = "train" if train else "val"
+        loader, _ = make_loader(
+            str(tmp_path / "shards"), split, config, 3, train=train, workers=1, pca_lighting=True, uint8=uint8, seed=3
+        )
+        return list(loader)
+
+    for train in (True, False):
+        ours, reference = batches(True, train), batches(False, train)
+        assert len(ours) == len(reference) == (3 if train else 2)
+        for (x, y), (x_ref, y_ref) in zip(ours, reference):
+            assert x.dtype == torch.float32 and x.shape[-1] == config["size"]
+            assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+    image, alpha = train_transform_uint8(config, pca_lighting=True)(Image.new("RGB", (60, 45)))
+    assert image.dtype == torch.uint8 and image.shape == (3, config["size"], config["size"]) and alpha.shape == (3,)
+
+
 def test_pca_lighting_acts_on_the_uint8_image_as_the_official_recipe():
     """At most one step of 1/255 per pixel and channel (the cast truncates), uint8 in and out."""
     import torch

@@ -90,7 +90,13 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 def finish(images: torch.Tensor, mean, std, alpha: torch.Tensor | None = None) -> torch.Tensor:
     """What the uint8 loaders leave for after collation, on the images' device: PCA lighting with
     the draws the workers made (alpha (B, 3); None: no lighting), then ``normalize``. uint8 (B, 3, H,
-    W) -> float32 (B, 3, H, W), equal bit for bit to ``preprocess.train_transform`` per image."""
+    W) -> float32 (B, 3, H, W), equal bit for bit to ``preprocess.train_transform`` per image. One
+    float buffer throughout: the truncation to whole values stands in for ``lighting_with``'s cast
+    to uint8 and back (the clamped values are >= 0, where truncating is that cast)."""
+    x = images.float()
     if alpha is not None:
-        images = lighting_with(images, alpha)
-    return normalize(images, mean, std)
+        shift = lighting_shift(alpha).to(images.device)  # (B, 3)
+        x.add_(shift[:, :, None, None]).clamp_(0, 255).trunc_()
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device)[:, None, None]
+    return x.div_(255).sub_(mean_t).div_(std_t)

@@ -4,7 +4,8 @@
 - loader images/s of one loader process, the float path (normalised in the worker) against the uint8
   one (finished after collation), and with 2 DataLoader workers: our WebDataset stream vs
   torchvision ImageFolder + DataLoader, both with the same training augmentation and batch size,
-  each read to the end.
+  each read to the end;
+- where one loader process's time goes, per image and step, on the ImageNet-size tree.
 Run it on an image-folder tree (../shared/data/cifar10 here) and on an ImageNet-size tree
 (``make_imagenet_like`` builds one from the two real photographs scikit-learn ships), sharded at full
 size and loaded with the official recipe (RandomResizedCrop, flip, PCA lighting).
@@ -12,6 +13,7 @@ size and loaded with the official recipe (RandomResizedCrop, flip, PCA lighting)
 
 from __future__ import annotations
 
+import io
 import statistics
 import tempfile
 import time
@@ -132,11 +134,58 @@ def uint8_ratio(rows: list[dict], label: str) -> dict:
     return {"dataset": label, "what": "uint8 / float, 1 process", "ratio": ratio}
 
 
+def step_rows(source: Path, label: str, input_config: dict, images: int = 256, batch: int = 32) -> list[dict]:
+    """Where one loader process's time goes, per image, in ms (median of 3 passes over ``images``
+    JPEGs of ``source``/train, already read into memory): the steps a worker runs on either path,
+    the float path's per-image finish (Lighting, ToTensor, Normalize) and the uint8 path's batched
+    one (``augment.finish`` on ``batch`` images)."""
+    from PIL import Image
+    from torchvision import transforms as T
+    from torchvision.transforms.functional import pil_to_tensor
+
+    from bireal_core.augment import finish
+    from bireal_core.preprocess import Lighting, train_crop_flip
+
+    jpegs = [f.read_bytes() for f in sorted((source / "train").rglob("*.jpg"))[:images]]
+    crop, flip = train_crop_flip(input_config)
+    to_float = T.Compose([Lighting(0.1), T.ToTensor(), T.Normalize(input_config["mean"], input_config["std"])])
+    mean, std = input_config["mean"], input_config["std"]
+
+    def decode(data):
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+
+    decoded = [decode(d) for d in jpegs]
+    cropped = [flip(crop(im)) for im in decoded]
+    uint8 = torch.stack([pil_to_tensor(im) for im in cropped])
+    alpha = torch.randn(len(uint8), 3) * 0.1
+    steps = {
+        "decode (PIL, full size)": lambda: [decode(d) for d in jpegs],
+        "RandomResizedCrop + flip": lambda: [flip(crop(im)) for im in decoded],
+        "to uint8 tensor": lambda: [pil_to_tensor(im) for im in cropped],
+        "float finish, per image": lambda: [to_float(im) for im in cropped],
+        "uint8 finish, batched": lambda: [
+            finish(uint8[i : i + batch], mean, std, alpha[i : i + batch]) for i in range(0, len(uint8), batch)
+        ],
+    }
+    rows = []
+    for what, step in steps.items():
+        seconds = []
+        for _ in range(3):
+            start = time.perf_counter()
+            step()
+            seconds.append(time.perf_counter() - start)
+        rows.append({"dataset": label, "what": f"step: {what}", "ms": statistics.median(seconds) / len(jpegs) * 1e3})
+    return rows
+
+
 def format_rows(rows: list[dict]) -> str:
     lines = [f"{'dataset':<28}{'what':<36}{'images':>9}{'img/s':>10}{'s':>8}"]
     for r in rows:
         if "ratio" in r:
             lines.append(f"{r['dataset']:<28}{r['what']:<36}{'':>9}{r['ratio']:>9.2f}x")
+        elif "ms" in r:
+            lines.append(f"{r['dataset']:<28}{r['what']:<36}{'':>9}{r['ms']:>7.3f} ms/img")
         else:
             lines.append(f"{r['dataset']:<28}{r['what']:<36}{r['images']:>9,}{r['img_s']:>10,.0f}{r['seconds']:>8.1f}")
     return "\n".join(lines)
@@ -159,5 +208,6 @@ def run(cifar: str | None, imagenet_like: int = 2000) -> list[dict]:
                 samples_per_shard=100,
                 pca_lighting=True,  # the official recipe's
             )
+            rows += step_rows(src, f"photo crops 500x375 ({imagenet_like})", default_input_config("imagenet"))
     print(format_rows(rows))
     return rows

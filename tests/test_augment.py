@@ -9,7 +9,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 import bireal_core as bc
-from bireal_core.augment import crop_flip, lighting_with, normalize, pad_crop_flip, reflect_index
+from bireal_core.augment import crop_flip, finish, lighting_with, normalize, pad_crop_flip, reflect_index
 from bireal_core.preprocess import IMAGENET_MEAN, IMAGENET_STD, SMALL_MEAN, SMALL_STD, Lighting
 
 
@@ -75,6 +75,16 @@ def test_lighting_is_the_pil_paths_clamp_and_truncation_bit_for_bit():
         expected = np.asarray(Lighting.apply(to_pil(images[b]), alpha[b]))
         assert torch.equal(out[b], torch.from_numpy(expected).permute(2, 0, 1)), b
     assert not torch.equal(out, images)
+
+
+def test_finish_is_lighting_then_normalize_bit_for_bit():
+    """The loaders' one-buffer finish against its two steps, clamps at both ends included."""
+    images = random_images(4, size=16)
+    images[0], images[1] = 0, 255
+    alpha = torch.randn(4, 3, generator=torch.Generator().manual_seed(2)) * 3.0
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    assert torch.equal(finish(images, mean, std, alpha), normalize(lighting_with(images, alpha), mean, std))
+    assert torch.equal(finish(images, mean, std), normalize(images, mean, std))
 
 
 # ---------------------------------------------------------------------------- the resident loader

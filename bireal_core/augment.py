@@ -81,10 +81,14 @@ def lighting_with(images: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> float32: ``ToTensor`` (x / 255) then ``Normalize`` ((x - mean) / std),
     the same operations in the same order, so equal bit for bit to the PIL path's tensors."""
-    x = images.float().div_(255)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device)[:, None, None]
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device)[:, None, None]
-    return x.sub_(mean_t).div_(std_t)
+    return _scale_and_normalize(images.float(), mean, std)
+
+
+def _scale_and_normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    """float32 x of whole values 0-255, in place: (x / 255 - mean) / std, in that order."""
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device)[:, None, None]
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device)[:, None, None]
+    return x.div_(255).sub_(mean_t).div_(std_t)
 
 
 def finish(images: torch.Tensor, mean, std, alpha: torch.Tensor | None = None) -> torch.Tensor:
@@ -97,6 +101,4 @@ def finish(images: torch.Tensor, mean, std, alpha: torch.Tensor | None = None) -
     if alpha is not None:
         shift = lighting_shift(alpha).to(images.device)  # (B, 3)
         x.add_(shift[:, :, None, None]).clamp_(0, 255).trunc_()
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device)[:, None, None]
-    std_t = torch.tensor(std, dtype=torch.float32, device=images.device)[:, None, None]
-    return x.div_(255).sub_(mean_t).div_(std_t)
+    return _scale_and_normalize(x, mean, std)

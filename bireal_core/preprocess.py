@@ -153,7 +153,7 @@ class ToUint8:
 
         img = self.steps(img)
         alpha = torch.randn(3) * self.lighting_std if self.lighting_std else torch.zeros(3)
-        return pil_to_tensor(img.convert("RGB")), alpha
+        return pil_to_tensor(img), alpha  # the loaders decode to RGB (ToTensor keeps the mode too)
 
 
 def train_transform_uint8(input_config: dict, pca_lighting: bool = False) -> ToUint8:

@@ -13,7 +13,6 @@ size and loaded with the official recipe (RandomResizedCrop, flip, PCA lighting)
 
 from __future__ import annotations
 
-import io
 import statistics
 import tempfile
 import time
@@ -24,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from bireal_core.preprocess import default_input_config, train_transform
 
-from .data import make_loader
+from .data import decode_rgb, make_loader
 from .shard import ShardParams, shard_dataset
 
 
@@ -139,7 +138,6 @@ def step_rows(source: Path, label: str, input_config: dict, images: int = 256, b
     JPEGs of ``source``/train, already read into memory): the steps a worker runs on either path,
     the float path's per-image finish (Lighting, ToTensor, Normalize) and the uint8 path's batched
     one (``augment.finish`` on ``batch`` images)."""
-    from PIL import Image
     from torchvision import transforms as T
     from torchvision.transforms.functional import pil_to_tensor
 
@@ -151,16 +149,12 @@ def step_rows(source: Path, label: str, input_config: dict, images: int = 256, b
     to_float = T.Compose([Lighting(0.1), T.ToTensor(), T.Normalize(input_config["mean"], input_config["std"])])
     mean, std = input_config["mean"], input_config["std"]
 
-    def decode(data):
-        with Image.open(io.BytesIO(data)) as im:
-            return im.convert("RGB")
-
-    decoded = [decode(d) for d in jpegs]
+    decoded = [decode_rgb(d) for d in jpegs]
     cropped = [flip(crop(im)) for im in decoded]
     uint8 = torch.stack([pil_to_tensor(im) for im in cropped])
     alpha = torch.randn(len(uint8), 3) * 0.1
     steps = {
-        "decode (PIL, full size)": lambda: [decode(d) for d in jpegs],
+        "decode (PIL, full size)": lambda: [decode_rgb(d) for d in jpegs],
         "RandomResizedCrop + flip": lambda: [flip(crop(im)) for im in decoded],
         "to uint8 tensor": lambda: [pil_to_tensor(im) for im in cropped],
         "float finish, per image": lambda: [to_float(im) for im in cropped],

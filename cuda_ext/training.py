@@ -12,9 +12,12 @@ copies. Per binary conv and input element, what autograd holds until backward:
 
 (a packed word holds 64 channels, so a conv with C channels pays 64 * ceil(C/64) / C bits per sign:
 4 bits at 16 channels). The weights' signs are saved packed too; the latent weights are parameters
-(held anyway, nothing per image). The backward stays float: the signs are unpacked and
+(held anyway, nothing per image). The backward stays floating-point: the signs are unpacked and
 ``aten.convolution_backward`` gives the input and weight gradients, which then go through the
-estimator and the weight-gradient rule exactly as in ``bireal_core.binarizers``.
+estimator and the weight-gradient rule exactly as in ``bireal_core.binarizers``. Under bf16
+autocast (``precision: bf16``) the op returns bfloat16 and the backward unpacks the signs straight
+to bfloat16 and runs its convs there, as autocast runs a float conv; the gradients come back in the
+dtypes of x and W.
 
 The forward is the more exact of the two paths: the float path sums C*KH*KW products alpha * (+-1)
 in float32 (rounding at every add), the op sums integers exactly and multiplies by alpha once. They
@@ -42,13 +45,26 @@ class _PackedBinaryConv(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, x, weight, alpha, bias, estimator: str, gradient: str, stride: int, padding: int, pad_value: float
+        ctx,
+        x,
+        weight,
+        alpha,
+        bias,
+        estimator: str,
+        gradient: str,
+        stride: int,
+        padding: int,
+        pad_value: float,
+        out_dtype: torch.dtype | None,
     ):
-        """alpha (O,): the weight binarizer's per-channel scale (ones for the rules without one)."""
+        """alpha (O,): the weight binarizer's per-channel scale (ones for the rules without one);
+        out_dtype: bfloat16 under bf16 autocast (what a float conv returns there), else None (fp32)."""
         channels = x.shape[1]
         packed_x = ops.pack_signs(x)  # (N, H, W, ceil(C/64)) int64: sign(x), 1 bit each
         packed_w = ops.pack_signs(weight)  # (O, KH, KW, ceil(C/64)) int64
-        out = ops.binary_conv2d(packed_x, packed_w, channels, stride, padding, pad_value, scale=alpha, bias=bias)
+        out = ops.binary_conv2d(
+            packed_x, packed_w, channels, stride, padding, pad_value, scale=alpha, bias=bias, out_dtype=out_dtype
+        )
         if estimator == "approx":
             estimator_input = x  # max(0, 2 - 2|x|) needs the real value
         elif estimator == "ste":
@@ -58,6 +74,7 @@ class _PackedBinaryConv(torch.autograd.Function):
         ctx.save_for_backward(packed_x, packed_w, weight, alpha, estimator_input)
         ctx.geometry = (channels, x.shape, x.dtype, stride, padding, pad_value, bias is not None)
         ctx.rules = (estimator, gradient)
+        ctx.compute_dtype = out_dtype or torch.float32  # the backward's convs run in the forward's precision
         return out
 
     @staticmethod
@@ -66,13 +83,14 @@ class _PackedBinaryConv(torch.autograd.Function):
         channels, x_shape, x_dtype, stride, padding, pad_value, has_bias = ctx.geometry
         estimator, gradient = ctx.rules
         need_x, need_w, need_b = (ctx.needs_input_grad[i] for i in (0, 1, 3))
-        w_b = ops.unpack_signs(packed_w, channels) * alpha.view(-1, 1, 1, 1)  # (O, C, KH, KW): alpha * +-1
-        grad_out = grad_out.float()
+        dtype = ctx.compute_dtype  # float32, or bfloat16 under autocast: signs unpacked straight to it
+        w_b = ops.unpack_signs(packed_w, channels, dtype) * alpha.view(-1, 1, 1, 1).to(dtype)  # (O, C, KH, KW)
+        grad_out = grad_out.to(dtype)
         # A constant border (pad_value +-1) is part of the input: pad it and convolve unpadded.
         border = pad_value != 0.0 and padding > 0
         conv_padding = 0 if border else padding
         if need_w:
-            x_b = ops.unpack_signs(packed_x, channels)  # (N, C, H, W) +-1
+            x_b = ops.unpack_signs(packed_x, channels, dtype)  # (N, C, H, W) +-1
             x_b = F.pad(x_b, (padding,) * 4, value=pad_value) if border else x_b
         else:  # only its shape is read: nothing to unpack
             n, c, h, w = x_shape
@@ -98,7 +116,7 @@ class _PackedBinaryConv(torch.autograd.Function):
             grad_x = _estimator_grad(estimator, grad_xb, estimator_input, channels).to(x_dtype)
         if need_w:
             grad_w = latent_weight_grad(gradient, grad_wb, weight, alpha.view(-1, 1, 1, 1)).to(weight.dtype)
-        return grad_x, grad_w, None, grad_bias if need_b else None, None, None, None, None, None
+        return grad_x, grad_w, None, grad_bias if need_b else None, None, None, None, None, None, None
 
 
 def _estimator_grad(estimator: str, grad: torch.Tensor, saved: torch.Tensor | None, channels: int) -> torch.Tensor:
@@ -111,8 +129,11 @@ def _estimator_grad(estimator: str, grad: torch.Tensor, saved: torch.Tensor | No
 
 
 def packed_conv(conv: BinaryConv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv(x)`` on the packed op: the function ``use_kernels`` puts in ``conv.kernel``."""
+    """``conv(x)`` on the packed op: the function ``use_kernels`` puts in ``conv.kernel``. Under
+    bf16 autocast it returns bfloat16 and its backward runs in bfloat16, as a float conv's would."""
     alpha = conv.weight_binarizer.scale(conv.weight.detach()).flatten()  # (O,): no gradient through it
+    where = x.device.type
+    low = torch.is_autocast_enabled(where) and torch.get_autocast_dtype(where) == torch.bfloat16
     return _PackedBinaryConv.apply(
         x,
         conv.weight,
@@ -123,6 +144,7 @@ def packed_conv(conv: BinaryConv2d, x: torch.Tensor) -> torch.Tensor:
         conv.stride[0],
         conv.padding[0],
         conv.pad_value,
+        torch.bfloat16 if low else None,
     )
 
 

@@ -49,6 +49,9 @@ LatentInit = Literal["default", "official"]
 Search = Literal["grid", "random"]
 Resume = Literal["auto", "never"]
 Backend = Literal["auto", "nccl", "gloo"]
+# the training process group's timeout (Ray Train's TorchConfig.timeout_s): how long a collective
+# waits for a rank that is late; storage.stage_wait_s must stay below it
+PROCESS_GROUP_TIMEOUT_S = 1800.0
 Placement = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
 
 STAGES: tuple[str, ...] = typing.get_args(Stage)
@@ -450,10 +453,19 @@ class StorageConfig:
     # one S3 request's timeout: a store slower than this is retried, 10 attempts with backoff
     # (AWS's standard mode), by every client (s3fs, and pyarrow for Ray's storage)
     request_timeout_s: float = 60.0
+    # with a shard_cache, one process per node downloads each shard and the node's others wait for
+    # it this long at most: below the process group's timeout (Ray Train's, 1800 s), so a stuck
+    # download fails naming its shard rather than as a collective's timeout
+    stage_wait_s: float = 600.0
 
     def __post_init__(self):
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s={self.request_timeout_s}: a timeout is > 0 seconds")
+        if not 0 < self.stage_wait_s < PROCESS_GROUP_TIMEOUT_S:
+            raise ValueError(
+                f"stage_wait_s={self.stage_wait_s:g}: > 0 and below the process group's timeout "
+                f"({PROCESS_GROUP_TIMEOUT_S:.0f} s), or a rank waiting for a shard stalls every rank's collective"
+            )
 
 
 @dataclass
@@ -466,10 +478,16 @@ class MlflowConfig:
     # end wait up to outage_wait_s, then fail naming MLflow (pipeline/adapters/tracking.py)
     sync_wait_s: float = 5.0
     outage_wait_s: float = 900.0
+    # every node's CPU, memory, disk, network and GPU use (GPU with nvidia-ml-py, in the pipeline
+    # extra) logged into each training stage's run as system/node<N>/..., sampled every this many
+    # seconds; 0 = none
+    system_metrics_s: float = 10.0
 
     def __post_init__(self):
         if self.sync_wait_s < 0 or self.outage_wait_s < 0:
             raise ValueError(f"sync_wait_s={self.sync_wait_s}, outage_wait_s={self.outage_wait_s}: waits are >= 0 s")
+        if self.system_metrics_s < 0:
+            raise ValueError(f"system_metrics_s={self.system_metrics_s:g}: a sampling interval (s), or 0 for none")
 
 
 @dataclass
@@ -721,7 +739,12 @@ def load_params(name_or_path: str | os.PathLike | None = None, train_overrides: 
     params = Params(path, raw, group=run_group(path), train_overrides=dict(train_overrides or {}), **sections)
     # the storage settings reach this process's opens and, through the environment, its children
     # (DataLoader workers) and the Ray job's workers (adapters/ray_train.job_runtime_env)
-    storage.configure(params.storage.endpoint_url, params.storage.shard_cache, params.storage.request_timeout_s)
+    storage.configure(
+        params.storage.endpoint_url,
+        params.storage.shard_cache,
+        params.storage.request_timeout_s,
+        params.storage.stage_wait_s,
+    )
     build(TrainConfig, dict(raw.get("train") or {}), f"{path}:train")  # errors name train.KEY
     for stage in STAGES:  # and then <stage>.KEY
         params.train(stage, tuned=False)

@@ -10,20 +10,24 @@ stage with an error that does not name the shard. So:
   and its sha256 as it streams, compared when its last byte has been read (``VerifiedStream.verify``).
 - ``stage``: with ``storage.shard_cache`` set, a remote shard is downloaded whole into the node's
   cache under its sha256 (a temporary name, checked, then renamed), so the cache is keyed by the
-  manifest: a re-sharded prefix has new digests and is read anew, a stale copy is never served, and
-  two processes staging one shard each write their own temporary file.
+  manifest: a re-sharded prefix has new digests and is read anew, and a stale copy is never served.
+  One process per node downloads each shard (a lock file); the others wait for its copy, at most
+  ``storage.stage_wait_s``. No fsspec file cache: it is not safe across processes.
 Every mismatch raises ``ShardIntegrityError`` naming the shard's URL.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import stat
 import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterator
 
 from . import storage
 
@@ -136,13 +140,60 @@ def _known_size(raw) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def stage(url: str, record: ShardRecord, cache_dir: str) -> Path:
-    """The node-local copy of a remote shard, named by its sha256; downloaded and checked if absent."""
+class ShardStageTimeout(TimeoutError):
+    """Another process of this node held a shard's download longer than ``storage.stage_wait_s``."""
+
+
+def stage(url: str, record: ShardRecord, cache_dir: str, wait_s: float | None = None) -> Path:
+    """The node-local copy of a remote shard, named by its sha256; downloaded and checked if absent.
+
+    One process per node downloads a shard: whoever needs it first takes the shard's lock file
+    (``flock``, released by the kernel if that process dies) and the node's other ranks, loader
+    workers and trials that need it wait on the lock, at most ``wait_s`` (``storage.stage_wait_s``,
+    below the process group's timeout so a stuck download names its shard instead of hanging a
+    collective), then read the copy it wrote."""
     suffix = ".tar.gz" if url.endswith(".gz") else ".tar"
     path = Path(cache_dir) / f"{record.sha256}{suffix}"
-    if path.is_file() and path.stat().st_size == record.bytes:
+    if _staged(path, record):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    with _stage_lock(path, url, storage.stage_wait_s() if wait_s is None else wait_s):
+        if not _staged(path, record):  # not staged by another process while this one waited
+            for stale in path.parent.glob(f".{record.sha256[:16]}.*.partial"):  # left by a killed downloader
+                stale.unlink(missing_ok=True)
+            _download(url, record, path)
+    return path
+
+
+def _staged(path: Path, record: ShardRecord) -> bool:
+    return path.is_file() and path.stat().st_size == record.bytes
+
+
+@contextmanager
+def _stage_lock(path: Path, url: str, wait_s: float) -> Iterator[None]:
+    """The shard's lock, polled until ``wait_s``; then ``ShardStageTimeout`` naming the shard."""
+    lock = path.parent / f".{path.name}.lock"
+    with open(lock, "a+b") as handle:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise ShardStageTimeout(
+                        f"{url}: another process of this node has been staging it into {path.parent} for "
+                        f"over {wait_s:.0f} s (storage.stage_wait_s); its lock is {lock}"
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _download(url: str, record: ShardRecord, path: Path) -> None:
+    """``url`` to ``path`` through a temporary name, checked against ``record`` before the rename."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{record.sha256[:16]}.", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as out, storage.open_read(url) as src:
@@ -154,4 +205,3 @@ def stage(url: str, record: ShardRecord, cache_dir: str) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path

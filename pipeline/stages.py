@@ -115,11 +115,12 @@ def _tracked_training(config: TrainConfig, params: Params, mlflow_cfg, ray_run) 
                 config, params.ray, mlflow_cfg, run_id, params.group, ray_run, restart=params.restart
             )
         else:
-            from .adapters.tracking import EpochLogger
+            from .adapters.tracking import EpochLogger, system_metrics
             from .train import train_loop
 
             logger = EpochLogger(mlflow_cfg, run_id)
-            result = train_loop(config, on_epoch=logger)
+            with system_metrics(mlflow_cfg, run_id, "node0"):
+                result = train_loop(config, on_epoch=logger)
             logger.close(mlflow_cfg.sync_wait_s)  # what it could not send, the backfill below retries
         history = result["history"]
         reachable(mlflow_cfg, "logging the stage's epochs", lambda: log_missing_epochs(mlflow_cfg, run_id, history))
@@ -442,11 +443,12 @@ def run_stage(name: str, params: Params, use_ray: bool = True) -> dict:
 def format_history(history: list[dict]) -> str:
     lines = [
         f"{'epoch':>5} {'segment':<28}{'train_loss':>11}{'train_top1':>11}{'val_top1':>9}"
-        f"{'val_top5':>9}{'flip':>8}{'img/s':>8}"
+        f"{'val_top5':>9}{'flip':>8}{'img/s':>8}{'data wait':>10}"
     ]
     for h in history:
+        wait = h.get("data_wait_fraction", float("nan"))  # absent in histories written before it was measured
         lines.append(
             f"{h['epoch']:>5} {h['segment']:<28}{h['train_loss']:>11.4f}{h['train_top1']:>11.3f}"
-            f"{h['val_top1']:>9.3f}{h['val_top5']:>9.3f}{h['flip_ratio']:>8.4f}{h['img_s']:>8.0f}"
+            f"{h['val_top1']:>9.3f}{h['val_top5']:>9.3f}{h['flip_ratio']:>8.4f}{h['img_s']:>8.0f}{wait:>10.1%}"
         )
     return "\n".join(lines)

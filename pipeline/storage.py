@@ -21,6 +21,8 @@ ENDPOINT_ENV = "BIREAL_S3_ENDPOINT_URL"
 TIMEOUT_ENV = "BIREAL_S3_TIMEOUT_S"  # one S3 request's timeout; a slower answer is retried with backoff
 RETRIES = 10  # attempts per S3 request (AWS's standard retry mode: exponential backoff with jitter)
 CACHE_ENV = "BIREAL_SHARD_CACHE"  # a per-node cache folder for remote shards ("" = none): shard_read.py
+STAGE_WAIT_ENV = "BIREAL_SHARD_STAGE_WAIT_S"  # storage.stage_wait_s
+DEFAULT_STAGE_WAIT_S = 600.0
 
 
 def is_url(location: str) -> bool:
@@ -40,7 +42,9 @@ def absolute(location: str) -> str:
     return str(p if p.is_absolute() else (Path.cwd() / p).resolve())
 
 
-def configure(endpoint_url: str = "", shard_cache: str = "", request_timeout_s: float = 0.0) -> dict[str, str]:
+def configure(
+    endpoint_url: str = "", shard_cache: str = "", request_timeout_s: float = 0.0, stage_wait_s: float = 0.0
+) -> dict[str, str]:
     """This process's (and its children's) storage settings; -> the env vars for Ray workers."""
     env = {}
     if endpoint_url:
@@ -49,8 +53,15 @@ def configure(endpoint_url: str = "", shard_cache: str = "", request_timeout_s: 
         env[CACHE_ENV] = shard_cache
     if request_timeout_s:
         env[TIMEOUT_ENV] = str(request_timeout_s)
+    if stage_wait_s:
+        env[STAGE_WAIT_ENV] = str(stage_wait_s)
     os.environ.update(env)
     return env
+
+
+def stage_wait_s() -> float:
+    """How long a process waits for another one of its node staging a shard into the cache."""
+    return float(os.environ.get(STAGE_WAIT_ENV, "") or DEFAULT_STAGE_WAIT_S)
 
 
 def endpoint_url() -> str:

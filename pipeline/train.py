@@ -17,6 +17,7 @@ A stage is a list of *segments* run in order, each with its own optimizer and sc
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -191,10 +192,9 @@ def train_one_epoch(
     model.train()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, seen
     step = first_step
+    timed = DataWait(batches, max_steps)
     start = time.perf_counter()
-    for i, (images, labels) in enumerate(batches):
-        if max_steps and i >= max_steps:
-            break
+    for i, (images, labels) in enumerate(timed):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -214,9 +214,10 @@ def train_one_epoch(
         guard.poll(i + 1)
     guard.check()  # before the caller writes any checkpoint of this epoch
     seconds = time.perf_counter() - start
+    totals = torch.cat([totals, torch.tensor([timed.seconds, seconds], dtype=torch.float64, device=device)])
     if world_size > 1:  # [dist]
         torch.distributed.all_reduce(totals)
-    loss_sum, correct, seen = totals.tolist()
+    loss_sum, correct, seen, waited, busy = totals.tolist()
     seen = int(seen)
     return {
         "train_loss": loss_sum / max(seen, 1),
@@ -224,7 +225,30 @@ def train_one_epoch(
         "train_images": seen,
         "img_s": seen / max(seconds, 1e-9),
         "steps": step - first_step,
+        # the share of the epoch's training time the step waited for its next batch (all ranks
+        # together): near 0 when the loader keeps up, near 1 when it starves the step
+        "data_wait_fraction": waited / max(busy, 1e-9),
+        "data_wait_s": waited / world_size,  # per rank
     }
+
+
+class DataWait:
+    """``batches`` (at most ``max_steps`` of them when > 0), adding up in ``seconds`` the time each
+    ``next`` took: what the training step waited for its data. The steps themselves queue work on
+    a GPU without waiting for it, so a loader that keeps up costs almost none of this time."""
+
+    def __init__(self, batches: Iterable, max_steps: int = 0):
+        self.batches, self.max_steps, self.seconds = batches, max_steps, 0.0
+
+    def __iter__(self):
+        source = iter(self.batches)
+        for _ in itertools.count() if not self.max_steps else range(self.max_steps):
+            start = time.perf_counter()
+            batch = next(source, None)
+            self.seconds += time.perf_counter() - start
+            if batch is None:
+                return
+            yield batch
 
 
 @torch.no_grad()

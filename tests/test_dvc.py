@@ -48,6 +48,7 @@ def dvc_copy(tmp_path_factory, ray_local):
         "tracking_uri": f"sqlite:///{dst / 'mlflow.db'}",
         "artifact_location": str(dst / "mlartifacts"),
         "experiment": "dvc-test",
+        "system_metrics_s": 1,  # stages of seconds: sample each second
     }
     params["registry"] = {"model_name": "dvc-test"}
     (dst / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -103,9 +104,14 @@ def test_mlflow_runs_read_back_from_sqlite(dvc_copy):
         stage = run.data.tags["bireal.stage"]
         assert run.info.status == "FINISHED"
         assert run.data.params["train.stage"] == stage and run.data.params["ray.num_workers"] == "2"
-        for key in ("val_top1", "val_top5", "train_loss", "lr", "flip_ratio", "img_s"):
+        for key in ("val_top1", "val_top5", "train_loss", "lr", "flip_ratio", "img_s", "data_wait_fraction"):
             steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
             assert steps == list(range(TRAINING[stage])), (stage, key, steps)  # every epoch exactly once
+        assert all(0 < m.value <= 1 for m in client.get_metric_history(run.info.run_id, "data_wait_fraction"))
+        # the node's system metrics, from one of its two Ray workers (one monitor per node)
+        system = {key for key in run.data.metrics if key.startswith("system/")}
+        assert "system/node0/cpu_utilization_percentage" in system, (stage, sorted(system))
+        assert {key.split("/")[1] for key in system} == {"node0"}
         assert run.data.metrics["cost_memory_mbit"] > 0 and run.data.metrics["cost_ops"] > 0
         artifacts = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")]
         assert artifacts == [f"checkpoint/{stage}.safetensors"]

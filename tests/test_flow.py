@@ -43,6 +43,7 @@ def flow_params(tmp_path, shards, experiment: str, **sections) -> dict:
             "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
             "artifact_location": str(tmp_path / "mlartifacts"),
             "experiment": experiment,
+            "system_metrics_s": 1,  # stages of seconds: sample each second
         },
         "registry": {"model_name": experiment},
     }
@@ -75,6 +76,9 @@ def test_flow_runs_caches_and_summarizes(prefect_harness, ray_local, demo_shards
         return [r for r in client.search_runs([exp.experiment_id]) if r.data.tags.get("bireal.stage") in training]
 
     assert len(stage_runs()) == 3
+    for run in stage_runs():  # this machine's use, sampled while each stage trained
+        assert run.data.metrics["system/node0/cpu_utilization_percentage"] >= 0, run.data.tags["bireal.stage"]
+        assert 0 <= run.data.metrics["data_wait_fraction"] <= 1
     again = bireal_pipeline(str(path), use_ray=False)  # cached: no stage trains again
     assert len(stage_runs()) == 3
     assert again["registry"]["duplicate"] and again["registry"]["version"] == 1

@@ -127,3 +127,19 @@ def test_every_training_setting_says_whether_it_changes_the_math():
     operational = {k for k, v in AFFECTS_MATH.items() if not v}
     assert {"loader_workers", "out", "shards", "kernels", "loader"} <= operational
     assert {"lr", "epochs", "precision", "batch_size", "seed"} <= set(math_settings(TrainConfig()))
+
+
+@pytest.mark.parametrize(
+    "section, key, value, message",
+    [
+        ("storage", "stage_wait_s", 1800, "storage: stage_wait_s=1800: > 0 and below the process group's timeout"),
+        ("storage", "stage_wait_s", 0, "storage: stage_wait_s=0: > 0"),
+        ("mlflow", "system_metrics_s", -1, "mlflow: system_metrics_s=-1: a sampling interval (s), or 0 for none"),
+    ],
+)
+def test_waits_and_sampling_intervals_out_of_range_are_named(tmp_path, section, key, value, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(f"{section}:\n  {key}: {value}\n")
+    with pytest.raises(P.ConfigError) as e:
+        P.load_params(path)
+    assert message in str(e.value)

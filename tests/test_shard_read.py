@@ -5,9 +5,15 @@ sha256 so a re-sharded prefix is read anew."""
 
 from __future__ import annotations
 
+import hashlib
+import http.server
 import json
 import logging
 import shutil
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import fsspec
@@ -17,7 +23,15 @@ from imagegen import image_folder
 from pipeline import storage
 from pipeline.data import iter_shard, make_loader, plan_epoch, read_manifest, split_shards
 from pipeline.shard import ShardParams, shard_dataset, write_shard
-from pipeline.shard_read import ShardIntegrityError, ShardRecord, check_sizes, open_shard, shard_records
+from pipeline.shard_read import (
+    ShardIntegrityError,
+    ShardRecord,
+    ShardStageTimeout,
+    check_sizes,
+    open_shard,
+    shard_records,
+    stage,
+)
 from pipeline.train import TrainConfig, train_loop
 
 INPUT = {"size": 32, "resize": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "augment": "small"}
@@ -154,12 +168,12 @@ def test_the_node_cache_is_keyed_by_the_manifest_sha256(tmp_path, monkeypatch, s
         return [s["__key__"] for s in iter_shard(url, ShardRecord(record["bytes"], record["sha256"]))]
 
     assert keys(first) == [s[0] for s in samples]
-    assert [p.name for p in cache.iterdir()] == [f"{first['sha256']}.tar"]
+    assert [p.name for p in cache.glob("*.tar")] == [f"{first['sha256']}.tar"]  # (and each shard's 0-byte lock file)
     memory.rm(path)  # gone from the store: the node still has it
     assert keys(first) == [s[0] for s in samples]
     second = write_shard(memory, path, samples[:2], False)  # re-sharded under the same name
     assert keys(second) == [s[0] for s in samples[:2]]  # not the cached 4-sample copy
-    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{r['sha256']}.tar" for r in (first, second))
+    assert sorted(p.name for p in cache.glob("*.tar")) == sorted(f"{r['sha256']}.tar" for r in (first, second))
     check_sizes({"splits": {"train": {"shards": [second]}}}, "memory://bucket/shards")
     stale = ShardRecord(first["bytes"], "0" * 64)  # the store's bytes are not what this manifest wrote
     with pytest.raises(ShardIntegrityError, match=f"{url}: size/sha256 mismatch"):
@@ -168,3 +182,102 @@ def test_the_node_cache_is_keyed_by_the_manifest_sha256(tmp_path, monkeypatch, s
     assert shard_records({"splits": {"train": {"shards": [second]}}}, "memory://bucket/shards") == {
         url: ShardRecord(second["bytes"], second["sha256"])
     }
+
+
+class ShardServer:
+    """Serves one shard over HTTP on 127.0.0.1 (HEAD and ranged GETs, each GET held ``delay_s`` so
+    concurrent readers overlap) and counts the body bytes it sent: one download = the shard's size."""
+
+    def __init__(self, data: bytes, delay_s: float = 0.0):
+        self.data, self.delay_s, self.sent = data, delay_s, 0
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_HEAD(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(server.data)))
+                self.send_header("Accept-Ranges", "bytes")
+                self.end_headers()
+
+            def do_GET(self):
+                time.sleep(server.delay_s)
+                start, end = 0, len(server.data) - 1
+                if self.headers.get("Range"):  # bytes=a-b
+                    first, last = self.headers["Range"].removeprefix("bytes=").split("-")
+                    start, end = int(first), min(int(last or end), end)
+                body = server.data[start : end + 1]
+                self.send_response(206 if self.headers.get("Range") else 200)
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Range", f"bytes {start}-{end}/{len(server.data)}")
+                self.end_headers()
+                self.wfile.write(body)
+                server.sent += len(body)
+
+        self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.http.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/shards/train-000000.tar"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+
+STAGER = """
+import sys, time
+from pipeline.shard_read import ShardRecord, stage
+url, size, sha, cache, hold = sys.argv[1:]
+while time.time() < float(hold):  # start together
+    time.sleep(0.005)
+print(stage(url, ShardRecord(int(size), sha), cache, wait_s=60))
+"""
+
+
+@pytest.fixture
+def served(shards):
+    """A shard of the fixture behind a slow HTTP server, and its record."""
+    path = _first_shard(shards, "train")
+    server = ShardServer(path.read_bytes(), delay_s=0.5)
+    yield server, ShardRecord(path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+    server.http.shutdown()
+
+
+def test_one_process_per_node_downloads_a_shard_the_others_wait(tmp_path, served):
+    """Four processes need one remote shard at the same moment: the server sends its bytes once,
+    and all four read the same checked copy from the node's cache."""
+    server, record = served
+    cache, start = tmp_path / "cache", time.time() + 2.0
+    args = [server.url, str(record.bytes), record.sha256, str(cache), str(start)]
+    command = [sys.executable, "-c", STAGER, *args]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4
+    assert set(outs) == {str(cache / f"{record.sha256}.tar")}
+    assert server.sent == record.bytes  # one download, not four
+    assert sorted(p.name for p in cache.iterdir()) == [f".{record.sha256}.tar.lock", f"{record.sha256}.tar"]
+
+
+def test_a_held_stage_lock_times_out_naming_the_shard_and_a_killed_holder_frees_it(tmp_path, served):
+    """While another process of the node holds the shard's lock, a rank waits ``stage_wait_s`` and
+    then fails naming the shard; when that process is killed mid-download (its partial file left
+    behind), the kernel frees the lock and the next rank downloads the shard and clears the debris."""
+    server, record = served
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    lock = cache / f".{record.sha256}.tar.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import fcntl,sys,time; f=open({str(lock)!r},'a+b'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('held', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    debris = cache / f".{record.sha256[:16]}.killed.partial"
+    debris.write_bytes(b"half a shard")
+    began = time.monotonic()
+    held = f"{server.url}: another process .* over 1 s \\(storage.stage_wait_s\\)"
+    with pytest.raises(ShardStageTimeout, match=held):
+        stage(server.url, record, str(cache), wait_s=1.0)
+    assert time.monotonic() - began >= 1.0 and server.sent == 0  # it waited, and downloaded nothing
+    holder.kill()
+    holder.wait()
+    path = stage(server.url, record, str(cache), wait_s=30.0)
+    assert path.stat().st_size == record.bytes and server.sent == record.bytes
+    assert not debris.exists()

@@ -1,5 +1,6 @@
 """The training stages: the plain loop, DDP equivalence, the ImageNet path (no Ray here)."""
 
+import time
 from dataclasses import replace
 
 import pytest
@@ -564,3 +565,30 @@ def test_an_under_trained_relu_twin_stops_the_stage_naming_it(demo_shards, tmp_p
     assert [h["segment"] for h in ok["history"]][-1] == "pretrain-clip"
     with pytest.raises(ValueError, match="relu_floor=0.9: a top-1 in"):
         TrainConfig(relu_floor=0.9, phases=["clip"], phase_epochs=[1], phase_lr_scale=[1.0])
+
+
+def test_the_data_wait_fraction_is_the_time_the_step_waited_for_batches():
+    """A loader that sleeps before each batch shows as waited time (at least its sleeps) and most of
+    the epoch; batches already in memory cost almost none. ``max_steps`` stops drawing batches."""
+    from pipeline.train import train_one_epoch
+
+    model, drawn = torch.nn.Linear(4, 3), []
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(5)]
+
+    def slow_loader(pause_s: float):
+        for batch in batches:
+            time.sleep(pause_s)
+            drawn.append(1)
+            yield batch
+
+    def epoch(source, max_steps=0) -> dict:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        return train_one_epoch(model, source, optimizer, lambda s: 0.1, 0, torch.device("cpu"), max_steps=max_steps)
+
+    starved = epoch(slow_loader(0.2))
+    assert starved["steps"] == 5 and starved["data_wait_s"] >= 5 * 0.2
+    assert 0.5 < starved["data_wait_fraction"] <= 1.0
+    fed = epoch(batches)
+    assert fed["steps"] == 5 and fed["data_wait_fraction"] < 0.5
+    drawn.clear()
+    assert epoch(slow_loader(0.0), max_steps=3)["steps"] == 3 and len(drawn) == 3

@@ -8,6 +8,7 @@ import itertools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import bireal_core as bc
 from bireal_core.binarizers import SIGN_ACTIVATIONS, WEIGHT_GRADIENTS, MagnitudeAwareSign, make_activation
@@ -260,3 +261,43 @@ def test_torch_compile_of_a_packed_net():
     close_to_float(compiled, eager, rtol=1e-5)
     for p, want in zip(model.parameters(), eager_grads):
         torch.testing.assert_close(p.grad, want, rtol=0, atol=float(want.abs().max()) * 1e-3)
+
+
+class ConvBackwardDtypes(TorchDispatchMode):
+    """Records the dtype every ``aten.convolution_backward`` runs in."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.convolution_backward.default:
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("activation", SIGN_ACTIVATIONS)
+def test_under_bf16_autocast_the_packed_conv_runs_in_bf16_like_a_float_conv(activation):
+    """``precision: bf16``: the packed op returns bfloat16 and its backward convolves in bfloat16,
+    as autocast runs the float path; the gradients come back in x's and W's dtypes and agree with
+    the float path's to bfloat16's precision."""
+    conv = binary_conv(64, 32, activation, "paper", 1.0, 1)
+    x = torch.randn(2, 64, 9, 10) * 0.8
+    grad = torch.randn(2, 32, 9, 10, generator=torch.Generator().manual_seed(1))
+    results = {}
+    for kernels in ("float", "auto"):
+        layer = copy.deepcopy(conv)
+        use_kernels(layer, kernels)
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16):
+            out = layer(xi)
+        with ConvBackwardDtypes() as seen:
+            out.backward(grad.to(out.dtype))
+        results[kernels] = (out.detach().float(), xi.grad, layer.weight.grad, out.dtype, seen.dtypes)
+    (out_f, gx_f, gw_f, dtype_f, seen_f), (out_k, gx_k, gw_k, dtype_k, seen_k) = results["float"], results["auto"]
+    assert dtype_k == dtype_f == torch.bfloat16
+    assert seen_k == [torch.bfloat16] and set(seen_f) == {torch.bfloat16}
+    assert gx_k.dtype == gw_k.dtype == torch.float32
+    close_to_float(out_k, out_f, rtol=1e-2)  # bfloat16 keeps 8 bits of mantissa
+    close_to_float(gx_k, gx_f, rtol=2e-2)
+    close_to_float(gw_k, gw_f, rtol=2e-2)

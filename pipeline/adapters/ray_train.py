@@ -8,6 +8,7 @@ interrupted epoch is run again from its start).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import torch
 
 from .. import storage
 from ..env import apply_local_ray_defaults, verbose
-from ..params import MlflowConfig, RayConfig, TrainConfig, math_settings
+from ..params import PROCESS_GROUP_TIMEOUT_S, MlflowConfig, RayConfig, TrainConfig, math_settings
 from ..train import Runtime, load_train_state, published_names, stage_checkpoint, train_loop
 from .ray_jobs import is_job_server
 
@@ -80,7 +81,7 @@ class RayRuntime(Runtime):
 
 def _worker_entry(payload: dict) -> None:
     """Runs on every Ray Train worker."""
-    from .tracking import EpochLogger
+    from .tracking import EpochLogger, system_metrics
 
     torch.set_num_threads(max(1, int(payload["threads"])))
     config = TrainConfig(**payload["config"])
@@ -96,7 +97,11 @@ def _worker_entry(payload: dict) -> None:
         restored = runtime.restore_dir()
         if restored is not None:  # epochs reported before a failure: log once
             logger.backfill(torch.load(restored / "train_state.pt", weights_only=True)["history"])
-    train_loop(config, runtime, on_epoch=logger)
+    here, monitor = placement[runtime.rank], contextlib.nullcontext()
+    if payload.get("mlflow_run") and here["local_rank"] == 0:  # one monitor per node
+        monitor = system_metrics(MlflowConfig(**payload["mlflow"]), payload["mlflow_run"], f"node{here['node_rank']}")
+    with monitor:
+        train_loop(config, runtime, on_epoch=logger)
     if logger is not None:  # what is still queued, the driver logs from the stage's history
         logger.close(logger.cfg.sync_wait_s)
 
@@ -272,7 +277,7 @@ def run_stage_on_ray(
             resources_per_worker={"CPU": ray_cfg.cpus_per_worker},
             placement_strategy=ray_cfg.placement_strategy,
         ),
-        torch_config=TorchConfig(backend=backend),
+        torch_config=TorchConfig(backend=backend, timeout_s=int(PROCESS_GROUP_TIMEOUT_S)),
         run_config=RunConfig(
             name=run.name,  # the same name in the same storage resumes from its last checkpoint
             storage_path=fs_path,

@@ -11,13 +11,14 @@ naming MLflow (``until_reachable``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 from ..params import MlflowConfig, TuneSettings
 
@@ -298,6 +299,38 @@ class EpochLogger:
             unsent, self.abandoned = sorted(self.queue), True
             self.queue.clear()
         return unsent
+
+
+@contextlib.contextmanager
+def system_metrics(cfg: MlflowConfig, run_id: str, node: str) -> Iterator[None]:
+    """While the block runs, this node's CPU, memory, disk and network use (and with nvidia-ml-py,
+    every GPU's utilization and memory) logged into ``run_id`` as ``system/<node>/...`` every
+    ``cfg.system_metrics_s`` seconds by MLflow's monitor thread; one per node, so a starved or idle
+    GPU shows next to the epochs' ``data_wait_fraction``. A restarted worker continues the steps.
+    Metrics are not worth a failure: a monitor that cannot start is a warning, and an MLflow outage
+    ends the node's sampling for the stage (MLflow's monitor stops at an unreachable server)."""
+    if not cfg.system_metrics_s:
+        yield
+        return
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            run_id,
+            sampling_interval=cfg.system_metrics_s,
+            resume_logging=True,  # a restarted worker's samples follow the ones already logged
+            node_id=node,
+            tracking_uri=cfg.tracking_uri,
+        )
+        monitor.start()
+    except Exception as e:
+        log.warning("system metrics of %s not logged (%s: %s)", node, type(e).__name__, e)
+        yield
+        return
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 def log_missing_epochs(cfg: MlflowConfig, run_id: str, history: list[dict]) -> list[int]:

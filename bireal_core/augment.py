@@ -13,11 +13,25 @@ equals the PIL path's bit for bit (``tests/test_augment.py``).
 - ``normalize``: uint8 -> float32, (x / 255 - mean) / std;
 - ``finish``: lighting (draws made by the loader's workers) then ``normalize``: what the streaming
   loader does after collation, on the device the batch trains on.
+
+For images decoded on the device (the loader's ``decode: device`` path: a list of uint8 (3, H, W)
+of different sizes), the geometric part of each recipe, with the draws from the CPU generator:
+- ``random_resized_boxes`` + ``resized_crop``: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, the
+  official ImageNet recipe: the same rule as torchvision's, 10 tries then the centre);
+- ``resize_shorter`` + ``random_crop_boxes`` / ``center_box``: the Caffe recipe's resize-256 and
+  random 224 crop, and evaluation's centre crop;
+- ``flip_where``: the horizontal flips.
+Resizing is bilinear with antialiasing in float, rounded back to uint8 (torchvision's rule for
+tensors); PIL's bilinear differs from it by about a level of 255 at a few pixels, so this path
+gives the recipe, not the PIL path's pixels bit for bit.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 from .preprocess import lighting_shift
 
@@ -102,3 +116,94 @@ def finish(images: torch.Tensor, mean, std, alpha: torch.Tensor | None = None) -
         shift = lighting_shift(alpha).to(images.device)  # (B, 3)
         x.add_(shift[:, :, None, None]).clamp_(0, 255).trunc_()
     return _scale_and_normalize(x, mean, std)
+
+
+Box = tuple[int, int, int, int]  # (top, left, height, width) of a crop
+
+
+def random_resized_boxes(
+    sizes: list[tuple[int, int]],
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> list[Box]:
+    """RandomResizedCrop's box for each image of (height, width) ``sizes``: an area fraction uniform
+    in ``scale`` and a log-uniform aspect ratio in ``ratio``, 10 tries to fit the image, else the
+    largest centred box within the ratio range."""
+    log_lo, log_hi = torch.log(torch.tensor(ratio)).tolist()  # float32 bounds, as torchvision draws them
+    boxes = []
+    for height, width in sizes:
+        boxes.append(_centre_fallback(height, width, ratio))
+        for _ in range(10):
+            area = height * width * _uniform(scale[0], scale[1], generator)
+            aspect = math.exp(_uniform(log_lo, log_hi, generator))
+            w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+                left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+                boxes[-1] = (top, left, h, w)
+                break
+    return boxes
+
+
+def _uniform(lo: float, hi: float, generator: torch.Generator) -> float:
+    return float(torch.empty(1).uniform_(lo, hi, generator=generator))
+
+
+def _centre_fallback(height: int, width: int, ratio: tuple[float, float]) -> Box:
+    shape = width / height
+    if shape < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif shape > ratio[1]:
+        w, h = round(height * ratio[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_crop_boxes(sizes: list[tuple[int, int]], size: int, generator: torch.Generator) -> list[Box]:
+    """A uniformly placed ``size`` x ``size`` box in each image (each at least that large)."""
+    boxes = []
+    for height, width in sizes:
+        if height < size or width < size:
+            raise ValueError(f"a random {size}x{size} crop needs an image at least that large, got {height}x{width}")
+        if (height, width) == (size, size):  # nothing to draw (torchvision draws nothing either)
+            boxes.append((0, 0, size, size))
+            continue
+        top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
+        left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
+        boxes.append((top, left, size, size))
+    return boxes
+
+
+def center_box(height: int, width: int, size: int) -> Box:
+    """The centred ``size`` x ``size`` box (torchvision's CenterCrop rounding)."""
+    return round((height - size) / 2), round((width - size) / 2), size, size
+
+
+def resize_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 (C, H, W) -> uint8 (C, height, width): bilinear, antialiased, in float, rounded."""
+    if image.shape[-2:] == (height, width):
+        return image
+    x = F.interpolate(image[None].float(), (height, width), mode="bilinear", antialias=True, align_corners=False)
+    return x[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def resize_shorter(image: torch.Tensor, side: int) -> torch.Tensor:
+    """uint8 (C, H, W) with its shorter side resized to ``side`` (torchvision's Resize(int) sizes)."""
+    h, w = image.shape[-2:]
+    if h <= w:
+        return resize_to(image, side, int(side * w / h))
+    return resize_to(image, int(side * h / w), side)
+
+
+def resized_crop(image: torch.Tensor, box: Box, size: int) -> torch.Tensor:
+    """uint8 (C, H, W): ``box`` cut out and resized to ``size`` x ``size``."""
+    top, left, h, w = box
+    return resize_to(image[:, top : top + h, left : left + w], size, size)
+
+
+def flip_where(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) with the images where ``flips`` (B,) bool is set mirrored left-right."""
+    flips = flips.to(images.device)[:, None, None, None]
+    return torch.where(flips, images.flip(-1), images)

@@ -227,7 +227,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.what == "data":
         from .data_bench import run as run_data
 
-        rows = run_data(args.cifar, args.imagenet_like)
+        rows = run_data(args.cifar, args.imagenet_like, device=args.device)
         if args.json:
             Path(args.json).write_text(json.dumps(rows, indent=2))
         return 0

@@ -24,7 +24,6 @@ path's pixels bit for bit (``tests/test_data.py``); ``uint8=False`` runs that fl
 from __future__ import annotations
 
 import gzip
-import io
 import itertools
 import json
 import logging
@@ -39,6 +38,15 @@ from bireal_core.augment import finish
 from bireal_core.preprocess import eval_transform, eval_transform_uint8, train_transform, train_transform_uint8
 
 from . import storage
+from .decode import (
+    DeviceRecipe,
+    collate_encoded,
+    damaged_sample_errors,
+    decode_rgb,
+    device_finished,
+    encoded_sample,
+    recipe_generator,
+)
 from .shard_read import ShardIntegrityError, ShardRecord, open_shard, shard_records
 
 log = logging.getLogger(__name__)
@@ -55,6 +63,7 @@ def read_manifest(location: str) -> dict:
         raise ValueError(f"{url}: not a bireal manifest ({e})") from e
 
 
+DECODES = ("worker", "device")  # where JPEGs are decoded: the loader's processes (PIL) or the training device
 HOLDOUT = "holdout"  # the first samples of the train split, held out of training (TrainConfig.holdout)
 _SLICE = "#samples="  # a shard URL + "#samples=a:b": only samples a..b-1 of that shard
 
@@ -165,8 +174,10 @@ class ShardStream(IterableDataset):
         seed: int = 0,
         with_keys: bool = False,
         records: dict[str, ShardRecord] | None = None,
+        decode=None,
     ):
         super().__init__()
+        self.decode = decode or decode_rgb  # the device path: encoded_sample, the bytes as they are
         self.readers, self.rank, self.workers = readers, rank, max(1, workers)
         self.transform, self.shuffle_buffer, self.seed = transform, shuffle_buffer, seed
         self.with_keys = with_keys  # also yield each sample's __key__ (tests check exactly-once)
@@ -183,19 +194,21 @@ class ShardStream(IterableDataset):
         samples = (s for url in urls for s in iter_shard_slice(url, self.records))
         if self.shuffle_buffer > 0:
             samples = shuffled(samples, self.shuffle_buffer, random.Random(f"{self.seed}:{reader}"))
-        for image, label, key in decoded_samples(samples):
+        for image, label, key in decoded_samples(samples, self.decode):
             yield (self.transform(image), label, key) if self.with_keys else (self.transform(image), label)
 
 
-def decoded_samples(samples: Iterator[dict]) -> Iterator[tuple]:
-    """(RGB image, label, key) of each sample. A damaged sample (its image or label unreadable) is
-    replaced by the next good one, so a reader yields exactly as many samples as its shards hold and
-    every rank keeps the plan's steps; each replacement is logged with its shard and key."""
+def decoded_samples(samples: Iterator[dict], decode=None) -> Iterator[tuple]:
+    """(``decode``(image bytes): an RGB image by default, label, key) of each sample. A damaged sample
+    (its image or label unreadable) is replaced by the next good one, so a reader yields exactly as
+    many samples as its shards hold and every rank keeps the plan's steps; each replacement is
+    logged with its shard and key."""
+    decode = decode or decode_rgb
     pending, last, replaced = 0, None, 0
     for s in samples:
         try:
-            good = (decode_rgb(s["jpg"]), int(s["cls"]), s["__key__"])
-        except _damaged_sample_errors() as e:
+            good = (decode(s["jpg"]), int(s["cls"]), s["__key__"])
+        except damaged_sample_errors() as e:
             pending, replaced = pending + 1, replaced + 1
             log.warning(
                 "damaged sample %s in %s replaced by the next good one (%s: %s); %d replaced by this reader",
@@ -209,21 +222,6 @@ def decoded_samples(samples: Iterator[dict]) -> Iterator[tuple]:
         raise ValueError(f"every one of this reader's {replaced} samples is damaged (see the warnings above)")
     for _ in range(pending):  # damaged samples at the very end: the last good one stands in
         yield last
-
-
-def _damaged_sample_errors() -> tuple[type[BaseException], ...]:
-    from PIL import Image
-
-    # what PIL raises on bytes that are not a whole image (truncated, garbage, a bomb), and a
-    # missing or non-integer label
-    return (OSError, ValueError, SyntaxError, KeyError, EOFError, Image.DecompressionBombError)
-
-
-def decode_rgb(data: bytes):
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        return im.convert("RGB")
 
 
 def shuffled(items: Iterator, buffer: int, rng: random.Random) -> Iterator:
@@ -319,6 +317,7 @@ def make_loader(
     holdout: int = 0,
     uint8: bool = True,
     device: torch.device | str | None = None,
+    decode: str = "worker",
 ) -> tuple[Iterator, LoaderPlan]:
     """An iterator of (images (B, 3, S, S) float32, labels (B,)) batches for one rank, and its plan.
 
@@ -326,24 +325,27 @@ def make_loader(
     every sample of this rank's shards once (the last batch may be short). ``holdout``: see
     ``split_shards`` (``split`` may then be ``holdout``). ``uint8``: the workers hand over uint8
     images, finished on ``device`` (the images arrive there; labels stay on the CPU); False: the
-    float path, normalised in the workers (the reference, and what ``bireal bench data`` compares)."""
+    float path, normalised in the workers (the reference, and what ``bireal bench data`` compares).
+    ``decode``: ``worker`` (PIL, in the loader's processes) or ``device``: the workers hand over the
+    JPEG bytes and ``pipeline.decode`` decodes and augments the batch on ``device`` (nvJPEG
+    on a GPU)."""
+    if decode not in DECODES:
+        raise ValueError(f"decode={decode!r}: one of {', '.join(DECODES)}")
     manifest = manifest or read_manifest(location)
     shards = split_shards(manifest, location, split, holdout)
     plan = plan_epoch(shards, world_size, workers, batch_size, train, seed, epoch)
-    if uint8:
-        transform = train_transform_uint8(input_config, pca_lighting) if train else eval_transform_uint8(input_config)
-    else:
-        transform = train_transform(input_config, pca_lighting) if train else eval_transform(input_config)
+    on_device = decode == "device"
     epoch_seed = epoch_seed_of(seed, epoch)
     stream = ShardStream(
         plan.readers,
         rank,
         workers,
-        transform,
+        _worker_transform(input_config, train, pca_lighting, uint8, on_device),
         shuffle_buffer if train else 0,
         epoch_seed,
         with_keys,
         shard_records(manifest, location),
+        decode=encoded_sample if on_device else decode_rgb,
     )
     # s3fs (aiobotocore) breaks in forked workers: remote shards get freshly started ones
     context = "forkserver" if workers > 0 and storage.is_url(location) else None
@@ -354,14 +356,31 @@ def make_loader(
         num_workers=workers,
         drop_last=train,
         persistent_workers=False,  # one DataLoader per epoch: each epoch has its own plan
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda" and not on_device,  # JPEG files are decoded from host memory
+        collate_fn=collate_encoded if on_device else None,
         multiprocessing_context=context,
     )
     batches = itertools.islice(iter(loader), plan.steps) if train else iter(loader)
-    if uint8:
+    if on_device:
+        recipe = DeviceRecipe(input_config, train, pca_lighting, recipe_generator(epoch_seed, rank))
+        batches = device_finished(batches, recipe, device)
+    elif uint8:
         lighting = train and pca_lighting
         batches = finished(batches, input_config["mean"], input_config["std"], device, lighting)
     return batches, plan
+
+
+def _worker_transform(input_config: dict, train: bool, pca_lighting: bool, uint8: bool, on_device: bool):
+    """What a loader worker applies to each decoded sample (nothing when the device decodes)."""
+    if on_device:
+        return _as_is
+    if uint8:
+        return train_transform_uint8(input_config, pca_lighting) if train else eval_transform_uint8(input_config)
+    return train_transform(input_config, pca_lighting) if train else eval_transform(input_config)
+
+
+def _as_is(x):
+    return x
 
 
 def finished(batches: Iterator, mean, std, device: torch.device, lighting: bool) -> Iterator[tuple]:

@@ -51,10 +51,12 @@ def make_imagenet_like(out: Path, n: int = 2000, classes: int = 10, seed: int = 
     return out
 
 
-def _time_loader(batches) -> tuple[float, int]:
+def _time_loader(batches, device: torch.device | None = None) -> tuple[float, int]:
     start, n = time.perf_counter(), 0
     for images, _ in batches:
         n += images.shape[0]
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)  # the batches' device work is part of the loader's time
     return time.perf_counter() - start, n
 
 
@@ -66,10 +68,13 @@ def bench_dataset(
     batch: int = 128,
     samples_per_shard: int = 2000,
     pca_lighting: bool = False,
+    device: str = "cpu",
 ) -> list[dict]:
     """Rows of sharding ``source`` (``resize``: the shorter side, 0 keeps the size) and of loading
-    its train split with the stem's training augmentation (+ PCA lighting)."""
+    its train split with the stem's training augmentation (+ PCA lighting); the uint8 batches are
+    finished on ``device`` and the device-decode path decodes there (nvJPEG on a GPU)."""
     rows = []
+    dev = torch.device(device)
     config = default_input_config(stem)
     with tempfile.TemporaryDirectory() as tmp:
         for procs in (1, 2):
@@ -96,8 +101,8 @@ def bench_dataset(
 
         transform = train_transform(config, pca_lighting)
 
-        def stream(run: int, workers: int, uint8: bool = True):
-            recipe = {"train": True, "epoch": run, "pca_lighting": pca_lighting}
+        def stream(run: int, workers: int, uint8: bool = True, decode: str = "worker"):
+            recipe = {"train": True, "epoch": run, "pca_lighting": pca_lighting, "device": dev, "decode": decode}
             return make_loader(str(out), "train", config, batch, workers=workers, uint8=uint8, **recipe)[0]
 
         def folder(run: int):
@@ -111,26 +116,39 @@ def bench_dataset(
             "load webdataset float, 1 process": lambda run: stream(run, 0, uint8=False),
             "load webdataset uint8, 1 process": lambda run: stream(run, 0),
             "load webdataset uint8, 2 workers": lambda run: stream(run, 2),
+            f"load webdataset decode on {dev.type}, 1 process": lambda run: stream(run, 0, decode="device"),
             "load imagefolder, 2 workers": folder,
         }
         runs: dict[str, list] = {}
         for run in range(3):  # the candidates interleaved: a noisy moment hits each alike
             for what, make in loaders.items():
-                runs.setdefault(what, []).append(_time_loader(make(run)))
+                runs.setdefault(what, []).append(_time_loader(make(run), dev))
         for what, timed in runs.items():
             seconds, images = statistics.median(s for s, _ in timed), timed[0][1]
             rows.append(
                 {"dataset": label, "what": what, "images": images, "img_s": images / seconds, "seconds": seconds},
             )
-        rows.append(uint8_ratio(rows, label))
+        rows += loader_ratios(rows, label, dev.type)
     return rows
 
 
-def uint8_ratio(rows: list[dict], label: str) -> dict:
-    """The uint8 path's img/s over the float path's, one loader process each, same run."""
+def loader_ratios(rows: list[dict], label: str, device: str) -> list[dict]:
+    """The uint8 path's and the device-decode path's img/s over the float path's, one loader
+    process each, same run."""
     rate = {r["what"]: r["img_s"] for r in rows if r["dataset"] == label}
-    ratio = rate["load webdataset uint8, 1 process"] / rate["load webdataset float, 1 process"]
-    return {"dataset": label, "what": "uint8 / float, 1 process", "ratio": ratio}
+    float_rate = rate["load webdataset float, 1 process"]
+    return [
+        {
+            "dataset": label,
+            "what": "uint8 / float, 1 process",
+            "ratio": rate["load webdataset uint8, 1 process"] / float_rate,
+        },
+        {
+            "dataset": label,
+            "what": f"decode on {device} / float, 1 process",
+            "ratio": rate[f"load webdataset decode on {device}, 1 process"] / float_rate,
+        },
+    ]
 
 
 def step_rows(source: Path, label: str, input_config: dict, images: int = 256, batch: int = 32) -> list[dict]:
@@ -174,22 +192,22 @@ def step_rows(source: Path, label: str, input_config: dict, images: int = 256, b
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'dataset':<28}{'what':<36}{'images':>9}{'img/s':>10}{'s':>8}"]
+    lines = [f"{'dataset':<28}{'what':<42}{'images':>9}{'img/s':>10}{'s':>8}"]
     for r in rows:
         if "ratio" in r:
-            lines.append(f"{r['dataset']:<28}{r['what']:<36}{'':>9}{r['ratio']:>9.2f}x")
+            lines.append(f"{r['dataset']:<28}{r['what']:<42}{'':>9}{r['ratio']:>9.2f}x")
         elif "ms" in r:
-            lines.append(f"{r['dataset']:<28}{r['what']:<36}{'':>9}{r['ms']:>7.3f} ms/img")
+            lines.append(f"{r['dataset']:<28}{r['what']:<42}{'':>9}{r['ms']:>7.3f} ms/img")
         else:
-            lines.append(f"{r['dataset']:<28}{r['what']:<36}{r['images']:>9,}{r['img_s']:>10,.0f}{r['seconds']:>8.1f}")
+            lines.append(f"{r['dataset']:<28}{r['what']:<42}{r['images']:>9,}{r['img_s']:>10,.0f}{r['seconds']:>8.1f}")
     return "\n".join(lines)
 
 
-def run(cifar: str | None, imagenet_like: int = 2000) -> list[dict]:
+def run(cifar: str | None, imagenet_like: int = 2000, device: str = "cpu") -> list[dict]:
     torch.set_num_threads(2)
     rows = []
     if cifar:
-        rows += bench_dataset(cifar, "small", "cifar10 (32x32)", resize=0)
+        rows += bench_dataset(cifar, "small", "cifar10 (32x32)", resize=0, device=device)
     if imagenet_like:
         with tempfile.TemporaryDirectory() as tmp:
             src = make_imagenet_like(Path(tmp) / "src", imagenet_like)
@@ -201,6 +219,7 @@ def run(cifar: str | None, imagenet_like: int = 2000) -> list[dict]:
                 batch=32,
                 samples_per_shard=100,
                 pca_lighting=True,  # the official recipe's
+                device=device,
             )
             rows += step_rows(src, f"photo crops 500x375 ({imagenet_like})", default_input_config("imagenet"))
     print(format_rows(rows))

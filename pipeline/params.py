@@ -44,6 +44,7 @@ Schedule = Literal["auto", "linear", "step", "cosine"]
 Precision = Literal["fp32", "bf16"]
 Kernels = Literal["auto", "float"]
 Loader = Literal["stream", "resident"]
+Decode = Literal["worker", "device"]
 Augment = Literal["auto", "imagenet", "caffe", "small"]
 LatentInit = Literal["default", "official"]
 Search = Literal["grid", "random"]
@@ -118,6 +119,10 @@ class TrainConfig:
     # decoded once into one uint8 tensor on the training device and augmented there (small images
     # at the input size, e.g. CIFAR-10: pipeline/resident.py)
     loader: Loader = "stream"
+    # stream's JPEG decode: worker (PIL in the DataLoader workers, uint8 crops handed over) or
+    # device (the workers hand over the JPEG bytes; decode, crop and flip run batched on the
+    # training device: nvJPEG on a GPU, pipeline/decode.py)
+    decode: Decode = "worker"
     shuffle_buffer: int = 500
     pca_lighting: bool = False
     augment: Augment = "auto"  # auto (the stem's) | imagenet (RandomResizedCrop) | caffe | small
@@ -263,6 +268,7 @@ AFFECTS_MATH: dict[str, bool] = {
     # how it runs: the same recipe
     "loader_workers": False,
     "loader": False,  # stream or resident: the same augmentation recipe, decoded elsewhere
+    "decode": False,  # worker or device: the same recipe, resampled by PIL or by torch
     "kernels": False,  # packed ops or the float simulation: the same estimators and rules
     "finite_check_steps": False,
     # what it computes

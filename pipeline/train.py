@@ -829,6 +829,7 @@ def _stream_where(config: TrainConfig, runtime: Runtime, data: DataSpec) -> dict
         "manifest": data.manifest,
         "holdout": config.holdout,
         "device": runtime.device(),  # the uint8 batches are finished where they train
+        "decode": config.decode,  # and with decode: device, decoded there too
     }
 
 

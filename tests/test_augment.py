@@ -9,6 +9,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 import bireal_core as bc
+from bireal_core import augment
 from bireal_core.augment import crop_flip, finish, lighting_with, normalize, pad_crop_flip, reflect_index
 from bireal_core.preprocess import IMAGENET_MEAN, IMAGENET_STD, SMALL_MEAN, SMALL_STD, Lighting
 
@@ -152,3 +153,38 @@ def test_resident_refuses_what_it_cannot_hold(demo_shards):
     huge = int((MAX_BYTES / (3 * 32 * 32)) ** 0.5) * 40  # a side whose split would not fit
     with pytest.raises(ValueError, match="GiB as uint8"):
         decode_split(str(demo_shards), manifest, "train", huge, torch.device("cpu"))
+
+
+def test_the_device_recipes_draw_torchvisions_crop_boxes():
+    """RandomResizedCrop's and RandomCrop's boxes, drawn from a generator, are the ones torchvision
+    draws from the global generator at the same seed: the device path's recipe is torchvision's."""
+    from torchvision import transforms as T
+
+    sizes = [(375, 500), (500, 333), (64, 900), (900, 64), (224, 224), (300, 1000)] * 20
+    ours = augment.random_resized_boxes(sizes, torch.Generator().manual_seed(5))
+    torch.manual_seed(5)
+    theirs = [T.RandomResizedCrop.get_params(torch.empty(3, h, w), [0.08, 1.0], [3 / 4, 4 / 3]) for h, w in sizes]
+    assert ours == [tuple(b) for b in theirs]
+    assert any(b[2:] == (h, w) or b[2] < h for b, (h, w) in zip(ours, sizes))
+    big = [s for s in sizes if min(s) >= 224]
+    ours = augment.random_crop_boxes(big, 224, torch.Generator().manual_seed(6))
+    torch.manual_seed(6)
+    assert ours == [tuple(T.RandomCrop.get_params(torch.empty(3, h, w), (224, 224))) for h, w in big]
+    with pytest.raises(ValueError, match="needs an image at least that large, got 64x900"):
+        augment.random_crop_boxes([(64, 900)], 224, torch.Generator())
+
+
+def test_resize_and_centre_crop_match_torchvisions_sizes_and_pixels():
+    """resize_shorter + center_box give torchvision's Resize(int) + CenterCrop on uint8 tensors
+    within one level of 255 (both resample bilinearly with antialiasing, float vs uint8 kernels)."""
+    from torchvision.transforms import v2
+
+    image = torch.randint(0, 256, (3, 90, 121), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for side, crop in ((256, 224), (64, 56), (32, 32)):
+        shown = augment.resize_shorter(image, side)
+        ours = augment.resized_crop(shown, augment.center_box(*shown.shape[-2:], crop), crop)
+        theirs = v2.CenterCrop(crop)(v2.Resize(side, antialias=True)(image))
+        assert ours.shape == theirs.shape == (3, crop, crop) and ours.dtype == torch.uint8
+        assert (ours.int() - theirs.int()).abs().max() <= 1
+    flipped = augment.flip_where(image[None].repeat(2, 1, 1, 1), torch.tensor([True, False]))
+    assert torch.equal(flipped[0], image.flip(-1)) and torch.equal(flipped[1], image)

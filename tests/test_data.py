@@ -2,6 +2,7 @@
 
 import io
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -363,3 +364,77 @@ def test_holdout_is_an_exact_fixed_part_of_the_train_split(demo_shards):
         split_shards(manifest, str(demo_shards), HOLDOUT, holdout=2000)
     with pytest.raises(ValueError, match="needs holdout > 0"):
         split_shards(manifest, str(demo_shards), HOLDOUT)
+
+
+@pytest.mark.parametrize("augment", ["imagenet", "caffe", "small"])
+def test_the_device_decode_path_keeps_the_plan_and_the_recipe(tmp_path, augment):
+    """``decode: device`` (run here on CPU tensors; nvJPEG on a GPU): the workers hand over JPEG
+    bytes, so every batch holds the worker path's samples in its order (keys and labels equal);
+    evaluation's resize and centre crop give its pixels within one level of 255 (torch against PIL
+    resampling); training batches are the recipe's 224 (or 32) crops, the same at the same seed."""
+    import torch
+
+    source = noise_folder(tmp_path / "src")
+    shard_dataset(str(source), str(tmp_path / "shards"), ShardParams(**FAST), progress_bar=False)
+    config = {**bc.default_input_config("small" if augment == "small" else "imagenet"), "augment": augment}
+    level = torch.tensor(config["std"])[:, None, None] * 255  # one uint8 step, normalised
+
+    def batches(decode: str, train: bool, seed: int = 3) -> list:
+        torch.manual_seed(7)
+        split = "train" if train else "val"
+        loader, _ = make_loader(str(tmp_path / "shards"), split, config, 3, train=train, workers=1,
+                                pca_lighting=True, seed=seed, decode=decode, with_keys=True)  # fmt: skip
+        return list(loader)
+
+    for train in (False, True):
+        ours, reference = batches("device", train), batches("worker", train)
+        assert len(ours) == len(reference) == (3 if train else 2)
+        for (x, y, keys), (x_ref, y_ref, keys_ref) in zip(ours, reference):
+            assert keys == keys_ref and torch.equal(y, y_ref)
+            assert x.dtype == torch.float32 and x.shape == x_ref.shape and x.shape[-1] == config["size"]
+            if not train:
+                assert ((x - x_ref) * level).abs().max() <= 1.001
+    again, other = batches("device", True), batches("device", True, seed=4)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(batches("device", True), again))
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(again, other))
+    with pytest.raises(ValueError, match="decode='gpu': one of worker, device"):
+        make_loader(str(tmp_path / "shards"), "val", config, 3, train=False, decode="gpu")
+
+
+def test_the_device_path_decodes_what_nvjpeg_will_not_and_replaces_what_nothing_decodes(tmp_path, caplog):
+    """A PNG stored as a shard's .jpg (ImageNet has one) fails the batched JPEG decode: the batch
+    is decoded image by image and PIL takes the PNG (its pixels as the worker path's); bytes that
+    nothing decodes are replaced by the batch's previous good image, logged with its key, and the
+    batch keeps its size."""
+    import fsspec
+    import torch
+
+    from pipeline.data import iter_shard
+    from pipeline.shard import write_shard
+
+    source = noise_folder(tmp_path / "src")
+    out = tmp_path / "shards"
+    shard_dataset(str(source), str(out), ShardParams(**FAST), progress_bar=False)
+    manifest = read_manifest(str(out))
+    rec = manifest["splits"]["val"]["shards"][0]
+    samples = list(iter_shard(str(out / rec["name"])))
+    png = io.BytesIO()
+    Image.open(io.BytesIO(samples[0]["jpg"])).save(png, format="PNG")
+    samples[0]["jpg"], samples[2]["jpg"] = png.getvalue(), samples[2]["jpg"][:300]
+    rows = [(s["__key__"], s["jpg"], int(s["cls"]), s["wnid"].decode()) for s in samples]
+    rec.update(write_shard(fsspec.filesystem("file"), str(out / rec["name"]), rows, False))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    config = bc.default_input_config("imagenet")
+    caplog.set_level(logging.WARNING, logger="pipeline.decode")
+
+    def first_batch(decode: str) -> tuple:
+        return next(make_loader(str(out), "val", config, 4, train=False, workers=0, with_keys=True, decode=decode)[0])
+
+    x, y, keys = first_batch("device")
+    assert len(keys) == len(y) == x.shape[0] == 4 and keys[0] == samples[0]["__key__"]
+    x_ref, _, _ = first_batch("worker")
+    level = torch.tensor(config["std"])[:, None, None] * 255
+    assert ((x[0] - x_ref[0]) * level).abs().max() <= 1.001  # the PNG, decoded by PIL
+    assert torch.equal(x[2], x[1])  # the damaged file: its predecessor stands in
+    warned = [r.getMessage() for r in caplog.records if "damaged image" in r.getMessage()]
+    assert len(warned) == 1 and samples[2]["__key__"] in warned[0]

@@ -29,6 +29,7 @@ LAYERS = [
         {
             "pipeline.train",
             "pipeline.data",
+            "pipeline.decode",
             "pipeline.shard_read",
             "pipeline.lease",
             "pipeline.resident",

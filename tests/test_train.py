@@ -360,8 +360,10 @@ def test_weight_clip_and_precision_settings(demo_shards, tmp_path, three_stages)
     assert all(w.abs().max() <= 0.05 for w in binary)
     assert model.fc.weight.abs().max() > 0.05  # real weights untouched
     assert weight_clipper(model, replace(cfg, weight_clip=0.0)) is None
-    result = train_loop(replace(cfg, out=str(tmp_path), init_from=str(out)))  # runs with the clip on
+    # runs with the clip on, its JPEGs decoded by the training device's path (decode: device)
+    result = train_loop(replace(cfg, out=str(tmp_path), init_from=str(out), decode="device"))
     assert result["history"] and cfg.precision == "fp32"
+    assert result["history"][0]["steps"] == 2 and 0 < result["history"][0]["data_wait_fraction"] <= 1
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp16")
     with pytest.raises(ValueError, match="weight_clip"):

@@ -43,6 +43,7 @@ Optimizer = Literal["adam", "sgd"]
 Schedule = Literal["auto", "linear", "step", "cosine"]
 Precision = Literal["fp32", "bf16"]
 Kernels = Literal["auto", "float"]
+MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 Loader = Literal["stream", "resident"]
 Decode = Literal["worker", "device"]
 Augment = Literal["auto", "imagenet", "caffe", "small"]
@@ -151,6 +152,9 @@ class TrainConfig:
     # auto: binary convs run forward on the packed 1-bit ops where the device has them, saving 1-bit
     # signs for backward (cuda_ext.training); float: the float simulation (docs/training.md)
     kernels: Kernels = "auto"
+    # the layout of the model's weights and of every batch: auto = channels_last on a GPU (what
+    # bf16 tensor-core convs and the packed ops take without a copy), contiguous (NCHW) on a CPU
+    memory_format: MemoryFormat = "auto"
     weight_clip: float = 0.0  # > 0: clamp binarized latent weights to [-c, c] after each step
     # (Larq's weight_clip; Larq Zoo's Bi-Real-18 used 1.0)
     seed: int = 0
@@ -270,6 +274,7 @@ AFFECTS_MATH: dict[str, bool] = {
     "loader": False,  # stream or resident: the same augmentation recipe, decoded elsewhere
     "decode": False,  # worker or device: the same recipe, resampled by PIL or by torch
     "kernels": False,  # packed ops or the float simulation: the same estimators and rules
+    "memory_format": False,  # a layout: the same convolutions
     "finite_check_steps": False,
     # what it computes
     "stage": True,

@@ -177,6 +177,7 @@ def train_one_epoch(
     criterion: Callable[..., torch.Tensor] | None = None,
     max_steps: int = 0,
     amp: bool = False,
+    layout: torch.memory_format = torch.contiguous_format,
     world_size: int = 1,
     after_step: Callable[[], None] | None = None,
     check_every: int = 50,
@@ -197,7 +198,8 @@ def train_one_epoch(
     for i, (images, labels) in enumerate(timed):
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True).contiguous(memory_format=layout)
+        labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             logits = model(images)
             loss = criterion(logits, images, labels)
@@ -252,18 +254,31 @@ class DataWait:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device, world_size: int = 1) -> dict:
+def evaluate(
+    model: nn.Module,
+    batches: Iterable,
+    device: torch.device,
+    world_size: int = 1,
+    layout: torch.memory_format = torch.contiguous_format,
+) -> dict:
     """Loss, top-1 and top-5 over this rank's batches, summed over ranks when distributed."""
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1, top-5, count
     for images, labels in batches:
-        images, labels = images.to(device), labels.to(device)
+        images, labels = images.to(device).contiguous(memory_format=layout), labels.to(device)
         totals += batch_totals(model(images).float(), labels)
     if world_size > 1:  # [dist] on the device: NCCL reduces CUDA tensors only
         torch.distributed.all_reduce(totals)
     loss_sum, top1, top5, count = totals.tolist()
     n = max(count, 1.0)
     return {"val_loss": loss_sum / n, "val_top1": top1 / n, "val_top5": top5 / n, "val_images": int(count)}
+
+
+def memory_format(config: TrainConfig, device: torch.device) -> torch.memory_format:
+    """``config.memory_format`` on ``device``: auto is channels_last on a GPU, NCHW elsewhere."""
+    if config.memory_format == "channels_last" or (config.memory_format == "auto" and device.type == "cuda"):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def route_binary_convs(model: nn.Module, config: TrainConfig, device: torch.device) -> int:
@@ -851,6 +866,7 @@ def run_epoch(
     steps = min(plan_steps, config.max_steps_per_epoch or plan_steps)
     lr_at = lr_schedule(config, steps * seg.epochs, config.lr * seg.lr_scale)
     before = weight_signs(model)
+    layout = memory_format(config, device)  # of the batches, as of the model's weights
     epoch_start = time.perf_counter()
     metrics = train_one_epoch(
         train_model,
@@ -862,14 +878,19 @@ def run_epoch(
         criterion,
         steps,
         amp=config.precision == "bf16" and device.type == "cuda",
+        layout=layout,
         world_size=runtime.world_size,
         after_step=weight_clipper(model, config),
         check_every=config.finite_check_steps,
         where=f"{config.stage} stage, segment {seg.name}, epoch {global_epoch}",
     )
-    metrics.update(evaluate(model, eval_batches(config, runtime, data, data.eval_split), device, runtime.world_size))
+
+    def scored(split: str) -> dict:
+        return evaluate(model, eval_batches(config, runtime, data, split), device, runtime.world_size, layout)
+
+    metrics.update(scored(data.eval_split))
     if data.test_split:
-        test = evaluate(model, eval_batches(config, runtime, data, data.test_split), device, runtime.world_size)
+        test = scored(data.test_split)
         metrics.update({"test" + k.removeprefix("val"): v for k, v in test.items()})
     metrics.update(
         {
@@ -921,7 +942,7 @@ def train_loop(
             continue  # the clip twin is within the gate: no more clip epochs
         if not resuming:
             model = seg.prepare(model)
-        model = model.to(device)
+        model = model.to(device, memory_format=memory_format(config, device))
         packed_convs = route_binary_convs(model, config, device)
         train_model = model
         if runtime.world_size > 1:  # [dist]

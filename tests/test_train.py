@@ -360,8 +360,11 @@ def test_weight_clip_and_precision_settings(demo_shards, tmp_path, three_stages)
     assert all(w.abs().max() <= 0.05 for w in binary)
     assert model.fc.weight.abs().max() > 0.05  # real weights untouched
     assert weight_clipper(model, replace(cfg, weight_clip=0.0)) is None
-    # runs with the clip on, its JPEGs decoded by the training device's path (decode: device)
-    result = train_loop(replace(cfg, out=str(tmp_path), init_from=str(out), decode="device"))
+    # runs with the clip on, its JPEGs decoded by the training device's path (decode: device), in
+    # channels_last as on a GPU
+    result = train_loop(
+        replace(cfg, out=str(tmp_path), init_from=str(out), decode="device", memory_format="channels_last")
+    )
     assert result["history"] and cfg.precision == "fp32"
     assert result["history"][0]["steps"] == 2 and 0 < result["history"][0]["data_wait_fraction"] <= 1
     with pytest.raises(ValueError, match="precision"):
@@ -594,3 +597,23 @@ def test_the_data_wait_fraction_is_the_time_the_step_waited_for_batches():
     assert fed["steps"] == 5 and fed["data_wait_fraction"] < 0.5
     drawn.clear()
     assert epoch(slow_loader(0.0), max_steps=3)["steps"] == 3 and len(drawn) == 3
+
+
+def test_batches_take_the_models_memory_format_channels_last_on_a_gpu():
+    """memory_format: auto is channels_last on a GPU (bf16 tensor-core convs and the packed ops
+    take it without a copy) and NCHW on a CPU; the step hands the model its batches in that layout."""
+    from pipeline.train import memory_format, train_one_epoch
+
+    assert memory_format(TrainConfig(), torch.device("cuda")) == torch.channels_last
+    assert memory_format(TrainConfig(), torch.device("cpu")) == torch.contiguous_format
+    assert memory_format(TrainConfig(memory_format="channels_last"), torch.device("cpu")) == torch.channels_last
+    assert memory_format(TrainConfig(memory_format="contiguous"), torch.device("cuda")) == torch.contiguous_format
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+    model = model.to(memory_format=torch.channels_last)
+    seen = []
+    channels_last = torch.channels_last
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous(memory_format=channels_last)))
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))) for _ in range(3)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_one_epoch(model, batches, optimizer, lambda s: 0.1, 0, torch.device("cpu"), layout=torch.channels_last)
+    assert seen == [True] * 3

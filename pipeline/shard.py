@@ -239,11 +239,21 @@ def shard_dataset(
 
 
 def _progress(total: int, done: int, enabled: bool):
+    if not enabled:  # no tqdm needed (the GPU machine shards its benchmark photos without it)
+        return _NoBar()
     from tqdm import tqdm
 
     return tqdm(
         total=total, initial=done, unit="img", desc="shard", disable=not enabled, dynamic_ncols=True, smoothing=0.1
     )
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _shard_split(fs, root, split, ext, order, source, params, st, state, pool, bar) -> None:

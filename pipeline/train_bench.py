@@ -69,9 +69,9 @@ def synthetic_batches(batch: int, size: int, num_classes: int, device: torch.dev
 def routed_model(config: TrainConfig, device: torch.device) -> tuple[torch.nn.Module, int]:
     """``bench_model`` on ``device`` with its binary convs routed by ``config.kernels``, as the loop
     routes them; -> (model, how many binary convs run on the packed ops)."""
-    from .train import route_binary_convs
+    from .train import memory_format, route_binary_convs
 
-    model = bench_model(config).to(device)
+    model = bench_model(config).to(device, memory_format=memory_format(config, device))
     return model, route_binary_convs(model, config, device)
 
 
@@ -80,15 +80,17 @@ def step_rate(
 ) -> float:
     """Median img/s of ``train_one_epoch`` over ``runs`` runs of ``steps`` steps, after ``warmup``."""
 
-    from .train import make_optimizer, train_one_epoch
+    from .train import make_optimizer, memory_format, train_one_epoch
 
     optimizer = make_optimizer(model, config)
     size = stage_size(config)
     amp = config.precision == "bf16" and device.type == "cuda"
+    layout = memory_format(config, device)
 
     def run(n: int) -> float:
         batches = synthetic_batches(config.batch_size, size, 1000, device, n)
-        return train_one_epoch(model, batches, optimizer, lambda step: config.lr, 0, device, amp=amp)["img_s"]
+        metrics = train_one_epoch(model, batches, optimizer, lambda step: config.lr, 0, device, amp=amp, layout=layout)
+        return metrics["img_s"]
 
     run(warmup)
     return statistics.median(run(steps) for _ in range(runs))
@@ -256,11 +258,13 @@ def add_train_options(parser) -> None:
     parser.add_argument("--stage", action="append", choices=("pretrain", "binarize", "finetune"), help="repeatable")
     parser.add_argument("--batch", type=int, help="another per-worker batch than the profile's")
     parser.add_argument("--width", type=float, help="another width than the profile's")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), help="another precision than the profile's")
     parser.add_argument("--no-loader", action="store_true", help="no loader row")
 
 
 def train_options(args) -> dict:
-    overrides = {k: v for k, v in (("batch_size", args.batch), ("width", args.width)) if v is not None}
+    chosen = (("batch_size", args.batch), ("width", args.width), ("precision", args.precision))
+    overrides = {k: v for k, v in chosen if v is not None}
     return {"kernels": args.kernels, "stages": args.stage, "overrides": overrides}
 
 

@@ -13,6 +13,8 @@ equals the PIL path's bit for bit (``tests/test_augment.py``).
 - ``normalize``: uint8 -> float32, (x / 255 - mean) / std;
 - ``finish``: lighting (draws made by the loader's workers) then ``normalize``: what the streaming
   loader does after collation, on the device the batch trains on.
+None of them waits for the GPU: the CPU-side draws and constants go over with non-blocking copies
+(``to_device``), so preparing a batch never stalls the host behind the step before it.
 
 For images decoded on the device (the loader's ``decode: device`` path: a list of uint8 (3, H, W)
 of different sizes), the geometric part of each recipe, with the draws from the CPU generator:
@@ -34,6 +36,13 @@ import torch
 import torch.nn.functional as F
 
 from .preprocess import lighting_shift
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor (draws, indices, constants) on ``device`` without a host sync: a copy from
+    pageable memory that does not block (CUDA stages it at once), so the host can prepare the next
+    batch while the GPU still runs the last step."""
+    return t.to(device, non_blocking=True)
 
 
 def crop_offsets(batch: int, room: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,7 +71,7 @@ def crop_flip(
     rows = reflect_index(h, padding)[top[:, None] + torch.arange(h)]  # (B, H) source rows
     cols = reflect_index(w, padding)[left[:, None] + torch.arange(w)]  # (B, W) source columns
     cols = torch.where(flip[:, None], cols.flip(1), cols)
-    rows, cols = rows.to(device), cols.to(device)
+    rows, cols = to_device(rows, device), to_device(cols, device)
     batch = torch.arange(b, device=device)[:, None, None]
     out = images.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()
@@ -87,7 +96,7 @@ def lighting(images: torch.Tensor, std: float, generator: torch.Generator) -> to
 
 def lighting_with(images: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """``lighting`` with the draws given: alpha (B, 3)."""
-    shift = lighting_shift(alpha).to(images.device)  # (B, 3)
+    shift = to_device(lighting_shift(alpha), images.device)  # (B, 3)
     pixels = images.float() + shift[:, :, None, None]
     return pixels.clamp_(0, 255).to(torch.uint8)
 
@@ -100,8 +109,8 @@ def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 def _scale_and_normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
     """float32 x of whole values 0-255, in place: (x / 255 - mean) / std, in that order."""
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device)[:, None, None]
-    std_t = torch.tensor(std, dtype=torch.float32, device=x.device)[:, None, None]
+    mean_t = to_device(torch.tensor(mean, dtype=torch.float32), x.device)[:, None, None]
+    std_t = to_device(torch.tensor(std, dtype=torch.float32), x.device)[:, None, None]
     return x.div_(255).sub_(mean_t).div_(std_t)
 
 
@@ -113,7 +122,7 @@ def finish(images: torch.Tensor, mean, std, alpha: torch.Tensor | None = None) -
     to uint8 and back (the clamped values are >= 0, where truncating is that cast)."""
     x = images.float()
     if alpha is not None:
-        shift = lighting_shift(alpha).to(images.device)  # (B, 3)
+        shift = to_device(lighting_shift(alpha), images.device)  # (B, 3)
         x.add_(shift[:, :, None, None]).clamp_(0, 255).trunc_()
     return _scale_and_normalize(x, mean, std)
 
@@ -205,5 +214,5 @@ def resized_crop(image: torch.Tensor, box: Box, size: int) -> torch.Tensor:
 
 def flip_where(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) with the images where ``flips`` (B,) bool is set mirrored left-right."""
-    flips = flips.to(images.device)[:, None, None, None]
+    flips = to_device(flips, images.device)[:, None, None, None]
     return torch.where(flips, images.flip(-1), images)

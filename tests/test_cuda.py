@@ -332,3 +332,72 @@ def test_training_a_packed_bireal18_step_on_cuda():
     loss.backward()
     assert torch.isfinite(loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("activation", ["approx_sign", "ste_sign", "identity_sign"])
+def test_the_packed_conv_under_bf16_autocast_on_cuda(activation):
+    """``precision: bf16`` with ``kernels: auto`` on the GPU: bfloat16 out, backward in bfloat16,
+    gradients within bfloat16's precision of the float path (the CPU test's case)."""
+    from test_training_kernels import bf16_autocast_case
+
+    bf16_autocast_case(activation, torch.device("cuda"))
+
+
+def test_the_device_augmentation_and_a_training_step_make_no_host_sync():
+    """Preparing a batch on the GPU (crop, flip, lighting, normalise) and a bf16 training step of
+    Bi-Real-18 through the packed kernels never wait for the GPU (torch's sync debug mode raises on
+    any synchronising call), so the host prepares the next batch while the step runs."""
+    import bireal_core as bc
+    from bireal_core.preprocess import default_input_config
+    from cuda_ext.training import use_kernels
+    from pipeline.decode import DeviceRecipe
+
+    config = default_input_config("imagenet")
+    model = bc.create_model("bireal18", num_classes=1000, stem="imagenet", width=0.5).cuda()
+    model = model.to(memory_format=torch.channels_last)
+    assert use_kernels(model, "auto", "cuda") == 16
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    shapes = ((375, 500), (500, 333))
+    decoded = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g).cuda() for h, w in shapes]
+    recipe = DeviceRecipe(config, train=True, pca_lighting=True, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([3, 7]).cuda()
+    for step in range(3):  # the first runs outside the check: cuDNN's and the allocator's first calls
+        torch.cuda.set_sync_debug_mode("error" if step else "default")
+        try:
+            images = recipe(decoded).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(images).float(), labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss)
+
+
+def test_nvjpeg_decodes_the_shards_jpegs_as_libjpeg_does_and_replaces_a_damaged_one():
+    """decode: device on the GPU: the batch's JPEGs decoded by nvJPEG within a few levels of the
+    CPU decode (their IDCTs round differently), and a damaged file replaced by its predecessor."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.decode import decode_batch, encoded_sample
+
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(4):
+        pixels = rng.integers(0, 256, (375, 500, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90, progressive=i == 3)
+        files.append(encoded_sample(buffer.getvalue()))
+    on_gpu = decode_batch(files, torch.device("cuda"))
+    on_cpu = decode_batch(files, torch.device("cpu"))
+    for gpu, cpu in zip(on_gpu, on_cpu):
+        assert gpu.is_cuda and gpu.shape == cpu.shape == (3, 375, 500)
+        assert (gpu.cpu().int() - cpu.int()).abs().float().mean() < 1.0
+    files[2] = files[2][:300]
+    repaired = decode_batch(files, torch.device("cuda"), keys=["a", "b", "c", "d"])
+    assert torch.equal(repaired[2], repaired[1])

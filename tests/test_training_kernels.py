@@ -280,16 +280,20 @@ class ConvBackwardDtypes(TorchDispatchMode):
 def test_under_bf16_autocast_the_packed_conv_runs_in_bf16_like_a_float_conv(activation):
     """``precision: bf16``: the packed op returns bfloat16 and its backward convolves in bfloat16,
     as autocast runs the float path; the gradients come back in x's and W's dtypes and agree with
-    the float path's to bfloat16's precision."""
+    the float path's to bfloat16's precision (tests/test_cuda.py runs it on a GPU)."""
+    bf16_autocast_case(activation, torch.device("cpu"))
+
+
+def bf16_autocast_case(activation: str, device: torch.device) -> None:
     conv = binary_conv(64, 32, activation, "paper", 1.0, 1)
-    x = torch.randn(2, 64, 9, 10) * 0.8
-    grad = torch.randn(2, 32, 9, 10, generator=torch.Generator().manual_seed(1))
+    x = (torch.randn(2, 64, 9, 10) * 0.8).to(device)
+    grad = torch.randn(2, 32, 9, 10, generator=torch.Generator().manual_seed(1)).to(device)
     results = {}
     for kernels in ("float", "auto"):
-        layer = copy.deepcopy(conv)
-        use_kernels(layer, kernels)
+        layer = copy.deepcopy(conv).to(device)
+        use_kernels(layer, kernels, device)
         xi = x.clone().requires_grad_()
-        with torch.autocast("cpu", torch.bfloat16):
+        with torch.autocast(device.type, torch.bfloat16):
             out = layer(xi)
         with ConvBackwardDtypes() as seen:
             out.backward(grad.to(out.dtype))

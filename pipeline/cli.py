@@ -271,7 +271,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
     if args.gpus < 1:
         raise ConfigError(f"--gpus must be >= 1, got {args.gpus}")
-    result = plan(args.loaded, args.gpus, args.gpu, args.upload_gb_s, args.efficiency)
+    if args.cores_per_node < 1:
+        raise ConfigError(f"--cores-per-node must be >= 1, got {args.cores_per_node}")
+    result = plan(
+        args.loaded, args.gpus, args.gpu, args.upload_gb_s, args.efficiency, cores_per_node=args.cores_per_node
+    )
     print(format_plan(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -535,6 +539,9 @@ def _add_plan(sub) -> None:
     plan.add_argument("--gpu", default="h100", help="the GPU kind whose measured throughput to use (h100, h200, ...)")
     plan.add_argument("--upload-gb-s", dest="upload_gb_s", type=float, default=1.0, help="checkpoint upload rate")
     plan.add_argument("--efficiency", type=float, default=0.9, help="data-parallel efficiency across GPUs")
+    plan.add_argument(
+        "--cores-per-node", dest="cores_per_node", type=int, default=96, help="CPU cores of a node of 8 GPUs"
+    )
     plan.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON")
     plan.set_defaults(func=_cmd_plan)
 

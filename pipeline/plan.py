@@ -8,7 +8,10 @@ wall time and GPU-hours, with the throughput it assumed and where that came from
 - "estimated, not measured": the nearest row on this GPU, scaled by the ratio of the two models'
   training MACs per image (``bireal_core.cost``) and by nothing else.
 The per-GPU rate is the lower of the GPU's and its loader workers' (one core each, at the measured
-loader rate); across GPUs it is multiplied by ``efficiency`` (an assumption, printed).
+loader rate; the processes per GPU and the cores they take on a node are printed, and a node
+without enough cores is a warning); across GPUs it is multiplied by ``efficiency`` (an assumption,
+printed). A card without rows of its own is priced from another card's with a stated factor
+(``CARD_FACTORS``: H100 from H200 rows), and the plan says so.
 """
 
 from __future__ import annotations
@@ -33,6 +36,11 @@ from .train_bench import TABLE
 VAL_IMAGES = 50_000  # ILSVRC2012 validation, evaluated after every epoch
 EVAL_SPEEDUP = 3.0  # a forward pass costs about a third of a training step (assumption, printed)
 GPU_NAMES = {"h100": "H100", "h200": "H200", "a100": "A100", "l40s": "L40S"}
+GPUS_PER_NODE = 8
+# a card priced from another's rows when it has none of its own, with the stated factor: an H100
+# SXM has the H200's tensor-core peak and 3.35 of its 4.8 TB/s of memory bandwidth, so a step
+# runs at 0.70-1.0 of its H200 rate; the planner takes the lower end
+CARD_FACTORS = {"h100": ("h200", 3.35 / 4.8, "H100 SXM's memory bandwidth over H200's, 3.35/4.8 TB/s; same peak")}
 
 
 @dataclass
@@ -54,6 +62,20 @@ def training_macs(config: TrainConfig) -> float:
 
 
 def step_throughput(config: TrainConfig, gpu: str, rows: list[dict]) -> Throughput:
+    """The step's img/s on ``gpu`` from the table's rows for that card; a card without rows is
+    priced from another's with the stated factor (``CARD_FACTORS``), and says so."""
+    own = _step_throughput(config, gpu, rows)
+    if own.img_s is not None or gpu not in CARD_FACTORS:
+        return own
+    other, factor, why = CARD_FACTORS[gpu]
+    theirs = _step_throughput(config, other, rows)
+    if theirs.img_s is None:
+        return own
+    how = f"{GPU_NAMES[other]} rows x {factor:.2f} (stated: {why}); {theirs.source}"
+    return Throughput(theirs.img_s * factor, f"from another card, not measured on {gpu}: {how}")
+
+
+def _step_throughput(config: TrainConfig, gpu: str, rows: list[dict]) -> Throughput:
     name = GPU_NAMES.get(gpu, gpu).lower()
     on_gpu = [r for r in rows if r["what"] == "train_step" and name in r["device_name"].lower()]
     model = "twin" if config.stage == "pretrain" else "binary"
@@ -106,7 +128,9 @@ def checkpoint_bytes(config: TrainConfig) -> int:
     return 4 * (weights + moments * trainable)
 
 
-def plan_stage(params: Params, stage: str, gpus: int, gpu: str, rows: list[dict], upload_gb_s: float, eff: float):
+def plan_stage(
+    params: Params, stage: str, gpus: int, gpu: str, rows: list[dict], upload_gb_s: float, eff: float, cores: int
+):
     config = params.train(stage, tuned=False)
     images = params.data.train_images
     batch = global_batch(params, stage, gpus)
@@ -119,6 +143,8 @@ def plan_stage(params: Params, stage: str, gpus: int, gpu: str, rows: list[dict]
         loader_cap = loader.img_s * max(1, config.loader_workers)
         loader_bound = loader_cap < per_gpu
         per_gpu = min(per_gpu, loader_cap)
+    per_node = min(gpus, GPUS_PER_NODE)
+    loader_cores = per_node * (max(1, config.loader_workers) + 1)  # each GPU's workers and its trainer
     ckpt = checkpoint_bytes(config)
     upload_s = ckpt / (upload_gb_s * 1e9)
     epochs = stage_epochs(params, stage)
@@ -140,6 +166,9 @@ def plan_stage(params: Params, stage: str, gpus: int, gpu: str, rows: list[dict]
         "loader_img_s_per_core": loader.img_s,
         "loader_source": loader.source,
         "loader_bound": loader_bound,
+        "loader_processes_per_gpu": max(1, config.loader_workers),
+        "node_cores_needed": loader_cores,
+        "node_cores": cores,
         "wall_h": None,
         "gpu_hours": None,
     }
@@ -152,19 +181,35 @@ def plan_stage(params: Params, stage: str, gpus: int, gpu: str, rows: list[dict]
 
 
 def plan(
-    params: Params, gpus: int, gpu: str = "h100", upload_gb_s: float = 1.0, efficiency: float = 0.9, table=TABLE
+    params: Params,
+    gpus: int,
+    gpu: str = "h100",
+    upload_gb_s: float = 1.0,
+    efficiency: float = 0.9,
+    table=TABLE,
+    cores_per_node: int = 96,
 ) -> dict:
     rows = read_table(table)
-    stages = [plan_stage(params, s, gpus, gpu, rows, upload_gb_s, efficiency) for s in trained_stages(params)]
+    stages = [
+        plan_stage(params, s, gpus, gpu, rows, upload_gb_s, efficiency, cores_per_node) for s in trained_stages(params)
+    ]
     warnings = [p for p in reproduction_problems(params, gpus) if ".lr is" not in p]  # the plan scales the lr
+    for s in stages:
+        if s["node_cores_needed"] > cores_per_node:
+            warnings.append(
+                f"{s['stage']}: {min(gpus, GPUS_PER_NODE)} GPUs x ({s['loader_processes_per_gpu']} loader processes + "
+                f"1 trainer) need {s['node_cores_needed']} cores, the node has {cores_per_node}: lower "
+                "train.loader_workers, or the loader rate assumed is not reached"
+            )
     total = [s["wall_h"] for s in stages]
     path = Path(params.path).resolve()
     return {
         "params": str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path),
         "gpus": gpus,
         "gpu": gpu,
-        "nodes": math.ceil(gpus / 8),
+        "nodes": math.ceil(gpus / GPUS_PER_NODE),
         "assumptions": {
+            "cores_per_node": cores_per_node,
             "data_parallel_efficiency": efficiency,
             "upload_gb_s": upload_gb_s,
             "eval_speedup": EVAL_SPEEDUP,
@@ -205,11 +250,15 @@ def format_plan(p: dict) -> str:
             bound = f"; loader-bound: {s['effective_img_s']:,.0f} img/s from the loader workers (more, or more cores)"
         lines.append(f"  {s['stage']}: GPU step {s['gpu_source']}{bound}")
         loader = _num(s["loader_img_s_per_core"], ",.0f")
-        lines.append(f"  {s['stage']}: loader {loader} img/s per core, {s['loader_source']}")
+        lines.append(
+            f"  {s['stage']}: loader {loader} img/s per process x {s['loader_processes_per_gpu']} processes per GPU "
+            f"(train.loader_workers; {s['node_cores_needed']} of a node's {s['node_cores']} cores with the trainers), "
+            f"{s['loader_source']}"
+        )
     lines.append(
         f"assumptions: data-parallel efficiency {a['data_parallel_efficiency']:g} across GPUs, checkpoint upload at "
         f"{a['upload_gb_s']:g} GB/s, evaluation of {a['val_images']:,} images per epoch at {a['eval_speedup']:g}x the "
-        "training rate"
+        f"training rate, {a['cores_per_node']} CPU cores per node of {GPUS_PER_NODE} GPUs"
     )
     lines += [f"WARNING {w}" for w in p["warnings"]]
     return "\n".join(lines)

@@ -85,6 +85,30 @@ def test_loader_bound_and_estimated_rates_are_said(tmp_path):
     assert "loader-bound" in format_plan(p)
 
 
+def test_an_h100_is_priced_from_h200_rows_with_the_stated_factor_and_the_node_cores_are_counted(tmp_path):
+    """No H100 row: the H200's rate times the stated bandwidth factor, said as "not measured on
+    h100"; the loader processes per GPU and the cores they take are printed, and a node with too
+    few cores for them is a warning."""
+    from pipeline.plan import CARD_FACTORS
+
+    params = load_params(CONFIGS / "imagenet_bireal18_official.yaml")
+    rows = [{**step_row("bireal18", 128, 5000.0), "device_name": "Test H200 141GB"}, loader_row(1000.0)]
+    p = plan(params, gpus=8, gpu="h100", table=table(tmp_path, rows))
+    (stage,) = p["stages"]
+    factor = CARD_FACTORS["h100"][1]
+    assert factor == pytest.approx(3.35 / 4.8) and stage["gpu_img_s"] == pytest.approx(5000.0 * factor)
+    assert stage["gpu_source"].startswith("from another card, not measured on h100: H200 rows x 0.70 (stated:")
+    assert "measured: Test H200 141GB" in stage["gpu_source"]
+    assert stage["loader_processes_per_gpu"] == 8 and stage["node_cores_needed"] == 8 * 9
+    said = "1,000 img/s per process x 8 processes per GPU (train.loader_workers; 72 of a node's 96 cores"
+    assert said in format_plan(p)
+    assert not [w for w in p["warnings"] if "cores" in w]
+    small = plan(params, gpus=8, gpu="h200", table=table(tmp_path, rows), cores_per_node=64)
+    assert small["stages"][0]["gpu_img_s"] == 5000.0  # its own rows: no factor
+    (warning,) = [w for w in small["warnings"] if "cores" in w]
+    assert warning.startswith("binarize: 8 GPUs x (8 loader processes + 1 trainer) need 72 cores, the node has 64")
+
+
 def test_no_measurement_on_that_gpu_leaves_the_time_open(tmp_path):
     params = load_params(CONFIGS / "imagenet_bireal50_official.yaml")
     p = plan(params, gpus=8, gpu="a100", table=table(tmp_path, [step_row("bireal50", 64, 700.0)]))

@@ -8,8 +8,9 @@ first where it is not (``setup.py build_ext --inplace`` for this GPU), then
    1/f-spectrum content, q90, 4:2:0, every fifth progressive, ~100 KB) on every core, sharded at full
    size as the RandomResizedCrop profiles shard;
 2. the loader alone, the official recipe with lighting: one loader process (one torch thread) on
-   the float path and on the uint8 path (the CPU target: uint8 >= 2x float), and the device-decode
-   path (nvJPEG) with 2 worker processes and with none, over the whole train split;
+   the float path and on the uint8 path, its batches finished on the GPU (the target: uint8 >= 2x
+   float), the uint8 path with 2 workers, and the device-decode path (nvJPEG) with 2 worker
+   processes and with none, over the whole train split;
 3. the step alone on synthetic batches already on the GPU (``pipeline.train_bench.step_rate``:
    ``train_one_epoch``'s forward, loss, backward and optimizer step, median of 3 runs): Bi-Real-18
    binarize with kernels float and auto in fp32 and bf16, Bi-Real-152 binarize the same, float
@@ -131,7 +132,7 @@ def loader_rows(shards: str, config, batch: int, device: torch.device, runs: int
     """img/s of each loader, the median of ``runs`` passes: one CPU process over 1,024 images
     (batches of 32), the device-decode path over the whole train split at ``batch``."""
     from pipeline.data import make_loader
-    from pipeline.data_bench import _time_loader
+    from pipeline.data_bench import _time_loader, torch_threads
     from pipeline.train import stage_input_config
 
     input_config = stage_input_config(config)
@@ -145,15 +146,13 @@ def loader_rows(shards: str, config, batch: int, device: torch.device, runs: int
         seconds, images = statistics.median(s for s, _ in results), results[0][1]
         return {"what": f"loader: {what}", "img_s": round(images / seconds, 1), "images": images, "batch": batch}
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # "one loader process": one core, as in a DataLoader worker
-    try:
+    with torch_threads(1):  # "one loader process": one core, as in a DataLoader worker
         rows = [
-            timed("float, 1 process (CPU, 1 thread)", 32, 32, workers=0, uint8=False),
-            timed("uint8, 1 process (CPU, 1 thread)", 32, 32, workers=0),
+            timed("float, 1 process (1 thread)", 32, 32, workers=0, uint8=False),
+            # the uint8 batches finished where they train, as in a training run
+            timed(f"uint8, 1 process (1 thread, finished on {device.type})", 32, 32, workers=0, device=device),
         ]
-    finally:
-        torch.set_num_threads(threads)
+    rows.append(timed(f"uint8, 2 workers, finished on {device.type}", batch, workers=2, device=device))
     rows.append(timed(f"decode on {device.type}, 2 workers", batch, workers=2, decode="device", device=device))
     rows.append(timed(f"decode on {device.type}, no workers", batch, workers=0, decode="device", device=device))
     return rows
@@ -306,7 +305,7 @@ def targets(rows: list[dict], device: str) -> list[dict]:
     step18 = step18 and step18["img_s"]
     step152 = fastest_bf16(rows, "bireal152")
     checks = [
-        ("CPU loader: uint8 / float, 1 process", find("loader: uint8, 1 proc"), find("loader: float, 1 proc"), 2.0),
+        ("loader: uint8 / float, 1 process", find("loader: uint8, 1 proc"), find("loader: float, 1 proc"), 2.0),
         ("decode on the device, 2 workers / Bi-Real-18 bf16 step", decode, step18, 1.1),
         ("decode on the device, 2 workers / 4,000 img/s", decode, 4000.0, 1.0),
         ("Bi-Real-18 bf16 step / ResNet-18 bf16 step", step18, find("step: resnet18"), 0.6),

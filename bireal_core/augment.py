@@ -191,9 +191,13 @@ def center_box(height: int, width: int, size: int) -> Box:
 
 
 def resize_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """uint8 (C, H, W) -> uint8 (C, height, width): bilinear, antialiased, in float, rounded."""
+    """uint8 (C, H, W) -> uint8 (C, height, width): bilinear with antialiasing. On a CPU torch's
+    uint8 kernel (channels_last: about 4x PIL's resize on one core); elsewhere in float, rounded."""
     if image.shape[-2:] == (height, width):
         return image
+    if image.device.type == "cpu":
+        x = image[None].contiguous(memory_format=torch.channels_last)
+        return F.interpolate(x, (height, width), mode="bilinear", antialias=True, align_corners=False)[0]
     x = F.interpolate(image[None].float(), (height, width), mode="bilinear", antialias=True, align_corners=False)
     return x[0].round_().clamp_(0, 255).to(torch.uint8)
 
@@ -216,3 +220,59 @@ def flip_where(images: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) with the images where ``flips`` (B,) bool is set mirrored left-right."""
     flips = to_device(flips, images.device)[:, None, None, None]
     return torch.where(flips, images.flip(-1), images)
+
+
+def pad_crop(image: torch.Tensor, top: int, left: int, size: int, padding: int) -> torch.Tensor:
+    """uint8 (C, H, W) -> (C, size, size): the box at (top, left) of the image reflect-padded by
+    ``padding`` (one gather, no padded copy)."""
+    h, w = image.shape[-2:]
+    rows = reflect_index(h, padding)[top : top + size].to(image.device)
+    cols = reflect_index(w, padding)[left : left + size].to(image.device)
+    return image[:, rows[:, None], cols[None, :]]
+
+
+class ImageRecipe:
+    """A stage's augmentation of one decoded image in torch: uint8 (3, H, W) -> (uint8 crop (3, S, S),
+    lighting draws alpha (3,) float32; zeros without lighting), lighting and normalisation left to
+    ``finish`` after collation. The loader's workers run it on the CPU (``decode: worker``) and the
+    device path per image on the GPU (``decode: device``).
+
+    The draws are torchvision's, in its order, from ``generator`` (None: the process's default
+    generator, as in a DataLoader worker): the crop's (RandomResizedCrop's area and ratio then
+    position; Caffe's and CIFAR's RandomCrop positions), the flip's ``rand(1) < 0.5``, then
+    ``Lighting``'s ``randn(3) * 0.1``. So at a seed a worker crops, flips and lights exactly as the
+    PIL reference (``preprocess.train_transform``) does; the resampling is torch's antialiased
+    bilinear, within one level of 255 of PIL's (tests/test_data.py)."""
+
+    def __init__(self, input_config: dict, train: bool, pca_lighting: bool = False, generator=None):
+        self.size, self.resize = input_config["size"], input_config["resize"]
+        self.augment = input_config.get("augment", "imagenet" if self.size > 64 else "small")
+        self.train, self.generator = train, generator
+        self.lighting_std = 0.1 if train and pca_lighting else 0.0
+
+    def __call__(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.train:  # Resize(resize) + CenterCrop(size)
+            shown = resize_shorter(image, self.resize)
+            return resized_crop(shown, center_box(*shown.shape[-2:], self.size), self.size), torch.zeros(3)
+        crop = self._crop(image)
+        if torch.rand(1, generator=self.generator) < 0.5:
+            crop = crop.flip(-1)
+        if not self.lighting_std:
+            return crop, torch.zeros(3)
+        return crop, torch.randn(3, generator=self.generator) * self.lighting_std
+
+    def _crop(self, image: torch.Tensor) -> torch.Tensor:
+        size, g = self.size, self.generator
+        if self.augment == "small":  # RandomCrop(size, padding=4, reflect): positions in the padded image
+            h, w = image.shape[-2:]
+            if (h + 8, w + 8) == (size, size):  # nothing to draw (torchvision draws nothing either)
+                return pad_crop(image, 0, 0, size, 4)
+            top = int(torch.randint(0, h + 8 - size + 1, (1,), generator=g))
+            left = int(torch.randint(0, w + 8 - size + 1, (1,), generator=g))
+            return pad_crop(image, top, left, size, 4)
+        if self.augment == "caffe":  # Resize(resize) + RandomCrop(size)
+            shown = resize_shorter(image, self.resize)
+            (box,) = random_crop_boxes([tuple(shown.shape[-2:])], size, g)
+            return resized_crop(shown, box, size)
+        (box,) = random_resized_boxes([tuple(image.shape[-2:])], g)
+        return resized_crop(image, box, size)

@@ -94,7 +94,7 @@ AUGMENTS = ("imagenet", "caffe", "small")
 
 def train_crop_flip(input_config: dict) -> list:
     """The geometric part of the training augmentation named by the input config's ``augment``
-    (PIL image -> PIL image), the same steps and random draws for the float and the uint8 path:
+    (PIL image -> PIL image; ``augment.ImageRecipe`` makes the same draws on tensors):
 
     - ``imagenet``: RandomResizedCrop(size, scale 0.08-1) + flip: the official PyTorch recipe;
     - ``caffe``: shorter side resized to ``resize`` (256), a random ``size`` (224) crop, mirror: the
@@ -121,7 +121,8 @@ def train_crop_flip(input_config: dict) -> list:
 def train_transform(input_config: dict, pca_lighting: bool = False):
     """PIL image -> normalised float tensor (3, size, size): ``train_crop_flip``, then the official
     recipe's PCA lighting on the uint8 image (``pca_lighting``), ToTensor and Normalize. The loaders
-    run ``train_transform_uint8`` instead and finish after collation; this is their reference."""
+    run ``bireal_core.augment.ImageRecipe`` instead (the same draws, torch's resampling) and finish
+    after collation; this is their reference."""
     from torchvision import transforms as T
 
     lighting = [Lighting(0.1)] if pca_lighting else []  # on the uint8 image
@@ -133,37 +134,3 @@ def train_transform(input_config: dict, pca_lighting: bool = False):
             T.Normalize(input_config["mean"], input_config["std"]),
         ]
     )
-
-
-class ToUint8:
-    """The uint8 path's per-image part (run by the loader's workers): PIL image -> (uint8 tensor
-    (3, size, size), lighting draws alpha (3,) float32). ``steps`` are the crop (and flip) of the
-    float path; the draws are made where ``Lighting`` makes them (after the flip, from the same torch
-    generator), so a seed gives the float path's pixels once ``bireal_core.augment.finish`` has added
-    the lighting and normalised the collated batch. Without lighting alpha is zeros and unused."""
-
-    def __init__(self, steps: list, lighting_std: float = 0.0):
-        from torchvision import transforms as T
-
-        self.steps, self.lighting_std = T.Compose(steps), lighting_std
-
-    def __call__(self, img):
-        import torch
-        from torchvision.transforms.functional import pil_to_tensor
-
-        img = self.steps(img)
-        alpha = torch.randn(3) * self.lighting_std if self.lighting_std else torch.zeros(3)
-        return pil_to_tensor(img), alpha  # the loaders decode to RGB (ToTensor keeps the mode too)
-
-
-def train_transform_uint8(input_config: dict, pca_lighting: bool = False) -> ToUint8:
-    """``train_transform`` with lighting and normalisation left for after collation (``ToUint8``)."""
-    return ToUint8(train_crop_flip(input_config), 0.1 if pca_lighting else 0.0)
-
-
-def eval_transform_uint8(input_config: dict) -> ToUint8:
-    """``eval_transform`` with normalisation left for after collation (``ToUint8``)."""
-    from torchvision import transforms as T
-
-    resize = T.Resize(input_config["resize"], interpolation=T.InterpolationMode.BILINEAR, antialias=True)
-    return ToUint8([resize, T.CenterCrop(input_config["size"])])

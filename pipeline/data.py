@@ -14,11 +14,15 @@ communication between ranks:
 Shard URLs may be local paths, ``pipe:`` commands or anything fsspec opens (``pipeline/storage.py``),
 so a cluster streams from object storage with the same code.
 
-What crosses from the workers is uint8: each worker decodes, crops and flips (PIL) and draws the
-lighting noise; after collation the batch goes to its device (pinned and non-blocking on a GPU) and
-is finished there: lighting and normalisation, batched (``bireal_core.augment.finish``). That moves
-a quarter of the bytes between processes and the float work out of the workers, and gives the float
-path's pixels bit for bit (``tests/test_data.py``); ``uint8=False`` runs that float path itself.
+What crosses from the workers is uint8: each worker decodes (libjpeg-turbo through torchvision),
+crops, resizes and flips in torch (``bireal_core.augment.ImageRecipe``: torchvision's draws, torch's
+uint8 antialiased resize) and draws the lighting noise; after collation the batch goes to its device
+(pinned and non-blocking on a GPU) and is finished there: lighting and normalisation, batched
+(``bireal_core.augment.finish``). That moves a quarter of the bytes between processes and the float
+work out of the workers, and gives the PIL float path's crops, flips and lighting at a seed, its
+pixels within one level (``tests/test_data.py``); ``uint8=False`` runs that float path itself, the
+reference. With ``decode="device"`` the workers hand over the JPEG files instead
+(``pipeline/decode.py``).
 """
 
 from __future__ import annotations
@@ -34,14 +38,15 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from bireal_core.augment import finish
-from bireal_core.preprocess import eval_transform, eval_transform_uint8, train_transform, train_transform_uint8
+from bireal_core.augment import ImageRecipe, finish
+from bireal_core.preprocess import eval_transform, train_transform
 
 from . import storage
 from .decode import (
     DeviceRecipe,
     collate_encoded,
     damaged_sample_errors,
+    decode_image,
     decode_rgb,
     device_finished,
     encoded_sample,
@@ -177,7 +182,7 @@ class ShardStream(IterableDataset):
         decode=None,
     ):
         super().__init__()
-        self.decode = decode or decode_rgb  # the device path: encoded_sample, the bytes as they are
+        self.decode = decode or decode_rgb  # a file's bytes -> what transform takes (the device path: the bytes)
         self.readers, self.rank, self.workers = readers, rank, max(1, workers)
         self.transform, self.shuffle_buffer, self.seed = transform, shuffle_buffer, seed
         self.with_keys = with_keys  # also yield each sample's __key__ (tests check exactly-once)
@@ -345,7 +350,7 @@ def make_loader(
         epoch_seed,
         with_keys,
         shard_records(manifest, location),
-        decode=encoded_sample if on_device else decode_rgb,
+        decode=encoded_sample if on_device else (decode_image if uint8 else decode_rgb),
     )
     # s3fs (aiobotocore) breaks in forked workers: remote shards get freshly started ones
     context = "forkserver" if workers > 0 and storage.is_url(location) else None
@@ -375,7 +380,7 @@ def _worker_transform(input_config: dict, train: bool, pca_lighting: bool, uint8
     if on_device:
         return _as_is
     if uint8:
-        return train_transform_uint8(input_config, pca_lighting) if train else eval_transform_uint8(input_config)
+        return ImageRecipe(input_config, train, pca_lighting)
     return train_transform(input_config, pca_lighting) if train else eval_transform(input_config)
 
 

@@ -13,17 +13,20 @@ size and loaded with the official recipe (RandomResizedCrop, flip, PCA lighting)
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch.utils.data import DataLoader
 
 from bireal_core.preprocess import default_input_config, train_transform
 
-from .data import decode_rgb, make_loader
+from .data import make_loader
+from .decode import decode_image, decode_rgb
 from .shard import ShardParams, shard_dataset
 
 
@@ -111,6 +114,17 @@ def _write_synthetic_photo(out: Path, i: int, classes: int, seed: int) -> None:
     synthetic_photo(rng, width, height).save(folder / f"{i:05d}.jpg", quality=90, subsampling=2, progressive=i % 5 == 0)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` while the block runs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _time_loader(batches, device: torch.device | None = None) -> tuple[float, int]:
     start, n = time.perf_counter(), 0
     for images, _ in batches:
@@ -169,9 +183,9 @@ def bench_dataset(
             images = ImageFolder(str(Path(source) / "train"), transform=transform)
             return DataLoader(images, batch_size=batch, shuffle=True, num_workers=2, drop_last=True)
 
-        # "1 process": read in this process (workers=0), the img/s of one loader process: the float
-        # path (normalised per image in the worker) against the uint8 one (finished after collation,
-        # here on the CPU)
+        # "1 process": read in this process (workers=0) with one torch thread, as a DataLoader
+        # worker runs: the img/s of one loader process, the float path (normalised per image in the
+        # worker) against the uint8 one (finished after collation, here on ``device``)
         loaders = {
             "load webdataset float, 1 process": lambda run: stream(run, 0, uint8=False),
             "load webdataset uint8, 1 process": lambda run: stream(run, 0),
@@ -182,7 +196,8 @@ def bench_dataset(
         runs: dict[str, list] = {}
         for run in range(3):  # the candidates interleaved: a noisy moment hits each alike
             for what, make in loaders.items():
-                runs.setdefault(what, []).append(_time_loader(make(run), dev))
+                with torch_threads(1 if what.endswith("1 process") else torch.get_num_threads()):
+                    runs.setdefault(what, []).append(_time_loader(make(run), dev))
         for what, timed in runs.items():
             seconds, images = statistics.median(s for s, _ in timed), timed[0][1]
             rows.append(
@@ -213,53 +228,57 @@ def loader_ratios(rows: list[dict], label: str, device: str) -> list[dict]:
 
 def step_rows(source: Path, label: str, input_config: dict, images: int = 256, batch: int = 32) -> list[dict]:
     """Where one loader process's time goes, per image, in ms (median of 3 passes over ``images``
-    JPEGs of ``source``/train, already read into memory): the steps a worker runs on either path,
-    the float path's per-image finish (Lighting, ToTensor, Normalize) and the uint8 path's batched
-    one (``augment.finish`` on ``batch`` images)."""
+    JPEGs of ``source``/train, already read into memory, one torch thread as in a DataLoader
+    worker): the float path's steps (PIL decode, RandomResizedCrop + flip, Lighting + ToTensor +
+    Normalize per image) and the uint8 path's (torchvision decode, ``ImageRecipe``'s crop, resize,
+    flip and draws, and the batched ``augment.finish`` on ``batch`` images)."""
     from torchvision import transforms as T
-    from torchvision.transforms.functional import pil_to_tensor
 
-    from bireal_core.augment import finish
+    from bireal_core.augment import ImageRecipe, finish
     from bireal_core.preprocess import Lighting, train_crop_flip
 
     jpegs = [f.read_bytes() for f in sorted((source / "train").rglob("*.jpg"))[:images]]
     crop, flip = train_crop_flip(input_config)
     to_float = T.Compose([Lighting(0.1), T.ToTensor(), T.Normalize(input_config["mean"], input_config["std"])])
+    recipe = ImageRecipe(input_config, train=True, pca_lighting=True)
     mean, std = input_config["mean"], input_config["std"]
 
     decoded = [decode_rgb(d) for d in jpegs]
     cropped = [flip(crop(im)) for im in decoded]
-    uint8 = torch.stack([pil_to_tensor(im) for im in cropped])
-    alpha = torch.randn(len(uint8), 3) * 0.1
+    tensors = [decode_image(d) for d in jpegs]
+    uint8, alpha = (torch.stack(t) for t in zip(*(recipe(t) for t in tensors)))
     steps = {
-        "decode (PIL, full size)": lambda: [decode_rgb(d) for d in jpegs],
-        "RandomResizedCrop + flip": lambda: [flip(crop(im)) for im in decoded],
-        "to uint8 tensor": lambda: [pil_to_tensor(im) for im in cropped],
-        "float finish, per image": lambda: [to_float(im) for im in cropped],
-        "uint8 finish, batched": lambda: [
+        "float path: decode (PIL)": lambda: [decode_rgb(d) for d in jpegs],
+        "float path: RandomResizedCrop + flip (PIL)": lambda: [flip(crop(im)) for im in decoded],
+        "float path: lighting + normalise, per image": lambda: [to_float(im) for im in cropped],
+        "uint8 path: decode (torchvision)": lambda: [decode_image(d) for d in jpegs],
+        "uint8 path: crop + resize + flip (torch)": lambda: [recipe(t) for t in tensors],
+        "uint8 path: finish, batched": lambda: [
             finish(uint8[i : i + batch], mean, std, alpha[i : i + batch]) for i in range(0, len(uint8), batch)
         ],
     }
     rows = []
-    for what, step in steps.items():
-        seconds = []
-        for _ in range(3):
-            start = time.perf_counter()
-            step()
-            seconds.append(time.perf_counter() - start)
-        rows.append({"dataset": label, "what": f"step: {what}", "ms": statistics.median(seconds) / len(jpegs) * 1e3})
+    with torch_threads(1):
+        for what, step in steps.items():
+            seconds = []
+            for _ in range(3):
+                start = time.perf_counter()
+                step()
+                seconds.append(time.perf_counter() - start)
+            ms = statistics.median(seconds) / len(jpegs) * 1e3
+            rows.append({"dataset": label, "what": f"step: {what}", "ms": ms})
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
-    lines = [f"{'dataset':<28}{'what':<42}{'images':>9}{'img/s':>10}{'s':>8}"]
+    lines = [f"{'dataset':<28}{'what':<50}{'images':>9}{'img/s':>10}{'s':>8}"]
     for r in rows:
         if "ratio" in r:
-            lines.append(f"{r['dataset']:<28}{r['what']:<42}{'':>9}{r['ratio']:>9.2f}x")
+            lines.append(f"{r['dataset']:<28}{r['what']:<50}{'':>9}{r['ratio']:>9.2f}x")
         elif "ms" in r:
-            lines.append(f"{r['dataset']:<28}{r['what']:<42}{'':>9}{r['ms']:>7.3f} ms/img")
+            lines.append(f"{r['dataset']:<28}{r['what']:<50}{'':>9}{r['ms']:>7.3f} ms/img")
         else:
-            lines.append(f"{r['dataset']:<28}{r['what']:<42}{r['images']:>9,}{r['img_s']:>10,.0f}{r['seconds']:>8.1f}")
+            lines.append(f"{r['dataset']:<28}{r['what']:<50}{r['images']:>9,}{r['img_s']:>10,.0f}{r['seconds']:>8.1f}")
     return "\n".join(lines)
 
 

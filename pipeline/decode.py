@@ -1,22 +1,21 @@
-"""Decoding the shards' images: ``decode_rgb`` (PIL, in the loader's workers), and the loader's
-``decode: device`` path, where the workers hand over JPEG bytes and decode, crop, flip, lighting
-and normalisation run batched on the device the batch trains on.
+"""Decoding the shards' images, in the loader's workers (``decode: worker``) or on the device the
+batch trains on (``decode: device``).
 
-On a GPU the decode is nvJPEG through ``torchvision.io.decode_jpeg(..., device="cuda")`` (in every
-torchvision wheel), so a loader process only reads shards and the CPU cost per image is the tar
-parse; elsewhere the same code decodes on the CPU (libjpeg-turbo), which is how CI tests it. What
-crosses from the workers is one flat uint8 tensor of the batch's JPEG files and their offsets.
-
-- ``collate_encoded``: a worker's samples -> ((flat bytes, offsets (B + 1,)), labels, [keys]);
-- ``decode_batch``: one batched decode; when it fails (a damaged or unusual file), each image again
-  on its own, then on the CPU through PIL (CMYK, PNG-in-JPEG), and an image nothing decodes is
-  replaced by the batch's previous good one (logged with its key), so the batch keeps its size and
-  every rank its steps, as on the worker path;
-- ``DeviceRecipe``: the stage's recipe (official RandomResizedCrop, Caffe resize + random crop,
-  CIFAR pad-crop, evaluation resize + centre crop) on the decoded list, with every random draw
-  from one CPU generator per (epoch seed, rank), then ``bireal_core.augment.finish``.
-The recipes are those of the worker path (``bireal_core.preprocess``), resampled in torch rather
-than PIL: the same augmentation, not the same pixels bit for bit (``bireal_core/augment.py``).
+- ``decode_image``: the workers' decode, a file's bytes -> RGB uint8 (3, H, W): libjpeg-turbo through
+  torchvision, PIL for what it will not take; the workers then run ``bireal_core.augment.ImageRecipe``
+  (crop, flip, lighting draws) and hand over uint8 crops. ``decode_rgb`` is the PIL decode of the
+  float reference path.
+- ``decode: device``: the workers hand over the JPEG bytes, one flat uint8 tensor per batch with
+  their offsets (``collate_encoded``); ``decode_batch`` decodes the batch where it trains (nvJPEG
+  through ``torchvision.io.decode_jpeg(..., device="cuda")``, in every torchvision wheel, so a loader
+  process only reads shards; libjpeg-turbo elsewhere, which is how CI tests it) in one call, and
+  where that fails image by image, then through PIL on the CPU (CMYK, a PNG stored as .jpg); an
+  image nothing decodes is replaced by the batch's previous good one (logged with its key), so the
+  batch keeps its size and every rank its steps, as on the worker path. ``DeviceRecipe`` runs the
+  same ``ImageRecipe`` per image there, every draw from one CPU generator per (epoch seed, rank),
+  then lighting and normalisation batched (``finish``).
+Both paths crop, flip and light as the PIL reference (``bireal_core.preprocess``) does, resampled
+by torch: within one level of 255 of its pixels, not equal bit for bit (``bireal_core/augment.py``).
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ import itertools
 import logging
 from typing import Iterator
 
+import numpy as np
 import torch
 
 from bireal_core import augment
@@ -52,6 +52,19 @@ def split_encoded(flat: torch.Tensor, offsets: torch.Tensor) -> list[torch.Tenso
     """The batch's files as views of ``flat``."""
     bounds = offsets.tolist()
     return [flat[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def decode_image(data: bytes) -> torch.Tensor:
+    """A shard's image file -> RGB uint8 (3, H, W) on the CPU: libjpeg-turbo through torchvision
+    (about 30% faster than PIL's decode and convert on one core), PIL for what it will not take
+    (CMYK, a PNG stored as .jpg); raises ``damaged_sample_errors()`` for bytes nothing decodes."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return decode_jpeg(encoded_sample(data), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        pixels = np.asarray(decode_rgb(data))  # (H, W, 3); PIL's errors name a damaged file
+        return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
 
 
 def decode_batch(files: list[torch.Tensor], device: torch.device, keys: list[str] | None = None) -> list[torch.Tensor]:
@@ -84,8 +97,6 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None
     except RuntimeError:
         pass
     try:  # what nvJPEG or libjpeg will not take, PIL may (CMYK, a PNG named .jpg)
-        import numpy as np
-
         pixels = np.asarray(decode_rgb(data.numpy().tobytes()))  # (H, W, 3)
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous().to(device)
     except damaged_sample_errors():
@@ -109,38 +120,18 @@ def decode_rgb(data: bytes):
 
 
 class DeviceRecipe:
-    """A stage's augmentation on decoded images (a list of uint8 (3, H_i, W_i) on one device) ->
-    float32 (B, 3, S, S) finished: the recipe ``input_config["augment"]`` names when training, the
-    evaluation resize and centre crop otherwise. ``generator``: the CPU generator of every draw."""
+    """A stage's augmentation of a decoded batch (a list of uint8 (3, H_i, W_i) on one device) ->
+    float32 (B, 3, S, S) finished: ``bireal_core.augment.ImageRecipe`` per image, every draw from
+    ``generator`` (a CPU generator), then lighting and normalisation batched (``finish``)."""
 
     def __init__(self, input_config: dict, train: bool, pca_lighting: bool, generator: torch.Generator):
-        self.config, self.train, self.generator = input_config, train, generator
-        self.size, self.recipe = input_config["size"], input_config.get("augment", "imagenet")
-        self.lighting_std = 0.1 if train and pca_lighting else 0.0
+        self.config, self.lighting = input_config, train and pca_lighting
+        self.per_image = augment.ImageRecipe(input_config, train, pca_lighting, generator)
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
-        crops = self._crops(images)  # uint8 (B, 3, S, S)
-        alpha = None
-        if self.train and self.recipe != "small":  # pad_crop_flip flips for itself
-            crops = augment.flip_where(crops, torch.rand(len(images), generator=self.generator) < 0.5)
-        if self.lighting_std:
-            alpha = torch.randn(len(images), 3, generator=self.generator) * self.lighting_std
-        return augment.finish(crops, self.config["mean"], self.config["std"], alpha)
-
-    def _crops(self, images: list[torch.Tensor]) -> torch.Tensor:
-        size, g = self.size, self.generator
-        if not self.train:
-            shown = [augment.resize_shorter(im, self.config["resize"]) for im in images]
-            boxes = [augment.center_box(*im.shape[-2:], size) for im in shown]
-            return torch.stack([augment.resized_crop(im, box, size) for im, box in zip(shown, boxes)])
-        if self.recipe == "small":
-            return augment.pad_crop_flip(torch.stack([augment.resize_to(im, size, size) for im in images]), g)
-        if self.recipe == "caffe":
-            shown = [augment.resize_shorter(im, self.config["resize"]) for im in images]
-            boxes = augment.random_crop_boxes([tuple(im.shape[-2:]) for im in shown], size, g)
-            return torch.stack([augment.resized_crop(im, box, size) for im, box in zip(shown, boxes)])
-        boxes = augment.random_resized_boxes([tuple(im.shape[-2:]) for im in images], g)
-        return torch.stack([augment.resized_crop(im, box, size) for im, box in zip(images, boxes)])
+        crops, alphas = zip(*(self.per_image(image) for image in images))
+        alpha = torch.stack(alphas) if self.lighting else None
+        return augment.finish(torch.stack(crops), self.config["mean"], self.config["std"], alpha)
 
 
 def device_finished(batches: Iterator, recipe: DeviceRecipe, device: torch.device) -> Iterator[tuple]:

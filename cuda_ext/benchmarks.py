@@ -2,8 +2,10 @@
 
 Both sides run in the same process on the same inputs, so the printed ratios are comparable even
 on a noisy machine. CPU: F.conv2d fp32 (oneDNN) and torchvision ResNet-18 fp32; CUDA: cuDNN bf16,
-channels_last. Times are medians of ``repeats`` runs after warm-up (CUDA: device events around
-each call; batch 1 of the model also replayed from a CUDA graph, which removes launch gaps).
+channels_last, with ``cudnn.benchmark`` on (each shape gets cuDNN's fastest algorithm), and each
+kernel row's floor (``gpu_floors``) and how close the best variant comes to it. Times are medians
+of ``repeats`` runs after warm-up (CUDA: device events around each call; batch 1 of the model also
+replayed from a CUDA graph, which removes launch gaps).
 """
 
 from __future__ import annotations
@@ -19,6 +21,35 @@ import torch.nn.functional as F
 
 # Bi-Real-18's 3x3 binary convs at 224x224: (channels, spatial side); stride 1, C_in = C_out.
 BIREAL18_SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))
+# binary MACs per second of mma.sync m16n8k256 AND-popc, measured on an H200 (2026-11-27); the H100
+# has the same tensor-core peak. The floors below take it as the MMA limit.
+BMMA_MACS_PER_S = 5.1e15
+
+
+def gpu_floors(channels: int, side: int, batch: int, copy_gb_s: float, stride: int = 1) -> dict:
+    """The fastest a 3x3 binary conv (C = O = ``channels``) and its fused block can run on this GPU:
+    the larger of the MMA time (the K bits padded to 256-bit steps, one AND-popc MMA per step, at
+    ``BMMA_MACS_PER_S``) and the memory time of the bytes each must move, at the copy rate measured
+    in the same run (``copy_gb_s``: bytes read + written per s). The conv reads packed x and W and
+    writes bf16 out; the block also reads the bf16 residual and writes the packed signs of its out.
+    -> {"mma_ms", "conv_bytes", "block_bytes", "conv_floor_ms", "block_floor_ms"}."""
+    words = (channels + 63) // 64
+    out_side = (side + 2 - 3) // stride + 1
+    pixels_out = batch * out_side * out_side
+    k_bits = -(-9 * words // 4) * 256  # 9 taps of `words` words, in steps of 4 words
+    mma_ms = pixels_out * channels * k_bits / BMMA_MACS_PER_S * 1e3
+    packed_x, packed_w = batch * side * side * words * 8, channels * 9 * words * 8
+    out_bf16, packed_out = pixels_out * channels * 2, pixels_out * words * 8
+    conv_bytes = packed_x + packed_w + out_bf16
+    block_bytes = conv_bytes + out_bf16 + packed_out  # + the residual read, + the output's signs
+    per_ms = copy_gb_s * 1e9 / 1e3
+    return {
+        "mma_ms": mma_ms,
+        "conv_bytes": conv_bytes,
+        "block_bytes": block_bytes,
+        "conv_floor_ms": max(mma_ms, conv_bytes / per_ms),
+        "block_floor_ms": max(mma_ms, block_bytes / per_ms),
+    }
 
 
 def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
@@ -67,6 +98,8 @@ def _setup(device: str, threads: int) -> torch.device:
         raise RuntimeError("--device cuda: no CUDA device visible to torch")
     if dev.type == "cpu":
         torch.set_num_threads(threads)
+    else:  # the baselines get cuDNN's own pick of algorithm per shape, as a user would run them
+        torch.backends.cudnn.benchmark = True
     return dev
 
 
@@ -122,10 +155,25 @@ def bench_kernels(device: str = "cpu", batches=None, threads: int = 2, repeats: 
             if dev.type == "cuda":
                 with torch.inference_mode():
                     row.update(cuda_variants(ops, px, pw, channels, scale, bias, xf, base, repeats))
+                row.update(of_floor(row, gpu_floors(channels, side, batch, copy_gb_s)))
             else:
                 row.update(cpu_bound(channels, side, batch, ours, copy_gb_s))
             rows.append(row)
     return rows
+
+
+def of_floor(row: dict, floors: dict) -> dict:
+    """The row's best bf16 conv and its bf16 block against their floors (``gpu_floors``), and the
+    ratio to cuDNN that each floor allows (the ceiling of ``bf16_speedup``)."""
+    best_conv = min(row["bf16_ms"], row["async_bf16_ms"])
+    return {
+        "conv_floor_ms": floors["conv_floor_ms"],
+        "conv_of_floor": floors["conv_floor_ms"] / best_conv,
+        "floor_x_cudnn": row["baseline_ms"] / floors["conv_floor_ms"],
+        "block_floor_ms": floors["block_floor_ms"],
+        "block_of_floor": floors["block_floor_ms"] / row["block_bf16_ms"],
+        "block_floor_x_float_block": row["float_block_ms"] / floors["block_floor_ms"],
+    }
 
 
 def cpu_bound(channels: int, side: int, batch: int, ours_ms: float, copy_gb_s: float) -> dict:
@@ -361,6 +409,12 @@ def format_table(rows: list[dict], title: str) -> str:
         ("async_bf16_ms", 14, "{:.4f}"),
         ("bf16_speedup", 13, "{:.1f}x"),
         ("block_bf16_ms", 14, "{:.4f}"),
+        ("conv_floor_ms", 14, "{:.4f}"),
+        ("conv_of_floor", 14, "{:.0%}"),
+        ("floor_x_cudnn", 14, "{:.1f}x"),
+        ("block_floor_ms", 15, "{:.4f}"),
+        ("block_of_floor", 15, "{:.0%}"),
+        ("block_floor_x_float_block", 26, "{:.1f}x"),
         ("micro_tmac_s", 13, "{:.2f}"),
         ("bound_ms", 10, "{:.4f}"),
         ("of_bound", 9, "{:.0%}"),

@@ -60,3 +60,20 @@ def cuda_build_plan() -> tuple[str | None, str]:
     if release is None or release.split(".")[0] != torch.version.cuda.split(".")[0]:
         return None, f"nvcc {release} in {home} does not match torch's CUDA {torch.version.cuda}"
     return home, ""
+
+
+def find_cuobjdump(cuda_home: str | None = None) -> str | None:
+    """A cuobjdump to read the extension's fat binary: the toolkit's, or the one triton ships with
+    its NVIDIA backend (a toolkit of compilers only has none)."""
+    candidates = [
+        shutil.which("cuobjdump"),
+        cuda_home and os.path.join(cuda_home, "bin", "cuobjdump"),
+        *glob.glob("/usr/local/cuda*/bin/cuobjdump"),
+    ]
+    try:
+        import triton
+
+        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)

@@ -1,7 +1,6 @@
 """The CUDA kernels are compiled and loadable wherever a CUDA torch and nvcc are present, GPU or not:
 compile errors and wrong targets surface here, before any GPU time (the GPU checks: test_cuda.py)."""
 
-import glob
 import os
 import shutil
 import subprocess
@@ -9,8 +8,9 @@ import subprocess
 import pytest
 import torch
 
+from bench.sass_report import sass_of
 from cuda_ext import ops
-from cuda_ext.build_config import cuda_build_plan
+from cuda_ext.build_config import cuda_build_plan, find_cuobjdump
 
 CUDA_HOME, NO_CUDA_BUILD_BECAUSE = cuda_build_plan()  # what setup.py decided from the same facts
 needs_cuda_build = pytest.mark.skipif(CUDA_HOME is None, reason=f"no CUDA build here: {NO_CUDA_BUILD_BECAUSE}")
@@ -23,18 +23,7 @@ def extension_file() -> str:
 
 
 def cuobjdump() -> str | None:
-    candidates = [
-        shutil.which("cuobjdump"),
-        CUDA_HOME and os.path.join(CUDA_HOME, "bin", "cuobjdump"),
-        *glob.glob("/usr/local/cuda*/bin/cuobjdump"),
-    ]
-    try:
-        import triton  # ships a cuobjdump with its NVIDIA backend
-
-        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
-    except ImportError:
-        pass
-    return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+    return find_cuobjdump(CUDA_HOME)
 
 
 @needs_cuda_build
@@ -72,13 +61,6 @@ def test_machine_code_for_sm80_and_sm90a_with_native_bmma():
             assert "LDL" not in kernel and "STL" not in kernel, f"{sm} {name}: registers spilled to local memory"
         async_kernel = sass_of(sass, "binary_conv2d_bmma_async_kernel")
         assert "LDGSTS" in async_kernel, f"{sm}: the async kernel's copies are not cp.async (LDGSTS)"
-
-
-def sass_of(sass: str, kernel_name: str) -> str:
-    """The SASS of one kernel from a cuobjdump --dump-sass listing."""
-    start = sass.index(kernel_name + "E")  # mangled: ...<name>ENS0_10ConvParamsE
-    end = sass.find("Function :", start)
-    return sass[start : end if end > 0 else len(sass)]
 
 
 def test_cuda_helpers_without_a_gpu():
@@ -194,3 +176,21 @@ def test_smoke_script_on_the_cpu_paths(capsys):
         torch.tensor([[1.0, 2.0], [3.0, float("nan")]]), torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     )
     assert (wrong, first) == (1, [1, 1])  # an unwritten (NaN) element is found
+
+
+@needs_cuda_build
+def test_the_sass_report_reads_every_kernel_of_both_targets():
+    """bench/sass_report.py (what the kernels compiled to, without a GPU): both targets' tensor-core
+    kernels with their 32 BMMAs per k-step, nothing spilled, and an epilogue size per output."""
+    from bench.sass_report import report
+
+    tool = cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump to read the fat binary")
+    rows = {(r["sm"], r["kernel"]): r for r in report(extension_file(), tool)}
+    for sm in ("sm_80", "sm_90a"):
+        for kernel in ("binary_conv2d_bmma_kernel", "binary_conv2d_bmma_async_kernel"):
+            row = rows[(sm, kernel)]
+            assert row["bmma"] == 32 and row["local"] == 0 and 0 < row["reg"] <= 255, row
+            assert 0 < row["after_last_mma"] < row["instructions"] and row["after_last_mma_per_output"] > 0
+        assert rows[(sm, "binary_conv2d_simt_kernel")]["bmma"] == 0

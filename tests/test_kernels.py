@@ -279,3 +279,29 @@ def test_max_pool_signs_opcheck_and_bad_arguments():
         ops.max_pool_signs(torch.randn(1, 8, 2, 2), 5, 1, 0)
     with pytest.raises(RuntimeError, match="floating point"):
         ops.max_pool_signs(torch.ones(1, 8, 4, 4, dtype=torch.int32))
+
+
+def test_gpu_floors_are_the_reviews_arithmetic():
+    """The kernel table's floors (cuda_ext.benchmarks.gpu_floors) at batch 256 on an H200's measured
+    4.235 TB/s copy rate: 64x56 moves 109 MB as a conv and 218 MB as a block (25.8 and 51.6 us) and
+    its padded MMAs take 7.7 us; 512x7 is closer to balance (the MMA time is 5.8 us)."""
+    from cuda_ext.benchmarks import BMMA_MACS_PER_S, gpu_floors
+
+    f = gpu_floors(64, 56, 256, copy_gb_s=4235.0)
+    assert f["conv_bytes"] == 256 * 56 * 56 * 8 + 64 * 9 * 8 + 256 * 56 * 56 * 64 * 2
+    assert round(f["conv_bytes"] / 1e6) == 109 and round(f["block_bytes"] / 1e6) == 218
+    assert f["mma_ms"] == pytest.approx(256 * 56 * 56 * 64 * 768 / BMMA_MACS_PER_S * 1e3)  # 9 words -> 12
+    assert f["conv_floor_ms"] * 1e3 == pytest.approx(25.8, abs=0.05)
+    assert f["block_floor_ms"] * 1e3 == pytest.approx(51.6, abs=0.1)
+    deep = gpu_floors(512, 7, 256, copy_gb_s=4235.0)
+    assert deep["mma_ms"] * 1e3 == pytest.approx(256 * 49 * 512 * 18 * 256 / BMMA_MACS_PER_S * 1e6, rel=1e-9)
+    assert deep["conv_floor_ms"] == max(deep["mma_ms"], deep["conv_bytes"] / 4235e6)
+    strided = gpu_floors(64, 56, 256, copy_gb_s=4235.0, stride=2)
+    assert strided["mma_ms"] == pytest.approx(f["mma_ms"] / 4)  # 28x28 outputs
+    from cuda_ext.benchmarks import of_floor
+
+    row = {"bf16_ms": 0.05, "async_bf16_ms": 0.04, "baseline_ms": 0.127, "block_bf16_ms": 0.1, "float_block_ms": 0.4}
+    ratios = of_floor(row, f)
+    assert ratios["conv_of_floor"] == pytest.approx(f["conv_floor_ms"] / 0.04)  # the faster variant
+    assert ratios["floor_x_cudnn"] == pytest.approx(0.127 / f["conv_floor_ms"])  # about 4.9x, the ceiling
+    assert ratios["block_of_floor"] == pytest.approx(f["block_floor_ms"] / 0.1)

@@ -22,6 +22,7 @@ out=${1:-${OUT:-bench_results}}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 budget=${GPU_CHECK_BUDGET_S:-480}
+source bench/gpu_build.sh
 deadline=$((SECONDS + budget))
 
 # Seconds for the next step: its own limit, or what is left of the budget if that is less.
@@ -32,23 +33,14 @@ main() {
 declare -A status
 step "machine"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-# This GPU's target only (sm_90a on Hopper: the 'a' features need the exact chip); CI builds 8.0;9.0a.
-if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-  TORCH_CUDA_ARCH_LIST=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}.{n}' + ('a' if m == 9 else ''))") || return 1
-fi
-export TORCH_CUDA_ARCH_LIST BIREAL_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
+gpu_target || return 1
 $PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'building for', '$TORCH_CUDA_ARCH_LIST')"
 
 step "1. build"
 echo "compiler: $(command -v ${CXX:-g++}) ($(${CXX:-g++} --version | head -1))"
 start=$SECONDS
-if ! timeout "$(limit 240)" $PY setup.py -q build_ext --inplace >"$out/build.log" 2>&1; then
-  tail -40 "$out/build.log"
-  echo "gpu_check: BUILD FAILED or timed out (full log: $out/build.log)"
-  return 1
-fi
-if ! $PY -c "from cuda_ext import ops; assert ops.cuda_built(), 'no CUDA kernels in cuda_ext._C'; print('cuda_built: True, paths', ops.cuda_paths())"; then
-  echo "gpu_check: the extension was built without its CUDA kernels"
+if ! gpu_build "$out/build.log" "$(limit 240)"; then
+  echo "gpu_check: the build failed, or has no CUDA kernels"
   return 1
 fi
 echo "build: $((SECONDS - start)) s"

@@ -1,10 +1,11 @@
-"""bench/gpu_train.py, issue 26's GPU run, on the CPU at toy size: every row it writes on a GPU
-is written here by the same code (loader paths, step rows per kernels and precision, loader + step
-with its data-wait fraction, the targets as ratios), one JSON line each as it is measured."""
+"""The GPU machine's scripts on the CPU at toy size: every row they write on a GPU is written here
+by the same code. bench/gpu_train.py (issue 26: loader paths, step rows per kernels and precision,
+loader + step with its data-wait fraction, the targets as ratios) and bench/gpu_profile.py (issue
+25: a forward's time by kernel and group), one JSON line each as it is measured."""
 
 import json
 
-from bench import gpu_train
+from bench import gpu_profile, gpu_train
 
 
 def test_the_gpu_training_run_writes_every_row_on_a_cpu(tmp_path):
@@ -39,3 +40,19 @@ def test_the_gpu_training_run_writes_every_row_on_a_cpu(tmp_path):
     }
     uint8 = targets["target: loader: uint8 / float, 1 process"]
     assert uint8["ratio"] == round(loaders[1]["img_s"] / loaders[0]["img_s"], 3) and uint8["target"] == 2.0
+
+
+def test_the_profile_groups_a_forwards_time_by_kernel(tmp_path):
+    argv = ["--out", str(tmp_path), "--device", "cpu", "--batches", "1", "--iters", "1", "--width", "0.25"]
+    assert gpu_profile.main(argv) == 0
+    rows = [json.loads(line) for line in (tmp_path / "profile.jsonl").read_text().splitlines()]
+    assert [(r["model"], r["batch"]) for r in rows] == [("bireal18 packed fp32", 1), ("resnet18 fp32", 1)]
+    packed, resnet = rows
+    # the packed model's 16 binary blocks run in our ops; ResNet-18 has none, and its convs are conv
+    assert packed["groups_ms"]["binary"] > 0 and "binary" not in resnet["groups_ms"]
+    assert any(t["name"] == "bireal::binary_block" for t in packed["top"]) and resnet["groups_ms"]["conv"] > 0
+    for row in rows:
+        assert abs(sum(row["groups_ms"].values()) - row["total_ms"]) < 1e-3
+    assert gpu_profile.group_of("void cudnn::cnn::implicit_convolve_sgemm<...>") == "conv"
+    assert gpu_profile.group_of("void bireal::(anonymous)::binary_conv2d_bmma_kernel(...)") == "binary"
+    assert gpu_profile.group_of("void at::native::vectorized_elementwise_kernel<...>") == "elementwise"

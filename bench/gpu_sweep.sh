@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Issue 25's GPU run, in two parts that each run alone on a bare GPU machine (python3 with torch and
+# nvcc; no registry): they build the extension there first.
+#
+#   bench/gpu_sweep.sh --quick [RESULTS_DIR]   (<= 4 min) the build, correctness (cuda_ext.smoke on
+#       every CUDA path and shape), the SASS report (registers, spills, epilogue instructions per
+#       output), and the profile: a forward of the packed bf16 Bi-Real-18 and of ResNet-18 bf16,
+#       kernel by kernel, at batch 256 and 1, cudnn.benchmark off and on (bench/gpu_profile.py);
+#   bench/gpu_sweep.sh --full [RESULTS_DIR]    (<= 5 min) the kernel table at batch 256 and 1 (each
+#       variant's conv and block, ms, GB/s, the floor and % of it, x cuDNN with cudnn.benchmark on,
+#       x float block), the model table, Nsight Compute on the bf16 conv of 64x56 where ncu runs, and
+#       compute-sanitizer memcheck, racecheck and synccheck on the quick smoke where it runs.
+# RESULTS_DIR (default $OUT, else bench_results) gets summary.txt and one file of JSON lines or JSON
+# per step, written as each step ends, so a run cut short keeps what it measured.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+part=${1:-}
+case "$part" in --quick | --full) ;; *) echo "usage: bench/gpu_sweep.sh --quick|--full [RESULTS_DIR]" >&2; exit 2 ;; esac
+out=${2:-${OUT:-bench_results}}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+source bench/gpu_build.sh
+budget=$([ "$part" = --quick ] && echo 240 || echo 300)
+deadline=$((SECONDS + budget))
+limit() { local left=$((deadline - SECONDS)); ((left < $1)) && echo $((left > 5 ? left : 5)) || echo "$1"; }
+step() { echo; echo "== $1 ($(date -u +%H:%M:%S), $((deadline - SECONDS)) s left)"; }
+
+# A tool's run where the tool exists and time is left, else one line saying why not.
+optional() {
+  local tool=$1 seconds=$2 log=$3; shift 3
+  if ! command -v "$tool" >/dev/null; then echo "$tool not found: skipped"; return 0; fi
+  if (($(limit "$seconds") < 20)); then echo "$tool: too little time left, skipped"; return 0; fi
+  timeout "$(limit "$seconds")" "$@" >"$log" 2>&1
+  local rc=$?
+  tail -5 "$log"
+  ((rc == 124)) && { echo "$tool: out of time (not a failure)"; return 0; }
+  return $rc
+}
+
+# One bf16 conv of 64x56 at batch 256 on each tensor-core kernel: what ncu looks at.
+conv_64x56='
+import torch
+from cuda_ext import ops
+x = torch.randn(256, 64, 56, 56, device="cuda").contiguous(memory_format=torch.channels_last)
+px, pw = ops.pack_signs(x), ops.pack_signs(torch.randn(64, 64, 3, 3, device="cuda"))
+for path in ("bmma", "bmma_async"):
+    with ops.forced_cuda_path(path):
+        ops.binary_conv2d(px, pw, 64, 1, 1, 0.0, out_dtype=torch.bfloat16)
+torch.cuda.synchronize()
+'
+
+main() {
+declare -A status
+step "machine and build"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+gpu_target || return 1
+start=$SECONDS
+gpu_build "$out/build.log" "$(limit 150)" || return 1
+echo "build: $((SECONDS - start)) s for $TORCH_CUDA_ARCH_LIST with $MAX_JOBS jobs"
+
+if [ "$part" = --quick ]; then
+  step "correctness: every CUDA path on every shape"
+  CUDA_LAUNCH_BLOCKING=1 timeout "$(limit 60)" $PY -m cuda_ext.smoke --json "$out/smoke.json"
+  status[smoke]=$?
+  step "SASS"
+  timeout "$(limit 30)" $PY -m bench.sass_report --json "$out/sass.json"
+  status[sass]=$?
+  step "profile: packed Bi-Real-18 bf16 and ResNet-18 bf16, batch 256 and 1, cudnn.benchmark off and on"
+  timeout "$(limit 120)" $PY -m bench.gpu_profile --out "$out" --batches 256,1
+  status[profile]=$?
+else
+  step "kernel table (batch 256 and 1; floors; cudnn.benchmark on)"
+  timeout "$(limit 120)" $PY -m pipeline.cli bench kernels --device cuda --json "$out/kernels_cuda.json"
+  status[kernels]=$?
+  step "model table"
+  timeout "$(limit 90)" $PY -m pipeline.cli bench model --device cuda --json "$out/model_cuda.json"
+  status[model]=$?
+  step "Nsight Compute: the bf16 conv of 64x56 at batch 256, each tensor-core kernel"
+  optional ncu 60 "$out/ncu.log" ncu --kernel-name regex:binary_conv2d_bmma --launch-count 2 --section SpeedOfLight \
+    --section Occupancy --section WarpStateStats $PY -c "$conv_64x56"
+  status[ncu]=$?
+  for tool in memcheck racecheck synccheck; do
+    step "compute-sanitizer $tool on the quick smoke"
+    optional compute-sanitizer 40 "$out/sanitizer_$tool.log" compute-sanitizer --tool "$tool" --error-exitcode 3 \
+      $PY -m cuda_ext.smoke --quick
+    status[$tool]=$?
+  done
+fi
+
+echo
+verdict=0
+for k in "${!status[@]}"; do
+  echo "gpu_sweep $part: $k rc=${status[$k]}"
+  ((status[$k] != 0)) && verdict=1
+done
+echo "gpu_sweep $part: $( ((verdict == 0)) && echo PASSED || echo FAILED ) in $SECONDS s"
+return $verdict
+}
+
+main 2>&1 | tee "$out/summary.txt"
+exit "${PIPESTATUS[0]}"

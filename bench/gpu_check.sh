@@ -22,11 +22,9 @@ out=${1:-${OUT:-bench_results}}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 budget=${GPU_CHECK_BUDGET_S:-480}
-source bench/gpu_build.sh
+source bench/gpu_lib.sh
 deadline=$((SECONDS + budget))
 
-# Seconds for the next step: its own limit, or what is left of the budget if that is less.
-limit() { local left=$((deadline - SECONDS)); ((left < $1)) && echo $((left > 5 ? left : 5)) || echo "$1"; }
 step() { echo; echo "== $1 ($(date -u +%H:%M:%S), $((deadline - SECONDS)) s of the budget left)"; }
 
 main() {
@@ -113,14 +111,7 @@ else
   if ((rc == 124)); then echo "compute-sanitizer: out of time after $left s (not a failure)"; else status[sanitizer]=$rc; fi
 fi
 
-echo
-verdict=0
-for k in "${!status[@]}"; do
-  echo "gpu_check: $k rc=${status[$k]}"
-  ((status[$k] != 0)) && verdict=1
-done
-echo "gpu_check: $( ((verdict == 0)) && echo PASSED || echo FAILED ) in $SECONDS s"
-return $verdict
+verdict gpu_check
 }
 
 main 2>&1 | tee "$out/summary.txt"

@@ -20,10 +20,9 @@ case "$part" in --quick | --full) ;; *) echo "usage: bench/gpu_sweep.sh --quick|
 out=${2:-${OUT:-bench_results}}
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-source bench/gpu_build.sh
+source bench/gpu_lib.sh
 budget=$([ "$part" = --quick ] && echo 240 || echo 300)
 deadline=$((SECONDS + budget))
-limit() { local left=$((deadline - SECONDS)); ((left < $1)) && echo $((left > 5 ? left : 5)) || echo "$1"; }
 step() { echo; echo "== $1 ($(date -u +%H:%M:%S), $((deadline - SECONDS)) s left)"; }
 
 # A tool's run where the tool exists and time is left, else one line saying why not.
@@ -88,14 +87,7 @@ else
   done
 fi
 
-echo
-verdict=0
-for k in "${!status[@]}"; do
-  echo "gpu_sweep $part: $k rc=${status[$k]}"
-  ((status[$k] != 0)) && verdict=1
-done
-echo "gpu_sweep $part: $( ((verdict == 0)) && echo PASSED || echo FAILED ) in $SECONDS s"
-return $verdict
+verdict "gpu_sweep $part"
 }
 
 main 2>&1 | tee "$out/summary.txt"

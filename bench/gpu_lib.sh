@@ -1,5 +1,21 @@
-# Sourced by bench/gpu_check.sh and bench/gpu_sweep.sh: building cuda_ext._C in place on a GPU machine.
-# Needs $PY (python3 with torch) and nvcc; sets TORCH_CUDA_ARCH_LIST to this GPU's target unless given.
+# Sourced by bench/gpu_check.sh and bench/gpu_sweep.sh: building cuda_ext._C in place on a GPU machine,
+# each step's time limit, and the run's verdict. Needs $PY (python3 with torch) and nvcc, and the
+# sourcing script's $deadline (seconds since it started, as $SECONDS counts).
+
+# Seconds for the next step: its own limit, or what is left of the budget if that is less.
+limit() { local left=$((deadline - SECONDS)); ((left < $1)) && echo $((left > 5 ? left : 5)) || echo "$1"; }
+
+# verdict NAME: each step's rc from the caller's `status` array, then PASSED or FAILED; rc 0 if all passed.
+verdict() {
+  local name=$1 failed=0 k
+  echo
+  for k in "${!status[@]}"; do
+    echo "$name: $k rc=${status[$k]}"
+    ((status[$k] != 0)) && failed=1
+  done
+  echo "$name: $( ((failed == 0)) && echo PASSED || echo FAILED ) in $SECONDS s"
+  return $failed
+}
 
 # This GPU's target only (sm_90a on Hopper: the 'a' features need the exact chip); CI builds 8.0;9.0a.
 gpu_target() {

@@ -265,6 +265,8 @@ class ImageRecipe:
         size, g = self.size, self.generator
         if self.augment == "small":  # RandomCrop(size, padding=4, reflect): positions in the padded image
             h, w = image.shape[-2:]
+            if h + 8 < size or w + 8 < size:
+                raise ValueError(f"a {size}x{size} crop of a {h}x{w} image padded by 4: the image is too small")
             if (h + 8, w + 8) == (size, size):  # nothing to draw (torchvision draws nothing either)
                 return pad_crop(image, 0, 0, size, 4)
             top = int(torch.randint(0, h + 8 - size + 1, (1,), generator=g))

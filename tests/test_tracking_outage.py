@@ -167,3 +167,27 @@ def test_the_epoch_sender_stops_at_a_refusal(tmp_path):
     assert logger.close(0) == [0]  # unsent, for the driver's backfill, which names the refusal
     with pytest.raises(MlflowException, match="must be in the 'active' state"):
         log_missing_epochs(cfg, run_id, [epoch])
+
+
+def test_system_metrics_never_hold_the_stage_on_a_silent_server():
+    """A tracking server that takes connections and never answers (a frozen one): the node's
+    system-metrics monitor asks it for the run, and the stage leaves the block after at most
+    ``sync_wait_s`` anyway, with MLflow's own client still waiting (its default timeout: 120 s)."""
+    import socket
+
+    from pipeline.adapters.tracking import system_metrics
+    from pipeline.params import MlflowConfig
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    silent.settimeout(10)
+    uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    cfg = MlflowConfig(tracking_uri=uri, sync_wait_s=1.0, system_metrics_s=0.2)
+    with system_metrics(cfg, "0" * 32, "node0"):
+        connection, _ = silent.accept()  # the fault landed: the monitor is waiting on the server
+        leaving = time.monotonic()
+    took = time.monotonic() - leaving
+    connection.close()
+    silent.close()
+    assert 0.9 <= took < 30  # sync_wait_s (the monitor still held by the server), not the client's 120 s

@@ -305,32 +305,46 @@ class EpochLogger:
 def system_metrics(cfg: MlflowConfig, run_id: str, node: str) -> Iterator[None]:
     """While the block runs, this node's CPU, memory, disk and network use (and with nvidia-ml-py,
     every GPU's utilization and memory) logged into ``run_id`` as ``system/<node>/...`` every
-    ``cfg.system_metrics_s`` seconds by MLflow's monitor thread; one per node, so a starved or idle
-    GPU shows next to the epochs' ``data_wait_fraction``. A restarted worker continues the steps.
-    Metrics are not worth a failure: a monitor that cannot start is a warning, and an MLflow outage
-    ends the node's sampling for the stage (MLflow's monitor stops at an unreachable server)."""
+    ``cfg.system_metrics_s`` seconds by MLflow's monitor; one per node, so a starved or idle GPU
+    shows next to the epochs' ``data_wait_fraction``. A restarted worker continues the steps.
+
+    Metrics are not worth a failure or a wait: the monitor lives in a thread of its own (MLflow's
+    monitor asks the server for the run when it starts), a monitor that cannot start is a warning,
+    an outage ends the node's sampling for the stage (MLflow's monitor stops at an unreachable
+    server), and leaving the block waits at most ``cfg.sync_wait_s`` for the last samples."""
     if not cfg.system_metrics_s:
         yield
         return
-    try:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    stop = threading.Event()
 
-        monitor = SystemMetricsMonitor(
-            run_id,
-            sampling_interval=cfg.system_metrics_s,
-            resume_logging=True,  # a restarted worker's samples follow the ones already logged
-            node_id=node,
-            tracking_uri=cfg.tracking_uri,
-        )
-        monitor.start()
-    except Exception as e:
-        log.warning("system metrics of %s not logged (%s: %s)", node, type(e).__name__, e)
-        yield
-        return
+    def sample() -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                run_id,
+                sampling_interval=cfg.system_metrics_s,
+                resume_logging=True,  # a restarted worker's samples follow the ones already logged
+                node_id=node,
+                tracking_uri=cfg.tracking_uri,
+            )
+            monitor.start()
+        except Exception as e:
+            log.warning("system metrics of %s not logged (%s: %s)", node, type(e).__name__, e)
+            return
+        stop.wait()
+        monitor.finish()  # joins MLflow's thread and sends what it holds
+
+    thread = threading.Thread(target=sample, name=f"system-metrics-{node}", daemon=True)
+    thread.start()
     try:
         yield
     finally:
-        monitor.finish()
+        stop.set()
+        thread.join(cfg.sync_wait_s)
+        if thread.is_alive():
+            wait = cfg.sync_wait_s
+            log.warning("system metrics of %s: MLflow did not take the last samples within %.0f s", node, wait)
 
 
 def log_missing_epochs(cfg: MlflowConfig, run_id: str, history: list[dict]) -> list[int]:

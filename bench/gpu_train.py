@@ -249,7 +249,7 @@ class GpuUtilization:
             while not self._stop.wait(0.1):
                 self.samples.append(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu)
             return
-        except ImportError:
+        except Exception:  # not installed, or NVML not answering: ask nvidia-smi instead
             pass
         query = ["nvidia-smi", "-i", str(index), "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
         self.source = "nvidia-smi"

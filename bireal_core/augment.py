@@ -16,16 +16,18 @@ equals the PIL path's bit for bit (``tests/test_augment.py``).
 None of them waits for the GPU: the CPU-side draws and constants go over with non-blocking copies
 (``to_device``), so preparing a batch never stalls the host behind the step before it.
 
-For images decoded on the device (the loader's ``decode: device`` path: a list of uint8 (3, H, W)
-of different sizes), the geometric part of each recipe, with the draws from the CPU generator:
+For one decoded image (uint8 (3, H, W), any size), ``ImageRecipe`` is a stage's whole per-image
+part: the crop of its recipe, the flip, and the lighting draws, with torchvision's draws in its
+order. The loader's workers run it on the CPU, and the ``decode: device`` path runs it per image on
+the GPU. Its pieces:
 - ``random_resized_boxes`` + ``resized_crop``: RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, the
-  official ImageNet recipe: the same rule as torchvision's, 10 tries then the centre);
+  official ImageNet recipe: torchvision's boxes at a seed, 10 tries then the centre);
 - ``resize_shorter`` + ``random_crop_boxes`` / ``center_box``: the Caffe recipe's resize-256 and
-  random 224 crop, and evaluation's centre crop;
-- ``flip_where``: the horizontal flips.
-Resizing is bilinear with antialiasing in float, rounded back to uint8 (torchvision's rule for
-tensors); PIL's bilinear differs from it by about a level of 255 at a few pixels, so this path
-gives the recipe, not the PIL path's pixels bit for bit.
+  random 224 crop, and evaluation's centre crop; ``pad_crop``: CIFAR's pad-4 crop of one image;
+- ``flip_where``: the horizontal flips of a batch.
+Resizing is bilinear with antialiasing: torch's uint8 kernel on a CPU, float rounded back to uint8
+elsewhere. PIL's bilinear differs from it by a level of 255 at under 1% of the pixels, so these
+give the recipe's crops, flips and draws, not the PIL path's pixels bit for bit.
 """
 
 from __future__ import annotations
@@ -117,9 +119,10 @@ def _scale_and_normalize(x: torch.Tensor, mean, std) -> torch.Tensor:
 def finish(images: torch.Tensor, mean, std, alpha: torch.Tensor | None = None) -> torch.Tensor:
     """What the uint8 loaders leave for after collation, on the images' device: PCA lighting with
     the draws the workers made (alpha (B, 3); None: no lighting), then ``normalize``. uint8 (B, 3, H,
-    W) -> float32 (B, 3, H, W), equal bit for bit to ``preprocess.train_transform`` per image. One
-    float buffer throughout: the truncation to whole values stands in for ``lighting_with``'s cast
-    to uint8 and back (the clamped values are >= 0, where truncating is that cast)."""
+    W) -> float32 (B, 3, H, W), equal bit for bit to ``preprocess.train_transform``'s Lighting,
+    ToTensor and Normalize of the same uint8 crops. One float buffer throughout: the truncation to
+    whole values stands in for ``lighting_with``'s cast to uint8 and back (the clamped values are
+    >= 0, where truncating is that cast)."""
     x = images.float()
     if alpha is not None:
         shift = to_device(lighting_shift(alpha), images.device)  # (B, 3)
@@ -226,8 +229,8 @@ def pad_crop(image: torch.Tensor, top: int, left: int, size: int, padding: int) 
     """uint8 (C, H, W) -> (C, size, size): the box at (top, left) of the image reflect-padded by
     ``padding`` (one gather, no padded copy)."""
     h, w = image.shape[-2:]
-    rows = reflect_index(h, padding)[top : top + size].to(image.device)
-    cols = reflect_index(w, padding)[left : left + size].to(image.device)
+    rows = to_device(reflect_index(h, padding)[top : top + size], image.device)
+    cols = to_device(reflect_index(w, padding)[left : left + size], image.device)
     return image[:, rows[:, None], cols[None, :]]
 
 

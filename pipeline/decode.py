@@ -96,9 +96,8 @@ def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor | None
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
         pass
-    try:  # what nvJPEG or libjpeg will not take, PIL may (CMYK, a PNG named .jpg)
-        pixels = np.asarray(decode_rgb(data.numpy().tobytes()))  # (H, W, 3)
-        return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous().to(device)
+    try:  # what nvJPEG will not take, the workers' decode may (libjpeg, then PIL: CMYK, a PNG named .jpg)
+        return decode_image(data.numpy().tobytes()).to(device)
     except damaged_sample_errors():
         return None
 

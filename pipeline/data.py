@@ -27,10 +27,12 @@ reference. With ``decode="device"`` the workers hand over the JPEG files instead
 
 from __future__ import annotations
 
+import functools
 import gzip
 import itertools
 import json
 import logging
+import multiprocessing
 import random
 from dataclasses import dataclass
 from typing import Iterator
@@ -166,12 +168,35 @@ def _deal(shards: list[tuple[str, int]], n: int) -> list[list[tuple[str, int]]]:
     return bins
 
 
+class SharedEpoch:
+    """The epoch number a loader's workers read as each epoch starts. A persistent worker keeps the
+    copy of the dataset it got when it started, so the number lives in shared memory: the main
+    process sets it before ``iter(loader)``, and the workers read it when that call restarts them."""
+
+    def __init__(self, context: str | None = None):
+        self._shared = multiprocessing.get_context(context).RawValue("q", 0)
+
+    @property
+    def value(self) -> int:
+        return int(self._shared.value)
+
+    @value.setter
+    def value(self, epoch: int) -> None:
+        self._shared.value = epoch
+
+
 class ShardStream(IterableDataset):
-    """(transform(image), label) from the shards the plan gives this rank's current worker."""
+    """(transform(image), label) from the shards the current epoch's plan gives this rank's worker.
+
+    ``plan_of(epoch)`` is ``plan_epoch`` with everything but the epoch fixed; each iteration reads
+    the epoch from ``epoch`` (a ``SharedEpoch``) and plans it, so one set of persistent workers
+    serves every epoch. A worker seeds its augmentation from (epoch seed, reader): the same crops at
+    the same seed, epoch after epoch, whichever process runs it."""
 
     def __init__(
         self,
-        readers: list[list[str]],
+        plan_of,
+        epoch: SharedEpoch,
         rank: int,
         workers: int,
         transform,
@@ -183,22 +208,22 @@ class ShardStream(IterableDataset):
     ):
         super().__init__()
         self.decode = decode or decode_rgb  # a file's bytes -> what transform takes (the device path: the bytes)
-        self.readers, self.rank, self.workers = readers, rank, max(1, workers)
+        self.plan_of, self.epoch = plan_of, epoch
+        self.rank, self.workers = rank, max(1, workers)
         self.transform, self.shuffle_buffer, self.seed = transform, shuffle_buffer, seed
         self.with_keys = with_keys  # also yield each sample's __key__ (tests check exactly-once)
         self.records = records or {}  # shard URL -> its manifest size and sha256, checked as it streams
 
-    def _my_shards(self) -> tuple[list[str], int]:
-        info = get_worker_info()
-        worker = info.id if info is not None else 0
-        reader = self.rank * self.workers + worker
-        return self.readers[reader], reader
-
     def __iter__(self) -> Iterator[tuple]:
-        urls, reader = self._my_shards()
+        info = get_worker_info()
+        reader = self.rank * self.workers + (info.id if info is not None else 0)
+        epoch_seed = epoch_seed_of(self.seed, self.epoch.value)
+        urls = self.plan_of(epoch=self.epoch.value).readers[reader]
+        if info is not None:  # in a worker process: its own generator, reseeded every epoch
+            torch.manual_seed((epoch_seed * 1_000 + reader) % 2**63)
         samples = (s for url in urls for s in iter_shard_slice(url, self.records))
         if self.shuffle_buffer > 0:
-            samples = shuffled(samples, self.shuffle_buffer, random.Random(f"{self.seed}:{reader}"))
+            samples = shuffled(samples, self.shuffle_buffer, random.Random(f"{epoch_seed}:{reader}"))
         for image, label, key in decoded_samples(samples, self.decode):
             yield (self.transform(image), label, key) if self.with_keys else (self.transform(image), label)
 
@@ -303,76 +328,106 @@ def epoch_seed_of(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
-def make_loader(
-    location: str,
-    split: str,
-    input_config: dict,
-    batch_size: int,
-    *,
-    train: bool,
-    rank: int = 0,
-    world_size: int = 1,
-    workers: int = 2,
-    epoch: int = 0,
-    seed: int = 0,
-    shuffle_buffer: int = 1000,
-    pca_lighting: bool = False,
-    manifest: dict | None = None,
-    with_keys: bool = False,
-    holdout: int = 0,
-    uint8: bool = True,
-    device: torch.device | str | None = None,
-    decode: str = "worker",
-) -> tuple[Iterator, LoaderPlan]:
-    """An iterator of (images (B, 3, S, S) float32, labels (B,)) batches for one rank, and its plan.
+class ShardLoader:
+    """One rank's loader of one split for a whole run: its DataLoader's workers start at the first
+    epoch and, with ``persistent`` (the training loader), serve every later one, each re-planned
+    through a ``SharedEpoch``. ``epoch(e)`` -> (batches of epoch ``e``, its plan); ``close()``
+    stops the workers.
 
-    Training iterators stop after ``plan.steps`` batches on every rank; evaluation iterators yield
-    every sample of this rank's shards once (the last batch may be short). ``holdout``: see
-    ``split_shards`` (``split`` may then be ``holdout``). ``uint8``: the workers hand over uint8
-    images, finished on ``device`` (the images arrive there; labels stay on the CPU); False: the
-    float path, normalised in the workers (the reference, and what ``bireal bench data`` compares).
-    ``decode``: ``worker`` (PIL, in the loader's processes) or ``device``: the workers hand over the
-    JPEG bytes and ``pipeline.decode`` decodes and augments the batch on ``device`` (nvJPEG
-    on a GPU)."""
-    if decode not in DECODES:
-        raise ValueError(f"decode={decode!r}: one of {', '.join(DECODES)}")
-    manifest = manifest or read_manifest(location)
-    shards = split_shards(manifest, location, split, holdout)
-    plan = plan_epoch(shards, world_size, workers, batch_size, train, seed, epoch)
-    on_device = decode == "device"
-    epoch_seed = epoch_seed_of(seed, epoch)
-    stream = ShardStream(
-        plan.readers,
-        rank,
-        workers,
-        _worker_transform(input_config, train, pca_lighting, uint8, on_device),
-        shuffle_buffer if train else 0,
-        epoch_seed,
-        with_keys,
-        shard_records(manifest, location),
-        decode=encoded_sample if on_device else (decode_image if uint8 else decode_rgb),
-    )
-    # s3fs (aiobotocore) breaks in forked workers: remote shards get freshly started ones
-    context = "forkserver" if workers > 0 and storage.is_url(location) else None
-    device = torch.device(device or "cpu")
-    loader = DataLoader(
-        stream,
-        batch_size=batch_size,
-        num_workers=workers,
-        drop_last=train,
-        persistent_workers=False,  # one DataLoader per epoch: each epoch has its own plan
-        pin_memory=device.type == "cuda" and not on_device,  # JPEG files are decoded from host memory
-        collate_fn=collate_encoded if on_device else None,
-        multiprocessing_context=context,
-    )
-    batches = itertools.islice(iter(loader), plan.steps) if train else iter(loader)
-    if on_device:
-        recipe = DeviceRecipe(input_config, train, pca_lighting, recipe_generator(epoch_seed, rank))
-        batches = device_finished(batches, recipe, device)
-    elif uint8:
-        lighting = train and pca_lighting
-        batches = finished(batches, input_config["mean"], input_config["std"], device, lighting)
-    return batches, plan
+    Batches are (images (B, 3, S, S) float32, labels (B,)). Training iterators stop after
+    ``plan.steps`` batches on every rank; evaluation iterators yield every sample of this rank's
+    shards once (the last batch may be short). ``holdout``: see ``split_shards`` (``split`` may then
+    be ``holdout``). ``uint8``: the workers hand over uint8 images, finished on ``device`` (the
+    images arrive there; labels stay on the CPU); False: the float path, normalised in the workers
+    (the reference, and what ``bireal bench data`` compares). ``decode``: ``worker`` (in the
+    loader's processes) or ``device``: the workers hand over the JPEG bytes and ``pipeline.decode``
+    decodes and augments the batch on ``device`` (nvJPEG on a GPU)."""
+
+    def __init__(
+        self,
+        location: str,
+        split: str,
+        input_config: dict,
+        batch_size: int,
+        *,
+        train: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        workers: int = 2,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        pca_lighting: bool = False,
+        manifest: dict | None = None,
+        with_keys: bool = False,
+        holdout: int = 0,
+        uint8: bool = True,
+        device: torch.device | str | None = None,
+        decode: str = "worker",
+        persistent: bool = False,
+    ):
+        if decode not in DECODES:
+            raise ValueError(f"decode={decode!r}: one of {', '.join(DECODES)}")
+        manifest = manifest or read_manifest(location)
+        shards = split_shards(manifest, location, split, holdout)
+        self.plan_of = functools.partial(plan_epoch, shards, world_size, workers, batch_size, train, seed)
+        self.train, self.rank, self.seed, self.input_config = train, rank, seed, input_config
+        self.pca_lighting, self.uint8, self.on_device = pca_lighting, uint8, decode == "device"
+        self.device = torch.device(device or "cpu")
+        # s3fs (aiobotocore) breaks in forked workers: remote shards get freshly started ones
+        context = "forkserver" if workers > 0 and storage.is_url(location) else None
+        self.shared_epoch = SharedEpoch(context)
+        stream = ShardStream(
+            self.plan_of,
+            self.shared_epoch,
+            rank,
+            workers,
+            _worker_transform(input_config, train, pca_lighting, uint8, self.on_device),
+            shuffle_buffer if train else 0,
+            seed,
+            with_keys,
+            shard_records(manifest, location),
+            decode=encoded_sample if self.on_device else (decode_image if uint8 else decode_rgb),
+        )
+        self.loader = DataLoader(
+            stream,
+            batch_size=batch_size,
+            num_workers=workers,
+            drop_last=train,
+            persistent_workers=persistent and workers > 0,
+            pin_memory=self.device.type == "cuda" and not self.on_device,  # JPEG files are decoded from host memory
+            collate_fn=collate_encoded if self.on_device else None,
+            multiprocessing_context=context,
+        )
+
+    def epoch(self, epoch: int = 0) -> tuple[Iterator, LoaderPlan]:
+        """Epoch ``epoch``'s batches and plan. Starting an epoch abandons the previous one's batches
+        (the workers drop what they had prefetched)."""
+        plan = self.plan_of(epoch=epoch)
+        self.shared_epoch.value = epoch  # before iter(): that call (re)starts the workers' iteration
+        batches = itertools.islice(iter(self.loader), plan.steps) if self.train else iter(self.loader)
+        epoch_seed = epoch_seed_of(self.seed, epoch)
+        if self.on_device:
+            recipe = DeviceRecipe(
+                self.input_config, self.train, self.pca_lighting, recipe_generator(epoch_seed, self.rank)
+            )
+            batches = device_finished(batches, recipe, self.device)
+        elif self.uint8:
+            lighting = self.train and self.pca_lighting
+            batches = finished(batches, self.input_config["mean"], self.input_config["std"], self.device, lighting)
+        return batches, plan
+
+    def close(self) -> None:
+        """Stop the persistent workers now rather than when the loader is garbage collected."""
+        iterator = getattr(self.loader, "_iterator", None)  # torch keeps a persistent loader's iterator here
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+        self.loader._iterator = None
+
+
+def make_loader(location: str, split: str, input_config: dict, batch_size: int, *, epoch: int = 0, **options):
+    """One epoch of a ``ShardLoader`` whose workers end with it -> (batches, plan): for evaluation,
+    benchmarks and tests. ``options`` are ``ShardLoader``'s."""
+    return ShardLoader(location, split, input_config, batch_size, **options).epoch(epoch)
 
 
 def _worker_transform(input_config: dict, train: bool, pca_lighting: bool, uint8: bool, on_device: bool):

@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ import bireal_core as bc
 
 from . import storage
 from .params import STAGES, TrainConfig
+
+if TYPE_CHECKING:
+    from .data import ShardLoader
 
 __all__ = ["STAGES", "TrainConfig", "Runtime", "train_loop"]
 
@@ -743,6 +746,12 @@ class DataSpec:
     eval_split: str  # what val_* measures: the held-out split with ``holdout``, else val/test
     test_split: str | None = None  # reported beside it as test_* (with ``holdout``)
     resident: dict = field(default_factory=dict)  # loader: resident: split -> ResidentSplit
+    train_loader: ShardLoader | None = None  # loader: stream: its persistent workers serve every epoch
+
+    def close(self) -> None:
+        if self.train_loader is not None:
+            self.train_loader.close()
+            self.train_loader = None
 
 
 def data_spec(config: TrainConfig, manifest: dict, device: torch.device) -> DataSpec:
@@ -802,20 +811,22 @@ def epoch_batches(
             epoch=global_epoch,
             pca_lighting=config.pca_lighting,
         )
-    from .data import make_loader
+    if data.train_loader is None:  # the first epoch starts the workers; they serve every later one
+        from .data import ShardLoader
 
-    batches, plan = make_loader(
-        config.shards,
-        "train",
-        data.input_config,
-        config.batch_size,
-        train=True,
-        epoch=global_epoch,
-        seed=config.seed,
-        shuffle_buffer=config.shuffle_buffer,
-        pca_lighting=config.pca_lighting,
-        **_stream_where(config, runtime, data),
-    )
+        data.train_loader = ShardLoader(
+            config.shards,
+            "train",
+            data.input_config,
+            config.batch_size,
+            train=True,
+            seed=config.seed,
+            shuffle_buffer=config.shuffle_buffer,
+            pca_lighting=config.pca_lighting,
+            persistent=True,
+            **_stream_where(config, runtime, data),
+        )
+    batches, plan = data.train_loader.epoch(global_epoch)
     return batches, plan.steps, plan.left_out
 
 
@@ -936,47 +947,50 @@ def train_loop(
     history, model = progress.history, progress.model
     global_epoch = len(history)  # every epoch run so far (skipped clip extensions ran none)
 
-    for si in range(progress.segment, len(plan)):
-        seg, resuming = plan[si], si == progress.segment and progress.optimizer_state is not None
-        if seg.gated and not resuming and clip_recovered(config, history):
-            continue  # the clip twin is within the gate: no more clip epochs
-        if not resuming:
-            model = seg.prepare(model)
-        model = model.to(device, memory_format=memory_format(config, device))
-        packed_convs = route_binary_convs(model, config, device)
-        train_model = model
-        if runtime.world_size > 1:  # [dist]
-            train_model = nn.parallel.DistributedDataParallel(model)
-        optimizer = make_optimizer(model, config, seg.weight_decay)
-        if resuming:
-            optimizer.load_state_dict(progress.optimizer_state)
-        for epoch in range(progress.epoch if si == progress.segment else 0, seg.epochs):
-            metrics = run_epoch(
-                config, runtime, data, model, train_model, optimizer, seg, epoch, global_epoch, device, criterion
-            )
-            metrics["restarts"] = progress.restarts
-            metrics["resumed_from_epoch"] = progress.restored_epoch
-            metrics["restored_sha256"] = progress.restored_sha256
-            if runtime.rank == 0:  # the weights this epoch's checkpoint holds
-                metrics["weights_sha256"] = weights_digest(model)
-            metrics["packed_convs"] = packed_convs  # binary convs run on the packed ops (kernels: auto)
-            history.append(metrics)
-            ckpt_dir = Path(config.out) / ".train_state" / f"{config.stage}-epoch{global_epoch:03d}"
-            if runtime.rank == 0:
-                save_train_state(
-                    ckpt_dir, model, optimizer, si, epoch, history, config, {"restarts": progress.restarts}
+    try:
+        for si in range(progress.segment, len(plan)):
+            seg, resuming = plan[si], si == progress.segment and progress.optimizer_state is not None
+            if seg.gated and not resuming and clip_recovered(config, history):
+                continue  # the clip twin is within the gate: no more clip epochs
+            if not resuming:
+                model = seg.prepare(model)
+            model = model.to(device, memory_format=memory_format(config, device))
+            packed_convs = route_binary_convs(model, config, device)
+            train_model = model
+            if runtime.world_size > 1:  # [dist]
+                train_model = nn.parallel.DistributedDataParallel(model)
+            optimizer = make_optimizer(model, config, seg.weight_decay)
+            if resuming:
+                optimizer.load_state_dict(progress.optimizer_state)
+            for epoch in range(progress.epoch if si == progress.segment else 0, seg.epochs):
+                metrics = run_epoch(
+                    config, runtime, data, model, train_model, optimizer, seg, epoch, global_epoch, device, criterion
                 )
-            if runtime.rank == 0 and on_epoch is not None:  # before report: Tune may stop the trial there
-                on_epoch(metrics)
-            runtime.report(metrics, ckpt_dir)  # [dist] report + checkpoint
-            if runtime.rank == 0:
-                prune_train_states(config.out, config.stage)
-            global_epoch += 1
-        if runtime.rank == 0 and seg.save_as:
-            save_stage_checkpoint(config, seg.save_as, model, history)
-        _wait_for_rank0()
-        check_relu_floor(config, plan, si, history)
-        check_clip_gate(config, plan, si, history)
+                metrics["restarts"] = progress.restarts
+                metrics["resumed_from_epoch"] = progress.restored_epoch
+                metrics["restored_sha256"] = progress.restored_sha256
+                if runtime.rank == 0:  # the weights this epoch's checkpoint holds
+                    metrics["weights_sha256"] = weights_digest(model)
+                metrics["packed_convs"] = packed_convs  # binary convs run on the packed ops (kernels: auto)
+                history.append(metrics)
+                ckpt_dir = Path(config.out) / ".train_state" / f"{config.stage}-epoch{global_epoch:03d}"
+                if runtime.rank == 0:
+                    save_train_state(
+                        ckpt_dir, model, optimizer, si, epoch, history, config, {"restarts": progress.restarts}
+                    )
+                if runtime.rank == 0 and on_epoch is not None:  # before report: Tune may stop the trial there
+                    on_epoch(metrics)
+                runtime.report(metrics, ckpt_dir)  # [dist] report + checkpoint
+                if runtime.rank == 0:
+                    prune_train_states(config.out, config.stage)
+                global_epoch += 1
+            if runtime.rank == 0 and seg.save_as:
+                save_stage_checkpoint(config, seg.save_as, model, history)
+            _wait_for_rank0()
+            check_relu_floor(config, plan, si, history)
+            check_clip_gate(config, plan, si, history)
+    finally:
+        data.close()  # the training loader's persistent workers
     final = stage_checkpoint(config, config.stage)
     main = [seg for seg in plan if not seg.side]
     if plan[-1].side and main:  # the stage's result is its main line's last model, saved as it ended

@@ -16,7 +16,7 @@ from imagegen import COLORS, WNIDS, add_bad_files, ilsvrc_tars, image_folder, ma
 from PIL import Image
 
 import bireal_core as bc
-from pipeline.data import make_loader, plan_epoch, read_manifest, split_shards
+from pipeline.data import iter_shard_slice, make_loader, plan_epoch, read_manifest, split_shards
 from pipeline.shard import ShardError, ShardParams, shard_dataset, verify_shards
 from pipeline.sources import SourceError
 
@@ -212,6 +212,52 @@ def test_train_equal_steps_at_most_once_and_reshuffled_2x2(demo_shards):
     assert per_epoch[0] != per_epoch[1]  # reshuffled each epoch
 
 
+def test_persistent_workers_serve_every_epoch_as_workers_started_for_it(demo_shards):
+    """The training loader's workers start once: the same processes serve every epoch, each
+    re-planned from the shared epoch number and reseeded from it. So epoch e's batches (keys,
+    labels, pixels) are those of a loader started for epoch e alone, also after an epoch abandoned
+    halfway (``max_steps_per_epoch``: what the workers had prefetched is dropped); ``close`` ends them."""
+    import multiprocessing
+
+    import torch
+
+    from pipeline.data import ShardLoader
+
+    config, location = bc.default_input_config("small"), str(demo_shards)
+    options = dict(train=True, world_size=2, workers=2, seed=5, with_keys=True)  # rank 0 of 2
+
+    def started_for(epoch: int) -> list:
+        return list(make_loader(location, "train", config, 16, epoch=epoch, **options)[0])
+
+    def children() -> set[int]:
+        return {p.pid for p in multiprocessing.active_children()}
+
+    def planned_keys(plan) -> set[str]:  # what the plan deals to rank 0's two workers
+        return {s["__key__"] for urls in plan.readers[:2] for url in urls for s in iter_shard_slice(url)}
+
+    before = children()
+    loader = ShardLoader(location, "train", config, 16, persistent=True, **options)
+    try:
+        first, _ = loader.epoch(0)
+        halfway = [next(first) for _ in range(3)]
+        workers = children() - before
+        assert len(workers) == 2
+        for epoch in (1, 2):
+            batches, plan = loader.epoch(epoch)
+            ours = list(batches)
+            assert children() - before == workers  # the same two processes
+            keys = {k for _, _, batch_keys in ours for k in batch_keys}
+            assert len(keys) == plan.steps * 16 and keys <= planned_keys(plan) != planned_keys(loader.plan_of(epoch=0))
+            reference = started_for(epoch)
+            assert len(ours) == len(reference) == plan.steps > 0
+            for (x, y, keys), (x_ref, y_ref, keys_ref) in zip(ours, reference):
+                assert list(keys) == list(keys_ref) and torch.equal(y, y_ref) and torch.equal(x, x_ref)
+        assert [list(k) for _, _, k in halfway] == [list(k) for _, _, k in started_for(0)[:3]]
+    finally:
+        loader.close()
+    assert children() - before == set()
+
+
 def test_plan_never_starves_a_rank():
     shards = [(f"s{i}", n) for i, n in enumerate([100, 100, 7])]
     plan = plan_epoch(shards, world_size=2, workers=2, batch_size=16, train=True)
@@ -263,7 +309,6 @@ def test_the_uint8_loader_draws_as_the_float_path_and_gives_its_pixels_within_a_
     level = torch.tensor(config["std"])[:, None, None] * 255  # one uint8 step, normalised
 
     def batches(uint8: bool, train: bool) -> list:
-        torch.manual_seed(7)  # the worker's seed is drawn from this generator
         split = "train" if train else "val"
         loader, _ = make_loader(
             str(tmp_path / "shards"), split, config, 3, train=train, workers=1, pca_lighting=True, uint8=uint8, seed=3

@@ -108,16 +108,18 @@ def test_binarize_learns_above_chance(three_stages):
 
 def test_packed_kernels_train_like_the_float_path(three_stages, demo_shards, tmp_path):
     """The fixture's binarize ran with ``kernels: auto`` (the default: packed convs); the same run on
-    the float path must match it epoch by epoch within seed noise. Measured on this data (seeds 0
-    and 1 of the float path, 3 epochs from scratch): val top-1 spread 0.16, 0.05, 0.003 by epoch."""
+    the float path must end where it ends, within seed noise. Measured on this data (seeds 0, 1, 2,
+    3 epochs, both paths, 2026-12-05): val top-1 after the last epoch 0.917-0.944, packed against
+    float at one seed at most 0.013 apart; the earlier epochs swing too much to compare (epoch 1:
+    0.60-0.91 across seeds on the float path), so they are printed, not asserted."""
     out, results = three_stages
     packed = results["binarize"]["history"]
     cfg = smoke_config(demo_shards, tmp_path, stage="binarize", kernels="float", init_from=str(out))
     float_path = train_loop(cfg)["history"]
-    bounds = [0.2] + [0.06] * (len(packed) - 1)  # epoch 1 swings most
-    for p, f, bound in zip(packed, float_path, bounds):
+    assert len(packed) == len(float_path) == 3
+    for p, f in zip(packed, float_path):
         print(f"epoch {p['epoch']}: val top-1 packed {p['val_top1']:.3f} float {f['val_top1']:.3f}")
-        assert abs(p["val_top1"] - f["val_top1"]) <= bound
+    assert abs(packed[-1]["val_top1"] - float_path[-1]["val_top1"]) <= 0.03
     assert abs(packed[-1]["train_loss"] - float_path[-1]["train_loss"]) < 0.1
 
 
@@ -473,8 +475,8 @@ def _nan_at(steps: set[int]):
 
 def test_a_nan_loss_stops_the_stage_before_any_checkpoint_of_it(demo_shards, tmp_path, monkeypatch):
     """NaN at global step 8 (epoch 1 of 3, 6 steps each): the stage stops in that epoch naming
-    stage, epoch and step; epoch 0's train state stays the latest, and nothing non-finite is on
-    disk (the stage checkpoint is not written)."""
+    stage, epoch and step; epoch 0's train state stays the latest, nothing non-finite is on disk
+    (the stage checkpoint is not written), and no loader worker is left running."""
     import pipeline.train as train_module
 
     poisoned = _nan_at({8})
@@ -482,8 +484,13 @@ def test_a_nan_loss_stops_the_stage_before_any_checkpoint_of_it(demo_shards, tmp
     cfg = smoke_config(
         demo_shards, tmp_path, stage="binarize", init="scratch", epochs=3, max_steps_per_epoch=6, finite_check_steps=2
     )
-    with pytest.raises(train_module.NonFiniteLossError, match="binarize stage, segment binarize, epoch 1, step 8"):
+    before = {p.pid for p in mp.active_children()}
+    with pytest.raises(
+        train_module.NonFiniteLossError, match="binarize stage, segment binarize, epoch 1, step 8"
+    ) as stop:
         train_loop(cfg)
+    # the loader's persistent workers ended with the stage, though its traceback (in ``stop``) is kept
+    assert stop.value.__traceback__ is not None and {p.pid for p in mp.active_children()} <= before
     states = sorted(p.name for p in (tmp_path / ".train_state").iterdir())
     assert states == ["binarize-epoch000"]  # the last good state is the latest
     model, _ = bc.load_checkpoint(tmp_path / ".train_state" / "binarize-epoch000" / "model.safetensors")

@@ -13,7 +13,8 @@ first where it is not (``setup.py build_ext --inplace`` for this GPU), then
    processes and with none, over the whole train split;
 3. the step alone on synthetic batches already on the GPU (``pipeline.train_bench.step_rate``:
    ``train_one_epoch``'s forward, loss, backward and optimizer step, median of 3 runs): Bi-Real-18
-   binarize with kernels float and auto in fp32 and bf16, Bi-Real-152 binarize the same, float
+   binarize with kernels float and auto in fp32 and bf16 (auto also on the bmma_lean CUDA path),
+   Bi-Real-152 binarize the same, float
    ResNet-18 and ResNet-152 (torchvision) in bf16, all channels_last, and Bi-Real-18 under
    ``torch.compile`` in bf16 with the faster kernels setting (its compile time apart);
 4. loader + step: Bi-Real-18 binarize in bf16 with the faster kernels setting, fed by the
@@ -173,11 +174,25 @@ def step_rows(batch: int, deep_batch: int, steps: int, device: torch.device, wid
                 model, packed = routed_model(config, device)
                 rate = step_rate(config, model, device, steps)
                 yield _step_row(config, f"step: {binary} binarize, kernels {kernels}, {precision}", rate, packed)
+            if device.type == "cuda" and binary == "bireal18":  # the lean epilogue under test (issue 25)
+                yield lean_step_row(replace(base, precision=precision, kernels="auto"), device, steps)
         if resnet in models:  # the float baseline at the same batch, in bf16
             config = replace(base, precision="bf16", kernels="float")
             model = float_resnet(resnet, device, config)
             rate = step_rate(config, model, device, steps)
             yield _step_row(config, f"step: {resnet} (float, torchvision), bf16", rate)
+
+
+def lean_step_row(config, device: torch.device, steps: int) -> dict:
+    """kernels auto with its convs on the bmma_lean CUDA path (the default path is bmma)."""
+    from cuda_ext import ops
+    from pipeline.train_bench import routed_model, step_rate
+
+    model, packed = routed_model(config, device)
+    with ops.forced_cuda_path("bmma_lean"):
+        rate = step_rate(config, model, device, steps)
+    what = f"step: {config.arch} binarize, kernels auto on bmma_lean, {config.precision}"
+    return {**_step_row(config, what, rate, packed), "cuda_path": "bmma_lean"}
 
 
 def _step_row(config, what: str, rate: float, packed: int = 0) -> dict:
@@ -328,6 +343,7 @@ def fastest_bf16(rows: list[dict], arch: str) -> dict | None:
         if r["what"].startswith(f"step: {arch} binarize")
         and r.get("precision") == "bf16"
         and "compile" not in r["what"]
+        and "cuda_path" not in r  # a setting a user can choose: the default CUDA path
     ]
     return max(found, key=lambda r: r["img_s"]) if found else None
 

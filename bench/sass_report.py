@@ -1,8 +1,9 @@
 """What the CUDA kernels compiled to, read from the extension's fat binary without a GPU: per target
 (sm_80, sm_90a) and kernel, registers, shared and local (spilled) memory, the SASS instruction
-count, the 1-bit MMAs (BMMA ... AND.POPC), and for the tensor-core kernels the instructions after
-the last MMA (the epilogue, counted statically: a loop's body once) per output element of a
-thread, the number a lean epilogue brings down to about 10.
+count (predicated ones included), the 1-bit MMAs (BMMA ... AND.POPC), and for the tensor-core
+kernels the epilogue's size per output element of a thread: the instructions after the main loop
+(after its backward branch, or after the last MMA where the compiler peeled the last k-step),
+counted statically, a loop's body once; the number a lean epilogue brings down to about 10.
 
     python3 -m bench.sass_report [--so cuda_ext/_C*.so] [--json FILE]
 """
@@ -18,20 +19,71 @@ import sys
 # outputs per thread of the bmma kernels: a warp's 32 x 64 tile over 32 lanes (binary_conv_cuda.cu)
 OUTPUTS_PER_THREAD = 32 * 64 // 32
 KERNELS = ("binary_conv2d_bmma_kernel", "binary_conv2d_bmma_async_kernel", "binary_conv2d_simt_kernel",
-           "tap_sums_kernel")  # fmt: skip
-INSTRUCTION = re.compile(r"/\*[0-9a-f]{4,}\*/\s+([A-Z][A-Z0-9_.]*)")
+           "tap_sums_kernel", "binary_conv2d_bmma_lean_kernel", "border_classes_kernel")  # fmt: skip
+# bmma_lean's template options (binary_conv_lean.cu), bit by bit
+LEAN_OPTIONS = ("scale", "bias", "residual", "bf16", "pack")
+FUNCTION = re.compile(r"Function : (\S+)")
+# one SASS instruction: /*address*/ [@predicate] OPCODE operands ;
+INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 
 
 def sass_of(sass: str, kernel_name: str) -> str:
-    """The SASS of one kernel from a cuobjdump --dump-sass listing."""
-    start = sass.index(kernel_name + "E")  # mangled: ...<name>ENS0_10ConvParamsE
-    end = sass.find("Function :", start)
+    """The SASS of one kernel (its first instantiation, for a template) from a cuobjdump --dump-sass
+    listing."""
+    start = next(m.start() for m in FUNCTION.finditer(sass) if _base_name(m.group(1)) == kernel_name)
+    end = sass.find("Function :", start + 1)
     return sass[start : end if end > 0 else len(sass)]
 
 
+def kernels_in(sass: str) -> list[tuple[str, str, str]]:
+    """[(readable name, mangled name, SASS)] of every kernel of KERNELS in a --dump-sass listing; a
+    bmma_lean instantiation is named by its options, e.g. binary_conv2d_bmma_lean_kernel<scale|bf16>."""
+    found = []
+    starts = list(FUNCTION.finditer(sass))
+    for i, m in enumerate(starts):
+        base = _base_name(m.group(1))
+        if base not in KERNELS:
+            continue
+        end = starts[i + 1].start() if i + 1 < len(starts) else len(sass)
+        found.append((_readable(m.group(1), base), m.group(1), sass[m.start() : end]))
+    return found
+
+
+def _base_name(mangled: str) -> str:
+    """The kernel's own name in a mangled one: ..._cu_<hash><length><name>[I<template args>]E..."""
+    match = re.search(r"(\d+)([A-Za-z_]\w*?)(?:I.*)?E(?:N|v|P|i)", mangled)
+    names = [name for name in KERNELS if name in mangled]
+    return max(names, key=len) if names else (match.group(2) if match else mangled)
+
+
+def _readable(mangled: str, base: str) -> str:
+    options = re.search(r"ILi(\d+)EE", mangled)
+    if base != "binary_conv2d_bmma_lean_kernel" or options is None:
+        return base
+    bits = int(options.group(1))
+    return f"{base}<{'|'.join(n for i, n in enumerate(LEAN_OPTIONS) if bits >> i & 1) or 'plain'}>"
+
+
 def instructions(kernel_sass: str) -> list[str]:
-    """The kernel's instructions (opcodes with their modifiers), in order."""
-    return INSTRUCTION.findall(kernel_sass)
+    """The kernel's instructions (opcodes with their modifiers), in order, predicated ones included."""
+    return [opcode for _, opcode, _ in INSTRUCTION.findall(kernel_sass)]
+
+
+def epilogue_size(kernel_sass: str) -> int | None:
+    """Instructions after a tensor-core kernel's main loop: after the last branch back to an address
+    at or before the last BMMA (the loop over k-steps), else after the last BMMA; None without BMMAs."""
+    found = [(int(address, 16), opcode, operands) for address, opcode, operands in INSTRUCTION.findall(kernel_sass)]
+    mmas = [i for i, (_, opcode, _) in enumerate(found) if opcode.startswith("BMMA")]
+    if not mmas:
+        return None
+    last_mma_address = found[mmas[-1]][0]
+    loop_end = mmas[-1]
+    for i in range(mmas[-1] + 1, len(found)):
+        address, opcode, operands = found[i]
+        target = re.search(r"0x([0-9a-f]+)", operands)
+        if opcode.startswith("BRA") and target and int(target.group(1), 16) <= last_mma_address:
+            loop_end = i
+    return len(found) - loop_end - 1
 
 
 def resources(listing: str) -> dict[tuple[str, str], dict]:
@@ -55,25 +107,22 @@ def report(so: str, tool: str) -> list[dict]:
     for sm in sorted(set(re.findall(r"\.(sm_\d+a?)\.cubin", listing))):
         dump = [tool, "--dump-sass", "--gpu-architecture", sm, so]
         sass = subprocess.run(dump, capture_output=True, text=True).stdout
-        for name in KERNELS:
-            if name + "E" not in sass:
-                continue
-            ops = instructions(sass_of(sass, name))
+        for name, mangled, kernel_sass in kernels_in(sass):
+            ops = instructions(kernel_sass)
             mmas = [i for i, op in enumerate(ops) if op.startswith("BMMA")]
-            function = next((f for (s, f) in usage if s == sm and name in f), None)
             row = {"sm": sm, "kernel": name, "instructions": len(ops), "bmma": len(mmas),
-                   **usage.get((sm, function), {})}  # fmt: skip
-            if mmas:
-                row["after_last_mma"] = len(ops) - mmas[-1] - 1
-                row["after_last_mma_per_output"] = round(row["after_last_mma"] / OUTPUTS_PER_THREAD, 1)
+                   **usage.get((sm, mangled), {})}  # fmt: skip
+            epilogue = epilogue_size(kernel_sass)
+            if epilogue is not None:
+                row["epilogue"] = epilogue
+                row["epilogue_per_output"] = round(epilogue / OUTPUTS_PER_THREAD, 1)
             rows.append(row)
     return rows
 
 
 def format_rows(rows: list[dict]) -> str:
-    cols = ("sm", "kernel", "instructions", "bmma", "reg", "shared", "local", "after_last_mma",
-            "after_last_mma_per_output")  # fmt: skip
-    widths = (8, 34, 13, 6, 5, 8, 7, 15, 26)
+    cols = ("sm", "kernel", "instructions", "bmma", "reg", "shared", "local", "epilogue", "epilogue_per_output")
+    widths = (8, 62, 13, 6, 5, 8, 7, 10, 21)
     lines = ["".join(f"{c:>{w}}" for c, w in zip(cols, widths))]
     lines += ["".join(f"{str(r.get(c, '-')):>{w}}" for c, w in zip(cols, widths)) for r in rows]
     return "\n".join(lines)

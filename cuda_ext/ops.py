@@ -55,8 +55,10 @@ def cuda_built() -> bool:
 
 
 def cuda_paths() -> list[str]:
-    """CUDA code paths: 'bmma' (1-bit tensor cores, the default), 'simt' (CUDA-core cross-check) and
-    'bmma_async' (operand tiles staged in shared memory by cp.async; the faster variant under test)."""
+    """CUDA code paths: 'bmma' (1-bit tensor cores, the default), 'simt' (CUDA-core cross-check),
+    'bmma_async' (operand tiles staged in shared memory by cp.async) and 'bmma_lean' (bmma's main
+    loop with an epilogue compiled for each option set; bmma runs what it does not instantiate).
+    The last two are variants under test until a GPU run measures them."""
     return list(_C.cuda_paths())
 
 

@@ -56,6 +56,7 @@ QUICK = [
     Case("tiny", 2, 33, 7, 5, 4),
     Case("two-words", 1, 100, 70, 6, 5, stride=2, pad_value=1.0),
     Case("bf16", 1, 64, 64, 4, 4, bf16=True),
+    Case("partial-tiles-72", 3, 100, 72, 7, 6),  # bmma_lean: M = 126 rows, O = 64 + 8 channels
 ]
 FULL = QUICK + [
     Case("bireal18-64x56", 2, 64, 64, 56, 56),
@@ -72,6 +73,8 @@ FULL = QUICK + [
     Case("zero-out-channels", 2, 64, 0, 5, 5),
     Case("bf16-bireal18-64x56", 2, 64, 64, 56, 56, bf16=True),
     Case("bf16-odd", 2, 131, 67, 9, 11, stride=2, pad_value=-1.0, bf16=True),
+    Case("pad3-7x7-s2", 2, 64, 64, 13, 11, kernel=(7, 7), stride=2, padding=3),  # 4^4 border classes
+    Case("pad4-routed", 2, 64, 64, 9, 9, kernel=(3, 3), padding=4),  # bmma_lean runs bmma for it
 ]
 
 
@@ -213,7 +216,7 @@ def print_row(r: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="three small cases (for compute-sanitizer)")
+    parser.add_argument("--quick", action="store_true", help="four small cases (for compute-sanitizer)")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     args = parser.parse_args(argv)

@@ -17,7 +17,7 @@ from cuda_ext.reference import binary_block_ref, binary_conv2d_ref, pack_signs_r
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and ops.cuda_built()), reason="needs a CUDA GPU and the CUDA build of cuda_ext"
 )
-PATHS = ["bmma", "simt", "bmma_async"]
+PATHS = ["bmma", "simt", "bmma_async", "bmma_lean"]
 CASES = list(itertools.product([3, 31, 64, 100, 130, 256], [1, 2], [1, 3], [0.0, 1.0, -1.0]))
 
 
@@ -52,6 +52,40 @@ def assert_block_equal(path, args, scale=None, bias=None, residual=None, out_dty
     assert conv.dtype == ref_out.dtype and conv.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(conv.cpu(), ref_out)
     assert torch.equal(out.cpu(), ref_out) and torch.equal(packed.cpu(), ref_packed)
+
+
+# bmma_lean runs what it instantiates (binary_conv_lean.cu) for O % 8 == 0 and padding <= 3, and
+# routes everything else to bmma; PATHS runs every test on it, where O = 70 or 33 takes the route.
+LEAN_SHAPES = list(itertools.product([3, 64, 130], [1, 2, 3], [(3, 1), (5, 2), (7, 3), (1, 0), (3, 4)]))
+
+
+@pytest.mark.parametrize("out_channels", [8, 72, 128])
+@pytest.mark.parametrize("channels,stride,kernel_padding", LEAN_SHAPES)
+@pytest.mark.parametrize("pad_value", [0.0, 1.0, -1.0])
+def test_bmma_lean_every_option_set(out_channels, channels, stride, kernel_padding, pad_value):
+    """Each instantiated option set (bare, alpha only, folded batch norm with and without a residual
+    of the output's type, float32 and bfloat16 out) and some that are routed to bmma (scale and bias
+    without packing, a float32 residual under bfloat16 output, padding 4), on output tiles cut by
+    M (3 x 11 x 9 pixels at stride 1) and by O (72: a partial 64-channel tile), equal the reference."""
+    kernel, padding = kernel_padding
+    x, w = cuda_case(3, channels, out_channels, 11, 9, kernel, seed=channels + 10 * stride + kernel)
+    args = (pack_signs_ref(x), pack_weight_ref(w), channels, stride, padding, pad_value)
+    ref = binary_conv2d_ref(*args)
+    scale, bias = torch.rand(out_channels) + 0.5, torch.randn(out_channels)
+    for out_dtype in (None, torch.bfloat16):
+        same_type = torch.randn_like(ref).to(out_dtype or torch.float32)
+        for options in ((None, None, None), (scale, None, None), (scale, bias, None), (scale, bias, same_type),
+                        (scale, bias, torch.randn_like(ref))):  # fmt: skip
+            assert_block_equal("bmma_lean", args, *options, out_dtype=out_dtype)
+
+
+def test_bmma_lean_after_the_weights_change():
+    """kernels: auto packs new weights every step: the border classes come from each call's weights."""
+    x, w = cuda_case(2, 64, 64, 7, 7, 3, seed=5)
+    args = (pack_signs_ref(x), pack_weight_ref(w), 64, 1, 1, 0.0)
+    assert_block_equal("bmma_lean", args, torch.rand(64), torch.randn(64))
+    args = (args[0], pack_weight_ref(-w.roll(1, dims=0)), *args[2:])
+    assert_block_equal("bmma_lean", args, torch.rand(64), torch.randn(64))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])

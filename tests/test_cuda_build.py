@@ -1,6 +1,7 @@
 """The CUDA kernels are compiled and loadable wherever a CUDA torch and nvcc are present, GPU or not:
 compile errors and wrong targets surface here, before any GPU time (the GPU checks: test_cuda.py)."""
 
+import itertools
 import os
 import shutil
 import subprocess
@@ -8,7 +9,7 @@ import subprocess
 import pytest
 import torch
 
-from bench.sass_report import sass_of
+from bench.sass_report import kernels_in, sass_of
 from cuda_ext import ops
 from cuda_ext.build_config import cuda_build_plan, find_cuobjdump
 
@@ -32,7 +33,7 @@ def test_cuda_kernels_built_and_registered():
     for op in ("pack_signs", "binary_conv2d", "binary_block"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bireal::{op}", "CUDA"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bireal::{op}", "CPU"), op
-    assert ops.cuda_paths() == ["bmma", "simt", "bmma_async"]
+    assert ops.cuda_paths() == ["bmma", "simt", "bmma_async", "bmma_lean"]
 
 
 @needs_cuda_build
@@ -54,8 +55,9 @@ def test_machine_code_for_sm80_and_sm90a_with_native_bmma():
         sass = subprocess.run(
             [tool, "--dump-sass", "--gpu-architecture", sm, so], capture_output=True, text=True, check=True
         ).stdout
-        for name in ("binary_conv2d_bmma_kernel", "binary_conv2d_bmma_async_kernel"):
-            kernel = sass_of(sass, name)
+        tensor_core = [(name, k) for name, _, k in kernels_in(sass) if "bmma" in name]
+        assert len(tensor_core) == 2 + 8, [name for name, _ in tensor_core]  # bmma, bmma_async, 8 bmma_lean
+        for name, kernel in tensor_core:
             assert kernel.count("BMMA.168256.AND.POPC") == 32, f"{sm} {name}: expected 32 AND-popc BMMAs per k-step"
             assert "XOR.POPC" not in kernel
             assert "LDL" not in kernel and "STL" not in kernel, f"{sm} {name}: registers spilled to local memory"
@@ -146,6 +148,49 @@ def test_tensor_core_arithmetic_matches_reference(channels, stride, kernel, pad_
     assert torch.equal(and_popc_conv_model(px, pw_dirty, channels, stride, kernel // 2, pad_value), expected)
 
 
+def border_class_conv_model(px, pw, channels, stride, padding):
+    """bmma_lean's zero padding, word for word in torch: the dot products with every border tap read
+    as the fill word 0 (all -1), plus the table entry of the pixel's border class (a, b, c, d): the
+    tap rows above and below the image and the tap columns left and right of it, each at most
+    ``padding``; the entry sums S[tap][o] over the taps with kh < a, kh >= KH - b, kw < c or kw >= KW - d."""
+    n, h, w, _ = px.shape
+    o, kh, kw, _ = pw.shape
+    cw = pw.shape[-1]
+    tail = (1 << (channels - 64 * (cw - 1))) - 1 if channels % 64 else -1
+    valid = torch.tensor([-1] * (cw - 1) + [tail if tail < 2**63 else tail - 2**64], dtype=torch.int64)
+    taps_sum = 2 * _popcount(pw & valid).sum(-1) - channels  # S: (O, KH, KW)
+    P = padding + 1
+    table = torch.zeros(P, P, P, P, o, dtype=torch.int64)
+    for a, b, c, d in itertools.product(range(P), repeat=4):
+        outside = torch.zeros(kh, kw, dtype=torch.bool)
+        outside[:a], outside[kh - b :], outside[:, :c], outside[:, kw - d :] = True, True, True, True  # [KH:] is empty
+        table[a, b, c, d] = (taps_sum * outside).sum((1, 2))
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+    dot = and_popc_conv_model(px, pw, channels, stride, padding, -1.0)  # (N, O, Ho, Wo)
+    for oh, ow in itertools.product(range(ho), range(wo)):
+        ih0, iw0 = oh * stride - padding, ow * stride - padding
+        a, b, c, d = max(0, -ih0), max(0, ih0 + kh - h), max(0, -iw0), max(0, iw0 + kw - w)
+        assert max(a, b, c, d) <= padding  # so P^4 classes cover every pixel
+        dot[:, :, oh, ow] += table[a, b, c, d].double()
+    return dot
+
+
+@pytest.mark.parametrize(
+    "channels,stride,kernel,padding,side",
+    [(3, 1, 3, 1, (7, 6)), (70, 2, 3, 1, (7, 6)), (64, 1, 5, 2, (6, 9)), (33, 3, 7, 3, (8, 5)), (130, 1, 3, 1, (2, 1)),
+     (100, 1, 5, 2, (3, 2)), (65, 2, 3, 2, (4, 4))],
+)  # fmt: skip
+def test_the_lean_kernels_border_classes_match_the_reference(channels, stride, kernel, padding, side):
+    """binary_conv_lean.cu's correction of zero padding from a table of border classes gives the
+    reference's dot products, also on images smaller than the kernel (rows cut above and below)."""
+    from cuda_ext.reference import binary_conv2d_ref, pack_signs_ref, pack_weight_ref
+
+    x, w = torch.randn(2, channels, *side), torch.randn(9, channels, kernel, kernel)
+    px, pw = pack_signs_ref(x), pack_weight_ref(w)
+    expected = binary_conv2d_ref(px, pw, channels, stride, padding, 0.0).double()
+    assert torch.equal(border_class_conv_model(px, pw, channels, stride, padding), expected)
+
+
 def test_extension_uses_the_shared_libstdcxx():
     """The extension resolves the C++ library from the libstdc++ the process loads: a copy linked in
     by a -static-libstdc++ compiler driver breaks number formatting in every error message (cut short
@@ -169,7 +214,7 @@ def test_smoke_script_on_the_cpu_paths(capsys):
     assert smoke.main(["--device", "cpu", "--quick"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if " ok " in line]
-    assert len(rows) == 4 + 3 * len(ops.cpu_paths())  # pack_signs x 4 dtypes, 3 cases per path
+    assert len(rows) == 4 + len(smoke.QUICK) * len(ops.cpu_paths())  # pack_signs x 4 dtypes, the cases per path
     assert all("first (n,h,w,word)=None" in r for r in rows)
     assert out.strip().endswith(f"smoke: {len(rows)} of {len(rows)} checks exact")
     wrong, first = smoke.first_mismatch(
@@ -181,7 +226,9 @@ def test_smoke_script_on_the_cpu_paths(capsys):
 @needs_cuda_build
 def test_the_sass_report_reads_every_kernel_of_both_targets():
     """bench/sass_report.py (what the kernels compiled to, without a GPU): both targets' tensor-core
-    kernels with their 32 BMMAs per k-step, nothing spilled, and an epilogue size per output."""
+    kernels with their 32 BMMAs per k-step, nothing spilled, and an epilogue size per output; the
+    lean epilogue's instantiations at most a third of bmma's, in at most 168 registers (3 blocks of
+    4 warps per SM, as bmma)."""
     from bench.sass_report import report
 
     tool = cuobjdump()
@@ -192,5 +239,12 @@ def test_the_sass_report_reads_every_kernel_of_both_targets():
         for kernel in ("binary_conv2d_bmma_kernel", "binary_conv2d_bmma_async_kernel"):
             row = rows[(sm, kernel)]
             assert row["bmma"] == 32 and row["local"] == 0 and 0 < row["reg"] <= 255, row
-            assert 0 < row["after_last_mma"] < row["instructions"] and row["after_last_mma_per_output"] > 0
+            assert 0 < row["epilogue"] < row["instructions"] and row["epilogue_per_output"] > 0
         assert rows[(sm, "binary_conv2d_simt_kernel")]["bmma"] == 0
+        lean = {k: r for (s, k), r in rows.items() if s == sm and k.startswith("binary_conv2d_bmma_lean_kernel<")}
+        assert len(lean) == 8, sorted(lean)
+        reference = rows[(sm, "binary_conv2d_bmma_kernel")]["epilogue_per_output"]
+        for kernel, row in lean.items():
+            assert row["bmma"] == 32 and row["reg"] <= 168, row
+            assert 0 < row["epilogue_per_output"] <= reference / 3, (kernel, row, reference)
+        assert lean["binary_conv2d_bmma_lean_kernel<scale|bf16>"]["epilogue_per_output"] <= 12  # the training conv

@@ -42,6 +42,25 @@ def test_the_gpu_training_run_writes_every_row_on_a_cpu(tmp_path):
     assert uint8["ratio"] == round(loaders[1]["img_s"] / loaders[0]["img_s"], 3) and uint8["target"] == 2.0
 
 
+def test_the_lean_step_row_on_a_cpu():
+    """The GPU-only step row of kernels auto on the bmma_lean CUDA path (on a CPU its convs run the
+    CPU kernels): written as the other step rows, marked with its path, and never the setting the
+    end-to-end row picks."""
+    from dataclasses import replace
+
+    import torch
+
+    from pipeline.params import load_params
+
+    config = load_params(gpu_train.OFFICIAL).train("binarize", {"width": 0.25, "batch_size": 2}, tuned=False)
+    row = gpu_train.lean_step_row(replace(config, precision="bf16", kernels="auto"), torch.device("cpu"), 1)
+    assert row["what"] == "step: bireal18 binarize, kernels auto on bmma_lean, bf16" and row["cuda_path"] == "bmma_lean"
+    assert row["img_s"] > 0 and row["packed_convs"] > 0
+    plain = {**row, "what": "step: bireal18 binarize, kernels float, bf16", "img_s": row["img_s"] / 2}
+    plain.pop("cuda_path")
+    assert gpu_train.fastest_bf16([row, plain], "bireal18") is plain
+
+
 def test_the_profile_groups_a_forwards_time_by_kernel(tmp_path):
     argv = ["--out", str(tmp_path), "--device", "cpu", "--batches", "1", "--iters", "1", "--width", "0.25"]
     assert gpu_profile.main(argv) == 0

@@ -26,8 +26,10 @@
 // MMAs, the epilogue straight from the accumulator registers) and `bmma_async` (the block's A and B
 // tiles staged through shared memory with cp.async, double buffered, each weight tile loaded once
 // per block and read by its four warps; the epilogue staged through shared memory, a row at a time
-// with coalesced stores).
+// with coalesced stores). Their shared device code is in bmma_common.cuh; a third variant,
+// `bmma_lean` (binary_conv_lean.cu), keeps bmma's main loop and compiles the epilogue per option set.
 #include "binary_conv.h"
+#include "bmma_common.cuh"
 
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAException.h>
@@ -41,33 +43,6 @@
 
 namespace bireal {
 namespace {
-
-constexpr int kWarpRows = 32;                   // output pixels per warp (2 m16 tiles)
-constexpr int kWarpCols = 64;                   // output channels per warp (8 n8 tiles = 1 word)
-constexpr int kWarpsPerBlock = 4;               // stacked along pixels: a block is 128 x 64
-constexpr int kBlockRows = kWarpRows * kWarpsPerBlock;
-constexpr int kChunkWords = 4;                  // one k-step = 256 bits = 4 words of 64
-
-struct ConvParams {
-  const uint64_t* x;          // (N, H, W, Cw) packed input
-  const uint64_t* w;          // (O, KH, KW, Cw) packed weights = (O, K_words)
-  const int32_t* tap_sums;    // (KH * KW, O) sum of +-1 weights per tap; null: no correction
-  const float* scale;         // (O,) or null
-  const float* bias;          // (O,) or null
-  const void* residual;       // (N, Ho, Wo, O) channels-last, float32 or bfloat16, or null
-  void* out;                  // (N, Ho, Wo, O), float32 or bfloat16
-  uint64_t* packed_out;       // (N, Ho, Wo, Ow) signs of out, or null
-  int64_t M;                  // N * Ho * Wo output pixels
-  int H, W, Cw, O, Ow, KH, KW, Ho, Wo, stride, padding, K_words;
-  int K;                      // KH * KW * C valid positions per output
-  uint64_t tail_mask;         // valid bits of a pixel's last word
-  uint64_t fill_full, fill_tail;  // border words (pad +1: valid bits; else 0)
-  bool residual_bf16, out_bf16;   // element types of residual and out (false: float32)
-};
-
-__device__ __forceinline__ uint64_t valid_mask(const ConvParams& p, int c) {
-  return c == p.Cw - 1 ? p.tail_mask : ~uint64_t(0);
-}
 
 // Zero padding: whether output pixel (oh, ow) has taps outside the image (then it needs a correction).
 __device__ __forceinline__ bool needs_border_correction(const ConvParams& p, int ih0, int iw0) {
@@ -121,84 +96,6 @@ __device__ __forceinline__ void store_out(const ConvParams& p, int64_t row, int 
     } else {
       dst[0] = v[0];
       if (two) dst[1] = v[1];
-    }
-  }
-}
-
-// Geometry of one output pixel: its image's first input word and the top-left tap's position.
-struct PixelOrigin {
-  int64_t image_base;  // offset of (n, 0, 0, 0) in x
-  int ih0, iw0;        // oh * stride - padding, ow * stride - padding
-  bool valid;          // row < M
-};
-
-__device__ __forceinline__ PixelOrigin pixel_origin(const ConvParams& p, int64_t row) {
-  PixelOrigin o{0, 0, 0, row < p.M};
-  const int64_t r = o.valid ? row : 0;
-  const int64_t n = r / (int64_t(p.Ho) * p.Wo);
-  const int rem = static_cast<int>(r - n * p.Ho * p.Wo);
-  o.image_base = n * p.H * p.W * p.Cw;
-  o.ih0 = (rem / p.Wo) * p.stride - p.padding;
-  o.iw0 = (rem % p.Wo) * p.stride - p.padding;
-  return o;
-}
-
-// Word `kw` (tap-major, then channel word) of the implicit im2col row of pixel `o`.
-__device__ __forceinline__ uint64_t load_input_word(const ConvParams& p, const PixelOrigin& o, int tap,
-                                                    int c) {
-  if (!o.valid) return 0;
-  const int kh = tap / p.KW, kw = tap - kh * p.KW;
-  const int ih = o.ih0 + kh, iw = o.iw0 + kw;
-  if (ih < 0 || ih >= p.H || iw < 0 || iw >= p.W) return c == p.Cw - 1 ? p.fill_tail : p.fill_full;
-  return __ldg(reinterpret_cast<const unsigned long long*>(p.x) + o.image_base +
-               (int64_t(ih) * p.W + iw) * p.Cw + c);
-}
-
-__device__ __forceinline__ uint32_t lo32(uint64_t v) { return static_cast<uint32_t>(v); }
-__device__ __forceinline__ uint32_t hi32(uint64_t v) { return static_cast<uint32_t>(v >> 32); }
-
-// acc += popc(A & B) over one 16 x 8 x 256 tile. Fragments (PTX ISA, m16n8k256 .b1), with
-// g = lane / 4 and t = lane % 4: a0 = row g, bits [32t, 32t + 32); a1 = row g + 8, same bits;
-// a2 = row g, bits [128 + 32t, ...); a3 = row g + 8, same; b0 = column g, bits [32t, ...);
-// b1 = column g, bits [128 + 32t, ...); acc: rows g (c0, c1) and g + 8 (c2, c3), columns 2t, 2t + 1.
-__device__ __forceinline__ void mma_and_popc(int (&acc)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                             uint32_t a3, uint32_t b0, uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
-      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-      : "+r"(acc[0]), "+r"(acc[1]), "+r"(acc[2]), "+r"(acc[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-#else
-  __trap();  // the host dispatch never launches the tensor-core kernel below sm_80
-#endif
-}
-
-// The warp's 32 x 64 accumulators: thread (g, t) holds, for tile mt (0, 1) and fragment half h (row g
-// or g + 8), columns nt * 8 + 2t + {0, 1}.
-using WarpAcc = int[2][8][4];
-
-__device__ __forceinline__ void zero(WarpAcc& acc) {
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0;
-}
-
-// One k-step of the warp: a[mt][h] is this thread's word of row (mt, h), b[nt] its word of column nt
-// (masked to the valid channels), mask the valid bits of that word (0 past K_words).
-__device__ __forceinline__ void mma_step(WarpAcc& acc, const uint64_t (&a)[2][2], const uint64_t (&b)[8],
-                                         uint64_t mask) {
-#pragma unroll
-  for (int nt = 0; nt < 8; ++nt) {
-    const uint64_t nb = ~b[nt] & mask;  // the -1 weights as ones
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-      const uint64_t x0 = a[mt][0], x1 = a[mt][1];
-      mma_and_popc(acc[mt][nt], lo32(x0), lo32(x1), hi32(x0), hi32(x1), lo32(b[nt]), hi32(b[nt]));
-      mma_and_popc(acc[mt][nt], ~lo32(x0), ~lo32(x1), ~hi32(x0), ~hi32(x1), lo32(nb), hi32(nb));
     }
   }
 }
@@ -277,26 +174,8 @@ __device__ __forceinline__ void store_warp_tile(const ConvParams& p, WarpAcc& ac
     }
 }
 
-// The (tap, channel word) of k-word kw of the implicit im2col row, and the valid bits of that word.
-struct KWord {
-  bool in_k;
-  int tap, c;
-  uint64_t mask;  // 0 past K_words
-};
-
-__device__ __forceinline__ KWord k_word(const ConvParams& p, int kw) {
-  KWord k{kw < p.K_words, 0, 0, 0};
-  if (k.in_k) {
-    k.tap = kw / p.Cw;
-    k.c = kw - k.tap * p.Cw;
-    k.mask = valid_mask(p, k.c);
-  }
-  return k;
-}
-
-// One warp computes a 32 (pixels) x 64 (channels) output tile; a block stacks 4 warps along pixels.
-// Each thread (g, t) owns 64-bit word t of every 256-bit k-step: its low half is the a0/b0 slot and
-// its high half the a2/b1 slot, and A and B use the same assignment, so bit k of A meets bit k of B.
+// One warp computes a 32 (pixels) x 64 (channels) output tile (warp_agreements); a block stacks 4
+// warps along pixels.
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
 binary_conv2d_bmma_kernel(const ConvParams p) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -311,38 +190,7 @@ binary_conv2d_bmma_kernel(const ConvParams p) {
     for (int h = 0; h < 2; ++h) pix[mt][h] = pixel_origin(p, warp_row0 + mt * 16 + h * 8 + g);
 
   WarpAcc acc;
-  zero(acc);
-  const int steps = (p.K_words + kChunkWords - 1) / kChunkWords;
-  uint64_t a[2][2], b[8];
-  // Loads of k-step s into a, b (zero past K_words: contributes nothing to either MMA).
-  auto load_step = [&](int s) {
-    const KWord k = k_word(p, s * kChunkWords + t);
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) a[mt][h] = k.in_k ? load_input_word(p, pix[mt][h], k.tap, k.c) : 0;
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      const int col = warp_col0 + nt * 8 + g;
-      b[nt] = (k.in_k && col < p.O)
-                  ? __ldg(reinterpret_cast<const unsigned long long*>(p.w) + int64_t(col) * p.K_words +
-                          s * kChunkWords + t) & k.mask
-                  : 0;
-    }
-    return k.mask;
-  };
-
-  uint64_t mask = load_step(0);
-  for (int s = 0; s < steps; ++s) {
-    uint64_t ca[2][2], cb[8];
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) ca[mt][0] = a[mt][0], ca[mt][1] = a[mt][1];
-#pragma unroll
-    for (int nt = 0; nt < 8; ++nt) cb[nt] = b[nt];
-    const uint64_t cmask = mask;
-    if (s + 1 < steps) mask = load_step(s + 1);  // next step's loads overlap this step's MMAs
-    mma_step(acc, ca, cb, cmask);
-  }
+  warp_agreements(p, pix, warp_col0, g, t, acc);
   store_warp_tile(p, acc, pix, warp_row0, warp_col0, g, t);
 }
 
@@ -656,15 +504,6 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
   p.residual_bf16 = residual && residual_c.scalar_type() == at::kBFloat16;
   p.out_bf16 = dtype == at::kBFloat16;
 
-  at::Tensor tap_sums;
-  if (pad_value == 0.0 && padding > 0 && M > 0 && g.O > 0) {  // (a zero-block grid is a launch error)
-    tap_sums = at::empty({taps, g.O}, x.options().dtype(at::kInt));
-    tap_sums_kernel<<<blocks_for(g.O * taps), kThreads, 0, stream>>>(
-        p.w, g.O, taps, g.Cw, in_channels, p.tail_mask, tap_sums.data_ptr<int32_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    p.tap_sums = tap_sums.data_ptr<int32_t>();
-  }
-
   at::Tensor out = at::empty({g.N, g.Ho, g.Wo, g.O}, x.options().dtype(dtype));
   fill_if_debugging(out);
   p.out = out.data_ptr();
@@ -674,23 +513,41 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
     fill_if_debugging(packed_out);
     p.packed_out = reinterpret_cast<uint64_t*>(packed_out.data_ptr<int64_t>());
   }
+  if (M == 0 || g.O == 0) return {out.permute({0, 3, 1, 2}), packed_out};  // (a zero-block grid is a launch error)
 
-  if (M > 0 && g.O > 0) {
-    const std::string path = cuda_path();
-    if (path == "bmma" || path == "bmma_async") {
-      const int major = compute_capability_major(packed_x.get_device());
-      TORCH_CHECK(major >= 8, "binary_conv2d (CUDA): the tensor-core path needs sm_80 or newer, this "
-                              "device is sm_", major, "x; set_cuda_path('simt') runs on CUDA cores");
-      const dim3 grid((M + kBlockRows - 1) / kBlockRows, (g.O + kWarpCols - 1) / kWarpCols);
-      if (path == "bmma")
-        binary_conv2d_bmma_kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
-      else
-        binary_conv2d_bmma_async_kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
-    } else {
-      binary_conv2d_simt_kernel<<<blocks_for(M * p.Ow * 64), kThreads, 0, stream>>>(p);
-    }
+  const std::string path = cuda_path();
+  const bool lean = path == "bmma_lean" && lean_supports(p);  // else bmma runs the call
+  const bool zero_padding = pad_value == 0.0 && padding > 0;  // then the border pixels need a correction
+  at::Tensor tap_sums, border_classes;
+  if (zero_padding && lean) {
+    const int64_t P = padding + 1;
+    border_classes = at::empty({P * P * P * P, g.O}, x.options().dtype(at::kInt));  // filled by launch_bmma_lean
+  } else if (zero_padding) {
+    tap_sums = at::empty({taps, g.O}, x.options().dtype(at::kInt));
+    tap_sums_kernel<<<blocks_for(g.O * taps), kThreads, 0, stream>>>(
+        p.w, g.O, taps, g.Cw, in_channels, p.tail_mask, tap_sums.data_ptr<int32_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    p.tap_sums = tap_sums.data_ptr<int32_t>();
   }
+
+  if (path == "simt") {
+    binary_conv2d_simt_kernel<<<blocks_for(M * p.Ow * 64), kThreads, 0, stream>>>(p);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {out.permute({0, 3, 1, 2}), packed_out};
+  }
+  const int major = compute_capability_major(packed_x.get_device());
+  TORCH_CHECK(major >= 8, "binary_conv2d (CUDA): the tensor-core path needs sm_80 or newer, this "
+                          "device is sm_", major, "x; set_cuda_path('simt') runs on CUDA cores");
+  const dim3 grid((M + kBlockRows - 1) / kBlockRows, (g.O + kWarpCols - 1) / kWarpCols);
+  if (lean) {
+    launch_bmma_lean(p, zero_padding ? border_classes.data_ptr<int32_t>() : nullptr,
+                     static_cast<int>(in_channels), grid, stream);
+  } else if (path == "bmma_async") {
+    binary_conv2d_bmma_async_kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
+  } else {  // bmma, and bmma_lean's calls it does not support
+    binary_conv2d_bmma_kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {out.permute({0, 3, 1, 2}), packed_out};  // (N, O, Ho, Wo) in channels-last memory
 }
 

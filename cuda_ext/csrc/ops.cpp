@@ -9,7 +9,7 @@
 namespace bireal {
 
 namespace {
-const std::vector<std::string> kCudaPaths{"bmma", "simt", "bmma_async"};
+const std::vector<std::string> kCudaPaths{"bmma", "simt", "bmma_async", "bmma_lean"};
 std::atomic<int> g_cuda_path{0};
 std::atomic<bool> g_debug_fill{false};
 }  // namespace
@@ -36,7 +36,7 @@ void set_cuda_path(const std::string& name) {
   if (name == "auto") return g_cuda_path.store(0);
   for (size_t i = 0; i < kCudaPaths.size(); ++i)
     if (name == kCudaPaths[i]) return g_cuda_path.store(static_cast<int>(i));
-  TORCH_CHECK(false, "set_cuda_path: unknown path '", name, "' (auto, bmma, simt, bmma_async)");
+  TORCH_CHECK(false, "set_cuda_path: unknown path '", name, "' (auto, bmma, simt, bmma_async, bmma_lean)");
 }
 
 void check_pack_args(const at::Tensor& x) {

@@ -1,0 +1,192 @@
+// The device code both tensor-core kernels files share (binary_conv_cuda.cu: the verified `bmma`
+// and `bmma_async` kernels; binary_conv_lean.cu: `bmma_lean`): the kernel parameters, a warp's
+// 32 x 64 tile of AND-popc MMAs over the implicit im2col rows, and the launch of the lean kernel.
+// Layouts and the arithmetic are explained at the top of binary_conv_cuda.cu.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace bireal {
+
+struct ConvParams {
+  const uint64_t* x;          // (N, H, W, Cw) packed input
+  const uint64_t* w;          // (O, KH, KW, Cw) packed weights = (O, K_words)
+  const int32_t* tap_sums;    // (KH * KW, O) sum of +-1 weights per tap; null: no correction
+  const float* scale;         // (O,) or null
+  const float* bias;          // (O,) or null
+  const void* residual;       // (N, Ho, Wo, O) channels-last, float32 or bfloat16, or null
+  void* out;                  // (N, Ho, Wo, O), float32 or bfloat16
+  uint64_t* packed_out;       // (N, Ho, Wo, Ow) signs of out, or null
+  int64_t M;                  // N * Ho * Wo output pixels
+  int H, W, Cw, O, Ow, KH, KW, Ho, Wo, stride, padding, K_words;
+  int K;                      // KH * KW * C valid positions per output
+  uint64_t tail_mask;         // valid bits of a pixel's last word
+  uint64_t fill_full, fill_tail;  // border words (pad +1: valid bits; else 0)
+  bool residual_bf16, out_bf16;   // element types of residual and out (false: float32)
+};
+
+// The zero-padding correction of bmma_lean, per border class of an output pixel: how many tap rows
+// fall outside the image above (a) and below (b), tap columns left (c) and right (d), each in
+// [0, padding]; class ((a * P + b) * P + c) * P + d with P = padding + 1 (docs/cuda.md).
+struct BorderClasses {
+  const int32_t* table;  // (P^4, O): the sum of the +-1 weights of the taps outside, per class; or null
+  int P;                 // padding + 1
+};
+
+// Whether bmma_lean computes this call itself; otherwise binary_conv_cuda.cu runs `bmma` for it.
+bool lean_supports(const ConvParams& p);
+// Launches bmma_lean (grid as bmma's), after the kernel that fills the border-class table when zero
+// padding needs one: `table` is scratch memory of P^4 * O int32, or null when no correction is needed.
+void launch_bmma_lean(const ConvParams& p, int32_t* table, int in_channels, dim3 grid, cudaStream_t stream);
+
+namespace {
+
+constexpr int kWarpRows = 32;                   // output pixels per warp (2 m16 tiles)
+constexpr int kWarpCols = 64;                   // output channels per warp (8 n8 tiles = 1 word)
+constexpr int kWarpsPerBlock = 4;               // stacked along pixels: a block is 128 x 64
+constexpr int kBlockRows = kWarpRows * kWarpsPerBlock;
+constexpr int kChunkWords = 4;                  // one k-step = 256 bits = 4 words of 64
+
+__device__ __forceinline__ uint64_t valid_mask(const ConvParams& p, int c) {
+  return c == p.Cw - 1 ? p.tail_mask : ~uint64_t(0);
+}
+
+// Geometry of one output pixel: its image's first input word and the top-left tap's position.
+struct PixelOrigin {
+  int64_t image_base;  // offset of (n, 0, 0, 0) in x
+  int ih0, iw0;        // oh * stride - padding, ow * stride - padding
+  bool valid;          // row < M
+};
+
+__device__ __forceinline__ PixelOrigin pixel_origin(const ConvParams& p, int64_t row) {
+  PixelOrigin o{0, 0, 0, row < p.M};
+  const int64_t r = o.valid ? row : 0;
+  const int64_t n = r / (int64_t(p.Ho) * p.Wo);
+  const int rem = static_cast<int>(r - n * p.Ho * p.Wo);
+  o.image_base = n * p.H * p.W * p.Cw;
+  o.ih0 = (rem / p.Wo) * p.stride - p.padding;
+  o.iw0 = (rem % p.Wo) * p.stride - p.padding;
+  return o;
+}
+
+// Word `kw` (tap-major, then channel word) of the implicit im2col row of pixel `o`.
+__device__ __forceinline__ uint64_t load_input_word(const ConvParams& p, const PixelOrigin& o, int tap,
+                                                    int c) {
+  if (!o.valid) return 0;
+  const int kh = tap / p.KW, kw = tap - kh * p.KW;
+  const int ih = o.ih0 + kh, iw = o.iw0 + kw;
+  if (ih < 0 || ih >= p.H || iw < 0 || iw >= p.W) return c == p.Cw - 1 ? p.fill_tail : p.fill_full;
+  return __ldg(reinterpret_cast<const unsigned long long*>(p.x) + o.image_base +
+               (int64_t(ih) * p.W + iw) * p.Cw + c);
+}
+
+__device__ __forceinline__ uint32_t lo32(uint64_t v) { return static_cast<uint32_t>(v); }
+__device__ __forceinline__ uint32_t hi32(uint64_t v) { return static_cast<uint32_t>(v >> 32); }
+
+// acc += popc(A & B) over one 16 x 8 x 256 tile. Fragments (PTX ISA, m16n8k256 .b1), with
+// g = lane / 4 and t = lane % 4: a0 = row g, bits [32t, 32t + 32); a1 = row g + 8, same bits;
+// a2 = row g, bits [128 + 32t, ...); a3 = row g + 8, same; b0 = column g, bits [32t, ...);
+// b1 = column g, bits [128 + 32t, ...); acc: rows g (c0, c1) and g + 8 (c2, c3), columns 2t, 2t + 1.
+__device__ __forceinline__ void mma_and_popc(int (&acc)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k256.row.col.s32.b1.b1.s32.and.popc "
+      "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+      : "+r"(acc[0]), "+r"(acc[1]), "+r"(acc[2]), "+r"(acc[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();  // the host dispatch never launches the tensor-core kernel below sm_80
+#endif
+}
+
+// The warp's 32 x 64 accumulators: thread (g, t) holds, for tile mt (0, 1) and fragment half h (row g
+// or g + 8), columns nt * 8 + 2t + {0, 1}.
+using WarpAcc = int[2][8][4];
+
+__device__ __forceinline__ void zero(WarpAcc& acc) {
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 0;
+}
+
+// One k-step of the warp: a[mt][h] is this thread's word of row (mt, h), b[nt] its word of column nt
+// (masked to the valid channels), mask the valid bits of that word (0 past K_words).
+__device__ __forceinline__ void mma_step(WarpAcc& acc, const uint64_t (&a)[2][2], const uint64_t (&b)[8],
+                                         uint64_t mask) {
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    const uint64_t nb = ~b[nt] & mask;  // the -1 weights as ones
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      const uint64_t x0 = a[mt][0], x1 = a[mt][1];
+      mma_and_popc(acc[mt][nt], lo32(x0), lo32(x1), hi32(x0), hi32(x1), lo32(b[nt]), hi32(b[nt]));
+      mma_and_popc(acc[mt][nt], ~lo32(x0), ~lo32(x1), ~hi32(x0), ~hi32(x1), lo32(nb), hi32(nb));
+    }
+  }
+}
+
+// The (tap, channel word) of k-word kw of the implicit im2col row, and the valid bits of that word.
+struct KWord {
+  bool in_k;
+  int tap, c;
+  uint64_t mask;  // 0 past K_words
+};
+
+__device__ __forceinline__ KWord k_word(const ConvParams& p, int kw) {
+  KWord k{kw < p.K_words, 0, 0, 0};
+  if (k.in_k) {
+    k.tap = kw / p.Cw;
+    k.c = kw - k.tap * p.Cw;
+    k.mask = valid_mask(p, k.c);
+  }
+  return k;
+}
+
+// A warp's 32 (pixels) x 64 (channels) agreement counts, accumulated over every k-step. Each thread
+// (g, t) owns 64-bit word t of every 256-bit k-step: its low half is the a0/b0 slot and its high half
+// the a2/b1 slot, and A and B use the same assignment, so bit k of A meets bit k of B. Loads come
+// through the read-only cache, the next step's in flight during this step's MMAs.
+__device__ __forceinline__ void warp_agreements(const ConvParams& p, const PixelOrigin (&pix)[2][2],
+                                                int warp_col0, int g, int t, WarpAcc& acc) {
+  zero(acc);
+  const int steps = (p.K_words + kChunkWords - 1) / kChunkWords;
+  uint64_t a[2][2], b[8];
+  // Loads of k-step s into a, b (zero past K_words: contributes nothing to either MMA).
+  auto load_step = [&](int s) {
+    const KWord k = k_word(p, s * kChunkWords + t);
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) a[mt][h] = k.in_k ? load_input_word(p, pix[mt][h], k.tap, k.c) : 0;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+      const int col = warp_col0 + nt * 8 + g;
+      b[nt] = (k.in_k && col < p.O)
+                  ? __ldg(reinterpret_cast<const unsigned long long*>(p.w) + int64_t(col) * p.K_words +
+                          s * kChunkWords + t) & k.mask
+                  : 0;
+    }
+    return k.mask;
+  };
+
+  uint64_t mask = load_step(0);
+  for (int s = 0; s < steps; ++s) {
+    uint64_t ca[2][2], cb[8];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) ca[mt][0] = a[mt][0], ca[mt][1] = a[mt][1];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) cb[nt] = b[nt];
+    const uint64_t cmask = mask;
+    if (s + 1 < steps) mask = load_step(s + 1);  // next step's loads overlap this step's MMAs
+    mma_step(acc, ca, cb, cmask);
+  }
+}
+
+}  // namespace
+}  // namespace bireal

@@ -22,7 +22,7 @@ first where it is not (``setup.py build_ext --inplace`` for this GPU), then
    installed, else ``nvidia-smi``) sampled while it runs;
 5. the targets, each as a measured ratio.
 Each row is appended to DIR/gpu_train.jsonl as it is measured (a run cut off keeps its rows) and
-printed. ``--device cpu`` with tiny settings runs the same code on a CPU (tests/test_gpu_train.py).
+printed. ``--device cpu`` with tiny settings runs the same code on a CPU (tests/test_gpu_scripts.py).
 """
 
 from __future__ import annotations

@@ -155,6 +155,9 @@ class TrainConfig:
     # the layout of the model's weights and of every batch: auto = channels_last on a GPU (what
     # bf16 tensor-core convs and the packed ops take without a copy), contiguous (NCHW) on a CPU
     memory_format: MemoryFormat = "auto"
+    # torch.compile the model for training (its forward and backward; the binary convs through the
+    # ops' fake kernels): off until a GPU run measures a gain (bench/gpu_train.py's compile rows)
+    compile: bool = False
     weight_clip: float = 0.0  # > 0: clamp binarized latent weights to [-c, c] after each step
     # (Larq's weight_clip; Larq Zoo's Bi-Real-18 used 1.0)
     seed: int = 0
@@ -275,6 +278,7 @@ AFFECTS_MATH: dict[str, bool] = {
     "decode": False,  # worker or device: the same recipe, resampled by PIL or by torch
     "kernels": False,  # packed ops or the float simulation: the same estimators and rules
     "memory_format": False,  # a layout: the same convolutions
+    "compile": False,  # the same graph, generated code
     "finite_check_steps": False,
     # what it computes
     "stage": True,

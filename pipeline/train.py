@@ -284,6 +284,20 @@ def memory_format(config: TrainConfig, device: torch.device) -> torch.memory_for
     return torch.contiguous_format
 
 
+def step_model(model: nn.Module, config: TrainConfig, runtime: Runtime) -> nn.Module:
+    """What the steps call: ``model``, in DistributedDataParallel across ranks, then with
+    ``config.compile`` under torch.compile (after DDP, as PyTorch's DDP notes advise: its graph is
+    split at the gradient buckets so their all-reduces still overlap the backward). On one rank
+    the graph must be whole (``fullgraph``): a break fails at the first step, naming what broke it,
+    instead of silently training at eager speed."""
+    train_model = model
+    if runtime.world_size > 1:  # [dist]
+        train_model = nn.parallel.DistributedDataParallel(model)
+    if config.compile:
+        train_model = torch.compile(train_model, fullgraph=runtime.world_size == 1)
+    return train_model
+
+
 def route_binary_convs(model: nn.Module, config: TrainConfig, device: torch.device) -> int:
     """Apply ``config.kernels`` to the model's binary convs: ``auto`` runs them on the packed 1-bit
     ops where ``device`` has them (cuda_ext.training), ``float`` on the float simulation. Returns
@@ -956,9 +970,7 @@ def train_loop(
                 model = seg.prepare(model)
             model = model.to(device, memory_format=memory_format(config, device))
             packed_convs = route_binary_convs(model, config, device)
-            train_model = model
-            if runtime.world_size > 1:  # [dist]
-                train_model = nn.parallel.DistributedDataParallel(model)
+            train_model = step_model(model, config, runtime)
             optimizer = make_optimizer(model, config, seg.weight_decay)
             if resuming:
                 optimizer.load_state_dict(progress.optimizer_state)

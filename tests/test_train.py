@@ -123,6 +123,24 @@ def test_packed_kernels_train_like_the_float_path(three_stages, demo_shards, tmp
     assert abs(packed[-1]["train_loss"] - float_path[-1]["train_loss"]) < 0.1
 
 
+def test_compile_trains_as_the_eager_steps(demo_shards, tmp_path):
+    """``compile: true``: the binarize stage's steps run as one torch.compile graph (fullgraph, the
+    packed convs through the ops' fake kernels) and train as the eager steps do, on the same
+    batches: the same epoch's mean loss within float noise, and the graph was compiled."""
+    from torch._dynamo.utils import counters
+
+    cfg = smoke_config(
+        demo_shards, tmp_path / "eager", stage="binarize", init="scratch", epochs=1, max_steps_per_epoch=3
+    )
+    eager = train_loop(cfg)["history"][0]
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = train_loop(replace(cfg, out=str(tmp_path / "compiled"), compile=True))["history"][0]
+    assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
+    assert compiled["packed_convs"] == eager["packed_convs"] > 0
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-2)
+
+
 def test_finetune_constrains_weights_and_keeps_accuracy(three_stages):
     out, results = three_stages
     model, header = bc.load_checkpoint(out / "finetune.safetensors")

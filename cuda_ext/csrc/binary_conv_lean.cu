@@ -125,8 +125,8 @@ binary_conv2d_bmma_lean_kernel(const ConvParams p, const BorderClasses border) {
     for (int h = 0; h < 2; ++h) {
       const int64_t row = warp_row0 + mt * 16 + h * 8 + g;
       out[mt][h] = static_cast<Elem*>(p.out) + row * p.O + thread_col0;
-      res[mt][h] = kHasResidual ? static_cast<const Elem*>(p.residual) + min(row, p.M - 1) * p.O + thread_col0
-                                : nullptr;
+      const int64_t res_row = row < p.M ? row : p.M - 1;
+      res[mt][h] = kHasResidual ? static_cast<const Elem*>(p.residual) + res_row * p.O + thread_col0 : nullptr;
     }
   // The sign bits nt * 8 + j of each row's word before the shift by 2t, in two 32-bit halves
   // (nt < 4 and nt >= 4): constant shifts within one register.
@@ -208,6 +208,7 @@ bool lean_supports(const ConvParams& p) {
   for (int o : kInstantiated) instantiated |= o == options;
   const int P = p.padding + 1;
   return instantiated && p.O % 8 == 0 && P * P * P * P <= kMaxBorderClasses &&
+         int64_t(kMaxBorderClasses) * p.O < (int64_t(1) << 31) &&  // a class's table offset is an int
          (p.residual == nullptr || p.residual_bf16 == p.out_bf16) &&  // a residual of the output's type
          aligned(p.scale, 8) && aligned(p.bias, 8) && aligned(p.residual, p.out_bf16 ? 4 : 8) &&
          aligned(p.out, 8);

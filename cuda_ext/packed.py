@@ -243,10 +243,34 @@ class PackedBiReal(nn.Module):
                 m.out_dtype = None if dtype == torch.float32 else dtype
         return self
 
+    def pad_stem_input(self, channels: int) -> "PackedBiReal":
+        """Give the stem conv ``channels`` input channels: the extra ones are zero in its weights and
+        in every input (appended by ``run_stem``), so it is the same convolution in a shape that
+        cuDNN's bf16 NHWC tensor-core kernels take (a channel count that is a multiple of 8; an
+        image's 3 is not). Whether that is faster is a GPU measurement (``bireal bench model
+        --device cuda``: ``stem8_bf16_ms``), so it is a switch, off by default."""
+        conv = self.stem[0]
+        extra = channels - conv.in_channels
+        if extra < 0:
+            raise ValueError(f"pad_stem_input({channels}): the stem conv already takes {conv.in_channels} channels")
+        if extra == 0:
+            return self
+        padded = nn.Conv2d(channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=True)
+        padded = padded.to(conv.weight.device, memory_format=torch.channels_last)
+        with torch.no_grad():
+            padded.weight.copy_(F.pad(conv.weight, (0, 0, 0, 0, 0, extra)))  # (O, C + extra, KH, KW)
+            padded.bias.copy_(conv.bias)
+        self.stem[0] = padded
+        return self
+
     def run_stem(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The real-valued stem; -> (its output, the output's packed signs or None). The ImageNet
         stem's max-pool (3x3, stride 2) runs as ``max_pool_signs``, which also packs the first
         block's input in the same pass; the CIFAR stem has no pool (its first block packs)."""
+        extra = self.stem[0].in_channels - x.shape[1]
+        if extra > 0:  # pad_stem_input: zero channels appended, (N, C + extra, H, W) channels_last
+            zeros = x.new_zeros(x.shape[0], extra, *x.shape[2:])
+            x = torch.cat([x, zeros], 1).contiguous(memory_format=torch.channels_last)
         pool = self.stem[-1]
         pool_args = stem_pool_args(pool) if isinstance(pool, nn.MaxPool2d) else None
         if pool_args is None:

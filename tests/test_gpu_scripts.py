@@ -75,3 +75,20 @@ def test_the_profile_groups_a_forwards_time_by_kernel(tmp_path):
     assert gpu_profile.group_of("void cudnn::cnn::implicit_convolve_sgemm<...>") == "conv"
     assert gpu_profile.group_of("void bireal::(anonymous)::binary_conv2d_bmma_kernel(...)") == "binary"
     assert gpu_profile.group_of("void at::native::vectorized_elementwise_kernel<...>") == "elementwise"
+
+
+def test_the_bf16_model_rows_on_a_cpu(tmp_path):
+    """The model table's bf16 rows (run on a GPU by ``bireal bench model --device cuda``), here on the
+    CPU kernels: one time per tensor-core path and one with the stem padded to 8 input channels,
+    the benchmarked model left as it was."""
+    import torch
+
+    import bireal_core as bc
+    from cuda_ext.benchmarks import bf16_model_rows
+    from cuda_ext.packed import export_model, load_packed
+
+    packed, _ = load_packed(export_model(bc.create_model("bireal18", width=0.25).eval(), tmp_path / "b.safetensors"))
+    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    row = bf16_model_rows(packed, x, torch.device("cpu"), 1)
+    assert set(row) == {"bf16_ms", "async_bf16_ms", "lean_bf16_ms", "stem8_bf16_ms"} and min(row.values()) > 0
+    assert packed.stem[0].in_channels == 3 and packed.activation_dtype == torch.float32

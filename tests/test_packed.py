@@ -150,6 +150,26 @@ def test_imagenet_stem_pools_and_packs_in_one_op(tmp_path, name):
         assert torch.equal(stem_out, unfused) and torch.equal(stem_signs, pack_signs_ref(unfused))
 
 
+def test_a_stem_padded_to_8_input_channels_computes_the_same(tmp_path):
+    """pad_stem_input(8): zero weights for 5 zero channels appended to every input, the same
+    convolution: the stem's output and the logits equal to float rounding."""
+    torch.manual_seed(0)
+    model = bc.create_model("bireal18", num_classes=10, width=0.25).train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64))  # BN statistics off their defaults
+    packed, _ = load_packed(export_model(model.eval(), tmp_path / "m.safetensors"))
+    padded, _ = load_packed(tmp_path / "m.safetensors")
+    assert padded.pad_stem_input(8) is padded and padded.stem[0].weight.shape[1] == 8
+    assert torch.equal(padded.stem[0].weight[:, :3], packed.stem[0].weight) and not padded.stem[0].weight[:, 3:].any()
+    x = torch.randn(3, 3, 64, 64).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        torch.testing.assert_close(padded.run_stem(x)[0], packed.run_stem(x)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(padded(x), packed(x), rtol=1e-5, atol=1e-5)
+    assert padded.pad_stem_input(8) is padded  # already 8: nothing to do
+    with pytest.raises(ValueError, match="already takes 8 channels"):
+        padded.pad_stem_input(4)
+
+
 def test_compile_fullgraph(tmp_path):
     packed, _ = load_packed(export_model(randomized("bireal18"), tmp_path / "m.safetensors"))
     x = torch.randn(2, 3, 32, 32)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 GROUPS = (  # first match wins; names of CUDA kernels and of aten operators (the CPU profile)
-    ("binary", r"bireal|binary_conv|pack_signs|tap_sums|max_pool_signs"),
+    ("binary", r"bireal|binary_conv|pack_signs|tap_sums|border_classes|max_pool_signs"),
     ("conv", r"conv|cudnn|implicit_gemm|xmma|sm\d+_.*gemm|wgrad|dgrad|fprop"),
     ("batchnorm", r"batch_norm|bn_|batchnorm"),
     ("pool", r"pool"),

@@ -6,9 +6,10 @@
 #       every CUDA path and shape), the SASS report (registers, spills, epilogue instructions per
 #       output), and the profile: a forward of the packed bf16 Bi-Real-18 and of ResNet-18 bf16,
 #       kernel by kernel, at batch 256 and 1, cudnn.benchmark off and on (bench/gpu_profile.py);
-#   bench/gpu_sweep.sh --full [RESULTS_DIR]    (<= 5 min) the kernel table at batch 256 and 1 (each
-#       variant's conv and block, ms, GB/s, the floor and % of it, x cuDNN with cudnn.benchmark on,
-#       x float block), the model table, Nsight Compute on the bf16 conv of 64x56 where ncu runs, and
+#   bench/gpu_sweep.sh --full [RESULTS_DIR]    (<= 5 min) the kernel sweep (bench/kernel_sweep.py:
+#       each variant's bf16 conv and block on every Bi-Real-18 shape, stride 2 too, batch 256 and 1
+#       as a graph: ms, GB/s, the floor and % of it, x cuDNN with cudnn.benchmark on, x float block,
+#       exact or not), the model table, Nsight Compute on the bf16 conv of 64x56 where ncu runs, and
 #       compute-sanitizer memcheck, racecheck and synccheck on the quick smoke where it runs.
 # RESULTS_DIR (default $OUT, else bench_results) gets summary.txt and one file of JSON lines or JSON
 # per step, written as each step ends, so a run cut short keeps what it measured.
@@ -69,11 +70,11 @@ if [ "$part" = --quick ]; then
   timeout "$(limit 120)" $PY -m bench.gpu_profile --out "$out" --batches 256,1
   status[profile]=$?
 else
-  step "kernel table (batch 256 and 1; floors; cudnn.benchmark on)"
-  timeout "$(limit 120)" $PY -m pipeline.cli bench kernels --device cuda --json "$out/kernels_cuda.json"
-  status[kernels]=$?
+  step "kernel sweep: each variant's bf16 conv and block, every shape and stride, batch 256 and 1 (graph)"
+  timeout "$(limit 120)" $PY -m bench.kernel_sweep --out "$out" --batches 256,1
+  status[sweep]=$?
   step "model table"
-  timeout "$(limit 90)" $PY -m pipeline.cli bench model --device cuda --json "$out/model_cuda.json"
+  timeout "$(limit 90)" $PY -m pipeline.cli bench model --device cuda --json "$out/model_cuda.json" --jsonl "$out/model_cuda.jsonl"
   status[model]=$?
   step "Nsight Compute: the bf16 conv of 64x56 at batch 256, each tensor-core kernel"
   optional ncu 60 "$out/ncu.log" ncu --kernel-name regex:binary_conv2d_bmma --launch-count 3 --section SpeedOfLight \

@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+OnRow = Callable[[dict], None]  # gets each row of a table as it is measured
+
 # Bi-Real-18's 3x3 binary convs at 224x224: (channels, spatial side); stride 1, C_in = C_out.
 BIREAL18_SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))
 # binary MACs per second of mma.sync m16n8k256 AND-popc, measured on an H200 (2026-11-27); the H100
@@ -27,20 +29,24 @@ BIREAL18_SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))
 BMMA_MACS_PER_S = 5.1e15
 
 
-def gpu_floors(channels: int, side: int, batch: int, copy_gb_s: float, stride: int = 1) -> dict:
-    """The fastest a 3x3 binary conv (C = O = ``channels``) and its fused block can run on this GPU:
-    the larger of the MMA time (the K bits padded to 256-bit steps, one AND-popc MMA per step, at
-    ``BMMA_MACS_PER_S``) and the memory time of the bytes each must move, at the copy rate measured
-    in the same run (``copy_gb_s``: bytes read + written per s). The conv reads packed x and W and
-    writes bf16 out; the block also reads the bf16 residual and writes the packed signs of its out.
+def gpu_floors(
+    channels: int, side: int, batch: int, copy_gb_s: float, stride: int = 1, out_channels: int | None = None
+) -> dict:
+    """The fastest a 3x3 binary conv (``channels`` in, ``out_channels`` out: ``channels`` unless
+    given) and its fused block can run on this GPU: the larger of the MMA time (the K bits padded to
+    256-bit steps, one AND-popc MMA per step, at ``BMMA_MACS_PER_S``) and the memory time of the
+    bytes each must move, at the copy rate measured in the same run (``copy_gb_s``: bytes read +
+    written per s). The conv reads packed x and W and writes bf16 out; the block also reads the bf16
+    residual and writes the packed signs of its out.
     -> {"mma_ms", "conv_bytes", "block_bytes", "conv_floor_ms", "block_floor_ms"}."""
-    words = (channels + 63) // 64
+    out_channels = out_channels or channels
+    words, out_words = (channels + 63) // 64, (out_channels + 63) // 64
     out_side = (side + 2 - 3) // stride + 1
     pixels_out = batch * out_side * out_side
     k_bits = -(-9 * words // 4) * 256  # 9 taps of `words` words, in steps of 4 words
-    mma_ms = pixels_out * channels * k_bits / BMMA_MACS_PER_S * 1e3
-    packed_x, packed_w = batch * side * side * words * 8, channels * 9 * words * 8
-    out_bf16, packed_out = pixels_out * channels * 2, pixels_out * words * 8
+    mma_ms = pixels_out * out_channels * k_bits / BMMA_MACS_PER_S * 1e3
+    packed_x, packed_w = batch * side * side * words * 8, out_channels * 9 * words * 8
+    out_bf16, packed_out = pixels_out * out_channels * 2, pixels_out * out_words * 8
     conv_bytes = packed_x + packed_w + out_bf16
     block_bytes = conv_bytes + out_bf16 + packed_out  # + the residual read, + the output's signs
     per_ms = copy_gb_s * 1e9 / 1e3
@@ -108,10 +114,12 @@ def default_batches(device: str) -> tuple[int, ...]:
     return (1, 16) if torch.device(device).type == "cpu" else (1, 256)
 
 
-def bench_kernels(device: str = "cpu", batches=None, threads: int = 2, repeats: int = 20) -> list[dict]:
+def bench_kernels(
+    device: str = "cpu", batches=None, threads: int = 2, repeats: int = 20, on_row: OnRow | None = None
+) -> list[dict]:
     """Binary 3x3 conv (pre-packed input) vs the float conv on Bi-Real-18's shapes, and the fused
     block (conv, scale/bias, residual add, sign + pack of the output) vs the float block (conv, BN,
-    add, sign)."""
+    add, sign). ``on_row`` gets each row as it is measured."""
     from . import ops
 
     dev = _setup(device, threads)
@@ -160,6 +168,8 @@ def bench_kernels(device: str = "cpu", batches=None, threads: int = 2, repeats: 
             else:
                 row.update(cpu_bound(channels, side, batch, ours, copy_gb_s))
             rows.append(row)
+            if on_row:
+                on_row(row)
     return rows
 
 
@@ -228,8 +238,11 @@ def cuda_variants(ops, px, pw, channels, scale, bias, residual_bf16, base_ms, re
     }
 
 
-def bench_model(device: str = "cpu", batches=None, threads: int = 2, repeats: int = 10) -> list[dict]:
-    """PackedBiReal-18 vs torchvision ResNet-18 (float), 224x224, 1000 classes."""
+def bench_model(
+    device: str = "cpu", batches=None, threads: int = 2, repeats: int = 10, on_row: OnRow | None = None
+) -> list[dict]:
+    """PackedBiReal-18 vs torchvision ResNet-18 (float), 224x224, 1000 classes. ``on_row`` gets each
+    row as it is measured (on a CPU, before the user-default timings below are added)."""
     import tempfile
 
     import torchvision
@@ -275,6 +288,8 @@ def bench_model(device: str = "cpu", batches=None, threads: int = 2, repeats: in
                 + ("; speedup uses our best of eager and graph" if dev.type == "cuda" else ""),
             }
         )
+        if on_row:
+            on_row(rows[-1])
     if dev.type == "cpu":
         user_default_rows(rows, packed, resnet, repeats)
     return rows
@@ -308,7 +323,7 @@ def user_default_rows(rows: list[dict], packed, resnet, repeats: int) -> None:
         )
 
 
-def bench_memory(device: str = "cpu", threads: int = 2, repeats: int = 10) -> list[dict]:
+def bench_memory(device: str = "cpu", threads: int = 2, repeats: int = 10, on_row: OnRow | None = None) -> list[dict]:
     """Where the packed net meets memory rather than compute, each pair timed in one process:
     - the ImageNet stem's pool: ``max_pool_signs`` against ``max_pool2d`` + ``pack_signs``;
     - a layer-1 binary block (64x56x56, batch 16) with a fresh residual each call (8 rotating, as
@@ -373,6 +388,8 @@ def bench_memory(device: str = "cpu", threads: int = 2, repeats: int = 10) -> li
         "pool rows: max_pool2d + pack_signs; block row: ours_ms with a fresh residual each call (8 rotating), "
         "block_ms with one residual in cache; model rows: the stem pool and the first block's pack apart"
     )
+    for row in rows if on_row else ():  # at the end: a few quick rows, their ratios set last
+        on_row(row)
     return rows
 
 
@@ -480,9 +497,21 @@ def machine_description(device: str) -> str:
     return f"{cpu_model()}, {torch.get_num_threads()} threads, kernel path {ops.cpu_path()}"
 
 
-def run(what: str, device: str, json_path: str | None = None, threads: int = 2) -> list[dict]:
+def run(
+    what: str, device: str, json_path: str | None = None, threads: int = 2, jsonl_path: str | None = None
+) -> list[dict]:
+    """One table: printed, written whole to ``json_path``, and row by row, as measured, to
+    ``jsonl_path`` (a run cut short keeps its rows there)."""
     bench = {"kernels": bench_kernels, "model": bench_model, "memory": bench_memory}[what]
-    rows = bench(device=device, threads=threads)
+    on_row = None
+    if jsonl_path:
+        Path(jsonl_path).write_text("")
+
+        def on_row(row: dict) -> None:
+            with open(jsonl_path, "a") as f:
+                f.write(json.dumps({"what": what, "device": device, **row}) + "\n")
+
+    rows = bench(device=device, threads=threads, on_row=on_row)
     title = f"bireal bench {what} --device {device}  [{machine_description(device)}, torch {torch.__version__}]"
     print(format_table(rows, title))
     if what == "kernels":

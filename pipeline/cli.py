@@ -233,7 +233,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         return 0
     from cuda_ext.benchmarks import run
 
-    run(args.what, args.device, json_path=args.json, threads=args.threads)
+    run(args.what, args.device, json_path=args.json, threads=args.threads, jsonl_path=args.jsonl)
     return 0
 
 
@@ -483,6 +483,9 @@ def _add_bench(sub) -> None:
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
     bench.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     bench.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+    bench.add_argument(
+        "--jsonl", default=None, metavar="FILE", help="kernels, model, memory: also one JSON line per row as measured"
+    )
     bench.add_argument("--cifar", default=None, help="data: an image-folder tree to shard and load")
     bench.add_argument(
         "--imagenet-like",

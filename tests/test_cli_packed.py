@@ -141,7 +141,9 @@ def test_bench_kernel_rows_and_table():
     are printed, never asserted)."""
     from cuda_ext.benchmarks import BIREAL18_SHAPES, bench_kernels, format_table
 
-    rows = bench_kernels("cpu", batches=(1,), repeats=1)
+    measured = []
+    rows = bench_kernels("cpu", batches=(1,), repeats=1, on_row=measured.append)
+    assert measured == rows  # each row handed on as measured (bireal bench --jsonl)
     assert [r["shape"] for r in rows] == [f"{c}x{s}x{s}" for c, s in BIREAL18_SHAPES]
     for r, (channels, side) in zip(rows, BIREAL18_SHAPES):
         assert r["ours_ms"] > 0 and r["baseline_ms"] > 0 and r["block_ms"] > 0

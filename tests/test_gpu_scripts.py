@@ -92,3 +92,23 @@ def test_the_bf16_model_rows_on_a_cpu(tmp_path):
     row = bf16_model_rows(packed, x, torch.device("cpu"), 1)
     assert set(row) == {"bf16_ms", "async_bf16_ms", "lean_bf16_ms", "stem8_bf16_ms"} and min(row.values()) > 0
     assert packed.stem[0].in_channels == 3 and packed.activation_dtype == torch.float32
+
+
+def test_the_kernel_sweep_on_a_cpu(tmp_path):
+    """bench/kernel_sweep.py (issue 25's sweep) on the CPU paths: a row per (shape, batch, variant)
+    with both baselines, written as measured, every variant's outputs equal to the cross-check's."""
+    import torch
+
+    from bench import kernel_sweep
+
+    argv = ["--out", str(tmp_path), "--device", "cpu", "--batches", "1", "--repeats", "1", "--shapes", "3,6"]
+    assert kernel_sweep.main(argv) == 0
+    head, *rows = [json.loads(line) for line in (tmp_path / "kernel_sweep.jsonl").read_text().splitlines()]
+    assert head["what"] == "machine" and head["copy_gb_s"] is None
+    variants, check = kernel_sweep.variants(torch.device("cpu"))
+    assert [(r["shape"], r["variant"]) for r in rows] == [
+        (s, v) for s in ("512->512x7", "256->512x14/s2") for v in variants
+    ]
+    for row in rows:
+        assert row["exact"] and row["variant"] != check and row["batch"] == 1
+        assert row["conv_x_cudnn"] == row["cudnn_ms"] / row["conv_ms"] and row["block_ms"] > 0

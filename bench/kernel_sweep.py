@@ -1,0 +1,208 @@
+"""Issue 25's kernel sweep: every tensor-core variant's bf16 conv and fused block on each Bi-Real-18
+shape, the stride-2 downsample convs too, at batch 256 and at batch 1 (replayed as a CUDA graph),
+against cuDNN's bf16 conv and the float block (conv + BN + add + sign, bf16, channels_last,
+``cudnn.benchmark`` on), with the floor and the share of it each reaches, and whether each
+variant's outputs equal the ``simt`` cross-check's bit for bit.
+
+    python3 -m bench.kernel_sweep [--out DIR] [--batches 256,1] [--repeats 20]
+
+One JSON line per (shape, batch, variant) in DIR/kernel_sweep.jsonl as it is measured (a run cut
+short keeps its rows), and a table. ``--device cpu`` runs the same code on the CPU paths with the
+``portable`` path as the cross-check and no floors (tests/test_gpu_scripts.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Shape:
+    channels: int
+    out_channels: int
+    side: int
+    stride: int = 1
+
+    @property
+    def name(self) -> str:
+        return f"{self.channels}->{self.out_channels}x{self.side}" + (f"/s{self.stride}" if self.stride > 1 else "")
+
+    @property
+    def out_side(self) -> int:
+        return (self.side + 2 - 3) // self.stride + 1
+
+
+# Bi-Real-18's binary 3x3 convs at 224 px: the stride-1 stages and the first conv of stages 2-4
+SHAPES = (
+    Shape(64, 64, 56),
+    Shape(128, 128, 28),
+    Shape(256, 256, 14),
+    Shape(512, 512, 7),
+    Shape(64, 128, 56, 2),
+    Shape(128, 256, 28, 2),
+    Shape(256, 512, 14, 2),
+)
+
+
+def variants(device: torch.device) -> tuple[list[str], str]:
+    """(the variants timed, the cross-check whose outputs each must equal) on ``device``."""
+    from cuda_ext import ops
+
+    if device.type == "cuda":
+        return [p for p in ops.cuda_paths() if p != "simt"], "simt"
+    return [p for p in ops.cpu_paths() if p != "portable"] or ["portable"], "portable"
+
+
+class Operands:
+    """One shape's tensors at one batch: bf16 x and its signs, the packed weights, the block's folded
+    BN and bf16 residual, and the float baseline's weights and BN statistics."""
+
+    def __init__(self, shape: Shape, batch: int, device: torch.device):
+        from cuda_ext import ops
+
+        g = torch.Generator(device="cpu").manual_seed(shape.channels * 7 + shape.stride)
+        c, o, s = shape.channels, shape.out_channels, shape.side
+        self.shape, self.batch = shape, batch
+        x = torch.randn(batch, c, s, s, generator=g).to(device, torch.bfloat16)
+        self.x = x.contiguous(memory_format=torch.channels_last)
+        w = torch.randn(o, c, 3, 3, generator=g).to(device)
+        self.px, self.pw = ops.pack_signs(self.x), ops.pack_signs(w)
+        self.scale = (torch.rand(o, generator=g) + 0.5).to(device)
+        self.bias = torch.randn(o, generator=g).to(device)
+        residual = torch.randn(batch, o, shape.out_side, shape.out_side, generator=g).to(device, torch.bfloat16)
+        self.residual = residual.contiguous(memory_format=torch.channels_last)
+        self.w_bf16 = w.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+        self.mean, self.var = torch.randn(o, generator=g).to(device), (torch.rand(o, generator=g) + 0.5).to(device)
+
+    def conv(self):
+        from cuda_ext import ops
+
+        sh = self.shape
+        return ops.binary_conv2d(self.px, self.pw, sh.channels, sh.stride, 1, 0.0, out_dtype=torch.bfloat16)
+
+    def block(self):
+        from cuda_ext import ops
+
+        sh = self.shape
+        return ops.binary_block(
+            self.px, self.pw, sh.channels, sh.stride, 1, 0.0, self.scale, self.bias, self.residual,
+            out_dtype=torch.bfloat16,
+        )  # fmt: skip
+
+    def cudnn_conv(self):
+        return F.conv2d(self.x, self.w_bf16, stride=self.shape.stride, padding=1)
+
+    def float_block(self):
+        y = F.conv2d(self.x, self.w_bf16, stride=self.shape.stride, padding=1)
+        y = F.batch_norm(y, self.mean, self.var, self.scale, self.bias, False, 0.0, 1e-5) + self.residual
+        return y, torch.sign(y)
+
+
+def timed(fn, device: torch.device, batch: int, repeats: int) -> float:
+    """Median ms of ``fn``; at batch 1 on a GPU, of its CUDA graph's replay (no launch gaps)."""
+    from cuda_ext.benchmarks import cuda_graph, time_ms
+
+    if device.type == "cuda" and batch == 1:
+        return time_ms(cuda_graph(fn).replay, device, max(repeats, 50))
+    return time_ms(fn, device, repeats)
+
+
+def sweep_rows(shape: Shape, batch: int, device: torch.device, repeats: int, copy_gb_s: float | None):
+    """The rows of one (shape, batch): one per variant, each with both baselines in the same run."""
+    from cuda_ext import ops
+    from cuda_ext.benchmarks import gpu_floors
+
+    names, check = variants(device)
+    forced = ops.forced_cuda_path if device.type == "cuda" else ops.forced_cpu_path
+    t = Operands(shape, batch, device)
+    with torch.inference_mode():
+        with forced(check):
+            want_conv, (want_out, want_signs) = t.conv(), t.block()
+        cudnn_ms = timed(t.cudnn_conv, device, batch, repeats)
+        float_block_ms = timed(t.float_block, device, batch, repeats)
+        floors = (
+            gpu_floors(shape.channels, shape.side, batch, copy_gb_s, shape.stride, shape.out_channels)
+            if copy_gb_s
+            else {}
+        )
+        for name in names:
+            with forced(name):
+                conv, (out, signs) = t.conv(), t.block()
+                exact = torch.equal(conv, want_conv) and torch.equal(out, want_out) and torch.equal(signs, want_signs)
+                conv_ms = timed(t.conv, device, batch, repeats)
+                block_ms = timed(t.block, device, batch, repeats)
+            row = {
+                "shape": shape.name, "batch": batch, "variant": name, "exact": exact,
+                "conv_ms": conv_ms, "block_ms": block_ms, "cudnn_ms": cudnn_ms, "float_block_ms": float_block_ms,
+                "conv_x_cudnn": cudnn_ms / conv_ms, "block_x_float_block": float_block_ms / block_ms,
+            }  # fmt: skip
+            if floors:
+                row.update(
+                    conv_gb_s=floors["conv_bytes"] / conv_ms / 1e6,
+                    block_gb_s=floors["block_bytes"] / block_ms / 1e6,
+                    conv_floor_ms=floors["conv_floor_ms"],
+                    conv_of_floor=floors["conv_floor_ms"] / conv_ms,
+                    block_floor_ms=floors["block_floor_ms"],
+                    block_of_floor=floors["block_floor_ms"] / block_ms,
+                )
+            yield row
+
+
+COLUMNS = (
+    ("shape", 16, "{}"), ("batch", 6, "{}"), ("variant", 11, "{}"), ("exact", 6, "{}"),
+    ("conv_ms", 9, "{:.4f}"), ("conv_gb_s", 10, "{:,.0f}"), ("conv_floor_ms", 14, "{:.4f}"),
+    ("conv_of_floor", 14, "{:.0%}"), ("conv_x_cudnn", 13, "{:.2f}x"), ("block_ms", 9, "{:.4f}"),
+    ("block_gb_s", 11, "{:,.0f}"), ("block_floor_ms", 15, "{:.4f}"), ("block_of_floor", 15, "{:.0%}"),
+    ("block_x_float_block", 20, "{:.2f}x"),
+)  # fmt: skip
+
+
+def format_row(row: dict) -> str:
+    return "".join(f"{(fmt.format(row[k]) if k in row else '-'):>{w}}" for k, w, fmt in COLUMNS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cuda_ext.benchmarks import copy_bandwidth_gb_s, machine_description
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "bench_results")))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batches", default="256,1")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--shapes", default="all", help="all, or a comma list of indexes into SHAPES")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the baselines get cuDNN's own pick per shape
+    shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
+    copy_gb_s = copy_bandwidth_gb_s(device) if device.type == "cuda" else None
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "kernel_sweep.jsonl"
+    head = {"what": "machine", "device": machine_description(args.device), "torch": torch.__version__,
+            "copy_gb_s": copy_gb_s}  # fmt: skip
+    path.write_text(json.dumps(head) + "\n")
+    copy = f", copy {copy_gb_s:,.0f} GB/s" if copy_gb_s else ""
+    print(f"kernel sweep on {head['device']}, torch {torch.__version__}{copy}")
+    print("".join(f"{k:>{w}}" for k, w, _ in COLUMNS), flush=True)
+    inexact = 0
+    for batch in (int(b) for b in args.batches.split(",")):
+        for shape in shapes:
+            for row in sweep_rows(shape, batch, device, args.repeats, copy_gb_s):
+                with path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(format_row(row), flush=True)
+                inexact += not row["exact"]
+    print(f"kernel sweep: {'every variant exact' if not inexact else f'{inexact} rows NOT exact'}")
+    return 1 if inexact else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,9 +3,10 @@
 # nvcc; no registry): they build the extension there first.
 #
 #   bench/gpu_sweep.sh --quick [RESULTS_DIR]   (<= 4 min) the build, correctness (cuda_ext.smoke on
-#       every CUDA path and shape), the SASS report (registers, spills, epilogue instructions per
-#       output), and the profile: a forward of the packed bf16 Bi-Real-18 and of ResNet-18 bf16,
-#       kernel by kernel, at batch 256 and 1, cudnn.benchmark off and on (bench/gpu_profile.py);
+#       every CUDA path and shape; tests/test_cuda.py's tests of bmma_lean and bmma_async), the SASS
+#       report (registers, spills, epilogue instructions per output), and the profile: a forward of
+#       the packed bf16 Bi-Real-18 and of ResNet-18 bf16, kernel by kernel, at batch 256 and 1,
+#       cudnn.benchmark off and on (bench/gpu_profile.py);
 #   bench/gpu_sweep.sh --full [RESULTS_DIR]    (<= 5 min) the kernel sweep (bench/kernel_sweep.py:
 #       each variant's bf16 conv and block on every Bi-Real-18 shape, stride 2 too, batch 256 and 1
 #       as a graph: ms, GB/s, the floor and % of it, x cuDNN with cudnn.benchmark on, x float block,
@@ -63,6 +64,11 @@ if [ "$part" = --quick ]; then
   step "correctness: every CUDA path on every shape"
   CUDA_LAUNCH_BLOCKING=1 timeout "$(limit 60)" $PY -m cuda_ext.smoke --json "$out/smoke.json"
   status[smoke]=$?
+  step "GPU tests of the variants under test (tests/test_cuda.py: bmma_lean, bmma_async)"
+  timeout "$(limit 90)" $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py -k "lean or async" \
+    >"$out/tests_variants.log" 2>&1
+  status[variant_tests]=$?
+  tail -3 "$out/tests_variants.log"
   step "SASS"
   timeout "$(limit 30)" $PY -m bench.sass_report --json "$out/sass.json"
   status[sass]=$?

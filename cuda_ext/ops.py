@@ -81,7 +81,17 @@ def _pack_signs_fake(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.register_fake("bireal::binary_conv2d")
 def _binary_conv2d_fake(
-    packed_x, packed_w, in_channels, stride, padding, pad_value, scale=None, bias=None, residual=None, out_dtype=None
+    packed_x,
+    packed_w,
+    in_channels,
+    stride,
+    padding,
+    pad_value,
+    scale=None,
+    bias=None,
+    residual=None,
+    out_dtype=None,
+    border_classes=None,
 ):
     n, h, w, _ = packed_x.shape
     o, kh, kw, _ = packed_w.shape
@@ -92,7 +102,17 @@ def _binary_conv2d_fake(
 
 @torch.library.register_fake("bireal::binary_block")
 def _binary_block_fake(
-    packed_x, packed_w, in_channels, stride, padding, pad_value, scale=None, bias=None, residual=None, out_dtype=None
+    packed_x,
+    packed_w,
+    in_channels,
+    stride,
+    padding,
+    pad_value,
+    scale=None,
+    bias=None,
+    residual=None,
+    out_dtype=None,
+    border_classes=None,
 ):
     out = _binary_conv2d_fake(packed_x, packed_w, in_channels, stride, padding, pad_value, out_dtype=out_dtype)
     n, o, ho, wo = out.shape
@@ -123,14 +143,18 @@ def binary_conv2d(
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    border_classes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """1-bit convolution of packed operands, with the fused epilogue
     ``out = dot * scale + bias + residual`` computed in float32: (N, O, Ho, Wo) in channels_last
     memory, float32 or (``out_dtype=torch.bfloat16``) rounded once to bfloat16. ``residual`` may be
-    float32 or bfloat16."""
+    float32 or bfloat16. ``border_classes``: ``border_classes(packed_w, in_channels, padding)``,
+    made once for weights that do not change; the bmma_lean CUDA path then does not make it per
+    call, every other path ignores it."""
     return torch.ops.bireal.binary_conv2d(
-        packed_x, packed_w, in_channels, stride, padding, float(pad_value), scale, bias, residual, out_dtype
-    )
+        packed_x, packed_w, in_channels, stride, padding, float(pad_value), scale, bias, residual, out_dtype,
+        border_classes,
+    )  # fmt: skip
 
 
 def binary_block(
@@ -144,13 +168,45 @@ def binary_block(
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    border_classes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused Bi-Real block: ``binary_conv2d`` and the packed signs of its output (as stored, so
     of the bfloat16 value when ``out_dtype`` is bfloat16), for the next block's conv:
     ``(out, pack_signs(out))``. On CUDA one kernel writes both."""
     return torch.ops.bireal.binary_block(
-        packed_x, packed_w, in_channels, stride, padding, float(pad_value), scale, bias, residual, out_dtype
-    )
+        packed_x, packed_w, in_channels, stride, padding, float(pad_value), scale, bias, residual, out_dtype,
+        border_classes,
+    )  # fmt: skip
+
+
+def border_classes(packed_w: torch.Tensor, in_channels: int, padding: int) -> torch.Tensor:
+    """What zero padding adds to the dot products of an output pixel on the border, per border class
+    and output channel: (P^4, O) int32, P = padding + 1. A pixel's class (a, b, c, d) counts its tap
+    rows above and below the image and its tap columns left and right of it, each 0..padding,
+    indexed ((a * P + b) * P + c) * P + d; the entry is the sum of the channel's +-1 weights over
+    the taps outside (kh < a, kh >= KH - b, kw < c or kw >= KW - d). The bmma_lean kernel adds one
+    entry per output (docs/cuda.md); this makes the table once, in plain torch ops on any device,
+    for weights that do not change (a packed model's), to pass to ``binary_conv2d`` /
+    ``binary_block``."""
+    o, kh, kw, cw = packed_w.shape
+    if packed_w.dtype != torch.int64 or words_for(in_channels) != cw:
+        raise ValueError(f"border_classes: packed_w must be int64 (O, KH, KW, {words_for(in_channels)}) for "
+                         f"{in_channels} channels, got {packed_w.dtype} {tuple(packed_w.shape)}")  # fmt: skip
+    tail = in_channels - 64 * (cw - 1)  # valid bits of the last word, 1..64
+    valid = torch.full((cw,), -1, dtype=torch.int64, device=packed_w.device)
+    if tail < 64:
+        valid[-1] = (1 << tail) - 1
+    bits = (packed_w & valid).unsqueeze(-1) >> torch.arange(64, device=packed_w.device)
+    sums = 2 * (bits & 1).sum((-2, -1)) - in_channels  # (O, KH, KW): each tap's sum of +-1 weights
+    P = padding + 1
+    cut = torch.arange(P, device=packed_w.device)
+    rows, cols = torch.arange(kh, device=packed_w.device), torch.arange(kw, device=packed_w.device)
+    out_rows = (rows < cut[:, None, None]) | (rows >= kh - cut[None, :, None])  # (a, b, KH)
+    out_cols = (cols < cut[:, None, None]) | (cols >= kw - cut[None, :, None])  # (c, d, KW)
+    outside = out_rows[:, :, None, None, :, None] | out_cols[None, None, :, :, None, :]  # (a, b, c, d, KH, KW)
+    # (P^4, O): broadcast and summed, not einsum, which CUDA does not run on integers
+    table = (outside.reshape(P**4, 1, kh, kw).to(torch.int64) * sums).sum((-2, -1))
+    return table.to(torch.int32).contiguous()
 
 
 def max_pool_signs(

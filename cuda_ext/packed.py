@@ -95,7 +95,15 @@ class PackedBinaryConv(nn.Module):
         self.register_buffer("packed", torch.zeros(o, kh, kw, (c + 63) // 64, dtype=torch.int64))
         self.register_buffer("scale", torch.ones(o))
         self.register_buffer("bias", torch.zeros(o))
+        # ops.border_classes of the packed weights under zero padding (make_border_classes), so the
+        # CUDA kernel does not make it every call; not saved: it follows from the weights
+        self.register_buffer("border_classes", None, persistent=False)
         self.out_dtype: torch.dtype | None = None  # None: float32; PackedBiReal.set_activation_dtype
+
+    def make_border_classes(self) -> None:
+        """Make ``border_classes`` from the weights as they are now (call again if they change)."""
+        if self.pad_value == 0.0 and self.padding > 0:
+            self.border_classes = ops.border_classes(self.packed, self.in_channels, self.padding)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None, packed_x: torch.Tensor | None = None
@@ -117,6 +125,7 @@ class PackedBinaryConv(nn.Module):
             self.bias,
             residual,
             self.out_dtype,
+            self.border_classes,
         )
 
 
@@ -420,6 +429,9 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     check_header(path, header, model, tensors)
     model.to_empty(device="cpu")
     model.load_state_dict(tensors, strict=True)
+    for conv in model.modules():
+        if isinstance(conv, PackedBinaryConv):
+            conv.make_border_classes()  # once per weight tensor, not per call
     return model.eval().to(device), header
 
 

@@ -60,10 +60,12 @@ def binary_conv2d_ref(
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    border_classes: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Unpack to +-1 floats, pad with ``pad_value``, convolve in float64 (exact for integers),
     then ``dot * scale + bias + residual`` in float32 in that order; ``out_dtype=torch.bfloat16``
-    rounds that result once (to nearest even)."""
+    rounds that result once (to nearest even). ``border_classes`` (a kernel's shortcut for zero
+    padding) is accepted as the ops accept it, and not needed here."""
     x = unpack_signs_ref(packed_x, in_channels).double()
     w = unpack_signs_ref(packed_w, in_channels).double()
     x = F.pad(x, (padding,) * 4, value=float(pad_value))
@@ -88,8 +90,9 @@ def binary_block_ref(
     bias: torch.Tensor | None = None,
     residual: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    border_classes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``binary_conv2d_ref`` and the packed signs of its output."""
+    """``binary_conv2d_ref`` and the packed signs of its output (``border_classes``: not needed)."""
     out = binary_conv2d_ref(
         packed_x, packed_w, in_channels, stride, padding, pad_value, scale, bias, residual, out_dtype
     )

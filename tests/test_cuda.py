@@ -79,6 +79,29 @@ def test_bmma_lean_every_option_set(out_channels, channels, stride, kernel_paddi
             assert_block_equal("bmma_lean", args, *options, out_dtype=out_dtype)
 
 
+def test_bmma_lean_with_the_border_classes_made_once():
+    """A packed model passes ops.border_classes of its weights, made at load: bmma_lean uses it (the
+    same outputs), a table of the wrong shape is refused naming the expected one, and the other
+    paths ignore it."""
+    x, w = cuda_case(2, 100, 72, 9, 7, 3, seed=11)
+    args = on_cuda((pack_signs_ref(x), pack_weight_ref(w), 100, 1, 1, 0.0))
+    scale, bias = torch.rand(72, device="cuda"), torch.randn(72, device="cuda")
+    table = ops.border_classes(args[1], 100, 1)
+    assert table.is_cuda and table.shape == (16, 72)
+    ref_out, ref_packed = binary_block_ref(
+        *(a.cpu() if torch.is_tensor(a) else a for a in args), scale.cpu(), bias.cpu()
+    )
+    for path in ("bmma_lean", "bmma"):
+        with ops.forced_cuda_path(path):
+            out, packed = ops.binary_block(*args, scale, bias, border_classes=table)
+        assert torch.equal(out.cpu(), ref_out) and torch.equal(packed.cpu(), ref_packed), path
+    with (
+        ops.forced_cuda_path("bmma_lean"),
+        pytest.raises(RuntimeError, match=r"border_classes must be int32 \(16, 72\)"),
+    ):
+        ops.binary_block(*args, scale, bias, border_classes=table[:8])
+
+
 def test_bmma_lean_after_the_weights_change():
     """kernels: auto packs new weights every step: the border classes come from each call's weights."""
     x, w = cuda_case(2, 64, 64, 7, 7, 3, seed=5)

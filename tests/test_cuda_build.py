@@ -166,6 +166,7 @@ def border_class_conv_model(px, pw, channels, stride, padding):
         outside[:a], outside[kh - b :], outside[:, :c], outside[:, kw - d :] = True, True, True, True  # [KH:] is empty
         table[a, b, c, d] = (taps_sum * outside).sum((1, 2))
     ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+    assert torch.equal(ops.border_classes(pw, channels, padding), table.reshape(P**4, o).int())  # the one made once
     dot = and_popc_conv_model(px, pw, channels, stride, padding, -1.0)  # (N, O, Ho, Wo)
     for oh, ow in itertools.product(range(ho), range(wo)):
         ih0, iw0 = oh * stride - padding, ow * stride - padding
@@ -182,7 +183,8 @@ def border_class_conv_model(px, pw, channels, stride, padding):
 )  # fmt: skip
 def test_the_lean_kernels_border_classes_match_the_reference(channels, stride, kernel, padding, side):
     """binary_conv_lean.cu's correction of zero padding from a table of border classes gives the
-    reference's dot products, also on images smaller than the kernel (rows cut above and below)."""
+    reference's dot products, also on images smaller than the kernel (rows cut above and below);
+    ``ops.border_classes`` (the table made once for a packed model) is that table."""
     from cuda_ext.reference import binary_conv2d_ref, pack_signs_ref, pack_weight_ref
 
     x, w = torch.randn(2, channels, *side), torch.randn(9, channels, kernel, kernel)

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import bireal_core as bc
+from cuda_ext import ops
 from cuda_ext.packed import (
     ArtifactError,
     PackedBiReal,
@@ -168,6 +169,22 @@ def test_a_stem_padded_to_8_input_channels_computes_the_same(tmp_path):
     assert padded.pad_stem_input(8) is padded  # already 8: nothing to do
     with pytest.raises(ValueError, match="already takes 8 channels"):
         padded.pad_stem_input(4)
+
+
+def test_the_border_classes_are_made_once_at_load(tmp_path):
+    """load_packed makes each zero-padded binary conv's border-class table from its weights (the
+    CUDA kernel then skips making it per call); it is not part of the artifact."""
+    from cuda_ext.packed import PackedBinaryConv
+
+    packed, _ = load_packed(export_model(randomized("bireal18"), tmp_path / "m.safetensors"))
+    convs = [m for m in packed.modules() if isinstance(m, PackedBinaryConv)]
+    assert len(convs) == 16
+    for conv in convs:
+        assert torch.equal(conv.border_classes, ops.border_classes(conv.packed, conv.in_channels, conv.padding))
+        assert conv.border_classes.shape == ((conv.padding + 1) ** 4, conv.packed.shape[0])
+    assert not any("border_classes" in k for k in packed.state_dict())
+    with pytest.raises(ValueError, match="border_classes: packed_w must be int64"):
+        ops.border_classes(convs[0].packed, 65, 1)
 
 
 def test_compile_fullgraph(tmp_path):

@@ -56,12 +56,13 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& packed_x, const at::Tensor& packe
                              const std::optional<at::Tensor>& scale,
                              const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& residual,
-                             std::optional<at::ScalarType> out_dtype);
+                             std::optional<at::ScalarType> out_dtype,
+                             const std::optional<at::Tensor>& border_classes);
 std::tuple<at::Tensor, at::Tensor> binary_block_cpu(
     const at::Tensor& packed_x, const at::Tensor& packed_w, int64_t in_channels, int64_t stride,
     int64_t padding, double pad_value, const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-    std::optional<at::ScalarType> out_dtype);
+    std::optional<at::ScalarType> out_dtype, const std::optional<at::Tensor>& border_classes);
 
 // max_pool2d (kernel_size, stride, padding; dilation 1, floor mode) of x (N, C, H, W) and the packed
 // signs of its output: (out channels_last, pack_signs(out)).

@@ -807,7 +807,8 @@ at::Tensor binary_conv2d_cpu(const at::Tensor& packed_x, const at::Tensor& packe
                              const std::optional<at::Tensor>& scale,
                              const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& residual,
-                             std::optional<at::ScalarType> out_dtype) {
+                             std::optional<at::ScalarType> out_dtype,
+                             const std::optional<at::Tensor>& /*border_classes: bmma_lean's (CUDA)*/) {
   return std::get<0>(conv_cpu(packed_x, packed_w, in_channels, stride, padding, pad_value, scale, bias,
                               residual, out_dtype, /*pack_output=*/false));
 }
@@ -816,7 +817,7 @@ std::tuple<at::Tensor, at::Tensor> binary_block_cpu(
     const at::Tensor& packed_x, const at::Tensor& packed_w, int64_t in_channels, int64_t stride,
     int64_t padding, double pad_value, const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-    std::optional<at::ScalarType> out_dtype) {
+    std::optional<at::ScalarType> out_dtype, const std::optional<at::Tensor>& /*border_classes: CUDA's*/) {
   return conv_cpu(packed_x, packed_w, in_channels, stride, padding, pad_value, scale, bias, residual,
                   out_dtype, /*pack_output=*/true);
 }

@@ -460,7 +460,8 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
                                              double pad_value, const std::optional<at::Tensor>& scale,
                                              const std::optional<at::Tensor>& bias,
                                              const std::optional<at::Tensor>& residual,
-                                             const std::optional<at::ScalarType>& out_dtype, bool pack_output) {
+                                             const std::optional<at::ScalarType>& out_dtype, bool pack_output,
+                                             const std::optional<at::Tensor>& given_classes) {
   TORCH_CHECK(packed_x.is_cuda(), "binary_conv2d (CUDA): packed_x must be a CUDA tensor");
   check_cuda_tensor(packed_w, packed_x, "packed_w");
   const ConvGeometry g = check_conv_args(packed_x, packed_w, in_channels, stride, padding, pad_value,
@@ -519,9 +520,21 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
   const bool lean = path == "bmma_lean" && lean_supports(p);  // else bmma runs the call
   const bool zero_padding = pad_value == 0.0 && padding > 0;  // then the border pixels need a correction
   at::Tensor tap_sums, border_classes;
+  bool fill_classes = false;
   if (zero_padding && lean) {
     const int64_t P = padding + 1;
-    border_classes = at::empty({P * P * P * P, g.O}, x.options().dtype(at::kInt));  // filled by launch_bmma_lean
+    if (given_classes) {  // made once for these weights (cuda_ext.ops.border_classes)
+      check_cuda_tensor(*given_classes, packed_x, "border_classes");
+      TORCH_CHECK(given_classes->scalar_type() == at::kInt && given_classes->dim() == 2 &&
+                      given_classes->size(0) == P * P * P * P && given_classes->size(1) == g.O,
+                  "binary_conv2d (CUDA): border_classes must be int32 (", P * P * P * P, ", ", g.O,
+                  ") for padding ", padding, " and ", g.O, " output channels, got ", given_classes->scalar_type(),
+                  " ", given_classes->sizes());
+      border_classes = given_classes->contiguous();
+    } else {
+      border_classes = at::empty({P * P * P * P, g.O}, x.options().dtype(at::kInt));
+      fill_classes = true;  // by launch_bmma_lean, before the conv
+    }
   } else if (zero_padding) {
     tap_sums = at::empty({taps, g.O}, x.options().dtype(at::kInt));
     tap_sums_kernel<<<blocks_for(g.O * taps), kThreads, 0, stream>>>(
@@ -540,7 +553,7 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
                           "device is sm_", major, "x; set_cuda_path('simt') runs on CUDA cores");
   const dim3 grid((M + kBlockRows - 1) / kBlockRows, (g.O + kWarpCols - 1) / kWarpCols);
   if (lean) {
-    launch_bmma_lean(p, zero_padding ? border_classes.data_ptr<int32_t>() : nullptr,
+    launch_bmma_lean(p, zero_padding ? border_classes.data_ptr<int32_t>() : nullptr, fill_classes,
                      static_cast<int>(in_channels), grid, stream);
   } else if (path == "bmma_async") {
     binary_conv2d_bmma_async_kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
@@ -577,18 +590,19 @@ at::Tensor binary_conv2d_cuda(const at::Tensor& packed_x, const at::Tensor& pack
                               const std::optional<at::Tensor>& scale,
                               const std::optional<at::Tensor>& bias,
                               const std::optional<at::Tensor>& residual,
-                              std::optional<at::ScalarType> out_dtype) {
+                              std::optional<at::ScalarType> out_dtype,
+                              const std::optional<at::Tensor>& border_classes) {
   return std::get<0>(conv_cuda(packed_x, packed_w, in_channels, stride, padding, pad_value, scale,
-                               bias, residual, out_dtype, /*pack_output=*/false));
+                               bias, residual, out_dtype, /*pack_output=*/false, border_classes));
 }
 
 std::tuple<at::Tensor, at::Tensor> binary_block_cuda(
     const at::Tensor& packed_x, const at::Tensor& packed_w, int64_t in_channels, int64_t stride,
     int64_t padding, double pad_value, const std::optional<at::Tensor>& scale,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
-    std::optional<at::ScalarType> out_dtype) {
+    std::optional<at::ScalarType> out_dtype, const std::optional<at::Tensor>& border_classes) {
   return conv_cuda(packed_x, packed_w, in_channels, stride, padding, pad_value, scale, bias, residual,
-                   out_dtype, /*pack_output=*/true);
+                   out_dtype, /*pack_output=*/true, border_classes);
 }
 
 }  // namespace bireal

@@ -19,8 +19,10 @@
 // last output row's taps end at most `padding` past the image). So P^4 classes (P = padding + 1)
 // cover every pixel, and the correction of class (a, b, c, d) for channel o is the sum of the +-1
 // weights of channel o over the taps with kh < a, kh >= KH - b, kw < c or kw >= KW - d: one table of
-// P^4 x O integers, computed from the packed weights by one small kernel per call (81 x O entries
-// at padding 2, 16 x O at padding 1). Class 0 is the interior: no correction.
+// P^4 x O integers (16 x O at padding 1, 81 x O at padding 2). A packed model makes it once per
+// weight tensor at load (cuda_ext.ops.border_classes, passed to the op); otherwise (training, whose
+// weights change every step) one small kernel makes it per call. Class 0 is the interior: no
+// correction.
 #include "bmma_common.cuh"
 
 #include <c10/cuda/CUDAException.h>
@@ -214,10 +216,11 @@ bool lean_supports(const ConvParams& p) {
          aligned(p.out, 8);
 }
 
-void launch_bmma_lean(const ConvParams& p, int32_t* table, int in_channels, dim3 grid, cudaStream_t stream) {
+void launch_bmma_lean(const ConvParams& p, int32_t* table, bool fill_table, int in_channels, dim3 grid,
+                      cudaStream_t stream) {
   TORCH_CHECK(lean_supports(p), "bmma_lean: called for a conv it does not support (lean_supports)");
   const BorderClasses border{table, p.padding + 1};
-  if (table != nullptr) {
+  if (table != nullptr && fill_table) {
     const int64_t entries = int64_t(border.P) * border.P * border.P * border.P * p.O;
     border_classes_kernel<<<(entries + 255) / 256, 256, 0, stream>>>(p, border.P, in_channels, table);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

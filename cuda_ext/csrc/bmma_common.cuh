@@ -37,9 +37,10 @@ struct BorderClasses {
 
 // Whether bmma_lean computes this call itself; otherwise binary_conv_cuda.cu runs `bmma` for it.
 bool lean_supports(const ConvParams& p);
-// Launches bmma_lean (grid as bmma's), after the kernel that fills the border-class table when zero
-// padding needs one: `table` is scratch memory of P^4 * O int32, or null when no correction is needed.
-void launch_bmma_lean(const ConvParams& p, int32_t* table, int in_channels, dim3 grid, cudaStream_t stream);
+// Launches bmma_lean (grid as bmma's). `table`: the border-class table, P^4 * O int32, or null when
+// no correction is needed; with `fill_table` a kernel fills it first (from p.w), else it holds them.
+void launch_bmma_lean(const ConvParams& p, int32_t* table, bool fill_table, int in_channels, dim3 grid,
+                      cudaStream_t stream);
 
 namespace {
 

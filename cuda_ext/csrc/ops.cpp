@@ -99,15 +99,19 @@ TORCH_LIBRARY(bireal, m) {
   //   dot = sum over taps and channels of (+-1 input) * (+-1 weight), border = pad_value
   //   out = dot * scale[o] + bias[o] + residual      (each term optional, computed in float32;
   //                                                   bfloat16 rounds the result once, to nearest even)
+  // border_classes: border_classes(packed_w, in_channels, padding) of these weights (cuda_ext.ops),
+  //   made once for weights that do not change (a packed model's); the bmma_lean path then skips
+  //   making it per call. Every other path ignores it.
   m.def(
       "binary_conv2d(Tensor packed_x, Tensor packed_w, int in_channels, int stride, int padding, "
-      "float pad_value, Tensor? scale, Tensor? bias, Tensor? residual, ScalarType? out_dtype=None) -> Tensor");
+      "float pad_value, Tensor? scale, Tensor? bias, Tensor? residual, ScalarType? out_dtype=None, "
+      "Tensor? border_classes=None) -> Tensor");
   // The fused Bi-Real block: binary_conv2d, and the signs of its output packed for the next block.
   //   (out, pack_signs(out)), out as binary_conv2d returns it
   m.def(
       "binary_block(Tensor packed_x, Tensor packed_w, int in_channels, int stride, int padding, "
-      "float pad_value, Tensor? scale, Tensor? bias, Tensor? residual, ScalarType? out_dtype=None) "
-      "-> (Tensor, Tensor)");
+      "float pad_value, Tensor? scale, Tensor? bias, Tensor? residual, ScalarType? out_dtype=None, "
+      "Tensor? border_classes=None) -> (Tensor, Tensor)");
   // The ImageNet stem's max-pool with the first block's packed input: (out, pack_signs(out)),
   //   out = max_pool2d(x, kernel_size, stride, padding) in channels_last memory (dilation 1, floor mode).
   //   CPU only; other devices run max_pool2d + pack_signs (cuda_ext.ops.max_pool_signs).

@@ -101,22 +101,11 @@ def _binary_conv2d_fake(
 
 
 @torch.library.register_fake("bireal::binary_block")
-def _binary_block_fake(
-    packed_x,
-    packed_w,
-    in_channels,
-    stride,
-    padding,
-    pad_value,
-    scale=None,
-    bias=None,
-    residual=None,
-    out_dtype=None,
-    border_classes=None,
-):
-    out = _binary_conv2d_fake(packed_x, packed_w, in_channels, stride, padding, pad_value, out_dtype=out_dtype)
+def _binary_block_fake(*args, **kwargs):
+    """binary_conv2d's output (same arguments) and its packed signs."""
+    out = _binary_conv2d_fake(*args, **kwargs)
     n, o, ho, wo = out.shape
-    return out, packed_x.new_empty((n, ho, wo, words_for(o)), dtype=torch.int64)
+    return out, out.new_empty((n, ho, wo, words_for(o)), dtype=torch.int64)
 
 
 @torch.library.register_fake("bireal::max_pool_signs")

@@ -40,6 +40,8 @@ class Shape:
         return (self.side + 2 - 3) // self.stride + 1
 
 
+GRAPH_REPEATS = 50  # at least this many replays of a batch-1 CUDA graph: each takes microseconds
+
 # Bi-Real-18's binary 3x3 convs at 224 px: the stride-1 stages and the first conv of stages 2-4
 SHAPES = (
     Shape(64, 64, 56),
@@ -106,19 +108,10 @@ class Operands:
         return y, torch.sign(y)
 
 
-def timed(fn, device: torch.device, batch: int, repeats: int) -> float:
-    """Median ms of ``fn``; at batch 1 on a GPU, of its CUDA graph's replay (no launch gaps)."""
-    from cuda_ext.benchmarks import cuda_graph, time_ms
-
-    if device.type == "cuda" and batch == 1:
-        return time_ms(cuda_graph(fn).replay, device, max(repeats, 50))
-    return time_ms(fn, device, repeats)
-
-
 def sweep_rows(shape: Shape, batch: int, device: torch.device, repeats: int, copy_gb_s: float | None):
     """The rows of one (shape, batch): one per variant, each with both baselines in the same run."""
     from cuda_ext import ops
-    from cuda_ext.benchmarks import gpu_floors
+    from cuda_ext.benchmarks import forward_ms, gpu_floors
 
     names, check = variants(device)
     forced = ops.forced_cuda_path if device.type == "cuda" else ops.forced_cpu_path
@@ -126,8 +119,8 @@ def sweep_rows(shape: Shape, batch: int, device: torch.device, repeats: int, cop
     with torch.inference_mode():
         with forced(check):
             want_conv, (want_out, want_signs) = t.conv(), t.block()
-        cudnn_ms = timed(t.cudnn_conv, device, batch, repeats)
-        float_block_ms = timed(t.float_block, device, batch, repeats)
+        cudnn_ms = forward_ms(t.cudnn_conv, device, batch, repeats, GRAPH_REPEATS)
+        float_block_ms = forward_ms(t.float_block, device, batch, repeats, GRAPH_REPEATS)
         floors = (
             gpu_floors(shape.channels, shape.side, batch, copy_gb_s, shape.stride, shape.out_channels)
             if copy_gb_s
@@ -137,8 +130,8 @@ def sweep_rows(shape: Shape, batch: int, device: torch.device, repeats: int, cop
             with forced(name):
                 conv, (out, signs) = t.conv(), t.block()
                 exact = torch.equal(conv, want_conv) and torch.equal(out, want_out) and torch.equal(signs, want_signs)
-                conv_ms = timed(t.conv, device, batch, repeats)
-                block_ms = timed(t.block, device, batch, repeats)
+                conv_ms = forward_ms(t.conv, device, batch, repeats, GRAPH_REPEATS)
+                block_ms = forward_ms(t.block, device, batch, repeats, GRAPH_REPEATS)
             row = {
                 "shape": shape.name, "batch": batch, "variant": name, "exact": exact,
                 "conv_ms": conv_ms, "block_ms": block_ms, "cudnn_ms": cudnn_ms, "float_block_ms": float_block_ms,

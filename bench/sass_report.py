@@ -50,10 +50,9 @@ def kernels_in(sass: str) -> list[tuple[str, str, str]]:
 
 
 def _base_name(mangled: str) -> str:
-    """The kernel's own name in a mangled one: ..._cu_<hash><length><name>[I<template args>]E..."""
-    match = re.search(r"(\d+)([A-Za-z_]\w*?)(?:I.*)?E(?:N|v|P|i)", mangled)
-    names = [name for name in KERNELS if name in mangled]
-    return max(names, key=len) if names else (match.group(2) if match else mangled)
+    """The kernel of KERNELS a mangled name is (the longest that it contains: bmma_lean's name holds
+    bmma's), else the mangled name itself."""
+    return max((name for name in KERNELS if name in mangled), key=len, default=mangled)
 
 
 def _readable(mangled: str, base: str) -> str:

@@ -99,6 +99,16 @@ def cuda_graph(fn: Callable[[], torch.Tensor]) -> torch.cuda.CUDAGraph:
     return graph
 
 
+def forward_ms(fn: Callable[[], object], device: torch.device, batch: int, repeats: int, graph_repeats: int = 20):
+    """Median ms of ``fn``; at batch 1 on a GPU, of its CUDA graph's replay (no launch gaps), at
+    least ``graph_repeats`` times."""
+    if device.type == "cuda" and batch == 1:
+        with torch.no_grad():
+            graph = cuda_graph(fn)
+        return time_ms(graph.replay, device, max(repeats, graph_repeats))
+    return time_ms(fn, device, repeats)
+
+
 def _setup(device: str, threads: int) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -268,9 +278,7 @@ def bench_model(
             with autocast:
                 row["baseline_ms"] = base = time_ms(lambda: resnet(x), dev, n)
         if dev.type == "cuda" and batch == 1:
-            with torch.no_grad():
-                graph = cuda_graph(lambda: packed(x))
-                row["ours_graph_ms"] = time_ms(graph.replay, dev, max(n, 20))
+            row["ours_graph_ms"] = forward_ms(lambda: packed(x), dev, batch, n)  # replayed as a CUDA graph
         if dev.type == "cuda":
             row.update(bf16_model_rows(packed, x, dev, n))
         best = min(row["ours_ms"], row.get("ours_graph_ms", float("inf")))
@@ -401,24 +409,14 @@ def bf16_model_rows(packed, x: torch.Tensor, dev: torch.device, repeats: int) ->
     row = {}
     packed.set_activation_dtype(torch.bfloat16)
     try:
-        for path, key in (("bmma", "bf16_ms"), ("bmma_async", "async_bf16_ms"), ("bmma_lean", "lean_bf16_ms")):
-            with ops.forced_cuda_path(path), torch.inference_mode():
-                if x.shape[0] == 1:
-                    with torch.no_grad():
-                        graph = cuda_graph(lambda: packed(x))
-                    row[key] = time_ms(graph.replay, dev, max(repeats, 20))
-                else:
-                    row[key] = time_ms(lambda: packed(x), dev, repeats)
-        # the stem conv with 8 input channels (pad_stem_input) on the default path: the same
-        # convolution in a shape cuDNN's tensor-core kernels take
-        padded = copy.deepcopy(packed).pad_stem_input(8)
         with torch.inference_mode():
-            if x.shape[0] == 1:
-                with torch.no_grad():
-                    graph = cuda_graph(lambda: padded(x))
-                row["stem8_bf16_ms"] = time_ms(graph.replay, dev, max(repeats, 20))
-            else:
-                row["stem8_bf16_ms"] = time_ms(lambda: padded(x), dev, repeats)
+            for path, key in (("bmma", "bf16_ms"), ("bmma_async", "async_bf16_ms"), ("bmma_lean", "lean_bf16_ms")):
+                with ops.forced_cuda_path(path):
+                    row[key] = forward_ms(lambda: packed(x), dev, x.shape[0], repeats)
+            # the stem conv with 8 input channels (pad_stem_input) on the default path: the same
+            # convolution in a shape cuDNN's tensor-core kernels take
+            padded = copy.deepcopy(packed).pad_stem_input(8)
+            row["stem8_bf16_ms"] = forward_ms(lambda: padded(x), dev, x.shape[0], repeats)
     finally:
         packed.set_activation_dtype(torch.float32)
     return row

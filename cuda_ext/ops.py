@@ -181,12 +181,7 @@ def border_classes(packed_w: torch.Tensor, in_channels: int, padding: int) -> to
     if packed_w.dtype != torch.int64 or words_for(in_channels) != cw:
         raise ValueError(f"border_classes: packed_w must be int64 (O, KH, KW, {words_for(in_channels)}) for "
                          f"{in_channels} channels, got {packed_w.dtype} {tuple(packed_w.shape)}")  # fmt: skip
-    tail = in_channels - 64 * (cw - 1)  # valid bits of the last word, 1..64
-    valid = torch.full((cw,), -1, dtype=torch.int64, device=packed_w.device)
-    if tail < 64:
-        valid[-1] = (1 << tail) - 1
-    bits = (packed_w & valid).unsqueeze(-1) >> torch.arange(64, device=packed_w.device)
-    sums = 2 * (bits & 1).sum((-2, -1)) - in_channels  # (O, KH, KW): each tap's sum of +-1 weights
+    sums = unpack_signs(packed_w, in_channels, torch.int64).sum(1)  # (O, KH, KW): each tap's sum of +-1 weights
     P = padding + 1
     cut = torch.arange(P, device=packed_w.device)
     rows, cols = torch.arange(kh, device=packed_w.device), torch.arange(kw, device=packed_w.device)

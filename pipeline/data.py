@@ -217,8 +217,9 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple]:
         info = get_worker_info()
         reader = self.rank * self.workers + (info.id if info is not None else 0)
-        epoch_seed = epoch_seed_of(self.seed, self.epoch.value)
-        urls = self.plan_of(epoch=self.epoch.value).readers[reader]
+        epoch = self.epoch.value
+        epoch_seed = epoch_seed_of(self.seed, epoch)
+        urls = self.plan_of(epoch=epoch).readers[reader]
         if info is not None:  # in a worker process: its own generator, reseeded every epoch
             torch.manual_seed((epoch_seed * 1_000 + reader) % 2**63)
         samples = (s for url in urls for s in iter_shard_slice(url, self.records))

@@ -3,7 +3,7 @@
 # nvcc; no registry): they build the extension there first.
 #
 #   bench/gpu_sweep.sh --quick [RESULTS_DIR]   (<= 4 min) the build, correctness (cuda_ext.smoke on
-#       every CUDA path and shape; tests/test_cuda.py's tests of bmma_lean and bmma_async), the SASS
+#       every CUDA path and shape; tests/test_cuda.py's tests of bmma_lean, bmma_halo and bmma_async), the SASS
 #       report (registers, spills, epilogue instructions per output), and the profile: a forward of
 #       the packed bf16 Bi-Real-18 and of ResNet-18 bf16, kernel by kernel, at batch 256 and 1,
 #       cudnn.benchmark off and on (bench/gpu_profile.py);
@@ -45,7 +45,7 @@ import torch
 from cuda_ext import ops
 x = torch.randn(256, 64, 56, 56, device="cuda").contiguous(memory_format=torch.channels_last)
 px, pw = ops.pack_signs(x), ops.pack_signs(torch.randn(64, 64, 3, 3, device="cuda"))
-for path in ("bmma", "bmma_async", "bmma_lean"):
+for path in ("bmma", "bmma_async", "bmma_lean", "bmma_halo"):
     with ops.forced_cuda_path(path):
         ops.binary_conv2d(px, pw, 64, 1, 1, 0.0, out_dtype=torch.bfloat16)
 torch.cuda.synchronize()
@@ -64,8 +64,8 @@ if [ "$part" = --quick ]; then
   step "correctness: every CUDA path on every shape"
   CUDA_LAUNCH_BLOCKING=1 timeout "$(limit 60)" $PY -m cuda_ext.smoke --json "$out/smoke.json"
   status[smoke]=$?
-  step "GPU tests of the variants under test (tests/test_cuda.py: bmma_lean, bmma_async)"
-  timeout "$(limit 90)" $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py -k "lean or async" \
+  step "GPU tests of the variants under test (tests/test_cuda.py: bmma_lean, bmma_halo, bmma_async)"
+  timeout "$(limit 100)" $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py -k "lean or halo or async" \
     >"$out/tests_variants.log" 2>&1
   status[variant_tests]=$?
   tail -3 "$out/tests_variants.log"
@@ -83,7 +83,7 @@ else
   timeout "$(limit 90)" $PY -m pipeline.cli bench model --device cuda --json "$out/model_cuda.json" --jsonl "$out/model_cuda.jsonl"
   status[model]=$?
   step "Nsight Compute: the bf16 conv of 64x56 at batch 256, each tensor-core kernel"
-  optional ncu 60 "$out/ncu.log" ncu --kernel-name regex:binary_conv2d_bmma --launch-count 3 --section SpeedOfLight \
+  optional ncu 60 "$out/ncu.log" ncu --kernel-name regex:binary_conv2d_bmma --launch-count 4 --section SpeedOfLight \
     --section Occupancy --section WarpStateStats $PY -c "$conv_64x56"
   status[ncu]=$?
   for tool in memcheck racecheck synccheck; do

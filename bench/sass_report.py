@@ -19,8 +19,10 @@ import sys
 # outputs per thread of the bmma kernels: a warp's 32 x 64 tile over 32 lanes (binary_conv_cuda.cu)
 OUTPUTS_PER_THREAD = 32 * 64 // 32
 KERNELS = ("binary_conv2d_bmma_kernel", "binary_conv2d_bmma_async_kernel", "binary_conv2d_simt_kernel",
-           "tap_sums_kernel", "binary_conv2d_bmma_lean_kernel", "border_classes_kernel")  # fmt: skip
-# bmma_lean's template options (binary_conv_lean.cu), bit by bit
+           "tap_sums_kernel", "binary_conv2d_bmma_lean_kernel", "binary_conv2d_bmma_halo_kernel",
+           "border_classes_kernel")  # fmt: skip
+# the lean epilogue's template options (lean_epilogue.cuh), bit by bit: bmma_lean's and bmma_halo's
+TEMPLATED = ("binary_conv2d_bmma_lean_kernel", "binary_conv2d_bmma_halo_kernel")
 LEAN_OPTIONS = ("scale", "bias", "residual", "bf16", "pack")
 FUNCTION = re.compile(r"Function : (\S+)")
 # one SASS instruction: /*address*/ [@predicate] OPCODE operands ;
@@ -36,8 +38,9 @@ def sass_of(sass: str, kernel_name: str) -> str:
 
 
 def kernels_in(sass: str) -> list[tuple[str, str, str]]:
-    """[(readable name, mangled name, SASS)] of every kernel of KERNELS in a --dump-sass listing; a
-    bmma_lean instantiation is named by its options, e.g. binary_conv2d_bmma_lean_kernel<scale|bf16>."""
+    """[(readable name, mangled name, SASS)] of every kernel of KERNELS in a --dump-sass listing; an
+    instantiation of the lean epilogue is named by its options, e.g.
+    binary_conv2d_bmma_lean_kernel<scale|bf16>."""
     found = []
     starts = list(FUNCTION.finditer(sass))
     for i, m in enumerate(starts):
@@ -57,7 +60,7 @@ def _base_name(mangled: str) -> str:
 
 def _readable(mangled: str, base: str) -> str:
     options = re.search(r"ILi(\d+)EE", mangled)
-    if base != "binary_conv2d_bmma_lean_kernel" or options is None:
+    if base not in TEMPLATED or options is None:
         return base
     bits = int(options.group(1))
     return f"{base}<{'|'.join(n for i, n in enumerate(LEAN_OPTIONS) if bits >> i & 1) or 'plain'}>"
@@ -86,7 +89,8 @@ def epilogue_size(kernel_sass: str) -> int | None:
 
 
 def resources(listing: str) -> dict[tuple[str, str], dict]:
-    """{(sm, kernel function name): {"registers", "shared", "local"}} from --dump-resource-usage."""
+    """{(sm, kernel function name): {"reg", "stack", "shared", "local"}} from --dump-resource-usage
+    (registers spilled go to the stack frame)."""
     found, sm, function = {}, None, None
     for line in listing.splitlines():
         if line.strip().startswith("arch = "):
@@ -94,7 +98,7 @@ def resources(listing: str) -> dict[tuple[str, str], dict]:
         elif line.strip().startswith("Function "):
             function = line.strip()[len("Function ") :].rstrip(":")
         elif "REG:" in line and sm and function:
-            values = dict(re.findall(r"(REG|SHARED|LOCAL):(\d+)", line))
+            values = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line))
             found[(sm, function)] = {k.lower(): int(v) for k, v in values.items()}
     return found
 
@@ -120,8 +124,9 @@ def report(so: str, tool: str) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    cols = ("sm", "kernel", "instructions", "bmma", "reg", "shared", "local", "epilogue", "epilogue_per_output")
-    widths = (8, 62, 13, 6, 5, 8, 7, 10, 21)
+    cols = ("sm", "kernel", "instructions", "bmma", "reg", "stack", "shared", "local", "epilogue",
+            "epilogue_per_output")  # fmt: skip
+    widths = (8, 62, 13, 6, 5, 6, 8, 7, 10, 21)
     lines = ["".join(f"{c:>{w}}" for c, w in zip(cols, widths))]
     lines += ["".join(f"{str(r.get(c, '-')):>{w}}" for c, w in zip(cols, widths)) for r in rows]
     return "\n".join(lines)

@@ -186,8 +186,10 @@ def bench_kernels(
 def of_floor(row: dict, floors: dict) -> dict:
     """The row's best bf16 conv and its bf16 block against their floors (``gpu_floors``), and the
     ratio to cuDNN that each floor allows (the ceiling of ``bf16_speedup``)."""
-    best_conv = min(row["bf16_ms"], row["async_bf16_ms"], row.get("lean_bf16_ms", float("inf")))
-    best_block = min(row["block_bf16_ms"], row.get("lean_block_bf16_ms", float("inf")))
+    conv_keys = ("bf16_ms", "async_bf16_ms", "lean_bf16_ms", "halo_bf16_ms")
+    block_keys = ("block_bf16_ms", "lean_block_bf16_ms", "halo_block_bf16_ms")
+    best_conv = min(row.get(key, float("inf")) for key in conv_keys)
+    best_block = min(row.get(key, float("inf")) for key in block_keys)
     return {
         "conv_floor_ms": floors["conv_floor_ms"],
         "conv_of_floor": floors["conv_floor_ms"] / best_conv,
@@ -216,9 +218,9 @@ def cpu_bound(channels: int, side: int, batch: int, ours_ms: float, copy_gb_s: f
 
 
 def cuda_variants(ops, px, pw, channels, scale, bias, residual_bf16, base_ms, repeats) -> dict:
-    """The switched CUDA variants on one shape: the cp.async kernel (float32 out), the three
+    """The switched CUDA variants on one shape: the cp.async kernel (float32 out), the four
     tensor-core kernels with a bfloat16 output, and the fused block with bfloat16 in and out (the
-    best of bmma and bmma_async, and bmma_lean's); the best bf16 conv against cuDNN."""
+    best of bmma and bmma_async, bmma_lean's and bmma_halo's); the best bf16 conv against cuDNN."""
 
     def conv(path, out_dtype=None):
         with ops.forced_cuda_path(path):
@@ -236,15 +238,17 @@ def cuda_variants(ops, px, pw, channels, scale, bias, residual_bf16, base_ms, re
                 repeats,
             )
 
-    bf16 = {path: conv(path, torch.bfloat16) for path in ("bmma", "bmma_async", "bmma_lean")}
+    bf16 = {path: conv(path, torch.bfloat16) for path in ("bmma", "bmma_async", "bmma_lean", "bmma_halo")}
     return {
         "async_ms": conv("bmma_async"),
         "bf16_ms": bf16["bmma"],
         "async_bf16_ms": bf16["bmma_async"],
         "lean_bf16_ms": bf16["bmma_lean"],
+        "halo_bf16_ms": bf16["bmma_halo"],
         "bf16_speedup": base_ms / min(bf16.values()),
         "block_bf16_ms": min(block("bmma"), block("bmma_async")),
         "lean_block_bf16_ms": block("bmma_lean"),
+        "halo_block_bf16_ms": block("bmma_halo"),
     }
 
 
@@ -283,7 +287,7 @@ def bench_model(
             row.update(bf16_model_rows(packed, x, dev, n))
         best = min(row["ours_ms"], row.get("ours_graph_ms", float("inf")))
         if "bf16_ms" in row:
-            best_bf16 = min(row["bf16_ms"], row["async_bf16_ms"], row["lean_bf16_ms"], row["stem8_bf16_ms"])
+            best_bf16 = min(row[key] for key in (*BF16_PATH_KEYS.values(), "stem8_bf16_ms"))
             row.update(bf16_img_s=batch / best_bf16 * 1e3, bf16_vs_baseline=base / best_bf16)
         rows.append(
             {
@@ -401,6 +405,12 @@ def bench_memory(device: str = "cpu", threads: int = 2, repeats: int = 10, on_ro
     return rows
 
 
+# The packed model's bfloat16 rows, one per tensor-core path (bf16_model_rows)
+BF16_PATH_KEYS = {
+    "bmma": "bf16_ms", "bmma_async": "async_bf16_ms", "bmma_lean": "lean_bf16_ms", "bmma_halo": "halo_bf16_ms"
+}  # fmt: skip
+
+
 def bf16_model_rows(packed, x: torch.Tensor, dev: torch.device, repeats: int) -> dict:
     """The packed model with bfloat16 activations, on each tensor-core kernel, and with its stem
     conv padded to 8 input channels (batch 1: CUDA graphs)."""
@@ -410,7 +420,7 @@ def bf16_model_rows(packed, x: torch.Tensor, dev: torch.device, repeats: int) ->
     packed.set_activation_dtype(torch.bfloat16)
     try:
         with torch.inference_mode():
-            for path, key in (("bmma", "bf16_ms"), ("bmma_async", "async_bf16_ms"), ("bmma_lean", "lean_bf16_ms")):
+            for path, key in BF16_PATH_KEYS.items():
                 with ops.forced_cuda_path(path):
                     row[key] = forward_ms(lambda: packed(x), dev, x.shape[0], repeats)
             # the stem conv with 8 input channels (pad_stem_input) on the default path: the same
@@ -439,10 +449,12 @@ def format_table(rows: list[dict], title: str) -> str:
         ("bf16_ms", 10, "{:.4f}"),
         ("async_bf16_ms", 14, "{:.4f}"),
         ("lean_bf16_ms", 13, "{:.4f}"),
+        ("halo_bf16_ms", 13, "{:.4f}"),
         ("stem8_bf16_ms", 14, "{:.4f}"),
         ("bf16_speedup", 13, "{:.1f}x"),
         ("block_bf16_ms", 14, "{:.4f}"),
         ("lean_block_bf16_ms", 19, "{:.4f}"),
+        ("halo_block_bf16_ms", 19, "{:.4f}"),
         ("conv_floor_ms", 14, "{:.4f}"),
         ("conv_of_floor", 14, "{:.0%}"),
         ("floor_x_cudnn", 14, "{:.1f}x"),

@@ -56,14 +56,15 @@ def cuda_built() -> bool:
 
 def cuda_paths() -> list[str]:
     """CUDA code paths: 'bmma' (1-bit tensor cores, the default), 'simt' (CUDA-core cross-check),
-    'bmma_async' (operand tiles staged in shared memory by cp.async) and 'bmma_lean' (bmma's main
-    loop with an epilogue compiled for each option set; bmma runs what it does not instantiate).
-    The last two are variants under test until a GPU run measures them."""
+    'bmma_async' (operand tiles staged in shared memory by cp.async), 'bmma_lean' (bmma's main
+    loop with an epilogue compiled for each option set; bmma runs what it does not instantiate) and
+    'bmma_halo' (that epilogue, each block's input read once into a halo in shared memory; bmma_lean
+    runs what does not fit). The last three are variants under test until a GPU run measures them."""
     return list(_C.cuda_paths())
 
 
 def forced_cuda_path(name: str) -> contextlib.AbstractContextManager[None]:
-    """Run the enclosed CUDA ops on code path ``name`` ('bmma', 'simt' or 'auto')."""
+    """Run the enclosed CUDA ops on code path ``name`` (one of ``cuda_paths()``, or 'auto')."""
     return _forced_path(_C.cuda_path, _C.set_cuda_path, name)
 
 
@@ -138,8 +139,8 @@ def binary_conv2d(
     ``out = dot * scale + bias + residual`` computed in float32: (N, O, Ho, Wo) in channels_last
     memory, float32 or (``out_dtype=torch.bfloat16``) rounded once to bfloat16. ``residual`` may be
     float32 or bfloat16. ``border_classes``: ``border_classes(packed_w, in_channels, padding)``,
-    made once for weights that do not change; the bmma_lean CUDA path then does not make it per
-    call, every other path ignores it."""
+    made once for weights that do not change; the bmma_lean and bmma_halo CUDA paths then do not
+    make it per call, every other path ignores it."""
     return torch.ops.bireal.binary_conv2d(
         packed_x, packed_w, in_channels, stride, padding, float(pad_value), scale, bias, residual, out_dtype,
         border_classes,
@@ -173,7 +174,7 @@ def border_classes(packed_w: torch.Tensor, in_channels: int, padding: int) -> to
     and output channel: (P^4, O) int32, P = padding + 1. A pixel's class (a, b, c, d) counts its tap
     rows above and below the image and its tap columns left and right of it, each 0..padding,
     indexed ((a * P + b) * P + c) * P + d; the entry is the sum of the channel's +-1 weights over
-    the taps outside (kh < a, kh >= KH - b, kw < c or kw >= KW - d). The bmma_lean kernel adds one
+    the taps outside (kh < a, kh >= KH - b, kw < c or kw >= KW - d). The lean epilogue adds one
     entry per output (docs/cuda.md); this makes the table once, in plain torch ops on any device,
     for weights that do not change (a packed model's), to pass to ``binary_conv2d`` /
     ``binary_block``."""

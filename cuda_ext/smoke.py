@@ -57,6 +57,7 @@ QUICK = [
     Case("two-words", 1, 100, 70, 6, 5, stride=2, pad_value=1.0),
     Case("bf16", 1, 64, 64, 4, 4, bf16=True),
     Case("partial-tiles-72", 3, 100, 72, 7, 6),  # bmma_lean: M = 126 rows, O = 64 + 8 channels
+    Case("halo-tiles-bf16", 2, 130, 64, 19, 37, bf16=True),  # bmma_halo: 3 x 3 tiles of 8 x 16 per image
 ]
 FULL = QUICK + [
     Case("bireal18-64x56", 2, 64, 64, 56, 56),
@@ -75,6 +76,7 @@ FULL = QUICK + [
     Case("bf16-odd", 2, 131, 67, 9, 11, stride=2, pad_value=-1.0, bf16=True),
     Case("pad3-7x7-s2", 2, 64, 64, 13, 11, kernel=(7, 7), stride=2, padding=3),  # 4^4 border classes
     Case("pad4-routed", 2, 64, 64, 9, 9, kernel=(3, 3), padding=4),  # bmma_lean runs bmma for it
+    Case("halo-over-48KB", 2, 512, 64, 30, 31, kernel=(5, 5), stride=3, padding=2),  # bmma_halo runs bmma_lean
 ]
 
 

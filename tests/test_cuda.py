@@ -17,7 +17,7 @@ from cuda_ext.reference import binary_block_ref, binary_conv2d_ref, pack_signs_r
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and ops.cuda_built()), reason="needs a CUDA GPU and the CUDA build of cuda_ext"
 )
-PATHS = ["bmma", "simt", "bmma_async", "bmma_lean"]
+PATHS = ["bmma", "simt", "bmma_async", "bmma_lean", "bmma_halo"]
 CASES = list(itertools.product([3, 31, 64, 100, 130, 256], [1, 2], [1, 3], [0.0, 1.0, -1.0]))
 
 
@@ -54,15 +54,18 @@ def assert_block_equal(path, args, scale=None, bias=None, residual=None, out_dty
     assert torch.equal(out.cpu(), ref_out) and torch.equal(packed.cpu(), ref_packed)
 
 
-# bmma_lean runs what it instantiates (binary_conv_lean.cu) for O % 8 == 0 and padding <= 3, and
-# routes everything else to bmma; PATHS runs every test on it, where O = 70 or 33 takes the route.
+# bmma_lean and bmma_halo (the lean epilogue, lean_epilogue.cuh) run what they instantiate for
+# O % 8 == 0 and padding <= 3, and route everything else to bmma; PATHS runs every test on them, where
+# O = 70 or 33 takes the route.
+LEAN_PATHS = ["bmma_lean", "bmma_halo"]
 LEAN_SHAPES = list(itertools.product([3, 64, 130], [1, 2, 3], [(3, 1), (5, 2), (7, 3), (1, 0), (3, 4)]))
 
 
+@pytest.mark.parametrize("path", LEAN_PATHS)
 @pytest.mark.parametrize("out_channels", [8, 72, 128])
 @pytest.mark.parametrize("channels,stride,kernel_padding", LEAN_SHAPES)
 @pytest.mark.parametrize("pad_value", [0.0, 1.0, -1.0])
-def test_bmma_lean_every_option_set(out_channels, channels, stride, kernel_padding, pad_value):
+def test_the_lean_epilogue_every_option_set(path, out_channels, channels, stride, kernel_padding, pad_value):
     """Each instantiated option set (bare, alpha only, folded batch norm with and without a residual
     of the output's type, float32 and bfloat16 out) and some that are routed to bmma (scale and bias
     without packing, a float32 residual under bfloat16 output, padding 4), on output tiles cut by
@@ -76,13 +79,31 @@ def test_bmma_lean_every_option_set(out_channels, channels, stride, kernel_paddi
         same_type = torch.randn_like(ref).to(out_dtype or torch.float32)
         for options in ((None, None, None), (scale, None, None), (scale, bias, None), (scale, bias, same_type),
                         (scale, bias, torch.randn_like(ref))):  # fmt: skip
-            assert_block_equal("bmma_lean", args, *options, out_dtype=out_dtype)
+            assert_block_equal(path, args, *options, out_dtype=out_dtype)
 
 
-def test_bmma_lean_with_the_border_classes_made_once():
-    """A packed model passes ops.border_classes of its weights, made at load: bmma_lean uses it (the
-    same outputs), a table of the wrong shape is refused naming the expected one, and the other
-    paths ignore it."""
+@pytest.mark.parametrize("channels", [64, 200, 512])
+@pytest.mark.parametrize("stride,kernel,padding", [(1, 3, 1), (2, 3, 1), (1, 1, 0), (3, 5, 2)])
+@pytest.mark.parametrize("side_h,side_w", [(17, 35), (8, 16), (30, 9)])
+def test_bmma_halo_tiles_and_halos(channels, stride, kernel, padding, side_h, side_w):
+    """bmma_halo's blocks are 8 x 16 output pixels of one image with their input halo in shared
+    memory (binary_conv_halo.cu): images cut into several tiles each way, partial tiles at the right
+    and bottom edges, exactly whole tiles (8 x 16), halos of 1 to 8 words per pixel up to 36 KB (512
+    channels at stride 2), and ones over the 48 KB it allows (512 channels, 5 x 5 at stride 3: run
+    by bmma_lean) all equal the reference: the packed block with a bfloat16 residual, and the bare
+    conv in float32, zero padding."""
+    x, w = cuda_case(2, channels, 64, side_h, side_w, kernel, seed=channels + side_h + stride)
+    args = (pack_signs_ref(x), pack_weight_ref(w), channels, stride, padding, 0.0)
+    residual = torch.randn_like(binary_conv2d_ref(*args)).to(torch.bfloat16)
+    assert_block_equal("bmma_halo", args, torch.rand(64) + 0.5, torch.randn(64), residual, out_dtype=torch.bfloat16)
+    assert_block_equal("bmma_halo", args)
+
+
+@pytest.mark.parametrize("path", LEAN_PATHS)
+def test_the_lean_epilogue_with_the_border_classes_made_once(path):
+    """A packed model passes ops.border_classes of its weights, made at load: bmma_lean and bmma_halo
+    use it (the same outputs), a table of the wrong shape is refused naming the expected one, and
+    the other paths ignore it."""
     x, w = cuda_case(2, 100, 72, 9, 7, 3, seed=11)
     args = on_cuda((pack_signs_ref(x), pack_weight_ref(w), 100, 1, 1, 0.0))
     scale, bias = torch.rand(72, device="cuda"), torch.randn(72, device="cuda")
@@ -91,24 +112,25 @@ def test_bmma_lean_with_the_border_classes_made_once():
     ref_out, ref_packed = binary_block_ref(
         *(a.cpu() if torch.is_tensor(a) else a for a in args), scale.cpu(), bias.cpu()
     )
-    for path in ("bmma_lean", "bmma"):
-        with ops.forced_cuda_path(path):
+    for forced in (path, "bmma"):
+        with ops.forced_cuda_path(forced):
             out, packed = ops.binary_block(*args, scale, bias, border_classes=table)
-        assert torch.equal(out.cpu(), ref_out) and torch.equal(packed.cpu(), ref_packed), path
+        assert torch.equal(out.cpu(), ref_out) and torch.equal(packed.cpu(), ref_packed), forced
     with (
-        ops.forced_cuda_path("bmma_lean"),
+        ops.forced_cuda_path(path),
         pytest.raises(RuntimeError, match=r"border_classes must be int32 \(16, 72\)"),
     ):
         ops.binary_block(*args, scale, bias, border_classes=table[:8])
 
 
-def test_bmma_lean_after_the_weights_change():
+@pytest.mark.parametrize("path", LEAN_PATHS)
+def test_the_lean_epilogue_after_the_weights_change(path):
     """kernels: auto packs new weights every step: the border classes come from each call's weights."""
     x, w = cuda_case(2, 64, 64, 7, 7, 3, seed=5)
     args = (pack_signs_ref(x), pack_weight_ref(w), 64, 1, 1, 0.0)
-    assert_block_equal("bmma_lean", args, torch.rand(64), torch.randn(64))
+    assert_block_equal(path, args, torch.rand(64), torch.randn(64))
     args = (args[0], pack_weight_ref(-w.roll(1, dims=0)), *args[2:])
-    assert_block_equal("bmma_lean", args, torch.rand(64), torch.randn(64))
+    assert_block_equal(path, args, torch.rand(64), torch.randn(64))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])

@@ -33,7 +33,7 @@ def test_cuda_kernels_built_and_registered():
     for op in ("pack_signs", "binary_conv2d", "binary_block"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bireal::{op}", "CUDA"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bireal::{op}", "CPU"), op
-    assert ops.cuda_paths() == ["bmma", "simt", "bmma_async", "bmma_lean"]
+    assert ops.cuda_paths() == ["bmma", "simt", "bmma_async", "bmma_lean", "bmma_halo"]
 
 
 @needs_cuda_build
@@ -56,7 +56,8 @@ def test_machine_code_for_sm80_and_sm90a_with_native_bmma():
             [tool, "--dump-sass", "--gpu-architecture", sm, so], capture_output=True, text=True, check=True
         ).stdout
         tensor_core = [(name, k) for name, _, k in kernels_in(sass) if "bmma" in name]
-        assert len(tensor_core) == 2 + 8, [name for name, _ in tensor_core]  # bmma, bmma_async, 8 bmma_lean
+        # bmma, bmma_async, and 8 instantiations each of bmma_lean and bmma_halo
+        assert len(tensor_core) == 2 + 8 + 8, [name for name, _ in tensor_core]
         for name, kernel in tensor_core:
             assert kernel.count("BMMA.168256.AND.POPC") == 32, f"{sm} {name}: expected 32 AND-popc BMMAs per k-step"
             assert "XOR.POPC" not in kernel
@@ -193,6 +194,66 @@ def test_the_lean_kernels_border_classes_match_the_reference(channels, stride, k
     assert torch.equal(border_class_conv_model(px, pw, channels, stride, padding), expected)
 
 
+HALO_TILE = (8, 16)  # binary_conv_halo.cu: a block's output pixels, kTileRows x kTileCols
+
+
+def halo_a_words(px, kernel, stride, padding, fill):
+    """bmma_halo's A operands, index for index as binary_conv_halo.cu computes them: per image and
+    8 x 16 tile of output pixels, the halo of (7 * stride + KH) x (15 * stride + KW) input pixels
+    copied as the kernel copies it (flat word i -> row, pixel, word; the fill word outside the
+    image), then word w of tap (kh, kw) of tile pixel (r, c) read at
+    (r * stride * HC + c * stride) * Cw + (kh * HC + kw) * Cw + w. (N, Ho, Wo, KH, KW, Cw)."""
+    n, h, w, cw = px.shape
+    kh, kw = kernel
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+    tile_rows, tile_cols = HALO_TILE
+    hr, hc = (tile_rows - 1) * stride + kh, (tile_cols - 1) * stride + kw
+    i = torch.arange(hr * hc * cw)
+    row, rest = i // (hc * cw), i % (hc * cw)
+    col, word = rest // cw, rest % cw
+    taps_h, taps_w, words = torch.meshgrid(torch.arange(kh), torch.arange(kw), torch.arange(cw), indexing="ij")
+    offset = (taps_h * hc + taps_w) * cw + words  # (KH, KW, Cw)
+    out = torch.empty(n, ho, wo, kh, kw, cw, dtype=torch.int64)
+    for image, th, tw in itertools.product(range(n), range(-(-ho // tile_rows)), range(-(-wo // tile_cols))):
+        oh0, ow0 = th * tile_rows, tw * tile_cols
+        ih, iw = oh0 * stride - padding + row, ow0 * stride - padding + col
+        inside = (ih >= 0) & (ih < h) & (iw >= 0) & (iw < w)
+        halo = torch.where(inside, px[image, ih.clamp(0, h - 1), iw.clamp(0, w - 1), word], fill[word])
+        for r, c in itertools.product(range(tile_rows), range(tile_cols)):
+            if oh0 + r < ho and ow0 + c < wo:  # the kernel reads the halo for the others too, and stores nothing
+                out[image, oh0 + r, ow0 + c] = halo[(r * stride * hc + c * stride) * cw + offset]
+    return out
+
+
+@pytest.mark.parametrize(
+    "channels,stride,kernel,padding,side,pad_value",
+    [(70, 1, (3, 3), 1, (19, 37), 0.0), (130, 2, (3, 3), 1, (17, 33), 1.0), (64, 3, (5, 5), 2, (30, 31), -1.0),
+     (33, 1, (1, 1), 0, (9, 20), 0.0), (100, 2, (7, 7), 3, (13, 11), 1.0), (200, 1, (3, 5), 2, (8, 16), 0.0)],
+)  # fmt: skip
+def test_the_halo_kernels_input_words_are_the_convs(channels, stride, kernel, padding, side, pad_value):
+    """binary_conv_halo.cu's halo and the addresses it reads its A operands at give every output
+    pixel exactly the input words of its taps (border taps: the pad value's fill word), over tiles
+    cut at the right and bottom edges, strides 1-3 and kernels 1x1 to 7x7: the index arithmetic of
+    the kernel, checked without a GPU (tests/test_cuda.py checks its outputs on one)."""
+    from cuda_ext.reference import pack_signs_ref
+
+    x = torch.randn(2, channels, *side)
+    px = pack_signs_ref(x)
+    n, h, w, cw = px.shape
+    tail = (1 << (channels - 64 * (cw - 1))) - 1 if channels % 64 else -1
+    valid = torch.tensor([-1] * (cw - 1) + [tail if tail < 2**63 else tail - 2**64], dtype=torch.int64)
+    fill = valid if pad_value == 1.0 else torch.zeros(cw, dtype=torch.int64)
+    padded = fill.expand(n, h + 2 * padding, w + 2 * padding, cw).clone()
+    padded[:, padding : padding + h, padding : padding + w] = px
+    kh, kw = kernel
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+    # (N, Ho, Wo, KH, KW, Cw): tap (a, b) of output pixel (oh, ow) is padded pixel (oh * stride + a, ow * stride + b)
+    rows = [padded[:, a : a + (ho - 1) * stride + 1 : stride] for a in range(kh)]
+    expected = torch.stack([torch.stack([r[:, :, b : b + (wo - 1) * stride + 1 : stride] for b in range(kw)], 3)
+                            for r in rows], 3)  # fmt: skip
+    assert torch.equal(halo_a_words(px, kernel, stride, padding, fill), expected)
+
+
 def test_extension_uses_the_shared_libstdcxx():
     """The extension resolves the C++ library from the libstdc++ the process loads: a copy linked in
     by a -static-libstdc++ compiler driver breaks number formatting in every error message (cut short
@@ -229,8 +290,8 @@ def test_smoke_script_on_the_cpu_paths(capsys):
 def test_the_sass_report_reads_every_kernel_of_both_targets():
     """bench/sass_report.py (what the kernels compiled to, without a GPU): both targets' tensor-core
     kernels with their 32 BMMAs per k-step, nothing spilled, and an epilogue size per output; the
-    lean epilogue's instantiations at most a third of bmma's, in at most 168 registers (3 blocks of
-    4 warps per SM, as bmma)."""
+    lean epilogue's instantiations (bmma_lean's and bmma_halo's) at most a third of bmma's, in at
+    most 168 registers (3 blocks of 4 warps per SM, as bmma)."""
     from bench.sass_report import report
 
     tool = cuobjdump()
@@ -240,13 +301,14 @@ def test_the_sass_report_reads_every_kernel_of_both_targets():
     for sm in ("sm_80", "sm_90a"):
         for kernel in ("binary_conv2d_bmma_kernel", "binary_conv2d_bmma_async_kernel"):
             row = rows[(sm, kernel)]
-            assert row["bmma"] == 32 and row["local"] == 0 and 0 < row["reg"] <= 255, row
+            assert row["bmma"] == 32 and row["local"] == 0 and row["stack"] == 0 and 0 < row["reg"] <= 255, row
             assert 0 < row["epilogue"] < row["instructions"] and row["epilogue_per_output"] > 0
         assert rows[(sm, "binary_conv2d_simt_kernel")]["bmma"] == 0
-        lean = {k: r for (s, k), r in rows.items() if s == sm and k.startswith("binary_conv2d_bmma_lean_kernel<")}
-        assert len(lean) == 8, sorted(lean)
         reference = rows[(sm, "binary_conv2d_bmma_kernel")]["epilogue_per_output"]
-        for kernel, row in lean.items():
-            assert row["bmma"] == 32 and row["reg"] <= 168, row
-            assert 0 < row["epilogue_per_output"] <= reference / 3, (kernel, row, reference)
-        assert lean["binary_conv2d_bmma_lean_kernel<scale|bf16>"]["epilogue_per_output"] <= 12  # the training conv
+        for variant in ("binary_conv2d_bmma_lean_kernel", "binary_conv2d_bmma_halo_kernel"):
+            lean = {k: r for (s, k), r in rows.items() if s == sm and k.startswith(variant + "<")}
+            assert len(lean) == 8, sorted(lean)
+            for kernel, row in lean.items():
+                assert row["bmma"] == 32 and row["reg"] <= 168 and row["local"] == 0 and row["stack"] == 0, row
+                assert 0 < row["epilogue_per_output"] <= reference / 3, (kernel, row, reference)
+            assert lean[variant + "<scale|bf16>"]["epilogue_per_output"] <= 12  # the training conv

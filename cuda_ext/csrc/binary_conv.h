@@ -34,8 +34,9 @@ double cpu_micro_kernel_rate(int64_t words, double seconds);
 
 // CUDA code paths: "bmma" (1-bit tensor cores, sm_80+, the default), "simt" (CUDA-core popcount, a
 // cross-check), "bmma_async" (bmma with the operand tiles staged through shared memory by
-// cp.async, double buffered) and "bmma_lean" (bmma's main loop with an epilogue compiled for the
-// call's options, binary_conv_lean.cu); the last two are variants under test.
+// cp.async, double buffered), "bmma_lean" (bmma's main loop with an epilogue compiled for the
+// call's options, binary_conv_lean.cu) and "bmma_halo" (that epilogue, the input read from a halo in
+// shared memory, binary_conv_halo.cu); the last three are variants under test.
 std::vector<std::string> cuda_paths();
 std::string cuda_path();
 void set_cuda_path(const std::string& name);

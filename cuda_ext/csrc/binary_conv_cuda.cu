@@ -26,8 +26,10 @@
 // MMAs, the epilogue straight from the accumulator registers) and `bmma_async` (the block's A and B
 // tiles staged through shared memory with cp.async, double buffered, each weight tile loaded once
 // per block and read by its four warps; the epilogue staged through shared memory, a row at a time
-// with coalesced stores). Their shared device code is in bmma_common.cuh; a third variant,
-// `bmma_lean` (binary_conv_lean.cu), keeps bmma's main loop and compiles the epilogue per option set.
+// with coalesced stores). Their shared device code is in bmma_common.cuh. Two more variants compile
+// the epilogue per option set (lean_epilogue.cuh): `bmma_lean` (binary_conv_lean.cu) with bmma's
+// main loop, and `bmma_halo` (binary_conv_halo.cu), which reads its input from a halo of the
+// block's pixels in shared memory.
 #include "binary_conv.h"
 #include "bmma_common.cuh"
 
@@ -516,12 +518,13 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
   }
   if (M == 0 || g.O == 0) return {out.permute({0, 3, 1, 2}), packed_out};  // (a zero-block grid is a launch error)
 
+  // bmma_halo runs what it supports, then bmma_lean what it supports, then bmma the rest.
   const std::string path = cuda_path();
-  const bool lean = path == "bmma_lean" && lean_supports(p);  // else bmma runs the call
+  const bool halo = path == "bmma_halo" && halo_supports(p);
+  const bool lean = !halo && (path == "bmma_lean" || path == "bmma_halo") && lean_supports(p);
   const bool zero_padding = pad_value == 0.0 && padding > 0;  // then the border pixels need a correction
   at::Tensor tap_sums, border_classes;
-  bool fill_classes = false;
-  if (zero_padding && lean) {
+  if (zero_padding && (halo || lean)) {  // the lean epilogue's table of border classes
     const int64_t P = padding + 1;
     if (given_classes) {  // made once for these weights (cuda_ext.ops.border_classes)
       check_cuda_tensor(*given_classes, packed_x, "border_classes");
@@ -533,7 +536,7 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
       border_classes = given_classes->contiguous();
     } else {
       border_classes = at::empty({P * P * P * P, g.O}, x.options().dtype(at::kInt));
-      fill_classes = true;  // by launch_bmma_lean, before the conv
+      fill_border_classes(p, border_classes.data_ptr<int32_t>(), static_cast<int>(in_channels), stream);
     }
   } else if (zero_padding) {
     tap_sums = at::empty({taps, g.O}, x.options().dtype(at::kInt));
@@ -552,12 +555,14 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
   TORCH_CHECK(major >= 8, "binary_conv2d (CUDA): the tensor-core path needs sm_80 or newer, this "
                           "device is sm_", major, "x; set_cuda_path('simt') runs on CUDA cores");
   const dim3 grid((M + kBlockRows - 1) / kBlockRows, (g.O + kWarpCols - 1) / kWarpCols);
-  if (lean) {
-    launch_bmma_lean(p, zero_padding ? border_classes.data_ptr<int32_t>() : nullptr, fill_classes,
-                     static_cast<int>(in_channels), grid, stream);
+  const int32_t* classes = border_classes.defined() ? border_classes.data_ptr<int32_t>() : nullptr;
+  if (halo) {
+    launch_bmma_halo(p, classes, stream);
+  } else if (lean) {
+    launch_bmma_lean(p, classes, grid, stream);
   } else if (path == "bmma_async") {
     binary_conv2d_bmma_async_kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
-  } else {  // bmma, and bmma_lean's calls it does not support
+  } else {  // bmma, and the calls bmma_lean and bmma_halo do not support
     binary_conv2d_bmma_kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();

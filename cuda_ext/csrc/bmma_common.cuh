@@ -35,12 +35,17 @@ struct BorderClasses {
   int P;                 // padding + 1
 };
 
-// Whether bmma_lean computes this call itself; otherwise binary_conv_cuda.cu runs `bmma` for it.
+// Whether bmma_lean (binary_conv_lean.cu) computes this call itself; otherwise `bmma` runs it.
 bool lean_supports(const ConvParams& p);
-// Launches bmma_lean (grid as bmma's). `table`: the border-class table, P^4 * O int32, or null when
-// no correction is needed; with `fill_table` a kernel fills it first (from p.w), else it holds them.
-void launch_bmma_lean(const ConvParams& p, int32_t* table, bool fill_table, int in_channels, dim3 grid,
-                      cudaStream_t stream);
+// Whether bmma_halo (binary_conv_halo.cu) computes this call itself: what bmma_lean supports, with
+// the block's input halo within the shared memory it may use.
+bool halo_supports(const ConvParams& p);
+// Fills `table` (P^4 * O int32) with the border classes of p.w, for bmma_lean and bmma_halo.
+void fill_border_classes(const ConvParams& p, int32_t* table, int in_channels, cudaStream_t stream);
+// Launch bmma_lean (grid as bmma's) and bmma_halo (its own grid); `table`: the border-class table,
+// or null when no correction is needed.
+void launch_bmma_lean(const ConvParams& p, const int32_t* table, dim3 grid, cudaStream_t stream);
+void launch_bmma_halo(const ConvParams& p, const int32_t* table, cudaStream_t stream);
 
 namespace {
 
@@ -151,20 +156,20 @@ __device__ __forceinline__ KWord k_word(const ConvParams& p, int kw) {
 
 // A warp's 32 (pixels) x 64 (channels) agreement counts, accumulated over every k-step. Each thread
 // (g, t) owns 64-bit word t of every 256-bit k-step: its low half is the a0/b0 slot and its high half
-// the a2/b1 slot, and A and B use the same assignment, so bit k of A meets bit k of B. Loads come
-// through the read-only cache, the next step's in flight during this step's MMAs.
-__device__ __forceinline__ void warp_agreements(const ConvParams& p, const PixelOrigin (&pix)[2][2],
-                                                int warp_col0, int g, int t, WarpAcc& acc) {
+// the a2/b1 slot, and A and B use the same assignment, so bit k of A meets bit k of B. The weights
+// come through the read-only cache; `load_a(k, a)` gives the thread's input words of k-word k for its
+// rows, a[mt][h] (0 past K_words): from global memory (bmma, bmma_lean) or from a halo in shared
+// memory (bmma_halo). The next step's loads are in flight during this step's MMAs.
+template <class LoadA>
+__device__ __forceinline__ void warp_agreements_with(const ConvParams& p, LoadA&& load_a, int warp_col0, int g,
+                                                     int t, WarpAcc& acc) {
   zero(acc);
   const int steps = (p.K_words + kChunkWords - 1) / kChunkWords;
   uint64_t a[2][2], b[8];
   // Loads of k-step s into a, b (zero past K_words: contributes nothing to either MMA).
   auto load_step = [&](int s) {
     const KWord k = k_word(p, s * kChunkWords + t);
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) a[mt][h] = k.in_k ? load_input_word(p, pix[mt][h], k.tap, k.c) : 0;
+    load_a(k, a);
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
       const int col = warp_col0 + nt * 8 + g;
@@ -187,6 +192,19 @@ __device__ __forceinline__ void warp_agreements(const ConvParams& p, const Pixel
     if (s + 1 < steps) mask = load_step(s + 1);  // next step's loads overlap this step's MMAs
     mma_step(acc, ca, cb, cmask);
   }
+}
+
+// warp_agreements_with the input words gathered from global memory, pixel by pixel (`pix`: the
+// warp's rows).
+__device__ __forceinline__ void warp_agreements(const ConvParams& p, const PixelOrigin (&pix)[2][2],
+                                                int warp_col0, int g, int t, WarpAcc& acc) {
+  auto gather = [&](const KWord& k, uint64_t (&a)[2][2]) {
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) a[mt][h] = k.in_k ? load_input_word(p, pix[mt][h], k.tap, k.c) : 0;
+  };
+  warp_agreements_with(p, gather, warp_col0, g, t, acc);
 }
 
 }  // namespace

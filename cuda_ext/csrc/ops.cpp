@@ -9,7 +9,7 @@
 namespace bireal {
 
 namespace {
-const std::vector<std::string> kCudaPaths{"bmma", "simt", "bmma_async", "bmma_lean"};
+const std::vector<std::string> kCudaPaths{"bmma", "simt", "bmma_async", "bmma_lean", "bmma_halo"};
 std::atomic<int> g_cuda_path{0};
 std::atomic<bool> g_debug_fill{false};
 }  // namespace
@@ -36,7 +36,9 @@ void set_cuda_path(const std::string& name) {
   if (name == "auto") return g_cuda_path.store(0);
   for (size_t i = 0; i < kCudaPaths.size(); ++i)
     if (name == kCudaPaths[i]) return g_cuda_path.store(static_cast<int>(i));
-  TORCH_CHECK(false, "set_cuda_path: unknown path '", name, "' (auto, bmma, simt, bmma_async, bmma_lean)");
+  std::string allowed = "auto";
+  for (const std::string& path : kCudaPaths) allowed += ", " + path;
+  TORCH_CHECK(false, "set_cuda_path: unknown path '", name, "' (", allowed, ")");
 }
 
 void check_pack_args(const at::Tensor& x) {
@@ -100,8 +102,8 @@ TORCH_LIBRARY(bireal, m) {
   //   out = dot * scale[o] + bias[o] + residual      (each term optional, computed in float32;
   //                                                   bfloat16 rounds the result once, to nearest even)
   // border_classes: border_classes(packed_w, in_channels, padding) of these weights (cuda_ext.ops),
-  //   made once for weights that do not change (a packed model's); the bmma_lean path then skips
-  //   making it per call. Every other path ignores it.
+  //   made once for weights that do not change (a packed model's); the bmma_lean and bmma_halo
+  //   paths then skip making it per call. Every other path ignores it.
   m.def(
       "binary_conv2d(Tensor packed_x, Tensor packed_w, int in_channels, int stride, int padding, "
       "float pad_value, Tensor? scale, Tensor? bias, Tensor? residual, ScalarType? out_dtype=None, "

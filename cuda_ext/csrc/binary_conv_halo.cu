@@ -1,0 +1,128 @@
+// bmma_halo: the first step of issue 25's fused-block kernel. A block computes an 8 x 16 rectangle
+// of one image's output pixels (its 4 warps 2 output rows each: an m16 tile is 16 adjacent pixels of
+// one row) for 64 output channels. It first copies the input those pixels' taps touch, the halo of
+// ((8 - 1) * stride + KH) rows x ((16 - 1) * stride + KW) pixels x Cw words, into shared memory,
+// border pixels as fill words, each halo row one contiguous, coalesced run of global memory. The
+// main loop (warp_agreements_with, bmma_common.cuh) then reads its A operands from that halo:
+// no bounds checks and no per-tap address arithmetic beyond one offset per k-step, and every input
+// word is read from global memory about 1.4 times per block (stride 1, 3x3) instead of once per tap.
+// The weights still come through the read-only cache, and the epilogue is the lean one
+// (lean_epilogue.cuh), so the outputs equal bmma's bit for bit.
+//
+// Shapes:
+//   halo   (HR, HC, Cw) words in dynamic shared memory, HR = 7 * stride + KH, HC = 15 * stride + KW
+//   grid   (N * ceil(Ho / 8) * ceil(Wo / 16), ceil(O / 64)): x the image and tile, y the channel word
+// Pixel (r, c) of the tile (r = 2 * warp + mt, c = 8 * h + g) reads tap (kh, kw), word w of its
+// input pixel at halo[((r * stride + kh) * HC + c * stride + kw) * Cw + w].
+//
+// Not yet here (the sweep's numbers decide what comes next): weights in shared memory, persistent
+// blocks prefetching the next halo with cp.async, and one AND-popc MMA per k-step with popcount
+// corrections instead of two.
+#include "lean_epilogue.cuh"
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/util/Exception.h>
+
+namespace bireal {
+namespace {
+
+constexpr int kTileRows = 8, kTileCols = 16;  // output pixels of a block: 4 warps x 2 rows of 16
+static_assert(kTileRows * kTileCols == kBlockRows, "a block's tile is its 4 warps' 32 pixels each");
+constexpr int64_t kMaxHaloBytes = 48 * 1024;  // dynamic shared memory without an opt-in; 3 blocks per SM fit
+
+struct HaloShape {
+  int rows, cols;  // input pixels: HR, HC
+  int tiles_h, tiles_w;  // tiles per image
+};
+
+HaloShape halo_shape(const ConvParams& p) {
+  return {(kTileRows - 1) * p.stride + p.KH, (kTileCols - 1) * p.stride + p.KW,
+          (p.Ho + kTileRows - 1) / kTileRows, (p.Wo + kTileCols - 1) / kTileCols};
+}
+
+int64_t halo_bytes(const ConvParams& p) {
+  const HaloShape s = halo_shape(p);
+  return int64_t(s.rows) * s.cols * p.Cw * sizeof(uint64_t);
+}
+
+// At most 168 registers, so that 3 blocks (12 warps) fit per SM as they do for bmma and bmma_lean.
+constexpr int kMinBlocksPerSM = 3;
+
+template <int kOpts>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocksPerSM)
+binary_conv2d_bmma_halo_kernel(const ConvParams p, const BorderClasses border, const HaloShape s) {
+  extern __shared__ uint64_t halo[];  // (HR, HC, Cw)
+  const int tiles = s.tiles_h * s.tiles_w;
+  const int n = blockIdx.x / tiles, tile = blockIdx.x - n * tiles;
+  const int oh0 = tile / s.tiles_w * kTileRows, ow0 = tile % s.tiles_w * kTileCols;
+
+  // The halo: word i is (row i / (HC * Cw), pixel, word) of the input from (oh0 * stride - padding,
+  // ow0 * stride - padding) on; outside the image, the fill word of the pad value.
+  {
+    const int row_words = s.cols * p.Cw, ih0 = oh0 * p.stride - p.padding, iw0 = ow0 * p.stride - p.padding;
+    const unsigned long long* image =
+        reinterpret_cast<const unsigned long long*>(p.x) + int64_t(n) * p.H * p.W * p.Cw;
+    for (int i = threadIdx.x; i < s.rows * row_words; i += kWarpsPerBlock * 32) {
+      const int r = i / row_words, j = i - r * row_words;
+      const int col = j / p.Cw, c = j - col * p.Cw;
+      const int ih = ih0 + r, iw = iw0 + col;
+      const bool inside = ih >= 0 && ih < p.H && iw >= 0 && iw < p.W;
+      halo[i] = inside ? __ldg(image + (int64_t(ih) * p.W + iw) * p.Cw + c) : c == p.Cw - 1 ? p.fill_tail : p.fill_full;
+    }
+  }
+
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, warp = threadIdx.x >> 5;
+  const int warp_col0 = blockIdx.y * kWarpCols;
+  ThreadRows rows;
+  int a_base[2][2];  // the halo word of tap (0, 0), word 0 of each row's pixel
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = 2 * warp + mt, c = 8 * h + g;
+      const int oh = oh0 + r, ow = ow0 + c;
+      const PixelOrigin o{0, oh * p.stride - p.padding, ow * p.stride - p.padding, oh < p.Ho && ow < p.Wo};
+      set_thread_row(rows, mt, h, p, border, o);
+      a_base[mt][h] = (r * p.stride * s.cols + c * p.stride) * p.Cw;
+    }
+  __syncthreads();  // the halo is complete
+
+  auto from_halo = [&](const KWord& k, uint64_t (&a)[2][2]) {
+    const int kh = k.tap / p.KW, kw = k.tap - kh * p.KW;
+    const int offset = (kh * s.cols + kw) * p.Cw + k.c;
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) a[mt][h] = k.in_k ? halo[a_base[mt][h] + offset] : 0;
+  };
+  WarpAcc acc;
+  warp_agreements_with(p, from_halo, warp_col0, g, t, acc);
+  // Tile pixel (2 * warp + mt, 8 * h + g): one output row per mt (set after the main loop, as bmma_lean).
+  rows.base = (int64_t(n) * p.Ho + oh0 + 2 * warp) * p.Wo + ow0 + g, rows.mt_stride = p.Wo;
+  store_lean<kOpts>(p, border, acc, rows, warp_col0, t);
+}
+
+}  // namespace
+
+bool halo_supports(const ConvParams& p) {
+  const HaloShape s = halo_shape(p);
+  return lean_epilogue_supports(p) && halo_bytes(p) <= kMaxHaloBytes &&
+         int64_t(p.M / (int64_t(p.Ho) * p.Wo)) * s.tiles_h * s.tiles_w < (int64_t(1) << 31);  // grid.x
+}
+
+void launch_bmma_halo(const ConvParams& p, const int32_t* table, cudaStream_t stream) {
+  TORCH_CHECK(halo_supports(p), "bmma_halo: called for a conv it does not support (halo_supports)");
+  const BorderClasses border{table, p.padding + 1};
+  const HaloShape s = halo_shape(p);
+  const int64_t images = p.M / (int64_t(p.Ho) * p.Wo);
+  const dim3 grid(static_cast<unsigned>(images * s.tiles_h * s.tiles_w), (p.O + kWarpCols - 1) / kWarpCols);
+  const size_t shared = static_cast<size_t>(halo_bytes(p));
+  auto launch = [&](auto options) {
+    binary_conv2d_bmma_halo_kernel<decltype(options)::value><<<grid, kWarpsPerBlock * 32, shared, stream>>>(p, border, s);
+  };
+  const bool launched = with_lean_options(options_of(p), launch, LeanOptionSets{});
+  TORCH_CHECK(launched, "bmma_halo: no kernel instantiated for options ", options_of(p));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace bireal

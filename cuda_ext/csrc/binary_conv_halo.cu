@@ -1,11 +1,15 @@
-// bmma_halo: the first step of issue 25's fused-block kernel. A block computes an 8 x 16 rectangle
+// bmma_halo: the first steps of issue 25's fused-block kernel. A block computes an 8 x 16 rectangle
 // of one image's output pixels (its 4 warps 2 output rows each: an m16 tile is 16 adjacent pixels of
-// one row) for 64 output channels. It first copies the input those pixels' taps touch, the halo of
-// ((8 - 1) * stride + KH) rows x ((16 - 1) * stride + KW) pixels x Cw words, into shared memory,
-// border pixels as fill words, each halo row one contiguous, coalesced run of global memory. The
-// main loop (warp_agreements_with, bmma_common.cuh) then reads its A operands from that halo:
-// no bounds checks and no per-tap address arithmetic beyond one offset per k-step, and every input
-// word is read from global memory about 1.4 times per block (stride 1, 3x3) instead of once per tap.
+// one row) for 64 output channels.
+// - The halo: the block first copies the input its pixels' taps touch, ((8 - 1) * stride + KH) rows
+//   x ((16 - 1) * stride + KW) pixels x Cw words, into shared memory, border pixels as fill words,
+//   each halo row one contiguous, coalesced run of global memory. The main loop then reads its A
+//   operands from there: no bounds checks, one offset per k-step, and every input word read from
+//   global memory about 1.4 times per block (stride 1, 3x3) instead of once per tap.
+// - One AND-popc MMA per tile and k-step instead of bmma's two (a & b, then ~a & ~b): the k-steps
+//   also count the +1 inputs of each row (P_a) and the +1 weights of each column (P_b), and
+//   dot = 4 * popc(a & b) - 2 * P_a - 2 * P_b + K (dots_from_and_counts, bmma_common.cuh). Exact
+//   for every pad value: P_a counts the fill words the MMA sees.
 // The weights still come through the read-only cache, and the epilogue is the lean one
 // (lean_epilogue.cuh), so the outputs equal bmma's bit for bit.
 //
@@ -16,8 +20,7 @@
 // input pixel at halo[((r * stride + kh) * HC + c * stride + kw) * Cw + w].
 //
 // Not yet here (the sweep's numbers decide what comes next): weights in shared memory, persistent
-// blocks prefetching the next halo with cp.async, and one AND-popc MMA per k-step with popcount
-// corrections instead of two.
+// blocks prefetching the next halo with cp.async, and stores of 16 bytes.
 #include "lean_epilogue.cuh"
 
 #include <c10/cuda/CUDAException.h>
@@ -96,7 +99,9 @@ binary_conv2d_bmma_halo_kernel(const ConvParams p, const BorderClasses border, c
       for (int h = 0; h < 2; ++h) a[mt][h] = k.in_k ? halo[a_base[mt][h] + offset] : 0;
   };
   WarpAcc acc;
-  warp_agreements_with(p, from_halo, warp_col0, g, t, acc);
+  PlusOnes ones;
+  warp_agreements_with</*kOneMma=*/true>(p, from_halo, warp_col0, g, t, acc, &ones);
+  dots_from_and_counts(acc, ones, p.K, t);
   // Tile pixel (2 * warp + mt, 8 * h + g): one output row per mt (set after the main loop, as bmma_lean).
   rows.base = (int64_t(n) * p.Ho + oh0 + 2 * warp) * p.Wo + ow0 + g, rows.mt_stride = p.Wo;
   store_lean<kOpts>(p, border, acc, rows, warp_col0, t);

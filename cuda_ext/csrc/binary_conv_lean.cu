@@ -59,6 +59,7 @@ binary_conv2d_bmma_lean_kernel(const ConvParams p, const BorderClasses border) {
     }
   WarpAcc acc;
   warp_agreements(p, pix, warp_col0, g, t, acc);
+  dots_from_agreements(acc, p.K);
   // The warp's 32 rows are consecutive pixels; set after the main loop, so that the base does not
   // hold registers across it (set before it, bmma_lean spills at its 168-register bound).
   rows.base = warp_row0 + g, rows.mt_stride = 16;

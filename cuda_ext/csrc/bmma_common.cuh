@@ -137,6 +137,25 @@ __device__ __forceinline__ void mma_step(WarpAcc& acc, const uint64_t (&a)[2][2]
   }
 }
 
+// One k-step of the warp with one AND-popc MMA per tile (bmma_halo): acc counts the positions where
+// input and weight are both +1; b[nt] is already masked to the valid channels, so garbage past C in
+// a cannot count. dots_from_and_counts turns the counts into dot products.
+__device__ __forceinline__ void mma_step_and(WarpAcc& acc, const uint64_t (&a)[2][2], const uint64_t (&b)[8]) {
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+      mma_and_popc(acc[mt][nt], lo32(a[mt][0]), lo32(a[mt][1]), hi32(a[mt][0]), hi32(a[mt][1]), lo32(b[nt]),
+                   hi32(b[nt]));
+}
+
+// What the one-MMA k-steps count besides acc, in this thread's word t of each k-step: the +1 inputs
+// of each of its rows (mt, h) and the +1 weights of each of its columns nt * 8 + g, valid bits only.
+struct PlusOnes {
+  int a[2][2];
+  int b[8];
+};
+
 // The (tap, channel word) of k-word kw of the implicit im2col row, and the valid bits of that word.
 struct KWord {
   bool in_k;
@@ -154,16 +173,24 @@ __device__ __forceinline__ KWord k_word(const ConvParams& p, int kw) {
   return k;
 }
 
-// A warp's 32 (pixels) x 64 (channels) agreement counts, accumulated over every k-step. Each thread
-// (g, t) owns 64-bit word t of every 256-bit k-step: its low half is the a0/b0 slot and its high half
-// the a2/b1 slot, and A and B use the same assignment, so bit k of A meets bit k of B. The weights
-// come through the read-only cache; `load_a(k, a)` gives the thread's input words of k-word k for its
-// rows, a[mt][h] (0 past K_words): from global memory (bmma, bmma_lean) or from a halo in shared
-// memory (bmma_halo). The next step's loads are in flight during this step's MMAs.
-template <class LoadA>
+// A warp's 32 (pixels) x 64 (channels) tile of counts, accumulated over every k-step: agreements
+// (two AND-popc MMAs per tile and k-step, mma_step), or with kOneMma the positions where both are
+// +1 (one MMA, mma_step_and) and the +1 counts in `ones`. Each thread (g, t) owns 64-bit word t of
+// every 256-bit k-step: its low half is the a0/b0 slot and its high half the a2/b1 slot, and A and B
+// use the same assignment, so bit k of A meets bit k of B. The weights come through the read-only
+// cache; `load_a(k, a)` gives the thread's input words of k-word k for its rows, a[mt][h] (0 past
+// K_words): from global memory (bmma, bmma_lean) or from a halo in shared memory (bmma_halo). The
+// next step's loads are in flight during this step's MMAs.
+template <bool kOneMma = false, class LoadA>
 __device__ __forceinline__ void warp_agreements_with(const ConvParams& p, LoadA&& load_a, int warp_col0, int g,
-                                                     int t, WarpAcc& acc) {
+                                                     int t, WarpAcc& acc, PlusOnes* ones = nullptr) {
   zero(acc);
+  if constexpr (kOneMma) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) ones->a[i / 2][i % 2] = 0;
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) ones->b[nt] = 0;
+  }
   const int steps = (p.K_words + kChunkWords - 1) / kChunkWords;
   uint64_t a[2][2], b[8];
   // Loads of k-step s into a, b (zero past K_words: contributes nothing to either MMA).
@@ -190,7 +217,54 @@ __device__ __forceinline__ void warp_agreements_with(const ConvParams& p, LoadA&
     for (int nt = 0; nt < 8; ++nt) cb[nt] = b[nt];
     const uint64_t cmask = mask;
     if (s + 1 < steps) mask = load_step(s + 1);  // next step's loads overlap this step's MMAs
-    mma_step(acc, ca, cb, cmask);
+    if constexpr (kOneMma) {
+      mma_step_and(acc, ca, cb);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) ones->a[i / 2][i % 2] += __popcll(ca[i / 2][i % 2] & cmask);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt) ones->b[nt] += __popcll(cb[nt]);
+    } else {
+      mma_step(acc, ca, cb, cmask);
+    }
+  }
+}
+
+// The dot products of the zero-padding-as--1 conv from two-MMA agreements: dot = 2 * agree - K.
+__device__ __forceinline__ void dots_from_agreements(WarpAcc& acc, int K) {
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mt][nt][i] = 2 * acc[mt][nt][i] - K;
+}
+
+// The same dot products from one-MMA counts: with input bits a and weight bits b over the K valid
+// positions, sum (2a - 1)(2b - 1) = 4 * sum(ab) - 2 * P_a - 2 * P_b + K, P_a the +1 inputs of the
+// row and P_b the +1 weights of the column. Every lane of the warp calls it (shuffles): a row's P_a
+// is the sum of its 4 lanes' words (t = 0..3), and column nt * 8 + c's P_b, summed in quad g = c, is
+// fetched by the lanes that hold its outputs (columns 2t and 2t + 1: quads 2t and 2t + 1).
+__device__ __forceinline__ void dots_from_and_counts(WarpAcc& acc, const PlusOnes& ones, int K, int t) {
+  int pa[2][2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    int v = ones.a[i / 2][i % 2];
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    pa[i / 2][i % 2] = v + __shfl_xor_sync(0xffffffffu, v, 2);
+  }
+#pragma unroll
+  for (int nt = 0; nt < 8; ++nt) {
+    int v = ones.b[nt];
+    v += __shfl_xor_sync(0xffffffffu, v, 1);
+    v += __shfl_xor_sync(0xffffffffu, v, 2);  // P_b of column nt * 8 + g, in every lane of quad g
+    const int pb0 = __shfl_sync(0xffffffffu, v, 8 * t), pb1 = __shfl_sync(0xffffffffu, v, 8 * t + 4);
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        acc[mt][nt][2 * h] = 4 * acc[mt][nt][2 * h] - 2 * pa[mt][h] - 2 * pb0 + K;
+        acc[mt][nt][2 * h + 1] = 4 * acc[mt][nt][2 * h + 1] - 2 * pa[mt][h] - 2 * pb1 + K;
+      }
   }
 }
 

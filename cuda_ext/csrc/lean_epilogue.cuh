@@ -98,10 +98,12 @@ __device__ __forceinline__ void set_thread_row(ThreadRows& rows, int mt, int h, 
   rows.corr_row[mt][h] = cls != 0 ? cls * p.O : -1;  // < 256 * O: fits
 }
 
-// Writes a warp's 32 x 64 tile: out = (2 * agree - K + border correction) * scale + bias + residual,
-// rounded as the reference rounds, and (kPackSigns) the signs of out as stored, one word per row.
+// Writes a warp's 32 x 64 tile: out = (dot + border correction) * scale + bias + residual, rounded as
+// the reference rounds, and (kPackSigns) the signs of out as stored, one word per row. `dots`: the
+// dot products with every border tap read as the fill word (dots_from_agreements or
+// dots_from_and_counts, bmma_common.cuh).
 template <int kOpts>
-__device__ __forceinline__ void store_lean(const ConvParams& p, const BorderClasses& border, const WarpAcc& acc,
+__device__ __forceinline__ void store_lean(const ConvParams& p, const BorderClasses& border, const WarpAcc& dots,
                                            const ThreadRows& rows, int warp_col0, int t) {
   constexpr bool kHasScale = kOpts & kScale, kHasBias = kOpts & kBias, kHasResidual = kOpts & kResidual;
   constexpr bool kBf16 = kOpts & kOutBf16, kPack = kOpts & kPackSigns;
@@ -137,7 +139,7 @@ __device__ __forceinline__ void store_lean(const ConvParams& p, const BorderClas
       for (int h = 0; h < 2; ++h) {
         // Missing rows compute garbage that is neither loaded for nor stored: predicated loads and
         // stores instead of a branch per pair.
-        int dot0 = 2 * acc[mt][nt][2 * h] - p.K, dot1 = 2 * acc[mt][nt][2 * h + 1] - p.K;
+        int dot0 = dots[mt][nt][2 * h], dot1 = dots[mt][nt][2 * h + 1];
         const int2 corr = rows.corr_row[mt][h] >= 0
                               ? *reinterpret_cast<const int2*>(border.table + rows.corr_row[mt][h] + thread_col0 + nt * 8)
                               : make_int2(0, 0);

@@ -237,20 +237,41 @@ class PackedBiReal(nn.Module):
             self.blocks = nn.ModuleList(wrap(b) for b in ref.blocks)
             self.fc = nn.Linear(ref.fc.in_features, ref.fc.out_features)
         self.activation_dtype = torch.float32
+        self._float32_weights: dict[nn.Module, list[torch.Tensor]] = {}  # while in bfloat16
         if materialize:
             self.to_empty(device="cpu")
 
     def set_activation_dtype(self, dtype: torch.dtype) -> "PackedBiReal":
         """float32 (default, bit-exact with the exported float model's folded graph) or bfloat16: the
         real-valued activations (stem, shortcuts, the blocks' outputs, the head) in bfloat16, which
-        halves the bytes every block reads and writes. The binary convs' dot products stay exact."""
+        halves the bytes every block reads and writes. The binary convs' dot products stay exact.
+
+        In bfloat16 the real-valued layers (stem, shortcut convs, the head) hold their weights in
+        bfloat16, cast once here rather than by autocast in every forward (the same rounding, so the
+        same outputs); their float32 weights are kept and put back by ``set_activation_dtype(float32)``."""
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"activation dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-        self.activation_dtype = dtype
         for m in self.modules():
             if isinstance(m, PackedBinaryConv):
                 m.out_dtype = None if dtype == torch.float32 else dtype
+        if dtype != self.activation_dtype:
+            with torch.no_grad():
+                if dtype == torch.bfloat16:
+                    self._float32_weights = {m: [p.clone() for p in m.parameters()] for m in self.real_layers()}
+                    for m in self._float32_weights:
+                        m.to(torch.bfloat16)
+                else:
+                    for m, saved in self._float32_weights.items():
+                        m.to(torch.float32)
+                        for p, kept in zip(m.parameters(), saved):
+                            p.copy_(kept)
+                    self._float32_weights = {}
+        self.activation_dtype = dtype
         return self
+
+    def real_layers(self) -> list[nn.Module]:
+        """The real-valued convs and the head (every nn.Conv2d and nn.Linear of the net)."""
+        return [m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
     def pad_stem_input(self, channels: int) -> "PackedBiReal":
         """Give the stem conv ``channels`` input channels: the extra ones are zero in its weights and
@@ -258,6 +279,8 @@ class PackedBiReal(nn.Module):
         cuDNN's bf16 NHWC tensor-core kernels take (a channel count that is a multiple of 8; an
         image's 3 is not). Whether that is faster is a GPU measurement (``bireal bench model
         --device cuda``: ``stem8_bf16_ms``), so it is a switch, off by default."""
+        if self.activation_dtype != torch.float32:
+            raise ValueError("pad_stem_input: call it while the activations are float32 (before set_activation_dtype)")
         conv = self.stem[0]
         extra = channels - conv.in_channels
         if extra < 0:
@@ -276,6 +299,7 @@ class PackedBiReal(nn.Module):
         """The real-valued stem; -> (its output, the output's packed signs or None). The ImageNet
         stem's max-pool (3x3, stride 2) runs as ``max_pool_signs``, which also packs the first
         block's input in the same pass; the CIFAR stem has no pool (its first block packs)."""
+        x = x.to(self.activation_dtype)  # bfloat16: the one cast of a forward (set_activation_dtype)
         extra = self.stem[0].in_channels - x.shape[1]
         if extra > 0:  # pad_stem_input: zero channels appended, (N, C + extra, H, W) channels_last
             zeros = x.new_zeros(x.shape[0], extra, *x.shape[2:])
@@ -290,9 +314,11 @@ class PackedBiReal(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels_last throughout: the kernels read and write NHWC, and oneDNN's conv and
         # max-pool are several times faster on NHWC than on NCHW here.
+        # bfloat16: every layer holds bfloat16 weights (set_activation_dtype), so run_stem casts the
+        # input once and nothing else is cast
         bf16 = self.activation_dtype == torch.bfloat16
         exact = contextlib.nullcontext() if bf16 else ieee_float32()  # float32 means float32 on a GPU too
-        with exact, torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16):
+        with exact:
             x, packed = self.run_stem(x.contiguous(memory_format=torch.channels_last))
             mid = x  # packed: signs of x, made by the stem's pool or the previous block's kernel
             for block in self.blocks:

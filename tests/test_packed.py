@@ -8,6 +8,7 @@ import bireal_core as bc
 from cuda_ext import ops
 from cuda_ext.packed import (
     ArtifactError,
+    PackedBinaryConv,
     PackedBiReal,
     artifact_size,
     compare_with_float,
@@ -146,7 +147,7 @@ def test_imagenet_stem_pools_and_packs_in_one_op(tmp_path, name):
             with reference_ops():
                 ref = packed(x)
             stem_out, stem_signs = packed.run_stem(x.contiguous(memory_format=torch.channels_last))
-            unfused = packed.stem(x.contiguous(memory_format=torch.channels_last))
+            unfused = packed.stem(x.to(dtype).contiguous(memory_format=torch.channels_last))
         assert torch.equal(ours, ref), dtype
         assert torch.equal(stem_out, unfused) and torch.equal(stem_signs, pack_signs_ref(unfused))
 
@@ -171,11 +172,42 @@ def test_a_stem_padded_to_8_input_channels_computes_the_same(tmp_path):
         padded.pad_stem_input(4)
 
 
+def test_bfloat16_weights_cast_once_compute_what_autocast_did(tmp_path):
+    """set_activation_dtype(bfloat16) casts the real-valued layers' weights (stem, shortcut convs,
+    head) to bfloat16 once: the logits equal the same net's run the earlier way, float32 weights
+    cast by torch.autocast in every forward; set_activation_dtype(float32) puts the float32 weights
+    back bit for bit; a stem is padded only while float32."""
+    torch.manual_seed(0)
+    model = bc.create_model("bireal18", num_classes=10, width=0.25).train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64))  # BN statistics off their defaults
+    path = export_model(model.eval(), tmp_path / "m.safetensors")
+    packed, _ = load_packed(path)
+    x = torch.randn(3, 3, 64, 64)
+    float_weights = [p.clone() for p in packed.parameters()]
+    with torch.inference_mode():
+        f32 = packed(x)
+        packed.set_activation_dtype(torch.bfloat16)
+        assert {m.weight.dtype for m in packed.real_layers()} == {torch.bfloat16} and len(packed.real_layers()) == 5
+        ours = packed(x)
+        autocast_net, _ = load_packed(path)  # float32 weights, the binary convs' outputs in bfloat16
+        for m in autocast_net.modules():
+            if isinstance(m, PackedBinaryConv):
+                m.out_dtype = torch.bfloat16
+        with torch.autocast("cpu", torch.bfloat16):
+            theirs = autocast_net(x)
+    assert ours.dtype == torch.float32 and torch.equal(ours, theirs)
+    with pytest.raises(ValueError, match="while the activations are float32"):
+        packed.pad_stem_input(8)
+    packed.set_activation_dtype(torch.float32)
+    assert all(torch.equal(p, kept) and p.dtype == torch.float32 for p, kept in zip(packed.parameters(), float_weights))
+    with torch.inference_mode():
+        assert torch.equal(packed(x), f32)
+
+
 def test_the_border_classes_are_made_once_at_load(tmp_path):
     """load_packed makes each zero-padded binary conv's border-class table from its weights (the
     CUDA kernel then skips making it per call); it is not part of the artifact."""
-    from cuda_ext.packed import PackedBinaryConv
-
     packed, _ = load_packed(export_model(randomized("bireal18"), tmp_path / "m.safetensors"))
     convs = [m for m in packed.modules() if isinstance(m, PackedBinaryConv)]
     assert len(convs) == 16

@@ -126,7 +126,11 @@ def test_packed_kernels_train_like_the_float_path(three_stages, demo_shards, tmp
 def test_compile_trains_as_the_eager_steps(demo_shards, tmp_path):
     """``compile: true``: the binarize stage's steps run as one torch.compile graph (fullgraph, the
     packed convs through the ops' fake kernels) and train as the eager steps do, on the same
-    batches: the same epoch's mean loss within float noise, and the graph was compiled."""
+    batches: the same epoch's mean loss within the spread float rounding alone gives, and the graph
+    was compiled. That spread is wide in a binary net: a rounding difference flips the sign of an
+    activation near 0, and the flips cascade through 16 binary convs. Measured on this data (first
+    step's loss, 2026-12-06, AMD EPYC): eager on 1 thread against 2 threads 1.6% apart, kernels
+    auto against float 2.8%, compiled against eager 2.8% (2.0% over the 3 steps)."""
     from torch._dynamo.utils import counters
 
     cfg = smoke_config(
@@ -138,7 +142,7 @@ def test_compile_trains_as_the_eager_steps(demo_shards, tmp_path):
     compiled = train_loop(replace(cfg, out=str(tmp_path / "compiled"), compile=True))["history"][0]
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
     assert compiled["packed_convs"] == eager["packed_convs"] > 0
-    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-2)
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=0.05)
 
 
 def test_finetune_constrains_weights_and_keeps_accuracy(three_stages):

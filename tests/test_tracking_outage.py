@@ -169,6 +169,24 @@ def test_the_epoch_sender_stops_at_a_refusal(tmp_path):
         log_missing_epochs(cfg, run_id, [epoch])
 
 
+def test_a_block_shorter_than_the_sampling_interval_still_logs_the_nodes_use(tmp_path):
+    """MLflow's monitor publishes a sample only after a whole interval; a stage that ends sooner
+    (here 0.3 s against 30 s) still gets its node's samples, published when the block ends."""
+    from pipeline.adapters.tracking import system_metrics
+    from pipeline.params import MlflowConfig
+
+    cfg = MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", sync_wait_s=30.0, system_metrics_s=30.0)
+    c = client(cfg)
+    run_id = c.create_run(c.create_experiment("short")).info.run_id
+    start = time.monotonic()
+    with system_metrics(cfg, run_id, "node0"):
+        time.sleep(0.3)
+    assert time.monotonic() - start < 10  # not the 30 s interval
+    metrics = c.get_run(run_id).data.metrics
+    assert metrics["system/node0/cpu_utilization_percentage"] >= 0
+    assert 0 < metrics["system/node0/system_memory_usage_megabytes"]
+
+
 def test_system_metrics_never_hold_the_stage_on_a_silent_server():
     """A tracking server that takes connections and never answers (a frozen one): the node's
     system-metrics monitor asks it for the run, and the stage leaves the block after at most

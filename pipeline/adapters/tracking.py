@@ -301,6 +301,19 @@ class EpochLogger:
         return unsent
 
 
+def publish_last_sample(monitor, node: str) -> None:
+    """One more step of a finished MLflow SystemMetricsMonitor: what it collected since it last
+    published, with a sample taken now. Its loop publishes only after a whole interval, so a block
+    shorter than the interval (a short stage, or a loaded machine's slow start) would log nothing
+    and the samples taken at its start would be dropped."""
+    try:
+        monitor.collect_metrics()
+        monitor.publish_metrics(monitor.aggregate_metrics())
+        monitor.mlflow_logger.flush()
+    except Exception as e:  # an outage, a deleted run: metrics are not worth a failure
+        log.warning("last system metrics of %s not logged (%s: %s)", node, type(e).__name__, e)
+
+
 @contextlib.contextmanager
 def system_metrics(cfg: MlflowConfig, run_id: str, node: str) -> Iterator[None]:
     """While the block runs, this node's CPU, memory, disk and network use (and with nvidia-ml-py,
@@ -311,7 +324,8 @@ def system_metrics(cfg: MlflowConfig, run_id: str, node: str) -> Iterator[None]:
     Metrics are not worth a failure or a wait: the monitor lives in a thread of its own (MLflow's
     monitor asks the server for the run when it starts), a monitor that cannot start is a warning,
     an outage ends the node's sampling for the stage (MLflow's monitor stops at an unreachable
-    server), and leaving the block waits at most ``cfg.sync_wait_s`` for the last samples."""
+    server), and leaving the block waits at most ``cfg.sync_wait_s`` for the last samples, which
+    include one taken on leaving (``publish_last_sample``)."""
     if not cfg.system_metrics_s:
         yield
         return
@@ -334,6 +348,7 @@ def system_metrics(cfg: MlflowConfig, run_id: str, node: str) -> Iterator[None]:
             return
         stop.wait()
         monitor.finish()  # joins MLflow's thread and sends what it holds
+        publish_last_sample(monitor, node)
 
     thread = threading.Thread(target=sample, name=f"system-metrics-{node}", daemon=True)
     thread.start()

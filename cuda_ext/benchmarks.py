@@ -183,12 +183,18 @@ def bench_kernels(
     return rows
 
 
+# The bfloat16-output rows, one per tensor-core path, of the kernel table (cuda_variants) and the
+# model table (bf16_model_rows)
+BF16_PATH_KEYS = {
+    "bmma": "bf16_ms", "bmma_async": "async_bf16_ms", "bmma_lean": "lean_bf16_ms", "bmma_halo": "halo_bf16_ms"
+}  # fmt: skip
+
+
 def of_floor(row: dict, floors: dict) -> dict:
     """The row's best bf16 conv and its bf16 block against their floors (``gpu_floors``), and the
     ratio to cuDNN that each floor allows (the ceiling of ``bf16_speedup``)."""
-    conv_keys = ("bf16_ms", "async_bf16_ms", "lean_bf16_ms", "halo_bf16_ms")
     block_keys = ("block_bf16_ms", "lean_block_bf16_ms", "halo_block_bf16_ms")
-    best_conv = min(row.get(key, float("inf")) for key in conv_keys)
+    best_conv = min(row.get(key, float("inf")) for key in BF16_PATH_KEYS.values())
     best_block = min(row.get(key, float("inf")) for key in block_keys)
     return {
         "conv_floor_ms": floors["conv_floor_ms"],
@@ -238,13 +244,10 @@ def cuda_variants(ops, px, pw, channels, scale, bias, residual_bf16, base_ms, re
                 repeats,
             )
 
-    bf16 = {path: conv(path, torch.bfloat16) for path in ("bmma", "bmma_async", "bmma_lean", "bmma_halo")}
+    bf16 = {path: conv(path, torch.bfloat16) for path in BF16_PATH_KEYS}
     return {
         "async_ms": conv("bmma_async"),
-        "bf16_ms": bf16["bmma"],
-        "async_bf16_ms": bf16["bmma_async"],
-        "lean_bf16_ms": bf16["bmma_lean"],
-        "halo_bf16_ms": bf16["bmma_halo"],
+        **{BF16_PATH_KEYS[path]: ms for path, ms in bf16.items()},
         "bf16_speedup": base_ms / min(bf16.values()),
         "block_bf16_ms": min(block("bmma"), block("bmma_async")),
         "lean_block_bf16_ms": block("bmma_lean"),
@@ -408,12 +411,6 @@ def bench_memory(device: str = "cpu", threads: int = 2, repeats: int = 10, on_ro
     for row in rows if on_row else ():  # at the end: a few quick rows, their ratios set last
         on_row(row)
     return rows
-
-
-# The packed model's bfloat16 rows, one per tensor-core path (bf16_model_rows)
-BF16_PATH_KEYS = {
-    "bmma": "bf16_ms", "bmma_async": "async_bf16_ms", "bmma_lean": "lean_bf16_ms", "bmma_halo": "halo_bf16_ms"
-}  # fmt: skip
 
 
 def bf16_model_rows(packed, x: torch.Tensor, dev: torch.device, repeats: int) -> dict:

@@ -3,11 +3,13 @@ that orders issue 25's work (the binary blocks, the float stem, the shortcuts, t
 
     python3 -m bench.gpu_profile [--out DIR] [--batches 256,1] [--iters 10]
 
-For each model (the packed Bi-Real-18 with bfloat16 activations; torchvision's ResNet-18 in bf16,
-channels_last), batch and ``cudnn.benchmark`` setting (off, on), ``torch.profiler`` records
-``--iters`` forwards after a warm-up. Each kernel's device time per forward is summed by name and
-put in a group (binary: our kernels; conv: cuDNN's; batchnorm; pool; elementwise and casts; other),
-so the rows say what a forward costs and which part is not the binary convs. One JSON line per
+For each model (the packed Bi-Real-18 with bfloat16 activations, as loaded and with its shortcuts
+fused; torchvision's ResNet-18 in bf16, channels_last), batch and ``cudnn.benchmark`` setting (off,
+on), ``torch.profiler`` records ``--iters`` forwards after a warm-up. Each kernel's device time per
+forward is summed by name and put in a group (binary: our kernels; conv: cuDNN's; batchnorm; pool;
+elementwise and casts; other), so the rows say what a forward costs and which part is not the binary
+convs; ``kernels`` is the number of kernels a forward launches (at batch 1, the nodes of its CUDA
+graph: issue 25 budgets ~25). One JSON line per
 (model, batch, setting) in DIR/profile.jsonl as it is measured; a table is printed. On a CPU
 (``--device cpu``) the same code reads the CPU operators' self time instead (CI runs it so).
 """
@@ -41,8 +43,9 @@ def group_of(name: str) -> str:
 
 
 def models(device: torch.device, width: float):
-    """(name, forward) pairs: the packed Bi-Real-18 in bf16 activations and ResNet-18 with bf16 weights
-    (on a GPU; float32 on a CPU), both channels_last, each casting its float32 input once."""
+    """(name, forward) pairs: the packed Bi-Real-18 in bf16 activations, as loaded and with
+    ``fuse_shortcuts``, and ResNet-18 with bf16 weights (on a GPU; float32 on a CPU), all
+    channels_last, each casting its float32 input once."""
     import torchvision
 
     import bireal_core as bc
@@ -51,8 +54,11 @@ def models(device: torch.device, width: float):
     with tempfile.TemporaryDirectory() as tmp:
         path = export_model(bc.create_model("bireal18", width=width).eval(), Path(tmp) / "b18.safetensors")
         packed, _ = load_packed(path, device=device)
+        fused, _ = load_packed(path, device=device)
+    fused.fuse_shortcuts()
     if device.type == "cuda":
         packed.set_activation_dtype(torch.bfloat16)
+        fused.set_activation_dtype(torch.bfloat16)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     resnet = torchvision.models.resnet18().eval().to(device, dtype).to(memory_format=torch.channels_last)
 
@@ -60,11 +66,16 @@ def models(device: torch.device, width: float):
         return resnet(x.to(dtype))
 
     precision = "bf16" if device.type == "cuda" else "fp32"
-    return [(f"bireal18 packed {precision}", packed), (f"resnet18 {precision}", resnet_forward)]
+    return [
+        (f"bireal18 packed {precision}", packed),
+        (f"bireal18 packed {precision} fused shortcuts", fused),
+        (f"resnet18 {precision}", resnet_forward),
+    ]
 
 
-def profile_forward(forward, x: torch.Tensor, iters: int) -> dict[str, float]:
-    """Device (CUDA) or self CPU time per forward, ms, summed by kernel / operator name."""
+def profile_forward(forward, x: torch.Tensor, iters: int) -> tuple[dict[str, float], float | None]:
+    """Device (CUDA) or self CPU time per forward, ms, summed by kernel / operator name; and on a GPU
+    the kernels launched per forward (None on a CPU, whose operators are not kernels)."""
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = x.is_cuda
@@ -80,15 +91,19 @@ def profile_forward(forward, x: torch.Tensor, iters: int) -> dict[str, float]:
             if on_gpu:
                 torch.cuda.synchronize()
     times: dict[str, float] = defaultdict(float)
+    kernels = 0
     for event in prof.events():
         if on_gpu and event.device_type == torch.autograd.DeviceType.CUDA:
             times[event.name] += event.device_time / 1e3 / iters  # us -> ms
+            kernels += 1
         elif not on_gpu and event.name.startswith(("aten::", "bireal::")):
             times[event.name] += event.self_cpu_time_total / 1e3 / iters
-    return dict(times)
+    return dict(times), (kernels / iters if on_gpu else None)
 
 
-def row_of(model: str, batch: int, benchmark: bool, times: dict[str, float], top: int = 12) -> dict:
+def row_of(
+    model: str, batch: int, benchmark: bool, times: dict[str, float], kernels: float | None, top: int = 12
+) -> dict:
     groups: dict[str, float] = defaultdict(float)
     for name, ms in times.items():
         groups[group_of(name)] += ms
@@ -99,6 +114,7 @@ def row_of(model: str, batch: int, benchmark: bool, times: dict[str, float], top
         "batch": batch,
         "cudnn_benchmark": benchmark,
         "total_ms": round(total, 4),
+        "kernels": kernels,
         "groups_ms": {k: round(v, 4) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])},
         "top": [{"name": name[:120], "group": group_of(name), "ms": round(ms, 4)} for name, ms in ranked],
     }
@@ -106,8 +122,9 @@ def row_of(model: str, batch: int, benchmark: bool, times: dict[str, float], top
 
 def format_row(row: dict) -> str:
     groups = ", ".join(f"{k} {v:.3f}" for k, v in row["groups_ms"].items())
+    kernels = "" if row["kernels"] is None else f" in {row['kernels']:.0f} kernels"
     lines = [f"{row['model']:<18} batch {row['batch']:<4} cudnn.benchmark {str(row['cudnn_benchmark']):<5} "
-             f"{row['total_ms']:.3f} ms per forward: {groups}"]  # fmt: skip
+             f"{row['total_ms']:.3f} ms per forward{kernels}: {groups}"]  # fmt: skip
     lines += [f"    {t['ms']:>9.4f} ms  {t['group']:<11} {t['name']}" for t in row["top"][:8]]
     return "\n".join(lines)
 
@@ -129,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             x = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=torch.channels_last)
             for benchmark in settings:
                 torch.backends.cudnn.benchmark = benchmark
-                row = row_of(name, batch, benchmark, profile_forward(forward, x, args.iters))
+                row = row_of(name, batch, benchmark, *profile_forward(forward, x, args.iters))
                 with path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 print(format_row(row), flush=True)

@@ -3,7 +3,8 @@
 # nvcc; no registry): they build the extension there first.
 #
 #   bench/gpu_sweep.sh --quick [RESULTS_DIR]   (<= 4 min) the build, correctness (cuda_ext.smoke on
-#       every CUDA path and shape; tests/test_cuda.py's tests of bmma_lean, bmma_halo and bmma_async), the SASS
+#       every CUDA path and shape; tests/test_cuda.py's tests of bmma_lean, bmma_halo, bmma_async and
+#       max_pool_signs), the SASS
 #       report (registers, spills, epilogue instructions per output), and the profile: a forward of
 #       the packed bf16 Bi-Real-18 and of ResNet-18 bf16, kernel by kernel, at batch 256 and 1,
 #       cudnn.benchmark off and on (bench/gpu_profile.py);
@@ -64,8 +65,8 @@ if [ "$part" = --quick ]; then
   step "correctness: every CUDA path on every shape"
   CUDA_LAUNCH_BLOCKING=1 timeout "$(limit 60)" $PY -m cuda_ext.smoke --json "$out/smoke.json"
   status[smoke]=$?
-  step "GPU tests of the variants under test (tests/test_cuda.py: bmma_lean, bmma_halo, bmma_async)"
-  timeout "$(limit 100)" $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py -k "lean or halo or async" \
+  step "GPU tests of the kernels under test (tests/test_cuda.py: bmma_lean, bmma_halo, bmma_async, max_pool_signs)"
+  timeout "$(limit 100)" $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py -k "lean or halo or async or max_pool" \
     >"$out/tests_variants.log" 2>&1
   status[variant_tests]=$?
   tail -3 "$out/tests_variants.log"

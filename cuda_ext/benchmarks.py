@@ -295,7 +295,7 @@ def bench_model(
             row.update(bf16_model_rows(packed, x, dev, n))
         best = min(row["ours_ms"], row.get("ours_graph_ms", float("inf")))
         if "bf16_ms" in row:
-            best_bf16 = min(row[key] for key in (*BF16_PATH_KEYS.values(), "stem8_bf16_ms"))
+            best_bf16 = min(row[key] for key in (*BF16_PATH_KEYS.values(), *FLOAT_PART_SWITCHES, "tuned_bf16_ms"))
             row.update(bf16_img_s=batch / best_bf16 * 1e3, bf16_vs_baseline=base / best_bf16)
         rows.append(
             {
@@ -413,22 +413,40 @@ def bench_memory(device: str = "cpu", threads: int = 2, repeats: int = 10, on_ro
     return rows
 
 
+# The float parts' switches the model table times (PackedBiReal's, off by default): column -> how
+FLOAT_PART_SWITCHES = {
+    "stem8_bf16_ms": lambda net: net.pad_stem_input(8),  # the stem conv in a shape cuDNN's tensor cores take
+    "shortcut2x2_bf16_ms": lambda net: net.fuse_shortcuts(),  # pool + 1x1 + bias as one 2x2 conv
+}
+
+
 def bf16_model_rows(packed, x: torch.Tensor, dev: torch.device, repeats: int) -> dict:
-    """The packed model with bfloat16 activations, on each tensor-core kernel, and with its stem
-    conv padded to 8 input channels (batch 1: CUDA graphs)."""
+    """The packed model with bfloat16 activations (batch 1: CUDA graphs): on each tensor-core kernel;
+    with each float-part switch on the default kernel; and ``tuned_bf16_ms``, every switch on with
+    the fastest kernel of this row (named in ``tuned``): the configuration to compare with the target."""
     from . import ops
 
+    def with_switches(*columns):  # a copy made from the float32 weights, then put in bfloat16
+        net = copy.deepcopy(packed)
+        for column in columns:
+            FLOAT_PART_SWITCHES[column](net)
+        return net.set_activation_dtype(torch.bfloat16)
+
     row = {}
-    # the stem conv with 8 input channels (pad_stem_input, made from the float32 weights) on the
-    # default path: the same convolution in a shape cuDNN's tensor-core kernels take
-    padded = copy.deepcopy(packed).pad_stem_input(8).set_activation_dtype(torch.bfloat16)
+    switched = {column: with_switches(column) for column in FLOAT_PART_SWITCHES}
+    tuned = with_switches(*FLOAT_PART_SWITCHES)
     packed.set_activation_dtype(torch.bfloat16)
     try:
         with torch.inference_mode():
             for path, key in BF16_PATH_KEYS.items():
                 with ops.forced_cuda_path(path):
                     row[key] = forward_ms(lambda: packed(x), dev, x.shape[0], repeats)
-            row["stem8_bf16_ms"] = forward_ms(lambda: padded(x), dev, x.shape[0], repeats)
+            for column, net in switched.items():
+                row[column] = forward_ms(lambda: net(x), dev, x.shape[0], repeats)
+            fastest = min(BF16_PATH_KEYS, key=lambda path: row[BF16_PATH_KEYS[path]])
+            with ops.forced_cuda_path(fastest):
+                row["tuned_bf16_ms"] = forward_ms(lambda: tuned(x), dev, x.shape[0], repeats)
+            row["tuned"] = " + ".join([fastest, *(c.removesuffix("_bf16_ms") for c in FLOAT_PART_SWITCHES)])
     finally:
         packed.set_activation_dtype(torch.float32)
     return row
@@ -454,6 +472,8 @@ def format_table(rows: list[dict], title: str) -> str:
         ("lean_bf16_ms", 13, "{:.4f}"),
         ("halo_bf16_ms", 13, "{:.4f}"),
         ("stem8_bf16_ms", 14, "{:.4f}"),
+        ("shortcut2x2_bf16_ms", 20, "{:.4f}"),
+        ("tuned_bf16_ms", 14, "{:.4f}"),
         ("bf16_speedup", 13, "{:.1f}x"),
         ("block_bf16_ms", 14, "{:.4f}"),
         ("lean_block_bf16_ms", 19, "{:.4f}"),

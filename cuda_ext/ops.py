@@ -11,7 +11,6 @@ import contextlib
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 
 from .reference import words_for
 
@@ -110,7 +109,7 @@ def _binary_block_fake(*args, **kwargs):
 
 
 @torch.library.register_fake("bireal::max_pool_signs")
-def _max_pool_signs_fake(x, kernel_size, stride, padding):
+def _max_pool_signs_fake(x, kernel_size, stride, padding, bias=None):
     n, c, h, w = x.shape
     ho, wo = (h + 2 * padding - kernel_size) // stride + 1, (w + 2 * padding - kernel_size) // stride + 1
     out = x.new_empty((n, ho, wo, c)).permute(0, 3, 1, 2)
@@ -195,16 +194,16 @@ def border_classes(packed_w: torch.Tensor, in_channels: int, padding: int) -> to
 
 
 def max_pool_signs(
-    x: torch.Tensor, kernel_size: int = 3, stride: int = 2, padding: int = 1
+    x: torch.Tensor, kernel_size: int = 3, stride: int = 2, padding: int = 1, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ImageNet stem's max-pool and the first binary conv's packed input in one pass:
-    ``(max_pool2d(x, kernel_size, stride, padding), pack_signs(of that))``, the output channels_last.
-    On the CPU one kernel reads x once and writes both (torch's channels_last max-pool also writes
-    int64 indices, and a separate pack reads its output again); elsewhere max_pool2d + pack_signs."""
-    if x.device.type != "cpu":
-        out = F.max_pool2d(x, kernel_size, stride, padding).contiguous(memory_format=torch.channels_last)
-        return out, pack_signs(out)
-    return torch.ops.bireal.max_pool_signs(x, kernel_size, stride, padding)
+    ``(max_pool2d(x + bias, kernel_size, stride, padding), pack_signs(of that))``, the output
+    channels_last; ``bias`` (C,) in x's dtype, per channel, or None. One kernel reads x once and
+    writes both (torch's channels_last max-pool also writes int64 indices, and a separate pack reads
+    its output again). The bias is added after the max, to 1/4 of the values (the same result:
+    rounding is monotonic), so the stem conv runs without its own bias pass (cuDNN adds a conv's bias
+    in a separate kernel)."""
+    return torch.ops.bireal.max_pool_signs(x, kernel_size, stride, padding, bias)
 
 
 def unpack_signs(packed: torch.Tensor, channels: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

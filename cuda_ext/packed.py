@@ -182,6 +182,37 @@ def packed_shortcut(downsample: nn.Sequential | None) -> nn.Sequential | None:
     return nn.Sequential(pool, real_conv(conv))
 
 
+def pools_then_mixes(shortcut: nn.Sequential) -> bool:
+    """Whether ``shortcut`` is (AvgPool 2x2/2, 1x1 conv), the form ``fused_shortcut`` rewrites."""
+    pool, conv = shortcut
+    plain_pool = (
+        isinstance(pool, nn.AvgPool2d)
+        and {pool.kernel_size, pool.stride} <= {2, (2, 2)}
+        and pool.padding in (0, (0, 0))
+        and not pool.ceil_mode
+        and pool.divisor_override is None
+    )
+    return plain_pool and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0)
+
+
+def fused_shortcut(shortcut: nn.Sequential) -> tuple[nn.Sequential, torch.Tensor]:
+    """(AvgPool 2x2/2, 1x1 conv + bias) -> (one 2x2 stride-2 conv without bias, the bias (O,)).
+
+    The same function: the mean of a 2x2 window, then a mix of its channels, is the mix of the
+    window's four pixels, each weighted 1/4 (an exact scaling in float). One kernel reads x once
+    instead of a pool writing a quarter-size copy for the conv to read back. The bias is returned for
+    the block's epilogue to add (``PackedBiReal.fuse_shortcuts``): cuDNN adds a conv's bias in an
+    elementwise kernel of its own. The sums run in another order, so the result differs from the
+    two-step one by float rounding. Kept as a Sequential (Identity, conv): the conv stays
+    ``downsample.1``."""
+    _pool, conv = shortcut
+    fused = nn.Conv2d(conv.in_channels, conv.out_channels, 2, stride=2, bias=False)
+    fused = fused.to(conv.weight.device, conv.weight.dtype, memory_format=torch.channels_last)
+    with torch.no_grad():
+        fused.weight.copy_(conv.weight.expand(-1, -1, 2, 2) / 4)  # (O, C, 1, 1) -> (O, C, 2, 2)
+    return nn.Sequential(nn.Identity(), fused), conv.bias.detach().clone()
+
+
 class PackedBasicBlock(nn.Module):
     def __init__(self, block: BiRealBlock):
         super().__init__()
@@ -246,9 +277,10 @@ class PackedBiReal(nn.Module):
         real-valued activations (stem, shortcuts, the blocks' outputs, the head) in bfloat16, which
         halves the bytes every block reads and writes. The binary convs' dot products stay exact.
 
-        In bfloat16 the real-valued layers (stem, shortcut convs, the head) hold their weights in
-        bfloat16, cast once here rather than by autocast in every forward (the same rounding, so the
-        same outputs); their float32 weights are kept and put back by ``set_activation_dtype(float32)``."""
+        In bfloat16 the real-valued convs (stem, shortcuts) hold their weights in bfloat16, cast once
+        here rather than by autocast in every forward (the same rounding, so the same outputs); their
+        float32 weights are kept and put back by ``set_activation_dtype(float32)``. The head stays
+        float32 (``head``)."""
         if dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"activation dtype must be torch.float32 or torch.bfloat16, got {dtype}")
         for m in self.modules():
@@ -270,8 +302,26 @@ class PackedBiReal(nn.Module):
         return self
 
     def real_layers(self) -> list[nn.Module]:
-        """The real-valued convs and the head (every nn.Conv2d and nn.Linear of the net)."""
-        return [m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        """The real-valued convs, which run in the activation dtype (every nn.Conv2d of the net)."""
+        return [m for m in self.modules() if isinstance(m, nn.Conv2d)]
+
+    def fuse_shortcuts(self) -> "PackedBiReal":
+        """Run each stage entry's shortcut, AvgPool 2x2/2 then a 1x1 conv + bias, as one 2x2 stride-2
+        conv (``fused_shortcut``) whose bias the block's binary conv adds in its epilogue (its
+        ``bias`` + the shortcut's, summed once here). On a GPU that is two kernel launches fewer per
+        stage entry (the pool and cuDNN's bias add; 6 in Bi-Real-18, which count at batch 1 as a CUDA
+        graph), and the shortcut's input read once. Equal to float rounding, not bit for bit: the sums
+        no longer run in the exported float graph's order. Whether it is faster is a GPU measurement
+        (``bireal bench model --device cuda``: ``shortcut2x2_bf16_ms``), so it is a switch, off by
+        default."""
+        if self.activation_dtype != torch.float32:
+            raise ValueError("fuse_shortcuts: call it while the activations are float32 (before set_activation_dtype)")
+        for block in self.blocks:
+            if block.downsample is not None and pools_then_mixes(block.downsample):
+                block.downsample, bias = fused_shortcut(block.downsample)
+                adds_the_shortcut = block.conv3 if self.bottleneck else block.conv  # its residual
+                adds_the_shortcut.bias += bias
+        return self
 
     def pad_stem_input(self, channels: int) -> "PackedBiReal":
         """Give the stem conv ``channels`` input channels: the extra ones are zero in its weights and
@@ -297,36 +347,50 @@ class PackedBiReal(nn.Module):
 
     def run_stem(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The real-valued stem; -> (its output, the output's packed signs or None). The ImageNet
-        stem's max-pool (3x3, stride 2) runs as ``max_pool_signs``, which also packs the first
-        block's input in the same pass; the CIFAR stem has no pool (its first block packs)."""
-        x = x.to(self.activation_dtype)  # bfloat16: the one cast of a forward (set_activation_dtype)
+        stem's max-pool (3x3, stride 2) runs as ``max_pool_signs``, which also adds the conv's bias
+        (after the max, to a quarter of the values: cuDNN would add it in a pass of its own over the
+        conv's whole output) and packs the first block's input in the same pass; the CIFAR stem has
+        no pool (its first block packs)."""
+        # the one cast of a forward, to channels_last in the same copy (no copy if x is already so)
+        x = x.to(self.activation_dtype, memory_format=torch.channels_last)
         extra = self.stem[0].in_channels - x.shape[1]
         if extra > 0:  # pad_stem_input: zero channels appended, (N, C + extra, H, W) channels_last
             zeros = x.new_zeros(x.shape[0], extra, *x.shape[2:])
             x = torch.cat([x, zeros], 1).contiguous(memory_format=torch.channels_last)
-        pool = self.stem[-1]
-        pool_args = stem_pool_args(pool) if isinstance(pool, nn.MaxPool2d) else None
+        conv, pool = self.stem[0], self.stem[-1]
+        pool_args = stem_pool_args(pool) if isinstance(pool, nn.MaxPool2d) and len(self.stem) == 2 else None
         if pool_args is None:
             return self.stem(x), None
         pool_signs = max_pool_signs_ref if _USE_REFERENCE else ops.max_pool_signs
-        return pool_signs(self.stem[:-1](x), *pool_args)
+        y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding)
+        return pool_signs(y, *pool_args, conv.bias.detach().to(y.dtype))  # (no cast but under autocast)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) images -> the last block's output (N, C, H', W'), channels_last, in the
+        activation dtype."""
+        x, packed = self.run_stem(x)
+        mid = x  # packed: signs of x, made by the stem's pool or the previous block's kernel
+        for block in self.blocks:
+            if self.bottleneck:
+                mid, x, packed = block(mid, x, packed)
+            else:
+                x, packed = block(x, packed)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """features (N, C, H', W') -> float32 logits (N, classes): the global average taken in float32
+        (a bfloat16 x is widened inside the reduction, not by a cast of its own), then the float32 FC."""
+        return self.fc(x.mean((2, 3), dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # channels_last throughout: the kernels read and write NHWC, and oneDNN's conv and
         # max-pool are several times faster on NHWC than on NCHW here.
-        # bfloat16: every layer holds bfloat16 weights (set_activation_dtype), so run_stem casts the
+        # bfloat16: every conv holds bfloat16 weights (set_activation_dtype), so run_stem casts the
         # input once and nothing else is cast
         bf16 = self.activation_dtype == torch.bfloat16
         exact = contextlib.nullcontext() if bf16 else ieee_float32()  # float32 means float32 on a GPU too
         with exact:
-            x, packed = self.run_stem(x.contiguous(memory_format=torch.channels_last))
-            mid = x  # packed: signs of x, made by the stem's pool or the previous block's kernel
-            for block in self.blocks:
-                if self.bottleneck:
-                    mid, x, packed = block(mid, x, packed)
-                else:
-                    x, packed = block(x, packed)
-            return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)).float()
+            return self.head(self.features(x))
 
 
 # ----------------------------------------------------------------------------- export / load

@@ -29,9 +29,12 @@ def pack_signs_ref(x: torch.Tensor) -> torch.Tensor:
 
 
 def max_pool_signs_ref(
-    x: torch.Tensor, kernel_size: int, stride: int, padding: int
+    x: torch.Tensor, kernel_size: int, stride: int, padding: int, bias: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """max_pool2d of x (N, C, H, W) and the packed signs of its output: (out, pack_signs(out))."""
+    """max_pool2d of x (N, C, H, W) + bias (C,) and the packed signs of that: (out, pack_signs(out)).
+    The bias is added first, to every value, as a conv's bias is (the kernels add it after the max)."""
+    if bias is not None:
+        x = x + bias.view(1, -1, 1, 1)
     out = F.max_pool2d(x, kernel_size, stride, padding)
     return out, pack_signs_ref(out)
 

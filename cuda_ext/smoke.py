@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from . import ops
-from .reference import binary_block_ref, pack_signs_ref, pack_weight_ref
+from .reference import binary_block_ref, max_pool_signs_ref, pack_signs_ref, pack_weight_ref
 
 
 @dataclass(frozen=True)
@@ -173,11 +173,38 @@ def check_pack_signs(device: str, dtype: torch.dtype) -> dict:
     }
 
 
+def check_max_pool_signs(device: str, dtype: torch.dtype) -> dict:
+    """The ImageNet stem's pool (3x3, stride 2, padding 1) with the stem conv's bias, over two words
+    of channels (the second with a tail): the output and its packed signs."""
+    x, bias = torch.randn(2, 100, 13, 11).to(dtype), torch.randn(100).to(dtype)
+    with ops.debug_fill():
+        out, packed = ops.max_pool_signs(
+            x.to(device).contiguous(memory_format=torch.channels_last), 3, 2, 1, bias.to(device)
+        )
+    ref_out, ref_packed = max_pool_signs_ref(x, 3, 2, 1, bias)
+    out_wrong, out_first = first_mismatch(out.cpu(), ref_out)
+    packed_wrong, packed_first = first_mismatch(packed.cpu(), ref_packed)
+    return {
+        "path": "max_pool_signs",
+        "case": str(dtype).split(".")[-1],
+        "ok": out_wrong == 0 and packed_wrong == 0,
+        "out_wrong": out_wrong,
+        "out_elements": ref_out.numel(),
+        "first_wrong_nohw": out_first,
+        "packed_wrong": packed_wrong,
+        "first_wrong_packed_nhwk": packed_first,
+    }
+
+
 def run(device: str = "cuda", quick: bool = False) -> list[dict]:
     """Every check, printed as it finishes; stops at the first CUDA fault (the context is lost)."""
     checks = [
         (f"pack_signs {dtype}", lambda d=dtype: check_pack_signs(device, d))
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    ]
+    checks += [
+        (f"max_pool_signs {dtype}", lambda d=dtype: check_max_pool_signs(device, d))
+        for dtype in (torch.float32, torch.bfloat16)
     ]
     checks += [
         (f"{path} {case.name}", lambda p=path, c=case: check(device, p, c))

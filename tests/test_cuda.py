@@ -146,6 +146,42 @@ def test_pack_signs_cuda(dtype, channels):
         assert out.is_cuda and torch.equal(out.cpu(), pack_signs_ref(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (2, 64, 20, 18, 3, 2, 1),
+        (1, 3, 7, 9, 3, 2, 1),
+        (2, 100, 13, 11, 3, 2, 1),
+        (1, 130, 8, 8, 2, 2, 0),
+        (2, 17, 6, 7, 1, 1, 0),
+        (1, 200, 9, 10, 5, 3, 2),
+    ],
+)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_max_pool_signs_cuda(dtype, case, with_bias):
+    """The CUDA max_pool_signs kernel: max_pool2d(x + bias) and its packed signs, bit for bit against
+    the reference on the CPU, NaN propagated, every element written (the debug fill)."""
+    from cuda_ext.reference import max_pool_signs_ref
+
+    n, c, h, w, k, s, p = case
+    g = torch.Generator().manual_seed(c * 10 + k)
+    x = torch.randn(n, c, h, w, generator=g).to(dtype)
+    x[0, c // 2, 1, 1] = float("nan")
+    bias = (torch.randn(c, generator=g) * 0.5).to(dtype) if with_bias else None
+    x[-1, 0] = 0.0 if bias is None else -bias[0]  # x + bias exactly 0 there: sign +1
+    ref_out, ref_packed = max_pool_signs_ref(x, k, s, p, bias)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        out, packed = ops.max_pool_signs(
+            x.cuda().contiguous(memory_format=layout), k, s, p, None if bias is None else bias.cuda()
+        )
+        assert out.is_cuda and out.is_contiguous(memory_format=torch.channels_last) and out.dtype == dtype
+        out = out.cpu()
+        assert torch.equal(out.isnan(), ref_out.isnan()) and out.isnan().any()
+        assert torch.equal(out.nan_to_num(7.0), ref_out.nan_to_num(7.0))
+        assert torch.equal(packed.cpu(), ref_packed)
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("channels,stride,kernel,pad_value", CASES)
 def test_binary_conv2d_cuda(path, channels, stride, kernel, pad_value):

@@ -289,7 +289,9 @@ def test_smoke_script_on_the_cpu_paths(capsys):
     assert smoke.main(["--device", "cpu", "--quick"]) == 0
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if " ok " in line]
-    assert len(rows) == 4 + len(smoke.QUICK) * len(ops.cpu_paths())  # pack_signs x 4 dtypes, the cases per path
+    # pack_signs x 4 dtypes, max_pool_signs x 2, the cases per path
+    assert len(rows) == 4 + 2 + len(smoke.QUICK) * len(ops.cpu_paths())
+    assert sum(r.lstrip().startswith("max_pool_signs") for r in rows) == 2
     assert all("first (n,h,w,word)=None" in r for r in rows)
     assert out.strip().endswith(f"smoke: {len(rows)} of {len(rows)} checks exact")
     wrong, first = smoke.first_mismatch(

@@ -65,8 +65,13 @@ def test_the_profile_groups_a_forwards_time_by_kernel(tmp_path):
     argv = ["--out", str(tmp_path), "--device", "cpu", "--batches", "1", "--iters", "1", "--width", "0.25"]
     assert gpu_profile.main(argv) == 0
     rows = [json.loads(line) for line in (tmp_path / "profile.jsonl").read_text().splitlines()]
-    assert [(r["model"], r["batch"]) for r in rows] == [("bireal18 packed fp32", 1), ("resnet18 fp32", 1)]
-    packed, resnet = rows
+    assert [(r["model"], r["batch"]) for r in rows] == [
+        ("bireal18 packed fp32", 1), ("bireal18 packed fp32 fused shortcuts", 1), ("resnet18 fp32", 1)
+    ]  # fmt: skip
+    packed, fused, resnet = rows
+    assert all(r["kernels"] is None for r in rows)  # counted on a GPU only
+    # fused shortcuts: no average pool left (the stem's max-pool is max_pool_signs, in "binary")
+    assert packed["groups_ms"]["pool"] > 0 and "pool" not in fused["groups_ms"]
     # the packed model's 16 binary blocks run in our ops; ResNet-18 has none, and its convs are conv
     assert packed["groups_ms"]["binary"] > 0 and "binary" not in resnet["groups_ms"]
     assert any(t["name"] == "bireal::binary_block" for t in packed["top"]) and resnet["groups_ms"]["conv"] > 0
@@ -79,8 +84,9 @@ def test_the_profile_groups_a_forwards_time_by_kernel(tmp_path):
 
 def test_the_bf16_model_rows_on_a_cpu(tmp_path):
     """The model table's bf16 rows (run on a GPU by ``bireal bench model --device cuda``), here on the
-    CPU kernels: one time per tensor-core path and one with the stem padded to 8 input channels,
-    the benchmarked model left as it was."""
+    CPU kernels: one time per tensor-core path, one per float-part switch (the stem padded to 8 input
+    channels, the shortcuts fused) and one with both on the fastest path, the benchmarked model left
+    as it was."""
     import torch
 
     import bireal_core as bc
@@ -90,9 +96,13 @@ def test_the_bf16_model_rows_on_a_cpu(tmp_path):
     packed, _ = load_packed(export_model(bc.create_model("bireal18", width=0.25).eval(), tmp_path / "b.safetensors"))
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     row = bf16_model_rows(packed, x, torch.device("cpu"), 1)
-    assert set(row) == {"bf16_ms", "async_bf16_ms", "lean_bf16_ms", "halo_bf16_ms", "stem8_bf16_ms"}
-    assert min(row.values()) > 0
+    tuned = row.pop("tuned")
+    assert set(row) == {"bf16_ms", "async_bf16_ms", "lean_bf16_ms", "halo_bf16_ms", "stem8_bf16_ms",
+                        "shortcut2x2_bf16_ms", "tuned_bf16_ms"}  # fmt: skip
+    assert min(row.values()) > 0 and tuned.endswith(" + stem8 + shortcut2x2")
+    assert tuned.split(" + ")[0] in ("bmma", "bmma_async", "bmma_lean", "bmma_halo")
     assert packed.stem[0].in_channels == 3 and packed.activation_dtype == torch.float32
+    assert all(b.downsample is None or isinstance(b.downsample[0], torch.nn.AvgPool2d) for b in packed.blocks)
 
 
 def test_the_kernel_sweep_on_a_cpu(tmp_path):

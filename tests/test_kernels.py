@@ -248,22 +248,34 @@ POOL_CASES = [  # (batch, channels, height, width, kernel_size, stride, padding)
 ]
 
 
+def pool_input(case: tuple, dtype: torch.dtype, with_bias: bool, seed: int = 0):
+    """x (N, C, H, W) with a NaN, and a bias (C,) or None; channel 0 of the last image is where x +
+    bias is exactly 0 (x = -bias there; 0 without a bias), whose sign must be +1."""
+    n, c, h, w, *_ = case
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g).to(dtype)
+    x[0, c // 2, 1, 1] = float("nan")
+    bias = (torch.randn(c, generator=g) * 0.5).to(dtype) if with_bias else None
+    x[-1, 0] = 0.0 if bias is None else -bias[0]
+    return x, bias
+
+
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("case", POOL_CASES)
-def test_max_pool_signs_is_max_pool_then_pack(path, dtype, case):
-    """Bit for bit max_pool2d and pack_signs of its output, every element written (debug fill),
-    NaN propagated as torch does, from NCHW or channels_last inputs."""
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+def test_max_pool_signs_is_max_pool_then_pack(path, dtype, case, with_bias):
+    """Bit for bit max_pool2d(x + bias) and pack_signs of its output (the kernel adds the bias after
+    the max, once per output), every element written (debug fill), NaN propagated as torch does,
+    from NCHW or channels_last inputs."""
     from cuda_ext.reference import max_pool_signs_ref
 
-    n, c, h, w, k, s, p = case
-    x = torch.randn(n, c, h, w).to(dtype)
-    x[0, c // 2, 1, 1] = float("nan")
-    x[-1, 0] = 0.0  # sign(0) = +1
+    _, _, _, _, k, s, p = case
+    x, bias = pool_input(case, dtype, with_bias)
     for layout in (torch.contiguous_format, torch.channels_last):
         with ops.forced_cpu_path(path), ops.debug_fill():
-            out, packed = ops.max_pool_signs(x.contiguous(memory_format=layout), k, s, p)
-        ref_out, ref_packed = max_pool_signs_ref(x, k, s, p)
+            out, packed = ops.max_pool_signs(x.contiguous(memory_format=layout), k, s, p, bias)
+        ref_out, ref_packed = max_pool_signs_ref(x, k, s, p, bias)
         assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(out.isnan(), ref_out.isnan()) and out.isnan().any()
         assert torch.equal(out.nan_to_num(7.0), ref_out.nan_to_num(7.0))
@@ -273,6 +285,11 @@ def test_max_pool_signs_is_max_pool_then_pack(path, dtype, case):
 def test_max_pool_signs_opcheck_and_bad_arguments():
     x = torch.randn(2, 70, 9, 8)
     torch.library.opcheck(torch.ops.bireal.max_pool_signs.default, (x, 3, 2, 1))
+    torch.library.opcheck(torch.ops.bireal.max_pool_signs.default, (x, 3, 2, 1, torch.randn(70)))
+    with pytest.raises(RuntimeError, match=r"bias must have shape \(70,\)"):
+        ops.max_pool_signs(x, 3, 2, 1, torch.randn(64))
+    with pytest.raises(RuntimeError, match="bias must have x's dtype"):
+        ops.max_pool_signs(x, 3, 2, 1, torch.randn(70, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="padding <= kernel_size / 2"):
         ops.max_pool_signs(x, 3, 2, 2)
     with pytest.raises(RuntimeError, match="empty output"):

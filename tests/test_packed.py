@@ -131,9 +131,10 @@ def test_checkpoint_export_load_logits(fitted_bireal18, tmp_path):
 
 @pytest.mark.parametrize("name", ["bireal18", "bireal50"])
 def test_imagenet_stem_pools_and_packs_in_one_op(tmp_path, name):
-    """The ImageNet stem's max-pool runs as max_pool_signs (the first block's packed input made in
-    the same pass): the logits equal the reference ops' and the unfused stem's (pool, then the first
-    block packs), in float32 and bfloat16 activations."""
+    """The ImageNet stem's max-pool runs as max_pool_signs, which adds the stem conv's bias and packs
+    the first block's input in the same pass: the logits equal the reference ops', and the stem's
+    output equals the unfused stem's (conv, + bias, pool; then the first block packs) bit for bit in
+    float32 and bfloat16 activations, and the conv-with-bias stem to float rounding."""
     model = bc.create_model(name, num_classes=10, width=0.25).train()
     with torch.no_grad():
         model(torch.randn(4, 3, 64, 64))  # BN statistics off their defaults
@@ -147,9 +148,14 @@ def test_imagenet_stem_pools_and_packs_in_one_op(tmp_path, name):
             with reference_ops():
                 ref = packed(x)
             stem_out, stem_signs = packed.run_stem(x.contiguous(memory_format=torch.channels_last))
-            unfused = packed.stem(x.to(dtype).contiguous(memory_format=torch.channels_last))
+            conv = packed.stem[0]
+            x_in = x.to(dtype).contiguous(memory_format=torch.channels_last)
+            unfused = F.max_pool2d(F.conv2d(x_in, conv.weight, None, 2, 3) + conv.bias.view(1, -1, 1, 1), 3, 2, 1)
+            with_bias = packed.stem(x_in)  # the conv adding its own bias
         assert torch.equal(ours, ref), dtype
         assert torch.equal(stem_out, unfused) and torch.equal(stem_signs, pack_signs_ref(unfused))
+        close = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(stem_out, with_bias, **close)
 
 
 def test_a_stem_padded_to_8_input_channels_computes_the_same(tmp_path):
@@ -173,10 +179,11 @@ def test_a_stem_padded_to_8_input_channels_computes_the_same(tmp_path):
 
 
 def test_bfloat16_weights_cast_once_compute_what_autocast_did(tmp_path):
-    """set_activation_dtype(bfloat16) casts the real-valued layers' weights (stem, shortcut convs,
-    head) to bfloat16 once: the logits equal the same net's run the earlier way, float32 weights
-    cast by torch.autocast in every forward; set_activation_dtype(float32) puts the float32 weights
-    back bit for bit; a stem is padded only while float32."""
+    """set_activation_dtype(bfloat16) casts the real-valued convs' weights (stem, shortcuts) to
+    bfloat16 once: the features equal the same net's run the earlier way, float32 weights cast by
+    torch.autocast in every forward, and so do the logits of the float32 head on them;
+    set_activation_dtype(float32) puts the float32 weights back bit for bit; a stem is padded and
+    shortcuts fused only while float32."""
     torch.manual_seed(0)
     model = bc.create_model("bireal18", num_classes=10, width=0.25).train()
     with torch.no_grad():
@@ -188,17 +195,22 @@ def test_bfloat16_weights_cast_once_compute_what_autocast_did(tmp_path):
     with torch.inference_mode():
         f32 = packed(x)
         packed.set_activation_dtype(torch.bfloat16)
-        assert {m.weight.dtype for m in packed.real_layers()} == {torch.bfloat16} and len(packed.real_layers()) == 5
-        ours = packed(x)
+        assert {m.weight.dtype for m in packed.real_layers()} == {torch.bfloat16} and len(packed.real_layers()) == 4
+        assert packed.fc.weight.dtype == torch.float32  # the head stays float32
+        ours, ours_features = packed(x), packed.features(x)
         autocast_net, _ = load_packed(path)  # float32 weights, the binary convs' outputs in bfloat16
         for m in autocast_net.modules():
             if isinstance(m, PackedBinaryConv):
                 m.out_dtype = torch.bfloat16
         with torch.autocast("cpu", torch.bfloat16):
-            theirs = autocast_net(x)
+            theirs_features = autocast_net.features(x)
+        theirs = autocast_net.head(theirs_features)
+    assert ours_features.dtype == torch.bfloat16 and torch.equal(ours_features, theirs_features)
     assert ours.dtype == torch.float32 and torch.equal(ours, theirs)
     with pytest.raises(ValueError, match="while the activations are float32"):
         packed.pad_stem_input(8)
+    with pytest.raises(ValueError, match="while the activations are float32"):
+        packed.fuse_shortcuts()
     packed.set_activation_dtype(torch.float32)
     assert all(torch.equal(p, kept) and p.dtype == torch.float32 for p, kept in zip(packed.parameters(), float_weights))
     with torch.inference_mode():
@@ -285,3 +297,103 @@ def test_ieee_float32_turns_tf32_off_inside_and_restores_the_flags():
         assert cudnn.allow_tf32 and matmul.allow_tf32
     finally:
         cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize("name", ["bireal18", "bireal50"])
+def test_fused_shortcuts_compute_the_same_as_pool_then_1x1(tmp_path, name):
+    """fuse_shortcuts: each stage entry's AvgPool 2x2/2 + 1x1 conv + bias becomes one 2x2 stride-2 conv
+    without bias, its bias added by the block's binary conv: each shortcut's output + bias equals the
+    two-step shortcut's to float rounding, the logits too in float32; the reference ops still agree
+    bit for bit with the fused net, in float32 and bfloat16 activations."""
+    torch.manual_seed(0)
+    model = bc.create_model(name, num_classes=10, width=0.25).train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64))  # BN statistics off their defaults
+    path = export_model(model.eval(), tmp_path / "m.safetensors")
+    plain, _ = load_packed(path)
+    fused, _ = load_packed(path)
+    before = [b.downsample for b in plain.blocks if b.downsample is not None]
+    biases = {id(b): (b.conv3 if fused.bottleneck else b.conv).bias.clone() for b in fused.blocks}
+    assert fused.fuse_shortcuts() is fused
+    after = [b.downsample for b in fused.blocks if b.downsample is not None]
+    pooled = [d for d in before if isinstance(d[0], torch.nn.AvgPool2d)]
+    assert len(after) == len(before) and len(pooled) == 3  # three stage entries pool
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        for two_step, one in zip(before, after):
+            if not isinstance(two_step[0], torch.nn.AvgPool2d):  # a 1x1 without a pool stays as it was
+                assert isinstance(one[0], torch.nn.Identity) and one[1].kernel_size == (1, 1)
+                assert one[1].bias is not None
+                continue
+            assert one[1].kernel_size == (2, 2) and one[1].stride == (2, 2) and one[1].bias is None
+            c = two_step[1].in_channels
+            y = torch.randn(2, c, 16, 16).contiguous(memory_format=torch.channels_last)
+            torch.testing.assert_close(one(y) + two_step[1].bias.view(1, -1, 1, 1), two_step(y), rtol=1e-5, atol=1e-5)
+        for block, plain_block in zip(fused.blocks, plain.blocks):
+            receiver = block.conv3 if fused.bottleneck else block.conv
+            shortcut = plain_block.downsample
+            pooled_here = shortcut is not None and isinstance(shortcut[0], torch.nn.AvgPool2d)
+            moved = shortcut[1].bias if pooled_here else 0
+            assert torch.equal(receiver.bias, biases[id(block)] + moved)
+        ours = fused(x)
+        torch.testing.assert_close(ours, plain(x), rtol=1e-4, atol=1e-4)
+        with reference_ops():
+            assert torch.equal(fused(x), ours)
+        fused.set_activation_dtype(torch.bfloat16)
+        ours = fused(x)
+        with reference_ops():
+            assert torch.equal(fused(x), ours)
+
+
+class LaunchedOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """The operators a forward dispatches that run a kernel (not the views): on a GPU each is at
+    least one kernel, one node of a CUDA graph."""
+
+    VIEWS = {
+        "aten.view.default",
+        "aten.t.default",
+        "aten._unsafe_view.default",
+        "aten.permute.default",
+        "aten.as_strided_.default",
+        "aten.as_strided.default",
+        "aten.detach.default",
+        "aten.expand.default",
+        "aten.alias.default",
+        "aten.unsqueeze.default",
+        "aten.squeeze.dim",
+        "aten.reshape.default",
+    }
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func) not in self.VIEWS:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_batch_1_forward_fits_issue_25s_graph_budget():
+    """Issue 25's batch-1 budget is at most ~25 nodes in the forward's CUDA graph. The packed
+    Bi-Real-18 at 224 with bfloat16 activations and fused shortcuts dispatches 24 kernel-running
+    operators: 16 binary blocks, the stem conv (its bias added by the pool), the pool + pack, 3
+    shortcut convs, the input's one cast to bfloat16 channels_last, the float32 mean and the head's
+    addmm. (cuDNN's convs add a bias in a kernel of their own: the fused shortcuts and the stem have
+    none to add.)"""
+    packed = PackedBiReal({"name": "bireal18", "kwargs": {"num_classes": 1000}}).eval()
+    packed.fuse_shortcuts().set_activation_dtype(torch.bfloat16)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad(), LaunchedOps() as launched:  # (under inference_mode, conv2d and linear arrive whole)
+        logits = packed(x)
+    assert logits.shape == (1, 1000) and logits.dtype == torch.float32
+    counts = {op: launched.ops.count(op) for op in set(launched.ops)}
+    assert counts == {
+        "bireal.binary_block.default": 16,
+        "aten.convolution.default": 4,
+        "bireal.max_pool_signs.default": 1,
+        "aten._to_copy.default": 1,
+        "aten.mean.dim": 1,
+        "aten.addmm.default": 1,
+    }, counts
+    assert all(conv.bias is None for conv in packed.real_layers() if conv is not packed.stem[0])

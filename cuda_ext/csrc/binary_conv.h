@@ -65,10 +65,14 @@ std::tuple<at::Tensor, at::Tensor> binary_block_cpu(
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
     std::optional<at::ScalarType> out_dtype, const std::optional<at::Tensor>& border_classes);
 
-// max_pool2d (kernel_size, stride, padding; dilation 1, floor mode) of x (N, C, H, W) and the packed
-// signs of its output: (out channels_last, pack_signs(out)).
+// max_pool2d (kernel_size, stride, padding; dilation 1, floor mode) of x (N, C, H, W) + bias (C,)
+// per channel if given, and the packed signs of that output: (out channels_last, pack_signs(out)).
+// The bias is added after the max, once per output (max(x) + b == max(x + b) in floating point:
+// rounding is monotonic), so a conv's bias moves here from its own elementwise pass.
 std::tuple<at::Tensor, at::Tensor> max_pool_signs_cpu(const at::Tensor& x, int64_t kernel_size, int64_t stride,
-                                                      int64_t padding);
+                                                      int64_t padding, const std::optional<at::Tensor>& bias);
+std::tuple<at::Tensor, at::Tensor> max_pool_signs_cuda(const at::Tensor& x, int64_t kernel_size, int64_t stride,
+                                                       int64_t padding, const std::optional<at::Tensor>& bias);
 
 // Shape and argument checks shared by the CPU and CUDA implementations.
 void check_pack_args(const at::Tensor& x);
@@ -80,5 +84,10 @@ ConvGeometry check_conv_args(const at::Tensor& packed_x, const at::Tensor& packe
                              const std::optional<at::Tensor>& scale,
                              const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& residual);
+struct PoolGeometry {
+  int64_t N, C, H, W, Ho, Wo, k, stride, padding;
+};
+PoolGeometry check_pool_args(const at::Tensor& x, int64_t kernel_size, int64_t stride, int64_t padding,
+                             const std::optional<at::Tensor>& bias);
 
 }  // namespace bireal

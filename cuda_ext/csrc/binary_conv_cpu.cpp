@@ -829,11 +829,28 @@ std::tuple<at::Tensor, at::Tensor> binary_block_cpu(
 // and a separate pack_signs reads the output again. Out of range taps are skipped (torch pads with
 // -inf); a NaN in the window wins, as in torch.
 
-namespace {
+PoolGeometry check_pool_args(const at::Tensor& x, int64_t kernel_size, int64_t stride, int64_t padding,
+                             const std::optional<at::Tensor>& bias) {
+  check_pack_args(x);
+  TORCH_CHECK(kernel_size >= 1 && stride >= 1 && padding >= 0 && 2 * padding <= kernel_size,
+              "max_pool_signs: needs kernel_size >= 1, stride >= 1 and 0 <= padding <= kernel_size / 2 (as "
+              "torch's max_pool2d), got kernel_size=", kernel_size, " stride=", stride, " padding=", padding);
+  PoolGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0, kernel_size, stride, padding};
+  g.Ho = (g.H + 2 * padding - kernel_size) / stride + 1;
+  g.Wo = (g.W + 2 * padding - kernel_size) / stride + 1;
+  TORCH_CHECK(g.Ho > 0 && g.Wo > 0, "max_pool_signs: empty output for input ", g.H, "x", g.W);
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == g.C, "max_pool_signs: bias must have shape (", g.C,
+                ",) (one per channel of x), got ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "max_pool_signs: bias must have x's dtype ",
+                x.scalar_type(), ", got ", bias->scalar_type());
+    TORCH_CHECK(bias->device() == x.device(), "max_pool_signs: bias must be on x's device ", x.device(),
+                ", got ", bias->device());
+  }
+  return g;
+}
 
-struct PoolGeometry {
-  int64_t N, C, H, W, Ho, Wo, k, stride, padding;
-};
+namespace {
 
 // float32, one output row per call, separably: the max over the window's rows for every input
 // column first (each input row read front to back, a stream the hardware prefetcher follows; the
@@ -846,8 +863,8 @@ BIREAL_AVX512 inline void max_into(__m512& m, __mmask16& nans, __m512 v) {
   nans |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
 }
 
-BIREAL_AVX512 void pool_row_avx512(const float* x, const PoolGeometry& g, int64_t n, int64_t oh, float* out,
-                                   uint64_t* bits, float* colmax) {
+BIREAL_AVX512 void pool_row_avx512(const float* x, const PoolGeometry& g, int64_t n, int64_t oh, const float* bias,
+                                   float* out, uint64_t* bits, float* colmax) {
   const int64_t h0 = oh * g.stride - g.padding;
   const int64_t hb = std::max<int64_t>(h0, 0), he = std::min(h0 + g.k, g.H);
   const int64_t Cw = words_for(g.C), row = g.W * g.C;
@@ -880,6 +897,7 @@ BIREAL_AVX512 void pool_row_avx512(const float* x, const PoolGeometry& g, int64_
       uint64_t signs = 0;
       for (int j = 0; j < 4; ++j) {
         m[j] = _mm512_mask_mov_ps(m[j], nans[j], nan);
+        if (bias) m[j] = _mm512_add_ps(m[j], _mm512_maskz_loadu_ps(lanes[j], bias + c0 + 16 * j));  // NaN stays
         _mm512_mask_storeu_ps(out + ow * g.C + c0 + 16 * j, lanes[j], m[j]);
         signs |= uint64_t(_mm512_mask_cmp_ps_mask(lanes[j], m[j], zero, _CMP_GE_OQ)) << (16 * j);
       }
@@ -898,8 +916,9 @@ inline A nan_max(A m, A v) {
 // every dtype and for CPUs without AVX-512; float maxima in `colmax` (W * C) and `acc` (C), then the
 // signs packed from the stored values.
 template <typename T>
-void pool_row_portable(Path path, const T* x, const PoolGeometry& g, int64_t n, int64_t oh, T* out, uint64_t* bits,
-                       at::opmath_type<T>* colmax, at::opmath_type<T>* acc) {
+void pool_row_portable(Path path, const T* x, const PoolGeometry& g, int64_t n, int64_t oh,
+                       const at::opmath_type<T>* bias, T* out, uint64_t* bits, at::opmath_type<T>* colmax,
+                       at::opmath_type<T>* acc) {
   using acc_t = at::opmath_type<T>;
   const int64_t h0 = oh * g.stride - g.padding;
   const int64_t hb = std::max<int64_t>(h0, 0), he = std::min(h0 + g.k, g.H);
@@ -918,34 +937,31 @@ void pool_row_portable(Path path, const T* x, const PoolGeometry& g, int64_t n, 
       for (int64_t c = 0; c < g.C; ++c) acc[c] = nan_max(acc[c], col[c]);
     }
     T* o = out + ow * g.C;
-    for (int64_t c = 0; c < g.C; ++c) o[c] = static_cast<T>(acc[c]);
+    if (bias) {
+      for (int64_t c = 0; c < g.C; ++c) o[c] = static_cast<T>(acc[c] + bias[c]);  // one rounding, as x + bias
+    } else {
+      for (int64_t c = 0; c < g.C; ++c) o[c] = static_cast<T>(acc[c]);
+    }
     pack_pixel(path, o, g.C, bits + ow * Cw);  // the values just stored, in L1
   }
 }
 
 // One output row: each pixel's C maxima into `out` and their packed signs into `bits` (Cw words).
 template <typename T>
-void pool_row(Path path, const T* x, const PoolGeometry& g, int64_t n, int64_t oh, T* out, uint64_t* bits,
-              at::opmath_type<T>* colmax, at::opmath_type<T>* acc) {
+void pool_row(Path path, const T* x, const PoolGeometry& g, int64_t n, int64_t oh, const at::opmath_type<T>* bias,
+              T* out, uint64_t* bits, at::opmath_type<T>* colmax, at::opmath_type<T>* acc) {
   if constexpr (std::is_same_v<T, float>) {
-    if (path == Path::Avx512) return pool_row_avx512(x, g, n, oh, out, bits, colmax);
+    if (path == Path::Avx512) return pool_row_avx512(x, g, n, oh, bias, out, bits, colmax);
   }
-  pool_row_portable(path, x, g, n, oh, out, bits, colmax, acc);
+  pool_row_portable(path, x, g, n, oh, bias, out, bits, colmax, acc);
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> max_pool_signs_cpu(const at::Tensor& x, int64_t kernel_size, int64_t stride,
-                                                      int64_t padding) {
-  check_pack_args(x);
+                                                      int64_t padding, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu(), "max_pool_signs_cpu: x must be on the CPU");
-  TORCH_CHECK(kernel_size >= 1 && stride >= 1 && padding >= 0 && 2 * padding <= kernel_size,
-              "max_pool_signs: needs kernel_size >= 1, stride >= 1 and 0 <= padding <= kernel_size / 2 (as "
-              "torch's max_pool2d), got kernel_size=", kernel_size, " stride=", stride, " padding=", padding);
-  PoolGeometry g{x.size(0), x.size(1), x.size(2), x.size(3), 0, 0, kernel_size, stride, padding};
-  g.Ho = (g.H + 2 * padding - kernel_size) / stride + 1;
-  g.Wo = (g.W + 2 * padding - kernel_size) / stride + 1;
-  TORCH_CHECK(g.Ho > 0 && g.Wo > 0, "max_pool_signs: empty output for input ", g.H, "x", g.W);
+  const PoolGeometry g = check_pool_args(x, kernel_size, stride, padding, bias);
   const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);  // NHWC in memory
   at::Tensor out = at::empty({g.N, g.Ho, g.Wo, g.C}, x.options());  // NHWC; returned as an (N, C, Ho, Wo) view
   at::Tensor packed = at::empty({g.N, g.Ho, g.Wo, words_for(g.C)}, x.options().dtype(at::kLong));
@@ -955,15 +971,19 @@ std::tuple<at::Tensor, at::Tensor> max_pool_signs_cpu(const at::Tensor& x, int64
   const int64_t Cw = words_for(g.C);
   const Path path = active_path();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool_signs", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* src = xc.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
+    // the bias widened once (exact), for the add in the accumulator's type
+    const at::Tensor wide_bias = bias.has_value() ? bias->to(c10::CppTypeToScalarType<acc_t>::value).contiguous()
+                                                  : at::Tensor();
+    const acc_t* b = bias.has_value() ? wide_bias.data_ptr<acc_t>() : nullptr;
     // one output row per task: its pixels' windows share input rows that stay in cache
     at::parallel_for(0, g.N * g.Ho, 1, [&](int64_t begin, int64_t end) {
-      using acc_t = at::opmath_type<scalar_t>;
       std::vector<acc_t> colmax(g.W * g.C), acc(g.C);  // one input row's column maxima; one pixel's
       for (int64_t row = begin; row < end; ++row) {
         const int64_t n = row / g.Ho, oh = row % g.Ho;
-        pool_row(path, src, g, n, oh, dst + row * g.Wo * g.C, bits + row * g.Wo * Cw, colmax.data(), acc.data());
+        pool_row(path, src, g, n, oh, b, dst + row * g.Wo * g.C, bits + row * g.Wo * Cw, colmax.data(), acc.data());
       }
     });
   });

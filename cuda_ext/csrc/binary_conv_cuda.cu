@@ -435,6 +435,44 @@ __global__ void pack_signs_kernel(const T* __restrict__ x, int64_t pixels, int64
   if (lane == 0) out[word] = (uint64_t(hi) << 32) | lo;
 }
 
+// max_pool_signs: one warp per (output pixel, 64-channel word) of a channels-last input, as
+// pack_signs. Lane l takes channels c0 + l and c0 + 32 + l: the max over the window's taps inside
+// the image (torch pads with -inf; a NaN wins, as in torch), + bias once, rounded to T once (so
+// max(x) + b rounds as x + b would: rounding is monotonic), stored, and its sign voted into the word.
+template <typename T>
+__global__ void max_pool_signs_kernel(const T* __restrict__ x, const T* __restrict__ bias, const PoolGeometry g,
+                                      T* __restrict__ out, uint64_t* __restrict__ bits) {
+  using acc_t = at::opmath_type<T>;
+  const int lane = threadIdx.x & 31;
+  const int64_t Cw = (g.C + 63) / 64;
+  const int64_t word = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  if (word >= g.N * g.Ho * g.Wo * Cw) return;  // warp-uniform
+  const int64_t pixel = word / Cw, c0 = (word - pixel * Cw) * 64 + lane;
+  const int64_t n = pixel / (g.Ho * g.Wo), oh = pixel / g.Wo % g.Ho, ow = pixel % g.Wo;
+  const int64_t h0 = oh * g.stride - g.padding, w0 = ow * g.stride - g.padding;
+  const int64_t hb = h0 > 0 ? h0 : 0, he = h0 + g.k < g.H ? h0 + g.k : g.H;
+  const int64_t wb = w0 > 0 ? w0 : 0, we = w0 + g.k < g.W ? w0 + g.k : g.W;
+  const T* image = x + n * g.H * g.W * g.C;
+  bool sign[2] = {false, false};
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int64_t c = c0 + 32 * half;
+    if (c >= g.C) continue;  // its bit stays 0: the tail
+    acc_t m = static_cast<acc_t>(-INFINITY);
+    for (int64_t h = hb; h < he; ++h)
+      for (int64_t w = wb; w < we; ++w) {
+        const acc_t v = static_cast<acc_t>(image[(h * g.W + w) * g.C + c]);
+        m = (v > m || v != v) ? v : m;  // once m is NaN neither test passes and it stays
+      }
+    if (bias) m += static_cast<acc_t>(bias[c]);
+    const T stored = static_cast<T>(m);
+    out[pixel * g.C + c] = stored;
+    sign[half] = static_cast<acc_t>(stored) >= acc_t(0);  // the sign of the value as stored; NaN -> 0
+  }
+  const uint32_t lo = __ballot_sync(0xffffffffu, sign[0]), hi = __ballot_sync(0xffffffffu, sign[1]);
+  if (lane == 0) bits[word] = (uint64_t(hi) << 32) | lo;
+}
+
 constexpr int kThreads = 256;
 
 int64_t blocks_for(int64_t threads) { return (threads + kThreads - 1) / kThreads; }
@@ -590,6 +628,30 @@ at::Tensor pack_signs_cuda(const at::Tensor& x) {
   return out;
 }
 
+std::tuple<at::Tensor, at::Tensor> max_pool_signs_cuda(const at::Tensor& x, int64_t kernel_size, int64_t stride,
+                                                       int64_t padding, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.is_cuda(), "max_pool_signs (CUDA): x must be a CUDA tensor");
+  const PoolGeometry g = check_pool_args(x, kernel_size, stride, padding, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(at::MemoryFormat::ChannelsLast);  // NHWC in memory
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({g.N, g.Ho, g.Wo, g.C}, x.options());  // NHWC; returned as an (N, C, Ho, Wo) view
+  at::Tensor packed = at::empty({g.N, g.Ho, g.Wo, words_for(g.C)}, x.options().dtype(at::kLong));
+  fill_if_debugging(out);
+  fill_if_debugging(packed);
+  const int64_t words = g.N * g.Ho * g.Wo * words_for(g.C);
+  if (words > 0) {
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool_signs_cuda", [&] {
+      max_pool_signs_kernel<scalar_t><<<blocks_for(words * 32), kThreads, 0, stream>>>(
+          xc.data_ptr<scalar_t>(), bias.has_value() ? bc.data_ptr<scalar_t>() : nullptr, g, out.data_ptr<scalar_t>(),
+          reinterpret_cast<uint64_t*>(packed.data_ptr<int64_t>()));
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {out.permute({0, 3, 1, 2}), packed};
+}
+
 at::Tensor binary_conv2d_cuda(const at::Tensor& packed_x, const at::Tensor& packed_w,
                               int64_t in_channels, int64_t stride, int64_t padding, double pad_value,
                               const std::optional<at::Tensor>& scale,
@@ -616,4 +678,5 @@ TORCH_LIBRARY_IMPL(bireal, CUDA, m) {
   m.impl("pack_signs", &bireal::pack_signs_cuda);
   m.impl("binary_conv2d", &bireal::binary_conv2d_cuda);
   m.impl("binary_block", &bireal::binary_block_cuda);
+  m.impl("max_pool_signs", &bireal::max_pool_signs_cuda);
 }

@@ -115,9 +115,10 @@ TORCH_LIBRARY(bireal, m) {
       "float pad_value, Tensor? scale, Tensor? bias, Tensor? residual, ScalarType? out_dtype=None, "
       "Tensor? border_classes=None) -> (Tensor, Tensor)");
   // The ImageNet stem's max-pool with the first block's packed input: (out, pack_signs(out)),
-  //   out = max_pool2d(x, kernel_size, stride, padding) in channels_last memory (dilation 1, floor mode).
-  //   CPU only; other devices run max_pool2d + pack_signs (cuda_ext.ops.max_pool_signs).
-  m.def("max_pool_signs(Tensor x, int kernel_size, int stride, int padding) -> (Tensor, Tensor)");
+  //   out = max_pool2d(x, kernel_size, stride, padding) + bias (per channel, after the max: the stem
+  //   conv's bias, so cuDNN's separate bias pass goes), in channels_last memory (dilation 1, floor mode).
+  m.def(
+      "max_pool_signs(Tensor x, int kernel_size, int stride, int padding, Tensor? bias=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bireal, CPU, m) {

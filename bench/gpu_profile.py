@@ -3,15 +3,16 @@ that orders issue 25's work (the binary blocks, the float stem, the shortcuts, t
 
     python3 -m bench.gpu_profile [--out DIR] [--batches 256,1] [--iters 10]
 
-For each model (the packed Bi-Real-18 with bfloat16 activations, as loaded and with its shortcuts
-fused; torchvision's ResNet-18 in bf16, channels_last), batch and ``cudnn.benchmark`` setting (off,
-on), ``torch.profiler`` records ``--iters`` forwards after a warm-up. Each kernel's device time per
-forward is summed by name and put in a group (binary: our kernels; conv: cuDNN's; batchnorm; pool;
-elementwise and casts; other), so the rows say what a forward costs and which part is not the binary
-convs; ``kernels`` is the number of kernels a forward launches (at batch 1, the nodes of its CUDA
-graph: issue 25 budgets ~25). One JSON line per
-(model, batch, setting) in DIR/profile.jsonl as it is measured; a table is printed. On a CPU
-(``--device cpu``) the same code reads the CPU operators' self time instead (CI runs it so).
+For each model (the packed Bi-Real-18 with bfloat16 activations, as loaded and with its float-part
+switches on: the stem space to depth, the shortcuts fused; torchvision's ResNet-18 in bf16,
+channels_last), batch and ``cudnn.benchmark`` setting (off, on), ``torch.profiler`` records
+``--iters`` forwards after a warm-up. Each kernel's device time per forward is summed by name and
+put in a group (binary: our kernels; conv: cuDNN's; batchnorm; pool; elementwise and casts; other),
+so the rows say what a forward costs and which part is not the binary convs; ``kernels`` is the
+number of kernels a forward launches (at batch 1, the nodes of its CUDA graph: issue 25 budgets
+~25). One JSON line per (model, batch, setting) in DIR/profile.jsonl as it is measured; a table is
+printed. On a CPU (``--device cpu``) the same code reads the CPU operators' self time instead (CI
+runs it so).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def group_of(name: str) -> str:
 
 def models(device: torch.device, width: float):
     """(name, forward) pairs: the packed Bi-Real-18 in bf16 activations, as loaded and with
-    ``fuse_shortcuts``, and ResNet-18 with bf16 weights (on a GPU; float32 on a CPU), all
+    ``space_to_depth_stem`` and ``fuse_shortcuts``, and ResNet-18 with bf16 weights (on a GPU; float32 on a CPU), all
     channels_last, each casting its float32 input once."""
     import torchvision
 
@@ -55,7 +56,7 @@ def models(device: torch.device, width: float):
         path = export_model(bc.create_model("bireal18", width=width).eval(), Path(tmp) / "b18.safetensors")
         packed, _ = load_packed(path, device=device)
         fused, _ = load_packed(path, device=device)
-    fused.fuse_shortcuts()
+    fused.space_to_depth_stem().fuse_shortcuts()
     if device.type == "cuda":
         packed.set_activation_dtype(torch.bfloat16)
         fused.set_activation_dtype(torch.bfloat16)
@@ -68,7 +69,7 @@ def models(device: torch.device, width: float):
     precision = "bf16" if device.type == "cuda" else "fp32"
     return [
         (f"bireal18 packed {precision}", packed),
-        (f"bireal18 packed {precision} fused shortcuts", fused),
+        (f"bireal18 packed {precision} s2d stem, fused shortcuts", fused),
         (f"resnet18 {precision}", resnet_forward),
     ]
 

@@ -213,6 +213,51 @@ def fused_shortcut(shortcut: nn.Sequential) -> tuple[nn.Sequential, torch.Tensor
     return nn.Sequential(nn.Identity(), fused), conv.bias.detach().clone()
 
 
+# The ImageNet stem conv as a space-to-depth conv (PackedBiReal.space_to_depth_stem): 7x7, stride 2,
+# padding 3 on C channels == 4x4, stride 1, no padding, on the 2x2 blocks of the input padded by 4
+# before and 2 after (2 and 1 blocks), each block's C x 2 x 2 values as channels, zero-padded to 16.
+S2D_KERNEL, S2D_CHANNELS = 4, 16
+S2D_PAD_BEFORE, S2D_PAD_AFTER = 2, 1  # in blocks of 2 x 2 pixels
+
+
+def space_to_depth_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """The 7x7/2 (padding 3) stem conv as the 4x4/1 conv over space-to-depth blocks
+    (``space_to_depth_input``): the same products, summed in another order.
+
+    With the input padded by 4 before (one more than the conv's 3), out[i] = sum over k' = 0..7 of
+    w'[k'] x[2i + k' - 4] with w'[k'] = w[k' - 1] and w'[0] = 0; k' = 2q + r puts tap k' at offset q
+    of the 4x4 kernel on channel (c, r) of the blocks: (O, C, 7, 7) -> (O, 16, 4, 4)."""
+    o, c, kh, kw = conv.weight.shape
+    if (kh, kw) != (7, 7) or conv.stride != (2, 2) or conv.padding != (3, 3) or 4 * c > S2D_CHANNELS:
+        raise ValueError(
+            f"space_to_depth_stem: needs the 7x7, stride 2, padding 3 stem conv on at most {S2D_CHANNELS // 4} "
+            f"channels, got {kh}x{kw}, stride {conv.stride}, padding {conv.padding}, {c} channels"
+        )
+    shifted = F.pad(conv.weight, (1, 0, 1, 0))  # (O, C, 8, 8): w'[k'] = w[k' - 1]
+    blocks = shifted.reshape(o, c, 4, 2, 4, 2).permute(0, 1, 3, 5, 2, 4).reshape(o, 4 * c, 4, 4)  # (O, (c,r,r'), q, q')
+    s2d = nn.Conv2d(S2D_CHANNELS, o, S2D_KERNEL, bias=True).to(conv.weight.device, memory_format=torch.channels_last)
+    with torch.no_grad():
+        s2d.weight.copy_(F.pad(blocks, (0, 0, 0, 0, 0, S2D_CHANNELS - 4 * c)))
+        s2d.bias.copy_(conv.bias)
+    return s2d
+
+
+def space_to_depth_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, C, H, W) images, H and W even -> (N, 16, H/2 + 3, W/2 + 3) in ``dtype``, channels_last:
+    channel (c, r, r') of block (j, l) holds x[c, 2(j - 2) + r, 2(l - 2) + r'], zero outside the image
+    and past channel 4C. Two kernels: the zeros, and one copy that casts and rearranges."""
+    n, c, h, w = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"space_to_depth_stem: the input's height and width must be even, got {h}x{w}")
+    rows, cols = h // 2 + S2D_PAD_BEFORE + S2D_PAD_AFTER, w // 2 + S2D_PAD_BEFORE + S2D_PAD_AFTER
+    z = x.new_zeros((n, rows, cols, S2D_CHANNELS), dtype=dtype)  # NHWC storage
+    inside = z[:, S2D_PAD_BEFORE : S2D_PAD_BEFORE + h // 2, S2D_PAD_BEFORE : S2D_PAD_BEFORE + w // 2, : 4 * c]
+    blocks = x.reshape(n, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (N, H/2, W/2, C, 2, 2): a view
+    # of an NCHW or channels_last x
+    inside.unflatten(-1, (c, 2, 2)).copy_(blocks)
+    return z.permute(0, 3, 1, 2)
+
+
 class PackedBasicBlock(nn.Module):
     def __init__(self, block: BiRealBlock):
         super().__init__()
@@ -268,6 +313,7 @@ class PackedBiReal(nn.Module):
             self.blocks = nn.ModuleList(wrap(b) for b in ref.blocks)
             self.fc = nn.Linear(ref.fc.in_features, ref.fc.out_features)
         self.activation_dtype = torch.float32
+        self.stem_space_to_depth = False  # space_to_depth_stem
         self._float32_weights: dict[nn.Module, list[torch.Tensor]] = {}  # while in bfloat16
         if materialize:
             self.to_empty(device="cpu")
@@ -301,9 +347,32 @@ class PackedBiReal(nn.Module):
         self.activation_dtype = dtype
         return self
 
+    def _check_still_float32(self, switch: str) -> None:
+        """The float-part switches are made from the float32 weights (set_activation_dtype keeps a
+        copy of the real layers' float32 weights, which a switch would leave stale)."""
+        if self.activation_dtype != torch.float32:
+            raise ValueError(f"{switch}: call it while the activations are float32 (before set_activation_dtype)")
+
     def real_layers(self) -> list[nn.Module]:
         """The real-valued convs, which run in the activation dtype (every nn.Conv2d of the net)."""
         return [m for m in self.modules() if isinstance(m, nn.Conv2d)]
+
+    def space_to_depth_stem(self) -> "PackedBiReal":
+        """Run the ImageNet stem's 7x7/2 conv on 3 channels as a 4x4/1 conv on 16 channels of 2x2
+        blocks of the input (``space_to_depth_conv``, ``space_to_depth_input``): the same products in
+        a shape tensor cores take (a channel count that is a multiple of 8, a reduction of 256 per
+        output against 147 real and 392 with ``pad_stem_input(8)``), as MLPerf's ResNet-50 stems do.
+        The input must have an even height and width. Equal to float rounding, not bit for bit.
+        Whether it is faster is a GPU measurement (``bireal bench model --device cuda``:
+        ``stem_s2d_bf16_ms``), so it is a switch, off by default."""
+        self._check_still_float32("space_to_depth_stem")
+        if self.stem_space_to_depth:
+            return self
+        if self.stem[0].in_channels != 3:
+            raise ValueError("space_to_depth_stem: the stem conv is padded (pad_stem_input); use one or the other")
+        self.stem[0] = space_to_depth_conv(self.stem[0])
+        self.stem_space_to_depth = True
+        return self
 
     def fuse_shortcuts(self) -> "PackedBiReal":
         """Run each stage entry's shortcut, AvgPool 2x2/2 then a 1x1 conv + bias, as one 2x2 stride-2
@@ -314,8 +383,7 @@ class PackedBiReal(nn.Module):
         no longer run in the exported float graph's order. Whether it is faster is a GPU measurement
         (``bireal bench model --device cuda``: ``shortcut2x2_bf16_ms``), so it is a switch, off by
         default."""
-        if self.activation_dtype != torch.float32:
-            raise ValueError("fuse_shortcuts: call it while the activations are float32 (before set_activation_dtype)")
+        self._check_still_float32("fuse_shortcuts")
         for block in self.blocks:
             if block.downsample is not None and pools_then_mixes(block.downsample):
                 block.downsample, bias = fused_shortcut(block.downsample)
@@ -329,8 +397,9 @@ class PackedBiReal(nn.Module):
         cuDNN's bf16 NHWC tensor-core kernels take (a channel count that is a multiple of 8; an
         image's 3 is not). Whether that is faster is a GPU measurement (``bireal bench model
         --device cuda``: ``stem8_bf16_ms``), so it is a switch, off by default."""
-        if self.activation_dtype != torch.float32:
-            raise ValueError("pad_stem_input: call it while the activations are float32 (before set_activation_dtype)")
+        self._check_still_float32("pad_stem_input")
+        if self.stem_space_to_depth:
+            raise ValueError("pad_stem_input: the stem runs space to depth (space_to_depth_stem); use one or the other")
         conv = self.stem[0]
         extra = channels - conv.in_channels
         if extra < 0:
@@ -351,8 +420,10 @@ class PackedBiReal(nn.Module):
         (after the max, to a quarter of the values: cuDNN would add it in a pass of its own over the
         conv's whole output) and packs the first block's input in the same pass; the CIFAR stem has
         no pool (its first block packs)."""
-        # the one cast of a forward, to channels_last in the same copy (no copy if x is already so)
-        x = x.to(self.activation_dtype, memory_format=torch.channels_last)
+        if self.stem_space_to_depth:  # the cast in the copy that makes the blocks
+            x = space_to_depth_input(x, self.activation_dtype)
+        else:  # the one cast of a forward, to channels_last in the same copy (no copy if x is already so)
+            x = x.to(self.activation_dtype, memory_format=torch.channels_last)
         extra = self.stem[0].in_channels - x.shape[1]
         if extra > 0:  # pad_stem_input: zero channels appended, (N, C + extra, H, W) channels_last
             zeros = x.new_zeros(x.shape[0], extra, *x.shape[2:])

@@ -66,7 +66,7 @@ def test_the_profile_groups_a_forwards_time_by_kernel(tmp_path):
     assert gpu_profile.main(argv) == 0
     rows = [json.loads(line) for line in (tmp_path / "profile.jsonl").read_text().splitlines()]
     assert [(r["model"], r["batch"]) for r in rows] == [
-        ("bireal18 packed fp32", 1), ("bireal18 packed fp32 fused shortcuts", 1), ("resnet18 fp32", 1)
+        ("bireal18 packed fp32", 1), ("bireal18 packed fp32 s2d stem, fused shortcuts", 1), ("resnet18 fp32", 1)
     ]  # fmt: skip
     packed, fused, resnet = rows
     assert all(r["kernels"] is None for r in rows)  # counted on a GPU only
@@ -85,8 +85,8 @@ def test_the_profile_groups_a_forwards_time_by_kernel(tmp_path):
 def test_the_bf16_model_rows_on_a_cpu(tmp_path):
     """The model table's bf16 rows (run on a GPU by ``bireal bench model --device cuda``), here on the
     CPU kernels: one time per tensor-core path, one per float-part switch (the stem padded to 8 input
-    channels, the shortcuts fused) and one with both on the fastest path, the benchmarked model left
-    as it was."""
+    channels or run space to depth, the shortcuts fused) and one with the faster stem (if either is)
+    and the fused shortcuts on the fastest path, the benchmarked model left as it was."""
     import torch
 
     import bireal_core as bc
@@ -98,10 +98,13 @@ def test_the_bf16_model_rows_on_a_cpu(tmp_path):
     row = bf16_model_rows(packed, x, torch.device("cpu"), 1)
     tuned = row.pop("tuned")
     assert set(row) == {"bf16_ms", "async_bf16_ms", "lean_bf16_ms", "halo_bf16_ms", "stem8_bf16_ms",
-                        "shortcut2x2_bf16_ms", "tuned_bf16_ms"}  # fmt: skip
-    assert min(row.values()) > 0 and tuned.endswith(" + stem8 + shortcut2x2")
-    assert tuned.split(" + ")[0] in ("bmma", "bmma_async", "bmma_lean", "bmma_halo")
-    assert packed.stem[0].in_channels == 3 and packed.activation_dtype == torch.float32
+                        "stem_s2d_bf16_ms", "shortcut2x2_bf16_ms", "tuned_bf16_ms"}  # fmt: skip
+    assert min(row.values()) > 0
+    path, *stems, shortcuts = tuned.split(" + ")
+    assert path in ("bmma", "bmma_async", "bmma_lean", "bmma_halo") and shortcuts == "shortcut2x2"
+    assert stems in ([], ["stem8"], ["stem_s2d"])
+    assert packed.stem[0].in_channels == 3 and not packed.stem_space_to_depth
+    assert packed.activation_dtype == torch.float32
     assert all(b.downsample is None or isinstance(b.downsample[0], torch.nn.AvgPool2d) for b in packed.blocks)
 
 

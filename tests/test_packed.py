@@ -397,3 +397,49 @@ def test_a_batch_1_forward_fits_issue_25s_graph_budget():
         "aten.addmm.default": 1,
     }, counts
     assert all(conv.bias is None for conv in packed.real_layers() if conv is not packed.stem[0])
+
+
+def test_a_space_to_depth_stem_computes_the_same(tmp_path):
+    """space_to_depth_stem: the 7x7/2 stem conv on 3 channels as a 4x4/1 conv on 16 channels of 2x2
+    input blocks. The blocks hold the input where the index arithmetic says (channel (c, r, r') of
+    block (j, l) is x[c, 2(j - 2) + r, 2(l - 2) + r']); the stem's output and the logits equal the
+    plain stem's to float rounding, from NCHW and channels_last inputs, in float32 and bfloat16; an
+    odd input size and a stem padded the other way are refused."""
+    from cuda_ext.packed import space_to_depth_input
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 10, 14)
+    z = space_to_depth_input(x, torch.float32)
+    assert z.shape == (2, 16, 8, 10) and z.is_contiguous(memory_format=torch.channels_last)
+    for c, r, r2, j, col in [(0, 0, 0, 2, 2), (2, 1, 1, 6, 8), (1, 0, 1, 4, 3)]:
+        assert z[1, c * 4 + r * 2 + r2, j, col] == x[1, c, 2 * (j - 2) + r, 2 * (col - 2) + r2]
+    assert not z[:, 12:].any() and not z[:, :, :2].any() and not z[:, :, -1].any() and not z[:, :, :, :2].any()
+
+    model = bc.create_model("bireal18", num_classes=10, width=0.25).train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64))  # BN statistics off their defaults
+    path = export_model(model.eval(), tmp_path / "m.safetensors")
+    plain, _ = load_packed(path)
+    s2d, _ = load_packed(path)
+    assert s2d.space_to_depth_stem() is s2d and s2d.space_to_depth_stem() is s2d  # twice: once
+    assert s2d.stem[0].weight.shape == (16, 16, 4, 4) and s2d.stem[0].stride == (1, 1)
+    images = torch.randn(3, 3, 64, 64)
+    with torch.inference_mode():
+        for x in (images, images.contiguous(memory_format=torch.channels_last)):
+            torch.testing.assert_close(s2d.run_stem(x)[0], plain.run_stem(x)[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(s2d(x), plain(x), rtol=1e-4, atol=1e-4)
+        s2d.set_activation_dtype(torch.bfloat16)
+        plain.set_activation_dtype(torch.bfloat16)
+        torch.testing.assert_close(s2d.run_stem(images)[0], plain.run_stem(images)[0], rtol=0.02, atol=0.05)
+        ours = s2d(images)
+        with reference_ops():
+            assert torch.equal(s2d(images), ours)
+        with pytest.raises(ValueError, match="height and width must be even"):
+            s2d(torch.randn(1, 3, 63, 64))
+    with pytest.raises(ValueError, match="while the activations are float32"):
+        s2d.space_to_depth_stem()
+    padded, _ = load_packed(path)
+    with pytest.raises(ValueError, match="use one or the other"):
+        padded.pad_stem_input(8).space_to_depth_stem()
+    with pytest.raises(ValueError, match="use one or the other"):
+        plain.set_activation_dtype(torch.float32).space_to_depth_stem().pad_stem_input(8)

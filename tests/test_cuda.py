@@ -94,9 +94,31 @@ def test_bmma_halo_tiles_and_halos(channels, stride, kernel, padding, side_h, si
     conv in float32, zero padding."""
     x, w = cuda_case(2, channels, 64, side_h, side_w, kernel, seed=channels + side_h + stride)
     args = (pack_signs_ref(x), pack_weight_ref(w), channels, stride, padding, 0.0)
-    residual = torch.randn_like(binary_conv2d_ref(*args)).to(torch.bfloat16)
-    assert_block_equal("bmma_halo", args, torch.rand(64) + 0.5, torch.randn(64), residual, out_dtype=torch.bfloat16)
+    residual = torch.randn_like(binary_conv2d_ref(*args))
+    scale, bias = torch.rand(64) + 0.5, torch.randn(64)
+    assert_block_equal("bmma_halo", args, scale, bias, residual.to(torch.bfloat16), out_dtype=torch.bfloat16)
+    assert_block_equal("bmma_halo", args, scale, bias, residual)  # a float32 residual tile staged
     assert_block_equal("bmma_halo", args)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bmma_halo_with_a_residual_only_8_byte_aligned(dtype):
+    """bmma_halo stages its residual tile with 16-byte copies; a residual whose base is only 8-byte
+    aligned (a view 8 bytes into its storage) is routed to bmma_lean, and the outputs are still exact."""
+    x, w = cuda_case(2, 64, 64, 12, 20, 3, seed=5)
+    args = (pack_signs_ref(x), pack_weight_ref(w), 64, 1, 1, 0.0)
+    n, o, ho, wo = binary_conv2d_ref(*args).shape
+    scale, bias = torch.rand(64) + 0.5, torch.randn(64)
+    offset = 8 // torch.tensor([], dtype=dtype).element_size()  # elements in 8 bytes
+    storage = torch.randn(n * ho * wo * o + offset).to(dtype)
+    residual = storage[offset:].view(n, ho, wo, o).permute(0, 3, 1, 2)  # channels_last, 8 bytes in
+    out_dtype = dtype if dtype == torch.bfloat16 else None
+    ref_out, ref_packed = binary_block_ref(*args, scale, bias, residual.contiguous(), out_dtype)
+    on_gpu = storage.cuda()[offset:].view(n, ho, wo, o).permute(0, 3, 1, 2)
+    assert on_gpu.data_ptr() % 16 == 8 and on_gpu.is_contiguous(memory_format=torch.channels_last)
+    with ops.forced_cuda_path("bmma_halo"):
+        out, packed = ops.binary_block(*on_cuda(args), scale.cuda(), bias.cuda(), on_gpu, out_dtype)
+    assert torch.equal(out.cpu(), ref_out) and torch.equal(packed.cpu(), ref_packed)
 
 
 @pytest.mark.parametrize("path", LEAN_PATHS)

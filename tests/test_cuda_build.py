@@ -266,6 +266,63 @@ def test_the_halo_kernels_input_words_are_the_convs(channels, stride, kernel, pa
     assert torch.equal(halo_a_words(px, kernel, stride, padding, fill), expected)
 
 
+def staged_residual_reads(residual: torch.Tensor, oh0: int, ow0: int, col0: int, elem_bytes: int):
+    """binary_conv_halo.cu's staged residual tile, as its index arithmetic builds and reads it, for one
+    block (tile origin (oh0, ow0), channel group col0) of one image's residual (Ho, Wo, O): the 16-byte
+    copies into a (128 pixels, stride) tile (stage_residual), then each thread's reads of its output
+    pairs (store_lean with StagedResidual). -> {(oh, ow, o): value read} for every valid output, and
+    per warp read instruction (warp, mt, h, nt) the 32 lanes' byte addresses in shared memory."""
+    ho, wo, o = residual.shape
+    per_copy, stride = 16 // elem_bytes, 64 + (8 if elem_bytes == 2 else 4)  # staged_stride<Elem>
+    tile = torch.full((128 * stride,), float("nan"))
+    for i in range(128 * (64 // per_copy)):  # every copy, whichever thread issues it
+        pixel, copy = divmod(i, 64 // per_copy)
+        oh, ow, col = oh0 + pixel // 16, ow0 + pixel % 16, col0 + copy * per_copy
+        valid = oh < ho and ow < wo and col < o
+        dst = pixel * stride + copy * per_copy
+        tile[dst : dst + per_copy] = residual[oh, ow, col : col + per_copy] if valid else 0.0
+    reads, addresses = {}, {}
+    for warp, mt, h, nt in itertools.product(range(4), range(2), range(2), range(8)):
+        lanes = []
+        for lane in range(32):
+            g, t = lane >> 2, lane & 3
+            first = 32 * warp + g  # StagedResidual.first
+            at = (first + mt * 16 + 8 * h) * stride + 2 * t + nt * 8  # res[mt][h] + nt * 8
+            lanes.append(at * elem_bytes)
+            oh, ow = oh0 + 2 * warp + mt, ow0 + 8 * h + g  # the thread's output row (bmma_halo)
+            for j in range(2):
+                col = col0 + nt * 8 + 2 * t + j
+                if oh < ho and ow < wo and col < o:
+                    reads[(oh, ow, col)] = tile[at + j].item()
+        addresses[(warp, mt, h, nt)] = lanes
+    return reads, addresses
+
+
+@pytest.mark.parametrize("elem_bytes", [2, 4], ids=["bf16", "float32"])
+@pytest.mark.parametrize("origin", [(0, 0, 0), (8, 16, 64), (16, 32, 64)], ids=["first", "inner", "edge"])
+def test_the_halo_kernels_staged_residual_is_each_outputs_own(elem_bytes, origin):
+    """The staged residual tile of bmma_halo (tests/test_cuda.py checks the outputs on a GPU): every
+    output pair of the block reads its own residual, over tiles cut by the image's bottom and right
+    edges and a channel group past O; the copies are 16-byte aligned; and with bf16 a warp's reads of
+    one (mt, h, nt) hit 32 different banks (pixel rows 144 bytes apart: 4 banks)."""
+    ho, wo, o = 20, 40, 72  # the "edge" tile: 4 of its 8 rows and 8 of its 16 columns; 8 of 64 channels
+    residual = torch.arange(ho * wo * o, dtype=torch.float32).reshape(ho, wo, o)
+    oh0, ow0, col0 = origin
+    reads, addresses = staged_residual_reads(residual, oh0, ow0, col0, elem_bytes)
+    expected = {
+        (oh, ow, c): residual[oh, ow, c].item()
+        for oh in range(oh0, min(oh0 + 8, ho))
+        for ow in range(ow0, min(ow0 + 16, wo))
+        for c in range(col0, min(col0 + 64, o))
+    }
+    assert reads == expected and len(reads) > 0
+    stride_bytes = (64 + (8 if elem_bytes == 2 else 4)) * elem_bytes
+    assert stride_bytes % 16 == 0  # every copy's destination is 16-byte aligned
+    if elem_bytes == 2:
+        for lanes in addresses.values():
+            assert len({a // 4 % 32 for a in lanes}) == 32  # 4-byte pairs in 32 distinct banks
+
+
 def test_extension_uses_the_shared_libstdcxx():
     """The extension resolves the C++ library from the libstdc++ the process loads: a copy linked in
     by a -static-libstdc++ compiler driver breaks number formatting in every error message (cut short
@@ -305,7 +362,8 @@ def test_the_sass_report_reads_every_kernel_of_both_targets():
     """bench/sass_report.py (what the kernels compiled to, without a GPU): both targets' tensor-core
     kernels with their 32 BMMAs per k-step (bmma_halo: 16), nothing spilled, and an epilogue size per
     output; the lean epilogue's instantiations (bmma_lean's and bmma_halo's) at most a third of
-    bmma's, in at most 168 registers (3 blocks of 4 warps per SM, as bmma)."""
+    bmma's, in at most 168 registers (3 blocks of 4 warps per SM, as bmma); cp.async copies (LDGSTS)
+    in bmma_async and in bmma_halo's instantiations with a residual (its staged tile), in no other."""
     from bench.sass_report import report
 
     tool = cuobjdump()
@@ -316,6 +374,7 @@ def test_the_sass_report_reads_every_kernel_of_both_targets():
         for kernel in ("binary_conv2d_bmma_kernel", "binary_conv2d_bmma_async_kernel"):
             row = rows[(sm, kernel)]
             assert row["bmma"] == 32 and row["local"] == 0 and row["stack"] == 0 and 0 < row["reg"] <= 255, row
+            assert (row["cp_async"] > 0) == (kernel == "binary_conv2d_bmma_async_kernel"), row
             assert 0 < row["epilogue"] < row["instructions"] and row["epilogue_per_output"] > 0
         assert rows[(sm, "binary_conv2d_simt_kernel")]["bmma"] == 0
         reference = rows[(sm, "binary_conv2d_bmma_kernel")]["epilogue_per_output"]
@@ -328,4 +387,6 @@ def test_the_sass_report_reads_every_kernel_of_both_targets():
             for kernel, row in lean.items():
                 assert row["bmma"] == mmas and row["reg"] <= 168 and row["local"] == 0 and row["stack"] == 0, row
                 assert 0 < row["epilogue_per_output"] <= reference / 3 + extra, (kernel, row, reference)
+                stages_residual = variant.endswith("halo_kernel") and "residual" in kernel
+                assert (row["cp_async"] > 0) == stages_residual, (kernel, row)
             assert lean[variant + "<scale|bf16>"]["epilogue_per_output"] <= 12  # the training conv

@@ -272,28 +272,6 @@ __device__ __forceinline__ void store_warp_tile_staged(const ConvParams& p, cons
   }
 }
 
-// cp.async helpers (sm_80+): 8-byte global -> shared copies, committed and awaited as groups.
-__device__ __forceinline__ void cp_async_8(uint64_t* smem, const uint64_t* gmem) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(gmem));
-#else
-  *smem = *gmem;
-#endif
-}
-
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\n" ::);
-#endif
-}
-
-__device__ __forceinline__ void cp_async_wait_all_but_one() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group 1;\n" ::);
-#endif
-}
-
 constexpr int kStages = 2;
 
 // The same tile and fragments as binary_conv2d_bmma_kernel, with the block's operands staged in shared

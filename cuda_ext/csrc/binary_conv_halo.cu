@@ -10,17 +10,22 @@
 //   also count the +1 inputs of each row (P_a) and the +1 weights of each column (P_b), and
 //   dot = 4 * popc(a & b) - 2 * P_a - 2 * P_b + K (dots_from_and_counts, bmma_common.cuh). Exact
 //   for every pad value: P_a counts the fill words the MMA sees.
+// - The residual tile staged ahead (with a residual): the block's first instructions start
+//   cp.async copies of its 128 pixels x 64 channels of residual into shared memory, which land while
+//   the halo is filled and the MMAs run; the epilogue reads them from there instead of waiting on
+//   global memory per pair. (The residual is half the bytes a fused block moves.)
 // The weights still come through the read-only cache, and the epilogue is the lean one
 // (lean_epilogue.cuh), so the outputs equal bmma's bit for bit.
 //
 // Shapes:
 //   halo   (HR, HC, Cw) words in dynamic shared memory, HR = 7 * stride + KH, HC = 15 * stride + KW
+//   staged (128, RS) residuals after the halo (16-byte aligned), RS = 72 (bf16) or 68 (float32)
 //   grid   (N * ceil(Ho / 8) * ceil(Wo / 16), ceil(O / 64)): x the image and tile, y the channel word
 // Pixel (r, c) of the tile (r = 2 * warp + mt, c = 8 * h + g) reads tap (kh, kw), word w of its
 // input pixel at halo[((r * stride + kh) * HC + c * stride + kw) * Cw + w].
 //
 // Not yet here (the sweep's numbers decide what comes next): weights in shared memory, persistent
-// blocks prefetching the next halo with cp.async, and stores of 16 bytes.
+// blocks prefetching the next tile's halo and residual, and stores of 16 bytes.
 #include "lean_epilogue.cuh"
 
 #include <c10/cuda/CUDAException.h>
@@ -31,21 +36,52 @@ namespace {
 
 constexpr int kTileRows = 8, kTileCols = 16;  // output pixels of a block: 4 warps x 2 rows of 16
 static_assert(kTileRows * kTileCols == kBlockRows, "a block's tile is its 4 warps' 32 pixels each");
-constexpr int64_t kMaxHaloBytes = 48 * 1024;  // dynamic shared memory without an opt-in; 3 blocks per SM fit
+constexpr int64_t kMaxSharedBytes = 48 * 1024;  // dynamic shared memory without an opt-in; 3 blocks per SM fit
 
 struct HaloShape {
   int rows, cols;  // input pixels: HR, HC
   int tiles_h, tiles_w;  // tiles per image
+  int64_t words;  // of the halo, rounded up to 16 bytes: where the staged residuals start
 };
 
 HaloShape halo_shape(const ConvParams& p) {
-  return {(kTileRows - 1) * p.stride + p.KH, (kTileCols - 1) * p.stride + p.KW,
-          (p.Ho + kTileRows - 1) / kTileRows, (p.Wo + kTileCols - 1) / kTileCols};
+  const int rows = (kTileRows - 1) * p.stride + p.KH, cols = (kTileCols - 1) * p.stride + p.KW;
+  return {rows, cols, (p.Ho + kTileRows - 1) / kTileRows, (p.Wo + kTileCols - 1) / kTileCols,
+          (int64_t(rows) * cols * p.Cw + 1) / 2 * 2};
 }
 
-int64_t halo_bytes(const ConvParams& p) {
-  const HaloShape s = halo_shape(p);
-  return int64_t(s.rows) * s.cols * p.Cw * sizeof(uint64_t);
+// A staged residual pixel's row, in elements: 64 channels and 8 (bf16) or 4 (float32) more, so that
+// consecutive pixels start 4 banks apart and a warp's reads (8 pixels x 4 column pairs) do not
+// conflict; 144 or 272 bytes, multiples of 16 for the copies.
+template <class Elem>
+constexpr int staged_stride() {
+  return sizeof(Elem) == 2 ? kWarpCols + 8 : kWarpCols + 4;
+}
+
+int64_t staged_residual_bytes(const ConvParams& p) {
+  if (p.residual == nullptr) return 0;
+  return p.out_bf16 ? int64_t(kBlockRows) * staged_stride<__nv_bfloat16>() * 2
+                    : int64_t(kBlockRows) * staged_stride<float>() * 4;
+}
+
+int64_t shared_bytes(const ConvParams& p) {
+  return halo_shape(p).words * int64_t(sizeof(uint64_t)) + staged_residual_bytes(p);
+}
+
+// Starts the copies of the block's residual tile (pixel i of the tile: row i / 16, column i % 16) into
+// `tile`, 16 bytes each, zeros where the pixel or the channels are outside the output; one group.
+template <class Elem>
+__device__ __forceinline__ void stage_residual(const ConvParams& p, Elem* tile, int n, int oh0, int ow0, int col0) {
+  constexpr int kPerCopy = 16 / sizeof(Elem), kCopies = kWarpCols / kPerCopy;  // per pixel: 8 or 16
+  const Elem* residual = static_cast<const Elem*>(p.residual);
+  for (int i = threadIdx.x; i < kBlockRows * kCopies; i += kWarpsPerBlock * 32) {
+    const int pixel = i / kCopies, copy = i - pixel * kCopies;
+    const int oh = oh0 + pixel / kTileCols, ow = ow0 + pixel % kTileCols, col = col0 + copy * kPerCopy;
+    const bool valid = oh < p.Ho && ow < p.Wo && col < p.O;  // O % 8 == 0: a copy is all in or all out
+    const int64_t at = valid ? ((int64_t(n) * p.Ho + oh) * p.Wo + ow) * p.O + col : 0;
+    cp_async_16_or_zeros(tile + pixel * staged_stride<Elem>() + copy * kPerCopy, residual + at, valid);
+  }
+  cp_async_commit();
 }
 
 // At most 168 registers, so that 3 blocks (12 warps) fit per SM as they do for bmma and bmma_lean.
@@ -54,10 +90,13 @@ constexpr int kMinBlocksPerSM = 3;
 template <int kOpts>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocksPerSM)
 binary_conv2d_bmma_halo_kernel(const ConvParams p, const BorderClasses border, const HaloShape s) {
-  extern __shared__ uint64_t halo[];  // (HR, HC, Cw)
+  using Elem = std::conditional_t<(kOpts & kOutBf16) != 0, __nv_bfloat16, float>;  // a residual
+  extern __shared__ uint64_t halo[];  // (HR, HC, Cw), then the staged residuals
   const int tiles = s.tiles_h * s.tiles_w;
   const int n = blockIdx.x / tiles, tile = blockIdx.x - n * tiles;
   const int oh0 = tile / s.tiles_w * kTileRows, ow0 = tile % s.tiles_w * kTileCols;
+  Elem* staged = reinterpret_cast<Elem*>(halo + s.words);
+  if constexpr ((kOpts & kResidual) != 0) stage_residual(p, staged, n, oh0, ow0, blockIdx.y * kWarpCols);
 
   // The halo: word i is (row i / (HC * Cw), pixel, word) of the input from (oh0 * stride - padding,
   // ow0 * stride - padding) on; outside the image, the fill word of the pad value.
@@ -104,14 +143,22 @@ binary_conv2d_bmma_halo_kernel(const ConvParams p, const BorderClasses border, c
   dots_from_and_counts(acc, ones, p.K, t);
   // Tile pixel (2 * warp + mt, 8 * h + g): one output row per mt (set after the main loop, as bmma_lean).
   rows.base = (int64_t(n) * p.Ho + oh0 + 2 * warp) * p.Wo + ow0 + g, rows.mt_stride = p.Wo;
-  store_lean<kOpts>(p, border, acc, rows, warp_col0, t);
+  if constexpr ((kOpts & kResidual) != 0) {
+    cp_async_wait_all();  // this thread's copies of the residual tile have landed
+    __syncthreads();      // and every thread's
+    // tile pixel (2 * warp + mt, 8 * h + g) = 32 * warp + g + 16 * mt + 8 * h
+    const StagedResidual tile{staged, 32 * warp + g, staged_stride<Elem>()};
+    store_lean<kOpts, /*kStagedResidual=*/true>(p, border, acc, rows, warp_col0, t, tile);
+  } else {
+    store_lean<kOpts>(p, border, acc, rows, warp_col0, t);
+  }
 }
 
 }  // namespace
 
 bool halo_supports(const ConvParams& p) {
   const HaloShape s = halo_shape(p);
-  return lean_epilogue_supports(p) && halo_bytes(p) <= kMaxHaloBytes &&
+  return lean_epilogue_supports(p) && shared_bytes(p) <= kMaxSharedBytes && aligned(p.residual, 16) &&
          int64_t(p.M / (int64_t(p.Ho) * p.Wo)) * s.tiles_h * s.tiles_w < (int64_t(1) << 31);  // grid.x
 }
 
@@ -121,7 +168,7 @@ void launch_bmma_halo(const ConvParams& p, const int32_t* table, cudaStream_t st
   const HaloShape s = halo_shape(p);
   const int64_t images = p.M / (int64_t(p.Ho) * p.Wo);
   const dim3 grid(static_cast<unsigned>(images * s.tiles_h * s.tiles_w), (p.O + kWarpCols - 1) / kWarpCols);
-  const size_t shared = static_cast<size_t>(halo_bytes(p));
+  const size_t shared = static_cast<size_t>(shared_bytes(p));
   auto launch = [&](auto options) {
     binary_conv2d_bmma_halo_kernel<decltype(options)::value><<<grid, kWarpsPerBlock * 32, shared, stream>>>(p, border, s);
   };

@@ -108,6 +108,46 @@ __device__ __forceinline__ void mma_and_popc(int (&acc)[4], uint32_t a0, uint32_
 #endif
 }
 
+// cp.async helpers (sm_80+): global -> shared copies that bypass the registers, committed and awaited
+// as groups (bmma_async stages its operands with them, bmma_halo its residual tile).
+__device__ __forceinline__ void cp_async_8(uint64_t* smem, const uint64_t* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(gmem));
+#else
+  *smem = *gmem;
+#endif
+}
+
+// 16 bytes, both addresses 16-byte aligned; with `valid` false the 16 bytes are zeros and nothing is
+// read (src-size 0), so `gmem` only has to be a valid pointer.
+__device__ __forceinline__ void cp_async_16_or_zeros(void* smem, const void* gmem, bool valid) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(valid ? 16 : 0));
+#else
+  __trap();  // the host dispatch never launches the tensor-core kernels below sm_80
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all_but_one() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group 1;\n" ::);
+#endif
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::);
+#endif
+}
+
 // The warp's 32 x 64 accumulators: thread (g, t) holds, for tile mt (0, 1) and fragment half h (row g
 // or g + 8), columns nt * 8 + 2t + {0, 1}.
 using WarpAcc = int[2][8][4];

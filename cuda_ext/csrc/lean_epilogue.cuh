@@ -98,13 +98,23 @@ __device__ __forceinline__ void set_thread_row(ThreadRows& rows, int mt, int h, 
   rows.corr_row[mt][h] = cls != 0 ? cls * p.O : -1;  // < 256 * O: fits
 }
 
+// A residual tile in shared memory (bmma_halo stages one): tile pixel i's residuals of columns
+// warp_col0 .. warp_col0 + 63 start at data + i * stride elements, and a thread's row (mt, h) is tile
+// pixel first + mt * 16 + 8 * h.
+struct StagedResidual {
+  const void* data;
+  int first, stride;
+};
+
 // Writes a warp's 32 x 64 tile: out = (dot + border correction) * scale + bias + residual, rounded as
 // the reference rounds, and (kPackSigns) the signs of out as stored, one word per row. `dots`: the
 // dot products with every border tap read as the fill word (dots_from_agreements or
-// dots_from_and_counts, bmma_common.cuh).
-template <int kOpts>
+// dots_from_and_counts, bmma_common.cuh). The residuals come from global memory, or with
+// kStagedResidual from `staged`.
+template <int kOpts, bool kStagedResidual = false>
 __device__ __forceinline__ void store_lean(const ConvParams& p, const BorderClasses& border, const WarpAcc& dots,
-                                           const ThreadRows& rows, int warp_col0, int t) {
+                                           const ThreadRows& rows, int warp_col0, int t,
+                                           const StagedResidual& staged = {nullptr, 0, 0}) {
   constexpr bool kHasScale = kOpts & kScale, kHasBias = kOpts & kBias, kHasResidual = kOpts & kResidual;
   constexpr bool kBf16 = kOpts & kOutBf16, kPack = kOpts & kPackSigns;
   using Elem = std::conditional_t<kBf16, __nv_bfloat16, float>;     // an output (and a residual)
@@ -121,7 +131,12 @@ __device__ __forceinline__ void store_lean(const ConvParams& p, const BorderClas
     for (int h = 0; h < 2; ++h) {
       const int64_t row = rows.row(mt, h);
       out[mt][h] = static_cast<Elem*>(p.out) + row * p.O + thread_col0;
-      res[mt][h] = kHasResidual ? static_cast<const Elem*>(p.residual) + row * p.O + thread_col0 : nullptr;
+      if constexpr (!kHasResidual)
+        res[mt][h] = nullptr;
+      else if constexpr (kStagedResidual)
+        res[mt][h] = static_cast<const Elem*>(staged.data) + (staged.first + mt * 16 + 8 * h) * staged.stride + 2 * t;
+      else
+        res[mt][h] = static_cast<const Elem*>(p.residual) + row * p.O + thread_col0;
     }
   // The sign bits nt * 8 + j of each row's word before the shift by 2t, in two 32-bit halves
   // (nt < 4 and nt >= 4): constant shifts within one register.

@@ -115,6 +115,7 @@ def report(so: str, tool: str) -> list[dict]:
             mmas = [i for i, op in enumerate(ops) if op.startswith("BMMA")]
             row = {"sm": sm, "kernel": name, "instructions": len(ops), "bmma": len(mmas),
                    "cp_async": sum(op.startswith("LDGSTS") for op in ops),  # cp.async copies
+                   "stg128": sum(op.startswith("STG") and ".128" in op for op in ops),  # 16-byte stores
                    **usage.get((sm, mangled), {})}  # fmt: skip
             epilogue = epilogue_size(kernel_sass)
             if epilogue is not None:
@@ -125,9 +126,9 @@ def report(so: str, tool: str) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    cols = ("sm", "kernel", "instructions", "bmma", "cp_async", "reg", "stack", "shared", "local", "epilogue",
-            "epilogue_per_output")  # fmt: skip
-    widths = (8, 62, 13, 6, 9, 5, 6, 8, 7, 10, 21)
+    cols = ("sm", "kernel", "instructions", "bmma", "cp_async", "stg128", "reg", "stack", "shared", "local",
+            "epilogue", "epilogue_per_output")  # fmt: skip
+    widths = (8, 62, 13, 6, 9, 7, 5, 6, 8, 7, 10, 21)
     lines = ["".join(f"{c:>{w}}" for c, w in zip(cols, widths))]
     lines += ["".join(f"{str(r.get(c, '-')):>{w}}" for c, w in zip(cols, widths)) for r in rows]
     return "\n".join(lines)

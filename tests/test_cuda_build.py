@@ -266,49 +266,72 @@ def test_the_halo_kernels_input_words_are_the_convs(channels, stride, kernel, pa
     assert torch.equal(halo_a_words(px, kernel, stride, padding, fill), expected)
 
 
-def staged_residual_reads(residual: torch.Tensor, oh0: int, ow0: int, col0: int, elem_bytes: int):
-    """binary_conv_halo.cu's staged residual tile, as its index arithmetic builds and reads it, for one
-    block (tile origin (oh0, ow0), channel group col0) of one image's residual (Ho, Wo, O): the 16-byte
-    copies into a (128 pixels, stride) tile (stage_residual), then each thread's reads of its output
-    pairs (store_lean with StagedResidual). -> {(oh, ow, o): value read} for every valid output, and
-    per warp read instruction (warp, mt, h, nt) the 32 lanes' byte addresses in shared memory."""
-    ho, wo, o = residual.shape
+def tile_copies(shape: tuple, oh0: int, ow0: int, col0: int, elem_bytes: int):
+    """binary_conv_halo.cu's copies of a block's residuals into its staged tile (tile_copy): for each
+    copy, (its first element in the tile, (oh, ow, col) of its first element or None outside the
+    output, elements per copy)."""
+    ho, wo, o = shape
     per_copy, stride = 16 // elem_bytes, 64 + (8 if elem_bytes == 2 else 4)  # staged_stride<Elem>
-    tile = torch.full((128 * stride,), float("nan"))
-    for i in range(128 * (64 // per_copy)):  # every copy, whichever thread issues it
+    for i in range(128 * 64 * elem_bytes // 16):  # copies_per_tile
         pixel, copy = divmod(i, 64 // per_copy)
         oh, ow, col = oh0 + pixel // 16, ow0 + pixel % 16, col0 + copy * per_copy
-        valid = oh < ho and ow < wo and col < o
-        dst = pixel * stride + copy * per_copy
-        tile[dst : dst + per_copy] = residual[oh, ow, col : col + per_copy] if valid else 0.0
+        yield pixel * stride + copy * per_copy, ((oh, ow, col) if oh < ho and ow < wo and col < o else None), per_copy
+
+
+def staged_tile_model(residual: torch.Tensor, oh0: int, ow0: int, col0: int, elem_bytes: int):
+    """bmma_halo's staged tile for one block (tile origin (oh0, ow0), channel group col0) of one
+    image's residual (Ho, Wo, O), as its index arithmetic builds, reads, writes and copies it:
+    the residual copied in (stage_residual); each thread's pairs read from it and, with bf16, its
+    outputs (here: the residual + 0.5) written over them (store_lean with a StagedTile); then the
+    tile copied out, a thread per (tile column, 16 bytes of channels) (store_staged_outputs).
+    -> ({(oh, ow, o): residual read}, the output tensor written (NaN: never written; None without
+    bf16), per warp instruction (warp, mt, h, nt) the 32 lanes' byte addresses in the tile)."""
+    ho, wo, o = residual.shape
+    stride = 64 + (8 if elem_bytes == 2 else 4)
+    tile = torch.full((128 * stride,), float("nan"))
+    for first, at, per_copy in tile_copies(residual.shape, oh0, ow0, col0, elem_bytes):
+        tile[first : first + per_copy] = residual[at[0], at[1], at[2] : at[2] + per_copy] if at else 0.0
     reads, addresses = {}, {}
     for warp, mt, h, nt in itertools.product(range(4), range(2), range(2), range(8)):
         lanes = []
         for lane in range(32):
             g, t = lane >> 2, lane & 3
-            first = 32 * warp + g  # StagedResidual.first
-            at = (first + mt * 16 + 8 * h) * stride + 2 * t + nt * 8  # res[mt][h] + nt * 8
+            at = (32 * warp + g + mt * 16 + 8 * h) * stride + 2 * t + nt * 8  # StagedTile row + nt * 8
             lanes.append(at * elem_bytes)
             oh, ow = oh0 + 2 * warp + mt, ow0 + 8 * h + g  # the thread's output row (bmma_halo)
             for j in range(2):
                 col = col0 + nt * 8 + 2 * t + j
                 if oh < ho and ow < wo and col < o:
                     reads[(oh, ow, col)] = tile[at + j].item()
+                    tile[at + j] = tile[at + j] + 0.5  # the output, where its residual was
         addresses[(warp, mt, h, nt)] = lanes
-    return reads, addresses
+    if elem_bytes != 2:
+        return reads, None, addresses
+    out = torch.full(residual.shape, float("nan"))
+    for thread in range(128):  # store_staged_outputs: thread (column, copy), row after row
+        column, copy = divmod(thread, 8)
+        ow, col = ow0 + column, col0 + copy * 8
+        if ow >= wo or col >= o:
+            continue
+        for r in range(min(8, ho - oh0)):
+            first = (r * 16 + column) * stride + copy * 8
+            out[oh0 + r, ow, col : col + 8] = tile[first : first + 8]
+    return reads, out, addresses
 
 
 @pytest.mark.parametrize("elem_bytes", [2, 4], ids=["bf16", "float32"])
 @pytest.mark.parametrize("origin", [(0, 0, 0), (8, 16, 64), (16, 32, 64)], ids=["first", "inner", "edge"])
-def test_the_halo_kernels_staged_residual_is_each_outputs_own(elem_bytes, origin):
-    """The staged residual tile of bmma_halo (tests/test_cuda.py checks the outputs on a GPU): every
-    output pair of the block reads its own residual, over tiles cut by the image's bottom and right
-    edges and a channel group past O; the copies are 16-byte aligned; and with bf16 a warp's reads of
-    one (mt, h, nt) hit 32 different banks (pixel rows 144 bytes apart: 4 banks)."""
+def test_the_halo_kernels_staged_tile_is_each_outputs_own(elem_bytes, origin):
+    """The staged tile of bmma_halo (tests/test_cuda.py checks the outputs on a GPU): every output
+    pair of the block reads its own residual, and (bf16) its output reaches its own place in the
+    output tensor and nothing outside the block's outputs is written, over tiles cut by the image's
+    bottom and right edges and a channel group past O; the copies are 16-byte aligned; and with bf16
+    a warp's reads of one (mt, h, nt) hit 32 different banks (pixel rows 144 bytes apart: 4 banks)."""
     ho, wo, o = 20, 40, 72  # the "edge" tile: 4 of its 8 rows and 8 of its 16 columns; 8 of 64 channels
     residual = torch.arange(ho * wo * o, dtype=torch.float32).reshape(ho, wo, o)
     oh0, ow0, col0 = origin
-    reads, addresses = staged_residual_reads(residual, oh0, ow0, col0, elem_bytes)
+    reads, out, addresses = staged_tile_model(residual, oh0, ow0, col0, elem_bytes)
+    block = (slice(oh0, oh0 + 8), slice(ow0, ow0 + 16), slice(col0, col0 + 64))
     expected = {
         (oh, ow, c): residual[oh, ow, c].item()
         for oh in range(oh0, min(oh0 + 8, ho))
@@ -319,6 +342,10 @@ def test_the_halo_kernels_staged_residual_is_each_outputs_own(elem_bytes, origin
     stride_bytes = (64 + (8 if elem_bytes == 2 else 4)) * elem_bytes
     assert stride_bytes % 16 == 0  # every copy's destination is 16-byte aligned
     if elem_bytes == 2:
+        assert torch.equal(out[block], residual[block] + 0.5)
+        written = ~out.isnan()
+        written[block] = False
+        assert not written.any()  # nothing outside the block's outputs
         for lanes in addresses.values():
             assert len({a // 4 % 32 for a in lanes}) == 32  # 4-byte pairs in 32 distinct banks
 
@@ -363,7 +390,8 @@ def test_the_sass_report_reads_every_kernel_of_both_targets():
     kernels with their 32 BMMAs per k-step (bmma_halo: 16), nothing spilled, and an epilogue size per
     output; the lean epilogue's instantiations (bmma_lean's and bmma_halo's) at most a third of
     bmma's, in at most 168 registers (3 blocks of 4 warps per SM, as bmma); cp.async copies (LDGSTS)
-    in bmma_async and in bmma_halo's instantiations with a residual (its staged tile), in no other."""
+    in bmma_async and in bmma_halo's instantiations with a residual (its staged tile), in no other;
+    16-byte stores in bmma_halo's instantiations with bf16 outputs (copied out of the tile)."""
     from bench.sass_report import report
 
     tool = cuobjdump()
@@ -379,8 +407,8 @@ def test_the_sass_report_reads_every_kernel_of_both_targets():
         assert rows[(sm, "binary_conv2d_simt_kernel")]["bmma"] == 0
         reference = rows[(sm, "binary_conv2d_bmma_kernel")]["epilogue_per_output"]
         # bmma_halo's epilogue also turns its one-MMA counts into dot products (dots_from_and_counts:
-        # about 2 instructions per output)
-        variants = (("binary_conv2d_bmma_lean_kernel", 32, 0), ("binary_conv2d_bmma_halo_kernel", 16, 2))
+        # about 2 instructions per output) and copies bf16 outputs out of its tile (about 1.5)
+        variants = (("binary_conv2d_bmma_lean_kernel", 32, 0), ("binary_conv2d_bmma_halo_kernel", 16, 3.5))
         for variant, mmas, extra in variants:
             lean = {k: r for (s, k), r in rows.items() if s == sm and k.startswith(variant + "<")}
             assert len(lean) == 8, sorted(lean)
@@ -389,4 +417,6 @@ def test_the_sass_report_reads_every_kernel_of_both_targets():
                 assert 0 < row["epilogue_per_output"] <= reference / 3 + extra, (kernel, row, reference)
                 stages_residual = variant.endswith("halo_kernel") and "residual" in kernel
                 assert (row["cp_async"] > 0) == stages_residual, (kernel, row)
+                stages_outputs = variant.endswith("halo_kernel") and "bf16" in kernel
+                assert (row["stg128"] > 0) == stages_outputs, (kernel, row)
             assert lean[variant + "<scale|bf16>"]["epilogue_per_output"] <= 12  # the training conv

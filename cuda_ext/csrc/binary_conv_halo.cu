@@ -14,18 +14,22 @@
 //   cp.async copies of its 128 pixels x 64 channels of residual into shared memory, which land while
 //   the halo is filled and the MMAs run; the epilogue reads them from there instead of waiting on
 //   global memory per pair. (The residual is half the bytes a fused block moves.)
+// - bf16 outputs stored 16 bytes at a time: the epilogue writes its pairs into the same tile (each
+//   thread where its residual pair was), and after a barrier the block copies the tile out, each
+//   pixel's 64 channels one 128-byte run, instead of 4-byte stores of 8 rows per instruction.
 // The weights still come through the read-only cache, and the epilogue is the lean one
 // (lean_epilogue.cuh), so the outputs equal bmma's bit for bit.
 //
 // Shapes:
 //   halo   (HR, HC, Cw) words in dynamic shared memory, HR = 7 * stride + KH, HC = 15 * stride + KW
-//   staged (128, RS) residuals after the halo (16-byte aligned), RS = 72 (bf16) or 68 (float32)
+//   staged (128, RS) residuals and bf16 outputs after the halo (16-byte aligned), RS = 72 (bf16) or
+//          68 (float32)
 //   grid   (N * ceil(Ho / 8) * ceil(Wo / 16), ceil(O / 64)): x the image and tile, y the channel word
 // Pixel (r, c) of the tile (r = 2 * warp + mt, c = 8 * h + g) reads tap (kh, kw), word w of its
 // input pixel at halo[((r * stride + kh) * HC + c * stride + kw) * Cw + w].
 //
-// Not yet here (the sweep's numbers decide what comes next): weights in shared memory, persistent
-// blocks prefetching the next tile's halo and residual, and stores of 16 bytes.
+// Not yet here (the sweep's numbers decide what comes next): weights in shared memory, and persistent
+// blocks prefetching the next tile's halo and residual.
 #include "lean_epilogue.cuh"
 
 #include <c10/cuda/CUDAException.h>
@@ -58,30 +62,70 @@ constexpr int staged_stride() {
   return sizeof(Elem) == 2 ? kWarpCols + 8 : kWarpCols + 4;
 }
 
-int64_t staged_residual_bytes(const ConvParams& p) {
-  if (p.residual == nullptr) return 0;
+// The staged tile (the residuals, and bf16 outputs for 16-byte stores): 128 pixels x stride elements.
+bool stages_a_tile(const ConvParams& p) { return p.residual != nullptr || p.out_bf16; }
+
+int64_t staged_tile_bytes(const ConvParams& p) {
+  if (!stages_a_tile(p)) return 0;
   return p.out_bf16 ? int64_t(kBlockRows) * staged_stride<__nv_bfloat16>() * 2
                     : int64_t(kBlockRows) * staged_stride<float>() * 4;
 }
 
 int64_t shared_bytes(const ConvParams& p) {
-  return halo_shape(p).words * int64_t(sizeof(uint64_t)) + staged_residual_bytes(p);
+  return halo_shape(p).words * int64_t(sizeof(uint64_t)) + staged_tile_bytes(p);
 }
 
-// Starts the copies of the block's residual tile (pixel i of the tile: row i / 16, column i % 16) into
-// `tile`, 16 bytes each, zeros where the pixel or the channels are outside the output; one group.
+// Copy i of the block's residual tile, 16 bytes: tile pixel i / copies per pixel (output row
+// oh0 + pixel / 16, column ow0 + pixel % 16), from channel col0 + (i % copies per pixel) * elements
+// per copy; `inside` the output or not (O % 8 == 0: a copy is all in or all out).
+struct TileCopy {
+  int first;       // its first element in the tile
+  bool inside;
+  int64_t offset;  // its first element in the residual tensor (0 outside)
+};
+
+template <class Elem>
+__device__ __forceinline__ TileCopy tile_copy(const ConvParams& p, int i, int n, int oh0, int ow0, int col0) {
+  constexpr int kPerCopy = 16 / sizeof(Elem), kCopies = kWarpCols / kPerCopy;  // per pixel: 8 or 16
+  const int pixel = i / kCopies, copy = i - pixel * kCopies;
+  const int oh = oh0 + pixel / kTileCols, ow = ow0 + pixel % kTileCols, col = col0 + copy * kPerCopy;
+  const bool inside = oh < p.Ho && ow < p.Wo && col < p.O;
+  return {pixel * staged_stride<Elem>() + copy * kPerCopy, inside,
+          inside ? ((int64_t(n) * p.Ho + oh) * p.Wo + ow) * p.O + col : 0};
+}
+
+template <class Elem>
+constexpr int copies_per_tile() {
+  return kBlockRows * kWarpCols * int(sizeof(Elem)) / 16;
+}
+
+// Starts the copies of the block's residuals into `tile`, zeros outside the output; one group.
 template <class Elem>
 __device__ __forceinline__ void stage_residual(const ConvParams& p, Elem* tile, int n, int oh0, int ow0, int col0) {
-  constexpr int kPerCopy = 16 / sizeof(Elem), kCopies = kWarpCols / kPerCopy;  // per pixel: 8 or 16
   const Elem* residual = static_cast<const Elem*>(p.residual);
-  for (int i = threadIdx.x; i < kBlockRows * kCopies; i += kWarpsPerBlock * 32) {
-    const int pixel = i / kCopies, copy = i - pixel * kCopies;
-    const int oh = oh0 + pixel / kTileCols, ow = ow0 + pixel % kTileCols, col = col0 + copy * kPerCopy;
-    const bool valid = oh < p.Ho && ow < p.Wo && col < p.O;  // O % 8 == 0: a copy is all in or all out
-    const int64_t at = valid ? ((int64_t(n) * p.Ho + oh) * p.Wo + ow) * p.O + col : 0;
-    cp_async_16_or_zeros(tile + pixel * staged_stride<Elem>() + copy * kPerCopy, residual + at, valid);
+  for (int i = threadIdx.x; i < copies_per_tile<Elem>(); i += kWarpsPerBlock * 32) {
+    const TileCopy c = tile_copy<Elem>(p, i, n, oh0, ow0, col0);
+    cp_async_16_or_zeros(tile + c.first, residual + c.offset, c.inside);
   }
   cp_async_commit();
+}
+
+// Writes the block's staged bf16 outputs to the output tensor, 16 bytes a store: thread (column,
+// copy) stores channels col0 + 8 * copy .. + 7 of tile column `column`, row after row, so 8 consecutive
+// threads store one pixel's 64 channels (128 contiguous bytes, read from 128 contiguous bytes of the
+// tile) and a thread's offsets step by one output row. The kernel's last instructions (it returns).
+__device__ __forceinline__ void store_staged_outputs(const ConvParams& p, const __nv_bfloat16* tile, int n, int oh0,
+                                                     int ow0, int col0) {
+  constexpr int kPerCopy = 8, kCopies = kWarpCols / kPerCopy;
+  static_assert(kWarpsPerBlock * 32 == kTileCols * kCopies, "a thread per (tile column, copy)");
+  const int column = threadIdx.x / kCopies, copy = threadIdx.x % kCopies;
+  const int ow = ow0 + column, col = col0 + copy * kPerCopy;
+  if (ow >= p.Wo || col >= p.O) return;  // O % 8 == 0: a copy is all in or all out
+  auto* out = static_cast<__nv_bfloat16*>(p.out) + ((int64_t(n) * p.Ho + oh0) * p.Wo + ow) * p.O + col;
+  const __nv_bfloat16* from = tile + column * staged_stride<__nv_bfloat16>() + copy * kPerCopy;
+  const int rows = min(kTileRows, p.Ho - oh0);
+  for (int r = 0; r < rows; ++r, out += int64_t(p.Wo) * p.O, from += kTileCols * staged_stride<__nv_bfloat16>())
+    *reinterpret_cast<uint4*>(out) = *reinterpret_cast<const uint4*>(from);
 }
 
 // At most 168 registers, so that 3 blocks (12 warps) fit per SM as they do for bmma and bmma_lean.
@@ -90,13 +134,14 @@ constexpr int kMinBlocksPerSM = 3;
 template <int kOpts>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocksPerSM)
 binary_conv2d_bmma_halo_kernel(const ConvParams p, const BorderClasses border, const HaloShape s) {
-  using Elem = std::conditional_t<(kOpts & kOutBf16) != 0, __nv_bfloat16, float>;  // a residual
-  extern __shared__ uint64_t halo[];  // (HR, HC, Cw), then the staged residuals
+  using Elem = std::conditional_t<(kOpts & kOutBf16) != 0, __nv_bfloat16, float>;  // an output, a residual
+  constexpr bool kStageResidual = (kOpts & kResidual) != 0, kStageOutput = (kOpts & kOutBf16) != 0;
+  extern __shared__ uint64_t halo[];  // (HR, HC, Cw), then the staged tile
   const int tiles = s.tiles_h * s.tiles_w;
   const int n = blockIdx.x / tiles, tile = blockIdx.x - n * tiles;
   const int oh0 = tile / s.tiles_w * kTileRows, ow0 = tile % s.tiles_w * kTileCols;
   Elem* staged = reinterpret_cast<Elem*>(halo + s.words);
-  if constexpr ((kOpts & kResidual) != 0) stage_residual(p, staged, n, oh0, ow0, blockIdx.y * kWarpCols);
+  if constexpr (kStageResidual) stage_residual(p, staged, n, oh0, ow0, blockIdx.y * kWarpCols);
 
   // The halo: word i is (row i / (HC * Cw), pixel, word) of the input from (oh0 * stride - padding,
   // ow0 * stride - padding) on; outside the image, the fill word of the pad value.
@@ -143,12 +188,18 @@ binary_conv2d_bmma_halo_kernel(const ConvParams p, const BorderClasses border, c
   dots_from_and_counts(acc, ones, p.K, t);
   // Tile pixel (2 * warp + mt, 8 * h + g): one output row per mt (set after the main loop, as bmma_lean).
   rows.base = (int64_t(n) * p.Ho + oh0 + 2 * warp) * p.Wo + ow0 + g, rows.mt_stride = p.Wo;
-  if constexpr ((kOpts & kResidual) != 0) {
-    cp_async_wait_all();  // this thread's copies of the residual tile have landed
-    __syncthreads();      // and every thread's
+  if constexpr (kStageResidual || kStageOutput) {
+    if constexpr (kStageResidual) {
+      cp_async_wait_all();  // this thread's copies of the residual tile have landed
+      __syncthreads();      // and every thread's
+    }
     // tile pixel (2 * warp + mt, 8 * h + g) = 32 * warp + g + 16 * mt + 8 * h
-    const StagedResidual tile{staged, 32 * warp + g, staged_stride<Elem>()};
-    store_lean<kOpts, /*kStagedResidual=*/true>(p, border, acc, rows, warp_col0, t, tile);
+    const StagedTile tile{staged, 32 * warp + g, staged_stride<Elem>()};
+    store_lean<kOpts, kStageResidual, kStageOutput>(p, border, acc, rows, warp_col0, t, tile);
+    if constexpr (kStageOutput) {
+      __syncthreads();  // every output of the tile is in it
+      store_staged_outputs(p, staged, n, oh0, ow0, warp_col0);
+    }
   } else {
     store_lean<kOpts>(p, border, acc, rows, warp_col0, t);
   }
@@ -159,6 +210,7 @@ binary_conv2d_bmma_halo_kernel(const ConvParams p, const BorderClasses border, c
 bool halo_supports(const ConvParams& p) {
   const HaloShape s = halo_shape(p);
   return lean_epilogue_supports(p) && shared_bytes(p) <= kMaxSharedBytes && aligned(p.residual, 16) &&
+         (!p.out_bf16 || aligned(p.out, 16)) &&
          int64_t(p.M / (int64_t(p.Ho) * p.Wo)) * s.tiles_h * s.tiles_w < (int64_t(1) << 31);  // grid.x
 }
 

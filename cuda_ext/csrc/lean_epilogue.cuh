@@ -98,11 +98,11 @@ __device__ __forceinline__ void set_thread_row(ThreadRows& rows, int mt, int h, 
   rows.corr_row[mt][h] = cls != 0 ? cls * p.O : -1;  // < 256 * O: fits
 }
 
-// A residual tile in shared memory (bmma_halo stages one): tile pixel i's residuals of columns
-// warp_col0 .. warp_col0 + 63 start at data + i * stride elements, and a thread's row (mt, h) is tile
-// pixel first + mt * 16 + 8 * h.
-struct StagedResidual {
-  const void* data;
+// A tile of the block's outputs in shared memory (bmma_halo stages its residuals there, and its bf16
+// outputs for 16-byte stores): tile pixel i's elements of columns warp_col0 .. warp_col0 + 63 start
+// at data + i * stride elements, and a thread's row (mt, h) is tile pixel first + mt * 16 + 8 * h.
+struct StagedTile {
+  void* data;
   int first, stride;
 };
 
@@ -110,11 +110,12 @@ struct StagedResidual {
 // the reference rounds, and (kPackSigns) the signs of out as stored, one word per row. `dots`: the
 // dot products with every border tap read as the fill word (dots_from_agreements or
 // dots_from_and_counts, bmma_common.cuh). The residuals come from global memory, or with
-// kStagedResidual from `staged`.
-template <int kOpts, bool kStagedResidual = false>
+// kStagedResidual from `staged`; the outputs go to global memory, or with kStagedOutput to `staged`
+// (each thread's pair where its residual pair was), for the kernel to copy out.
+template <int kOpts, bool kStagedResidual = false, bool kStagedOutput = false>
 __device__ __forceinline__ void store_lean(const ConvParams& p, const BorderClasses& border, const WarpAcc& dots,
                                            const ThreadRows& rows, int warp_col0, int t,
-                                           const StagedResidual& staged = {nullptr, 0, 0}) {
+                                           const StagedTile& staged = {nullptr, 0, 0}) {
   constexpr bool kHasScale = kOpts & kScale, kHasBias = kOpts & kBias, kHasResidual = kOpts & kResidual;
   constexpr bool kBf16 = kOpts & kOutBf16, kPack = kOpts & kPackSigns;
   using Elem = std::conditional_t<kBf16, __nv_bfloat16, float>;     // an output (and a residual)
@@ -124,19 +125,18 @@ __device__ __forceinline__ void store_lean(const ConvParams& p, const BorderClas
   // Where the row's first pair of outputs and residuals is (every later pair is a constant offset
   // away); a missing row reads the residuals of a valid one and stores nothing.
   Elem* out[2][2];
-  const Elem* res[2][2];
+  const Elem* res[2][2] = {};
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t row = rows.row(mt, h);
-      out[mt][h] = static_cast<Elem*>(p.out) + row * p.O + thread_col0;
-      if constexpr (!kHasResidual)
-        res[mt][h] = nullptr;
-      else if constexpr (kStagedResidual)
-        res[mt][h] = static_cast<const Elem*>(staged.data) + (staged.first + mt * 16 + 8 * h) * staged.stride + 2 * t;
-      else
-        res[mt][h] = static_cast<const Elem*>(p.residual) + row * p.O + thread_col0;
+      Elem* tile_row = nullptr;  // the row's first pair in the staged tile
+      if constexpr (kStagedResidual || kStagedOutput)
+        tile_row = static_cast<Elem*>(staged.data) + (staged.first + mt * 16 + 8 * h) * staged.stride + 2 * t;
+      out[mt][h] = kStagedOutput ? tile_row : static_cast<Elem*>(p.out) + row * p.O + thread_col0;
+      if constexpr (kHasResidual)
+        res[mt][h] = kStagedResidual ? tile_row : static_cast<const Elem*>(p.residual) + row * p.O + thread_col0;
     }
   // The sign bits nt * 8 + j of each row's word before the shift by 2t, in two 32-bit halves
   // (nt < 4 and nt >= 4): constant shifts within one register.

@@ -21,7 +21,8 @@ OUTPUTS_PER_THREAD = 32 * 64 // 32
 KERNELS = ("binary_conv2d_bmma_kernel", "binary_conv2d_bmma_async_kernel", "binary_conv2d_simt_kernel",
            "tap_sums_kernel", "binary_conv2d_bmma_lean_kernel", "binary_conv2d_bmma_halo_kernel",
            "border_classes_kernel")  # fmt: skip
-# the lean epilogue's template options (lean_epilogue.cuh), bit by bit: bmma_lean's and bmma_halo's
+# the lean epilogue's template options (lean_epilogue.cuh), bit by bit: bmma_lean's (and bmma_lean1's)
+# and bmma_halo's
 TEMPLATED = ("binary_conv2d_bmma_lean_kernel", "binary_conv2d_bmma_halo_kernel")
 LEAN_OPTIONS = ("scale", "bias", "residual", "bf16", "pack")
 FUNCTION = re.compile(r"Function : (\S+)")
@@ -59,9 +60,13 @@ def _base_name(mangled: str) -> str:
 
 
 def _readable(mangled: str, base: str) -> str:
-    options = re.search(r"ILi(\d+)EE", mangled)
+    """``base<options>``; the lean kernel's one-MMA instantiations (its second template argument,
+    true) are named bmma_lean1, the path that runs them."""
+    options = re.search(r"ILi(\d+)E(?:Lb([01])E)?E", mangled)
     if base not in TEMPLATED or options is None:
         return base
+    if options.group(2) == "1":
+        base = base.replace("_lean_kernel", "_lean1_kernel")
     bits = int(options.group(1))
     return f"{base}<{'|'.join(n for i, n in enumerate(LEAN_OPTIONS) if bits >> i & 1) or 'plain'}>"
 
@@ -128,7 +133,7 @@ def report(so: str, tool: str) -> list[dict]:
 def format_rows(rows: list[dict]) -> str:
     cols = ("sm", "kernel", "instructions", "bmma", "cp_async", "stg128", "reg", "stack", "shared", "local",
             "epilogue", "epilogue_per_output")  # fmt: skip
-    widths = (8, 62, 13, 6, 9, 7, 5, 6, 8, 7, 10, 21)
+    widths = (8, 64, 13, 6, 9, 7, 5, 6, 8, 7, 10, 21)
     lines = ["".join(f"{c:>{w}}" for c, w in zip(cols, widths))]
     lines += ["".join(f"{str(r.get(c, '-')):>{w}}" for c, w in zip(cols, widths)) for r in rows]
     return "\n".join(lines)

@@ -17,7 +17,7 @@ from cuda_ext.reference import binary_block_ref, binary_conv2d_ref, pack_signs_r
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and ops.cuda_built()), reason="needs a CUDA GPU and the CUDA build of cuda_ext"
 )
-PATHS = ["bmma", "simt", "bmma_async", "bmma_lean", "bmma_halo"]
+PATHS = ["bmma", "simt", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_halo"]
 CASES = list(itertools.product([3, 31, 64, 100, 130, 256], [1, 2], [1, 3], [0.0, 1.0, -1.0]))
 
 
@@ -54,10 +54,10 @@ def assert_block_equal(path, args, scale=None, bias=None, residual=None, out_dty
     assert torch.equal(out.cpu(), ref_out) and torch.equal(packed.cpu(), ref_packed)
 
 
-# bmma_lean and bmma_halo (the lean epilogue, lean_epilogue.cuh) run what they instantiate for
+# bmma_lean, bmma_lean1 and bmma_halo (the lean epilogue, lean_epilogue.cuh) run what they instantiate for
 # O % 8 == 0 and padding <= 3, and route everything else to bmma; PATHS runs every test on them, where
 # O = 70 or 33 takes the route.
-LEAN_PATHS = ["bmma_lean", "bmma_halo"]
+LEAN_PATHS = ["bmma_lean", "bmma_lean1", "bmma_halo"]
 LEAN_SHAPES = list(itertools.product([3, 64, 130], [1, 2, 3], [(3, 1), (5, 2), (7, 3), (1, 0), (3, 4)]))
 
 

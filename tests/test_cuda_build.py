@@ -33,7 +33,7 @@ def test_cuda_kernels_built_and_registered():
     for op in ("pack_signs", "binary_conv2d", "binary_block"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bireal::{op}", "CUDA"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bireal::{op}", "CPU"), op
-    assert ops.cuda_paths() == ["bmma", "simt", "bmma_async", "bmma_lean", "bmma_halo"]
+    assert ops.cuda_paths() == ["bmma", "simt", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_halo"]
 
 
 @needs_cuda_build
@@ -56,10 +56,11 @@ def test_machine_code_for_sm80_and_sm90a_with_native_bmma():
             [tool, "--dump-sass", "--gpu-architecture", sm, so], capture_output=True, text=True, check=True
         ).stdout
         tensor_core = [(name, k) for name, _, k in kernels_in(sass) if "bmma" in name]
-        # bmma, bmma_async, and 8 instantiations each of bmma_lean and bmma_halo
-        assert len(tensor_core) == 2 + 8 + 8, [name for name, _ in tensor_core]
+        # bmma, bmma_async, and 8 instantiations each of bmma_lean, bmma_lean1 and bmma_halo
+        assert len(tensor_core) == 2 + 8 + 8 + 8, [name for name, _ in tensor_core]
         for name, kernel in tensor_core:
-            per_step = 16 if "bmma_halo" in name else 32  # bmma_halo: one MMA per tile and k-step, not two
+            one_mma = "bmma_halo" in name or "bmma_lean1" in name  # one MMA per tile and k-step, not two
+            per_step = 16 if one_mma else 32
             assert kernel.count("BMMA.168256.AND.POPC") == per_step, f"{sm} {name}: expected {per_step} BMMAs"
             assert "XOR.POPC" not in kernel
             assert "LDL" not in kernel and "STL" not in kernel, f"{sm} {name}: registers spilled to local memory"
@@ -406,10 +407,13 @@ def test_the_sass_report_reads_every_kernel_of_both_targets():
             assert 0 < row["epilogue"] < row["instructions"] and row["epilogue_per_output"] > 0
         assert rows[(sm, "binary_conv2d_simt_kernel")]["bmma"] == 0
         reference = rows[(sm, "binary_conv2d_bmma_kernel")]["epilogue_per_output"]
-        # bmma_halo's epilogue also turns its one-MMA counts into dot products (dots_from_and_counts:
-        # about 2 instructions per output) and copies bf16 outputs out of its tile (about 1.5)
-        variants = (("binary_conv2d_bmma_lean_kernel", 32, 0), ("binary_conv2d_bmma_halo_kernel", 16, 3.5))
-        for variant, mmas, extra in variants:
+        # (variant, BMMAs per k-step, epilogue instructions per output beyond a third of bmma's, the
+        # training conv's epilogue at most): bmma_lean1 and bmma_halo also turn their one-MMA counts
+        # into dot products (dots_from_and_counts: about 2-3 instructions per output), and bmma_halo
+        # copies bf16 outputs out of its tile (about 1.5) in fewer instructions than it had stored them
+        variants = (("binary_conv2d_bmma_lean_kernel", 32, 0, 12), ("binary_conv2d_bmma_lean1_kernel", 16, 3, 14),
+                    ("binary_conv2d_bmma_halo_kernel", 16, 3.5, 12))  # fmt: skip
+        for variant, mmas, extra, training_conv in variants:
             lean = {k: r for (s, k), r in rows.items() if s == sm and k.startswith(variant + "<")}
             assert len(lean) == 8, sorted(lean)
             for kernel, row in lean.items():
@@ -419,4 +423,4 @@ def test_the_sass_report_reads_every_kernel_of_both_targets():
                 assert (row["cp_async"] > 0) == stages_residual, (kernel, row)
                 stages_outputs = variant.endswith("halo_kernel") and "bf16" in kernel
                 assert (row["stg128"] > 0) == stages_outputs, (kernel, row)
-            assert lean[variant + "<scale|bf16>"]["epilogue_per_output"] <= 12  # the training conv
+            assert lean[variant + "<scale|bf16>"]["epilogue_per_output"] <= training_conv

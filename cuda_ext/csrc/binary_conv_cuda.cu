@@ -26,10 +26,10 @@
 // MMAs, the epilogue straight from the accumulator registers) and `bmma_async` (the block's A and B
 // tiles staged through shared memory with cp.async, double buffered, each weight tile loaded once
 // per block and read by its four warps; the epilogue staged through shared memory, a row at a time
-// with coalesced stores). Their shared device code is in bmma_common.cuh. Two more variants compile
-// the epilogue per option set (lean_epilogue.cuh): `bmma_lean` (binary_conv_lean.cu) with bmma's
-// main loop, and `bmma_halo` (binary_conv_halo.cu), which reads its input from a halo of the
-// block's pixels in shared memory.
+// with coalesced stores). Their shared device code is in bmma_common.cuh. Three more variants
+// compile the epilogue per option set (lean_epilogue.cuh): `bmma_lean` (binary_conv_lean.cu) with
+// bmma's main loop, `bmma_lean1` the same with one MMA per k-step, and `bmma_halo`
+// (binary_conv_halo.cu), which reads its input from a halo of the block's pixels in shared memory.
 #include "binary_conv.h"
 #include "bmma_common.cuh"
 
@@ -534,10 +534,12 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
   }
   if (M == 0 || g.O == 0) return {out.permute({0, 3, 1, 2}), packed_out};  // (a zero-block grid is a launch error)
 
-  // bmma_halo runs what it supports, then bmma_lean what it supports, then bmma the rest.
+  // bmma_halo runs what it supports, then bmma_lean what it supports, then bmma the rest; bmma_lean1
+  // what the lean epilogue supports, then bmma.
   const std::string path = cuda_path();
   const bool halo = path == "bmma_halo" && halo_supports(p);
-  const bool lean = !halo && (path == "bmma_lean" || path == "bmma_halo") && lean_supports(p);
+  const bool one_mma = path == "bmma_lean1";
+  const bool lean = !halo && (path == "bmma_lean" || path == "bmma_halo" || one_mma) && lean_supports(p);
   const bool zero_padding = pad_value == 0.0 && padding > 0;  // then the border pixels need a correction
   at::Tensor tap_sums, border_classes;
   if (zero_padding && (halo || lean)) {  // the lean epilogue's table of border classes
@@ -575,10 +577,10 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
   if (halo) {
     launch_bmma_halo(p, classes, stream);
   } else if (lean) {
-    launch_bmma_lean(p, classes, grid, stream);
+    launch_bmma_lean(p, classes, grid, stream, one_mma);
   } else if (path == "bmma_async") {
     binary_conv2d_bmma_async_kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
-  } else {  // bmma, and the calls bmma_lean and bmma_halo do not support
+  } else {  // bmma, and the calls bmma_lean, bmma_lean1 and bmma_halo do not support
     binary_conv2d_bmma_kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();

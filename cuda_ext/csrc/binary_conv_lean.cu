@@ -1,6 +1,9 @@
 // bmma_lean: the `bmma` kernel's main loop (warp_agreements, bmma_common.cuh) with the lean
 // epilogue (lean_epilogue.cuh: an epilogue built for the options of the call at compile time, issue
 // 25's "V1"), and the table of border classes that epilogue's zero-padding correction reads.
+// bmma_lean1: the same with one AND-popc MMA per tile and k-step (bmma_halo's counts and
+// dots_from_and_counts) instead of two, on bmma's tiles of 128 consecutive pixels, which leave no
+// rows idle on small images (bmma_halo's 8 x 16 tiles use 49 of 128 at 7 x 7).
 //
 // Border classes. An output pixel whose top-left tap is at (ih0, iw0) has a = max(0, -ih0) tap rows
 // above the image, b = max(0, ih0 + KH - H) below, c = max(0, -iw0) tap columns left of it and
@@ -42,7 +45,7 @@ __global__ void border_classes_kernel(const ConvParams p, int P, int in_channels
 // At most 168 registers, so that 3 blocks (12 warps) fit per SM as they do for bmma (162).
 constexpr int kMinBlocksPerSM = 3;
 
-template <int kOpts>
+template <int kOpts, bool kOneMma>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocksPerSM)
 binary_conv2d_bmma_lean_kernel(const ConvParams p, const BorderClasses border) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -58,8 +61,14 @@ binary_conv2d_bmma_lean_kernel(const ConvParams p, const BorderClasses border) {
       set_thread_row(rows, mt, h, p, border, pix[mt][h]);
     }
   WarpAcc acc;
-  warp_agreements(p, pix, warp_col0, g, t, acc);
-  dots_from_agreements(acc, p.K);
+  if constexpr (kOneMma) {
+    PlusOnes ones;
+    warp_agreements</*kOneMma=*/true>(p, pix, warp_col0, g, t, acc, &ones);
+    dots_from_and_counts(acc, ones, p.K, t);
+  } else {
+    warp_agreements(p, pix, warp_col0, g, t, acc);
+    dots_from_agreements(acc, p.K);
+  }
   // The warp's 32 rows are consecutive pixels; set after the main loop, so that the base does not
   // hold registers across it (set before it, bmma_lean spills at its 168-register bound).
   rows.base = warp_row0 + g, rows.mt_stride = 16;
@@ -77,11 +86,15 @@ void fill_border_classes(const ConvParams& p, int32_t* table, int in_channels, c
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-void launch_bmma_lean(const ConvParams& p, const int32_t* table, dim3 grid, cudaStream_t stream) {
+void launch_bmma_lean(const ConvParams& p, const int32_t* table, dim3 grid, cudaStream_t stream, bool one_mma) {
   TORCH_CHECK(lean_supports(p), "bmma_lean: called for a conv it does not support (lean_supports)");
   const BorderClasses border{table, p.padding + 1};
   auto launch = [&](auto options) {
-    binary_conv2d_bmma_lean_kernel<decltype(options)::value><<<grid, kWarpsPerBlock * 32, 0, stream>>>(p, border);
+    constexpr int kOpts = decltype(options)::value;
+    if (one_mma)
+      binary_conv2d_bmma_lean_kernel<kOpts, true><<<grid, kWarpsPerBlock * 32, 0, stream>>>(p, border);
+    else
+      binary_conv2d_bmma_lean_kernel<kOpts, false><<<grid, kWarpsPerBlock * 32, 0, stream>>>(p, border);
   };
   const bool launched = with_lean_options(options_of(p), launch, LeanOptionSets{});
   TORCH_CHECK(launched, "bmma_lean: no kernel instantiated for options ", options_of(p));

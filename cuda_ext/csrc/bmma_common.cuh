@@ -42,9 +42,9 @@ bool lean_supports(const ConvParams& p);
 bool halo_supports(const ConvParams& p);
 // Fills `table` (P^4 * O int32) with the border classes of p.w, for bmma_lean and bmma_halo.
 void fill_border_classes(const ConvParams& p, int32_t* table, int in_channels, cudaStream_t stream);
-// Launch bmma_lean (grid as bmma's) and bmma_halo (its own grid); `table`: the border-class table,
-// or null when no correction is needed.
-void launch_bmma_lean(const ConvParams& p, const int32_t* table, dim3 grid, cudaStream_t stream);
+// Launch bmma_lean (grid as bmma's; with one_mma, bmma_lean1: one AND-popc MMA per tile and k-step)
+// and bmma_halo (its own grid); `table`: the border-class table, or null when no correction is needed.
+void launch_bmma_lean(const ConvParams& p, const int32_t* table, dim3 grid, cudaStream_t stream, bool one_mma);
 void launch_bmma_halo(const ConvParams& p, const int32_t* table, cudaStream_t stream);
 
 namespace {
@@ -309,16 +309,18 @@ __device__ __forceinline__ void dots_from_and_counts(WarpAcc& acc, const PlusOne
 }
 
 // warp_agreements_with the input words gathered from global memory, pixel by pixel (`pix`: the
-// warp's rows).
+// warp's rows); border taps read the fill word, which P_a counts as the MMA sees it (kOneMma).
+template <bool kOneMma = false>
 __device__ __forceinline__ void warp_agreements(const ConvParams& p, const PixelOrigin (&pix)[2][2],
-                                                int warp_col0, int g, int t, WarpAcc& acc) {
+                                                int warp_col0, int g, int t, WarpAcc& acc,
+                                                PlusOnes* ones = nullptr) {
   auto gather = [&](const KWord& k, uint64_t (&a)[2][2]) {
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) a[mt][h] = k.in_k ? load_input_word(p, pix[mt][h], k.tap, k.c) : 0;
   };
-  warp_agreements_with(p, gather, warp_col0, g, t, acc);
+  warp_agreements_with<kOneMma>(p, gather, warp_col0, g, t, acc, ones);
 }
 
 }  // namespace

@@ -9,7 +9,7 @@
 namespace bireal {
 
 namespace {
-const std::vector<std::string> kCudaPaths{"bmma", "simt", "bmma_async", "bmma_lean", "bmma_halo"};
+const std::vector<std::string> kCudaPaths{"bmma", "simt", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_halo"};
 std::atomic<int> g_cuda_path{0};
 std::atomic<bool> g_debug_fill{false};
 }  // namespace

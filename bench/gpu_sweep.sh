@@ -3,11 +3,11 @@
 # nvcc; no registry): they build the extension there first.
 #
 #   bench/gpu_sweep.sh --quick [RESULTS_DIR]   (<= 4 min) the build, correctness (cuda_ext.smoke on
-#       every CUDA path and shape; tests/test_cuda.py's tests of bmma_lean, bmma_halo, bmma_async and
-#       max_pool_signs), the SASS
-#       report (registers, spills, epilogue instructions per output), and the profile: a forward of
-#       the packed bf16 Bi-Real-18 and of ResNet-18 bf16, kernel by kernel, at batch 256 and 1,
-#       cudnn.benchmark off and on (bench/gpu_profile.py);
+#       every CUDA path and shape), the SASS report (registers, spills, epilogue instructions per
+#       output), the profile: a forward of the packed bf16 Bi-Real-18 and of ResNet-18 bf16, kernel
+#       by kernel, at batch 256 and 1, cudnn.benchmark off and on (bench/gpu_profile.py); then, with
+#       the time left, tests/test_cuda.py's tests of bmma_lean, bmma_lean1, bmma_halo, bmma_async and
+#       max_pool_signs;
 #   bench/gpu_sweep.sh --full [RESULTS_DIR]    (<= 5 min) the kernel sweep (bench/kernel_sweep.py:
 #       each variant's bf16 conv and block on every Bi-Real-18 shape, stride 2 too, batch 256 and 1
 #       as a graph: ms, GB/s, the floor and % of it, x cuDNN with cudnn.benchmark on, x float block,
@@ -65,17 +65,18 @@ if [ "$part" = --quick ]; then
   step "correctness: every CUDA path on every shape"
   CUDA_LAUNCH_BLOCKING=1 timeout "$(limit 60)" $PY -m cuda_ext.smoke --json "$out/smoke.json"
   status[smoke]=$?
-  step "GPU tests of the kernels under test (tests/test_cuda.py: bmma_lean, bmma_halo, bmma_async, max_pool_signs)"
-  timeout "$(limit 100)" $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py -k "lean or halo or async or max_pool" \
-    >"$out/tests_variants.log" 2>&1
-  status[variant_tests]=$?
-  tail -3 "$out/tests_variants.log"
   step "SASS"
   timeout "$(limit 30)" $PY -m bench.sass_report --json "$out/sass.json"
   status[sass]=$?
   step "profile: packed Bi-Real-18 bf16 and ResNet-18 bf16, batch 256 and 1, cudnn.benchmark off and on"
   timeout "$(limit 120)" $PY -m bench.gpu_profile --out "$out" --batches 256,1
   status[profile]=$?
+  # last, with the time left: about 1,800 small tests (the smoke above has checked every path)
+  step "GPU tests of the kernels under test (tests/test_cuda.py: bmma_lean, bmma_lean1, bmma_halo, bmma_async, max_pool_signs)"
+  timeout "$(limit 120)" $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py -k "lean or halo or async or max_pool" \
+    >"$out/tests_variants.log" 2>&1
+  status[variant_tests]=$?
+  tail -3 "$out/tests_variants.log"
 else
   step "kernel sweep: each variant's bf16 conv and block, every shape and stride, batch 256 and 1 (graph)"
   timeout "$(limit 120)" $PY -m bench.kernel_sweep --out "$out" --batches 256,1

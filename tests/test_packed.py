@@ -405,7 +405,7 @@ def test_a_space_to_depth_stem_computes_the_same(tmp_path):
     block (j, l) is x[c, 2(j - 2) + r, 2(l - 2) + r']); the stem's output and the logits equal the
     plain stem's to float rounding, from NCHW and channels_last inputs, in float32 and bfloat16; an
     odd input size and a stem padded the other way are refused."""
-    from cuda_ext.packed import space_to_depth_input
+    from cuda_ext.float_parts import space_to_depth_input
 
     torch.manual_seed(0)
     x = torch.randn(2, 3, 10, 14)

@@ -60,13 +60,14 @@ def _base_name(mangled: str) -> str:
 
 
 def _readable(mangled: str, base: str) -> str:
-    """``base<options>``; the lean kernel's one-MMA instantiations (its second template argument,
-    true) are named bmma_lean1, the path that runs them."""
+    """``base<options>``; a second template argument, true, names the path that runs those
+    instantiations: the lean kernel's one-MMA ones bmma_lean1, the halo kernel's with the weights in
+    shared memory bmma_halo_w."""
     options = re.search(r"ILi(\d+)E(?:Lb([01])E)?E", mangled)
     if base not in TEMPLATED or options is None:
         return base
     if options.group(2) == "1":
-        base = base.replace("_lean_kernel", "_lean1_kernel")
+        base = base.replace("_lean_kernel", "_lean1_kernel").replace("_halo_kernel", "_halo_w_kernel")
     bits = int(options.group(1))
     return f"{base}<{'|'.join(n for i, n in enumerate(LEAN_OPTIONS) if bits >> i & 1) or 'plain'}>"
 
@@ -133,7 +134,7 @@ def report(so: str, tool: str) -> list[dict]:
 def format_rows(rows: list[dict]) -> str:
     cols = ("sm", "kernel", "instructions", "bmma", "cp_async", "stg128", "reg", "stack", "shared", "local",
             "epilogue", "epilogue_per_output")  # fmt: skip
-    widths = (8, 64, 13, 6, 9, 7, 5, 6, 8, 7, 10, 21)
+    widths = (8, 65, 13, 6, 9, 7, 5, 6, 8, 7, 10, 21)
     lines = ["".join(f"{c:>{w}}" for c, w in zip(cols, widths))]
     lines += ["".join(f"{str(r.get(c, '-')):>{w}}" for c, w in zip(cols, widths)) for r in rows]
     return "\n".join(lines)

@@ -187,14 +187,16 @@ def bench_kernels(
 # model table (bf16_model_rows)
 BF16_PATH_KEYS = {
     "bmma": "bf16_ms", "bmma_async": "async_bf16_ms", "bmma_lean": "lean_bf16_ms", "bmma_lean1": "lean1_bf16_ms",
-    "bmma_halo": "halo_bf16_ms",
+    "bmma_halo": "halo_bf16_ms", "bmma_halo_w": "halo_w_bf16_ms",
 }  # fmt: skip
 
 
 def of_floor(row: dict, floors: dict) -> dict:
     """The row's best bf16 conv and its bf16 block against their floors (``gpu_floors``), and the
     ratio to cuDNN that each floor allows (the ceiling of ``bf16_speedup``)."""
-    block_keys = ("block_bf16_ms", "lean_block_bf16_ms", "lean1_block_bf16_ms", "halo_block_bf16_ms")
+    block_keys = (
+        "block_bf16_ms", "lean_block_bf16_ms", "lean1_block_bf16_ms", "halo_block_bf16_ms", "halo_w_block_bf16_ms"
+    )  # fmt: skip
     best_conv = min(row.get(key, float("inf")) for key in BF16_PATH_KEYS.values())
     best_block = min(row.get(key, float("inf")) for key in block_keys)
     return {
@@ -225,9 +227,9 @@ def cpu_bound(channels: int, side: int, batch: int, ours_ms: float, copy_gb_s: f
 
 
 def cuda_variants(ops, px, pw, channels, scale, bias, residual_bf16, base_ms, repeats) -> dict:
-    """The switched CUDA variants on one shape: the cp.async kernel (float32 out), the five
+    """The switched CUDA variants on one shape: the cp.async kernel (float32 out), the six
     tensor-core kernels with a bfloat16 output, and the fused block with bfloat16 in and out (the
-    best of bmma and bmma_async, bmma_lean's, bmma_lean1's and bmma_halo's); the best bf16 conv
+    best of bmma and bmma_async, then each of the lean and halo kernels'); the best bf16 conv
     against cuDNN."""
 
     def conv(path, out_dtype=None):
@@ -255,6 +257,7 @@ def cuda_variants(ops, px, pw, channels, scale, bias, residual_bf16, base_ms, re
         "lean_block_bf16_ms": block("bmma_lean"),
         "lean1_block_bf16_ms": block("bmma_lean1"),
         "halo_block_bf16_ms": block("bmma_halo"),
+        "halo_w_block_bf16_ms": block("bmma_halo_w"),
     }
 
 
@@ -482,6 +485,7 @@ def format_table(rows: list[dict], title: str) -> str:
         ("lean_bf16_ms", 13, "{:.4f}"),
         ("lean1_bf16_ms", 14, "{:.4f}"),
         ("halo_bf16_ms", 13, "{:.4f}"),
+        ("halo_w_bf16_ms", 15, "{:.4f}"),
         ("stem8_bf16_ms", 14, "{:.4f}"),
         ("stem_s2d_bf16_ms", 17, "{:.4f}"),
         ("shortcut2x2_bf16_ms", 20, "{:.4f}"),
@@ -491,6 +495,7 @@ def format_table(rows: list[dict], title: str) -> str:
         ("lean_block_bf16_ms", 19, "{:.4f}"),
         ("lean1_block_bf16_ms", 20, "{:.4f}"),
         ("halo_block_bf16_ms", 19, "{:.4f}"),
+        ("halo_w_block_bf16_ms", 21, "{:.4f}"),
         ("conv_floor_ms", 14, "{:.4f}"),
         ("conv_of_floor", 14, "{:.0%}"),
         ("floor_x_cudnn", 14, "{:.1f}x"),

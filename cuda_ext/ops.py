@@ -57,9 +57,10 @@ def cuda_paths() -> list[str]:
     """CUDA code paths: 'bmma' (1-bit tensor cores, the default), 'simt' (CUDA-core cross-check),
     'bmma_async' (operand tiles staged in shared memory by cp.async), 'bmma_lean' (bmma's main
     loop with an epilogue compiled for each option set; bmma runs what it does not instantiate),
-    'bmma_lean1' (the same with one AND-popc MMA per k-step) and 'bmma_halo' (that epilogue and one
+    'bmma_lean1' (the same with one AND-popc MMA per k-step), 'bmma_halo' (that epilogue and one
     MMA, each block's input read once into a halo in shared memory; bmma_lean runs what does not
-    fit). The last four are variants under test until a GPU run measures them."""
+    fit) and 'bmma_halo_w' (the same with the block's weights in shared memory too). The last five
+    are variants under test until a GPU run measures them."""
     return list(_C.cuda_paths())
 
 

@@ -17,7 +17,7 @@ from cuda_ext.reference import binary_block_ref, binary_conv2d_ref, pack_signs_r
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and ops.cuda_built()), reason="needs a CUDA GPU and the CUDA build of cuda_ext"
 )
-PATHS = ["bmma", "simt", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_halo"]
+PATHS = ["bmma", "simt", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_halo", "bmma_halo_w"]
 CASES = list(itertools.product([3, 31, 64, 100, 130, 256], [1, 2], [1, 3], [0.0, 1.0, -1.0]))
 
 
@@ -54,10 +54,10 @@ def assert_block_equal(path, args, scale=None, bias=None, residual=None, out_dty
     assert torch.equal(out.cpu(), ref_out) and torch.equal(packed.cpu(), ref_packed)
 
 
-# bmma_lean, bmma_lean1 and bmma_halo (the lean epilogue, lean_epilogue.cuh) run what they instantiate for
+# The lean and halo paths (the lean epilogue, lean_epilogue.cuh) run what they instantiate for
 # O % 8 == 0 and padding <= 3, and route everything else to bmma; PATHS runs every test on them, where
 # O = 70 or 33 takes the route.
-LEAN_PATHS = ["bmma_lean", "bmma_lean1", "bmma_halo"]
+LEAN_PATHS = ["bmma_lean", "bmma_lean1", "bmma_halo", "bmma_halo_w"]
 LEAN_SHAPES = list(itertools.product([3, 64, 130], [1, 2, 3], [(3, 1), (5, 2), (7, 3), (1, 0), (3, 4)]))
 
 
@@ -85,24 +85,27 @@ def test_the_lean_epilogue_every_option_set(path, out_channels, channels, stride
 @pytest.mark.parametrize("channels", [64, 200, 512])
 @pytest.mark.parametrize("stride,kernel,padding", [(1, 3, 1), (2, 3, 1), (1, 1, 0), (3, 5, 2)])
 @pytest.mark.parametrize("side_h,side_w", [(17, 35), (8, 16), (30, 9)])
-def test_bmma_halo_tiles_and_halos(channels, stride, kernel, padding, side_h, side_w):
+@pytest.mark.parametrize("path", ["bmma_halo", "bmma_halo_w"])
+def test_bmma_halo_tiles_and_halos(path, channels, stride, kernel, padding, side_h, side_w):
     """bmma_halo's blocks are 8 x 16 output pixels of one image with their input halo in shared
     memory (binary_conv_halo.cu): images cut into several tiles each way, partial tiles at the right
     and bottom edges, exactly whole tiles (8 x 16), halos of 1 to 8 words per pixel up to 36 KB (512
-    channels at stride 2), and ones over the 48 KB it allows (512 channels, 5 x 5 at stride 3: run
-    by bmma_lean) all equal the reference: the packed block with a bfloat16 residual, and the bare
-    conv in float32, zero padding."""
+    channels at stride 2), and ones over the shared memory it allows (48 KB; bmma_halo_w, with the
+    weights too, up to 100 KB by an opt-in: 68 KB at 512 channels, stride 1; 512 channels, 5 x 5 at
+    stride 3 go to bmma_lean) all equal the reference: the packed block with a bfloat16 and a
+    float32 residual, and the bare conv in float32, zero padding."""
     x, w = cuda_case(2, channels, 64, side_h, side_w, kernel, seed=channels + side_h + stride)
     args = (pack_signs_ref(x), pack_weight_ref(w), channels, stride, padding, 0.0)
     residual = torch.randn_like(binary_conv2d_ref(*args))
     scale, bias = torch.rand(64) + 0.5, torch.randn(64)
-    assert_block_equal("bmma_halo", args, scale, bias, residual.to(torch.bfloat16), out_dtype=torch.bfloat16)
-    assert_block_equal("bmma_halo", args, scale, bias, residual)  # a float32 residual tile staged
-    assert_block_equal("bmma_halo", args)
+    assert_block_equal(path, args, scale, bias, residual.to(torch.bfloat16), out_dtype=torch.bfloat16)
+    assert_block_equal(path, args, scale, bias, residual)  # a float32 residual tile staged
+    assert_block_equal(path, args)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_bmma_halo_with_a_residual_only_8_byte_aligned(dtype):
+@pytest.mark.parametrize("path", ["bmma_halo", "bmma_halo_w"])
+def test_bmma_halo_with_a_residual_only_8_byte_aligned(path, dtype):
     """bmma_halo stages its residual tile with 16-byte copies; a residual whose base is only 8-byte
     aligned (a view 8 bytes into its storage) is routed to bmma_lean, and the outputs are still exact."""
     x, w = cuda_case(2, 64, 64, 12, 20, 3, seed=5)
@@ -116,7 +119,7 @@ def test_bmma_halo_with_a_residual_only_8_byte_aligned(dtype):
     ref_out, ref_packed = binary_block_ref(*args, scale, bias, residual.contiguous(), out_dtype)
     on_gpu = storage.cuda()[offset:].view(n, ho, wo, o).permute(0, 3, 1, 2)
     assert on_gpu.data_ptr() % 16 == 8 and on_gpu.is_contiguous(memory_format=torch.channels_last)
-    with ops.forced_cuda_path("bmma_halo"):
+    with ops.forced_cuda_path(path):
         out, packed = ops.binary_block(*on_cuda(args), scale.cuda(), bias.cuda(), on_gpu, out_dtype)
     assert torch.equal(out.cpu(), ref_out) and torch.equal(packed.cpu(), ref_packed)
 

@@ -97,11 +97,12 @@ def test_the_bf16_model_rows_on_a_cpu(tmp_path):
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     row = bf16_model_rows(packed, x, torch.device("cpu"), 1)
     tuned = row.pop("tuned")
-    assert set(row) == {"bf16_ms", "async_bf16_ms", "lean_bf16_ms", "lean1_bf16_ms", "halo_bf16_ms", "stem8_bf16_ms",
-                        "stem_s2d_bf16_ms", "shortcut2x2_bf16_ms", "tuned_bf16_ms"}  # fmt: skip
+    assert set(row) == {"bf16_ms", "async_bf16_ms", "lean_bf16_ms", "lean1_bf16_ms", "halo_bf16_ms", "halo_w_bf16_ms",
+                        "stem8_bf16_ms", "stem_s2d_bf16_ms", "shortcut2x2_bf16_ms", "tuned_bf16_ms"}  # fmt: skip
     assert min(row.values()) > 0
     path, *stems, shortcuts = tuned.split(" + ")
-    assert path in ("bmma", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_halo") and shortcuts == "shortcut2x2"
+    assert path in ("bmma", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_halo", "bmma_halo_w")
+    assert shortcuts == "shortcut2x2"
     assert stems in ([], ["stem8"], ["stem_s2d"])
     assert packed.stem[0].in_channels == 3 and not packed.stem_space_to_depth
     assert packed.activation_dtype == torch.float32

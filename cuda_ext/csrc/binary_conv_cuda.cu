@@ -534,12 +534,13 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
   }
   if (M == 0 || g.O == 0) return {out.permute({0, 3, 1, 2}), packed_out};  // (a zero-block grid is a launch error)
 
-  // bmma_halo runs what it supports, then bmma_lean what it supports, then bmma the rest; bmma_lean1
-  // what the lean epilogue supports, then bmma.
+  // bmma_halo and bmma_halo_w run what they support, then bmma_lean what it supports, then bmma the
+  // rest; bmma_lean1 what the lean epilogue supports, then bmma.
   const std::string path = cuda_path();
-  const bool halo = path == "bmma_halo" && halo_supports(p);
+  const bool shared_weights = path == "bmma_halo_w", halo_path = path == "bmma_halo" || shared_weights;
+  const bool halo = halo_path && halo_supports(p, shared_weights);
   const bool one_mma = path == "bmma_lean1";
-  const bool lean = !halo && (path == "bmma_lean" || path == "bmma_halo" || one_mma) && lean_supports(p);
+  const bool lean = !halo && (path == "bmma_lean" || halo_path || one_mma) && lean_supports(p);
   const bool zero_padding = pad_value == 0.0 && padding > 0;  // then the border pixels need a correction
   at::Tensor tap_sums, border_classes;
   if (zero_padding && (halo || lean)) {  // the lean epilogue's table of border classes
@@ -575,12 +576,12 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
   const dim3 grid((M + kBlockRows - 1) / kBlockRows, (g.O + kWarpCols - 1) / kWarpCols);
   const int32_t* classes = border_classes.defined() ? border_classes.data_ptr<int32_t>() : nullptr;
   if (halo) {
-    launch_bmma_halo(p, classes, stream);
+    launch_bmma_halo(p, classes, stream, shared_weights);
   } else if (lean) {
     launch_bmma_lean(p, classes, grid, stream, one_mma);
   } else if (path == "bmma_async") {
     binary_conv2d_bmma_async_kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
-  } else {  // bmma, and the calls bmma_lean, bmma_lean1 and bmma_halo do not support
+  } else {  // bmma, and the calls the lean and halo paths do not support
     binary_conv2d_bmma_kernel<<<grid, kWarpsPerBlock * 32, 0, stream>>>(p);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();

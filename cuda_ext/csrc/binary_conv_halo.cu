@@ -33,7 +33,13 @@
 #include "lean_epilogue.cuh"
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <utility>
 
 namespace bireal {
 namespace {
@@ -41,17 +47,28 @@ namespace {
 constexpr int kTileRows = 8, kTileCols = 16;  // output pixels of a block: 4 warps x 2 rows of 16
 static_assert(kTileRows * kTileCols == kBlockRows, "a block's tile is its 4 warps' 32 pixels each");
 constexpr int64_t kMaxSharedBytes = 48 * 1024;  // dynamic shared memory without an opt-in; 3 blocks per SM fit
+// bmma_halo_w, which also holds the block's weights, opts in to more (up to what the device allows):
+// 100 KB still lets 2 blocks run per SM on an A100 (164 KB) and 2-3 on an H100 (228 KB).
+constexpr int64_t kMaxSharedBytesWithWeights = 100 * 1024;
 
 struct HaloShape {
-  int rows, cols;  // input pixels: HR, HC
+  int rows, cols;        // input pixels: HR, HC
   int tiles_h, tiles_w;  // tiles per image
-  int64_t words;  // of the halo, rounded up to 16 bytes: where the staged residuals start
+  int64_t words;         // of the halo, rounded up to 16 bytes: where the weights (or the staged tile) start
+  int w_stride;          // bmma_halo_w: words per weight column in shared memory (K_words padded); else 0
+  int64_t w_words;       // bmma_halo_w: 64 * w_stride, after the halo; else 0
 };
 
-HaloShape halo_shape(const ConvParams& p) {
+// A column of weights in shared memory takes K_words words padded to 4 mod 16: the 16 threads of a
+// half warp read columns g, g + 1, g + 2, g + 3 at words t = 0..3 of a k-step, and with the columns
+// 4 mod 16 words (8 banks) apart those 16 8-byte words fall in 32 different banks.
+int weight_stride(int k_words) { return k_words + ((4 - k_words) % 16 + 16) % 16; }
+
+HaloShape halo_shape(const ConvParams& p, bool shared_weights) {
   const int rows = (kTileRows - 1) * p.stride + p.KH, cols = (kTileCols - 1) * p.stride + p.KW;
+  const int w_stride = shared_weights ? weight_stride(p.K_words) : 0;
   return {rows, cols, (p.Ho + kTileRows - 1) / kTileRows, (p.Wo + kTileCols - 1) / kTileCols,
-          (int64_t(rows) * cols * p.Cw + 1) / 2 * 2};
+          (int64_t(rows) * cols * p.Cw + 1) / 2 * 2, w_stride, int64_t(kWarpCols) * w_stride};
 }
 
 // A staged residual pixel's row, in elements: 64 channels and 8 (bf16) or 4 (float32) more, so that
@@ -71,8 +88,24 @@ int64_t staged_tile_bytes(const ConvParams& p) {
                     : int64_t(kBlockRows) * staged_stride<float>() * 4;
 }
 
-int64_t shared_bytes(const ConvParams& p) {
-  return halo_shape(p).words * int64_t(sizeof(uint64_t)) + staged_tile_bytes(p);
+int64_t shared_bytes(const ConvParams& p, bool shared_weights) {
+  const HaloShape s = halo_shape(p, shared_weights);
+  return (s.words + s.w_words) * int64_t(sizeof(uint64_t)) + staged_tile_bytes(p);
+}
+
+// Starts the copies of the block's 64 weight columns (col0 on) into `weights` (64, w_stride), 8
+// bytes each: the columns are one contiguous run of memory; columns past O are zeros. One group.
+__device__ __forceinline__ void stage_weights(const ConvParams& p, uint64_t* weights, int w_stride, int col0) {
+  const uint64_t* w = p.w + int64_t(col0) * p.K_words;
+  const int words = min(kWarpCols, p.O - col0) * p.K_words;
+  for (int i = threadIdx.x; i < kWarpCols * p.K_words; i += kWarpsPerBlock * 32) {
+    const int col = i / p.K_words, kword = i - col * p.K_words;
+    if (i < words)
+      cp_async_8(weights + col * w_stride + kword, w + i);
+    else
+      weights[col * w_stride + kword] = 0;
+  }
+  cp_async_commit();
 }
 
 // Copy i of the block's residual tile, 16 bytes: tile pixel i / copies per pixel (output row
@@ -131,7 +164,7 @@ __device__ __forceinline__ void store_staged_outputs(const ConvParams& p, const 
 // At most 168 registers, so that 3 blocks (12 warps) fit per SM as they do for bmma and bmma_lean.
 constexpr int kMinBlocksPerSM = 3;
 
-template <int kOpts>
+template <int kOpts, bool kSharedWeights>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocksPerSM)
 binary_conv2d_bmma_halo_kernel(const ConvParams p, const BorderClasses border, const HaloShape s) {
   using Elem = std::conditional_t<(kOpts & kOutBf16) != 0, __nv_bfloat16, float>;  // an output, a residual
@@ -140,7 +173,11 @@ binary_conv2d_bmma_halo_kernel(const ConvParams p, const BorderClasses border, c
   const int tiles = s.tiles_h * s.tiles_w;
   const int n = blockIdx.x / tiles, tile = blockIdx.x - n * tiles;
   const int oh0 = tile / s.tiles_w * kTileRows, ow0 = tile % s.tiles_w * kTileCols;
-  Elem* staged = reinterpret_cast<Elem*>(halo + s.words);
+  uint64_t* weights = halo + s.words;  // (64, w_stride) with kSharedWeights
+  Elem* staged = reinterpret_cast<Elem*>(halo + s.words + s.w_words);
+  // The copies in flight while the halo is filled: the weights (needed by the main loop), then the
+  // residuals (needed by the epilogue), each one group, so the main loop waits for the first only.
+  if constexpr (kSharedWeights) stage_weights(p, weights, s.w_stride, blockIdx.y * kWarpCols);
   if constexpr (kStageResidual) stage_residual(p, staged, n, oh0, ow0, blockIdx.y * kWarpCols);
 
   // The halo: word i is (row i / (HC * Cw), pixel, word) of the input from (oh0 * stride - padding,
@@ -172,7 +209,13 @@ binary_conv2d_bmma_halo_kernel(const ConvParams p, const BorderClasses border, c
       set_thread_row(rows, mt, h, p, border, o);
       a_base[mt][h] = (r * p.stride * s.cols + c * p.stride) * p.Cw;
     }
-  __syncthreads();  // the halo is complete
+  if constexpr (kSharedWeights) {  // this thread's weight copies have landed (the residuals may not have)
+    if constexpr (kStageResidual)
+      cp_async_wait_all_but_one();
+    else
+      cp_async_wait_all();
+  }
+  __syncthreads();  // the halo (and the weights) are complete
 
   auto from_halo = [&](const KWord& k, uint64_t (&a)[2][2]) {
     const int kh = k.tap / p.KW, kw = k.tap - kh * p.KW;
@@ -184,7 +227,12 @@ binary_conv2d_bmma_halo_kernel(const ConvParams p, const BorderClasses border, c
   };
   WarpAcc acc;
   PlusOnes ones;
-  warp_agreements_with</*kOneMma=*/true>(p, from_halo, warp_col0, g, t, acc, &ones);
+  if constexpr (kSharedWeights) {
+    auto from_shared = [&](int col, int kword) { return weights[col * s.w_stride + kword]; };
+    warp_agreements_with</*kOneMma=*/true>(p, from_halo, from_shared, g, t, acc, &ones);
+  } else {
+    warp_agreements_with</*kOneMma=*/true>(p, from_halo, WeightsFromGlobal{p, warp_col0}, g, t, acc, &ones);
+  }
   dots_from_and_counts(acc, ones, p.K, t);
   // Tile pixel (2 * warp + mt, 8 * h + g): one output row per mt (set after the main loop, as bmma_lean).
   rows.base = (int64_t(n) * p.Ho + oh0 + 2 * warp) * p.Wo + ow0 + g, rows.mt_stride = p.Wo;
@@ -205,24 +253,61 @@ binary_conv2d_bmma_halo_kernel(const ConvParams p, const BorderClasses border, c
   }
 }
 
+// The dynamic shared memory a block may use on this device with an opt-in (cached per device).
+int64_t opt_in_shared_bytes() {
+  static std::mutex mutex;
+  static std::map<int, int> bytes;  // device -> bytes
+  const int device = c10::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = bytes.find(device);
+  if (found == bytes.end()) {
+    int value = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    found = bytes.emplace(device, value).first;
+  }
+  return found->second;
+}
+
+// Lets `kernel` take `bytes` of dynamic shared memory: over 48 KB a kernel needs an opt-in, set per
+// kernel and device, here once for the largest size asked so far. (A shape's first call is made
+// before a CUDA graph captures it: the benchmarks and the model warm up first.)
+void allow_dynamic_shared_bytes(const void* kernel, int bytes) {
+  if (bytes <= kMaxSharedBytes) return;
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, int> allowed;  // (device, kernel) -> bytes
+  std::lock_guard<std::mutex> lock(mutex);
+  int& set = allowed[{c10::cuda::current_device(), kernel}];
+  if (bytes <= set) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  set = bytes;
+}
+
 }  // namespace
 
-bool halo_supports(const ConvParams& p) {
-  const HaloShape s = halo_shape(p);
-  return lean_epilogue_supports(p) && shared_bytes(p) <= kMaxSharedBytes && aligned(p.residual, 16) &&
+bool halo_supports(const ConvParams& p, bool shared_weights) {
+  const HaloShape s = halo_shape(p, shared_weights);
+  const int64_t max_bytes = shared_weights ? std::min(kMaxSharedBytesWithWeights, opt_in_shared_bytes()) : kMaxSharedBytes;
+  return lean_epilogue_supports(p) && shared_bytes(p, shared_weights) <= max_bytes && aligned(p.residual, 16) &&
          (!p.out_bf16 || aligned(p.out, 16)) &&
          int64_t(p.M / (int64_t(p.Ho) * p.Wo)) * s.tiles_h * s.tiles_w < (int64_t(1) << 31);  // grid.x
 }
 
-void launch_bmma_halo(const ConvParams& p, const int32_t* table, cudaStream_t stream) {
-  TORCH_CHECK(halo_supports(p), "bmma_halo: called for a conv it does not support (halo_supports)");
+void launch_bmma_halo(const ConvParams& p, const int32_t* table, cudaStream_t stream, bool shared_weights) {
+  TORCH_CHECK(halo_supports(p, shared_weights), "bmma_halo: called for a conv it does not support (halo_supports)");
   const BorderClasses border{table, p.padding + 1};
-  const HaloShape s = halo_shape(p);
+  const HaloShape s = halo_shape(p, shared_weights);
   const int64_t images = p.M / (int64_t(p.Ho) * p.Wo);
   const dim3 grid(static_cast<unsigned>(images * s.tiles_h * s.tiles_w), (p.O + kWarpCols - 1) / kWarpCols);
-  const size_t shared = static_cast<size_t>(shared_bytes(p));
+  const int shared = static_cast<int>(shared_bytes(p, shared_weights));
   auto launch = [&](auto options) {
-    binary_conv2d_bmma_halo_kernel<decltype(options)::value><<<grid, kWarpsPerBlock * 32, shared, stream>>>(p, border, s);
+    constexpr int kOpts = decltype(options)::value;
+    if (shared_weights) {
+      auto* kernel = binary_conv2d_bmma_halo_kernel<kOpts, true>;
+      allow_dynamic_shared_bytes(reinterpret_cast<const void*>(kernel), shared);
+      kernel<<<grid, kWarpsPerBlock * 32, shared, stream>>>(p, border, s);
+    } else {
+      binary_conv2d_bmma_halo_kernel<kOpts, false><<<grid, kWarpsPerBlock * 32, shared, stream>>>(p, border, s);
+    }
   };
   const bool launched = with_lean_options(options_of(p), launch, LeanOptionSets{});
   TORCH_CHECK(launched, "bmma_halo: no kernel instantiated for options ", options_of(p));

@@ -38,14 +38,15 @@ struct BorderClasses {
 // Whether bmma_lean (binary_conv_lean.cu) computes this call itself; otherwise `bmma` runs it.
 bool lean_supports(const ConvParams& p);
 // Whether bmma_halo (binary_conv_halo.cu) computes this call itself: what bmma_lean supports, with
-// the block's input halo within the shared memory it may use.
-bool halo_supports(const ConvParams& p);
+// the block's input halo (and with shared_weights, bmma_halo_w, its weights) within the shared
+// memory it may use.
+bool halo_supports(const ConvParams& p, bool shared_weights);
 // Fills `table` (P^4 * O int32) with the border classes of p.w, for bmma_lean and bmma_halo.
 void fill_border_classes(const ConvParams& p, int32_t* table, int in_channels, cudaStream_t stream);
 // Launch bmma_lean (grid as bmma's; with one_mma, bmma_lean1: one AND-popc MMA per tile and k-step)
 // and bmma_halo (its own grid); `table`: the border-class table, or null when no correction is needed.
 void launch_bmma_lean(const ConvParams& p, const int32_t* table, dim3 grid, cudaStream_t stream, bool one_mma);
-void launch_bmma_halo(const ConvParams& p, const int32_t* table, cudaStream_t stream);
+void launch_bmma_halo(const ConvParams& p, const int32_t* table, cudaStream_t stream, bool shared_weights);
 
 namespace {
 
@@ -213,16 +214,34 @@ __device__ __forceinline__ KWord k_word(const ConvParams& p, int kw) {
   return k;
 }
 
+// The weight word of k-word `kword` for column `col` of the warp's tile (nt * 8 + g), through the
+// read-only cache; 0 past O. (One 64-bit base and 32-bit offsets: the kernels run at their register
+// bound, and a 64-bit product per load spilled bmma_lean1 on sm_80.)
+struct WeightsFromGlobal {
+  const unsigned long long* w;  // the first word of column warp_col0
+  int k_words, cols;            // words per column; columns from warp_col0 to O
+
+  __device__ __forceinline__ WeightsFromGlobal(const ConvParams& p, int warp_col0)
+      : w(reinterpret_cast<const unsigned long long*>(p.w) + int64_t(warp_col0) * p.K_words),
+        k_words(p.K_words),
+        cols(p.O - warp_col0) {}
+
+  __device__ __forceinline__ uint64_t operator()(int col, int kword) const {
+    return col < cols ? __ldg(w + col * k_words + kword) : 0;  // < 64 * K_words: fits an int
+  }
+};
+
 // A warp's 32 (pixels) x 64 (channels) tile of counts, accumulated over every k-step: agreements
 // (two AND-popc MMAs per tile and k-step, mma_step), or with kOneMma the positions where both are
 // +1 (one MMA, mma_step_and) and the +1 counts in `ones`. Each thread (g, t) owns 64-bit word t of
 // every 256-bit k-step: its low half is the a0/b0 slot and its high half the a2/b1 slot, and A and B
-// use the same assignment, so bit k of A meets bit k of B. The weights come through the read-only
-// cache; `load_a(k, a)` gives the thread's input words of k-word k for its rows, a[mt][h] (0 past
-// K_words): from global memory (bmma, bmma_lean) or from a halo in shared memory (bmma_halo). The
-// next step's loads are in flight during this step's MMAs.
-template <bool kOneMma = false, class LoadA>
-__device__ __forceinline__ void warp_agreements_with(const ConvParams& p, LoadA&& load_a, int warp_col0, int g,
+// use the same assignment, so bit k of A meets bit k of B. `load_a(k, a)` gives the thread's input
+// words of k-word k for its rows, a[mt][h] (0 past K_words): from global memory (bmma, bmma_lean)
+// or from a halo in shared memory (bmma_halo); `load_b(col, kword)` the weight word of a column of
+// the warp's tile: through the read-only cache (WeightsFromGlobal) or from shared memory. The next
+// step's loads are in flight during this step's MMAs.
+template <bool kOneMma = false, class LoadA, class LoadB>
+__device__ __forceinline__ void warp_agreements_with(const ConvParams& p, LoadA&& load_a, LoadB&& load_b, int g,
                                                      int t, WarpAcc& acc, PlusOnes* ones = nullptr) {
   zero(acc);
   if constexpr (kOneMma) {
@@ -238,13 +257,7 @@ __device__ __forceinline__ void warp_agreements_with(const ConvParams& p, LoadA&
     const KWord k = k_word(p, s * kChunkWords + t);
     load_a(k, a);
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      const int col = warp_col0 + nt * 8 + g;
-      b[nt] = (k.in_k && col < p.O)
-                  ? __ldg(reinterpret_cast<const unsigned long long*>(p.w) + int64_t(col) * p.K_words +
-                          s * kChunkWords + t) & k.mask
-                  : 0;
-    }
+    for (int nt = 0; nt < 8; ++nt) b[nt] = k.in_k ? load_b(nt * 8 + g, s * kChunkWords + t) & k.mask : 0;
     return k.mask;
   };
 
@@ -320,7 +333,7 @@ __device__ __forceinline__ void warp_agreements(const ConvParams& p, const Pixel
 #pragma unroll
       for (int h = 0; h < 2; ++h) a[mt][h] = k.in_k ? load_input_word(p, pix[mt][h], k.tap, k.c) : 0;
   };
-  warp_agreements_with<kOneMma>(p, gather, warp_col0, g, t, acc, ones);
+  warp_agreements_with<kOneMma>(p, gather, WeightsFromGlobal{p, warp_col0}, g, t, acc, ones);
 }
 
 }  // namespace

@@ -9,7 +9,8 @@
 namespace bireal {
 
 namespace {
-const std::vector<std::string> kCudaPaths{"bmma", "simt", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_halo"};
+const std::vector<std::string> kCudaPaths{"bmma",      "simt",       "bmma_async",
+                                          "bmma_lean", "bmma_lean1", "bmma_halo", "bmma_halo_w"};
 std::atomic<int> g_cuda_path{0};
 std::atomic<bool> g_debug_fill{false};
 }  // namespace

@@ -351,6 +351,40 @@ def test_the_halo_kernels_staged_tile_is_each_outputs_own(elem_bytes, origin):
             assert len({a // 4 % 32 for a in lanes}) == 32  # 4-byte pairs in 32 distinct banks
 
 
+def weight_stride(k_words: int) -> int:
+    """binary_conv_halo.cu's weight_stride: K_words padded to 4 mod 16."""
+    return k_words + ((4 - k_words) % 16 + 16) % 16
+
+
+@pytest.mark.parametrize("k_words", [1, 9, 18, 25, 36, 72, 200])
+@pytest.mark.parametrize("out_channels,col0", [(64, 0), (72, 64), (512, 448)])
+def test_bmma_halo_w_weights_in_shared_memory(k_words, out_channels, col0):
+    """bmma_halo_w's weight tile, as its index arithmetic builds and reads it (stage_weights, then
+    the main loop's reads): every (column, k-word) of the block's 64 columns holds its weight word,
+    zeros past O; and the 16 8-byte reads of a half warp (columns g .. g + 3, words t = 0..3 of a
+    k-step) fall in 32 different banks at every k-step."""
+    w = torch.arange(out_channels * k_words).reshape(out_channels, k_words)  # (O, K_words) words
+    stride = weight_stride(k_words)
+    assert stride >= k_words and stride % 16 == 4
+    tile = torch.full((64 * stride,), -1)
+    flat = w.flatten()[col0 * k_words :]
+    words = min(64, out_channels - col0) * k_words
+    for i in range(64 * k_words):  # stage_weights, whichever thread copies word i
+        col, kword = divmod(i, k_words)
+        tile[col * stride + kword] = flat[i] if i < words else 0
+    for nt, g, kword in itertools.product(range(8), range(8), range(k_words)):
+        col = nt * 8 + g
+        want = w[col0 + col, kword] if col0 + col < out_channels else 0
+        assert tile[col * stride + kword] == want
+    for step, nt, half in itertools.product(range((k_words + 3) // 4), range(8), range(2)):
+        lanes = [(4 * half + lane // 4, lane % 4) for lane in range(16)]  # (g, t)
+        banks = set()
+        for g, t in lanes:
+            word = (nt * 8 + g) * stride + step * 4 + t
+            banks |= {(2 * word) % 32, (2 * word + 1) % 32}
+        assert len(banks) == 32
+
+
 def test_extension_uses_the_shared_libstdcxx():
     """The extension resolves the C++ library from the libstdc++ the process loads: a copy linked in
     by a -static-libstdc++ compiler driver breaks number formatting in every error message (cut short

@@ -58,6 +58,7 @@ QUICK = [
     Case("bf16", 1, 64, 64, 4, 4, bf16=True),
     Case("partial-tiles-72", 3, 100, 72, 7, 6),  # bmma_lean: M = 126 rows, O = 64 + 8 channels
     Case("halo-tiles-bf16", 2, 130, 64, 19, 37, bf16=True),  # bmma_halo: 3 x 3 tiles of 8 x 16 per image
+    Case("halo-w-opt-in-bf16", 1, 512, 64, 7, 7, bf16=True),  # bmma_halo_w: 68 KB of shared memory (opt-in)
 ]
 FULL = QUICK + [
     Case("bireal18-64x56", 2, 64, 64, 56, 56),
@@ -245,7 +246,7 @@ def print_row(r: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="four small cases (for compute-sanitizer)")
+    parser.add_argument("--quick", action="store_true", help="six small cases (for compute-sanitizer)")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     args = parser.parse_args(argv)

@@ -58,9 +58,8 @@ def variants(device: torch.device) -> tuple[list[str], str]:
     """(the variants timed, the cross-check whose outputs each must equal) on ``device``."""
     from cuda_ext import ops
 
-    if device.type == "cuda":
-        return [p for p in ops.cuda_paths() if p != "simt"], "simt"
-    return [p for p in ops.cpu_paths() if p != "portable"] or ["portable"], "portable"
+    check = "simt" if device.type == "cuda" else "portable"
+    return [p for p in ops.kernel_paths(device) if p != check] or [check], check
 
 
 class Operands:
@@ -114,10 +113,9 @@ def sweep_rows(shape: Shape, batch: int, device: torch.device, repeats: int, cop
     from cuda_ext.benchmarks import forward_ms, gpu_floors
 
     names, check = variants(device)
-    forced = ops.forced_cuda_path if device.type == "cuda" else ops.forced_cpu_path
     t = Operands(shape, batch, device)
     with torch.inference_mode():
-        with forced(check):
+        with ops.forced_kernel_path(device, check):
             want_conv, (want_out, want_signs) = t.conv(), t.block()
         cudnn_ms = forward_ms(t.cudnn_conv, device, batch, repeats, GRAPH_REPEATS)
         float_block_ms = forward_ms(t.float_block, device, batch, repeats, GRAPH_REPEATS)
@@ -127,7 +125,7 @@ def sweep_rows(shape: Shape, batch: int, device: torch.device, repeats: int, cop
             else {}
         )
         for name in names:
-            with forced(name):
+            with ops.forced_kernel_path(device, name):
                 conv, (out, signs) = t.conv(), t.block()
                 exact = torch.equal(conv, want_conv) and torch.equal(out, want_out) and torch.equal(signs, want_signs)
                 conv_ms = forward_ms(t.conv, device, batch, repeats, GRAPH_REPEATS)

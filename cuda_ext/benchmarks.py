@@ -14,6 +14,7 @@ import copy
 import json
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable
 
@@ -431,9 +432,10 @@ FLOAT_PART_SWITCHES = {**STEM_SWITCHES, **OTHER_SWITCHES}
 
 def bf16_model_rows(packed, x: torch.Tensor, dev: torch.device, repeats: int) -> dict:
     """The packed model with bfloat16 activations (batch 1: CUDA graphs): on each tensor-core kernel;
-    with each float-part switch on the default kernel; and ``tuned_bf16_ms``, the fastest kernel of
-    this row with the faster stem switch (if one beats the plain stem) and the other switches on,
-    named in ``tuned``: the configuration to compare with the target."""
+    with each float-part switch on the default kernel; and ``tuned_bf16_ms``, the faster stem switch
+    (if one beats the plain stem) and the other switches on, each binary conv on its fastest path
+    for this input (``PackedBiReal.tune_kernel_paths``; the paths in ``tuned_paths``), summed up in
+    ``tuned``: the configuration to compare with the target."""
     from . import ops
 
     def with_switches(*columns):  # a copy made from the float32 weights, then put in bfloat16
@@ -452,14 +454,15 @@ def bf16_model_rows(packed, x: torch.Tensor, dev: torch.device, repeats: int) ->
                     row[key] = forward_ms(lambda: packed(x), dev, x.shape[0], repeats)
             for column, net in switched.items():
                 row[column] = forward_ms(lambda: net(x), dev, x.shape[0], repeats)
-            fastest = min(BF16_PATH_KEYS, key=lambda path: row[BF16_PATH_KEYS[path]])
             stem = min(STEM_SWITCHES, key=row.get)
             columns = [*([stem] if row[stem] < row["bf16_ms"] else []), *OTHER_SWITCHES]
             packed.set_activation_dtype(torch.float32)  # (the switches are made from float32 weights)
             tuned = with_switches(*columns)
-            with ops.forced_cuda_path(fastest):
-                row["tuned_bf16_ms"] = forward_ms(lambda: tuned(x), dev, x.shape[0], repeats)
-            row["tuned"] = " + ".join([fastest, *(c.removesuffix("_bf16_ms") for c in columns)])
+            row["tuned_paths"] = tuned.tune_kernel_paths(x)
+            row["tuned_bf16_ms"] = forward_ms(lambda: tuned(x), dev, x.shape[0], repeats)
+            paths = Counter(row["tuned_paths"].values()).most_common()
+            per_layer = "per-layer paths (" + ", ".join(f"{path} x{n}" for path, n in paths) + ")"
+            row["tuned"] = " + ".join([per_layer, *(c.removesuffix("_bf16_ms") for c in columns)])
     finally:
         packed.set_activation_dtype(torch.float32)
     return row

@@ -69,6 +69,16 @@ def forced_cuda_path(name: str) -> contextlib.AbstractContextManager[None]:
     return _forced_path(_C.cuda_path, _C.set_cuda_path, name)
 
 
+def kernel_paths(device: torch.device | str) -> list[str]:
+    """The code paths of ``device``'s kind: ``cuda_paths()`` on a CUDA device, else ``cpu_paths()``."""
+    return cuda_paths() if torch.device(device).type == "cuda" else cpu_paths()
+
+
+def forced_kernel_path(device: torch.device | str, name: str) -> contextlib.AbstractContextManager[None]:
+    """``forced_cuda_path(name)`` on a CUDA device, else ``forced_cpu_path(name)``."""
+    return forced_cuda_path(name) if torch.device(device).type == "cuda" else forced_cpu_path(name)
+
+
 def debug_fill() -> contextlib.AbstractContextManager[None]:
     """Inside: every op fills its outputs with 0xFF bytes before its kernels run (NaN floats, packed
     words with the tail bits set), so an element a kernel never writes can't pass a test unseen."""

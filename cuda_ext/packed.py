@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -100,6 +101,7 @@ class PackedBinaryConv(nn.Module):
         # CUDA kernel does not make it every call; not saved: it follows from the weights
         self.register_buffer("border_classes", None, persistent=False)
         self.out_dtype: torch.dtype | None = None  # None: float32; PackedBiReal.set_activation_dtype
+        self.kernel_path: str | None = None  # None: the process's path; PackedBiReal.tune_kernel_paths
 
     def make_border_classes(self) -> None:
         """Make ``border_classes`` from the weights as they are now (call again if they change)."""
@@ -115,19 +117,23 @@ class PackedBinaryConv(nn.Module):
         pack, block = (pack_signs_ref, binary_block_ref) if _USE_REFERENCE else (ops.pack_signs, ops.binary_block)
         if packed_x is None:
             packed_x = pack(x)
-        return block(
-            packed_x,
-            self.packed,
-            self.in_channels,
-            self.stride,
-            self.padding,
-            self.pad_value,
-            self.scale,
-            self.bias,
-            residual,
-            self.out_dtype,
-            self.border_classes,
-        )
+        path = contextlib.nullcontext()
+        if self.kernel_path is not None and not _USE_REFERENCE:
+            path = ops.forced_kernel_path(self.packed.device, self.kernel_path)
+        with path:
+            return block(
+                packed_x,
+                self.packed,
+                self.in_channels,
+                self.stride,
+                self.padding,
+                self.pad_value,
+                self.scale,
+                self.bias,
+                residual,
+                self.out_dtype,
+                self.border_classes,
+            )
 
 
 _USE_REFERENCE = False
@@ -361,6 +367,41 @@ class PackedBiReal(nn.Module):
         y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding)
         return pool_signs(y, *pool_args, conv.bias.detach().to(y.dtype))  # (no cast but under autocast)
 
+    def binary_convs(self) -> dict[str, PackedBinaryConv]:
+        """The binary convs by module name (``blocks.3.conv``)."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, PackedBinaryConv)}
+
+    def tune_kernel_paths(self, x: torch.Tensor, repeats: int = 5) -> dict[str, str]:
+        """Give each binary conv the code path that runs it fastest on inputs like ``x`` (as
+        ``cudnn.benchmark`` picks cuDNN's algorithms per shape): one forward records every conv's
+        arguments, then each conv is timed alone on each path of the device (``ops.kernel_paths``,
+        the CUDA-core cross-check ``simt`` left out) and keeps the fastest (``kernel_path``). Every
+        path computes the same bits, so the outputs do not change. -> {conv name: path}."""
+        convs = self.binary_convs()
+        calls: dict[str, tuple] = {}
+
+        def record(name):
+            return lambda module, args, kwargs: calls.setdefault(name, (args, kwargs))
+
+        hooks = [conv.register_forward_pre_hook(record(name), with_kwargs=True) for name, conv in convs.items()]
+        try:
+            with torch.inference_mode():
+                self(x)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        paths = [p for p in ops.kernel_paths(x.device) if p != "simt"]
+        chosen = {}
+        with torch.inference_mode():
+            for name, conv in convs.items():
+                args, kwargs = calls[name]
+                times = {}
+                for path in paths:
+                    conv.kernel_path = path
+                    times[path] = median_ms(lambda: conv(*args, **kwargs), x.device, repeats)
+                conv.kernel_path = chosen[name] = min(times, key=times.get)
+        return chosen
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) images -> the last block's output (N, C, H', W'), channels_last, in the
         activation dtype."""
@@ -387,6 +428,25 @@ class PackedBiReal(nn.Module):
         exact = contextlib.nullcontext() if bf16 else ieee_float32()  # float32 means float32 on a GPU too
         with exact:
             return self.head(self.features(x))
+
+
+def median_ms(fn, device: torch.device, repeats: int) -> float:
+    """Median wall time of ``fn()`` in ms after one warm-up call, the device synchronized around each
+    call (``tune_kernel_paths``' timer: a ranking of paths on one shape, not a benchmark)."""
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
 
 
 # ----------------------------------------------------------------------------- export / load

@@ -120,19 +120,11 @@ def first_mismatch(got: torch.Tensor, want: torch.Tensor) -> tuple[int, list[int
     return count, (wrong.nonzero()[0].tolist() if count else None)
 
 
-def paths(device: str) -> list[str]:
-    return ops.cuda_paths() if device == "cuda" else ops.cpu_paths()
-
-
-def forced_path(device: str, path: str):
-    return ops.forced_cuda_path(path) if device == "cuda" else ops.forced_cpu_path(path)
-
-
 def check(device: str, path: str, case: Case) -> dict:
     px, pw, scale, bias, residual = inputs(case)
     want_out, want_packed = expected(case, px, pw, scale, bias, residual)
     args = [t.to(device) if t is not None else None for t in (px, pw, scale, bias, residual)]
-    with forced_path(device, path), ops.debug_fill():
+    with ops.forced_kernel_path(device, path), ops.debug_fill():
         out, packed = ops.binary_block(
             args[0],
             args[1],
@@ -209,7 +201,7 @@ def run(device: str = "cuda", quick: bool = False) -> list[dict]:
     ]
     checks += [
         (f"{path} {case.name}", lambda p=path, c=case: check(device, p, c))
-        for path in paths(device)
+        for path in ops.kernel_paths(device)
         for case in (QUICK if quick else FULL)
     ]
     rows = []
@@ -257,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"smoke on {where}, paths {paths(args.device)}", flush=True)
+    print(f"smoke on {where}, paths {ops.kernel_paths(args.device)}", flush=True)
     rows = run(args.device, args.quick)
     if args.json:
         with open(args.json, "w") as f:

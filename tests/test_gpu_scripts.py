@@ -4,6 +4,7 @@ loader + step with its data-wait fraction, the targets as ratios) and bench/gpu_
 25: a forward's time by kernel and group), one JSON line each as it is measured."""
 
 import json
+import re
 
 from bench import gpu_profile, gpu_train
 
@@ -86,22 +87,26 @@ def test_the_bf16_model_rows_on_a_cpu(tmp_path):
     """The model table's bf16 rows (run on a GPU by ``bireal bench model --device cuda``), here on the
     CPU kernels: one time per tensor-core path, one per float-part switch (the stem padded to 8 input
     channels or run space to depth, the shortcuts fused) and one with the faster stem (if either is)
-    and the fused shortcuts on the fastest path, the benchmarked model left as it was."""
+    and the fused shortcuts, each binary conv on its fastest path, the benchmarked model left as it
+    was."""
     import torch
 
     import bireal_core as bc
+    from cuda_ext import ops
     from cuda_ext.benchmarks import bf16_model_rows
     from cuda_ext.packed import export_model, load_packed
 
     packed, _ = load_packed(export_model(bc.create_model("bireal18", width=0.25).eval(), tmp_path / "b.safetensors"))
     x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
     row = bf16_model_rows(packed, x, torch.device("cpu"), 1)
-    tuned = row.pop("tuned")
+    tuned, tuned_paths = row.pop("tuned"), row.pop("tuned_paths")
     assert set(row) == {"bf16_ms", "async_bf16_ms", "lean_bf16_ms", "lean1_bf16_ms", "halo_bf16_ms", "halo_w_bf16_ms",
                         "stem8_bf16_ms", "stem_s2d_bf16_ms", "shortcut2x2_bf16_ms", "tuned_bf16_ms"}  # fmt: skip
     assert min(row.values()) > 0
-    path, *stems, shortcuts = tuned.split(" + ")
-    assert path in ("bmma", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_halo", "bmma_halo_w")
+    per_layer, *stems, shortcuts = tuned.split(" + ")
+    assert len(tuned_paths) == 16 and set(tuned_paths.values()) <= set(ops.cpu_paths())  # on this CPU
+    assert per_layer.startswith("per-layer paths (") and per_layer.endswith(")")
+    assert sum(int(n) for n in re.findall(r" x(\d+)", per_layer)) == 16  # e.g. "(avx512 x12, avx2 x4)"
     assert shortcuts == "shortcut2x2"
     assert stems in ([], ["stem8"], ["stem_s2d"])
     assert packed.stem[0].in_channels == 3 and not packed.stem_space_to_depth

@@ -443,3 +443,28 @@ def test_a_space_to_depth_stem_computes_the_same(tmp_path):
         padded.pad_stem_input(8).space_to_depth_stem()
     with pytest.raises(ValueError, match="use one or the other"):
         plain.set_activation_dtype(torch.float32).space_to_depth_stem().pad_stem_input(8)
+
+
+def test_tune_kernel_paths_gives_each_binary_conv_its_fastest_path(tmp_path):
+    """tune_kernel_paths times every binary conv on each of the device's paths (here the CPU's) and
+    sets its ``kernel_path``: the logits stay the same bit for bit (every path computes the same
+    bits), each conv then runs on its own path (a path that does not exist is refused by name), and
+    the recording hooks are gone."""
+    torch.manual_seed(0)
+    model = bc.create_model("bireal18", num_classes=10, width=0.25).train()
+    with torch.no_grad():
+        model(torch.randn(4, 3, 64, 64))  # BN statistics off their defaults
+    packed, _ = load_packed(export_model(model.eval(), tmp_path / "m.safetensors"))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        before = packed(x)
+    chosen = packed.tune_kernel_paths(x, repeats=2)
+    convs = packed.binary_convs()
+    assert set(chosen) == set(convs) and len(chosen) == 16 and set(chosen.values()) <= set(ops.cpu_paths())
+    assert all(conv.kernel_path == chosen[name] for name, conv in convs.items())
+    assert all(not conv._forward_pre_hooks for conv in convs.values())
+    with torch.inference_mode():
+        assert torch.equal(packed(x), before)
+        convs["blocks.5.conv"].kernel_path = "no-such-path"
+        with pytest.raises(RuntimeError, match="no-such-path"):
+            packed(x)

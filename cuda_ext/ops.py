@@ -79,6 +79,14 @@ def forced_kernel_path(device: torch.device | str, name: str) -> contextlib.Abst
     return forced_cuda_path(name) if torch.device(device).type == "cuda" else forced_cpu_path(name)
 
 
+def programmatic_launch(on: bool = True) -> contextlib.AbstractContextManager[None]:
+    """Inside: the lean and halo CUDA kernels launch with programmatic dependent launch (sm_90 and
+    newer; a no-op elsewhere): each may start while the kernel before it in the stream finishes, and
+    waits for it before reading anything. Off by default until a GPU run measures it (the model
+    table's ``tuned_pdl_bf16_ms``)."""
+    return _forced_path(_C.programmatic_launch, _C.set_programmatic_launch, on)
+
+
 def debug_fill() -> contextlib.AbstractContextManager[None]:
     """Inside: every op fills its outputs with 0xFF bytes before its kernels run (NaN floats, packed
     words with the tail bits set), so an element a kernel never writes can't pass a test unseen."""

@@ -396,6 +396,31 @@ def test_packed_model_on_cuda_equals_reference_ops(monkeypatch, path, name, kwar
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize("path", LEAN_PATHS)
+def test_packed_model_with_programmatic_dependent_launch(path):
+    """ops.programmatic_launch: the lean and halo kernels may start while the kernel before them
+    finishes (sm_90+); the packed Bi-Real-18 in bf16 still equals the reference ops, eagerly and
+    replayed as a CUDA graph at batch 1 (its kernels back to back), and the switch is restored."""
+    from cuda_ext.packed import reference_ops
+
+    packed = _randomized_packed("bireal18").fuse_shortcuts().set_activation_dtype(torch.bfloat16)
+    x = torch.randn(1, 3, 224, 224, device="cuda")
+    with torch.inference_mode():
+        with reference_ops():
+            ref = packed(x)
+        with ops.forced_cuda_path(path), ops.programmatic_launch():
+            eager = packed(x)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = packed(x)
+            for _ in range(3):
+                graph.replay()
+            torch.cuda.synchronize()
+    assert torch.equal(eager, ref) and torch.equal(static_out, ref)
+    assert not ops._C.programmatic_launch()
+
+
 def test_packed_model_under_cuda_graph_batch1():
     packed = _randomized_packed("bireal18")
     static_x = torch.randn(1, 3, 224, 224, device="cuda")

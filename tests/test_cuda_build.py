@@ -66,6 +66,15 @@ def test_machine_code_for_sm80_and_sm90a_with_native_bmma():
             assert "LDL" not in kernel and "STL" not in kernel, f"{sm} {name}: registers spilled to local memory"
         async_kernel = sass_of(sass, "binary_conv2d_bmma_async_kernel")
         assert "LDGSTS" in async_kernel, f"{sm}: the async kernel's copies are not cp.async (LDGSTS)"
+        # programmatic dependent launch (sm_90+): the lean and halo kernels wait for the kernel before
+        # them first thing (ACQBULK: griddepcontrol.wait) and let the next launch after their main
+        # loop (PREEXIT: griddepcontrol.launch_dependents); bmma and bmma_async do neither
+        for name, kernel in tensor_core:
+            pdl = sm == "sm_90a" and ("_lean" in name or "_halo" in name)
+            assert ("ACQBULK" in kernel) == pdl and ("PREEXIT" in kernel) == pdl, f"{sm} {name}"
+            if pdl:
+                first = kernel.index("ACQBULK")
+                assert all(kernel.index(op) > first for op in ("LDG", "STG") if op in kernel), f"{sm} {name}"
 
 
 def test_cuda_helpers_without_a_gpu():

@@ -322,3 +322,19 @@ def test_gpu_floors_are_the_reviews_arithmetic():
     assert ratios["conv_of_floor"] == pytest.approx(f["conv_floor_ms"] / 0.04)  # the faster variant
     assert ratios["floor_x_cudnn"] == pytest.approx(0.127 / f["conv_floor_ms"])  # about 4.9x, the ceiling
     assert ratios["block_of_floor"] == pytest.approx(f["block_floor_ms"] / 0.1)
+
+
+def test_programmatic_launch_is_a_switch_restored_on_exit():
+    """ops.programmatic_launch (the lean and halo CUDA kernels' programmatic dependent launch) is
+    off by default, on inside, restored on exit, also after an error."""
+    assert not ops._C.programmatic_launch()
+    with ops.programmatic_launch():
+        assert ops._C.programmatic_launch()
+        with ops.programmatic_launch(False):
+            assert not ops._C.programmatic_launch()
+        assert ops._C.programmatic_launch()
+    assert not ops._C.programmatic_launch()
+    with pytest.raises(ValueError):
+        with ops.programmatic_launch():
+            raise ValueError
+    assert not ops._C.programmatic_launch()

@@ -35,8 +35,9 @@ double cpu_micro_kernel_rate(int64_t words, double seconds);
 // CUDA code paths: "bmma" (1-bit tensor cores, sm_80+, the default), "simt" (CUDA-core popcount, a
 // cross-check), "bmma_async" (bmma with the operand tiles staged through shared memory by
 // cp.async, double buffered), "bmma_lean" (bmma's main loop with an epilogue compiled for the
-// call's options, binary_conv_lean.cu) and "bmma_halo" (that epilogue, the input read from a halo in
-// shared memory, binary_conv_halo.cu); the last three are variants under test.
+// call's options, binary_conv_lean.cu; "bmma_lean1" with one MMA per k-step) and "bmma_halo" (that
+// epilogue, the input read from a halo in shared memory, binary_conv_halo.cu; "bmma_halo_w" with
+// the weights there too); the last five are variants under test.
 std::vector<std::string> cuda_paths();
 std::string cuda_path();
 void set_cuda_path(const std::string& name);
@@ -47,6 +48,13 @@ void set_cuda_path(const std::string& name);
 bool debug_fill();
 void set_debug_fill(bool on);
 void fill_if_debugging(at::Tensor& t);
+
+// Programmatic dependent launch (sm_90 and newer; off by default until a GPU run measures it): the
+// lean and halo kernels are launched so that they may start while the kernel before them in the
+// stream finishes (they wait for it before reading anything), and they let the next one start
+// once their main loop is done. Hides the launch gaps of a batch-1 forward's ~20 kernels.
+bool programmatic_launch();
+void set_programmatic_launch(bool on);
 
 // The output dtype of binary_conv2d / binary_block: float32 (default) or bfloat16.
 at::ScalarType conv_out_dtype(const std::optional<at::ScalarType>& out_dtype);

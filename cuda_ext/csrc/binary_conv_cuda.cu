@@ -467,6 +467,12 @@ int compute_capability_major(int device) {
   return major;
 }
 
+}  // namespace
+
+bool programmatic_launch_on(int device) { return programmatic_launch() && compute_capability_major(device) >= 9; }
+
+namespace {
+
 void check_cuda_tensor(const at::Tensor& t, const at::Tensor& like, const char* name) {
   TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "binary_conv2d (CUDA): ", name, " is on ",
               t.device(), ", packed_x on ", like.device());

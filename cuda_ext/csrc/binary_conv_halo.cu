@@ -167,6 +167,7 @@ constexpr int kMinBlocksPerSM = 3;
 template <int kOpts, bool kSharedWeights>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocksPerSM)
 binary_conv2d_bmma_halo_kernel(const ConvParams p, const BorderClasses border, const HaloShape s) {
+  wait_for_previous_kernel();  // (with programmatic dependent launch) before any read
   using Elem = std::conditional_t<(kOpts & kOutBf16) != 0, __nv_bfloat16, float>;  // an output, a residual
   constexpr bool kStageResidual = (kOpts & kResidual) != 0, kStageOutput = (kOpts & kOutBf16) != 0;
   extern __shared__ uint64_t halo[];  // (HR, HC, Cw), then the staged tile
@@ -234,6 +235,7 @@ binary_conv2d_bmma_halo_kernel(const ConvParams p, const BorderClasses border, c
     warp_agreements_with</*kOneMma=*/true>(p, from_halo, WeightsFromGlobal{p, warp_col0}, g, t, acc, &ones);
   }
   dots_from_and_counts(acc, ones, p.K, t);
+  let_next_kernel_launch();  // its blocks may be scheduled during this epilogue
   // Tile pixel (2 * warp + mt, 8 * h + g): one output row per mt (set after the main loop, as bmma_lean).
   rows.base = (int64_t(n) * p.Ho + oh0 + 2 * warp) * p.Wo + ow0 + g, rows.mt_stride = p.Wo;
   if constexpr (kStageResidual || kStageOutput) {
@@ -299,15 +301,12 @@ void launch_bmma_halo(const ConvParams& p, const int32_t* table, cudaStream_t st
   const int64_t images = p.M / (int64_t(p.Ho) * p.Wo);
   const dim3 grid(static_cast<unsigned>(images * s.tiles_h * s.tiles_w), (p.O + kWarpCols - 1) / kWarpCols);
   const int shared = static_cast<int>(shared_bytes(p, shared_weights));
+  const int device = c10::cuda::current_device();
   auto launch = [&](auto options) {
     constexpr int kOpts = decltype(options)::value;
-    if (shared_weights) {
-      auto* kernel = binary_conv2d_bmma_halo_kernel<kOpts, true>;
-      allow_dynamic_shared_bytes(reinterpret_cast<const void*>(kernel), shared);
-      kernel<<<grid, kWarpsPerBlock * 32, shared, stream>>>(p, border, s);
-    } else {
-      binary_conv2d_bmma_halo_kernel<kOpts, false><<<grid, kWarpsPerBlock * 32, shared, stream>>>(p, border, s);
-    }
+    auto* kernel = shared_weights ? binary_conv2d_bmma_halo_kernel<kOpts, true> : binary_conv2d_bmma_halo_kernel<kOpts, false>;
+    allow_dynamic_shared_bytes(reinterpret_cast<const void*>(kernel), shared);  // (over 48 KB: bmma_halo_w)
+    launch_kernel(kernel, grid, kWarpsPerBlock * 32, shared, stream, device, p, border, s);
   };
   const bool launched = with_lean_options(options_of(p), launch, LeanOptionSets{});
   TORCH_CHECK(launched, "bmma_halo: no kernel instantiated for options ", options_of(p));

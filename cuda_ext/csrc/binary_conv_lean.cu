@@ -18,6 +18,7 @@
 #include "lean_epilogue.cuh"
 
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/util/Exception.h>
 
 namespace bireal {
@@ -48,6 +49,7 @@ constexpr int kMinBlocksPerSM = 3;
 template <int kOpts, bool kOneMma>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32, kMinBlocksPerSM)
 binary_conv2d_bmma_lean_kernel(const ConvParams p, const BorderClasses border) {
+  wait_for_previous_kernel();  // (with programmatic dependent launch) before any read
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int64_t warp_row0 = (int64_t(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5)) * kWarpRows;
   const int warp_col0 = blockIdx.y * kWarpCols;
@@ -69,6 +71,7 @@ binary_conv2d_bmma_lean_kernel(const ConvParams p, const BorderClasses border) {
     warp_agreements(p, pix, warp_col0, g, t, acc);
     dots_from_agreements(acc, p.K);
   }
+  let_next_kernel_launch();  // its blocks may be scheduled during this epilogue
   // The warp's 32 rows are consecutive pixels; set after the main loop, so that the base does not
   // hold registers across it (set before it, bmma_lean spills at its 168-register bound).
   rows.base = warp_row0 + g, rows.mt_stride = 16;
@@ -89,12 +92,11 @@ void fill_border_classes(const ConvParams& p, int32_t* table, int in_channels, c
 void launch_bmma_lean(const ConvParams& p, const int32_t* table, dim3 grid, cudaStream_t stream, bool one_mma) {
   TORCH_CHECK(lean_supports(p), "bmma_lean: called for a conv it does not support (lean_supports)");
   const BorderClasses border{table, p.padding + 1};
+  const int device = c10::cuda::current_device();
   auto launch = [&](auto options) {
     constexpr int kOpts = decltype(options)::value;
-    if (one_mma)
-      binary_conv2d_bmma_lean_kernel<kOpts, true><<<grid, kWarpsPerBlock * 32, 0, stream>>>(p, border);
-    else
-      binary_conv2d_bmma_lean_kernel<kOpts, false><<<grid, kWarpsPerBlock * 32, 0, stream>>>(p, border);
+    auto* kernel = one_mma ? binary_conv2d_bmma_lean_kernel<kOpts, true> : binary_conv2d_bmma_lean_kernel<kOpts, false>;
+    launch_kernel(kernel, grid, kWarpsPerBlock * 32, 0, stream, device, p, border);
   };
   const bool launched = with_lean_options(options_of(p), launch, LeanOptionSets{});
   TORCH_CHECK(launched, "bmma_lean: no kernel instantiated for options ", options_of(p));

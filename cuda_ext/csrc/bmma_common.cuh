@@ -4,9 +4,11 @@
 // Layouts and the arithmetic are explained at the top of binary_conv_cuda.cu.
 #pragma once
 
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 namespace bireal {
 
@@ -43,12 +45,50 @@ bool lean_supports(const ConvParams& p);
 bool halo_supports(const ConvParams& p, bool shared_weights);
 // Fills `table` (P^4 * O int32) with the border classes of p.w, for bmma_lean and bmma_halo.
 void fill_border_classes(const ConvParams& p, int32_t* table, int in_channels, cudaStream_t stream);
+// Whether the lean and halo kernels launch with programmatic dependent launch on `device`
+// (programmatic_launch() and sm_90 or newer).
+bool programmatic_launch_on(int device);
+
 // Launch bmma_lean (grid as bmma's; with one_mma, bmma_lean1: one AND-popc MMA per tile and k-step)
 // and bmma_halo (its own grid); `table`: the border-class table, or null when no correction is needed.
 void launch_bmma_lean(const ConvParams& p, const int32_t* table, dim3 grid, cudaStream_t stream, bool one_mma);
 void launch_bmma_halo(const ConvParams& p, const int32_t* table, cudaStream_t stream, bool shared_weights);
 
 namespace {
+
+// Programmatic dependent launch, device side (sm_90+; elsewhere, and in a kernel launched without
+// it, nothing happens): wait until the kernel before this one in the stream has finished and its
+// writes are visible (griddepcontrol.wait; SASS ACQBULK), to be called before reading anything it
+// may have written; and let the next kernel start launching (griddepcontrol.launch_dependents;
+// SASS PREEXIT) once every block of this one has called it or exited.
+__device__ __forceinline__ void wait_for_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void let_next_kernel_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Launches `kernel`, with programmatic dependent launch where programmatic_launch_on(device).
+template <class... Params, class... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
+                   int device, Args&&... args) {
+  if (!programmatic_launch_on(device)) {
+    kernel<<<grid, block, shared_bytes, stream>>>(std::forward<Args>(args)...);
+    return;
+  }
+  cudaLaunchAttribute attribute{};
+  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid, config.blockDim = block, config.dynamicSmemBytes = shared_bytes, config.stream = stream;
+  config.attrs = &attribute, config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
 
 constexpr int kWarpRows = 32;                   // output pixels per warp (2 m16 tiles)
 constexpr int kWarpCols = 64;                   // output channels per warp (8 n8 tiles = 1 word)

@@ -13,10 +13,13 @@ const std::vector<std::string> kCudaPaths{"bmma",      "simt",       "bmma_async
                                           "bmma_lean", "bmma_lean1", "bmma_halo", "bmma_halo_w"};
 std::atomic<int> g_cuda_path{0};
 std::atomic<bool> g_debug_fill{false};
+std::atomic<bool> g_programmatic_launch{false};
 }  // namespace
 
 bool debug_fill() { return g_debug_fill.load(); }
 void set_debug_fill(bool on) { g_debug_fill.store(on); }
+bool programmatic_launch() { return g_programmatic_launch.load(); }
+void set_programmatic_launch(bool on) { g_programmatic_launch.store(on); }
 
 void fill_if_debugging(at::Tensor& t) {
   // A byte view of the freshly allocated (contiguous) output; fill_ runs on its device's current
@@ -139,6 +142,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_path", &bireal::cuda_path, "the CUDA code path in use");
   m.def("set_cuda_path", &bireal::set_cuda_path, "force a CUDA code path ('auto' restores bmma)");
   m.def("debug_fill", &bireal::debug_fill, "whether outputs are pre-filled with 0xFF bytes");
+  m.def("programmatic_launch", &bireal::programmatic_launch,
+        "whether the lean and halo CUDA kernels use programmatic dependent launch (sm_90+)");
+  m.def("set_programmatic_launch", &bireal::set_programmatic_launch,
+        "launch the lean and halo CUDA kernels with programmatic dependent launch (sm_90+)");
   m.def("set_debug_fill", &bireal::set_debug_fill,
         "pre-fill every op output with 0xFF bytes (NaN floats, bad packed tails) before the kernels run");
 #ifdef BIREAL_WITH_CUDA

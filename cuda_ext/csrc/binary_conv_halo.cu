@@ -1,4 +1,4 @@
-// bmma_halo: the first steps of issue 25's fused-block kernel. A block computes an 8 x 16 rectangle
+// bmma_halo and bmma_halo_w: issue 25's fused-block kernel. A block computes an 8 x 16 rectangle
 // of one image's output pixels (its 4 warps 2 output rows each: an m16 tile is 16 adjacent pixels of
 // one row) for 64 output channels.
 // - The halo: the block first copies the input its pixels' taps touch, ((8 - 1) * stride + KH) rows
@@ -17,19 +17,24 @@
 // - bf16 outputs stored 16 bytes at a time: the epilogue writes its pairs into the same tile (each
 //   thread where its residual pair was), and after a barrier the block copies the tile out, each
 //   pixel's 64 channels one 128-byte run, instead of 4-byte stores of 8 rows per instruction.
-// The weights still come through the read-only cache, and the epilogue is the lean one
-// (lean_epilogue.cuh), so the outputs equal bmma's bit for bit.
+// - bmma_halo_w (the second template argument): the block's 64 weight columns copied into shared
+//   memory too, as the first cp.async group, which the main loop waits for alone; bmma_halo reads
+//   them through the read-only cache.
+// - Programmatic dependent launch (ops.programmatic_launch): the kernel waits for the one before it
+//   first thing, and lets the next one launch after its main loop.
+// The epilogue is the lean one (lean_epilogue.cuh), so the outputs equal bmma's bit for bit.
 //
 // Shapes:
-//   halo   (HR, HC, Cw) words in dynamic shared memory, HR = 7 * stride + KH, HC = 15 * stride + KW
-//   staged (128, RS) residuals and bf16 outputs after the halo (16-byte aligned), RS = 72 (bf16) or
-//          68 (float32)
+//   halo    (HR, HC, Cw) words in dynamic shared memory, HR = 7 * stride + KH, HC = 15 * stride + KW
+//   weights (64, WS) words after the halo (bmma_halo_w), WS = K_words padded to 4 mod 16
+//   staged  (128, RS) residuals and bf16 outputs after those (16-byte aligned), RS = 72 (bf16) or
+//           68 (float32)
 //   grid   (N * ceil(Ho / 8) * ceil(Wo / 16), ceil(O / 64)): x the image and tile, y the channel word
 // Pixel (r, c) of the tile (r = 2 * warp + mt, c = 8 * h + g) reads tap (kh, kw), word w of its
 // input pixel at halo[((r * stride + kh) * HC + c * stride + kw) * Cw + w].
 //
-// Not yet here (the sweep's numbers decide what comes next): weights in shared memory, and persistent
-// blocks prefetching the next tile's halo and residual.
+// Not yet here (the sweep's numbers decide what comes next): persistent blocks prefetching the next
+// tile's halo and residual.
 #include "lean_epilogue.cuh"
 
 #include <c10/cuda/CUDAException.h>

@@ -190,16 +190,20 @@ BF16_PATH_KEYS = {
     "bmma": "bf16_ms", "bmma_async": "async_bf16_ms", "bmma_lean": "lean_bf16_ms", "bmma_lean1": "lean1_bf16_ms",
     "bmma_halo": "halo_bf16_ms", "bmma_halo_w": "halo_w_bf16_ms",
 }  # fmt: skip
+# The kernel table's fused-block rows with bf16 in and out: the best of bmma and bmma_async, then one
+# per lean and halo path
+BF16_BLOCK_KEYS = {
+    ("bmma", "bmma_async"): "block_bf16_ms", ("bmma_lean",): "lean_block_bf16_ms",
+    ("bmma_lean1",): "lean1_block_bf16_ms", ("bmma_halo",): "halo_block_bf16_ms",
+    ("bmma_halo_w",): "halo_w_block_bf16_ms",
+}  # fmt: skip
 
 
 def of_floor(row: dict, floors: dict) -> dict:
     """The row's best bf16 conv and its bf16 block against their floors (``gpu_floors``), and the
     ratio to cuDNN that each floor allows (the ceiling of ``bf16_speedup``)."""
-    block_keys = (
-        "block_bf16_ms", "lean_block_bf16_ms", "lean1_block_bf16_ms", "halo_block_bf16_ms", "halo_w_block_bf16_ms"
-    )  # fmt: skip
     best_conv = min(row.get(key, float("inf")) for key in BF16_PATH_KEYS.values())
-    best_block = min(row.get(key, float("inf")) for key in block_keys)
+    best_block = min(row.get(key, float("inf")) for key in BF16_BLOCK_KEYS.values())
     return {
         "conv_floor_ms": floors["conv_floor_ms"],
         "conv_of_floor": floors["conv_floor_ms"] / best_conv,
@@ -254,11 +258,7 @@ def cuda_variants(ops, px, pw, channels, scale, bias, residual_bf16, base_ms, re
         "async_ms": conv("bmma_async"),
         **{BF16_PATH_KEYS[path]: ms for path, ms in bf16.items()},
         "bf16_speedup": base_ms / min(bf16.values()),
-        "block_bf16_ms": min(block("bmma"), block("bmma_async")),
-        "lean_block_bf16_ms": block("bmma_lean"),
-        "lean1_block_bf16_ms": block("bmma_lean1"),
-        "halo_block_bf16_ms": block("bmma_halo"),
-        "halo_w_block_bf16_ms": block("bmma_halo_w"),
+        **{key: min(block(path) for path in paths) for paths, key in BF16_BLOCK_KEYS.items()},
     }
 
 

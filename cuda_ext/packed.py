@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -390,6 +389,8 @@ class PackedBiReal(nn.Module):
         finally:
             for hook in hooks:
                 hook.remove()
+        from .benchmarks import time_ms  # the project's timer (median; CUDA events on a GPU)
+
         paths = [p for p in ops.kernel_paths(x.device) if p != "simt"]
         chosen = {}
         with torch.inference_mode():
@@ -398,7 +399,7 @@ class PackedBiReal(nn.Module):
                 times = {}
                 for path in paths:
                     conv.kernel_path = path
-                    times[path] = median_ms(lambda: conv(*args, **kwargs), x.device, repeats)
+                    times[path] = time_ms(lambda: conv(*args, **kwargs), x.device, repeats, warmup=1)
                 conv.kernel_path = chosen[name] = min(times, key=times.get)
         return chosen
 
@@ -428,25 +429,6 @@ class PackedBiReal(nn.Module):
         exact = contextlib.nullcontext() if bf16 else ieee_float32()  # float32 means float32 on a GPU too
         with exact:
             return self.head(self.features(x))
-
-
-def median_ms(fn, device: torch.device, repeats: int) -> float:
-    """Median wall time of ``fn()`` in ms after one warm-up call, the device synchronized around each
-    call (``tune_kernel_paths``' timer: a ranking of paths on one shape, not a benchmark)."""
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    fn()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2] * 1e3
 
 
 # ----------------------------------------------------------------------------- export / load

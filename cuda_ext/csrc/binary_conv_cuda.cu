@@ -41,7 +41,9 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
+#include <map>
+#include <mutex>
+#include <utility>
 
 namespace bireal {
 namespace {
@@ -455,19 +457,25 @@ constexpr int kThreads = 256;
 
 int64_t blocks_for(int64_t threads) { return (threads + kThreads - 1) / kThreads; }
 
-// Read once per device (kept out of the per-call path, which may be inside a CUDA graph capture).
-int compute_capability_major(int device) {
-  static std::atomic<int> cached[64] = {};
-  TORCH_CHECK(device >= 0 && device < 64, "binary_conv2d (CUDA): device index ", device, " out of range");
-  int major = cached[device].load();
-  if (major == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-    cached[device].store(major);
-  }
-  return major;
-}
+int compute_capability_major(int device) { return device_attribute(cudaDevAttrComputeCapabilityMajor, device); }
 
 }  // namespace
+
+// Read once per attribute and device (kept out of the per-call path, which may be inside a CUDA
+// graph capture).
+int device_attribute(cudaDeviceAttr attribute, int device) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, int>, int> cached;  // (attribute, device) -> value
+  std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_pair(static_cast<int>(attribute), device);
+  auto found = cached.find(key);
+  if (found == cached.end()) {
+    int value = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, attribute, device));
+    found = cached.emplace(key, value).first;
+  }
+  return found->second;
+}
 
 bool programmatic_launch_on(int device) { return programmatic_launch() && compute_capability_major(device) >= 9; }
 

@@ -260,19 +260,9 @@ binary_conv2d_bmma_halo_kernel(const ConvParams p, const BorderClasses border, c
   }
 }
 
-// The dynamic shared memory a block may use on this device with an opt-in (cached per device).
+// The dynamic shared memory a block may use on this device with an opt-in.
 int64_t opt_in_shared_bytes() {
-  static std::mutex mutex;
-  static std::map<int, int> bytes;  // device -> bytes
-  const int device = c10::cuda::current_device();
-  std::lock_guard<std::mutex> lock(mutex);
-  auto found = bytes.find(device);
-  if (found == bytes.end()) {
-    int value = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    found = bytes.emplace(device, value).first;
-  }
-  return found->second;
+  return device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, c10::cuda::current_device());
 }
 
 // Lets `kernel` take `bytes` of dynamic shared memory: over 48 KB a kernel needs an opt-in, set per

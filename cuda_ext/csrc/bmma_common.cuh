@@ -45,6 +45,9 @@ bool lean_supports(const ConvParams& p);
 bool halo_supports(const ConvParams& p, bool shared_weights);
 // Fills `table` (P^4 * O int32) with the border classes of p.w, for bmma_lean and bmma_halo.
 void fill_border_classes(const ConvParams& p, int32_t* table, int in_channels, cudaStream_t stream);
+// cudaDeviceGetAttribute(attribute, device), read once per attribute and device.
+int device_attribute(cudaDeviceAttr attribute, int device);
+
 // Whether the lean and halo kernels launch with programmatic dependent launch on `device`
 // (programmatic_launch() and sm_90 or newer).
 bool programmatic_launch_on(int device);

@@ -20,10 +20,10 @@ import sys
 OUTPUTS_PER_THREAD = 32 * 64 // 32
 KERNELS = ("binary_conv2d_bmma_kernel", "binary_conv2d_bmma_async_kernel", "binary_conv2d_simt_kernel",
            "tap_sums_kernel", "binary_conv2d_bmma_lean_kernel", "binary_conv2d_bmma_halo_kernel",
-           "border_classes_kernel")  # fmt: skip
-# the lean epilogue's template options (lean_epilogue.cuh), bit by bit: bmma_lean's (and bmma_lean1's)
-# and bmma_halo's
-TEMPLATED = ("binary_conv2d_bmma_lean_kernel", "binary_conv2d_bmma_halo_kernel")
+           "binary_conv2d_bmma_split_kernel", "border_classes_kernel")  # fmt: skip
+# the lean epilogue's template options (lean_epilogue.cuh), bit by bit: bmma_lean's (and bmma_lean1's),
+# bmma_split's and bmma_halo's
+TEMPLATED = ("binary_conv2d_bmma_lean_kernel", "binary_conv2d_bmma_halo_kernel", "binary_conv2d_bmma_split_kernel")
 LEAN_OPTIONS = ("scale", "bias", "residual", "bf16", "pack")
 FUNCTION = re.compile(r"Function : (\S+)")
 # one SASS instruction: /*address*/ [@predicate] OPCODE operands ;
@@ -122,6 +122,7 @@ def report(so: str, tool: str) -> list[dict]:
             row = {"sm": sm, "kernel": name, "instructions": len(ops), "bmma": len(mmas),
                    "cp_async": sum(op.startswith("LDGSTS") for op in ops),  # cp.async copies
                    "stg128": sum(op.startswith("STG") and ".128" in op for op in ops),  # 16-byte stores
+                   "cluster_sync": sum(op.startswith("UCGABAR_WAIT") for op in ops),  # cluster.sync()
                    **usage.get((sm, mangled), {})}  # fmt: skip
             epilogue = epilogue_size(kernel_sass)
             if epilogue is not None:
@@ -132,9 +133,9 @@ def report(so: str, tool: str) -> list[dict]:
 
 
 def format_rows(rows: list[dict]) -> str:
-    cols = ("sm", "kernel", "instructions", "bmma", "cp_async", "stg128", "reg", "stack", "shared", "local",
-            "epilogue", "epilogue_per_output")  # fmt: skip
-    widths = (8, 65, 13, 6, 9, 7, 5, 6, 8, 7, 10, 21)
+    cols = ("sm", "kernel", "instructions", "bmma", "cp_async", "stg128", "cluster_sync", "reg", "stack", "shared",
+            "local", "epilogue", "epilogue_per_output")  # fmt: skip
+    widths = (8, 65, 13, 6, 9, 7, 13, 5, 6, 8, 7, 10, 21)
     lines = ["".join(f"{c:>{w}}" for c, w in zip(cols, widths))]
     lines += ["".join(f"{str(r.get(c, '-')):>{w}}" for c, w in zip(cols, widths)) for r in rows]
     return "\n".join(lines)

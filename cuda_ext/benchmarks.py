@@ -188,14 +188,14 @@ def bench_kernels(
 # model table (bf16_model_rows)
 BF16_PATH_KEYS = {
     "bmma": "bf16_ms", "bmma_async": "async_bf16_ms", "bmma_lean": "lean_bf16_ms", "bmma_lean1": "lean1_bf16_ms",
-    "bmma_halo": "halo_bf16_ms", "bmma_halo_w": "halo_w_bf16_ms",
+    "bmma_split": "split_bf16_ms", "bmma_halo": "halo_bf16_ms", "bmma_halo_w": "halo_w_bf16_ms",
 }  # fmt: skip
 # The kernel table's fused-block rows with bf16 in and out: the best of bmma and bmma_async, then one
 # per lean and halo path
 BF16_BLOCK_KEYS = {
     ("bmma", "bmma_async"): "block_bf16_ms", ("bmma_lean",): "lean_block_bf16_ms",
-    ("bmma_lean1",): "lean1_block_bf16_ms", ("bmma_halo",): "halo_block_bf16_ms",
-    ("bmma_halo_w",): "halo_w_block_bf16_ms",
+    ("bmma_lean1",): "lean1_block_bf16_ms", ("bmma_split",): "split_block_bf16_ms",
+    ("bmma_halo",): "halo_block_bf16_ms", ("bmma_halo_w",): "halo_w_block_bf16_ms",
 }  # fmt: skip
 
 
@@ -490,6 +490,7 @@ def format_table(rows: list[dict], title: str) -> str:
         ("async_bf16_ms", 14, "{:.4f}"),
         ("lean_bf16_ms", 13, "{:.4f}"),
         ("lean1_bf16_ms", 14, "{:.4f}"),
+        ("split_bf16_ms", 14, "{:.4f}"),
         ("halo_bf16_ms", 13, "{:.4f}"),
         ("halo_w_bf16_ms", 15, "{:.4f}"),
         ("stem8_bf16_ms", 14, "{:.4f}"),
@@ -501,6 +502,7 @@ def format_table(rows: list[dict], title: str) -> str:
         ("block_bf16_ms", 14, "{:.4f}"),
         ("lean_block_bf16_ms", 19, "{:.4f}"),
         ("lean1_block_bf16_ms", 20, "{:.4f}"),
+        ("split_block_bf16_ms", 20, "{:.4f}"),
         ("halo_block_bf16_ms", 19, "{:.4f}"),
         ("halo_w_block_bf16_ms", 21, "{:.4f}"),
         ("conv_floor_ms", 14, "{:.4f}"),

@@ -57,11 +57,20 @@ def cuda_paths() -> list[str]:
     """CUDA code paths: 'bmma' (1-bit tensor cores, the default), 'simt' (CUDA-core cross-check),
     'bmma_async' (operand tiles staged in shared memory by cp.async), 'bmma_lean' (bmma's main
     loop with an epilogue compiled for each option set; bmma runs what it does not instantiate),
-    'bmma_lean1' (the same with one AND-popc MMA per k-step), 'bmma_halo' (that epilogue and one
-    MMA, each block's input read once into a halo in shared memory; bmma_lean runs what does not
-    fit) and 'bmma_halo_w' (the same with the block's weights in shared memory too). The last five
-    are variants under test until a GPU run measures them."""
+    'bmma_lean1' (the same with one AND-popc MMA per k-step), 'bmma_split' (bmma_lean with the
+    k-steps of a layer with few tiles split over a cluster of blocks, sm_90+: ``split_k_plan``),
+    'bmma_halo' (that epilogue and one MMA, each block's input read once into a halo in shared
+    memory; bmma_lean runs what does not fit) and 'bmma_halo_w' (the same with the block's weights
+    in shared memory too). The last six are variants under test until a GPU run measures them."""
     return list(_C.cuda_paths())
+
+
+def split_k_plan(blocks: int, steps: int, sms: int) -> tuple[int, int]:
+    """How 'bmma_split' splits a conv: ``(splits, steps_per_split)`` for a grid of ``blocks`` tiles
+    of 128 pixels x 64 channels, ``steps`` k-steps of 256 bits each (ceil(KH * KW * ceil(C / 64) /
+    4)) and ``sms`` multiprocessors. splits is 1 (bmma_lean runs) where the tiles fill the device."""
+    splits, steps_per_split = _C.split_k_plan(blocks, steps, sms)
+    return int(splits), int(steps_per_split)
 
 
 def forced_cuda_path(name: str) -> contextlib.AbstractContextManager[None]:

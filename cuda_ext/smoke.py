@@ -59,6 +59,7 @@ QUICK = [
     Case("partial-tiles-72", 3, 100, 72, 7, 6),  # bmma_lean: M = 126 rows, O = 64 + 8 channels
     Case("halo-tiles-bf16", 2, 130, 64, 19, 37, bf16=True),  # bmma_halo: 3 x 3 tiles of 8 x 16 per image
     Case("halo-w-opt-in-bf16", 1, 512, 64, 7, 7, bf16=True),  # bmma_halo_w: 68 KB of shared memory (opt-in)
+    Case("batch1-256x14-bf16", 1, 256, 256, 14, 14, bf16=True),  # bmma_split: 8 tiles, 9 k-steps in 5 blocks each
 ]
 FULL = QUICK + [
     Case("bireal18-64x56", 2, 64, 64, 56, 56),

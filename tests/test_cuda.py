@@ -17,7 +17,7 @@ from cuda_ext.reference import binary_block_ref, binary_conv2d_ref, pack_signs_r
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and ops.cuda_built()), reason="needs a CUDA GPU and the CUDA build of cuda_ext"
 )
-PATHS = ["bmma", "simt", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_halo", "bmma_halo_w"]
+PATHS = ["bmma", "simt", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_split", "bmma_halo", "bmma_halo_w"]
 CASES = list(itertools.product([3, 31, 64, 100, 130, 256], [1, 2], [1, 3], [0.0, 1.0, -1.0]))
 
 
@@ -56,8 +56,9 @@ def assert_block_equal(path, args, scale=None, bias=None, residual=None, out_dty
 
 # The lean and halo paths (the lean epilogue, lean_epilogue.cuh) run what they instantiate for
 # O % 8 == 0 and padding <= 3, and route everything else to bmma; PATHS runs every test on them, where
-# O = 70 or 33 takes the route.
-LEAN_PATHS = ["bmma_lean", "bmma_lean1", "bmma_halo", "bmma_halo_w"]
+# O = 70 or 33 takes the route. (bmma_split splits the k-steps of these tests' small grids over
+# clusters of up to 8 blocks: few tiles for the device's multiprocessors.)
+LEAN_PATHS = ["bmma_lean", "bmma_lean1", "bmma_split", "bmma_halo", "bmma_halo_w"]
 LEAN_SHAPES = list(itertools.product([3, 64, 130], [1, 2, 3], [(3, 1), (5, 2), (7, 3), (1, 0), (3, 4)]))
 
 
@@ -122,6 +123,33 @@ def test_bmma_halo_with_a_residual_only_8_byte_aligned(path, dtype):
     with ops.forced_cuda_path(path):
         out, packed = ops.binary_block(*on_cuda(args), scale.cuda(), bias.cuda(), on_gpu, out_dtype)
     assert torch.equal(out.cpu(), ref_out) and torch.equal(packed.cpu(), ref_packed)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize(
+    "channels,out_channels,side,stride", [(64, 64, 56, 1), (64, 128, 56, 2), (128, 128, 28, 1), (256, 256, 14, 1),
+                                          (256, 512, 14, 2), (512, 512, 7, 1), (100, 72, 9, 1)]
+)  # fmt: skip
+def test_bmma_split_the_k_steps_of_few_tiles(batch, channels, out_channels, side, stride):
+    """bmma_split (binary_conv_split.cu) on Bi-Real-18's shapes at batch 1 and 4, and an odd one:
+    the plan splits them (ops.split_k_plan with this device's multiprocessors: 2 to 8 blocks per
+    tile, the last split shorter where the k-steps do not divide), and the block in bf16 with a bf16
+    residual, the float32 block and the bare conv, zero and +1 padding, equal the reference."""
+    x, w = cuda_case(batch, channels, out_channels, side, side, 3, seed=channels + side + stride)
+    ho = (side + 2 - 3) // stride + 1
+    blocks = -(-batch * ho * ho // 128) * -(-out_channels // 64)
+    steps = -(-9 * -(-channels // 64) // 4)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    splits, _ = ops.split_k_plan(blocks, steps, sms)
+    if batch == 1 and torch.cuda.get_device_capability(0)[0] >= 9:
+        assert splits > 1, (blocks, steps, sms)  # the cluster kernel runs, not bmma_lean (batch 4: either)
+    for pad_value in (0.0, 1.0):
+        args = (pack_signs_ref(x), pack_weight_ref(w), channels, stride, 1, pad_value)
+        residual = torch.randn_like(binary_conv2d_ref(*args))
+        scale, bias = torch.rand(out_channels) + 0.5, torch.randn(out_channels)
+        assert_block_equal("bmma_split", args, scale, bias, residual.to(torch.bfloat16), out_dtype=torch.bfloat16)
+        assert_block_equal("bmma_split", args, scale, bias, residual)
+        assert_block_equal("bmma_split", args)
 
 
 @pytest.mark.parametrize("path", LEAN_PATHS)

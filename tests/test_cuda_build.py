@@ -33,7 +33,9 @@ def test_cuda_kernels_built_and_registered():
     for op in ("pack_signs", "binary_conv2d", "binary_block"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bireal::{op}", "CUDA"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bireal::{op}", "CPU"), op
-    assert ops.cuda_paths() == ["bmma", "simt", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_halo", "bmma_halo_w"]
+    assert ops.cuda_paths() == [
+        "bmma", "simt", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_split", "bmma_halo", "bmma_halo_w"
+    ]  # fmt: skip
 
 
 @needs_cuda_build
@@ -56,8 +58,14 @@ def test_machine_code_for_sm80_and_sm90a_with_native_bmma():
             [tool, "--dump-sass", "--gpu-architecture", sm, so], capture_output=True, text=True, check=True
         ).stdout
         tensor_core = [(name, k) for name, _, k in kernels_in(sass) if "bmma" in name]
-        # bmma, bmma_async, and 8 instantiations each of bmma_lean, bmma_lean1, bmma_halo and bmma_halo_w
-        assert len(tensor_core) == 2 + 8 * 4, [name for name, _ in tensor_core]
+        # bmma, bmma_async, and 8 instantiations each of bmma_lean, bmma_lean1, bmma_split, bmma_halo
+        # and bmma_halo_w; bmma_split's clusters need sm_90, and its sm_80 code is a trap alone
+        assert len(tensor_core) == 2 + 8 * 5, [name for name, _ in tensor_core]
+        if sm == "sm_80":
+            for name, kernel in tensor_core:
+                if "_split" in name:
+                    assert "BPT.TRAP" in kernel and "BMMA" not in kernel and "LDG" not in kernel, name
+            tensor_core = [(name, k) for name, k in tensor_core if "_split" not in name]
         for name, kernel in tensor_core:
             one_mma = "bmma_halo" in name or "bmma_lean1" in name  # one MMA per tile and k-step, not two
             per_step = 16 if one_mma else 32
@@ -70,7 +78,7 @@ def test_machine_code_for_sm80_and_sm90a_with_native_bmma():
         # them first thing (ACQBULK: griddepcontrol.wait) and let the next launch after their main
         # loop (PREEXIT: griddepcontrol.launch_dependents); bmma and bmma_async do neither
         for name, kernel in tensor_core:
-            pdl = sm == "sm_90a" and ("_lean" in name or "_halo" in name)
+            pdl = sm == "sm_90a" and ("_lean" in name or "_halo" in name or "_split" in name)
             assert ("ACQBULK" in kernel) == pdl and ("PREEXIT" in kernel) == pdl, f"{sm} {name}"
             if pdl:
                 first = kernel.index("ACQBULK")
@@ -84,6 +92,31 @@ def test_cuda_helpers_without_a_gpu():
 
         assert _C.cuda_path() == "simt"
     assert ops.cuda_paths()[0] == "bmma"
+
+
+def test_split_k_plan_covers_every_k_step_once():
+    """bmma_split's plan (ops.split_k_plan, the host code that sizes its clusters): Bi-Real-18's
+    batch-1 layers on an H100's 132 SMs split 3 to 6 ways; for any grid, the splits' k-steps
+    [z * per, min((z + 1) * per, steps)) cover every k-step once, none is empty, at most 8 blocks
+    (the portable cluster) and about one block per multiprocessor, the longest split as short as
+    that allows; where the tiles fill the device (batch 256) nothing is split."""
+    # (tiles of 128 pixels x 64 channels, k-steps of 256 bits) of the 3 x 3 convs at batch 1:
+    # 64 x 56 (25, 3), 128 x 28 (14, 5), 256 x 14 (8, 9), 512 x 7 (8, 18)
+    assert ops.split_k_plan(25, 3, 132) == (3, 1)
+    assert ops.split_k_plan(14, 5, 132) == (5, 1)
+    assert ops.split_k_plan(8, 9, 132) == (5, 2)
+    assert ops.split_k_plan(8, 18, 132) == (6, 3)
+    assert ops.split_k_plan(256 * 25, 3, 132) == (1, 3)  # batch 256
+    for blocks, steps, sms in itertools.product([1, 2, 7, 8, 25, 66, 67, 132, 500], [1, 2, 3, 5, 9, 17, 18, 72],
+                                                [1, 108, 132]):  # fmt: skip
+        splits, per = ops.split_k_plan(blocks, steps, sms)
+        covered = [s for z in range(splits) for s in range(z * per, min((z + 1) * per, steps))]
+        assert covered == list(range(steps)), (blocks, steps, sms)
+        assert all(z * per < steps for z in range(splits)), (blocks, steps, sms)  # none empty
+        wanted = max(1, min(8, steps, sms // blocks))
+        assert 1 <= splits <= wanted and per == -(-steps // wanted), (blocks, steps, sms)
+    with pytest.raises(RuntimeError, match="blocks, steps and sms must be positive"):
+        ops.split_k_plan(0, 3, 132)
 
 
 def test_debug_fill_switch():
@@ -437,7 +470,7 @@ def test_the_sass_report_reads_every_kernel_of_both_targets():
     blocks of 4 warps per SM, as bmma); cp.async copies (LDGSTS) in bmma_async, in the halo kernels'
     instantiations with a residual (its staged tile) and in all of bmma_halo_w's (its weights), in no
     other; 16-byte stores in the halo kernels' instantiations with bf16 outputs (copied out of the
-    tile)."""
+    tile); cluster barriers in bmma_split's alone."""
     from bench.sass_report import report
 
     tool = cuobjdump()
@@ -456,9 +489,20 @@ def test_the_sass_report_reads_every_kernel_of_both_targets():
         # training conv's epilogue at most): bmma_lean1 and bmma_halo also turn their one-MMA counts
         # into dot products (dots_from_and_counts: about 2-3 instructions per output), and bmma_halo
         # copies bf16 outputs out of its tile (about 1.5) in fewer instructions than it had stored them
+        # bmma_split also stores its partial counts and adds the other blocks' (about 3-4.5 per
+        # output), on sm_90a; on sm_80 (no clusters) it is a trap, never launched
         variants = (("binary_conv2d_bmma_lean_kernel", 32, 0, 12), ("binary_conv2d_bmma_lean1_kernel", 16, 3, 14),
                     ("binary_conv2d_bmma_halo_kernel", 16, 3.5, 12),
                     ("binary_conv2d_bmma_halo_w_kernel", 16, 3.5, 12))  # fmt: skip
+        split = {k: r for (s, k), r in rows.items() if s == sm and k.startswith("binary_conv2d_bmma_split_kernel<")}
+        assert len(split) == 8, sorted(split)
+        if sm == "sm_80":
+            assert all(r["bmma"] == 0 and r["instructions"] < 50 for r in split.values()), split
+        else:
+            variants += (("binary_conv2d_bmma_split_kernel", 32, 5, 16),)
+            # the cluster's two barriers: partial counts written, and read before any block exits
+            assert all(r["cluster_sync"] == 2 for r in split.values()), split
+        assert all(r["cluster_sync"] == 0 for (s, k), r in rows.items() if "_split" not in k)
         for variant, mmas, extra, training_conv in variants:
             lean = {k: r for (s, k), r in rows.items() if s == sm and k.startswith(variant + "<")}
             assert len(lean) == 8, sorted(lean)

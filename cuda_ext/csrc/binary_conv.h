@@ -35,12 +35,25 @@ double cpu_micro_kernel_rate(int64_t words, double seconds);
 // CUDA code paths: "bmma" (1-bit tensor cores, sm_80+, the default), "simt" (CUDA-core popcount, a
 // cross-check), "bmma_async" (bmma with the operand tiles staged through shared memory by
 // cp.async, double buffered), "bmma_lean" (bmma's main loop with an epilogue compiled for the
-// call's options, binary_conv_lean.cu; "bmma_lean1" with one MMA per k-step) and "bmma_halo" (that
-// epilogue, the input read from a halo in shared memory, binary_conv_halo.cu; "bmma_halo_w" with
-// the weights there too); the last five are variants under test.
+// call's options, binary_conv_lean.cu; "bmma_lean1" with one MMA per k-step; "bmma_split" with
+// its k-steps split over a cluster of blocks where a layer has few tiles, binary_conv_split.cu) and
+// "bmma_halo" (that epilogue, the input read from a halo in shared memory, binary_conv_halo.cu;
+// "bmma_halo_w" with the weights there too); the last six are variants under test.
 std::vector<std::string> cuda_paths();
 std::string cuda_path();
 void set_cuda_path(const std::string& name);
+
+// Split-K for bmma_split: a conv whose grid has `blocks` blocks of 128 pixels x 64 channels, each
+// summing `steps` k-steps of 256 bits, on a device with `sms` multiprocessors, runs `splits` blocks
+// per tile (a cluster, sm_90+), each summing `steps_per_split` consecutive k-steps (the last one
+// what remains, never none), so that about one block per multiprocessor runs: batch 1's 7 x 7 and
+// 14 x 14 layers have 8 tiles for 132 SMs, and 18 or 9 k-steps each. splits is 1 where the tiles
+// alone fill the device, and at most kMaxSplits (the portable cluster size).
+constexpr int kMaxSplits = 8;
+struct SplitPlan {
+  int splits, steps_per_split;
+};
+SplitPlan split_k_plan(int64_t blocks, int steps, int sms);
 
 // Debug switch: when on, every op fills its freshly allocated outputs with 0xFF bytes before the
 // kernels run (NaN floats, packed words that break the zero-tail rule), so that an element a kernel

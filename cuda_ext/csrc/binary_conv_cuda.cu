@@ -26,9 +26,10 @@
 // MMAs, the epilogue straight from the accumulator registers) and `bmma_async` (the block's A and B
 // tiles staged through shared memory with cp.async, double buffered, each weight tile loaded once
 // per block and read by its four warps; the epilogue staged through shared memory, a row at a time
-// with coalesced stores). Their shared device code is in bmma_common.cuh. Three more variants
-// compile the epilogue per option set (lean_epilogue.cuh): `bmma_lean` (binary_conv_lean.cu) with
-// bmma's main loop, `bmma_lean1` the same with one MMA per k-step, and `bmma_halo`
+// with coalesced stores). Their shared device code is in bmma_common.cuh. More variants compile
+// the epilogue per option set (lean_epilogue.cuh): `bmma_lean` (binary_conv_lean.cu) with bmma's
+// main loop, `bmma_lean1` the same with one MMA per k-step, `bmma_split` (binary_conv_split.cu)
+// with the k-steps split over a cluster of blocks where a layer has few tiles, and `bmma_halo`
 // (binary_conv_halo.cu), which reads its input from a halo of the block's pixels in shared memory.
 #include "binary_conv.h"
 #include "bmma_common.cuh"
@@ -549,12 +550,12 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
   if (M == 0 || g.O == 0) return {out.permute({0, 3, 1, 2}), packed_out};  // (a zero-block grid is a launch error)
 
   // bmma_halo and bmma_halo_w run what they support, then bmma_lean what it supports, then bmma the
-  // rest; bmma_lean1 what the lean epilogue supports, then bmma.
+  // rest; bmma_lean1 and bmma_split what the lean epilogue supports, then bmma.
   const std::string path = cuda_path();
   const bool shared_weights = path == "bmma_halo_w", halo_path = path == "bmma_halo" || shared_weights;
   const bool halo = halo_path && halo_supports(p, shared_weights);
-  const bool one_mma = path == "bmma_lean1";
-  const bool lean = !halo && (path == "bmma_lean" || halo_path || one_mma) && lean_supports(p);
+  const bool one_mma = path == "bmma_lean1", split = path == "bmma_split";
+  const bool lean = !halo && (path == "bmma_lean" || halo_path || one_mma || split) && lean_supports(p);
   const bool zero_padding = pad_value == 0.0 && padding > 0;  // then the border pixels need a correction
   at::Tensor tap_sums, border_classes;
   if (zero_padding && (halo || lean)) {  // the lean epilogue's table of border classes
@@ -591,6 +592,8 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
   const int32_t* classes = border_classes.defined() ? border_classes.data_ptr<int32_t>() : nullptr;
   if (halo) {
     launch_bmma_halo(p, classes, stream, shared_weights);
+  } else if (lean && split) {
+    launch_bmma_split(p, classes, grid, stream);
   } else if (lean) {
     launch_bmma_lean(p, classes, grid, stream, one_mma);
   } else if (path == "bmma_async") {

@@ -7,6 +7,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cstdint>
 #include <utility>
 
@@ -56,6 +57,9 @@ bool programmatic_launch_on(int device);
 // and bmma_halo (its own grid); `table`: the border-class table, or null when no correction is needed.
 void launch_bmma_lean(const ConvParams& p, const int32_t* table, dim3 grid, cudaStream_t stream, bool one_mma);
 void launch_bmma_halo(const ConvParams& p, const int32_t* table, cudaStream_t stream, bool shared_weights);
+// Launch bmma_split (grid as bmma's): bmma_lean with its k-steps split over a cluster of blocks
+// where the grid has too few blocks for the device (split_k_plan), bmma_lean itself otherwise.
+void launch_bmma_split(const ConvParams& p, const int32_t* table, dim3 grid, cudaStream_t stream);
 
 namespace {
 
@@ -76,21 +80,37 @@ __device__ __forceinline__ void let_next_kernel_launch() {
 #endif
 }
 
+// Launches `kernel` in clusters of `cluster_z` blocks along the grid's z (bmma_split; 1: no
+// clusters), with programmatic dependent launch where programmatic_launch_on(device).
+template <class... Params, class... Args>
+void launch_kernel_in_clusters(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes,
+                               cudaStream_t stream, int device, unsigned cluster_z, Args&&... args) {
+  cudaLaunchAttribute attributes[2]{};
+  unsigned count = 0;
+  if (cluster_z > 1) {
+    attributes[count].id = cudaLaunchAttributeClusterDimension;
+    attributes[count].val.clusterDim.x = 1, attributes[count].val.clusterDim.y = 1;
+    attributes[count++].val.clusterDim.z = cluster_z;
+  }
+  if (programmatic_launch_on(device)) {
+    attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[count++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (count == 0) {
+    kernel<<<grid, block, shared_bytes, stream>>>(std::forward<Args>(args)...);
+    return;
+  }
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid, config.blockDim = block, config.dynamicSmemBytes = shared_bytes, config.stream = stream;
+  config.attrs = attributes, config.numAttrs = count;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
 // Launches `kernel`, with programmatic dependent launch where programmatic_launch_on(device).
 template <class... Params, class... Args>
 void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t stream,
                    int device, Args&&... args) {
-  if (!programmatic_launch_on(device)) {
-    kernel<<<grid, block, shared_bytes, stream>>>(std::forward<Args>(args)...);
-    return;
-  }
-  cudaLaunchAttribute attribute{};
-  attribute.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute.val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t config{};
-  config.gridDim = grid, config.blockDim = block, config.dynamicSmemBytes = shared_bytes, config.stream = stream;
-  config.attrs = &attribute, config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+  launch_kernel_in_clusters(kernel, grid, block, shared_bytes, stream, device, 1, std::forward<Args>(args)...);
 }
 
 constexpr int kWarpRows = 32;                   // output pixels per warp (2 m16 tiles)
@@ -274,6 +294,12 @@ struct WeightsFromGlobal {
   }
 };
 
+// The k-steps [first, end) of the reduction a warp accumulates: all of them, or with split-K
+// (bmma_split) the range of its block's split.
+struct StepRange {
+  int first = 0, end = INT_MAX;
+};
+
 // A warp's 32 (pixels) x 64 (channels) tile of counts, accumulated over every k-step: agreements
 // (two AND-popc MMAs per tile and k-step, mma_step), or with kOneMma the positions where both are
 // +1 (one MMA, mma_step_and) and the +1 counts in `ones`. Each thread (g, t) owns 64-bit word t of
@@ -282,10 +308,12 @@ struct WeightsFromGlobal {
 // words of k-word k for its rows, a[mt][h] (0 past K_words): from global memory (bmma, bmma_lean)
 // or from a halo in shared memory (bmma_halo); `load_b(col, kword)` the weight word of a column of
 // the warp's tile: through the read-only cache (WeightsFromGlobal) or from shared memory. The next
-// step's loads are in flight during this step's MMAs.
+// step's loads are in flight during this step's MMAs. `range`: the k-steps to accumulate (all by
+// default).
 template <bool kOneMma = false, class LoadA, class LoadB>
 __device__ __forceinline__ void warp_agreements_with(const ConvParams& p, LoadA&& load_a, LoadB&& load_b, int g,
-                                                     int t, WarpAcc& acc, PlusOnes* ones = nullptr) {
+                                                     int t, WarpAcc& acc, PlusOnes* ones = nullptr,
+                                                     StepRange range = {}) {
   zero(acc);
   if constexpr (kOneMma) {
 #pragma unroll
@@ -293,7 +321,8 @@ __device__ __forceinline__ void warp_agreements_with(const ConvParams& p, LoadA&
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) ones->b[nt] = 0;
   }
-  const int steps = (p.K_words + kChunkWords - 1) / kChunkWords;
+  const int first = range.first, end = min(range.end, (p.K_words + kChunkWords - 1) / kChunkWords);
+  if (first >= end) return;
   uint64_t a[2][2], b[8];
   // Loads of k-step s into a, b (zero past K_words: contributes nothing to either MMA).
   auto load_step = [&](int s) {
@@ -304,15 +333,15 @@ __device__ __forceinline__ void warp_agreements_with(const ConvParams& p, LoadA&
     return k.mask;
   };
 
-  uint64_t mask = load_step(0);
-  for (int s = 0; s < steps; ++s) {
+  uint64_t mask = load_step(first);
+  for (int s = first; s < end; ++s) {
     uint64_t ca[2][2], cb[8];
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt) ca[mt][0] = a[mt][0], ca[mt][1] = a[mt][1];
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) cb[nt] = b[nt];
     const uint64_t cmask = mask;
-    if (s + 1 < steps) mask = load_step(s + 1);  // next step's loads overlap this step's MMAs
+    if (s + 1 < end) mask = load_step(s + 1);  // next step's loads overlap this step's MMAs
     if constexpr (kOneMma) {
       mma_step_and(acc, ca, cb);
 #pragma unroll
@@ -369,14 +398,14 @@ __device__ __forceinline__ void dots_from_and_counts(WarpAcc& acc, const PlusOne
 template <bool kOneMma = false>
 __device__ __forceinline__ void warp_agreements(const ConvParams& p, const PixelOrigin (&pix)[2][2],
                                                 int warp_col0, int g, int t, WarpAcc& acc,
-                                                PlusOnes* ones = nullptr) {
+                                                PlusOnes* ones = nullptr, StepRange range = {}) {
   auto gather = [&](const KWord& k, uint64_t (&a)[2][2]) {
 #pragma unroll
     for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
       for (int h = 0; h < 2; ++h) a[mt][h] = k.in_k ? load_input_word(p, pix[mt][h], k.tap, k.c) : 0;
   };
-  warp_agreements_with<kOneMma>(p, gather, WeightsFromGlobal{p, warp_col0}, g, t, acc, ones);
+  warp_agreements_with<kOneMma>(p, gather, WeightsFromGlobal{p, warp_col0}, g, t, acc, ones, range);
 }
 
 }  // namespace

@@ -4,13 +4,14 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <atomic>
 
 namespace bireal {
 
 namespace {
-const std::vector<std::string> kCudaPaths{"bmma",      "simt",       "bmma_async",
-                                          "bmma_lean", "bmma_lean1", "bmma_halo", "bmma_halo_w"};
+const std::vector<std::string> kCudaPaths{"bmma",       "simt",       "bmma_async", "bmma_lean",
+                                          "bmma_lean1", "bmma_split", "bmma_halo",  "bmma_halo_w"};
 std::atomic<int> g_cuda_path{0};
 std::atomic<bool> g_debug_fill{false};
 std::atomic<bool> g_programmatic_launch{false};
@@ -43,6 +44,17 @@ void set_cuda_path(const std::string& name) {
   std::string allowed = "auto";
   for (const std::string& path : kCudaPaths) allowed += ", " + path;
   TORCH_CHECK(false, "set_cuda_path: unknown path '", name, "' (", allowed, ")");
+}
+
+SplitPlan split_k_plan(int64_t blocks, int steps, int sms) {
+  TORCH_CHECK(blocks > 0 && steps > 0 && sms > 0, "split_k_plan: blocks, steps and sms must be positive, got ",
+              blocks, ", ", steps, ", ", sms);
+  const int64_t fill = sms / blocks;  // splits that bring the blocks to about one per multiprocessor
+  const int wanted = static_cast<int>(std::min<int64_t>({fill, kMaxSplits, steps}));
+  if (wanted <= 1) return {1, steps};
+  // The longest split sets the time: with ceil(steps / wanted) steps each, as few splits as give that.
+  const int steps_per_split = (steps + wanted - 1) / wanted;
+  return {(steps + steps_per_split - 1) / steps_per_split, steps_per_split};
 }
 
 void check_pack_args(const at::Tensor& x) {
@@ -141,6 +153,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_paths", &bireal::cuda_paths, "CUDA code paths, fastest first");
   m.def("cuda_path", &bireal::cuda_path, "the CUDA code path in use");
   m.def("set_cuda_path", &bireal::set_cuda_path, "force a CUDA code path ('auto' restores bmma)");
+  m.def(
+      "split_k_plan",
+      [](int64_t blocks, int steps, int sms) {
+        const bireal::SplitPlan plan = bireal::split_k_plan(blocks, steps, sms);
+        return std::make_pair(plan.splits, plan.steps_per_split);
+      },
+      "bmma_split's split of a conv's k-steps (blocks of its grid, k-steps of 256 bits, the device's "
+      "multiprocessors): (splits, steps_per_split)");
   m.def("debug_fill", &bireal::debug_fill, "whether outputs are pre-filled with 0xFF bytes");
   m.def("programmatic_launch", &bireal::programmatic_launch,
         "whether the lean and halo CUDA kernels use programmatic dependent launch (sm_90+)");

@@ -249,6 +249,66 @@ def test_the_lean_kernels_border_classes_match_the_reference(channels, stride, k
     assert torch.equal(border_class_conv_model(px, pw, channels, stride, padding), expected)
 
 
+def split_k_conv_model(px, pw, channels, stride, padding, pad_value, sms):
+    """bmma_split's decomposition, word for word in torch: the implicit im2col rows (k-word = tap *
+    Cw + channel word, border taps as the fill word), two-MMA agreements per k-word, k-steps of 4
+    words; the blocks of a tile (ops.split_k_plan for its grid of 128 x 64 tiles) sum k-steps
+    [z * per, (z + 1) * per) clipped at the last, as warp_agreements_with's StepRange does; warp w
+    of a tile is finished by block w % splits, which adds the other blocks' partial counts; dot =
+    2 * agree - K. (N, O, Ho, Wo), and the plan."""
+    n, h, w, cw = px.shape
+    o, kh, kw, _ = pw.shape
+    tail = (1 << (channels - 64 * (cw - 1))) - 1 if channels % 64 else -1
+    valid = torch.tensor([-1] * (cw - 1) + [tail if tail < 2**63 else tail - 2**64], dtype=torch.int64)
+    fill = valid if pad_value == 1.0 else torch.zeros_like(valid)
+    padded = fill.repeat(n, h + 2 * padding, w + 2 * padding, 1)
+    padded[:, padding : padding + h, padding : padding + w] = px
+    ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+    taps = [padded[:, i : i + stride * ho : stride, j : j + stride * wo : stride] for i in range(kh) for j in range(kw)]
+    rows = torch.cat(taps, -1).reshape(n * ho * wo, kh * kw * cw)  # (M, K_words)
+    k_words = rows.shape[1]
+    mask = valid.repeat(kh * kw)
+    cols = pw.reshape(o, k_words) & mask  # (O, K_words)
+    steps = -(-k_words // 4)
+    blocks = -(-rows.shape[0] // 128) * -(-o // 64)
+    splits, per = ops.split_k_plan(blocks, steps, sms)
+    partial = torch.zeros(splits, rows.shape[0], o, dtype=torch.int64)  # each block's counts, (M, O)
+    for z in range(splits):
+        for kword in range(4 * z * per, min(4 * (z + 1) * per, k_words)):
+            a, b = rows[:, kword, None], cols[None, :, kword]
+            partial[z] += _popcount(a & b) + _popcount(~a & ~b & mask[kword])
+    agree = torch.empty(rows.shape[0], o, dtype=torch.int64)
+    for row0 in range(0, rows.shape[0], 32):  # a warp's 32 rows, its tile's warp (row0 // 32) % 4
+        finisher = (row0 // 32) % 4 % splits
+        warp_rows = slice(row0, row0 + 32)
+        agree[warp_rows] = partial[finisher, warp_rows]
+        for other in range(splits):
+            if other != finisher:
+                agree[warp_rows] += partial[other, warp_rows]
+    dot = 2 * agree - kh * kw * channels
+    return dot.reshape(n, ho, wo, o).permute(0, 3, 1, 2).double(), (splits, per)
+
+
+@pytest.mark.parametrize(
+    "channels,stride,side,out_channels,sms,plan",
+    [(64, 1, (12, 12), 72, 132, (3, 1)), (130, 1, (12, 12), 72, 132, (7, 1)), (200, 2, (9, 7), 64, 5, (5, 2)),
+     (512, 1, (5, 4), 64, 132, (6, 3)), (33, 1, (20, 20), 8, 132, (3, 1)), (100, 1, (30, 30), 8, 4, (1, 5))],
+)  # fmt: skip
+@pytest.mark.parametrize("pad_value", [1.0, -1.0])
+def test_bmma_splits_partial_counts_sum_to_the_convs(channels, stride, side, out_channels, sms, plan, pad_value):
+    """bmma_split's k-step ranges and cluster reduction (split_k_conv_model) give the reference's
+    dot products: splits that divide the k-steps and ones whose last split is shorter (9 k-steps in
+    5 blocks), k-words not a multiple of 4 (9, 27), several tiles each way, and a grid that fills the
+    device (no split). (Zero padding's correction is the lean epilogue's, checked above.)"""
+    from cuda_ext.reference import binary_conv2d_ref, pack_signs_ref, pack_weight_ref
+
+    x, w = torch.randn(1, channels, *side), torch.randn(out_channels, channels, 3, 3)
+    px, pw = pack_signs_ref(x), pack_weight_ref(w)
+    got, used = split_k_conv_model(px, pw, channels, stride, 1, pad_value, sms)
+    assert used == plan
+    assert torch.equal(got, binary_conv2d_ref(px, pw, channels, stride, 1, pad_value).double())
+
+
 HALO_TILE = (8, 16)  # binary_conv_halo.cu: a block's output pixels, kTileRows x kTileCols
 
 

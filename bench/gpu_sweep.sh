@@ -46,7 +46,7 @@ import torch
 from cuda_ext import ops
 x = torch.randn(256, 64, 56, 56, device="cuda").contiguous(memory_format=torch.channels_last)
 px, pw = ops.pack_signs(x), ops.pack_signs(torch.randn(64, 64, 3, 3, device="cuda"))
-for path in ("bmma", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_halo", "bmma_halo_w"):
+for path in ("bmma", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_halo", "bmma_halo_w", "bmma_halo_p"):
     with ops.forced_cuda_path(path):
         ops.binary_conv2d(px, pw, 64, 1, 1, 0.0, out_dtype=torch.bfloat16)
 torch.cuda.synchronize()
@@ -93,7 +93,7 @@ else
   timeout "$(limit 90)" $PY -m pipeline.cli bench model --device cuda --json "$out/model_cuda.json" --jsonl "$out/model_cuda.jsonl"
   status[model]=$?
   step "Nsight Compute: the bf16 conv of 64x56 at batch 256, each tensor-core kernel"
-  optional ncu 60 "$out/ncu.log" ncu --kernel-name regex:binary_conv2d_bmma --launch-count 6 --section SpeedOfLight \
+  optional ncu 60 "$out/ncu.log" ncu --kernel-name regex:binary_conv2d_bmma --launch-count 7 --section SpeedOfLight \
     --section Occupancy --section WarpStateStats $PY -c "$conv_64x56"
   status[ncu]=$?
   for tool in memcheck racecheck synccheck; do

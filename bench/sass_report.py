@@ -20,10 +20,11 @@ import sys
 OUTPUTS_PER_THREAD = 32 * 64 // 32
 KERNELS = ("binary_conv2d_bmma_kernel", "binary_conv2d_bmma_async_kernel", "binary_conv2d_simt_kernel",
            "tap_sums_kernel", "binary_conv2d_bmma_lean_kernel", "binary_conv2d_bmma_halo_kernel",
-           "binary_conv2d_bmma_split_kernel", "border_classes_kernel")  # fmt: skip
+           "binary_conv2d_bmma_split_kernel", "binary_conv2d_bmma_halo_p_kernel", "border_classes_kernel")  # fmt: skip
 # the lean epilogue's template options (lean_epilogue.cuh), bit by bit: bmma_lean's (and bmma_lean1's),
-# bmma_split's and bmma_halo's
-TEMPLATED = ("binary_conv2d_bmma_lean_kernel", "binary_conv2d_bmma_halo_kernel", "binary_conv2d_bmma_split_kernel")
+# bmma_split's, bmma_halo's (and bmma_halo_w's) and bmma_halo_p's
+TEMPLATED = ("binary_conv2d_bmma_lean_kernel", "binary_conv2d_bmma_halo_kernel", "binary_conv2d_bmma_split_kernel",
+             "binary_conv2d_bmma_halo_p_kernel")  # fmt: skip
 LEAN_OPTIONS = ("scale", "bias", "residual", "bf16", "pack")
 FUNCTION = re.compile(r"Function : (\S+)")
 # one SASS instruction: /*address*/ [@predicate] OPCODE operands ;
@@ -78,19 +79,21 @@ def instructions(kernel_sass: str) -> list[str]:
 
 
 def epilogue_size(kernel_sass: str) -> int | None:
-    """Instructions after a tensor-core kernel's main loop: after the last branch back to an address
-    at or before the last BMMA (the loop over k-steps), else after the last BMMA; None without BMMAs."""
+    """Instructions after a tensor-core kernel's main loop: after the branch back of the innermost
+    loop around the last BMMA (of the branches after it to an address at or before it, the one with
+    the latest target, the last of those: the loop over k-steps, not bmma_halo_p's loop over work
+    items around it), else after the last BMMA; None without BMMAs."""
     found = [(int(address, 16), opcode, operands) for address, opcode, operands in INSTRUCTION.findall(kernel_sass)]
     mmas = [i for i, (_, opcode, _) in enumerate(found) if opcode.startswith("BMMA")]
     if not mmas:
         return None
     last_mma_address = found[mmas[-1]][0]
-    loop_end = mmas[-1]
+    loop_end, loop_start = mmas[-1], -1
     for i in range(mmas[-1] + 1, len(found)):
         address, opcode, operands = found[i]
         target = re.search(r"0x([0-9a-f]+)", operands)
-        if opcode.startswith("BRA") and target and int(target.group(1), 16) <= last_mma_address:
-            loop_end = i
+        if opcode.startswith("BRA") and target and loop_start <= int(target.group(1), 16) <= last_mma_address:
+            loop_end, loop_start = i, int(target.group(1), 16)
     return len(found) - loop_end - 1
 
 

@@ -189,6 +189,7 @@ def bench_kernels(
 BF16_PATH_KEYS = {
     "bmma": "bf16_ms", "bmma_async": "async_bf16_ms", "bmma_lean": "lean_bf16_ms", "bmma_lean1": "lean1_bf16_ms",
     "bmma_split": "split_bf16_ms", "bmma_halo": "halo_bf16_ms", "bmma_halo_w": "halo_w_bf16_ms",
+    "bmma_halo_p": "halo_p_bf16_ms",
 }  # fmt: skip
 # The kernel table's fused-block rows with bf16 in and out: the best of bmma and bmma_async, then one
 # per lean and halo path
@@ -196,6 +197,7 @@ BF16_BLOCK_KEYS = {
     ("bmma", "bmma_async"): "block_bf16_ms", ("bmma_lean",): "lean_block_bf16_ms",
     ("bmma_lean1",): "lean1_block_bf16_ms", ("bmma_split",): "split_block_bf16_ms",
     ("bmma_halo",): "halo_block_bf16_ms", ("bmma_halo_w",): "halo_w_block_bf16_ms",
+    ("bmma_halo_p",): "halo_p_block_bf16_ms",
 }  # fmt: skip
 
 
@@ -493,6 +495,7 @@ def format_table(rows: list[dict], title: str) -> str:
         ("split_bf16_ms", 14, "{:.4f}"),
         ("halo_bf16_ms", 13, "{:.4f}"),
         ("halo_w_bf16_ms", 15, "{:.4f}"),
+        ("halo_p_bf16_ms", 15, "{:.4f}"),
         ("stem8_bf16_ms", 14, "{:.4f}"),
         ("stem_s2d_bf16_ms", 17, "{:.4f}"),
         ("shortcut2x2_bf16_ms", 20, "{:.4f}"),
@@ -505,6 +508,7 @@ def format_table(rows: list[dict], title: str) -> str:
         ("split_block_bf16_ms", 20, "{:.4f}"),
         ("halo_block_bf16_ms", 19, "{:.4f}"),
         ("halo_w_block_bf16_ms", 21, "{:.4f}"),
+        ("halo_p_block_bf16_ms", 21, "{:.4f}"),
         ("conv_floor_ms", 14, "{:.4f}"),
         ("conv_of_floor", 14, "{:.0%}"),
         ("floor_x_cudnn", 14, "{:.1f}x"),

@@ -60,8 +60,10 @@ def cuda_paths() -> list[str]:
     'bmma_lean1' (the same with one AND-popc MMA per k-step), 'bmma_split' (bmma_lean with the
     k-steps of a layer with few tiles split over a cluster of blocks, sm_90+: ``split_k_plan``),
     'bmma_halo' (that epilogue and one MMA, each block's input read once into a halo in shared
-    memory; bmma_lean runs what does not fit) and 'bmma_halo_w' (the same with the block's weights
-    in shared memory too). The last six are variants under test until a GPU run measures them."""
+    memory; bmma_lean runs what does not fit), 'bmma_halo_w' (the same with the block's weights in
+    shared memory too) and 'bmma_halo_p' (persistent blocks that copy the next tile's halo and
+    residuals in while they compute one). The last seven are variants under test until a GPU run
+    measures them."""
     return list(_C.cuda_paths())
 
 
@@ -94,6 +96,13 @@ def programmatic_launch(on: bool = True) -> contextlib.AbstractContextManager[No
     waits for it before reading anything. Off by default until a GPU run measures it (the model
     table's ``tuned_pdl_bf16_ms``)."""
     return _forced_path(_C.programmatic_launch, _C.set_programmatic_launch, on)
+
+
+def persistent_blocks(blocks: int) -> contextlib.AbstractContextManager[None]:
+    """Inside: 'bmma_halo_p' launches at most ``blocks`` persistent blocks (0: as many as fit on the
+    device at once, the default), so that on a small conv every block loops over many work items,
+    prefetching each next one: how the tests and compute-sanitizer reach that loop."""
+    return _forced_path(_C.persistent_blocks, _C.set_persistent_blocks, blocks)
 
 
 def debug_fill() -> contextlib.AbstractContextManager[None]:

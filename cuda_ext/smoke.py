@@ -39,6 +39,7 @@ class Case:
     pad_value: float = 0.0
     epilogue: bool = True  # scale, bias and a residual
     bf16: bool = False  # out_dtype=torch.bfloat16 (and a bfloat16 residual)
+    persistent_blocks: int = 0  # bmma_halo_p's grid at most this (ops.persistent_blocks; 0: as many as fit)
 
     @property
     def out_dtype(self) -> torch.dtype | None:
@@ -60,6 +61,9 @@ QUICK = [
     Case("halo-tiles-bf16", 2, 130, 64, 19, 37, bf16=True),  # bmma_halo: 3 x 3 tiles of 8 x 16 per image
     Case("halo-w-opt-in-bf16", 1, 512, 64, 7, 7, bf16=True),  # bmma_halo_w: 68 KB of shared memory (opt-in)
     Case("batch1-256x14-bf16", 1, 256, 256, 14, 14, bf16=True),  # bmma_split: 8 tiles, 9 k-steps in 5 blocks each
+    # bmma_halo_p: 36 work items (18 image tiles, cut both ways, x 2 channel blocks, the second partial)
+    # in 3 blocks, each looping over 12 with the next one's halo and residuals prefetched
+    Case("persistent-loops-bf16", 2, 100, 72, 19, 37, bf16=True, persistent_blocks=3),
 ]
 FULL = QUICK + [
     Case("bireal18-64x56", 2, 64, 64, 56, 56),
@@ -125,7 +129,7 @@ def check(device: str, path: str, case: Case) -> dict:
     px, pw, scale, bias, residual = inputs(case)
     want_out, want_packed = expected(case, px, pw, scale, bias, residual)
     args = [t.to(device) if t is not None else None for t in (px, pw, scale, bias, residual)]
-    with ops.forced_kernel_path(device, path), ops.debug_fill():
+    with ops.forced_kernel_path(device, path), ops.persistent_blocks(case.persistent_blocks), ops.debug_fill():
         out, packed = ops.binary_block(
             args[0],
             args[1],

@@ -17,7 +17,8 @@ from cuda_ext.reference import binary_block_ref, binary_conv2d_ref, pack_signs_r
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and ops.cuda_built()), reason="needs a CUDA GPU and the CUDA build of cuda_ext"
 )
-PATHS = ["bmma", "simt", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_split", "bmma_halo", "bmma_halo_w"]
+PATHS = ["bmma", "simt", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_split", "bmma_halo", "bmma_halo_w",
+         "bmma_halo_p"]  # fmt: skip
 CASES = list(itertools.product([3, 31, 64, 100, 130, 256], [1, 2], [1, 3], [0.0, 1.0, -1.0]))
 
 
@@ -58,7 +59,7 @@ def assert_block_equal(path, args, scale=None, bias=None, residual=None, out_dty
 # O % 8 == 0 and padding <= 3, and route everything else to bmma; PATHS runs every test on them, where
 # O = 70 or 33 takes the route. (bmma_split splits the k-steps of these tests' small grids over
 # clusters of up to 8 blocks: few tiles for the device's multiprocessors.)
-LEAN_PATHS = ["bmma_lean", "bmma_lean1", "bmma_split", "bmma_halo", "bmma_halo_w"]
+LEAN_PATHS = ["bmma_lean", "bmma_lean1", "bmma_split", "bmma_halo", "bmma_halo_w", "bmma_halo_p"]
 LEAN_SHAPES = list(itertools.product([3, 64, 130], [1, 2, 3], [(3, 1), (5, 2), (7, 3), (1, 0), (3, 4)]))
 
 
@@ -86,7 +87,7 @@ def test_the_lean_epilogue_every_option_set(path, out_channels, channels, stride
 @pytest.mark.parametrize("channels", [64, 200, 512])
 @pytest.mark.parametrize("stride,kernel,padding", [(1, 3, 1), (2, 3, 1), (1, 1, 0), (3, 5, 2)])
 @pytest.mark.parametrize("side_h,side_w", [(17, 35), (8, 16), (30, 9)])
-@pytest.mark.parametrize("path", ["bmma_halo", "bmma_halo_w"])
+@pytest.mark.parametrize("path", ["bmma_halo", "bmma_halo_w", "bmma_halo_p"])
 def test_bmma_halo_tiles_and_halos(path, channels, stride, kernel, padding, side_h, side_w):
     """bmma_halo's blocks are 8 x 16 output pixels of one image with their input halo in shared
     memory (binary_conv_halo.cu): images cut into several tiles each way, partial tiles at the right
@@ -104,8 +105,32 @@ def test_bmma_halo_tiles_and_halos(path, channels, stride, kernel, padding, side
     assert_block_equal(path, args)
 
 
+@pytest.mark.parametrize("blocks", [1, 2, 5])
+@pytest.mark.parametrize(
+    "channels,out_channels,stride,side_h,side_w,pad_value",
+    [(64, 64, 1, 17, 35, 0.0), (130, 72, 1, 19, 37, 1.0), (256, 128, 2, 30, 31, -1.0), (512, 64, 1, 8, 16, 0.0)],
+)  # fmt: skip
+def test_bmma_halo_p_blocks_loop_over_many_items(blocks, channels, out_channels, stride, side_h, side_w, pad_value):
+    """bmma_halo_p with its grid capped (ops.persistent_blocks) at 1, 2 and 5 blocks, so that each
+    loops over many work items (3 images of 2 x 3 to 3 x 3 tiles, 1 or 2 channel blocks), the next
+    item's halo and residuals copied into the other buffer while one is computed: an odd and an even
+    number of items per block, a partial channel block, tiles cut at the edges, stride 2, every pad
+    value: the bf16 block with a bf16 residual, the float32 block and the bare conv equal the
+    reference, and the cap is restored after."""
+    x, w = cuda_case(3, channels, out_channels, side_h, side_w, 3, seed=channels + blocks)
+    args = (pack_signs_ref(x), pack_weight_ref(w), channels, stride, 1, pad_value)
+    residual = torch.randn_like(binary_conv2d_ref(*args))
+    scale, bias = torch.rand(out_channels) + 0.5, torch.randn(out_channels)
+    with ops.persistent_blocks(blocks):
+        assert ops._C.persistent_blocks() == blocks
+        assert_block_equal("bmma_halo_p", args, scale, bias, residual.to(torch.bfloat16), out_dtype=torch.bfloat16)
+        assert_block_equal("bmma_halo_p", args, scale, bias, residual)
+        assert_block_equal("bmma_halo_p", args)
+    assert ops._C.persistent_blocks() == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("path", ["bmma_halo", "bmma_halo_w"])
+@pytest.mark.parametrize("path", ["bmma_halo", "bmma_halo_w", "bmma_halo_p"])
 def test_bmma_halo_with_a_residual_only_8_byte_aligned(path, dtype):
     """bmma_halo stages its residual tile with 16-byte copies; a residual whose base is only 8-byte
     aligned (a view 8 bytes into its storage) is routed to bmma_lean, and the outputs are still exact."""

@@ -34,7 +34,8 @@ def test_cuda_kernels_built_and_registered():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bireal::{op}", "CUDA"), op
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"bireal::{op}", "CPU"), op
     assert ops.cuda_paths() == [
-        "bmma", "simt", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_split", "bmma_halo", "bmma_halo_w"
+        "bmma", "simt", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_split", "bmma_halo", "bmma_halo_w",
+        "bmma_halo_p"
     ]  # fmt: skip
 
 
@@ -58,9 +59,9 @@ def test_machine_code_for_sm80_and_sm90a_with_native_bmma():
             [tool, "--dump-sass", "--gpu-architecture", sm, so], capture_output=True, text=True, check=True
         ).stdout
         tensor_core = [(name, k) for name, _, k in kernels_in(sass) if "bmma" in name]
-        # bmma, bmma_async, and 8 instantiations each of bmma_lean, bmma_lean1, bmma_split, bmma_halo
-        # and bmma_halo_w; bmma_split's clusters need sm_90, and its sm_80 code is a trap alone
-        assert len(tensor_core) == 2 + 8 * 5, [name for name, _ in tensor_core]
+        # bmma, bmma_async, and 8 instantiations each of bmma_lean, bmma_lean1, bmma_split, bmma_halo,
+        # bmma_halo_w and bmma_halo_p; bmma_split's clusters need sm_90, and its sm_80 code is a trap alone
+        assert len(tensor_core) == 2 + 8 * 6, [name for name, _ in tensor_core]
         if sm == "sm_80":
             for name, kernel in tensor_core:
                 if "_split" in name:
@@ -86,12 +87,18 @@ def test_machine_code_for_sm80_and_sm90a_with_native_bmma():
 
 
 def test_cuda_helpers_without_a_gpu():
-    """Path switching works (and rejects unknown names) on any build."""
-    with ops.forced_cuda_path("simt"):
-        from cuda_ext import _C
+    """Path switching works (and rejects unknown names) on any build; so does bmma_halo_p's cap on
+    its grid (scoped, 0 = as many blocks as fit, a negative count refused naming it)."""
+    from cuda_ext import _C
 
+    with ops.forced_cuda_path("simt"):
         assert _C.cuda_path() == "simt"
     assert ops.cuda_paths()[0] == "bmma"
+    with ops.persistent_blocks(3):
+        assert _C.persistent_blocks() == 3
+    assert _C.persistent_blocks() == 0
+    with pytest.raises(RuntimeError, match="blocks must be >= 0 .*got -1"):
+        _C.set_persistent_blocks(-1)
 
 
 def test_split_k_plan_covers_every_k_step_once():
@@ -487,6 +494,52 @@ def test_bmma_halo_w_weights_in_shared_memory(k_words, out_channels, col0):
         assert len(banks) == 32
 
 
+def halo_p_trace(block, grid, items):
+    """What block ``block`` of binary_conv2d_bmma_halo_p_kernel does, in order, as its loop does it:
+    ("stage", item, buffer) starts the copies of an item's halo and residuals, ("compute", item,
+    buffer) reads them (main loop and epilogue), ("barrier",) is the __syncthreads that ends an item."""
+    item, b = block, 0
+    trace = [("stage", item, 0)]
+    while True:
+        following = item + grid
+        if following < items:
+            trace.append(("stage", following, b ^ 1))
+        trace.append(("compute", item, b))
+        if following >= items:
+            return trace
+        trace.append(("barrier",))
+        item, b = following, b ^ 1
+
+
+@pytest.mark.parametrize("items,grid", [(1, 1), (7, 3), (8, 4), (396, 396), (1000, 396), (7168 * 1, 528), (5, 8)])
+def test_bmma_halo_p_computes_every_item_once_from_its_own_copies(items, grid):
+    """bmma_halo_p's persistent loop (halo_p_trace, the grid at most the items as the host sizes it):
+    every work item is computed once; an item is computed from the buffer its own copies went to,
+    and a buffer is refilled only after a barrier that follows the last read of it; item i is image
+    tile i // col_blocks, channel block i % col_blocks (channels fastest: blocks running together
+    share a tile's input), every (tile, channel block) once."""
+    grid = min(grid, items)
+    computed = []
+    for block in range(grid):
+        last_staged, read_since_barrier = {}, set()
+        for event in halo_p_trace(block, grid, items):
+            if event[0] == "stage":
+                _, item, b = event
+                assert b not in read_since_barrier, (block, event)  # no refill while it may be read
+                last_staged[b] = item
+            elif event[0] == "compute":
+                _, item, b = event
+                assert last_staged[b] == item, (block, event)  # its own halo and residuals
+                read_since_barrier.add(b)
+                computed.append(item)
+            else:
+                read_since_barrier.clear()
+    assert sorted(computed) == list(range(items))
+    col_blocks = 3
+    places = [(i // col_blocks, i % col_blocks) for i in sorted(computed)]
+    assert len(set(places)) == items and places[:3] == [(0, c) for c in range(min(3, items))]
+
+
 def test_extension_uses_the_shared_libstdcxx():
     """The extension resolves the C++ library from the libstdc++ the process loads: a copy linked in
     by a -static-libstdc++ compiler driver breaks number formatting in every error message (cut short
@@ -548,12 +601,15 @@ def test_the_sass_report_reads_every_kernel_of_both_targets():
         # (variant, BMMAs per k-step, epilogue instructions per output beyond a third of bmma's, the
         # training conv's epilogue at most): bmma_lean1 and bmma_halo also turn their one-MMA counts
         # into dot products (dots_from_and_counts: about 2-3 instructions per output), and bmma_halo
-        # copies bf16 outputs out of its tile (about 1.5) in fewer instructions than it had stored them
+        # copies bf16 outputs out of its tile (about 1.5) in fewer instructions than it had stored them;
+        # bmma_halo_p's count after its k-step loop also holds its loop over work items' tail (the
+        # item's place found again, three divisions, and the barrier: about 3 per output)
         # bmma_split also stores its partial counts and adds the other blocks' (about 3-4.5 per
         # output), on sm_90a; on sm_80 (no clusters) it is a trap, never launched
         variants = (("binary_conv2d_bmma_lean_kernel", 32, 0, 12), ("binary_conv2d_bmma_lean1_kernel", 16, 3, 14),
                     ("binary_conv2d_bmma_halo_kernel", 16, 3.5, 12),
-                    ("binary_conv2d_bmma_halo_w_kernel", 16, 3.5, 12))  # fmt: skip
+                    ("binary_conv2d_bmma_halo_w_kernel", 16, 3.5, 12),
+                    ("binary_conv2d_bmma_halo_p_kernel", 16, 6, 15))  # fmt: skip
         split = {k: r for (s, k), r in rows.items() if s == sm and k.startswith("binary_conv2d_bmma_split_kernel<")}
         assert len(split) == 8, sorted(split)
         if sm == "sm_80":
@@ -570,8 +626,8 @@ def test_the_sass_report_reads_every_kernel_of_both_targets():
                 assert row["bmma"] == mmas and row["reg"] <= 168 and row["local"] == 0 and row["stack"] == 0, row
                 assert 0 < row["epilogue_per_output"] <= reference * 0.34 + extra, (kernel, row, reference)
                 halo = "_halo" in variant
-                # cp.async: bmma_halo's residual tile; bmma_halo_w's weights, always
-                copies = "residual" in kernel or variant.endswith("halo_w_kernel")
+                # cp.async: bmma_halo's residual tile; bmma_halo_w's weights and bmma_halo_p's halos, always
+                copies = "residual" in kernel or variant.endswith(("halo_w_kernel", "halo_p_kernel"))
                 assert (row["cp_async"] > 0) == (halo and copies), (kernel, row)
                 stages_outputs = halo and "bf16" in kernel
                 assert (row["stg128"] > 0) == stages_outputs, (kernel, row)

@@ -101,8 +101,8 @@ def test_the_bf16_model_rows_on_a_cpu(tmp_path):
     row = bf16_model_rows(packed, x, torch.device("cpu"), 1)
     tuned, tuned_paths = row.pop("tuned"), row.pop("tuned_paths")
     assert set(row) == {"bf16_ms", "async_bf16_ms", "lean_bf16_ms", "lean1_bf16_ms", "split_bf16_ms", "halo_bf16_ms",
-                        "halo_w_bf16_ms", "stem8_bf16_ms", "stem_s2d_bf16_ms", "shortcut2x2_bf16_ms", "tuned_bf16_ms",
-                        "tuned_pdl_bf16_ms"}  # fmt: skip
+                        "halo_w_bf16_ms", "halo_p_bf16_ms", "stem8_bf16_ms", "stem_s2d_bf16_ms", "shortcut2x2_bf16_ms",
+                        "tuned_bf16_ms", "tuned_pdl_bf16_ms"}  # fmt: skip
     assert min(row.values()) > 0
     per_layer, *stems, shortcuts = tuned.split(" + ")
     assert len(tuned_paths) == 16 and set(tuned_paths.values()) <= set(ops.cpu_paths())  # on this CPU

@@ -38,7 +38,8 @@ double cpu_micro_kernel_rate(int64_t words, double seconds);
 // call's options, binary_conv_lean.cu; "bmma_lean1" with one MMA per k-step; "bmma_split" with
 // its k-steps split over a cluster of blocks where a layer has few tiles, binary_conv_split.cu) and
 // "bmma_halo" (that epilogue, the input read from a halo in shared memory, binary_conv_halo.cu;
-// "bmma_halo_w" with the weights there too); the last six are variants under test.
+// "bmma_halo_w" with the weights there too, "bmma_halo_p" with persistent blocks that copy the next
+// tile's halo and residuals in while they compute one); the last seven are variants under test.
 std::vector<std::string> cuda_paths();
 std::string cuda_path();
 void set_cuda_path(const std::string& name);
@@ -68,6 +69,12 @@ void fill_if_debugging(at::Tensor& t);
 // once their main loop is done. Hides the launch gaps of a batch-1 forward's ~20 kernels.
 bool programmatic_launch();
 void set_programmatic_launch(bool on);
+
+// bmma_halo_p's grid: at most this many persistent blocks (0, the default: as many as fit on the
+// device at once). A smaller grid makes every block loop over many work items on a small conv, which
+// is how the tests and the sanitizers reach its prefetching loop.
+int persistent_blocks();
+void set_persistent_blocks(int blocks);
 
 // The output dtype of binary_conv2d / binary_block: float32 (default) or bfloat16.
 at::ScalarType conv_out_dtype(const std::optional<at::ScalarType>& out_dtype);

@@ -30,7 +30,8 @@
 // the epilogue per option set (lean_epilogue.cuh): `bmma_lean` (binary_conv_lean.cu) with bmma's
 // main loop, `bmma_lean1` the same with one MMA per k-step, `bmma_split` (binary_conv_split.cu)
 // with the k-steps split over a cluster of blocks where a layer has few tiles, and `bmma_halo`
-// (binary_conv_halo.cu), which reads its input from a halo of the block's pixels in shared memory.
+// (binary_conv_halo.cu), which reads its input from a halo of the block's pixels in shared memory
+// (`bmma_halo_w` with the weights there too, `bmma_halo_p` with persistent blocks).
 #include "binary_conv.h"
 #include "bmma_common.cuh"
 
@@ -549,11 +550,14 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
   }
   if (M == 0 || g.O == 0) return {out.permute({0, 3, 1, 2}), packed_out};  // (a zero-block grid is a launch error)
 
-  // bmma_halo and bmma_halo_w run what they support, then bmma_lean what it supports, then bmma the
-  // rest; bmma_lean1 and bmma_split what the lean epilogue supports, then bmma.
+  // bmma_halo, bmma_halo_w and bmma_halo_p run what they support, then bmma_lean what it supports,
+  // then bmma the rest; bmma_lean1 and bmma_split what the lean epilogue supports, then bmma.
   const std::string path = cuda_path();
-  const bool shared_weights = path == "bmma_halo_w", halo_path = path == "bmma_halo" || shared_weights;
-  const bool halo = halo_path && halo_supports(p, shared_weights);
+  const bool halo_path = path == "bmma_halo" || path == "bmma_halo_w" || path == "bmma_halo_p";
+  const HaloKind halo_kind = path == "bmma_halo_w"   ? HaloKind::kSharedWeights
+                             : path == "bmma_halo_p" ? HaloKind::kPersistent
+                                                     : HaloKind::kPlain;
+  const bool halo = halo_path && halo_supports(p, halo_kind);
   const bool one_mma = path == "bmma_lean1", split = path == "bmma_split";
   const bool lean = !halo && (path == "bmma_lean" || halo_path || one_mma || split) && lean_supports(p);
   const bool zero_padding = pad_value == 0.0 && padding > 0;  // then the border pixels need a correction
@@ -591,7 +595,7 @@ std::tuple<at::Tensor, at::Tensor> conv_cuda(const at::Tensor& packed_x, const a
   const dim3 grid((M + kBlockRows - 1) / kBlockRows, (g.O + kWarpCols - 1) / kWarpCols);
   const int32_t* classes = border_classes.defined() ? border_classes.data_ptr<int32_t>() : nullptr;
   if (halo) {
-    launch_bmma_halo(p, classes, stream, shared_weights);
+    launch_bmma_halo(p, classes, stream, halo_kind);
   } else if (lean && split) {
     launch_bmma_split(p, classes, grid, stream);
   } else if (lean) {

@@ -40,10 +40,13 @@ struct BorderClasses {
 
 // Whether bmma_lean (binary_conv_lean.cu) computes this call itself; otherwise `bmma` runs it.
 bool lean_supports(const ConvParams& p);
-// Whether bmma_halo (binary_conv_halo.cu) computes this call itself: what bmma_lean supports, with
-// the block's input halo (and with shared_weights, bmma_halo_w, its weights) within the shared
-// memory it may use.
-bool halo_supports(const ConvParams& p, bool shared_weights);
+// The bmma_halo kernels (binary_conv_halo.cu): bmma_halo, bmma_halo_w (the block's weights in shared
+// memory too) and bmma_halo_p (persistent blocks, the next tile's halo and residuals copied in
+// while one is computed).
+enum class HaloKind { kPlain, kSharedWeights, kPersistent };
+// Whether that kernel computes this call itself: what bmma_lean supports, with what it keeps in
+// shared memory within what it may use.
+bool halo_supports(const ConvParams& p, HaloKind kind);
 // Fills `table` (P^4 * O int32) with the border classes of p.w, for bmma_lean and bmma_halo.
 void fill_border_classes(const ConvParams& p, int32_t* table, int in_channels, cudaStream_t stream);
 // cudaDeviceGetAttribute(attribute, device), read once per attribute and device.
@@ -56,7 +59,7 @@ bool programmatic_launch_on(int device);
 // Launch bmma_lean (grid as bmma's; with one_mma, bmma_lean1: one AND-popc MMA per tile and k-step)
 // and bmma_halo (its own grid); `table`: the border-class table, or null when no correction is needed.
 void launch_bmma_lean(const ConvParams& p, const int32_t* table, dim3 grid, cudaStream_t stream, bool one_mma);
-void launch_bmma_halo(const ConvParams& p, const int32_t* table, cudaStream_t stream, bool shared_weights);
+void launch_bmma_halo(const ConvParams& p, const int32_t* table, cudaStream_t stream, HaloKind kind);
 // Launch bmma_split (grid as bmma's): bmma_lean with its k-steps split over a cluster of blocks
 // where the grid has too few blocks for the device (split_k_plan), bmma_lean itself otherwise.
 void launch_bmma_split(const ConvParams& p, const int32_t* table, dim3 grid, cudaStream_t stream);

@@ -10,17 +10,24 @@
 namespace bireal {
 
 namespace {
-const std::vector<std::string> kCudaPaths{"bmma",       "simt",       "bmma_async", "bmma_lean",
-                                          "bmma_lean1", "bmma_split", "bmma_halo",  "bmma_halo_w"};
+const std::vector<std::string> kCudaPaths{"bmma",       "simt",       "bmma_async",  "bmma_lean",  "bmma_lean1",
+                                          "bmma_split", "bmma_halo", "bmma_halo_w", "bmma_halo_p"};
 std::atomic<int> g_cuda_path{0};
 std::atomic<bool> g_debug_fill{false};
 std::atomic<bool> g_programmatic_launch{false};
+std::atomic<int> g_persistent_blocks{0};
 }  // namespace
 
 bool debug_fill() { return g_debug_fill.load(); }
 void set_debug_fill(bool on) { g_debug_fill.store(on); }
 bool programmatic_launch() { return g_programmatic_launch.load(); }
 void set_programmatic_launch(bool on) { g_programmatic_launch.store(on); }
+
+int persistent_blocks() { return g_persistent_blocks.load(); }
+void set_persistent_blocks(int blocks) {
+  TORCH_CHECK(blocks >= 0, "set_persistent_blocks: blocks must be >= 0 (0: as many as fit), got ", blocks);
+  g_persistent_blocks.store(blocks);
+}
 
 void fill_if_debugging(at::Tensor& t) {
   // A byte view of the freshly allocated (contiguous) output; fill_ runs on its device's current
@@ -166,6 +173,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "whether the lean and halo CUDA kernels use programmatic dependent launch (sm_90+)");
   m.def("set_programmatic_launch", &bireal::set_programmatic_launch,
         "launch the lean and halo CUDA kernels with programmatic dependent launch (sm_90+)");
+  m.def("persistent_blocks", &bireal::persistent_blocks,
+        "the most blocks bmma_halo_p launches (0: as many as fit on the device at once)");
+  m.def("set_persistent_blocks", &bireal::set_persistent_blocks,
+        "launch bmma_halo_p with at most this many blocks (0: as many as fit); tests make every block loop");
   m.def("set_debug_fill", &bireal::set_debug_fill,
         "pre-fill every op output with 0xFF bytes (NaN floats, bad packed tails) before the kernels run");
 #ifdef BIREAL_WITH_CUDA

@@ -72,7 +72,7 @@ if [ "$part" = --quick ]; then
   timeout "$(limit 120)" $PY -m bench.gpu_profile --out "$out" --batches 256,1
   status[profile]=$?
   # last, with the time left (the smoke above has checked every path): the newest kernels' tests
-  # first (about 500), then the rest of the variants' (about 2,300, most of them the lean epilogue's
+  # first (about 680), then the rest of the variants' (about 2,800, most of them the lean epilogue's
   # option sets)
   step "GPU tests of the halo kernels, bmma_split and max_pool_signs (tests/test_cuda.py)"
   newest="(halo or split or max_pool) and not every_option_set"
@@ -82,7 +82,7 @@ if [ "$part" = --quick ]; then
   tail -3 "$out/tests_newest.log"
   step "GPU tests of the other variants under test (tests/test_cuda.py: the lean epilogue's option sets, bmma_async)"
   timeout "$(limit 150)" $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py \
-    -k "(lean or halo or async) and not ($newest)" >"$out/tests_variants.log" 2>&1
+    -k "(lean or halo or async or split) and not ($newest)" >"$out/tests_variants.log" 2>&1
   status[variant_tests]=$?
   tail -3 "$out/tests_variants.log"
 else

@@ -34,6 +34,7 @@ import json
 import logging
 import multiprocessing
 import random
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -374,8 +375,7 @@ class ShardLoader:
         self.train, self.rank, self.seed, self.input_config = train, rank, seed, input_config
         self.pca_lighting, self.uint8, self.on_device = pca_lighting, uint8, decode == "device"
         self.device = torch.device(device or "cpu")
-        # s3fs (aiobotocore) breaks in forked workers: remote shards get freshly started ones
-        context = "forkserver" if workers > 0 and storage.is_url(location) else None
+        context = worker_start_method(location, workers)
         self.shared_epoch = SharedEpoch(context)
         stream = ShardStream(
             self.plan_of,
@@ -423,6 +423,26 @@ class ShardLoader:
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
         self.loader._iterator = None
+
+
+# What a forkserver imports once, before it forks the loader workers: each then starts with torch and
+# this module in memory instead of importing them itself.
+FORKSERVER_PRELOAD = ["torch", "pipeline.data"]
+
+
+def worker_start_method(location: str, workers: int) -> str | None:
+    """How a loader starts its worker processes: None (fork) or "forkserver", which forks them from
+    a single-threaded server process started once per process. Forkserver for remote shards (s3fs's
+    event loop breaks in forked workers) and wherever other threads run beside this one (a Ray
+    Train worker: Ray's, MLflow's and the metric threads): CPython forks only the calling thread,
+    and a fork while another thread holds the interpreter's thread-state lock leaves the child
+    waiting for it forever in ``PyOS_AfterFork_Child`` (an evaluation loader hung so in CI)."""
+    if workers == 0:
+        return None
+    if storage.is_url(location) or threading.active_count() > 1:
+        multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)  # (read when the server starts)
+        return "forkserver"
+    return None
 
 
 def make_loader(location: str, split: str, input_config: dict, batch_size: int, *, epoch: int = 0, **options):

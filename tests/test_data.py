@@ -258,6 +258,42 @@ def test_persistent_workers_serve_every_epoch_as_workers_started_for_it(demo_sha
     assert children() - before == set()
 
 
+def test_loader_workers_start_from_a_forkserver_beside_other_threads(demo_shards, monkeypatch):
+    """A loader forks its workers only where no other thread runs: beside one (a Ray Train worker
+    has several) it starts them from a forkserver (``worker_start_method``), since a fork while
+    another thread holds CPython's thread-state lock leaves the child hung for good (an evaluation
+    loader's worker did so in CI). The forkserver's workers serve the forked ones' batches (keys,
+    labels, pixels) in the same order; remote shards always get a forkserver, no workers neither."""
+    import threading
+
+    import torch
+
+    from pipeline.data import ShardLoader, worker_start_method
+
+    config, location = bc.default_input_config("small"), str(demo_shards)
+    options = dict(train=False, workers=2, with_keys=True)
+    assert worker_start_method("s3://bucket/shards", 2) == "forkserver"
+    assert worker_start_method(location, 0) is None
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert worker_start_method(location, 2) == "forkserver"
+        loader = ShardLoader(location, "test", config, 16, **options)
+        assert loader.loader.multiprocessing_context.get_start_method() == "forkserver"
+        served = list(loader.epoch(0)[0])
+    finally:
+        stop.set()
+        other.join()
+    with monkeypatch.context() as m:
+        m.setattr(threading, "active_count", lambda: 1)  # as in a process with this thread alone
+        assert worker_start_method(location, 2) is None
+        forked = list(make_loader(location, "test", config, 16, **options)[0])
+    assert len(served) == len(forked) > 1
+    for (x, y, keys), (x_ref, y_ref, keys_ref) in zip(served, forked):
+        assert list(keys) == list(keys_ref) and torch.equal(y, y_ref) and torch.equal(x, x_ref)
+
+
 def test_plan_never_starves_a_rank():
     shards = [(f"s{i}", n) for i, n in enumerate([100, 100, 7])]
     plan = plan_epoch(shards, world_size=2, workers=2, batch_size=16, train=True)

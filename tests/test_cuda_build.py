@@ -151,6 +151,18 @@ def _popcount(words: torch.Tensor) -> torch.Tensor:
     return ((words.unsqueeze(-1) >> shifts) & 1).sum(-1)
 
 
+def valid_words_and_padded(px, channels, padding, pad_value):
+    """(the valid bits of each of a pixel's Cw words (Cw,), the packed input (N, H, W, Cw) padded by
+    ``padding`` pixels of the fill word: all valid bits for pad value +1, else 0)."""
+    n, h, w, cw = px.shape
+    tail = (1 << (channels - 64 * (cw - 1))) - 1 if channels % 64 else -1
+    valid = torch.tensor([-1] * (cw - 1) + [tail if tail < 2**63 else tail - 2**64], dtype=torch.int64)
+    fill = valid if pad_value == 1.0 else torch.zeros_like(valid)
+    padded = fill.repeat(n, h + 2 * padding, w + 2 * padding, 1)
+    padded[:, padding : padding + h, padding : padding + w] = px
+    return valid, padded
+
+
 def and_popc_conv_model(px, pw, channels, stride, padding, pad_value, one_mma=False):
     """The tensor-core kernels' arithmetic, word for word, in torch: border taps read the fill word,
     agreements = popc(a & b) + popc(~a & nb) with b and nb masked to the valid channels, dot =
@@ -159,12 +171,8 @@ def and_popc_conv_model(px, pw, channels, stride, padding, pad_value, one_mma=Fa
     2 * P_b + K; plus S[tap][o] for taps outside the image under zero padding."""
     n, h, w, cw = px.shape
     o, kh, kw, _ = pw.shape
-    tail = (1 << (channels - 64 * (cw - 1))) - 1 if channels % 64 else -1
-    valid = torch.tensor([-1] * (cw - 1) + [tail if tail < 2**63 else tail - 2**64], dtype=torch.int64)
-    fill = valid if pad_value == 1.0 else torch.zeros_like(valid)
-    padded = fill.repeat(n, h + 2 * padding, w + 2 * padding, 1)
+    valid, padded = valid_words_and_padded(px, channels, padding, pad_value)
     inside = torch.zeros(n, h + 2 * padding, w + 2 * padding, dtype=torch.bool)
-    padded[:, padding : padding + h, padding : padding + w] = px
     inside[:, padding : padding + h, padding : padding + w] = True
     ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
     b, nb = pw & valid, ~pw & valid  # (O, KH, KW, Cw)
@@ -265,11 +273,7 @@ def split_k_conv_model(px, pw, channels, stride, padding, pad_value, sms):
     2 * agree - K. (N, O, Ho, Wo), and the plan."""
     n, h, w, cw = px.shape
     o, kh, kw, _ = pw.shape
-    tail = (1 << (channels - 64 * (cw - 1))) - 1 if channels % 64 else -1
-    valid = torch.tensor([-1] * (cw - 1) + [tail if tail < 2**63 else tail - 2**64], dtype=torch.int64)
-    fill = valid if pad_value == 1.0 else torch.zeros_like(valid)
-    padded = fill.repeat(n, h + 2 * padding, w + 2 * padding, 1)
-    padded[:, padding : padding + h, padding : padding + w] = px
+    valid, padded = valid_words_and_padded(px, channels, padding, pad_value)
     ho, wo = (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
     taps = [padded[:, i : i + stride * ho : stride, j : j + stride * wo : stride] for i in range(kh) for j in range(kw)]
     rows = torch.cat(taps, -1).reshape(n * ho * wo, kh * kw * cw)  # (M, K_words)

@@ -55,13 +55,7 @@ binary_conv2d_bmma_lean_kernel(const ConvParams p, const BorderClasses border) {
   const int warp_col0 = blockIdx.y * kWarpCols;
   PixelOrigin pix[2][2];
   ThreadRows rows;
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      pix[mt][h] = pixel_origin(p, warp_row0 + mt * 16 + h * 8 + g);
-      set_thread_row(rows, mt, h, p, border, pix[mt][h]);
-    }
+  set_consecutive_rows(p, border, warp_row0, g, pix, rows);
   WarpAcc acc;
   if constexpr (kOneMma) {
     PlusOnes ones;

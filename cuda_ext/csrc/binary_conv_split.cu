@@ -53,13 +53,7 @@ binary_conv2d_bmma_split_kernel(const ConvParams p, const BorderClasses border, 
   WarpAcc acc;
   ThreadRows rows;
   PixelOrigin pix[2][2];
-#pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      pix[mt][h] = pixel_origin(p, warp_row0 + mt * 16 + h * 8 + g);
-      set_thread_row(rows, mt, h, p, border, pix[mt][h]);
-    }
+  set_consecutive_rows(p, border, warp_row0, g, pix, rows);
   // Every warp runs the main loop and the epilogue, those past the last pixel too (reading no
   // input, storing nothing): MMAs and shuffles in a branch the compiler cannot prove warp-uniform
   // would each cost a convergence sequence.

@@ -98,6 +98,19 @@ __device__ __forceinline__ void set_thread_row(ThreadRows& rows, int mt, int h, 
   rows.corr_row[mt][h] = cls != 0 ? cls * p.O : -1;  // < 256 * O: fits
 }
 
+// The origins and ThreadRows entries of a thread's 4 pixels among a warp's 32 consecutive ones from
+// warp_row0 (bmma_lean, bmma_split): tile mt, half h is pixel warp_row0 + 16 * mt + 8 * h + g.
+__device__ __forceinline__ void set_consecutive_rows(const ConvParams& p, const BorderClasses& border, int64_t warp_row0,
+                                                     int g, PixelOrigin (&pix)[2][2], ThreadRows& rows) {
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      pix[mt][h] = pixel_origin(p, warp_row0 + mt * 16 + h * 8 + g);
+      set_thread_row(rows, mt, h, p, border, pix[mt][h]);
+    }
+}
+
 // A tile of the block's outputs in shared memory (bmma_halo stages its residuals there, and its bf16
 // outputs for 16-byte stores): tile pixel i's elements of columns warp_col0 .. warp_col0 + 63 start
 // at data + i * stride elements, and a thread's row (mt, h) is tile pixel first + mt * 16 + 8 * h.

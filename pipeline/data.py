@@ -376,6 +376,8 @@ class ShardLoader:
         self.pca_lighting, self.uint8, self.on_device = pca_lighting, uint8, decode == "device"
         self.device = torch.device(device or "cpu")
         context = worker_start_method(location, workers)
+        if context == "forkserver":
+            multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)  # (read when the server starts)
         self.shared_epoch = SharedEpoch(context)
         stream = ShardStream(
             self.plan_of,
@@ -440,7 +442,6 @@ def worker_start_method(location: str, workers: int) -> str | None:
     if workers == 0:
         return None
     if storage.is_url(location) or threading.active_count() > 1:
-        multiprocessing.set_forkserver_preload(FORKSERVER_PRELOAD)  # (read when the server starts)
         return "forkserver"
     return None
 

@@ -55,6 +55,16 @@ def assert_block_equal(path, args, scale=None, bias=None, residual=None, out_dty
     assert torch.equal(out.cpu(), ref_out) and torch.equal(packed.cpu(), ref_packed)
 
 
+def assert_block_and_conv_equal(path, args, out_channels):
+    """On `path`, the block in bf16 with a bf16 residual, the float32 block with a float32 residual
+    and the bare float32 conv equal the reference (random folded batch norm and residuals)."""
+    residual = torch.randn_like(binary_conv2d_ref(*args))
+    scale, bias = torch.rand(out_channels) + 0.5, torch.randn(out_channels)
+    assert_block_equal(path, args, scale, bias, residual.to(torch.bfloat16), out_dtype=torch.bfloat16)
+    assert_block_equal(path, args, scale, bias, residual)  # (bmma_halo: a float32 residual tile staged)
+    assert_block_equal(path, args)
+
+
 # The lean and halo paths (the lean epilogue, lean_epilogue.cuh) run what they instantiate for
 # O % 8 == 0 and padding <= 3, and route everything else to bmma; PATHS runs every test on them, where
 # O = 70 or 33 takes the route. (bmma_split splits the k-steps of these tests' small grids over
@@ -98,11 +108,7 @@ def test_bmma_halo_tiles_and_halos(path, channels, stride, kernel, padding, side
     float32 residual, and the bare conv in float32, zero padding."""
     x, w = cuda_case(2, channels, 64, side_h, side_w, kernel, seed=channels + side_h + stride)
     args = (pack_signs_ref(x), pack_weight_ref(w), channels, stride, padding, 0.0)
-    residual = torch.randn_like(binary_conv2d_ref(*args))
-    scale, bias = torch.rand(64) + 0.5, torch.randn(64)
-    assert_block_equal(path, args, scale, bias, residual.to(torch.bfloat16), out_dtype=torch.bfloat16)
-    assert_block_equal(path, args, scale, bias, residual)  # a float32 residual tile staged
-    assert_block_equal(path, args)
+    assert_block_and_conv_equal(path, args, 64)
 
 
 @pytest.mark.parametrize("blocks", [1, 2, 5])
@@ -119,13 +125,9 @@ def test_bmma_halo_p_blocks_loop_over_many_items(blocks, channels, out_channels,
     reference, and the cap is restored after."""
     x, w = cuda_case(3, channels, out_channels, side_h, side_w, 3, seed=channels + blocks)
     args = (pack_signs_ref(x), pack_weight_ref(w), channels, stride, 1, pad_value)
-    residual = torch.randn_like(binary_conv2d_ref(*args))
-    scale, bias = torch.rand(out_channels) + 0.5, torch.randn(out_channels)
     with ops.persistent_blocks(blocks):
         assert ops._C.persistent_blocks() == blocks
-        assert_block_equal("bmma_halo_p", args, scale, bias, residual.to(torch.bfloat16), out_dtype=torch.bfloat16)
-        assert_block_equal("bmma_halo_p", args, scale, bias, residual)
-        assert_block_equal("bmma_halo_p", args)
+        assert_block_and_conv_equal("bmma_halo_p", args, out_channels)
     assert ops._C.persistent_blocks() == 0
 
 
@@ -170,11 +172,7 @@ def test_bmma_split_the_k_steps_of_few_tiles(batch, channels, out_channels, side
         assert splits > 1, (blocks, steps, sms)  # the cluster kernel runs, not bmma_lean (batch 4: either)
     for pad_value in (0.0, 1.0):
         args = (pack_signs_ref(x), pack_weight_ref(w), channels, stride, 1, pad_value)
-        residual = torch.randn_like(binary_conv2d_ref(*args))
-        scale, bias = torch.rand(out_channels) + 0.5, torch.randn(out_channels)
-        assert_block_equal("bmma_split", args, scale, bias, residual.to(torch.bfloat16), out_dtype=torch.bfloat16)
-        assert_block_equal("bmma_split", args, scale, bias, residual)
-        assert_block_equal("bmma_split", args)
+        assert_block_and_conv_equal("bmma_split", args, out_channels)
 
 
 @pytest.mark.parametrize("path", LEAN_PATHS)

@@ -88,7 +88,6 @@ struct HaloShape {
 // 4 mod 16 words (8 banks) apart those 16 8-byte words fall in 32 different banks.
 int weight_stride(int k_words) { return k_words + ((4 - k_words) % 16 + 16) % 16; }
 
-
 // A staged residual pixel's row, in elements: 64 channels and 8 (bf16) or 4 (float32) more, so that
 // consecutive pixels start 4 banks apart and a warp's reads (8 pixels x 4 column pairs) do not
 // conflict; 144 or 272 bytes, multiples of 16 for the copies.

@@ -113,10 +113,11 @@ def resources(listing: str) -> dict[tuple[str, str], dict]:
 
 
 def report(so: str, tool: str) -> list[dict]:
+    from cuda_ext.build_config import fatbin_archs
+
     usage = resources(subprocess.run([tool, "--dump-resource-usage", so], capture_output=True, text=True).stdout)
-    listing = subprocess.run([tool, "--list-elf", so], capture_output=True, text=True, check=True).stdout
     rows = []
-    for sm in sorted(set(re.findall(r"\.(sm_\d+a?)\.cubin", listing))):
+    for sm in fatbin_archs(tool, so):
         dump = [tool, "--dump-sass", "--gpu-architecture", sm, so]
         sass = subprocess.run(dump, capture_output=True, text=True).stdout
         for name, mangled, kernel_sass in kernels_in(sass):

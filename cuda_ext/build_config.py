@@ -77,3 +77,11 @@ def find_cuobjdump(cuda_home: str | None = None) -> str | None:
     except ImportError:
         pass
     return next((c for c in candidates if c and os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+def fatbin_archs(cuobjdump: str, so: str) -> list[str]:
+    """The GPU targets whose machine code ``so`` carries ("sm_80", "sm_90a"), read from each cubin's
+    ``arch = `` header: ``--list-elf``'s file names drop the ``a`` with an older cuobjdump (triton
+    3.6 ships 12.8's, which names an sm_90a cubin ``.sm_90.cubin``)."""
+    usage = subprocess.run([cuobjdump, "--dump-resource-usage", so], capture_output=True, text=True, check=True)
+    return sorted(set(re.findall(r"^\s*arch = (sm_\w+)\s*$", usage.stdout, flags=re.M)))

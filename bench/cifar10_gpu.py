@@ -79,7 +79,8 @@ def run(
     done (None while stages are left for the next window)."""
     from cuda_ext.packed import export_checkpoint
     from pipeline.evaluate import evaluate_artifact
-    from pipeline.train import stage_checkpoint, train_loop
+    from pipeline.segments import stage_checkpoint
+    from pipeline.train import train_loop
 
     params = load_params(params_file, overrides)  # errors name the file and key before any work
     configs = {stage: params.train(stage) for stage in STAGES}

@@ -134,7 +134,7 @@ def loader_rows(shards: str, config, batch: int, device: torch.device, runs: int
     (batches of 32), the device-decode path over the whole train split at ``batch``."""
     from pipeline.data import make_loader
     from pipeline.data_bench import _time_loader, torch_threads
-    from pipeline.train import stage_input_config
+    from pipeline.segments import stage_input_config
 
     input_config = stage_input_config(config)
 
@@ -283,7 +283,8 @@ def end_to_end_row(shards: str, batch: int, steps: int, device: torch.device, wi
     epoch, the share of it the step waited for data, and the GPU's mean utilization."""
     from pipeline.data import make_loader
     from pipeline.params import load_params
-    from pipeline.train import make_optimizer, memory_format, stage_input_config, train_one_epoch
+    from pipeline.segments import stage_input_config
+    from pipeline.train import make_optimizer, memory_format, train_one_epoch
     from pipeline.train_bench import routed_model
 
     changes = {"width": width} if width else {}

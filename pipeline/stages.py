@@ -303,7 +303,7 @@ def register(
 
 
 def finetuned_checkpoint(params: Params) -> str:
-    from .train import stage_checkpoint
+    from .segments import stage_checkpoint
 
     return str(stage_checkpoint(params.train("finetune"), "finetune"))
 

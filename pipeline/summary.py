@@ -31,7 +31,7 @@ def pipeline_summary(params: Params) -> str:
     """The summary, from the files the stages wrote (a missing one is named, not guessed)."""
     from cuda_ext.packed import artifact_size
 
-    from .train import stage_checkpoint
+    from .segments import stage_checkpoint
 
     checkpoint = str(stage_checkpoint(params.train("finetune"), "finetune"))
     metrics = Path(METRICS)

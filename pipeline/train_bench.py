@@ -50,7 +50,7 @@ def device_name(device: torch.device) -> str:
 def bench_model(config: TrainConfig, num_classes: int = 1000) -> torch.nn.Module:
     """The model the stage trains first, built as the loop builds it but from scratch (no twin or
     binarize checkpoint needed: the step costs the same); finetune: the binary net constrained."""
-    from .train import constrain_for_finetune, segments
+    from .segments import constrain_for_finetune, segments
 
     if config.stage == "finetune":
         return constrain_for_finetune(bench_model(replace(config, stage="binarize", init="scratch")))
@@ -114,14 +114,14 @@ def saved_bytes_per_image(model: torch.nn.Module, size: int, device: torch.devic
 
 def stage_size(config: TrainConfig) -> int:
     """The stage's training crop (px)."""
-    from .train import stage_input_config
+    from .segments import stage_input_config
 
     return stage_input_config(config)["size"]
 
 
 def augmentation(config: TrainConfig) -> str:
     """The training augmentation the stage uses (``auto``: its stem's)."""
-    from .train import stage_input_config
+    from .segments import stage_input_config
 
     return stage_input_config(config)["augment"]
 
@@ -130,8 +130,8 @@ def loader_rate(config: TrainConfig, images: int = 600) -> float:
     """img/s of one loader process (this process, workers=0) over generated ImageNet-size shards."""
     from .data import make_loader
     from .data_bench import _time_loader, make_imagenet_like
+    from .segments import stage_input_config
     from .shard import ShardParams, shard_dataset
-    from .train import stage_input_config
 
     input_config = stage_input_config(config)
     with tempfile.TemporaryDirectory() as tmp:

@@ -28,6 +28,7 @@ LAYERS = [
         "plain modules",
         {
             "pipeline.train",
+            "pipeline.segments",
             "pipeline.data",
             "pipeline.decode",
             "pipeline.shard_read",

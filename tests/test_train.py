@@ -10,7 +10,8 @@ import torch.multiprocessing as mp
 
 import bireal_core as bc
 from cuda_ext.training import use_kernels
-from pipeline.train import TrainConfig, constrain_for_finetune, train_loop
+from pipeline.segments import constrain_for_finetune
+from pipeline.train import TrainConfig, train_loop
 
 
 def smoke_config(shards, out, **kw) -> TrainConfig:
@@ -185,7 +186,7 @@ def test_two_step_and_init_options(demo_shards, tmp_path, three_stages):
     with pytest.raises(FileNotFoundError, match="relu_control"):  # a pretrain without the control
         train_loop(replace(cfg, init_from=str(tmp_path)))
     # step 2 starts from step 1's trained weights: it only switches the weight binarizers on
-    from pipeline.train import segments
+    from pipeline.segments import segments
 
     step1, step2 = segments(cfg, num_classes=10)
     model = step1.prepare(None)
@@ -398,7 +399,8 @@ def test_weight_clip_and_precision_settings(demo_shards, tmp_path, three_stages)
 
 
 def test_recipe_settings_reach_the_optimizer_and_are_checked():
-    from pipeline.train import make_optimizer, segments
+    from pipeline.segments import segments
+    from pipeline.train import make_optimizer
 
     model = bc.create_twin("bireal18", "relu", num_classes=10, stem="small", width=0.25)
     sgd = make_optimizer(model, TrainConfig(optimizer="sgd", nesterov=True, weight_decay=5e-4))
@@ -561,7 +563,7 @@ def test_the_clip_gate_lengthens_the_clip_phase_then_names_the_gap(demo_shards, 
     """A clip phase at a ruinous lr (Adam at 100 x lr) leaves the clip twin far below the ReLU twin:
     the gate runs the clip phase again up to its cap (2 more epochs), then stops the stage naming
     the gap. A gate it meets adds no epoch."""
-    from pipeline.train import ClipGateError
+    from pipeline.segments import ClipGateError
 
     gate = dict(phase_epochs=[2, 1, 1], clip_gate_max_epochs=2)
     # 20 steps an epoch: the ReLU twin reaches ~0.7 here, the ruined clip twin ~0.16
@@ -586,7 +588,7 @@ def test_the_clip_gate_lengthens_the_clip_phase_then_names_the_gap(demo_shards, 
 def test_an_under_trained_relu_twin_stops_the_stage_naming_it(demo_shards, tmp_path):
     """relu_floor: a ReLU twin under the floor stops pretrain right after its phase (its checkpoint
     kept, no leaky-clip epoch spent); one over it goes on."""
-    from pipeline.train import ReluFloorError
+    from pipeline.segments import ReluFloorError
 
     low = smoke_config(demo_shards, tmp_path / "low", stage="pretrain", relu_floor=0.99, max_steps_per_epoch=2)
     with pytest.raises(ReluFloorError, match=r"ReLU twin ends its 2 epochs at top-1 0\.\d{4}, under relu_floor=0\.99"):

@@ -206,7 +206,7 @@ def stage_summaries(params: Params, stages: list[str]) -> dict[str, dict]:
 
 def pointers(params: Params, stage: str) -> dict[str, dict]:
     """Each checkpoint the stage published -> {uri, sha256} (read from the store's .sha256)."""
-    from ..train import published_names
+    from ..segments import published_names
 
     if stage not in TRAINING:
         return {}

@@ -23,7 +23,8 @@ import torch
 from .. import storage
 from ..env import apply_local_ray_defaults, verbose
 from ..params import PROCESS_GROUP_TIMEOUT_S, MlflowConfig, RayConfig, TrainConfig, math_settings
-from ..train import Runtime, load_train_state, published_names, stage_checkpoint, train_loop
+from ..segments import published_names, stage_checkpoint
+from ..train import Runtime, load_train_state, train_loop
 from .ray_jobs import is_job_server
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,8 @@
 #       every CUDA path and shape), the SASS report (registers, spills, epilogue instructions per
 #       output), the profile: a forward of the packed bf16 Bi-Real-18 and of ResNet-18 bf16, kernel
 #       by kernel, at batch 256 and 1, cudnn.benchmark off and on (bench/gpu_profile.py); then, with
-#       the time left, tests/test_cuda.py's tests of the halo kernels, bmma_split and max_pool_signs,
+#       the time left, tests/test_cuda.py's tests of the halo kernels, bmma_split, max_pool_signs and
+#       the packed signs of signed zeros, NaN and subnormals,
 #       then of the other variants (bmma_lean, bmma_lean1, bmma_async);
 #   bench/gpu_sweep.sh --full [RESULTS_DIR]    (<= 5 min) the kernel sweep (bench/kernel_sweep.py:
 #       each variant's bf16 conv and block on every Bi-Real-18 shape, stride 2 too, batch 256 and 1
@@ -72,10 +73,10 @@ if [ "$part" = --quick ]; then
   timeout "$(limit 120)" $PY -m bench.gpu_profile --out "$out" --batches 256,1
   status[profile]=$?
   # last, with the time left (the smoke above has checked every path): the newest kernels' tests
-  # first (about 680), then the rest of the variants' (about 2,800, most of them the lean epilogue's
+  # first (about 700), then the rest of the variants' (about 2,800, most of them the lean epilogue's
   # option sets)
-  step "GPU tests of the halo kernels, bmma_split and max_pool_signs (tests/test_cuda.py)"
-  newest="(halo or split or max_pool) and not every_option_set"
+  step "GPU tests of the halo kernels, bmma_split, max_pool_signs and the signs of edge outputs (tests/test_cuda.py)"
+  newest="(halo or split or max_pool or signs_of_zeros) and not every_option_set"
   timeout "$(limit 80)" $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py -k "$newest" \
     >"$out/tests_newest.log" 2>&1
   status[newest_tests]=$?

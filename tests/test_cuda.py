@@ -10,6 +10,7 @@ import itertools
 
 import pytest
 import torch
+from kernel_cases import has_the_edge_outputs, same_bits, signed_zero_nan_subnormal_case
 
 from cuda_ext import ops
 from cuda_ext.reference import binary_block_ref, binary_conv2d_ref, pack_signs_ref, pack_weight_ref
@@ -197,6 +198,20 @@ def test_the_lean_epilogue_with_the_border_classes_made_once(path):
         pytest.raises(RuntimeError, match=r"border_classes must be int32 \(16, 72\)"),
     ):
         ops.binary_block(*args, scale, bias, border_classes=table[:8])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_the_signs_of_zeros_nan_and_subnormal_outputs(path, out_dtype):
+    """The packed signs of +0, -0, NaN and subnormal outputs are the reference's (the lean epilogue
+    reads a bf16 pair's two signs with one packed compare, __hge2_mask, on sm_90), and the outputs
+    keep them bit for bit."""
+    args, scale, bias, residual = signed_zero_nan_subnormal_case(out_dtype)
+    ref_out, ref_packed = binary_block_ref(*args, scale, bias, residual, out_dtype)
+    assert has_the_edge_outputs(ref_out)
+    with ops.forced_cuda_path(path):
+        out, packed = ops.binary_block(*on_cuda(args), *on_cuda((scale, bias, residual)), out_dtype=out_dtype)
+    assert same_bits(out.cpu(), ref_out) and torch.equal(packed.cpu(), ref_packed)
 
 
 @pytest.mark.parametrize("path", LEAN_PATHS)

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+from kernel_cases import has_the_edge_outputs, same_bits, signed_zero_nan_subnormal_case
 
 from bireal_core import BinaryConv2d, IdentitySign, MagnitudeAwareSign
 from cuda_ext import ops
@@ -138,6 +139,19 @@ def test_binary_block_is_conv_then_pack(channels, stride, kernel, pad_value):
     out, packed = ops.binary_block(*args, *epilogue, residual)
     assert torch.equal(out, binary_conv2d_ref(*args, *epilogue, residual))
     assert torch.equal(packed, pack_signs_ref(out))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_the_signs_of_zeros_nan_and_subnormal_outputs(out_dtype):
+    """Outputs +0 and -0 pack as +1, NaN as -1, +-2^-130 by their own sign (not flushed to zero), on
+    every CPU path; the outputs keep them bit for bit (tests/test_cuda.py: the same on every CUDA path)."""
+    args, scale, bias, residual = signed_zero_nan_subnormal_case(out_dtype)
+    ref_out, ref_packed = binary_block_ref(*args, scale, bias, residual, out_dtype)
+    assert has_the_edge_outputs(ref_out)
+    for path in ops.cpu_paths():
+        with ops.forced_cpu_path(path):
+            out, packed = ops.binary_block(*args, scale, bias, residual, out_dtype=out_dtype)
+        assert same_bits(out, ref_out) and torch.equal(packed, ref_packed), path
 
 
 def test_binary_block_opcheck():

@@ -111,6 +111,21 @@ __device__ __forceinline__ void set_consecutive_rows(const ConvParams& p, const 
     }
 }
 
+// Bits s and s + 1 set to the signs of a bf16 pair as stored (.x at s, .y at s + 1), from its
+// __hge2_mask against zero: 0xFFFF in the low half where .x >= 0, in the high half where .y >= 0 (one
+// HSET2 on sm_90 for two outputs, against an unpack, a compare and a select for each). s is a
+// constant (0, 8, 16 or 24), so this is a shift and two LOP3s.
+__host__ __device__ constexpr uint32_t pair_sign_bits(uint32_t mask, int s) {
+  return s < 16 ? (mask & (1u << s)) | ((mask >> 15) & (2u << s))   // .y's bit 16 down to s + 1
+                : ((mask << 16) & (1u << s)) | (mask & (2u << s));  // .x's bit s - 16 up to s
+}
+static_assert(pair_sign_bits(0x0000FFFFu, 0) == 1 && pair_sign_bits(0xFFFF0000u, 0) == 2 &&
+                  pair_sign_bits(0x0000FFFFu, 8) == 1u << 8 && pair_sign_bits(0xFFFF0000u, 8) == 2u << 8 &&
+                  pair_sign_bits(0x0000FFFFu, 16) == 1u << 16 && pair_sign_bits(0xFFFF0000u, 16) == 2u << 16 &&
+                  pair_sign_bits(0x0000FFFFu, 24) == 1u << 24 && pair_sign_bits(0xFFFF0000u, 24) == 2u << 24 &&
+                  pair_sign_bits(0xFFFFFFFFu, 24) == 3u << 24 && pair_sign_bits(0u, 8) == 0,
+              "pair_sign_bits: .x's sign at bit s, .y's at s + 1, nothing else");
+
 // A tile of the block's outputs in shared memory (bmma_halo stages its residuals there, and its bf16
 // outputs for 16-byte stores): tile pixel i's elements of columns warp_col0 .. warp_col0 + 63 start
 // at data + i * stride elements, and a thread's row (mt, h) is tile pixel first + mt * 16 + 8 * h.
@@ -176,22 +191,26 @@ __device__ __forceinline__ void store_lean(const ConvParams& p, const BorderClas
         if constexpr (kHasScale) v0 = __fmul_rn(v0, scale.x), v1 = __fmul_rn(v1, scale.y);
         if constexpr (kHasBias) v0 = __fadd_rn(v0, bias.x), v1 = __fadd_rn(v1, bias.y);
         if constexpr (kHasResidual) {
-          const Pair r = *reinterpret_cast<const Pair*>(res[mt][h] + nt * 8);
           if constexpr (kBf16) {
-            v0 = __fadd_rn(v0, __low2float(r)), v1 = __fadd_rn(v1, __high2float(r));
+            // a bf16 is the top half of its float: one shift and one AND widen the pair (what
+            // __low2float and __high2float compute, in one instruction each instead of two)
+            const uint32_t r = *reinterpret_cast<const uint32_t*>(res[mt][h] + nt * 8);
+            v0 = __fadd_rn(v0, __uint_as_float(r << 16)), v1 = __fadd_rn(v1, __uint_as_float(r & 0xFFFF0000u));
           } else {
+            const float2 r = *reinterpret_cast<const float2*>(res[mt][h] + nt * 8);
             v0 = __fadd_rn(v0, r.x), v1 = __fadd_rn(v1, r.y);
           }
         }
         if constexpr (kBf16) {
           const __nv_bfloat162 pair = __floats2bfloat162_rn(v0, v1);  // .x = col, .y = col + 1
           if (rows.valid[mt][h]) *reinterpret_cast<Pair*>(out[mt][h] + nt * 8) = pair;
-          v0 = __low2float(pair), v1 = __high2float(pair);  // the signs of the values as stored
+          if constexpr (kPack)  // the signs of the values as stored
+            signs[mt][h][nt / 4] |= pair_sign_bits(__hge2_mask(pair, __float2bfloat162_rn(0.0f)), nt % 4 * 8);
         } else {
           if (rows.valid[mt][h]) *reinterpret_cast<Pair*>(out[mt][h] + nt * 8) = make_float2(v0, v1);
+          if constexpr (kPack)
+            signs[mt][h][nt / 4] |= (uint32_t(v0 >= 0.0f) << (nt % 4 * 8)) | (uint32_t(v1 >= 0.0f) << (nt % 4 * 8 + 1));
         }
-        if constexpr (kPack)
-          signs[mt][h][nt / 4] |= (uint32_t(v0 >= 0.0f) << (nt % 4 * 8)) | (uint32_t(v1 >= 0.0f) << (nt % 4 * 8 + 1));
       }
   }
   if constexpr (kPack) {

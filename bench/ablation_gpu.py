@@ -11,9 +11,12 @@ twin with its equal-compute ReLU control, and each other arch's twin), then the 
 ``bireal tune --no-ray`` runs), then the results file that ``bench/ablation.sh`` writes on the CPU
 machine. Every finished trial is appended to ``--progress`` as a JSON line, so a run cut off by its
 time limit still returns what it measured; run it again on the same files and finished twins and
-trials are kept.
+trials are kept. A GPU machine keeps nothing between windows: the next window gets the last one's
+results file back with ``--resume-from``, whose finished trials (``trial_rows``) are restored as
+done and whose twins' top-1 is carried into the new results (a seed's twins and trials all run in
+its window, so no checkpoint has to cross).
 Usage: python3 -m bench.ablation_gpu [--params P] --results FILE.json [--progress FILE.jsonl]
-           [--window-s SECONDS]
+           [--window-s SECONDS] [--resume-from PREVIOUS_RESULTS.json]
 """
 
 from __future__ import annotations
@@ -104,10 +107,41 @@ def trial_writer(progress: Path | None, started: float):
     return write
 
 
-def run(params_file: str, results: Path, progress: Path | None, window_s: float = 0.0) -> dict:
+def restore_trials(params, previous: dict) -> int:
+    """The finished trials of a previous window's results (``trial_rows``) written back as done
+    (``<trials>/<trial_id>/result.json``, what a finished trial leaves); -> how many were missing."""
+    _, folder, _, _ = local_grid(params.tune, params.train("binarize", {"tuned_config": ""}))
+    restored = 0
+    for row in previous["trial_rows"]:
+        result = folder / row["trial_id"] / "result.json"
+        if not result.is_file():
+            result.parent.mkdir(parents=True, exist_ok=True)
+            result.write_text(json.dumps(row, indent=1))
+            restored += 1
+    return restored
+
+
+def load_previous(path: Path | None, params_file: str) -> dict | None:
+    if path is None:
+        return None
+    previous = json.loads(path.read_text())
+    if "trial_rows" not in previous or previous.get("params") != params_file:
+        raise ValueError(
+            f"{path}: not a window of this run (needs trial_rows and params {params_file!r}, "
+            f"has params {previous.get('params')!r})"
+        )
+    return previous
+
+
+def run(
+    params_file: str, results: Path, progress: Path | None, window_s: float = 0.0, resume_from: Path | None = None
+) -> dict:
     params = load_params(params_file)  # errors name the file and key before any work
     base = params.train("binarize", {"tuned_config": ""})
     local_trials(params.tune, base.arch)  # a search the grid cannot run fails before the twins train
+    previous = load_previous(resume_from, params_file)
+    if previous is not None:
+        print(f"resumed from {resume_from}: {restore_trials(params, previous)} finished trials restored", flush=True)
     started = time.time()
     timing = probe(base, max(1, params.tune.max_concurrent))
     plan = plan_window(params, window_s, timing, time.time() - started)
@@ -127,6 +161,8 @@ def run(params_file: str, results: Path, progress: Path | None, window_s: float 
         write_outputs(run_local(params.tune, base), params.tune.out)
     rec = record(params_file, started, machine=machine_name(), partial=bool(left))
     rec.update({"probe": timing, "window_seeds": plan["seeds"], "seeds_left": left})
+    if previous is not None:  # the earlier windows' twins are on their machines only
+        rec["twins_float_top1"] = {**previous["twins_float_top1"], **rec["twins_float_top1"]}
     write_record(rec, str(results))
     return rec
 
@@ -139,8 +175,9 @@ def main() -> None:
     parser.add_argument(
         "--window-s", type=float, default=0.0, help="seconds this window has: the whole seeds that fit (0: all)"
     )
+    parser.add_argument("--resume-from", type=Path, help="the last window's --results file (carried in)")
     args = parser.parse_args()
-    run(args.params, args.results, args.progress, args.window_s)
+    run(args.params, args.results, args.progress, args.window_s, args.resume_from)
 
 
 if __name__ == "__main__":

@@ -117,6 +117,7 @@ def record(params_path: str, started: float, machine: str = "", partial: bool = 
         "twins_float_top1": twin_accuracies(params),
         "trials": len(trials),
         "trials_planned": expected_trials(params.tune, arch),
+        "trial_rows": trials,  # what a later window on a fresh machine restores (bench/ablation_gpu.py)
         "partial": partial,  # recorded while the search still ran
         "wall_s": round(time.time() - started),
         "machine": machine or f"{cpu_model()}, {os.cpu_count()} cores",

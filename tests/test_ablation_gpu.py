@@ -1,8 +1,10 @@
 """`python3 -m bench.ablation_gpu` (the GPU machine's ablation), run on the CPU at a tiny size: the
 timing probe, whole seeds per window (a seed's twins and trials; no epoch cut), per-seed twins,
-the budget check, and a second window that finishes what the first left without retraining it."""
+the budget check, and a second window on a fresh machine that finishes what the first left from its
+results file, without retraining it."""
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -62,6 +64,9 @@ def test_the_window_takes_whole_seeds_and_the_next_one_finishes(profile, tmp_pat
     ):
         ablation_gpu.run(str(profile), tmp_path / "r.json", None, window_s=1.0)
     assert not twins.exists()
+    (tmp_path / "other.json").write_text(json.dumps({"params": "another.yaml", "trial_rows": []}))
+    with pytest.raises(ValueError, match=r"other.json: not a window of this run"):
+        ablation_gpu.run(str(profile), tmp_path / "r.json", None, resume_from=tmp_path / "other.json")
 
     # a window one seed fits: 11 s + a margin
     progress = tmp_path / "progress.jsonl"
@@ -76,17 +81,27 @@ def test_the_window_takes_whole_seeds_and_the_next_one_finishes(profile, tmp_pat
         (0, "clip", 2),
     ]
     assert len(lines) == 1 + 5 and not (tmp_path / "tune" / "best.json").exists()  # no pick from half a search
-    done = {p: p.stat().st_mtime_ns for p in (tmp_path / "ckpt" / "trials").glob("*/result.json")}
+    done = sorted((tmp_path / "ckpt" / "trials").glob("*/result.json"))
     assert len(done) == 5
 
-    # the next window, with the real probe and no limit: seed 1 only, then the whole table
+    # the next window on a fresh machine (no twins, no trials), from the first window's results
+    # file: with the real probe and no limit, seed 1 only, then the whole table
+    rows = {p.parent.name: json.loads(p.read_text()) for p in done}
+    shutil.copyfile(tmp_path / "r.json", tmp_path / "window1.json")
+    shutil.rmtree(tmp_path / "ckpt")
+    shutil.rmtree(tmp_path / "tune", ignore_errors=True)
     monkeypatch.undo()
-    second = ablation_gpu.run(str(profile), tmp_path / "r.json", progress, window_s=0.0)
+    progress2 = tmp_path / "progress2.jsonl"
+    second = ablation_gpu.run(
+        str(profile), tmp_path / "r.json", progress2, window_s=0.0, resume_from=tmp_path / "window1.json"
+    )
     assert (second["window_seeds"], second["seeds_left"], second["partial"]) == ([1], [], False)
     assert second["probe"]["processes"] == 2 and second["probe"]["s_per_epoch"] > 0
-    assert all(p.stat().st_mtime_ns == t for p, t in done.items())  # the first window's trials kept
-    assert sorted(p.name for p in twins.iterdir()) == ["seed0", "seed1"]
-    assert {k.split("/")[1] for k in second["twins_float_top1"]} == {"seed0", "seed1"}
+    assert {t["seed"] for t in map(json.loads, progress2.read_text().splitlines()[1:])} == {1}  # seed 0 not rerun
+    restored = {p.parent.name: json.loads(p.read_text()) for p in done}
+    assert restored == rows  # the first window's trials, as they finished
+    assert sorted(p.name for p in twins.iterdir()) == ["seed1"]
+    assert {k.split("/")[1] for k in second["twins_float_top1"]} == {"seed0", "seed1"}  # seed 0's carried
     assert second["trials"] == 10 == second["trials_planned"]
     assert [len(c["seeds"]) for c in second["cells"]] == [2, 2, 2] and len(second["check_cells"]) == 2
     ste = next(c for c in second["claims"] if c["claim"] == "ApproxSign > STE")

@@ -14,20 +14,26 @@
 #       as a graph: ms, GB/s, the floor and % of it, x cuDNN with cudnn.benchmark on, x float block,
 #       exact or not), the model table, Nsight Compute on the bf16 conv of 64x56 where ncu runs, and
 #       compute-sanitizer memcheck, racecheck and synccheck on the quick smoke where it runs.
-# RESULTS_DIR (default $OUT, else bench_results) gets summary.txt and one file of JSON lines or JSON
-# per step, written as each step ends, so a run cut short keeps what it measured.
+# RESULTS_DIR (default $OUT, else bench_results) gets two files per part, so that both parts of one
+# device call come back (it returns at most 8 files): gpu_sweep_<part>.txt, everything printed, and
+# gpu_sweep_<part>.tar.gz, every step's own file (JSON lines, JSON, logs), bundled again as each step
+# ends, so a run cut short keeps what it measured.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 part=${1:-}
 case "$part" in --quick | --full) ;; *) echo "usage: bench/gpu_sweep.sh --quick|--full [RESULTS_DIR]" >&2; exit 2 ;; esac
-out=${2:-${OUT:-bench_results}}
-mkdir -p "$out"
+results=${2:-${OUT:-bench_results}}
+name=gpu_sweep_${part#--}
+out=$(mktemp -d "${TMPDIR:-/tmp}/$name.XXXX")  # each step's files, bundled into $results as they come
+mkdir -p "$results"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 source bench/gpu_lib.sh
 budget=$([ "$part" = --quick ] && echo 240 || echo 300)
 deadline=$((SECONDS + budget))
-step() { echo; echo "== $1 ($(date -u +%H:%M:%S), $((deadline - SECONDS)) s left)"; }
+# Every step's file so far, into one archive in $results (written aside, then moved into place).
+bundle() { tar -czf "$out.tar.gz" -C "$out" . && mv -f "$out.tar.gz" "$results/$name.tar.gz"; }
+step() { bundle; echo; echo "== $1 ($(date -u +%H:%M:%S), $((deadline - SECONDS)) s left)"; }
 
 # A tool's run where the tool exists and time is left, else one line saying why not.
 optional() {
@@ -108,5 +114,7 @@ fi
 verdict "gpu_sweep $part"
 }
 
-main 2>&1 | tee "$out/summary.txt"
+# main, then the last bundle, whichever way main ended (a failed build's log included)
+main_then_bundle() { main; local rc=$?; bundle; return $rc; }
+main_then_bundle 2>&1 | tee "$results/$name.txt"
 exit "${PIPESTATUS[0]}"

@@ -10,13 +10,18 @@ sha256 when it is unpacked, so the next window trains from exactly the weights t
 
     pack_trip([checkpoint, ...], folder)    # folder/trip.json + folder/<name>.part000, ...
     unpack_trip(folder, destination)        # -> the files, verified, each written whole or not at all
+
+Before a call, ``python3 -m bench.trip --carry PATH ...`` says what it would carry in from this
+checkout and whether that fits.
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import subprocess
 import zlib
 from pathlib import Path
 
@@ -96,3 +101,43 @@ def unpack_trip(folder: Path, destination: Path) -> list[Path]:
         os.replace(temporary, target)
         restored.append(target)
     return restored
+
+
+# ---- what one device call carries in
+
+CARRY_IN_BYTES = 64 * 2**20  # the working tree that travels, carried paths included
+
+
+def travelling_bytes(root: Path, carry: list[str]) -> tuple[int, int]:
+    """(bytes, files) of what a device call takes from ``root``: the files git tracks or would add
+    (untracked, not ignored) and every file under the ``carry`` paths."""
+    listed = subprocess.run(
+        ["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    files = {root / name.decode() for name in listed if name}
+    for path in carry:
+        target = root / path
+        if not target.exists():
+            raise FileNotFoundError(f"{target}: a carried path that is not here")
+        files |= {target} if target.is_file() else {p for p in target.rglob("*") if p.is_file()}
+    files = {f for f in files if f.is_file()}  # a tracked file deleted in the working tree does not travel
+    return sum(f.stat().st_size for f in files), len(files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="What a device call would carry in from this checkout.")
+    parser.add_argument("--carry", nargs="*", default=[], help="ignored paths the call names in carry")
+    args = parser.parse_args(argv)
+    size, files = travelling_bytes(Path.cwd(), args.carry)
+    fits = size <= CARRY_IN_BYTES
+    print(
+        f"{size / 2**20:.1f} MiB in {files} files (the limit: {CARRY_IN_BYTES / 2**20:.0f} MiB): "
+        + ("fits" if fits else "does NOT fit: carry less")
+    )
+    return 0 if fits else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -2,12 +2,14 @@
 GPU window, and unpacked in the next one exactly as they were, or not at all."""
 
 import json
+import subprocess
 import zlib
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
+from bench import trip
 from bench.trip import MANIFEST, pack_trip, shuffle_bytes, trip_bytes, unpack_trip, unshuffle_bytes
 
 
@@ -68,3 +70,27 @@ def test_a_damaged_or_missing_part_is_named_and_nothing_of_its_file_written(chec
     assert not list((tmp_path / "next").iterdir())
     with pytest.raises(FileNotFoundError, match="no trip here"):
         unpack_trip(tmp_path / "nothing", tmp_path / "next")
+
+
+def test_what_a_call_carries_in_is_the_tree_git_sees_and_the_carried_paths(tmp_path, capsys, monkeypatch):
+    """Tracked and untracked-not-ignored files travel; ignored ones only when carried; a carried
+    path that is not there is named; the command says whether it fits."""
+    root = tmp_path / "repo"
+    (root / "data" / "shards").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(root)], check=True)
+    (root / ".gitignore").write_text("/data/\n")
+    (root / "tracked.py").write_bytes(b"x" * 1000)
+    subprocess.run(["git", "-C", str(root), "add", "."], check=True)
+    (root / "new.py").write_bytes(b"y" * 300)  # untracked, not ignored
+    (root / "data" / "shards" / "a.tar").write_bytes(b"z" * 5000)
+    (root / "data" / "shards" / "b.tar").write_bytes(b"z" * 7000)
+    tree = 1000 + 300 + len("/data/\n")
+    assert trip.travelling_bytes(root, []) == (tree, 3)
+    assert trip.travelling_bytes(root, ["data/shards"]) == (tree + 12000, 5)
+    with pytest.raises(FileNotFoundError, match="data/elsewhere: a carried path that is not here"):
+        trip.travelling_bytes(root, ["data/elsewhere"])
+
+    monkeypatch.chdir(root)
+    assert trip.main(["--carry", "data/shards"]) == 0 and "fits" in capsys.readouterr().out
+    monkeypatch.setattr(trip, "CARRY_IN_BYTES", 10_000)
+    assert trip.main(["--carry", "data/shards"]) == 1 and "does NOT fit" in capsys.readouterr().out

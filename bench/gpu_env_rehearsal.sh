@@ -27,7 +27,7 @@ packages=(torch==2.11.0 torchvision==0.26.0 numpy pillow pyyaml safetensors tqdm
 # the test files whose code runs on the GPU machine; the others start or import the pipeline extra
 tests=(test_kernels test_cuda_build test_cuda test_packed test_models test_layers test_binarizers
   test_training_kernels test_train test_checkpoint test_augment test_data test_gpu_scripts test_cifar10_gpu
-  test_ablation_gpu test_params test_profiles test_plan test_import_layers)
+  test_ablation_gpu test_trip test_params test_profiles test_plan test_import_layers)
 
 echo "== environment: $python312 -> $venv"
 [ -x "$venv/bin/python" ] || "$python312" -m venv "$venv"
@@ -47,7 +47,7 @@ echo "== the GPU scripts' entry points import, the shell scripts parse"
 "$venv/bin/python" -c "
 import importlib
 for name in ('cuda_ext.smoke', 'bench.sass_report', 'bench.gpu_profile', 'bench.kernel_sweep', 'bench.gpu_train',
-             'bench.cifar10_gpu', 'bench.ablation_gpu', 'bench.window', 'pipeline.cli'):
+             'bench.cifar10_gpu', 'bench.ablation_gpu', 'bench.window', 'bench.trip', 'pipeline.cli'):
     importlib.import_module(name)
 print('imports: ok')"
 for script in bench/gpu_sweep.sh bench/gpu_check.sh bench/gpu_lib.sh; do bash -n "$script"; done

@@ -7,8 +7,12 @@ variant's outputs equal the ``simt`` cross-check's bit for bit.
     python3 -m bench.kernel_sweep [--out DIR] [--batches 256,1] [--repeats 20]
 
 One JSON line per (shape, batch, variant) in DIR/kernel_sweep.jsonl as it is measured (a run cut
-short keeps its rows), and a table. ``--device cpu`` runs the same code on the CPU paths with the
-``portable`` path as the cross-check and no floors (tests/test_gpu_scripts.py).
+short keeps its rows), variant by variant, each variant's rows between a "started" and a "done"
+line, and a table; exit status 3 when a row is not exact (1 is a crash). A fault on the GPU leaves
+the process unable to run anything, so a rerun with ``--append --skip`` (the done variants and the
+one that crashed, which ``--unfinished FILE`` prints) goes on with the rest. ``--device cpu`` runs
+the same code on the CPU paths with the ``portable`` path as the cross-check and no floors
+(tests/test_gpu_scripts.py).
 """
 
 from __future__ import annotations
@@ -107,44 +111,70 @@ class Operands:
         return y, torch.sign(y)
 
 
-def sweep_rows(shape: Shape, batch: int, device: torch.device, repeats: int, copy_gb_s: float | None):
-    """The rows of one (shape, batch): one per variant, each with both baselines in the same run."""
-    from cuda_ext import ops
-    from cuda_ext.benchmarks import forward_ms, gpu_floors
+class Baselines:
+    """Each (shape, batch)'s operands, the cross-check's outputs and both baselines' times, made at
+    first use and kept for every variant after it."""
 
-    names, check = variants(device)
-    t = Operands(shape, batch, device)
-    with torch.inference_mode():
-        with ops.forced_kernel_path(device, check):
-            want_conv, (want_out, want_signs) = t.conv(), t.block()
-        cudnn_ms = forward_ms(t.cudnn_conv, device, batch, repeats, GRAPH_REPEATS)
-        float_block_ms = forward_ms(t.float_block, device, batch, repeats, GRAPH_REPEATS)
-        floors = (
-            gpu_floors(shape.channels, shape.side, batch, copy_gb_s, shape.stride, shape.out_channels)
-            if copy_gb_s
-            else {}
+    def __init__(self, device: torch.device, repeats: int, copy_gb_s: float | None):
+        self.device, self.repeats, self.copy_gb_s, self.cache = device, repeats, copy_gb_s, {}
+
+    def of(self, shape: Shape, batch: int) -> dict:
+        from cuda_ext import ops
+        from cuda_ext.benchmarks import forward_ms, gpu_floors
+
+        if (shape, batch) not in self.cache:
+            t = Operands(shape, batch, self.device)
+            with torch.inference_mode():
+                with ops.forced_kernel_path(self.device, variants(self.device)[1]):
+                    want = t.conv(), *t.block()
+                times = {
+                    "cudnn_ms": forward_ms(t.cudnn_conv, self.device, batch, self.repeats, GRAPH_REPEATS),
+                    "float_block_ms": forward_ms(t.float_block, self.device, batch, self.repeats, GRAPH_REPEATS),
+                }
+            floors = (
+                gpu_floors(shape.channels, shape.side, batch, self.copy_gb_s, shape.stride, shape.out_channels)
+                if self.copy_gb_s
+                else {}
+            )
+            self.cache[(shape, batch)] = {"operands": t, "want": want, "times": times, "floors": floors}
+        return self.cache[(shape, batch)]
+
+
+def variant_row(name: str, shape: Shape, batch: int, base: dict, device: torch.device, repeats: int) -> dict:
+    """One variant's bf16 conv and block on one (shape, batch): times, exactness, both baselines."""
+    from cuda_ext import ops
+    from cuda_ext.benchmarks import forward_ms
+
+    t, want, times, floors = base["operands"], base["want"], base["times"], base["floors"]
+    with torch.inference_mode(), ops.forced_kernel_path(device, name):
+        conv, (out, signs) = t.conv(), t.block()
+        exact = all(torch.equal(a, b) for a, b in zip((conv, out, signs), want))
+        conv_ms = forward_ms(t.conv, device, batch, repeats, GRAPH_REPEATS)
+        block_ms = forward_ms(t.block, device, batch, repeats, GRAPH_REPEATS)
+    cudnn_ms, float_block_ms = times["cudnn_ms"], times["float_block_ms"]
+    row = {
+        "shape": shape.name, "batch": batch, "variant": name, "exact": exact,
+        "conv_ms": conv_ms, "block_ms": block_ms, "cudnn_ms": cudnn_ms, "float_block_ms": float_block_ms,
+        "conv_x_cudnn": cudnn_ms / conv_ms, "block_x_float_block": float_block_ms / block_ms,
+    }  # fmt: skip
+    if floors:
+        row.update(
+            conv_gb_s=floors["conv_bytes"] / conv_ms / 1e6,
+            block_gb_s=floors["block_bytes"] / block_ms / 1e6,
+            conv_floor_ms=floors["conv_floor_ms"],
+            conv_of_floor=floors["conv_floor_ms"] / conv_ms,
+            block_floor_ms=floors["block_floor_ms"],
+            block_of_floor=floors["block_floor_ms"] / block_ms,
         )
-        for name in names:
-            with ops.forced_kernel_path(device, name):
-                conv, (out, signs) = t.conv(), t.block()
-                exact = torch.equal(conv, want_conv) and torch.equal(out, want_out) and torch.equal(signs, want_signs)
-                conv_ms = forward_ms(t.conv, device, batch, repeats, GRAPH_REPEATS)
-                block_ms = forward_ms(t.block, device, batch, repeats, GRAPH_REPEATS)
-            row = {
-                "shape": shape.name, "batch": batch, "variant": name, "exact": exact,
-                "conv_ms": conv_ms, "block_ms": block_ms, "cudnn_ms": cudnn_ms, "float_block_ms": float_block_ms,
-                "conv_x_cudnn": cudnn_ms / conv_ms, "block_x_float_block": float_block_ms / block_ms,
-            }  # fmt: skip
-            if floors:
-                row.update(
-                    conv_gb_s=floors["conv_bytes"] / conv_ms / 1e6,
-                    block_gb_s=floors["block_bytes"] / block_ms / 1e6,
-                    conv_floor_ms=floors["conv_floor_ms"],
-                    conv_of_floor=floors["conv_floor_ms"] / conv_ms,
-                    block_floor_ms=floors["block_floor_ms"],
-                    block_of_floor=floors["block_floor_ms"] / block_ms,
-                )
-            yield row
+    return row
+
+
+def unfinished_variants(path: Path) -> tuple[list[str], list[str]]:
+    """(the variants a sweep file marks done, those it marks started and not done): what a rerun
+    after a crash skips (a fault on the GPU leaves the process's CUDA context unusable)."""
+    marks = [json.loads(line) for line in path.read_text().splitlines() if '"what": "variant"' in line]
+    done = [m["variant"] for m in marks if m["state"] == "done"]
+    return done, [m["variant"] for m in marks if m["state"] == "started" and m["variant"] not in done]
 
 
 COLUMNS = (
@@ -169,7 +199,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="256,1")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--shapes", default="all", help="all, or a comma list of indexes into SHAPES")
+    parser.add_argument("--skip", default="", help="variants not to run (a comma list)")
+    parser.add_argument("--append", action="store_true", help="add to DIR/kernel_sweep.jsonl (a rerun)")
+    parser.add_argument(
+        "--unfinished", type=Path, help="print the done and the crashed variants of this sweep file, and stop"
+    )
     args = parser.parse_args(argv)
+    if args.unfinished:
+        done, crashed = unfinished_variants(args.unfinished)
+        print(",".join(done), ",".join(crashed), sep="\n")
+        return 0
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # the baselines get cuDNN's own pick per shape
@@ -179,20 +218,30 @@ def main(argv: list[str] | None = None) -> int:
     path = args.out / "kernel_sweep.jsonl"
     head = {"what": "machine", "device": machine_description(args.device), "torch": torch.__version__,
             "copy_gb_s": copy_gb_s}  # fmt: skip
-    path.write_text(json.dumps(head) + "\n")
+    if not (args.append and path.is_file()):
+        path.write_text(json.dumps(head) + "\n")
     copy = f", copy {copy_gb_s:,.0f} GB/s" if copy_gb_s else ""
     print(f"kernel sweep on {head['device']}, torch {torch.__version__}{copy}")
     print("".join(f"{k:>{w}}" for k, w, _ in COLUMNS), flush=True)
-    inexact = 0
-    for batch in (int(b) for b in args.batches.split(",")):
-        for shape in shapes:
-            for row in sweep_rows(shape, batch, device, args.repeats, copy_gb_s):
-                with path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+
+    def write(line: dict) -> None:
+        with path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    # variant by variant, each marked started and done: a variant that faults loses its own rows
+    # only (bench/gpu_sweep.sh reruns the sweep without it); the baselines are measured once
+    baselines, inexact = Baselines(device, args.repeats, copy_gb_s), 0
+    for name in (v for v in variants(device)[0] if v not in args.skip.split(",")):
+        write({"what": "variant", "variant": name, "state": "started"})
+        for batch in (int(b) for b in args.batches.split(",")):
+            for shape in shapes:
+                row = variant_row(name, shape, batch, baselines.of(shape, batch), device, args.repeats)
+                write(row)
                 print(format_row(row), flush=True)
                 inexact += not row["exact"]
+        write({"what": "variant", "variant": name, "state": "done"})
     print(f"kernel sweep: {'every variant exact' if not inexact else f'{inexact} rows NOT exact'}")
-    return 1 if inexact else 0
+    return 3 if inexact else 0
 
 
 if __name__ == "__main__":

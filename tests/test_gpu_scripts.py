@@ -115,21 +115,44 @@ def test_the_bf16_model_rows_on_a_cpu(tmp_path):
     assert all(b.downsample is None or isinstance(b.downsample[0], torch.nn.AvgPool2d) for b in packed.blocks)
 
 
-def test_the_kernel_sweep_on_a_cpu(tmp_path):
-    """bench/kernel_sweep.py (issue 25's sweep) on the CPU paths: a row per (shape, batch, variant)
-    with both baselines, written as measured, every variant's outputs equal to the cross-check's."""
+def test_the_kernel_sweep_on_a_cpu(tmp_path, capsys):
+    """bench/kernel_sweep.py (issue 25's sweep) on the CPU paths: variant by variant, a row per
+    (shape, batch) with both baselines (measured once, the same in every variant's rows), written as
+    measured between the variant's started and done lines, every variant's outputs equal to the
+    cross-check's; after a crash, --unfinished names what to skip and --append --skip goes on with
+    the rest in the same file."""
     import torch
 
     from bench import kernel_sweep
 
     argv = ["--out", str(tmp_path), "--device", "cpu", "--batches", "1", "--repeats", "1", "--shapes", "3,6"]
     assert kernel_sweep.main(argv) == 0
-    head, *rows = [json.loads(line) for line in (tmp_path / "kernel_sweep.jsonl").read_text().splitlines()]
+    path = tmp_path / "kernel_sweep.jsonl"
+    head, *lines = [json.loads(line) for line in path.read_text().splitlines()]
     assert head["what"] == "machine" and head["copy_gb_s"] is None
     variants, check = kernel_sweep.variants(torch.device("cpu"))
-    assert [(r["shape"], r["variant"]) for r in rows] == [
-        (s, v) for s in ("512->512x7", "256->512x14/s2") for v in variants
-    ]
+    assert len(variants) >= 2
+    shapes = ("512->512x7", "256->512x14/s2")
+    expected = []
+    for v in variants:
+        expected += [("started", v), *((s, v) for s in shapes), ("done", v)]
+    assert [(line.get("state") or line["shape"], line["variant"]) for line in lines] == expected
+    rows = [line for line in lines if "shape" in line]
     for row in rows:
         assert row["exact"] and row["variant"] != check and row["batch"] == 1
         assert row["conv_x_cudnn"] == row["cudnn_ms"] / row["conv_ms"] and row["block_ms"] > 0
+    for s in shapes:  # one baseline per (shape, batch), shared by the variants
+        assert len({(r["cudnn_ms"], r["float_block_ms"]) for r in rows if r["shape"] == s}) == 1
+
+    # as if the process had died inside the first variant, after its first row: that row kept,
+    # --unfinished names it as crashed (none done), and the rerun appends the other variants
+    cut = 2  # the first variant's started line and first row
+    path.write_text("\n".join(map(json.dumps, [head, *lines[:cut]])) + "\n")
+    capsys.readouterr()
+    assert kernel_sweep.main(["--unfinished", str(path)]) == 0
+    assert capsys.readouterr().out.splitlines() == ["", variants[0]]
+    assert kernel_sweep.main([*argv, "--append", "--skip", variants[0]]) == 0
+    again = [json.loads(line) for line in path.read_text().splitlines()]
+    assert again[: 1 + cut] == [head, *lines[:cut]]  # nothing written before is lost
+    rerun = [(x.get("state") or x["shape"], x["variant"]) for x in again[1 + cut :]]
+    assert rerun == expected[expected.index(("started", variants[1])) :]

@@ -60,26 +60,11 @@ step "3. GPU tests"
 timeout_opt=()
 $PY -c "import pytest_timeout" 2>/dev/null && timeout_opt=(--timeout=120)
 junit=$(mktemp --suffix=.xml)
-gpu_tests=(tests/test_cuda.py tests/test_cuda_build.py::test_cuda_kernels_built_and_registered
-           tests/test_cuda_build.py::test_machine_code_for_sm80_and_sm90a_with_native_bmma)
-# A crash (segfault, abort) kills pytest and hides every later test: name the test it died in (from
-# the faulthandler trace), count the crash as a failure, and run the rest without it (3 tries at most).
-crashed=()
+test_files=(tests/test_cuda.py tests/test_cuda_build.py::test_cuda_kernels_built_and_registered
+            tests/test_cuda_build.py::test_machine_code_for_sm80_and_sm90a_with_native_bmma)
 : >"$out/tests.log"
-for attempt in 1 2 3; do
-  deselect=""
-  for name in "${crashed[@]}"; do deselect+="${deselect:+ and }not $name"; done
-  timeout "$(limit 240)" $PY -m pytest -q -rs -p no:cacheprovider -o addopts="" "${timeout_opt[@]}" \
-    --junitxml="$junit" ${deselect:+-k "$deselect"} "${gpu_tests[@]}" >>"$out/tests.log" 2>&1
-  rc=$?
-  ((rc < 128)) && break
-  name=$(grep -oE 'line [0-9]+ in test_[A-Za-z0-9_]+' "$out/tests.log" | tail -1 | awk '{print $4}')
-  echo "GPU tests: pytest died with rc=$rc (signal $((rc - 128))) in ${name:-an unknown test}"
-  [ -z "$name" ] && break
-  crashed+=("$name")
-done
-status[tests]=$rc
-((${#crashed[@]})) && { echo "GPU tests: crashed in ${crashed[*]} (deselected in the rerun)"; status[tests]=1; }
+gpu_tests "$out/tests.log" 240 "" -rs "${timeout_opt[@]}" --junitxml="$junit" "${test_files[@]}"
+status[tests]=$?
 tail -25 "$out/tests.log"
 # A skip on the GPU machine means something was not checked: it fails the step.
 $PY - "$junit" <<'EOF' || status[tests]=1

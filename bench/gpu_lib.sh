@@ -35,3 +35,41 @@ gpu_build() {
   fi
   $PY -c "from cuda_ext import ops; assert ops.cuda_built(), 'no CUDA kernels in cuda_ext._C'; print('cuda_built: True, paths', ops.cuda_paths())"
 }
+
+# gpu_tests LOG SECONDS KEXPR PYTEST_ARGS...: GPU tests in as many pytest runs as it takes (3 at
+# most), everything appended to LOG. A kernel fault leaves the process's CUDA context unusable and
+# every later test would fail on it, so tests/test_cuda.py ends the process naming the test and its
+# kernel path ("CUDA context lost in NAME path=PATH"); a crash (segfault, abort) is named from
+# faulthandler's trace instead. The rerun skips that path's tests (BIREAL_SKIP_CUDA_PATHS, which
+# test_cuda.py reads), or deselects a test without one, and runs the rest. KEXPR: pytest's -k
+# expression ('' for none). Returns pytest's rc, or 1 when a run died.
+gpu_tests() {
+  local log=$1 seconds=$2 kexpr=$3 rc attempt start this lost name path died=""
+  shift 3
+  local skip=${BIREAL_SKIP_CUDA_PATHS:-} deselect=$kexpr
+  touch "$log"
+  for attempt in 1 2 3; do
+    start=$(stat -c %s "$log")
+    BIREAL_SKIP_CUDA_PATHS=$skip timeout "$(limit "$seconds")" $PY -m pytest -q -p no:cacheprovider -o addopts="" \
+      "$@" ${deselect:+-k "$deselect"} >>"$log" 2>&1
+    rc=$?
+    ((rc < 128)) && break
+    this=$(tail -c +$((start + 1)) "$log")  # this run's output only
+    lost=$(grep -oE 'CUDA context lost in test_[A-Za-z0-9_]+ path=[A-Za-z0-9_]*' <<<"$this" | tail -1)
+    if [ -n "$lost" ]; then
+      name=$(awk '{print $5}' <<<"$lost") path=${lost##*path=}
+    else
+      name=$(grep -oE 'line [0-9]+ in test_[A-Za-z0-9_]+' <<<"$this" | tail -1 | awk '{print $4}') path=""
+    fi
+    echo "GPU tests: pytest died with rc=$rc in ${name:-an unknown test}${path:+ on $path}"
+    [ -z "$name" ] && break
+    died+="${died:+, }$name${path:+ ($path)}"
+    if [ -n "$path" ]; then
+      skip+="${skip:+,}$path"
+    else
+      deselect="${deselect:+($deselect) and }not $name"
+    fi
+  done
+  [ -n "$died" ] && { echo "GPU tests: died in $died (skipped or deselected in the rerun)"; return 1; }
+  return "$rc"
+}

@@ -83,13 +83,11 @@ if [ "$part" = --quick ]; then
   # option sets)
   step "GPU tests of the halo kernels, bmma_split, max_pool_signs and the signs of edge outputs (tests/test_cuda.py)"
   newest="(halo or split or max_pool or signs_of_zeros) and not every_option_set"
-  timeout "$(limit 80)" $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py -k "$newest" \
-    >"$out/tests_newest.log" 2>&1
+  gpu_tests "$out/tests_newest.log" 80 "$newest" tests/test_cuda.py
   status[newest_tests]=$?
   tail -3 "$out/tests_newest.log"
   step "GPU tests of the other variants under test (tests/test_cuda.py: the lean epilogue's option sets, bmma_async)"
-  timeout "$(limit 150)" $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_cuda.py \
-    -k "(lean or halo or async or split) and not ($newest)" >"$out/tests_variants.log" 2>&1
+  gpu_tests "$out/tests_variants.log" 150 "(lean or halo or async or split) and not ($newest)" tests/test_cuda.py
   status[variant_tests]=$?
   tail -3 "$out/tests_variants.log"
 else

@@ -5,6 +5,8 @@ loader + step with its data-wait fraction, the targets as ratios) and bench/gpu_
 
 import json
 import re
+import subprocess
+from pathlib import Path
 
 from bench import gpu_profile, gpu_train
 
@@ -156,3 +158,58 @@ def test_the_kernel_sweep_on_a_cpu(tmp_path, capsys):
     assert again[: 1 + cut] == [head, *lines[:cut]]  # nothing written before is lost
     rerun = [(x.get("state") or x["shape"], x["variant"]) for x in again[1 + cut :]]
     assert rerun == expected[expected.index(("started", variants[1])) :]
+
+
+FAKE_PYTEST = r"""#!/usr/bin/env bash
+# Stands in for `python3 -m pytest ...` on a GPU machine: each run appends its arguments and
+# BIREAL_SKIP_CUDA_PATHS to $CALLS, then does what the next line of $SCRIPT says.
+echo "skip=${BIREAL_SKIP_CUDA_PATHS:-} args=$*" >> "$CALLS"
+n=$(wc -l < "$CALLS")
+case "$(sed -n "${n}p" "$SCRIPT")" in
+  lost) echo "CUDA context lost in test_halo_rows path=bmma_halo_p" >&2; kill -ABRT $$ ;;
+  segv) echo '  File "tests/test_cuda.py", line 77 in test_pool_words' >&2; kill -SEGV $$ ;;
+  fail) exit 1 ;;
+  *) exit 0 ;;
+esac
+"""
+
+
+def run_gpu_tests(tmp_path, script: list[str], kexpr: str) -> tuple[int, str, list[str]]:
+    """bench/gpu_lib.sh's gpu_tests with a stand-in for pytest that plays ``script``, one line a run."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_PYTEST)
+    fake.chmod(0o755)
+    (tmp_path / "script").write_text("\n".join(script) + "\n")
+    calls = tmp_path / "calls"
+    calls.unlink(missing_ok=True)
+    runner = f'gpu_tests "{tmp_path}/log" 30 "{kexpr}" tests/test_cuda.py'
+    shell = f"source bench/gpu_lib.sh; deadline=$((SECONDS + 60)); {runner}"
+    done = subprocess.run(
+        ["bash", "-c", shell],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "PY": str(fake), "CALLS": str(calls), "SCRIPT": str(tmp_path / "script")},
+    )
+    return done.returncode, done.stdout, calls.read_text().splitlines()
+
+
+def test_gpu_tests_rerun_the_rest_after_a_kernel_loses_the_context(tmp_path):
+    """The GPU scripts' test runner (bench/gpu_lib.sh): a run that died naming a test and its kernel
+    path is run again with that path skipped (BIREAL_SKIP_CUDA_PATHS); one that crashed inside a
+    test without a path (faulthandler's trace) again without that test; the death counts as a
+    failure; a run that ends normally is not repeated; 3 runs at most."""
+    rc, out, calls = run_gpu_tests(tmp_path, ["lost", "segv", "ok"], "halo or split")
+    assert rc == 1 and "died in test_halo_rows (bmma_halo_p), test_pool_words" in out
+    run = "-m pytest -q -p no:cacheprovider -o addopts= tests/test_cuda.py -k"
+    assert calls == [
+        f"skip= args={run} halo or split",
+        f"skip=bmma_halo_p args={run} halo or split",
+        f"skip=bmma_halo_p args={run} (halo or split) and not test_pool_words",
+    ]
+    rc, out, calls = run_gpu_tests(tmp_path, ["ok"], "")
+    assert rc == 0 and out == "" and len(calls) == 1 and "-k" not in calls[0]
+    rc, out, calls = run_gpu_tests(tmp_path, ["fail"], "")
+    assert rc == 1 and "died" not in out and len(calls) == 1
+    rc, out, calls = run_gpu_tests(tmp_path, ["lost", "lost", "lost", "ok"], "")
+    assert rc == 1 and len(calls) == 3

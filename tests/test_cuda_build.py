@@ -577,6 +577,13 @@ def test_smoke_script_on_the_cpu_paths(capsys):
     )
     assert (wrong, first) == (1, [1, 1])  # an unwritten (NaN) element is found
 
+    # the rerun after a path lost the CUDA context skips that path (and ops by name)
+    skipped = ops.cpu_paths()[0]
+    assert smoke.main(["--device", "cpu", "--quick", "--skip", f"{skipped},pack_signs"]) == 0
+    rerun = [line.split()[0] for line in capsys.readouterr().out.splitlines() if " ok " in line]
+    assert skipped not in rerun and "pack_signs" not in rerun
+    assert len(rerun) == 2 + len(smoke.QUICK) * (len(ops.cpu_paths()) - 1)
+
 
 @needs_cuda_build
 def test_the_sass_report_reads_every_kernel_of_both_targets():

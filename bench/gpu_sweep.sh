@@ -53,7 +53,8 @@ import torch
 from cuda_ext import ops
 x = torch.randn(256, 64, 56, 56, device="cuda").contiguous(memory_format=torch.channels_last)
 px, pw = ops.pack_signs(x), ops.pack_signs(torch.randn(64, 64, 3, 3, device="cuda"))
-for path in ("bmma", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_halo", "bmma_halo_w", "bmma_halo_p"):
+tensor_core = ("bmma", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_halo", "bmma_halo_w", "bmma_halo_p")
+for path in (p for p in tensor_core if p in ops.kernel_paths("cuda")):
     with ops.forced_cuda_path(path):
         ops.binary_conv2d(px, pw, 64, 1, 1, 0.0, out_dtype=torch.bfloat16)
 torch.cuda.synchronize()
@@ -82,6 +83,7 @@ if [ "$part" = --quick ]; then
     skip+="${skip:+,}${lost##*path=}"
   done
   [ -n "$skip" ] && { echo "smoke: lost the CUDA context on $skip (each skipped in the rerun)"; status[smoke]=1; }
+  export BIREAL_SKIP_CUDA_PATHS=$skip  # the steps below run every other path (cuda_ext.ops.skipped_cuda_paths)
   step "SASS"
   timeout "$(limit 30)" $PY -m bench.sass_report --json "$out/sass.json"
   status[sass]=$?
@@ -114,6 +116,8 @@ else
     echo "kernel sweep: died (rc=${status[sweep]}) in $crashed; again without it and the variants done (${done:-none})"
     skip="$done${done:+,}$crashed" append=(--append)
   done
+  # the steps below run every other path (cuda_ext.ops.skipped_cuda_paths)
+  export BIREAL_SKIP_CUDA_PATHS=$($PY -m bench.kernel_sweep --unfinished "$out/kernel_sweep.jsonl" 2>/dev/null | sed -n 2p)
   step "model table"
   timeout "$(limit 90)" $PY -m pipeline.cli bench model --device cuda --json "$out/model_cuda.json" --jsonl "$out/model_cuda.jsonl"
   status[model]=$?

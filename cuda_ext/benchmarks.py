@@ -255,12 +255,17 @@ def cuda_variants(ops, px, pw, channels, scale, bias, residual_bf16, base_ms, re
                 repeats,
             )
 
-    bf16 = {path: conv(path, torch.bfloat16) for path in BF16_PATH_KEYS}
+    runnable = [path for path in ops.cuda_paths() if path not in ops.skipped_cuda_paths()]  # (lost the context)
+    bf16 = {path: conv(path, torch.bfloat16) for path in BF16_PATH_KEYS if path in runnable}
     return {
-        "async_ms": conv("bmma_async"),
+        **({"async_ms": conv("bmma_async")} if "bmma_async" in runnable else {}),
         **{BF16_PATH_KEYS[path]: ms for path, ms in bf16.items()},
         "bf16_speedup": base_ms / min(bf16.values()),
-        **{key: min(block(path) for path in paths) for paths, key in BF16_BLOCK_KEYS.items()},
+        **{
+            key: min(block(path) for path in paths if path in runnable)
+            for paths, key in BF16_BLOCK_KEYS.items()
+            if any(path in runnable for path in paths)
+        },
     }
 
 
@@ -453,6 +458,8 @@ def bf16_model_rows(packed, x: torch.Tensor, dev: torch.device, repeats: int) ->
     try:
         with torch.inference_mode():
             for path, key in BF16_PATH_KEYS.items():
+                if path in ops.skipped_cuda_paths():  # it lost the CUDA context on this machine
+                    continue
                 with ops.forced_cuda_path(path):
                     row[key] = forward_ms(lambda: packed(x), dev, x.shape[0], repeats)
             for column, net in switched.items():

@@ -8,6 +8,7 @@ and CUDA (csrc/binary_conv_cuda.cu) implementations register separately. The fak
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Iterator
 
 import torch
@@ -80,9 +81,23 @@ def forced_cuda_path(name: str) -> contextlib.AbstractContextManager[None]:
     return _forced_path(_C.cuda_path, _C.set_cuda_path, name)
 
 
+SKIP_CUDA_PATHS_ENV = "BIREAL_SKIP_CUDA_PATHS"
+
+
+def skipped_cuda_paths() -> set[str]:
+    """The CUDA paths named in ``BIREAL_SKIP_CUDA_PATHS`` (a comma list): the GPU scripts set it for
+    the steps after a path's kernel lost the CUDA context on the machine, so that the benchmarks,
+    the smoke and the tests run every other path instead of dying on that one."""
+    return set(filter(None, os.environ.get(SKIP_CUDA_PATHS_ENV, "").split(",")))
+
+
 def kernel_paths(device: torch.device | str) -> list[str]:
-    """The code paths of ``device``'s kind: ``cuda_paths()`` on a CUDA device, else ``cpu_paths()``."""
-    return cuda_paths() if torch.device(device).type == "cuda" else cpu_paths()
+    """The code paths of ``device``'s kind: ``cuda_paths()`` less ``skipped_cuda_paths()`` on a CUDA
+    device, else ``cpu_paths()``."""
+    if torch.device(device).type != "cuda":
+        return cpu_paths()
+    skipped = skipped_cuda_paths()
+    return [path for path in cuda_paths() if path not in skipped]
 
 
 def forced_kernel_path(device: torch.device | str, name: str) -> contextlib.AbstractContextManager[None]:

@@ -25,9 +25,10 @@ PATHS = ["bmma", "simt", "bmma_async", "bmma_lean", "bmma_lean1", "bmma_split", 
 CASES = list(itertools.product([3, 31, 64, 100, 130, 256], [1, 2], [1, 3], [0.0, 1.0, -1.0]))
 
 
-# Kernel paths whose tests are skipped: bench/gpu_lib.sh's gpu_tests sets it for a rerun after a
-# path's kernel lost the CUDA context (a skip fails the GPU check: the path is not checked).
-SKIPPED_PATHS = set(filter(None, os.environ.get("BIREAL_SKIP_CUDA_PATHS", "").split(",")))
+# Kernel paths whose tests are skipped (ops.skipped_cuda_paths): bench/gpu_lib.sh's gpu_tests sets
+# them for a rerun after a path's kernel lost the CUDA context (a skip fails the GPU check: the path
+# is not checked).
+SKIPPED_PATHS = ops.skipped_cuda_paths()
 
 
 def cuda_context_alive() -> bool:

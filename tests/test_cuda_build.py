@@ -86,6 +86,17 @@ def test_machine_code_for_sm80_and_sm90a_with_native_bmma():
                 assert all(kernel.index(op) > first for op in ("LDG", "STG") if op in kernel), f"{sm} {name}"
 
 
+def test_paths_that_lost_the_context_are_left_out(monkeypatch):
+    """BIREAL_SKIP_CUDA_PATHS (set by the GPU scripts after a path's kernel lost the CUDA context)
+    takes those paths out of the CUDA paths every benchmark, smoke and test iterates; never a CPU path."""
+    monkeypatch.setenv("BIREAL_SKIP_CUDA_PATHS", "bmma_halo_p,,bmma_split")
+    assert ops.skipped_cuda_paths() == {"bmma_halo_p", "bmma_split"}
+    assert ops.kernel_paths("cuda") == [p for p in ops.cuda_paths() if p not in ("bmma_halo_p", "bmma_split")]
+    assert ops.kernel_paths("cpu") == ops.cpu_paths()
+    monkeypatch.delenv("BIREAL_SKIP_CUDA_PATHS")
+    assert ops.skipped_cuda_paths() == set() and ops.kernel_paths("cuda") == ops.cuda_paths()
+
+
 def test_cuda_helpers_without_a_gpu():
     """Path switching works (and rejects unknown names) on any build; so does bmma_halo_p's cap on
     its grid (scoped, 0 = as many blocks as fit, a negative count refused naming it)."""

@@ -85,12 +85,12 @@ def test_the_profile_groups_a_forwards_time_by_kernel(tmp_path):
     assert gpu_profile.group_of("void at::native::vectorized_elementwise_kernel<...>") == "elementwise"
 
 
-def test_the_bf16_model_rows_on_a_cpu(tmp_path):
+def test_the_bf16_model_rows_on_a_cpu(tmp_path, monkeypatch):
     """The model table's bf16 rows (run on a GPU by ``bireal bench model --device cuda``), here on the
     CPU kernels: one time per tensor-core path, one per float-part switch (the stem padded to 8 input
     channels or run space to depth, the shortcuts fused) and one with the faster stem (if either is)
     and the fused shortcuts, each binary conv on its fastest path, the benchmarked model left as it
-    was."""
+    was; a path named in BIREAL_SKIP_CUDA_PATHS gets no column."""
     import torch
 
     import bireal_core as bc
@@ -115,6 +115,11 @@ def test_the_bf16_model_rows_on_a_cpu(tmp_path):
     assert packed.stem[0].in_channels == 3 and not packed.stem_space_to_depth
     assert packed.activation_dtype == torch.float32
     assert all(b.downsample is None or isinstance(b.downsample[0], torch.nn.AvgPool2d) for b in packed.blocks)
+
+    # a path that lost the CUDA context on the machine (the GPU scripts name it) gets no column
+    monkeypatch.setenv("BIREAL_SKIP_CUDA_PATHS", "bmma_halo_p")
+    skipped = bf16_model_rows(packed, x, torch.device("cpu"), 1)
+    assert "halo_p_bf16_ms" not in skipped and "halo_w_bf16_ms" in skipped and "tuned_bf16_ms" in skipped
 
 
 def test_the_kernel_sweep_on_a_cpu(tmp_path, capsys):

@@ -106,7 +106,7 @@ else
   step "kernel sweep: each variant's bf16 conv and block, every shape and stride, batch 256 and 1 (graph)"
   # variant by variant; a variant that faults leaves the process's CUDA context unusable, so the
   # sweep runs again without it and the variants done, appending to the same file (3 tries at most)
-  skip="" append=()
+  skip="" append=() lost=""
   for attempt in 1 2 3; do
     timeout "$(limit 120)" $PY -m bench.kernel_sweep --out "$out" --batches 256,1 ${skip:+--skip "$skip"} "${append[@]}"
     status[sweep]=$?
@@ -114,10 +114,10 @@ else
     { read -r done; read -r crashed; } < <($PY -m bench.kernel_sweep --unfinished "$out/kernel_sweep.jsonl")
     [ -z "$crashed" ] && break
     echo "kernel sweep: died (rc=${status[sweep]}) in $crashed; again without it and the variants done (${done:-none})"
-    skip="$done${done:+,}$crashed" append=(--append)
+    skip="$done${done:+,}$crashed" append=(--append) lost=$crashed
   done
-  # the steps below run every other path (cuda_ext.ops.skipped_cuda_paths)
-  export BIREAL_SKIP_CUDA_PATHS=$($PY -m bench.kernel_sweep --unfinished "$out/kernel_sweep.jsonl" 2>/dev/null | sed -n 2p)
+  [ -n "$lost" ] && status[sweep]=1
+  export BIREAL_SKIP_CUDA_PATHS=$lost  # the steps below run every other path (cuda_ext.ops.skipped_cuda_paths)
   step "model table"
   timeout "$(limit 90)" $PY -m pipeline.cli bench model --device cuda --json "$out/model_cuda.json" --jsonl "$out/model_cuda.jsonl"
   status[model]=$?

@@ -13,14 +13,15 @@ first where it is not (``setup.py build_ext --inplace`` for this GPU), then
    processes and with none, over the whole train split;
 3. the step alone on synthetic batches already on the GPU (``pipeline.train_bench.step_rate``:
    ``train_one_epoch``'s forward, loss, backward and optimizer step, median of 3 runs): Bi-Real-18
-   binarize with kernels float and auto in fp32 and bf16 (auto also on the bmma_lean CUDA path),
-   Bi-Real-152 binarize the same, float
+   binarize with kernels float and auto in fp32 and bf16, Bi-Real-152 binarize the same, float
    ResNet-18 and ResNet-152 (torchvision) in bf16, all channels_last, and Bi-Real-18 under
    ``torch.compile`` in bf16 with the faster kernels setting (its compile time apart);
 4. loader + step: Bi-Real-18 binarize in bf16 with the faster kernels setting, fed by the
    device-decode loader, with its data-wait fraction and the GPU's utilization (nvidia-ml-py where
    installed, else ``nvidia-smi``) sampled while it runs;
-5. the targets, each as a measured ratio.
+5. last, Bi-Real-18's kernels-auto step on the bmma_lean CUDA path (not yet run on a GPU: a fault
+   there costs only these rows);
+6. the targets, each as a measured ratio.
 Each row is appended to DIR/gpu_train.jsonl as it is measured (a run cut off keeps its rows) and
 printed. ``--device cpu`` with tiny settings runs the same code on a CPU (tests/test_gpu_scripts.py).
 """
@@ -174,13 +175,26 @@ def step_rows(batch: int, deep_batch: int, steps: int, device: torch.device, wid
                 model, packed = routed_model(config, device)
                 rate = step_rate(config, model, device, steps)
                 yield _step_row(config, f"step: {binary} binarize, kernels {kernels}, {precision}", rate, packed)
-            if device.type == "cuda" and binary == "bireal18":  # the lean epilogue under test (issue 25)
-                yield lean_step_row(replace(base, precision=precision, kernels="auto"), device, steps)
         if resnet in models:  # the float baseline at the same batch, in bf16
             config = replace(base, precision="bf16", kernels="float")
             model = float_resnet(resnet, device, config)
             rate = step_rate(config, model, device, steps)
             yield _step_row(config, f"step: {resnet} (float, torchvision), bf16", rate)
+
+
+def lean_step_rows(batch: int, steps: int, device: torch.device, width: float | None):
+    """Bi-Real-18's kernels-auto step on the bmma_lean CUDA path (issue 25's lean epilogue), fp32 and
+    bf16: run last, since bmma_lean has not run on a GPU yet and a fault ends the process (none
+    where it is left out: ops.skipped_cuda_paths)."""
+    from cuda_ext import ops
+    from pipeline.params import load_params
+
+    if device.type != "cuda" or "bmma_lean" not in ops.kernel_paths(device):
+        return
+    changes = {"width": width} if width else {}
+    base = load_params(OFFICIAL).train("binarize", {**changes, "batch_size": batch}, tuned=False)
+    for precision in ("fp32", "bf16"):
+        yield lean_step_row(replace(base, precision=precision, kernels="auto"), device, steps)
 
 
 def lean_step_row(config, device: torch.device, steps: int) -> dict:
@@ -382,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         rows.add(end_to_end_row(shards, args.batch, args.steps, device, args.width, faster))
         if not args.no_compile:
             for row in compiled_rows(args.batch, args.steps, device, args.width, [faster]):
+                rows.add(row)
+        if "bireal18" in models:
+            for row in lean_step_rows(args.batch, args.steps, device, args.width):
                 rows.add(row)
     for row in targets(rows.rows, device.type):
         rows.add(row)

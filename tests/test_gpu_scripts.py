@@ -62,6 +62,7 @@ def test_the_lean_step_row_on_a_cpu():
     plain = {**row, "what": "step: bireal18 binarize, kernels float, bf16", "img_s": row["img_s"] / 2}
     plain.pop("cuda_path")
     assert gpu_train.fastest_bf16([row, plain], "bireal18") is plain
+    assert list(gpu_train.lean_step_rows(2, 1, torch.device("cpu"), 0.25)) == []  # the run's are GPU-only
 
 
 def test_the_profile_groups_a_forwards_time_by_kernel(tmp_path):

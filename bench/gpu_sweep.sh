@@ -17,7 +17,9 @@
 # RESULTS_DIR (default $OUT, else bench_results) gets two files per part, so that both parts of one
 # device call come back (it returns at most 8 files): gpu_sweep_<part>.txt, everything printed, and
 # gpu_sweep_<part>.tar.gz, every step's own file (JSON lines, JSON, logs), bundled again as each step
-# ends, so a run cut short keeps what it measured.
+# ends, so a run cut short keeps what it measured. A path whose kernel loses the CUDA context costs
+# its own rows only: the smoke and the sweep run again without it, the steps after them leave it out
+# (BIREAL_SKIP_CUDA_PATHS), and --quick names it in gpu_sweep_lost_paths.txt for a --full after it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -25,6 +27,7 @@ part=${1:-}
 case "$part" in --quick | --full) ;; *) echo "usage: bench/gpu_sweep.sh --quick|--full [RESULTS_DIR]" >&2; exit 2 ;; esac
 results=${2:-${OUT:-bench_results}}
 name=gpu_sweep_${part#--}
+lost_file=$results/gpu_sweep_lost_paths.txt  # paths whose kernel lost the CUDA context (only if any)
 out=$(mktemp -d "${TMPDIR:-/tmp}/$name.XXXX")  # each step's files, bundled into $results as they come
 mkdir -p "$results"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -73,16 +76,21 @@ if [ "$part" = --quick ]; then
   step "correctness: every CUDA path on every shape"
   # a path whose kernel loses the CUDA context ends the smoke; it runs again without that path
   skip=""
+  rm -f "$lost_file"
   for attempt in 1 2 3; do
     CUDA_LAUNCH_BLOCKING=1 timeout "$(limit 60)" $PY -m cuda_ext.smoke --json "$out/smoke_$attempt.json" \
       ${skip:+--skip "$skip"} >"$out/smoke_$attempt.log" 2>&1
     status[smoke]=$?
     cat "$out/smoke_$attempt.log"
-    lost=$(grep -oE 'CUDA context lost on path=[A-Za-z0-9_]+' "$out/smoke_$attempt.log" | tail -1)
-    [ -z "$lost" ] && break
-    skip+="${skip:+,}${lost##*path=}"
+    marker=$(grep -oE 'CUDA context lost on path=[A-Za-z0-9_]+' "$out/smoke_$attempt.log" | tail -1)
+    [ -z "$marker" ] && break
+    skip+="${skip:+,}${marker##*path=}"
   done
-  [ -n "$skip" ] && { echo "smoke: lost the CUDA context on $skip (each skipped in the rerun)"; status[smoke]=1; }
+  if [ -n "$skip" ]; then
+    echo "smoke: lost the CUDA context on $skip (each skipped in the rerun)"
+    status[smoke]=1
+    echo "$skip" >"$lost_file"  # for --full after this part, in the same results folder
+  fi
   export BIREAL_SKIP_CUDA_PATHS=$skip  # the steps below run every other path (cuda_ext.ops.skipped_cuda_paths)
   step "SASS"
   timeout "$(limit 30)" $PY -m bench.sass_report --json "$out/sass.json"
@@ -106,7 +114,10 @@ else
   step "kernel sweep: each variant's bf16 conv and block, every shape and stride, batch 256 and 1 (graph)"
   # variant by variant; a variant that faults leaves the process's CUDA context unusable, so the
   # sweep runs again without it and the variants done, appending to the same file (3 tries at most)
-  skip="" append=() lost=""
+  # what --quick's smoke lost in this results folder is left out from the start
+  lost=$(cat "$lost_file" 2>/dev/null)
+  export BIREAL_SKIP_CUDA_PATHS=$lost
+  skip="" append=()
   for attempt in 1 2 3; do
     timeout "$(limit 120)" $PY -m bench.kernel_sweep --out "$out" --batches 256,1 ${skip:+--skip "$skip"} "${append[@]}"
     status[sweep]=$?
@@ -114,9 +125,10 @@ else
     { read -r done; read -r crashed; } < <($PY -m bench.kernel_sweep --unfinished "$out/kernel_sweep.jsonl")
     [ -z "$crashed" ] && break
     echo "kernel sweep: died (rc=${status[sweep]}) in $crashed; again without it and the variants done (${done:-none})"
-    skip="$done${done:+,}$crashed" append=(--append) lost=$crashed
+    skip="$done${done:+,}$crashed" append=(--append) swept_lost=$crashed
   done
-  [ -n "$lost" ] && status[sweep]=1
+  [ -n "${swept_lost:-}" ] && status[sweep]=1
+  lost+="${lost:+${swept_lost:+,}}${swept_lost:-}"
   export BIREAL_SKIP_CUDA_PATHS=$lost  # the steps below run every other path (cuda_ext.ops.skipped_cuda_paths)
   step "model table"
   timeout "$(limit 90)" $PY -m pipeline.cli bench model --device cuda --json "$out/model_cuda.json" --jsonl "$out/model_cuda.jsonl"

@@ -255,8 +255,23 @@ def max_pool_signs(
     writes both (torch's channels_last max-pool also writes int64 indices, and a separate pack reads
     its output again). The bias is added after the max, to 1/4 of the values (the same result:
     rounding is monotonic), so the stem conv runs without its own bias pass (cuDNN adds a conv's bias
-    in a separate kernel)."""
+    in a separate kernel). Where its CUDA kernel lost the context on this machine
+    (``skipped_cuda_paths``), the two-op route runs instead (``max_pool_then_pack``)."""
+    if x.is_cuda and "max_pool_signs" in skipped_cuda_paths():
+        return max_pool_then_pack(x, kernel_size, stride, padding, bias)
     return torch.ops.bireal.max_pool_signs(x, kernel_size, stride, padding, bias)
+
+
+def max_pool_then_pack(
+    x: torch.Tensor, kernel_size: int, stride: int, padding: int, bias: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``max_pool_signs`` as two ops (torch's max-pool, the bias after the max, then ``pack_signs``):
+    the same values and bits, in two passes over the pooled output."""
+    out = torch.nn.functional.max_pool2d(x, kernel_size, stride, padding)
+    if bias is not None:
+        out = out + bias.view(1, -1, 1, 1)
+    out = out.contiguous(memory_format=torch.channels_last)
+    return out, pack_signs(out)
 
 
 def unpack_signs(packed: torch.Tensor, channels: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -296,6 +296,23 @@ def test_max_pool_signs_is_max_pool_then_pack(path, dtype, case, with_bias):
         assert torch.equal(packed, ref_packed)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", POOL_CASES)
+def test_the_two_op_route_of_max_pool_signs_is_bit_for_bit_the_same(dtype, case):
+    """max_pool_then_pack (what ops.max_pool_signs runs on a GPU whose max_pool_signs kernel lost
+    the CUDA context: the bias after torch's max-pool, then pack_signs) equals the reference, the
+    bias added before the max, bit for bit: NaN where it is, the packed signs, channels_last out."""
+    from cuda_ext.reference import max_pool_signs_ref
+
+    _, _, _, _, k, s, p = case
+    x, bias = pool_input(case, dtype, True)
+    out, packed = ops.max_pool_then_pack(x, k, s, p, bias)
+    ref_out, ref_packed = max_pool_signs_ref(x, k, s, p, bias)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out.isnan(), ref_out.isnan()) and out.isnan().any()
+    assert torch.equal(out.nan_to_num(7.0), ref_out.nan_to_num(7.0)) and torch.equal(packed, ref_packed)
+
+
 def test_max_pool_signs_opcheck_and_bad_arguments():
     x = torch.randn(2, 70, 9, 8)
     torch.library.opcheck(torch.ops.bireal.max_pool_signs.default, (x, 3, 2, 1))

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from bench.cifar10_results import STAGES, print_summary, run_settings, summarize
-from bench.trip import MANIFEST, PART_BYTES, pack_trip, trip_bytes, unpack_trip
+from bench.trip import CARRY_IN_BYTES, MANIFEST, PART_BYTES, pack_trip, trip_bytes, unpack_trip
 from bench.window import announce, planned_epochs, probe, refuse_if_nothing_fits, take_whole
 from pipeline.params import load_params, parse_overrides
 
@@ -113,9 +113,8 @@ def resume(previous: Path, out: Path, configs: dict) -> None:
         print(f"resumed from {previous}: {[path.name for path in restored]} unpacked and verified", flush=True)
 
 
-# What one device call carries in (the working tree and its carried paths), less what the
-# repository's tracked files take (about 5 MiB): the shards and a trip share the rest.
-CARRY_IN_BYTES = 64 * 2**20
+# Of what one device call carries in (CARRY_IN_BYTES), the repository's files take about 5 MiB
+# (python3 -m bench.trip): the shards and a trip share the rest.
 REPOSITORY_BYTES = 6 * 2**20
 
 

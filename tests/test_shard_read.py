@@ -213,8 +213,8 @@ class ShardServer:
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("Content-Range", f"bytes {start}-{end}/{len(server.data)}")
                 self.end_headers()
+                server.sent += len(body)  # before the write: a reader may have it all and return first
                 self.wfile.write(body)
-                server.sent += len(body)
 
         self.http = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.http.daemon_threads = True

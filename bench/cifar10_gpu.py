@@ -60,9 +60,13 @@ def epoch_writer(progress: Path | None, stage: str, started: float):
     return write
 
 
+def done_stages(out: Path) -> list[str]:
+    return [stage for stage in STAGES if (out / f"{stage}_history.json").is_file()]
+
+
 def plan_stages(configs: dict, out: Path, s_per_epoch: float, budget_s: float | None) -> dict:
     """The stages not yet done in ``out`` that fit ``budget_s`` whole, in order (all without one)."""
-    todo = [stage for stage in STAGES if not (out / f"{stage}_history.json").is_file()]
+    todo = [stage for stage in STAGES if stage not in done_stages(out)]
     estimate = {stage: round(planned_epochs(configs[stage]) * s_per_epoch) for stage in todo}
     return {
         "pending": todo,
@@ -70,10 +74,6 @@ def plan_stages(configs: dict, out: Path, s_per_epoch: float, budget_s: float | 
         "estimate_s": estimate,
         "budget_s": budget_s,
     }
-
-
-def done_stages(out: Path) -> list[str]:
-    return [stage for stage in STAGES if (out / f"{stage}_history.json").is_file()]
 
 
 def inputs_left(configs: dict, done: list[str], pending: list[str]) -> list[str]:
@@ -128,7 +128,8 @@ def pack_for_next_window(configs: dict, out: Path, left: list[str], part_bytes: 
     names = inputs_left(configs, done_stages(out), left)
     if not names:
         return
-    files = [checkpoint_folder(configs) / f"{name}.safetensors" for name in names]
+    folder = checkpoint_folder(configs)
+    files = [folder / f"{name}.safetensors" for name in names]
     manifest = pack_trip(files, out / "trip", part_bytes)
     parts = sum(len(entry["parts"]) for entry in manifest["files"])
     size, shards = trip_bytes(out / "trip"), folder_bytes(Path(configs["binarize"].shards))

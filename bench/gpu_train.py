@@ -160,15 +160,21 @@ def loader_rows(shards: str, config, batch: int, device: torch.device, runs: int
     return rows
 
 
-def step_rows(batch: int, deep_batch: int, steps: int, device: torch.device, width: float | None, models: set[str]):
-    """The step alone: each (model, kernels, precision) the issue names, at the stated batches."""
+def binarize_config(profile: str, batch: int, width: float | None):
+    """A profile's binarize stage at ``batch`` (and ``width``, for the CPU tests' tiny models)."""
     from pipeline.params import load_params
-    from pipeline.train_bench import routed_model, step_rate
 
     changes = {"width": width} if width else {}
+    return load_params(profile).train("binarize", {**changes, "batch_size": batch}, tuned=False)
+
+
+def step_rows(batch: int, deep_batch: int, steps: int, device: torch.device, width: float | None, models: set[str]):
+    """The step alone: each (model, kernels, precision) the issue names, at the stated batches."""
+    from pipeline.train_bench import routed_model, step_rate
+
     pairs = ((OFFICIAL, batch, "bireal18", "resnet18"), (DEEP, deep_batch, "bireal152", "resnet152"))
     for profile, arch_batch, binary, resnet in pairs:
-        base = load_params(profile).train("binarize", {**changes, "batch_size": arch_batch}, tuned=False)
+        base = binarize_config(profile, arch_batch, width)
         for precision in ("fp32", "bf16") if binary in models else ():
             for kernels in ("float", "auto"):
                 config = replace(base, precision=precision, kernels=kernels)
@@ -187,12 +193,10 @@ def lean_step_rows(batch: int, steps: int, device: torch.device, width: float | 
     bf16: run last, since bmma_lean has not run on a GPU yet and a fault ends the process (none
     where it is left out: ops.skipped_cuda_paths)."""
     from cuda_ext import ops
-    from pipeline.params import load_params
 
     if device.type != "cuda" or "bmma_lean" not in ops.kernel_paths(device):
         return
-    changes = {"width": width} if width else {}
-    base = load_params(OFFICIAL).train("binarize", {**changes, "batch_size": batch}, tuned=False)
+    base = binarize_config(OFFICIAL, batch, width)
     for precision in ("fp32", "bf16"):
         yield lean_step_row(replace(base, precision=precision, kernels="auto"), device, steps)
 
@@ -233,11 +237,9 @@ def float_resnet(name: str, device: torch.device, config) -> torch.nn.Module:
 def compiled_rows(batch: int, steps: int, device: torch.device, width: float | None, settings) -> list[dict]:
     """Bi-Real-18 binarize in bf16 under torch.compile, each kernels setting of ``settings``;
     compile time apart."""
-    from pipeline.params import load_params
     from pipeline.train_bench import routed_model, step_rate
 
-    changes = {"width": width} if width else {}
-    base = load_params(OFFICIAL).train("binarize", {**changes, "batch_size": batch}, tuned=False)
+    base = binarize_config(OFFICIAL, batch, width)
     rows = []
     for kernels in settings:
         config = replace(base, precision="bf16", kernels=kernels)
@@ -296,14 +298,11 @@ def end_to_end_row(shards: str, batch: int, steps: int, device: torch.device, wi
     """Bi-Real-18 binarize in bf16 fed by the device-decode loader (2 workers): img/s over the
     epoch, the share of it the step waited for data, and the GPU's mean utilization."""
     from pipeline.data import make_loader
-    from pipeline.params import load_params
     from pipeline.segments import stage_input_config
     from pipeline.train import make_optimizer, memory_format, train_one_epoch
     from pipeline.train_bench import routed_model
 
-    changes = {"width": width} if width else {}
-    config = load_params(OFFICIAL).train("binarize", {**changes, "batch_size": batch}, tuned=False)
-    config = replace(config, precision="bf16", kernels=kernels)
+    config = replace(binarize_config(OFFICIAL, batch, width), precision="bf16", kernels=kernels)
     model, _ = routed_model(config, device)
     optimizer = make_optimizer(model, config)
     amp, layout = device.type == "cuda", memory_format(config, device)

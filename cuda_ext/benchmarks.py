@@ -255,7 +255,7 @@ def cuda_variants(ops, px, pw, channels, scale, bias, residual_bf16, base_ms, re
                 repeats,
             )
 
-    runnable = [path for path in ops.cuda_paths() if path not in ops.skipped_cuda_paths()]  # (lost the context)
+    runnable = ops.kernel_paths(px.device)  # less any path that lost the CUDA context (skipped_cuda_paths)
     bf16 = {path: conv(path, torch.bfloat16) for path in BF16_PATH_KEYS if path in runnable}
     return {
         **({"async_ms": conv("bmma_async")} if "bmma_async" in runnable else {}),

@@ -8,7 +8,8 @@
 #   1. build cuda_ext._C in place for this GPU, and assert the CUDA kernels are in it;
 #   2. smoke (own process, CUDA_LAUNCH_BLOCKING=1): every CUDA path on a list of shapes against the
 #      reference, printing per path and shape the number of wrong elements and the first wrong
-#      (n, o, h, w); a kernel fault is pinned to its path and shape here, not in some later test;
+#      (n, o, h, w); a kernel fault is pinned to its path and shape here, not in some later test,
+#      and the smoke runs again without that path (the steps after it leave it out too);
 #   3. the GPU tests only (tests/test_cuda.py and the build checks): bit-exact against the reference
 #      with every output pre-filled with 0xFF bytes; a skipped test counts as a failure;
 #   4. the benchmark tables: `bireal bench kernels|model --device cuda`;
@@ -53,8 +54,12 @@ if command -v nm >/dev/null && nm -C --defined-only "$so" | grep -q "std::ostrea
 fi
 
 step "2. smoke"
-CUDA_LAUNCH_BLOCKING=1 timeout "$(limit 90)" $PY -m cuda_ext.smoke --json "$out/smoke.json"
+smoke_runs=$(mktemp -d)  # one log and JSON file a run; RESULTS_DIR gets their rows in one file
+gpu_smoke "$smoke_runs/smoke" 90
 status[smoke]=$?
+$PY -c 'import glob, json, sys; json.dump([r for f in sorted(glob.glob(sys.argv[2])) for r in json.load(open(f))],
+                                        open(sys.argv[1], "w"), indent=1)' "$out/smoke.json" "$smoke_runs/smoke_*.json"
+export BIREAL_SKIP_CUDA_PATHS=$smoke_lost  # the steps below run every other path
 
 step "3. GPU tests"
 timeout_opt=()

@@ -73,3 +73,27 @@ gpu_tests() {
   [ -n "$died" ] && { echo "GPU tests: died in $died (skipped or deselected in the rerun)"; return 1; }
   return "$rc"
 }
+
+# gpu_smoke PREFIX SECONDS: `cuda_ext.smoke` (every CUDA path on every shape, against the reference)
+# in as many runs as it takes (3 at most), run N printing to PREFIX_N.log and writing PREFIX_N.json.
+# A kernel fault ends a run naming its path ("CUDA context lost on path=PATH"); the next run leaves
+# that path out (BIREAL_SKIP_CUDA_PATHS, with any the caller set) and checks the rest. Sets
+# smoke_lost to every path left out (a comma list, '' for none) for the steps after it; returns the
+# last run's rc, or 1 when a path was lost here.
+gpu_smoke() {
+  local prefix=$1 seconds=$2 rc attempt marker lost_here=""
+  smoke_lost=${BIREAL_SKIP_CUDA_PATHS:-}
+  for attempt in 1 2 3; do
+    BIREAL_SKIP_CUDA_PATHS=$smoke_lost CUDA_LAUNCH_BLOCKING=1 timeout "$(limit "$seconds")" \
+      $PY -m cuda_ext.smoke --json "${prefix}_$attempt.json" >"${prefix}_$attempt.log" 2>&1
+    rc=$?
+    cat "${prefix}_$attempt.log"
+    marker=$(grep -oE 'CUDA context lost on path=[A-Za-z0-9_]+' "${prefix}_$attempt.log" | tail -1)
+    [ -z "$marker" ] && break
+    lost_here+="${lost_here:+,}${marker##*path=}"
+    smoke_lost+="${smoke_lost:+,}${marker##*path=}"
+  done
+  [ -z "$lost_here" ] && return "$rc"
+  echo "smoke: lost the CUDA context on $lost_here (each left out of the run after it)"
+  return 1
+}

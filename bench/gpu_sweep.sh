@@ -75,23 +75,11 @@ echo "build: $((SECONDS - start)) s for $TORCH_CUDA_ARCH_LIST with $MAX_JOBS job
 if [ "$part" = --quick ]; then
   step "correctness: every CUDA path on every shape"
   # a path whose kernel loses the CUDA context ends the smoke; it runs again without that path
-  skip=""
   rm -f "$lost_file"
-  for attempt in 1 2 3; do
-    CUDA_LAUNCH_BLOCKING=1 timeout "$(limit 60)" $PY -m cuda_ext.smoke --json "$out/smoke_$attempt.json" \
-      ${skip:+--skip "$skip"} >"$out/smoke_$attempt.log" 2>&1
-    status[smoke]=$?
-    cat "$out/smoke_$attempt.log"
-    marker=$(grep -oE 'CUDA context lost on path=[A-Za-z0-9_]+' "$out/smoke_$attempt.log" | tail -1)
-    [ -z "$marker" ] && break
-    skip+="${skip:+,}${marker##*path=}"
-  done
-  if [ -n "$skip" ]; then
-    echo "smoke: lost the CUDA context on $skip (each skipped in the rerun)"
-    status[smoke]=1
-    echo "$skip" >"$lost_file"  # for --full after this part, in the same results folder
-  fi
-  export BIREAL_SKIP_CUDA_PATHS=$skip  # the steps below run every other path (cuda_ext.ops.skipped_cuda_paths)
+  gpu_smoke "$out/smoke" 60
+  status[smoke]=$?
+  [ -n "$smoke_lost" ] && echo "$smoke_lost" >"$lost_file"  # for --full after this part, in the same results folder
+  export BIREAL_SKIP_CUDA_PATHS=$smoke_lost  # the steps below run every other path (cuda_ext.ops.skipped_cuda_paths)
   step "SASS"
   timeout "$(limit 30)" $PY -m bench.sass_report --json "$out/sass.json"
   status[sass]=$?

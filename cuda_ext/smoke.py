@@ -8,7 +8,7 @@ with the first wrong (n, o, h, w), and of mismatched packed words with the first
 word). Outputs are pre-filled with 0xFF bytes (``ops.debug_fill``), so unwritten elements count as
 wrong. A CUDA fault is sticky (every later call in the process fails too), so the first one ends the
 run, naming the path and case that raised it; run with CUDA_LAUNCH_BLOCKING=1 to pin it to its
-launch. ``--quick`` is the short list for compute-sanitizer; ``--device cpu`` runs the same checks
+launch, and again with that path in BIREAL_SKIP_CUDA_PATHS (a comma list) for the rest. ``--quick`` is the short list for compute-sanitizer; ``--device cpu`` runs the same checks
 on the CPU paths (how CI tests this script). Exit status 0 only if all match.
 """
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -194,26 +195,34 @@ def check_max_pool_signs(device: str, dtype: torch.dtype) -> dict:
     }
 
 
-def run(device: str = "cuda", quick: bool = False, skip: frozenset = frozenset()) -> list[dict]:
-    """Every check (but those of the kernel paths or ops in ``skip``), printed as it finishes; stops
-    at the first CUDA fault, naming its path (the context is lost: a rerun skips that path)."""
-    checks = [
+def checks(device: str = "cuda", quick: bool = False) -> list[tuple[str, Callable[[], dict]]]:
+    """Every check as (name, run it): name is "<path or op> <case>". On a CUDA device the paths and
+    ops named in ``BIREAL_SKIP_CUDA_PATHS`` are left out (``ops.skipped_cuda_paths``: the GPU
+    scripts name there what lost the CUDA context in an earlier run, so a rerun checks the rest)."""
+    found = [
         (f"pack_signs {dtype}", lambda d=dtype: check_pack_signs(device, d))
         for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
     ]
-    checks += [
+    found += [
         (f"max_pool_signs {dtype}", lambda d=dtype: check_max_pool_signs(device, d))
         for dtype in (torch.float32, torch.bfloat16)
     ]
-    checks += [
+    found += [
         (f"{path} {case.name}", lambda p=path, c=case: check(device, p, c))
         for path in ops.kernel_paths(device)
         for case in (QUICK if quick else FULL)
     ]
+    if torch.device(device).type != "cuda":
+        return found
+    skipped = ops.skipped_cuda_paths()
+    return [(name, fn) for name, fn in found if name.split()[0] not in skipped]
+
+
+def run(device: str = "cuda", quick: bool = False) -> list[dict]:
+    """Every check of ``checks``, printed as it finishes; stops at the first CUDA fault, naming its
+    path (the context is lost: a rerun with that path in BIREAL_SKIP_CUDA_PATHS checks the rest)."""
     rows = []
-    for name, fn in checks:
-        if name.split()[0] in skip:
-            continue
+    for name, fn in checks(device, quick):
         try:
             rows.append(fn())
         except RuntimeError as e:
@@ -224,7 +233,7 @@ def run(device: str = "cuda", quick: bool = False, skip: frozenset = frozenset()
             if "CUDA error" in str(e) or "cudaError" in str(e):
                 print(
                     f"smoke: CUDA context lost on path={name.split()[0]}: the run ends here (every later call "
-                    "would fail in this process; run again with --skip for the rest)"
+                    "would fail in this process; run again with it in BIREAL_SKIP_CUDA_PATHS for the rest)"
                 )
                 return rows
             continue
@@ -252,7 +261,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="six small cases (for compute-sanitizer)")
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    parser.add_argument("--skip", default="", help="kernel paths or ops not to check (a comma list)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not (torch.cuda.is_available() and ops.cuda_built()):
         print(
@@ -262,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"smoke on {where}, paths {ops.kernel_paths(args.device)}", flush=True)
-    rows = run(args.device, args.quick, frozenset(filter(None, args.skip.split(","))))
+    rows = run(args.device, args.quick)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

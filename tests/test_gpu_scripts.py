@@ -219,3 +219,60 @@ def test_gpu_tests_rerun_the_rest_after_a_kernel_loses_the_context(tmp_path):
     assert rc == 1 and "died" not in out and len(calls) == 1
     rc, out, calls = run_gpu_tests(tmp_path, ["lost", "lost", "lost", "ok"], "")
     assert rc == 1 and len(calls) == 3
+
+
+FAKE_SMOKE = r"""#!/usr/bin/env bash
+# Stands in for `python3 -m cuda_ext.smoke --json FILE` on a GPU machine: each run appends
+# BIREAL_SKIP_CUDA_PATHS to $CALLS, writes FILE, then does what the next line of $SCRIPT says.
+echo "skip=${BIREAL_SKIP_CUDA_PATHS:-}" >> "$CALLS"
+n=$(wc -l < "$CALLS")
+echo "[{\"run\": $n}]" > "$4"
+line=$(sed -n "${n}p" "$SCRIPT")
+case "$line" in
+  lost*) echo "smoke: CUDA context lost on path=${line#lost }: the run ends here"; exit 1 ;;
+  wrong) echo "smoke: 9 of 10 checks exact; WRONG: 1"; exit 1 ;;
+  *) echo "smoke: 10 of 10 checks exact"; exit 0 ;;
+esac
+"""
+
+
+def run_gpu_smoke(tmp_path, script: list[str], skip: str = "") -> tuple[int, str, list[str]]:
+    """bench/gpu_lib.sh's gpu_smoke with a stand-in for the smoke that plays ``script``, one line a
+    run; prints smoke_lost last."""
+    fake = tmp_path / "fake_python"
+    fake.write_text(FAKE_SMOKE)
+    fake.chmod(0o755)
+    (tmp_path / "script").write_text("\n".join(script) + "\n")
+    calls = tmp_path / "calls"
+    calls.unlink(missing_ok=True)
+    shell = f'source bench/gpu_lib.sh; deadline=$((SECONDS + 60)); gpu_smoke "{tmp_path}/smoke" 30; rc=$?; echo "lost=$smoke_lost"; exit $rc'
+    env = {"PATH": "/usr/bin:/bin", "PY": str(fake), "CALLS": str(calls), "SCRIPT": str(tmp_path / "script")}
+    done = subprocess.run(
+        ["bash", "-c", shell],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        env=env | ({"BIREAL_SKIP_CUDA_PATHS": skip} if skip else {}),
+    )
+    return done.returncode, done.stdout, calls.read_text().splitlines()
+
+
+def test_gpu_smoke_runs_again_without_a_path_that_lost_the_context(tmp_path):
+    """The GPU scripts' smoke (bench/gpu_lib.sh): a run that lost the CUDA context on a path is run
+    again with that path in BIREAL_SKIP_CUDA_PATHS, each run's log and rows kept; the lost paths
+    are handed to the steps after it and fail the step; a wrong result is not rerun; 3 runs at most."""
+    rc, out, calls = run_gpu_smoke(tmp_path, ["lost bmma_split", "lost bmma_halo_p", "ok"])
+    assert rc == 1 and calls == ["skip=", "skip=bmma_split", "skip=bmma_split,bmma_halo_p"]
+    assert "lost the CUDA context on bmma_split,bmma_halo_p (" in out and out.endswith("lost=bmma_split,bmma_halo_p\n")
+    assert [json.loads((tmp_path / f"smoke_{n}.json").read_text()) for n in (1, 2, 3)] == [[{"run": n}] for n in (1, 2, 3)]
+    assert "context lost on path=bmma_split" in (tmp_path / "smoke_1.log").read_text()
+
+    rc, out, calls = run_gpu_smoke(tmp_path, ["ok"], skip="bmma_halo_w")  # lost earlier in the window
+    assert rc == 0 and calls == ["skip=bmma_halo_w"] and out.endswith("lost=bmma_halo_w\n")
+    rc, out, calls = run_gpu_smoke(tmp_path, ["lost bmma_lean1", "ok"], skip="bmma_halo_w")
+    assert rc == 1 and calls == ["skip=bmma_halo_w", "skip=bmma_halo_w,bmma_lean1"]
+    assert "context on bmma_lean1 (" in out and out.endswith("lost=bmma_halo_w,bmma_lean1\n")
+    rc, out, calls = run_gpu_smoke(tmp_path, ["wrong"])
+    assert rc == 1 and len(calls) == 1 and out.endswith("lost=\n")
+    rc, out, calls = run_gpu_smoke(tmp_path, ["lost a", "lost b", "lost c", "ok"])
+    assert rc == 1 and len(calls) == 3 and out.endswith("lost=a,b,c\n")

@@ -8,8 +8,9 @@ with the first wrong (n, o, h, w), and of mismatched packed words with the first
 word). Outputs are pre-filled with 0xFF bytes (``ops.debug_fill``), so unwritten elements count as
 wrong. A CUDA fault is sticky (every later call in the process fails too), so the first one ends the
 run, naming the path and case that raised it; run with CUDA_LAUNCH_BLOCKING=1 to pin it to its
-launch, and again with that path in BIREAL_SKIP_CUDA_PATHS (a comma list) for the rest. ``--quick`` is the short list for compute-sanitizer; ``--device cpu`` runs the same checks
-on the CPU paths (how CI tests this script). Exit status 0 only if all match.
+launch, and again with that path in BIREAL_SKIP_CUDA_PATHS (a comma list) for the rest.
+``--quick`` is the short list for compute-sanitizer; ``--device cpu`` runs the same checks on the
+CPU paths (how CI tests this script). Exit status 0 only if all match.
 """
 
 from __future__ import annotations

@@ -245,7 +245,8 @@ def run_gpu_smoke(tmp_path, script: list[str], skip: str = "") -> tuple[int, str
     (tmp_path / "script").write_text("\n".join(script) + "\n")
     calls = tmp_path / "calls"
     calls.unlink(missing_ok=True)
-    shell = f'source bench/gpu_lib.sh; deadline=$((SECONDS + 60)); gpu_smoke "{tmp_path}/smoke" 30; rc=$?; echo "lost=$smoke_lost"; exit $rc'
+    runner = f'gpu_smoke "{tmp_path}/smoke" 30; rc=$?; echo "lost=$smoke_lost"; exit $rc'
+    shell = f"source bench/gpu_lib.sh; deadline=$((SECONDS + 60)); {runner}"
     env = {"PATH": "/usr/bin:/bin", "PY": str(fake), "CALLS": str(calls), "SCRIPT": str(tmp_path / "script")}
     done = subprocess.run(
         ["bash", "-c", shell],
@@ -264,7 +265,8 @@ def test_gpu_smoke_runs_again_without_a_path_that_lost_the_context(tmp_path):
     rc, out, calls = run_gpu_smoke(tmp_path, ["lost bmma_split", "lost bmma_halo_p", "ok"])
     assert rc == 1 and calls == ["skip=", "skip=bmma_split", "skip=bmma_split,bmma_halo_p"]
     assert "lost the CUDA context on bmma_split,bmma_halo_p (" in out and out.endswith("lost=bmma_split,bmma_halo_p\n")
-    assert [json.loads((tmp_path / f"smoke_{n}.json").read_text()) for n in (1, 2, 3)] == [[{"run": n}] for n in (1, 2, 3)]
+    rows = [json.loads((tmp_path / f"smoke_{n}.json").read_text()) for n in (1, 2, 3)]
+    assert rows == [[{"run": n}] for n in (1, 2, 3)]
     assert "context lost on path=bmma_split" in (tmp_path / "smoke_1.log").read_text()
 
     rc, out, calls = run_gpu_smoke(tmp_path, ["ok"], skip="bmma_halo_w")  # lost earlier in the window

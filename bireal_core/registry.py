@@ -6,6 +6,7 @@ packed artifacts store, so a later stage can rebuild the exact model.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 from torch import nn
@@ -30,6 +31,11 @@ def create_model(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
     """Build registered model ``name``; the model remembers ``model_spec`` = {name, kwargs}."""
     if name not in _MODELS:
         raise KeyError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes={num_classes!r}: must be an integer >= 1")
+    width = kwargs.get("width", 1.0)
+    if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
+        raise ValueError(f"width={width!r}: the channel multiplier must be > 0")
     model = _MODELS[name](num_classes=num_classes, **kwargs)
     model.model_spec = {"name": name, "kwargs": {"num_classes": num_classes, **kwargs}}
     return model

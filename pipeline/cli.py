@@ -19,7 +19,12 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     import bireal_core as bc
 
     model = bc.create_model(args.arch, num_classes=args.num_classes, stem=args.stem, width=args.width)
-    result = bc.summary(model, input_size=args.input_size)
+    try:
+        result = bc.summary(model, input_size=args.input_size)
+    except RuntimeError as e:  # torch's "output size is too small" from a pooling layer
+        raise ValueError(
+            f"--input-size {args.input_size}: too small for {args.arch} with the {args.stem} stem ({e})"
+        ) from e
     if args.json:
         print(json.dumps(result.as_dict(layers=args.layers), indent=2))
     else:
@@ -602,7 +607,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"bireal {args.command}: error: {e}", file=sys.stderr)
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) adds quotes
+        print(f"bireal {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import yaml
 
@@ -78,6 +79,11 @@ class DataConfig:
     # count shards and steps before the data is sharded; 0 = unknown (the manifest tells, later)
     train_images: int = 0
 
+    RANGES: ClassVar[dict[str, str]] = {"train_images": ">= 0"}
+
+    def __post_init__(self):
+        check_ranges(self)
+
 
 @dataclass(frozen=True)
 class ShardParams:
@@ -91,14 +97,17 @@ class ShardParams:
     seed: int = 0  # shuffle order of the samples
     processes: int = 2  # decode/encode workers
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "resize": ">= 0",
+        "jpeg_quality": "in [1, 100]",
+        "samples_per_shard": ">= 1",
+        "max_shard_bytes": ">= 1",
+        "seed": ">= 0",
+        "processes": ">= 1",
+    }
+
     def __post_init__(self):
-        for name in ("samples_per_shard", "max_shard_bytes", "processes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"shard.{name} must be >= 1, got {getattr(self, name)}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"shard.jpeg_quality must be in 1..100, got {self.jpeg_quality}")
-        if self.resize < 0:
-            raise ValueError(f"shard.resize must be >= 0, got {self.resize}")
+        check_ranges(self)
 
 
 @dataclass
@@ -200,13 +209,41 @@ class TrainConfig:
     # finetune
     finetune_fc: bool = False  # also retrain the FC head (BN alone absorbs alpha)
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "width": "> 0",
+        "batch_size": ">= 1",
+        "loader_workers": ">= 0",
+        "shuffle_buffer": ">= 0",
+        "max_steps_per_epoch": ">= 0",
+        "finite_check_steps": ">= 1",
+        "holdout": ">= 0",
+        "epochs": ">= 0",
+        "lr": "> 0",
+        "momentum": "in [0, 1)",
+        "weight_decay": ">= 0",
+        "lr_milestones": "in (0, 1)",
+        "label_smoothing": "in [0, 1)",
+        "weight_clip": ">= 0",
+        "seed": ">= 0",
+        "phase_epochs": ">= 0",
+        "phase_lr_scale": "> 0",
+        "clip_gate": "in [0, 1)",
+        "clip_gate_max_epochs": ">= 0",
+        "relu_floor": "in [0, 1)",
+        "step1_epochs": ">= 0",
+        "step1_weight_decay": ">= 0",
+        "distill_weight": "in [0, 1]",
+        "distill_temperature": "> 0",
+    }
+
     def __post_init__(self):
         check_choices(self)
+        check_ranges(self)
         if len(self.phases) != len(self.phase_epochs):
             raise ValueError(
                 f"phases ({len(self.phases)}) and phase_epochs ({len(self.phase_epochs)}) differ in length"
             )
-        if len(self.phase_lr_scale) != len(self.phases) or not all(x > 0 for x in self.phase_lr_scale):
+        if len(self.phase_lr_scale) != len(self.phases):
             raise ValueError(
                 f"phase_lr_scale={self.phase_lr_scale}: one positive factor per phase "
                 f"({len(self.phases)} phases: {self.phases})"
@@ -221,17 +258,13 @@ class TrainConfig:
                 f"two_step: epochs={self.epochs} counts step 1's step1_epochs={self.step1_epochs} "
                 "too (equal compute with one-step runs): need 0 < step1_epochs < epochs"
             )
-        if self.weight_clip < 0:
-            raise ValueError(f"weight_clip={self.weight_clip}: 0 (off) or a positive bound")
-        if self.batch_size < 1 or self.epochs < 0 or self.lr <= 0:
-            raise ValueError("batch_size must be >= 1, epochs >= 0 and lr > 0")
+        if sorted(self.lr_milestones) != self.lr_milestones:
+            raise ValueError(f"lr_milestones={self.lr_milestones}: fractions of the stage's steps, in increasing order")
         if self.nesterov and (self.optimizer != "sgd" or self.momentum <= 0):
             raise ValueError(
                 f"nesterov needs optimizer: sgd with momentum > 0 "
                 f"(optimizer={self.optimizer}, momentum={self.momentum})"
             )
-        if self.clip_gate < 0 or self.clip_gate_max_epochs < 0:
-            raise ValueError(f"clip_gate={self.clip_gate}, clip_gate_max_epochs={self.clip_gate_max_epochs}: >= 0")
         if self.clip_gate and (
             self.phases[:1] != ["relu"] or self.phases[-1:] != ["clip"] or not self.phase_epochs[-1]
         ):
@@ -239,22 +272,10 @@ class TrainConfig:
                 f"clip_gate compares the clip twin with the ReLU twin: phases must start with relu and end with "
                 f"clip, with clip epochs > 0 (phases={self.phases}, phase_epochs={self.phase_epochs})"
             )
-        if not 0 <= self.relu_floor < 1 or (self.relu_floor and self.phases[:1] != ["relu"]):
+        if self.relu_floor and self.phases[:1] != ["relu"]:
             raise ValueError(
-                f"relu_floor={self.relu_floor}: a top-1 in [0, 1) that the first phase, relu, must reach "
-                f"(phases={self.phases})"
+                f"relu_floor={self.relu_floor}: a top-1 that the first phase, relu, must reach (phases={self.phases})"
             )
-        if self.finite_check_steps < 1:
-            raise ValueError(f"finite_check_steps={self.finite_check_steps}: read the flag every >= 1 steps")
-        if self.holdout < 0:
-            raise ValueError(f"holdout={self.holdout}: 0 (none) or the number of training samples to hold out")
-        if not 0 <= self.distill_weight <= 1 or self.distill_temperature <= 0:
-            raise ValueError(
-                f"distill_weight={self.distill_weight} must be in [0, 1] and "
-                f"distill_temperature={self.distill_temperature} > 0"
-            )
-        if self.step1_weight_decay is not None and self.step1_weight_decay < 0:
-            raise ValueError(f"step1_weight_decay={self.step1_weight_decay}: null (weight_decay) or >= 0")
 
     def model_kwargs(self) -> dict:
         return {"stem": self.stem, "width": self.width, "pad_value": self.pad_value}
@@ -374,14 +395,34 @@ class TuneSettings:
     # comparison of 1-bit nets says little about their converged accuracy)
     paper_cell_bar: float = 0.0
 
+    RANGES: ClassVar[dict[str, str]] = {
+        "lr_min": "> 0",
+        "lr_max": "> 0",
+        "seeds": ">= 0",
+        "num_samples": ">= 1",
+        "epochs": ">= 1",
+        "max_steps_per_epoch": ">= 0",
+        "grace_period": ">= 1",
+        "max_concurrent": ">= 1",
+        "cpus_per_trial": "> 0",
+        "gpus_per_trial": ">= 0",
+        "scratch_epochs": ">= 0",
+        "check_epochs": ">= 0",
+        "paper_cell_bar": "in [0, 1]",
+    }
+
     def __post_init__(self):
         check_choices(self)
-        if not 0 < self.lr_min <= self.lr_max:
-            raise ValueError("need 0 < lr_min <= lr_max")
+        check_ranges(self)
+        if self.lr_min > self.lr_max:
+            raise ValueError(f"lr_min={self.lr_min:g} > lr_max={self.lr_max:g}: lr is drawn from [lr_min, lr_max]")
+        for axis in ("activations", "weight_gradients", "inits", "two_step", "optimizers", "seeds"):
+            if not getattr(self, axis):
+                raise ValueError(f"{axis}=[]: the grid needs at least one value on every axis")
         for name in ("extra_cells", "check_cells"):
             for i, cell in enumerate(getattr(self, name)):
                 _check_cell(cell, f"{name}[{i}]", empty_ok=name == "check_cells")
-        if bool(self.check_epochs) != bool(self.check_cells) or self.check_epochs < 0:
+        if bool(self.check_epochs) != bool(self.check_cells):
             raise ValueError(
                 f"check_epochs={self.check_epochs}, check_cells={self.check_cells}: the budget check needs both "
                 "(epochs > 0 and the cells to train again), or neither"
@@ -395,8 +436,6 @@ class TuneSettings:
                 f"scratch_epochs={self.scratch_epochs} < epochs={self.epochs}: equal compute gives scratch the "
                 "twin's epochs on top of `epochs` (0: the same epochs as every cell)"
             )
-        if not 0 <= self.paper_cell_bar <= 1:
-            raise ValueError(f"paper_cell_bar={self.paper_cell_bar}: a top-1 in [0, 1]")
         two_step_cells = [c.get("two_step") for c in self.extra_cells]
         if (True in self.two_step or True in two_step_cells) and self.epochs < 2:
             raise ValueError(
@@ -450,9 +489,17 @@ class RayConfig:
     # driver on the run stops at once; a killed driver's run is taken over once its lease lapses
     lease_ttl_s: float = 60.0
 
+    # max_failures: -1 retries without end (Ray's FailureConfig)
+    RANGES: ClassVar[dict[str, str]] = {
+        "num_workers": ">= 1",
+        "cpus_per_worker": "> 0",
+        "max_failures": ">= -1",
+        "lease_ttl_s": "> 0",
+    }
+
     def __post_init__(self):
-        if self.lease_ttl_s <= 0:
-            raise ValueError(f"lease_ttl_s={self.lease_ttl_s}: a lease lives > 0 seconds")
+        check_choices(self)
+        check_ranges(self)
 
 
 @dataclass
@@ -473,9 +520,10 @@ class StorageConfig:
     # download fails naming its shard rather than as a collective's timeout
     stage_wait_s: float = 600.0
 
+    RANGES: ClassVar[dict[str, str]] = {"request_timeout_s": "> 0", "stage_wait_s": "> 0"}
+
     def __post_init__(self):
-        if self.request_timeout_s <= 0:
-            raise ValueError(f"request_timeout_s={self.request_timeout_s}: a timeout is > 0 seconds")
+        check_ranges(self)
         if not 0 < self.stage_wait_s < PROCESS_GROUP_TIMEOUT_S:
             raise ValueError(
                 f"stage_wait_s={self.stage_wait_s:g}: > 0 and below the process group's timeout "
@@ -498,11 +546,10 @@ class MlflowConfig:
     # seconds; 0 = none
     system_metrics_s: float = 10.0
 
+    RANGES: ClassVar[dict[str, str]] = {"sync_wait_s": ">= 0", "outage_wait_s": ">= 0", "system_metrics_s": ">= 0"}
+
     def __post_init__(self):
-        if self.sync_wait_s < 0 or self.outage_wait_s < 0:
-            raise ValueError(f"sync_wait_s={self.sync_wait_s}, outage_wait_s={self.outage_wait_s}: waits are >= 0 s")
-        if self.system_metrics_s < 0:
-            raise ValueError(f"system_metrics_s={self.system_metrics_s:g}: a sampling interval (s), or 0 for none")
+        check_ranges(self)
 
 
 @dataclass
@@ -511,6 +558,11 @@ class RegistryConfig:
 
     model_name: str = "bireal-demo"
     min_top1: float = 0.0  # an evaluation below this is refused: nothing registered, the champion kept
+
+    RANGES: ClassVar[dict[str, str]] = {"min_top1": "in [0, 1]"}
+
+    def __post_init__(self):
+        check_ranges(self)
 
 
 # The file's sections; the three training stages' sections hold TrainConfig keys over ``train``.
@@ -531,6 +583,12 @@ class RecipeConfig:
         for key in set(self.batch) | set(self.lr):
             if key not in STAGES:
                 raise ValueError(f"recipe: {key!r} is not a stage ({', '.join(STAGES)})")
+        for stage, batch in self.batch.items():
+            if batch < 1:
+                raise ValueError(f"recipe: batch.{stage}={batch}: must be >= 1")
+        for stage, lr in self.lr.items():
+            if not (math.isfinite(lr) and lr > 0):
+                raise ValueError(f"recipe: lr.{stage}={lr}: must be > 0")
         if set(self.batch) != set(self.lr):
             raise ValueError(
                 f"recipe: batch names {sorted(self.batch)}, lr names {sorted(self.lr)}: name the same stages"
@@ -554,6 +612,33 @@ SECTIONS: dict[str, type] = {
 
 def _choices(tp: Any) -> tuple | None:
     return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
+
+
+def within(value: float, rule: str) -> bool:
+    """Whether a finite ``value`` satisfies ``rule``: "> 0", ">= 1", "in [0, 1)" (the forms of
+    the sections' RANGES tables, written as their error messages read)."""
+    if not math.isfinite(value):
+        return False
+    if rule.startswith("in "):
+        low, high = (float(bound) for bound in rule[4:-1].split(","))
+        above = low <= value if rule[3] == "[" else low < value
+        return above and (value <= high if rule[-1] == "]" else value < high)
+    op, bound = rule.split()
+    return value >= float(bound) if op == ">=" else value > float(bound)
+
+
+def check_ranges(obj: Any) -> None:
+    """Every number of a section (each item of a list of numbers) named in its ``RANGES`` table is
+    finite and within its rule; None (an optional setting left unset) passes. Like
+    ``check_choices``, for instances built in code too."""
+    for name, rule in type(obj).RANGES.items():
+        value = getattr(obj, name)
+        items = value if isinstance(value, list) else [] if value is None else [value]
+        bad = [item for item in items if not within(item, rule)]
+        if bad:
+            each = "each must be" if isinstance(value, list) else "must be"
+            finite = "" if all(map(math.isfinite, bad)) else " (and finite)"
+            raise ValueError(f"{name}={value!r}: {each} {rule}{finite}")
 
 
 def check_choices(obj: Any) -> None:

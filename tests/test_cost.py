@@ -46,7 +46,21 @@ def test_cli_table_and_bad_arch(capsys):
     out = capsys.readouterr().out
     assert "33.51" in out and "1.64e+08" in out
     assert main(["cost", "--arch", "nonet"]) == 2
-    assert "nonet" in capsys.readouterr().err
+    assert capsys.readouterr().err.startswith("bireal cost: error: unknown model 'nonet'; registered: ")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--width", "0"], "width=0.0: the channel multiplier must be > 0"),
+        (["--width", "nan"], "width=nan: the channel multiplier must be > 0"),
+        (["--num-classes", "0"], "num_classes=0: must be an integer >= 1"),
+        (["--input-size", "3"], "--input-size 3: too small for bireal18 with the imagenet stem"),
+    ],
+)
+def test_cli_bad_numbers_are_named(capsys, args, message):
+    assert main(["cost", "--arch", "bireal18", *args]) == 2
+    assert capsys.readouterr().err.startswith(f"bireal cost: error: {message}")
 
 
 def test_entry_point_installed():

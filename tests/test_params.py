@@ -2,6 +2,7 @@
 what bireal_core accepts, a typo fails `bireal check-params` fast with file, key, value and the
 allowed values, and checking imports none of torch, ray, mlflow, prefect or dvc."""
 
+import dataclasses
 import resource
 import subprocess
 import sys
@@ -133,13 +134,46 @@ def test_every_training_setting_says_whether_it_changes_the_math():
     "section, key, value, message",
     [
         ("storage", "stage_wait_s", 1800, "storage: stage_wait_s=1800: > 0 and below the process group's timeout"),
-        ("storage", "stage_wait_s", 0, "storage: stage_wait_s=0: > 0"),
-        ("mlflow", "system_metrics_s", -1, "mlflow: system_metrics_s=-1: a sampling interval (s), or 0 for none"),
+        ("storage", "stage_wait_s", 0, "storage: stage_wait_s=0.0: must be > 0"),
+        ("mlflow", "system_metrics_s", -1, "mlflow: system_metrics_s=-1.0: must be >= 0"),
+        ("train", "width", 0, "train: width=0.0: must be > 0"),
+        ("train", "lr", ".inf", "train: lr=inf: must be > 0 (and finite)"),
+        ("train", "momentum", 1, "train: momentum=1.0: must be in [0, 1)"),
+        ("train", "label_smoothing", -0.1, "train: label_smoothing=-0.1: must be in [0, 1)"),
+        ("train", "loader_workers", -2, "train: loader_workers=-2: must be >= 0"),
+        ("pretrain", "phase_epochs", "[2, -1, 1]", "pretrain: phase_epochs=[2, -1, 1]: each must be >= 0"),
+        ("binarize", "distill_temperature", ".nan", "binarize: distill_temperature=nan: must be > 0 (and finite)"),
+        ("train", "lr_milestones", "[0.75, 0.5]", "train: lr_milestones=[0.75, 0.5]: fractions of the stage's steps"),
+        ("tune", "seeds", "[]", "tune: seeds=[]: the grid needs at least one value on every axis"),
+        ("tune", "max_concurrent", 0, "tune: max_concurrent=0: must be >= 1"),
+        ("tune", "lr_max", 0.0001, "tune: lr_min=0.002 > lr_max=0.0001"),
+        ("ray", "num_workers", 0, "ray: num_workers=0: must be >= 1"),
+        ("shard", "jpeg_quality", 101, "shard: jpeg_quality=101: must be in [1, 100]"),
+        ("registry", "min_top1", 1.5, "registry: min_top1=1.5: must be in [0, 1]"),
+        ("data", "train_images", -5, "data: train_images=-5: must be >= 0"),
     ],
 )
-def test_waits_and_sampling_intervals_out_of_range_are_named(tmp_path, section, key, value, message):
+def test_numbers_out_of_range_are_named_with_their_range(tmp_path, section, key, value, message):
+    """Every bounded number of every section: the file, the section, the key, the value and the
+    range it must be in, before any work starts (NaN and infinity included)."""
     path = tmp_path / "params.yaml"
     path.write_text(f"{section}:\n  {key}: {value}\n")
     with pytest.raises(P.ConfigError) as e:
         P.load_params(path)
-    assert message in str(e.value)
+    assert f"{path}:{message}" in str(e.value)
+
+
+def test_the_range_rules_read_as_written():
+    assert [P.within(x, "in [0, 1)") for x in (0.0, 0.5, 1.0, -0.1, float("nan"))] == [True, True, False, False, False]
+    assert [P.within(x, "in (0, 1]") for x in (0.0, 1.0)] == [False, True]
+    assert [P.within(x, "> 0") for x in (0, 1e-9, float("inf"))] == [False, True, False]
+    assert [P.within(x, ">= -1") for x in (-1, -2)] == [True, False]
+    # every table names fields of its section with a rule of these forms
+    for cls in (*P.SECTIONS.values(), P.TrainConfig):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        for name, rule in getattr(cls, "RANGES", {}).items():
+            assert name in fields and (rule.startswith(("> ", ">= ")) or rule[3] in "[(" and rule[-1] in "])"), (
+                cls.__name__,
+                name,
+                rule,
+            )

@@ -599,8 +599,10 @@ def test_an_under_trained_relu_twin_stops_the_stage_naming_it(demo_shards, tmp_p
         smoke_config(demo_shards, tmp_path / "ok", stage="pretrain", relu_floor=0.01, max_steps_per_epoch=2)
     )
     assert [h["segment"] for h in ok["history"]][-1] == "pretrain-clip"
-    with pytest.raises(ValueError, match="relu_floor=0.9: a top-1 in"):
+    with pytest.raises(ValueError, match="relu_floor=0.9: a top-1 that the first phase, relu, must reach"):
         TrainConfig(relu_floor=0.9, phases=["clip"], phase_epochs=[1], phase_lr_scale=[1.0])
+    with pytest.raises(ValueError, match=r"relu_floor=1.0: must be in \[0, 1\)"):
+        TrainConfig(relu_floor=1.0)
 
 
 def test_the_data_wait_fraction_is_the_time_the_step_waited_for_batches():

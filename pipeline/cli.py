@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from .env import apply_offline_defaults
+from .params import bounded
 
 
 def _cmd_cost(args: argparse.Namespace) -> int:
@@ -271,13 +272,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
-    from .params import ConfigError
     from .plan import format_plan, plan
 
-    if args.gpus < 1:
-        raise ConfigError(f"--gpus must be >= 1, got {args.gpus}")
-    if args.cores_per_node < 1:
-        raise ConfigError(f"--cores-per-node must be >= 1, got {args.cores_per_node}")
     result = plan(
         args.loaded, args.gpus, args.gpu, args.upload_gb_s, args.efficiency, cores_per_node=args.cores_per_node
     )
@@ -316,7 +312,8 @@ def _cmd_check_params(args: argparse.Namespace) -> int:
     stages = ", ".join(
         f"{s}: {p.train(s).arch} {p.train(s).stem} w{p.train(s).width:g}" for s in ("pretrain", "binarize", "finetune")
     )
-    print(f"{p.path}: OK ({stages}; tune {'on' if p.tune.enabled else 'off'})")
+    where = p.path if p.path.is_file() else f"{p.path} (no such file: the defaults)"
+    print(f"{where}: OK ({stages}; tune {'on' if p.tune.enabled else 'off'})")
     return 0
 
 
@@ -350,10 +347,12 @@ def _add_cost(sub) -> None:
 
     cost = sub.add_parser("cost", help="binary/real MACs, OPs and memory of a model (the paper's table)")
     cost.add_argument("--arch", required=True, help="registered model name, e.g. bireal18")
-    cost.add_argument("--num-classes", type=int, default=1000)
+    cost.add_argument("--num-classes", type=bounded(int, ">= 1"), default=1000)
     cost.add_argument("--stem", choices=("imagenet", "small"), default="imagenet")
-    cost.add_argument("--width", type=float, default=1.0)
-    cost.add_argument("--input-size", type=int, default=None, help="default: 224 (imagenet stem), 32 (small)")
+    cost.add_argument("--width", type=bounded(float, "> 0"), default=1.0, help="channel multiplier")
+    cost.add_argument(
+        "--input-size", type=bounded(int, ">= 1"), default=None, help="default: 224 (imagenet stem), 32 (small)"
+    )
     cost.add_argument("--layers", action="store_true", help="also list every conv/FC layer")
     cost.add_argument("--json", action="store_true", help="print the same figures as JSON")
     cost.set_defaults(func=_cmd_cost)
@@ -433,8 +432,8 @@ def _add_tune(sub) -> None:
 
 def _add_export(sub) -> None:
     export = sub.add_parser("export", help="checkpoint -> packed 1-bit artifact (safetensors + JSON header)")
-    export.add_argument("--checkpoint", required=True)
-    export.add_argument("--out", required=True)
+    export.add_argument("--checkpoint", required=True, help="a stage checkpoint (.safetensors), e.g. finetune's")
+    export.add_argument("--out", required=True, help="the packed artifact to write (.safetensors)")
     export.add_argument("--class-names", default=None, help="comma-separated; default: the checkpoint's")
     export.set_defaults(func=_cmd_export)
 
@@ -471,10 +470,10 @@ def _add_import_official(sub) -> None:
 
 def _add_predict(sub) -> None:
     predict = sub.add_parser("predict", help="classify image files with a packed artifact")
-    predict.add_argument("--artifact", required=True)
-    predict.add_argument("images", nargs="+", metavar="IMAGE")
-    predict.add_argument("--topk", type=int, default=1)
-    predict.add_argument("--json", action="store_true")
+    predict.add_argument("--artifact", required=True, help="a packed artifact (.safetensors) from bireal export")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
+    predict.add_argument("--topk", type=bounded(int, ">= 1"), default=1, help="classes listed per image (default 1)")
+    predict.add_argument("--json", action="store_true", help="print one JSON object per image")
     predict.set_defaults(func=_cmd_predict)
 
 
@@ -486,7 +485,7 @@ def _add_bench(sub) -> None:
     )
     bench.add_argument("what", choices=("kernels", "model", "memory", "data", "train"))
     bench.add_argument("--device", default="cpu", help="cpu or cuda")
-    bench.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    bench.add_argument("--threads", type=bounded(int, ">= 1"), default=2, help="CPU threads (default 2)")
     bench.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
     bench.add_argument(
         "--jsonl", default=None, metavar="FILE", help="kernels, model, memory: also one JSON line per row as measured"
@@ -495,7 +494,7 @@ def _add_bench(sub) -> None:
     bench.add_argument(
         "--imagenet-like",
         dest="imagenet_like",
-        type=int,
+        type=bounded(int, ">= 0"),
         default=2000,
         help="data: size of the generated ImageNet-size tree (0 skips it)",
     )
@@ -503,7 +502,9 @@ def _add_bench(sub) -> None:
         "--params", dest="profile", default=None, help="train: the profile whose stages, batch and input to time"
     )
     bench.add_argument("--arch", default=None, help="train: another arch than the profile's")
-    bench.add_argument("--steps", type=int, default=20, help="train: timed steps per run (3 runs, median)")
+    bench.add_argument(
+        "--steps", type=bounded(int, ">= 1"), default=20, help="train: timed steps per run (3 runs, median)"
+    )
     bench.add_argument(
         "--record", action="store_true", help="train: add the rows to bench/results/train_throughput.json"
     )
@@ -535,7 +536,9 @@ def _add_submit(sub) -> None:
     submit_p.add_argument(
         "--python", default=None, help="the cluster's Python with the project ($BIREAL_JOB_PYTHON, else python)"
     )
-    submit_p.add_argument("--timeout", type=float, default=None, help="stop waiting after this many seconds")
+    submit_p.add_argument(
+        "--timeout", type=bounded(float, "> 0"), default=None, help="stop waiting after this many seconds"
+    )
     submit_p.add_argument("--restart", action="store_true", help=f"the job's stages: {RESTART_HELP}")
     submit_p.set_defaults(func=_cmd_submit)
 
@@ -543,12 +546,20 @@ def _add_submit(sub) -> None:
 def _add_plan(sub) -> None:
     plan = sub.add_parser("plan", help="wall time, GPU-hours, batch, lr, shards and checkpoints of a profile on N GPUs")
     plan.add_argument("--params", default=None, help=PARAMS_HELP)
-    plan.add_argument("--gpus", type=int, required=True)
+    plan.add_argument("--gpus", type=bounded(int, ">= 1"), required=True, help="GPUs in all (nodes of 8)")
     plan.add_argument("--gpu", default="h100", help="the GPU kind whose measured throughput to use (h100, h200, ...)")
-    plan.add_argument("--upload-gb-s", dest="upload_gb_s", type=float, default=1.0, help="checkpoint upload rate")
-    plan.add_argument("--efficiency", type=float, default=0.9, help="data-parallel efficiency across GPUs")
     plan.add_argument(
-        "--cores-per-node", dest="cores_per_node", type=int, default=96, help="CPU cores of a node of 8 GPUs"
+        "--upload-gb-s", dest="upload_gb_s", type=bounded(float, "> 0"), default=1.0, help="checkpoint upload rate"
+    )
+    plan.add_argument(
+        "--efficiency", type=bounded(float, "in (0, 1]"), default=0.9, help="data-parallel efficiency across GPUs"
+    )
+    plan.add_argument(
+        "--cores-per-node",
+        dest="cores_per_node",
+        type=bounded(int, ">= 1"),
+        default=96,
+        help="CPU cores of a node of 8 GPUs",
     )
     plan.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON")
     plan.set_defaults(func=_cmd_plan)

@@ -55,7 +55,7 @@ from .decode import (
     encoded_sample,
     recipe_generator,
 )
-from .shard_read import ShardIntegrityError, ShardRecord, open_shard, shard_records
+from .shard_read import ShardIntegrityError, ShardRecord, check_manifest, open_shard, shard_records
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,12 @@ def read_manifest(location: str) -> dict:
     """``location`` is the shard folder (path, URL or ``pipe:`` command prefix) holding manifest.json."""
     url = location.rstrip("/") + "/manifest.json"
     try:
-        return json.loads(storage.read_text(url))
+        manifest = json.loads(storage.read_text(url))
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{url}: no manifest; run `bireal shard` first") from e
     except ValueError as e:
         raise ValueError(f"{url}: not a bireal manifest ({e})") from e
+    return check_manifest(manifest, url)
 
 
 DECODES = ("worker", "device")  # where JPEGs are decoded: the loader's processes (PIL) or the training device

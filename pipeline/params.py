@@ -12,6 +12,7 @@ Profiles (``pipeline/configs/*.yaml``, package data) load by name: ``--params ci
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -21,7 +22,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, Callable, ClassVar, Literal, TypeVar
 
 import yaml
 
@@ -627,6 +628,24 @@ def within(value: float, rule: str) -> bool:
     return value >= float(bound) if op == ">=" else value > float(bound)
 
 
+def bounded(kind: type, rule: str) -> Callable[[str], Any]:
+    """An argparse ``type``: the flag's text as ``kind`` (int or float) within ``rule`` (``within``'s
+    forms), else argparse's error naming the flag: "argument --gpus: 0: must be >= 1"."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: expected {'an integer' if kind is int else 'a number'}"
+            ) from None
+        if not within(value, rule):
+            raise argparse.ArgumentTypeError(f"{text}: must be {rule}")
+        return value
+
+    return parse
+
+
 def check_ranges(obj: Any) -> None:
     """Every number of a section (each item of a list of numbers) named in its ``RANGES`` table is
     finite and within its rule; None (an optional setting left unset) passes. Like
@@ -733,10 +752,13 @@ def params_path(name_or_path: str | os.PathLike | None = None) -> Path:
     raise ConfigError(f"{name_or_path}: neither a params file nor a profile (profiles: {known})")
 
 
-def read_params(path: str | os.PathLike | None = None) -> dict[str, Any]:
-    """The raw file as a dict ({} when there is no file: every default applies)."""
-    path = params_path(path)
+def read_params(name_or_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The raw file as a dict. Without a params.yaml in the current directory every default
+    applies ({}); a file named on the command line or in $BIREAL_PARAMS must exist."""
+    path = params_path(name_or_path)
     if not path.is_file():
+        if name_or_path or os.environ.get("BIREAL_PARAMS"):
+            raise ConfigError(f"{path}: params file not found")
         return {}
     try:
         data = yaml.safe_load(path.read_text()) or {}
@@ -830,7 +852,7 @@ def load_params(name_or_path: str | os.PathLike | None = None, train_overrides: 
     """Read the params file once and check all of it (unknown sections and keys, types, choices,
     each training stage's merged settings) -> ``Params``. Raises ConfigError naming file and key."""
     path = params_path(name_or_path)
-    raw = read_params(path)
+    raw = read_params(name_or_path)
     known = {*SECTIONS, "train", *STAGES}
     unknown = sorted(set(raw) - known)
     if unknown:

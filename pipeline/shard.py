@@ -326,12 +326,20 @@ def _manifest(source: Source, state: dict, identity: dict) -> dict:
 def verify_shards(out: str) -> list[str]:
     """Check every shard against the manifest: present, its bytes and sha256 (the readers' own
     check, ``shard_read.VerifiedStream``) and its sample count: -> one problem per bad shard."""
-    from .shard_read import ShardIntegrityError, ShardRecord, VerifiedStream
+    from .shard_read import ShardIntegrityError, ShardRecord, VerifiedStream, check_manifest
 
     fs, root = storage.filesystem(out)
-    manifest = _load_json(fs, f"{root}/{MANIFEST}")
+    where = storage.join(out, MANIFEST)
+    try:
+        manifest = _load_json(fs, f"{root}/{MANIFEST}")
+    except ValueError as e:
+        raise ShardError(f"{where}: not a bireal manifest ({e})") from e
     if manifest is None:
         raise ShardError(f"{out}: no {MANIFEST} (not a shard folder, or sharding did not finish)")
+    try:
+        check_manifest(manifest, where)
+    except ValueError as e:
+        raise ShardError(str(e)) from e
     problems = []
     for info in manifest["splits"].values():
         for rec in info["shards"]:

@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 from . import storage
 
@@ -40,6 +40,25 @@ class ShardIntegrityError(OSError):
 class ShardRecord:
     bytes: int  # the shard file's size (compressed, for .tar.gz)
     sha256: str
+
+
+def check_manifest(manifest: Any, where: str) -> dict:
+    """What every reader of a manifest relies on: a ``classes`` list and ``splits``, each split's
+    ``shards`` a list of records with a ``name`` and a sample ``count`` -> the manifest; else a
+    ValueError naming ``where`` and the first part that is missing."""
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{where}: not a bireal manifest (a JSON object with classes and splits)")
+    for key, kind in (("classes", list), ("splits", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ValueError(f"{where}: not a bireal manifest: no {key} ({kind.__name__})")
+    for split, info in manifest["splits"].items():
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list):
+            raise ValueError(f"{where}: not a bireal manifest: splits.{split} has no shards list")
+        for i, rec in enumerate(shards):
+            if not (isinstance(rec, dict) and isinstance(rec.get("name"), str) and isinstance(rec.get("count"), int)):
+                raise ValueError(f"{where}: not a bireal manifest: splits.{split}.shards[{i}] needs a name and a count")
+    return manifest
 
 
 def shard_records(manifest: dict, location: str) -> dict[str, ShardRecord]:

@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .params import Params, TrainConfig
+from .params import Params, TrainConfig, bounded
 from .profile_rules import trained_stages
 
 if TYPE_CHECKING:
@@ -256,8 +256,8 @@ def add_train_options(parser) -> None:
         "--kernels", action="append", choices=("auto", "float"), help="binary stages: a row per setting (repeatable)"
     )
     parser.add_argument("--stage", action="append", choices=("pretrain", "binarize", "finetune"), help="repeatable")
-    parser.add_argument("--batch", type=int, help="another per-worker batch than the profile's")
-    parser.add_argument("--width", type=float, help="another width than the profile's")
+    parser.add_argument("--batch", type=bounded(int, ">= 1"), help="another per-worker batch than the profile's")
+    parser.add_argument("--width", type=bounded(float, "> 0"), help="another width than the profile's")
     parser.add_argument("--precision", choices=("fp32", "bf16"), help="another precision than the profile's")
     parser.add_argument("--no-loader", action="store_true", help="no loader row")
 

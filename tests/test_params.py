@@ -177,3 +177,23 @@ def test_the_range_rules_read_as_written():
                 name,
                 rule,
             )
+
+
+def test_a_params_file_named_must_exist(tmp_path, monkeypatch, capsys):
+    """A file named by --params or $BIREAL_PARAMS that is not there stops the command (a typo must
+    not train with the defaults); only the implicit ./params.yaml may be absent."""
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BIREAL_PARAMS", raising=False)
+    with pytest.raises(P.ConfigError, match="typo.yaml: params file not found"):
+        P.load_params("typo.yaml")
+    assert main(["check-params", "--params", "conf/typo.yml"]) == 2
+    assert "bireal check-params: error: conf/typo.yml: params file not found" in capsys.readouterr().err
+    monkeypatch.setenv("BIREAL_PARAMS", str(tmp_path / "gone.yaml"))
+    with pytest.raises(P.ConfigError, match="gone.yaml: params file not found"):
+        P.load_params()
+    monkeypatch.delenv("BIREAL_PARAMS")
+    assert P.load_params().raw == {}  # no ./params.yaml: the defaults
+    assert main(["check-params"]) == 0
+    assert "params.yaml (no such file: the defaults): OK" in capsys.readouterr().out

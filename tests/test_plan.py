@@ -122,8 +122,16 @@ def test_plan_command_and_bad_gpu_count(capsys):
     assert main(["plan", "--params", "imagenet_bireal152", "--gpus", "64"]) == 0
     out = capsys.readouterr().out
     assert "on 64 x h100 (8 node(s) of 8)" in out and "bireal152" in out and "throughput assumed" in out
-    assert main(["plan", "--params", "imagenet_bireal152", "--gpus", "0"]) == 2
-    assert "--gpus must be >= 1" in capsys.readouterr().err
+    for flag, value, message in (
+        ("--gpus", "0", "argument --gpus: 0: must be >= 1"),
+        ("--gpus", "eight", "argument --gpus: 'eight': expected an integer"),
+        ("--efficiency", "0", "argument --efficiency: 0: must be in (0, 1]"),
+        ("--upload-gb-s", "nan", "argument --upload-gb-s: nan: must be > 0"),
+    ):
+        argv = ["plan", "--params", "imagenet_bireal152", "--gpus", "64", flag, value]
+        with pytest.raises(SystemExit) as e:  # argparse's error, before the params are read
+            main(argv)
+        assert e.value.code == 2 and f"bireal plan: error: {message}" in capsys.readouterr().err
 
 
 def test_bench_train_times_each_trained_stage(tmp_path):

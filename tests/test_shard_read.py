@@ -55,6 +55,33 @@ def _eval_keys(out: Path, split: str = "val") -> list[str]:
     return [k for _, _, keys in batches for k in keys]
 
 
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda m: "not json", "not a bireal manifest (Expecting value"),
+        (lambda m: {**m, "classes": None}, "not a bireal manifest: no classes (list)"),
+        (lambda m: {k: v for k, v in m.items() if k != "splits"}, "not a bireal manifest: no splits (dict)"),
+        (lambda m: {**m, "splits": {"val": {"count": 3}}}, "not a bireal manifest: splits.val has no shards list"),
+        (
+            lambda m: {**m, "splits": {"val": {"shards": [{"name": "val-000000.tar"}]}}},
+            "not a bireal manifest: splits.val.shards[0] needs a name and a count",
+        ),
+    ],
+)
+def test_a_damaged_manifest_is_named_by_every_reader(shards, damage, message):
+    """The loaders' read (read_manifest) and `bireal shard --verify` name the manifest and the part
+    that is missing, before any shard is opened."""
+    from pipeline.cli import main
+
+    path = shards / "manifest.json"
+    damaged = damage(json.loads(path.read_text()))
+    path.write_text(damaged if isinstance(damaged, str) else json.dumps(damaged))
+    with pytest.raises(ValueError) as e:
+        read_manifest(str(shards))
+    assert str(e.value).startswith(f"{path}: {message}")
+    assert main(["shard", "--verify", str(shards)]) == 2
+
+
 def test_a_shard_cut_at_a_block_boundary_stops_the_loader_naming_it(shards):
     path = _first_shard(shards, "val")
     data = path.read_bytes()

@@ -153,9 +153,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_register(args: argparse.Namespace) -> int:
-    from .stages import register
+    from .stages import read_evaluation, register
 
-    evaluation = json.loads(Path(args.evaluation).read_text())
+    evaluation = read_evaluation(args.evaluation)
     print(report_register(register(args.loaded, args.artifact, evaluation, args.shards, args.name, args.out)))
     return 0
 
@@ -336,6 +336,14 @@ def load_args_params(args: argparse.Namespace):
     return params
 
 
+def device(text: str) -> str:
+    """An argparse ``type``: the devices the packed kernels have, cpu or cuda[:N]."""
+    kind, _, index = text.partition(":")
+    if text != "cpu" and not (kind == "cuda" and (not index or index.isdigit())):
+        raise argparse.ArgumentTypeError(f"{text!r}: cpu or cuda[:N]")
+    return text
+
+
 PARAMS_HELP = "params file or profile name from pipeline/configs (default: params.yaml)"
 RESTART_HELP = (
     "a stage whose math settings or data changed since its run in ray.storage_path began: discard that "
@@ -445,7 +453,7 @@ def _add_evaluate(sub) -> None:
     evaluate.add_argument("--checkpoint", default=None, help="also report agreement with this checkpoint")
     evaluate.add_argument("--metrics", default=None, help="write metrics JSON here")
     evaluate.add_argument("--confusion", default=None, help="write the confusion matrix as CSV here")
-    evaluate.add_argument("--device", default="cpu", help="cpu or cuda (the packed model's kernels)")
+    evaluate.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:N] (the packed model's kernels)")
     evaluate.set_defaults(func=_cmd_evaluate)
 
 
@@ -484,7 +492,7 @@ def _add_bench(sub) -> None:
         "bench", help="benchmark tables: kernels, the packed model vs float, memory paths, data, training"
     )
     bench.add_argument("what", choices=("kernels", "model", "memory", "data", "train"))
-    bench.add_argument("--device", default="cpu", help="cpu or cuda")
+    bench.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:N]")
     bench.add_argument("--threads", type=bounded(int, ">= 1"), default=2, help="CPU threads (default 2)")
     bench.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
     bench.add_argument(

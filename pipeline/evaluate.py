@@ -27,11 +27,19 @@ def evaluate_artifact(
     from .shard_read import check_sizes
 
     packed, header = load_packed(artifact, device=device)
-    float_model = bc.load_checkpoint(checkpoint)[0].eval().to(device) if checkpoint else None
     manifest = read_manifest(shards)
+    n = len(manifest["classes"])
+    if len(header["class_names"]) != n:  # its outputs would index another label set
+        raise ValueError(
+            f"{artifact}: a {len(header['class_names'])}-way model, but the shards at {shards} have {n} classes"
+        )
     split = eval_split_name(manifest)
     check_sizes(manifest, shards, [split])
-    n = len(manifest["classes"])
+    float_model = bc.load_checkpoint(checkpoint)[0].eval().to(device) if checkpoint else None
+    if float_model is not None and float_model.model_spec != header["model"]:  # agreement needs the same net
+        raise ValueError(
+            f"{checkpoint}: model {float_model.model_spec}, but {artifact} was exported from {header['model']}"
+        )
     confusion = torch.zeros(n, n, dtype=torch.int64)
     agree = seen = 0
     batches, _ = make_loader(

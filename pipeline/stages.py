@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -267,6 +267,19 @@ def evaluate(
     return result
 
 
+def read_evaluation(path: str) -> dict:
+    """The metrics JSON that ``bireal evaluate --metrics`` wrote (a ``top1`` among them)."""
+    try:
+        evaluation = json.loads(Path(path).read_text())
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{path}: no evaluation metrics (bireal evaluate --metrics FILE writes them)") from e
+    except ValueError as e:
+        raise ValueError(f"{path}: not the JSON of bireal evaluate ({e})") from e
+    if not isinstance(evaluation, dict):
+        raise ValueError(f"{path}: not the JSON of bireal evaluate (a mapping with top1)")
+    return evaluation
+
+
 def register(
     params: Params,
     artifact: str = ARTIFACT,
@@ -279,13 +292,15 @@ def register(
     the evaluation split as the signature's example and the cost table of its source checkpoint."""
     from cuda_ext.packed import read_artifact_header
 
-    from .adapters.registry import register_artifact, write_registry_summary
+    from .adapters.registry import checked_top1, register_artifact, write_registry_summary
     from .adapters.tracking import resolve
     from .data import eval_split_name, iter_shard, read_manifest, split_shards
 
-    evaluation = evaluation or json.loads(Path(f"{METRICS}/evaluate.json").read_text())
+    evaluation = evaluation or read_evaluation(f"{METRICS}/evaluate.json")
     shards = shards or params.train("finetune").shards
-    registry = params.registry if not model_name else type(params.registry)(model_name=model_name)
+    # --name changes where it goes, not the gate (registry.min_top1)
+    registry = replace(params.registry, model_name=model_name) if model_name else params.registry
+    checked_top1(evaluation, registry.min_top1)  # before any work; register_artifact checks it again
     header = read_artifact_header(artifact)  # register_artifact verifies the tensors
     manifest = read_manifest(shards)
     url = split_shards(manifest, shards, eval_split_name(manifest))[0][0]

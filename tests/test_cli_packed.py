@@ -94,6 +94,66 @@ print(json.dumps({"out": out, "seconds": time.perf_counter() - start, "above_mb"
 """
 
 
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["predict", "--artifact", "a.safetensors", "--topk", "0", "x.jpg"], "argument --topk: 0: must be >= 1"),
+        (["bench", "model", "--device", "tpu"], "argument --device: 'tpu': cpu or cuda[:N]"),
+        (["evaluate", "--artifact", "a", "--shards", "s", "--device", "cuda:x"], "argument --device: 'cuda:x'"),
+        (["bench", "kernels", "--threads", "0"], "argument --threads: 0: must be >= 1"),
+        (["submit", "--stage", "pretrain", "--timeout", "-5"], "argument --timeout: -5: must be > 0"),
+    ],
+)
+def test_flags_out_of_range_are_refused_before_any_work(capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and f"bireal {argv[0]}: error: {message}" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_an_artifact_of_other_classes_or_another_checkpoint(tmp_path, checkpoint, demo_shards, capsys):
+    """`bireal evaluate`: a 3-way artifact on the 10-class demo shards, or a checkpoint that is not
+    the artifact's net (for the agreement), is named before any image is read."""
+    artifact = tmp_path / "m.safetensors"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(artifact)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--artifact", str(artifact), "--shards", str(demo_shards)]) == 2
+    message = f"error: {artifact}: a 3-way model, but the shards at {demo_shards} have 10 classes"
+    assert message in capsys.readouterr().err
+    digits, wider = (
+        bc.save_checkpoint(
+            tmp_path / f"digits-{width}.safetensors",
+            bc.create_model("bireal18", num_classes=10, stem="small", width=width).eval(),
+            stage="finetune",
+        )
+        for width in (0.25, 0.5)
+    )
+    assert main(["export", "--checkpoint", str(digits), "--out", str(artifact)]) == 0
+    capsys.readouterr()
+    argv = ["evaluate", "--artifact", str(artifact), "--shards", str(demo_shards), "--checkpoint", str(wider)]
+    assert main([*argv, "--metrics", str(tmp_path / "m.json")]) == 2
+    assert f"error: {wider}: model " in capsys.readouterr().err and not (tmp_path / "m.json").exists()
+
+
+def test_register_refuses_a_bad_evaluation_before_any_work(tmp_path, checkpoint, capsys, monkeypatch):
+    """`bireal register`: a missing or malformed evaluation file, or a top-1 under registry.min_top1
+    (also under another --name), is refused naming it before the artifact, the shards or MLflow are
+    touched (the artifact and shards here do not exist)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("registry:\n  min_top1: 0.5\n")
+    base = ["register", "--artifact", "missing.safetensors", "--shards", "no-shards"]
+    (tmp_path / "low.json").write_text(json.dumps({"top1": 0.3}))
+    (tmp_path / "list.json").write_text("[0.9]")
+    for evaluation, name, message in (
+        ("gone.json", [], "gone.json: no evaluation metrics (bireal evaluate --metrics FILE writes them)"),
+        ("list.json", [], "list.json: not the JSON of bireal evaluate"),
+        ("low.json", [], "evaluation top1=0.3000 is below registry.min_top1=0.5; nothing registered"),
+        ("low.json", ["--name", "elsewhere"], "evaluation top1=0.3000 is below registry.min_top1=0.5"),
+    ):
+        assert main([*base, "--evaluation", evaluation, *name]) == 2
+        assert capsys.readouterr().err.startswith(f"bireal register: error: {message}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors", "list.json", "low.json", "params.yaml"]
+
+
 def test_bombs_get_a_clear_error_fast_and_small(tmp_path, checkpoint, capsys):
     """A 30k x 30k PNG, a 60 MP one (under PIL's own limit, over ours) and an artifact whose header
     claims a billion classes: a one-line error each within 5 s, peak memory < 200 MB above the

@@ -52,15 +52,29 @@ def test_cli_table_and_bad_arch(capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--width", "0"], "width=0.0: the channel multiplier must be > 0"),
-        (["--width", "nan"], "width=nan: the channel multiplier must be > 0"),
-        (["--num-classes", "0"], "num_classes=0: must be an integer >= 1"),
+        (["--width", "0"], "argument --width: 0: must be > 0"),
+        (["--width", "nan"], "argument --width: nan: must be > 0"),
+        (["--num-classes", "0"], "argument --num-classes: 0: must be >= 1"),
         (["--input-size", "3"], "--input-size 3: too small for bireal18 with the imagenet stem"),
     ],
 )
 def test_cli_bad_numbers_are_named(capsys, args, message):
-    assert main(["cost", "--arch", "bireal18", *args]) == 2
-    assert capsys.readouterr().err.startswith(f"bireal cost: error: {message}")
+    try:
+        rc = main(["cost", "--arch", "bireal18", *args])
+    except SystemExit as e:  # argparse's own error (a flag's range)
+        rc = e.code
+    assert rc == 2 and capsys.readouterr().err.splitlines()[-1].startswith(f"bireal cost: error: {message}")
+
+
+def test_models_refuse_widths_and_class_counts_that_build_nothing():
+    for kwargs, message in (
+        ({"width": 0.0}, "width=0.0: the channel multiplier must be > 0"),
+        ({"width": float("inf")}, "width=inf"),
+        ({"num_classes": 0}, "num_classes=0: must be an integer >= 1"),
+        ({"num_classes": 2.5}, "num_classes=2.5"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            bc.create_model("bireal18", **kwargs)
 
 
 def test_entry_point_installed():

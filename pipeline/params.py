@@ -796,6 +796,7 @@ class Params:
         if stage not in STAGES:
             raise ConfigError(f"unknown stage {stage!r} (one of {', '.join(STAGES)})")
         overrides = {**self.train_overrides, **(overrides or {})}
+        check_overrides(overrides)
         values = {**(self.raw.get("train") or {}), **(self.raw.get(stage) or {}), **overrides, "stage": stage}
         if self.storage.artifacts and not values.get("artifacts"):  # <artifacts>/<pipeline_run>
             values["artifacts"] = f"{self.storage.artifacts.rstrip('/')}/{self.group}"
@@ -806,7 +807,20 @@ class Params:
             except (ValueError, KeyError) as e:
                 raise ConfigError(f"{pick}: not a `bireal tune` best-config file ({e})") from e
             values.update({k: v for k, v in best.items() if k not in overrides})
-        return build(TrainConfig, values, f"{self.path}:{stage}")
+        try:
+            return build(TrainConfig, values, f"{self.path}:{stage}")
+        except ConfigError as e:  # a cross-setting rule may break by an override: say which were given
+            given = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+            raise ConfigError(f"{e} (with --set {given})" if overrides else str(e)) from e
+
+
+def check_overrides(overrides: dict[str, Any]) -> None:
+    """``--set KEY=VALUE`` entries: known training settings of the right type, named as given."""
+    hints = typing.get_type_hints(TrainConfig)
+    for key, value in overrides.items():
+        if key not in AFFECTS_MATH:  # every TrainConfig field (tests/test_params.py)
+            raise ConfigError(f"--set {key}: unknown training setting (known: {', '.join(sorted(AFFECTS_MATH))})")
+        _check_type(value, hints[key], f"--set {key}")
 
 
 def run_group(path: Path) -> str:

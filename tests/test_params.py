@@ -197,3 +197,22 @@ def test_a_params_file_named_must_exist(tmp_path, monkeypatch, capsys):
     assert P.load_params().raw == {}  # no ./params.yaml: the defaults
     assert main(["check-params"]) == 0
     assert "params.yaml (no such file: the defaults): OK" in capsys.readouterr().out
+
+
+def test_set_overrides_are_named_as_given(tmp_path, monkeypatch, capsys):
+    """`--set KEY=VALUE`: an unknown key or a wrong type is named as the flag (not as a key of the
+    params file, which may not hold it); a range or cross-setting error says which --set it had."""
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BIREAL_PARAMS", raising=False)
+    for flag, message in (
+        ("epochs=abc", "--set epochs: expected an integer, got 'abc'"),
+        ("epoch=3", "--set epoch: unknown training setting (known: activation, arch,"),
+        ("activation=sign", "--set activation: 'sign' is not one of approx_sign, ste_sign, identity_sign"),
+        ("epochs=-1", "params.yaml:pretrain: epochs=-1: must be >= 0 (with --set epochs=-1)"),
+        ("phases=[relu]", "phase_epochs (3) differ in length (with --set phases=['relu'])"),
+    ):
+        assert main(["check-params", "--set", flag]) == 2, flag
+        assert message in capsys.readouterr().err
+    assert main(["check-params", "--set", "epochs=3"]) == 0

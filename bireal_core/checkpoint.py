@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +67,26 @@ def save_checkpoint(
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict, key: str, header: dict) -> Path:
-    """Tensors + a JSON header under metadata ``key``; written to NAME.tmp, then renamed (atomic)."""
+    """Tensors + a JSON header under metadata ``key``; written to NAME.tmp, then renamed (atomic),
+    with the permissions of any file this process creates (the umask's)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb"):  # created as open() creates files: 0666 less the umask
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
+    # safetensors writes a private temporary file (0600) and renames it over tmp: a checkpoint or
+    # artifact would be unreadable by the cluster's other users and by a model server of another uid
     save_file(tensors, str(tmp), metadata={key: json.dumps(header, sort_keys=True)})
+    os.chmod(tmp, mode)
     os.replace(tmp, path)
     return path
+
+
+# The safetensors metadata keys of this project's two file kinds: what an error says a file is
+HEADER_KINDS = {
+    "bireal": "a training checkpoint (bireal export packs it)",
+    "bireal_packed": "a packed artifact (bireal export's output)",
+}
 
 
 def read_safetensors_header(path: str | os.PathLike, key: str, error: type[Exception], what: str) -> dict:
@@ -86,7 +100,8 @@ def read_safetensors_header(path: str | os.PathLike, key: str, error: type[Excep
     except (SafetensorError, OSError, ValueError) as e:
         raise error(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
     if key not in meta:
-        raise error(f"{path}: no {key} header: not a {what}")
+        other = [kind for header_key, kind in HEADER_KINDS.items() if header_key in meta]
+        raise error(f"{path}: no {key} header: not a {what}" + (f"; it is {other[0]}" if other else ""))
     return json.loads(meta[key])
 
 

@@ -506,6 +506,8 @@ def export_checkpoint(
     checkpoint: str | os.PathLike, out_path: str | os.PathLike, class_names: list[str] | None = None
 ) -> Path:
     """``bireal export``: a ``bireal_core`` checkpoint -> packed artifact."""
+    if Path(out_path).resolve() == Path(checkpoint).resolve():
+        raise ArtifactError(f"{out_path}: is the checkpoint itself; the artifact would replace it (another --out)")
     model, header = bc.load_checkpoint(checkpoint)
     config = header.get("config", {})
     return export_model(

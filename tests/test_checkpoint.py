@@ -60,3 +60,29 @@ def test_bad_files_rejected_with_path(tmp_path):
     save_file({"w": torch.zeros(2)}, str(plain))
     with pytest.raises(bc.CheckpointError, match="no bireal header: not a bireal checkpoint"):
         bc.load_checkpoint(plain)
+
+
+def test_files_get_the_processs_permissions_and_say_what_they_are(tmp_path):
+    """A checkpoint and an artifact are created as any file of this process (0666 less the umask,
+    where safetensors alone makes them 0600: unreadable by a model server of another user); each
+    read as the other kind says what it is; an export never writes over its own checkpoint."""
+    import os
+    import stat
+
+    from cuda_ext.packed import ArtifactError, export_checkpoint, load_packed
+
+    old = os.umask(0o027)
+    try:
+        checkpoint = bc.save_checkpoint(tmp_path / "m.safetensors", trained_like())
+        artifact = export_checkpoint(checkpoint, tmp_path / "packed.safetensors")
+    finally:
+        os.umask(old)
+    assert [stat.S_IMODE(p.stat().st_mode) for p in (checkpoint, artifact)] == [0o640, 0o640]
+    with pytest.raises(bc.CheckpointError, match="it is a packed artifact"):
+        bc.load_checkpoint(artifact)
+    with pytest.raises(ArtifactError, match="it is a training checkpoint"):
+        load_packed(checkpoint)
+    before = checkpoint.read_bytes()
+    with pytest.raises(ArtifactError, match="is the checkpoint itself"):
+        export_checkpoint(checkpoint, tmp_path / "." / "m.safetensors")
+    assert checkpoint.read_bytes() == before

@@ -28,18 +28,11 @@ def evaluate_artifact(
 
     packed, header = load_packed(artifact, device=device)
     manifest = read_manifest(shards)
-    n = len(manifest["classes"])
-    if len(header["class_names"]) != n:  # its outputs would index another label set
-        raise ValueError(
-            f"{artifact}: a {len(header['class_names'])}-way model, but the shards at {shards} have {n} classes"
-        )
+    float_model = bc.load_checkpoint(checkpoint)[0].eval().to(device) if checkpoint else None
+    check_pairing(artifact, header, shards, manifest, checkpoint, float_model)
     split = eval_split_name(manifest)
     check_sizes(manifest, shards, [split])
-    float_model = bc.load_checkpoint(checkpoint)[0].eval().to(device) if checkpoint else None
-    if float_model is not None and float_model.model_spec != header["model"]:  # agreement needs the same net
-        raise ValueError(
-            f"{checkpoint}: model {float_model.model_spec}, but {artifact} was exported from {header['model']}"
-        )
+    n = len(manifest["classes"])
     confusion = torch.zeros(n, n, dtype=torch.int64)
     agree = seen = 0
     batches, _ = make_loader(
@@ -70,6 +63,20 @@ def evaluate_artifact(
         result["float_agreement"] = agree / max(seen, 1)
         result["float_disagreements"] = seen - agree
     return result
+
+
+def check_pairing(artifact: str, header: dict, shards: str, manifest: dict, checkpoint, float_model) -> None:
+    """The artifact's outputs index the shards' classes, and the checkpoint (for the agreement) is
+    the net the artifact was exported from; else a ValueError naming both, before any image."""
+    n = len(manifest["classes"])
+    if len(header["class_names"]) != n:
+        raise ValueError(
+            f"{artifact}: a {len(header['class_names'])}-way model, but the shards at {shards} have {n} classes"
+        )
+    if float_model is not None and float_model.model_spec != header["model"]:
+        raise ValueError(
+            f"{checkpoint}: model {float_model.model_spec}, but {artifact} was exported from {header['model']}"
+        )
 
 
 def write_outputs(result: dict, metrics_path: str, confusion_csv: str | None = None) -> None:

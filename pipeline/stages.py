@@ -68,6 +68,9 @@ def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> d
     import mlflow.tracking  # noqa: F401  (the pipeline extra: without it, fail before any work)
 
     from .adapters.tracking import experiment_id, resolve
+    from .train import check_full_batches
+
+    check_full_batches(config, params.ray.num_workers if use_ray else 1)
 
     ray_run = None
     if use_ray:

@@ -119,6 +119,34 @@ class Criterion:
         return (1 - self.weight) * hard + self.weight * t * t * soft
 
 
+class EmptyEpochError(ValueError):
+    """An epoch's plan has no full batch for some rank: nothing would train."""
+
+
+def no_batch_message(config: TrainConfig, world_size: int, images: int) -> str:
+    readers = f"{world_size} rank(s)"
+    if config.loader == "stream":  # each DataLoader worker batches the shards it reads, alone
+        readers += f" x {max(1, config.loader_workers)} loader worker(s), each batching its own shards"
+    return (
+        f"{config.stage}: no full batch of batch_size={config.batch_size} in an epoch: {images} training "
+        f"images for {readers}; lower batch_size"
+        + (" or loader_workers, or shard smaller (shard.samples_per_shard)" if config.loader == "stream" else "")
+    )
+
+
+def check_full_batches(config: TrainConfig, world_size: int) -> None:
+    """The driver's check, before it starts any worker: the first epoch of the stream loader gives
+    every rank at least one full batch (``run_epoch`` checks every epoch again, on the ranks)."""
+    from .data import plan_epoch, read_manifest, split_shards
+
+    if config.loader != "stream":
+        return
+    shards = split_shards(read_manifest(config.shards), config.shards, "train", config.holdout)
+    plan = plan_epoch(shards, world_size, config.loader_workers, config.batch_size, train=True, seed=config.seed)
+    if plan.steps == 0:
+        raise EmptyEpochError(no_batch_message(config, world_size, plan.left_out))
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss was NaN or infinite: the stage stops before any checkpoint of that state."""
 
@@ -657,6 +685,8 @@ def run_epoch(
 ) -> dict:
     """Train one epoch of segment ``seg`` and evaluate; -> the epoch's metrics."""
     train_batches, plan_steps, left_out = epoch_batches(config, runtime, data, global_epoch)
+    if plan_steps == 0:  # the stage would run and save a checkpoint that trained nothing
+        raise EmptyEpochError(no_batch_message(config, runtime.world_size, left_out))
     steps = min(plan_steps, config.max_steps_per_epoch or plan_steps)
     lr_at = lr_schedule(config, steps * seg.epochs, config.lr * seg.lr_scale)
     before = weight_signs(model)

@@ -650,3 +650,21 @@ def test_batches_take_the_models_memory_format_channels_last_on_a_gpu():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     train_one_epoch(model, batches, optimizer, lambda s: 0.1, 0, torch.device("cpu"), layout=torch.channels_last)
     assert seen == [True] * 3
+
+
+def test_a_plan_with_no_full_batch_stops_before_training(tmp_path, demo_shards):
+    """Each loader worker batches the shards it reads; when no worker of a rank has a full batch, an
+    epoch has no step. The driver says so before it starts a worker (check_full_batches), naming the
+    images, ranks, workers and batch; a rank's own check stops a stage before it writes anything."""
+    from pipeline.train import EmptyEpochError, check_full_batches
+
+    config = smoke_config(demo_shards, tmp_path / "out", stage="binarize", init="scratch", batch_size=1000)
+    check_full_batches(config, 1)  # 1,437 training images, one reader: a batch of 1,000
+    with pytest.raises(EmptyEpochError, match=r"1437 training images for 2 rank\(s\) x 1 loader worker"):
+        check_full_batches(config, 2)
+    two_workers = replace(config, loader_workers=2)
+    with pytest.raises(
+        EmptyEpochError, match=r"no full batch of batch_size=1000 .* lower batch_size or loader_workers"
+    ):
+        train_loop(two_workers)
+    assert not (tmp_path / "out").exists()  # no checkpoint of an untrained stage

@@ -586,10 +586,10 @@ class RecipeConfig:
                 raise ValueError(f"recipe: {key!r} is not a stage ({', '.join(STAGES)})")
         for stage, batch in self.batch.items():
             if batch < 1:
-                raise ValueError(f"recipe: batch.{stage}={batch}: must be >= 1")
+                raise ValueError(f"batch.{stage}={batch}: must be >= 1")
         for stage, lr in self.lr.items():
             if not (math.isfinite(lr) and lr > 0):
-                raise ValueError(f"recipe: lr.{stage}={lr}: must be > 0")
+                raise ValueError(f"lr.{stage}={lr}: must be > 0")
         if set(self.batch) != set(self.lr):
             raise ValueError(
                 f"recipe: batch names {sorted(self.batch)}, lr names {sorted(self.lr)}: name the same stages"

@@ -151,6 +151,7 @@ def test_every_training_setting_says_whether_it_changes_the_math():
         ("shard", "jpeg_quality", 101, "shard: jpeg_quality=101: must be in [1, 100]"),
         ("registry", "min_top1", 1.5, "registry: min_top1=1.5: must be in [0, 1]"),
         ("data", "train_images", -5, "data: train_images=-5: must be >= 0"),
+        ("recipe", "batch", "{binarize: 0}", "recipe: batch.binarize=0: must be >= 1"),
     ],
 )
 def test_numbers_out_of_range_are_named_with_their_range(tmp_path, section, key, value, message):
@@ -168,8 +169,19 @@ def test_the_range_rules_read_as_written():
     assert [P.within(x, "in (0, 1]") for x in (0.0, 1.0)] == [False, True]
     assert [P.within(x, "> 0") for x in (0, 1e-9, float("inf"))] == [False, True, False]
     assert [P.within(x, ">= -1") for x in (-1, -2)] == [True, False]
-    # every table names fields of its section with a rule of these forms
+    # every table names fields of its section with a rule of these forms, and every number of a
+    # section has a rule but those unbounded on purpose (a new setting must say which it is)
+    unbounded = {("TrainConfig", "pad_value")}  # any real pad value is a valid (if unusual) choice
     for cls in (*P.SECTIONS.values(), P.TrainConfig):
+        hints = typing.get_type_hints(cls)
+        numbers = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if {int, float} & {hints[f.name], *typing.get_args(hints[f.name])}
+            and typing.get_origin(hints[f.name]) is not dict  # recipe: its own rules, per stage
+        }
+        ruled = set(getattr(cls, "RANGES", {}))
+        assert numbers - ruled == {name for owner, name in unbounded if owner == cls.__name__}, cls.__name__
         fields = {f.name for f in dataclasses.fields(cls)}
         for name, rule in getattr(cls, "RANGES", {}).items():
             assert name in fields and (rule.startswith(("> ", ">= ")) or rule[3] in "[(" and rule[-1] in "])"), (

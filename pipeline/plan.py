@@ -93,7 +93,16 @@ def _step_throughput(config: TrainConfig, gpu: str, rows: list[dict]) -> Through
         return Throughput(r["img_s"], f"measured: {r['device_name']}, {r['date']}, batch {r['batch']}{kernels}")
     same_model = [r for r in on_gpu if r["model"] == model and r["precision"] == config.precision]
     if not same_model:
-        return Throughput(None, f"no measurement on {gpu} (bireal bench train --device cuda)")
+        measured = [
+            card
+            for card, card_name in GPU_NAMES.items()
+            if any(card_name.lower() in r["device_name"].lower() for r in rows if r["what"] == "train_step")
+        ]
+        return Throughput(
+            None,
+            f"no measurement on {gpu} (rows for: {', '.join(measured) or 'no card'}; "
+            "bireal bench train --device cuda --record adds them)",
+        )
     # the nearest measured arch, scaled by training MACs per image
     r = min(same_model, key=lambda r: (r["arch"] != config.arch, abs(r["batch"] - config.batch_size)))
     ratio = training_macs(replace(config, arch=r["arch"])) / training_macs(config)

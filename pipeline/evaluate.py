@@ -48,19 +48,21 @@ def evaluate_artifact(
             pred = pred.cpu()  # the labels and the confusion matrix stay on the CPU
             confusion += torch.bincount(labels * n + pred, minlength=n * n).view(n, n)
             seen += len(labels)
+    if seen == 0:  # a top-1 of 0 over no images would pass for a result (and could be registered)
+        raise ValueError(f"{shards}: the {split} split has no images to evaluate")
     correct = confusion.diag()
     per_class = (correct.float() / confusion.sum(1).clamp(min=1)).tolist()
     names = [c["name"] for c in manifest["classes"]]
     result = {
         "split": split,
         "images": seen,
-        "top1": float(correct.sum()) / max(seen, 1),
+        "top1": float(correct.sum()) / seen,
         "per_class_top1": dict(zip(names, per_class)),
         "confusion": confusion.tolist(),
         "class_names": names,
     }
     if float_model is not None:
-        result["float_agreement"] = agree / max(seen, 1)
+        result["float_agreement"] = agree / seen
         result["float_disagreements"] = seen - agree
     return result
 

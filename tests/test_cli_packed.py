@@ -112,7 +112,8 @@ def test_flags_out_of_range_are_refused_before_any_work(capsys, argv, message):
 
 def test_evaluate_refuses_an_artifact_of_other_classes_or_another_checkpoint(tmp_path, checkpoint, demo_shards, capsys):
     """`bireal evaluate`: a 3-way artifact on the 10-class demo shards, or a checkpoint that is not
-    the artifact's net (for the agreement), is named before any image is read."""
+    the artifact's net (for the agreement), is named before any image is read; an evaluation split
+    without images is refused, not scored 0."""
     artifact = tmp_path / "m.safetensors"
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(artifact)]) == 0
     capsys.readouterr()
@@ -132,6 +133,18 @@ def test_evaluate_refuses_an_artifact_of_other_classes_or_another_checkpoint(tmp
     argv = ["evaluate", "--artifact", str(artifact), "--shards", str(demo_shards), "--checkpoint", str(wider)]
     assert main([*argv, "--metrics", str(tmp_path / "m.json")]) == 2
     assert f"error: {wider}: model " in capsys.readouterr().err and not (tmp_path / "m.json").exists()
+    # an evaluation split without images: no top-1 of 0 to pass for a result
+    empty = tmp_path / "empty-test-split"
+    empty.mkdir()
+    manifest = json.loads((demo_shards / "manifest.json").read_text())
+    manifest["splits"]["test"] = {"count": 0, "shards": []}
+    (empty / "manifest.json").write_text(json.dumps(manifest))
+    assert (
+        main(["evaluate", "--artifact", str(artifact), "--shards", str(empty), "--metrics", str(tmp_path / "m.json")])
+        == 2
+    )
+    assert f"error: {empty}: the test split has no images to evaluate" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
 
 
 def test_register_refuses_a_bad_evaluation_before_any_work(tmp_path, checkpoint, capsys, monkeypatch):

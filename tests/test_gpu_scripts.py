@@ -180,24 +180,31 @@ esac
 """
 
 
-def run_gpu_tests(tmp_path, script: list[str], kexpr: str) -> tuple[int, str, list[str]]:
-    """bench/gpu_lib.sh's gpu_tests with a stand-in for pytest that plays ``script``, one line a run."""
+def run_with_stand_in(tmp_path, stand_in: str, script: list[str], runner: str, env: dict | None = None):
+    """``runner`` (a bench/gpu_lib.sh function call) with ``stand_in`` as $PY, playing ``script``
+    one line a run -> (rc, stdout, the calls the stand-in recorded)."""
     fake = tmp_path / "fake_python"
-    fake.write_text(FAKE_PYTEST)
+    fake.write_text(stand_in)
     fake.chmod(0o755)
     (tmp_path / "script").write_text("\n".join(script) + "\n")
     calls = tmp_path / "calls"
     calls.unlink(missing_ok=True)
-    runner = f'gpu_tests "{tmp_path}/log" 30 "{kexpr}" tests/test_cuda.py'
-    shell = f"source bench/gpu_lib.sh; deadline=$((SECONDS + 60)); {runner}"
     done = subprocess.run(
-        ["bash", "-c", shell],
+        ["bash", "-c", f"source bench/gpu_lib.sh; deadline=$((SECONDS + 60)); {runner}"],
         cwd=Path(__file__).resolve().parents[1],
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin", "PY": str(fake), "CALLS": str(calls), "SCRIPT": str(tmp_path / "script")},
+        env={"PATH": "/usr/bin:/bin", "PY": str(fake), "CALLS": str(calls), "SCRIPT": str(tmp_path / "script")}
+        | (env or {}),
     )
     return done.returncode, done.stdout, calls.read_text().splitlines()
+
+
+def run_gpu_tests(tmp_path, script: list[str], kexpr: str) -> tuple[int, str, list[str]]:
+    """bench/gpu_lib.sh's gpu_tests with a stand-in for pytest that plays ``script``, one line a run."""
+    return run_with_stand_in(
+        tmp_path, FAKE_PYTEST, script, f'gpu_tests "{tmp_path}/log" 30 "{kexpr}" tests/test_cuda.py'
+    )
 
 
 def test_gpu_tests_rerun_the_rest_after_a_kernel_loses_the_context(tmp_path):
@@ -239,23 +246,8 @@ esac
 def run_gpu_smoke(tmp_path, script: list[str], skip: str = "") -> tuple[int, str, list[str]]:
     """bench/gpu_lib.sh's gpu_smoke with a stand-in for the smoke that plays ``script``, one line a
     run; prints smoke_lost last."""
-    fake = tmp_path / "fake_python"
-    fake.write_text(FAKE_SMOKE)
-    fake.chmod(0o755)
-    (tmp_path / "script").write_text("\n".join(script) + "\n")
-    calls = tmp_path / "calls"
-    calls.unlink(missing_ok=True)
     runner = f'gpu_smoke "{tmp_path}/smoke" 30; rc=$?; echo "lost=$smoke_lost"; exit $rc'
-    shell = f"source bench/gpu_lib.sh; deadline=$((SECONDS + 60)); {runner}"
-    env = {"PATH": "/usr/bin:/bin", "PY": str(fake), "CALLS": str(calls), "SCRIPT": str(tmp_path / "script")}
-    done = subprocess.run(
-        ["bash", "-c", shell],
-        cwd=Path(__file__).resolve().parents[1],
-        capture_output=True,
-        text=True,
-        env=env | ({"BIREAL_SKIP_CUDA_PATHS": skip} if skip else {}),
-    )
-    return done.returncode, done.stdout, calls.read_text().splitlines()
+    return run_with_stand_in(tmp_path, FAKE_SMOKE, script, runner, {"BIREAL_SKIP_CUDA_PATHS": skip} if skip else {})
 
 
 def test_gpu_smoke_runs_again_without_a_path_that_lost_the_context(tmp_path):

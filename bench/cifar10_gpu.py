@@ -66,7 +66,8 @@ def done_stages(out: Path) -> list[str]:
 
 def plan_stages(configs: dict, out: Path, s_per_epoch: float, budget_s: float | None) -> dict:
     """The stages not yet done in ``out`` that fit ``budget_s`` whole, in order (all without one)."""
-    todo = [stage for stage in STAGES if stage not in done_stages(out)]
+    done = done_stages(out)
+    todo = [stage for stage in STAGES if stage not in done]
     estimate = {stage: round(planned_epochs(configs[stage]) * s_per_epoch) for stage in todo}
     return {
         "pending": todo,

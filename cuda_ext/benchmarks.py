@@ -457,8 +457,11 @@ def bf16_model_rows(packed, x: torch.Tensor, dev: torch.device, repeats: int) ->
     packed.set_activation_dtype(torch.bfloat16)
     try:
         with torch.inference_mode():
+            # the CUDA paths (forced also on a CPU, where they change nothing), less any that lost
+            # the CUDA context on this machine (skipped_cuda_paths)
+            runnable = ops.kernel_paths("cuda")
             for path, key in BF16_PATH_KEYS.items():
-                if path in ops.skipped_cuda_paths():  # it lost the CUDA context on this machine
+                if path not in runnable:
                     continue
                 with ops.forced_cuda_path(path):
                     row[key] = forward_ms(lambda: packed(x), dev, x.shape[0], repeats)

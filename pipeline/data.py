@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import gzip
 import itertools
-import json
 import logging
 import multiprocessing
 import random
@@ -55,21 +54,9 @@ from .decode import (
     encoded_sample,
     recipe_generator,
 )
-from .shard_read import ShardIntegrityError, ShardRecord, check_manifest, open_shard, shard_records
+from .shard_read import ShardIntegrityError, ShardRecord, open_shard, read_manifest, shard_records
 
 log = logging.getLogger(__name__)
-
-
-def read_manifest(location: str) -> dict:
-    """``location`` is the shard folder (path, URL or ``pipe:`` command prefix) holding manifest.json."""
-    url = location.rstrip("/") + "/manifest.json"
-    try:
-        manifest = json.loads(storage.read_text(url))
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{url}: no manifest; run `bireal shard` first") from e
-    except ValueError as e:
-        raise ValueError(f"{url}: not a bireal manifest ({e})") from e
-    return check_manifest(manifest, url)
 
 
 DECODES = ("worker", "device")  # where JPEGs are decoded: the loader's processes (PIL) or the training device

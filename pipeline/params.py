@@ -525,7 +525,7 @@ class StorageConfig:
 
     def __post_init__(self):
         check_ranges(self)
-        if not 0 < self.stage_wait_s < PROCESS_GROUP_TIMEOUT_S:
+        if self.stage_wait_s >= PROCESS_GROUP_TIMEOUT_S:
             raise ValueError(
                 f"stage_wait_s={self.stage_wait_s:g}: > 0 and below the process group's timeout "
                 f"({PROCESS_GROUP_TIMEOUT_S:.0f} s), or a rank waiting for a shard stalls every rank's collective"
@@ -584,12 +584,10 @@ class RecipeConfig:
         for key in set(self.batch) | set(self.lr):
             if key not in STAGES:
                 raise ValueError(f"recipe: {key!r} is not a stage ({', '.join(STAGES)})")
-        for stage, batch in self.batch.items():
-            if batch < 1:
-                raise ValueError(f"batch.{stage}={batch}: must be >= 1")
-        for stage, lr in self.lr.items():
-            if not (math.isfinite(lr) and lr > 0):
-                raise ValueError(f"lr.{stage}={lr}: must be > 0")
+        for name, rule in (("batch", ">= 1"), ("lr", "> 0")):  # RANGES' rules, per stage of a mapping
+            for stage, value in getattr(self, name).items():
+                if not within(value, rule):
+                    raise ValueError(f"{name}.{stage}={value}: must be {rule}")
         if set(self.batch) != set(self.lr):
             raise ValueError(
                 f"recipe: batch names {sorted(self.batch)}, lr names {sorted(self.lr)}: name the same stages"

@@ -326,18 +326,12 @@ def _manifest(source: Source, state: dict, identity: dict) -> dict:
 def verify_shards(out: str) -> list[str]:
     """Check every shard against the manifest: present, its bytes and sha256 (the readers' own
     check, ``shard_read.VerifiedStream``) and its sample count: -> one problem per bad shard."""
-    from .shard_read import ShardIntegrityError, ShardRecord, VerifiedStream, check_manifest
+    from .shard_read import ShardIntegrityError, ShardRecord, VerifiedStream, read_manifest
 
-    fs, root = storage.filesystem(out)
-    where = storage.join(out, MANIFEST)
     try:
-        manifest = _load_json(fs, f"{root}/{MANIFEST}")
-    except ValueError as e:
-        raise ShardError(f"{where}: not a bireal manifest ({e})") from e
-    if manifest is None:
-        raise ShardError(f"{out}: no {MANIFEST} (not a shard folder, or sharding did not finish)")
-    try:
-        check_manifest(manifest, where)
+        manifest = read_manifest(out)  # the loaders' read, with its checks
+    except FileNotFoundError as e:
+        raise ShardError(f"{out}: no {MANIFEST} (not a shard folder, or sharding did not finish)") from e
     except ValueError as e:
         raise ShardError(str(e)) from e
     problems = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import stat
 import tempfile
@@ -40,6 +41,19 @@ class ShardIntegrityError(OSError):
 class ShardRecord:
     bytes: int  # the shard file's size (compressed, for .tar.gz)
     sha256: str
+
+
+def read_manifest(location: str) -> dict:
+    """``location`` is the shard folder (path, URL or ``pipe:`` command prefix) holding manifest.json:
+    -> the manifest, its parts checked (``check_manifest``)."""
+    url = location.rstrip("/") + "/manifest.json"
+    try:
+        manifest = json.loads(storage.read_text(url))
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{url}: no manifest; run `bireal shard` first") from e
+    except ValueError as e:
+        raise ValueError(f"{url}: not a bireal manifest ({e})") from e
+    return check_manifest(manifest, url)
 
 
 def check_manifest(manifest: Any, where: str) -> dict:

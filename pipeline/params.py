@@ -64,6 +64,7 @@ STAGES: tuple[str, ...] = typing.get_args(Stage)
 ARTIFACT = "artifacts/model.safetensors"  # the packed 1-bit model
 METRICS = "metrics"  # <stage>.json per stage (dvc metrics show)
 CONFUSION = "plots/confusion.csv"
+EPOCH_CURVES = "plots/epochs"  # <stage>.csv per training stage, a row per epoch (dvc plots show)
 
 
 class ConfigError(ValueError):

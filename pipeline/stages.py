@@ -1,7 +1,7 @@
 """The pipeline's stages: one typed function each, and the one table of them.
 
 ``STAGE_TABLE`` lists every stage in run order with what it reads (deps and params sections) and
-writes (outs, metrics). The CLI (``bireal run STAGE``) and the Prefect flow run the stages from it;
+writes (outs, metrics, plots). The CLI (``bireal run STAGE``) and the Prefect flow run the stages from it;
 ``dvc.yaml`` spells the same graph for DVC, and tests/test_stages.py checks it against this table
 through DVC's own parser, so the three cannot drift apart.
 
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import storage
-from .params import ARTIFACT, CONFUSION, METRICS, Params, TrainConfig
+from .params import ARTIFACT, CONFUSION, EPOCH_CURVES, METRICS, Params, TrainConfig
 
 # ---------------------------------------------------------------------------- the stages
 
@@ -51,14 +51,17 @@ def train(
     overrides: dict[str, Any] | None = None,
     use_ray: bool = True,
     metrics_out: str | None = None,
+    curve_out: str | None = None,
 ) -> dict:
     """One training stage (pretrain | binarize | finetune): tracked in MLflow, run on Ray Train
-    (or in this process), its final metrics written as JSON."""
+    (or in this process), its final metrics written as JSON and its epochs as CSV."""
     config = params.train(stage, overrides)
     result = run_training(config, params, use_ray)
     if metrics_out:
         Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
         Path(metrics_out).write_text(json.dumps({"stage": stage, **result["final"], **result["cost"]}, indent=2))
+    if curve_out:
+        write_epoch_curve(result["history"], curve_out)
     return result
 
 
@@ -339,13 +342,20 @@ class StageSpec:
     deps: tuple[str, ...]
     params: tuple[str, ...]
     outs: tuple[str, ...] = ()
-    metrics: tuple[str, ...] = ()
+    metrics: tuple[str, ...] = ()  # JSON that dvc metrics show reads
+    plots: tuple[str, ...] = ()  # CSV that dvc plots show draws by itself (the epoch curves: top-level plots)
     uses_ray: bool = False
 
 
 def _train_runner(stage: str):
     def run(params: Params, use_ray: bool = True) -> dict:
-        return train(stage, params, use_ray=use_ray, metrics_out=f"{METRICS}/{stage}.json")
+        return train(
+            stage,
+            params,
+            use_ray=use_ray,
+            metrics_out=f"{METRICS}/{stage}.json",
+            curve_out=f"{EPOCH_CURVES}/{stage}.csv",
+        )
 
     return run
 
@@ -363,14 +373,14 @@ PRETRAINED = (f"{CKPT}/pretrain-clip.safetensors", f"{CKPT}/pretrain-relu.safete
 
 def training_stage(stage: str, inputs: tuple[str, ...], outs: tuple[str, ...]) -> StageSpec:
     """A Ray Train stage: the shards and its ``inputs`` in, checkpoints ``outs`` (names in
-    ``train.out``) and ``metrics/<stage>.json`` out. (pretrain's outs: the phases later stages
-    read; leaky_clip is only a step between.)"""
+    ``train.out``), ``metrics/<stage>.json`` and its epochs ``plots/epochs/<stage>.csv`` out.
+    (pretrain's outs: the phases later stages read; leaky_clip is only a step between.)"""
     return StageSpec(
         stage,
         _train_runner(stage),
         deps=("${train.shards}", *inputs, *TRAIN_CODE),
         params=("train", stage, "ray.num_workers"),
-        outs=tuple(f"{CKPT}/{name}.safetensors" for name in outs),
+        outs=(*(f"{CKPT}/{name}.safetensors" for name in outs), f"{EPOCH_CURVES}/{stage}.csv"),
         metrics=(f"{METRICS}/{stage}.json",),
         uses_ray=True,
     )
@@ -396,7 +406,8 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
             *TRAIN_CODE,
         ),
         params=("tune", "train", "binarize"),
-        outs=("${tune.out}/best.json", "${tune.out}/table.json", "${tune.out}/table.csv"),
+        outs=("${tune.out}/best.json", "${tune.out}/table.json"),
+        plots=("${tune.out}/table.csv",),
         uses_ray=True,
     ),
     training_stage("binarize", ("${tune.out}/best.json", *PRETRAINED), outs=("binarize",)),
@@ -420,8 +431,8 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
             "cuda_ext",
         ),
         params=(),
-        outs=(CONFUSION,),
         metrics=(f"{METRICS}/evaluate.json",),
+        plots=(CONFUSION,),
     ),
     StageSpec(
         "register",
@@ -456,6 +467,37 @@ def run_stage(name: str, params: Params, use_ray: bool = True) -> dict:
     if name not in STAGES_BY_NAME:
         raise KeyError(f"unknown stage {name!r} (one of {', '.join(STAGES_BY_NAME)})")
     return STAGES_BY_NAME[name].run(params, use_ray=use_ray)
+
+
+# The columns of a stage's epoch curve, in order; an epoch without one (no test split, a history
+# written before data_wait_fraction was measured) leaves it empty
+EPOCH_COLUMNS = (
+    "epoch",
+    "segment",
+    "lr",
+    "train_loss",
+    "train_top1",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "test_top1",
+    "flip_ratio",
+    "img_s",
+    "data_wait_fraction",
+    "epoch_s",
+)
+
+
+def write_epoch_curve(history: list[dict], path: str) -> None:
+    """A stage's history as CSV, one row per epoch (EPOCH_COLUMNS): the learning curves
+    ``dvc plots show`` draws (dvc.yaml names the axes)."""
+    import csv
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, EPOCH_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
 
 
 def format_history(history: list[dict]) -> str:

@@ -62,7 +62,7 @@ def pipeline_summary(params: Params) -> str:
     rows.append(
         (
             "look at",
-            "dvc metrics show; plots/confusion.csv; mlflow ui --backend-store-uri "
+            "dvc metrics show; dvc plots show (learning curves, confusion matrix); mlflow ui --backend-store-uri "
             f"{params.mlflow.tracking_uri or 'sqlite:///' + str(Path.cwd() / 'mlflow.db')}",
         )
     )

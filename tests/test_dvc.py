@@ -128,6 +128,24 @@ def test_mlflow_runs_read_back_from_sqlite(dvc_copy):
         assert profile["sha256"] == digest and profile["splits"] == {"train": 1437, "test": 360}
 
 
+def test_dvc_plots_draw_every_training_epoch(dvc_copy):
+    """`dvc plots show`: the top-level learning curves hold each training stage's epochs, as its
+    metrics JSON ended them; the confusion matrix and the tune table are there too."""
+    shown = json.loads(run([str(BIN / "dvc"), "plots", "show", "--json"], dvc_copy).stdout)
+    assert not shown.get("errors"), shown.get("errors")
+    plots = shown["data"]
+    assert {"validation top-1 per epoch", "training loss per epoch", "plots/confusion.csv", "tune/table.csv"} <= set(
+        plots
+    )
+    (curve,) = plots["validation top-1 per epoch"]
+    rows = curve["content"]["data"]["values"]
+    for stage, epochs in TRAINING.items():
+        mine = [r for r in rows if r["filename"] == f"{stage}.csv"]
+        assert [int(r["epoch"]) for r in mine] == list(range(epochs)), stage
+        final = json.loads((dvc_copy / "metrics" / f"{stage}.json").read_text())
+        assert float(mine[-1]["val_top1"]) == pytest.approx(final["val_top1"]), stage
+
+
 def test_summary_after_the_run(dvc_copy):
     done = run([str(BIN / "bireal"), "summary"], dvc_copy)
     assert done.returncode == 0, done.stderr

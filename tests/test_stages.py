@@ -43,9 +43,11 @@ def test_dvc_yaml_deps_params_outs_match_the_table(dvc_stages):
         dvc_params = sorted(p for d in stage.deps if isinstance(d, ParamsDependency) for p in d.params)
         assert dvc_params == sorted(spec.params), spec.name
         outs = sorted(_relative(o.def_path) for o in stage.outs)
-        assert outs == sorted(resolve_path(o, params) for o in (*spec.outs, *spec.metrics)), spec.name
+        assert outs == sorted(resolve_path(o, params) for o in (*spec.outs, *spec.metrics, *spec.plots)), spec.name
         metrics = sorted(_relative(o.def_path) for o in stage.outs if o.metric)
         assert metrics == sorted(spec.metrics), spec.name
+        plots = sorted(_relative(o.def_path) for o in stage.outs if o.plot)
+        assert plots == sorted(resolve_path(o, params) for o in spec.plots), spec.name
 
 
 def test_the_cluster_pipelines_params_are_what_each_job_reads():
@@ -92,3 +94,45 @@ def test_cli_run_choices_are_the_table():
     run = build_parser()._subparsers._group_actions[0].choices["run"]
     stage_arg = next(a for a in run._actions if a.dest == "stage")
     assert tuple(stage_arg.choices) == tuple(s.name for s in STAGE_TABLE)
+
+
+def test_the_top_level_plots_draw_each_training_stages_curve():
+    """dvc.yaml's top-level plots: a line per training stage, from the CSV its runner writes, of a
+    column that CSV has."""
+    import yaml
+
+    from pipeline.stages import EPOCH_COLUMNS
+
+    training = [s.name for s in STAGE_TABLE if s.uses_ray and s.name != "tune"]
+    curves = {f"plots/epochs/{stage}.csv" for stage in training}
+    for spec in STAGE_TABLE:
+        assert (f"plots/epochs/{spec.name}.csv" in spec.outs) == (spec.name in training), spec.name
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+    assert len(plots) == 2
+    for plot in plots:
+        ((title, definition),) = plot.items()
+        assert definition["x"] == "epoch", title
+        assert set(definition["y"]) == curves, title
+        assert all(column in EPOCH_COLUMNS for column in definition["y"].values()), title
+
+
+def test_write_epoch_curve_one_row_per_epoch(tmp_path):
+    """The CSV behind the learning curves: the columns in order, a row per epoch of the history,
+    a column an epoch lacks left empty and keys outside the columns left out."""
+    import csv
+
+    from pipeline.stages import EPOCH_COLUMNS, write_epoch_curve
+
+    history = [
+        {"epoch": 0, "segment": "relu", "train_loss": 2.25, "val_top1": 0.5, "weights_sha256": "ab"},
+        {"epoch": 1, "segment": "clip", "train_loss": 1.5, "val_top1": 0.625, "test_top1": 0.6},
+    ]
+    path = tmp_path / "plots" / "epochs" / "pretrain.csv"
+    write_epoch_curve(history, str(path))
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == EPOCH_COLUMNS
+    assert [r["epoch"] for r in rows] == ["0", "1"] and [r["segment"] for r in rows] == ["relu", "clip"]
+    assert [float(r["val_top1"]) for r in rows] == [0.5, 0.625]
+    assert rows[0]["test_top1"] == "" and rows[1]["test_top1"] == "0.6"

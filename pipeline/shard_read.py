@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -227,14 +226,14 @@ def _stage_lock(path: Path, url: str, wait_s: float) -> Iterator[None]:
 
 def _download(url: str, record: ShardRecord, path: Path) -> None:
     """``url`` to ``path`` through a temporary name, checked against ``record`` before the rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{record.sha256[:16]}.", suffix=".partial")
+    tmp = storage.new_partial(path, prefix=f".{record.sha256[:16]}.")  # the name stage() cleans up after a kill
     try:
-        with os.fdopen(fd, "wb") as out, storage.open_read(url) as src:
+        with open(tmp, "wb") as out, storage.open_read(url) as src:
             stream = VerifiedStream(src, url, record)
             for block in iter(lambda: stream.read(1 << 20), b""):
                 out.write(block)
             stream.verify()
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import IO
 
@@ -169,20 +169,39 @@ def publish(local: str | Path, location: str) -> str:
     return digest
 
 
+def new_partial(dest: Path, prefix: str | None = None) -> Path:
+    """A new temporary file beside ``dest`` (named ``prefix``, default ``.<dest name>.``, a random
+    part, ``.partial``) to write and then rename over ``dest``: a reader sees the whole file or
+    none, and concurrent writers never share one. It is created as ``open`` creates files (0666
+    less the umask), so the renamed file can be read by whom any file this process writes can
+    (tempfile's are 0600: a fetched artifact a model server of another uid could not open)."""
+    prefix = prefix if prefix is not None else f".{dest.name}."
+    while True:
+        tmp = dest.with_name(f"{prefix}{secrets.token_hex(6)}.partial")
+        try:
+            open(tmp, "xb").close()
+            return tmp
+        except FileExistsError:  # 2^-48 per try
+            continue
+
+
 def fetch(location: str, local: str | Path) -> Path:
     """Copy a published file to ``local`` and check it against its sha256 (a torn or stale copy
     fails here, not as a confusing load error later)."""
     local = Path(local)
     local.parent.mkdir(parents=True, exist_ok=True)
     expected = read_text(f"{location}.sha256").strip()
-    with tempfile.NamedTemporaryFile(dir=local.parent, delete=False, suffix=".partial") as tmp:
-        with open_read(location) as src:
-            shutil.copyfileobj(src, tmp)
-    got = sha256_file(tmp.name)
-    if got != expected:
-        os.unlink(tmp.name)
-        raise OSError(f"{location}: sha256 {got} does not match its published {expected}")
-    os.replace(tmp.name, local)
+    tmp = new_partial(local)
+    try:
+        with open(tmp, "wb") as out, open_read(location) as src:
+            shutil.copyfileobj(src, out)
+        got = sha256_file(tmp)
+        if got != expected:
+            raise OSError(f"{location}: sha256 {got} does not match its published {expected}")
+        os.replace(tmp, local)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return local
 
 

@@ -9,7 +9,9 @@ import hashlib
 import http.server
 import json
 import logging
+import os
 import shutil
+import stat
 import subprocess
 import sys
 import threading
@@ -196,6 +198,9 @@ def test_the_node_cache_is_keyed_by_the_manifest_sha256(tmp_path, monkeypatch, s
 
     assert keys(first) == [s[0] for s in samples]
     assert [p.name for p in cache.glob("*.tar")] == [f"{first['sha256']}.tar"]  # (and each shard's 0-byte lock file)
+    mask = os.umask(0)
+    os.umask(mask)  # the staged copy is readable by whom any file of this process is: not tempfile's 0600
+    assert stat.S_IMODE((cache / f"{first['sha256']}.tar").stat().st_mode) == 0o666 & ~mask
     memory.rm(path)  # gone from the store: the node still has it
     assert keys(first) == [s[0] for s in samples]
     second = write_shard(memory, path, samples[:2], False)  # re-sharded under the same name

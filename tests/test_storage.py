@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from dataclasses import asdict
@@ -28,8 +29,27 @@ def test_publish_then_fetch_checks_the_digest(tmp_path):
     with pytest.raises(OSError, match="does not match its published"):
         storage.fetch(str(tmp_path / "store" / "run" / "model.safetensors"), tmp_path / "copy" / "m.safetensors")
     assert got.read_bytes() == src.read_bytes()  # the good local copy is left as it was
+    assert not list((tmp_path / "copy").glob(".*partial"))  # nor the torn one's temporary file
     with pytest.raises(FileNotFoundError):
         storage.fetch(str(tmp_path / "store" / "nothing.safetensors"), tmp_path / "x")
+
+
+def test_fetched_copies_have_the_processs_file_mode(tmp_path):
+    """A fetched file, as any file this process writes, is 0666 less the umask: tempfile's 0600
+    would keep a fetched artifact from a model server or a user of another uid."""
+    src = tmp_path / "model.safetensors"
+    src.write_bytes(b"weights")
+    storage.publish(src, str(tmp_path / "store" / "model.safetensors"))
+    old = os.umask(0o022)
+    try:
+        got = storage.fetch(str(tmp_path / "store" / "model.safetensors"), tmp_path / "copy" / "m.safetensors")
+        assert stat.S_IMODE(got.stat().st_mode) == 0o644
+        partial = storage.new_partial(tmp_path / "copy" / "m.safetensors")
+        assert partial.name.startswith(".m.safetensors.") and partial.name.endswith(".partial")
+        assert stat.S_IMODE(partial.stat().st_mode) == 0o644 and partial.stat().st_size == 0
+        assert storage.new_partial(tmp_path / "copy" / "m.safetensors") != partial  # each writer its own
+    finally:
+        os.umask(old)
 
 
 def test_locations_and_endpoint_options(monkeypatch):

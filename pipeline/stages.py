@@ -61,6 +61,8 @@ def train(
         Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
         Path(metrics_out).write_text(json.dumps({"stage": stage, **result["final"], **result["cost"]}, indent=2))
     if curve_out:
+        from .summary import write_epoch_curve
+
         write_epoch_curve(result["history"], curve_out)
     return result
 
@@ -467,37 +469,6 @@ def run_stage(name: str, params: Params, use_ray: bool = True) -> dict:
     if name not in STAGES_BY_NAME:
         raise KeyError(f"unknown stage {name!r} (one of {', '.join(STAGES_BY_NAME)})")
     return STAGES_BY_NAME[name].run(params, use_ray=use_ray)
-
-
-# The columns of a stage's epoch curve, in order; an epoch without one (no test split, a history
-# written before data_wait_fraction was measured) leaves it empty
-EPOCH_COLUMNS = (
-    "epoch",
-    "segment",
-    "lr",
-    "train_loss",
-    "train_top1",
-    "val_loss",
-    "val_top1",
-    "val_top5",
-    "test_top1",
-    "flip_ratio",
-    "img_s",
-    "data_wait_fraction",
-    "epoch_s",
-)
-
-
-def write_epoch_curve(history: list[dict], path: str) -> None:
-    """A stage's history as CSV, one row per epoch (EPOCH_COLUMNS): the learning curves
-    ``dvc plots show`` draws (dvc.yaml names the axes)."""
-    import csv
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, EPOCH_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
 
 
 def format_history(history: list[dict]) -> str:

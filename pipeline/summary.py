@@ -1,13 +1,43 @@
-"""``bireal summary``: what the last pipeline run made, in a few lines (the end of ``make demo``):
-the packed model's size and top-1 with its agreement to the training graph, its speed against the
-training graph run in float, the registry version and alias, and where to look next."""
+"""What a pipeline run made, for people: ``bireal summary`` in a few lines (the end of ``make
+demo``: the packed model's size and top-1 with its agreement to the training graph, its speed
+against the training graph run in float, the registry version and alias, and where to look next),
+and each training stage's epochs as the CSV that ``dvc plots`` draws (``write_epoch_curve``)."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 from .params import ARTIFACT, METRICS, Params
+
+# The columns of a stage's epoch curve, in order; an epoch without one (no test split, a history
+# written before data_wait_fraction was measured) leaves it empty
+EPOCH_COLUMNS = (
+    "epoch",
+    "segment",
+    "lr",
+    "train_loss",
+    "train_top1",
+    "val_loss",
+    "val_top1",
+    "val_top5",
+    "test_top1",
+    "flip_ratio",
+    "img_s",
+    "data_wait_fraction",
+    "epoch_s",
+)
+
+
+def write_epoch_curve(history: list[dict], path: str) -> None:
+    """A stage's history as CSV, one row per epoch (EPOCH_COLUMNS): the learning curves
+    ``dvc plots show`` draws (dvc.yaml names the axes)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, EPOCH_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
 
 
 def speed_line(artifact: str, checkpoint: str) -> str:

@@ -122,6 +122,15 @@ def test_dvc_repro_drives_the_cluster_and_a_second_repro_does_nothing(cluster, m
     assert files["submitted/summaries/binarize/binarize.json"]["data"]["final"]["epoch"] == 0
     stored = f"artifacts/{run}/jobs/{ids['export-evaluate-register']}/evaluate.json"
     assert json.loads(cluster.s3.read(stored)) == evaluation
+    # and their epochs are the learning curves of `dvc plots show`, one line per training job
+    shown = json.loads(dvc("plots", "show", "--json").stdout)
+    assert not shown.get("errors"), shown["errors"]
+    (curve,) = shown["data"]["validation top-1 per epoch"]
+    rows = curve["content"]["data"]["values"]
+    for stage, epochs in (("pretrain", [0, 1]), ("binarize", [0]), ("finetune", [0])):
+        assert [int(r["epoch"]) for r in rows if r["filename"] == f"{stage}.csv"] == epochs, stage
+    final = files["submitted/summaries/binarize/binarize.json"]["data"]["final"]["val_top1"]
+    assert [float(r["val_top1"]) for r in rows if r["filename"] == "binarize.csv"] == [pytest.approx(final)]
     # the training ran on the worker nodes, tracked once per epoch on the MLflow server
     assert cluster.epochs_logged("dvc", "pretrain") == [[0, 1]]
     assert cluster.epochs_logged("dvc", "binarize") == [[0]]

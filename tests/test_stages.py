@@ -101,7 +101,7 @@ def test_the_top_level_plots_draw_each_training_stages_curve():
     column that CSV has."""
     import yaml
 
-    from pipeline.stages import EPOCH_COLUMNS
+    from pipeline.summary import EPOCH_COLUMNS
 
     training = [s.name for s in STAGE_TABLE if s.uses_ray and s.name != "tune"]
     curves = {f"plots/epochs/{stage}.csv" for stage in training}
@@ -121,7 +121,7 @@ def test_write_epoch_curve_one_row_per_epoch(tmp_path):
     a column an epoch lacks left empty and keys outside the columns left out."""
     import csv
 
-    from pipeline.stages import EPOCH_COLUMNS, write_epoch_curve
+    from pipeline.summary import EPOCH_COLUMNS, write_epoch_curve
 
     history = [
         {"epoch": 0, "segment": "relu", "train_loss": 2.25, "val_top1": 0.5, "weights_sha256": "ab"},

@@ -158,3 +158,5 @@ def test_submit_needs_a_dashboard_address_and_a_sound_profile(demo_shards, tmp_p
         == 0
     )
     assert "skipped" in json.loads((tmp_path / "metrics" / "pretrain.json").read_text())
+    curve = (tmp_path / "metrics" / "pretrain.csv").read_text().splitlines()  # deploy/dvc.yaml's out, no rows
+    assert len(curve) == 1 and curve[0].startswith("epoch,segment,")

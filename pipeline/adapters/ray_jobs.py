@@ -221,7 +221,11 @@ def pointers(params: Params, stage: str) -> dict[str, dict]:
 
 
 def write_outputs(out: Path, summaries: dict[str, dict], refs: dict[str, dict], summaries_dir: Path | None = None):
-    """The summaries into ``summaries_dir`` (default ``out``), the pointers into ``out``."""
+    """The summaries into ``summaries_dir`` (default ``out``), with a training stage's epochs
+    beside its summary as ``<stage>.csv`` (the curves deploy/dvc.yaml plots), the pointers into
+    ``out``."""
+    from ..summary import write_epoch_curve
+
     summaries_dir = summaries_dir or out
     for folder in (out, summaries_dir):
         folder.mkdir(parents=True, exist_ok=True)
@@ -229,6 +233,9 @@ def write_outputs(out: Path, summaries: dict[str, dict], refs: dict[str, dict], 
     for stage, summary in summaries.items():
         written.append(summaries_dir / f"{stage}.json")
         written[-1].write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        if stage in TRAINING:  # a skipped pretrain's curve has no rows
+            written.append(summaries_dir / f"{stage}.csv")
+            write_epoch_curve(summary.get("history", []), str(written[-1]))
     for name, ref in refs.items():
         written.append(out / f"{name}.pointer.json")
         written[-1].write_text(json.dumps(ref, indent=2) + "\n")

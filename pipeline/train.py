@@ -732,6 +732,45 @@ def run_epoch(
     return metrics
 
 
+def epoch_provenance(progress: Progress, runtime: Runtime, model: nn.Module, packed_convs: int) -> dict:
+    """What an epoch's metrics record besides its scores: which attempt ran it and what it resumed
+    from (fault tests tell a resume from the latest checkpoint from one from an older one), the
+    weights its checkpoint holds (rank 0), and how many binary convs ran on the packed ops."""
+    provenance = {
+        "restarts": progress.restarts,
+        "resumed_from_epoch": progress.restored_epoch,
+        "restored_sha256": progress.restored_sha256,
+        "packed_convs": packed_convs,  # kernels: auto
+    }
+    if runtime.rank == 0:
+        provenance["weights_sha256"] = weights_digest(model)
+    return provenance
+
+
+def end_epoch(
+    config: TrainConfig,
+    runtime: Runtime,
+    progress: Progress,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    where: tuple[int, int, int],
+    on_epoch: Callable[[dict], None] | None,
+) -> None:
+    """After an epoch (``where``: segment index, epoch in it, global epoch) was added to the history:
+    rank 0 saves the train state, logs it (``on_epoch``, before the report: Tune may stop the trial
+    there), every rank reports it with that state as the checkpoint, and rank 0 prunes old states."""
+    segment, epoch, global_epoch = where
+    history = progress.history
+    ckpt_dir = Path(config.out) / ".train_state" / f"{config.stage}-epoch{global_epoch:03d}"
+    if runtime.rank == 0:
+        save_train_state(ckpt_dir, model, optimizer, segment, epoch, history, config, {"restarts": progress.restarts})
+        if on_epoch is not None:
+            on_epoch(history[-1])
+    runtime.report(history[-1], ckpt_dir)  # [dist] report + checkpoint
+    if runtime.rank == 0:
+        prune_train_states(config.out, config.stage)
+
+
 def train_loop(
     config: TrainConfig, runtime: Runtime | None = None, on_epoch: Callable[[dict], None] | None = None
 ) -> dict:
@@ -777,23 +816,9 @@ def train_loop(
                 metrics = run_epoch(
                     config, runtime, data, model, train_model, optimizer, seg, epoch, global_epoch, device, criterion
                 )
-                metrics["restarts"] = progress.restarts
-                metrics["resumed_from_epoch"] = progress.restored_epoch
-                metrics["restored_sha256"] = progress.restored_sha256
-                if runtime.rank == 0:  # the weights this epoch's checkpoint holds
-                    metrics["weights_sha256"] = weights_digest(model)
-                metrics["packed_convs"] = packed_convs  # binary convs run on the packed ops (kernels: auto)
+                metrics.update(epoch_provenance(progress, runtime, model, packed_convs))
                 history.append(metrics)
-                ckpt_dir = Path(config.out) / ".train_state" / f"{config.stage}-epoch{global_epoch:03d}"
-                if runtime.rank == 0:
-                    save_train_state(
-                        ckpt_dir, model, optimizer, si, epoch, history, config, {"restarts": progress.restarts}
-                    )
-                if runtime.rank == 0 and on_epoch is not None:  # before report: Tune may stop the trial there
-                    on_epoch(metrics)
-                runtime.report(metrics, ckpt_dir)  # [dist] report + checkpoint
-                if runtime.rank == 0:
-                    prune_train_states(config.out, config.stage)
+                end_epoch(config, runtime, progress, model, optimizer, (si, epoch, global_epoch), on_epoch)
                 global_epoch += 1
             if runtime.rank == 0 and seg.save_as:
                 save_stage_checkpoint(config, seg.save_as, model, history)

@@ -125,7 +125,7 @@ def test_dvc_repro_drives_the_cluster_and_a_second_repro_does_nothing(cluster, m
     # and their epochs are the learning curves of `dvc plots show`, one line per training job
     shown = json.loads(dvc("plots", "show", "--json").stdout)
     assert not shown.get("errors"), shown["errors"]
-    (curve,) = shown["data"]["validation top-1 per epoch"]
+    (curve,) = shown["data"]["cluster run, validation top-1 per epoch"]
     rows = curve["content"]["data"]["values"]
     for stage, epochs in (("pretrain", [0, 1]), ("binarize", [0]), ("finetune", [0])):
         assert [int(r["epoch"]) for r in rows if r["filename"].endswith(f"{stage}.csv")] == epochs, stage

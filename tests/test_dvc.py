@@ -130,9 +130,13 @@ def test_mlflow_runs_read_back_from_sqlite(dvc_copy):
 
 def test_dvc_plots_draw_every_training_epoch(dvc_copy):
     """`dvc plots show`: the top-level learning curves hold each training stage's epochs, as its
-    metrics JSON ended them; the confusion matrix and the tune table are there too."""
+    metrics JSON ended them; the confusion matrix and the tune table are there too. DVC reads every
+    dvc.yaml of the repo: the only files it misses are the cluster pipeline's (deploy/dvc.yaml's,
+    under submitted/), which did not run here, as its metrics are missing from `dvc metrics show`."""
     shown = json.loads(run([str(BIN / "dvc"), "plots", "show", "--json"], dvc_copy).stdout)
-    assert not shown.get("errors"), shown.get("errors")
+    missing = {(e["name"], e["source"].split("/")[0]) for e in shown.get("errors", [])}
+    cluster_curves = {f"cluster run, {what} per epoch" for what in ("validation top-1", "training loss")}
+    assert missing <= {(name, "submitted") for name in cluster_curves}, missing
     plots = shown["data"]
     assert {"validation top-1 per epoch", "training loss per epoch", "plots/confusion.csv", "tune/table.csv"} <= set(
         plots

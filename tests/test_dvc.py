@@ -171,6 +171,30 @@ def test_changing_one_param_reruns_only_dependents(dvc_copy):
     assert "Running stage 'pretrain'" not in dry and "Running stage 'shard'" not in dry
 
 
+def test_an_experiment_records_its_metrics_and_curves(dvc_copy, ray_local):
+    """`dvc exp run -S`: the experiment reruns finetune and what follows, and `dvc exp show` and
+    `dvc plots diff` read its metrics and its epochs (metrics/ and plots/ are not git-ignored: an
+    experiment's commit holds them, as DVC keeps outputs with cache: false in git)."""
+    for cmd in (["git", "add", "-A"], ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "run"]):
+        subprocess.run(cmd, cwd=dvc_copy, check=True)
+    tracked = subprocess.run(["git", "ls-files"], cwd=dvc_copy, capture_output=True, text=True).stdout.split()
+    assert {"metrics/evaluate.json", "plots/epochs/finetune.csv", "tune/best.json", "dvc.lock"} <= set(tracked)
+    assert not [f for f in tracked if f.startswith(("checkpoints/", "artifacts/", "data/"))]  # DVC's, not git's
+    address = ray_local.get_runtime_context().gcs_address
+    done = run([str(BIN / "dvc"), "exp", "run", "-S", "finetune.lr=0.0002"], dvc_copy, ray_address=address)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Running stage 'finetune'" in done.stdout and "Running stage 'binarize'" not in done.stdout
+    shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], dvc_copy).stdout)
+    (exp,) = [r for rev in shown for e in (rev.get("experiments") or []) for r in e["revs"]]
+    assert exp["data"]["params"]["params.yaml"]["data"]["finetune"]["lr"] == 0.0002
+    evaluation = exp["data"]["metrics"]["metrics/evaluate.json"]
+    assert "error" not in evaluation and evaluation["data"]["images"] == 360, evaluation
+    curves = json.loads(run([str(BIN / "dvc"), "plots", "diff", "HEAD", exp["name"], "--json"], dvc_copy).stdout)
+    (curve,) = curves["data"]["validation top-1 per epoch"]
+    finetune = [r for r in curve["content"]["data"]["values"] if r["filename"].endswith("finetune.csv")]
+    assert sorted(r["rev"] for r in finetune) == sorted(["HEAD", exp["name"]])  # each run's one epoch
+
+
 def test_bad_params_rejected_before_any_stage(tmp_path, capsys):
     bad = tmp_path / "params.yaml"
     bad.write_text("train:\n  out: " + str(tmp_path / "ckpt") + "\n  batch_size: many\n")

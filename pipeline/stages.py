@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from . import storage
 from .params import ARTIFACT, CONFUSION, EPOCH_CURVES, METRICS, Params, TrainConfig
+from .summary import write_epoch_curve
 
 # ---------------------------------------------------------------------------- the stages
 
@@ -61,8 +62,6 @@ def train(
         Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
         Path(metrics_out).write_text(json.dumps({"stage": stage, **result["final"], **result["cost"]}, indent=2))
     if curve_out:
-        from .summary import write_epoch_curve
-
         write_epoch_curve(result["history"], curve_out)
     return result
 

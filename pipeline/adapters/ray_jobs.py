@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .. import storage
 from ..params import Params
+from ..summary import write_epoch_curve
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 PYTHON_ENV = "BIREAL_JOB_PYTHON"  # the cluster's Python with the project installed (default: python)
@@ -224,8 +225,6 @@ def write_outputs(out: Path, summaries: dict[str, dict], refs: dict[str, dict], 
     """The summaries into ``summaries_dir`` (default ``out``), with a training stage's epochs
     beside its summary as ``<stage>.csv`` (the curves deploy/dvc.yaml plots), the pointers into
     ``out``."""
-    from ..summary import write_epoch_curve
-
     summaries_dir = summaries_dir or out
     for folder in (out, summaries_dir):
         folder.mkdir(parents=True, exist_ok=True)

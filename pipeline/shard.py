@@ -21,6 +21,7 @@ import io
 import json
 import multiprocessing as mp
 import random
+import re
 import tarfile
 import time
 from dataclasses import asdict
@@ -28,7 +29,7 @@ from typing import Iterable, Iterator
 
 from . import storage
 from .params import ShardParams
-from .sources import Ref, Sample, Source, scan_source
+from .sources import Ref, Sample, Source, first_few, scan_source
 
 MANIFEST = "manifest.json"
 PROGRESS = ".shard-progress.json"
@@ -57,7 +58,9 @@ def encode_image(ref: Ref, resize: int, quality: int) -> tuple[bytes | None, str
         im = Image.open(io.BytesIO(data))
         im.load()  # decodes fully: truncated files raise here
     except Exception as e:  # PIL raises many types for broken files
-        return None, f"undecodable: {e.__class__.__name__}: {e}"
+        # PIL names the in-memory buffer ("<_io.BytesIO object at 0x...>"); the path is named already
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the file", str(e))
+        return None, f"undecodable: {e.__class__.__name__}: {reason}"
     notes = []
     if im.format != "JPEG":
         notes.append(f"{im.format} data")
@@ -317,6 +320,7 @@ def _manifest(source: Source, state: dict, identity: dict) -> dict:
         "splits": splits,
         "quarantine": quarantine,
         "converted": converted,
+        "ignored": source.ignored,
     }
 
 
@@ -372,4 +376,7 @@ def summarize(manifest: dict) -> str:
     lines.append(f"converted: {len(manifest['converted'])}, quarantined: {len(manifest['quarantine'])}")
     for q in manifest["quarantine"][:10]:
         lines.append(f"  quarantined {q['path']}: {q['reason']}")
+    ignored = manifest.get("ignored", [])  # manifests before 2026-12-06 have no list
+    if ignored:
+        lines.append(f"ignored: {len(ignored)} file(s) that are not images by their suffix ({first_few(ignored)})")
     return "\n".join(lines)

@@ -57,6 +57,7 @@ class Source:
     classes: list[dict]  # [{"index", "wnid", "name"}]
     splits: dict[str, list[Sample]] = field(default_factory=dict)
     fingerprint: str = ""
+    ignored: list[str] = field(default_factory=list)  # files left out: not images by their suffix
 
 
 def _fingerprint(entries) -> str:
@@ -74,12 +75,40 @@ def _stat_entry(path: Path, root: Path) -> tuple:
 # ---------------------------------------------------------------------------- image folder
 
 
+def first_few(names: list[str], k: int = 5) -> str:
+    """``a, b, c`` or ``a, ..., e and 7 more``: a list for a message line."""
+    return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def _visible(path: Path) -> bool:
+    """Hidden entries (``.ipynb_checkpoints``, macOS's ``._x.jpg``) are never classes or images."""
+    return not path.name.startswith(".")
+
+
+def _class_folder_files(class_dir: Path) -> list[Path]:
+    """Every visible file under ``class_dir``, sub-folders included (as torchvision's
+    ``ImageFolder`` walks them), in sorted relative-path order."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a symlink back up the tree: walked once
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
+    return sorted(found, key=lambda f: f.relative_to(class_dir).parts)
+
+
 def scan_image_folder(root: str | os.PathLike) -> Source:
-    """``root/train/<class>/*`` plus ``root/val/<class>/*`` or ``root/test/<class>/*``."""
+    """``root/train/<class>/**`` plus ``root/val/<class>/**`` or ``root/test/<class>/**``.
+
+    Files that are not images by their suffix are left out and listed in ``Source.ignored``; a
+    train class folder without a single image is an error (a class the net could never learn)."""
     root = Path(root)
     if not (root / "train").is_dir():
         raise SourceError(f"{root}: no train/ folder (expected train/<class>/* and val/ or test/)")
-    class_names = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    class_names = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and _visible(d))
     if not class_names:
         raise SourceError(f"{root / 'train'}: no class folders")
     index = {c: i for i, c in enumerate(class_names)}
@@ -89,14 +118,26 @@ def scan_image_folder(root: str | os.PathLike) -> Source:
         split_dir = root / split
         if not split_dir.is_dir():
             continue
-        samples = []
-        for class_dir in sorted(d for d in split_dir.iterdir() if d.is_dir()):
+        samples, without_images = [], []
+        for class_dir in sorted(d for d in split_dir.iterdir() if d.is_dir() and _visible(d)):
             if class_dir.name not in index:
                 raise SourceError(f"{class_dir}: class {class_dir.name!r} is not in train/")
-            for f in sorted(class_dir.iterdir()):
-                if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES:
-                    samples.append(Sample(index[class_dir.name], Ref(str(f)), f"{split}/{class_dir.name}/{f.name}"))
-                    stats.append(_stat_entry(f, root))
+            found = 0
+            for f in _class_folder_files(class_dir):
+                name = f"{split}/{f.relative_to(split_dir).as_posix()}"
+                if f.suffix.lower() not in IMAGE_SUFFIXES:
+                    source.ignored.append(name)
+                    continue
+                samples.append(Sample(index[class_dir.name], Ref(str(f)), name))
+                stats.append(_stat_entry(f, root))
+                found += 1
+            if found == 0:
+                without_images.append(class_dir.name)
+        if split == "train" and samples and without_images:
+            raise SourceError(
+                f"{split_dir}: {len(without_images)} class folder(s) without images ({first_few(without_images)}); "
+                f"every class needs training images (allowed suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
         source.splits[split] = samples
     if not source.splits.get("train"):
         raise SourceError(f"{root / 'train'}: no images found")

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from imagegen import COLORS, WNIDS, add_bad_files, ilsvrc_tars, image_folder, many_images
+from imagegen import COLORS, WNIDS, add_bad_files, colored_image, ilsvrc_tars, image_folder, many_images
 from PIL import Image
 
 import bireal_core as bc
 from pipeline.data import iter_shard_slice, make_loader, plan_epoch, read_manifest, split_shards
-from pipeline.shard import ShardError, ShardParams, shard_dataset, verify_shards
+from pipeline.shard import ShardError, ShardParams, shard_dataset, summarize, verify_shards
 from pipeline.sources import SourceError
 
 FAST = dict(processes=1, samples_per_shard=4)
@@ -62,6 +62,40 @@ def test_image_folder_with_every_bad_file_kind(tmp_path):
     assert all(s["image"].mode == "RGB" and s["image"].format == "JPEG" for s in samples)
     assert all(color_class(s["image"]) == s["cls"] for s in samples if s["image"].size == (48, 40))
     assert verify_shards(str(tmp_path / "out")) == []
+
+
+def test_image_folder_walks_sub_folders_and_names_what_it_leaves_out(tmp_path):
+    """Images in sub-folders of a class count (as in torchvision's ImageFolder); hidden entries and
+    files that are not images by their suffix are left out, the latter listed; a symlink back up
+    the tree is walked once; the undecodable file's reason names no in-memory buffer."""
+    src = image_folder(tmp_path / "src", per_class=(4, 2), classes=2)
+    nested = src / "train" / "class1" / "more" / "deeper"
+    nested.mkdir(parents=True)
+    colored_image(1, seed=7).save(nested / "img9.jpg", quality=92)
+    (src / "train" / "class1" / "more" / "loop").symlink_to("..")
+    (src / "train" / "class0" / "README.txt").write_text("notes")
+    (src / "train" / "class0" / "._img0.jpg").write_bytes(b"AppleDouble")
+    (src / "train" / ".ipynb_checkpoints").mkdir()
+    (src / "train" / "class0" / "bad.jpg").write_bytes(b"\x00not an image" * 10)
+    m = shard_dataset(str(src), str(tmp_path / "out"), ShardParams(**FAST), progress_bar=False)
+    assert [c["name"] for c in m["classes"]] == ["class0", "class1"]
+    assert m["splits"]["train"]["per_class"] == {"class0": 4, "class1": 5}
+    assert m["ignored"] == ["train/class0/README.txt"]
+    (reason,) = [q["reason"] for q in m["quarantine"]]
+    assert reason.startswith("undecodable") and "BytesIO" not in reason
+    assert "ignored: 1 file(s) that are not images by their suffix (train/class0/README.txt)" in summarize(m)
+    samples = read_samples(tmp_path / "out", m, "train")
+    assert sorted(s["cls"] for s in samples) == [0] * 4 + [1] * 5
+    assert all(color_class(s["image"]) == s["cls"] for s in samples)
+
+
+def test_a_train_class_folder_without_images_is_named(tmp_path):
+    src = image_folder(tmp_path / "src", per_class=(3, 1), classes=2)
+    (src / "train" / "class_z").mkdir()
+    (src / "train" / "class_z" / "labels.csv").write_text("x")
+    with pytest.raises(SourceError, match=r"1 class folder\(s\) without images \(class_z\); every class needs"):
+        shard_dataset(str(src), str(tmp_path / "out"), ShardParams(**FAST), progress_bar=False)
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize("labels", ["loc", "devkit"])

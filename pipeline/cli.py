@@ -625,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except (KeyError, ValueError, FileNotFoundError, RuntimeError) as e:
+    except (KeyError, ValueError, OSError, RuntimeError) as e:  # OSError: a missing, damaged or unreadable file
         message = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) adds quotes
         print(f"bireal {args.command}: error: {message}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """`bireal export` and `bireal predict` end to end, with the errors a user meets."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -144,6 +145,15 @@ def test_evaluate_refuses_an_artifact_of_other_classes_or_another_checkpoint(tmp
         == 2
     )
     assert f"error: {empty}: the test split has no images to evaluate" in capsys.readouterr().err
+    assert not (tmp_path / "m.json").exists()
+    # a shard the manifest lists is gone: a line naming it, not ShardIntegrityError's traceback
+    partial = tmp_path / "partial-shards"
+    shutil.copytree(demo_shards, partial)
+    gone = json.loads((partial / "manifest.json").read_text())["splits"]["test"]["shards"][0]["name"]
+    (partial / gone).unlink()
+    argv = ["evaluate", "--artifact", str(artifact), "--shards", str(partial), "--metrics", str(tmp_path / "m.json")]
+    assert main(argv) == 2
+    assert f"bireal evaluate: error: {partial}/{gone}: missing (the manifest lists it)" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
 
 

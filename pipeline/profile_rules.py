@@ -6,6 +6,9 @@ submit`` refuse a profile that has one. Each rule names the keys to change:
   recipe's lr scaled linearly to it (``recipe.lr_scaling``);
 - every data reader (workers x DataLoader workers) gets at least ``MIN_SHARDS_PER_READER`` shards
   (WebDataset splits shards, not samples: fewer leave readers idle or starved);
+- an epoch holds at least ``MIN_STEPS_PER_EPOCH`` optimizer steps at the global batch (the loop
+  drops a partial batch: a global batch near the training set trains on nothing, and the per-epoch
+  schedules, validation and checkpoints lose their meaning);
 - the tune stage is off, or its trials take a GPU (full ImageNet epochs on CPU trials would run for
   weeks);
 - every location is shared storage when ``ray.address`` is set (``params.cluster_location_problems``,
@@ -19,6 +22,7 @@ import math
 from .params import STAGES, Params
 
 MIN_SHARDS_PER_READER = 4
+MIN_STEPS_PER_EPOCH = 10
 REL_TOL = 1e-6  # an lr written with 6 significant digits passes
 
 
@@ -77,6 +81,34 @@ def batch_problems(params: Params, gpus: int | None = None) -> list[str]:
     return out
 
 
+def step_problems(params: Params, gpus: int | None = None) -> list[str]:
+    images = params.data.train_images
+    if images <= 0:
+        return []
+    out = []
+    for stage in trained_stages(params):
+        batch = global_batch(params, stage, gpus)
+        if images // batch < MIN_STEPS_PER_EPOCH:
+            out.append(
+                f"{params.path}: {stage}: a global batch of {batch} ({stage}.batch_size x ray.num_workers) makes "
+                f"{images // batch} full step(s) of {images} images (data.train_images) an epoch, fewer than "
+                f"{MIN_STEPS_PER_EPOCH}: the global batch must be at most {images // MIN_STEPS_PER_EPOCH}"
+            )
+    return out
+
+
+def _shard_fix(params: Params, readers: int) -> str:
+    """The shard size that gives every reader its shards, or, where even one image a shard would
+    not, the readers to cut."""
+    needed = MIN_SHARDS_PER_READER * readers
+    if params.data.train_images >= needed:
+        return f"set shard.samples_per_shard to {math.ceil(params.data.train_images / needed)} or fewer"
+    return (
+        f"{params.data.train_images} images cannot make {needed} shards: lower ray.num_workers (the GPUs) "
+        "or train.loader_workers"
+    )
+
+
 def shard_problems(params: Params, gpus: int | None = None) -> list[str]:
     shards = shard_count(params)
     if shards is None:
@@ -88,8 +120,7 @@ def shard_problems(params: Params, gpus: int | None = None) -> list[str]:
             out.append(
                 f"{params.path}: {stage}: {shards} shards ({params.data.train_images} images / shard.samples_per_shard "
                 f"{params.shard.samples_per_shard}) for {readers} data readers (ray.num_workers x loader_workers): "
-                f"at least {MIN_SHARDS_PER_READER} each: set shard.samples_per_shard to "
-                f"{math.ceil(params.data.train_images / (MIN_SHARDS_PER_READER * readers))} or fewer"
+                f"at least {MIN_SHARDS_PER_READER} each: {_shard_fix(params, readers)}"
             )
     return out
 
@@ -105,4 +136,9 @@ def tune_problems(params: Params) -> list[str]:
 
 def reproduction_problems(params: Params, gpus: int | None = None) -> list[str]:
     """Every rule's problems for this profile (on ``gpus`` workers instead of ``ray.num_workers``)."""
-    return batch_problems(params, gpus) + shard_problems(params, gpus) + tune_problems(params)
+    return (
+        batch_problems(params, gpus)
+        + step_problems(params, gpus)
+        + shard_problems(params, gpus)
+        + tune_problems(params)
+    )

@@ -228,6 +228,29 @@ def test_too_few_shards_per_data_reader_is_named_with_the_fix(tmp_path):
     assert len(on_64) == 1 and "binarize.lr" in on_64[0]  # only the lr, which `bireal plan` scales
 
 
+def test_a_global_batch_that_leaves_an_epoch_without_steps_is_named(tmp_path):
+    """On 100,000 GPUs Bi-Real-18's batch of 32 per GPU is 3.2 million images a step, more than
+    ImageNet: `bireal plan` printed a 1-step epoch at lr 250 and no warning; and its shard advice
+    was 'samples_per_shard 1 or fewer', which no shard size satisfies."""
+    from pipeline.plan import plan
+    from pipeline.profile_rules import MIN_STEPS_PER_EPOCH, reproduction_problems
+
+    params = load_params(CONFIGS / "imagenet_bireal18_paper.yaml")
+    assert reproduction_problems(params) == []
+    problems = reproduction_problems(params, gpus=100_000)
+    steps = [p for p in problems if "full step(s)" in p]
+    assert len(steps) == 3  # pretrain, binarize, finetune
+    assert "binarize: a global batch of 3200000" in steps[1] and "makes 0 full step(s) of 1281167 images" in steps[1]
+    assert f"must be at most {1281167 // MIN_STEPS_PER_EPOCH}" in steps[1]
+    shards = [p for p in problems if "shards (" in p]
+    assert shards and all("cannot make 3200000 shards: lower ray.num_workers" in p for p in shards)
+    assert "full step(s)" in " ".join(plan(params, gpus=100_000)["warnings"])
+    # the boundary: exactly MIN_STEPS_PER_EPOCH full steps pass
+    gpus = 1281167 // (MIN_STEPS_PER_EPOCH * 64)  # pretrain's 64 a GPU is the largest batch
+    assert not [p for p in reproduction_problems(params, gpus=gpus) if "full step(s)" in p]
+    assert [p for p in reproduction_problems(params, gpus=gpus + 1) if "pretrain: a global batch" in p]
+
+
 def test_cpu_tune_trials_on_a_gpu_profile_are_refused(tmp_path):
     from pipeline.profile_rules import reproduction_problems
 

@@ -535,7 +535,7 @@ class StorageConfig:
 
 @dataclass
 class MlflowConfig:
-    tracking_uri: str = ""  # default: sqlite:///<current dir>/mlflow.db (made absolute)
+    tracking_uri: str = ""  # default: $MLFLOW_TRACKING_URI, else sqlite:///<current dir>/mlflow.db (made absolute)
     experiment: str = "bireal"
     artifact_location: str = ""  # default: <current dir>/mlartifacts (made absolute)
     # an MLflow outage: each epoch waits at most sync_wait_s for its metrics to be logged (then
@@ -871,6 +871,10 @@ def load_params(name_or_path: str | os.PathLike | None = None, train_overrides: 
     if unknown:
         raise ConfigError(f"{path}:{unknown[0]}: unknown section (known: {', '.join(sorted(known))})")
     sections = {name: build(cls, dict(raw.get(name) or {}), f"{path}:{name}") for name, cls in SECTIONS.items()}
+    if not sections["mlflow"].tracking_uri and os.environ.get("MLFLOW_TRACKING_URI"):
+        # MLflow's own variable, as the mlflow CLI and mlflow.start_run read it: a user who points
+        # MLflow at a server expects the runs there, not in ./mlflow.db; the file's value wins
+        sections["mlflow"].tracking_uri = os.environ["MLFLOW_TRACKING_URI"]
     params = Params(path, raw, group=run_group(path), train_overrides=dict(train_overrides or {}), **sections)
     # the storage settings reach this process's opens and, through the environment, its children
     # (DataLoader workers) and the Ray job's workers (adapters/ray_train.job_runtime_env)

@@ -8,6 +8,7 @@ from pipeline.env import apply_local_ray_defaults, apply_offline_defaults
 
 apply_offline_defaults()
 apply_local_ray_defaults()  # the suite runs on one machine (the cluster suite gives its nodes their own env)
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # a developer's own server never receives the suite's runs
 
 # torch only where a test module imports it: the cluster suite's own process (make test) never does,
 # which keeps ~0.5 GiB out of that suite's memory budget

@@ -9,6 +9,7 @@ import sys
 import typing
 
 import pytest
+import yaml
 
 from pipeline import params as P
 
@@ -209,6 +210,39 @@ def test_a_params_file_named_must_exist(tmp_path, monkeypatch, capsys):
     assert P.load_params().raw == {}  # no ./params.yaml: the defaults
     assert main(["check-params"]) == 0
     assert "params.yaml (no such file: the defaults): OK" in capsys.readouterr().out
+
+
+def test_mlflow_tracking_uri_from_mlflows_own_variable_where_the_file_is_silent(tmp_path, monkeypatch):
+    """$MLFLOW_TRACKING_URI (how users point MLflow at a server) fills an empty mlflow.tracking_uri:
+    before, the runs went to ./mlflow.db whatever it said. The file's value wins; the cluster rule
+    sees the server; a submitted job gets it in its environment (its copy of the file has none)."""
+    from pipeline.adapters.ray_jobs import job_env
+    from pipeline.adapters.tracking import resolve
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert P.load_params().mlflow.tracking_uri == ""
+    assert resolve(P.load_params().mlflow).tracking_uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    params = P.load_params()
+    assert params.mlflow.tracking_uri == "http://mlflow.example:5000"
+    assert resolve(params.mlflow).tracking_uri == "http://mlflow.example:5000"
+    assert job_env(params)["MLFLOW_TRACKING_URI"] == "http://mlflow.example:5000"
+    (tmp_path / "own.yaml").write_text("mlflow:\n  tracking_uri: http://own:5000\n")
+    assert P.load_params("own.yaml").mlflow.tracking_uri == "http://own:5000"
+    shared = "s3://bucket"
+    cluster = {
+        "ray": {"address": "auto", "storage_path": f"{shared}/ray"},
+        "tune": {"storage_path": f"{shared}/tune"},
+        "storage": {"artifacts": f"{shared}/artifacts"},
+        "train": {"shards": f"{shared}/shards"},
+    }
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(cluster))
+    assert P.load_params("cluster.yaml").mlflow.tracking_uri == "http://mlflow.example:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    with pytest.raises(P.ConfigError, match="mlflow.tracking_uri must be a tracking server"):
+        P.load_params("cluster.yaml")
+    assert "MLFLOW_TRACKING_URI" not in job_env(P.load_params())
 
 
 def test_set_overrides_are_named_as_given(tmp_path, monkeypatch, capsys):

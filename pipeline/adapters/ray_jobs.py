@@ -117,6 +117,16 @@ def staging_dir(params_file: Path) -> Path:
     return folder
 
 
+def job_env(params: Params) -> dict[str, str]:
+    """The job's environment: the pipeline run's name, the same on every retry, and the tracking
+    server where it came from this machine's ``$MLFLOW_TRACKING_URI`` (the copied params file
+    leaves it empty, and the job's own load would not find it)."""
+    env = {"BIREAL_PIPELINE_RUN": params.group}
+    if params.mlflow.tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = params.mlflow.tracking_uri
+    return env
+
+
 def submit_job(client, params: Params, stages: list[str], python: str) -> str:
     sid = submission_id(params, stages)
     restart = " --restart" if params.restart else ""  # the job may replace a run whose inputs changed
@@ -130,7 +140,7 @@ def submit_job(client, params: Params, stages: list[str], python: str) -> str:
             submission_id=sid,
             runtime_env={
                 "working_dir": str(folder),
-                "env_vars": {"BIREAL_PIPELINE_RUN": params.group},  # the same run names on every retry
+                "env_vars": job_env(params),
             },
         )
     finally:

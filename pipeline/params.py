@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -751,6 +752,40 @@ def params_path(name_or_path: str | os.PathLike | None = None) -> Path:
     raise ConfigError(f"{name_or_path}: neither a params file nor a profile (profiles: {known})")
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two of YAML 1.2's rules, as DVC's own parser (ruamel) reads the
+    same file: ``1e-3`` is a float (YAML 1.1 needs ``1.0e-3`` and gave the string '1e-3'), and a
+    key given twice in one mapping is an error naming both lines (YAML 1.1 kept the last, so the
+    first ``binarize:`` section of a file with two was dropped without a word)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # '<<: *defaults': a merged key may be overridden, as intended
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, typing.Hashable) and key in lines:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} given twice (lines {lines[key]} and {line})", key_node.start_mark
+                    )
+                if isinstance(key, typing.Hashable):
+                    lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+ParamsLoader.add_implicit_resolver(  # YAML 1.2's floats: an exponent without a dot counts too
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_yaml(text: str | typing.TextIO) -> Any:
+    return yaml.load(text, Loader=ParamsLoader)  # noqa: S506 (a SafeLoader)
+
+
 def read_params(name_or_path: str | os.PathLike | None = None) -> dict[str, Any]:
     """The raw file as a dict. Without a params.yaml in the current directory every default
     applies ({}); a file named on the command line or in $BIREAL_PARAMS must exist."""
@@ -760,7 +795,8 @@ def read_params(name_or_path: str | os.PathLike | None = None) -> dict[str, Any]
             raise ConfigError(f"{path}: params file not found")
         return {}
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with path.open() as f:  # a stream, so the error's marks name the file
+            data = parse_yaml(f) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
     if not isinstance(data, dict):
@@ -900,5 +936,5 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = parse_yaml(value)
     return out

@@ -212,6 +212,30 @@ def test_a_params_file_named_must_exist(tmp_path, monkeypatch, capsys):
     assert "params.yaml (no such file: the defaults): OK" in capsys.readouterr().out
 
 
+def test_yaml_as_dvc_reads_it_exponents_are_floats_and_a_key_given_twice_is_named(tmp_path, capsys):
+    """`lr: 1e-3` was the string '1e-3' to PyYAML (YAML 1.1), so the file was refused, and a section
+    or key given twice kept the last silently; DVC's parser (YAML 1.2) reads both as written."""
+    from pipeline.cli import main
+
+    (tmp_path / "sci.yaml").write_text("binarize:\n  lr: 1e-3\n  weight_decay: 5E-4\n")
+    params = P.load_params(tmp_path / "sci.yaml", P.parse_overrides(["lr=2e-4"]))
+    assert P.load_params(tmp_path / "sci.yaml").train("binarize").lr == 1e-3
+    assert params.train("binarize").lr == 2e-4 and params.train("binarize").weight_decay == 5e-4
+    (tmp_path / "two.yaml").write_text("binarize:\n  epochs: 3\npretrain:\n  lr: 0.1\nbinarize:\n  lr: 0.01\n")
+    with pytest.raises(P.ConfigError, match=r"two.yaml: not valid YAML: key 'binarize' given twice \(lines 1 and 5\)"):
+        P.load_params(tmp_path / "two.yaml")
+    (tmp_path / "twice.yaml").write_text("binarize:\n  epochs: 3\n  epochs: 5\n")
+    assert main(["check-params", "--params", str(tmp_path / "twice.yaml")]) == 2
+    assert "key 'epochs' given twice (lines 2 and 3)" in capsys.readouterr().err
+    # a merge key may still be overridden, as YAML means it to be
+    (tmp_path / "merge.yaml").write_text(
+        "binarize: &common\n  lr: 0.01\n  epochs: 3\nfinetune:\n  <<: *common\n  lr: 0.001\n"
+    )
+    merged = P.load_params(tmp_path / "merge.yaml")
+    assert (merged.train("finetune").lr, merged.train("finetune").epochs) == (0.001, 3)
+    assert P.parse_yaml("1e") == "1e" and P.parse_yaml("1.2.3") == "1.2.3" and P.parse_yaml("3") == 3
+
+
 def test_mlflow_tracking_uri_from_mlflows_own_variable_where_the_file_is_silent(tmp_path, monkeypatch):
     """$MLFLOW_TRACKING_URI (how users point MLflow at a server) fills an empty mlflow.tracking_uri:
     before, the runs went to ./mlflow.db whatever it said. The file's value wins; the cluster rule

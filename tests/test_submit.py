@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
 
 from pipeline.params import load_params
 
@@ -22,17 +23,23 @@ def dashboard(ray_local):
     return f"http://{url}"
 
 
-def params_file(tmp_path, demo_shards, name="p.yaml", **stage) -> Path:
+def params_file(tmp_path, demo_shards, name="p.yaml", **sections) -> Path:
+    """The submit tests' params file; a keyword replaces that whole section."""
+    params = {
+        "train": {
+            "shards": str(demo_shards),
+            "out": str(tmp_path / "ckpt"),
+            "width": 0.25,
+            "batch_size": 32,
+            "max_steps_per_epoch": 3,
+        },
+        "pretrain": {"phase_epochs": [2, 0, 1]},
+        "tune": {"enabled": False, "out": str(tmp_path / "tune")},
+        "storage": {"artifacts": str(tmp_path / "published")},
+        "ray": {"num_workers": 1, "storage_path": str(tmp_path / "ray_results")},
+    }
     path = tmp_path / name
-    path.write_text(
-        f"train: {{shards: {demo_shards}, out: {tmp_path / 'ckpt'}, width: 0.25, batch_size: 32, "
-        "max_steps_per_epoch: 3}\n"
-        "pretrain: {phase_epochs: [2, 0, 1]}\n"
-        f"tune: {{enabled: false, out: {tmp_path / 'tune'}}}\n"
-        f"storage: {{artifacts: {tmp_path / 'published'}}}\n"
-        f"ray: {{num_workers: 1, storage_path: {tmp_path / 'ray_results'}}}\n"
-        + "".join(f"{k}: {json.dumps(v)}\n" for k, v in stage.items())
-    )
+    path.write_text(yaml.safe_dump({**params, **sections}, sort_keys=False))
     return path
 
 

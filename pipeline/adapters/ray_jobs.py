@@ -251,6 +251,41 @@ def write_outputs(out: Path, summaries: dict[str, dict], refs: dict[str, dict], 
     return written
 
 
+def skipped_pretrain(sid: str, out: str | Path, summaries_dir: Path | None, echo) -> dict:
+    """A from-scratch recipe's pretrain: no job, a summary (and an empty curve) saying so."""
+    summaries = {"pretrain": {"skipped": "the recipe trains no real-valued twin"}}
+    files = write_outputs(Path(out), summaries, {}, summaries_dir)
+    echo(f"bireal submit: {sid} skipped: the recipe has no pretrain stage")
+    return {
+        "id": sid,
+        "action": "skipped",
+        "status": "SKIPPED",
+        "files": [str(f) for f in files],
+        "summaries": summaries,
+        "published": {},
+    }
+
+
+def start_or_attach(
+    client, params: Params, stages: list[str], sid: str, resubmit: bool, python: str
+) -> tuple[str | None, str]:
+    """-> (the job's status before this call, what this call does: "submitted", "attached" to a
+    running job (or one another submitter started first), or "fetched" a finished one)."""
+    status = job_status(client, sid)
+    if status in ("FAILED", "STOPPED"):
+        if not resubmit:
+            raise RuntimeError(
+                f"job {sid} is {status} and Ray does not reuse its id: run again with --resubmit (it deletes the "
+                f"job; the stage resumes from its checkpoints in storage), or `ray job delete {sid}`"
+            )
+        client.delete_job(sid)
+        status = None
+    action = {None: "submitted", "SUCCEEDED": "fetched"}.get(status, "attached")
+    if status is None and not submitted(client, params, stages, python):
+        action = "attached"  # another submitter's job of this id went in first: follow that one
+    return status, action
+
+
 def submit(
     params: Params,
     stages: list[str] | str,
@@ -272,31 +307,10 @@ def submit(
     python = python or os.environ.get(PYTHON_ENV, "python")
     sid = submission_id(params, stages)
     if stages == ["pretrain"] and "pretrain" not in trained_stages(params):  # a from-scratch recipe
-        summaries = {"pretrain": {"skipped": "the recipe trains no real-valued twin"}}
-        files = write_outputs(Path(out), summaries, {}, summaries_dir)
-        echo(f"bireal submit: {sid} skipped: the recipe has no pretrain stage")
-        return {
-            "id": sid,
-            "action": "skipped",
-            "status": "SKIPPED",
-            "files": [str(f) for f in files],
-            "summaries": summaries,
-            "published": {},
-        }
+        return skipped_pretrain(sid, out, summaries_dir, echo)
     summaries_location(params, stages)  # no shared storage for the summaries: refused before any job
     client = connect(address)
-    status = job_status(client, sid)
-    if status in ("FAILED", "STOPPED"):
-        if not resubmit:
-            raise RuntimeError(
-                f"job {sid} is {status} and Ray does not reuse its id: run again with --resubmit (it deletes the "
-                f"job; the stage resumes from its checkpoints in storage), or `ray job delete {sid}`"
-            )
-        client.delete_job(sid)
-        status = None
-    action = {None: "submitted", "SUCCEEDED": "fetched"}.get(status, "attached")
-    if status is None and not submitted(client, params, stages, python):
-        action = "attached"  # another submitter's job of this id went in first: follow that one
+    status, action = start_or_attach(client, params, stages, sid, resubmit, python)
     echo(f"bireal submit: {action} {sid} at {address} ({dashboard_link(address, sid)})")
     final = status if action == "fetched" else follow(client, sid, timeout_s, echo=echo, poll_s=poll_s)
     if final != "SUCCEEDED":

@@ -253,9 +253,6 @@ def run_stage_on_ray(
     The stage's checkpoint ends up in the driver's ``out`` (fetched from ``artifacts`` when the
     outputs travel with the run). ``run``: the launch's identity if the caller already has it;
     ``restart``: discard a run of the same name whose inputs changed (else ``InputsChanged``)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     ensure_ray(ray_cfg)
     run = run or stage_run(config, ray_cfg, group)
     config = located(config)
@@ -266,10 +263,34 @@ def run_stage_on_ray(
         "mlflow_run": mlflow_run,
     }
     storage_path = storage.absolute(ray_cfg.storage_path)
-    filesystem, fs_path = storage.pyarrow_filesystem(storage_path)
     resumed = claim_run(storage_path, run, restart) if ray_cfg.resume == "auto" else False
+    result = torch_trainer(payload, ray_cfg, run.name, storage_path).fit()
+    if result.error is not None:
+        raise result.error
+    history = []
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as d:
+            history = load_train_state(Path(d))[1]["history"]
+    fetch_published(config)
+    return {
+        "checkpoint": str(stage_checkpoint(config, config.stage)),
+        "history": history,
+        "final": history[-1] if history else {},
+        "ray_path": result.path,
+        "resumed": resumed,
+    }
+
+
+def torch_trainer(payload: dict, ray_cfg: RayConfig, name: str, storage_path: str):
+    """The stage's ``TorchTrainer``: ``ray.num_workers`` ranks running ``_worker_entry(payload)``,
+    checkpointing under ``storage_path/name`` (the same name in the same storage resumes from its
+    last checkpoint)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    filesystem, fs_path = storage.pyarrow_filesystem(storage_path)
     backend = ray_cfg.backend if ray_cfg.backend != "auto" else ("nccl" if ray_cfg.use_gpu else "gloo")
-    trainer = TorchTrainer(
+    return TorchTrainer(
         _worker_entry,
         train_loop_config=payload,
         scaling_config=ScalingConfig(
@@ -280,29 +301,18 @@ def run_stage_on_ray(
         ),
         torch_config=TorchConfig(backend=backend, timeout_s=int(PROCESS_GROUP_TIMEOUT_S)),
         run_config=RunConfig(
-            name=run.name,  # the same name in the same storage resumes from its last checkpoint
+            name=name,
             storage_path=fs_path,
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
-    history = []
-    if result.checkpoint is not None:
-        with result.checkpoint.as_directory() as d:
-            history = load_train_state(Path(d))[1]["history"]
-    if config.artifacts:  # the driver's copies of what the stage published
-        for checkpoint in published_names(config):
-            storage.fetch(
-                storage.join(config.artifacts, f"{checkpoint}.safetensors"), stage_checkpoint(config, checkpoint)
-            )
-    return {
-        "checkpoint": str(stage_checkpoint(config, config.stage)),
-        "history": history,
-        "final": history[-1] if history else {},
-        "ray_path": result.path,
-        "resumed": resumed,
-    }
+
+
+def fetch_published(config: TrainConfig) -> None:
+    """The driver's copies of what the stage published, where its outputs travel with the run."""
+    if not config.artifacts:
+        return
+    for checkpoint in published_names(config):
+        storage.fetch(storage.join(config.artifacts, f"{checkpoint}.safetensors"), stage_checkpoint(config, checkpoint))

@@ -341,6 +341,14 @@ def device(text: str) -> str:
     kind, _, index = text.partition(":")
     if text != "cpu" and not (kind == "cuda" and (not index or index.isdigit())):
         raise argparse.ArgumentTypeError(f"{text!r}: cpu or cuda[:N]")
+    if kind == "cuda":  # refused here, before an artifact or a shard is read
+        import torch
+
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device visible to torch {torch.__version__} ({build})")
+        if index and int(index) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return text
 
 

@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import bireal_core as bc
@@ -109,6 +110,19 @@ def test_flags_out_of_range_are_refused_before_any_work(capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and f"bireal {argv[0]}: error: {message}" in capsys.readouterr().err
+
+
+def test_a_cuda_device_torch_cannot_see_is_refused_before_any_work(capsys):
+    """Before, `evaluate --device cuda` on a machine without a GPU ended in torch's driver message
+    after loading the artifact; now the flag is refused as it is parsed (bench said so already)."""
+    argv = ["evaluate", "--artifact", "missing.safetensors", "--shards", "nowhere"]
+    if torch.cuda.is_available():
+        wanted, message = f"cuda:{torch.cuda.device_count()}", f"torch sees {torch.cuda.device_count()} CUDA device(s)"
+    else:
+        wanted, message = "cuda", f"no CUDA device visible to torch {torch.__version__}"
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--device", wanted])
+    assert e.value.code == 2 and f"argument --device: '{wanted}': {message}" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_an_artifact_of_other_classes_or_another_checkpoint(tmp_path, checkpoint, demo_shards, capsys):

@@ -78,8 +78,9 @@ def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> d
 
     ray_run = None
     if use_ray:
-        from .adapters.ray_train import check_run, stage_run
+        from .adapters.ray_train import check_run, check_workers_fit, stage_run
 
+        check_workers_fit(config.stage, params.ray)  # a placement Ray can never fill would wait forever
         ray_run = stage_run(config, params.ray, params.group)
         if params.ray.resume == "auto":  # changed inputs are refused here, before any tracking or work
             check_run(storage.absolute(params.ray.storage_path), ray_run, params.restart)

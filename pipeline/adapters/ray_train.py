@@ -131,7 +131,9 @@ def ensure_ray(cfg: RayConfig):
     # they are in the session's log files either way
     common = {"log_to_driver": verbose(), "runtime_env": job_runtime_env(cfg) or None}
     if address:
+        global _JOINED
         ray.init(address=address, **common)
+        _JOINED = True
     else:
         apply_local_ray_defaults()
         Path(cfg.temp_dir).mkdir(parents=True, exist_ok=True)
@@ -142,6 +144,46 @@ def ensure_ray(cfg: RayConfig):
             configure_logging=False,
             **common,
         )
+
+
+def check_fits(need: dict[str, float], what: str, fix: str) -> None:
+    """Refuse a request the Ray instance can never hold: Ray would wait for it forever (a TorchTrainer
+    of GPU workers on a machine without a GPU sat silent until killed). Only a local instance is
+    known to stay as it is; on a cluster the autoscaler may still add nodes, so there it is a
+    warning. ``need``: {"CPU": n, "GPU": n} in all, for one placement."""
+    import ray
+
+    have = ray.cluster_resources()
+    short = {k: (v, have.get(k, 0.0)) for k, v in need.items() if v > have.get(k, 0.0) + 1e-9}
+    if not short:
+        return
+    missing = ", ".join(f"{v:g} {k} (the Ray instance has {h:g})" for k, (v, h) in short.items())
+    message = f"{what} needs {missing}: {fix}"
+    if ray_is_local():
+        raise RuntimeError(message)
+    log.warning("%s; waiting for the cluster to grow", message)
+
+
+def check_workers_fit(stage: str, cfg: RayConfig) -> None:
+    """The stage's workers fit the Ray instance (joined or started here, ``ensure_ray``)."""
+    ensure_ray(cfg)
+    check_fits(
+        {"CPU": cfg.num_workers * cfg.cpus_per_worker, "GPU": cfg.num_workers * cfg.use_gpu},
+        f"{stage}: ray.num_workers={cfg.num_workers} workers of ray.cpus_per_worker={cfg.cpus_per_worker:g}"
+        + (" and one GPU each (ray.use_gpu)" if cfg.use_gpu else ""),
+        "lower ray.num_workers or ray.cpus_per_worker, set ray.use_gpu: false on a machine without GPUs, "
+        "or join a cluster that has them (ray.address)",
+    )
+
+
+def ray_is_local() -> bool:
+    """Whether this process's Ray instance is one it started on this machine (no cluster to grow)."""
+    import ray
+
+    return ray.is_initialized() and len(ray.nodes()) == 1 and not (os.environ.get("RAY_ADDRESS") or _JOINED)
+
+
+_JOINED = False  # set when ensure_ray joined a running cluster instead of starting one
 
 
 def stage_inputs(config: TrainConfig) -> dict:
@@ -253,7 +295,7 @@ def run_stage_on_ray(
     The stage's checkpoint ends up in the driver's ``out`` (fetched from ``artifacts`` when the
     outputs travel with the run). ``run``: the launch's identity if the caller already has it;
     ``restart``: discard a run of the same name whose inputs changed (else ``InputsChanged``)."""
-    ensure_ray(ray_cfg)
+    check_workers_fit(config.stage, ray_cfg)  # ensure_ray too; run_training checked it before its lease
     run = run or stage_run(config, ray_cfg, group)
     config = located(config)
     payload = {

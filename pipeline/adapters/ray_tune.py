@@ -23,7 +23,7 @@ from ..env import framework_output_quiet
 from ..params import MlflowConfig, RayConfig, TrainConfig, TuneSettings
 from ..train import Runtime, train_loop
 from ..tune import CELL_KEYS, expected_trials, summarize, trial_base, trial_config, trial_specs
-from .ray_train import ensure_ray
+from .ray_train import check_fits, ensure_ray
 
 
 class TuneRuntime(Runtime):
@@ -156,6 +156,12 @@ def run_tune(
     from .tracking import close_tune_runs, tune_parent_run
 
     ensure_ray(ray_cfg or RayConfig())
+    check_fits(  # one trial must fit, or none ever starts
+        {"CPU": settings.cpus_per_trial, "GPU": settings.gpus_per_trial},
+        f"a tune trial of tune.cpus_per_trial={settings.cpus_per_trial:g} and tune.gpus_per_trial="
+        f"{settings.gpus_per_trial:g}",
+        "lower them, or join a cluster that has them (ray.address)",
+    )
     storage = storage_mod.absolute(settings.storage_path)
     name = experiment_name(settings, base)
     base_dict = {**trial_base(settings, base), "_threads": max(1, int(settings.cpus_per_trial))}

@@ -57,6 +57,25 @@ def speed_line(artifact: str, checkpoint: str) -> str:
     return f"packed {ours:.2f} ms vs training graph in float {base:.2f} ms ({base / ours:.1f}x), CPU, batch 1"
 
 
+def agreement(evaluation: dict) -> str:
+    if "float_agreement" not in evaluation:  # bireal evaluate without --checkpoint
+        return "no agreement with the training graph measured (evaluate ran without --checkpoint)"
+    return f"agreement with the training graph {evaluation['float_agreement']:.2%}"
+
+
+def read_json(path: Path, fields: dict[str, type | tuple[type, ...]]) -> dict:
+    """A stage's metrics file, with the fields the summary prints; a damaged one is named."""
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); rerun the stage that writes it (dvc repro)") from e
+    for key, kind in fields.items():
+        value = data.get(key) if isinstance(data, dict) else None
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(f"{path}: {key} is {value!r}, not what the stage writes; rerun it (dvc repro)")
+    return data
+
+
 def pipeline_summary(params: Params) -> str:
     """The summary, from the files the stages wrote (a missing one is named, not guessed)."""
     from cuda_ext.packed import artifact_size
@@ -68,7 +87,7 @@ def pipeline_summary(params: Params) -> str:
     for path in (ARTIFACT, checkpoint, metrics / "evaluate.json"):
         if not Path(path).is_file():
             return f"no pipeline run to summarize: {path} is missing (run `dvc repro` or `make demo`)"
-    evaluation = json.loads((metrics / "evaluate.json").read_text())
+    evaluation = read_json(metrics / "evaluate.json", {"top1": (int, float), "images": int, "split": str})
     size = artifact_size(ARTIFACT)
     float_bytes = Path(checkpoint).stat().st_size
     rows = [
@@ -80,13 +99,13 @@ def pipeline_summary(params: Params) -> str:
         (
             "top-1",
             f"{evaluation['top1']:.4f} on {evaluation['images']} {evaluation['split']} images; "
-            f"agreement with the training graph {evaluation.get('float_agreement', float('nan')):.2%}",
+            + agreement(evaluation),
         ),
         ("speed", speed_line(ARTIFACT, checkpoint)),
     ]
     registry = metrics / "registry.json"
     if registry.is_file():
-        r = json.loads(registry.read_text())
+        r = read_json(registry, {"name": str, "version": (int, str)})
         alias = "champion" if r.get("champion") else "candidate"
         rows.append(("registry", f"{r['name']} version {r['version']} ({alias}): models:/{r['name']}@{alias}"))
     rows.append(

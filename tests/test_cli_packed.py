@@ -125,6 +125,33 @@ def test_a_cuda_device_torch_cannot_see_is_refused_before_any_work(capsys):
     assert e.value.code == 2 and f"argument --device: '{wanted}': {message}" in capsys.readouterr().err
 
 
+def test_summary_names_a_damaged_metrics_file_and_an_agreement_never_measured(
+    tmp_path, checkpoint, capsys, monkeypatch
+):
+    """`bireal summary` printed json's "Expecting property name ..." or "Unknown format code 'f'"
+    with no file named, and "agreement ... nan%" after an evaluation without --checkpoint."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    shutil.copy(checkpoint, tmp_path / "checkpoints" / "finetune.safetensors")
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", "artifacts/model.safetensors"]) == 0
+    (tmp_path / "metrics").mkdir()
+    evaluation = tmp_path / "metrics" / "evaluate.json"
+    for text, message in [
+        ("{bad", "metrics/evaluate.json: not valid JSON (Expecting property name"),
+        ('{"top1": "x", "images": 3, "split": "test"}', "metrics/evaluate.json: top1 is 'x', not what the stage"),
+        ('{"top1": 0.5, "split": "test"}', "metrics/evaluate.json: images is None, not what the stage"),
+    ]:
+        evaluation.write_text(text)
+        capsys.readouterr()
+        assert main(["summary"]) == 2
+        assert f"bireal summary: error: {message}" in capsys.readouterr().err
+    evaluation.write_text(json.dumps({"top1": 0.5, "images": 3, "split": "test"}))
+    capsys.readouterr()
+    assert main(["summary"]) == 0
+    out = capsys.readouterr().out
+    assert "0.5000 on 3 test images; no agreement with the training graph measured" in out and "nan" not in out
+
+
 def test_evaluate_refuses_an_artifact_of_other_classes_or_another_checkpoint(tmp_path, checkpoint, demo_shards, capsys):
     """`bireal evaluate`: a 3-way artifact on the 10-class demo shards, or a checkpoint that is not
     the artifact's net (for the agreement), is named before any image is read; an evaluation split

@@ -70,15 +70,21 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, key: str, header: 
     """Tensors + a JSON header under metadata ``key``; written to NAME.tmp, then renamed (atomic),
     with the permissions of any file this process creates (the umask's)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path}: is a folder; name the file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb"):  # created as open() creates files: 0666 less the umask
-        mode = stat.S_IMODE(os.stat(tmp).st_mode)
-    # safetensors writes a private temporary file (0600) and renames it over tmp: a checkpoint or
-    # artifact would be unreadable by the cluster's other users and by a model server of another uid
-    save_file(tensors, str(tmp), metadata={key: json.dumps(header, sort_keys=True)})
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb"):  # created as open() creates files: 0666 less the umask
+            mode = stat.S_IMODE(os.stat(tmp).st_mode)
+        # safetensors writes a private temporary file (0600) and renames it over tmp: a checkpoint or
+        # artifact would be unreadable by the cluster's other users and by a model server of another uid
+        save_file(tensors, str(tmp), metadata={key: json.dumps(header, sort_keys=True)})
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves nothing behind
+        raise
     return path
 
 

@@ -578,6 +578,9 @@ def run(
     ``jsonl_path`` (a run cut short keeps its rows there)."""
     bench = {"kernels": bench_kernels, "model": bench_model, "memory": bench_memory}[what]
     on_row = None
+    for path in (json_path, jsonl_path):  # the folders first: a row measured is never lost to a missing one
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     if jsonl_path:
         Path(jsonl_path).write_text("")
 

@@ -226,7 +226,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             **train_options(args),
         )
         if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=2))
+            write_json(args.json, rows)
         if args.record:
             print(f"recorded in {record(rows)}")
         return 0
@@ -235,7 +235,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         rows = run_data(args.cifar, args.imagenet_like, device=args.device)
         if args.json:
-            Path(args.json).write_text(json.dumps(rows, indent=2))
+            write_json(args.json, rows)
         return 0
     from cuda_ext.benchmarks import run
 
@@ -279,7 +279,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     )
     print(format_plan(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_json(args.json, result)
     return 0
 
 
@@ -349,6 +349,28 @@ def device(text: str) -> str:
             raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device visible to torch {torch.__version__} ({build})")
         if index and int(index) >= torch.cuda.device_count():
             raise argparse.ArgumentTypeError(f"{text!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return text
+
+
+def write_json(path: str, data) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2))
+
+
+def output_file(text: str) -> str:
+    """An argparse ``type`` for a file a command writes: refused before any work when it names a
+    folder, or a place under a file, or a folder this process may not write (the commands create
+    missing folders)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: is a folder; name the file to write")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: the folder {ancestor} is not writable")
     return text
 
 
@@ -434,8 +456,10 @@ def _add_train(sub) -> None:
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a train setting")
     train.add_argument("--no-ray", action="store_true", help="run the loop in this process")
     train.add_argument("--restart", action="store_true", help=RESTART_HELP)
-    train.add_argument("--metrics", default=None, help="write the final metrics as JSON here")
-    train.add_argument("--history", default=None, help="write every epoch's metrics as a JSON list here")
+    train.add_argument("--metrics", type=output_file, default=None, help="write the final metrics as JSON here")
+    train.add_argument(
+        "--history", type=output_file, default=None, help="write every epoch's metrics as a JSON list here"
+    )
     train.set_defaults(func=_cmd_train)
 
 
@@ -449,7 +473,7 @@ def _add_tune(sub) -> None:
 def _add_export(sub) -> None:
     export = sub.add_parser("export", help="checkpoint -> packed 1-bit artifact (safetensors + JSON header)")
     export.add_argument("--checkpoint", required=True, help="a stage checkpoint (.safetensors), e.g. finetune's")
-    export.add_argument("--out", required=True, help="the packed artifact to write (.safetensors)")
+    export.add_argument("--out", type=output_file, required=True, help="the packed artifact to write (.safetensors)")
     export.add_argument("--class-names", default=None, help="comma-separated; default: the checkpoint's")
     export.set_defaults(func=_cmd_export)
 
@@ -459,8 +483,8 @@ def _add_evaluate(sub) -> None:
     evaluate.add_argument("--artifact", required=True)
     evaluate.add_argument("--shards", required=True, help="shard folder or URL")
     evaluate.add_argument("--checkpoint", default=None, help="also report agreement with this checkpoint")
-    evaluate.add_argument("--metrics", default=None, help="write metrics JSON here")
-    evaluate.add_argument("--confusion", default=None, help="write the confusion matrix as CSV here")
+    evaluate.add_argument("--metrics", type=output_file, default=None, help="write metrics JSON here")
+    evaluate.add_argument("--confusion", type=output_file, default=None, help="write the confusion matrix as CSV here")
     evaluate.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:N] (the packed model's kernels)")
     evaluate.set_defaults(func=_cmd_evaluate)
 
@@ -472,7 +496,7 @@ def _add_register(sub) -> None:
     register.add_argument("--shards", required=True, help="shards to take an example input from")
     register.add_argument("--name", default=None, help="registered model name (default: registry.model_name)")
     register.add_argument("--params", default=None, help=PARAMS_HELP)
-    register.add_argument("--out", default=None, help="write the registration summary JSON here")
+    register.add_argument("--out", type=output_file, default=None, help="write the registration summary JSON here")
     register.set_defaults(func=_cmd_register)
 
 
@@ -480,7 +504,9 @@ def _add_import_official(sub) -> None:
     official = sub.add_parser("import-official", help="an authors' PyTorch checkpoint -> a bireal checkpoint")
     official.add_argument("--arch", required=True, choices=("bireal18", "bireal34", "bireal50"))
     official.add_argument("--checkpoint", required=True, help="the authors' .pth.tar (liuzechun/Bi-Real-net)")
-    official.add_argument("--out", required=True, help="the bireal checkpoint (.safetensors) to write")
+    official.add_argument(
+        "--out", type=output_file, required=True, help="the bireal checkpoint (.safetensors) to write"
+    )
     official.set_defaults(func=_cmd_import_official)
 
 
@@ -502,9 +528,13 @@ def _add_bench(sub) -> None:
     bench.add_argument("what", choices=("kernels", "model", "memory", "data", "train"))
     bench.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:N]")
     bench.add_argument("--threads", type=bounded(int, ">= 1"), default=2, help="CPU threads (default 2)")
-    bench.add_argument("--json", default=None, metavar="FILE", help="also write the rows as JSON")
+    bench.add_argument("--json", type=output_file, default=None, metavar="FILE", help="also write the rows as JSON")
     bench.add_argument(
-        "--jsonl", default=None, metavar="FILE", help="kernels, model, memory: also one JSON line per row as measured"
+        "--jsonl",
+        type=output_file,
+        default=None,
+        metavar="FILE",
+        help="kernels, model, memory: also one JSON line per row as measured",
     )
     bench.add_argument("--cifar", default=None, help="data: an image-folder tree to shard and load")
     bench.add_argument(
@@ -577,7 +607,7 @@ def _add_plan(sub) -> None:
         default=96,
         help="CPU cores of a node of 8 GPUs",
     )
-    plan.add_argument("--json", default=None, metavar="FILE", help="also write the plan as JSON")
+    plan.add_argument("--json", type=output_file, default=None, metavar="FILE", help="also write the plan as JSON")
     plan.set_defaults(func=_cmd_plan)
 
 

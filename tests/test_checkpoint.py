@@ -86,3 +86,24 @@ def test_files_get_the_processs_permissions_and_say_what_they_are(tmp_path):
     with pytest.raises(ArtifactError, match="is the checkpoint itself"):
         export_checkpoint(checkpoint, tmp_path / "." / "m.safetensors")
     assert checkpoint.read_bytes() == before
+
+
+def test_a_write_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """`bireal export --out FOLDER` used to fail on the rename and leave FOLDER.tmp (161 KB) behind;
+    a folder is now refused first, and a write that fails midway removes its temporary file."""
+    import bireal_core.checkpoint as ck
+
+    folder = tmp_path / "artifacts"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match="artifacts: is a folder; name the file to write"):
+        bc.save_checkpoint(folder, trained_like())
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ck, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        bc.save_checkpoint(tmp_path / "m.safetensors", trained_like())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts"]

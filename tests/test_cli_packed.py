@@ -112,6 +112,31 @@ def test_flags_out_of_range_are_refused_before_any_work(capsys, argv, message):
     assert e.value.code == 2 and f"bireal {argv[0]}: error: {message}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["export", "--checkpoint", "c.safetensors", "--out", "{folder}"],
+        ["evaluate", "--artifact", "a", "--shards", "s", "--metrics", "{folder}"],
+        ["evaluate", "--artifact", "a", "--shards", "s", "--confusion", "{file}/confusion.csv"],
+        ["train", "--stage", "binarize", "--history", "{folder}"],
+        ["plan", "--gpus", "8", "--json", "{file}/plan.json"],
+        ["bench", "kernels", "--jsonl", "{folder}"],
+    ],
+)
+def test_an_output_that_cannot_be_a_file_is_refused_before_any_work(tmp_path, capsys, argv):
+    """Before, `evaluate --metrics FOLDER` evaluated every image and then failed on the write, and
+    `export --out FOLDER` left FOLDER.tmp behind."""
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("x")
+    argv = [a.format(folder=tmp_path / "folder", file=tmp_path / "file") for a in argv]
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"bireal {argv[0]}: error: argument" in err
+    assert ": is a folder; name the file to write" in err or f"{tmp_path / 'file'} is a file, not a folder" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"] and not any((tmp_path / "folder").iterdir())
+
+
 def test_a_cuda_device_torch_cannot_see_is_refused_before_any_work(capsys):
     """Before, `evaluate --device cuda` on a machine without a GPU ended in torch's driver message
     after loading the artifact; now the flag is refused as it is parsed (bench said so already)."""

@@ -104,7 +104,10 @@ def eval_split_name(manifest: dict) -> str:
     for name in ("val", "test"):
         if name in manifest["splits"]:
             return name
-    raise KeyError("the manifest has no val or test split")
+    raise KeyError(
+        f"the manifest has no val or test split (it has: {', '.join(manifest['splits']) or 'none'}); "
+        "shard a source with val/<class>/* or test/<class>/* beside train/"
+    )
 
 
 @dataclass

@@ -59,7 +59,7 @@ def encode_image(ref: Ref, resize: int, quality: int) -> tuple[bytes | None, str
         im.load()  # decodes fully: truncated files raise here
     except Exception as e:  # PIL raises many types for broken files
         # PIL names the in-memory buffer ("<_io.BytesIO object at 0x...>"); the path is named already
-        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "the file", str(e))
+        reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
         return None, f"undecodable: {e.__class__.__name__}: {reason}"
     notes = []
     if im.format != "JPEG":

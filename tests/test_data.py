@@ -16,7 +16,7 @@ from imagegen import COLORS, WNIDS, add_bad_files, colored_image, ilsvrc_tars, i
 from PIL import Image
 
 import bireal_core as bc
-from pipeline.data import iter_shard_slice, make_loader, plan_epoch, read_manifest, split_shards
+from pipeline.data import eval_split_name, iter_shard_slice, make_loader, plan_epoch, read_manifest, split_shards
 from pipeline.shard import ShardError, ShardParams, shard_dataset, summarize, verify_shards
 from pipeline.sources import SourceError
 
@@ -82,7 +82,9 @@ def test_image_folder_walks_sub_folders_and_names_what_it_leaves_out(tmp_path):
     assert m["splits"]["train"]["per_class"] == {"class0": 4, "class1": 5}
     assert m["ignored"] == ["train/class0/README.txt"]
     (reason,) = [q["reason"] for q in m["quarantine"]]
-    assert reason.startswith("undecodable") and "BytesIO" not in reason
+    assert reason == "undecodable: UnidentifiedImageError: cannot identify image file"
+    with pytest.raises(KeyError, match=r"no val or test split \(it has: train\); shard a source with val/"):
+        eval_split_name({"splits": {"train": m["splits"]["train"]}})
     assert "ignored: 1 file(s) that are not images by their suffix (train/class0/README.txt)" in summarize(m)
     samples = read_samples(tmp_path / "out", m, "train")
     assert sorted(s["cls"] for s in samples) == [0] * 4 + [1] * 5

@@ -54,6 +54,7 @@ def evaluate_artifact(
     per_class = (correct.float() / confusion.sum(1).clamp(min=1)).tolist()
     names = [c["name"] for c in manifest["classes"]]
     result = {
+        "artifact_sha256": header["sha256"],  # what was scored: register checks it is what it registers
         "split": split,
         "images": seen,
         "top1": float(correct.sum()) / seen,
@@ -82,7 +83,7 @@ def check_pairing(artifact: str, header: dict, shards: str, manifest: dict, chec
 
 
 def write_outputs(result: dict, metrics_path: str, confusion_csv: str | None = None) -> None:
-    metrics = {k: result[k] for k in ("split", "images", "top1") if k in result}
+    metrics = {k: result[k] for k in ("split", "images", "top1", "artifact_sha256") if k in result}
     metrics.update({k: result[k] for k in ("float_agreement", "float_disagreements") if k in result})
     Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
     Path(metrics_path).write_text(json.dumps(metrics, indent=2))

@@ -300,7 +300,7 @@ def register(
     the evaluation split as the signature's example and the cost table of its source checkpoint."""
     from cuda_ext.packed import read_artifact_header
 
-    from .adapters.registry import checked_top1, register_artifact, write_registry_summary
+    from .adapters.registry import check_evaluated, checked_top1, register_artifact, write_registry_summary
     from .adapters.tracking import resolve
     from .data import eval_split_name, iter_shard, read_manifest, split_shards
 
@@ -310,6 +310,7 @@ def register(
     registry = replace(params.registry, model_name=model_name) if model_name else params.registry
     checked_top1(evaluation, registry.min_top1)  # before any work; register_artifact checks it again
     header = read_artifact_header(artifact)  # register_artifact verifies the tensors
+    check_evaluated(evaluation, artifact, header["sha256"])  # before any work; and again there
     manifest = read_manifest(shards)
     url = split_shards(manifest, shards, eval_split_name(manifest))[0][0]
     example = Path(artifact).with_name("example.jpg")

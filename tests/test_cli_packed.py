@@ -243,6 +243,33 @@ def test_register_refuses_a_bad_evaluation_before_any_work(tmp_path, checkpoint,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors", "list.json", "low.json", "params.yaml"]
 
 
+def test_register_refuses_the_evaluation_of_another_artifact(tmp_path, checkpoint, demo_shards, capsys, monkeypatch):
+    """`bireal evaluate` records the sha256 of the tensors it scored; `register` of another artifact
+    with that evaluation is refused before MLflow is touched (before, A's top-1 was registered as
+    B's). An evaluation of the artifact itself gets past that check."""
+    from pipeline.adapters.registry import check_evaluated
+
+    monkeypatch.chdir(tmp_path)
+    digits = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25).eval()
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    for path, seed in ((first, 1), (second, 2)):
+        torch.manual_seed(seed)
+        for p in digits.parameters():
+            p.data.normal_()
+        ckpt = bc.save_checkpoint(tmp_path / f"c{seed}.safetensors", digits, stage="finetune")
+        assert main(["export", "--checkpoint", str(ckpt), "--out", str(path)]) == 0
+    evaluation = tmp_path / "eval-a.json"
+    assert main(["evaluate", "--artifact", str(first), "--shards", str(demo_shards), "--metrics", str(evaluation)]) == 0
+    scored = json.loads(evaluation.read_text())["artifact_sha256"]
+    capsys.readouterr()
+    argv = ["register", "--artifact", str(second), "--evaluation", str(evaluation), "--shards", str(demo_shards)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{second}: the evaluation is of another artifact (sha256 {scored[:12]}..." in err
+    assert "nothing registered" in err and not (tmp_path / "mlflow.db").exists()
+    check_evaluated(json.loads(evaluation.read_text()), str(first), scored)  # its own artifact: no error
+
+
 def test_bombs_get_a_clear_error_fast_and_small(tmp_path, checkpoint, capsys):
     """A 30k x 30k PNG, a 60 MP one (under PIL's own limit, over ours) and an artifact whose header
     claims a billion classes: a one-line error each within 5 s, peak memory < 200 MB above the

@@ -57,6 +57,7 @@ def register_artifact(
     c = client(cfg)
     _, header = read_artifact(artifact)
     sha = header["sha256"]
+    check_evaluated(evaluation, artifact, sha)
     _ensure_registered_model(c, registry.model_name)
     existing = c.search_model_versions(f"name = '{registry.model_name}' and tags.`{SHA_TAG}` = '{sha}'")
     if existing:
@@ -134,6 +135,18 @@ def checked_top1(evaluation: dict, floor: float) -> float:
     if top1 < floor:
         raise ValueError(f"evaluation top1={top1:.4f} is below registry.min_top1={floor}; nothing registered")
     return float(top1)
+
+
+def check_evaluated(evaluation: dict, artifact: str, sha256: str) -> None:
+    """The evaluation is of this artifact (``bireal evaluate`` records the tensors' sha256 it
+    scored), else a ValueError: another artifact's top-1 would go into the registry under this one.
+    An evaluation written before the digest was recorded (2026-12-06) is taken as it is."""
+    scored = evaluation.get("artifact_sha256")
+    if scored is not None and scored != sha256:
+        raise ValueError(
+            f"{artifact}: the evaluation is of another artifact (sha256 {str(scored)[:12]}..., this one "
+            f"{sha256[:12]}...); run bireal evaluate on this one first; nothing registered"
+        )
 
 
 def champion_gate(c, name: str, version: int, accuracy: float, pause=None) -> dict:

@@ -149,7 +149,12 @@ def constrain_for_finetune(model: nn.Module, finetune_fc: bool = False) -> nn.Mo
 
 def _finetune_init(config: TrainConfig):
     def prepare(previous: nn.Module | None) -> nn.Module:
-        model, _ = bc.load_checkpoint(stage_input(config, "binarize", config.init_from))
+        path = stage_input(config, "binarize", config.init_from)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: finetune starts from the binarize stage's checkpoint (train binarize first)"
+            )
+        model, _ = bc.load_checkpoint(path)
         return constrain_for_finetune(model, config.finetune_fc)
 
     return prepare

@@ -157,6 +157,18 @@ def test_finetune_constrains_weights_and_keeps_accuracy(three_stages):
     assert results["finetune"]["history"][0]["flip_ratio"] == 0.0  # convs frozen
 
 
+def test_finetune_without_binarizes_checkpoint_says_what_to_train(tmp_path):
+    """Before: `checkpoints/binarize.safetensors: bireal checkpoint not found`, which named no stage."""
+    from pipeline.segments import segments
+
+    (start,) = segments(smoke_config(tmp_path, tmp_path / "ckpt", stage="finetune"), num_classes=10)
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"binarize.safetensors: finetune starts from the binarize stage's checkpoint \(train binarize first\)",
+    ):
+        start.prepare(None)
+
+
 def test_finetune_freezes_all_but_batchnorm():
     model = constrain_for_finetune(bc.create_model("bireal18", num_classes=10, stem="small", width=0.25))
     bn = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}

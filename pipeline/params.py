@@ -790,15 +790,19 @@ def read_params(name_or_path: str | os.PathLike | None = None) -> dict[str, Any]
     """The raw file as a dict. Without a params.yaml in the current directory every default
     applies ({}); a file named on the command line or in $BIREAL_PARAMS must exist."""
     path = params_path(name_or_path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a params file")
     if not path.is_file():
         if name_or_path or os.environ.get("BIREAL_PARAMS"):
             raise ConfigError(f"{path}: params file not found")
         return {}
     try:
-        with path.open() as f:  # a stream, so the error's marks name the file
+        with path.open(encoding="utf-8") as f:  # a stream, so the error's marks name the file
             data = parse_yaml(f) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file in UTF-8 ({e.reason} at byte {e.start})") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
     return data
@@ -906,6 +910,9 @@ def load_params(name_or_path: str | os.PathLike | None = None, train_overrides: 
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"{path}:{unknown[0]}: unknown section (known: {', '.join(sorted(known))})")
+    for section, value in raw.items():
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{path}:{section}: expected a mapping of settings, got {value!r}")
     sections = {name: build(cls, dict(raw.get(name) or {}), f"{path}:{name}") for name, cls in SECTIONS.items()}
     if not sections["mlflow"].tracking_uri and os.environ.get("MLFLOW_TRACKING_URI"):
         # MLflow's own variable, as the mlflow CLI and mlflow.start_run read it: a user who points

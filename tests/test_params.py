@@ -236,6 +236,22 @@ def test_yaml_as_dvc_reads_it_exponents_are_floats_and_a_key_given_twice_is_name
     assert P.parse_yaml("1e") == "1e" and P.parse_yaml("1.2.3") == "1.2.3" and P.parse_yaml("3") == 3
 
 
+def test_a_params_file_of_the_wrong_shape_is_named_not_a_traceback(tmp_path):
+    """`train: 5` ended in TypeError's traceback, a binary file in a UnicodeDecodeError naming no
+    file, and a folder read as 'params file not found'."""
+    (tmp_path / "scalar.yaml").write_text("train: 5\n")
+    with pytest.raises(P.ConfigError, match=r"scalar.yaml:train: expected a mapping of settings, got 5"):
+        P.load_params(tmp_path / "scalar.yaml")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(P.ConfigError, match=r"binary.yaml: not a text file in UTF-8 \(invalid start byte at byte 0\)"):
+        P.load_params(tmp_path / "binary.yaml")
+    (tmp_path / "conf").mkdir()
+    with pytest.raises(P.ConfigError, match=r"conf: a folder, not a params file"):
+        P.load_params(tmp_path / "conf")
+    (tmp_path / "empty-section.yaml").write_text("train:\ntune:\n")
+    assert P.load_params(tmp_path / "empty-section.yaml").train("binarize").width == P.TrainConfig().width
+
+
 def test_mlflow_tracking_uri_from_mlflows_own_variable_where_the_file_is_silent(tmp_path, monkeypatch):
     """$MLFLOW_TRACKING_URI (how users point MLflow at a server) fills an empty mlflow.tracking_uri:
     before, the runs went to ./mlflow.db whatever it said. The file's value wins; the cluster rule

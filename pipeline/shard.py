@@ -15,11 +15,14 @@ Bad images never crash the run: convertible ones are converted to RGB JPEG (and 
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import io
 import json
 import multiprocessing as mp
+import os
 import random
 import re
 import tarfile
@@ -216,6 +219,35 @@ def shard_dataset(
         and not fs.exists(f"{root}/{PROGRESS}")
     ):
         return existing  # already complete: nothing to do
+    with sharding_lease(out, root):  # one sharder per folder: a second stops here
+        return _shard_into(fs, root, source, params, identity, overwrite, progress_bar, started)
+
+
+@contextlib.contextmanager
+def sharding_lease(out: str, root: str):
+    """One sharder per output folder: two would delete each other's partial shards (``*.tmp``). A
+    local folder: an exclusive ``flock`` of the folder itself (nothing written; the kernel drops it
+    when the process dies). Object storage: a run lease beside the folder (``pipeline/lease.py``),
+    deleted on exit."""
+    if storage.is_url(out):
+        from .lease import RunLease
+
+        parent, _, name = out.rstrip("/").rpartition("/")
+        with RunLease(parent, f"{name}.sharding", ttl_s=60.0):
+            yield
+        return
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ShardError(f"{out}: another process is sharding into this folder; wait for it, or stop it") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _shard_into(fs, root, source, params, identity, overwrite, progress_bar, started) -> dict:
     state = _resume_state(fs, root, identity, overwrite)
     for stale in fs.glob(f"{root}/*.tmp"):
         fs.rm(stale)

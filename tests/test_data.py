@@ -91,6 +91,23 @@ def test_image_folder_walks_sub_folders_and_names_what_it_leaves_out(tmp_path):
     assert all(color_class(s["image"]) == s["cls"] for s in samples)
 
 
+def test_one_sharder_per_output_folder(tmp_path):
+    """Two `bireal shard` into one folder deleted each other's partial shards (the second died on
+    `No such file or directory: .../train-000003.tar.tmp`); the second now stops at once. The lock
+    is the folder's own flock: nothing is written beside or into the folder for it."""
+    from pipeline.shard import sharding_lease
+
+    src = image_folder(tmp_path / "src", per_class=(3, 1), classes=2)
+    out = tmp_path / "out"
+    out.mkdir()
+    with sharding_lease(str(out), str(out)):  # another sharder holds it
+        with pytest.raises(ShardError, match=r"out: another process is sharding into this folder"):
+            shard_dataset(str(src), str(out), ShardParams(**FAST), progress_bar=False)
+    assert list(out.iterdir()) == []
+    shard_dataset(str(src), str(out), ShardParams(**FAST), progress_bar=False)
+    assert verify_shards(str(out)) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
 def test_a_train_class_folder_without_images_is_named(tmp_path):
     src = image_folder(tmp_path / "src", per_class=(3, 1), classes=2)
     (src / "train" / "class_z").mkdir()

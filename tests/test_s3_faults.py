@@ -163,3 +163,24 @@ def test_a_stalled_answer_times_out_and_is_retried(moto, tmp_path, monkeypatch):
     finally:
         proxy.close()
     assert proxy.stalled == 2 and took < 30, (proxy.stalled, took)  # stalled twice, waited out, done
+
+
+def test_one_sharder_per_shard_folder_in_object_storage(moto, tmp_path, monkeypatch):
+    """In object storage the shard folder's lease is an object beside it (a conditional write):
+    a second sharder stops naming the first, and the lease is gone once the first is done."""
+    import fsspec
+    from imagegen import image_folder
+
+    from pipeline.lease import LeaseHeld
+    from pipeline.shard import ShardParams, shard_dataset, sharding_lease, verify_shards
+
+    monkeypatch.setenv(storage.ENDPOINT_ENV, moto.url)
+    fsspec.filesystem("s3").clear_instance_cache()
+    src = image_folder(tmp_path / "src", per_class=(3, 1), classes=2)
+    out = "s3://faults/one-sharder/shards"
+    with sharding_lease(out, ""):
+        with pytest.raises(LeaseHeld, match=r"run shards.sharding held by "):
+            shard_dataset(str(src), out, ShardParams(processes=1), progress_bar=False)
+    assert not storage.exists(f"{out}/manifest.json")
+    shard_dataset(str(src), out, ShardParams(processes=1), progress_bar=False)
+    assert verify_shards(out) == [] and not storage.exists("s3://faults/one-sharder/shards.sharding.lease.json")

@@ -71,7 +71,7 @@ def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> d
     "history", "final", "cost", "mlflow_run_id"}."""
     import mlflow.tracking  # noqa: F401  (the pipeline extra: without it, fail before any work)
 
-    from .adapters.tracking import experiment_id, resolve
+    from .adapters.tracking import experiment_id, resolve, wait_for_tracking
     from .train import check_full_batches
 
     check_full_batches(config, params.ray.num_workers if use_ray else 1)
@@ -86,6 +86,7 @@ def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> d
             check_run(storage.absolute(params.ray.storage_path), ray_run, params.restart)
     with run_lease(params, ray_run):  # one driver per run: a second one stops here, naming the first
         mlflow_cfg = resolve(params.mlflow)
+        wait_for_tracking(mlflow_cfg, f"starting the {config.stage} stage")
         experiment_id(mlflow_cfg)  # the tracking store next: no mlflow, or no server, fails before training
         return _tracked_training(config, params, mlflow_cfg, ray_run)
 
@@ -301,7 +302,7 @@ def register(
     from cuda_ext.packed import read_artifact_header
 
     from .adapters.registry import check_evaluated, checked_top1, register_artifact, write_registry_summary
-    from .adapters.tracking import resolve
+    from .adapters.tracking import resolve, wait_for_tracking
     from .data import eval_split_name, iter_shard, read_manifest, split_shards
 
     evaluation = evaluation or read_evaluation(f"{METRICS}/evaluate.json")
@@ -320,7 +321,9 @@ def register(
         import bireal_core as bc
 
         cost = bc.summary(bc.load_checkpoint(header["source"]["checkpoint"])[0]).as_dict()
-    result = register_artifact(artifact, evaluation, str(example), resolve(params.mlflow), registry, params.group, cost)
+    mlflow_cfg = resolve(params.mlflow)
+    wait_for_tracking(mlflow_cfg, "registering the artifact")
+    result = register_artifact(artifact, evaluation, str(example), mlflow_cfg, registry, params.group, cost)
     if out:
         write_registry_summary(result, out)
     return result

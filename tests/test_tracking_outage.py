@@ -144,6 +144,44 @@ def test_only_an_unreachable_mlflow_is_waited_out():
     assert len(calls) == 2 and calls[1] - calls[0] >= 1.0 and time.monotonic() - start < 2.5
 
 
+def test_a_tracking_server_that_does_not_answer_is_said_at_once(caplog, tmp_path):
+    """`bireal train` with a wrong address (MLFLOW_TRACKING_URI=http://127.0.0.1:9) printed nothing
+    for minutes: MLflow's client retries a refused connection ~4 minutes per call. The stage's first
+    contact is now a single /health request: the address and the error are on stderr at once, then
+    waited for up to outage_wait_s and named. A server that answers anything, and a local store,
+    pass at once."""
+    import http.server
+    import logging
+
+    from pipeline.adapters.tracking import wait_for_tracking
+    from pipeline.params import MlflowConfig
+
+    cfg = MlflowConfig(tracking_uri="http://127.0.0.1:9", outage_wait_s=2.5)
+    start = time.monotonic()
+    with caplog.at_level(logging.WARNING), pytest.raises(TrackingUnavailable, match=r"127.0.0.1:9 unreachable for"):
+        wait_for_tracking(cfg, "starting the binarize stage")
+    assert time.monotonic() - start < 5
+    (first, *_) = [r.getMessage() for r in caplog.records if "unreachable while" in r.getMessage()]
+    assert "MLflow at http://127.0.0.1:9 unreachable while starting the binarize stage" in first
+    assert "Connection refused" in first and "$MLFLOW_TRACKING_URI" in first
+
+    class Unauthorized(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(401)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Unauthorized)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        wait_for_tracking(MlflowConfig(tracking_uri=f"http://127.0.0.1:{server.server_port}"), "registering")
+    finally:
+        server.shutdown()
+    wait_for_tracking(MlflowConfig(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"), "starting")
+
+
 def test_the_epoch_sender_stops_at_a_refusal(tmp_path):
     """MLflow answering no (the run was deleted) is not an outage: the logger's sender stops at once
     instead of retrying every 5 s for the stage's lifetime, keeps the refusal, and the driver's

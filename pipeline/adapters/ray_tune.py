@@ -153,7 +153,7 @@ def run_tune(
     """Run (or resume) the search; -> {"best", "table", "rankings", "trials", "path", "finished"}."""
     from ray import tune
 
-    from .tracking import close_tune_runs, tune_parent_run
+    from .tracking import close_tune_runs, tune_parent_run, wait_for_tracking
 
     ensure_ray(ray_cfg or RayConfig())
     check_fits(  # one trial must fit, or none ever starts
@@ -165,6 +165,8 @@ def run_tune(
     storage = storage_mod.absolute(settings.storage_path)
     name = experiment_name(settings, base)
     base_dict = {**trial_base(settings, base), "_threads": max(1, int(settings.cpus_per_trial))}
+    if mlflow_cfg:
+        wait_for_tracking(mlflow_cfg, "starting the search")
     tracking = tune_parent_run(mlflow_cfg, group, name, settings) if mlflow_cfg else None
     trainable = tune.with_parameters(_trial, base=base_dict, tracking=tracking)
     trainable = tune.with_resources(trainable, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})

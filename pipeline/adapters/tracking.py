@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import ssl
 import threading
 import time
 from dataclasses import asdict, replace
@@ -199,9 +200,39 @@ def until_reachable(cfg: MlflowConfig, what: str, call: Callable[[], T]) -> T:
             waited = time.monotonic() - start
             if waited + delay > cfg.outage_wait_s:
                 raise _unreachable(cfg, waited, what, e) from e
-            log.warning("MLflow unreachable while %s (%s); retrying in %.0f s", what, type(e).__name__, delay)
+            log.warning(
+                "MLflow at %s unreachable while %s (%s: %s); retrying in %.0f s, for up to mlflow.outage_wait_s=%.0f s "
+                "(the address: mlflow.tracking_uri or $MLFLOW_TRACKING_URI)",
+                cfg.tracking_uri, what, type(e).__name__, str(e)[:200], delay, cfg.outage_wait_s,
+            )  # fmt: skip
             time.sleep(delay)
             delay = min(2 * delay, 30.0)
+
+
+def probe(cfg: MlflowConfig, timeout_s: float = 10.0) -> None:
+    """One request to a tracking server's ``/health``, no retries: an ``OSError`` where nothing
+    answers. (MLflow's own client retries a refused connection for about 4 minutes per call,
+    silently, before its first error.) A local store has nothing to probe."""
+    import urllib.error
+    import urllib.request
+
+    if not cfg.tracking_uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{cfg.tracking_uri.rstrip('/')}/health", timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return  # a server answered (an auth proxy, a 404 from a gateway): MLflow's client says the rest
+    except urllib.error.URLError as e:
+        if isinstance(e.reason, ssl.SSLError):
+            return  # something answered in TLS: MLflow's client has the certificate settings
+        raise
+
+
+def wait_for_tracking(cfg: MlflowConfig, what: str) -> None:
+    """Before a command's first MLflow write: a server that does not answer is said at once, on
+    stderr, and waited for up to ``mlflow.outage_wait_s`` (a typo in the address then reads as an
+    outage that names the address, not as minutes of silence)."""
+    until_reachable(cfg, what, lambda: probe(cfg))
 
 
 class EpochLogger:

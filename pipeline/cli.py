@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -664,9 +665,20 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     except (KeyError, ValueError, OSError, RuntimeError) as e:  # OSError: a missing, damaged or unreadable file
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # str(KeyError) adds quotes
-        print(f"bireal {args.command}: error: {message}", file=sys.stderr)
+        print(f"bireal {args.command}: error: {error_text(e)}", file=sys.stderr)
         return 2
+
+
+def error_text(e: BaseException) -> str:
+    """What went wrong, in the words of the code that raised it. torch re-raises a DataLoader
+    worker's error as 'Caught X in DataLoader worker process N.' plus the worker's traceback: the
+    error is the traceback's last entry."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)  # str(KeyError) adds quotes
+    if not re.match(r"Caught \w+ in DataLoader worker process \d+", text):
+        return text
+    lines = text.rstrip().splitlines()
+    last = max(i for i, line in enumerate(lines) if line and not line[0].isspace())  # the exception's line
+    return "\n".join([lines[last].split(": ", 1)[-1], *lines[last + 1 :]])
 
 
 if __name__ == "__main__":

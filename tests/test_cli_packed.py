@@ -221,6 +221,15 @@ def test_evaluate_refuses_an_artifact_of_other_classes_or_another_checkpoint(tmp
     assert main(argv) == 2
     assert f"bireal evaluate: error: {partial}/{gone}: missing (the manifest lists it)" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
+    # a shard changed after sharding is found in the loader's worker process: its error, one line
+    shutil.copy(demo_shards / gone, partial / gone)
+    damaged = bytearray((partial / gone).read_bytes())
+    damaged[5000] ^= 0xFF
+    (partial / gone).write_bytes(bytes(damaged))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"bireal evaluate: error: {partial}/{gone}: size/sha256 mismatch" in err
+    assert "Caught" not in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_register_refuses_a_bad_evaluation_before_any_work(tmp_path, checkpoint, capsys, monkeypatch):

@@ -100,3 +100,24 @@ def test_a_request_the_local_ray_instance_cannot_hold_is_refused(ray_local, demo
     settings = TuneSettings(cpus_per_trial=1, gpus_per_trial=gpus + 1, storage_path=str(tmp_path / "tune"))
     with pytest.raises(RuntimeError, match=rf"a tune trial .* needs {gpus + 1} GPU"):
         run_tune(settings, params.train("binarize"))
+
+
+def test_a_ranks_own_error_ends_the_stage_not_rays_wrapper(ray_local, demo_shards, tmp_path):
+    """A shard changed after sharding, found by a rank's loader: the stage fails with that rank's
+    ShardIntegrityError (what `bireal train` prints as one line), where it raised Ray's
+    WorkerGroupError, whose message is every rank's traceback."""
+    import shutil
+
+    from pipeline.shard_read import ShardIntegrityError
+
+    shards = tmp_path / "shards"
+    shutil.copytree(demo_shards, shards)
+    for tar in shards.glob("train-*.tar"):  # every rank reads a damaged shard in its first epoch
+        data = bytearray(tar.read_bytes())
+        data[5000] ^= 0xFF
+        tar.write_bytes(bytes(data))
+    params = load_params(write_params(tmp_path, shards, init="scratch", max_steps_per_epoch=2))
+    params.ray.max_failures = 0
+    with pytest.raises(ShardIntegrityError, match=r"train-\d+\.tar: size/sha256 mismatch") as caught:
+        run_train_stage("binarize", params, overrides={"epochs": 1})
+    assert type(caught.value.__cause__).__name__ == "WorkerGroupError"  # Ray's, kept as the cause

@@ -306,9 +306,15 @@ def run_stage_on_ray(
     }
     storage_path = storage.absolute(ray_cfg.storage_path)
     resumed = claim_run(storage_path, run, restart) if ray_cfg.resume == "auto" else False
-    result = torch_trainer(payload, ray_cfg, run.name, storage_path).fit()
-    if result.error is not None:
-        raise result.error
+    try:
+        result = torch_trainer(payload, ray_cfg, run.name, storage_path).fit()
+        if result.error is not None:  # Ray Train v1 returns it; v2 raises it
+            raise result.error
+    except Exception as e:
+        cause = worker_error(e)
+        if cause is e:
+            raise
+        raise cause from e
     history = []
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as d:
@@ -321,6 +327,21 @@ def run_stage_on_ray(
         "ray_path": result.path,
         "resumed": resumed,
     }
+
+
+def worker_error(error: BaseException) -> BaseException:
+    """What a rank raised (the lowest rank that failed), in place of Ray's ``WorkerGroupError``,
+    whose message is every rank's traceback: a damaged shard, the clip gate or a NaN loss then
+    ends ``bireal train`` and ``dvc repro`` with its own message. Any other error as it is."""
+    from ray.exceptions import RayTaskError
+
+    failures = getattr(error, "worker_failures", None) or {}
+    if not failures:
+        return error
+    cause = failures[min(failures)]
+    if isinstance(cause, RayTaskError) and isinstance(cause.cause, BaseException):
+        cause = cause.cause
+    return cause if isinstance(cause, BaseException) else error
 
 
 def torch_trainer(payload: dict, ray_cfg: RayConfig, name: str, storage_path: str):

@@ -78,13 +78,16 @@ def run_training(config: TrainConfig, params: Params, use_ray: bool = True) -> d
 
     ray_run = None
     if use_ray:
-        from .adapters.ray_train import check_run, check_workers_fit, stage_run
+        from .adapters.ray_train import check_run, stage_run
 
-        check_workers_fit(config.stage, params.ray)  # a placement Ray can never fill would wait forever
         ray_run = stage_run(config, params.ray, params.group)
         if params.ray.resume == "auto":  # changed inputs are refused here, before any tracking or work
             check_run(storage.absolute(params.ray.storage_path), ray_run, params.restart)
     with run_lease(params, ray_run):  # one driver per run: a second one stops here, naming the first
+        if use_ray:
+            from .adapters.ray_train import check_workers_fit
+
+            check_workers_fit(config.stage, params.ray)  # a placement Ray can never fill would wait forever
         mlflow_cfg = resolve(params.mlflow)
         wait_for_tracking(mlflow_cfg, f"starting the {config.stage} stage")
         experiment_id(mlflow_cfg)  # the tracking store next: no mlflow, or no server, fails before training

@@ -83,7 +83,7 @@ def test_resume_after_killed_worker(ray_local, demo_shards, tmp_path):
 def test_a_request_the_local_ray_instance_cannot_hold_is_refused(ray_local, demo_shards, tmp_path):
     """GPU workers on a machine without GPUs (or more CPUs than it has) used to wait forever: Ray
     queues a placement it cannot fill, and `bireal train` sat silent until killed. The stage and
-    the search now refuse it, naming the keys, before a worker starts or a run is claimed."""
+    the search now refuse it, naming the keys, before a worker starts or MLflow is written to."""
     from pipeline.adapters.ray_tune import run_tune
     from pipeline.params import TuneSettings
 
@@ -96,7 +96,7 @@ def test_a_request_the_local_ray_instance_cannot_hold_is_refused(ray_local, demo
     params.ray.use_gpu, params.ray.num_workers = False, cpus + 1
     with pytest.raises(RuntimeError, match=rf"needs {cpus + 1} CPU \(the Ray instance has {cpus}\): lower"):
         run_train_stage("binarize", params)
-    assert not (tmp_path / "ray_results").exists()  # nothing claimed, nothing written
+    assert not (tmp_path / "mlflow.db").exists() and not list((tmp_path / "ray_results").glob("*/"))  # no run
     settings = TuneSettings(cpus_per_trial=1, gpus_per_trial=gpus + 1, storage_path=str(tmp_path / "tune"))
     with pytest.raises(RuntimeError, match=rf"a tune trial .* needs {gpus + 1} GPU"):
         run_tune(settings, params.train("binarize"))

@@ -28,6 +28,7 @@ from ..train import Runtime, load_train_state, train_loop
 from .ray_jobs import is_job_server
 
 log = logging.getLogger(__name__)
+_JOINED = False  # set when ensure_ray joined a running cluster instead of starting one
 
 
 class RayRuntime(Runtime):
@@ -181,9 +182,6 @@ def ray_is_local() -> bool:
     import ray
 
     return ray.is_initialized() and len(ray.nodes()) == 1 and not (os.environ.get("RAY_ADDRESS") or _JOINED)
-
-
-_JOINED = False  # set when ensure_ray joined a running cluster instead of starting one
 
 
 def stage_inputs(config: TrainConfig) -> dict:

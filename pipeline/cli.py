@@ -134,8 +134,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     result = train(args.stage, args.loaded, use_ray=not args.no_ray, metrics_out=args.metrics)
     if args.history:  # per-epoch rows, e.g. for accuracy-vs-time curves
-        Path(args.history).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.history).write_text(json.dumps(result["history"], indent=2))
+        write_json(args.history, result["history"])
     print(report_train(result))
     return 0
 

@@ -765,13 +765,14 @@ class ParamsLoader(yaml.SafeLoader):
                 if key_node.tag == "tag:yaml.org,2002:merge":
                     continue  # '<<: *defaults': a merged key may be overridden, as intended
                 key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, typing.Hashable):
+                    continue  # PyYAML's own constructor names an unhashable key
                 line = key_node.start_mark.line + 1
-                if isinstance(key, typing.Hashable) and key in lines:
+                if key in lines:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"key {key!r} given twice (lines {lines[key]} and {line})", key_node.start_mark
                     )
-                if isinstance(key, typing.Hashable):
-                    lines[key] = line
+                lines[key] = line
         return super().construct_mapping(node, deep)
 
 

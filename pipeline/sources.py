@@ -80,9 +80,9 @@ def first_few(names: list[str], k: int = 5) -> str:
     return ", ".join(names[:k]) + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
-def _visible(path: Path) -> bool:
+def _visible(name: str) -> bool:
     """Hidden entries (``.ipynb_checkpoints``, macOS's ``._x.jpg``) are never classes or images."""
-    return not path.name.startswith(".")
+    return not name.startswith(".")
 
 
 def _class_folder_files(class_dir: Path) -> list[Path]:
@@ -95,8 +95,8 @@ def _class_folder_files(class_dir: Path) -> list[Path]:
             dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in filenames if not f.startswith(".")]
+        dirnames[:] = sorted(d for d in dirnames if _visible(d))
+        found += [Path(dirpath) / f for f in filenames if _visible(f)]
     return sorted(found, key=lambda f: f.relative_to(class_dir).parts)
 
 
@@ -108,7 +108,7 @@ def scan_image_folder(root: str | os.PathLike) -> Source:
     root = Path(root)
     if not (root / "train").is_dir():
         raise SourceError(f"{root}: no train/ folder (expected train/<class>/* and val/ or test/)")
-    class_names = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and _visible(d))
+    class_names = sorted(d.name for d in (root / "train").iterdir() if d.is_dir() and _visible(d.name))
     if not class_names:
         raise SourceError(f"{root / 'train'}: no class folders")
     index = {c: i for i, c in enumerate(class_names)}
@@ -119,7 +119,7 @@ def scan_image_folder(root: str | os.PathLike) -> Source:
         if not split_dir.is_dir():
             continue
         samples, without_images = [], []
-        for class_dir in sorted(d for d in split_dir.iterdir() if d.is_dir() and _visible(d)):
+        for class_dir in sorted(d for d in split_dir.iterdir() if d.is_dir() and _visible(d.name)):
             if class_dir.name not in index:
                 raise SourceError(f"{class_dir}: class {class_dir.name!r} is not in train/")
             found = 0

@@ -293,7 +293,7 @@ def run_stage_on_ray(
     The stage's checkpoint ends up in the driver's ``out`` (fetched from ``artifacts`` when the
     outputs travel with the run). ``run``: the launch's identity if the caller already has it;
     ``restart``: discard a run of the same name whose inputs changed (else ``InputsChanged``)."""
-    check_workers_fit(config.stage, ray_cfg)  # ensure_ray too; run_training checked it before its lease
+    ensure_ray(ray_cfg)  # run_training has checked that the workers fit (check_workers_fit), under its lease
     run = run or stage_run(config, ray_cfg, group)
     config = located(config)
     payload = {

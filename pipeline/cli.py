@@ -200,14 +200,19 @@ def _cmd_import_official(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from cuda_ext.memory import keep_freed_memory
-    from cuda_ext.predict import format_predictions, predict_files
+    from cuda_ext.predict import BATCH_SIZE, format_prediction, iter_predictions
 
     keep_freed_memory()  # a CPU forward reuses freed activation memory (cuda_ext/memory.py)
-    results = predict_files(args.artifact, args.images, topk=args.topk)
-    failed = [r for r in results if "error" in r]
-    for r in failed:  # one line each; the readable images are still classified
-        print(f"bireal predict: error: {r['error']}", file=sys.stderr)
-    print(json.dumps(results, indent=2) if args.json else format_predictions(results))
+    failed = 0
+    # printed a batch at a time, so a long list of files shows progress and holds one batch in memory
+    for r in iter_predictions(args.artifact, args.images, topk=args.topk, batch_size=args.batch_size or BATCH_SIZE):
+        if "error" in r:  # one line each; the readable images are still classified
+            failed += 1
+            print(f"bireal predict: error: {r['error']}", file=sys.stderr)
+        if args.json:
+            print(json.dumps(r), flush=True)
+        elif "top" in r:
+            print(format_prediction(r), flush=True)
     return 1 if failed else 0  # 1: some images could not be read (2: nothing could run)
 
 
@@ -515,7 +520,16 @@ def _add_predict(sub) -> None:
     predict.add_argument("--artifact", required=True, help="a packed artifact (.safetensors) from bireal export")
     predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
     predict.add_argument("--topk", type=bounded(int, ">= 1"), default=1, help="classes listed per image (default 1)")
-    predict.add_argument("--json", action="store_true", help="print one JSON object per image")
+    predict.add_argument(
+        "--json", action="store_true", help="print one JSON object per image, a line each (errors included)"
+    )
+    predict.add_argument(
+        "--batch-size",
+        dest="batch_size",
+        type=bounded(int, ">= 1"),
+        default=None,
+        help="images per forward (default 32, cuda_ext.predict.BATCH_SIZE): memory stays flat for any number of files",
+    )
     predict.set_defaults(func=_cmd_predict)
 
 

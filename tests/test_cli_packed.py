@@ -32,7 +32,7 @@ def test_export_then_predict(tmp_path, checkpoint, capsys):
     assert "Mbit" in capsys.readouterr().out
     images = [write_image(tmp_path / "a.jpg"), write_image(tmp_path / "b.png", mode="L")]
     assert main(["predict", "--artifact", str(art), "--topk", "2", "--json", *map(str, images)]) == 0
-    results = json.loads(capsys.readouterr().out)
+    results = [json.loads(line) for line in capsys.readouterr().out.splitlines()]  # a line per image
     assert [len(r["top"]) for r in results] == [2, 2]
     for r in results:
         assert r["top"][0]["label"] in {"cat", "dog", "fox"}
@@ -53,6 +53,39 @@ def test_predict_errors_name_the_file(tmp_path, checkpoint, capsys):
     assert "ok.jpg" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "nope.safetensors"), "--out", str(art)]) == 2
     assert "nope.safetensors" in capsys.readouterr().err
+
+
+def test_predict_goes_a_batch_at_a_time(tmp_path, checkpoint, capsys):
+    """Many files do not make one batch: results come a batch at a time, in order, the same as one
+    batch gives, and a file is read only when its batch comes (here one written after the first
+    batch's results were out)."""
+    from cuda_ext.predict import iter_predictions, predict_files
+
+    art = tmp_path / "model.safetensors"
+    main(["export", "--checkpoint", str(checkpoint), "--out", str(art)])
+    images = [write_image(tmp_path / f"{i}.jpg", size=(40 + 7 * i, 30)) for i in range(5)]
+    (tmp_path / "bad.jpg").write_bytes(b"not an image")
+    paths = [images[0], images[1], tmp_path / "bad.jpg", images[2], tmp_path / "late.jpg", images[3], images[4]]
+    one_batch = predict_files(art, paths[:4] + paths[5:], topk=3, batch_size=64)
+
+    results = iter_predictions(art, paths, topk=3, batch_size=2)
+    first = [next(results), next(results)]
+    write_image(tmp_path / "late.jpg", size=(50, 50))  # the generator has not read it yet
+    rest = list(results)
+    got = first + rest
+    assert [r["path"] for r in got] == [str(p) for p in paths]
+    assert "error" in got[2] and "bad.jpg" in got[2]["error"] and "top" in got[4]  # late.jpg was read
+    for batched, whole in zip(got[:4] + got[5:], one_batch):
+        assert batched.keys() == whole.keys()
+        if "top" in whole:
+            assert [t["class_id"] for t in batched["top"]] == [t["class_id"] for t in whole["top"]]
+            assert [t["score"] for t in batched["top"]] == pytest.approx([t["score"] for t in whole["top"]], abs=1e-5)
+
+    capsys.readouterr()
+    assert main(["predict", "--artifact", str(art), "--batch-size", "2", "--json", *map(str, paths)]) == 1
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [r["path"] for r in lines] == [str(p) for p in paths] and "bad.jpg" in err
 
 
 def png_header_only(path, width: int, height: int):

@@ -95,6 +95,16 @@ HEADER_KINDS = {
 }
 
 
+def project_file_kind(path: str | os.PathLike) -> str | None:
+    """What ``HEADER_KINDS`` says of a file this project wrote, or None for any other file."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return None
+    return next((kind for key, kind in HEADER_KINDS.items() if key in meta), None)
+
+
 def read_safetensors_header(path: str | os.PathLike, key: str, error: type[Exception], what: str) -> dict:
     """The JSON header under metadata ``key``; ``error`` (naming the file) when it can't be read."""
     path = Path(path)

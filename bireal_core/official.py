@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import project_file_kind
 from .registry import create_model
 
 OFFICIAL_ARCHS = ("bireal18", "bireal34", "bireal50")
@@ -28,6 +29,9 @@ def read_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
+    kind = project_file_kind(path)  # torch.load reads safetensors too, and would map its keys by position
+    if kind:
+        raise ValueError(f"{path}: {kind}, not an authors' checkpoint (their .pth.tar) to import")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a pickle with code in it, or not a torch file at all

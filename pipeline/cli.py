@@ -18,12 +18,19 @@ from .params import bounded
 
 
 def _cmd_cost(args: argparse.Namespace) -> int:
+    import torch
+
     import bireal_core as bc
 
-    model = bc.create_model(args.arch, num_classes=args.num_classes, stem=args.stem, width=args.width)
+    # on the meta device: shapes without storage, so no size of model or input allocates anything
+    # (--input-size 100000 asked a CPU forward for 120 GB)
+    with torch.device("meta"):
+        model = bc.create_model(args.arch, num_classes=args.num_classes, stem=args.stem, width=args.width)
     try:
         result = bc.summary(model, input_size=args.input_size)
     except RuntimeError as e:  # torch's "output size is too small" from a pooling layer
+        if "too small" not in str(e):
+            raise
         raise ValueError(
             f"--input-size {args.input_size}: too small for {args.arch} with the {args.stem} stem ({e})"
         ) from e

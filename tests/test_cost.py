@@ -66,6 +66,22 @@ def test_cli_bad_numbers_are_named(capsys, args, message):
     assert rc == 2 and capsys.readouterr().err.splitlines()[-1].startswith(f"bireal cost: error: {message}")
 
 
+def test_cli_counts_any_size_without_allocating_it(capsys):
+    """The CLI counts on the meta device: an input of 100,000 px a side (120 GB as a CPU tensor) and
+    Bi-Real-152 at width 64 (238 G parameters) are counted, not allocated; the convs' MACs scale
+    with the area exactly (100,000 = 32 x 3,125), the FC's do not."""
+
+    def cost(*args):
+        assert main(["cost", "--arch", "bireal18", "--stem", "small", "--num-classes", "10", "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    small, huge = cost("--layers"), cost("--input-size", "100000", "--layers")
+    for a, b in zip(small["layers"], huge["layers"]):
+        assert b["macs"] == (a["macs"] * 3125**2 if a["name"] != "fc" else a["macs"]), a["name"]
+    assert main(["cost", "--arch", "bireal152", "--width", "64", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["binary_params"] > 2e11
+
+
 def test_models_refuse_widths_and_class_counts_that_build_nothing():
     for kwargs, message in (
         ({"width": 0.0}, "width=0.0: the channel multiplier must be > 0"),

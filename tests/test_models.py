@@ -181,6 +181,19 @@ def test_import_official_maps_an_authors_checkpoint(tmp_path, capsys):
     assert "not the authors' bireal18" in capsys.readouterr().err
 
 
+def test_import_official_names_a_file_of_ours(tmp_path, capsys):
+    """torch.load reads a safetensors file too: a checkpoint of ours, given by mistake, would be
+    mapped by position. It is named for what it is, and nothing is written."""
+    from pipeline.cli import main
+
+    ours = bc.save_checkpoint(tmp_path / "ours.safetensors", bc.create_model("bireal18"), stage="binarize")
+    out = tmp_path / "imported.safetensors"
+    assert main(["import-official", "--arch", "bireal18", "--checkpoint", str(ours), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "ours.safetensors: a training checkpoint (bireal export packs it), not an authors' checkpoint" in err
+    assert not out.exists()
+
+
 def test_binary_resnet18_is_bireal18_without_the_inner_shortcuts():
     """Same 16 binary convs with the same shapes, in 8 two-conv blocks with one shortcut each: the
     real-valued output of a block's first conv is not carried past its second."""

@@ -3,6 +3,7 @@
 import io
 import json
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -173,8 +174,9 @@ def test_killed_run_resumes_byte_identical(tmp_path):
     kept = sorted(p.name for p in out.glob("train-*.tar"))
     assert 3 <= len(kept) < 30
     mtimes = {name: (out / name).stat().st_mtime_ns for name in kept}
+    resume = [*args[:-1], "2"]  # another worker count: the same bytes, so the run resumes
     subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "shard", *args, "--out", str(out)], check=True, capture_output=True
+        [sys.executable, "-m", "pipeline.cli", "shard", *resume, "--out", str(out)], check=True, capture_output=True
     )
     for name in kept[:3]:  # complete shards were kept, not rewritten
         assert (out / name).stat().st_mtime_ns == mtimes[name]
@@ -209,10 +211,20 @@ def test_bad_inputs_named(tmp_path):
     src = image_folder(tmp_path / "src")
     shard_dataset(str(src), str(tmp_path / "out"), ShardParams(**FAST), progress_bar=False)
     before = sorted((p.name, p.read_bytes()) for p in (tmp_path / "out").iterdir())
-    with pytest.raises(ShardError, match="other parameters"):
+    made_with = f"samples_per_shard={FAST['samples_per_shard']} (now 3)"
+    with pytest.raises(ShardError, match=re.escape(f"holds shards made with {made_with}; choose another --out")):
         shard_dataset(
-            str(src), str(tmp_path / "out"), ShardParams(processes=1, samples_per_shard=3), progress_bar=False
+            str(src), str(tmp_path / "out"), ShardParams(**{**FAST, "samples_per_shard": 3}), progress_bar=False
         )
+    assert sorted((p.name, p.read_bytes()) for p in (tmp_path / "out").iterdir()) == before
+    # the worker count does not change a byte: another count keeps the shards, as does a manifest
+    # written before it was left out of the identity (it listed every setting)
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    manifest["params"]["processes"] = 7
+    (tmp_path / "out" / "manifest.json").write_text(json.dumps(manifest))
+    before = sorted((p.name, p.read_bytes()) for p in (tmp_path / "out").iterdir())
+    kept = shard_dataset(str(src), str(tmp_path / "out"), ShardParams(**{**FAST, "processes": 2}), progress_bar=False)
+    assert kept["params"]["processes"] == 7  # the manifest as it was: nothing was re-sharded
     assert sorted((p.name, p.read_bytes()) for p in (tmp_path / "out").iterdir()) == before
 
 

@@ -319,13 +319,12 @@ def _cmd_check_params(args: argparse.Namespace) -> int:
     for problem in problems:
         print(f"FAIL {problem}")
     if problems:
-        print(f"{p.path}: {len(problems)} problem{'s' * (len(problems) > 1)}")
+        print(f"{p.where}: {len(problems)} problem{'s' * (len(problems) > 1)}")
         return 1
     stages = ", ".join(
         f"{s}: {p.train(s).arch} {p.train(s).stem} w{p.train(s).width:g}" for s in ("pretrain", "binarize", "finetune")
     )
-    where = p.path if p.path.is_file() else f"{p.path} (no such file: the defaults)"
-    print(f"{where}: OK ({stages}; tune {'on' if p.tune.enabled else 'off'})")
+    print(f"{p.where}: OK ({stages}; tune {'on' if p.tune.enabled else 'off'})")
     return 0
 
 

@@ -829,6 +829,11 @@ class Params:
     # checkpoints and starts over, instead of refusing (pipeline/adapters/ray_train.py)
     restart: bool = False
 
+    @property
+    def where(self) -> str:
+        """The params file as messages name it: a missing default file means the typed defaults."""
+        return str(self.path) if self.path.is_file() else f"{self.path} (no such file: the defaults)"
+
     def train(self, stage: str, overrides: dict[str, Any] | None = None, tuned: bool = True) -> TrainConfig:
         """The stage's TrainConfig: ``train`` <- ``<stage>`` <- ``--set`` overrides; for binarize the
         tune stage's pick (``tuned_config``, read now: the flow runs tune after loading) overrides
@@ -877,7 +882,7 @@ def cluster_location_problems(params: Params) -> list[str]:
     stays local: it is each node's working folder (stage outputs travel via ``storage.artifacts``)."""
     if not params.ray.address:
         return []
-    where = f"{params.path}: ray.address is {params.ray.address!r}, so"
+    where = f"{params.where}: ray.address is {params.ray.address!r}, so"
     problems = []
 
     def need_shared(key: str, value: str, why: str) -> None:

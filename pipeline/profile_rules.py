@@ -69,12 +69,12 @@ def batch_problems(params: Params, gpus: int | None = None) -> list[str]:
         batch, lr = global_batch(params, stage, gpus), params.train(stage, tuned=False).lr
         if recipe.lr_scaling == "none" and batch != recipe.batch[stage]:
             out.append(
-                f"{params.path}: {stage}: global batch {batch} (batch_size x ray.num_workers) is not the recipe's "
+                f"{params.where}: {stage}: global batch {batch} (batch_size x ray.num_workers) is not the recipe's "
                 f"{recipe.batch[stage]}, and recipe.lr_scaling is none: change {stage}.batch_size or ray.num_workers"
             )
         elif not math.isclose(lr, expected_lr(params, stage, gpus), rel_tol=REL_TOL):
             out.append(
-                f"{params.path}: {stage}.lr is {lr:g}; at a global batch of {batch} the recipe's "
+                f"{params.where}: {stage}.lr is {lr:g}; at a global batch of {batch} the recipe's "
                 f"{recipe.lr[stage]:g} at {recipe.batch[stage]} gives {expected_lr(params, stage, gpus):g} "
                 f"(recipe.lr_scaling: {recipe.lr_scaling})"
             )
@@ -90,7 +90,7 @@ def step_problems(params: Params, gpus: int | None = None) -> list[str]:
         batch = global_batch(params, stage, gpus)
         if images // batch < MIN_STEPS_PER_EPOCH:
             out.append(
-                f"{params.path}: {stage}: a global batch of {batch} ({stage}.batch_size x ray.num_workers) makes "
+                f"{params.where}: {stage}: a global batch of {batch} ({stage}.batch_size x ray.num_workers) makes "
                 f"{images // batch} full step(s) of {images} images (data.train_images) an epoch, fewer than "
                 f"{MIN_STEPS_PER_EPOCH}: the global batch must be at most {images // MIN_STEPS_PER_EPOCH}"
             )
@@ -118,8 +118,9 @@ def shard_problems(params: Params, gpus: int | None = None) -> list[str]:
         readers = data_readers(params, stage, gpus)
         if shards < MIN_SHARDS_PER_READER * readers:
             out.append(
-                f"{params.path}: {stage}: {shards} shards ({params.data.train_images} images / shard.samples_per_shard "
-                f"{params.shard.samples_per_shard}) for {readers} data readers (ray.num_workers x loader_workers): "
+                f"{params.where}: {stage}: {shards} shards ({params.data.train_images} images / "
+                f"shard.samples_per_shard {params.shard.samples_per_shard}) for {readers} data readers "
+                "(ray.num_workers x loader_workers): "
                 f"at least {MIN_SHARDS_PER_READER} each: {_shard_fix(params, readers)}"
             )
     return out
@@ -128,7 +129,7 @@ def shard_problems(params: Params, gpus: int | None = None) -> list[str]:
 def tune_problems(params: Params) -> list[str]:
     if params.tune.enabled and params.ray.use_gpu and params.tune.gpus_per_trial <= 0:
         return [
-            f"{params.path}: tune is enabled with CPU trials (tune.gpus_per_trial: "
+            f"{params.where}: tune is enabled with CPU trials (tune.gpus_per_trial: "
             f"{params.tune.gpus_per_trial:g}) on a GPU profile: set tune.enabled: false or tune.gpus_per_trial: 1"
         ]
     return []

@@ -140,6 +140,11 @@ def test_submit_needs_a_dashboard_address_and_a_sound_profile(demo_shards, tmp_p
     nowhere = params_file(tmp_path, demo_shards, "nowhere.yaml", storage={"artifacts": ""})
     assert main(["submit", "--stage", "tune", "--params", str(nowhere), "--address", "http://127.0.0.1:1"]) == 2
     assert "storage.artifacts is empty: a submitted job writes its stage summaries there" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # no ./params.yaml: the typed defaults, and the error says so
+    monkeypatch.delenv("BIREAL_PARAMS", raising=False)
+    assert main(["submit", "--stage", "tune", "--address", "http://127.0.0.1:1"]) == 2
+    defaults = "params.yaml (no such file: the defaults): storage.artifacts is empty"
+    assert defaults in capsys.readouterr().err
     other = ["--shards", "s3://elsewhere/shards", "--address", "http://127.0.0.1:1"]
     assert main(["submit", "--stage", "tune", "--params", str(path), *other]) == 2
     assert f"--shards s3://elsewhere/shards is not {path}'s train.shards {demo_shards}" in capsys.readouterr().err

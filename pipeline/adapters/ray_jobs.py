@@ -70,7 +70,7 @@ def summaries_location(params: Params, stages: list[str]) -> str:
     under the job's id (an edited params file is another job, so never a stale summary)."""
     if not params.storage.artifacts:
         raise ValueError(
-            f"{params.path}: storage.artifacts is empty: a submitted job writes its stage summaries there "
+            f"{params.where}: storage.artifacts is empty: a submitted job writes its stage summaries there "
             "(s3://BUCKET/runs/RUN/artifacts)"
         )
     return storage.join(params.storage.artifacts, params.group, "jobs", submission_id(params, stages))
@@ -81,7 +81,7 @@ def check_shards(params: Params, shards: str) -> None:
     train on: otherwise a re-shard would not rerun the stages that read it."""
     own = params.train("pretrain").shards
     if shards and shards.rstrip("/") != own.rstrip("/"):
-        raise ValueError(f"--shards {shards} is not {params.path}'s train.shards {own}: make them agree")
+        raise ValueError(f"--shards {shards} is not {params.where}'s train.shards {own}: make them agree")
 
 
 def connect(address: str):

@@ -76,6 +76,13 @@ def check_pairing(artifact: str, header: dict, shards: str, manifest: dict, chec
         raise ValueError(
             f"{artifact}: a {len(header['class_names'])}-way model, but the shards at {shards} have {n} classes"
         )
+    ours, theirs = header["class_names"], [c["name"] for c in manifest["classes"]]
+    if ours != theirs and sorted(ours) == sorted(theirs):  # the same classes in another order
+        i = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+        raise ValueError(
+            f"{artifact}: output {i} is class {ours[i]!r}, but class {i} of the shards at {shards} is {theirs[i]!r}: "
+            "the same classes in another order would be scored as errors (shard the data as the model was trained)"
+        )
     if float_model is not None and float_model.model_spec != header["model"]:
         raise ValueError(
             f"{checkpoint}: model {float_model.model_spec}, but {artifact} was exported from {header['model']}"

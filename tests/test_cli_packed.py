@@ -233,6 +233,17 @@ def test_evaluate_refuses_an_artifact_of_other_classes_or_another_checkpoint(tmp
     argv = ["evaluate", "--artifact", str(artifact), "--shards", str(demo_shards), "--checkpoint", str(wider)]
     assert main([*argv, "--metrics", str(tmp_path / "m.json")]) == 2
     assert f"error: {wider}: model " in capsys.readouterr().err and not (tmp_path / "m.json").exists()
+    # the shards' classes in another order: every output would be scored against another class
+    manifest_names = [c["name"] for c in json.loads((demo_shards / "manifest.json").read_text())["classes"]]
+    swapped = [manifest_names[1], manifest_names[0], *manifest_names[2:]]
+    argv = ["export", "--checkpoint", str(digits), "--out", str(artifact), "--class-names", ",".join(swapped)]
+    assert main(argv) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--artifact", str(artifact), "--shards", str(demo_shards)]) == 2
+    err = capsys.readouterr().err
+    first = f"output 0 is class {swapped[0]!r}, but class 0 of the shards at {demo_shards} is {manifest_names[0]!r}"
+    assert first in err
+    assert main(["export", "--checkpoint", str(digits), "--out", str(artifact)]) == 0  # names "0".."9" again
     # an evaluation split without images: no top-1 of 0 to pass for a result
     empty = tmp_path / "empty-test-split"
     empty.mkdir()

@@ -49,6 +49,30 @@ def open_image(source: str | os.PathLike | bytes, name: str = "") -> "Image.Imag
         raise ImageError(f"{name}: cannot read image ({e.__class__.__name__}: {e})") from e
 
 
+def image_files(inputs: list[str | os.PathLike]) -> tuple[list[Path], list[str]]:
+    """The files to classify: each file as given (whatever its name), and each folder's files that
+    PIL reads by their suffix, walked recursively in sorted order, hidden names and symlinked
+    folders skipped. -> (files, one error per folder without any)."""
+    from PIL import Image
+
+    suffixes = set(Image.registered_extensions())
+    files, errors = [], []
+    for given in map(Path, inputs):
+        if not given.is_dir():
+            files.append(given)  # a missing or unreadable file is reported when it is read
+            continue
+        found = []
+        for folder, subfolders, names in os.walk(given):  # symlinked folders are not followed
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            found += [
+                Path(folder) / n for n in sorted(names) if not n.startswith(".") and Path(n).suffix.lower() in suffixes
+            ]
+        if not found:
+            errors.append(f"{given}: a folder without image files (none named *.jpg, *.png, ... inside)")
+        files += found
+    return files, errors
+
+
 def load_images(paths: list[str | os.PathLike], input_config: dict) -> torch.Tensor:
     """Read and preprocess every image first, so a bad file fails before any model work."""
     transform = eval_transform(input_config)
@@ -102,6 +126,7 @@ def predict_files(
 
 
 def format_prediction(result: dict) -> str:
-    """The line of one classified image: ``name: class_id label (score), ...``."""
+    """The line of one classified image: ``path: class_id label (score), ...`` (the path as given,
+    or as found in a given folder: two folders may hold files of one name)."""
     best = ", ".join(f"{t['class_id']} {t['label']} ({t['score']:.3f})" for t in result["top"])
-    return f"{Path(result['path']).name}: {best}"
+    return f"{result['path']}: {best}"

@@ -207,12 +207,15 @@ def _cmd_import_official(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from cuda_ext.memory import keep_freed_memory
-    from cuda_ext.predict import BATCH_SIZE, format_prediction, iter_predictions
+    from cuda_ext.predict import BATCH_SIZE, format_prediction, image_files, iter_predictions
 
     keep_freed_memory()  # a CPU forward reuses freed activation memory (cuda_ext/memory.py)
-    failed = 0
+    files, empty_folders = image_files(args.images)
+    for error in empty_folders:
+        print(f"bireal predict: error: {error}", file=sys.stderr)
+    failed = len(empty_folders)
     # printed a batch at a time, so a long list of files shows progress and holds one batch in memory
-    for r in iter_predictions(args.artifact, args.images, topk=args.topk, batch_size=args.batch_size or BATCH_SIZE):
+    for r in iter_predictions(args.artifact, files, topk=args.topk, batch_size=args.batch_size or BATCH_SIZE):
         if "error" in r:  # one line each; the readable images are still classified
             failed += 1
             print(f"bireal predict: error: {r['error']}", file=sys.stderr)
@@ -524,7 +527,9 @@ def _add_import_official(sub) -> None:
 def _add_predict(sub) -> None:
     predict = sub.add_parser("predict", help="classify image files with a packed artifact")
     predict.add_argument("--artifact", required=True, help="a packed artifact (.safetensors) from bireal export")
-    predict.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
+    predict.add_argument(
+        "images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads), or folders of them (walked)"
+    )
     predict.add_argument("--topk", type=bounded(int, ">= 1"), default=1, help="classes listed per image (default 1)")
     predict.add_argument(
         "--json", action="store_true", help="print one JSON object per image, a line each (errors included)"

@@ -48,7 +48,7 @@ def test_predict_errors_name_the_file(tmp_path, checkpoint, capsys):
     capsys.readouterr()
     assert main(["predict", "--artifact", str(art), str(good), str(bad)]) == 1  # some images failed
     out, err = capsys.readouterr()
-    assert "broken.jpg" in err and len(err.strip().splitlines()) == 1 and out.startswith("ok.jpg: ")
+    assert "broken.jpg" in err and len(err.strip().splitlines()) == 1 and out.startswith(f"{good}: ")
     assert main(["predict", "--artifact", str(good), str(good)]) == 2
     assert "ok.jpg" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "nope.safetensors"), "--out", str(art)]) == 2
@@ -86,6 +86,33 @@ def test_predict_goes_a_batch_at_a_time(tmp_path, checkpoint, capsys):
     out, err = capsys.readouterr()
     lines = [json.loads(line) for line in out.splitlines()]
     assert [r["path"] for r in lines] == [str(p) for p in paths] and "bad.jpg" in err
+
+
+def test_predict_walks_folders(tmp_path, checkpoint, capsys):
+    """A folder stands for its image files (PIL's suffixes, any case), walked in sorted order; its
+    hidden names, other files and symlinked folders are left out; each line names the file by its
+    path, since two folders may hold files of one name; a folder without images is an error line."""
+    art = tmp_path / "model.safetensors"
+    main(["export", "--checkpoint", str(checkpoint), "--out", str(art)])
+    photos = tmp_path / "photos"
+    for folder in ("a", "b", ".cache", "empty"):
+        (photos / folder).mkdir(parents=True)
+    found = [
+        write_image(photos / "a" / "1.jpg"),
+        write_image(photos / "b" / "1.jpg"),
+        write_image(photos / "b" / "2.PNG"),
+    ]
+    write_image(photos / ".cache" / "3.jpg")
+    write_image(photos / "b" / ".4.jpg")
+    (photos / "b" / "notes.txt").write_text("not an image")
+    (photos / "elsewhere").symlink_to(photos / "b", target_is_directory=True)
+    capsys.readouterr()
+    assert main(["predict", "--artifact", str(art), str(photos), str(photos / "empty")]) == 1
+    out, err = capsys.readouterr()
+    assert [line.split(": ")[0] for line in out.splitlines()] == [str(p) for p in found]
+    assert err.strip() == f"bireal predict: error: {photos / 'empty'}: a folder without image files " + (
+        "(none named *.jpg, *.png, ... inside)"
+    )
 
 
 def png_header_only(path, width: int, height: int):
@@ -338,7 +365,7 @@ def test_bombs_get_a_clear_error_fast_and_small(tmp_path, checkpoint, capsys):
     capsys.readouterr()
     assert main(["predict", "--artifact", str(art), str(good), str(bomb), str(large)]) == 1
     out, err = capsys.readouterr()
-    assert out.startswith("good.jpg: ") and len(out.strip().splitlines()) == 1
+    assert out.startswith(f"{good}: ") and len(out.strip().splitlines()) == 1
     lines = err.strip().splitlines()
     assert len(lines) == 2 and "bomb.png" in lines[0] and "large.png" in lines[1] and "Traceback" not in err
     assert "60,000,000 pixels, over the 40,000,000" in lines[1]

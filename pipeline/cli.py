@@ -126,8 +126,9 @@ def report_stage(stage: str, result: dict, params) -> str:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from . import storage
-    from .stages import run_stage
+    from .stages import check_stage_order, run_stage
 
+    check_stage_order(args.stage)  # before the first stage runs
     for stage in args.stage:  # in the order given; a failing stage stops the rest
         result = run_stage(stage, args.loaded, use_ray=not args.no_ray)
         print(json.dumps(result, default=str) if args.json else report_stage(stage, result, args.loaded), flush=True)
@@ -261,6 +262,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_submit(args: argparse.Namespace) -> int:
     from .adapters.ray_jobs import check_shards, is_job_server, submit
     from .profile_rules import reproduction_problems
+    from .stages import check_stage_order
+
+    check_stage_order(args.stage)  # the job runs them in this order
 
     problems = reproduction_problems(args.loaded)
     if problems:  # before any job starts: the same rules as check-params

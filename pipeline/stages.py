@@ -471,6 +471,25 @@ def resolve_path(path: str, params: Params) -> str:
     return re.sub(r"\$\{([\w.]+)\}", value, path)
 
 
+def check_stage_order(names: list[str]) -> None:
+    """Stages given to one command run in the order given, and each reads what the stages before it
+    in the table write: a ValueError for a stage given twice or before one it follows."""
+    order = list(STAGES_BY_NAME)
+    unknown = [n for n in names if n not in STAGES_BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown stage {unknown[0]!r} (one of {', '.join(order)})")
+    twice = sorted({n for n in names if names.count(n) > 1}, key=order.index)
+    if twice:
+        raise ValueError(f"stage {twice[0]} given twice: each runs once")
+    in_order = sorted(names, key=order.index)
+    if names != in_order:
+        late = next(b for a, b in zip(names, in_order) if a != b)
+        raise ValueError(
+            f"{' '.join(names)}: {late} must run before {names[names.index(late) - 1]} (the stages after it read "
+            f"what it writes): give them as {' '.join(in_order)}"
+        )
+
+
 def run_stage(name: str, params: Params, use_ray: bool = True) -> dict:
     """``bireal run NAME``: one stage of the table with its default inputs and outputs."""
     if name not in STAGES_BY_NAME:

@@ -96,6 +96,26 @@ def test_cli_run_choices_are_the_table():
     assert tuple(stage_arg.choices) == tuple(s.name for s in STAGE_TABLE)
 
 
+def test_stages_given_out_of_order_or_twice_are_refused_before_any_runs(tmp_path, capsys, monkeypatch):
+    """`bireal run evaluate export` would score the artifact export is about to replace: refused,
+    with the order to give, before a stage runs (here none could: there are no shards); so are a
+    stage given twice and the same list to `bireal submit`."""
+    from pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for argv, message in (
+        (["run", "evaluate", "export"], "evaluate export: export must run before evaluate"),
+        (["run", "shard", "export", "pretrain"], "shard export pretrain: pretrain must run before export"),
+        (["run", "export", "export"], "stage export given twice: each runs once"),
+        (["submit", "--stage", "register", "--stage", "shard"], "register shard: shard must run before register"),
+    ):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"error: {message}" in err, err
+        assert "give them as" in err or "twice" in err
+    assert not any(tmp_path.iterdir())  # nothing ran
+
+
 def test_the_top_level_plots_draw_each_training_stages_curve():
     """dvc.yaml's top-level plots: a line per training stage, from the CSV its runner writes, of a
     column that CSV has."""

@@ -95,8 +95,17 @@ def write_outputs(result: dict, metrics_path: str, confusion_csv: str | None = N
     Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
     Path(metrics_path).write_text(json.dumps(metrics, indent=2))
     if confusion_csv:
-        names, rows = result["class_names"], ["actual,predicted,count"]
-        for i, row in enumerate(result["confusion"]):
-            rows += [f"{names[i]},{names[j]},{c}" for j, c in enumerate(row) if c]
-        Path(confusion_csv).parent.mkdir(parents=True, exist_ok=True)
-        Path(confusion_csv).write_text("\n".join(rows) + "\n")
+        write_confusion(result["class_names"], result["confusion"], confusion_csv)
+
+
+def write_confusion(names: list[str], confusion: list[list[int]], path: str) -> None:
+    """The nonzero cells as ``actual,predicted,count`` rows (what ``dvc plots`` draws), quoted as
+    CSV: ImageNet's class names hold commas ("tench, Tinca tinca")."""
+    import csv
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(("actual", "predicted", "count"))
+        for i, row in enumerate(confusion):
+            writer.writerows((names[i], names[j], c) for j, c in enumerate(row) if c)

@@ -237,6 +237,24 @@ def test_summary_names_a_damaged_metrics_file_and_an_agreement_never_measured(
     assert "0.5000 on 3 test images; no agreement with the training graph measured" in out and "nan" not in out
 
 
+def test_the_confusion_csv_keeps_class_names_with_commas_and_quotes(tmp_path):
+    """ImageNet's names hold commas ("tench, Tinca tinca"): each row still reads back as three fields."""
+    import csv
+
+    from pipeline.evaluate import write_confusion
+
+    names = ["tench, Tinca tinca", 'the "odd" one', "plain"]
+    confusion = [[2, 1, 0], [0, 0, 3], [0, 0, 4]]
+    write_confusion(names, confusion, str(tmp_path / "plots" / "confusion.csv"))
+    rows = list(csv.DictReader((tmp_path / "plots" / "confusion.csv").open(newline="")))
+    assert [(r["actual"], r["predicted"], int(r["count"])) for r in rows] == [
+        (names[0], names[0], 2),
+        (names[0], names[1], 1),
+        (names[1], names[2], 3),
+        (names[2], names[2], 4),
+    ]
+
+
 def test_evaluate_refuses_an_artifact_of_other_classes_or_another_checkpoint(tmp_path, checkpoint, demo_shards, capsys):
     """`bireal evaluate`: a 3-way artifact on the 10-class demo shards, or a checkpoint that is not
     the artifact's net (for the agreement), is named before any image is read; an evaluation split

@@ -175,10 +175,23 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_class_names(path: str) -> list[str]:
+    """One class name per line (blank lines skipped); a ValueError naming the file otherwise."""
+    try:
+        names = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not names:
+        raise ValueError(f"{path}: no class names (one per line)")
+    return names
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from cuda_ext.packed import artifact_size, export_checkpoint
 
     names = args.class_names.split(",") if args.class_names else None
+    if args.class_names_file:
+        names = read_class_names(args.class_names_file)
     path = export_checkpoint(args.checkpoint, args.out, class_names=names)
     print(report_export(str(path), artifact_size(path)))
     return 0
@@ -492,7 +505,14 @@ def _add_export(sub) -> None:
     export = sub.add_parser("export", help="checkpoint -> packed 1-bit artifact (safetensors + JSON header)")
     export.add_argument("--checkpoint", required=True, help="a stage checkpoint (.safetensors), e.g. finetune's")
     export.add_argument("--out", type=output_file, required=True, help="the packed artifact to write (.safetensors)")
-    export.add_argument("--class-names", default=None, help="comma-separated; default: the checkpoint's")
+    names = export.add_mutually_exclusive_group()
+    names.add_argument("--class-names", default=None, help="comma-separated; default: the checkpoint's")
+    names.add_argument(
+        "--class-names-file",
+        default=None,
+        metavar="FILE",
+        help="one name per line (for names with commas, such as ImageNet's 'tench, Tinca tinca')",
+    )
     export.set_defaults(func=_cmd_export)
 
 

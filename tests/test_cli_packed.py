@@ -39,6 +39,41 @@ def test_export_then_predict(tmp_path, checkpoint, capsys):
         assert r["top"][0]["score"] >= r["top"][1]["score"]
 
 
+def test_export_takes_class_names_with_commas_from_a_file(tmp_path, checkpoint, capsys):
+    """--class-names splits on commas; ImageNet's names hold them, so --class-names-file reads one per
+    line, and a file that can't give names is named."""
+    from cuda_ext.packed import read_artifact_header
+
+    art = tmp_path / "model.safetensors"
+    names = ["tench, Tinca tinca", "goldfish, Carassius auratus", "great white shark"]
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n\n")
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(checkpoint),
+                "--out",
+                str(art),
+                "--class-names-file",
+                str(tmp_path / "names.txt"),
+            ]
+        )
+        == 0
+    )
+    assert read_artifact_header(art)["class_names"] == names
+    capsys.readouterr()
+    assert main(["predict", "--artifact", str(art), str(write_image(tmp_path / "a.jpg"))]) == 0
+    out = capsys.readouterr().out
+    assert any(name in out for name in names), out
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    (tmp_path / "blank.txt").write_text("\n \n")
+    for file, message in (("latin1.txt", "latin1.txt: not UTF-8 text"), ("blank.txt", "blank.txt: no class names")):
+        argv = ["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x.safetensors")]
+        assert main([*argv, "--class-names-file", str(tmp_path / file)]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+
+
 def test_predict_errors_name_the_file(tmp_path, checkpoint, capsys):
     art = tmp_path / "model.safetensors"
     main(["export", "--checkpoint", str(checkpoint), "--out", str(art)])

@@ -18,6 +18,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 EVAL_SPLITS = ("val", "test")
 ILSVRC_TRAIN_TAR = "ILSVRC2012_img_train.tar"
 ILSVRC_VAL_TAR = "ILSVRC2012_img_val.tar"
+KAGGLE_IMAGES = Path("ILSVRC/Data/CLS-LOC")  # Kaggle's ImageNet: train/<wnid>/, val/ and test/ flat
 
 
 class SourceError(ValueError):
@@ -57,7 +58,7 @@ class Source:
     classes: list[dict]  # [{"index", "wnid", "name"}]
     splits: dict[str, list[Sample]] = field(default_factory=dict)
     fingerprint: str = ""
-    ignored: list[str] = field(default_factory=list)  # files left out: not images by their suffix
+    ignored: list[str] = field(default_factory=list)  # left out: not images by their suffix, or unlabelled
 
 
 def _fingerprint(entries) -> str:
@@ -100,11 +101,15 @@ def _class_folder_files(class_dir: Path) -> list[Path]:
     return sorted(found, key=lambda f: f.relative_to(class_dir).parts)
 
 
-def scan_image_folder(root: str | os.PathLike) -> Source:
+def scan_image_folder(root: str | os.PathLike, labels_root: str | os.PathLike | None = None) -> Source:
     """``root/train/<class>/**`` plus ``root/val/<class>/**`` or ``root/test/<class>/**``.
 
-    Files that are not images by their suffix are left out and listed in ``Source.ignored``; a
-    train class folder without a single image is an error (a class the net could never learn)."""
+    An evaluation folder may also be flat, as ImageNet's validation images are once extracted
+    (``val/ILSVRC2012_val_00000001.JPEG``, ...): those are labelled by ImageNet's own files in
+    ``labels_root`` (default ``root``; ``ImageLabels``), and a flat folder none of whose images
+    they label (Kaggle's ``test/``) is left out. Files that are not images by their suffix, or
+    that lie in ``train/`` outside a class folder, are left out and listed in ``Source.ignored``;
+    a train class folder without a single image is an error (a class the net could never learn)."""
     root = Path(root)
     if not (root / "train").is_dir():
         raise SourceError(f"{root}: no train/ folder (expected train/<class>/* and val/ or test/)")
@@ -112,8 +117,11 @@ def scan_image_folder(root: str | os.PathLike) -> Source:
     if not class_names:
         raise SourceError(f"{root / 'train'}: no class folders")
     index = {c: i for i, c in enumerate(class_names)}
-    source = Source("folder", str(root), [{"index": i, "wnid": c, "name": c} for i, c in enumerate(class_names)])
-    stats = []
+    labels = ImageLabels(Path(labels_root) if labels_root is not None else root)
+    source = Source(
+        "folder", str(root), [{"index": i, "wnid": c, "name": labels.name(c)} for i, c in enumerate(class_names)]
+    )
+    stats = [_stat_entry(f, labels.root) for f in labels.files]
     for split in ("train", *EVAL_SPLITS):
         split_dir = root / split
         if not split_dir.is_dir():
@@ -133,16 +141,96 @@ def scan_image_folder(root: str | os.PathLike) -> Source:
                 found += 1
             if found == 0:
                 without_images.append(class_dir.name)
+        flat = sorted(f for f in split_dir.iterdir() if f.is_file() and _visible(f.name))
+        if split == "train":
+            source.ignored += [f"train/{f.name}" for f in flat]  # no class folder, so no label
+        elif flat:
+            labelled = _flat_samples(split_dir, flat, index, labels, source)
+            samples += labelled
+            stats += [_stat_entry(Path(s.ref.path), root) for s in labelled]
         if split == "train" and samples and without_images:
             raise SourceError(
                 f"{split_dir}: {len(without_images)} class folder(s) without images ({first_few(without_images)}); "
                 f"every class needs training images (allowed suffixes: {', '.join(sorted(IMAGE_SUFFIXES))})"
             )
-        source.splits[split] = samples
+        if samples or split == "train" or not flat:
+            source.splits[split] = samples
     if not source.splits.get("train"):
         raise SourceError(f"{root / 'train'}: no images found")
     source.fingerprint = _fingerprint(stats)
     return source
+
+
+def _flat_samples(
+    split_dir: Path, flat: list[Path], index: dict, labels: "ImageLabels", source: Source
+) -> list[Sample]:
+    """The images lying directly in an evaluation folder, labelled by ImageNet's label files."""
+    images = [f for f in flat if f.suffix.lower() in IMAGE_SUFFIXES]
+    source.ignored += [f"{split_dir.name}/{f.name}" for f in flat if f.suffix.lower() not in IMAGE_SUFFIXES]
+    if not images:
+        return []
+    by_stem = labels.val_labels(split_dir, len(images))
+    unlabelled = [f.name for f in images if f.stem not in by_stem]
+    if len(unlabelled) == len(images):  # a folder the label files do not cover (Kaggle's test/)
+        source.ignored.append(f"{split_dir.name}/*: {len(images)} images without labels")
+        return []
+    if unlabelled:
+        raise SourceError(
+            f"{split_dir}: no label for {first_few(unlabelled)} in {labels.describe()} "
+            f"({len(images) - len(unlabelled)} of its {len(images)} images have one)"
+        )
+    samples = []
+    for f in images:
+        wnid = by_stem[f.stem]
+        if wnid not in index:
+            raise SourceError(f"{split_dir / f.name} is labelled {wnid}, a class not in train/")
+        samples.append(Sample(index[wnid], Ref(str(f)), f"{split_dir.name}/{f.name}"))
+    return samples
+
+
+class ImageLabels:
+    """ImageNet's label files in ``root``, looked up by name, never by walking the tree (a
+    folder of 1.28 M images): ``LOC_val_solution.csv`` and ``LOC_synset_mapping.txt`` (Kaggle's
+    download), or the devkit's ``ILSVRC2012_validation_ground_truth.txt`` with ``meta.mat``
+    (in ``root`` or ``root/ILSVRC2012_devkit_t12/data``)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        places = (root, root / "ILSVRC2012_devkit_t12" / "data")
+
+        def find(name: str) -> Path | None:
+            return next((d / name for d in places if (d / name).is_file()), None)
+
+        self.loc, self.mapping = find("LOC_val_solution.csv"), find("LOC_synset_mapping.txt")
+        self.ground_truth, self.meta = find("ILSVRC2012_validation_ground_truth.txt"), find("meta.mat")
+        self.files = [f for f in (self.loc, self.mapping, self.ground_truth, self.meta) if f is not None]
+        self._names: dict[str, str] | None = None
+
+    def name(self, wnid: str) -> str:
+        """A class's name from the devkit or the synset mapping, else its folder name."""
+        if self._names is None:
+            self._names = {}
+            if self.meta is not None:
+                self._names.update({w: words for w, words in read_devkit_synsets(self.meta).values()})
+            if self.mapping is not None:
+                for line in self.mapping.read_text().splitlines():
+                    wnid_, _, words = line.strip().partition(" ")
+                    self._names.setdefault(wnid_, words.strip() or wnid_)
+        return self._names.get(wnid, wnid)
+
+    def describe(self) -> str:
+        return ", ".join(str(f) for f in self.files) or f"{self.root} (no label files)"
+
+    def val_labels(self, split_dir: Path, n_images: int) -> dict[str, str]:
+        """Image stem -> WNID for ImageNet's validation images; a SourceError naming what to add
+        when there are no label files."""
+        if not (self.loc or self.ground_truth):
+            raise SourceError(
+                f"{split_dir}: {n_images} images directly inside, not in <class>/ folders: put them in class "
+                f"folders, or put ImageNet's labels in {self.root} (LOC_val_solution.csv, or "
+                "ILSVRC2012_validation_ground_truth.txt with the devkit's meta.mat)"
+            )
+        return read_val_labels(self.loc, self.ground_truth, self.meta)
 
 
 # ---------------------------------------------------------------------------- ILSVRC2012 tars
@@ -166,28 +254,31 @@ def read_devkit_synsets(meta_mat: Path) -> dict[int, tuple[str, str]]:
     return out
 
 
-def _val_labels(root: Path, n_images: int) -> tuple[dict[str, str], dict[str, str]]:
+def _val_labels(root: Path) -> tuple[dict[str, str], dict[str, str]]:
     """val image stem -> WNID, and WNID -> class name where the devkit gives one."""
     loc = _find(root, "LOC_val_solution.csv")
     gt = _find(root, "ILSVRC2012_validation_ground_truth.txt")
     meta = _find(root, "meta.mat")
-    names: dict[str, str] = {}
-    if meta is not None:
-        names = {w: words for w, words in read_devkit_synsets(meta).values()}
+    names = {w: words for w, words in read_devkit_synsets(meta).values()} if meta is not None else {}
+    if loc is None and gt is None:
+        raise SourceError(
+            f"{root}: validation labels not found (LOC_val_solution.csv, or "
+            f"ILSVRC2012_validation_ground_truth.txt with the devkit's meta.mat)"
+        )
+    return read_val_labels(loc, gt, meta), names
+
+
+def read_val_labels(loc: Path | None, gt: Path | None, meta: Path | None) -> dict[str, str]:
+    """Validation image stem -> WNID from Kaggle's LOC_val_solution.csv (first box's WNID), else
+    from the devkit's ground truth (ILSVRC2012_IDs in image order) mapped through meta.mat."""
     if loc is not None:
         with open(loc, newline="") as f:
-            rows = list(csv.DictReader(f))
-        return {r["ImageId"]: r["PredictionString"].split()[0] for r in rows}, names
-    if gt is not None:
-        if meta is None:
-            raise SourceError(f"{gt}: the devkit's meta.mat is needed to map ILSVRC2012_IDs to WNIDs")
-        synsets = read_devkit_synsets(meta)
-        ids = [int(line) for line in gt.read_text().split()]
-        return {f"ILSVRC2012_val_{i + 1:08d}": synsets[ident][0] for i, ident in enumerate(ids)}, names
-    raise SourceError(
-        f"{root}: validation labels not found (LOC_val_solution.csv, or "
-        f"ILSVRC2012_validation_ground_truth.txt with the devkit's meta.mat)"
-    )
+            return {r["ImageId"]: r["PredictionString"].split()[0] for r in csv.DictReader(f)}
+    if meta is None:
+        raise SourceError(f"{gt}: the devkit's meta.mat is needed to map ILSVRC2012_IDs to WNIDs")
+    synsets = read_devkit_synsets(meta)
+    ids = [int(line) for line in gt.read_text().split()]
+    return {f"ILSVRC2012_val_{i + 1:08d}": synsets[ident][0] for i, ident in enumerate(ids)}
 
 
 def scan_ilsvrc(root: str | os.PathLike) -> Source:
@@ -215,7 +306,7 @@ def scan_ilsvrc(root: str | os.PathLike) -> Source:
     if val_tar is not None:
         with tarfile.open(val_tar, "r:") as tar:
             val = [(m.name, m.offset_data, m.size) for m in tar if m.isfile()]
-    labels, names = _val_labels(root, len(val)) if val else ({}, {})
+    labels, names = _val_labels(root) if val else ({}, {})
     source = Source(
         "ilsvrc", str(root), [{"index": i, "wnid": w, "name": names.get(w, w)} for i, w in enumerate(wnids)]
     )
@@ -287,7 +378,11 @@ def scan_source(path: str, kind: str = "auto", demo_dir: str | os.PathLike | Non
     if not root.exists():
         raise SourceError(f"{root}: source not found")
     if kind == "folder" or (kind == "auto" and (root / "train").is_dir()):
+        if not (root / "train").is_dir() and (root / KAGGLE_IMAGES / "train").is_dir():
+            return scan_image_folder(root / KAGGLE_IMAGES, labels_root=root)
         return scan_image_folder(root)
+    if kind == "auto" and (root / KAGGLE_IMAGES / "train").is_dir():  # Kaggle's ImageNet download
+        return scan_image_folder(root / KAGGLE_IMAGES, labels_root=root)
     if kind == "ilsvrc" or (kind == "auto" and _find(root, ILSVRC_TRAIN_TAR) is not None):
         return scan_ilsvrc(root)
     if kind != "auto":

@@ -102,6 +102,37 @@ def ilsvrc_tars(root: Path, train_per_class=5, val_per_class=2, size=(300, 260),
     return truth
 
 
+def imagenet_extracted(root: Path, layout: str = "kaggle", train_per_class=3, val_per_class=2, size=(300, 260)):
+    """ImageNet as people have it on disk, in miniature: the tars extracted (``train/<wnid>/``,
+    a flat ``val/``, the devkit's labels; ``layout='devkit'``) or Kaggle's download
+    (``ILSVRC/Data/CLS-LOC/{train/<wnid>, val, test}``, ``LOC_val_solution.csv`` and
+    ``LOC_synset_mapping.txt`` beside; ``layout='kaggle'``). -> {val image stem: label}."""
+    images = root / "ILSVRC" / "Data" / "CLS-LOC" if layout == "kaggle" else root
+    for c, wnid in enumerate(WNIDS):
+        (images / "train" / wnid).mkdir(parents=True, exist_ok=True)
+        for i in range(train_per_class):
+            colored_image(c, size, seed=i).save(images / "train" / wnid / f"{wnid}_{i}.JPEG", quality=92)
+    (images / "val").mkdir()
+    truth: dict[str, int] = {}
+    for n in range(1, val_per_class * len(WNIDS) + 1):
+        c = (len(WNIDS) - n) % len(WNIDS)  # val order is not class order
+        truth[f"ILSVRC2012_val_{n:08d}"] = c
+        colored_image(c, size, seed=100 + n).save(images / "val" / f"ILSVRC2012_val_{n:08d}.JPEG", quality=92)
+    if layout == "kaggle":
+        (images / "test").mkdir()  # unlabelled
+        for n in range(1, 4):
+            colored_image(0, size, seed=200 + n).save(images / "test" / f"ILSVRC2012_test_{n:08d}.JPEG", quality=92)
+        with open(root / "LOC_val_solution.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["ImageId", "PredictionString"])
+            for stem, c in truth.items():
+                w.writerow([stem, f"{WNIDS[c]} 10 10 100 100 {WNIDS[c]} 20 20 90 90"])
+        (root / "LOC_synset_mapping.txt").write_text("".join(f"{w} fish {w[-3:]}, a fish\n" for w in WNIDS))
+    else:
+        _devkit(root / "ILSVRC2012_devkit_t12" / "data", truth)
+    return truth
+
+
 def _devkit(data_dir: Path, truth: dict[str, int]) -> None:
     """meta.mat (ILSVRC2012_IDs in a shuffled order, plus one non-leaf synset) + ground truth."""
     from scipy.io import savemat

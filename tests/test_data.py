@@ -4,6 +4,7 @@ import io
 import json
 import logging
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,7 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from imagegen import COLORS, WNIDS, add_bad_files, colored_image, ilsvrc_tars, image_folder, many_images
+from imagegen import (
+    COLORS,
+    WNIDS,
+    add_bad_files,
+    colored_image,
+    ilsvrc_tars,
+    image_folder,
+    imagenet_extracted,
+    many_images,
+)
 from PIL import Image
 
 import bireal_core as bc
@@ -134,6 +144,40 @@ def test_raw_ilsvrc_tars_streamed_in_place(tmp_path, labels):
             assert min(s["image"].size) == 256  # ImageNet resize of the shorter side
             assert color_class(s["image"]) == s["cls"]  # the label matches the pixels
             assert s["wnid"] == WNIDS[s["cls"]]
+
+
+@pytest.mark.parametrize("layout", ["kaggle", "devkit"])
+def test_extracted_imagenet_with_a_flat_val_folder(tmp_path, layout):
+    """ImageNet as it is on disk once extracted: val/ holds the 50,000 images flat, labelled by
+    Kaggle's LOC_val_solution.csv or the devkit's ground truth; Kaggle's download is found from
+    its root, and its unlabelled test/ is left out, said so in the manifest."""
+    truth = imagenet_extracted(tmp_path / "imagenet", layout)
+    out = tmp_path / "out"
+    m = shard_dataset(str(tmp_path / "imagenet"), str(out), ShardParams(**FAST), progress_bar=False)
+    assert [c["wnid"] for c in m["classes"]] == WNIDS
+    assert m["classes"][2]["name"].startswith(f"fish {WNIDS[2][-3:]}")  # the synset mapping's or devkit's words
+    assert set(m["splits"]) == {"train", "val"} and m["splits"]["val"]["count"] == len(truth)
+    assert set(m["splits"]["val"]["per_class"].values()) == {2}
+    assert m["ignored"] == (["test/*: 3 images without labels"] if layout == "kaggle" else [])
+    for s in read_samples(out, m, "val"):
+        assert color_class(s["image"]) == s["cls"] and s["wnid"] == WNIDS[s["cls"]]  # labels match pixels
+
+
+def test_a_flat_val_folder_without_labels_is_named(tmp_path):
+    """Before: val/ with its images directly inside gave 'val: 0 samples' and no error."""
+    imagenet_extracted(tmp_path / "imagenet", "devkit")
+    devkit = tmp_path / "imagenet" / "ILSVRC2012_devkit_t12"
+    shutil.rmtree(devkit)
+    with pytest.raises(SourceError, match=r"val: 8 images directly inside, not in <class>/ folders: put them in"):
+        shard_dataset(str(tmp_path / "imagenet"), str(tmp_path / "out"), ShardParams(**FAST), progress_bar=False)
+    imagenet_extracted(tmp_path / "second", "devkit")  # a label file that misses an image
+    gt = tmp_path / "second" / "ILSVRC2012_devkit_t12" / "data" / "ILSVRC2012_validation_ground_truth.txt"
+    gt.write_text("\n".join(gt.read_text().split()[:-1]) + "\n")
+    with pytest.raises(
+        SourceError, match=r"no label for ILSVRC2012_val_00000008.JPEG in .*\(7 of its 8 images have one\)"
+    ):
+        shard_dataset(str(tmp_path / "second"), str(tmp_path / "out2"), ShardParams(**FAST), progress_bar=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
 
 
 def test_demo_source_and_gzip(tmp_path):

@@ -90,10 +90,12 @@ def report_evaluate(artifact: str, result: dict) -> str:
 
 def report_register(result: dict) -> str:
     state = "already registered as" if result["duplicate"] else "registered"
-    return (
+    line = (
         f"{state} {result['name']} version {result['version']}"
         f"{' (champion)' if result['champion'] else ' (candidate; champion kept)'}"
     )
+    reason = (result.get("gate") or {}).get("reason")
+    return f"{line}: {reason}" if reason else line
 
 
 def report_shard(manifest: dict, out: str) -> str:

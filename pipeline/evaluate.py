@@ -55,6 +55,7 @@ def evaluate_artifact(
     names = [c["name"] for c in manifest["classes"]]
     result = {
         "artifact_sha256": header["sha256"],  # what was scored: register checks it is what it registers
+        "eval_data_sha256": eval_data_digest(manifest, split),  # on what: the registry compares like with like
         "split": split,
         "images": seen,
         "top1": float(correct.sum()) / seen,
@@ -66,6 +67,15 @@ def evaluate_artifact(
         result["float_agreement"] = agree / seen
         result["float_disagreements"] = seen - agree
     return result
+
+
+def eval_data_digest(manifest: dict, split: str) -> str:
+    """The sha256 of the evaluated images and labels: of the split's shards' names and sha256s,
+    which cover every byte of them. Two top-1s compare only when this is the same."""
+    import hashlib
+
+    shards = [(r["name"], r["sha256"]) for r in manifest["splits"][split]["shards"]]
+    return hashlib.sha256(json.dumps(shards).encode()).hexdigest()
 
 
 def check_pairing(artifact: str, header: dict, shards: str, manifest: dict, checkpoint, float_model) -> None:
@@ -90,7 +100,8 @@ def check_pairing(artifact: str, header: dict, shards: str, manifest: dict, chec
 
 
 def write_outputs(result: dict, metrics_path: str, confusion_csv: str | None = None) -> None:
-    metrics = {k: result[k] for k in ("split", "images", "top1", "artifact_sha256") if k in result}
+    keys = ("split", "images", "top1", "artifact_sha256", "eval_data_sha256")
+    metrics = {k: result[k] for k in keys if k in result}
     metrics.update({k: result[k] for k in ("float_agreement", "float_disagreements") if k in result})
     Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
     Path(metrics_path).write_text(json.dumps(metrics, indent=2))

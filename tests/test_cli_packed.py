@@ -394,6 +394,13 @@ def test_register_refuses_the_evaluation_of_another_artifact(tmp_path, checkpoin
     evaluation = tmp_path / "eval-a.json"
     assert main(["evaluate", "--artifact", str(first), "--shards", str(demo_shards), "--metrics", str(evaluation)]) == 0
     scored = json.loads(evaluation.read_text())["artifact_sha256"]
+    # and on what: the digest of the test split's shards, what the registry compares top-1s by
+    from pipeline.data import read_manifest
+    from pipeline.evaluate import eval_data_digest
+
+    manifest = read_manifest(str(demo_shards))
+    on = json.loads(evaluation.read_text())["eval_data_sha256"]
+    assert on == eval_data_digest(manifest, "test") != eval_data_digest(manifest, "train")
     capsys.readouterr()
     argv = ["register", "--artifact", str(second), "--evaluation", str(evaluation), "--shards", str(demo_shards)]
     assert main(argv) == 2

@@ -75,6 +75,29 @@ def test_champion_gate_and_duplicates(registry_env):
     assert len(client.search_model_versions("name = 'gate-test'")) == 3
 
 
+def test_a_top1_on_other_images_is_not_compared(registry_env):
+    """A version scored on other images (another split, re-sharded test data) does not take champion
+    on a higher number, and the gate says why; versions on the champion's images still compete,
+    and an evaluation without the digest (before it was recorded) counts as its own data set."""
+    from pipeline.cli import report_register
+
+    tmp, cfg, images = registry_env
+    reg = RegistryConfig(model_name="data-test")
+    a, b, c, d = (make_artifact(tmp / f"data-{n}.safetensors", 20 + n) for n in range(4))
+    first = register_artifact(str(a), {"top1": 0.70, "eval_data_sha256": "aaaa" * 16}, images[0], cfg, reg, "g")
+    assert first["champion"] and first["gate"]["comparable"]
+    other = register_artifact(str(b), {"top1": 0.99, "eval_data_sha256": "bbbb" * 16}, images[0], cfg, reg, "g")
+    assert not other["champion"] and other["gate"]["comparable"] is False
+    assert other["gate"]["champion_after"] == first["version"]
+    assert "champion version 1 was scored on other images (eval data aaaaaaaaaaaa, this one bbbbbbbbbbbb)" in (
+        report_register(other)
+    )
+    untagged = register_artifact(str(c), {"top1": 0.95}, images[0], cfg, reg, "g")
+    assert not untagged["champion"] and untagged["gate"]["candidate_eval_data"] == "unknown"
+    same = register_artifact(str(d), {"top1": 0.75, "eval_data_sha256": "aaaa" * 16}, images[0], cfg, reg, "g")
+    assert same["champion"] and same["gate"]["comparable"] and same["gate"]["champion_top1"] == 0.70
+
+
 def test_register_refuses_a_non_finite_or_below_floor_evaluation(registry_env):
     from mlflow.tracking import MlflowClient
 
@@ -117,7 +140,7 @@ def test_concurrent_registrations_end_with_the_best_as_champion(registry_env):
     def register(top1: float, pause) -> None:
         try:
             results[top1] = champion_gate(
-                MlflowClient(tracking_uri=cfg.tracking_uri), name, versions[top1], top1, pause
+                MlflowClient(tracking_uri=cfg.tracking_uri), name, versions[top1], top1, pause=pause
             )
         except Exception as e:  # reported below
             errors.append(e)

@@ -5,9 +5,13 @@
   on the unwrapped model, a batch of uint8 (N, H, W, 3) arrays; it returns ``class_id``, ``label``
   and ``score`` per image. It opens no path named in a request.
 - Aliases, not stages: every new version gets ``candidate``; it becomes ``champion`` only when its
-  evaluation accuracy beats the current champion's (both numbers and the decision are logged).
-  Concurrent registrations end with the best: after setting the alias each one re-reads every
-  version and moves ``champion`` to the argmax of the recorded top-1 until the alias names it.
+  evaluation accuracy beats the current champion's on the same images (both numbers and the
+  decision are logged). Each version is tagged with the digest of the images it was scored on
+  (``bireal evaluate``'s ``eval_data_sha256``); a top-1 on other images (another split, a
+  re-sharded test set) is not compared: the version stays ``candidate``, and the gate says why.
+  Concurrent registrations end with the best: after setting the alias each one re-reads the
+  versions scored on the champion's images and moves ``champion`` to the argmax of their recorded
+  top-1 until the alias names it.
 - It fails closed: an evaluation that is not a finite top-1 in [0, 1], or is below
   ``registry.min_top1``, is refused before anything is logged; an MLflow error while reading the
   champion raises (the alias stays where it was) instead of reading as "no champion".
@@ -34,6 +38,8 @@ PYFUNC_REQUIREMENTS = ["bireal", "torch", "torchvision", "safetensors", "pillow"
 
 SHA_TAG = "bireal.artifact_sha256"
 ACCURACY_TAG = "bireal.eval_top1"
+EVAL_DATA_TAG = "bireal.eval_data_sha256"  # the images the top-1 is of (pipeline.evaluate.eval_data_digest)
+UNKNOWN_DATA = "unknown"  # an evaluation written before the digest was recorded (2026-12-07)
 
 
 def register_artifact(
@@ -75,12 +81,15 @@ def register_artifact(
         mlflow.start_run(experiment_id=experiment_id(cfg), run_name="register", tags=tags) as run,
     ):
         model_uri = log_packed_model(artifact, header, example_image, accuracy, cost)
+        eval_data = str(evaluation.get("eval_data_sha256") or UNKNOWN_DATA)
         version = mlflow.register_model(
-            model_uri, registry.model_name, tags={SHA_TAG: sha, ACCURACY_TAG: str(accuracy)}
+            model_uri,
+            registry.model_name,
+            tags={SHA_TAG: sha, ACCURACY_TAG: str(accuracy), EVAL_DATA_TAG: eval_data},
         )
         v = int(version.version)
         c.set_registered_model_alias(registry.model_name, "candidate", v)
-        gate = champion_gate(c, registry.model_name, v, accuracy)
+        gate = champion_gate(c, registry.model_name, v, accuracy, eval_data)
         mlflow.log_dict(gate, "champion_gate.json")
         mlflow.log_params({"gate.promoted": gate["promoted"], "gate.champion_top1": gate["champion_top1"]})
     return {
@@ -149,13 +158,17 @@ def check_evaluated(evaluation: dict, artifact: str, sha256: str) -> None:
         )
 
 
-def champion_gate(c, name: str, version: int, accuracy: float, pause=None) -> dict:
-    """``version`` becomes ``champion`` only when its top-1 beats the current champion's; then
-    ``settle_champion`` makes the alias name the best recorded version, whatever another
-    registration did meanwhile. ``pause(point)`` (tests) runs after the read and after the set."""
+def champion_gate(c, name: str, version: int, accuracy: float, eval_data: str = UNKNOWN_DATA, pause=None) -> dict:
+    """``version`` becomes ``champion`` only when its top-1 beats the current champion's on the same
+    images (``eval_data``, their digest); then ``settle_champion`` makes the alias name the best
+    version scored on the champion's images, whatever another registration did meanwhile.
+    ``pause(point)`` (tests) runs after the read and after the set."""
     champion_v = _alias_version(c, name, "champion")
-    champion_acc = recorded_top1(c.get_model_version(name, champion_v)) if champion_v is not None else None
-    promote = champion_acc is None or accuracy > champion_acc
+    champion = c.get_model_version(name, champion_v) if champion_v is not None else None
+    champion_acc = recorded_top1(champion) if champion is not None else None
+    champion_data = eval_data_of(champion) if champion is not None else None
+    comparable = champion is None or champion_data == eval_data
+    promote = comparable and (champion_acc is None or accuracy > champion_acc)
     if pause:
         pause("read")
     if promote:
@@ -163,14 +176,23 @@ def champion_gate(c, name: str, version: int, accuracy: float, pause=None) -> di
     if pause:
         pause("set")
     final = settle_champion(c, name)
-    return {
+    gate = {
         "candidate_version": version,
         "candidate_top1": accuracy,
+        "candidate_eval_data": eval_data,
         "champion_version": champion_v,
         "champion_top1": champion_acc,
+        "champion_eval_data": champion_data,
+        "comparable": comparable,
         "promoted": final == version,
         "champion_after": final,
     }
+    if not comparable:
+        gate["reason"] = (
+            f"champion version {champion_v} was scored on other images (eval data {str(champion_data)[:12]}, "
+            f"this one {eval_data[:12]}): evaluate both on the same shards, or move the alias by hand"
+        )
+    return gate
 
 
 def recorded_top1(version) -> float | None:
@@ -182,14 +204,24 @@ def recorded_top1(version) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def eval_data_of(version) -> str:
+    """The digest of the images a version's top-1 is of (``UNKNOWN_DATA`` before it was tagged)."""
+    return version.tags.get(EVAL_DATA_TAG, UNKNOWN_DATA)
+
+
 def settle_champion(c, name: str, rounds: int = 20) -> int:
-    """Move ``champion`` to the version with the best recorded top-1 (a tie keeps the current one,
-    else the earliest) and re-read until the alias names it; -> that version. Two registrations
-    that each read before the other set both end here, so the last writer cannot leave the worse."""
+    """Move ``champion`` to the version with the best recorded top-1 among those scored on the
+    champion's images (a tie keeps the current one, else the earliest), and re-read until the
+    alias names it; -> that version. Two registrations that each read before the other set both
+    end here, so the last writer cannot leave the worse."""
     for _ in range(rounds):
-        scores = {int(v.version): recorded_top1(v) for v in c.search_model_versions(f"name = '{name}'")}
-        scores = {v: top1 for v, top1 in scores.items() if top1 is not None}
         current = _alias_version(c, name, "champion")
+        versions = c.search_model_versions(f"name = '{name}'")
+        if current is not None:
+            data = next((eval_data_of(v) for v in versions if int(v.version) == current), None)
+            versions = [v for v in versions if eval_data_of(v) == data]
+        scores = {int(v.version): recorded_top1(v) for v in versions}
+        scores = {v: top1 for v, top1 in scores.items() if top1 is not None}
         if not scores:
             return current
         best = max(scores, key=lambda v: (scores[v], v == current, -v))

@@ -188,9 +188,11 @@ def champion_gate(c, name: str, version: int, accuracy: float, eval_data: str = 
         "champion_after": final,
     }
     if not comparable:
+        unknown = UNKNOWN_DATA in (champion_data, eval_data)
         gate["reason"] = (
             f"champion version {champion_v} was scored on other images (eval data {str(champion_data)[:12]}, "
-            f"this one {eval_data[:12]}): evaluate both on the same shards, or move the alias by hand"
+            f"this one {eval_data[:12]}{'; unknown: an evaluation from before 2026-12-07' if unknown else ''}): "
+            "evaluate both on the same shards, or move the alias by hand"
         )
     return gate
 

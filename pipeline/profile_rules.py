@@ -135,6 +135,21 @@ def tune_problems(params: Params) -> list[str]:
     return []
 
 
+def chain_problems(params: Params) -> list[str]:
+    """Finetune retrains the binarize stage's net: its arch, stem and width must be binarize's."""
+    if stage_epochs(params, "finetune") <= 0:
+        return []
+    binarize, finetune = params.train("binarize", tuned=False), params.train("finetune", tuned=False)
+    differ = [
+        f"finetune.{k} is {getattr(finetune, k)!r}, binarize.{k} {getattr(binarize, k)!r}"
+        for k in ("arch", "stem", "width")
+        if getattr(finetune, k) != getattr(binarize, k)
+    ]
+    if differ:
+        return [f"{params.where}: {', '.join(differ)}: finetune retrains the binarize stage's net, so they must agree"]
+    return []
+
+
 def reproduction_problems(params: Params, gpus: int | None = None) -> list[str]:
     """Every rule's problems for this profile (on ``gpus`` workers instead of ``ray.num_workers``)."""
     return (
@@ -142,4 +157,5 @@ def reproduction_problems(params: Params, gpus: int | None = None) -> list[str]:
         + step_problems(params, gpus)
         + shard_problems(params, gpus)
         + tune_problems(params)
+        + chain_problems(params)
     )

@@ -147,7 +147,7 @@ def constrain_for_finetune(model: nn.Module, finetune_fc: bool = False) -> nn.Mo
     return model
 
 
-def _finetune_init(config: TrainConfig):
+def _finetune_init(config: TrainConfig, num_classes: int):
     def prepare(previous: nn.Module | None) -> nn.Module:
         path = stage_input(config, "binarize", config.init_from)
         if not path.is_file():
@@ -155,9 +155,25 @@ def _finetune_init(config: TrainConfig):
                 f"{path}: finetune starts from the binarize stage's checkpoint (train binarize first)"
             )
         model, _ = bc.load_checkpoint(path)
+        check_starting_net(path, model, config, num_classes)
         return constrain_for_finetune(model, config.finetune_fc)
 
     return prepare
+
+
+def check_starting_net(path: Path, model: nn.Module, config: TrainConfig, num_classes: int) -> None:
+    """Finetune retrains the binarize stage's net as it is: a ValueError before any epoch when that
+    net is not the one this stage's settings and shards describe (before, a finetune section with
+    another width trained binarize's width silently, and other shards' labels failed mid-epoch)."""
+    spec = model.model_spec
+    have = {"arch": spec["name"], **{k: spec["kwargs"].get(k) for k in ("stem", "width", "num_classes")}}
+    wanted = {"arch": config.arch, "stem": config.stem, "width": config.width, "num_classes": num_classes}
+    differ = [f"{k} {have[k]!r} (finetune: {wanted[k]!r})" for k in wanted if have[k] != wanted[k]]
+    if differ:
+        raise ValueError(
+            f"{path}: {', '.join(differ)}: finetune retrains the binarize stage's net, so finetune.arch, "
+            "stem and width must be binarize's, and the shards (their classes, num_classes) the ones it trained on"
+        )
 
 
 def _relu_control(config: TrainConfig, num_classes: int) -> list[Segment]:
@@ -262,4 +278,4 @@ def segments(config: TrainConfig, num_classes: int) -> list[Segment]:
             Segment("binarize-step1-activations", config.step1_epochs, init, weight_decay=config.step1_weight_decay),
             Segment("binarize-step2-weights", config.epochs - config.step1_epochs, _binarize_weights(config)),
         ]
-    return [Segment("finetune", config.epochs, _finetune_init(config))]
+    return [Segment("finetune", config.epochs, _finetune_init(config, num_classes))]

@@ -261,6 +261,18 @@ def test_cpu_tune_trials_on_a_gpu_profile_are_refused(tmp_path):
     assert reproduction_problems(ok) == []
 
 
+def test_a_finetune_net_other_than_binarizes_is_named(tmp_path):
+    """Finetune retrains binarize's net: another width in its section is a problem check-params
+    (and bireal submit) names before any training, not a finetune that trains something else."""
+    from pipeline.profile_rules import reproduction_problems
+
+    params = load_params(_variant(tmp_path, "cifar10_bireal18", finetune={"width": 1.0}))
+    (problem,) = reproduction_problems(params)
+    assert "finetune.width is 1.0, binarize.width 0.5: finetune retrains the binarize stage's net" in problem
+    same = load_params(_variant(tmp_path, "cifar10_bireal18", finetune={"width": 0.5}))
+    assert reproduction_problems(same) == []
+
+
 def test_check_params_prints_each_problem_and_fails(tmp_path, capsys):
     from pipeline.cli import main
 

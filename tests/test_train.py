@@ -169,6 +169,20 @@ def test_finetune_without_binarizes_checkpoint_says_what_to_train(tmp_path):
         start.prepare(None)
 
 
+def test_finetune_refuses_a_binarize_net_its_settings_do_not_describe(tmp_path):
+    """Before: a finetune section of another width trained binarize's width silently, and shards of
+    other classes failed mid-epoch on a target out of range. Now the differences are named first."""
+    from pipeline.segments import segments
+
+    net = bc.create_model("bireal18", num_classes=10, stem="small", width=0.5)
+    bc.save_checkpoint(tmp_path / "binarize.safetensors", net, stage="binarize")
+    (start,) = segments(smoke_config(tmp_path, tmp_path, stage="finetune", width=0.5), num_classes=10)
+    start.prepare(None)  # the net its settings describe
+    (start,) = segments(smoke_config(tmp_path, tmp_path, stage="finetune", width=0.25), num_classes=100)
+    with pytest.raises(ValueError, match=r"width 0.5 \(finetune: 0.25\), num_classes 10 \(finetune: 100\): finetune"):
+        start.prepare(None)
+
+
 def test_finetune_freezes_all_but_batchnorm():
     model = constrain_for_finetune(bc.create_model("bireal18", num_classes=10, stem="small", width=0.25))
     bn = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}

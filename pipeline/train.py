@@ -587,8 +587,10 @@ def data_spec(config: TrainConfig, manifest: dict, device: torch.device) -> Data
     return spec
 
 
-def load_teacher(config: TrainConfig, device: torch.device) -> nn.Module | None:
-    """The distillation teacher (``distill_from``), frozen in eval mode on ``device``; None without."""
+def load_teacher(config: TrainConfig, device: torch.device, num_classes: int) -> nn.Module | None:
+    """The distillation teacher (``distill_from``), frozen in eval mode on ``device``; None without.
+    Its outputs are the student's soft targets: a teacher of another class count or stem (the
+    input it was trained on) is refused here, not as a shape error in the first step."""
     if not config.distill_from:
         return None
     source = config.distill_from
@@ -600,6 +602,13 @@ def load_teacher(config: TrainConfig, device: torch.device) -> nn.Module | None:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: distill_from={source!r} names no checkpoint")
     teacher, _ = bc.load_checkpoint(path)
+    kwargs = teacher.model_spec["kwargs"]
+    have, wanted = (kwargs.get("num_classes"), kwargs.get("stem")), (num_classes, config.stem)
+    if have != wanted:
+        raise ValueError(
+            f"{path}: distill_from={source!r} is a {have[0]}-way net with the {have[1]} stem; this stage "
+            f"trains a {wanted[0]}-way net (the shards' classes) with the {wanted[1]} stem: a teacher must be both"
+        )
     teacher.eval().requires_grad_(False)
     return teacher.to(device)
 
@@ -789,9 +798,8 @@ def train_loop(
     manifest = read_manifest(config.shards)
     check_sizes(manifest, config.shards)  # every attempt: a truncated shard stops it before a step
     # the teacher first: a missing one fails before the resident loader decodes a split
-    criterion = Criterion(
-        config.label_smoothing, load_teacher(config, device), config.distill_weight, config.distill_temperature
-    )
+    teacher = load_teacher(config, device, len(manifest["classes"]))
+    criterion = Criterion(config.label_smoothing, teacher, config.distill_weight, config.distill_temperature)
     data = data_spec(config, manifest, device)
     input_config = data.input_config
     plan = segments(config, len(manifest["classes"]))

@@ -503,6 +503,10 @@ def test_a_cifar_style_recipe_with_holdout_and_distillation(demo_shards, tmp_pat
     assert history[-1]["val_top1"] > 0.3 and history[-1]["test_top1"] > 0.3
     with pytest.raises(FileNotFoundError, match="distill_from='pretrain-nothing'"):
         train_loop(replace(cfg, distill_from="pretrain-nothing"))
+    other = bc.create_model("resnet18", num_classes=100, stem="small")  # a teacher of other classes
+    bc.save_checkpoint(tmp_path / "teacher100.safetensors", other, stage="pretrain")
+    with pytest.raises(ValueError, match="is a 100-way net with the small stem; this stage trains a 10-way net"):
+        train_loop(replace(cfg, distill_from=str(tmp_path / "teacher100.safetensors")))
     with pytest.raises(ValueError, match="holdout=100000"):
         train_loop(replace(cfg, holdout=100000))
     with pytest.raises(ValueError, match="loader: resident runs the small recipe"):

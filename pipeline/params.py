@@ -732,16 +732,17 @@ def build(cls: type[T], values: dict[str, Any], where: str) -> T:
 # ---------------------------------------------------------------------------- the file
 
 
-def default_params_path() -> Path:
-    """$BIREAL_PARAMS, else params.yaml in the current directory (where `dvc repro` runs stages)."""
-    return Path(os.environ.get("BIREAL_PARAMS", Path.cwd() / "params.yaml"))
-
-
 def params_path(name_or_path: str | os.PathLike | None = None) -> Path:
     """A params file: a path, a profile name from ``pipeline/configs`` (``cifar10_bireal18``), or
-    the default (``default_params_path``)."""
+    the default: ``$BIREAL_PARAMS`` (either of those), else params.yaml in the current directory
+    (where `dvc repro` runs stages)."""
     if not name_or_path:
-        return default_params_path()
+        if not os.environ.get("BIREAL_PARAMS"):
+            return Path.cwd() / "params.yaml"
+        try:
+            return params_path(os.environ["BIREAL_PARAMS"])
+        except ConfigError as e:
+            raise ConfigError(f"$BIREAL_PARAMS={e}") from None
     path = Path(name_or_path)
     if path.is_file() or path.suffix in (".yaml", ".yml") or os.sep in str(name_or_path):
         return path

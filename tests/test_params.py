@@ -206,6 +206,13 @@ def test_a_params_file_named_must_exist(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("BIREAL_PARAMS", str(tmp_path / "gone.yaml"))
     with pytest.raises(P.ConfigError, match="gone.yaml: params file not found"):
         P.load_params()
+    monkeypatch.setenv("BIREAL_PARAMS", "imagenet_bireal18_paper")  # a profile's name, as --params takes
+    assert P.load_params().path == P.CONFIGS_DIR / "imagenet_bireal18_paper.yaml"
+    monkeypatch.setenv("BIREAL_PARAMS", "imagenet_bireal18_papr")
+    with pytest.raises(
+        P.ConfigError, match=r"\$BIREAL_PARAMS=imagenet_bireal18_papr: neither a params file nor a profile"
+    ):
+        P.load_params()
     monkeypatch.delenv("BIREAL_PARAMS")
     assert P.load_params().raw == {}  # no ./params.yaml: the defaults
     assert main(["check-params"]) == 0

@@ -717,6 +717,18 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, ValueError, OSError, RuntimeError) as e:  # OSError: a missing, damaged or unreadable file
         print(f"bireal {args.command}: error: {error_text(e)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not type(e).__module__.startswith("botocore"):
+            raise
+        # S3 errors s3fs does not turn into OSError: no credentials, an endpoint that cannot be reached
+        print(f"bireal {args.command}: error: S3: {e} ({S3_HINT})", file=sys.stderr)
+        return 2
+
+
+S3_HINT = (
+    "credentials come from the store's usual places: $AWS_ACCESS_KEY_ID and $AWS_SECRET_ACCESS_KEY, "
+    "~/.aws, an instance role; another endpoint than AWS's: $BIREAL_S3_ENDPOINT_URL"
+)
 
 
 def error_text(e: BaseException) -> str:

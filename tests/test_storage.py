@@ -73,6 +73,22 @@ def test_locations_and_endpoint_options(monkeypatch):
     assert storage.pyarrow_filesystem("/tmp/ray") == (None, "/tmp/ray")
 
 
+def test_s3_without_credentials_is_one_line(tmp_path, capsys, monkeypatch):
+    """botocore's NoCredentialsError is not an OSError: it ended `bireal shard` and `evaluate` in a
+    traceback. Now one line says where credentials come from."""
+    from pipeline.cli import main
+
+    for name in [k for k in os.environ if k.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance role to ask
+    assert main(["shard", "--verify", "s3://no-bucket/shards"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bireal shard: error: S3: Unable to locate credentials (credentials come from")
+    assert len(err.strip().splitlines()) == 1 and "$AWS_ACCESS_KEY_ID" in err
+
+
 def test_shards_through_a_pipe_command(demo_shards):
     """A `pipe:` location: the manifest and every shard read through the command's stdout."""
     from pipeline.data import iter_shard, read_manifest, split_shards

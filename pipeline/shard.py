@@ -440,5 +440,6 @@ def summarize(manifest: dict) -> str:
         lines.append(f"  quarantined {q['path']}: {q['reason']}")
     ignored = manifest.get("ignored", [])  # manifests before 2026-12-06 have no list
     if ignored:
-        lines.append(f"ignored: {len(ignored)} file(s) that are not images by their suffix ({first_few(ignored)})")
+        why = "not images by their suffix, outside a class folder, or without a label"
+        lines.append(f"ignored: {len(ignored)} left out ({why}): {first_few(ignored)}")
     return "\n".join(lines)

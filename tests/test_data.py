@@ -96,7 +96,9 @@ def test_image_folder_walks_sub_folders_and_names_what_it_leaves_out(tmp_path):
     assert reason == "undecodable: UnidentifiedImageError: cannot identify image file"
     with pytest.raises(KeyError, match=r"no val or test split \(it has: train\); shard a source with val/"):
         eval_split_name({"splits": {"train": m["splits"]["train"]}})
-    assert "ignored: 1 file(s) that are not images by their suffix (train/class0/README.txt)" in summarize(m)
+    assert "ignored: 1 left out (not images by their suffix, outside a class folder, or without a label): " + (
+        "train/class0/README.txt"
+    ) in summarize(m)
     samples = read_samples(tmp_path / "out", m, "train")
     assert sorted(s["cls"] for s in samples) == [0] * 4 + [1] * 5
     assert all(color_class(s["image"]) == s["cls"] for s in samples)

@@ -154,13 +154,15 @@ def test_extracted_imagenet_with_a_flat_val_folder(tmp_path, layout):
     Kaggle's LOC_val_solution.csv or the devkit's ground truth; Kaggle's download is found from
     its root, and its unlabelled test/ is left out, said so in the manifest."""
     truth = imagenet_extracted(tmp_path / "imagenet", layout)
+    train = tmp_path / "imagenet" / ("ILSVRC/Data/CLS-LOC/train" if layout == "kaggle" else "train")
+    colored_image(0).save(train / "stray.JPEG")  # in train/ but in no class folder: no label
     out = tmp_path / "out"
     m = shard_dataset(str(tmp_path / "imagenet"), str(out), ShardParams(**FAST), progress_bar=False)
     assert [c["wnid"] for c in m["classes"]] == WNIDS
     assert m["classes"][2]["name"].startswith(f"fish {WNIDS[2][-3:]}")  # the synset mapping's or devkit's words
     assert set(m["splits"]) == {"train", "val"} and m["splits"]["val"]["count"] == len(truth)
     assert set(m["splits"]["val"]["per_class"].values()) == {2}
-    assert m["ignored"] == (["test/*: 3 images without labels"] if layout == "kaggle" else [])
+    assert m["ignored"] == ["train/stray.JPEG"] + (["test/*: 3 images without labels"] if layout == "kaggle" else [])
     for s in read_samples(out, m, "val"):
         assert color_class(s["image"]) == s["cls"] and s["wnid"] == WNIDS[s["cls"]]  # labels match pixels
 

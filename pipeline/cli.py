@@ -692,6 +692,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resume_hint(args: argparse.Namespace) -> str:
+    """What running the same command again does after an interruption ('' where it starts over)."""
+    if args.command == "shard":
+        return "the same command keeps the complete shards and goes on after the last"
+    if args.command == "tune":
+        return "the same command resumes the search (finished trials are kept)"
+    if args.command in ("train", "run") and not args.no_ray:
+        return "the same command resumes a training stage from its last finished epoch (ray.storage_path)"
+    return ""
+
+
 # what `pip install 'bireal[pipeline]'` adds to the core (pyproject.toml)
 PIPELINE_EXTRA = ("ray", "mlflow", "prefect", "dvc", "webdataset", "sklearn", "fsspec", "tqdm")
 
@@ -705,6 +716,10 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "params"):  # read once; a bad params file fails before any work starts
             args.loaded = load_args_params(args)
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever the work was
+        hint = resume_hint(args)
+        print(f"bireal {args.command}: interrupted" + (f"; {hint}" if hint else ""), file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
     except ModuleNotFoundError as e:
         if (e.name or "").split(".")[0] not in PIPELINE_EXTRA:
             raise

@@ -276,15 +276,15 @@ def _shard_into(fs, root, source, params, identity, overwrite, progress_bar, sta
     done = sum(s.get("next_sample", 0) for s in state["splits"].values())
     workers = _pool_size(params.processes, total - done)
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    bar = _progress(total, done, progress_bar)
     try:
-        bar = _progress(total, done, progress_bar)
         for split, samples in source.splits.items():
             st = state["splits"].setdefault(split, {"shards": [], "next_sample": 0, "quarantine": [], "converted": []})
             _shard_split(
                 fs, root, split, ext, _split_order(samples, params.seed, split), source, params, st, state, pool, bar
             )
-        bar.close()
     finally:
+        bar.close()  # also when interrupted: its last line ends before an error's
         if pool is not None:
             pool.terminate()
     manifest = _manifest(source, state, identity)

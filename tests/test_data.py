@@ -234,6 +234,29 @@ def test_killed_run_resumes_byte_identical(tmp_path):
         assert (out / name).read_bytes() == (reference / name).read_bytes(), name
 
 
+def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
+    """Ctrl-C (SIGINT) while sharding: exit 130 with one line saying what running it again does,
+    not a traceback from wherever the work was; running it again finishes the shards."""
+    src = many_images(tmp_path / "src", 400)
+    out = tmp_path / "out"
+    argv = [sys.executable, "-m", "pipeline.cli", "shard", "--source", str(src), "--out", str(out)]
+    argv += ["--resize", "64", "--samples-per-shard", "20", "--processes", "1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    progress = out / ".shard-progress.json"
+    while proc.poll() is None and not progress.exists():  # until the first shard is done
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "bireal shard: interrupted; the same command keeps the complete shards and goes on after the last"
+    )
+    assert not (out / "manifest.json").exists()
+    subprocess.run(argv, check=True, capture_output=True)
+    assert verify_shards(str(out)) == []
+
+
 def test_verify_detects_tampering(tmp_path):
     src = image_folder(tmp_path / "src")
     out = tmp_path / "out"

@@ -80,6 +80,40 @@ def test_resume_after_killed_worker(ray_local, demo_shards, tmp_path):
     assert steps == [0, 1, 2, 3]
 
 
+def _interrupt_after_the_first_epoch(storage: Path, done: threading.Event, sent: list):
+    """Ctrl-C (SIGINT to this process, as a terminal sends it) once two epochs' checkpoints are
+    stored (the first is then surely registered with the controller)."""
+    import os
+    import signal
+
+    while not done.is_set():
+        if len(list(storage.glob("*/checkpoint_*"))) >= 2:
+            os.kill(os.getpid(), signal.SIGINT)
+            sent.append(True)
+            return
+        time.sleep(0.05)
+
+
+def test_ctrl_c_aborts_the_stage_as_an_interrupt_and_the_stage_resumes(ray_local, demo_shards, tmp_path):
+    """Ray Train's SIGINT handler aborts the run, and its get() then ended the driver with a bare
+    SystemExit(1): `bireal train` printed nothing and exited 1. It is a KeyboardInterrupt now (the
+    CLI's one line and exit 130), and the same stage run again resumes after the stored epoch."""
+    params = write_params(tmp_path, demo_shards, max_steps_per_epoch=6, init="scratch")
+    done, sent = threading.Event(), []
+    watcher = threading.Thread(target=_interrupt_after_the_first_epoch, args=(tmp_path / "ray_results", done, sent))
+    watcher.start()
+    try:
+        with pytest.raises(KeyboardInterrupt, match="binarize: interrupted; Ray Train aborted the run"):
+            run_train_stage("binarize", load_params(params), overrides={"epochs": 4})
+    finally:
+        done.set()
+        watcher.join()
+    assert sent
+    history = run_train_stage("binarize", load_params(params), overrides={"epochs": 4})["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2, 3]
+    assert history[0]["restarts"] == 0 and history[-1]["restarts"] == 1  # resumed after a stored epoch
+
+
 def test_a_request_the_local_ray_instance_cannot_hold_is_refused(ray_local, demo_shards, tmp_path):
     """GPU workers on a machine without GPUs (or more CPUs than it has) used to wait forever: Ray
     queues a placement it cannot fill, and `bireal train` sat silent until killed. The stage and

@@ -308,6 +308,10 @@ def run_stage_on_ray(
         result = torch_trainer(payload, ray_cfg, run.name, storage_path).fit()
         if result.error is not None:  # Ray Train v1 returns it; v2 raises it
             raise result.error
+    except SystemExit as e:
+        # Ctrl-C: fit()'s own SIGINT handler aborts the run, and Ray's get() then ends the driver with
+        # SystemExit(1), which printed nothing. As the interrupt it is, the CLI says what resumes.
+        raise KeyboardInterrupt(f"{config.stage}: interrupted; Ray Train aborted the run") from e
     except Exception as e:
         cause = worker_error(e)
         if cause is e:

@@ -133,8 +133,9 @@ def test_interrupted_search_resumes(ray_local, demo_shards, pretrained, tmp_path
         "from pipeline.params import TuneSettings, MlflowConfig\n"
         "from pipeline.adapters.ray_tune import run_tune\n"
         "from pipeline.adapters.tracking import resolve\n"
-        f"run_tune(TuneSettings(**{asdict(s)!r}), TrainConfig(**{asdict(base)!r}),\n"
+        f"summary = run_tune(TuneSettings(**{asdict(s)!r}), TrainConfig(**{asdict(base)!r}),\n"
         f"         resolve(MlflowConfig(**{asdict(mlflow_cfg(tmp_path))!r})), 'g')\n"
+        "print('FINISHED', summary['finished'])\n"  # Tune's fit() returns normally when interrupted
     )
     log = open(tmp_path / "search.log", "w")
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}  # the session's cluster
@@ -147,6 +148,7 @@ def test_interrupted_search_resumes(ray_local, demo_shards, pretrained, tmp_path
     proc.wait(timeout=120)
     interrupted = {p.parent.name for p in (tmp_path / "ray_results").glob("*/_trial_*/checkpoint_*")}
     assert 2 <= len(interrupted) < 4, (tmp_path / "search.log").read_text()[-3000:]
+    assert "FINISHED False" in (tmp_path / "search.log").read_text()  # an interrupted search is not a pick
 
     resumed = run_tune(s, base, mlflow_cfg(tmp_path), group="g")
     assert resumed["finished"] and len(resumed["trials"]) == 4, resumed["trials"]

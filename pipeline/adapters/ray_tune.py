@@ -171,8 +171,12 @@ def run_tune(
     trainable = tune.with_parameters(_trial, base=base_dict, tracking=tracking)
     trainable = tune.with_resources(trainable, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
     with framework_output_quiet():  # Tune's experiment box and TensorBoard hint; the table is ours
-        trials = _trial_rows(_tuner(settings, trainable, name, storage, base.arch).fit())
-    finished = len(trials) == expected_trials(settings, base.arch) and all(t["status"] == "TERMINATED" for t in trials)
+        results = _tuner(settings, trainable, name, storage, base.arch).fit()
+    trials = _trial_rows(results)
+    # Tune's own trial states decide: on Ctrl-C fit() returns normally, and a trial stopped mid-way
+    # has reported epochs (so its row looks done) without being TERMINATED
+    expected = expected_trials(settings, base.arch)
+    finished = len(trials) == results.num_terminated == expected and results.num_errors == 0
     summary = summarize(trials, settings, base.arch)
     summary.update({"path": f"{storage}/{name}", "finished": finished})
     if tracking:

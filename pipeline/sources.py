@@ -161,9 +161,7 @@ def scan_image_folder(root: str | os.PathLike, labels_root: str | os.PathLike | 
     return source
 
 
-def _flat_samples(
-    split_dir: Path, flat: list[Path], index: dict, labels: "ImageLabels", source: Source
-) -> list[Sample]:
+def _flat_samples(split_dir: Path, flat: list[Path], index: dict, labels: ImageLabels, source: Source) -> list[Sample]:
     """The images lying directly in an evaluation folder, labelled by ImageNet's label files."""
     images = [f for f in flat if f.suffix.lower() in IMAGE_SUFFIXES]
     source.ignored += [f"{split_dir.name}/{f.name}" for f in flat if f.suffix.lower() not in IMAGE_SUFFIXES]

@@ -28,6 +28,7 @@ import re
 import tarfile
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Iterable, Iterator
 
 from . import storage
@@ -397,6 +398,8 @@ def verify_shards(out: str) -> list[str]:
     try:
         manifest = read_manifest(out)  # the loaders' read, with its checks
     except FileNotFoundError as e:
+        if storage.is_local(out) and not Path(out).exists():
+            raise ShardError(f"{out}: no such folder") from e
         raise ShardError(f"{out}: no {MANIFEST} (not a shard folder, or sharding did not finish)") from e
     except ValueError as e:
         raise ShardError(str(e)) from e

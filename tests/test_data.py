@@ -268,6 +268,10 @@ def test_verify_detects_tampering(tmp_path):
     (out / m["splits"]["val"]["shards"][0]["name"]).unlink()
     problems = verify_shards(str(out))
     assert any("sha256" in p for p in problems) and any("missing" in p for p in problems)
+    with pytest.raises(ShardError, match=r"nowhere: no such folder$"):  # a typo in the path
+        verify_shards(str(tmp_path / "nowhere"))
+    with pytest.raises(ShardError, match=r"src: no manifest.json \(not a shard folder"):
+        verify_shards(str(src))
 
 
 def test_bad_inputs_named(tmp_path):

@@ -698,8 +698,12 @@ def resume_hint(args: argparse.Namespace) -> str:
         return "the same command keeps the complete shards and goes on after the last"
     if args.command == "tune":
         return "the same command resumes the search (finished trials are kept)"
-    if args.command in ("train", "run") and not args.no_ray:
-        return "the same command resumes a training stage from its last finished epoch (ray.storage_path)"
+    if args.command == "train" and not args.no_ray:
+        return "the same command resumes the stage from its last finished epoch (ray.storage_path)"
+    if args.command == "run" and not args.no_ray:
+        return (
+            "the same command resumes a training stage from its last finished epoch, a search from its finished trials"
+        )
     return ""
 
 

@@ -117,11 +117,9 @@ def test_tiny_search_logs_children_and_writes_best(ray_local, demo_shards, pretr
     assert (config.activation, config.init) == (best["activation"], best["init"])
 
 
-@pytest.mark.e2e
-def test_interrupted_search_resumes(ray_local, demo_shards, pretrained, tmp_path):
-    """A search whose driver gets SIGINT after two trials is continued, not restarted."""
-    base = TrainConfig(shards=str(demo_shards), out=str(pretrained), width=0.25, batch_size=32)
-    s = settings(tmp_path, max_concurrent=1, asha=False, max_steps_per_epoch=10)
+def _search_in_a_process(tmp_path, s: TuneSettings, base: TrainConfig, ray_local) -> subprocess.Popen:
+    """``run_tune`` in a driver process of its own on the session's cluster, printing whether the
+    search it returned had finished."""
     script = tmp_path / "search.py"
     script.write_text(
         "import sys\n"
@@ -135,26 +133,58 @@ def test_interrupted_search_resumes(ray_local, demo_shards, pretrained, tmp_path
         "from pipeline.adapters.tracking import resolve\n"
         f"summary = run_tune(TuneSettings(**{asdict(s)!r}), TrainConfig(**{asdict(base)!r}),\n"
         f"         resolve(MlflowConfig(**{asdict(mlflow_cfg(tmp_path))!r})), 'g')\n"
-        "print('FINISHED', summary['finished'])\n"  # Tune's fit() returns normally when interrupted
+        "print('FINISHED', summary['finished'])\n"
     )
     log = open(tmp_path / "search.log", "w")
     env = {**os.environ, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}  # the session's cluster
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT, env=env)
-    while proc.poll() is None:  # until 2 trials checkpointed (the search's progress, not a clock)
-        if len(list((tmp_path / "ray_results").glob("*/_trial_*/checkpoint_*"))) >= 2:
-            break
+    return subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT, env=env)
+
+
+def _checkpointed_trials(tmp_path) -> set[str]:
+    return {p.parent.name for p in (tmp_path / "ray_results").glob("*/_trial_*/checkpoint_*")}
+
+
+def _interrupt_when(proc: subprocess.Popen, ready) -> None:
+    """SIGINT, how a user stops a Tune driver, once ``ready()`` (the search's progress, not a clock)."""
+    while proc.poll() is None and not ready():
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)  # how a user stops a Tune driver
+    proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
-    interrupted = {p.parent.name for p in (tmp_path / "ray_results").glob("*/_trial_*/checkpoint_*")}
-    assert 2 <= len(interrupted) < 4, (tmp_path / "search.log").read_text()[-3000:]
-    assert "FINISHED False" in (tmp_path / "search.log").read_text()  # an interrupted search is not a pick
+
+
+@pytest.mark.e2e
+def test_interrupted_search_resumes(ray_local, demo_shards, pretrained, tmp_path):
+    """A search whose driver gets SIGINT after two trials is continued, not restarted."""
+    base = TrainConfig(shards=str(demo_shards), out=str(pretrained), width=0.25, batch_size=32)
+    s = settings(tmp_path, max_concurrent=1, asha=False, max_steps_per_epoch=10)
+    proc = _search_in_a_process(tmp_path, s, base, ray_local)
+    _interrupt_when(proc, lambda: len(_checkpointed_trials(tmp_path)) >= 2)
+    assert 2 <= len(_checkpointed_trials(tmp_path)) < 4, (tmp_path / "search.log").read_text()[-3000:]
+    log = (tmp_path / "search.log").read_text()
+    assert "KeyboardInterrupt: tune: interrupted" in log and "FINISHED" not in log  # not a search to pick from
 
     resumed = run_tune(s, base, mlflow_cfg(tmp_path), group="g")
     assert resumed["finished"] and len(resumed["trials"]) == 4, resumed["trials"]
     _, parents, kids = children(tmp_path)
     assert len(parents) == 1 and len(kids) == 4  # no trial started twice
     assert all(k.info.status == "FINISHED" for k in kids), [k.info.status for k in kids]
+
+
+@pytest.mark.e2e
+def test_a_search_interrupted_with_every_trial_started_is_an_interrupt(ray_local, demo_shards, pretrained, tmp_path):
+    """Both trials of a 3-epoch search have reported an epoch when the driver gets SIGINT. Tune's
+    handler ends the search, fit() returns normally and the stopped trials are TERMINATED like
+    finished ones, and each row has epochs: the search passed for finished, and best.json was
+    picked from trials a third trained. It is an interrupt now (the CLI's line, exit 130)."""
+    base = TrainConfig(shards=str(demo_shards), out=str(pretrained), width=0.25, batch_size=32)
+    s = settings(tmp_path, activations=["approx_sign"], epochs=3, max_concurrent=2, asha=False, max_steps_per_epoch=6)
+    proc = _search_in_a_process(tmp_path, s, base, ray_local)
+    _interrupt_when(proc, lambda: len(_checkpointed_trials(tmp_path)) >= 2)
+    log = (tmp_path / "search.log").read_text()
+    assert len(list((tmp_path / "ray_results").glob("*/_trial_*/checkpoint_*"))) < 6, log[-3000:]  # none finished
+    assert "KeyboardInterrupt: tune: interrupted" in log and "FINISHED" not in log, log[-3000:]
+    resumed = run_tune(s, base, mlflow_cfg(tmp_path), group="g")
+    assert resumed["finished"] and [t["epochs"] for t in resumed["trials"]] == [3, 3], resumed["trials"]
 
 
 PAPER = {

@@ -10,8 +10,10 @@ an MLflow child run of one tuning run (``adapters/tracking.py``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
@@ -143,6 +145,30 @@ def _tuner(settings: TuneSettings, trainable, name: str, storage: str, arch: str
     )
 
 
+class _StopSignalSeen(logging.Handler):
+    """Whether Tune's own SIGINT/SIGUSR1 handler ran: on Ctrl-C it ends the search, fit() returns
+    normally and the stopped trials are TERMINATED like finished ones. What tells the two apart is
+    the warning that handler logs (``ray.tune.tune``, "Stop signal received")."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.seen = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.funcName == "signal_interrupt_tune_run" or "Stop signal received" in record.getMessage():
+            self.seen = True
+
+
+@contextlib.contextmanager
+def tune_stop_signal():
+    logger, watcher = logging.getLogger("ray.tune.tune"), _StopSignalSeen()
+    logger.addHandler(watcher)
+    try:
+        yield watcher
+    finally:
+        logger.removeHandler(watcher)
+
+
 def run_tune(
     settings: TuneSettings,
     base: TrainConfig,
@@ -170,11 +196,11 @@ def run_tune(
     tracking = tune_parent_run(mlflow_cfg, group, name, settings) if mlflow_cfg else None
     trainable = tune.with_parameters(_trial, base=base_dict, tracking=tracking)
     trainable = tune.with_resources(trainable, {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial})
-    with framework_output_quiet():  # Tune's experiment box and TensorBoard hint; the table is ours
+    with framework_output_quiet(), tune_stop_signal() as stop:  # Tune's experiment box; the table is ours
         results = _tuner(settings, trainable, name, storage, base.arch).fit()
+    if stop.seen:  # the trials are TERMINATED as finished ones are: not a search to pick from
+        raise KeyboardInterrupt("tune: interrupted; Tune saved the search's state")
     trials = _trial_rows(results)
-    # Tune's own trial states decide: on Ctrl-C fit() returns normally, and a trial stopped mid-way
-    # has reported epochs (so its row looks done) without being TERMINATED
     expected = expected_trials(settings, base.arch)
     finished = len(trials) == results.num_terminated == expected and results.num_errors == 0
     summary = summarize(trials, settings, base.arch)

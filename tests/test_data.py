@@ -22,6 +22,7 @@ from imagegen import (
     ilsvrc_tars,
     image_folder,
     imagenet_extracted,
+    jpeg_bytes,
     many_images,
 )
 from PIL import Image
@@ -237,7 +238,13 @@ def test_killed_run_resumes_byte_identical(tmp_path):
 def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
     """Ctrl-C (SIGINT) while sharding: exit 130 with one line saying what running it again does,
     not a traceback from wherever the work was; running it again finishes the shards."""
-    src = many_images(tmp_path / "src", 400)
+    # 300 copies of one 1200 x 900 photo: each is decoded and downscaled (~15 ms), so the run is
+    # seconds long after its first shard on any machine (400 small images took 0.6 s in CI)
+    src = tmp_path / "src"
+    photo = jpeg_bytes(colored_image(0, (1200, 900)))
+    for i in range(300):
+        (src / "train" / f"c{i % 3}").mkdir(parents=True, exist_ok=True)
+        (src / "train" / f"c{i % 3}" / f"{i:04d}.jpg").write_bytes(photo)
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "pipeline.cli", "shard", "--source", str(src), "--out", str(out)]
     argv += ["--resize", "64", "--samples-per-shard", "20", "--processes", "1"]
@@ -245,6 +252,7 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
     progress = out / ".shard-progress.json"
     while proc.poll() is None and not progress.exists():  # until the first shard is done
         time.sleep(0.01)
+    assert proc.poll() is None, "the run finished before it could be interrupted"
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, err

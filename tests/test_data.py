@@ -248,7 +248,12 @@ def test_ctrl_c_is_one_line_and_the_run_resumes(tmp_path):
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "pipeline.cli", "shard", "--source", str(src), "--out", str(out)]
     argv += ["--resize", "64", "--samples-per-shard", "20", "--processes", "1"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal's Ctrl-C finds it: a suite started in the background (nohup, `cmd &`)
+    # passes SIGINT on ignored, and a Python started so keeps ignoring it
+    default_sigint = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
     progress = out / ".shard-progress.json"
     while proc.poll() is None and not progress.exists():  # until the first shard is done
         time.sleep(0.01)

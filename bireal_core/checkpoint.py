@@ -102,6 +102,11 @@ def project_file_kind(path: str | os.PathLike) -> str | None:
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError):
         return None
+    return _kind_of(meta)
+
+
+def _kind_of(meta: dict) -> str | None:
+    """What ``HEADER_KINDS`` says of a file by its safetensors metadata, or None."""
     return next((kind for key, kind in HEADER_KINDS.items() if key in meta), None)
 
 
@@ -116,8 +121,8 @@ def read_safetensors_header(path: str | os.PathLike, key: str, error: type[Excep
     except (SafetensorError, OSError, ValueError) as e:
         raise error(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
     if key not in meta:
-        other = [kind for header_key, kind in HEADER_KINDS.items() if header_key in meta]
-        raise error(f"{path}: no {key} header: not a {what}" + (f"; it is {other[0]}" if other else ""))
+        other = _kind_of(meta)
+        raise error(f"{path}: no {key} header: not a {what}" + (f"; it is {other}" if other else ""))
     return json.loads(meta[key])
 
 

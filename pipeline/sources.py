@@ -203,6 +203,7 @@ class ImageLabels:
         self.ground_truth, self.meta = find("ILSVRC2012_validation_ground_truth.txt"), find("meta.mat")
         self.files = [f for f in (self.loc, self.mapping, self.ground_truth, self.meta) if f is not None]
         self._names: dict[str, str] | None = None
+        self._val: dict[str, str] | None = None
 
     def name(self, wnid: str) -> str:
         """A class's name from the devkit or the synset mapping, else its folder name."""
@@ -228,7 +229,9 @@ class ImageLabels:
                 f"folders, or put ImageNet's labels in {self.root} (LOC_val_solution.csv, or "
                 "ILSVRC2012_validation_ground_truth.txt with the devkit's meta.mat)"
             )
-        return read_val_labels(self.loc, self.ground_truth, self.meta)
+        if self._val is None:  # read once: val/ and Kaggle's test/ both look their images up
+            self._val = read_val_labels(self.loc, self.ground_truth, self.meta)
+        return self._val
 
 
 # ---------------------------------------------------------------------------- ILSVRC2012 tars

@@ -2,7 +2,7 @@
 
 ``predict`` takes a DataFrame with an ``image`` column of encoded image files' bytes (the logged
 signature: a binary column, base64 in the JSON that ``mlflow models serve`` accepts) or, on the
-unwrapped model, a batch of uint8 (N, H, W, 3) arrays, and returns ``class_id``, ``label`` and
+unwrapped model, a uint8 (N, H, W, 3) array or a list of (H, W, 3) ones, and returns ``class_id``, ``label`` and
 ``score`` per image. It never opens a path named in a request (a model server would read its own
 files for any caller), decodes no image over ``cuda_ext.predict.MAX_PIXELS`` and takes at most
 ``MAX_BATCH`` images per call. Needs the ``bireal`` package installed (its compiled kernels).
@@ -20,6 +20,81 @@ MAX_BATCH = 256  # images per predict call
 def check_batch(n: int) -> None:
     if not 1 <= n <= MAX_BATCH:
         raise ValueError(f"{n} images in one call: send 1..{MAX_BATCH}")
+
+
+def is_array_batch(model_input) -> bool:
+    """Arrays (the unwrapped model's input), not the logged signature's DataFrame of bytes."""
+    if isinstance(model_input, np.ndarray):
+        return True
+    return isinstance(model_input, list) and bool(model_input) and isinstance(model_input[0], np.ndarray)
+
+
+def image_from_array(array, i: int):
+    """One (H, W, 3) uint8 RGB array (or (H, W) gray, (H, W, 4) RGBA) -> an RGB PIL image. Anything
+    else is refused by name: a float image
+    in [0, 1] cast to uint8 would be all zeros, and a single (H, W, 3) image taken as a batch would
+    be H "images" of one row each, each answered with a confident-looking class."""
+    from PIL import Image
+
+    from cuda_ext.predict import MAX_PIXELS
+
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"image {i}: expected a uint8 (H, W, 3) array, got {type(array).__name__}")
+    if array.dtype != np.uint8:
+        raise ValueError(
+            f"image {i}: dtype {array.dtype}, expected uint8 RGB in 0..255 "
+            "(from floats in [0, 1]: (x * 255).round().astype(np.uint8))"
+        )
+    if not (array.ndim == 2 or array.ndim == 3 and array.shape[2] in (3, 4)):
+        raise ValueError(
+            f"image {i}: shape {tuple(array.shape)}, expected (H, W, 3) RGB (or (H, W) gray, (H, W, 4) RGBA)"
+        )
+    if array.shape[0] * array.shape[1] > MAX_PIXELS:
+        raise ValueError(f"image {i}: over {MAX_PIXELS:,} pixels")
+    return Image.fromarray(array).convert("RGB")  # as bireal predict reads a gray or RGBA file
+
+
+def images_from_arrays(model_input) -> list:
+    """A (N, H, W, 3) uint8 array or a list of (H, W, 3) ones (sizes may differ) -> PIL images."""
+    if isinstance(model_input, np.ndarray) and model_input.ndim != 4:
+        raise ValueError(
+            f"an array of shape {tuple(model_input.shape)}: a batch is (N, H, W, 3) uint8 "
+            "(one image: image[None], or a list of (H, W, 3) arrays)"
+        )
+    check_batch(len(model_input))
+    return [image_from_array(a, i) for i, a in enumerate(model_input)]
+
+
+def images_from_bytes(model_input) -> list:
+    """The logged signature's input: a DataFrame whose ``image`` column holds the files' bytes (or
+    a list of bytes) -> PIL images, each decoded as ``bireal predict`` decodes a file."""
+    from cuda_ext.predict import open_image
+
+    if hasattr(model_input, "columns"):
+        if "image" not in model_input.columns:
+            raise ValueError(
+                f"a DataFrame with columns {list(model_input.columns)}: "
+                "expected an 'image' column of image files' bytes"
+            )
+        values = list(model_input["image"])
+    else:
+        values = list(model_input)
+    check_batch(len(values))
+    images = []
+    for i, value in enumerate(values):
+        if not isinstance(value, (bytes, bytearray)):
+            raise ValueError(
+                f"image {i}: expected the image file's bytes (base64 in JSON), got {type(value).__name__}: "
+                "the model reads no file named in a request"
+            )
+        images.append(open_image(bytes(value), f"image {i}"))
+    return images
+
+
+def request_images(model_input) -> list:
+    """What ``predict`` was given -> RGB PIL images, 1..MAX_BATCH of them, or a ValueError naming
+    the image and what is wrong with it."""
+    return images_from_arrays(model_input) if is_array_batch(model_input) else images_from_bytes(model_input)
 
 
 def in_scoring_server() -> bool:
@@ -46,36 +121,11 @@ class BirealPackedModel(mlflow.pyfunc.PythonModel):
 
     def _batch(self, model_input):
         import torch
-        from PIL import Image
 
         from bireal_core.preprocess import eval_transform
-        from cuda_ext.predict import MAX_PIXELS, open_image
 
         transform = eval_transform(self.header["input"])
-        if (
-            isinstance(model_input, np.ndarray)
-            or isinstance(model_input, list)
-            and model_input
-            and isinstance(model_input[0], np.ndarray)
-        ):
-            arrays = [np.asarray(a, dtype=np.uint8) for a in model_input]
-            check_batch(len(arrays))
-            too_large = [i for i, a in enumerate(arrays) if a.shape[0] * a.shape[1] > MAX_PIXELS]
-            if too_large:
-                raise ValueError(f"image {too_large[0]}: over {MAX_PIXELS:,} pixels")
-            images = [Image.fromarray(a).convert("RGB") for a in arrays]
-        else:
-            values = list(model_input["image"]) if hasattr(model_input, "columns") else list(model_input)
-            check_batch(len(values))
-            images = []
-            for i, value in enumerate(values):
-                if not isinstance(value, (bytes, bytearray)):
-                    raise ValueError(
-                        f"image {i}: expected the image file's bytes (base64 in JSON), got {type(value).__name__}: "
-                        "the model reads no file named in a request"
-                    )
-                images.append(open_image(bytes(value), f"image {i}"))
-        return torch.stack([transform(im) for im in images])
+        return torch.stack([transform(im) for im in request_images(model_input)])
 
     def predict(self, context, model_input, params=None):
         import pandas as pd

@@ -1,0 +1,100 @@
+"""The registered pyfunc's ``predict`` on what callers send it: the logged signature's DataFrame of
+image bytes, and (on the unwrapped model) uint8 arrays. Both must give the answer ``bireal
+predict`` gives for the same image, and anything else a one-line error, never a silent wrong answer.
+The registry tests (tests/test_registry.py) load the same class through MLflow and its model server."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import bireal_core as bc
+from cuda_ext.packed import export_model, load_packed
+from cuda_ext.predict import load_images
+from pipeline.adapters.pyfunc_model import MAX_BATCH, BirealPackedModel
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A 10-way packed Bi-Real-18 (trained BN statistics, so classes differ by image), its pyfunc,
+    and three photos of different sizes as arrays, PNG files and what ``bireal predict`` says of them."""
+    tmp = tmp_path_factory.mktemp("pyfunc")
+    torch.manual_seed(3)
+    model = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25).train()
+    with torch.no_grad():
+        model(torch.randn(16, 3, 32, 32))
+    artifact = export_model(model.eval(), tmp / "model.safetensors", class_names=[f"c{i}" for i in range(10)])
+    pyfunc = BirealPackedModel()
+    pyfunc.load_context(SimpleNamespace(artifacts={"packed": str(artifact)}))
+    rng = np.random.default_rng(0)
+    arrays = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for h, w in ((32, 32), (40, 50), (64, 48))]
+    files = []
+    for i, a in enumerate(arrays):
+        files.append(tmp / f"photo{i}.png")
+        Image.fromarray(a).save(files[-1])
+    packed, header = load_packed(artifact)
+    with torch.inference_mode():
+        expected = packed(load_images([str(f) for f in files], header["input"])).argmax(1).tolist()
+    return SimpleNamespace(pyfunc=pyfunc, arrays=arrays, files=files, expected=expected)
+
+
+def predict_ids(served, model_input) -> list[int]:
+    return served.pyfunc.predict(None, model_input)["class_id"].tolist()
+
+
+def test_bytes_and_arrays_answer_as_bireal_predict(served):
+    assert len(set(served.expected)) > 1  # the photos are told apart: a shared wrong answer would show
+    as_bytes = pd.DataFrame({"image": [f.read_bytes() for f in served.files]})
+    out = served.pyfunc.predict(None, as_bytes)
+    assert out["class_id"].tolist() == served.expected
+    assert out["label"].tolist() == [f"c{i}" for i in served.expected]
+    assert ((out["score"] > 0) & (out["score"] <= 1)).all()
+    assert predict_ids(served, served.arrays) == served.expected  # a list: sizes may differ
+    assert predict_ids(served, served.arrays[0][None]) == served.expected[:1]  # (1, H, W, 3)
+    assert predict_ids(served, np.stack([served.arrays[0]] * 2)) == served.expected[:1] * 2
+    # gray and RGBA arrays are read as bireal predict reads such files: converted to RGB
+    gray = [a[..., 1] for a in served.arrays]
+    assert predict_ids(served, gray) == predict_ids(served, [np.stack([g] * 3, -1) for g in gray])
+    opaque = [np.concatenate([a, np.full_like(a[..., :1], 255)], -1) for a in served.arrays]
+    assert predict_ids(served, opaque) == served.expected
+
+
+@pytest.mark.parametrize(
+    "make_input, message",
+    [
+        # one image without its batch axis was read as H one-row images, each with a class
+        (
+            lambda a: a[0],
+            r"an array of shape \(32, 32, 3\): a batch is \(N, H, W, 3\) uint8 \(one image: image\[None\]",
+        ),
+        (lambda a: np.zeros(10, np.uint8), r"an array of shape \(10,\)"),
+        # floats in [0, 1] were cast to uint8: all zeros, classified without a word
+        (lambda a: [a[0] / 255.0], r"image 0: dtype float64, expected uint8 RGB in 0\.\.255 \(from floats in \[0, 1\]"),
+        (lambda a: [a[1], a[0].astype(np.int16) * 4], r"image 1: dtype int16, expected uint8"),
+        (lambda a: [a[0][..., :2]], r"image 0: shape \(32, 32, 2\), expected \(H, W, 3\) RGB"),
+        (lambda a: [a[0][..., None, 0]], r"image 0: shape \(32, 32, 1\), expected \(H, W, 3\) RGB \(or"),
+        (lambda a: np.zeros((0, 8, 8, 3), np.uint8), r"0 images in one call: send 1\.\.256"),
+        (lambda a: np.zeros((MAX_BATCH + 1, 8, 8, 3), np.uint8), r"257 images in one call"),
+        # an unwrapped model called with the wrong column raised a bare KeyError('image')
+        (lambda a: pd.DataFrame({"img": [b"x"]}), r"a DataFrame with columns \['img'\]: expected an 'image' column"),
+        (lambda a: pd.DataFrame({"image": ["/etc/hostname"]}), r"image 0: expected the image file's bytes .* got str"),
+    ],
+    ids=[
+        "one-image-no-batch-axis",
+        "1-d",
+        "float",
+        "int16",
+        "two-channels",
+        "one-channel",
+        "empty",
+        "too-many",
+        "column",
+        "path",
+    ],
+)
+def test_what_it_refuses_is_named(served, make_input, message):
+    with pytest.raises(ValueError, match=message):
+        served.pyfunc.predict(None, make_input(served.arrays))

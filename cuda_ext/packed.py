@@ -242,6 +242,7 @@ class PackedBiReal(nn.Module):
             wrap = PackedBottleneck if self.bottleneck else PackedBasicBlock
             self.blocks = nn.ModuleList(wrap(b) for b in ref.blocks)
             self.fc = nn.Linear(ref.fc.in_features, ref.fc.out_features)
+        self.in_channels = stem_conv.in_channels  # the images' (3); pad_stem_input widens the conv only
         self.activation_dtype = torch.float32
         self.stem_space_to_depth = False  # space_to_depth_stem
         self._float32_weights: dict[nn.Module, list[torch.Tensor]] = {}  # while in bfloat16
@@ -344,12 +345,24 @@ class PackedBiReal(nn.Module):
         self.stem[0] = padded
         return self
 
+    def check_images(self, x: torch.Tensor) -> None:
+        """Refuse what the stem's cast and padding would otherwise take without a word: uint8 pixels
+        (0..255, not normalized) cast to float, or 1 or 2 channels zero-padded up to a padded stem's."""
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected images (N, {self.in_channels}, H, W), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"expected normalized float images (bireal_core.preprocess.eval_transform, as the artifact's "
+                f"header['input'] says), got {x.dtype}"
+            )
+
     def run_stem(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The real-valued stem; -> (its output, the output's packed signs or None). The ImageNet
         stem's max-pool (3x3, stride 2) runs as ``max_pool_signs``, which also adds the conv's bias
         (after the max, to a quarter of the values: cuDNN would add it in a pass of its own over the
         conv's whole output) and packs the first block's input in the same pass; the CIFAR stem has
         no pool (its first block packs)."""
+        self.check_images(x)
         if self.stem_space_to_depth:  # the cast in the copy that makes the blocks
             x = space_to_depth_input(x, self.activation_dtype)
         else:  # the one cast of a forward, to channels_last in the same copy (no copy if x is already so)

@@ -1,5 +1,7 @@
 """Export -> load -> run of the packed model; exactness against both references."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,6 +178,22 @@ def test_a_stem_padded_to_8_input_channels_computes_the_same(tmp_path):
     assert padded.pad_stem_input(8) is padded  # already 8: nothing to do
     with pytest.raises(ValueError, match="already takes 8 channels"):
         padded.pad_stem_input(4)
+
+
+def test_what_the_stem_would_take_silently_is_refused(tmp_path):
+    """The stem casts its input and a padded stem zero-pads it: uint8 pixels (0..255, not
+    normalized) used to run as floats, and a 1-channel batch through a stem padded to 8 as if it
+    were an RGB one with two black channels, each to confident logits. Now: one error naming it."""
+    packed, _ = load_packed(export_model(randomized("bireal18"), tmp_path / "m.safetensors"))
+    packed.pad_stem_input(8)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x.double()), packed(x))  # any float dtype: the stem casts it once
+        with pytest.raises(TypeError, match=r"expected normalized float images .* got torch.uint8"):
+            packed((x * 50 + 128).clamp(0, 255).to(torch.uint8))
+        for shape in ((2, 1, 64, 64), (2, 64, 64, 3), (3, 64, 64), (2, 8, 64, 64)):
+            with pytest.raises(ValueError, match=r"expected images \(N, 3, H, W\), got shape " + re.escape(str(shape))):
+                packed(torch.randn(shape))
 
 
 def test_bfloat16_weights_cast_once_compute_what_autocast_did(tmp_path):

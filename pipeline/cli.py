@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from .env import apply_offline_defaults
+from .env import apply_offline_defaults, quiet_framework_logs
 from .params import bounded
 
 
@@ -716,6 +716,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ["BIREAL_VERBOSE"] = "1"
+    quiet_framework_logs()
     try:
         if hasattr(args, "params"):  # read once; a bad params file fails before any work starts
             args.loaded = load_args_params(args)

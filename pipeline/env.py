@@ -64,6 +64,14 @@ def verbose() -> bool:
     return os.environ.get("BIREAL_VERBOSE", "") not in ("", "0")
 
 
+def quiet_framework_logs() -> None:
+    """Unless verbose: MLflow's INFO lines (its database set-up, its system-metrics monitor starting
+    and stopping) off the terminal, in this process and the ones it starts (Ray's local workers
+    included): MLflow reads ``MLFLOW_LOGGING_LEVEL`` when it is imported. A user's own setting wins."""
+    if not verbose():
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+
 @contextlib.contextmanager
 def framework_output_quiet():
     """Hide what a framework prints (stdout and stderr: MLflow's registry messages go to stderr), its

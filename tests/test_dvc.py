@@ -61,7 +61,21 @@ def dvc_copy(tmp_path_factory, ray_local):
     address = ray_local.get_runtime_context().gcs_address
     result = run([str(BIN / "dvc"), "repro"], dst, ray_address=address)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    repro_output(dst).write_text(result.stdout + result.stderr)
     return dst
+
+
+def repro_output(copy: Path) -> Path:
+    """What `dvc repro` printed in the copy (kept beside it, out of its git tree)."""
+    return copy.with_name(copy.name + ".repro.log")
+
+
+def test_repro_prints_the_stages_not_the_frameworks_info_lines(dvc_copy):
+    """Without --verbose the terminal shows the stages' tables; MLflow's INFO lines (its database
+    set-up, its system-metrics monitor starting and stopping, four per training stage) stay off it."""
+    printed = repro_output(dvc_copy).read_text()
+    assert "Running stage 'finetune'" in printed and "val_top1" in printed
+    assert " INFO mlflow" not in printed, [line for line in printed.splitlines() if " INFO mlflow" in line][:5]
 
 
 def test_repro_runs_every_stage_and_registers(dvc_copy):

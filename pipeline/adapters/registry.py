@@ -28,7 +28,6 @@ import mlflow.pyfunc
 
 from ..env import framework_output_quiet
 from ..params import MlflowConfig, RegistryConfig
-from .pyfunc_model import BirealPackedModel
 
 # Logged as code ("models from code"), not as a pickled object.
 PYFUNC_CODE = str(Path(__file__).with_name("pyfunc_model.py"))
@@ -109,6 +108,10 @@ def log_packed_model(artifact: str, header: dict, example_image: str, accuracy: 
     from mlflow.models import infer_signature
 
     from cuda_ext.packed import artifact_size
+
+    # imported here, inside register's framework_output_quiet: defining the class is when MLflow
+    # warns that its predict has no type hints (its input is checked by the logged signature)
+    from .pyfunc_model import BirealPackedModel
 
     example = pd.DataFrame({"image": [Path(example_image).read_bytes()]})
     model = BirealPackedModel()

@@ -16,26 +16,36 @@ from cuda_ext.packed import export_model, load_packed
 from cuda_ext.predict import load_images
 from pipeline.adapters.pyfunc_model import MAX_BATCH, BirealPackedModel
 
+# (stem, width, classes, input side, photo sizes): the CIFAR-style net on small photos, and the
+# ImageNet path (7x7 stem, resize 256 + centre 224, 1000-way head) on photo-sized ones
+NETS = {
+    "small": ("small", 0.25, 10, 32, ((32, 32), (40, 50), (64, 48))),
+    "imagenet": ("imagenet", 0.125, 1000, 224, ((32, 32), (375, 500), (333, 250))),
+}
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A 10-way packed Bi-Real-18 (trained BN statistics, so classes differ by image), its pyfunc,
-    and three photos of different sizes as arrays, PNG files and what ``bireal predict`` says of them."""
-    tmp = tmp_path_factory.mktemp("pyfunc")
+
+@pytest.fixture(scope="module", params=list(NETS))
+def served(request, tmp_path_factory):
+    """A packed Bi-Real-18 (trained BN statistics, so classes differ by image), its pyfunc, and
+    three photos of different sizes as arrays, PNG files and what ``bireal predict`` says of them."""
+    stem, width, classes, side, sizes = NETS[request.param]
+    tmp = tmp_path_factory.mktemp(f"pyfunc-{stem}")
     torch.manual_seed(3)
-    model = bc.create_model("bireal18", num_classes=10, stem="small", width=0.25).train()
+    model = bc.create_model("bireal18", num_classes=classes, stem=stem, width=width).train()
     with torch.no_grad():
-        model(torch.randn(16, 3, 32, 32))
-    artifact = export_model(model.eval(), tmp / "model.safetensors", class_names=[f"c{i}" for i in range(10)])
+        model(torch.randn(16, 3, side, side))
+    names = [f"c{i}" for i in range(classes)]
+    artifact = export_model(model.eval(), tmp / "model.safetensors", class_names=names)
     pyfunc = BirealPackedModel()
     pyfunc.load_context(SimpleNamespace(artifacts={"packed": str(artifact)}))
     rng = np.random.default_rng(0)
-    arrays = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for h, w in ((32, 32), (40, 50), (64, 48))]
+    arrays = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for h, w in sizes]
     files = []
     for i, a in enumerate(arrays):
         files.append(tmp / f"photo{i}.png")
         Image.fromarray(a).save(files[-1])
     packed, header = load_packed(artifact)
+    assert header["input"]["size"] == side
     with torch.inference_mode():
         expected = packed(load_images([str(f) for f in files], header["input"])).argmax(1).tolist()
     return SimpleNamespace(pyfunc=pyfunc, arrays=arrays, files=files, expected=expected)

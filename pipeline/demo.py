@@ -38,10 +38,17 @@ def run_demo() -> list[dict]:
     for arch in ("bireal18", "bireal34", "resnet18", "resnet34"):
         print(bc.summary(bc.create_model(arch)).table(), end="\n\n")
     rows = [forward_backward(name, stem) for name in bc.list_models() for stem in ("imagenet", "small")]
-    print(f"{'model':<11}{'stem':<10}{'width':>6}{'input':>16}{'logits':>12}{'finite':>8}{'no-grad':>9}{'s':>7}")
+    print(format_rows(rows))
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    """The forward/backward rows as a table, its first column as wide as the longest model name."""
+    name = max(len("model"), *(len(r["model"]) for r in rows)) + 2
+    lines = [f"{'model':<{name}}{'stem':<10}{'width':>6}{'input':>16}{'logits':>12}{'finite':>8}{'no-grad':>9}{'s':>7}"]
     for r in rows:
-        print(
-            f"{r['model']:<11}{r['stem']:<10}{r['width']:>6}{r['input']:>16}{str(r['logits']):>12}"
+        lines.append(
+            f"{r['model']:<{name}}{r['stem']:<10}{r['width']:>6}{r['input']:>16}{str(r['logits']):>12}"
             f"{str(r['finite']):>8}{r['params_without_grad']:>9}{r['seconds']:>7.2f}"
         )
-    return rows
+    return "\n".join(lines)

@@ -214,3 +214,21 @@ def test_binary_resnet18_is_bireal18_without_the_inner_shortcuts():
         block.bn1.bias.mul_(2.0)
         assert torch.equal(block(x), before)  # h is only seen through sign(h)
     assert len(bc.binary_conv_bn_pairs(plain)) == 16  # alpha folds for finetune
+
+
+def test_bireal_demo_runs_every_model_and_prints_a_row_each(capsys):
+    """`bireal demo`: the cost tables, then one forward/backward row per registered model and stem,
+    its columns apart (binary_resnet18's name ran into its stem: 'binary_resnet18imagenet')."""
+    from pipeline.cli import main
+
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "OPs (binary/64 + real)" in out  # the cost tables
+    table = out[out.index("model ") :].splitlines()
+    rows = [line.split() for line in table[1:] if line.strip()]
+    assert sorted((r[0], r[1]) for r in rows) == sorted(
+        (name, stem) for name in bc.list_models() for stem in ("imagenet", "small")
+    )
+    for model, stem, _width, _input, *logits, finite, no_grad, _seconds in rows:
+        assert finite == "True" and no_grad == "0", (model, stem)
+        assert "".join(logits) == ("(2,1000)" if stem == "imagenet" else "(2,10)"), (model, stem)

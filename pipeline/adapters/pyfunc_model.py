@@ -2,8 +2,8 @@
 
 ``predict`` takes a DataFrame with an ``image`` column of encoded image files' bytes (the logged
 signature: a binary column, base64 in the JSON that ``mlflow models serve`` accepts) or, on the
-unwrapped model, a uint8 (N, H, W, 3) array or a list of (H, W, 3) ones, and returns ``class_id``, ``label`` and
-``score`` per image. It never opens a path named in a request (a model server would read its own
+unwrapped model, a uint8 (N, H, W, 3) array or a list of (H, W, 3) ones, and returns ``class_id``,
+``label`` and ``score`` per image. It never opens a path named in a request (a model server would read its own
 files for any caller), decodes no image over ``cuda_ext.predict.MAX_PIXELS`` and takes at most
 ``MAX_BATCH`` images per call. Needs the ``bireal`` package installed (its compiled kernels).
 """
@@ -31,9 +31,8 @@ def is_array_batch(model_input) -> bool:
 
 def image_from_array(array, i: int):
     """One (H, W, 3) uint8 RGB array (or (H, W) gray, (H, W, 4) RGBA) -> an RGB PIL image. Anything
-    else is refused by name: a float image
-    in [0, 1] cast to uint8 would be all zeros, and a single (H, W, 3) image taken as a batch would
-    be H "images" of one row each, each answered with a confident-looking class."""
+    else is refused by name: a float image in [0, 1] cast to uint8 would be all zeros, answered
+    with a confident-looking class."""
     from PIL import Image
 
     from cuda_ext.predict import MAX_PIXELS
@@ -55,7 +54,8 @@ def image_from_array(array, i: int):
 
 
 def images_from_arrays(model_input) -> list:
-    """A (N, H, W, 3) uint8 array or a list of (H, W, 3) ones (sizes may differ) -> PIL images."""
+    """A (N, H, W, 3) uint8 array or a list of (H, W, 3) ones (sizes may differ) -> PIL images. A
+    single (H, W, 3) image is refused, not taken as H one-row images."""
     if isinstance(model_input, np.ndarray) and model_input.ndim != 4:
         raise ValueError(
             f"an array of shape {tuple(model_input.shape)}: a batch is (N, H, W, 3) uint8 "

@@ -171,6 +171,12 @@ def bench_dataset(
                     "seconds": seconds,
                 }
             )
+        train_images = m["splits"]["train"]["count"]
+        if train_images < 2 * batch:  # the 2-worker loaders hand each worker whole batches only
+            raise ValueError(
+                f"{label}: {train_images} training images, fewer than 2 batches of {batch} (one per loader "
+                "worker): the loader rows would time nothing"
+            )
         from torchvision.datasets import ImageFolder
 
         transform = train_transform(config, pca_lighting)

@@ -677,3 +677,37 @@ def test_the_device_path_decodes_what_nvjpeg_will_not_and_replaces_what_nothing_
     assert torch.equal(x[2], x[1])  # the damaged file: its predecessor stands in
     warned = [r.getMessage() for r in caplog.records if "damaged image" in r.getMessage()]
     assert len(warned) == 1 and samples[2]["__key__"] in warned[0]
+
+
+def test_bench_data_measures_every_loader_and_refuses_a_set_too_small(tmp_path, capsys):
+    """`bireal bench data --imagenet-like N`: every sharding, loader and step row, the two ratios, in
+    one run; a set too small to give each loader worker a batch is named, not divided by zero
+    (--imagenet-like 40 raised ZeroDivisionError from the ratio rows)."""
+    import math
+
+    from pipeline.cli import main
+
+    assert main(["bench", "data", "--imagenet-like", "40"]) == 2
+    assert "30 training images, fewer than 2 batches of 32 (one per loader worker)" in capsys.readouterr().err
+    out = tmp_path / "rows.json"
+    assert main(["bench", "data", "--imagenet-like", "100", "--json", str(out)]) == 0
+    rows = {r["what"]: r for r in json.loads(out.read_text())}
+    assert "load webdataset uint8, 1 process" in capsys.readouterr().out  # the table
+    loads = [w for w in rows if w.startswith("load ")]
+    assert sorted(loads) == sorted(
+        f"load {w}"
+        for w in (
+            "webdataset float, 1 process",
+            "webdataset uint8, 1 process",
+            "webdataset uint8, 2 workers",
+            "webdataset decode on cpu, 1 process",
+            "imagefolder, 2 workers",
+        )
+    )
+    for what in loads:  # 90 training images: two whole batches of 32 on every loader
+        assert rows[what]["images"] == 64 and rows[what]["img_s"] > 0, what
+    assert rows["shard, 1 process(es)"]["images"] == rows["shard, 2 process(es)"]["images"] == 100
+    for what in ("uint8 / float, 1 process", "decode on cpu / float, 1 process"):
+        assert math.isfinite(rows[what]["ratio"]) and rows[what]["ratio"] > 0, what
+    steps = [w for w in rows if w.startswith("step: ")]
+    assert len(steps) == 6 and all(rows[w]["ms"] > 0 for w in steps), steps

@@ -11,6 +11,7 @@ Bi-Real net with ``activation="approx_sign"`` and ``weight_gradient="official"``
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -34,13 +35,32 @@ def read_official_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
         raise ValueError(f"{path}: {kind}, not an authors' checkpoint (their .pth.tar) to import")
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle with code in it, or not a torch file at all
-        raise ValueError(f"{path}: not a PyTorch checkpoint of tensors ({e})") from e
+    except Exception as e:  # a pickle with objects besides tensors in it, or not a torch file at all
+        raise load_error(path, e) from e
     state = data.get("state_dict", data) if isinstance(data, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         found = list(data)[:5] if isinstance(data, dict) else type(data).__name__
         raise ValueError(f"{path}: no state dict of tensors inside (found {found})")
     return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_error(path: Path, e: Exception) -> ValueError:
+    """torch.load's failure in one line. Its weights-only refusal is a page that suggests
+    ``weights_only=False`` (which runs whatever the pickle names); this names the object instead
+    and how to keep the tensors alone from a file one trusts."""
+    other = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+    if other:
+        return ValueError(
+            f"{path}: holds an object of type {other.group(1)} besides tensors, and only tensors are read (unpickling "
+            "objects can run code); where you trust the file, save its state dict alone: "
+            f"torch.save({{'state_dict': torch.load('{path}', weights_only=False)['state_dict']}}, 'tensors.pth.tar')"
+        )
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    if "WeightsUnpickler error:" in text:  # the reason is on the lines after torch's advice
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reason = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+    return ValueError(f"{path}: not a PyTorch checkpoint (torch.load: {reason})")
 
 
 def import_official(arch: str, state: dict[str, torch.Tensor]) -> nn.Module:

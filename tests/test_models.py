@@ -1,9 +1,12 @@
 """Registry-driven model tests: every registered model, both stems."""
 
+import argparse
 import json
 import math
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -191,6 +194,41 @@ def test_import_official_names_a_file_of_ours(tmp_path, capsys):
     assert main(["import-official", "--arch", "bireal18", "--checkpoint", str(ours), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "ours.safetensors: a training checkpoint (bireal export packs it), not an authors' checkpoint" in err
+    assert not out.exists()
+
+
+TENSORS = {"a": torch.zeros(2)}
+NOT_A_CHECKPOINT = r"not a PyTorch checkpoint \(torch\.load: \w+: [^\n]+\)"  # the reason: torch's, version to version
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        # training scripts often save their argparse args or numpy scalars beside the state dict
+        (
+            lambda: {"state_dict": TENSORS, "args": argparse.Namespace(lr=0.1)},
+            "type argparse.Namespace besides tensors",
+        ),
+        (lambda: {"state_dict": TENSORS, "best": np.float64(0.5)}, r"type numpy\S*scalar besides tensors"),
+        (b"not a checkpoint\n", NOT_A_CHECKPOINT),
+        (bytes(range(7, 256)), NOT_A_CHECKPOINT),
+    ],
+    ids=["argparse-args", "numpy-scalar", "text", "bytes"],
+)
+def test_import_official_says_in_one_line_why_a_file_does_not_load(tmp_path, capsys, content, message):
+    """torch.load's weights-only refusal is a page of advice ending in `weights_only=False`, and a
+    file that is no checkpoint gave `(105)`: now one line that names the object or the reason."""
+    from pipeline.cli import main
+
+    path = tmp_path / "theirs.pth.tar"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content(), path)
+    out = tmp_path / "imported.safetensors"
+    assert main(["import-official", "--arch", "bireal18", "--checkpoint", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and re.search(message, err), err
     assert not out.exists()
 
 

@@ -26,9 +26,33 @@ class ImageError(ValueError):
 MAX_PIXELS = 40_000_000
 
 
-def open_image(source: str | os.PathLike | bytes, name: str = "") -> "Image.Image":
+def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
+    """(width, height) once ``eval_transform`` resizes the shorter side to ``resize`` (torchvision's
+    rounding: the longer side scaled and truncated)."""
+    if width <= height:
+        return resize, int(resize * height / width)
+    return int(resize * width / height), resize
+
+
+def check_size(name: str, width: int, height: int, resize: int | None = None) -> None:
+    """``ImageError`` for an image over ``MAX_PIXELS``, as it is or once resized for the model
+    (``resize``: the shorter side's length): a 97-byte 20000 x 1 PNG became 5,120,000 x 256 RGB,
+    6 GB in ``bireal predict``, and a longer one ends a model server."""
+    if width * height > MAX_PIXELS:
+        raise ImageError(f"{name}: {width} x {height} = {width * height:,} pixels, over the {MAX_PIXELS:,} this reads")
+    if resize is not None:
+        w, h = resized_size(width, height, resize)
+        if w * h > MAX_PIXELS:
+            raise ImageError(
+                f"{name}: {width} x {height} would be {w} x {h} = {w * h:,} pixels with its shorter side resized to "
+                f"{resize}, over the {MAX_PIXELS:,} this reads"
+            )
+
+
+def open_image(source: str | os.PathLike | bytes, name: str = "", resize: int | None = None) -> "Image.Image":
     """An RGB PIL image from a path or the file's bytes; ``ImageError`` (one line naming the file)
-    for anything unreadable, and for an image over ``MAX_PIXELS`` before it is decoded."""
+    for anything unreadable, and for an image over ``MAX_PIXELS`` (as it is, or once its shorter
+    side is resized to ``resize``) before it is decoded."""
     import io
 
     from PIL import Image
@@ -36,12 +60,10 @@ def open_image(source: str | os.PathLike | bytes, name: str = "") -> "Image.Imag
     name = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
-            width, height = im.size
-            if width * height > MAX_PIXELS:
-                raise ImageError(
-                    f"{name}: {width} x {height} = {width * height:,} pixels, over the {MAX_PIXELS:,} this reads "
-                    "(not decoded)"
-                )
+            try:
+                check_size(name, *im.size, resize)
+            except ImageError as e:
+                raise ImageError(f"{e} (not decoded)") from None
             return im.convert("RGB")
     except ImageError:
         raise
@@ -76,7 +98,7 @@ def image_files(inputs: list[str | os.PathLike]) -> tuple[list[Path], list[str]]
 def load_images(paths: list[str | os.PathLike], input_config: dict) -> torch.Tensor:
     """Read and preprocess every image first, so a bad file fails before any model work."""
     transform = eval_transform(input_config)
-    return torch.stack([transform(open_image(p)) for p in paths])
+    return torch.stack([transform(open_image(p, resize=input_config["resize"])) for p in paths])
 
 
 # Images per forward: memory stays flat however many files are named (1,000 images in one batch
@@ -100,7 +122,7 @@ def _predict_batch(model, header: dict, transform, paths: list, topk: int) -> li
     results, images = [], []
     for p in paths:
         try:
-            images.append(transform(open_image(p)))
+            images.append(transform(open_image(p, resize=header["input"]["resize"])))
             results.append({"path": str(p)})
         except ImageError as e:
             results.append({"path": str(p), "error": str(e)})

@@ -80,10 +80,15 @@ def test_predict_errors_name_the_file(tmp_path, checkpoint, capsys):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8 definitely not a jpeg")
     good = write_image(tmp_path / "ok.jpg")
+    # 100000 x 1: 100 k pixels in a few hundred bytes, 3.2 M x 32 once resized for this model (a
+    # 20000 x 1 strip took 6 GB through an ImageNet artifact's resize to 256)
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (100_000, 1)).save(strip)
     capsys.readouterr()
-    assert main(["predict", "--artifact", str(art), str(good), str(bad)]) == 1  # some images failed
+    assert main(["predict", "--artifact", str(art), str(good), str(bad), str(strip)]) == 1  # some images failed
     out, err = capsys.readouterr()
-    assert "broken.jpg" in err and len(err.strip().splitlines()) == 1 and out.startswith(f"{good}: ")
+    assert "broken.jpg" in err and len(err.strip().splitlines()) == 2 and out.startswith(f"{good}: ")
+    assert f"{strip}: 100000 x 1 would be 3200000 x 32 = 102,400,000 pixels with its shorter side resized" in err
     assert main(["predict", "--artifact", str(good), str(good)]) == 2
     assert "ok.jpg" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "nope.safetensors"), "--out", str(art)]) == 2

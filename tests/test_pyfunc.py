@@ -3,6 +3,7 @@ image bytes, and (on the unwrapped model) uint8 arrays. Both must give the answe
 predict`` gives for the same image, and anything else a one-line error, never a silent wrong answer.
 The registry tests (tests/test_registry.py) load the same class through MLflow and its model server."""
 
+import io
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 
 import bireal_core as bc
 from cuda_ext.packed import export_model, load_packed
-from cuda_ext.predict import load_images
+from cuda_ext.predict import ImageError, load_images
 from pipeline.adapters.pyfunc_model import MAX_BATCH, BirealPackedModel
 
 # (stem, width, classes, input side, photo sizes): the CIFAR-style net on small photos, and the
@@ -108,3 +109,18 @@ def test_bytes_and_arrays_answer_as_bireal_predict(served):
 def test_what_it_refuses_is_named(served, make_input, message):
     with pytest.raises(ValueError, match=message):
         served.pyfunc.predict(None, make_input(served.arrays))
+
+
+def test_an_image_its_resize_would_blow_up_is_refused_before_decoding(served):
+    """A 100000 x 1 PNG is 100,000 pixels and a few hundred bytes, but resized to the model's
+    shorter side it would be 3.2 G (ImageNet) or 102 M (small) pixels: a 20000 x 1 one took 6 GB
+    in `bireal predict`, and one request could end a model server. Refused from its size."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (100_000, 1)).save(buffer, "PNG")
+    blown = r"image 0: 100000 x 1 would be \d+ x \d+ = [\d,]+ pixels with its shorter side resized to \d+, over the"
+    with pytest.raises(ImageError, match=blown + r" 40,000,000 this reads \(not decoded\)"):
+        served.pyfunc.predict(None, pd.DataFrame({"image": [buffer.getvalue()]}))
+    with pytest.raises(ImageError, match=blown):
+        served.pyfunc.predict(None, [np.zeros((1, 100_000, 3), np.uint8)])
+    wide = np.zeros((8, 500, 3), np.uint8)  # 62.5:1, a panorama strip: read as any photo
+    assert len(predict_ids(served, [wide])) == 1

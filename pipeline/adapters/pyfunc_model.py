@@ -29,13 +29,13 @@ def is_array_batch(model_input) -> bool:
     return isinstance(model_input, list) and bool(model_input) and isinstance(model_input[0], np.ndarray)
 
 
-def image_from_array(array, i: int):
+def image_from_array(array, i: int, resize: int):
     """One (H, W, 3) uint8 RGB array (or (H, W) gray, (H, W, 4) RGBA) -> an RGB PIL image. Anything
     else is refused by name: a float image in [0, 1] cast to uint8 would be all zeros, answered
     with a confident-looking class."""
     from PIL import Image
 
-    from cuda_ext.predict import MAX_PIXELS
+    from cuda_ext.predict import check_size
 
     if not isinstance(array, np.ndarray):
         raise ValueError(f"image {i}: expected a uint8 (H, W, 3) array, got {type(array).__name__}")
@@ -48,12 +48,11 @@ def image_from_array(array, i: int):
         raise ValueError(
             f"image {i}: shape {tuple(array.shape)}, expected (H, W, 3) RGB (or (H, W) gray, (H, W, 4) RGBA)"
         )
-    if array.shape[0] * array.shape[1] > MAX_PIXELS:
-        raise ValueError(f"image {i}: over {MAX_PIXELS:,} pixels")
+    check_size(f"image {i}", array.shape[1], array.shape[0], resize)
     return Image.fromarray(array).convert("RGB")  # as bireal predict reads a gray or RGBA file
 
 
-def images_from_arrays(model_input) -> list:
+def images_from_arrays(model_input, resize: int) -> list:
     """A (N, H, W, 3) uint8 array or a list of (H, W, 3) ones (sizes may differ) -> PIL images. A
     single (H, W, 3) image is refused, not taken as H one-row images."""
     if isinstance(model_input, np.ndarray) and model_input.ndim != 4:
@@ -62,10 +61,10 @@ def images_from_arrays(model_input) -> list:
             "(one image: image[None], or a list of (H, W, 3) arrays)"
         )
     check_batch(len(model_input))
-    return [image_from_array(a, i) for i, a in enumerate(model_input)]
+    return [image_from_array(a, i, resize) for i, a in enumerate(model_input)]
 
 
-def images_from_bytes(model_input) -> list:
+def images_from_bytes(model_input, resize: int) -> list:
     """The logged signature's input: a DataFrame whose ``image`` column holds the files' bytes (or
     a list of bytes) -> PIL images, each decoded as ``bireal predict`` decodes a file."""
     from cuda_ext.predict import open_image
@@ -87,14 +86,17 @@ def images_from_bytes(model_input) -> list:
                 f"image {i}: expected the image file's bytes (base64 in JSON), got {type(value).__name__}: "
                 "the model reads no file named in a request"
             )
-        images.append(open_image(bytes(value), f"image {i}"))
+        images.append(open_image(bytes(value), f"image {i}", resize))
     return images
 
 
-def request_images(model_input) -> list:
+def request_images(model_input, resize: int) -> list:
     """What ``predict`` was given -> RGB PIL images, 1..MAX_BATCH of them, or a ValueError naming
-    the image and what is wrong with it."""
-    return images_from_arrays(model_input) if is_array_batch(model_input) else images_from_bytes(model_input)
+    the image and what is wrong with it (``resize``: the model's shorter side, which bounds the
+    pixels an image may become)."""
+    if is_array_batch(model_input):
+        return images_from_arrays(model_input, resize)
+    return images_from_bytes(model_input, resize)
 
 
 def in_scoring_server() -> bool:
@@ -125,7 +127,8 @@ class BirealPackedModel(mlflow.pyfunc.PythonModel):
         from bireal_core.preprocess import eval_transform
 
         transform = eval_transform(self.header["input"])
-        return torch.stack([transform(im) for im in request_images(model_input)])
+        images = request_images(model_input, self.header["input"]["resize"])
+        return torch.stack([transform(im) for im in images])
 
     def predict(self, context, model_input, params=None):
         import pandas as pd

@@ -3,9 +3,10 @@
 ``predict`` takes a DataFrame with an ``image`` column of encoded image files' bytes (the logged
 signature: a binary column, base64 in the JSON that ``mlflow models serve`` accepts) or, on the
 unwrapped model, a uint8 (N, H, W, 3) array or a list of (H, W, 3) ones, and returns ``class_id``,
-``label`` and ``score`` per image. It never opens a path named in a request (a model server would read its own
-files for any caller), decodes no image over ``cuda_ext.predict.MAX_PIXELS`` and takes at most
-``MAX_BATCH`` images per call. Needs the ``bireal`` package installed (its compiled kernels).
+``label`` and ``score`` per image. It never opens a path named in a request (a model server would
+read its own files for any caller), decodes no image over ``cuda_ext.predict.MAX_PIXELS`` as it is
+or once resized for the model, and takes at most ``MAX_BATCH`` images per call. Needs the
+``bireal`` package installed (its compiled kernels).
 """
 
 from __future__ import annotations

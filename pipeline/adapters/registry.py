@@ -2,8 +2,8 @@
 
 - The pyfunc's ``predict`` takes a DataFrame with an ``image`` column of image files' bytes (the
   logged signature: a binary column, base64 in the JSON ``mlflow models serve`` accepts) or, called
-  on the unwrapped model, a uint8 (N, H, W, 3) array or a list of (H, W, 3) ones; it returns ``class_id``, ``label``
-  and ``score`` per image. It opens no path named in a request.
+  on the unwrapped model, a uint8 (N, H, W, 3) array or a list of (H, W, 3) ones; it returns
+  ``class_id``, ``label`` and ``score`` per image. It opens no path named in a request.
 - Aliases, not stages: every new version gets ``candidate``; it becomes ``champion`` only when its
   evaluation accuracy beats the current champion's on the same images (both numbers and the
   decision are logged). Each version is tagged with the digest of the images it was scored on

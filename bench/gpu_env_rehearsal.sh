@@ -19,6 +19,11 @@ cd "$(dirname "$0")/.."
 venv=${1:-/tmp/bireal-gpu-env}
 python312=${PYTHON312:-$(command -v python3.12 || true)}
 [ -n "$python312" ] || { echo "python3.12 not found: set PYTHON312 to a Python 3.12 interpreter" >&2; exit 2; }
+# a pyenv shim is on PATH whether or not 3.12 is the selected version, and fails only when run
+"$python312" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null || {
+  echo "$python312 does not run as Python 3.12 (a pyenv shim? e.g. PYTHON312=\$(pyenv root)/versions/3.12.1/bin/python3.12)" >&2
+  exit 2
+}
 command -v nvcc >/dev/null || { echo "nvcc not found: the rehearsal builds the CUDA kernels" >&2; exit 2; }
 
 # what the GPU machine's image holds of this project's needs (device tool: KINDS.md's package list)

@@ -37,7 +37,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .preprocess import lighting_shift
+from .preprocess import lighting_shift, shorter_side_resized
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -207,10 +207,7 @@ def resize_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def resize_shorter(image: torch.Tensor, side: int) -> torch.Tensor:
     """uint8 (C, H, W) with its shorter side resized to ``side`` (torchvision's Resize(int) sizes)."""
-    h, w = image.shape[-2:]
-    if h <= w:
-        return resize_to(image, side, int(side * w / h))
-    return resize_to(image, int(side * h / w), side)
+    return resize_to(image, *shorter_side_resized(*image.shape[-2:], side))
 
 
 def resized_crop(image: torch.Tensor, box: Box, size: int) -> torch.Tensor:

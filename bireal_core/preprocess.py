@@ -29,6 +29,14 @@ def default_input_config(stem: str) -> dict:
     raise ValueError(f"stem must be 'imagenet' or 'small', got {stem!r}")
 
 
+def shorter_side_resized(height: int, width: int, side: int) -> tuple[int, int]:
+    """(height, width) once the shorter side is resized to ``side``: torchvision's ``Resize(int)``
+    sizes (the longer side scaled and truncated), as ``eval_transform`` and the Caffe recipe resize."""
+    if height <= width:
+        return side, int(side * width / height)
+    return int(side * height / width), side
+
+
 def eval_transform(input_config: dict):
     """PIL image -> normalised float tensor (3, size, size): resize the shorter side to
     ``resize``, center-crop ``size`` (for 32x32 data sets both are 32: the image as is)."""

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bireal_core.preprocess import eval_transform
+from bireal_core.preprocess import eval_transform, shorter_side_resized
 
 from .packed import load_packed
 
@@ -26,14 +26,6 @@ class ImageError(ValueError):
 MAX_PIXELS = 40_000_000
 
 
-def resized_size(width: int, height: int, resize: int) -> tuple[int, int]:
-    """(width, height) once ``eval_transform`` resizes the shorter side to ``resize`` (torchvision's
-    rounding: the longer side scaled and truncated)."""
-    if width <= height:
-        return resize, int(resize * height / width)
-    return int(resize * width / height), resize
-
-
 def check_size(name: str, width: int, height: int, resize: int | None = None) -> None:
     """``ImageError`` for an image over ``MAX_PIXELS``, as it is or once resized for the model
     (``resize``: the shorter side's length): a 97-byte 20000 x 1 PNG became 5,120,000 x 256 RGB,
@@ -41,7 +33,7 @@ def check_size(name: str, width: int, height: int, resize: int | None = None) ->
     if width * height > MAX_PIXELS:
         raise ImageError(f"{name}: {width} x {height} = {width * height:,} pixels, over the {MAX_PIXELS:,} this reads")
     if resize is not None:
-        w, h = resized_size(width, height, resize)
+        h, w = shorter_side_resized(height, width, resize)
         if w * h > MAX_PIXELS:
             raise ImageError(
                 f"{name}: {width} x {height} would be {w} x {h} = {w * h:,} pixels with its shorter side resized to "

@@ -37,6 +37,37 @@ def shorter_side_resized(height: int, width: int, side: int) -> tuple[int, int]:
     return int(side * height / width), side
 
 
+# The most pixels an image may have as it is, or once its shorter side is resized for a model: a
+# 97-byte 20000 x 1 PNG resized to 256 is 5,120,000 x 256 RGB (8.7 GB peak in an evaluation loader,
+# 6 GB in `bireal predict`). 40 MP (e.g. 8000 x 5000) is 120 MB of RGB.
+MAX_PIXELS = 40_000_000
+
+
+
+
+def resize_overflow(width: int, height: int, side: int) -> str:
+    """'' if a width x height image stays within ``MAX_PIXELS`` with its shorter side resized to
+    ``side``, else what it would become ("20000 x 1 would be 5120000 x 256 = 1,310,720,000 pixels
+    with its shorter side resized to 256, over the 40,000,000"), for the caller to finish."""
+    h, w = shorter_side_resized(height, width, side)
+    if w * h <= MAX_PIXELS:
+        return ""
+    return (
+        f"{width} x {height} would be {w} x {h} = {w * h:,} pixels with its shorter side resized to {side}, "
+        f"over the {MAX_PIXELS:,}"
+    )
+
+
+def too_elongated(width: int, height: int) -> str:
+    """'' or why no recipe should resize a width x height image: with its shorter side at the
+    longest any stem resizes to (256) it would be over ``MAX_PIXELS``, as a 20000 x 1 strip is
+    (5,120,000 x 256). The shard stage quarantines such images; the loaders replace any that older
+    shards hold, as they replace a damaged one."""
+    side = max(default_input_config(stem)["resize"] for stem in ("imagenet", "small"))
+    overflow = resize_overflow(width, height, side)
+    return f"too elongated: {overflow} the loaders allow" if overflow else ""
+
+
 def eval_transform(input_config: dict):
     """PIL image -> normalised float tensor (3, size, size): resize the shorter side to
     ``resize``, center-crop ``size`` (for 32x32 data sets both are 32: the image as is)."""

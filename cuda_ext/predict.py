@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bireal_core.preprocess import eval_transform, shorter_side_resized
+from bireal_core.preprocess import MAX_PIXELS, eval_transform, resize_overflow
 
 from .packed import load_packed
 
@@ -21,24 +21,16 @@ class ImageError(ValueError):
     """An input image that cannot be read (the message names the file)."""
 
 
-# Larger images are refused from their header, before a pixel is decoded: 40 MP (e.g. 8000 x 5000)
-# decodes to 120 MB of RGB; PIL's own limit (179 MP, ~0.5 GB) is far above what a prediction needs.
-MAX_PIXELS = 40_000_000
-
-
 def check_size(name: str, width: int, height: int, resize: int | None = None) -> None:
     """``ImageError`` for an image over ``MAX_PIXELS``, as it is or once resized for the model
-    (``resize``: the shorter side's length): a 97-byte 20000 x 1 PNG became 5,120,000 x 256 RGB,
-    6 GB in ``bireal predict``, and a longer one ends a model server."""
+    (``resize``: the shorter side's length), from its header, before a pixel is decoded: PIL's own
+    limit (179 MP, ~0.5 GB) is far above what a prediction needs, and a 20000 x 1 strip resized to
+    256 ends a model server."""
     if width * height > MAX_PIXELS:
         raise ImageError(f"{name}: {width} x {height} = {width * height:,} pixels, over the {MAX_PIXELS:,} this reads")
-    if resize is not None:
-        h, w = shorter_side_resized(height, width, resize)
-        if w * h > MAX_PIXELS:
-            raise ImageError(
-                f"{name}: {width} x {height} would be {w} x {h} = {w * h:,} pixels with its shorter side resized to "
-                f"{resize}, over the {MAX_PIXELS:,} this reads"
-            )
+    overflow = resize_overflow(width, height, resize) if resize is not None else ""
+    if overflow:
+        raise ImageError(f"{name}: {overflow} this reads")
 
 
 def open_image(source: str | os.PathLike | bytes, name: str = "", resize: int | None = None) -> "Image.Image":

@@ -14,6 +14,8 @@ batch trains on (``decode: device``).
   batch keeps its size and every rank its steps, as on the worker path. ``DeviceRecipe`` runs the
   same ``ImageRecipe`` per image there, every draw from one CPU generator per (epoch seed, rank),
   then lighting and normalisation batched (``finish``).
+An image too elongated to resize (``bireal_core.preprocess.too_elongated``: a 20000 x 1 strip in
+shards made before the shard stage quarantined such images) counts as damaged on both paths.
 Both paths crop, flip and light as the PIL reference (``bireal_core.preprocess``) does, resampled
 by torch: within one level of 255 of its pixels, not equal bit for bit (``bireal_core/augment.py``).
 """
@@ -29,6 +31,7 @@ import numpy as np
 import torch
 
 from bireal_core import augment
+from bireal_core.preprocess import too_elongated
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +64,17 @@ def decode_image(data: bytes) -> torch.Tensor:
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
-        return decode_jpeg(encoded_sample(data), mode=ImageReadMode.RGB)
+        image = decode_jpeg(encoded_sample(data), mode=ImageReadMode.RGB)
     except RuntimeError:
         pixels = np.asarray(decode_rgb(data))  # (H, W, 3); PIL's errors name a damaged file
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
+    if not _resizable(image):
+        raise ValueError(too_elongated(image.shape[-1], image.shape[-2]))
+    return image
+
+
+def _resizable(image: torch.Tensor) -> bool:
+    return not too_elongated(image.shape[-1], image.shape[-2])  # (3, H, W)
 
 
 def decode_batch(files: list[torch.Tensor], device: torch.device, keys: list[str] | None = None) -> list[torch.Tensor]:
@@ -73,16 +83,19 @@ def decode_batch(files: list[torch.Tensor], device: torch.device, keys: list[str
     from torchvision.io import ImageReadMode, decode_jpeg
 
     try:
-        return list(decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
+        images: list[torch.Tensor | None] = list(decode_jpeg(files, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:
-        pass
-    images: list[torch.Tensor | None] = [_decode_one(f, device) for f in files]
+        images = [_decode_one(f, device) for f in files]
+    images = [image if image is not None and _resizable(image) else None for image in images]
     good = next((im for im in images if im is not None), None)
     if good is None:
         raise ValueError(f"none of the batch's {len(files)} images decodes (keys: {(keys or [])[:5]})")
     for i, image in enumerate(images):
         if image is None:
-            log.warning("damaged image %s replaced by the batch's previous good one", keys[i] if keys else f"#{i}")
+            log.warning(
+                "damaged or too elongated image %s replaced by the batch's previous good one",
+                keys[i] if keys else f"#{i}",
+            )
             images[i] = good
         else:
             good = image
@@ -115,6 +128,9 @@ def decode_rgb(data: bytes):
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
+        reason = too_elongated(*im.size)  # from the header, before decoding
+        if reason:
+            raise ValueError(reason)
         return im.convert("RGB")
 
 

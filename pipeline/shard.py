@@ -10,7 +10,9 @@ Plain typed function ``shard_dataset`` (the CLI, DVC and Prefect all call it):
    ends byte-identical to an uninterrupted run;
 5. write ``manifest.json`` and drop the progress file.
 Bad images never crash the run: convertible ones are converted to RGB JPEG (and listed under
-``converted``), undecodable / truncated / empty ones are listed under ``quarantine`` with the reason.
+``converted``), undecodable / truncated / empty ones, and strips too elongated to resize (over
+``bireal_core.preprocess.MAX_PIXELS`` with the shorter side at 256), are listed under
+``quarantine`` with the reason.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import tarfile
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 from . import storage
 from .params import ShardParams
@@ -47,25 +49,31 @@ class ShardError(RuntimeError):
 # ---------------------------------------------------------------------------- one image
 
 
-def encode_image(ref: Ref, resize: int, quality: int) -> tuple[bytes | None, str]:
-    """-> (RGB JPEG bytes, note about a conversion or ""), or (None, reason to quarantine)."""
+class Encoded(NamedTuple):
+    data: bytes | None  # RGB JPEG bytes; None: quarantined
+    note: str  # the conversion made ("" for none), or the reason it is quarantined
+    size: tuple[int, int] | None = None  # (width, height) as read, before any resize
+
+
+def encode_image(ref: Ref, resize: int, quality: int) -> Encoded:
+    """One source image -> its RGB JPEG for a shard, or the reason to quarantine it."""
     import numpy as np
     from PIL import Image
 
     try:
         data = ref.read()
     except OSError as e:
-        return None, f"unreadable: {e}"
+        return Encoded(None, f"unreadable: {e}")
     if not data:
-        return None, "zero-byte file"
+        return Encoded(None, "zero-byte file")
     try:
         im = Image.open(io.BytesIO(data))
         im.load()  # decodes fully: truncated files raise here
     except Exception as e:  # PIL raises many types for broken files
         # PIL names the in-memory buffer ("<_io.BytesIO object at 0x...>"); the path is named already
         reason = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))
-        return None, f"undecodable: {e.__class__.__name__}: {reason}"
-    notes = []
+        return Encoded(None, f"undecodable: {e.__class__.__name__}: {reason}")
+    notes, size = [], im.size
     if im.format != "JPEG":
         notes.append(f"{im.format} data")
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
@@ -82,14 +90,22 @@ def encode_image(ref: Ref, resize: int, quality: int) -> tuple[bytes | None, str
         im = im.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.LANCZOS)
         notes.append("resized")
     if notes == []:
-        return data, ""  # an RGB JPEG already at size: kept byte for byte
+        return Encoded(data, "", size)  # an RGB JPEG already at size: kept byte for byte
     out = io.BytesIO()
     im.save(out, format="JPEG", quality=quality)
-    return out.getvalue(), ", ".join(n for n in notes if n != "resized")
+    return Encoded(out.getvalue(), ", ".join(n for n in notes if n != "resized"), size)
 
 
-def _encode_job(job: tuple[Ref, int, int]) -> tuple[bytes | None, str]:
+def _encode_job(job: tuple[Ref, int, int]) -> Encoded:
     return encode_image(*job)
+
+
+def too_elongated(size: tuple[int, int]) -> str:
+    """``bireal_core.preprocess.too_elongated`` of a (width, height), in the parent process:
+    bireal_core imports torch, which the encoding processes do without."""
+    from bireal_core.preprocess import too_elongated as reason
+
+    return reason(*size)
 
 
 # ---------------------------------------------------------------------------- tar writing
@@ -144,7 +160,7 @@ def _split_order(samples: list[Sample], seed: int, split: str) -> list[Sample]:
     return order
 
 
-def _encoded(order: list[Sample], start: int, params: ShardParams, pool) -> Iterator[tuple[bytes | None, str]]:
+def _encoded(order: list[Sample], start: int, params: ShardParams, pool) -> Iterator[Encoded]:
     jobs = ((s.ref, params.resize, params.jpeg_quality) for s in order[start:])
     if pool is None:
         return map(_encode_job, jobs)
@@ -337,10 +353,11 @@ def _shard_split(fs, root, split, ext, order, source, params, st, state, pool, b
         _save_json(fs, f"{root}/{PROGRESS}", state)
         pending, pending_bytes = [], 0
 
-    for jpg, note in _encoded(order, index, params, pool):
+    for jpg, note, size in _encoded(order, index, params, pool):
         sample = order[index]
-        if jpg is None:
-            st["quarantine"].append({"index": index, "path": sample.ref.describe(sample.name), "reason": note})
+        reason = note if jpg is None else too_elongated(size)
+        if reason:
+            st["quarantine"].append({"index": index, "path": sample.ref.describe(sample.name), "reason": reason})
         else:
             if note:
                 st["converted"].append({"index": index, "path": sample.ref.describe(sample.name), "note": note})

@@ -52,6 +52,8 @@ def add_bad_files(train_class_dir: Path, label: int) -> dict[str, str]:
     (d / "truncated.jpg").write_bytes(data[: len(data) // 2])
     (d / "empty.jpg").write_bytes(b"")
     (d / "garbage.jpg").write_bytes(b"\x00not an image at all" * 20)
+    # 700 x 1: 179,200 x 256 once a loader resizes its shorter side to 256, over 40 MP
+    Image.fromarray(np.zeros((1, 700, 3), np.uint8)).save(d / "strip.png")
     return {
         "cmyk.jpg": "converted",
         "gray.jpg": "converted",
@@ -61,6 +63,7 @@ def add_bad_files(train_class_dir: Path, label: int) -> dict[str, str]:
         "truncated.jpg": "quarantine",
         "empty.jpg": "quarantine",
         "garbage.jpg": "quarantine",
+        "strip.png": "quarantine",
     }
 
 

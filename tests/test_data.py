@@ -64,6 +64,10 @@ def test_image_folder_with_every_bad_file_kind(tmp_path):
     assert set(converted) == {n for n, v in expected.items() if v == "converted"}
     assert quarantined["empty.jpg"] == "zero-byte file"
     assert "undecodable" in quarantined["truncated.jpg"]
+    assert quarantined["strip.png"] == (
+        "too elongated: 700 x 1 would be 179200 x 256 = 45,875,200 pixels with its shorter side resized to 256, "
+        "over the 40,000,000 the loaders allow"
+    )
     assert "CMYK to RGB" in converted["cmyk.jpg"] and "16-bit" in converted["sixteen.png"]
     assert "PNG data" in converted["disguised.JPEG"]
     # nothing dropped silently: every file is either in a shard or in the quarantine list
@@ -640,29 +644,41 @@ def test_the_device_decode_path_keeps_the_plan_and_the_recipe(tmp_path, augment)
         make_loader(str(tmp_path / "shards"), "val", config, 3, train=False, decode="gpu")
 
 
+def noise_shards_with_val_images(source: Path, out: Path, changes: dict) -> list[dict]:
+    """Shards of ``noise_folder`` whose first val shard has image i replaced by ``changes[i](its bytes)``,
+    its manifest record updated (a shard as written elsewhere or by an older version) -> its samples."""
+    import fsspec
+
+    from pipeline.data import iter_shard
+    from pipeline.shard import write_shard
+
+    shard_dataset(str(noise_folder(source)), str(out), ShardParams(**FAST), progress_bar=False)
+    manifest = read_manifest(str(out))
+    rec = manifest["splits"]["val"]["shards"][0]
+    samples = list(iter_shard(str(out / rec["name"])))
+    for i, change in changes.items():
+        samples[i]["jpg"] = change(samples[i]["jpg"])
+    rows = [(s["__key__"], s["jpg"], int(s["cls"]), s["wnid"].decode()) for s in samples]
+    rec.update(write_shard(fsspec.filesystem("file"), str(out / rec["name"]), rows, False))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return samples
+
+
 def test_the_device_path_decodes_what_nvjpeg_will_not_and_replaces_what_nothing_decodes(tmp_path, caplog):
     """A PNG stored as a shard's .jpg (ImageNet has one) fails the batched JPEG decode: the batch
     is decoded image by image and PIL takes the PNG (its pixels as the worker path's); bytes that
     nothing decodes are replaced by the batch's previous good image, logged with its key, and the
     batch keeps its size."""
-    import fsspec
     import torch
 
-    from pipeline.data import iter_shard
-    from pipeline.shard import write_shard
-
-    source = noise_folder(tmp_path / "src")
     out = tmp_path / "shards"
-    shard_dataset(str(source), str(out), ShardParams(**FAST), progress_bar=False)
-    manifest = read_manifest(str(out))
-    rec = manifest["splits"]["val"]["shards"][0]
-    samples = list(iter_shard(str(out / rec["name"])))
-    png = io.BytesIO()
-    Image.open(io.BytesIO(samples[0]["jpg"])).save(png, format="PNG")
-    samples[0]["jpg"], samples[2]["jpg"] = png.getvalue(), samples[2]["jpg"][:300]
-    rows = [(s["__key__"], s["jpg"], int(s["cls"]), s["wnid"].decode()) for s in samples]
-    rec.update(write_shard(fsspec.filesystem("file"), str(out / rec["name"]), rows, False))
-    (out / "manifest.json").write_text(json.dumps(manifest))
+
+    def png_of(jpg: bytes) -> bytes:
+        png = io.BytesIO()
+        Image.open(io.BytesIO(jpg)).save(png, format="PNG")
+        return png.getvalue()
+
+    samples = noise_shards_with_val_images(tmp_path / "src", out, {0: png_of, 2: lambda jpg: jpg[:300]})
     config = bc.default_input_config("imagenet")
     caplog.set_level(logging.WARNING, logger="pipeline.decode")
 
@@ -675,8 +691,33 @@ def test_the_device_path_decodes_what_nvjpeg_will_not_and_replaces_what_nothing_
     level = torch.tensor(config["std"])[:, None, None] * 255
     assert ((x[0] - x_ref[0]) * level).abs().max() <= 1.001  # the PNG, decoded by PIL
     assert torch.equal(x[2], x[1])  # the damaged file: its predecessor stands in
-    warned = [r.getMessage() for r in caplog.records if "damaged image" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records if "replaced by the batch's previous" in r.getMessage()]
     assert len(warned) == 1 and samples[2]["__key__"] in warned[0]
+
+
+@pytest.mark.parametrize("path", ["float", "uint8", "device"])
+def test_an_image_too_elongated_to_resize_is_replaced_on_every_loader_path(tmp_path, caplog, path):
+    """Shards from before the shard stage quarantined strips, or from another tool, may hold one:
+    a 20000 x 1 strip in the val split took evaluation to an 8.7 GB peak (5,120,000 x 256 once
+    resized). Here 700 x 1 (179,200 x 256, over 40 MP): every loader path counts it as a damaged
+    image, logs it by key and keeps the batch's size."""
+    import torch
+
+    out = tmp_path / "shards"
+    samples = noise_shards_with_val_images(tmp_path / "src", out, {1: lambda _: jpeg_bytes(Image.new("RGB", (700, 1)))})
+    caplog.set_level(logging.WARNING, logger="pipeline")
+    options = {"float": dict(uint8=False), "uint8": dict(uint8=True), "device": dict(decode="device")}[path]
+    config = bc.default_input_config("imagenet")
+    batches, _ = make_loader(str(out), "val", config, 4, train=False, workers=0, with_keys=True, **options)
+    x, y, keys = next(batches)
+    assert x.shape == (4, 3, 224, 224) and len(y) == len(keys) == 4
+    # the worker paths repeat the next good image in its place, the device path the previous one
+    stand_in = 0 if path == "device" else 2
+    assert torch.equal(x[1], x[stand_in]) and not torch.equal(x[0], x[2])
+    warned = [r.getMessage() for r in caplog.records if samples[1]["__key__"] in r.getMessage()]
+    assert len(warned) == 1 and "replaced" in warned[0]
+    if path != "device":
+        assert "too elongated: 700 x 1 would be 179200 x 256" in warned[0]
 
 
 def test_bench_data_measures_every_loader_and_refuses_a_set_too_small(tmp_path, capsys):

@@ -1,6 +1,6 @@
 # make demo       - set up .venv and run the project's main job
 # make test       - set up .venv and run the whole test suite
-# make test-fast  - everything but the end-to-end tests that start services (about 2 minutes)
+# make test-fast  - the tests that start no service (about 13 minutes on 2 cores)
 # make lint       - ruff: lint and format check
 SHELL := bash
 .SHELLFLAGS := -eu -o pipefail -c

@@ -43,8 +43,6 @@ def shorter_side_resized(height: int, width: int, side: int) -> tuple[int, int]:
 MAX_PIXELS = 40_000_000
 
 
-
-
 def resize_overflow(width: int, height: int, side: int) -> str:
     """'' if a width x height image stays within ``MAX_PIXELS`` with its shorter side resized to
     ``side``, else what it would become ("20000 x 1 would be 5120000 x 256 = 1,310,720,000 pixels

@@ -571,42 +571,60 @@ def _add_predict(sub) -> None:
 
 
 def _add_bench(sub) -> None:
-    from . import train_bench  # its options; torch stays unimported
-
+    """``bireal bench BENCHMARK``: a parser per benchmark, so an option another benchmark takes (``bench
+    model --arch``) is refused, not silently ignored."""
     bench = sub.add_parser(
         "bench", help="benchmark tables: kernels, the packed model vs float, memory paths, data, training"
     )
-    bench.add_argument("what", choices=("kernels", "model", "memory", "data", "train"))
-    bench.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:N]")
-    bench.add_argument("--threads", type=bounded(int, ">= 1"), default=2, help="CPU threads (default 2)")
-    bench.add_argument("--json", type=output_file, default=None, metavar="FILE", help="also write the rows as JSON")
-    bench.add_argument(
-        "--jsonl",
-        type=output_file,
-        default=None,
-        metavar="FILE",
-        help="kernels, model, memory: also one JSON line per row as measured",
+    benchmarks = bench.add_subparsers(dest="what", required=True, metavar="BENCHMARK")
+    for what, help in (
+        ("kernels", "our 1-bit ops against F.conv2d (cuDNN on a GPU)"),
+        ("model", "the packed model against float ResNet-18, as bireal predict runs them"),
+        ("memory", "the packed model's memory paths, paired"),
+    ):
+        _add_kernel_bench(benchmarks.add_parser(what, help=help))
+    _add_data_bench(benchmarks.add_parser("data", help="sharding and loader img/s, float against uint8"))
+    _add_train_bench(benchmarks.add_parser("train", help="train-step and loader img/s, the planner's rows"))
+    bench.set_defaults(func=_cmd_bench)
+
+
+def _add_bench_output(parser) -> None:
+    """What every benchmark takes: the device and a JSON copy of its rows."""
+    parser.add_argument("--device", type=device, default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--json", type=output_file, default=None, metavar="FILE", help="also write the rows as JSON")
+
+
+def _add_kernel_bench(parser) -> None:
+    _add_bench_output(parser)
+    parser.add_argument("--threads", type=bounded(int, ">= 1"), default=2, help="CPU threads (default 2)")
+    parser.add_argument(
+        "--jsonl", type=output_file, default=None, metavar="FILE", help="also one JSON line per row as measured"
     )
-    bench.add_argument("--cifar", default=None, help="data: an image-folder tree to shard and load")
-    bench.add_argument(
+
+
+def _add_data_bench(parser) -> None:
+    _add_bench_output(parser)
+    parser.add_argument("--cifar", default=None, help="an image-folder tree to shard and load")
+    parser.add_argument(
         "--imagenet-like",
         dest="imagenet_like",
         type=bounded(int, ">= 0"),
         default=2000,
-        help="data: size of the generated ImageNet-size tree (0 skips it)",
+        help="size of the generated ImageNet-size tree (0 skips it)",
     )
-    bench.add_argument(
-        "--params", dest="profile", default=None, help="train: the profile whose stages, batch and input to time"
+
+
+def _add_train_bench(parser) -> None:
+    from . import train_bench  # its options; torch stays unimported
+
+    _add_bench_output(parser)
+    parser.add_argument(
+        "--params", dest="profile", default=None, help="the profile whose stages, batch and input to time"
     )
-    bench.add_argument("--arch", default=None, help="train: another arch than the profile's")
-    bench.add_argument(
-        "--steps", type=bounded(int, ">= 1"), default=20, help="train: timed steps per run (3 runs, median)"
-    )
-    bench.add_argument(
-        "--record", action="store_true", help="train: add the rows to bench/results/train_throughput.json"
-    )
-    train_bench.add_train_options(bench)
-    bench.set_defaults(func=_cmd_bench)
+    parser.add_argument("--arch", default=None, help="another arch than the profile's")
+    parser.add_argument("--steps", type=bounded(int, ">= 1"), default=20, help="timed steps per run (3 runs, median)")
+    parser.add_argument("--record", action="store_true", help="add the rows to bench/results/train_throughput.json")
+    train_bench.add_train_options(parser)
 
 
 def _add_submit(sub) -> None:
@@ -689,7 +707,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in SUBCOMMANDS:
         add(sub)
+    name_parsers(sub)
     return parser
+
+
+def name_parsers(subcommands) -> None:
+    """Each subcommand's parser (``bireal bench model``'s one level down) as ``args.command_parser``:
+    an option it does not take is then named in its words, with its usage, not the top level's."""
+    for parser in subcommands.choices.values():
+        parser.set_defaults(command_parser=parser)
+        for action in parser._actions:  # the benchmarks under `bench`
+            if isinstance(action, argparse._SubParsersAction):
+                name_parsers(action)
 
 
 def resume_hint(args: argparse.Namespace) -> str:
@@ -713,7 +742,9 @@ PIPELINE_EXTRA = ("ray", "mlflow", "prefect", "dvc", "webdataset", "sklearn", "f
 
 def main(argv: list[str] | None = None) -> int:
     apply_offline_defaults()
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.verbose:
         os.environ["BIREAL_VERBOSE"] = "1"
     quiet_framework_logs()

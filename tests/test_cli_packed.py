@@ -204,12 +204,21 @@ print(json.dumps({"out": out, "seconds": time.perf_counter() - start, "above_mb"
         (["evaluate", "--artifact", "a", "--shards", "s", "--device", "cuda:x"], "argument --device: 'cuda:x'"),
         (["bench", "kernels", "--threads", "0"], "argument --threads: 0: must be >= 1"),
         (["submit", "--stage", "pretrain", "--timeout", "-5"], "argument --timeout: -5: must be > 0"),
+        # an option of another benchmark was silently ignored: `bench model --arch bireal34` timed Bi-Real-18
+        (["bench", "model", "--arch", "bireal34"], "unrecognized arguments: --arch bireal34"),
+        (["bench", "data", "--threads", "4"], "unrecognized arguments: --threads 4"),
+        (["predict", "--artifact", "a", "x.jpg", "--bogus"], "unrecognized arguments: --bogus"),
     ],
 )
 def test_flags_out_of_range_are_refused_before_any_work(capsys, argv, message):
     with pytest.raises(SystemExit) as e:
         main(argv)
-    assert e.value.code == 2 and f"bireal {argv[0]}: error: {message}" in capsys.readouterr().err
+    assert e.value.code == 2 and f"{command_name(argv)}: error: {message}" in capsys.readouterr().err
+
+
+def command_name(argv: list[str]) -> str:
+    """Whose words an error is in: ``bireal bench model`` for a benchmark, else ``bireal COMMAND``."""
+    return "bireal " + " ".join(argv[:2] if argv[0] == "bench" else argv[:1])
 
 
 @pytest.mark.parametrize(
@@ -232,7 +241,7 @@ def test_an_output_that_cannot_be_a_file_is_refused_before_any_work(tmp_path, ca
     with pytest.raises(SystemExit) as e:
         main(argv)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and f"bireal {argv[0]}: error: argument" in err
+    assert e.value.code == 2 and f"{command_name(argv)}: error: argument" in err
     assert ": is a folder; name the file to write" in err or f"{tmp_path / 'file'} is a file, not a folder" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"] and not any((tmp_path / "folder").iterdir())
 

@@ -317,11 +317,22 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# the options that make shards, which --verify does not take
+SHARD_MAKING = (
+    "source", "out", "kind", "overwrite", "resize", "jpeg_quality", "samples_per_shard", "max_shard_bytes", "gzip",
+    "seed", "processes",
+)  # fmt: skip
+
+
 def _cmd_shard(args: argparse.Namespace) -> int:
     from .shard import verify_shards
     from .stages import shard
 
     if args.verify:
+        given = [name for name in SHARD_MAKING if getattr(args, name) != args.command_parser.get_default(name)]
+        making = [f"--{name.replace('_', '-')}" for name in given]
+        if making:  # `--source S --out O --verify O` would verify O and make nothing
+            raise ValueError(f"--verify DIR only checks shards already made; it takes no {', '.join(making)}")
         problems = verify_shards(args.verify)
         for p in problems:
             print(f"FAIL {p}")

@@ -291,6 +291,22 @@ def test_verify_detects_tampering(tmp_path):
         verify_shards(str(src))
 
 
+def test_verify_takes_no_option_that_makes_shards(tmp_path, capsys):
+    """`bireal shard --source S --out O --verify O` verified O (or failed on its absence) and made
+    nothing, with a line reading like success; now the options it would not use are named."""
+    from pipeline.cli import main
+
+    src = image_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    shard_dataset(str(src), str(out), ShardParams(**FAST), progress_bar=False)
+    assert main(["shard", "--source", str(src), "--out", str(tmp_path / "new"), "--verify", str(out)]) == 2
+    assert "error: --verify DIR only checks shards already made; it takes no --source, --out" in capsys.readouterr().err
+    assert main(["shard", "--verify", str(out), "--no-gzip", "--kind", "folder"]) == 2
+    assert "it takes no --kind, --gzip" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    assert main(["shard", "--verify", str(out)]) == 0 and "OK, every shard matches" in capsys.readouterr().out
+
+
 def test_bad_inputs_named(tmp_path):
     with pytest.raises(SourceError, match="nowhere"):
         shard_dataset(str(tmp_path / "nowhere"), str(tmp_path / "out"), progress_bar=False)

@@ -100,9 +100,19 @@ def shard_slice(url: str) -> tuple[str, int, int | None]:
     return url, int(start), int(stop)
 
 
-def eval_split_name(manifest: dict) -> str:
+def eval_split_name(manifest: dict, location: str = "") -> str:
+    """The split every stage evaluates on: val, else test; an empty one is refused (a stage would
+    train with a top-1 of 0 over no images each epoch, to fail only at ``bireal evaluate``).
+    ``location``: the shards' folder, for the message."""
     for name in ("val", "test"):
         if name in manifest["splits"]:
+            split = manifest["splits"][name]
+            if not split["count"]:
+                raise ValueError(
+                    f"{location or 'the manifest'}: the {name} split has no images to evaluate "
+                    f"({split.get('quarantined', 0)} quarantined: their reasons are under 'quarantine' in "
+                    "manifest.json)"
+                )
             return name
     raise KeyError(
         f"the manifest has no val or test split (it has: {', '.join(manifest['splits']) or 'none'}); "

@@ -30,7 +30,7 @@ def evaluate_artifact(
     manifest = read_manifest(shards)
     float_model = bc.load_checkpoint(checkpoint)[0].eval().to(device) if checkpoint else None
     check_pairing(artifact, header, shards, manifest, checkpoint, float_model)
-    split = eval_split_name(manifest)
+    split = eval_split_name(manifest, shards)
     check_sizes(manifest, shards, [split])
     n = len(manifest["classes"])
     confusion = torch.zeros(n, n, dtype=torch.int64)

@@ -316,7 +316,7 @@ def register(
     header = read_artifact_header(artifact)  # register_artifact verifies the tensors
     check_evaluated(evaluation, artifact, header["sha256"])  # before any work; and again there
     manifest = read_manifest(shards)
-    url = split_shards(manifest, shards, eval_split_name(manifest))[0][0]
+    url = split_shards(manifest, shards, eval_split_name(manifest, shards))[0][0]
     example = Path(artifact).with_name("example.jpg")
     example.write_bytes(next(iter_shard(url))["jpg"])
     cost = None

@@ -571,10 +571,10 @@ def data_spec(config: TrainConfig, manifest: dict, device: torch.device) -> Data
 
     input_config = stage_input_config(config)
     if not config.holdout:
-        spec = DataSpec(manifest, input_config, eval_split_name(manifest))
+        spec = DataSpec(manifest, input_config, eval_split_name(manifest, config.shards))
     else:
         split_shards(manifest, config.shards, HOLDOUT, config.holdout)  # too large a holdout fails here
-        spec = DataSpec(manifest, input_config, HOLDOUT, eval_split_name(manifest))
+        spec = DataSpec(manifest, input_config, HOLDOUT, eval_split_name(manifest, config.shards))
     if config.loader == "resident":
         from .resident import check_resident, decode_split
 

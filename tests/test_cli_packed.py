@@ -348,7 +348,7 @@ def test_evaluate_refuses_an_artifact_of_other_classes_or_another_checkpoint(tmp
         main(["evaluate", "--artifact", str(artifact), "--shards", str(empty), "--metrics", str(tmp_path / "m.json")])
         == 2
     )
-    assert f"error: {empty}: the test split has no images to evaluate" in capsys.readouterr().err
+    assert f"error: {empty}: the test split has no images to evaluate (0 quarantined" in capsys.readouterr().err
     assert not (tmp_path / "m.json").exists()
     # a shard the manifest lists is gone: a line naming it, not ShardIntegrityError's traceback
     partial = tmp_path / "partial-shards"

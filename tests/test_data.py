@@ -101,12 +101,26 @@ def test_image_folder_walks_sub_folders_and_names_what_it_leaves_out(tmp_path):
     assert reason == "undecodable: UnidentifiedImageError: cannot identify image file"
     with pytest.raises(KeyError, match=r"no val or test split \(it has: train\); shard a source with val/"):
         eval_split_name({"splits": {"train": m["splits"]["train"]}})
+    assert eval_split_name(m) == "val"
     assert "ignored: 1 left out (not images by their suffix, outside a class folder, or without a label): " + (
         "train/class0/README.txt"
     ) in summarize(m)
     samples = read_samples(tmp_path / "out", m, "train")
     assert sorted(s["cls"] for s in samples) == [0] * 4 + [1] * 5
     assert all(color_class(s["image"]) == s["cls"] for s in samples)
+
+
+def test_an_evaluation_split_left_empty_by_the_quarantine_is_refused(tmp_path):
+    """Every val image quarantined (here a strip too elongated to resize): before, each stage
+    evaluated no images (top-1 0 every epoch) and only `bireal evaluate` refused the result."""
+    src = image_folder(tmp_path / "src", per_class=(3, 0), classes=2)
+    Image.fromarray(np.zeros((1, 700, 3), np.uint8)).save(src / "val" / "class0" / "strip.png")
+    m = shard_dataset(str(src), str(tmp_path / "out"), ShardParams(**FAST), progress_bar=False)
+    assert m["splits"]["val"]["count"] == 0 and m["splits"]["val"]["quarantined"] == 1
+    with pytest.raises(
+        ValueError, match=r"out: the val split has no images to evaluate \(1 quarantined: their reasons"
+    ):
+        eval_split_name(m, str(tmp_path / "out"))
 
 
 def test_one_sharder_per_output_folder(tmp_path):

@@ -68,8 +68,9 @@ def decode_image(data: bytes) -> torch.Tensor:
     except RuntimeError:
         pixels = np.asarray(decode_rgb(data))  # (H, W, 3); PIL's errors name a damaged file
         return torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous()
-    if not _resizable(image):
-        raise ValueError(too_elongated(image.shape[-1], image.shape[-2]))
+    reason = too_elongated(image.shape[-1], image.shape[-2])  # image: (3, H, W)
+    if reason:
+        raise ValueError(reason)
     return image
 
 

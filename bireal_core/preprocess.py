@@ -56,13 +56,16 @@ def resize_overflow(width: int, height: int, side: int) -> str:
     )
 
 
+# the longest shorter side any stem's recipe resizes to (256): the bound for images not yet tied to a stem
+LONGEST_RESIZE = max(default_input_config(stem)["resize"] for stem in ("imagenet", "small"))
+
+
 def too_elongated(width: int, height: int) -> str:
-    """'' or why no recipe should resize a width x height image: with its shorter side at the
-    longest any stem resizes to (256) it would be over ``MAX_PIXELS``, as a 20000 x 1 strip is
-    (5,120,000 x 256). The shard stage quarantines such images; the loaders replace any that older
-    shards hold, as they replace a damaged one."""
-    side = max(default_input_config(stem)["resize"] for stem in ("imagenet", "small"))
-    overflow = resize_overflow(width, height, side)
+    """'' or why no recipe should resize a width x height image: with its shorter side at
+    ``LONGEST_RESIZE`` it would be over ``MAX_PIXELS``, as a 20000 x 1 strip is (5,120,000 x 256).
+    The shard stage quarantines such images; the loaders replace any that older shards hold, as
+    they replace a damaged one. Called per image by the loaders: arithmetic only."""
+    overflow = resize_overflow(width, height, LONGEST_RESIZE)
     return f"too elongated: {overflow} the loaders allow" if overflow else ""
 
 

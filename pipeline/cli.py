@@ -317,20 +317,12 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-# the options that make shards, which --verify does not take
-SHARD_MAKING = (
-    "source", "out", "kind", "overwrite", "resize", "jpeg_quality", "samples_per_shard", "max_shard_bytes", "gzip",
-    "seed", "processes",
-)  # fmt: skip
-
-
 def _cmd_shard(args: argparse.Namespace) -> int:
     from .shard import verify_shards
     from .stages import shard
 
     if args.verify:
-        given = [name for name in SHARD_MAKING if getattr(args, name) != args.command_parser.get_default(name)]
-        making = [f"--{name.replace('_', '-')}" for name in given]
+        making = shard_making_options_given(args)
         if making:  # `--source S --out O --verify O` would verify O and make nothing
             raise ValueError(f"--verify DIR only checks shards already made; it takes no {', '.join(making)}")
         problems = verify_shards(args.verify)
@@ -342,6 +334,17 @@ def _cmd_shard(args: argparse.Namespace) -> int:
     manifest = shard(args.loaded, args.source, args.out, kind=args.kind, overwrite=args.overwrite)
     print(report_shard(manifest, args.out or args.loaded.train("pretrain").shards))
     return 0
+
+
+def shard_making_options_given(args: argparse.Namespace) -> list[str]:
+    """The options of ``bireal shard`` given away from their defaults, but for --verify and --params:
+    every other one makes shards (read off the parser, so a new option is covered)."""
+    return [
+        action.option_strings[0]
+        for action in args.command_parser._actions
+        if action.option_strings and action.dest not in ("help", "verify", "params")
+        and getattr(args, action.dest) != action.default
+    ]  # fmt: skip
 
 
 def _cmd_check_params(args: argparse.Namespace) -> int:

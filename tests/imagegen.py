@@ -1,4 +1,5 @@
-"""Tiny generated datasets for the tests: image folders, the raw ILSVRC2012 layout, bad files."""
+"""Tiny generated datasets for the tests: image folders, the raw ILSVRC2012 layout, bad files, and
+shards rewritten to hold what the shard stage would not write."""
 
 from __future__ import annotations
 
@@ -156,3 +157,27 @@ def many_images(root: Path, n: int, classes: int = 4, size=(80, 72)) -> Path:
         d.mkdir(parents=True, exist_ok=True)
         colored_image(i % classes, size, seed=i).save(d / f"{i:05d}.jpg", quality=90)
     return root
+
+
+def rewrite_first_shard(out: Path, split: str, changes: dict) -> tuple[str, list[dict]]:
+    """Rewrite ``split``'s first shard under ``out`` with image i's bytes replaced by
+    ``changes[i](its bytes)``, its manifest record updated: a shard that matches its manifest and
+    holds what the shard stage would not have written (a damaged image, a PNG, a strip) ->
+    (its URL, its samples as now written)."""
+    import json
+
+    import fsspec
+
+    from pipeline.data import iter_shard, read_manifest
+    from pipeline.shard import write_shard
+
+    manifest = read_manifest(str(out))
+    rec = manifest["splits"][split]["shards"][0]
+    url = str(out / rec["name"])
+    samples = list(iter_shard(url))
+    for i, change in changes.items():
+        samples[i]["jpg"] = change(samples[i]["jpg"])
+    rows = [(s["__key__"], s["jpg"], int(s["cls"]), s["wnid"].decode()) for s in samples]
+    rec.update(write_shard(fsspec.filesystem("file"), url, rows, False))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return url, samples

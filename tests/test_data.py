@@ -24,6 +24,7 @@ from imagegen import (
     imagenet_extracted,
     jpeg_bytes,
     many_images,
+    rewrite_first_shard,
 )
 from PIL import Image
 
@@ -675,23 +676,10 @@ def test_the_device_decode_path_keeps_the_plan_and_the_recipe(tmp_path, augment)
 
 
 def noise_shards_with_val_images(source: Path, out: Path, changes: dict) -> list[dict]:
-    """Shards of ``noise_folder`` whose first val shard has image i replaced by ``changes[i](its bytes)``,
-    its manifest record updated (a shard as written elsewhere or by an older version) -> its samples."""
-    import fsspec
-
-    from pipeline.data import iter_shard
-    from pipeline.shard import write_shard
-
+    """Shards of ``noise_folder`` whose first val shard has image i replaced by ``changes[i](its bytes)``
+    (a shard as written elsewhere or by an older version) -> its samples."""
     shard_dataset(str(noise_folder(source)), str(out), ShardParams(**FAST), progress_bar=False)
-    manifest = read_manifest(str(out))
-    rec = manifest["splits"]["val"]["shards"][0]
-    samples = list(iter_shard(str(out / rec["name"])))
-    for i, change in changes.items():
-        samples[i]["jpg"] = change(samples[i]["jpg"])
-    rows = [(s["__key__"], s["jpg"], int(s["cls"]), s["wnid"].decode()) for s in samples]
-    rec.update(write_shard(fsspec.filesystem("file"), str(out / rec["name"]), rows, False))
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return samples
+    return rewrite_first_shard(out, "val", changes)[1]
 
 
 def test_the_device_path_decodes_what_nvjpeg_will_not_and_replaces_what_nothing_decodes(tmp_path, caplog):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from imagegen import image_folder
+from imagegen import image_folder, rewrite_first_shard
 
 from pipeline import storage
 from pipeline.data import iter_shard, make_loader, plan_epoch, read_manifest, split_shards
@@ -115,15 +115,8 @@ def test_a_flipped_byte_is_caught_when_the_shard_has_been_read(shards):
 def _damage_one_image(out: Path, split: str) -> tuple[str, str]:
     """Rewrite ``split``'s first shard with its second image's bytes cut short (a shard that matches
     its manifest, holding a damaged image); -> (shard URL, damaged key)."""
-    manifest = read_manifest(str(out))
-    rec = manifest["splits"][split]["shards"][0]
-    samples = list(iter_shard(str(out / rec["name"])))
-    samples[1]["jpg"] = samples[1]["jpg"][:200]
-    rows = [(s["__key__"], s["jpg"], int(s["cls"]), s["wnid"].decode()) for s in samples]
-    new = write_shard(fsspec.filesystem("file"), str(out / rec["name"]), rows, False)
-    rec.update(new)
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return str(out / rec["name"]), samples[1]["__key__"]
+    url, samples = rewrite_first_shard(out, split, {1: lambda jpg: jpg[:200]})
+    return url, samples[1]["__key__"]
 
 
 def test_a_damaged_image_is_replaced_and_every_rank_keeps_its_steps(shards, caplog):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -466,7 +467,7 @@ def _check_cell(cell: Any, where: str, empty_ok: bool) -> None:
         raise ValueError(f"{where}: a mapping of settings to change, got {cell!r}")
     for key, value in cell.items():
         if key not in CELL_AXES:
-            raise ValueError(f"{where}: unknown setting {key!r} (one of {', '.join(CELL_AXES)})")
+            raise ValueError(unknown_name(f"{where}.{key}", "setting", key, CELL_AXES))
         _check_type(value, CELL_AXES[key], f"{where}.{key}")
 
 
@@ -615,6 +616,28 @@ def _choices(tp: Any) -> tuple | None:
     return typing.get_args(tp) if typing.get_origin(tp) is Literal else None
 
 
+def near_miss(given: Any, known: typing.Iterable[Any]) -> str | None:
+    """The one of ``known`` that ``given`` is a typo of ('phase_epoch' -> 'phase_epochs'), if any:
+    a typo among the 50-odd training settings is hard to spot in their list."""
+    close = difflib.get_close_matches(str(given), [str(k) for k in known], n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
+def unknown_name(where: str, what: str, given: Any, known: typing.Iterable[Any]) -> str:
+    """The message for a name not among ``known``: "<where>: unknown <what> (did you mean 'x'?
+    known: a, b, c)"."""
+    known = sorted(map(str, known))
+    guess = near_miss(given, known)
+    return f"{where}: unknown {what} ({f'did you mean {guess!r}? ' if guess else ''}known: {', '.join(known)})"
+
+
+def not_one_of(value: Any, allowed: typing.Iterable[Any]) -> str:
+    """The message for a value outside its choices: "'clp' is not one of a, clip (did you mean 'clip'?)"."""
+    allowed = list(allowed)
+    guess = near_miss(value, allowed) if isinstance(value, str) else None
+    return f"{value!r} is not one of {', '.join(map(str, allowed))}" + (f" (did you mean {guess!r}?)" if guess else "")
+
+
 def within(value: float, rule: str) -> bool:
     """Whether a finite ``value`` satisfies ``rule``: "> 0", ">= 1", "in [0, 1)" (the forms of
     the sections' RANGES tables, written as their error messages read)."""
@@ -669,7 +692,7 @@ def check_choices(obj: Any) -> None:
         allowed = _choices(typing.get_args(tp)[0] if typing.get_origin(tp) is list else tp)
         for item in items if allowed else ():
             if item not in allowed:
-                raise ValueError(f"{name}={item!r} is not one of {', '.join(map(str, allowed))}")
+                raise ValueError(f"{name}={not_one_of(item, allowed)}")
 
 
 def _check_type(value: Any, tp: Any, where: str) -> Any:
@@ -677,7 +700,7 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     allowed = _choices(tp)
     if allowed is not None:
         if value not in allowed:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, allowed))}")
+            raise ConfigError(f"{where}: {not_one_of(value, allowed)}")
         return value
     if origin in (typing.Union, types.UnionType):
         for option in typing.get_args(tp):
@@ -721,7 +744,7 @@ def build(cls: type[T], values: dict[str, Any], where: str) -> T:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(names))})")
+        raise ConfigError(unknown_name(f"{where}.{unknown[0]}", "key", unknown[0], names))
     checked = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in values.items()}
     try:
         return cls(**checked)
@@ -749,8 +772,10 @@ def params_path(name_or_path: str | os.PathLike | None = None) -> Path:
     profile = CONFIGS_DIR / f"{name_or_path}.yaml"
     if profile.is_file():
         return profile
-    known = ", ".join(sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
-    raise ConfigError(f"{name_or_path}: neither a params file nor a profile (profiles: {known})")
+    profiles = sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml"))
+    guess = near_miss(name_or_path, profiles)
+    hint = f"did you mean {guess!r}? " if guess else ""
+    raise ConfigError(f"{name_or_path}: neither a params file nor a profile ({hint}profiles: {', '.join(profiles)})")
 
 
 class ParamsLoader(yaml.SafeLoader):
@@ -840,7 +865,7 @@ class Params:
         tune stage's pick (``tuned_config``, read now: the flow runs tune after loading) overrides
         the keys it names unless the command line set them."""
         if stage not in STAGES:
-            raise ConfigError(f"unknown stage {stage!r} (one of {', '.join(STAGES)})")
+            raise ConfigError(f"training stage {not_one_of(stage, STAGES)}")
         overrides = {**self.train_overrides, **(overrides or {})}
         check_overrides(overrides)
         values = {**(self.raw.get("train") or {}), **(self.raw.get(stage) or {}), **overrides, "stage": stage}
@@ -865,7 +890,7 @@ def check_overrides(overrides: dict[str, Any]) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for key, value in overrides.items():
         if key not in AFFECTS_MATH:  # every TrainConfig field (tests/test_params.py)
-            raise ConfigError(f"--set {key}: unknown training setting (known: {', '.join(sorted(AFFECTS_MATH))})")
+            raise ConfigError(unknown_name(f"--set {key}", "training setting", key, AFFECTS_MATH))
         _check_type(value, hints[key], f"--set {key}")
 
 
@@ -916,7 +941,7 @@ def load_params(name_or_path: str | os.PathLike | None = None, train_overrides: 
     known = {*SECTIONS, "train", *STAGES}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ConfigError(f"{path}:{unknown[0]}: unknown section (known: {', '.join(sorted(known))})")
+        raise ConfigError(unknown_name(f"{path}:{unknown[0]}", "section", unknown[0], known))
     for section, value in raw.items():
         if value is not None and not isinstance(value, dict):
             raise ConfigError(f"{path}:{section}: expected a mapping of settings, got {value!r}")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import storage
-from .params import ARTIFACT, CONFUSION, EPOCH_CURVES, METRICS, Params, TrainConfig
+from .params import ARTIFACT, CONFUSION, EPOCH_CURVES, METRICS, Params, TrainConfig, not_one_of
 from .summary import write_epoch_curve
 
 # ---------------------------------------------------------------------------- the stages
@@ -477,7 +477,7 @@ def check_stage_order(names: list[str]) -> None:
     order = list(STAGES_BY_NAME)
     unknown = [n for n in names if n not in STAGES_BY_NAME]
     if unknown:
-        raise ValueError(f"unknown stage {unknown[0]!r} (one of {', '.join(order)})")
+        raise ValueError(f"stage {not_one_of(unknown[0], order)}")
     twice = sorted({n for n in names if names.count(n) > 1}, key=order.index)
     if twice:
         raise ValueError(f"stage {twice[0]} given twice: each runs once")
@@ -493,7 +493,7 @@ def check_stage_order(names: list[str]) -> None:
 def run_stage(name: str, params: Params, use_ray: bool = True) -> dict:
     """``bireal run NAME``: one stage of the table with its default inputs and outputs."""
     if name not in STAGES_BY_NAME:
-        raise KeyError(f"unknown stage {name!r} (one of {', '.join(STAGES_BY_NAME)})")
+        raise KeyError(f"stage {not_one_of(name, STAGES_BY_NAME)}")
     return STAGES_BY_NAME[name].run(params, use_ray=use_ray)
 
 

@@ -28,18 +28,18 @@ def test_choices_match_what_bireal_core_accepts():
 
 
 @pytest.mark.parametrize(
-    "section, key, bad, allowed",
+    "section, key, bad, allowed, guess",
     [
-        ("binarize", "activation", "aprox_sign", "approx_sign, ste_sign, identity_sign"),
-        ("train", "weight_gradient", "magnitude", "paper, official, plain"),
-        ("train", "arch", "bireal19", "bireal18, bireal34"),
-        ("finetune", "stem", "cifar", "small, imagenet"),
-        ("train", "optimizer", "adamw", "adam, sgd"),
-        ("pretrain", "precision", "fp16", "fp32, bf16"),
-        ("tune", "search", "bayes", "grid, random"),
+        ("binarize", "activation", "aprox_sign", "approx_sign, ste_sign, identity_sign", "approx_sign"),
+        ("train", "weight_gradient", "magnitude", "paper, official, plain", None),
+        ("train", "arch", "bireal19", "bireal18, bireal34", "bireal18"),
+        ("finetune", "stem", "cifar", "small, imagenet", None),
+        ("train", "optimizer", "adamw", "adam, sgd", "adam"),
+        ("pretrain", "precision", "fp16", "fp32, bf16", None),
+        ("tune", "search", "bayes", "grid, random", None),
     ],
 )
-def test_typo_in_an_enumerated_param_is_named(tmp_path, section, key, bad, allowed):
+def test_typo_in_an_enumerated_param_is_named(tmp_path, section, key, bad, allowed, guess):
     path = tmp_path / "params.yaml"
     path.write_text(f"{section}:\n  {key}: {bad}\n")
     before = child_cpu_seconds()
@@ -48,10 +48,33 @@ def test_typo_in_an_enumerated_param_is_named(tmp_path, section, key, bad, allow
     )
     assert done.returncode == 2
     assert f"{path}:{section}.{key}: '{bad}' is not one of {allowed}" in done.stderr
+    # a near miss is named; a value like none of them gets no guess
+    assert (f"(did you mean '{guess}'?)" in done.stderr) if guess else ("did you mean" not in done.stderr)
     # before any expensive work: the CPU the check used (not its wall time, which a busy machine
     # stretches), against the minutes a stage takes
     cpu = child_cpu_seconds() - before
     assert cpu < 10, cpu
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (
+            "pretrain:\n  phase_epoch: [1, 1, 1]\n",
+            "pretrain.phase_epoch: unknown key (did you mean 'phase_epochs'? known:",
+        ),
+        ("train:\n  weigth_decay: 0\n", "train.weigth_decay: unknown key (did you mean 'weight_decay'? known:"),
+        ("train:\n  sparkle: 1\n", "train.sparkle: unknown key (known: activation, arch,"),
+        ("trian:\n  epochs: 1\n", ":trian: unknown section (did you mean 'train'? known: binarize, data,"),
+        ("ray:\n  num_worker: 4\n", "ray.num_worker: unknown key (did you mean 'num_workers'? known: address,"),
+    ],
+)
+def test_an_unknown_name_in_a_params_file_is_named_with_its_near_miss(tmp_path, text, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(P.ConfigError) as e:
+        P.load_params(path)
+    assert str(e.value).startswith(str(path)) and message in str(e.value), str(e.value)
 
 
 def child_cpu_seconds() -> float:
@@ -210,7 +233,9 @@ def test_a_params_file_named_must_exist(tmp_path, monkeypatch, capsys):
     assert P.load_params().path == P.CONFIGS_DIR / "imagenet_bireal18_paper.yaml"
     monkeypatch.setenv("BIREAL_PARAMS", "imagenet_bireal18_papr")
     with pytest.raises(
-        P.ConfigError, match=r"\$BIREAL_PARAMS=imagenet_bireal18_papr: neither a params file nor a profile"
+        P.ConfigError,
+        match=r"\$BIREAL_PARAMS=imagenet_bireal18_papr: neither a params file nor a profile "
+        r"\(did you mean 'imagenet_bireal18_paper'\? profiles: cifar10_ablation, ",
     ):
         P.load_params()
     monkeypatch.delenv("BIREAL_PARAMS")
@@ -301,8 +326,11 @@ def test_set_overrides_are_named_as_given(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("BIREAL_PARAMS", raising=False)
     for flag, message in (
         ("epochs=abc", "--set epochs: expected an integer, got 'abc'"),
-        ("epoch=3", "--set epoch: unknown training setting (known: activation, arch,"),
-        ("activation=sign", "--set activation: 'sign' is not one of approx_sign, ste_sign, identity_sign"),
+        ("epoch=3", "--set epoch: unknown training setting (did you mean 'epochs'? known: activation, arch,"),
+        ("lrr=0.1", "--set lrr: unknown training setting (did you mean 'lr'? known: activation, arch,"),
+        ("nothing_like_it=1", "--set nothing_like_it: unknown training setting (known: activation, arch,"),
+        ("activation=sign", "--set activation: 'sign' is not one of approx_sign, ste_sign, identity_sign\n"),
+        ("activation=aprox_sign", "identity_sign (did you mean 'approx_sign'?)"),
         ("epochs=-1", "params.yaml:pretrain: epochs=-1: must be >= 0 (with --set epochs=-1)"),
         ("phases=[relu]", "phase_epochs (3) differ in length (with --set phases=['relu'])"),
     ):

@@ -116,6 +116,21 @@ def test_stages_given_out_of_order_or_twice_are_refused_before_any_runs(tmp_path
     assert not any(tmp_path.iterdir())  # nothing ran
 
 
+def test_an_unknown_stage_name_is_refused_with_the_stages_in_order_and_its_near_miss():
+    """What the command line's choices cannot catch (a stage list built in code, a Prefect
+    parameter): the name, the stages in their order, and the one it is a typo of."""
+    from pipeline.params import ConfigError, load_params
+    from pipeline.stages import check_stage_order, run_stage
+
+    order = "shard, pretrain, tune, binarize, finetune, export, evaluate, register"
+    with pytest.raises(ValueError, match=rf"stage 'pretrian' is not one of {order} \(did you mean 'pretrain'\?\)"):
+        check_stage_order(["shard", "pretrian"])
+    with pytest.raises(KeyError, match=rf"stage 'compress' is not one of {order}\"$"):
+        run_stage("compress", load_params())
+    with pytest.raises(ConfigError, match=r"training stage 'binarise' is not one of .* \(did you mean 'binarize'\?\)"):
+        load_params().train("binarise")
+
+
 def test_the_top_level_plots_draw_each_training_stages_curve():
     """dvc.yaml's top-level plots: a line per training stage, from the CSV its runner writes, of a
     column that CSV has."""

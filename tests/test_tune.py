@@ -380,7 +380,8 @@ def test_each_claim_is_judged_at_both_budgets():
 @pytest.mark.parametrize(
     "extra,message",
     [
-        ([{"estimator": "ste_sign"}], "unknown setting 'estimator'"),
+        ([{"estimator": "ste_sign"}], r"extra_cells\[0\].estimator: unknown setting \(known: activation, arch"),
+        ([{"weight_gradiant": "plain"}], r"unknown setting \(did you mean 'weight_gradient'\? known:"),
         ([{"activation": "sign"}], "'sign' is not one of"),
         ([{"two_step": "yes"}], "expected true/false"),
         ([{}], "a mapping of settings"),

@@ -203,6 +203,26 @@ def test_wide_padding_and_non_square_kernels(path, kernel, padding, pad_value):
     assert torch.equal(out, ref_out) and torch.equal(packed, ref_packed)
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("channels,kernel", [(512, 3), (130, 5), (64, 7)])
+def test_the_largest_counts_are_exact_on_every_path(path, channels, kernel):
+    """Every bit differing (x all +1, w all -1 but one channel): each tap word counts 64, the most
+    it can. The AVX2 path sums its counts in bytes (at most 8 per word) and must move them to
+    int64 before 256: 72, 75 and 49 (tap, word) steps here, past its 31-step flush."""
+    x = torch.ones(2, channels, 6, 5)
+    w = -torch.ones(48, channels, kernel, kernel)
+    w[5] = 1.0  # the other extreme: no bit differs
+    w[7, :, 0, 0] *= -1  # one tap agrees
+    args = (pack_signs_ref(x), pack_weight_ref(w), channels, 1, kernel // 2, 0.0)
+    scale, bias, residual = torch.rand(48) + 0.5, torch.randn(48), torch.randn(2, 48, 6, 5)
+    with ops.forced_cpu_path(path), ops.debug_fill():
+        out, packed = ops.binary_block(*args, scale, bias, residual)
+        conv = ops.binary_conv2d(*args)
+    ref_out, ref_packed = binary_block_ref(*args, scale, bias, residual)
+    assert torch.equal(out, ref_out) and torch.equal(packed, ref_packed)
+    assert torch.equal(conv, binary_conv2d_ref(*args))
+
+
 @pytest.mark.parametrize("out_channels", [0, 1, 63, 65, 129])
 def test_odd_and_zero_output_channels(out_channels):
     x, w = torch.randn(2, 100, 6, 5), torch.randn(out_channels, 100, 3, 3)
@@ -225,8 +245,8 @@ def test_non_contiguous_packed_operands():
 
 
 def test_streamed_output_matches_reference():
-    """Large outputs are written with non-temporal stores (AVX-512 path, BIREAL_STREAM_BYTES and
-    up); a fresh process with the threshold at 1 byte checks that path on small shapes."""
+    """Large outputs are written with non-temporal stores (AVX-512 and AVX2 paths, BIREAL_STREAM_BYTES
+    and up); a fresh process with the threshold at 1 byte checks that on small shapes, every path."""
     import os
     import subprocess
     import sys
@@ -235,15 +255,18 @@ def test_streamed_output_matches_reference():
 import torch
 from cuda_ext import ops
 from cuda_ext.reference import binary_block_ref, pack_signs_ref, pack_weight_ref
-for c, o, pad_value in ((64, 64, 0.0), (100, 48, 1.0), (130, 70, -1.0)):
-    x, w = torch.randn(2, c, 9, 11), torch.randn(o, c, 3, 3)
-    args = (pack_signs_ref(x), pack_weight_ref(w), c, 1, 1, pad_value)
-    extra = (torch.randn(o), torch.randn(o), torch.randn(2, o, 9, 11))
-    with ops.debug_fill():
-        out, packed = ops.binary_block(*args, *extra)
-    ref_out, ref_packed = binary_block_ref(*args, *extra)
-    assert torch.equal(out, ref_out) and torch.equal(packed, ref_packed), (c, o, pad_value)
-print("ok", ops.cpu_path())
+for path in ops.cpu_paths():
+    for c, o, pad_value in ((64, 64, 0.0), (100, 48, 1.0), (130, 70, -1.0)):
+        x, w = torch.randn(2, c, 9, 11), torch.randn(o, c, 3, 3)
+        args = (pack_signs_ref(x), pack_weight_ref(w), c, 1, 1, pad_value)
+        extra = (torch.randn(o), torch.randn(o), torch.randn(2, o, 9, 11))
+        with ops.forced_cpu_path(path), ops.debug_fill():
+            out, packed = ops.binary_block(*args, *extra)
+            conv = ops.binary_conv2d(*args, *extra)
+        ref_out, ref_packed = binary_block_ref(*args, *extra)
+        assert torch.equal(out, ref_out) and torch.equal(packed, ref_packed), (path, c, o, pad_value)
+        assert torch.equal(conv, ref_out), (path, c, o, pad_value)
+print("ok", *ops.cpu_paths())
 """
     env = {**os.environ, "BIREAL_STREAM_BYTES": "1"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)

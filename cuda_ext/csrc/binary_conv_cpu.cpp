@@ -12,9 +12,11 @@
 // Work is split into tasks of one output row x one block of 16 output channels. On AVX-512 a task
 // is one call (row_avx512): groups of 8 pixels accumulate in 16 zmm registers and are finished
 // from them (int32 dot, scale, bias, residual, store, and for the fused block the 16 sign bits
-// from one compare, written into the block's 16-bit slice of the packed word). Outputs of 8 MiB
-// and more are written with non-temporal stores. AVX2 and portable: the micro-kernel fills an
-// int64 tile, then a vectorized epilogue (finish_*) finishes it. docs/kernels_cpu.md.
+// from one compare, written into the block's 16-bit slice of the packed word). AVX2 and
+// portable: the micro-kernel fills an int64 tile, then an epilogue (finish_*) finishes it; on AVX2
+// from registers (finish_avx2_full), the weights split into nibbles for its popcount. On AVX-512
+// and AVX2, outputs of 8 MiB and more are written with non-temporal stores, and the residual of
+// the next row is prefetched. docs/kernels_cpu.md.
 #include "binary_conv.h"
 
 #include <ATen/OpMathType.h>
@@ -79,7 +81,8 @@ Path active_path() {
 //   popcount(x[p] at tap, word cw  XOR  w[j] at tap, word cw)
 // for P consecutive output pixels of one row and one block of 16 output channels.
 // x points at the top-left tap of pixel 0; pixel p starts pix_step words later; a tap row is
-// row_step words below the previous. w is the blocked weight layout [KH][KW][Cw][16].
+// row_step words below the previous. w is the blocked weight layout [KH][KW][Cw][16] (AVX2:
+// [KH][KW][Cw][2][16], split_nibbles).
 struct Tile {
   const uint64_t* x;
   int64_t pix_step, row_step;
@@ -102,52 +105,79 @@ void micro_portable(const Tile& t, int P, int64_t* acc) {
     }
 }
 
-// AVX2 has no vector popcount: count nibbles with a shuffle table (Mula's method), then sum the
-// bytes of each 64-bit lane with SAD against zero.
-__attribute__((target("avx2"))) inline __m256i popcnt64_avx2(__m256i v) {
-  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
-                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
-  const __m256i low = _mm256_set1_epi8(0x0f);
-  const __m256i lo = _mm256_and_si256(v, low);
-  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
-  const __m256i bytes = _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
-  return _mm256_sad_epu8(bytes, _mm256_setzero_si256());
+// AVX2 has no vector popcount: count nibbles with a shuffle table (Mula's method). Since
+// (x ^ w) & 0x0f.. = (x & 0x0f..) ^ (w & 0x0f..), the weights come split into their low and high
+// nibbles (split_nibbles, once per call) and each input word is split once for all 16 channels:
+// per 4 channels x 64 bits that leaves 2 XORs, 2 shuffles and 2 byte adds. The byte counters
+// (at most 8 per step) are summed into the int64 tile with SAD every kFlushSteps steps.
+constexpr int kFlushSteps = 31;  // 31 * 8 = 248 fits a byte
+
+// The weight layout of the AVX2 path: blocked [O/16][KH][KW][Cw][2][16], each (tap, word) as the
+// 16 channels' low nibbles (w & 0x0f..) then their high nibbles ((w >> 4) & 0x0f..).
+constexpr uint64_t kLowNibbles = 0x0f0f0f0f0f0f0f0full;
+
+std::vector<uint64_t> split_nibbles(const std::vector<uint64_t>& blocked) {
+  std::vector<uint64_t> out(2 * blocked.size());
+  const int64_t steps = static_cast<int64_t>(blocked.size()) / kOutBlock;
+  at::parallel_for(0, steps, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s)
+      for (int j = 0; j < kOutBlock; ++j) {
+        const uint64_t w = blocked[s * kOutBlock + j];
+        out[(2 * s) * kOutBlock + j] = w & kLowNibbles;
+        out[(2 * s + 1) * kOutBlock + j] = (w >> 4) & kLowNibbles;
+      }
+  });
+  return out;
 }
 
-template <int P>
-__attribute__((target("avx2"))) void micro_avx2_p(const Tile& t, int64_t* acc) {
-  __m256i a[P][4];
-  for (int p = 0; p < P; ++p)
-    for (int q = 0; q < 4; ++q) a[p][q] = _mm256_setzero_si256();
+int64_t weight_words_per_step(Path p) { return p == Path::Avx2 ? 2 * kOutBlock : kOutBlock; }
+
+// One pixel x 16 channels: 4 byte counters and 4 int64 sums (channels 4q..4q+3 each) stay in
+// registers beside the table, the mask and the split input word (two pixels' would spill).
+__attribute__((target("avx2"))) void micro_avx2_pixel(const Tile& t, int64_t* acc) {
+  const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                       0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m256i low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
+  __m256i bytes[4], sums[4];
+  for (int q = 0; q < 4; ++q) bytes[q] = sums[q] = zero;
+  int steps = 0;
   for (int64_t kh = 0; kh < t.KH; ++kh)
     for (int64_t kw = 0; kw < t.KW; ++kw) {
       const uint64_t* xt = t.x + kh * t.row_step + kw * t.Cw;
-      const uint64_t* wt = t.w + (kh * t.KW + kw) * t.Cw * kOutBlock;
+      const uint64_t* wt = t.w + (kh * t.KW + kw) * t.Cw * 2 * kOutBlock;
       for (int64_t c = 0; c < t.Cw; ++c) {
-        __m256i w[4];
-        for (int q = 0; q < 4; ++q)
-          w[q] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wt + c * kOutBlock + 4 * q));
-        for (int p = 0; p < P; ++p) {
-          const __m256i xv = _mm256_set1_epi64x(static_cast<int64_t>(xt[p * t.pix_step + c]));
-          for (int q = 0; q < 4; ++q)
-            a[p][q] = _mm256_add_epi64(a[p][q], popcnt64_avx2(_mm256_xor_si256(xv, w[q])));
+        const __m256i xv = _mm256_set1_epi64x(static_cast<int64_t>(xt[c]));
+        const __m256i x_lo = _mm256_and_si256(xv, low);
+        const __m256i x_hi = _mm256_and_si256(_mm256_srli_epi16(xv, 4), low);
+        const auto* w_lo = reinterpret_cast<const __m256i*>(wt + c * 2 * kOutBlock);
+        const auto* w_hi = reinterpret_cast<const __m256i*>(wt + c * 2 * kOutBlock + kOutBlock);
+        for (int q = 0; q < 4; ++q) {
+          const __m256i n_lo = _mm256_shuffle_epi8(lut, _mm256_xor_si256(x_lo, _mm256_loadu_si256(w_lo + q)));
+          const __m256i n_hi = _mm256_shuffle_epi8(lut, _mm256_xor_si256(x_hi, _mm256_loadu_si256(w_hi + q)));
+          bytes[q] = _mm256_add_epi8(bytes[q], _mm256_add_epi8(n_lo, n_hi));
+        }
+        if (++steps == kFlushSteps) {
+          for (int q = 0; q < 4; ++q) {
+            sums[q] = _mm256_add_epi64(sums[q], _mm256_sad_epu8(bytes[q], zero));
+            bytes[q] = zero;
+          }
+          steps = 0;
         }
       }
     }
-  for (int p = 0; p < P; ++p)
-    for (int q = 0; q < 4; ++q)
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + p * kOutBlock + 4 * q), a[p][q]);
+  for (int q = 0; q < 4; ++q) {
+    sums[q] = _mm256_add_epi64(sums[q], _mm256_sad_epu8(bytes[q], zero));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + 4 * q), sums[q]);
+  }
 }
 
 constexpr int kMaxPixels = 8;  // pixels per micro-kernel call (16 zmm accumulators on AVX-512)
 
 void micro_avx2(const Tile& t, int P, int64_t* acc) {
-  // 2 pixels x 4 ymm accumulators per call keeps the working set in registers.
-  for (int p = 0; p < P; p += 2) {
+  for (int p = 0; p < P; ++p) {
     Tile s = t;
     s.x = t.x + p * t.pix_step;
-    if (P - p >= 2) micro_avx2_p<2>(s, acc + p * kOutBlock);
-    else micro_avx2_p<1>(s, acc + p * kOutBlock);
+    micro_avx2_pixel(s, acc + p * kOutBlock);
   }
 }
 
@@ -255,6 +285,7 @@ struct Epilogue {
   uint16_t* signs = nullptr;   // fused block: pixel 0's 16-bit slice of the packed output, or null
   int64_t signs_stride = 0;    // uint16 slices per pixel (4 per packed word)
   uint16_t sign_mask = 0xffff; // the block's valid channels (a partial last block has fewer)
+  const float* residual_next = nullptr;  // pixel 0's residual one output row on (prefetched), or null
 };
 
 // The sign bits (v >= 0; NaN -> 0) of 16 floats, bit j for v[j]: one compare on AVX-512, two on AVX2.
@@ -282,6 +313,9 @@ inline __attribute__((always_inline)) void finish_block(const Epilogue& e) {
     const int32_t* corr = e.corr_row + e.col_class[p] * e.O_pad;
     const float* res = e.residual + p * e.res_stride;
     float* out = e.out + p * e.out_stride;
+    // The residual's lines, O * 4 bytes apart, are a stride the hardware prefetcher follows
+    // poorly (as in row_avx512): ask for the next row's line, about a row of work ahead.
+    if (e.residual_next != nullptr) __builtin_prefetch(e.residual_next + p * e.res_stride, 0, 2);
     for (int j = 0; j < kOutBlock; ++j) {
       float v = static_cast<float>(e.K - 2 * acc[j] + corr[j]);
       v = v * e.scale[j];
@@ -298,6 +332,58 @@ BIREAL_AVX512 void finish_avx512(const Epilogue& e) {
   finish_block<signs16_avx512>(e);
 }
 
+// AVX2, a whole block of 16 channels: the epilogue in registers (the reference's order: int32 dot
+// converted exactly, * scale, + bias, + residual), the sign bits from those registers, and the
+// output stored once, or streamed past the caches (Stream: outputs of 8 MiB and more, 32-byte
+// aligned; reading a streamed line back for the signs would stall on the write-combining buffer).
+// 8 int64 counts -> 8 int32 (each < 2^31): the low word of each lane, gathered.
+__attribute__((target("avx2"))) inline __m256i counts8_avx2(const int64_t* acc) {
+  const __m256i low_words = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+  const __m256i a = _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc)), low_words);
+  const __m256i b =
+      _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(acc + 4)), low_words);
+  return _mm256_permute2x128_si256(a, b, 0x20);
+}
+
+// 8 channels of one pixel: float(K - 2 * count + corr) * scale + bias + residual.
+__attribute__((target("avx2"))) inline __m256 finish8_avx2(const int64_t* acc, const int32_t* corr, __m256i K,
+                                                           __m256 scale, __m256 bias, const float* res) {
+  const __m256i corr8 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(corr));
+  const __m256i dot = _mm256_add_epi32(_mm256_sub_epi32(K, _mm256_slli_epi32(counts8_avx2(acc), 1)), corr8);
+  const __m256 v = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), scale), bias);
+  return _mm256_add_ps(v, _mm256_loadu_ps(res));
+}
+
+template <bool Stream>
+__attribute__((target("avx2"))) void finish_avx2_full(const Epilogue& e) {
+  const __m256 scale0 = _mm256_loadu_ps(e.scale), scale1 = _mm256_loadu_ps(e.scale + 8);
+  const __m256 bias0 = _mm256_loadu_ps(e.bias), bias1 = _mm256_loadu_ps(e.bias + 8);
+  const __m256i K = _mm256_set1_epi32(static_cast<int32_t>(e.K));
+  const __m256 zero = _mm256_setzero_ps();
+  for (int p = 0; p < e.P; ++p) {
+    const int64_t* acc = e.acc + p * kOutBlock;
+    const int32_t* corr = e.corr_row + e.col_class[p] * e.O_pad;
+    const float* res = e.residual + p * e.res_stride;
+    float* out = e.out + p * e.out_stride;
+    if (e.residual_next != nullptr)  // the next row's line, as in finish_block
+      _mm_prefetch(reinterpret_cast<const char*>(e.residual_next + p * e.res_stride), _MM_HINT_T1);
+    const __m256 v0 = finish8_avx2(acc, corr, K, scale0, bias0, res);
+    const __m256 v1 = finish8_avx2(acc + 8, corr + 8, K, scale1, bias1, res + 8);
+    if constexpr (Stream) {
+      _mm256_stream_ps(out, v0);
+      _mm256_stream_ps(out + 8, v1);
+    } else {
+      _mm256_storeu_ps(out, v0);
+      _mm256_storeu_ps(out + 8, v1);
+    }
+    if (e.signs != nullptr) {
+      const int lo = _mm256_movemask_ps(_mm256_cmp_ps(v0, zero, _CMP_GE_OQ));
+      const int hi = _mm256_movemask_ps(_mm256_cmp_ps(v1, zero, _CMP_GE_OQ));
+      e.signs[p * e.signs_stride] = static_cast<uint16_t>(lo | (hi << 8)) & e.sign_mask;
+    }
+  }
+}
+
 using FinishFn = void (*)(const Epilogue&);
 
 FinishFn finisher(Path p) {
@@ -306,6 +392,12 @@ FinishFn finisher(Path p) {
     case Path::Avx2: return finish_avx2;
     default: return finish_portable;
   }
+}
+
+// The finisher of a whole block of 16 channels (a partial one is staged and takes finisher(p)).
+FinishFn full_block_finisher(Path p, bool stream) {
+  if (p == Path::Avx2) return stream ? finish_avx2_full<true> : finish_avx2_full<false>;
+  return finisher(p);
 }
 
 // AVX-512: one output row of one 16-channel block in one call, each group of 8 pixels finished
@@ -550,9 +642,10 @@ double cpu_micro_kernel_rate(int64_t words, double seconds) {
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t th = begin; th < end; ++th) {
       const int64_t row = (P + 2) * words;  // one input row of the window
-      std::vector<uint64_t> x(3 * row), w(9 * words * kOutBlock);
+      std::vector<uint64_t> x(3 * row), w(9 * words * weight_words_per_step(active_path()));
       for (size_t i = 0; i < x.size(); ++i) x[i] = 0x9E3779B97F4A7C15ull * (i + 1 + th);
-      for (size_t i = 0; i < w.size(); ++i) w[i] = 0xC2B2AE3D27D4EB4Full * (i + 7);
+      const uint64_t w_mask = active_path() == Path::Avx2 ? kLowNibbles : ~0ull;  // split_nibbles' values
+      for (size_t i = 0; i < w.size(); ++i) w[i] = (0xC2B2AE3D27D4EB4Full * (i + 7)) & w_mask;
       const Tile t{x.data(), words, row, w.data(), 3, 3, words};
       int64_t acc[P * kOutBlock];
       int64_t calls = 0, sink = 0;
@@ -657,8 +750,10 @@ at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int6
 
   const at::Tensor ws = packed_w.contiguous();
   const auto* w_src = reinterpret_cast<const uint64_t*>(ws.data_ptr<int64_t>());
-  const std::vector<uint64_t> wblk = block_weights(w_src, g.O, taps, Cw);
   const Path path = active_path();
+  std::vector<uint64_t> wblk = block_weights(w_src, g.O, taps, Cw);
+  if (path == Path::Avx2) wblk = split_nibbles(wblk);
+  const int64_t w_step = weight_words_per_step(path);
   const int64_t out_blocks = (g.O + kOutBlock - 1) / kOutBlock, O_pad = out_blocks * kOutBlock;
 
   // Border correction table (zero padding only); a single all-zero class otherwise.
@@ -690,7 +785,7 @@ at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int6
   fill_if_debugging(out);
   float* out_p = out.data_ptr<float>();
   const MicroKernel micro = micro_kernel(path);
-  const FinishFn finish = finisher(path);
+  const FinishFn finish = finisher(path);  // a partial block, staged through buffers
   const int64_t K = taps * C;
   // Fused block: 16-bit slices of the packed words; slices past the last block (O % 64 <= 48) are
   // never written by a task, so those are zeroed here (the tail bits must be 0).
@@ -708,9 +803,10 @@ at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int6
 
   // Outputs larger than the caches are written with non-temporal stores: the lines are overwritten
   // whole, so reading them first from memory (what a regular store does) is wasted traffic.
-  const bool stream_out = path == Path::Avx512 && g.O % kOutBlock == 0 &&
+  const bool stream_out = (path == Path::Avx512 || path == Path::Avx2) && g.O % kOutBlock == 0 &&
                           reinterpret_cast<uintptr_t>(out_p) % 64 == 0 &&
                           int64_t(out.numel() * sizeof(float)) >= stream_threshold_bytes();
+  const FinishFn finish_full = full_block_finisher(path, stream_out);
   // One task = one output row of one image for one block of 16 output channels.
   at::parallel_for(0, g.N * g.Ho * out_blocks, 1, [&](int64_t begin, int64_t end) {
     int64_t acc[kMaxPixels * kOutBlock];
@@ -721,7 +817,7 @@ at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int6
       const int64_t o0 = ob * kOutBlock, o_count = std::min<int64_t>(kOutBlock, g.O - o0);
       const bool full = o_count == kOutBlock;  // else: a partial block, staged through buffers
       const auto block_mask = static_cast<uint16_t>((uint32_t(1) << o_count) - 1);  // valid channels
-      Tile t{nullptr, stride * Cw, Wp * Cw, wblk.data() + ob * taps * Cw * kOutBlock, g.KH, g.KW, Cw};
+      Tile t{nullptr, stride * Cw, Wp * Cw, wblk.data() + ob * taps * Cw * w_step, g.KH, g.KW, Cw};
       if (path == Path::Avx512) {
         const int64_t pix0 = (n * g.Ho + oh) * g.Wo;
         t.x = xp + (n * Hp + oh * stride) * Wp * Cw;
@@ -752,6 +848,7 @@ at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int6
         if (res_p) {
           e.residual = res_p + pix0 * g.O + o0;
           e.res_stride = g.O;
+          if (full && row + 1 < g.N * g.Ho) e.residual_next = e.residual + g.Wo * g.O;
           if (!full) {
             for (int p = 0; p < P; ++p)
               std::memcpy(res_tail + p * kOutBlock, e.residual + p * g.O, o_count * sizeof(float));
@@ -760,7 +857,7 @@ at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int6
           }
         }
         if (full) {
-          finish(e);
+          finish_full(e);
         } else {
           e.out = out_tail;
           e.out_stride = kOutBlock;

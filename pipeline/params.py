@@ -890,8 +890,21 @@ def check_overrides(overrides: dict[str, Any]) -> None:
     hints = typing.get_type_hints(TrainConfig)
     for key, value in overrides.items():
         if key not in AFFECTS_MATH:  # every TrainConfig field (tests/test_params.py)
-            raise ConfigError(unknown_name(f"--set {key}", "training setting", key, AFFECTS_MATH))
+            unknown = unknown_name(f"--set {key}", "training setting", key, AFFECTS_MATH)
+            raise ConfigError(section_qualified(key) or unknown)
         _check_type(value, hints[key], f"--set {key}")
+
+
+def section_qualified(key: str) -> str | None:
+    """The message for ``--set train.lr=...`` (a params file's dotted key, as ``dvc exp run -S``
+    writes it): --set names a setting bare, for the stage the command runs."""
+    section, _, bare = key.rpartition(".")
+    if not section or bare not in AFFECTS_MATH:
+        return None
+    return (
+        f"--set {key}: name the training setting without its section (--set {bare}=...): "
+        f"it applies to the stage this command runs; a stage's own value goes in its params section"
+    )
 
 
 def run_group(path: Path) -> str:

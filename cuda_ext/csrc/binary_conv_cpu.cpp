@@ -130,6 +130,11 @@ std::vector<uint64_t> split_nibbles(const std::vector<uint64_t>& blocked) {
   return out;
 }
 
+// The blocked weights [O/16][KH][KW][Cw][16] in the layout path p's micro-kernel reads.
+std::vector<uint64_t> path_weights(Path p, std::vector<uint64_t> blocked) {
+  return p == Path::Avx2 ? split_nibbles(blocked) : blocked;
+}
+
 int64_t weight_words_per_step(Path p) { return p == Path::Avx2 ? 2 * kOutBlock : kOutBlock; }
 
 // One pixel x 16 channels: 4 byte counters and 4 int64 sums (channels 4q..4q+3 each) stay in
@@ -642,10 +647,10 @@ double cpu_micro_kernel_rate(int64_t words, double seconds) {
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t th = begin; th < end; ++th) {
       const int64_t row = (P + 2) * words;  // one input row of the window
-      std::vector<uint64_t> x(3 * row), w(9 * words * weight_words_per_step(active_path()));
+      std::vector<uint64_t> x(3 * row), blocked(9 * words * kOutBlock);
       for (size_t i = 0; i < x.size(); ++i) x[i] = 0x9E3779B97F4A7C15ull * (i + 1 + th);
-      const uint64_t w_mask = active_path() == Path::Avx2 ? kLowNibbles : ~0ull;  // split_nibbles' values
-      for (size_t i = 0; i < w.size(); ++i) w[i] = (0xC2B2AE3D27D4EB4Full * (i + 7)) & w_mask;
+      for (size_t i = 0; i < blocked.size(); ++i) blocked[i] = 0xC2B2AE3D27D4EB4Full * (i + 7);
+      const std::vector<uint64_t> w = path_weights(active_path(), std::move(blocked));
       const Tile t{x.data(), words, row, w.data(), 3, 3, words};
       int64_t acc[P * kOutBlock];
       int64_t calls = 0, sink = 0;
@@ -751,8 +756,7 @@ at::Tensor conv_f32(const at::Tensor& packed_x, const at::Tensor& packed_w, int6
   const at::Tensor ws = packed_w.contiguous();
   const auto* w_src = reinterpret_cast<const uint64_t*>(ws.data_ptr<int64_t>());
   const Path path = active_path();
-  std::vector<uint64_t> wblk = block_weights(w_src, g.O, taps, Cw);
-  if (path == Path::Avx2) wblk = split_nibbles(wblk);
+  const std::vector<uint64_t> wblk = path_weights(path, block_weights(w_src, g.O, taps, Cw));
   const int64_t w_step = weight_words_per_step(path);
   const int64_t out_blocks = (g.O + kOutBlock - 1) / kOutBlock, O_pad = out_blocks * kOutBlock;
 

@@ -9,7 +9,7 @@ from .checkpoint import CheckpointError, NonFiniteError, load_checkpoint, read_h
 from .cost import PAPER_TABLE, CostSummary, summary
 from .layers import BinaryConv2d
 from .models import ConvSpec, binary_conv_bn_pairs, set_binary_weights
-from .preprocess import AUGMENTS, default_input_config
+from .preprocess import AUGMENTS, default_input_config, input_config_problem
 from .registry import create_model, list_models, register_model
 from .twin import InitReport, create_twin, init_from_twin
 
@@ -34,6 +34,7 @@ __all__ = [
     "default_input_config",
     "create_twin",
     "init_from_twin",
+    "input_config_problem",
     "list_models",
     "load_checkpoint",
     "read_header",

@@ -123,7 +123,13 @@ def read_safetensors_header(path: str | os.PathLike, key: str, error: type[Excep
     if key not in meta:
         other = _kind_of(meta)
         raise error(f"{path}: no {key} header: not a {what}" + (f"; it is {other}" if other else ""))
-    return json.loads(meta[key])
+    try:
+        header = json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: the {key} header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise error(f"{path}: the {key} header is a JSON {type(header).__name__}, not an object")
+    return header
 
 
 def read_header(path: str | os.PathLike) -> dict[str, Any]:

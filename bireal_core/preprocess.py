@@ -6,11 +6,15 @@ the copy a checkpoint / artifact carries), never from a second hard-coded table.
 
 from __future__ import annotations
 
+import math
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # CIFAR-10 training-set statistics; used for every 32x32 data set (the demo data included).
 SMALL_MEAN = (0.4914, 0.4822, 0.4465)
 SMALL_STD = (0.2470, 0.2435, 0.2616)
+# the training recipes an input config's ``augment`` names (see ``train_crop_flip``)
+AUGMENTS = ("imagenet", "caffe", "small")
 
 
 def default_input_config(stem: str) -> dict:
@@ -84,6 +88,38 @@ def eval_transform(input_config: dict):
     )
 
 
+MAX_SIDE = 4096  # the largest crop or eval resize an artifact may declare (224 and 256 for ImageNet)
+
+
+def input_config_problem(config: object, channels: int = 3) -> str:
+    """'' or what makes an input config read from a file (an artifact's header, a checkpoint's
+    config) unusable by ``eval_transform`` and the loaders, named by key: "input.std=[0.2, 0.0,
+    0.2]: 3 numbers > 0 (one per image channel)". A mean of one number would broadcast over the
+    channels and a zero std divides by zero: both silently change every prediction."""
+    if not isinstance(config, dict):
+        return f"input={config!r}: a mapping with size, resize, mean and std"
+    for key in ("size", "resize"):
+        side = config.get(key)
+        if isinstance(side, bool) or not isinstance(side, int) or not 1 <= side <= MAX_SIDE:
+            return f"input.{key}={side!r}: an integer side in 1..{MAX_SIDE}"
+    if config["size"] > config["resize"]:
+        return (
+            f"input.size={config['size']} is larger than input.resize={config['resize']}: "
+            "the center crop would pad every image"
+        )
+    for key, rule, ok in (("mean", "finite numbers", lambda v: True), ("std", "numbers > 0", lambda v: v > 0)):
+        values = config.get(key)
+        numbers = isinstance(values, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values
+        )
+        if not numbers or len(values) != channels or not all(ok(v) for v in values):
+            return f"input.{key}={values!r}: {channels} {rule} (one per image channel)"
+    augment = config.get("augment", AUGMENTS[0])
+    if augment not in AUGMENTS:
+        return f"input.augment={augment!r}: one of {', '.join(AUGMENTS)}"
+    return ""
+
+
 # PCA lighting noise of the official ImageNet recipe (AlexNet-style), eigen-decomposition of the
 # ImageNet RGB covariance.
 _EIGVAL = (0.2175, 0.0188, 0.0045)
@@ -127,9 +163,6 @@ def lighting_shift(alpha):
     eigvec = torch.tensor(_EIGVEC, dtype=torch.float32)  # (3, 3): columns are the eigenvectors
     eigval = torch.tensor(_EIGVAL, dtype=torch.float32)
     return (alpha.float() * eigval) @ eigvec.T
-
-
-AUGMENTS = ("imagenet", "caffe", "small")
 
 
 def train_crop_flip(input_config: dict) -> list:

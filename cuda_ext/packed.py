@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -483,6 +484,20 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
+# The header's parts that change a prediction or its label; its "source" (provenance) does not.
+SCORED_HEADER = ("model", "class_names", "input", "conventions")
+
+
+def header_digests(header: dict) -> dict[str, str]:
+    """{part: sha256 of its canonical JSON (16 hex)} for each of ``SCORED_HEADER``. The tensors'
+    sha256 does not cover the header, so ``bireal evaluate`` records these beside it, and the
+    registry refuses an artifact whose mean, std, class names, ... changed after it was scored."""
+    return {
+        part: hashlib.sha256(json.dumps(header.get(part), sort_keys=True).encode()).hexdigest()[:16]
+        for part in SCORED_HEADER
+    }
+
+
 def export_model(
     model: nn.Module,
     out_path: str | os.PathLike,
@@ -498,13 +513,17 @@ def export_model(
     class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
     if len(class_names) != num_classes:
         raise ValueError(f"{len(class_names)} class names for a {num_classes}-way model")
+    input_config = input_config or bc.default_input_config(spec["kwargs"].get("stem", "imagenet"))
+    problem = bc.input_config_problem(input_config)
+    if problem:
+        raise ArtifactError(f"{out_path}: not written: the model's {problem}")
     tensors = packed_tensors(model.eval())
     header = {
         "format": FORMAT,
         "version": VERSION,
         "model": spec,
         "class_names": class_names,
-        "input": input_config or bc.default_input_config(spec["kwargs"].get("stem", "imagenet")),
+        "input": input_config,
         "conventions": {
             **CONVENTIONS,
             "pad_value": next(m.pad_value for m in model.modules() if isinstance(m, bc.BinaryConv2d)),
@@ -523,6 +542,9 @@ def export_checkpoint(
         raise ArtifactError(f"{out_path}: is the checkpoint itself; the artifact would replace it (another --out)")
     model, header = bc.load_checkpoint(checkpoint)
     config = header.get("config", {})
+    problem = config.get("input") is not None and bc.input_config_problem(config["input"])
+    if problem:
+        raise ArtifactError(f"{checkpoint}: config.{problem}; nothing exported")
     return export_model(
         model,
         out_path,
@@ -557,9 +579,6 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     return tensors, header
 
 
-MAX_INPUT_SIDE = 4096  # an artifact's input size and eval resize (224 and 256 for ImageNet)
-
-
 def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[PackedBiReal, dict]:
     """The artifact as a ``PackedBiReal`` on ``device``. The header is checked against the tensors
     the file holds before any memory is allocated for it: a small file whose header claims a
@@ -580,7 +599,8 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
 
 def check_header(path, header: dict, model: PackedBiReal, tensors: dict[str, torch.Tensor]) -> None:
     """The model the header describes (still on the meta device) has exactly the file's tensors,
-    one class name per output, and a bounded input geometry."""
+    one class name per output, a usable input config (bounded geometry, one mean and one std > 0
+    per channel) and the bit conventions this code packs."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     stored = {k: tuple(v.shape) for k, v in tensors.items()}
     if expected != stored:
@@ -595,11 +615,19 @@ def check_header(path, header: dict, model: PackedBiReal, tensors: dict[str, tor
         raise ArtifactError(
             f"{path}: {len(names) if isinstance(names, list) else names!r} class names for {classes} outputs"
         )
-    geometry = header.get("input") or {}
-    for key in ("size", "resize"):
-        value = geometry.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INPUT_SIDE:
-            raise ArtifactError(f"{path}: input.{key}={value!r}: an integer side in 1..{MAX_INPUT_SIDE}")
+    problem = bc.input_config_problem(header.get("input"), model.in_channels)
+    if problem:
+        raise ArtifactError(f"{path}: {problem}")
+    pad_value = next(iter(model.binary_convs().values())).pad_value
+    expected_conventions = {**CONVENTIONS, "pad_value": pad_value}
+    conventions = header.get("conventions")
+    if conventions != expected_conventions:
+        found = conventions if isinstance(conventions, dict) else {}
+        key = next(k for k in expected_conventions if found.get(k) != expected_conventions[k])
+        raise ArtifactError(
+            f"{path}: conventions.{key}={found.get(key)!r}: this code packs and reads "
+            f"{expected_conventions[key]!r} (the header describes bits these kernels would misread)"
+        )
 
 
 def artifact_size(path: str | os.PathLike) -> dict[str, float]:

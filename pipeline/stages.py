@@ -314,7 +314,7 @@ def register(
     registry = replace(params.registry, model_name=model_name) if model_name else params.registry
     checked_top1(evaluation, registry.min_top1)  # before any work; register_artifact checks it again
     header = read_artifact_header(artifact)  # register_artifact verifies the tensors
-    check_evaluated(evaluation, artifact, header["sha256"])  # before any work; and again there
+    check_evaluated(evaluation, artifact, header)  # before any work; and again there
     manifest = read_manifest(shards)
     url = split_shards(manifest, shards, eval_split_name(manifest, shards))[0][0]
     example = Path(artifact).with_name("example.jpg")

@@ -1,5 +1,5 @@
 """Tiny generated datasets for the tests: image folders, the raw ILSVRC2012 layout, bad files, and
-shards rewritten to hold what the shard stage would not write."""
+shards and artifacts rewritten to hold what the pipeline would not write."""
 
 from __future__ import annotations
 
@@ -181,3 +181,18 @@ def rewrite_first_shard(out: Path, split: str, changes: dict) -> tuple[str, list
     rec.update(write_shard(fsspec.filesystem("file"), url, rows, False))
     (out / "manifest.json").write_text(json.dumps(manifest))
     return url, samples
+
+
+def rewrite_artifact_header(path: Path, out: Path, edit) -> None:
+    """``path``'s tensors (a packed artifact) written to ``out`` under the header ``edit(header)``
+    returns: a dict, or a str written as it is (not JSON, say)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        header = json.loads(f.metadata()["bireal_packed"])
+    edited = edit(header)
+    text = edited if isinstance(edited, str) else json.dumps(edited)
+    save_file(load_file(str(path)), str(out), metadata={"bireal_packed": text})

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from imagegen import rewrite_artifact_header
 from PIL import Image
 
 import bireal_core as bc
@@ -393,7 +394,8 @@ def test_register_refuses_a_bad_evaluation_before_any_work(tmp_path, checkpoint,
 def test_register_refuses_the_evaluation_of_another_artifact(tmp_path, checkpoint, demo_shards, capsys, monkeypatch):
     """`bireal evaluate` records the sha256 of the tensors it scored; `register` of another artifact
     with that evaluation is refused before MLflow is touched (before, A's top-1 was registered as
-    B's). An evaluation of the artifact itself gets past that check."""
+    B's). An evaluation of the artifact itself gets past that check; the artifact with its mean or
+    class names edited afterwards (the sha256 covers the tensors only) does not."""
     from pipeline.adapters.registry import check_evaluated
 
     monkeypatch.chdir(tmp_path)
@@ -421,7 +423,20 @@ def test_register_refuses_the_evaluation_of_another_artifact(tmp_path, checkpoin
     err = capsys.readouterr().err
     assert f"{second}: the evaluation is of another artifact (sha256 {scored[:12]}..." in err
     assert "nothing registered" in err and not (tmp_path / "mlflow.db").exists()
-    check_evaluated(json.loads(evaluation.read_text()), str(first), scored)  # its own artifact: no error
+    from cuda_ext.packed import read_artifact_header
+
+    check_evaluated(json.loads(evaluation.read_text()), str(first), read_artifact_header(first))  # its own: no error
+
+    # The same tensors (same sha256) under an edited header: scored as it was, not as it is now
+    edits = {"input": {**bc.default_input_config("small"), "mean": [0.5, 0.5, 0.5]}, "class_names": list("abcdefghij")}
+    for part, value in edits.items():
+        edited = tmp_path / f"edited-{part}.safetensors"
+        rewrite_artifact_header(first, edited, lambda header: {**header, part: value})
+        argv = ["register", "--artifact", str(edited), "--evaluation", str(evaluation), "--shards", str(demo_shards)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"{edited}: its header's {part} changed after the evaluation (the tensors are the same)" in err, err
+        assert "nothing registered" in err and not (tmp_path / "mlflow.db").exists()
 
 
 def test_bombs_get_a_clear_error_fast_and_small(tmp_path, checkpoint, capsys):
@@ -444,14 +459,12 @@ def test_bombs_get_a_clear_error_fast_and_small(tmp_path, checkpoint, capsys):
     assert len(lines) == 2 and "bomb.png" in lines[0] and "large.png" in lines[1] and "Traceback" not in err
     assert "60,000,000 pixels, over the 40,000,000" in lines[1]
 
-    from safetensors import safe_open
-    from safetensors.torch import load_file, save_file
+    def billion_classes(header):
+        header["model"]["kwargs"]["num_classes"] = 10**9
+        return header
 
-    with safe_open(str(art), "pt") as f:
-        header = json.loads(f.metadata()["bireal_packed"])
-    header["model"]["kwargs"]["num_classes"] = 10**9
     claims = tmp_path / "claims.safetensors"
-    save_file(load_file(str(art)), str(claims), metadata={"bireal_packed": json.dumps(header)})
+    rewrite_artifact_header(art, claims, billion_classes)
 
     def bounded(*args):
         done = subprocess.run([sys.executable, "-c", BOUNDED, *map(str, args)], capture_output=True, text=True)

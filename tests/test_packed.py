@@ -5,6 +5,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from imagegen import rewrite_artifact_header
 
 import bireal_core as bc
 from cuda_ext import ops
@@ -284,6 +285,66 @@ def test_corrupt_artifacts_rejected(tmp_path):
     ckpt = bc.save_checkpoint(tmp_path / "ckpt.safetensors", randomized("bireal18"))
     with pytest.raises(ArtifactError, match="not a packed bireal artifact"):
         read_artifact(ckpt)
+
+
+def edit(part: str, key: str | None, value):
+    def apply(header):
+        if key is None:
+            header[part] = value
+        else:
+            header[part][key] = value
+        return header
+
+    return apply
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (edit("input", "mean", [0.5]), "input.mean=[0.5]: 3 finite numbers (one per image channel)"),
+        (edit("input", "mean", [0.5, "0.5", 0.5]), "input.mean=[0.5, '0.5', 0.5]: 3 finite numbers"),
+        (edit("input", "std", [0.25, 0.0, 0.25]), "input.std=[0.25, 0.0, 0.25]: 3 numbers > 0"),
+        (edit("input", "std", None), "input.std=None: 3 numbers > 0"),
+        (edit("input", "size", 0), "input.size=0: an integer side in 1..4096"),
+        (edit("input", "resize", "32"), "input.resize='32': an integer side in 1..4096"),
+        (edit("input", "size", 64), "input.size=64 is larger than input.resize=32: the center crop would pad"),
+        (edit("input", "augment", "cifar"), "input.augment='cifar': one of imagenet, caffe, small"),
+        (edit("input", None, [32, 32]), "input=[32, 32]: a mapping with size, resize, mean and std"),
+        (edit("conventions", "word_bits", 32), "conventions.word_bits=32: this code packs and reads 64"),
+        (edit("conventions", "sign_of_zero", "-1"), "conventions.sign_of_zero='-1': this code packs and reads '+1'"),
+        (edit("conventions", "pad_value", -1.0), "conventions.pad_value=-1.0: this code packs and reads 0.0"),
+        (edit("conventions", None, None), "conventions.sign_of_zero=None"),
+        (edit("class_names", None, ["a", "b"]), "2 class names for 10 outputs"),
+        (lambda header: "{not json", "the bireal_packed header is not valid JSON (Expecting property name"),
+        (lambda header: [header], "the bireal_packed header is a JSON list, not an object"),
+    ],
+    ids=lambda case: case.split(":")[0] if isinstance(case, str) else "",
+)
+def test_a_header_that_breaks_the_format_is_refused_naming_the_key(tmp_path, change, message):
+    """The header is not covered by the tensors' sha256, and a mean of one number (broadcast over
+    the channels), a zero std or another bit order would silently change every prediction: each is
+    an ArtifactError naming the file and the key, on load (predict, evaluate, serving)."""
+    good = export_model(randomized("bireal18"), tmp_path / "good.safetensors")
+    bad = tmp_path / "edited.safetensors"
+    rewrite_artifact_header(good, bad, change)
+    with pytest.raises(ArtifactError) as refused:
+        load_packed(bad)
+    assert str(refused.value).startswith(f"{bad}: ") and message in str(refused.value)
+    load_packed(good)  # the unedited header loads
+
+
+def test_export_refuses_an_input_config_it_could_not_load(tmp_path):
+    """export_model and export_checkpoint check the input config before writing (the checkpoint's
+    copy is named by its key), so no artifact that load_packed would refuse is written."""
+    model = randomized("bireal18")
+    input_config = {**bc.default_input_config("small"), "std": [0.25, 0.25, 0.0]}
+    out = tmp_path / "m.safetensors"
+    with pytest.raises(ArtifactError, match=r"m.safetensors: not written: the model's input.std=\[0.25, 0.25, 0.0\]"):
+        export_model(model, out, input_config=input_config)
+    ckpt = bc.save_checkpoint(tmp_path / "ckpt.safetensors", model, config={"input": {**input_config, "size": 0}})
+    with pytest.raises(ArtifactError, match=r"ckpt.safetensors: config.input.size=0: an integer .* nothing exported"):
+        export_checkpoint(ckpt, out)
+    assert not out.exists()
 
 
 def test_only_binary_models_export(tmp_path):

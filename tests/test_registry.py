@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from imagegen import rewrite_artifact_header
 
 import bireal_core as bc
 from cuda_ext.packed import export_model, load_packed
@@ -72,7 +73,16 @@ def test_champion_gate_and_duplicates(registry_env):
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
     assert int(client.get_model_version_by_alias("gate-test", "champion").version) == 3
     assert int(client.get_model_version_by_alias("gate-test", "candidate").version) == 3
-    assert len(client.search_model_versions("name = 'gate-test'")) == 3
+    # the same tensors under other class names (the sha256 covers the tensors only): another model
+    renamed = tmp / "b-renamed.safetensors"
+    rewrite_artifact_header(b, renamed, lambda header: {**header, "class_names": list("abcdefghij")})
+    relabelled = register_artifact(str(renamed), {"top1": 0.50}, images[0], cfg, reg, "g")
+    assert not relabelled["duplicate"] and relabelled["version"] == 4
+    assert (
+        client.get_model_version("gate-test", "4").tags["bireal.artifact_header"]
+        != (client.get_model_version("gate-test", "2").tags["bireal.artifact_header"])
+    )
+    assert len(client.search_model_versions("name = 'gate-test'")) == 4
 
 
 def test_a_top1_on_other_images_is_not_compared(registry_env):

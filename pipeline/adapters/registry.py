@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -36,6 +37,8 @@ PYFUNC_CODE = str(Path(__file__).with_name("pyfunc_model.py"))
 PYFUNC_REQUIREMENTS = ["bireal", "torch", "torchvision", "safetensors", "pillow", "numpy", "pandas"]
 
 SHA_TAG = "bireal.artifact_sha256"
+# the header parts a prediction depends on (cuda_ext.packed.header_digests), which the sha256 omits
+HEADER_TAG = "bireal.artifact_header"
 ACCURACY_TAG = "bireal.eval_top1"
 EVAL_DATA_TAG = "bireal.eval_data_sha256"  # the images the top-1 is of (pipeline.evaluate.eval_data_digest)
 UNKNOWN_DATA = "unknown"  # an evaluation written before the digest was recorded (2026-12-07)
@@ -62,9 +65,12 @@ def register_artifact(
     c = client(cfg)
     _, header = read_artifact(artifact)
     sha = header["sha256"]
-    check_evaluated(evaluation, artifact, sha)
+    check_evaluated(evaluation, artifact, header)
     _ensure_registered_model(c, registry.model_name)
-    existing = c.search_model_versions(f"name = '{registry.model_name}' and tags.`{SHA_TAG}` = '{sha}'")
+    header_tag = header_digest(header)
+    existing = c.search_model_versions(
+        f"name = '{registry.model_name}' and tags.`{SHA_TAG}` = '{sha}' and tags.`{HEADER_TAG}` = '{header_tag}'"
+    )
     if existing:
         v = int(existing[0].version)
         return {
@@ -84,7 +90,7 @@ def register_artifact(
         version = mlflow.register_model(
             model_uri,
             registry.model_name,
-            tags={SHA_TAG: sha, ACCURACY_TAG: str(accuracy), EVAL_DATA_TAG: eval_data},
+            tags={SHA_TAG: sha, HEADER_TAG: header_tag, ACCURACY_TAG: str(accuracy), EVAL_DATA_TAG: eval_data},
         )
         v = int(version.version)
         c.set_registered_model_alias(registry.model_name, "candidate", v)
@@ -149,16 +155,38 @@ def checked_top1(evaluation: dict, floor: float) -> float:
     return float(top1)
 
 
-def check_evaluated(evaluation: dict, artifact: str, sha256: str) -> None:
-    """The evaluation is of this artifact (``bireal evaluate`` records the tensors' sha256 it
-    scored), else a ValueError: another artifact's top-1 would go into the registry under this one.
-    An evaluation written before the digest was recorded (2026-12-06) is taken as it is."""
+def header_digest(header: dict) -> str:
+    """One digest (16 hex) of an artifact's ``header_digests``: with the sha256, what makes two
+    registrations the same artifact (the same tensors under another mean are another model)."""
+    from cuda_ext.packed import header_digests
+
+    return hashlib.sha256(json.dumps(header_digests(header), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_evaluated(evaluation: dict, artifact: str, header: dict) -> None:
+    """The evaluation is of this artifact as it is now, else a ValueError: another artifact's top-1
+    would go into the registry under this one. ``bireal evaluate`` records the tensors' sha256 it
+    scored and digests of the header parts that change a prediction (``header_digests``): a mean
+    edited after the evaluation keeps the sha256. An evaluation written before the sha256 was
+    recorded (2026-12-06), or before the header digests (2026-12-07), is taken as it is."""
+    from cuda_ext.packed import header_digests
+
+    sha256 = header["sha256"]
     scored = evaluation.get("artifact_sha256")
     if scored is not None and scored != sha256:
         raise ValueError(
             f"{artifact}: the evaluation is of another artifact (sha256 {str(scored)[:12]}..., this one "
             f"{sha256[:12]}...); run bireal evaluate on this one first; nothing registered"
         )
+    scored_header = evaluation.get("artifact_header")
+    if isinstance(scored_header, dict):
+        now = header_digests(header)
+        changed = [part for part in now if part in scored_header and scored_header[part] != now[part]]
+        if changed:
+            raise ValueError(
+                f"{artifact}: its header's {', '.join(changed)} changed after the evaluation (the tensors are "
+                "the same): the top-1 is of the artifact as it was; run bireal evaluate on it again; nothing registered"
+            )
 
 
 def champion_gate(c, name: str, version: int, accuracy: float, eval_data: str = UNKNOWN_DATA, pause=None) -> dict:

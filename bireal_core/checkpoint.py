@@ -7,7 +7,10 @@ metadata under the key ``bireal`` a JSON header::
      "model": {"name": "bireal18", "kwargs": {"num_classes": 10, "stem": "small", ...}},
      "stage": "binarize", "config": {...resolved stage config...}, "metrics": {...}}
 
-``load_checkpoint`` rebuilds the exact model from the header through the model registry.
+``load_checkpoint`` rebuilds the exact model from the header through the model registry, once it
+has built it on the meta device and found exactly the file's tensor names and shapes: a header
+edited or written by other code is a ``CheckpointError`` naming the file, never a half-loaded model
+or an allocation the header asked for.
 """
 
 from __future__ import annotations
@@ -143,10 +146,37 @@ def read_header(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model recorded in the header and load its weights: (model, header)."""
+    """Rebuild the model recorded in the header and load its weights: (model, header). The model is
+    first built on the meta device and compared with the shapes the file stores, so a header that
+    cannot be built or claims a billion classes is a ``CheckpointError`` naming the file, before
+    any weight is allocated or read."""
     header = read_header(path)
-    spec = header["model"]
+    spec = header.get("model")
+    check_model_matches_file(path, spec)
     model = create_model(spec["name"], **spec["kwargs"])
-    state = load_file(str(path), device=str(device))
+    try:
+        state = load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
     model.load_state_dict(state, strict=True)
     return model.to(device), header
+
+
+def check_model_matches_file(path: str | os.PathLike, spec: object) -> None:
+    """The model ``spec`` names, built on the meta device (nothing allocated), has exactly the
+    tensor names and shapes the file stores (read from its index, not its data)."""
+    try:
+        with torch.device("meta"):
+            model = create_model(spec["name"], **spec["kwargs"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: the header's model {spec!r} cannot be built: {e!r}") from e
+    with safe_open(str(path), framework="pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if expected != stored:
+        wrong = sorted(set(expected) ^ set(stored)) or sorted(k for k in expected if expected[k] != stored[k])
+        first = wrong[0]
+        raise CheckpointError(
+            f"{path}: the header's model does not match the stored tensors ({len(wrong)} differ; {first}: "
+            f"header {expected.get(first)}, file {stored.get(first)})"
+        )

@@ -60,6 +60,11 @@ def test_bad_files_rejected_with_path(tmp_path):
     save_file({"w": torch.zeros(2)}, str(plain))
     with pytest.raises(bc.CheckpointError, match="no bireal header: not a bireal checkpoint"):
         bc.load_checkpoint(plain)
+    good = bc.save_checkpoint(tmp_path / "good.safetensors", trained_like())
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[:-1000])
+    with pytest.raises(bc.CheckpointError, match="truncated.safetensors: not a readable safetensors file"):
+        bc.load_checkpoint(truncated)
 
 
 def test_files_get_the_processs_permissions_and_say_what_they_are(tmp_path):
@@ -107,3 +112,52 @@ def test_a_write_that_fails_leaves_no_temporary_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         bc.save_checkpoint(tmp_path / "m.safetensors", trained_like())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts"]
+
+
+def _without_model(header):
+    del header["model"]
+    return header
+
+
+def _edit_model(change):
+    def apply(header):
+        change(header["model"])
+        return header
+
+    return apply
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_without_model, "the header's model None cannot be built"),
+        (_edit_model(lambda m: m["kwargs"].update(widht=1)), "unexpected keyword argument 'widht'"),
+        (_edit_model(lambda m: m.update(name="bireal19")), "unknown model 'bireal19'; registered: "),
+        (_edit_model(lambda m: m["kwargs"].update(width=-1)), "width=-1: the channel multiplier must be > 0"),
+        (
+            _edit_model(lambda m: m["kwargs"].update(width=0.5)),
+            "the header's model does not match the stored tensors (101 differ; blocks.0.bn.bias: header (32,), "
+            "file (16,))",
+        ),
+        (  # built for real, this would ask for 512 GB before the shapes were compared
+            _edit_model(lambda m: m["kwargs"].update(num_classes=10**9)),
+            "does not match the stored tensors (2 differ; fc.bias: header (1000000000,), file (10,))",
+        ),
+    ],
+    ids=["no-model", "unknown-argument", "unknown-name", "bad-width", "other-width", "a-billion-classes"],
+)
+def test_a_header_that_does_not_build_its_tensors_is_refused_naming_the_file(tmp_path, change, message):
+    """Every stage loads checkpoints through load_checkpoint (export, evaluate --checkpoint, init_from):
+    a header edited or written by other code is a CheckpointError naming the file and what is wrong,
+    decided on the meta device before any weight is allocated, not a TypeError or a state-dict dump."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    good = bc.save_checkpoint(tmp_path / "good.safetensors", trained_like(), stage="finetune")
+    with safe_open(str(good), "pt") as f:
+        header = json.loads(f.metadata()["bireal"])
+    bad = tmp_path / "edited.safetensors"
+    save_file(load_file(str(good)), str(bad), metadata={"bireal": json.dumps(change(header))})
+    with pytest.raises(bc.CheckpointError) as refused:
+        bc.load_checkpoint(bad)
+    assert str(refused.value).startswith(f"{bad}: ") and message in str(refused.value), refused.value

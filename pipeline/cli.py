@@ -400,8 +400,9 @@ def device(text: str) -> str:
 
 
 def write_json(path: str, data) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(data, indent=2))
+    from . import storage
+
+    storage.write_text(str(path), json.dumps(data, indent=2))
 
 
 def output_file(text: str) -> str:

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from . import storage
+
 
 def evaluate_artifact(
     artifact: str,
@@ -104,8 +106,7 @@ def write_outputs(result: dict, metrics_path: str, confusion_csv: str | None = N
     keys = ("split", "images", "top1", "artifact_sha256", "artifact_header", "eval_data_sha256")
     metrics = {k: result[k] for k in keys if k in result}
     metrics.update({k: result[k] for k in ("float_agreement", "float_disagreements") if k in result})
-    Path(metrics_path).parent.mkdir(parents=True, exist_ok=True)
-    Path(metrics_path).write_text(json.dumps(metrics, indent=2))
+    storage.write_text(metrics_path, json.dumps(metrics, indent=2))  # register reads it: whole or not at all
     if confusion_csv:
         write_confusion(result["class_names"], result["confusion"], confusion_csv)
 

@@ -59,8 +59,7 @@ def train(
     config = params.train(stage, overrides)
     result = run_training(config, params, use_ray)
     if metrics_out:
-        Path(metrics_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(metrics_out).write_text(json.dumps({"stage": stage, **result["final"], **result["cost"]}, indent=2))
+        storage.write_text(metrics_out, json.dumps({"stage": stage, **result["final"], **result["cost"]}, indent=2))
     if curve_out:
         write_epoch_curve(result["history"], curve_out)
     return result

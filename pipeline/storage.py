@@ -124,9 +124,13 @@ def write_text(location: str, text: str) -> str:
     if is_local(location):
         dest = Path(location.removeprefix("file://"))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".partial")
-        tmp.write_text(text)
-        tmp.replace(dest)
+        tmp = new_partial(dest)
+        try:
+            tmp.write_text(text)
+            tmp.replace(dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return location
     fs, path = filesystem(location)
     with fs.open(path, "wb") as f:
@@ -157,9 +161,13 @@ def publish(local: str | Path, location: str) -> str:
         dest = Path(location.removeprefix("file://"))
         dest.parent.mkdir(parents=True, exist_ok=True)
         if Path(local).resolve() != dest.resolve():
-            tmp = dest.with_name(dest.name + ".partial")
-            shutil.copyfile(local, tmp)
-            tmp.replace(dest)
+            tmp = new_partial(dest)
+            try:
+                shutil.copyfile(local, tmp)
+                tmp.replace(dest)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
         Path(f"{dest}.sha256").write_text(digest + "\n")
         return digest
     fs, path = filesystem(location)

@@ -26,6 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from . import storage
 from .params import Params, TrainConfig, bounded
 from .profile_rules import trained_stages
 
@@ -245,8 +246,8 @@ def record(rows: list[dict], table: Path = TABLE) -> Path:
 
     old = json.loads(table.read_text()) if table.is_file() else []
     new_keys = {key(r) for r in rows}
-    table.parent.mkdir(parents=True, exist_ok=True)
-    table.write_text(json.dumps([r for r in old if key(r) not in new_keys] + rows, indent=1) + "\n")
+    # whole or not at all: the table holds every GPU row measured so far
+    storage.write_text(str(table), json.dumps([r for r in old if key(r) not in new_keys] + rows, indent=1) + "\n")
     return table
 
 

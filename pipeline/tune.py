@@ -478,8 +478,7 @@ def require_finished(summary: dict, settings: TuneSettings, arch: str) -> None:
 def write_best(out: str, config: dict | None, **extra) -> Path:
     """``out``/best.json: the pick that binarize reads through ``tuned_config`` (null: keep its own)."""
     path = Path(out) / "best.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"config": config, **extra}, indent=2))
+    storage.write_text(str(path), json.dumps({"config": config, **extra}, indent=2))  # binarize reads it
     return path
 
 

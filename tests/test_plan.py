@@ -134,9 +134,9 @@ def test_plan_command_and_bad_gpu_count(capsys):
         assert e.value.code == 2 and f"bireal plan: error: {message}" in capsys.readouterr().err
 
 
-def test_bench_train_times_each_trained_stage(tmp_path):
+def test_bench_train_times_each_trained_stage(tmp_path, monkeypatch):
     """Rows for the stages the profile trains, at its batch, on a tiny CPU model; recorded rows
-    replace the same measurement's old ones."""
+    replace the same measurement's old ones, and a failed write leaves the table as it was."""
     from pipeline.train_bench import record, run
 
     profile = tmp_path / "tiny.yaml"
@@ -153,6 +153,20 @@ def test_bench_train_times_each_trained_stage(tmp_path):
     record([{**rows[0], "img_s": 1.0}], path)
     kept = json.loads(path.read_text())
     assert len(kept) == 2 and [r["img_s"] for r in kept if r["stage"] == "pretrain"] == [1.0]
+
+    # A write that dies half way (disk full, a kill) leaves the recorded rows as they were: the
+    # committed table holds every GPU row measured so far, and a torn one would lose them all.
+    def half_then_disk_full(self, text, *args, **kwargs):
+        real_write_text(self, text[: len(text) // 2])
+        raise OSError(28, "No space left on device")
+
+    real_write_text = Path.write_text
+    before = path.read_bytes()
+    monkeypatch.setattr(Path, "write_text", half_then_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        record([{**rows[1], "img_s": 2.0}], path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["table.json", "tiny.yaml"]
 
 
 def test_bench_train_kernels_rows_from_the_cli(tmp_path, capsys):

@@ -241,13 +241,13 @@ def write_outputs(out: Path, summaries: dict[str, dict], refs: dict[str, dict], 
     written = []
     for stage, summary in summaries.items():
         written.append(summaries_dir / f"{stage}.json")
-        written[-1].write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        storage.write_text(str(written[-1]), json.dumps(summary, indent=2, default=str) + "\n")
         if stage in TRAINING:  # a skipped pretrain's curve has no rows
             written.append(summaries_dir / f"{stage}.csv")
             write_epoch_curve(summary.get("history", []), str(written[-1]))
     for name, ref in refs.items():
         written.append(out / f"{name}.pointer.json")
-        written[-1].write_text(json.dumps(ref, indent=2) + "\n")
+        storage.write_text(str(written[-1]), json.dumps(ref, indent=2) + "\n")
     return written
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import mlflow.pyfunc
 
+from .. import storage
 from ..env import framework_output_quiet
 from ..params import MlflowConfig, RegistryConfig
 
@@ -290,5 +291,4 @@ def _alias_version(c, name: str, alias: str) -> int | None:
 
 
 def write_registry_summary(result: dict, path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2, default=str))
+    storage.write_text(path, json.dumps(result, indent=2, default=str))

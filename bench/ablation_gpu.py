@@ -32,6 +32,7 @@ from pathlib import Path
 from bench.ablation_results import record, write_record
 from bench.cifar10_gpu import machine_name
 from bench.window import announce, planned_epochs, probe, refuse_if_nothing_fits, take_whole
+from pipeline import storage
 from pipeline.params import TrainConfig, load_params
 from pipeline.stages import other_twins, twin_missing
 from pipeline.tune import format_trial, local_grid, local_trials, run_local, write_outputs
@@ -115,8 +116,7 @@ def restore_trials(params, previous: dict) -> int:
     for row in previous["trial_rows"]:
         result = folder / row["trial_id"] / "result.json"
         if not result.is_file():
-            result.parent.mkdir(parents=True, exist_ok=True)
-            result.write_text(json.dumps(row, indent=1))
+            storage.write_text(str(result), json.dumps(row, indent=1))
             restored += 1
     return restored
 

@@ -18,6 +18,7 @@ import platform
 import shutil
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.params import load_params
 
 STAGES = ("pretrain", "binarize", "finetune")
@@ -78,7 +79,7 @@ def summarize(train: dict, params_file: str, out: Path, results: Path, wall: int
         "curve": accuracy_curve(history),
         **extra,
     }
-    results.write_text(json.dumps(summary, indent=2) + "\n")
+    storage.write_text(str(results), json.dumps(summary, indent=2) + "\n")
     return summary
 
 

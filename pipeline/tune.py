@@ -12,7 +12,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import statistics
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -182,9 +181,7 @@ def _run_local_trial(trial: dict, base: dict, folder: str, threads: int) -> dict
     config = trial_config(base, trial, folder)
     history = train_loop(config)["history"]
     row = trial_row(trial, history[-1]["val_top1"], len(history))
-    tmp = Path(folder) / "result.json.tmp"
-    tmp.write_text(json.dumps(row, indent=1))
-    os.replace(tmp, Path(folder) / "result.json")
+    storage.write_text(str(Path(folder) / "result.json"), json.dumps(row, indent=1))  # present = finished
     return row
 
 

@@ -172,11 +172,16 @@ def check_model_matches_file(path: str | os.PathLike, spec: object) -> None:
         raise CheckpointError(f"{path}: the header's model {spec!r} cannot be built: {e!r}") from e
     with safe_open(str(path), framework="pt") as f:
         stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if expected != stored:
-        wrong = sorted(set(expected) ^ set(stored)) or sorted(k for k in expected if expected[k] != stored[k])
-        first = wrong[0]
-        raise CheckpointError(
-            f"{path}: the header's model does not match the stored tensors ({len(wrong)} differ; {first}: "
-            f"header {expected.get(first)}, file {stored.get(first)})"
-        )
+    mismatch = shape_mismatch({k: tuple(v.shape) for k, v in model.state_dict().items()}, stored)
+    if mismatch:
+        raise CheckpointError(f"{path}: the header's model does not match the stored tensors ({mismatch})")
+
+
+def shape_mismatch(expected: dict[str, tuple], stored: dict[str, tuple]) -> str:
+    """'' when a header's model has exactly the file's tensors ({name: shape} each), else how many
+    differ and the first: "101 differ; blocks.0.bn.bias: header (32,), file (16,)"."""
+    if expected == stored:
+        return ""
+    wrong = sorted(set(expected) ^ set(stored)) or sorted(k for k in expected if expected[k] != stored[k])
+    first = wrong[0]
+    return f"{len(wrong)} differ; {first}: header {expected.get(first)}, file {stored.get(first)}"

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import bireal_core as bc
-from bireal_core.checkpoint import read_safetensors_header, write_safetensors
+from bireal_core.checkpoint import read_safetensors_header, shape_mismatch, write_safetensors
 from bireal_core.models.bireal import BiRealBlock
 from bireal_core.models.bireal_bottleneck import BiRealBottleneck
 
@@ -601,15 +601,11 @@ def check_header(path, header: dict, model: PackedBiReal, tensors: dict[str, tor
     """The model the header describes (still on the meta device) has exactly the file's tensors,
     one class name per output, a usable input config (bounded geometry, one mean and one std > 0
     per channel) and the bit conventions this code packs."""
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    stored = {k: tuple(v.shape) for k, v in tensors.items()}
-    if expected != stored:
-        wrong = sorted(set(expected) ^ set(stored)) or [k for k in expected if expected[k] != stored[k]]
-        first = wrong[0]
-        raise ArtifactError(
-            f"{path}: the header's model does not match the stored tensors ({len(wrong)} differ; {first}: "
-            f"header {expected.get(first)}, file {stored.get(first)})"
-        )
+    mismatch = shape_mismatch(
+        {k: tuple(v.shape) for k, v in model.state_dict().items()}, {k: tuple(v.shape) for k, v in tensors.items()}
+    )
+    if mismatch:
+        raise ArtifactError(f"{path}: the header's model does not match the stored tensors ({mismatch})")
     names, classes = header.get("class_names"), model.fc.out_features
     if not isinstance(names, list) or len(names) != classes:
         raise ArtifactError(

@@ -488,14 +488,13 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 SCORED_HEADER = ("model", "class_names", "input", "conventions")
 
 
-def header_digests(header: dict) -> dict[str, str]:
-    """{part: sha256 of its canonical JSON (16 hex)} for each of ``SCORED_HEADER``. The tensors'
-    sha256 does not cover the header, so ``bireal evaluate`` records these beside it, and the
-    registry refuses an artifact whose mean, std, class names, ... changed after it was scored."""
-    return {
-        part: hashlib.sha256(json.dumps(header.get(part), sort_keys=True).encode()).hexdigest()[:16]
-        for part in SCORED_HEADER
-    }
+def header_digest(header: dict) -> str:
+    """sha256 (16 hex) of the canonical JSON of the header's ``SCORED_HEADER`` parts. The tensors'
+    sha256 does not cover the header, so ``bireal evaluate`` records this beside it, and the
+    registry refuses an artifact whose mean, std, class names, ... changed after it was scored and
+    tags each version with it (the same tensors under another header are another model)."""
+    scored = {part: header.get(part) for part in SCORED_HEADER}
+    return hashlib.sha256(json.dumps(scored, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def export_model(

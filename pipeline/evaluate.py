@@ -23,7 +23,7 @@ def evaluate_artifact(
     split of ``shards``; with ``checkpoint``, also its top-1 agreement with the training graph.
     ``device="cuda"`` runs the packed model through the CUDA kernels."""
     import bireal_core as bc
-    from cuda_ext.packed import header_digests, ieee_float32, load_packed
+    from cuda_ext.packed import header_digest, ieee_float32, load_packed
 
     from .data import eval_split_name, make_loader, read_manifest
     from .shard_read import check_sizes
@@ -57,7 +57,7 @@ def evaluate_artifact(
     names = [c["name"] for c in manifest["classes"]]
     result = {
         "artifact_sha256": header["sha256"],  # what was scored: register checks it is what it registers
-        "artifact_header": header_digests(header),  # and with which input, classes, ...: the sha omits them
+        "artifact_header_sha256": header_digest(header),  # with which input, classes, ...: the sha omits them
         "eval_data_sha256": eval_data_digest(manifest, split),  # on what: the registry compares like with like
         "split": split,
         "images": seen,
@@ -103,7 +103,7 @@ def check_pairing(artifact: str, header: dict, shards: str, manifest: dict, chec
 
 
 def write_outputs(result: dict, metrics_path: str, confusion_csv: str | None = None) -> None:
-    keys = ("split", "images", "top1", "artifact_sha256", "artifact_header", "eval_data_sha256")
+    keys = ("split", "images", "top1", "artifact_sha256", "artifact_header_sha256", "eval_data_sha256")
     metrics = {k: result[k] for k in keys if k in result}
     metrics.update({k: result[k] for k in ("float_agreement", "float_disagreements") if k in result})
     storage.write_text(metrics_path, json.dumps(metrics, indent=2))  # register reads it: whole or not at all

@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -38,7 +37,7 @@ PYFUNC_CODE = str(Path(__file__).with_name("pyfunc_model.py"))
 PYFUNC_REQUIREMENTS = ["bireal", "torch", "torchvision", "safetensors", "pillow", "numpy", "pandas"]
 
 SHA_TAG = "bireal.artifact_sha256"
-# the header parts a prediction depends on (cuda_ext.packed.header_digests), which the sha256 omits
+# the digest of the header parts a prediction depends on (cuda_ext.packed.header_digest), which the sha256 omits
 HEADER_TAG = "bireal.artifact_header"
 ACCURACY_TAG = "bireal.eval_top1"
 EVAL_DATA_TAG = "bireal.eval_data_sha256"  # the images the top-1 is of (pipeline.evaluate.eval_data_digest)
@@ -68,6 +67,8 @@ def register_artifact(
     sha = header["sha256"]
     check_evaluated(evaluation, artifact, header)
     _ensure_registered_model(c, registry.model_name)
+    from cuda_ext.packed import header_digest
+
     header_tag = header_digest(header)
     existing = c.search_model_versions(
         f"name = '{registry.model_name}' and tags.`{SHA_TAG}` = '{sha}' and tags.`{HEADER_TAG}` = '{header_tag}'"
@@ -156,21 +157,13 @@ def checked_top1(evaluation: dict, floor: float) -> float:
     return float(top1)
 
 
-def header_digest(header: dict) -> str:
-    """One digest (16 hex) of an artifact's ``header_digests``: with the sha256, what makes two
-    registrations the same artifact (the same tensors under another mean are another model)."""
-    from cuda_ext.packed import header_digests
-
-    return hashlib.sha256(json.dumps(header_digests(header), sort_keys=True).encode()).hexdigest()[:16]
-
-
 def check_evaluated(evaluation: dict, artifact: str, header: dict) -> None:
     """The evaluation is of this artifact as it is now, else a ValueError: another artifact's top-1
     would go into the registry under this one. ``bireal evaluate`` records the tensors' sha256 it
-    scored and digests of the header parts that change a prediction (``header_digests``): a mean
+    scored and the digest of the header parts a prediction depends on (``header_digest``): a mean
     edited after the evaluation keeps the sha256. An evaluation written before the sha256 was
-    recorded (2026-12-06), or before the header digests (2026-12-07), is taken as it is."""
-    from cuda_ext.packed import header_digests
+    recorded (2026-12-06), or before the header's digest (2026-12-07), is taken as it is."""
+    from cuda_ext.packed import SCORED_HEADER, header_digest
 
     sha256 = header["sha256"]
     scored = evaluation.get("artifact_sha256")
@@ -179,15 +172,12 @@ def check_evaluated(evaluation: dict, artifact: str, header: dict) -> None:
             f"{artifact}: the evaluation is of another artifact (sha256 {str(scored)[:12]}..., this one "
             f"{sha256[:12]}...); run bireal evaluate on this one first; nothing registered"
         )
-    scored_header = evaluation.get("artifact_header")
-    if isinstance(scored_header, dict):
-        now = header_digests(header)
-        changed = [part for part in now if part in scored_header and scored_header[part] != now[part]]
-        if changed:
-            raise ValueError(
-                f"{artifact}: its header's {', '.join(changed)} changed after the evaluation (the tensors are "
-                "the same): the top-1 is of the artifact as it was; run bireal evaluate on it again; nothing registered"
-            )
+    scored_header = evaluation.get("artifact_header_sha256")
+    if scored_header is not None and scored_header != header_digest(header):
+        raise ValueError(
+            f"{artifact}: its header ({', '.join(SCORED_HEADER)}) changed after the evaluation (the tensors are "
+            "the same): the top-1 is of the artifact as it was; run bireal evaluate on it again; nothing registered"
+        )
 
 
 def champion_gate(c, name: str, version: int, accuracy: float, eval_data: str = UNKNOWN_DATA, pause=None) -> dict:

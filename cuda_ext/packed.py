@@ -618,7 +618,9 @@ def check_header(path, header: dict, model: PackedBiReal, tensors: dict[str, tor
     conventions = header.get("conventions")
     if conventions != expected_conventions:
         found = conventions if isinstance(conventions, dict) else {}
-        key = next(k for k in expected_conventions if found.get(k) != expected_conventions[k])
+        key = next(k for k in [*expected_conventions, *found] if found.get(k) != expected_conventions.get(k))
+        if key not in expected_conventions:  # an extra key: a convention of other code
+            raise ArtifactError(f"{path}: conventions.{key}: not a convention this code packs or reads")
         raise ArtifactError(
             f"{path}: conventions.{key}={found.get(key)!r}: this code packs and reads "
             f"{expected_conventions[key]!r} (the header describes bits these kernels would misread)"

@@ -314,6 +314,7 @@ def edit(part: str, key: str | None, value):
         (edit("conventions", "sign_of_zero", "-1"), "conventions.sign_of_zero='-1': this code packs and reads '+1'"),
         (edit("conventions", "pad_value", -1.0), "conventions.pad_value=-1.0: this code packs and reads 0.0"),
         (edit("conventions", None, None), "conventions.sign_of_zero=None"),
+        (edit("conventions", "activation_order", "NCHW"), "conventions.activation_order: not a convention this code"),
         (edit("class_names", None, ["a", "b"]), "2 class names for 10 outputs"),
         (lambda header: "{not json", "the bireal_packed header is not valid JSON (Expecting property name"),
         (lambda header: [header], "the bireal_packed header is a JSON list, not an object"),

@@ -226,14 +226,10 @@ def _stage_lock(path: Path, url: str, wait_s: float) -> Iterator[None]:
 
 def _download(url: str, record: ShardRecord, path: Path) -> None:
     """``url`` to ``path`` through a temporary name, checked against ``record`` before the rename."""
-    tmp = storage.new_partial(path, prefix=f".{record.sha256[:16]}.")  # the name stage() cleans up after a kill
-    try:
+    # the partial's name is one stage() cleans up after a kill
+    with storage.replacing(path, prefix=f".{record.sha256[:16]}.") as tmp:
         with open(tmp, "wb") as out, storage.open_read(url) as src:
             stream = VerifiedStream(src, url, record)
             for block in iter(lambda: stream.read(1 << 20), b""):
                 out.write(block)
             stream.verify()
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

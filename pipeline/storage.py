@@ -14,8 +14,9 @@ import hashlib
 import os
 import secrets
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterator
 
 ENDPOINT_ENV = "BIREAL_S3_ENDPOINT_URL"
 TIMEOUT_ENV = "BIREAL_S3_TIMEOUT_S"  # one S3 request's timeout; a slower answer is retried with backoff
@@ -124,13 +125,8 @@ def write_text(location: str, text: str) -> str:
     if is_local(location):
         dest = Path(location.removeprefix("file://"))
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = new_partial(dest)
-        try:
+        with replacing(dest) as tmp:
             tmp.write_text(text)
-            tmp.replace(dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         return location
     fs, path = filesystem(location)
     with fs.open(path, "wb") as f:
@@ -161,13 +157,8 @@ def publish(local: str | Path, location: str) -> str:
         dest = Path(location.removeprefix("file://"))
         dest.parent.mkdir(parents=True, exist_ok=True)
         if Path(local).resolve() != dest.resolve():
-            tmp = new_partial(dest)
-            try:
+            with replacing(dest) as tmp:
                 shutil.copyfile(local, tmp)
-                tmp.replace(dest)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
         Path(f"{dest}.sha256").write_text(digest + "\n")
         return digest
     fs, path = filesystem(location)
@@ -193,23 +184,31 @@ def new_partial(dest: Path, prefix: str | None = None) -> Path:
             continue
 
 
+@contextmanager
+def replacing(dest: Path, prefix: str | None = None) -> Iterator[Path]:
+    """A new partial file beside ``dest`` (``new_partial``) to write in the block; renamed over
+    ``dest`` when the block ends, removed if it raises: ``dest`` is the old file or the whole new one."""
+    tmp = new_partial(dest, prefix)
+    try:
+        yield tmp
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def fetch(location: str, local: str | Path) -> Path:
     """Copy a published file to ``local`` and check it against its sha256 (a torn or stale copy
     fails here, not as a confusing load error later)."""
     local = Path(local)
     local.parent.mkdir(parents=True, exist_ok=True)
     expected = read_text(f"{location}.sha256").strip()
-    tmp = new_partial(local)
-    try:
+    with replacing(local) as tmp:
         with open(tmp, "wb") as out, open_read(location) as src:
             shutil.copyfileobj(src, out)
         got = sha256_file(tmp)
         if got != expected:
             raise OSError(f"{location}: sha256 {got} does not match its published {expected}")
-        os.replace(tmp, local)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return local
 
 

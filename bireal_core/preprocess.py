@@ -7,6 +7,10 @@ the copy a checkpoint / artifact carries), never from a second hard-coded table.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -71,6 +75,30 @@ def too_elongated(width: int, height: int) -> str:
     they replace a damaged one. Called per image by the loaders: arithmetic only."""
     overflow = resize_overflow(width, height, LONGEST_RESIZE)
     return f"too elongated: {overflow} the loaders allow" if overflow else ""
+
+
+# PIL's modes of more than 8 bits per pixel: 16-bit integers (PNG, TIFF), 32-bit integers and floats
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I", "F")
+
+
+def rgb_image(im: "Image.Image") -> tuple["Image.Image", list[str]]:
+    """Any PIL image -> (8-bit RGB image, the conversions made), the one conversion of the shard
+    stage (what a model trains and is evaluated on) and of ``bireal predict`` (what it is asked):
+    16-bit integers are divided by 257 (65535 -> 255); 32-bit integers and floats are scaled by
+    255 / their maximum (at least 1: floats in [0, 1] become 0..255). Not PIL's ``convert("RGB")``
+    alone: it clips a 16-bit image at 255, almost all white."""
+    import numpy as np
+    from PIL import Image
+
+    notes = []
+    if im.mode in WIDE_MODES:
+        pixels = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)  # (H, W)
+        scale = 1 / 257.0 if im.mode.startswith("I;16") else 255.0 / max(float(pixels.max(initial=0.0)), 1.0)
+        notes.append(("16-bit" if im.mode.startswith("I;16") else "32-bit") + " to 8-bit")
+        im = Image.fromarray(np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8))
+    if im.mode != "RGB":
+        notes.append(f"{im.mode} to RGB")
+    return im.convert("RGB"), notes  # a copy even of an RGB image: loaded, its file free to close
 
 
 def eval_transform(input_config: dict):

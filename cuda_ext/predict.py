@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bireal_core.preprocess import MAX_PIXELS, eval_transform, resize_overflow
+from bireal_core.preprocess import MAX_PIXELS, eval_transform, resize_overflow, rgb_image
 
 from .packed import load_packed
 
@@ -48,7 +48,7 @@ def open_image(source: str | os.PathLike | bytes, name: str = "", resize: int | 
                 check_size(name, *im.size, resize)
             except ImageError as e:
                 raise ImageError(f"{e} (not decoded)") from None
-            return im.convert("RGB")
+            return rgb_image(im)[0]  # as the shard stage converts it for training
     except ImageError:
         raise
     except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:  # FileNotFound, truncated, ...

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from bireal_core import augment
-from bireal_core.preprocess import too_elongated
+from bireal_core.preprocess import rgb_image, too_elongated
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ def decode_rgb(data: bytes):
         reason = too_elongated(*im.size)  # from the header, before decoding
         if reason:
             raise ValueError(reason)
-        return im.convert("RGB")
+        return rgb_image(im)[0]
 
 
 class DeviceRecipe:

@@ -33,6 +33,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
+from bireal_core.preprocess import rgb_image
+
 from . import storage
 from .params import ShardParams
 from .sources import Ref, Sample, Source, first_few, scan_source
@@ -57,7 +59,6 @@ class Encoded(NamedTuple):
 
 def encode_image(ref: Ref, resize: int, quality: int) -> Encoded:
     """One source image -> its RGB JPEG for a shard, or the reason to quarantine it."""
-    import numpy as np
     from PIL import Image
 
     try:
@@ -76,14 +77,8 @@ def encode_image(ref: Ref, resize: int, quality: int) -> Encoded:
     notes, size = [], im.size
     if im.format != "JPEG":
         notes.append(f"{im.format} data")
-    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(im, dtype=np.float64)
-        scale = 255.0 / max(arr.max(), 1.0) if im.mode in ("I", "F") else 1 / 257.0
-        im = Image.fromarray(np.clip(arr * scale, 0, 255).astype(np.uint8))
-        notes.append("16-bit to 8-bit")
-    if im.mode != "RGB":
-        notes.append(f"{im.mode} to RGB")
-        im = im.convert("RGB")
+    im, conversions = rgb_image(im)  # as `bireal predict` reads the same file
+    notes += conversions
     if resize and min(im.size) > resize:
         w, h = im.size
         s = resize / min(w, h)

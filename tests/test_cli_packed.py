@@ -1,5 +1,6 @@
 """`bireal export` and `bireal predict` end to end, with the errors a user meets."""
 
+import io
 import json
 import shutil
 
@@ -38,6 +39,41 @@ def test_export_then_predict(tmp_path, checkpoint, capsys):
     for r in results:
         assert r["top"][0]["label"] in {"cat", "dog", "fox"}
         assert r["top"][0]["score"] >= r["top"][1]["score"]
+
+
+@pytest.mark.parametrize("wide", ["I;16", "I", "F"])
+def test_predict_reads_a_wide_image_as_the_shards_store_it(tmp_path, checkpoint, capsys, wide):
+    """A 16-bit PNG, a 32-bit integer or float TIFF: the shard stage stores it as its 8-bit image
+    (what the model trains on), and `bireal predict` reads it as that image, not as PIL's
+    convert("RGB") makes it (clipped at 255: almost all white)."""
+    from pipeline.shard import encode_image
+
+    gray = np.random.default_rng(1).integers(0, 256, (30, 40)).astype(np.uint8)  # (H, W), 0 and 255 in it
+    wide_pixels = {"I;16": gray.astype(np.uint16) * 257, "I": gray.astype(np.int32) * 257, "F": gray / np.float32(255)}
+    wide_file = tmp_path / ("wide.png" if wide == "I;16" else "wide.tif")
+    Image.fromarray(wide_pixels[wide]).save(wide_file)
+    assert Image.open(wide_file).mode == wide
+    eight_bit, white = tmp_path / "eight_bit.png", tmp_path / "white.png"
+    Image.fromarray(gray).save(eight_bit)
+    Image.fromarray(np.full_like(gray, 255)).save(white)
+
+    encoded = encode_image(type("Ref", (), {"read": lambda self: wide_file.read_bytes()})(), 256, 100)
+    assert "to 8-bit" in encoded.note
+    sharded = np.asarray(Image.open(io.BytesIO(encoded.data)).convert("L"), dtype=float)
+    assert np.abs(sharded - gray).mean() < 2  # the 8-bit image, up to JPEG's error at quality 100
+
+    art = tmp_path / "model.safetensors"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(art)]) == 0
+    capsys.readouterr()
+    files = [wide_file, eight_bit, white]
+    assert main(["predict", "--artifact", str(art), "--topk", "3", "--json", *map(str, files)]) == 0
+    wide_scores, eight_bit_scores, white_scores = map(scores, capsys.readouterr().out.splitlines())
+    assert wide_scores == pytest.approx(eight_bit_scores, abs=1e-6)
+    assert white_scores != pytest.approx(eight_bit_scores, abs=1e-3)  # the test tells the two apart
+
+
+def scores(json_line: str) -> dict[int, float]:
+    return {top["class_id"]: top["score"] for top in json.loads(json_line)["top"]}
 
 
 def test_export_takes_class_names_with_commas_from_a_file(tmp_path, checkpoint, capsys):

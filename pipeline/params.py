@@ -423,6 +423,12 @@ class TuneSettings:
         for axis in ("activations", "weight_gradients", "inits", "two_step", "optimizers", "seeds"):
             if not getattr(self, axis):
                 raise ValueError(f"{axis}=[]: the grid needs at least one value on every axis")
+        repeated = sorted({seed for seed in self.seeds if self.seeds.count(seed) > 1})
+        if repeated:  # the grid's cells are deduplicated; a seed's trials are the same trials again
+            raise ValueError(
+                f"seeds={self.seeds}: {', '.join(map(str, repeated))} more than once: a seed's trials would "
+                "train again into the same folders, and count one run as two in the per-seed statistics"
+            )
         for name in ("extra_cells", "check_cells"):
             for i, cell in enumerate(getattr(self, name)):
                 _check_cell(cell, f"{name}[{i}]", empty_ok=name == "check_cells")

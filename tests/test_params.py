@@ -169,6 +169,7 @@ def test_every_training_setting_says_whether_it_changes_the_math():
         ("binarize", "distill_temperature", ".nan", "binarize: distill_temperature=nan: must be > 0 (and finite)"),
         ("train", "lr_milestones", "[0.75, 0.5]", "train: lr_milestones=[0.75, 0.5]: fractions of the stage's steps"),
         ("tune", "seeds", "[]", "tune: seeds=[]: the grid needs at least one value on every axis"),
+        ("tune", "seeds", "[0, 1, 0]", "tune: seeds=[0, 1, 0]: 0 more than once: a seed's trials would train again"),
         ("tune", "max_concurrent", 0, "tune: max_concurrent=0: must be >= 1"),
         ("tune", "lr_max", 0.0001, "tune: lr_min=0.002 > lr_max=0.0001"),
         ("ray", "num_workers", 0, "ray: num_workers=0: must be >= 1"),

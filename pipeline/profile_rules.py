@@ -9,6 +9,9 @@ submit`` refuse a profile that has one. Each rule names the keys to change:
 - an epoch holds at least ``MIN_STEPS_PER_EPOCH`` optimizer steps at the global batch (the loop
   drops a partial batch: a global batch near the training set trains on nothing, and the per-epoch
   schedules, validation and checkpoints lose their meaning);
+- the shards are no smaller than what a stage reads: ``shard.resize`` (when it resizes) is at least
+  every trained stage's evaluation resize, and at least ``MIN_CROPPED_SHARD_SIDE`` where a binary
+  stage trains on RandomResizedCrop;
 - the tune stage is off, or its trials take a GPU (full ImageNet epochs on CPU trials would run for
   weeks);
 - every location is shared storage when ``ray.address`` is set (``params.cluster_location_problems``,
@@ -19,9 +22,13 @@ from __future__ import annotations
 
 import math
 
-from .params import STAGES, Params
+from .params import STAGES, STEM_AUGMENT, STEM_EVAL_RESIZE, Params
 
 MIN_SHARDS_PER_READER = 4
+# a RandomResizedCrop at scale 0.08 cuts 28% of the shorter side: ~72 px of a 256-px shard, which
+# it then upsamples to 224; from 512 px it is ~145 px, about what the original photo held
+MIN_CROPPED_SHARD_SIDE = 512
+BINARY_STAGES = ("binarize", "finetune")
 MIN_STEPS_PER_EPOCH = 10
 REL_TOL = 1e-6  # an lr written with 6 significant digits passes
 
@@ -126,6 +133,30 @@ def shard_problems(params: Params, gpus: int | None = None) -> list[str]:
     return out
 
 
+def resolution_problems(params: Params) -> list[str]:
+    """Shards resized below what a stage reads: every image upsampled (blurred) before it trains."""
+    side = params.shard.resize
+    if side <= 0:  # full-size shards
+        return []
+    out = []
+    for stage in trained_stages(params):
+        config = params.train(stage, tuned=False)
+        eval_resize = STEM_EVAL_RESIZE[config.stem]
+        augment = config.augment if config.augment != "auto" else STEM_AUGMENT[config.stem]
+        if side < eval_resize:
+            out.append(
+                f"{params.where}: shard.resize is {side}, below the {eval_resize}-px shorter side {stage} (stem "
+                f"{config.stem}) resizes every image to: set shard.resize to 0 (full size) or >= {eval_resize}"
+            )
+        elif augment == "imagenet" and stage in BINARY_STAGES and side < MIN_CROPPED_SHARD_SIDE:
+            out.append(
+                f"{params.where}: shard.resize is {side}, and {stage} trains on RandomResizedCrop ({stage}.augment "
+                f"{augment}): at scale 0.08 it upsamples ~{round(side * 0.08**0.5)} px of a shard to 224; set "
+                f"shard.resize to 0 (full size) or >= {MIN_CROPPED_SHARD_SIDE}"
+            )
+    return out
+
+
 def tune_problems(params: Params) -> list[str]:
     if params.tune.enabled and params.ray.use_gpu and params.tune.gpus_per_trial <= 0:
         return [
@@ -156,6 +187,7 @@ def reproduction_problems(params: Params, gpus: int | None = None) -> list[str]:
         batch_problems(params, gpus)
         + step_problems(params, gpus)
         + shard_problems(params, gpus)
+        + resolution_problems(params)
         + tune_problems(params)
         + chain_problems(params)
     )

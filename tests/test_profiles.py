@@ -164,6 +164,29 @@ def test_random_resized_crop_profiles_shard_at_full_size(profile, resize):
     assert crops == (resize == 0 or resize >= 512), "a RandomResizedCrop stage needs >= 512-px (or full) shards"
 
 
+def test_shards_smaller_than_a_stage_reads_are_named(tmp_path):
+    """The rule the shipped profiles keep (above), for any profile: shards no smaller than a stage's
+    evaluation resize, and >= 512 px where a binary stage trains on RandomResizedCrop."""
+    from pipeline.profile_rules import reproduction_problems
+
+    official_256 = load_params(_variant(tmp_path, "imagenet_bireal18_official", shard={"resize": 256}))
+    (problem,) = reproduction_problems(official_256)
+    assert "shard.resize is 256, and binarize trains on RandomResizedCrop" in problem
+    assert "~72 px of a shard" in problem and ">= 512" in problem
+    official_512 = load_params(_variant(tmp_path, "imagenet_bireal18_official", shard={"resize": 512}))
+    assert reproduction_problems(official_512) == []
+    paper_128 = load_params(_variant(tmp_path, "imagenet_bireal18_paper", shard={"resize": 128}))
+    problems = reproduction_problems(paper_128)
+    assert [p.split("resizes")[0].split("px shorter side ")[1] for p in problems] == [
+        "pretrain (stem imagenet) ",
+        "binarize (stem imagenet) ",
+        "finetune (stem imagenet) ",
+    ]
+    assert all("shard.resize is 128, below the 256-px" in p for p in problems)
+    cifar_16 = load_params(_variant(tmp_path, "cifar10_bireal18", shard={"resize": 16}))
+    assert len(reproduction_problems(cifar_16)) == 3  # below the small stem's 32 too
+
+
 def test_official_recipe_has_no_pretrain_stage(tmp_path):
     from pipeline.train import train_loop
 

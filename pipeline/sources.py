@@ -273,13 +273,41 @@ def read_val_labels(loc: Path | None, gt: Path | None, meta: Path | None) -> dic
     """Validation image stem -> WNID from Kaggle's LOC_val_solution.csv (first box's WNID), else
     from the devkit's ground truth (ILSVRC2012_IDs in image order) mapped through meta.mat."""
     if loc is not None:
-        with open(loc, newline="") as f:
-            return {r["ImageId"]: r["PredictionString"].split()[0] for r in csv.DictReader(f)}
+        return read_loc_solution(loc)
     if meta is None:
         raise SourceError(f"{gt}: the devkit's meta.mat is needed to map ILSVRC2012_IDs to WNIDs")
     synsets = read_devkit_synsets(meta)
-    ids = [int(line) for line in gt.read_text().split()]
-    return {f"ILSVRC2012_val_{i + 1:08d}": synsets[ident][0] for i, ident in enumerate(ids)}
+    labels = {}
+    numbered = ((n, line.strip()) for n, line in enumerate(gt.read_text().splitlines(), 1) if line.strip())
+    for image, (line_no, text) in enumerate(numbered, 1):  # the i-th ID labels the i-th image
+        ident = int(text) if text.isdigit() else None
+        if ident not in synsets:
+            raise SourceError(
+                f"{gt}:{line_no}: {text!r} is not one of the ILSVRC2012_IDs of the {len(synsets)} leaf classes in "
+                f"{meta} (one ID per line, the validation images in order)"
+            )
+        labels[f"ILSVRC2012_val_{image:08d}"] = synsets[ident][0]
+    return labels
+
+
+def read_loc_solution(loc: Path) -> dict[str, str]:
+    """Kaggle's LOC_val_solution.csv -> image stem -> its first box's WNID; a SourceError naming
+    the file and line for anything else (another CSV, a row without a box)."""
+    with open(loc, newline="") as f:
+        rows = csv.DictReader(f)
+        missing = {"ImageId", "PredictionString"} - set(rows.fieldnames or ())
+        if missing:
+            raise SourceError(
+                f"{loc}: columns {rows.fieldnames}, expected ImageId and PredictionString (Kaggle's "
+                "LOC_val_solution.csv: an image id, then its boxes as 'WNID x0 y0 x1 y1 ...')"
+            )
+        labels = {}
+        for row in rows:
+            words = (row["PredictionString"] or "").split()
+            if not row["ImageId"] or not words:
+                raise SourceError(f"{loc}:{rows.line_num}: {row['ImageId']!r} has no WNID in its PredictionString")
+            labels[row["ImageId"]] = words[0]
+        return labels
 
 
 def scan_ilsvrc(root: str | os.PathLike) -> Source:

@@ -204,6 +204,50 @@ def test_a_flat_val_folder_without_labels_is_named(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out2").exists()
 
 
+@pytest.mark.parametrize(
+    "labels, edit, message",
+    [
+        (
+            "loc",
+            lambda t: t.replace("ImageId,", "Image,"),
+            r"LOC_val_solution.csv: columns \['Image', 'PredictionString'\]",
+        ),
+        (
+            "loc",
+            lambda t: t.replace(t.splitlines()[3].split(",")[1], ""),
+            r"LOC_val_solution.csv:4: 'ILSVRC2012_val_\d+' has no WNID",
+        ),
+        (
+            "devkit",
+            lambda t: t.replace("\n", "\nseven\n", 1),
+            r"ground_truth.txt:2: 'seven' is not one of the ILSVRC2012_IDs of the 4 leaf",
+        ),
+        ("devkit", lambda t: "1001\n" + t, r"ground_truth.txt:1: '1001' is not one of the ILSVRC2012_IDs"),
+        ("devkit", lambda t: "\n\n" + t.replace("\n", "\n\n"), None),  # blank lines label nothing
+    ],
+)
+def test_imagenet_label_files_that_do_not_parse_are_named_with_the_line(tmp_path, labels, edit, message):
+    """Kaggle's CSV and the devkit's ground truth, each with a line that is not what they hold: the
+    file and line named, nothing written (before: a KeyError 'ImageId', an IndexError, a ValueError
+    from int(), a KeyError 1001)."""
+    truth = ilsvrc_tars(tmp_path / "raw", labels=labels)
+    files = {
+        "loc": "LOC_val_solution.csv",
+        "devkit": "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt",
+    }
+    label_file = tmp_path / "raw" / files[labels]
+    label_file.write_text(edit(label_file.read_text()))
+    out = tmp_path / "out"
+    if message is None:
+        m = shard_dataset(str(tmp_path / "raw"), str(out), ShardParams(**FAST), progress_bar=False)
+        assert m["splits"]["val"]["count"] == len(truth)
+        assert all(color_class(s["image"]) == s["cls"] for s in read_samples(out, m, "val"))  # not shifted
+        return
+    with pytest.raises(SourceError, match=message):
+        shard_dataset(str(tmp_path / "raw"), str(out), ShardParams(**FAST), progress_bar=False)
+    assert not out.exists()
+
+
 def test_demo_source_and_gzip(tmp_path):
     m = shard_dataset(
         "demo", str(tmp_path / "out"), ShardParams(samples_per_shard=500, gzip=True, processes=2), progress_bar=False

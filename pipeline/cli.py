@@ -155,7 +155,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_artifact, write_outputs
 
     keep_freed_memory()  # a CPU forward reuses freed activation memory (cuda_ext/memory.py)
-    result = evaluate_artifact(args.artifact, args.shards, args.checkpoint, device=args.device)
+    result = evaluate_artifact(args.artifact, args.shards, args.checkpoint, device=args.device, progress_bar=True)
     if args.metrics:
         write_outputs(result, args.metrics, args.confusion)
     print(report_evaluate(args.artifact, result))

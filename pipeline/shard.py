@@ -37,6 +37,7 @@ from bireal_core.preprocess import rgb_image
 
 from . import storage
 from .params import ShardParams
+from .progress import image_bar
 from .sources import Ref, Sample, Source, first_few, scan_source
 
 MANIFEST = "manifest.json"
@@ -288,7 +289,7 @@ def _shard_into(fs, root, source, params, identity, overwrite, progress_bar, sta
     done = sum(s.get("next_sample", 0) for s in state["splits"].values())
     workers = _pool_size(params.processes, total - done)
     pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
-    bar = _progress(total, done, progress_bar)
+    bar = image_bar("shard", total, done, progress_bar)
     try:
         for split, samples in source.splits.items():
             st = state["splits"].setdefault(split, {"shards": [], "next_sample": 0, "quarantine": [], "converted": []})
@@ -313,24 +314,6 @@ def _pool_size(processes: int, images_left: int) -> int:
     if processes > cpus:
         print(f"shard: processes={processes}, but this machine gives this process {cpus} CPUs: using {cpus}")
     return max(1, min(processes, cpus, images_left))
-
-
-def _progress(total: int, done: int, enabled: bool):
-    if not enabled:  # no tqdm needed (the GPU machine shards its benchmark photos without it)
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total, initial=done, unit="img", desc="shard", disable=not enabled, dynamic_ncols=True, smoothing=0.1
-    )
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _shard_split(fs, root, split, ext, order, source, params, st, state, pool, bar) -> None:

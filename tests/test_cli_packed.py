@@ -444,7 +444,10 @@ def test_register_refuses_the_evaluation_of_another_artifact(tmp_path, checkpoin
         ckpt = bc.save_checkpoint(tmp_path / f"c{seed}.safetensors", digits, stage="finetune")
         assert main(["export", "--checkpoint", str(ckpt), "--out", str(path)]) == 0
     evaluation = tmp_path / "eval-a.json"
+    capsys.readouterr()
     assert main(["evaluate", "--artifact", str(first), "--shards", str(demo_shards), "--metrics", str(evaluation)]) == 0
+    bar = capsys.readouterr().err.split("\r")[-1]  # the progress bar's last state
+    assert bar.startswith("evaluate test: 100%") and "360/360" in bar, bar
     scored = json.loads(evaluation.read_text())["artifact_sha256"]
     # and on what: the digest of the test split's shards, what the registry compares top-1s by
     from pipeline.data import read_manifest

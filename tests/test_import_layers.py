@@ -36,6 +36,7 @@ LAYERS = [
             "pipeline.resident",
             "pipeline.shard",
             "pipeline.sources",
+            "pipeline.progress",
             "pipeline.tune",
             "pipeline.evaluate",
             "pipeline.demo",

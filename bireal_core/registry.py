@@ -23,13 +23,21 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return fn
 
 
+def registered() -> dict[str, Callable[..., nn.Module]]:
+    """Every model family, registered when ``bireal_core.models`` is first imported (the package
+    imports its submodules on first use)."""
+    from . import models  # noqa: F401  (registers every model family)
+
+    return _MODELS
+
+
 def list_models() -> list[str]:
-    return sorted(_MODELS)
+    return sorted(registered())
 
 
 def create_model(name: str, num_classes: int = 1000, **kwargs) -> nn.Module:
     """Build registered model ``name``; the model remembers ``model_spec`` = {name, kwargs}."""
-    if name not in _MODELS:
+    if name not in registered():
         raise KeyError(f"unknown model {name!r}; registered: {', '.join(list_models())}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes={num_classes!r}: must be an integer >= 1")

@@ -51,10 +51,6 @@ MemoryFormat = Literal["auto", "channels_last", "contiguous"]
 Loader = Literal["stream", "resident"]
 Decode = Literal["worker", "device"]
 Augment = Literal["auto", "imagenet", "caffe", "small"]
-# per stem, the shorter side evaluation resizes an image to and the augmentation ``auto`` means
-# (bireal_core.default_input_config's, copied so checking a file imports no torch; pinned by a test)
-STEM_EVAL_RESIZE = {"small": 32, "imagenet": 256}
-STEM_AUGMENT = {"small": "small", "imagenet": "imagenet"}
 LatentInit = Literal["default", "official"]
 Search = Literal["grid", "random"]
 Resume = Literal["auto", "never"]

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import math
 
-from .params import STAGES, STEM_AUGMENT, STEM_EVAL_RESIZE, Params
+from bireal_core.preprocess import default_input_config  # no torch: checking a file stays fast
+
+from .params import STAGES, Params
 
 MIN_SHARDS_PER_READER = 4
 # a RandomResizedCrop at scale 0.08 cuts 28% of the shorter side: ~72 px of a 256-px shard, which
@@ -141,8 +143,9 @@ def resolution_problems(params: Params) -> list[str]:
     out = []
     for stage in trained_stages(params):
         config = params.train(stage, tuned=False)
-        eval_resize = STEM_EVAL_RESIZE[config.stem]
-        augment = config.augment if config.augment != "auto" else STEM_AUGMENT[config.stem]
+        stem_input = default_input_config(config.stem)
+        eval_resize = stem_input["resize"]
+        augment = config.augment if config.augment != "auto" else stem_input["augment"]
         if side < eval_resize:
             out.append(
                 f"{params.where}: shard.resize is {side}, below the {eval_resize}-px shorter side {stage} (stem "

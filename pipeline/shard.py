@@ -33,7 +33,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterable, Iterator, NamedTuple
 
-from bireal_core.preprocess import rgb_image
+from bireal_core.preprocess import rgb_image, too_elongated
 
 from . import storage
 from .params import ShardParams
@@ -94,14 +94,6 @@ def encode_image(ref: Ref, resize: int, quality: int) -> Encoded:
 
 def _encode_job(job: tuple[Ref, int, int]) -> Encoded:
     return encode_image(*job)
-
-
-def too_elongated(size: tuple[int, int]) -> str:
-    """``bireal_core.preprocess.too_elongated`` of a (width, height), in the parent process:
-    bireal_core imports torch, which the encoding processes do without."""
-    from bireal_core.preprocess import too_elongated as reason
-
-    return reason(*size)
 
 
 # ---------------------------------------------------------------------------- tar writing
@@ -333,7 +325,7 @@ def _shard_split(fs, root, split, ext, order, source, params, st, state, pool, b
 
     for jpg, note, size in _encoded(order, index, params, pool):
         sample = order[index]
-        reason = note if jpg is None else too_elongated(size)
+        reason = note if jpg is None else too_elongated(*size)  # size: (width, height)
         if reason:
             st["quarantine"].append({"index": index, "path": sample.ref.describe(sample.name), "reason": reason})
         else:

@@ -128,3 +128,26 @@ def test_the_checker_sees_lazy_and_relative_imports(tmp_path):
     """The rule would be vacuous if the parser missed imports inside functions."""
     found = imports(ROOT / "pipeline" / "stages.py")
     assert {"pipeline.adapters.ray_train", "pipeline.train", "pipeline.params"} <= found
+
+
+def test_the_shard_encoders_import_no_torch():
+    """The shard stage's encoding processes (spawned, one per core) import ``pipeline.shard``, which
+    converts images with ``bireal_core.preprocess``: bireal_core imports its torch modules on first
+    use, so each process starts in a fraction of a second, not 4 s and 650 MB (the CUDA torch)."""
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline.shard; print(sorted({'torch', 'torchvision', 'numpy'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.strip() == "[]"
+
+
+def test_bireal_core_exports_every_name_it_lists():
+    import importlib
+
+    import bireal_core
+
+    assert sorted(bireal_core.__all__) == sorted(bireal_core._EXPORTS)
+    for name, module in bireal_core._EXPORTS.items():
+        assert getattr(bireal_core, name) is getattr(importlib.import_module(f"bireal_core.{module}"), name)
+    assert "resnet18" in bireal_core.list_models()  # the model families register on first use

@@ -398,7 +398,7 @@ STAGE_TABLE: tuple[StageSpec, ...] = (
     StageSpec(
         "shard",
         lambda p, use_ray=True: shard(p, progress_bar=False),
-        deps=("pipeline/shard.py", "pipeline/sources.py"),
+        deps=("pipeline/shard.py", "pipeline/sources.py", "bireal_core/preprocess.py"),  # its image conversion
         params=("data.source", "shard"),
         outs=("${train.shards}",),
     ),

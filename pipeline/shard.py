@@ -272,7 +272,19 @@ def sharding_lease(out: str, root: str):
         os.close(fd)  # releases the lock
 
 
+SHARD_NAME = re.compile(r"\w+-\d{6}\.tar(\.gz)?")  # {split}-{index:06d}.tar[.gz], in the folder itself
+
+
+def _shard_names(record: dict | None) -> set[str]:
+    """The shard files a manifest or progress file lists (names of ours only: nothing with a path)."""
+    names = {rec.get("name") for split in (record or {}).get("splits", {}).values() for rec in split.get("shards", [])}
+    return {name for name in names if isinstance(name, str) and SHARD_NAME.fullmatch(name)}
+
+
 def _shard_into(fs, root, source, params, identity, overwrite, progress_bar, started) -> dict:
+    # what an earlier run here wrote: its shards that this run does not write again are removed at the
+    # end (fewer or gzipped shards, another split), so the folder (and DVC's copy of it) is this run's
+    earlier = _shard_names(_load_json(fs, f"{root}/{PROGRESS}")) | _shard_names(_load_json(fs, f"{root}/{MANIFEST}"))
     state = _resume_state(fs, root, identity, overwrite)
     for stale in fs.glob(f"{root}/*.tmp"):
         fs.rm(stale)
@@ -295,6 +307,9 @@ def _shard_into(fs, root, source, params, identity, overwrite, progress_bar, sta
     manifest = _manifest(source, state, identity)
     _save_json(fs, f"{root}/{MANIFEST}", manifest)
     fs.rm(f"{root}/{PROGRESS}")
+    for stale in sorted(earlier - _shard_names(manifest)):  # after the new manifest: never a folder without one
+        if fs.exists(f"{root}/{stale}"):
+            fs.rm(f"{root}/{stale}")
     manifest["elapsed_seconds"] = round(time.time() - started, 2)  # run-time only, not in the file
     return manifest
 

@@ -248,6 +248,26 @@ def test_imagenet_label_files_that_do_not_parse_are_named_with_the_line(tmp_path
     assert not out.exists()
 
 
+def test_overwrite_leaves_only_the_new_shards(tmp_path):
+    """--overwrite with fewer or gzipped shards, or another eval split: the earlier run's shards it
+    does not write again are removed (they stayed beside the new ones, in DVC's copy of the folder
+    and in anything that globs it); files that are not shards of ours are kept."""
+    src, out = image_folder(tmp_path / "src"), tmp_path / "out"
+    first = shard_dataset(str(src), str(out), ShardParams(**FAST), progress_bar=False)
+    assert len(first["splits"]["train"]["shards"]) == 5  # 18 train images, 4 a shard
+    (out / "notes.txt").write_text("mine")
+    (src / "val").rename(src / "test")  # another eval split's name too
+    with pytest.raises(ShardError, match="pass --overwrite to replace them"):
+        shard_dataset(str(src), str(out), ShardParams(processes=1, samples_per_shard=8, gzip=True), progress_bar=False)
+    second = shard_dataset(
+        str(src), str(out), ShardParams(processes=1, samples_per_shard=8, gzip=True), overwrite=True, progress_bar=False
+    )
+    listed = {rec["name"] for split in second["splits"].values() for rec in split["shards"]}
+    assert listed == {"train-000000.tar.gz", "train-000001.tar.gz", "train-000002.tar.gz", "test-000000.tar.gz"}
+    assert {p.name for p in out.iterdir()} == listed | {"manifest.json", "notes.txt"}
+    assert verify_shards(str(out)) == []
+
+
 def test_demo_source_and_gzip(tmp_path):
     m = shard_dataset(
         "demo", str(tmp_path / "out"), ShardParams(samples_per_shard=500, gzip=True, processes=2), progress_bar=False

@@ -62,13 +62,15 @@ def report_train(result: dict) -> str:
 
 
 def report_tune(summary: dict) -> str:
-    from .tune import format_table
+    from .tune import format_table, pick_warning
 
     if not summary["enabled"]:
         return f"tuning disabled: wrote an empty pick to {summary['files']['best']}"
+    warning = pick_warning(summary)
     return (
         f"{format_table(summary)}\n"
         f"best config: {summary['files']['best']}  ({len(summary['trials'])} trials, {summary['path']})"
+        + (f"\n{warning}" if warning else "")
     )
 
 

@@ -165,7 +165,7 @@ def tune(params: Params, use_ray: bool = True) -> dict:
     """The search over the binarize stage's settings (``tune`` section); writes best.json (what
     binarize reads through ``tuned_config``), the table and the plot. Disabled: an empty pick.
     ``use_ray=False``: the grid as local processes (``pipeline.tune.run_local``), no tracking."""
-    from .tune import local_trials, require_finished, run_local, write_best, write_outputs
+    from .tune import local_trials, pick_split, require_finished, run_local, write_best, write_outputs
 
     settings = params.tune
     if not settings.enabled:
@@ -182,6 +182,7 @@ def tune(params: Params, use_ray: bool = True) -> dict:
         pretrain_other_twins(params, base)
         summary = run_local(settings, base, on_trial=print_trial)
     require_finished(summary, settings, base.arch)
+    summary["picked_on"] = pick_split(base)
     return {**summary, "enabled": True, "files": write_outputs(summary, settings.out)}
 
 

@@ -479,17 +479,40 @@ def write_best(out: str, config: dict | None, **extra) -> Path:
     return path
 
 
+def pick_split(config: TrainConfig) -> str:
+    """What the trials' val_top1, and so the pick, is measured on: the held-out part of the train
+    split (``holdout``), else the split ``bireal evaluate`` reports the final accuracy on."""
+    if config.holdout:
+        return "holdout"
+    from .data import eval_split_name, read_manifest
+
+    return eval_split_name(read_manifest(config.shards), config.shards)
+
+
+def pick_warning(summary: dict) -> str:
+    """'' or why the pick's accuracy is optimistic: a choice made on the split the accuracy is
+    reported on (picking the best of several cells on it fits the pick to those images)."""
+    split = summary.get("picked_on")
+    if not split or split == "holdout" or len(summary["table"]) < 2:
+        return ""
+    return (
+        f"note: the pick was made on the {split} split, the one the final accuracy is reported on, so that "
+        "accuracy is optimistic; set train.holdout (e.g. 5000) to pick on a held-out part of the train split"
+    )
+
+
 def write_outputs(summary: dict, out: str) -> dict[str, str]:
     """best.json (read by binarize via ``tuned_config``), table.json/.txt, table.csv, ablation.png."""
     d = Path(out)
-    write_best(out, summary["best"], best_trial=summary["best_trial"])
-    (d / "table.json").write_text(json.dumps({k: summary[k] for k in ("table", "rankings", "trials")}, indent=2))
-    (d / "table.txt").write_text(format_table(summary) + "\n")
+    write_best(out, summary["best"], best_trial=summary["best_trial"], picked_on=summary.get("picked_on"))
+    table = {k: summary[k] for k in ("table", "rankings", "trials")}
+    storage.write_text(str(d / "table.json"), json.dumps(table, indent=2))
+    storage.write_text(str(d / "table.txt"), format_table(summary) + "\n")
     rows = ["cell,mean,std,seeds"] + [
         f"{'/'.join(str(r[k]) for k in CELL_KEYS)},{r['mean']:.5f},{r['std']:.5f},{r['seeds']}"
         for r in summary["table"]
     ]
-    (d / "table.csv").write_text("\n".join(rows) + "\n")
+    storage.write_text(str(d / "table.csv"), "\n".join(rows) + "\n")
     _plot(summary, d / "ablation.png")
     return {"best": str(d / "best.json"), "table": str(d / "table.txt")}
 

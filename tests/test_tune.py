@@ -215,6 +215,27 @@ def test_summary_takes_the_lr_of_the_winning_cells_best_trial():
     assert summary["table"][0]["seeds"] == 3 and summary["table"][0]["mean"] == pytest.approx(0.65)
 
 
+def test_a_pick_on_the_reported_split_is_named(demo_shards, tmp_path):
+    """best.json says what the pick was measured on; a pick among cells made on the split the final
+    accuracy is reported on (holdout 0: the demo's test split, ImageNet's val) is called optimistic."""
+    from pipeline.cli import report_tune
+    from pipeline.tune import pick_split, pick_warning, summarize
+
+    assert pick_split(TrainConfig(shards=str(demo_shards))) == "test"
+    assert pick_split(TrainConfig(shards=str(demo_shards), holdout=300)) == "holdout"
+    trials = [
+        {**PAPER, "lr": 1e-3, "seed": 0, "val_top1": 0.6},
+        {**PAPER, "init": "scratch", "lr": 1e-3, "seed": 0, "val_top1": 0.5},
+    ]
+    summary = {**summarize(trials, TuneSettings(), "bireal18"), "picked_on": "test", "enabled": True, "path": "p"}
+    summary["files"] = write_outputs(summary, str(tmp_path))
+    assert json.loads((tmp_path / "best.json").read_text())["picked_on"] == "test"
+    report = report_tune(summary)
+    assert "note: the pick was made on the test split, the one the final accuracy is reported on" in report
+    assert pick_warning({**summary, "picked_on": "holdout"}) == ""
+    assert pick_warning({**summary, "table": summary["table"][:1]}) == ""  # one cell: nothing was picked
+
+
 def test_best_keeps_the_papers_cell_unless_beaten_beyond_the_seed_spread():
     from pipeline.tune import pick_cell
 

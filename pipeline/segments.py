@@ -8,6 +8,7 @@ first), so a plan is data that tests read without training anything."""
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -18,7 +19,7 @@ from torch import nn
 import bireal_core as bc
 
 from . import storage
-from .params import TrainConfig
+from .params import Phase, TrainConfig
 
 
 @dataclass
@@ -63,6 +64,20 @@ def published_names(config: TrainConfig) -> list[str]:
         return [config.stage]
     names = [f"pretrain-{a}" for a, e in zip(config.phases, config.phase_epochs) if e > 0]
     return names + (["pretrain-relu_control"] if config.relu_control else []) + ["pretrain"]
+
+
+def remove_stale_twins(config: TrainConfig) -> list[Path]:
+    """A fresh pretrain stage removes the twin checkpoints in ``out`` that it will not write again
+    (a phase now at 0 epochs, relu_control now off): binarize's ``init`` would otherwise start from
+    an earlier run's twin without a word. -> the files removed."""
+    if config.stage != "pretrain":
+        return []
+    every = {f"pretrain-{phase}" for phase in typing.get_args(Phase)} | {"pretrain-relu_control"}
+    paths = [stage_checkpoint(config, name) for name in sorted(every - set(published_names(config)))]
+    stale = [path for path in paths if path.is_file()]
+    for path in stale:
+        path.unlink()
+    return stale
 
 
 def _twin_phase(config: TrainConfig, activation: str, num_classes: int):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,11 +39,14 @@ from .segments import (
     check_clip_gate,
     check_relu_floor,
     clip_recovered,
+    remove_stale_twins,
     segments,
     stage_checkpoint,
     stage_input,
     stage_input_config,
 )
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .data import ShardLoader
@@ -804,6 +808,9 @@ def train_loop(
     input_config = data.input_config
     plan = segments(config, len(manifest["classes"]))
     progress = resume_progress(config, runtime, plan)
+    if runtime.rank == 0 and progress.restored_epoch < 0:  # a fresh start: the twins of earlier runs go
+        for path in remove_stale_twins(config):
+            log.warning("removed %s: an earlier run's twin that this pretrain stage does not write", path)
     history, model = progress.history, progress.model
     global_epoch = len(history)  # every epoch run so far (skipped clip extensions ran none)
 

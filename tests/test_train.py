@@ -635,6 +635,22 @@ def test_an_under_trained_relu_twin_stops_the_stage_naming_it(demo_shards, tmp_p
         TrainConfig(relu_floor=1.0)
 
 
+def test_a_fresh_pretrain_removes_the_twins_it_does_not_write_again(demo_shards, tmp_path):
+    """A clip phase now at 0 epochs: the earlier run's pretrain-clip is removed, so binarize's
+    init: clip fails naming the missing twin instead of starting from the earlier run's."""
+    first = smoke_config(demo_shards, tmp_path, stage="pretrain", relu_control=True, max_steps_per_epoch=2)
+    train_loop(first)
+    names = {p.name for p in tmp_path.glob("pretrain*.safetensors")}
+    assert {"pretrain-clip.safetensors", "pretrain-relu_control.safetensors"} <= names
+    again = smoke_config(demo_shards, tmp_path, stage="pretrain", phase_epochs=[1, 1, 0], max_steps_per_epoch=2)
+    train_loop(again)
+    names = {p.name for p in tmp_path.glob("pretrain*.safetensors")}
+    assert names == {"pretrain-relu.safetensors", "pretrain-leaky_clip.safetensors", "pretrain.safetensors"}
+    binarize = smoke_config(demo_shards, tmp_path, stage="binarize", init="clip", max_steps_per_epoch=2)
+    with pytest.raises(FileNotFoundError, match=r"pretrain-clip.safetensors.*init 'clip' needs this pretrain"):
+        train_loop(binarize)
+
+
 def test_the_data_wait_fraction_is_the_time_the_step_waited_for_batches():
     """A loader that sleeps before each batch shows as waited time (at least its sleeps) and most of
     the epoch; batches already in memory cost almost none. ``max_steps`` stops drawing batches."""

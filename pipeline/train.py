@@ -591,10 +591,12 @@ def data_spec(config: TrainConfig, manifest: dict, device: torch.device) -> Data
     return spec
 
 
-def load_teacher(config: TrainConfig, device: torch.device, num_classes: int) -> nn.Module | None:
+def load_teacher(config: TrainConfig, device: torch.device, class_names: list[str]) -> nn.Module | None:
     """The distillation teacher (``distill_from``), frozen in eval mode on ``device``; None without.
     Its outputs are the student's soft targets: a teacher of another class count or stem (the
-    input it was trained on) is refused here, not as a shape error in the first step."""
+    input it was trained on) is refused here, not as a shape error in the first step, and so is
+    one whose checkpoint names other classes or another order (``class_names``: the shards'):
+    its i-th output would teach the student's i-th class another class's score."""
     if not config.distill_from:
         return None
     source = config.distill_from
@@ -605,13 +607,20 @@ def load_teacher(config: TrainConfig, device: torch.device, num_classes: int) ->
         path = stage_input(config, source, config.init_from)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: distill_from={source!r} names no checkpoint")
-    teacher, _ = bc.load_checkpoint(path)
+    teacher, header = bc.load_checkpoint(path)
     kwargs = teacher.model_spec["kwargs"]
-    have, wanted = (kwargs.get("num_classes"), kwargs.get("stem")), (num_classes, config.stem)
+    have, wanted = (kwargs.get("num_classes"), kwargs.get("stem")), (len(class_names), config.stem)
     if have != wanted:
         raise ValueError(
             f"{path}: distill_from={source!r} is a {have[0]}-way net with the {have[1]} stem; this stage "
             f"trains a {wanted[0]}-way net (the shards' classes) with the {wanted[1]} stem: a teacher must be both"
+        )
+    taught = (header.get("config") or {}).get("class_names")  # a stage's final checkpoint names them
+    if taught is not None and list(taught) != list(class_names):
+        first = next(i for i, (a, b) in enumerate(zip(taught, class_names)) if a != b)
+        raise ValueError(
+            f"{path}: distill_from={source!r} was trained on other classes or another order than these shards' "
+            f"(class {first}: {taught[first]!r} there, {class_names[first]!r} here)"
         )
     teacher.eval().requires_grad_(False)
     return teacher.to(device)
@@ -802,7 +811,7 @@ def train_loop(
     manifest = read_manifest(config.shards)
     check_sizes(manifest, config.shards)  # every attempt: a truncated shard stops it before a step
     # the teacher first: a missing one fails before the resident loader decodes a split
-    teacher = load_teacher(config, device, len(manifest["classes"]))
+    teacher = load_teacher(config, device, [c["name"] for c in manifest["classes"]])
     criterion = Criterion(config.label_smoothing, teacher, config.distill_weight, config.distill_temperature)
     data = data_spec(config, manifest, device)
     input_config = data.input_config

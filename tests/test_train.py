@@ -513,6 +513,26 @@ def test_a_cifar_style_recipe_with_holdout_and_distillation(demo_shards, tmp_pat
         train_loop(replace(cfg, augment="imagenet"))
 
 
+def test_a_teacher_of_other_classes_is_refused_naming_the_first_that_differs(tmp_path):
+    """Ten classes, but another data set's (CIFAR-10's names for the digits' shards) or another
+    order: its i-th soft target would teach the student's i-th class another class's score."""
+    from pipeline.train import load_teacher
+
+    digits = [str(i) for i in range(10)]
+    cifar = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    model = bc.create_model("resnet18", num_classes=10, stem="small")
+    for names, first in ((cifar, "class 0: 'airplane' there, '0' here"), (digits[::-1], "class 0: '9' there")):
+        path = tmp_path / f"{names[0]}.safetensors"
+        bc.save_checkpoint(path, model, stage="pretrain", config={"class_names": names})
+        config = TrainConfig(distill_from=str(path), stem="small")
+        with pytest.raises(ValueError, match=rf"trained on other classes or another order .*\({first}"):
+            load_teacher(config, torch.device("cpu"), digits)
+    same = bc.save_checkpoint(tmp_path / "same.safetensors", model, stage="pretrain", config={"class_names": digits})
+    assert load_teacher(TrainConfig(distill_from=str(same), stem="small"), torch.device("cpu"), digits) is not None
+    unnamed = bc.save_checkpoint(tmp_path / "phase.safetensors", model, stage="pretrain")  # a phase's checkpoint
+    assert load_teacher(TrainConfig(distill_from=str(unnamed), stem="small"), torch.device("cpu"), digits) is not None
+
+
 def _nan_at(steps: set[int]):
     """A Criterion whose loss is NaN at these calls (counted from 0): the gradient is NaN too."""
     from pipeline.train import Criterion

@@ -162,28 +162,58 @@ def constrain_for_finetune(model: nn.Module, finetune_fc: bool = False) -> nn.Mo
     return model
 
 
-def _finetune_init(config: TrainConfig, num_classes: int):
+def _finetune_init(config: TrainConfig, num_classes: int, class_names: list[str] | None):
     def prepare(previous: nn.Module | None) -> nn.Module:
         path = stage_input(config, "binarize", config.init_from)
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path}: finetune starts from the binarize stage's checkpoint (train binarize first)"
             )
-        model, _ = bc.load_checkpoint(path)
-        check_starting_net(path, model, config, num_classes)
+        model, header = bc.load_checkpoint(path)
+        check_starting_net(path, model, config, num_classes, trained_classes(header), class_names)
         return constrain_for_finetune(model, config.finetune_fc)
 
     return prepare
 
 
-def check_starting_net(path: Path, model: nn.Module, config: TrainConfig, num_classes: int) -> None:
+def trained_classes(header: dict) -> list[str] | None:
+    """The class names a checkpoint was trained on: a stage's final checkpoint names them (the
+    shards' classes, in label order); a phase's or an imported one does not (None)."""
+    names = (header.get("config") or {}).get("class_names")
+    return list(names) if names is not None else None
+
+
+def classes_differ(trained: list[str] | None, class_names: list[str] | None) -> str:
+    """'' or the first class where a checkpoint's names and the shards' differ, as
+    "class 0: 'airplane' there, '0' here" (nothing to compare where either is unknown)."""
+    if trained is None or class_names is None or trained == list(class_names):
+        return ""
+    i = next((i for i, (a, b) in enumerate(zip(trained, class_names)) if a != b), min(len(trained), len(class_names)))
+    there = repr(trained[i]) if i < len(trained) else "none"
+    here = repr(class_names[i]) if i < len(class_names) else "none"
+    return f"class {i}: {there} there, {here} here"
+
+
+def check_starting_net(
+    path: Path,
+    model: nn.Module,
+    config: TrainConfig,
+    num_classes: int,
+    trained: list[str] | None = None,
+    class_names: list[str] | None = None,
+) -> None:
     """Finetune retrains the binarize stage's net as it is: a ValueError before any epoch when that
     net is not the one this stage's settings and shards describe (before, a finetune section with
-    another width trained binarize's width silently, and other shards' labels failed mid-epoch)."""
+    another width trained binarize's width silently, and other shards' labels failed mid-epoch), or
+    was trained on other classes or another order than the shards (``trained``: its checkpoint's
+    class names, ``class_names``: the shards')."""
     spec = model.model_spec
     have = {"arch": spec["name"], **{k: spec["kwargs"].get(k) for k in ("stem", "width", "num_classes")}}
     wanted = {"arch": config.arch, "stem": config.stem, "width": config.width, "num_classes": num_classes}
     differ = [f"{k} {have[k]!r} (finetune: {wanted[k]!r})" for k in wanted if have[k] != wanted[k]]
+    other_classes = classes_differ(trained, class_names)
+    if other_classes and not differ:
+        differ = [f"trained on other classes or another order than these shards' ({other_classes})"]
     if differ:
         raise ValueError(
             f"{path}: {', '.join(differ)}: finetune retrains the binarize stage's net, so finetune.arch, "
@@ -275,7 +305,9 @@ def check_clip_gate(config: TrainConfig, plan: list[Segment], si: int, history: 
     )
 
 
-def segments(config: TrainConfig, num_classes: int) -> list[Segment]:
+def segments(config: TrainConfig, num_classes: int, class_names: list[str] | None = None) -> list[Segment]:
+    """The stage's segments in order (``class_names``: the shards', checked against the checkpoint
+    finetune starts from where that names its own)."""
     if config.stage == "pretrain":
         chain = [
             Segment(f"pretrain-{a}", e, _twin_phase(config, a, num_classes), f"pretrain-{a}", scale)
@@ -293,4 +325,4 @@ def segments(config: TrainConfig, num_classes: int) -> list[Segment]:
             Segment("binarize-step1-activations", config.step1_epochs, init, weight_decay=config.step1_weight_decay),
             Segment("binarize-step2-weights", config.epochs - config.step1_epochs, _binarize_weights(config)),
         ]
-    return [Segment("finetune", config.epochs, _finetune_init(config, num_classes))]
+    return [Segment("finetune", config.epochs, _finetune_init(config, num_classes, class_names))]

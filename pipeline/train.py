@@ -38,12 +38,14 @@ from .segments import (
     Segment,
     check_clip_gate,
     check_relu_floor,
+    classes_differ,
     clip_recovered,
     remove_stale_twins,
     segments,
     stage_checkpoint,
     stage_input,
     stage_input_config,
+    trained_classes,
 )
 
 log = logging.getLogger(__name__)
@@ -615,12 +617,11 @@ def load_teacher(config: TrainConfig, device: torch.device, class_names: list[st
             f"{path}: distill_from={source!r} is a {have[0]}-way net with the {have[1]} stem; this stage "
             f"trains a {wanted[0]}-way net (the shards' classes) with the {wanted[1]} stem: a teacher must be both"
         )
-    taught = (header.get("config") or {}).get("class_names")  # a stage's final checkpoint names them
-    if taught is not None and list(taught) != list(class_names):
-        first = next(i for i, (a, b) in enumerate(zip(taught, class_names)) if a != b)
+    other_classes = classes_differ(trained_classes(header), class_names)
+    if other_classes:
         raise ValueError(
             f"{path}: distill_from={source!r} was trained on other classes or another order than these shards' "
-            f"(class {first}: {taught[first]!r} there, {class_names[first]!r} here)"
+            f"({other_classes})"
         )
     teacher.eval().requires_grad_(False)
     return teacher.to(device)
@@ -811,11 +812,12 @@ def train_loop(
     manifest = read_manifest(config.shards)
     check_sizes(manifest, config.shards)  # every attempt: a truncated shard stops it before a step
     # the teacher first: a missing one fails before the resident loader decodes a split
-    teacher = load_teacher(config, device, [c["name"] for c in manifest["classes"]])
+    class_names = [c["name"] for c in manifest["classes"]]  # in label order
+    teacher = load_teacher(config, device, class_names)
     criterion = Criterion(config.label_smoothing, teacher, config.distill_weight, config.distill_temperature)
     data = data_spec(config, manifest, device)
     input_config = data.input_config
-    plan = segments(config, len(manifest["classes"]))
+    plan = segments(config, len(class_names), class_names)
     progress = resume_progress(config, runtime, plan)
     if runtime.rank == 0 and progress.restored_epoch < 0:  # a fresh start: the twins of earlier runs go
         for path in remove_stale_twins(config):
@@ -861,7 +863,7 @@ def train_loop(
             config.stage,
             model,
             history,
-            class_names=[c["name"] for c in manifest["classes"]],
+            class_names=class_names,
             input=input_config,
         )
     return {"checkpoint": str(final), "history": history, "final": history[-1] if history else {}}

@@ -181,6 +181,15 @@ def test_finetune_refuses_a_binarize_net_its_settings_do_not_describe(tmp_path):
     (start,) = segments(smoke_config(tmp_path, tmp_path, stage="finetune", width=0.25), num_classes=100)
     with pytest.raises(ValueError, match=r"width 0.5 \(finetune: 0.25\), num_classes 10 \(finetune: 100\): finetune"):
         start.prepare(None)
+    # the same net trained on other classes (its checkpoint names them): CIFAR-10's for the digits
+    cifar = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    bc.save_checkpoint(tmp_path / "binarize.safetensors", net, stage="binarize", config={"class_names": cifar})
+    digits = [str(i) for i in range(10)]
+    (start,) = segments(smoke_config(tmp_path, tmp_path, stage="finetune", width=0.5), 10, digits)
+    with pytest.raises(ValueError, match=r"trained on other classes or another order than these shards' \(class 0: "):
+        start.prepare(None)
+    (start,) = segments(smoke_config(tmp_path, tmp_path, stage="finetune", width=0.5), 10, cifar)
+    start.prepare(None)  # its own classes
 
 
 def test_finetune_freezes_all_but_batchnorm():

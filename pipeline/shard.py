@@ -202,10 +202,10 @@ def _identity_changes(previous: dict, identity: dict) -> list[str]:
     return changes
 
 
-def _resume_state(fs, out: str, identity: dict, overwrite: bool) -> dict:
-    """The progress of an interrupted run with the same source and parameters, or a fresh one."""
-    progress = _load_json(fs, f"{out}/{PROGRESS}")
-    previous = _identity_of(progress or _load_json(fs, f"{out}/{MANIFEST}"))
+def _resume_state(fs, out: str, identity: dict, overwrite: bool, progress: dict | None, manifest: dict | None) -> dict:
+    """The progress of an interrupted run with the same source and parameters, or a fresh one
+    (``progress``, ``manifest``: the folder's progress and manifest files as read, or None)."""
+    previous = _identity_of(progress or manifest)
     if previous and not overwrite and previous != identity:
         raise ShardError(
             f"{out} holds shards made with {', '.join(_identity_changes(previous, identity))}; "
@@ -284,8 +284,9 @@ def _shard_names(record: dict | None) -> set[str]:
 def _shard_into(fs, root, source, params, identity, overwrite, progress_bar, started) -> dict:
     # what an earlier run here wrote: its shards that this run does not write again are removed at the
     # end (fewer or gzipped shards, another split), so the folder (and DVC's copy of it) is this run's
-    earlier = _shard_names(_load_json(fs, f"{root}/{PROGRESS}")) | _shard_names(_load_json(fs, f"{root}/{MANIFEST}"))
-    state = _resume_state(fs, root, identity, overwrite)
+    progress, previous = _load_json(fs, f"{root}/{PROGRESS}"), _load_json(fs, f"{root}/{MANIFEST}")
+    earlier = _shard_names(progress) | _shard_names(previous)
+    state = _resume_state(fs, root, identity, overwrite, progress, previous)
     for stale in fs.glob(f"{root}/*.tmp"):
         fs.rm(stale)
     ext = "tar.gz" if params.gzip else "tar"

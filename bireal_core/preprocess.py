@@ -92,9 +92,10 @@ def rgb_image(im: "Image.Image") -> tuple["Image.Image", list[str]]:
 
     notes = []
     if im.mode in WIDE_MODES:
+        sixteen_bit = im.mode.startswith("I;16")
         pixels = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)  # (H, W)
-        scale = 1 / 257.0 if im.mode.startswith("I;16") else 255.0 / max(float(pixels.max(initial=0.0)), 1.0)
-        notes.append(("16-bit" if im.mode.startswith("I;16") else "32-bit") + " to 8-bit")
+        scale = 1 / 257.0 if sixteen_bit else 255.0 / max(float(pixels.max(initial=0.0)), 1.0)
+        notes.append(("16-bit" if sixteen_bit else "32-bit") + " to 8-bit")
         im = Image.fromarray(np.clip(np.rint(pixels * scale), 0, 255).astype(np.uint8))
     if im.mode != "RGB":
         notes.append(f"{im.mode} to RGB")

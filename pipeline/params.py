@@ -734,12 +734,17 @@ def _check_type(value: Any, tp: Any, where: str) -> Any:
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        yaml11 = " (YAML 1.2, as DVC reads the file: yes/no/on/off are words)" if _is_yaml11_bool(value) else ""
+        raise ConfigError(f"{where}: expected true/false, got {value!r}{yaml11}")
     if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
     return value
+
+
+def _is_yaml11_bool(value: Any) -> bool:
+    return isinstance(value, str) and value.lower() in ("yes", "no", "on", "off", "y", "n")
 
 
 def build(cls: type[T], values: dict[str, Any], where: str) -> T:
@@ -785,10 +790,15 @@ def params_path(name_or_path: str | os.PathLike | None = None) -> Path:
 
 
 class ParamsLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with two of YAML 1.2's rules, as DVC's own parser (ruamel) reads the
-    same file: ``1e-3`` is a float (YAML 1.1 needs ``1.0e-3`` and gave the string '1e-3'), and a
-    key given twice in one mapping is an error naming both lines (YAML 1.1 kept the last, so the
-    first ``binarize:`` section of a file with two was dropped without a word)."""
+    """PyYAML's safe loader reading plain scalars by YAML 1.2's core schema, as DVC's own parser
+    (ruamel) reads the same file, and refusing a key given twice in one mapping (YAML 1.1 kept the
+    last, so the first ``binarize:`` section of a file with two was dropped without a word).
+
+    YAML 1.1, PyYAML's default, read ``epochs: 010`` as 8 (octal), ``1:30`` as 90 (base 60),
+    ``yes``/``no``/``on``/``off`` as booleans and ``1e-3`` as a string, where DVC reads 10, '1:30',
+    strings and 0.001: a stage trained what ``dvc params diff`` did not show."""
+
+    yaml_implicit_resolvers: ClassVar[dict] = {}  # YAML 1.2's, below: none of SafeLoader's 1.1 ones
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -807,12 +817,44 @@ class ParamsLoader(yaml.SafeLoader):
                 lines[key] = line
         return super().construct_mapping(node, deep)
 
+    def construct_yaml12_int(self, node) -> int:
+        """YAML 1.2's integers: 0b, 0o and 0x prefixes; a leading zero is decimal, not octal."""
+        text = self.construct_scalar(node).replace("_", "")
+        sign = -1 if text.startswith("-") else 1
+        digits = text.lstrip("+-")
+        base = {"0b": 2, "0o": 8, "0x": 16}.get(digits[:2], 10)
+        try:
+            return sign * int(digits[2:] if base != 10 else digits, base)
+        except ValueError:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{text!r} is not an integer", node.start_mark
+            ) from None
 
-ParamsLoader.add_implicit_resolver(  # YAML 1.2's floats: an exponent without a dot counts too
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+
+YAML12_CORE_SCALARS = [  # (tag, pattern, first characters): the core schema as ruamel resolves it
+    ("bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
+    (
+        "float",
+        r"[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?"  # 1.5, 1., 1.5e-3
+        r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+"  # 1e-3
+        r"|[-+]?\.[0-9_]+(?:[eE][-+][0-9]+)?"  # .5
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)",
+        "-+0123456789.",
+    ),
+    ("int", r"[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?[0-9_]+|[-+]?0x[0-9a-fA-F_]+", "-+0123456789"),
+    ("merge", r"<<", "<"),
+    ("null", r"~|null|Null|NULL|", ["~", "n", "N", ""]),
+    (
+        "timestamp",
+        r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+        r"|[0-9]{4}-[0-9]{1,2}-[0-9]{1,2}(?:[Tt]|[ \t]+)[0-9]{1,2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]*)?"
+        r"(?:[ \t]*(?:Z|[-+][0-9]{1,2}(?::[0-9]{2})?))?",
+        "0123456789",
+    ),
+]
+for _tag, _pattern, _first in YAML12_CORE_SCALARS:
+    ParamsLoader.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(f"^(?:{_pattern})$"), list(_first))
+ParamsLoader.add_constructor("tag:yaml.org,2002:int", ParamsLoader.construct_yaml12_int)
 
 
 def parse_yaml(text: str | typing.TextIO) -> Any:

@@ -269,6 +269,50 @@ def test_yaml_as_dvc_reads_it_exponents_are_floats_and_a_key_given_twice_is_name
     assert P.parse_yaml("1e") == "1e" and P.parse_yaml("1.2.3") == "1.2.3" and P.parse_yaml("3") == 3
 
 
+YAML11_SCALARS = [  # read differently by YAML 1.1 (PyYAML's default) and 1.2 (DVC's ruamel)
+    *["010", "-017", "0o17", "09", "1:30", "190:20:30", "1:30.5", "+.5", "-.5", "+.5e-3"],
+    *["yes", "No", "ON", "off", "y", "=", "0x1F", "0b11", "1_000", "1e-3", ".inf", "2026-12-08", "~", ""],
+]
+
+
+def test_plain_scalars_read_as_dvc_reads_them(tmp_path, capsys):
+    """PyYAML read `epochs: 010` as 8 (octal), `1:30` as 90 and `on` as true where DVC (YAML 1.2)
+    reads 10, '1:30' and 'on': a stage trained what `dvc params diff` did not show. Compared with
+    DVC's own parser on the scalars that differ between the versions and on 3,000 drawn ones."""
+    import math
+    import random
+
+    from dvc.utils.serialize import parse_yaml as dvc_parse_yaml
+
+    from pipeline.cli import main
+
+    def read(parse, scalar):
+        try:
+            value = parse(f"k: {scalar}\n")["k"]
+        except Exception:  # noqa: BLE001 (either parser's refusal is one outcome)
+            return "refused"
+        return type(value).__name__, "nan" if value != value else repr(value)  # noqa: PLR0124 (nan)
+
+    rng = random.Random(0)
+    drawn = ["".join(rng.choices("0123456789_.eE+-xobO:anNyYt~", k=rng.randint(1, 6))) for _ in range(3000)]
+    differ = [
+        (s, ours, theirs)
+        for s in YAML11_SCALARS + drawn
+        if s != "="  # ruamel refuses YAML 1.1's '=' (the 'value' tag) where we read the word
+        if (ours := read(P.parse_yaml, s)) != (theirs := read(lambda t: dvc_parse_yaml(t, "x"), s))
+    ]
+    assert differ == []
+    assert [P.parse_yaml(s) for s in ("010", "1:30", "on", "0o17")] == [10, "1:30", "on", 15]
+    assert math.isinf(P.parse_yaml("-.inf")) and P.parse_yaml("1e-3") == 0.001
+
+    (tmp_path / "octal.yaml").write_text("binarize:\n  epochs: 010\n")
+    assert P.load_params(tmp_path / "octal.yaml").train("binarize").epochs == 10
+    assert P.parse_overrides(["epochs=010"]) == {"epochs": 10}
+    (tmp_path / "yes.yaml").write_text("tune:\n  enabled: yes\n")
+    assert main(["check-params", "--params", str(tmp_path / "yes.yaml")]) == 2
+    assert "tune.enabled: expected true/false, got 'yes' (YAML 1.2, as DVC reads the file" in capsys.readouterr().err
+
+
 def test_a_params_file_of_the_wrong_shape_is_named_not_a_traceback(tmp_path):
     """`train: 5` ended in TypeError's traceback, a binary file in a UnicodeDecodeError naming no
     file, and a folder read as 'params file not found'."""

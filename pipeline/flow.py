@@ -172,7 +172,7 @@ def _summary(results: dict) -> dict:
 def _links(results: dict, params: Params) -> dict:
     """{stage: {"mlflow_run": id or URL, "ray_job": dashboard URL}} for the stages that have them,
     and the registered model version's page; URLs where MLflow is a server (http), ids otherwise."""
-    uri = params.mlflow.tracking_uri
+    uri = storage.without_credentials(params.mlflow.tracking_uri)  # a link is written and shown
     served = uri.startswith(("http://", "https://"))
     links: dict[str, dict] = {}
     for stage, result in results.items():

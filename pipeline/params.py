@@ -22,6 +22,7 @@ import os
 import re
 import types
 import typing
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Literal, TypeVar
@@ -981,7 +982,7 @@ def cluster_location_problems(params: Params) -> list[str]:
     need_shared("ray.storage_path", params.ray.storage_path, "Ray keeps checkpoints there for every node")
     need_shared("tune.storage_path", params.tune.storage_path, "Tune's trials report there from every node")
     need_shared("storage.artifacts", params.storage.artifacts, "stage outputs must outlive the worker that wrote them")
-    uri = params.mlflow.tracking_uri
+    uri = storage.without_credentials(params.mlflow.tracking_uri)
     if not uri.startswith(("http://", "https://")):
         problems.append(
             f"{where} mlflow.tracking_uri must be a tracking server (http://...), not "
@@ -992,6 +993,29 @@ def cluster_location_problems(params: Params) -> list[str]:
             f"{where} mlflow.artifact_location must be shared storage, not {params.mlflow.artifact_location!r}"
         )
     return problems
+
+
+def refuse_passwords(raw: Any, path: Path, where: str = "") -> None:
+    """A URL with a password in a params file (``http://user:password@host``) is refused, naming
+    the key: the file is committed, tracked by DVC, copied to the cluster with every job and read
+    into summaries. Credentials come from the environment, as each client reads them."""
+    if isinstance(raw, dict):
+        for key, value in raw.items():
+            refuse_passwords(value, path, f"{where}.{key}" if where else str(key))
+    elif isinstance(raw, list):
+        for i, value in enumerate(raw):
+            refuse_passwords(value, path, f"{where}[{i}]")
+    elif storage.has_password(raw):
+        hint = (
+            "$MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD, as MLflow's client reads them"
+            if where.startswith("mlflow.")
+            else "the environment, as the service's own client reads them"
+        )
+        user = urllib.parse.urlsplit(raw).username
+        raise ConfigError(
+            f"{path}:{where}: the address {storage.without_credentials(raw)!r} carries the password of user "
+            f"{user!r}: a params file is committed and copied to every job; give the user and password in {hint}"
+        )
 
 
 def load_params(name_or_path: str | os.PathLike | None = None, train_overrides: dict[str, Any] | None = None) -> Params:
@@ -1006,6 +1030,7 @@ def load_params(name_or_path: str | os.PathLike | None = None, train_overrides: 
     for section, value in raw.items():
         if value is not None and not isinstance(value, dict):
             raise ConfigError(f"{path}:{section}: expected a mapping of settings, got {value!r}")
+    refuse_passwords(raw, path)
     sections = {name: build(cls, dict(raw.get(name) or {}), f"{path}:{name}") for name, cls in SECTIONS.items()}
     if not sections["mlflow"].tracking_uri and os.environ.get("MLFLOW_TRACKING_URI"):
         # MLflow's own variable, as the mlflow CLI and mlflow.start_run read it: a user who points

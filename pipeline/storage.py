@@ -14,6 +14,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
@@ -41,6 +42,34 @@ def absolute(location: str) -> str:
         return location
     p = Path(location)
     return str(p if p.is_absolute() else (Path.cwd() / p).resolve())
+
+
+def without_credentials(url: str) -> str:
+    """``url`` as it may be printed, logged or written to a file: any ``user:password@`` taken out.
+    MLflow's client (``http://user:password@host``) and database URLs accept credentials in the
+    address; a message, a link or a run summary must not repeat them."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def scrub_credentials(text: str, url: str) -> str:
+    """``text`` (an error message that may quote ``url``, as MLflow's client does) without the
+    ``user:password@`` of ``url``."""
+    netloc = urllib.parse.urlsplit(url).netloc
+    userinfo = netloc.rpartition("@")[0]
+    return text.replace(f"{userinfo}@", "") if userinfo else text
+
+
+def has_password(value: object) -> bool:
+    """Whether ``value`` is a URL with a password in it (``scheme://user:password@host``)."""
+    if not isinstance(value, str) or "://" not in value:
+        return False
+    try:
+        return urllib.parse.urlsplit(value).password is not None
+    except ValueError:  # not a URL after all (an unbalanced '[' in the host)
+        return False
 
 
 def configure(

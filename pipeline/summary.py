@@ -9,6 +9,7 @@ import csv
 import json
 from pathlib import Path
 
+from . import storage
 from .params import ARTIFACT, METRICS, Params
 
 # The columns of a stage's epoch curve, in order; an epoch without one (no test split, a history
@@ -108,12 +109,16 @@ def pipeline_summary(params: Params) -> str:
         r = read_json(registry, {"name": str, "version": (int, str)})
         alias = "champion" if r.get("champion") else "candidate"
         rows.append(("registry", f"{r['name']} version {r['version']} ({alias}): models:/{r['name']}@{alias}"))
-    rows.append(
-        (
-            "look at",
-            "dvc metrics show; dvc plots show (learning curves, confusion matrix); mlflow ui --backend-store-uri "
-            f"{params.mlflow.tracking_uri or 'sqlite:///' + str(Path.cwd() / 'mlflow.db')}",
-        )
-    )
+    look = "dvc metrics show; dvc plots show (learning curves, confusion matrix); " + mlflow_ui(params)
+    rows.append(("look at", look))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def mlflow_ui(params: Params) -> str:
+    """Where the runs and the registry are seen: a tracking server's own page, or ``mlflow ui`` on
+    the local store (``mlflow ui --backend-store-uri`` takes a database or folder, not a server)."""
+    uri = params.mlflow.tracking_uri or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
+    if uri.startswith(("http://", "https://")):
+        return f"the MLflow UI at {storage.without_credentials(uri)}"
+    return f"mlflow ui --backend-store-uri {storage.without_credentials(uri)}"

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -132,6 +133,39 @@ def test_mlflow_wants_a_user_and_readers_cannot_move_champion(mlflow_auth, monke
     assert c.get_model_version_by_alias("bireal-secure", "champion").version == "1"  # unchanged by the reader
     c.set_registered_model_alias("bireal-secure", "champion", "2")
     assert c.get_model_version_by_alias("bireal-secure", "champion").version == "2"
+
+
+def test_a_user_and_password_in_the_tracking_address_work_and_are_never_shown(mlflow_auth, monkeypatch, caplog):
+    """MLflow's client takes `http://user:password@host` (requests sends it as basic auth), but the
+    stage's first contact, a /health probe through urllib, read 'user:password@127.0.0.1' as a host
+    name: a server that was up was waited for as an outage, and the address with its password was
+    printed in every warning and in the final error. The address is probed without its user now,
+    and whatever is said of it (messages, MLflow's own error text inside them) leaves it out."""
+    import logging
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.adapters.tracking import TrackingUnavailable, start_stage_run, wait_for_tracking
+    from pipeline.params import MlflowConfig
+
+    server, (user, password) = mlflow_auth
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    with_user = server.uri.replace("http://", f"http://{user}:{password}@")
+    cfg = MlflowConfig(tracking_uri=with_user, experiment="address-user", outage_wait_s=2.5)
+    start = time.monotonic()
+    wait_for_tracking(cfg, "starting the pretrain stage")  # was: TrackingUnavailable after 2.5 s
+    assert time.monotonic() - start < 2
+    run_id = start_stage_run(cfg, "pretrain", {"train": {"lr": 0.1}}, "g")  # MLflow took the user
+    assert MlflowClient(tracking_uri=with_user).get_run(run_id).data.params["train.lr"] == "0.1"
+
+    down = MlflowConfig(tracking_uri=f"http://{user}:{password}@127.0.0.1:9", outage_wait_s=2.5)
+    with caplog.at_level(logging.WARNING), pytest.raises(TrackingUnavailable) as caught:
+        wait_for_tracking(down, "starting the pretrain stage")
+    said = [str(caught.value), *(r.getMessage() for r in caplog.records)]
+    assert "MLflow at http://127.0.0.1:9 unreachable for" in said[0] and len(said) >= 2
+    assert not [line for line in said if password in line]
+    assert caught.value.__cause__ is None  # a traceback (a Ray worker prints them) shows no chained cause
 
 
 def test_stage_params_show_no_runtime_env_values(tmp_path):

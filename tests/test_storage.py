@@ -136,6 +136,46 @@ def test_a_ray_address_needs_shared_locations(tmp_path):
     load_params(_cluster_params(tmp_path, ray={"address": ""}, train={"shards": "data/shards"}))
 
 
+def test_a_password_in_an_address_is_never_a_setting_and_never_shown(tmp_path, monkeypatch):
+    """A params file is committed, tracked by DVC and copied to the cluster with every job: a URL
+    in it that carries a password is refused, naming the key. From $MLFLOW_TRACKING_URI (the
+    environment, as MLflow reads it) the address is used, and what the pipeline writes or says of
+    it (links in the run summary, the `bireal summary` hint, the cluster rule) leaves the user out."""
+    from pipeline.flow import _links
+    from pipeline.summary import mlflow_ui
+
+    assert storage.without_credentials("http://bob:s3cret@mlflow:5000/x?y=1") == "http://mlflow:5000/x?y=1"
+    assert storage.without_credentials("postgresql://bob:s3cret@db/mlflow") == "postgresql://db/mlflow"
+    assert storage.without_credentials("sqlite:////data/mlflow.db") == "sqlite:////data/mlflow.db"
+    assert storage.scrub_credentials("API request to http://bob:s3cret@h/api failed", "http://bob:s3cret@h") == (
+        "API request to http://h/api failed"
+    )
+    assert [storage.has_password(v) for v in ("http://bob:s3cret@h", "ssh://git@h", "http://[::1", 5)] == [
+        True, False, False, False,
+    ]  # fmt: skip
+
+    said = {}
+    for section, key in (("mlflow", "tracking_uri"), ("storage", "endpoint_url"), ("ray", "address")):
+        path = _cluster_params(tmp_path, **{section: {key: "http://bob:s3cret@10.0.0.2:5000"}})
+        with pytest.raises(ConfigError) as refused:
+            load_params(path)
+        said[section] = str(refused.value)
+        assert said[section].startswith(f"{path}:{section}.{key}: the address 'http://10.0.0.2:5000' carries")
+        assert "the password of user 'bob'" in said[section] and "s3cret" not in said[section]
+    assert "$MLFLOW_TRACKING_USERNAME and $MLFLOW_TRACKING_PASSWORD" in said["mlflow"]
+    assert "MLFLOW" not in said["storage"]
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:s3cret@10.0.0.2:5000")
+    params = load_params(_cluster_params(tmp_path, mlflow={"tracking_uri": ""}))
+    assert params.mlflow.tracking_uri == "http://bob:s3cret@10.0.0.2:5000"  # what MLflow's client is given
+    links = _links({"pretrain": {"mlflow_run_id": "abc"}, "register": {"name": "m", "version": 3}}, params)
+    assert links == {
+        "pretrain": {"mlflow_run": "http://10.0.0.2:5000/#/runs/abc"},
+        "register": {"mlflow_model": "http://10.0.0.2:5000/#/models/m/versions/3"},
+    }
+    assert mlflow_ui(params) == "the MLflow UI at http://10.0.0.2:5000"
+
+
 def test_check_params_names_the_local_location(tmp_path):
     path = _cluster_params(tmp_path, ray={"storage_path": "ray_results"})
     out = subprocess.run(

@@ -21,6 +21,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
+from .. import storage
 from ..params import MlflowConfig, TuneSettings
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,6 @@ def log_shards_input(cfg: MlflowConfig, run_id: str, shards: str) -> dict:
 
     from mlflow.entities import Dataset, DatasetInput, InputTag
 
-    from .. import storage
-
     location = shards if storage.is_url(shards) else str(Path(shards).resolve())
     url = storage.join(location, "manifest.json")
     text = storage.read_text(url)
@@ -164,10 +163,11 @@ class TrackingUnavailable(RuntimeError):
 
 
 def _unreachable(cfg: MlflowConfig, seconds: float, what: str, error: BaseException) -> TrackingUnavailable:
+    cause = storage.scrub_credentials(str(error), cfg.tracking_uri)[:300]  # MLflow's errors quote the URL
     return TrackingUnavailable(
-        f"MLflow at {cfg.tracking_uri} unreachable for {seconds:.0f} s while {what} ({type(error).__name__}: "
-        f"{str(error)[:300]}); training's checkpoints are kept: run the stage again once MLflow is back "
-        "(it resumes and logs the epochs it has)"
+        f"MLflow at {storage.without_credentials(cfg.tracking_uri)} unreachable for {seconds:.0f} s while {what} "
+        f"({type(error).__name__}: {cause}); training's checkpoints are kept: run the stage again once MLflow "
+        "is back (it resumes and logs the epochs it has)"
     )
 
 
@@ -199,11 +199,13 @@ def until_reachable(cfg: MlflowConfig, what: str, call: Callable[[], T]) -> T:
                 raise
             waited = time.monotonic() - start
             if waited + delay > cfg.outage_wait_s:
-                raise _unreachable(cfg, waited, what, e) from e
+                raise _unreachable(cfg, waited, what, e) from None  # its message has the cause, scrubbed
             log.warning(
                 "MLflow at %s unreachable while %s (%s: %s); retrying in %.0f s, for up to mlflow.outage_wait_s=%.0f s "
                 "(the address: mlflow.tracking_uri or $MLFLOW_TRACKING_URI)",
-                cfg.tracking_uri, what, type(e).__name__, str(e)[:200], delay, cfg.outage_wait_s,
+                storage.without_credentials(cfg.tracking_uri), what, type(e).__name__,
+                storage.scrub_credentials(str(e), cfg.tracking_uri)[:200], delay,
+                cfg.outage_wait_s,
             )  # fmt: skip
             time.sleep(delay)
             delay = min(2 * delay, 30.0)
@@ -218,8 +220,10 @@ def probe(cfg: MlflowConfig, timeout_s: float = 10.0) -> None:
 
     if not cfg.tracking_uri.startswith(("http://", "https://")):
         return
+    # urllib reads 'user:password@host' as the host name: /health wants no user (a 401 answers too)
+    health = f"{storage.without_credentials(cfg.tracking_uri).rstrip('/')}/health"
     try:
-        urllib.request.urlopen(f"{cfg.tracking_uri.rstrip('/')}/health", timeout=timeout_s).close()
+        urllib.request.urlopen(health, timeout=timeout_s).close()
     except urllib.error.HTTPError:
         return  # a server answered (an auth proxy, a 404 from a gateway): MLflow's client says the rest
     except urllib.error.URLError as e:

@@ -510,8 +510,9 @@ def export_model(
         raise ValueError(f"only Bi-Real models can be packed, got {spec['name']!r}")
     num_classes = spec["kwargs"].get("num_classes", 1000)
     class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
-    if len(class_names) != num_classes:
-        raise ValueError(f"{len(class_names)} class names for a {num_classes}-way model")
+    problem = class_names_problem(class_names, num_classes)
+    if problem:
+        raise ValueError(problem)
     input_config = input_config or bc.default_input_config(spec["kwargs"].get("stem", "imagenet"))
     problem = bc.input_config_problem(input_config)
     if problem:
@@ -596,6 +597,22 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu") -> 
     return model.eval().to(device), header
 
 
+def class_names_problem(names: object, classes: int) -> str:
+    """'' or what is wrong with an artifact's ``class_names`` for a ``classes``-way head: one
+    distinct, non-empty string per output (what ``predict`` prints and the served model returns
+    as ``label``; two outputs under one name could not be told apart)."""
+    if not isinstance(names, list) or len(names) != classes:
+        return f"{len(names) if isinstance(names, list) else names!r} class names for {classes} outputs"
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        if not isinstance(name, str) or not name:
+            return f"class_names[{i}]={name!r}: each output's name is a non-empty string"
+        if name in first:
+            return f"class_names[{i}]={name!r} repeats class_names[{first[name]}]: each output needs its own name"
+        first[name] = i
+    return ""
+
+
 def check_header(path, header: dict, model: PackedBiReal, tensors: dict[str, torch.Tensor]) -> None:
     """The model the header describes (still on the meta device) has exactly the file's tensors,
     one class name per output, a usable input config (bounded geometry, one mean and one std > 0
@@ -605,11 +622,9 @@ def check_header(path, header: dict, model: PackedBiReal, tensors: dict[str, tor
     )
     if mismatch:
         raise ArtifactError(f"{path}: the header's model does not match the stored tensors ({mismatch})")
-    names, classes = header.get("class_names"), model.fc.out_features
-    if not isinstance(names, list) or len(names) != classes:
-        raise ArtifactError(
-            f"{path}: {len(names) if isinstance(names, list) else names!r} class names for {classes} outputs"
-        )
+    problem = class_names_problem(header.get("class_names"), model.fc.out_features)
+    if problem:
+        raise ArtifactError(f"{path}: {problem}")
     problem = bc.input_config_problem(header.get("input"), model.in_channels)
     if problem:
         raise ArtifactError(f"{path}: {problem}")

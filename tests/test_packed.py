@@ -316,6 +316,9 @@ def edit(part: str, key: str | None, value):
         (edit("conventions", None, None), "conventions.sign_of_zero=None"),
         (edit("conventions", "activation_order", "NCHW"), "conventions.activation_order: not a convention this code"),
         (edit("class_names", None, ["a", "b"]), "2 class names for 10 outputs"),
+        (edit("class_names", None, [*"abcdefghi", "a"]), "class_names[9]='a' repeats class_names[0]: each output"),
+        (edit("class_names", None, list(range(10))), "class_names[0]=0: each output's name is a non-empty string"),
+        (edit("class_names", None, [*"abcdefghi", ""]), "class_names[9]='': each output's name is a non-empty"),
         (lambda header: "{not json", "the bireal_packed header is not valid JSON (Expecting property name"),
         (lambda header: [header], "the bireal_packed header is a JSON list, not an object"),
     ],
@@ -342,6 +345,8 @@ def test_export_refuses_an_input_config_it_could_not_load(tmp_path):
     out = tmp_path / "m.safetensors"
     with pytest.raises(ArtifactError, match=r"m.safetensors: not written: the model's input.std=\[0.25, 0.25, 0.0\]"):
         export_model(model, out, input_config=input_config)
+    with pytest.raises(ValueError, match=r"class_names\[3\]='a' repeats class_names\[0\]"):
+        export_model(model, out, class_names=["a", "b", "c", "a", *"efghij"])
     ckpt = bc.save_checkpoint(tmp_path / "ckpt.safetensors", model, config={"input": {**input_config, "size": 0}})
     with pytest.raises(ArtifactError, match=r"ckpt.safetensors: config.input.size=0: an integer .* nothing exported"):
         export_checkpoint(ckpt, out)

@@ -545,10 +545,15 @@ def export_checkpoint(
     problem = config.get("input") is not None and bc.input_config_problem(config["input"])
     if problem:
         raise ArtifactError(f"{checkpoint}: config.{problem}; nothing exported")
+    names = class_names or config.get("class_names")
+    problem = names is not None and class_names_problem(names, model.fc.out_features)
+    if problem:  # named where the names came from: the command line's, or the checkpoint's config
+        where = "the class names given" if class_names else f"{checkpoint} (config.class_names)"
+        raise ArtifactError(f"{where}: {problem}; nothing exported")
     return export_model(
         model,
         out_path,
-        class_names or config.get("class_names"),
+        names,
         config.get("input"),
         {"checkpoint": str(checkpoint), "stage": header.get("stage"), "metrics": header.get("metrics", {})},
     )

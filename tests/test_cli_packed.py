@@ -105,10 +105,20 @@ def test_export_takes_class_names_with_commas_from_a_file(tmp_path, checkpoint, 
     assert any(name in out for name in names), out
     (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     (tmp_path / "blank.txt").write_text("\n \n")
-    for file, message in (("latin1.txt", "latin1.txt: not UTF-8 text"), ("blank.txt", "blank.txt: no class names")):
+    (tmp_path / "twice.txt").write_text("cat\ndog\ncat\n")  # two outputs that predict could not tell apart
+    for file, message in (
+        ("latin1.txt", "latin1.txt: not UTF-8 text"),
+        ("blank.txt", "blank.txt: no class names"),
+        ("twice.txt", "the class names given: class_names[2]='cat' repeats class_names[0]"),
+    ):
         argv = ["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "x.safetensors")]
         assert main([*argv, "--class-names-file", str(tmp_path / file)]) == 2
         assert message in capsys.readouterr().err and not (tmp_path / "x.safetensors").exists()
+    model, _ = bc.load_checkpoint(checkpoint)
+    repeated = bc.save_checkpoint(tmp_path / "repeated.safetensors", model, config={"class_names": ["a", "b", "a"]})
+    assert main(["export", "--checkpoint", str(repeated), "--out", str(tmp_path / "x.safetensors")]) == 2
+    assert f"{repeated} (config.class_names): class_names[2]='a' repeats class_names[0]" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_predict_errors_name_the_file(tmp_path, checkpoint, capsys):

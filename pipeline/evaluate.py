@@ -96,11 +96,16 @@ def check_pairing(artifact: str, header: dict, shards: str, manifest: dict, chec
             f"{artifact}: a {len(header['class_names'])}-way model, but the shards at {shards} have {n} classes"
         )
     ours, theirs = header["class_names"], [c["name"] for c in manifest["classes"]]
-    if ours != theirs and sorted(ours) == sorted(theirs):  # the same classes in another order
-        i = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+    index = {name: j for j, name in enumerate(theirs)}
+    # a name both sides have, at another index (the same classes reordered, or partly other ones);
+    # wholly other names pass: an export without names says "0".."N-1" for the shards' wnids
+    moved = [i for i, name in enumerate(ours) if index.get(name, i) != i]
+    if moved:
+        i = moved[0]
         raise ValueError(
-            f"{artifact}: output {i} is class {ours[i]!r}, but class {i} of the shards at {shards} is {theirs[i]!r}: "
-            "the same classes in another order would be scored as errors (shard the data as the model was trained)"
+            f"{artifact}: output {i} is class {ours[i]!r}, but class {i} of the shards at {shards} is {theirs[i]!r} "
+            f"(theirs {index[ours[i]]}): classes in another order would be scored as errors (shard the data as the "
+            "model was trained)"
         )
     if float_model is not None and float_model.model_spec != header["model"]:
         raise ValueError(

@@ -383,7 +383,13 @@ def test_evaluate_refuses_an_artifact_of_other_classes_or_another_checkpoint(tmp
     assert main(["evaluate", "--artifact", str(artifact), "--shards", str(demo_shards)]) == 2
     err = capsys.readouterr().err
     first = f"output 0 is class {swapped[0]!r}, but class 0 of the shards at {demo_shards} is {manifest_names[0]!r}"
-    assert first in err
+    assert f"{first} (theirs 1)" in err
+    # two swapped and one other name: not the same set of names, and still two outputs misaligned
+    partly = [manifest_names[0], manifest_names[2], manifest_names[1], "other", *manifest_names[4:]]
+    assert main([*argv[:-1], ",".join(partly)]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--artifact", str(artifact), "--shards", str(demo_shards)]) == 2
+    assert f"output 1 is class {partly[1]!r}, but class 1 of the shards" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(digits), "--out", str(artifact)]) == 0  # names "0".."9" again
     # an evaluation split without images: no top-1 of 0 to pass for a result
     empty = tmp_path / "empty-test-split"

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .env import apply_offline_defaults, quiet_framework_logs
-from .params import bounded
+from .params import bounded, registered_name_problem
 
 
 def _cmd_cost(args: argparse.Namespace) -> int:
@@ -407,6 +407,15 @@ def write_json(path: str, data) -> None:
     storage.write_text(str(path), json.dumps(data, indent=2))
 
 
+def registered_name(text: str) -> str:
+    """An argparse ``type`` for ``register --name``: a name MLflow's registry and its search
+    filters take, refused before the artifact is read."""
+    problem = registered_name_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return text
+
+
 def output_file(text: str) -> str:
     """An argparse ``type`` for a file a command writes: refused before any work when it names a
     folder, or a place under a file, or a folder this process may not write (the commands create
@@ -551,7 +560,9 @@ def _add_register(sub) -> None:
     register.add_argument("--artifact", required=True)
     register.add_argument("--evaluation", required=True, help="metrics JSON of bireal evaluate (top1)")
     register.add_argument("--shards", required=True, help="shards to take an example input from")
-    register.add_argument("--name", default=None, help="registered model name (default: registry.model_name)")
+    register.add_argument(
+        "--name", type=registered_name, default=None, help="registered model name (default: registry.model_name)"
+    )
     register.add_argument("--params", default=None, help=PARAMS_HELP)
     register.add_argument("--out", type=output_file, default=None, help="write the registration summary JSON here")
     register.set_defaults(func=_cmd_register)

@@ -561,6 +561,8 @@ class MlflowConfig:
 
     def __post_init__(self):
         check_ranges(self)
+        if not self.experiment.strip():
+            raise ValueError(f"experiment={self.experiment!r}: an MLflow experiment's name (not empty)")
 
 
 @dataclass
@@ -574,6 +576,31 @@ class RegistryConfig:
 
     def __post_init__(self):
         check_ranges(self)
+        problem = registered_name_problem(self.model_name)
+        if problem:
+            raise ValueError(f"model_name={self.model_name!r}: {problem}")
+
+
+# '/' and ':' MLflow refuses; quotes end the registry's search filters, '@' splits models:/NAME@ALIAS
+NOT_IN_MODEL_NAMES = "/:'\"`@"
+
+
+def registered_name_problem(name: str) -> str:
+    """'' or why ``name`` cannot be a registered model's: checked with the params, since
+    registering is the pipeline's last stage (MLflow would refuse it after the training)."""
+    if not name.strip():
+        return "a name (not empty)"
+    if name != name.strip():
+        return "no leading or trailing spaces"
+    bad = sorted({c for c in name if c in NOT_IN_MODEL_NAMES or not c.isprintable()})
+    if bad:
+        return (
+            f"{''.join(bad)!r} in the name (a registered model's has none of {NOT_IN_MODEL_NAMES} "
+            "and no control characters)"
+        )
+    if name in (".", ".."):
+        return "not a path step"
+    return ""
 
 
 # The file's sections; the three training stages' sections hold TrainConfig keys over ``train``.

@@ -385,3 +385,35 @@ def test_set_overrides_are_named_as_given(tmp_path, monkeypatch, capsys):
         assert main(["check-params", "--set", flag]) == 2, flag
         assert message in capsys.readouterr().err
     assert main(["check-params", "--set", "epochs=3"]) == 0
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("it's", "\"'\" in the name (a registered model's has none of /:'\"`@"),
+        ("team/bireal", "'/' in the name"),
+        ("bireal@v2", "'@' in the name"),
+        ("", "a name (not empty)"),
+        (" bireal", "no leading or trailing spaces"),
+        ("bi\treal", "'\\t' in the name"),
+    ],
+)
+def test_a_registered_model_name_the_registry_would_refuse_is_named_before_training(tmp_path, capsys, name, problem):
+    """Registering is the pipeline's last stage: a model name MLflow refuses ('/', ':') or that breaks
+    the registry's search filter (a quote) or a models:/NAME@ALIAS URI ('@') failed there, after the
+    training. Now `check-params` (and every stage's load) and `register --name` refuse it first."""
+    from pipeline.cli import main
+
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"registry": {"model_name": name}}))
+    assert main(["check-params", "--params", str(tmp_path / "p.yaml")]) == 2
+    assert f"p.yaml:registry: model_name={name!r}: {problem}" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:  # argparse's usage error, before the artifact is opened
+        main(["register", "--artifact", "absent", "--evaluation", "absent", "--shards", "absent", "--name", name])
+    assert refused.value.code == 2
+    assert f"argument --name: {name!r}: {problem}" in capsys.readouterr().err
+    assert P.registered_name_problem("bireal18-imagenet_official.v2 (run 3)") == ""
+
+
+def test_an_empty_mlflow_experiment_is_named():
+    with pytest.raises(P.ConfigError, match=r"p.yaml:mlflow: experiment='': an MLflow experiment's name"):
+        P.build(P.MlflowConfig, {"experiment": ""}, "p.yaml:mlflow")

@@ -115,6 +115,9 @@ class ShardParams:
         check_ranges(self)
 
 
+PAD_VALUES = (0.0, 1.0, -1.0)  # bireal_core.layers.PAD_VALUES (tests/test_params.py), without torch
+
+
 @dataclass
 class TrainConfig:
     """One stage's settings: the ``train`` section <- the stage's section <- CLI ``--set``."""
@@ -244,6 +247,11 @@ class TrainConfig:
     def __post_init__(self):
         check_choices(self)
         check_ranges(self)
+        if self.pad_value not in PAD_VALUES:  # a float setting with three meaningful values
+            raise ValueError(
+                f"pad_value={self.pad_value!r}: one of {', '.join(f'{v:g}' for v in PAD_VALUES)} (what a binary "
+                "conv's border holds after the sign: 0 as the paper's zero padding, or +1 / -1)"
+            )
         if len(self.phases) != len(self.phase_epochs):
             raise ValueError(
                 f"phases ({len(self.phases)}) and phase_epochs ({len(self.phase_epochs)}) differ in length"

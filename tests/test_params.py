@@ -25,6 +25,7 @@ def test_choices_match_what_bireal_core_accepts():
     assert typing.get_args(P.WeightGradient) == WEIGHT_GRADIENTS
     assert typing.get_args(P.Phase) == TWIN_ACTIVATIONS
     assert typing.get_args(P.Augment) == ("auto", *bc.AUGMENTS)
+    assert P.PAD_VALUES == bc.layers.PAD_VALUES
 
 
 @pytest.mark.parametrize(
@@ -163,6 +164,7 @@ def test_every_training_setting_says_whether_it_changes_the_math():
         ("train", "width", 0, "train: width=0.0: must be > 0"),
         ("train", "lr", ".inf", "train: lr=inf: must be > 0 (and finite)"),
         ("train", "momentum", 1, "train: momentum=1.0: must be in [0, 1)"),
+        ("finetune", "pad_value", 0.5, "finetune: pad_value=0.5: one of 0, 1, -1 (what a binary conv's border"),
         ("train", "label_smoothing", -0.1, "train: label_smoothing=-0.1: must be in [0, 1)"),
         ("train", "loader_workers", -2, "train: loader_workers=-2: must be >= 0"),
         ("pretrain", "phase_epochs", "[2, -1, 1]", "pretrain: phase_epochs=[2, -1, 1]: each must be >= 0"),
